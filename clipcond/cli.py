@@ -1,0 +1,90 @@
+"""The `clipcond` command line: a thin dispatcher over the entry points of the library.
+
+Each leaf command names a module with `main(argv)`; the module is imported only when its command runs, so
+`clipcond --help` stays fast and each command's own `--help` is its module's argparse parser. The same modules run
+under `accelerate launch -m <module> ...` for multi-process training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # imported lazily; must define `main(argv: list[str] | None) -> int | None`
+    help: str
+
+
+# The command tree: groups are dicts, leaves are `Command`s. Order is the order shown in `--help`.
+COMMANDS: dict = {
+    "demo": Command("clipcond.demo", "end to end on the built-in data: data, CLIP, decoder, samples, report"),
+    "data": {
+        "shapes": Command("clipcond.data.shapes", "write the built-in synthetic shapes data set (imagefolder layout)"),
+    },
+    "train": {
+        "clip": Command("clipcond.train.clip", "pretrain a CLIP (transformers CLIPModel) with a contrastive loss"),
+    },
+    "eval": {
+        "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
+    },
+}
+
+
+def _format_help(path: list[str], node: dict) -> str:
+    prog = " ".join(["clipcond", *path])
+    lines = [f"usage: {prog} <command> [options]", ""]
+    if not path:
+        lines += ["Pretrain a CLIP, freeze it, and condition diffusers UNets on it.", ""]
+    lines.append("commands:")
+    width = max(len(name) for name in node) + 2
+    for name, child in node.items():
+        if isinstance(child, Command):
+            lines.append(f"  {name:<{width}}{child.help}")
+        else:
+            lines.append(f"  {name:<{width}}{', '.join(child)}")
+    lines += ["", f"Run `{prog} <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from clipcond import __version__
+
+        print(f"clipcond {__version__}")
+        return 0
+
+    node, path = COMMANDS, []
+    while isinstance(node, dict) and argv and argv[0] in node:
+        path.append(argv.pop(0))
+        node = node[path[-1]]
+
+    if isinstance(node, Command):
+        module = importlib.import_module(node.module)
+        try:
+            return int(module.main(argv) or 0)
+        except USER_ERRORS as err:
+            # Bad input is reported as one line naming the argument and value, not a traceback.
+            # Set CLIPCOND_DEBUG=1 to see where it came from.
+            if os.environ.get("CLIPCOND_DEBUG"):
+                raise
+            print(f"{' '.join(['clipcond', *path])}: error: {err}", file=sys.stderr)
+            return 2
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_format_help(path, node))
+        return 0
+    prog = " ".join(["clipcond", *path])
+    print(_format_help(path, node), file=sys.stderr)
+    print(f"\n{prog}: error: unknown command {argv[0]!r}; choose from {', '.join(node)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

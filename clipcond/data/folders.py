@@ -1,0 +1,266 @@
+"""Image-caption data from users' own folders and CSV files, as uint8 tensors.
+
+Accepted sources:
+
+- an `imagefolder` folder: images plus a `metadata.jsonl` (or `metadata.csv`) at its root whose rows name an image
+  (`file_name`, relative to the folder) and a caption (`text`); an optional `label` column is kept;
+- a root with split folders (`ROOT/train/`, `ROOT/test/`, each an imagefolder), chosen by `split` (default train);
+  a source without split folders is a training set and answers `split=None` or `"train"`;
+- a CSV file with a header, by default `path,caption` (paths relative to the CSV's folder, or absolute).
+
+The metadata is checked when the data set is built (columns, empty captions, missing image files: each error names
+the file and line), without decoding any image. A file that exists but cannot be decoded is skipped at load time:
+the next readable item takes its place and the sample's `"skipped"` list names the file, so a training loop can
+report how many files it skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipcond.data.shapes import load_dataset_info
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# When the default column is absent, these are tried in order (a CSV of `path,caption` works without options).
+_DEFAULT_COLUMN_FALLBACKS = {"text": ("text", "caption"), "file_name": ("file_name", "path", "image")}
+# What a broken image file raises from `Image.open` / `.load()`; UnidentifiedImageError is an OSError.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _find_metadata(folder: Path) -> Path | None:
+    for name in METADATA_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _resolve_source(source: Path, split: str | None) -> Path:
+    """The metadata or CSV file that a source and split name.
+
+    A root with split folders gives `source/split` (None: `source/train`). A source without splits (a folder with its
+    own metadata, or a file) is one training set: it answers split None or "train", so that a training script can
+    pass `split="train"` for any source; another split name is an error.
+    """
+    if not source.exists():
+        raise FileNotFoundError(
+            f"data source {source} does not exist; pass an imagefolder directory (with metadata.jsonl, or train/ "
+            f"and test/ subfolders) or a CSV file with columns path,caption"
+        )
+    if source.is_file():
+        if source.suffix.lower() not in (".csv", ".jsonl"):
+            raise ValueError(f"data source {source} is a file but not a .csv or .jsonl metadata file")
+        if split not in (None, "train"):
+            raise ValueError(
+                f"split={split!r} was given, but data source {source} is a single file without splits; "
+                f"pass split=None (or 'train')"
+            )
+        return source
+
+    split_dir = source / (split or "train")
+    found = _find_metadata(split_dir) if split_dir.is_dir() else None
+    own = _find_metadata(source)
+    if own is not None and (split is None or (found is None and split == "train")):
+        return own
+    if found is not None:
+        return found
+    if split is None:
+        raise FileNotFoundError(
+            f"no metadata file in {source}: expected {' or '.join(METADATA_FILES)} in it or in {split_dir}"
+        )
+    available = sorted(p.name for p in source.iterdir() if p.is_dir() and _find_metadata(p) is not None)
+    flat = f" ({source} itself has {own.name}: pass split=None)" if own is not None else ""
+    raise FileNotFoundError(
+        f"no split {split!r} in {source}: expected {' or '.join(METADATA_FILES)} in {split_dir}; "
+        f"splits found: {', '.join(available) or 'none'}{flat}"
+    )
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line or row number, row) for each row of a .jsonl or .csv file; numbers count from 1, as an editor does."""
+    rows = []
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {number} is not a JSON object: {line.strip()[:80]!r}")
+                rows.append((number, row))
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise ValueError(f"{path} is empty: expected a header row such as path,caption")
+            # Row numbers are file lines: the header is line 1.
+            rows = [(number, row) for number, row in enumerate(reader, start=2)]
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def _pick_column(requested: str, columns: list[str], path: Path, what: str) -> str:
+    if requested in columns:
+        return requested
+    for fallback in _DEFAULT_COLUMN_FALLBACKS.get(requested, ()):
+        if fallback in columns:
+            return fallback
+    raise ValueError(f"{what} column {requested!r} is not in {path}; available columns: {', '.join(columns)}")
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Images and captions from an imagefolder directory or a CSV file.
+
+    Items: `{"pixel_values": uint8 tensor (3, R, R), "text": str, "label": str ("" without a label column),
+    "index": int, "skipped": list[str]}`. `index` is the index of the item returned, which differs from the one
+    asked for only when unreadable files were skipped (they are listed in `skipped`).
+
+    Args:
+        source: an imagefolder directory, a root with split folders, or a CSV / metadata.jsonl file.
+        split: the split folder of a root with splits (None: `ROOT/train`). A source without splits (a folder with
+            its own metadata, a CSV file) takes None or "train".
+        caption_column: caption column; the default "text" falls back to "caption".
+        image_column: image path column; the default "file_name" falls back to "path", then "image".
+        resolution: resize the shorter side to this and crop the centre square; None keeps the native size.
+        center_crop: False squashes the whole image to `resolution` x `resolution` instead of cropping.
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        *,
+        split: str | None = None,
+        caption_column: str = "text",
+        image_column: str = "file_name",
+        resolution: int | None = None,
+        center_crop: bool = True,
+    ):
+        if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+            raise ValueError(f"resolution={resolution!r} must be a positive int or None")
+        self.source = Path(source)
+        self.metadata_path = _resolve_source(self.source, split)
+        self.root = self.source if self.source.is_dir() else self.source.parent
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.info = load_dataset_info(self.root)
+
+        rows = _read_rows(self.metadata_path)
+        columns = list(rows[0][1])
+        caption_key = _pick_column(caption_column, columns, self.metadata_path, "caption")
+        image_key = _pick_column(image_column, columns, self.metadata_path, "image")
+        where = "line" if self.metadata_path.suffix.lower() == ".jsonl" else "row"
+        folder = self.metadata_path.parent
+
+        self.records: list[dict] = []
+        self.captions: list[str] = []
+        self.labels: list[str] = []
+        self.image_paths: list[Path] = []
+        for number, row in rows:
+            text = row.get(caption_key)
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(
+                    f"{self.metadata_path}: {where} {number} has no caption in column {caption_key!r} (got {text!r})"
+                )
+            name = row.get(image_key)
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(
+                    f"{self.metadata_path}: {where} {number} has no image path in column {image_key!r} (got {name!r})"
+                )
+            path = Path(name) if Path(name).is_absolute() else folder / name
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{self.metadata_path}: {where} {number} names image {name!r}, but {path} does not exist"
+                )
+            label = row.get("label")
+            self.records.append(row)
+            self.captions.append(text)
+            self.labels.append(label if isinstance(label, str) else "" if label is None else str(label))
+            self.image_paths.append(path)
+
+        self._unreadable: set[int] = set()  # per process: DataLoader workers each keep (and warn about) their own
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.metadata_path)!r}, n={len(self)}, resolution={self.resolution})"
+
+    def _load(self, index: int) -> Image.Image | None:
+        """The RGB image of an item, or None (with one warning per file) when the file cannot be decoded."""
+        if index in self._unreadable:
+            return None
+        path = self.image_paths[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except _UNREADABLE as err:
+            self._unreadable.add(index)
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            return None
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        r = self.resolution
+        if r is None or image.size == (r, r):
+            return image
+        if not self.center_crop:
+            return image.resize((r, r), Image.Resampling.BICUBIC)
+        w, h = image.size
+        scale = r / min(w, h)
+        size = (max(r, round(w * scale)), max(r, round(h * scale)))
+        image = image.resize(
+            size, Image.Resampling.BICUBIC
+        )  # Pillow's resize filters the source on downscale: antialiased
+        left, top = (size[0] - r) // 2, (size[1] - r) // 2
+        return image.crop((left, top, left + r, top + r))
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a data set of {n} items")
+        index %= n
+        skipped: list[str] = []
+        for offset in range(n):
+            i = (index + offset) % n
+            image = self._load(i)
+            if image is None:
+                skipped.append(str(self.image_paths[i]))
+                continue
+            pixels = torch.from_numpy(np.array(self._resize(image), dtype=np.uint8))  # (H, W, 3)
+            return {
+                "pixel_values": pixels.permute(2, 0, 1).contiguous(),  # (3, H, W)
+                "text": self.captions[i],
+                "label": self.labels[i],
+                "index": i,
+                "skipped": skipped,
+            }
+        raise ValueError(f"none of the {n} images listed in {self.metadata_path} could be read (see the warnings)")
+
+
+def collate_image_text(samples: list[dict]) -> dict:
+    """Batch samples of `ImageCaptionDataset`: pixel_values (B, 3, R, R) uint8, lists of text and label,
+    index (B,) int64, and the skipped files of all samples in one list."""
+    shapes = {tuple(s["pixel_values"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"cannot batch images of different sizes {sorted(shapes)}; pass resolution= to ImageCaptionDataset"
+        )
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "label": [s["label"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "skipped": [path for s in samples for path in s["skipped"]],
+    }

@@ -1,0 +1,338 @@
+"""Figures drawn with Pillow alone (matplotlib is not a dependency): labelled heatmaps and labelled image grids.
+
+`heatmap_png` draws confusion and similarity matrices: cells coloured with a viridis-like scale, a colour bar,
+row and column labels, and the value in each cell when the matrix is small. `image_grid` tiles images (pixel-art
+sized ones are upscaled with NEAREST so that 32 px samples stay visible) with an optional caption under each tile.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# matplotlib's viridis sampled at 9 evenly spaced points; interpolated linearly in between (dark blue -> yellow).
+_VIRIDIS = np.array(
+    [
+        (68, 1, 84),
+        (71, 45, 123),
+        (59, 82, 139),
+        (44, 114, 142),
+        (33, 145, 140),
+        (40, 174, 128),
+        (94, 201, 98),
+        (173, 220, 48),
+        (253, 231, 37),
+    ],
+    dtype=np.float64,
+)
+_NAN_COLOUR = (200, 200, 200)
+_WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+_MARGIN = 8  # around the figure
+_GAP = 4  # between its parts
+
+
+def viridis(values: np.ndarray) -> np.ndarray:
+    """Colours uint8 (..., 3) for values in [0, 1] (clipped); NaN maps to grey."""
+    values = np.asarray(values, dtype=np.float64)
+    position = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, len(_VIRIDIS) - 1)
+    t = (position - low)[..., None]
+    colours = np.rint(_VIRIDIS[low] * (1 - t) + _VIRIDIS[high] * t).astype(np.uint8)
+    colours[np.isnan(values)] = _NAN_COLOUR
+    return colours
+
+
+@cache
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at `size` px (a scalable font since Pillow 10.1 with FreeType, else the bitmap one)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    return int(math.ceil(font.getlength(text))) if text else 0
+
+
+def _line_height(font) -> int:
+    top, bottom = font.getbbox("Agjy|")[1::2]
+    return int(bottom) + max(1, int(bottom - top) // 5)
+
+
+def _ellipsize(text: str, font, width: int) -> str:
+    """`text` + "...", with characters dropped from the end of `text` until it fits in `width` px."""
+    text = text.rstrip()
+    while text and _text_width(font, text + "...") > width:
+        text = text[:-1].rstrip()
+    return text + "..."
+
+
+def _fit(text: str, font, width: int) -> str:
+    """`text`, cut and ended with "..." if it is wider than `width` px."""
+    return text if _text_width(font, text) <= width else _ellipsize(text, font, width)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    """`text`, cut to `max_chars` characters ending in "..." if it is longer."""
+    return text if len(text) <= max_chars else text[: max(1, max_chars - 3)].rstrip() + "..."
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap into at most `max_lines` lines of at most `width` px; overflow ends the last line in "..."."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if _text_width(font, candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while _text_width(font, word) > width:  # a word wider than a line: break it by characters
+            cut = max(1, len(word) - 1)
+            while cut > 1 and _text_width(font, word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _ellipsize(lines[-1], font, width)
+    return lines
+
+
+def _draw_centred(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, font, fill) -> None:
+    # Centre the ink box by hand: anchors other than the default are not supported by bitmap fonts.
+    left, top, right, bottom = font.getbbox(text)
+    draw.text((centre[0] - (left + right) / 2, centre[1] - (top + bottom) / 2), text, font=font, fill=fill)
+
+
+def _text_image(text: str, font, fill=_BLACK, background=_WHITE) -> Image.Image:
+    """Text drawn on its own tight image (for rotated labels)."""
+    width, height = max(1, _text_width(font, text)), _line_height(font)
+    image = Image.new("RGB", (width, height), background)
+    ImageDraw.Draw(image).text((0, 0), text, font=font, fill=fill)
+    return image
+
+
+def _as_array(matrix) -> np.ndarray:
+    if hasattr(matrix, "detach"):  # a torch tensor, on any device and in any dtype
+        matrix = matrix.detach().cpu()
+        matrix = (matrix.float() if matrix.is_floating_point() else matrix).numpy()  # numpy has no bfloat16
+    array = np.asarray(matrix)
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"`matrix` must be a non-empty 2-D array, got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"`matrix` must be numeric, got dtype {array.dtype}")
+    return array
+
+
+def heatmap_image(
+    matrix,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str = "",
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    annotate: bool | None = None,
+    value_format: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    max_label_chars: int = 40,
+) -> Image.Image:
+    """A heatmap of a 2-D matrix (rows top to bottom, columns left to right) as an RGB image.
+
+    Args:
+        matrix: (R, C) numbers: numpy array, torch tensor or nested lists. NaN cells are grey.
+        row_labels, col_labels: one label per row / column (None: the indices). Column labels are drawn under the
+            grid, rotated to read upwards; labels longer than `max_label_chars` are cut with "...".
+        vmin, vmax: the ends of the colour scale (default: the matrix's finite min and max).
+        annotate: write each cell's value; default when the matrix is at most 20 x 20.
+        value_format: format of cell values, e.g. "{:.2f}" (default "{:d}" for integer matrices, else "{:.2f}").
+        xlabel, ylabel: axis titles ("predicted", "true").
+    """
+    values = _as_array(matrix)
+    n_rows, n_cols = values.shape
+    integer = np.issubdtype(values.dtype, np.integer) or values.dtype == bool
+    values = values.astype(np.float64)
+    row_labels = [str(i) for i in range(n_rows)] if row_labels is None else [str(x) for x in row_labels]
+    col_labels = [str(i) for i in range(n_cols)] if col_labels is None else [str(x) for x in col_labels]
+    if len(row_labels) != n_rows or len(col_labels) != n_cols:
+        raise ValueError(
+            f"got {len(row_labels)} row labels and {len(col_labels)} column labels for a {n_rows} x {n_cols} matrix"
+        )
+    finite = values[np.isfinite(values)]
+    low = float(vmin) if vmin is not None else float(finite.min()) if finite.size else 0.0
+    high = float(vmax) if vmax is not None else float(finite.max()) if finite.size else 1.0
+    if not high > low:
+        high = low + 1.0
+    if annotate is None:
+        annotate = n_rows <= 20 and n_cols <= 20
+    value_format = value_format or ("{:.0f}" if integer else "{:.2f}")
+
+    # 1. sizes: cells of 12-48 px (18 classes get 40 px, 64 items 12 px); fonts follow the cell size
+    cell = int(np.clip(720 // max(n_rows, n_cols), 12, 48))
+    label_font = _font(int(np.clip(cell - 2, 9, 13)))
+    value_font = _font(int(np.clip(cell // 3, 8, 12)))
+    title_font, axis_font = _font(15), _font(12)
+    label_width = 8 * max_label_chars  # px cap beside the character cap
+    row_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in row_labels]
+    col_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in col_labels]
+    row_label_w = max(_text_width(label_font, label) for label in row_labels)
+    col_label_h = max(_text_width(label_font, label) for label in col_labels)
+    grid_w, grid_h = n_cols * cell, n_rows * cell
+    bar_w, bar_h = 14, max(grid_h, 60)
+    tick_labels = [value_format.format(v) if integer else f"{v:.3g}" for v in (high, (low + high) / 2, low)]
+    tick_w = max(_text_width(label_font, t) for t in tick_labels)
+    title_h = _line_height(title_font) + _GAP if title else 0
+    xlabel_h = _line_height(axis_font) + _GAP if xlabel else 0
+    ylabel_w = _line_height(axis_font) + _GAP if ylabel else 0
+
+    grid_x = _MARGIN + ylabel_w + row_label_w + _GAP
+    grid_y = _MARGIN + title_h
+    width = grid_x + grid_w + 3 * _GAP + bar_w + _GAP + tick_w + _MARGIN
+    width = max(width, _text_width(title_font, title) + 2 * _MARGIN)
+    height = grid_y + max(grid_h + _GAP + col_label_h + (_GAP + xlabel_h if xlabel else 0), bar_h) + _MARGIN
+    canvas = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+
+    # 2. cells, with thin separators when they are big enough to need them
+    colours = viridis((values - low) / (high - low))  # (R, C, 3)
+    colours[~np.isfinite(values)] = _NAN_COLOUR
+    canvas.paste(Image.fromarray(colours, "RGB").resize((grid_w, grid_h), Image.NEAREST), (grid_x, grid_y))
+    if cell >= 20:
+        for i in range(1, n_cols):
+            draw.line([(grid_x + i * cell, grid_y), (grid_x + i * cell, grid_y + grid_h - 1)], fill=_WHITE)
+        for i in range(1, n_rows):
+            draw.line([(grid_x, grid_y + i * cell), (grid_x + grid_w - 1, grid_y + i * cell)], fill=_WHITE)
+    if annotate:
+        for r in range(n_rows):
+            for c in range(n_cols):
+                if not np.isfinite(values[r, c]):
+                    continue
+                text = value_format.format(int(round(values[r, c])) if integer else values[r, c])
+                red, green, blue = (int(x) for x in colours[r, c])
+                fill = _BLACK if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else _WHITE
+                centre = (grid_x + c * cell + cell / 2, grid_y + r * cell + cell / 2)
+                _draw_centred(draw, centre, _fit(text, value_font, cell - 2), value_font, fill)
+
+    # 3. labels: rows right-aligned left of the grid, columns rotated under it (their ends touch the grid)
+    line_h = _line_height(label_font)
+    for r, label in enumerate(row_labels):
+        x = grid_x - _GAP - _text_width(label_font, label)
+        draw.text((x, grid_y + r * cell + (cell - line_h) / 2), label, font=label_font, fill=_BLACK)
+    for c, label in enumerate(col_labels):
+        rotated = _text_image(label, label_font).rotate(90, expand=True)
+        x = grid_x + c * cell + (cell - rotated.width) // 2
+        canvas.paste(rotated, (x, grid_y + grid_h + _GAP + col_label_h - rotated.height))
+    if title:
+        draw.text(((width - _text_width(title_font, title)) // 2, _MARGIN), title, font=title_font, fill=_BLACK)
+    if xlabel:
+        y = grid_y + grid_h + 2 * _GAP + col_label_h
+        draw.text((grid_x + (grid_w - _text_width(axis_font, xlabel)) // 2, y), xlabel, font=axis_font, fill=_BLACK)
+    if ylabel:
+        rotated = _text_image(ylabel, axis_font).rotate(90, expand=True)
+        canvas.paste(rotated, (_MARGIN, grid_y + max(0, (grid_h - rotated.height) // 2)))
+
+    # 4. colour bar, high at the top, with its ends and middle marked
+    bar_x = grid_x + grid_w + 3 * _GAP
+    ramp = viridis(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)  # (bar_h, bar_w, 3)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp), "RGB"), (bar_x, grid_y))
+    draw.rectangle([bar_x - 1, grid_y - 1, bar_x + bar_w, grid_y + bar_h], outline=_BLACK)
+    for text, y in zip(tick_labels, (grid_y, grid_y + bar_h / 2 - line_h / 2, grid_y + bar_h - line_h)):
+        draw.text((bar_x + bar_w + _GAP, y), text, font=label_font, fill=_BLACK)
+    return canvas
+
+
+def heatmap_png(
+    matrix,
+    row_labels: Sequence[str] | None,
+    col_labels: Sequence[str] | None,
+    path: str | os.PathLike,
+    title: str = "",
+    **kwargs,
+) -> Path:
+    """Draw `heatmap_image(matrix, row_labels, col_labels, title, **kwargs)` and save it as a PNG at `path`
+    (parent folders are created). Returns the path."""
+    path = Path(path)
+    image = heatmap_image(matrix, row_labels, col_labels, title, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def image_grid(
+    images: Sequence[Image.Image],
+    rows: int,
+    cols: int,
+    labels: Sequence[str] | None = None,
+    *,
+    min_tile: int = 96,
+    max_label_lines: int = 3,
+    font_size: int = 12,
+    padding: int = 4,
+    background: tuple[int, int, int] = _WHITE,
+    text_colour: tuple[int, int, int] = _BLACK,
+) -> Image.Image:
+    """Tile `images` row by row into a `rows` x `cols` grid, each with an optional label under it.
+
+    Tiles are the size of the largest image, scaled by a whole factor (NEAREST, so pixels stay sharp) until their
+    shorter side is at least `min_tile` px; a smaller image is centred in its tile. Labels are word-wrapped to the
+    tile width, at most `max_label_lines` lines (the last one ends in "..." when the label is longer). Cells left
+    over when there are fewer images than rows * cols stay empty.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"`rows` and `cols` must be >= 1, got rows={rows}, cols={cols}")
+    images = list(images)
+    if not images:
+        raise ValueError("`images` is empty")
+    if len(images) > rows * cols:
+        raise ValueError(f"{len(images)} images do not fit a grid of rows={rows} x cols={cols}")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
+    if labels is not None:
+        labels = [str(label) for label in labels]
+        if len(labels) != len(images):
+            raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+    if max_label_lines < 1:
+        raise ValueError(f"`max_label_lines` must be >= 1, got {max_label_lines}")
+
+    base_w = max(image.width for image in images)
+    base_h = max(image.height for image in images)
+    scale = max(1, math.ceil(min_tile / min(base_w, base_h)))
+    tile_w, tile_h = base_w * scale, base_h * scale
+
+    font = _font(font_size)
+    line_h = _line_height(font)
+    wrapped = [_wrap(label, font, tile_w, max_label_lines) for label in labels] if labels is not None else []
+    label_h = max((len(lines) for lines in wrapped), default=0) * line_h
+    label_h = label_h + padding if label_h else 0
+    cell_w, cell_h = tile_w + padding, tile_h + label_h + padding
+
+    grid = Image.new("RGB", (cols * cell_w + padding, rows * cell_h + padding), background)
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x = padding + (i % cols) * cell_w
+        y = padding + (i // cols) * cell_h
+        tile = image.convert("RGB")
+        if scale > 1:
+            tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
+        grid.paste(tile, (x + (tile_w - tile.width) // 2, y + (tile_h - tile.height) // 2))
+        if labels is not None:
+            for j, line in enumerate(wrapped[i]):
+                line_x = x + (tile_w - _text_width(font, line)) // 2
+                draw.text((line_x, y + tile_h + padding // 2 + j * line_h), line, font=font, fill=text_colour)
+    return grid

@@ -1,0 +1,278 @@
+"""Contrastive losses for CLIP pretraining: InfoNCE (CLIP) and sigmoid (SigLIP), single- or multi-process.
+
+Both losses take the raw projected embeddings of a batch of image-text pairs (row ``i`` of the images matches row
+``i`` of the texts), L2-normalise them, and score every image against every text with a learnable temperature.
+
+Temperature convention: ``logit_scale`` is the *log* of the inverse temperature, as stored in transformers'
+``CLIPModel.logit_scale`` (initialised to ln(1 / 0.07)). The losses clamp it to at most ``max_logit_scale``
+(ln 100, Radford et al. 2021, sec. 2.5) and then exponentiate. ``torch.clamp`` passes the gradient through
+unchanged below the maximum and gives a zero gradient above it, so a parameter that an optimizer pushes past ln 100
+no longer moves through this loss: clamp the parameter in place after the optimizer step as well (as open_clip
+does) if its stored value matters.
+
+Distributed training: when ``torch.distributed`` is initialised with a world size above 1, each process gathers the
+features of all processes *with gradient* and computes the loss of its own rows against the global batch. The
+backward of the gather sums, on each process, the gradients that all processes computed for its rows, so after DDP
+averages the parameter gradients over processes, training matches one process on the global batch (the mean of the
+per-process losses equals the single-process loss). Every process must have the same local batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+if dist.is_available():
+    import torch.distributed.nn.functional  # noqa: F401  (makes torch.distributed.nn.functional.all_gather available)
+
+MAX_LOGIT_SCALE = math.log(100.0)
+"""Upper clamp of the log inverse temperature (CLIP: "clipped to prevent scaling the logits by more than 100")."""
+CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+"""CLIP's initial log inverse temperature (transformers' ``CLIPConfig.logit_scale_init_value`` = 2.6592)."""
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+"""SigLIP's initial log inverse temperature (Zhai et al. 2023: t' = log 10)."""
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+"""SigLIP's initial logit bias (Zhai et al. 2023, sec. 3.2)."""
+
+
+def resolve_rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Fill ``rank`` / ``world_size`` left as None from ``torch.distributed`` (0 / 1 when it is not initialised)."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size > 1 and not initialised:
+        raise ValueError(
+            f"world_size={world_size} needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, or Accelerate); pass world_size=1 for a single process"
+        )
+    return rank, world_size
+
+
+def all_gather_features(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate the ``(b, d)`` features of every process into ``(world_size * b, d)``, rank-major.
+
+    Rows ``rank * b : (rank + 1) * b`` of the result are this process's own rows. With ``with_grad=True`` the gather
+    is differentiable (``torch.distributed.nn.functional.all_gather``): its backward sums, over all processes, the
+    gradients computed for each process's rows and returns the sum to the process that owns them. With
+    ``with_grad=False`` the other processes' rows are constants and only the local rows carry a gradient.
+    """
+    if world_size == 1:
+        return features
+    if with_grad:
+        # torch 2.14 marks torch.distributed.nn.functional as deprecated in favour of the private
+        # torch.distributed._functional_collectives; keep the public API and silence only that warning.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                category=FutureWarning,
+            )
+            chunks = list(torch.distributed.nn.functional.all_gather(features))
+    else:
+        chunks = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(chunks, features.detach().contiguous())
+        chunks[rank] = features  # keep the gradient through the local rows
+    return torch.cat(chunks, dim=0)
+
+
+def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.ndim != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "image_features and text_features must both have shape (batch, dim) with the same batch and dim, got "
+            f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)}"
+        )
+
+
+def _scale(logit_scale: torch.Tensor | float, max_logit_scale: float | None, like: torch.Tensor) -> torch.Tensor:
+    """exp(min(logit_scale, max_logit_scale)): the multiplier of the cosine similarities."""
+    logit_scale = torch.as_tensor(logit_scale, device=like.device)
+    if max_logit_scale is not None:
+        logit_scale = logit_scale.clamp(max=max_logit_scale)
+    return logit_scale.exp()
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE loss of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural
+    Language Supervision", fig. 3): the mean of the image->text and text->image cross-entropies over the scaled
+    cosine-similarity matrix, whose diagonal holds the matching pairs.
+
+    Args:
+        local_loss: in a multi-process run, each process scores only its own ``b`` images (texts) against the
+            ``B = world_size * b`` gathered texts (images): logits ``(b, B)``, memory ``b * B``, labels offset by
+            ``rank * b``. With False every process computes the full ``(B, B)`` loss (same value on every process).
+        gather_with_grad: gather the other processes' features with gradient (exact gradients). False gathers
+            them as constants: less communication in the backward, but only the local rows get gradient, so the
+            gradients no longer match single-process training.
+        rank, world_size: taken from ``torch.distributed`` at each call when None; 0 and 1 without a process group.
+        max_logit_scale: clamp of ``logit_scale`` before ``exp`` (None: no clamp).
+
+    Reference implementation: open_clip ``loss.py`` (Ilharco et al.), whose steps this follows.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_logit_scale: float | None = MAX_LOGIT_SCALE,
+    ):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+        self.max_logit_scale = max_logit_scale
+        self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def get_logits(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled similarities of L2-normalised ``(b, d)`` features; ``scale`` is the multiplier (already exp'd).
+
+        Returns ``(logits_per_image, logits_per_text)``: ``(b, b)`` each in one process; ``(b, B)`` each with
+        ``local_loss`` in a multi-process run (own rows against all columns); ``(B, B)`` each otherwise.
+        """
+        rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
+        if world_size == 1:
+            logits_per_image = scale * image_features @ text_features.T  # (b, b)
+            return logits_per_image, logits_per_image.T
+        all_image = all_gather_features(image_features, rank, world_size, self.gather_with_grad)  # (B, d)
+        all_text = all_gather_features(text_features, rank, world_size, self.gather_with_grad)  # (B, d)
+        if self.local_loss:
+            logits_per_image = scale * image_features @ all_text.T  # (b, B)
+            logits_per_text = scale * text_features @ all_image.T  # (b, B)
+            return logits_per_image, logits_per_text
+        logits_per_image = scale * all_image @ all_text.T  # (B, B)
+        return logits_per_image, logits_per_image.T
+
+    def get_ground_truth(self, device: torch.device, num_rows: int, offset: int = 0) -> torch.Tensor:
+        """Class index of each logits row: ``offset + arange(num_rows)`` (LongTensor), cached per device and size."""
+        key = (device, num_rows, offset)
+        if key not in self._labels:
+            self._labels[key] = torch.arange(offset, offset + num_rows, device=device, dtype=torch.long)
+        return self._labels[key]
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
+
+        ``image_features``, ``text_features``: ``(b, d)`` projected embeddings, row ``i`` of one matching row ``i``
+        of the other; they are L2-normalised here (already normalised inputs are fine). ``logit_scale``: log of the
+        inverse temperature (a 0-dim parameter such as ``CLIPModel.logit_scale``, or a float).
+        """
+        _check_features(image_features, text_features)
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        scale = _scale(logit_scale, self.max_logit_scale, image_features)
+
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, scale)
+        rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
+        offset = rank * image_features.shape[0] if world_size > 1 and self.local_loss else 0
+        labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training",
+    arXiv:2303.15343, alg. 1): every image-text pair is an independent binary classification, label +1 on the
+    diagonal and -1 elsewhere, on logits ``exp(logit_scale) * cos + logit_bias``; the sum over all pairs is divided
+    by the (local) batch size ``b``, as in the paper.
+
+    Multi-process: every process gathers the texts of all processes with gradient (one all-gather, not the paper's
+    ring of neighbour exchanges: simpler, at the cost of holding all ``B`` texts at once) and scores its own ``b``
+    images against them, logits ``(b, B)``, positives at columns ``rank * b + i``. The mean of the per-process
+    losses equals the single-process loss on the global batch (see ``forward``).
+
+    Args:
+        rank, world_size: taken from ``torch.distributed`` at each call when None; 0 and 1 without a process group.
+        max_logit_scale: clamp of ``logit_scale`` before ``exp`` (None: no clamp; the paper does not clamp).
+
+    Use ``SIGLIP_LOGIT_SCALE_INIT`` (ln 10) and ``SIGLIP_LOGIT_BIAS_INIT`` (-10) to initialise the parameters.
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_logit_scale: float | None = MAX_LOGIT_SCALE,
+    ):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+        self.max_logit_scale = max_logit_scale
+
+    def get_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        scale: torch.Tensor,
+        logit_bias: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """``scale * image @ all_texts.T + logit_bias`` for L2-normalised ``(b, d)`` features: ``(b, B)``."""
+        rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
+        all_text = all_gather_features(text_features, rank, world_size, with_grad=True)  # (B, d)
+        return scale * image_features @ all_text.T + logit_bias  # (b, B)
+
+    @staticmethod
+    def get_ground_truth(
+        device: torch.device, dtype: torch.dtype, num_rows: int, num_cols: int, offset: int = 0
+    ) -> torch.Tensor:
+        """``(num_rows, num_cols)`` of -1 with +1 at ``(i, offset + i)``: the positive pair of each image row."""
+        labels = torch.full((num_rows, num_cols), -1.0, device=device, dtype=dtype)
+        rows = torch.arange(num_rows, device=device)
+        labels[rows, rows + offset] = 1.0
+        return labels
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
+
+        ``image_features``, ``text_features``: ``(b, d)``, L2-normalised here. ``logit_scale``: log inverse
+        temperature; ``logit_bias``: the learnable bias ``b`` of the paper.
+
+        Each process returns ``-sum_{i local, j global} log sigmoid(z_ij * logit_ij) / b``; the mean of these over
+        processes equals the single-process loss on the global batch, ``-sum_{i, j} (...) / B``.
+        """
+        _check_features(image_features, text_features)
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        scale = _scale(logit_scale, self.max_logit_scale, image_features)
+
+        logits = self.get_logits(image_features, text_features, scale, logit_bias)  # (b, B)
+        rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
+        num_rows, num_cols = logits.shape
+        labels = self.get_ground_truth(logits.device, logits.dtype, num_rows, num_cols, offset=rank * num_rows)
+        loss = -F.logsigmoid(labels * logits).sum() / num_rows
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+LOSSES: dict[str, type[nn.Module]] = {"clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def create_loss(name: str, **kwargs) -> nn.Module:
+    """Build a loss by name: ``"clip"`` -> ``ClipLoss(**kwargs)``, ``"siglip"`` -> ``SigLipLoss(**kwargs)``."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss name={name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name](**kwargs)

@@ -1,0 +1,175 @@
+"""Our CLIP: transformers' `CLIPModel`, built from named size presets, plus the few functions that read it.
+
+The model class is transformers' own, so a run folder written with `save_pretrained` loads as `CLIPModel`,
+`CLIPTextModelWithProjection` or `CLIPVisionModelWithProjection` in any transformers code, and a pretrained
+transformers CLIP drops in here. What clipcond adds: presets as data (`presets/clip.json`), the image
+normalisation for uint8 batches, and feature functions that work across transformers versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
+
+from clipcond.tokenizer import load_tokenizer
+
+PRESETS_FILE = Path(__file__).parent / "presets" / "clip.json"
+# OpenAI's CLIP statistics (transformers.utils.constants); kept as the default for models trained here too.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@cache
+def clip_presets() -> dict[str, dict]:
+    with open(PRESETS_FILE) as f:
+        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+
+
+def clip_config(
+    preset: str,
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    context_length: int | None = None,
+) -> CLIPConfig:
+    """A `CLIPConfig` from a preset name or a JSON file of the same shape, with the tokenizer's ids filled in.
+
+    `image_size`, `patch_size` and `context_length` override the preset. The special token ids matter:
+    `CLIPTextTransformer` pools at the first `eos_token_id` of each sequence.
+    """
+    if os.path.isfile(preset):
+        with open(preset) as f:
+            spec = json.load(f)
+    elif preset in clip_presets():
+        spec = clip_presets()[preset]
+    else:
+        raise ValueError(f"`model` must be one of {sorted(clip_presets())} or a JSON config file, got {preset!r}")
+    for key in ("projection_dim", "text", "vision"):
+        if key not in spec:
+            raise ValueError(f"CLIP preset {preset!r} lacks the key {key!r}")
+
+    text = dict(spec["text"])
+    vision = dict(spec["vision"])
+    if context_length is not None:
+        text["max_position_embeddings"] = context_length
+    if image_size is not None:
+        vision["image_size"] = image_size
+    if patch_size is not None:
+        vision["patch_size"] = patch_size
+    if vision["image_size"] % vision["patch_size"]:
+        raise ValueError(
+            f"`image_size` ({vision['image_size']}) must be a multiple of `patch_size` ({vision['patch_size']})"
+        )
+    text.update(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    if eos_token_id == 2:
+        # transformers reads eos_token_id == 2 as a legacy OpenAI config and pools at argmax(input_ids) instead.
+        raise ValueError(
+            "`eos_token_id` must not be 2 (transformers' legacy CLIP pooling); reorder the special tokens"
+        )
+    # The towers carry the projection width too: CLIPTextModelWithProjection reads it from its own sub-config.
+    text["projection_dim"] = vision["projection_dim"] = spec["projection_dim"]
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"])
+
+
+def image_processor_for(config: CLIPConfig, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> CLIPImageProcessor:
+    """The transformers image processor that matches `config`, saved beside the model so PIL users can call it."""
+    size = config.vision_config.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+def normalize_pixels(pixels: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) in [0, 255] -> float CLIP inputs, standardised per channel."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def text_features(
+    model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Projected, unnormalised text embeddings (B, projection_dim), the pooled end-token state."""
+    out = model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    return model.text_projection(out.pooler_output)
+
+
+def image_features(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected, unnormalised image embeddings (B, projection_dim) from normalised pixels."""
+    out = model.vision_model(pixel_values=pixel_values)
+    return model.visual_projection(out.pooler_output)
+
+
+@dataclass
+class ClipRun:
+    """A CLIP loaded from a folder: the model, its tokenizer and its image statistics."""
+
+    model: CLIPModel
+    tokenizer: PreTrainedTokenizerBase
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    path: str
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    def tokenize(self, texts: list[str], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        device = device or self.model.device
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D)."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start : start + batch_size])
+            chunks.append(text_features(self.model, **tokens).float())
+        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D) of uint8 images (B, 3, H, W)."""
+        pixel_values = normalize_pixels(pixels.to(self.model.device), self.image_mean, self.image_std)
+        pixel_values = pixel_values.to(self.model.dtype)
+        return torch.nn.functional.normalize(image_features(self.model, pixel_values).float(), dim=-1)
+
+
+def load_clip(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> ClipRun:
+    """Load a CLIP folder written by `clipcond train clip` (or any transformers CLIPModel folder), in eval mode."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"CLIP folder {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`")
+    model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(path)
+    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    return ClipRun(model=model, tokenizer=tokenizer, image_mean=mean, image_std=std, path=path)

@@ -1,0 +1,62 @@
+"""Shared test set-up: offline, seeded, and `--runslow` for the long runs."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test starts from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """A small built-in shapes data set (32 px): 240 train images, 36 test images (2 per colour-shape pair)."""
+    from clipcond.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, num_images=276, num_test_images=36, resolution=32, seed=0)
+    return root
+
+
+TINY_CLIP_ARGS = ["--model", "test", "--train-batch-size", "16", "--lr-warmup-steps", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_run(shapes_data, tmp_path_factory):
+    """A `test`-preset CLIP trained for a few steps on `shapes_data`: a real run folder for later stages."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from clipcond.train.clip import main
+
+    out = tmp_path_factory.mktemp("clip_run")
+    args = ["--data", str(shapes_data), "--output-dir", str(out), "--max-train-steps", "4", *TINY_CLIP_ARGS]
+    main([*args, "--validation-steps", "0", "--checkpointing-steps", "0"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return out

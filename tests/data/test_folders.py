@@ -1,0 +1,202 @@
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.shapes import COLOURS, write_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, num_images=50, num_test_images=18, seed=0)
+    return root
+
+
+def _save(path: Path, size=(20, 10), colour=(200, 10, 10)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _write_jsonl(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "metadata.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_imagefolder_root_with_splits(shapes_root):
+    train = ImageCaptionDataset(shapes_root)
+    test = ImageCaptionDataset(shapes_root, split="test")
+    assert len(train) == 32 and len(test) == 18
+    assert train.metadata_path == shapes_root / "train" / "metadata.jsonl" and train.root == shapes_root
+    assert train.info is not None and train.info["held_out"] == test.info["held_out"]
+    assert len(train.captions) == len(train.labels) == len(train.records) == 32
+    assert sorted(label for label in test.labels) == sorted(test.info["classes"])  # 18 singles, one per class
+    item = test[0]
+    assert set(item) == {"pixel_values", "text", "label", "index", "skipped"}
+    assert item["pixel_values"].shape == (3, 32, 32) and item["pixel_values"].dtype == torch.uint8
+    assert item["text"] == test.captions[0] and item["label"] == test.labels[0] and item["index"] == 0
+    assert item["skipped"] == []
+    record = test.records[0]
+    assert record["label"] == item["label"]
+    # The pixels are the PNG's, in (C, H, W).
+    png = np.array(Image.open(shapes_root / "test" / record["file_name"]))
+    assert torch.equal(item["pixel_values"], torch.from_numpy(png).permute(2, 0, 1))
+    # A split folder given directly still finds the root's dataset_info.json.
+    assert ImageCaptionDataset(shapes_root / "test").info == test.info
+
+
+def test_sources_without_splits_answer_train(shapes_root, tmp_path):
+    # A split folder, or a CSV, passed with the training script's default split="train" is the training set.
+    assert len(ImageCaptionDataset(shapes_root / "test", split="train")) == 18
+    _save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("path,caption\na.png,a red box\n")
+    assert ImageCaptionDataset(tmp_path / "pairs.csv", split="train").captions == ["a red box"]
+    with pytest.raises(ValueError, match=r"split='test' was given, but data source .*pairs\.csv is a single file"):
+        ImageCaptionDataset(tmp_path / "pairs.csv", split="test")
+    with pytest.raises(FileNotFoundError, match=r"no split 'test' in .*itself has metadata\.jsonl: pass split=None"):
+        ImageCaptionDataset(shapes_root / "test", split="test")
+
+
+def test_missing_split_lists_available(shapes_root):
+    with pytest.raises(FileNotFoundError, match=r"no split 'val'.*splits found: test, train"):
+        ImageCaptionDataset(shapes_root, split="val")
+
+
+def test_csv_file_relative_and_absolute_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    _save(tmp_path / "imgs" / "a.png", size=(40, 20))
+    absolute = _save(tmp_path / "b.jpg", size=(16, 32), colour=(0, 0, 250))
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text(f'path,caption\nimgs/a.png,a red thing\n{absolute},"a blue, tall thing"\n')
+    ds = ImageCaptionDataset(csv_path, resolution=8)
+    assert ds.captions == ["a red thing", "a blue, tall thing"] and ds.labels == ["", ""]
+    assert ds.root == tmp_path and ds.info is None
+    batch = collate_image_text([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["pixel_values"].dtype == torch.uint8
+    assert batch["text"] == ds.captions and batch["label"] == ["", ""]
+    assert batch["index"].tolist() == [0, 1] and batch["index"].dtype == torch.long and batch["skipped"] == []
+    # Native size without a resolution.
+    assert ImageCaptionDataset(csv_path)[0]["pixel_values"].shape == (3, 20, 40)
+
+
+def test_metadata_csv_in_folder_and_column_selection(tmp_path):
+    _save(tmp_path / "x.png")
+    (tmp_path / "metadata.csv").write_text("img,desc,label\nx.png,a red box,red box\n")
+    ds = ImageCaptionDataset(tmp_path, caption_column="desc", image_column="img")
+    assert ds.captions == ["a red box"] and ds.labels == ["red box"] and ds[0]["label"] == "red box"
+    with pytest.raises(
+        ValueError, match=r"caption column 'nope' is not in .*metadata\.csv; available columns: img, desc, label"
+    ):
+        ImageCaptionDataset(tmp_path, caption_column="nope", image_column="img")
+    with pytest.raises(ValueError, match=r"image column 'file_name' .*available columns: img, desc, label"):
+        ImageCaptionDataset(tmp_path, caption_column="desc")
+
+
+def test_resize_and_centre_crop(tmp_path):
+    # 60 x 20: a red, a green and a blue third, side by side.
+    pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:40] = (0, 255, 0)
+    pixels[:, 40:] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "bands.png")
+    _write_jsonl(tmp_path, [{"file_name": "bands.png", "text": "three bands"}])
+
+    cropped = ImageCaptionDataset(tmp_path, resolution=10)[0]["pixel_values"]
+    assert cropped.shape == (3, 10, 10)
+    assert (cropped[1] > 200).all() and (cropped[0] < 30).all()  # only the green middle survives the crop
+
+    squashed = ImageCaptionDataset(tmp_path, resolution=12, center_crop=False)[0]["pixel_values"]
+    assert squashed.shape == (3, 12, 12)
+    assert squashed[0, 6, 0] > 200 and squashed[2, 6, -1] > 200  # red on the left, blue on the right
+
+
+def test_missing_source_and_metadata(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        ImageCaptionDataset(missing)
+    with pytest.raises(FileNotFoundError, match=r"no metadata file in .*metadata\.jsonl or metadata\.csv"):
+        ImageCaptionDataset(tmp_path)
+
+
+@pytest.mark.parametrize("caption", [None, "", "   "])
+def test_empty_caption_names_file_and_line(tmp_path, caption):
+    _save(tmp_path / "a.png")
+    row = {"file_name": "a.png", "text": caption}
+    if caption is None:
+        del row["text"]
+    _write_jsonl(tmp_path, [{"file_name": "a.png", "text": "fine"}, row])
+    with pytest.raises(ValueError, match=r"metadata\.jsonl: line 2 has no caption in column 'text'"):
+        ImageCaptionDataset(tmp_path)
+
+
+def test_empty_caption_in_csv_names_row(tmp_path):
+    _save(tmp_path / "a.png")
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("path,caption\na.png,fine\na.png,  \n")
+    with pytest.raises(ValueError, match=r"data\.csv: row 3 has no caption in column 'caption'"):
+        ImageCaptionDataset(csv_path)
+
+
+def test_missing_image_names_file_and_line(tmp_path):
+    _save(tmp_path / "a.png")
+    _write_jsonl(tmp_path, [{"file_name": "a.png", "text": "ok"}, {"file_name": "gone.png", "text": "lost"}])
+    with pytest.raises(FileNotFoundError, match=r"line 2 names image 'gone\.png'.*does not exist"):
+        ImageCaptionDataset(tmp_path)
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path, caplog):
+    for name, colour in (("a.png", (255, 0, 0)), ("d.png", (0, 0, 255))):
+        _save(tmp_path / name, size=(8, 8), colour=colour)
+    (tmp_path / "b.png").write_bytes(b"this is not an image")
+    good = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "c.png").write_bytes(good[: len(good) // 2])  # truncated
+    _write_jsonl(tmp_path, [{"file_name": n, "text": f"image {n}"} for n in ("a.png", "b.png", "c.png", "d.png")])
+    ds = ImageCaptionDataset(tmp_path)
+
+    with caplog.at_level(logging.WARNING, logger="clipcond.data.folders"):
+        item = ds[1]
+        again = ds[2]
+    assert item["index"] == 3 and item["text"] == "image d.png"
+    assert item["skipped"] == [str(tmp_path / "b.png"), str(tmp_path / "c.png")]
+    assert again["index"] == 3 and again["skipped"] == [str(tmp_path / "c.png")]
+    assert item["pixel_values"][2, 0, 0] == 255  # the blue substitute
+    warned = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(warned) == 2  # once per file, not once per access
+    batch = collate_image_text([ds[0], item, again])
+    assert batch["skipped"] == [str(tmp_path / n) for n in ("b.png", "c.png", "c.png")]
+    assert len(set(batch["skipped"])) == 2
+
+
+def test_every_image_unreadable(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"nope")
+    _write_jsonl(tmp_path, [{"file_name": "a.png", "text": "broken"}])
+    with pytest.raises(ValueError, match=r"none of the 1 images listed in .*metadata\.jsonl could be read"):
+        ImageCaptionDataset(tmp_path)[0]
+
+
+def test_collate_rejects_mixed_sizes(tmp_path):
+    _save(tmp_path / "a.png", size=(8, 8))
+    _save(tmp_path / "b.png", size=(9, 8))
+    _write_jsonl(tmp_path, [{"file_name": "a.png", "text": "a"}, {"file_name": "b.png", "text": "b"}])
+    ds = ImageCaptionDataset(tmp_path)
+    with pytest.raises(ValueError, match="different sizes"):
+        collate_image_text([ds[0], ds[1]])
+    assert collate_image_text([ImageCaptionDataset(tmp_path, resolution=8)[i] for i in (0, 1)])[
+        "pixel_values"
+    ].shape == (2, 3, 8, 8)
+
+
+def test_shapes_colours_survive_loading(shapes_root):
+    ds = ImageCaptionDataset(shapes_root, split="test")
+    i = ds.labels.index("green square")
+    obj = ds.records[i]["objects"][0]
+    x0, y0, x1, y1 = obj["bbox"]
+    pixel = ds[i]["pixel_values"][:, int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    assert tuple(pixel.tolist()) == COLOURS["green"]

@@ -1,0 +1,231 @@
+import math
+
+import pytest
+import torch
+from distributed_utils import run_in_processes
+
+from clipcond.loss import (
+    CLIP_LOGIT_SCALE_INIT,
+    MAX_LOGIT_SCALE,
+    SIGLIP_LOGIT_BIAS_INIT,
+    SIGLIP_LOGIT_SCALE_INIT,
+    ClipLoss,
+    SigLipLoss,
+    all_gather_features,
+    create_loss,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# references written out with Python loops (not the formula the module uses)
+
+
+def _unit_rows(x: torch.Tensor) -> list[list[float]]:
+    rows = x.tolist()
+    return [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+
+
+def _scaled_cosines(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> list[list[float]]:
+    img, txt = _unit_rows(image), _unit_rows(text)
+    scale = math.exp(min(logit_scale, math.log(100)))
+    return [[scale * sum(a * b for a, b in zip(img_i, txt_j)) for txt_j in txt] for img_i in img]
+
+
+def _reference_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> float:
+    sim = _scaled_cosines(image, text, logit_scale)  # sim[i][j]: image i, text j
+    n = len(sim)
+    image_to_text = sum(math.log(sum(math.exp(sim[i][j]) for j in range(n))) - sim[i][i] for i in range(n)) / n
+    text_to_image = sum(math.log(sum(math.exp(sim[i][j]) for i in range(n))) - sim[j][j] for j in range(n)) / n
+    return (image_to_text + text_to_image) / 2
+
+
+def _reference_siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float, logit_bias: float) -> float:
+    sim = _scaled_cosines(image, text, logit_scale)
+    n = len(sim)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            label = 1.0 if i == j else -1.0
+            total += -math.log(1.0 / (1.0 + math.exp(-label * (sim[i][j] + logit_bias))))
+    return total / n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# single process
+
+
+def test_clip_loss_closed_form_on_unit_axes():
+    # logits = I (scale 1): each row's CE is -log(e / (e + 1)) = log(1 + 1/e)
+    eye = torch.eye(2)
+    loss = ClipLoss()(eye, eye, torch.tensor(0.0))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+
+
+def test_clip_loss_matches_loops():
+    g = torch.Generator().manual_seed(0)
+    image, text = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+    )
+    for logit_scale in (0.0, 1.3, CLIP_LOGIT_SCALE_INIT):
+        loss = ClipLoss()(image, text, torch.tensor(logit_scale, dtype=torch.float64))
+        assert loss.item() == pytest.approx(_reference_clip_loss(image, text, logit_scale), abs=1e-10)
+
+
+def test_clip_loss_normalises_features_and_takes_float_scale():
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    loss_fn = ClipLoss()
+    expected = loss_fn(image, text, torch.tensor(2.0))
+    torch.testing.assert_close(loss_fn(3.0 * image, 0.5 * text, 2.0), expected)
+    assert loss_fn(image, text, 2.0, output_dict=True)["contrastive_loss"].item() == pytest.approx(expected.item())
+
+
+def test_clip_loss_aligned_near_zero_shuffled_and_uninformative():
+    n = 8
+    features = torch.eye(n)  # orthonormal: off-diagonal cosines are exactly 0
+    loss_fn = ClipLoss()
+    aligned = loss_fn(features, features, MAX_LOGIT_SCALE)  # log(1 + 7 e^-100)
+    assert aligned.item() < 1e-6
+    # no signal in the logits (scale ~ 0): chance level, ln N
+    uninformative = loss_fn(features, features[torch.randperm(n)], -20.0)
+    assert uninformative.item() == pytest.approx(math.log(n), abs=1e-6)
+    # a derangement at a large scale is confidently wrong: each row puts 100 on a wrong column, far above ln N
+    deranged = loss_fn(features, features.roll(1, dims=0), MAX_LOGIT_SCALE)
+    assert deranged.item() == pytest.approx(100.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_logit_scale_clamped_at_ln_100(loss_name):
+    g = torch.Generator().manual_seed(2)
+    image, text = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    loss_fn = create_loss(loss_name)
+    extra = (torch.tensor(SIGLIP_LOGIT_BIAS_INIT),) if loss_name == "siglip" else ()
+
+    def loss_and_grad(value: float) -> tuple[float, float]:
+        logit_scale = torch.tensor(value, requires_grad=True)
+        loss = loss_fn(image, text, logit_scale, *extra)
+        loss.backward()
+        return loss.item(), logit_scale.grad.item()
+
+    at_max, _ = loss_and_grad(MAX_LOGIT_SCALE)
+    above, above_grad = loss_and_grad(MAX_LOGIT_SCALE + 1.0)
+    _, below_grad = loss_and_grad(CLIP_LOGIT_SCALE_INIT)
+    assert above == at_max
+    assert above_grad == 0.0
+    assert below_grad != 0.0
+
+
+def test_clip_labels_cached_per_device_and_size():
+    loss_fn = ClipLoss()
+    labels = loss_fn.get_ground_truth(torch.device("cpu"), 4)
+    assert loss_fn.get_ground_truth(torch.device("cpu"), 4) is labels
+    torch.testing.assert_close(loss_fn.get_ground_truth(torch.device("cpu"), 3, offset=6), torch.tensor([6, 7, 8]))
+
+
+def test_siglip_loss_closed_form_and_loops():
+    # logits = I (scale 1, bias 0): 2 positives at 1 -> -log sigmoid(1); 2 negatives at 0 -> log 2; divided by n = 2
+    eye = torch.eye(2)
+    loss = SigLipLoss()(eye, eye, 0.0, 0.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)) + math.log(2), abs=1e-6)
+
+    g = torch.Generator().manual_seed(3)
+    image, text = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+    )
+    for logit_scale, logit_bias in ((0.0, 0.0), (SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT), (4.0, -2.5)):
+        loss = SigLipLoss()(image, text, torch.tensor(logit_scale, dtype=torch.float64), torch.tensor(logit_bias))
+        assert loss.item() == pytest.approx(_reference_siglip_loss(image, text, logit_scale, logit_bias), abs=1e-10)
+
+
+def test_create_loss_and_argument_errors():
+    assert isinstance(create_loss("clip", local_loss=False), ClipLoss)
+    assert isinstance(create_loss("siglip"), SigLipLoss)
+    with pytest.raises(ValueError, match=r"'infonce'.*\['clip', 'siglip'\]"):
+        create_loss("infonce")
+    with pytest.raises(ValueError, match=r"image_features \(4, 3\) and text_features \(4, 5\)"):
+        ClipLoss()(torch.randn(4, 3), torch.randn(4, 5), 0.0)
+    with pytest.raises(ValueError, match="world_size=2 needs an initialised"):
+        ClipLoss(world_size=2, rank=0)(torch.randn(4, 3), torch.randn(4, 3), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two processes against one
+
+GLOBAL_BATCH, DIM, WORLD_SIZE = 8, 16, 2
+LOSS_CONFIGS = {
+    # name: (factory name, kwargs, logit_scale, logit_bias or None)
+    "clip": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None),
+    "clip_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None),
+    "clip_gather_without_grad": ("clip", {"gather_with_grad": False}, CLIP_LOGIT_SCALE_INIT, None),
+    "siglip": ("siglip", {}, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT),
+}
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(GLOBAL_BATCH, DIM, generator=g)
+    text = image + 0.8 * torch.randn(GLOBAL_BATCH, DIM, generator=g)  # related pairs, so the loss is not trivial
+    return image, text
+
+
+def _loss_and_grads(config: str, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    name, kwargs, scale_value, bias_value = LOSS_CONFIGS[config]
+    image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    logit_scale = torch.tensor(scale_value, requires_grad=True)
+    bias = () if bias_value is None else (torch.tensor(bias_value, requires_grad=True),)
+    loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias)
+    loss.backward()
+    out = {"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad, "scale_grad": logit_scale.grad}
+    if bias:
+        out["bias_grad"] = bias[0].grad
+    return out
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    image, text = _global_batch()
+    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    results = {config: _loss_and_grads(config, image[rows], text[rows]) for config in LOSS_CONFIGS}
+
+    # all_gather's backward: rank r's loss is (r + 1) * sum_k (k + 1) * gathered_k, so the gradient on rank r's
+    # input is (r + 1) * 3 if the backward sums the ranks' gradients, (r + 1) ** 2 if it kept only the local one.
+    for with_grad in (True, False):
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        gathered = all_gather_features(x, rank, world_size, with_grad=with_grad).chunk(world_size)
+        ((rank + 1) * sum((k + 1) * chunk.sum() for k, chunk in enumerate(gathered))).backward()
+        results[f"all_gather_with_grad={with_grad}"] = {"value": torch.cat(gathered).detach(), "grad": x.grad}
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_process_results() -> list[dict]:
+    return run_in_processes(_worker, WORLD_SIZE)
+
+
+def test_all_gather_backward_sums_gradients_over_ranks(two_process_results):
+    for rank, result in enumerate(two_process_results):
+        with_grad, without_grad = result["all_gather_with_grad=True"], result["all_gather_with_grad=False"]
+        torch.testing.assert_close(with_grad["value"], torch.tensor([1.0] * 6 + [2.0] * 6).reshape(4, 3))
+        torch.testing.assert_close(with_grad["grad"], torch.full((2, 3), 3.0 * (rank + 1)))
+        torch.testing.assert_close(without_grad["grad"], torch.full((2, 3), float((rank + 1) ** 2)))
+
+
+@pytest.mark.parametrize("config", ["clip", "clip_global_logits", "siglip"])
+def test_two_processes_match_one(two_process_results, config):
+    reference = _loss_and_grads(config, *_global_batch())
+    per_rank = [result[config] for result in two_process_results]
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    # (a) the mean of the per-process losses is the loss on the whole batch
+    torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), reference["loss"], **tol)
+    # (b) feature gradients, divided by the world size as DDP's gradient averaging does, are the global rows'
+    for key in ("image_grad", "text_grad"):
+        torch.testing.assert_close(torch.cat([r[key] for r in per_rank]) / WORLD_SIZE, reference[key], **tol)
+    # (c) each process has its own copy of logit_scale (and logit_bias): DDP averages their gradients
+    for key in ("scale_grad", "bias_grad") if config == "siglip" else ("scale_grad",):
+        torch.testing.assert_close(sum(r[key] for r in per_rank) / WORLD_SIZE, reference[key], **tol)
+
+
+def test_gather_without_grad_gives_same_loss(two_process_results):
+    reference = _loss_and_grads("clip_gather_without_grad", *_global_batch())
+    losses = torch.stack([result["clip_gather_without_grad"]["loss"] for result in two_process_results])
+    torch.testing.assert_close(losses.mean(), reference["loss"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,177 @@
+"""`clipcond train clip` end to end at test scale: the run folder, resume after SIGKILL, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CLIP_ARGS
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+from clipcond.lineage import content_hash
+from clipcond.models.clip import load_clip
+from clipcond.train.clip import main, parse_args
+
+
+def _run(data, out, *extra):
+    return main(["--data", str(data), "--output-dir", str(out), *TINY_CLIP_ARGS, *extra])
+
+
+def test_run_folder_loads_in_transformers(tiny_clip_run):
+    record = json.loads((tiny_clip_run / "clipcond_run.json").read_text())
+    assert record["summary"]["steps"] == 4
+    assert record["content_hash"] == content_hash(tiny_clip_run)
+    full = CLIPModel.from_pretrained(tiny_clip_run)
+    text = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run)
+    vision = CLIPVisionModelWithProjection.from_pretrained(tiny_clip_run)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run)
+    tokens = tokenizer(["a red circle"], padding="max_length", max_length=32, return_tensors="pt")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref_text = full.text_projection(full.text_model(**tokens).pooler_output)
+        ref_image = full.visual_projection(full.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(text(**tokens).text_embeds, ref_text)
+        torch.testing.assert_close(vision(pixel_values=pixels).image_embeds, ref_image)
+    assert (tiny_clip_run / "model.safetensors").is_file() and not list(tiny_clip_run.glob("*.bin"))
+
+
+def test_contrastive_model_fits_a_fixed_batch(tiny_clip_run):
+    """The model + loss that training uses can drive the loss on one batch far below chance (ln 16)."""
+    from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+    from clipcond.loss import ClipLoss
+    from clipcond.models.clip import normalize_pixels
+    from clipcond.train.clip import ContrastiveModel
+
+    torch.manual_seed(0)
+    run = load_clip(tiny_clip_run)
+    model = ContrastiveModel(run.model.train(), with_bias=False)
+    dataset = ImageCaptionDataset(json.loads((tiny_clip_run / "clipcond_run.json").read_text())["data"]["path"])
+    batch = collate_image_text([dataset[i] for i in range(16)])
+    tokens = run.tokenize(batch["text"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn, losses = ClipLoss(), []
+    for _ in range(60):
+        image, text, scale, _ = model(pixel_values=normalize_pixels(batch["pixel_values"]), **tokens)
+        loss = loss_fn(image, text, scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0], losses[::10]
+
+
+def test_training_writes_checkpoints_and_validates(shapes_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(
+        shapes_data,
+        out,
+        "--max-train-steps",
+        "12",
+        "--learning-rate",
+        "2e-3",
+        "--checkpointing-steps",
+        "6",
+        "--validation-steps",
+        "12",
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 12
+    assert 0.0 <= summary["zero_shot_top1"] <= 1.0  # the last validation lands in the summary
+    checkpoint = out / "checkpoints" / "checkpoint-12"
+    assert (checkpoint / "training_state.json").is_file()
+    CLIPModel.from_pretrained(checkpoint / "pretrained")  # every checkpoint is a usable model
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
+    common = ["--max-train-steps", "8", "--checkpointing-steps", "2", "--validation-steps", "0"]
+    _run(shapes_data, tmp_path / "straight", *common)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "5", "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).parent / "kill_at_step.py"),
+        "--data",
+        str(shapes_data),
+        "--output-dir",
+        str(killed),
+        *TINY_CLIP_ARGS,
+        *common,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (killed / "model.safetensors").exists()
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    _run(shapes_data, killed, *common, "--resume-from-checkpoint", "latest")
+    record = json.loads((killed / "clipcond_run.json").read_text())
+    assert record["summary"]["resumed_from"].endswith("checkpoint-4")
+    straight, resumed = _weights(tmp_path / "straight"), _weights(killed)
+    assert straight.keys() == resumed.keys()
+    for name in straight:  # stated tolerance: bit-identical on one CPU process
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    for name in ("00003.png", "00010.png"):
+        (data / "train" / name).write_bytes(b"not a png")
+    _run(data, tmp_path / "run", "--max-train-steps", "15", "--validation-steps", "0", "--checkpointing-steps", "0")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped_files"] == 2  # 15 steps x 16 > 240 images: every file was read
+
+
+def test_siglip_loss_trains_and_saves(shapes_data, tmp_path, capsys):
+    _run(
+        shapes_data,
+        tmp_path / "run",
+        "--loss",
+        "siglip",
+        "--max-train-steps",
+        "2",
+        "--validation-steps",
+        "0",
+        "--checkpointing-steps",
+        "0",
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["logit_bias"] is not None
+    run = load_clip(tmp_path / "run")
+    assert run.encode_text(["a red circle"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        (["--model", "huge"], ValueError, "`model` must be one of"),
+        (["--train-batch-size", "0"], ValueError, "`--train-batch-size` must be >= 1, got 0"),
+        (["--patch-size", "5"], ValueError, r"`image_size` \(32\) must be a multiple of `patch_size` \(5\)"),
+    ],
+)
+def test_bad_arguments_are_named(shapes_data, tmp_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        main(["--data", str(shapes_data), "--output-dir", str(tmp_path / "o"), *TINY_CLIP_ARGS, *extra])
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(["--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"), *TINY_CLIP_ARGS])
+
+
+def test_help_names_the_options(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--resume-from-checkpoint", "--mixed-precision", "--gradient-accumulation-steps", "--loss"):
+        assert option in text

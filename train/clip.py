@@ -1,0 +1,262 @@
+"""`clipcond train clip`: contrastive pretraining of a transformers `CLIPModel` with Accelerate.
+
+    clipcond train clip --data shapes/ --output-dir runs/clip
+    accelerate launch -m clipcond.train.clip --data shapes/ --output-dir runs/clip   # N processes, same code
+
+The run folder is a `save_pretrained` CLIP (config.json, model.safetensors, tokenizer, preprocessor_config.json)
+that `CLIPModel`, `CLIPTextModelWithProjection` and `CLIPVisionModelWithProjection` load as is, plus
+`clipcond_run.json` (arguments, data, summary, content hash), `checkpoints/`, `logs/` and `eval/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPModel
+
+from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.evaluation.clip import evaluate_clip
+from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
+from clipcond.lineage import content_hash
+from clipcond.loss import MAX_LOGIT_SCALE, create_loss
+from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
+from clipcond.tokenizer import load_tokenizer, train_tokenizer
+from clipcond.train.loop import (
+    Stage,
+    add_training_args,
+    check_training_args,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    summary,
+    train,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "clipcond_run.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond train clip",
+        description="Pretrain a CLIP (transformers CLIPModel) on image-caption pairs with a contrastive loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="imagefolder root (with train/ and test/), split folder or CSV")
+    data.add_argument("--split", default="train", help="split of --data to train on")
+    data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
+    data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
+    data.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    data.add_argument("--validation-max-images", type=int, default=1000, help="images used by each validation")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="tiny", help="CLIP preset (test, tiny, small, base) or a JSON config file")
+    model.add_argument("--resolution", type=int, default=None, help="image size (default: the preset's)")
+    model.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: the preset's)")
+    model.add_argument("--context-length", type=int, default=None, help="text context (default: the preset's)")
+    model.add_argument("--tokenizer", default=None, help="a saved tokenizer folder (default: train one on captions)")
+    model.add_argument("--vocab-size", type=int, default=1024, help="upper bound for a tokenizer trained here")
+    model.add_argument(
+        "--loss", default="clip", choices=["clip", "siglip"], help="symmetric InfoNCE or the sigmoid loss"
+    )
+
+    add_training_args(
+        parser,
+        train_batch_size=256,
+        learning_rate=1e-3,
+        max_train_steps=300,
+        lr_warmup_steps=30,
+        weight_decay=0.1,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        checkpointing_steps=100,
+        validation_steps=100,
+    )
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    if args.validation_max_images < 1:
+        raise ValueError(f"`--validation-max-images` must be >= 1, got {args.validation_max_images}")
+    return args
+
+
+class ContrastiveModel(nn.Module):
+    """A CLIPModel and, for the sigmoid loss, its logit bias: the unit that Accelerate prepares and DDP syncs."""
+
+    def __init__(self, clip, with_bias: bool):
+        super().__init__()
+        self.clip = clip
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if with_bias else None  # SigLIP's initial bias
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        # image and text embeddings are projected and L2-normalised, (B, D) each
+        return out.image_embeds, out.text_embeds, self.clip.logit_scale, self.logit_bias
+
+
+class ClipStage(Stage):
+    def __init__(self, accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation=None):
+        self.accelerator = accelerator
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.loss_fn = loss_fn
+        self.validation = validation  # (dataset, held_out, max_images) or None
+        # Tokenise every caption once; a batch gathers its rows by dataset index.
+        context = self.unwrapped.clip.config.text_config.max_position_embeddings
+        tokens = tokenizer(
+            dataset.captions, padding="max_length", truncation=True, max_length=context, return_tensors="pt"
+        )
+        self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
+
+    @property
+    def unwrapped(self) -> ContrastiveModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def loss(self, batch, generator):
+        device = self.accelerator.device
+        index = batch["index"]
+        pixel_values = normalize_pixels(batch["pixel_values"].to(device, non_blocking=True))
+        image_embeds, text_embeds, logit_scale, logit_bias = self.model(
+            input_ids=self.input_ids[index].to(device),
+            attention_mask=self.attention_mask[index].to(device),
+            pixel_values=pixel_values,
+        )
+        # The loss runs in fp32 whatever the autocast precision of the towers.
+        features = (image_embeds.float(), text_embeds.float(), logit_scale.float())
+        loss = self.loss_fn(*features) if logit_bias is None else self.loss_fn(*features, logit_bias.float())
+        return loss, {"train/logit_scale": logit_scale.detach().exp().item()}
+
+    def after_optimizer_step(self):
+        # CLIP paper, sec. 2.5: the temperature is clipped so that logits scale by at most 100. The loss clamps
+        # too, but only clamping the parameter stops momentum from parking it past the bound.
+        with torch.no_grad():
+            self.unwrapped.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def validate(self, step):
+        if self.validation is None:
+            return {}
+        dataset, held_out, max_images = self.validation
+        clip = self.unwrapped.clip
+        clip.eval()
+        run = ClipRun(clip, self.tokenizer, self.image_processor.image_mean, self.image_processor.image_std, "")
+        metrics, _ = evaluate_clip(
+            run, dataset, templates=DEFAULT_TEMPLATES, held_out=held_out, max_images=max_images, progress=False
+        )
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    def export(self, path: Path):
+        self.unwrapped.clip.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    # 1. Accelerator, seed
+    accelerator = make_accelerator(args)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. Data
+    preset = clip_presets().get(args.model)
+    resolution = args.resolution or (preset["vision"]["image_size"] if preset else None)
+    dataset_kwargs = {"caption_column": args.caption_column}
+    if args.image_column:
+        dataset_kwargs["image_column"] = args.image_column
+    dataset = ImageCaptionDataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+    resolution = resolution or dataset[0]["pixel_values"].shape[-1]
+    validation = None
+    if args.validation_split != "none" and Path(args.data, args.validation_split).is_dir():
+        val_set = ImageCaptionDataset(args.data, split=args.validation_split, resolution=resolution, **dataset_kwargs)
+        held_out = (val_set.info or {}).get("held_out")
+        validation = (val_set, held_out, args.validation_max_images)
+    elif args.validation_split != "none":
+        logger.info("no %r split in %s; validation is off", args.validation_split, args.data)
+
+    # 3. Tokenizer and model
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        context = args.context_length or (preset["text"]["max_position_embeddings"] if preset else 77)
+        tokenizer = train_tokenizer(dataset.captions, vocab_size=args.vocab_size, context_length=context)
+    config = clip_config(
+        args.model,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=resolution,
+        patch_size=args.patch_size,
+        context_length=args.context_length or tokenizer.model_max_length,
+    )
+    clip = CLIPModel(config)
+    if args.gradient_checkpointing:
+        clip.gradient_checkpointing_enable()
+    model = ContrastiveModel(clip, with_bias=args.loss == "siglip")
+    if args.loss == "siglip":
+        with torch.no_grad():  # SigLIP starts at a temperature of 10 (Zhai et al. 2023, sec. 3.2)
+            clip.logit_scale.fill_(math.log(10.0))
+    image_processor = image_processor_for(config)
+    loss_fn = create_loss(args.loss)
+
+    # 4. Optimizer, schedule; prepare
+    optimizer = make_optimizer(model.parameters(), args, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+
+    # 5. Train
+    stage = ClipStage(accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation)
+    result = train(
+        accelerator,
+        args,
+        stage,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        collate_fn=collate_image_text,
+    )
+
+    # 6. Save the final model and the run record
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stage.export(output_dir)
+        unwrapped = stage.unwrapped
+        record = {
+            "kind": "clipcond-clip",
+            "args": vars(args),
+            "data": {"path": str(args.data), "split": args.split, "num_samples": len(dataset)},
+            "summary": summary(
+                result,
+                logit_scale=round(unwrapped.clip.logit_scale.exp().item(), 4),
+                logit_bias=round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None,
+            ),
+            "content_hash": content_hash(output_dir),
+        }
+        write_json_atomic(output_dir / RUN_RECORD, record)
+        print(json.dumps(record["summary"]), file=sys.stdout)
+    accelerator.end_training()
+    return 0
+
+
+def _tracker_config(args: argparse.Namespace) -> dict:
+    """Tensorboard's hparams take scalars and strings only."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

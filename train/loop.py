@@ -1,0 +1,589 @@
+"""What the training entry points share: Accelerate set-up, a resumable sharded sampler, atomic checkpoints,
+the optimisation loop with progress and logging.
+
+The loop follows Accelerate's order (`Accelerator` -> `set_seed` -> data -> model, optimizer, scheduler ->
+`prepare` -> loop with `accumulate` and `backward` -> `end_training`). Each stage (CLIP, decoder, prior) supplies a
+`Stage`: how to compute the loss of a batch, what to do after an optimizer step (clamp the temperature, update
+the EMA), how to validate, how to export a usable model. Everything else lives here once.
+
+Exact resume: every source of randomness is either seeded from (seed, epoch) — the data order — or kept in
+state that the checkpoint stores (the stage's generator, the global RNGs through `save_state`, the EMA), and the
+sampler resumes mid-epoch. A run killed with SIGKILL and resumed therefore ends with the weights of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"  # written last: a checkpoint folder without it is incomplete
+EXTRA_TENSORS_FILE = "extra_state.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+    """The options every training entry point takes. `defaults` overrides the per-stage defaults by dest name."""
+    d = {
+        "train_batch_size": 64,
+        "learning_rate": 1e-4,
+        "max_train_steps": 1000,
+        "lr_warmup_steps": 100,
+        "lr_scheduler": "cosine",
+        "weight_decay": 1e-2,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "checkpointing_steps": 500,
+        "validation_steps": 500,
+        **defaults,
+    }
+    g = parser.add_argument_group("training")
+    g.add_argument("--output-dir", required=True, help="run folder: the final model, checkpoints/, logs/")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
+    g.add_argument("--max-train-steps", type=int, default=d["max_train_steps"], help="optimizer steps in total")
+    g.add_argument(
+        "--train-batch-size", type=int, default=d["train_batch_size"], help="batch size per process and micro-step"
+    )
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-steps per optimizer step")
+    g.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="peak learning rate (AdamW)")
+    g.add_argument(
+        "--lr-scheduler",
+        default=d["lr_scheduler"],
+        choices=["cosine", "linear", "constant", "constant_with_warmup"],
+        help="learning-rate schedule after warm-up",
+    )
+    g.add_argument("--lr-warmup-steps", type=int, default=d["lr_warmup_steps"], help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=d["adam_beta1"])
+    g.add_argument("--adam-beta2", type=float, default=d["adam_beta2"])
+    g.add_argument("--adam-epsilon", type=float, default=d["adam_epsilon"])
+    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping (0 disables)")
+    g.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=["no", "bf16", "fp16"],
+        help="autocast precision (default: Accelerate's config, else no)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
+    g.add_argument("--dataloader-num-workers", type=int, default=0, help="data loading worker processes")
+    g.add_argument(
+        "--checkpointing-steps",
+        type=int,
+        default=d["checkpointing_steps"],
+        help="save a resumable checkpoint every N steps (0 disables)",
+    )
+    g.add_argument("--checkpoints-total-limit", type=int, default=2, help="keep at most this many checkpoints")
+    g.add_argument(
+        "--resume-from-checkpoint",
+        default=None,
+        help="'latest' (the newest complete checkpoint in OUTPUT_DIR/checkpoints, or a fresh start if none) or a path",
+    )
+    g.add_argument(
+        "--validation-steps", type=int, default=d["validation_steps"], help="validate every N steps (0 disables)"
+    )
+    g.add_argument(
+        "--report-to",
+        default="none",
+        choices=["none", "tensorboard", "wandb", "all"],
+        help="experiment tracker for scalars (and images where the stage logs them)",
+    )
+    g.add_argument("--tracker-project-name", default="clipcond", help="project name given to the tracker")
+    return parser
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later, naming the option and the value."""
+    positive = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    non_negative = ["lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_num_workers"]
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"`--checkpoints-total-limit` must be >= 1, got {args.checkpoints_total_limit}")
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=project_config,
+        # We step the learning-rate schedule once per optimizer step ourselves, whatever the number of processes,
+        # so `--max-train-steps` and `--lr-warmup-steps` mean the same on 1 or N processes.
+        step_scheduler_with_optimizer=False,
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown ours
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
+    set_seed(args.seed)
+    return accelerator
+
+
+def make_optimizer(params, args: argparse.Namespace, accelerator: Accelerator) -> torch.optim.Optimizer:
+    """AdamW; fused kernels on CUDA. Weight decay applies to matrices only (not to norms, biases, scales)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
+    )
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=min(args.lr_warmup_steps, args.max_train_steps),
+        num_training_steps=args.max_train_steps,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+class ShardedEpochSampler(Sampler[list[int]]):
+    """Batches of one process's share of a seeded per-epoch permutation, resumable mid-epoch.
+
+    Epoch e shuffles all indices with a generator seeded by (seed + e) and cuts the permutation into global
+    batches of `batch_size * num_processes`; process r takes the r-th slice of each. So every sample is seen once
+    per epoch across processes, a run on N processes sees the same global batches as a run on one process with
+    an N-times larger batch, and resuming needs only (epoch, batches done). The tail that does not fill a whole
+    optimizer step is dropped.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        num_processes: int = 1,
+        process_index: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        batches_multiple_of: int = 1,
+    ):
+        global_batch = batch_size * num_processes
+        if num_samples < global_batch * batches_multiple_of:
+            raise ValueError(
+                f"the data set has {num_samples} samples, fewer than one optimizer step needs "
+                f"({batch_size} per process x {num_processes} processes x {batches_multiple_of} accumulation steps)"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_batches = (num_samples // global_batch) // batches_multiple_of * batches_multiple_of
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        global_batch = self.batch_size * self.num_processes
+        for b in range(self.start_batch, self.num_batches):
+            start = b * global_batch + self.process_index * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class TrainingState:
+    """Counters that, with the model, optimizer, scheduler and RNG states, define where a run is."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
+    samples_seen: int = 0  # across all processes
+    skipped_files: list[str] = field(default_factory=list)  # unreadable images met so far (unique)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainingState:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move every tensor of a (nested) state dict into `tensors`, leaving JSON-able placeholders behind."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _flatten_state(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+class Checkpoints:
+    """Atomic, resumable checkpoints in `OUTPUT_DIR/checkpoints/checkpoint-<step>/`.
+
+    A checkpoint is written into a hidden temporary folder and renamed into place only once complete, so a run
+    killed while saving leaves the previous checkpoint intact. Model, optimizer, scheduler and global RNG states
+    go through `accelerator.save_state` (safetensors weights; the rest loads with `weights_only=True`); the
+    stage's extra state (its generator, the EMA) goes to safetensors + JSON here; `export` writes a
+    `save_pretrained` copy of the model into `pretrained/`, so every checkpoint is also a usable model.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
+        self.dir = Path(output_dir) / "checkpoints"
+        self.total_limit = total_limit
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [
+            p
+            for p in self.dir.iterdir()
+            if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ]
+        found = [p for p in found if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+    def resolve(self, spec: str | None) -> Path | None:
+        """`latest` -> the newest complete checkpoint (None if there is none); a path -> that checkpoint."""
+        if spec is None:
+            return None
+        if spec == "latest":
+            found = self.complete()
+            return found[-1] if found else None
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(f"`--resume-from-checkpoint` {spec!r} does not exist")
+        if not (path / STATE_FILE).is_file():
+            raise ValueError(f"`--resume-from-checkpoint` {spec!r} is not a complete checkpoint (no {STATE_FILE})")
+        return path
+
+    def save(
+        self,
+        accelerator: Accelerator,
+        state: TrainingState,
+        extra: dict[str, Any],
+        export: Callable[[Path], None] | None = None,
+    ) -> Path:
+        final = self.dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        tmp = self.dir / f".{final.name}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            tensors: dict[str, torch.Tensor] = {}
+            extra_json = _flatten_state(extra, "extra", tensors)
+            save_file(tensors, tmp / EXTRA_TENSORS_FILE)
+            if export is not None:
+                export(tmp / "pretrained")
+            payload = {"state": state.to_dict(), "extra": extra_json, "num_processes": accelerator.num_processes}
+            with open(tmp / STATE_FILE, "w") as f:
+                json.dump(payload, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old one
+                old = self.dir / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            self._prune()
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self, accelerator: Accelerator, path: Path) -> tuple[TrainingState, dict[str, Any]]:
+        with open(path / STATE_FILE) as f:
+            payload = json.load(f)
+        accelerator.load_state(str(path))
+        tensors = load_file(path / EXTRA_TENSORS_FILE) if (path / EXTRA_TENSORS_FILE).is_file() else {}
+        extra = _unflatten_state(payload["extra"], tensors)
+        return TrainingState.from_dict(payload["state"]), extra
+
+    def _prune(self) -> None:
+        if self.total_limit is None:
+            return
+        found = self.complete()
+        for old in found[: max(0, len(found) - self.total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+class Stage:
+    """What a training stage supplies to `train`. Override what applies; `loss` is required."""
+
+    def loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch and any scalars to log. Draw all randomness from `generator`."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called once per optimizer step, after the step (e.g. clamp the temperature, update the EMA)."""
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Called on the main process every `--validation-steps` and at the end; returns scalars to log."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """State beyond model/optimizer/scheduler that a checkpoint must keep (tensors and JSON-able values)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, path: Path) -> None:
+        """Write a usable model (`save_pretrained` layout) into `path`. Main process only."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainingState
+    seconds: float
+    last_loss: float
+    validation: dict[str, float]
+    resumed_from: str | None
+
+
+def train(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    stage: Stage,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    dataset: Dataset,
+    collate_fn: Callable,
+) -> TrainResult:
+    """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
+    sampler = ShardedEpochSampler(
+        len(dataset),
+        args.train_batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=args.seed,
+        batches_multiple_of=args.gradient_accumulation_steps,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=False,
+    )
+    checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
+    # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
+    # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators.
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    state = TrainingState()
+    resume_path = checkpoints.resolve(args.resume_from_checkpoint)
+    if resume_path is not None:
+        state, extra = checkpoints.load(accelerator, resume_path)
+        generator.set_state(extra["generator"].to(torch.uint8))
+        stage.load_extra_state(extra.get("stage", {}))
+        logger.info("resumed from %s at step %d", resume_path, state.global_step)
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("no checkpoint in %s; starting from scratch", checkpoints.dir)
+
+    global_batch = args.train_batch_size * accelerator.num_processes
+    steps_per_epoch = sampler.num_batches // args.gradient_accumulation_steps
+    logger.info(
+        "%d samples, %d steps per epoch; global batch %d (%d per process x %d processes x %d accumulation)",
+        len(dataset),
+        steps_per_epoch,
+        global_batch * args.gradient_accumulation_steps,
+        args.train_batch_size,
+        accelerator.num_processes,
+        args.gradient_accumulation_steps,
+    )
+
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=state.global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    skipped = set(state.skipped_files)
+    loss_ema, last_loss, validation = None, float("nan"), {}
+    start_time = time.perf_counter()
+    step_start, step_samples = time.perf_counter(), 0
+
+    model.train()
+    while state.global_step < args.max_train_steps:
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in loader:
+            skipped.update(batch.pop("skipped", []))
+            with accelerator.accumulate(model):
+                loss, logs = stage.loss(batch, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            step_samples += global_batch
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            stage.after_optimizer_step()
+            state.global_step += 1
+            state.samples_seen += global_batch * args.gradient_accumulation_steps
+
+            last_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            loss_ema = last_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * last_loss
+            elapsed = time.perf_counter() - step_start
+            samples_per_second = step_samples / max(elapsed, 1e-9)
+            step_start, step_samples = time.perf_counter(), 0
+            lr = lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_second:.0f}")
+            accelerator.log(
+                {"train/loss": last_loss, "train/lr": lr, "train/samples_per_second": samples_per_second, **logs},
+                step=state.global_step,
+            )
+
+            if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+                state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
+                extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
+                path = checkpoints.save(accelerator, state, extra, export=stage.export)
+                logger.info("saved %s", path)
+
+            is_last = state.global_step >= args.max_train_steps
+            if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
+                if accelerator.is_main_process:
+                    validation = stage.validate(state.global_step)
+                    if validation:
+                        accelerator.log({f"val/{k}": v for k, v in validation.items()}, step=state.global_step)
+                        progress.write(f"step {state.global_step}: " + json.dumps(_round(validation)))
+                accelerator.wait_for_everyone()
+                model.train()
+            if is_last:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+
+    progress.close()
+    state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
+    seconds = time.perf_counter() - start_time
+    if state.skipped_files:
+        logger.warning("%d unreadable image files were skipped: %s", len(state.skipped_files), state.skipped_files[:5])
+    return TrainResult(
+        state=state,
+        seconds=seconds,
+        last_loss=last_loss,
+        validation=validation,
+        resumed_from=str(resume_path) if resume_path else None,
+    )
+
+
+def _gather_skipped(accelerator: Accelerator, skipped: set[str]) -> set[str]:
+    if accelerator.num_processes == 1:
+        return set(skipped)
+    from accelerate.utils import gather_object
+
+    return set(gather_object(sorted(skipped)))
+
+
+def _round(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in d.items()}
+
+
+def summary(result: TrainResult, **extra: Any) -> dict[str, Any]:
+    """The end-of-run summary printed by the entry points and stored in the run record."""
+    return {
+        "steps": result.state.global_step,
+        "epochs": result.state.epoch,
+        "samples_seen": result.state.samples_seen,
+        "seconds": round(result.seconds, 1),
+        "final_loss": round(result.last_loss, 5) if math.isfinite(result.last_loss) else None,
+        "skipped_files": len(result.state.skipped_files),
+        "resumed_from": result.resumed_from,
+        **_round(result.validation),
+        **extra,
+    }
