@@ -1,0 +1,80 @@
+"""The denoiser: diffusers' `UNet2DConditionModel` from named size presets (`presets/unet.json`).
+
+clipcond sets what depends on the data and on the frozen encoder: the sample size and channels (pixels now, VAE
+latents later), the cross-attention width (the text encoder's per-token width, or a projection to it through
+`encoder_hid_dim`), and for the DALL-E 2 path the image-embedding input of the class embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+from diffusers import UNet2DConditionModel
+
+PRESETS_FILE = Path(__file__).parent / "presets" / "unet.json"
+
+
+@cache
+def unet_presets() -> dict[str, dict]:
+    with open(PRESETS_FILE) as f:
+        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+
+
+def unet_config(
+    preset: str,
+    *,
+    sample_size: int,
+    cross_attention_dim: int,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    encoder_hid_dim: int | None = None,
+    image_embedding_dim: int | None = None,
+) -> dict:
+    """A `UNet2DConditionModel` config from a preset name or a JSON file of the same fields.
+
+    `encoder_hid_dim`: the encoder's per-token width when it differs from `cross_attention_dim`; the UNet then
+    learns a linear projection from one to the other (`encoder_hid_dim_type="text_proj"`).
+    `image_embedding_dim`: condition on an image embedding added to the timestep embedding
+    (`class_embed_type="projection"`, as Stable unCLIP does).
+    """
+    if os.path.isfile(preset):
+        with open(preset) as f:
+            config = json.load(f)
+    elif preset in unet_presets():
+        config = dict(unet_presets()[preset])
+    else:
+        raise ValueError(f"`model` must be one of {sorted(unet_presets())} or a JSON config file, got {preset!r}")
+    levels = len(config["block_out_channels"])
+    if sample_size % 2 ** (levels - 1):
+        raise ValueError(
+            f"`resolution` ({sample_size}) must be divisible by {2 ** (levels - 1)} for a UNet with {levels} levels"
+        )
+    config.update(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        cross_attention_dim=cross_attention_dim,
+    )
+    if encoder_hid_dim is not None and encoder_hid_dim != cross_attention_dim:
+        config.update(encoder_hid_dim=encoder_hid_dim, encoder_hid_dim_type="text_proj")
+    if image_embedding_dim is not None:
+        config.update(class_embed_type="projection", projection_class_embeddings_input_dim=image_embedding_dim)
+    return config
+
+
+def create_unet(config: dict) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**config)
+
+
+def check_encoder_fits(unet: UNet2DConditionModel, encoder_width: int, what: str = "text encoder") -> None:
+    """Refuse an encoder whose per-token width the UNet cannot read, naming both numbers."""
+    expected = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+    if encoder_width != expected:
+        raise ValueError(
+            f"the {what} produces {encoder_width}-wide token states, but this UNet reads {expected} "
+            f"(cross_attention_dim={unet.config.cross_attention_dim}, encoder_hid_dim={unet.config.encoder_hid_dim}); "
+            "train a new UNet on this encoder, or load the encoder it was trained with"
+        )
