@@ -29,10 +29,16 @@ COMMANDS: dict = {
     },
     "train": {
         "clip": Command("clipcond.train.clip", "pretrain a CLIP (transformers CLIPModel) with a contrastive loss"),
+        "decoder": Command("clipcond.train.decoder", "train a diffusers UNet on a CLIP run's frozen text encoder"),
     },
     "eval": {
         "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
+        "generation": Command(
+            "clipcond.evaluation.generation",
+            "judge what a text-to-image run draws on the shapes data: attribute accuracy, CLIP score, FD",
+        ),
     },
+    "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
 }
 
 

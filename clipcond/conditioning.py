@@ -2,15 +2,25 @@
 input), attention mask, and pooled projected embedding (the CLIP text embedding of the DALL-E 2 path).
 
 Both training (through the embedding cache) and the pipelines encode prompts with `encode_prompts`, so a
-decoder sees at inference exactly the states it was trained on.
+decoder sees at inference the states it was trained on (up to the cache's fp16 rounding, ~1e-3 relative).
+
+`TextEmbeddingCache` holds those states for a data set's captions, computed once per encoder and stored on disk, so
+that a training step only looks rows up.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import safetensors
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +96,210 @@ def _warn_truncated(tokenizer, prompts: list[str], input_ids: torch.Tensor, max_
                 max_length,
                 kept,
             )
+
+
+# ------------------------------------------------------------------------------------------ the embedding cache
+
+CACHE_FORMAT_VERSION = 1
+# Config fields that say where or how a model was loaded, not what it computes; left out of the fingerprint.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "_attn_implementation_internal",
+    "_commit_hash",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+}
+
+
+def _tokenizer_identity(tokenizer) -> dict:
+    """What decides the token ids of a text: the full fast-tokenizer definition, or the vocabulary of a slow one."""
+    if getattr(tokenizer, "is_fast", False):
+        # normaliser, pre-tokeniser, vocab, merges, template; without the padding and truncation settings, which
+        # the last call left behind (encode_prompts passes its own)
+        definition = json.loads(tokenizer.backend_tokenizer.to_str())
+        definition = json.dumps({k: v for k, v in definition.items() if k not in ("padding", "truncation")})
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "class": type(tokenizer).__name__,
+        "definition": hashlib.sha256(definition.encode()).hexdigest(),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "padding_side": tokenizer.padding_side,
+    }
+
+
+def encoder_fingerprint(text_encoder, tokenizer, max_length: int) -> str:
+    """SHA-256 (hex) of what decides an encoder's outputs: its class, config, every weight, the tokenizer and the
+    context length. Two encoders with the same fingerprint give the same states for the same prompt."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in text_encoder.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    header = {
+        "class": type(text_encoder).__name__,
+        "config": config,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "max_length": max_length,
+    }
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(text_encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def unique_captions(captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct captions in order of first appearance, and for each input caption its row among them (N,)."""
+    unique = list(dict.fromkeys(captions))
+    row = {caption: i for i, caption in enumerate(unique)}
+    return unique, torch.tensor([row[c] for c in captions], dtype=torch.long)
+
+
+class TextEmbeddingCache:
+    """The frozen text encoder's outputs for a fixed list of captions, computed once and stored on disk.
+
+    Rows are the distinct captions (`captions`), in order of first appearance: per-token states (U, L, W) and
+    pooled embeddings (U, D) in fp16, attention masks (U, L), plus the empty prompt's (the target of caption
+    dropout, and the unconditional half of classifier-free guidance at inference).
+
+    The file is `CACHE_DIR/text-embeddings-<key>.safetensors`, where `key` hashes the encoder's fingerprint
+    (`encoder_fingerprint`: weights, config, tokenizer, context length) and the caption list: a changed encoder or
+    data set gets a new file, never a stale one. It is written to a temporary name and renamed, so a run killed
+    while writing leaves no half file; several runs may share a cache folder.
+
+    Use `build_or_load`, then `lookup(rows)` per batch; training never runs the encoder.
+    """
+
+    def __init__(self, captions: list[str], embeddings: TextEmbeddings, empty: TextEmbeddings, key: str, path: Path):
+        assert embeddings.hidden_states.shape[0] == len(captions), "one row per caption"
+        self.captions = captions
+        self.embeddings = embeddings  # (U, L, W) fp16 states, (U, L) mask, (U, D) fp16 pooled or None
+        self.empty = empty  # the same for the empty prompt, with a batch axis of 1
+        self.key = key
+        self.path = path
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def lookup(self, caption_indices: torch.Tensor) -> TextEmbeddings:
+        """Rows of the distinct captions (B,) -> their embeddings: float32 states and pooled, long mask, on CPU."""
+        rows = self.embeddings[caption_indices]
+        return TextEmbeddings(
+            hidden_states=rows.hidden_states.float(),
+            attention_mask=rows.attention_mask.long(),
+            pooled=None if rows.pooled is None else rows.pooled.float(),
+        )
+
+    def lookup_empty(self, batch_size: int = 1) -> TextEmbeddings:
+        """The empty prompt's embeddings repeated `batch_size` times, typed as `lookup`'s."""
+        rows = torch.zeros(batch_size, dtype=torch.long)
+        return TextEmbeddings(
+            hidden_states=self.empty.hidden_states[rows].float(),
+            attention_mask=self.empty.attention_mask[rows].long(),
+            pooled=None if self.empty.pooled is None else self.empty.pooled[rows].float(),
+        )
+
+    @staticmethod
+    def cache_key(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> str:
+        max_length = max_length or context_length(text_encoder, tokenizer)
+        digest = hashlib.sha256()
+        digest.update(f"clipcond-text-embeddings-v{CACHE_FORMAT_VERSION}\n".encode())
+        digest.update(encoder_fingerprint(text_encoder, tokenizer, max_length).encode())
+        digest.update(json.dumps(captions).encode())
+        return digest.hexdigest()[:32]
+
+    @classmethod
+    def build_or_load(
+        cls,
+        text_encoder,
+        tokenizer,
+        captions: list[str],
+        cache_dir: str | os.PathLike,
+        *,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> TextEmbeddingCache:
+        """Load the cache of these distinct `captions` under this encoder from `cache_dir`, or build and store it.
+
+        Building encodes the captions with `encode_prompts` in batches of `batch_size` (with a progress bar).
+        A file that cannot be read (truncated, foreign) is rebuilt with a warning.
+        """
+        if len(set(captions)) != len(captions):
+            raise ValueError("`captions` must be distinct; use `unique_captions` to map a data set's captions to rows")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        max_length = context_length(text_encoder, tokenizer)
+        key = cls.cache_key(text_encoder, tokenizer, captions, max_length)
+        path = Path(cache_dir) / f"text-embeddings-{key}.safetensors"
+        if path.is_file():
+            try:
+                cache = cls._load(path, captions, key)
+                logger.info("loaded %d cached caption embeddings from %s", len(captions), path)
+                return cache
+            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+                logger.warning("the text-embedding cache %s cannot be used (%s); rebuilding it", path, err)
+
+        parts = []
+        for start in tqdm(
+            range(0, len(captions), batch_size), desc="encoding captions", disable=not progress, dynamic_ncols=True
+        ):
+            chunk = encode_prompts(
+                text_encoder, tokenizer, captions[start : start + batch_size], device=device, max_length=max_length
+            )
+            parts.append(_to_storage(chunk))
+        embeddings = TextEmbeddings.cat(parts)
+        empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], device=device, max_length=max_length))
+        cache = cls(captions, embeddings, empty, key, path)
+        cache._save()
+        logger.info("cached the embeddings of %d captions in %s", len(captions), path)
+        return cache
+
+    def _save(self) -> None:
+        tensors = {}
+        for prefix, emb in (("", self.embeddings), ("empty.", self.empty)):
+            tensors[f"{prefix}hidden_states"] = emb.hidden_states.contiguous()
+            tensors[f"{prefix}attention_mask"] = emb.attention_mask.contiguous()
+            if emb.pooled is not None:
+                tensors[f"{prefix}pooled"] = emb.pooled.contiguous()
+        metadata = {"format": str(CACHE_FORMAT_VERSION), "key": self.key, "num_captions": str(len(self.captions))}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def _load(cls, path: Path, captions: list[str], key: str) -> TextEmbeddingCache:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            names = set(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+        if metadata.get("key") != key or metadata.get("format") != str(CACHE_FORMAT_VERSION):
+            raise ValueError(f"its metadata {metadata} does not match key {key}")
+        n = tensors["hidden_states"].shape[0]
+        if n != len(captions) or tensors["attention_mask"].shape[0] != n:
+            raise ValueError(f"it holds {n} rows for {len(captions)} captions")
+
+        def part(prefix: str) -> TextEmbeddings:
+            return TextEmbeddings(
+                tensors[f"{prefix}hidden_states"], tensors[f"{prefix}attention_mask"], tensors.get(f"{prefix}pooled")
+            )
+
+        return cls(captions, part(""), part("empty."), key, path)
+
+
+def _to_storage(emb: TextEmbeddings) -> TextEmbeddings:
+    """fp16 states on CPU (half the memory and disk of fp32; CLIP's layer-normed states are far inside its range),
+    uint8 masks."""
+    return TextEmbeddings(
+        hidden_states=emb.hidden_states.detach().to("cpu", torch.float16),
+        attention_mask=emb.attention_mask.detach().to("cpu", torch.uint8),
+        pooled=None if emb.pooled is None else emb.pooled.detach().to("cpu", torch.float16),
+    )

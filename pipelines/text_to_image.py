@@ -1,0 +1,315 @@
+"""The Stable Diffusion path's sampler: a UNet conditioned on the frozen CLIP text encoder's per-token states.
+
+`TextToImagePipeline` is a diffusers `DiffusionPipeline`: `save_pretrained` writes one folder per component plus
+`model_index.json`, `from_pretrained` reads it back, and the scheduler is any fitting diffusers scheduler
+(`SCHEDULERS`, swapped with `scheduler_from_name`). Prompts are encoded with `clipcond.conditioning.encode_prompts`,
+the function the decoder training's embedding cache uses, so the UNet sees at inference the states it was trained on.
+
+The UNet denoises pixels in [-1, 1] at `unet.config.sample_size`; when a `vae` (diffusers `AutoencoderKL`) is
+registered, it denoises the VAE's latents instead and decodes them at the end, as Stable Diffusion does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clipcond.conditioning import TextEmbeddings, encode_prompts
+from clipcond.models.unet import check_encoder_fits
+
+logger = logging.getLogger(__name__)
+
+# The schedulers that sample a UNet trained with DDPM's noise schedule, by their `--scheduler` names.
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,  # ancestral: draws fresh noise at every step
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,  # DPM-Solver++ (Lu et al. 2022), multistep, order 2
+    "euler": EulerDiscreteScheduler,  # works on sigmas: needs init_noise_sigma and scale_model_input
+    "unipc": UniPCMultistepScheduler,
+}
+# Options that pick the variant we mean by a name, on top of the saved noise schedule.
+_SCHEDULER_OPTIONS: dict[str, dict] = {"dpm": {"algorithm_type": "dpmsolver++"}}
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def scheduler_from_name(name: str, config) -> SchedulerMixin:
+    """A scheduler of the kind `name` (a key of `SCHEDULERS`) with the noise schedule in `config`.
+
+    `config` is another scheduler's `config` (or a dict of the same fields): the betas, the number of training steps
+    and the prediction type (epsilon or v_prediction) carry over, so the new scheduler fits the trained UNet.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {name!r}")
+    return SCHEDULERS[name].from_config(config, **_SCHEDULER_OPTIONS.get(name, {}))
+
+
+def encoder_width(text_encoder: PreTrainedModel) -> int:
+    """The width of the encoder's per-token states (`hidden_size` for CLIP and BERT-like configs, `d_model` for T5)."""
+    config = text_encoder.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if width is None:
+        raise ValueError(f"cannot tell the token-state width of {type(text_encoder).__name__}: no hidden_size/d_model")
+    return width
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    r"""Text-to-image sampling with classifier-free guidance, in pixel space or (with a `vae`) in latent space.
+
+    Args:
+        unet: a `UNet2DConditionModel` whose cross-attention reads the text encoder's token states.
+        scheduler: a diffusers scheduler, e.g. one of `SCHEDULERS`.
+        text_encoder: the frozen transformers text encoder (CLIPTextModelWithProjection, or any model whose output
+            has `last_hidden_state`).
+        tokenizer: the text encoder's tokenizer.
+        vae: optional `AutoencoderKL`; when given the UNet denoises its latents.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vae: AutoencoderKL | None = None,
+    ):
+        super().__init__()
+        if unet is not None and text_encoder is not None:
+            check_encoder_fits(unet, encoder_width(text_encoder))
+        if unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"the UNet denoises {unet.config.in_channels} channels, but the VAE's latents have "
+                f"{vae.config.latent_channels}; train the UNet on this VAE's latents"
+            )
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) of the images the UNet was trained on, in pixels."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        generator,
+        latents,
+        height,
+        width,
+        output_type,
+    ) -> None:
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
+        elif not isinstance(prompt, str):
+            raise ValueError(
+                f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r}"
+            )
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
+                raise ValueError(
+                    f"`negative_prompt` must be None, a string or a list of strings, got {negative_prompt!r}"
+                )
+            if len(negative_prompt) != batch_size:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; "
+                    "give one negative prompt per prompt, or a single string for all"
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}"
+            )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
+        num_images = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {num_images} images are asked for "
+                f"({batch_size} prompts x {num_images_per_prompt}); give one generator per image"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        if self.vae is None:
+            if (height, width) != self.default_size:
+                raise ValueError(
+                    f"`height` and `width` must be the UNet's sample size {self.default_size} in pixel space, "
+                    f"got {(height, width)}"
+                )
+        elif height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"`height` and `width` must be divisible by the VAE's factor {self.vae_scale_factor}, "
+                f"got {(height, width)}"
+            )
+        if latents is not None:
+            expected = self._noise_shape(num_images, height, width)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+
+    def _noise_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return (num_images, self.unet.config.in_channels, height // f, width // f)
+
+    def encode_prompt(
+        self, prompts: list[str], negative_prompts: list[str] | None, device: torch.device
+    ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
+        """Token states of the prompts, and of the negative prompts when guiding; each distinct text encoded once."""
+        texts = list(dict.fromkeys(prompts + (negative_prompts or [])))
+        encoded = encode_prompts(self.text_encoder, self.tokenizer, texts, device=device)
+        index = {text: i for i, text in enumerate(texts)}
+
+        def take(selected: list[str]) -> TextEmbeddings:
+            return encoded[torch.tensor([index[text] for text in selected], device=device)]
+
+        return take(prompts), None if negative_prompts is None else take(negative_prompts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: the text, or a list of texts; "" asks for an unconditional sample.
+            negative_prompt: what the guidance steers away from (one string for all prompts, or one per prompt);
+                None: the empty prompt, i.e. plain classifier-free guidance.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight w in eps_uncond + w (eps_cond - eps_uncond)
+                (Ho & Salimans 2022); 1 or less samples from the conditional model alone, with one UNet batch.
+            num_images_per_prompt: images per prompt; images come prompt by prompt (all of the first prompt's first).
+            generator: a torch generator, or one per image: with one per image, each image depends on its own
+                generator only, so a batch equals its images generated one at a time.
+            latents: initial noise (num_images, C, h, w), unscaled (drawn from `generator` when None).
+            output_type: "pil" (list of PIL images), "np" (float (B, H, W, 3) in [0, 1]), "pt" (float tensor
+                (B, 3, H, W) in [0, 1]) or "latent" (the denoised sample before decoding).
+            return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
+            height, width: image size in pixels; in pixel space it must be the UNet's sample size (the default).
+            callback_on_step_end: called as `callback(pipeline, step, timestep, {"latents": latents})` after each
+                step; a "latents" entry in the dict it returns replaces the current latents.
+        """
+        default_height, default_width = self.default_size
+        height, width = height or default_height, width or default_width
+
+        # 1. check inputs
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            generator,
+            latents,
+            height,
+            width,
+            output_type,
+        )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        num_images = len(prompts) * num_images_per_prompt
+        do_guidance = guidance_scale > 1.0
+        if negative_prompt is not None and not do_guidance:
+            logger.warning(
+                "`negative_prompt` is ignored: `guidance_scale` (%s) <= 1 turns guidance off", guidance_scale
+            )
+        device = self._execution_device
+
+        # 2. encode prompt
+        if not do_guidance:
+            negative_prompts = None
+        elif isinstance(negative_prompt, list):
+            negative_prompts = negative_prompt
+        else:  # one for all prompts; None: the empty prompt, i.e. plain classifier-free guidance
+            negative_prompts = [negative_prompt or ""] * len(prompts)
+        cond, uncond = self.encode_prompt(prompts, negative_prompts, device)
+        # One UNet batch per step: [unconditional; conditional], each repeated per image of its prompt.
+        text = TextEmbeddings.cat([uncond, cond]) if do_guidance else cond
+        hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
+        attention_mask = text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L)
+
+        # 3. timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        # Ancestral samplers (DDPM, Euler ancestral) draw fresh noise in `step`, from the same generator(s): with one
+        # generator per image, that noise too is each image's own.
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+
+        # 4. initial noise
+        if latents is None:
+            shape = self._noise_shape(num_images, height, width)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+
+        # 5. denoising loop
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = torch.cat([latents] * 2) if do_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=hidden_states,
+                encoder_attention_mask=attention_mask,
+                return_dict=False,
+            )[0]
+            if do_guidance:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            # epsilon or v_prediction: the scheduler reads its own `prediction_type`.
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+
+        # 6. decode / postprocess
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae is not None:
+                latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+                latents = self.vae.decode(latents, return_dict=False)[0]
+            # float32 for the conversion: numpy has no bfloat16. [-1, 1] -> [0, 1], clamped.
+            images = self.image_processor.postprocess(latents.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

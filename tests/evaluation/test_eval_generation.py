@@ -1,0 +1,283 @@
+"""`clipcond eval generation`: the Fréchet distance, `evaluate_generation` with fake generators of known accuracy,
+and the command on a tiny random pipeline."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcond import cli
+from clipcond.data.shapes import COLOURS, DEFAULT_HELD_OUT, ShapeObject, class_names, render_scene
+from clipcond.evaluation import generation
+from clipcond.evaluation.generation import (
+    GROUP_KEYS,
+    HEADLINE_KEYS,
+    evaluate_generation,
+    frechet_distance,
+    frechet_distance_from_stats,
+    image_seed,
+    main,
+)
+from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
+
+CLASSES = class_names(None)  # the 18 colour-shape pairs
+HELD_OUT = list(DEFAULT_HELD_OUT)
+# The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver (see FIELD_NOTES).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small models gain nothing from intra-op threads; two threads on the shared 2-core machine are several times
+    slower. Restored after the module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory, _one_torch_thread):
+    """The same judge (settings and cache folder) as test_judge.py: trained once per session (~10 s)."""
+    config = JudgeTrainingConfig(num_renders=2048, epochs=4)
+    return load_or_train_judge(32, cache_dir=tmp_path_factory.getbasetemp() / "judge_cache", config=config)
+
+
+def fake_generator(wrong=lambda colour, shape, guidance: False, calls=None):
+    """A `generate` callable that draws ground-truth renders of the prompt "a <colour> <shape>", at a position and
+    size drawn from each image's generator; with the next colour instead where `wrong(colour, shape, guidance)`."""
+    names = list(COLOURS)
+
+    def generate(prompts, guidance_scale, generators):
+        images = []
+        for prompt, generator in zip(prompts, generators):
+            colour, shape = prompt.split()[-2:]
+            if wrong(colour, shape, guidance_scale):
+                colour = names[(names.index(colour) + 1) % len(names)]
+            u = torch.rand(3, generator=generator).tolist()
+            if calls is not None:
+                calls.append((prompt, guidance_scale, u[0]))
+            size = "small" if u[0] < 0.5 else "large"
+            obj = ShapeObject(colour, shape, size, "centre", dx=(u[1] - 0.5) * 0.3, dy=(u[2] - 0.5) * 0.3)
+            images.append(np.asarray(render_scene([obj], 32)))
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+    return generate
+
+
+def run(judge, generate, **kwargs):
+    options = {"classes": CLASSES, "held_out": HELD_OUT, "judge": judge, "num_images_per_prompt": 2, "batch_size": 16}
+    return evaluate_generation(generate, **{**options, **kwargs})
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    var1, var2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    assert frechet_distance_from_stats(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
+    # rotating both Gaussians by the same orthogonal matrix keeps the distance (the covariances stop being diagonal)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    rotated = frechet_distance_from_stats(q @ mu1, q @ np.diag(var1) @ q.T, q @ mu2, q @ np.diag(var2) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_of_samples():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 3)) * [1.0, 2.0, 0.5]
+    y = rng.normal(size=(4000, 3)) * [2.0, 1.0, 0.5] + [1.0, 0.0, 0.0]
+    expected = 1.0 + (1 - 2) ** 2 + (2 - 1) ** 2  # |mu|^2 + sum (sd1 - sd2)^2
+    assert frechet_distance(x, y) == pytest.approx(expected, abs=0.15)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-8)
+    features = torch.randn(10, 32)  # fewer samples than dimensions: singular covariances still work
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(features, features + 1) == pytest.approx(32.0, rel=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance(x[:1], y)
+    with pytest.raises(ValueError, match="widths 3 and 2"):
+        frechet_distance(x, y[:, :2])
+
+
+# ---------------------------------------------------------------- evaluate_generation
+
+
+def test_perfect_and_wrong_generators(judge, tmp_path):
+    perfect = run(judge, fake_generator())
+    for group in ("", "_seen", "_heldout"):
+        assert perfect[f"both_accuracy{group}"] >= 0.95
+    wrong = run(judge, fake_generator(wrong=lambda c, s, g: True))
+    assert wrong["colour_accuracy"] <= 0.05 and wrong["both_accuracy"] <= 0.05
+    assert wrong["shape_accuracy"] >= 0.95  # the shape is still right
+    red_circle = wrong["guidance"]["3.0"]["per_class"]["red circle"]
+    assert red_circle["judged"] == {"green circle": 2} and red_circle["colour_accuracy"] == 0.0
+
+
+def test_seen_and_heldout_are_reported_apart(judge):
+    metrics = run(judge, fake_generator(wrong=lambda c, s, g: f"{c} {s}" in HELD_OUT))
+    assert metrics["both_accuracy_seen"] >= 0.95 and metrics["both_accuracy_heldout"] <= 0.05
+    n_held = len(HELD_OUT) / len(CLASSES)
+    assert metrics["both_accuracy"] == pytest.approx(metrics["both_accuracy_seen"] * (1 - n_held), abs=0.03)
+    per_class = metrics["guidance"]["3.0"]["per_class"]
+    assert [name for name, figures in per_class.items() if figures["heldout"]] == [c for c in CLASSES if c in HELD_OUT]
+    # without a held-out list every class is seen, and the held-out figures are None
+    no_held = run(judge, fake_generator(), held_out=None, guidance_scales=[2.0])
+    assert no_held["both_accuracy_heldout"] is None and no_held["both_accuracy_seen"] == no_held["both_accuracy"]
+
+
+def test_guidance_scales_are_grouped_with_the_same_seeds(judge):
+    calls = []
+    metrics = run(judge, fake_generator(wrong=lambda c, s, g: g < 2, calls=calls), guidance_scales=[1, 3])
+    assert list(metrics["guidance"]) == ["1.0", "3.0"] and metrics["guidance_scale"] == 3.0
+    assert metrics["guidance"]["1.0"]["colour_accuracy"] <= 0.05 and metrics["colour_accuracy"] >= 0.95
+    for key in set(HEADLINE_KEYS) & set(GROUP_KEYS):
+        assert metrics[key] == metrics["guidance"]["3.0"][key]
+    # image k of a prompt starts from the same noise at every guidance scale, and images differ from each other
+    by_scale = {g: [(p, u) for p, scale, u in calls if scale == g] for g in (1.0, 3.0)}
+    assert by_scale[1.0] == by_scale[3.0] and len({u for _, u in by_scale[1.0]}) == len(by_scale[1.0])
+    assert image_seed(0, "a red circle", 0) != image_seed(0, "a red circle", 1) != image_seed(1, "a red circle", 1)
+    # a headline scale that is not listed is added
+    again = run(judge, fake_generator(), guidance_scales=[1.0], guidance_scale=5.0, num_images_per_prompt=1)
+    assert list(again["guidance"]) == ["1.0", "5.0"] and again["guidance_scale"] == 5.0
+
+
+def test_json_keys_clip_figures_and_outputs(judge, tiny_clip_run, shapes_data, tmp_path):
+    from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.models.clip import load_clip
+
+    clip_run = load_clip(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="test", resolution=32)
+    reference = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset)) if dataset[i]["label"]])
+    out = tmp_path / "eval"
+    metrics = run(judge, fake_generator(), clip_run=clip_run, reference_images=reference, output_dir=out)
+
+    assert tuple(metrics)[: len(HEADLINE_KEYS)] == HEADLINE_KEYS
+    assert tuple(metrics)[len(HEADLINE_KEYS) :] == ("guidance", "judge", "settings")
+    for figures in metrics["guidance"].values():
+        assert tuple(figures) == (*GROUP_KEYS, "per_class") and len(figures["per_class"]) == 18
+    json.dumps(metrics, allow_nan=False)  # plain JSON: no NaN, no tensors
+    for key in ("clip_score", "clip_score_seen", "clip_score_heldout"):
+        assert -1.0 <= metrics[key] <= 1.0
+    assert 0.0 <= metrics["clip_top1"] <= 1.0
+    assert math.isfinite(metrics["fd_clip"]) and metrics["fd_clip"] >= 0
+    assert math.isfinite(metrics["fd_clip_floor"]) and metrics["fd_clip_floor"] >= 0
+    assert metrics["judge"]["clean_both_accuracy"] >= 0.98
+    assert metrics["settings"]["num_reference_images"] == 18 and metrics["settings"]["held_out"] == HELD_OUT
+
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in ("1.0", "3.0"):
+        with Image.open(out / f"grid_guidance_{key}.png") as grid:
+            assert grid.height > 18 * 36 and grid.width > 2 * 36  # 18 rows of 2 framed images
+        assert (out / f"accuracy_guidance_{key}.png").is_file()
+        assert len(list((out / "images" / f"guidance_{key}").glob("*.png"))) == 36
+    with Image.open(out / "images" / "guidance_3.0" / "a_red_circle_0.png") as image:
+        assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt_template": "a {color} {shape}"}, "only the fields"),
+        ({"prompt_template": "a {shape}"}, "both"),
+        ({"classes": ["red circle", "pink circle"]}, "pink circle"),
+        ({"held_out": ["red circle"], "classes": ["blue circle", "blue square"]}, "not among the classes"),
+        ({"guidance_scales": [0.5, 3.0]}, ">= 1"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ],
+)
+def test_bad_arguments(judge, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(judge, fake_generator(), **kwargs)
+
+
+def test_generator_output_is_checked(judge):
+    def float_images(prompts, guidance_scale, generators):
+        return torch.zeros(len(prompts), 3, 32, 32)
+
+    with pytest.raises(ValueError, match="uint8"):
+        run(judge, float_images)
+
+    def too_few(prompts, guidance_scale, generators):
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    with pytest.raises(ValueError, match="for 16 prompts"):
+        run(judge, too_few)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_clip_run, tmp_path_factory):
+    """A random `test`-preset UNet on the tiny CLIP's text encoder, saved as the decoder training saves a run."""
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    from clipcond.models.unet import create_unet, unet_config
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run, local_files_only=True)
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=32, cross_attention_dim=text_encoder.config.hidden_size))
+    pipe = TextToImagePipeline(unet=unet, scheduler=DDPMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    path = tmp_path_factory.mktemp("decoder_run")
+    pipe.save_pretrained(path)
+    (path / "clipcond_run.json").write_text(json.dumps({"clip": {"path": str(tiny_clip_run)}}))
+    return path
+
+
+def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, judge, monkeypatch, capsys):
+    # The judge of the fixture (a smaller training budget than the command's default), instead of training one here.
+    monkeypatch.setattr(generation, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--num-inference-steps", "2"]
+    argv += ["--num-images-per-prompt", "1", "--device", "cpu", "--no-progress", "--batch-size", "18"]
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)  # stdout holds the JSON object and nothing else
+    out = pipeline_run / "eval_generation"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert list(metrics["guidance"]) == ["1.0", "3.0"] and metrics["guidance_scale"] == 3.0
+    assert metrics["num_images"] == 18 and metrics["settings"]["scheduler"] == "dpm"
+    assert metrics["settings"]["clip"] == str(tiny_clip_run) and metrics["settings"]["model"] == str(pipeline_run)
+    for key in HEADLINE_KEYS:
+        assert metrics[key] is not None, key
+    assert len(list((out / "images" / "guidance_1.0").glob("*.png"))) == 18
+    assert (out / "grid_guidance_3.0.png").is_file()
+
+
+def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="--model"):
+        main(["--model", str(tmp_path / "missing"), "--data", str(shapes_data)])
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        main(["--model", str(tmp_path), "--data", str(shapes_data)])
+    plain = tmp_path / "plain"
+    (plain / "train").mkdir(parents=True)
+    (plain / "train" / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="needs the built-in shapes data"):
+        main(["--model", str(pipeline_run), "--data", str(plain)])
+    with pytest.raises(ValueError, match="--guidance-scales"):
+        main(["--model", str(pipeline_run), "--data", str(shapes_data), "--guidance-scales", "1,x"])
+    # through the dispatcher: one line and exit status 2
+    assert cli.main(["eval", "generation", "--model", str(tmp_path / "missing"), "--data", str(shapes_data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clipcond eval generation: error:")
+
+
+def test_clip_path_resolution(pipeline_run, tiny_clip_run, tmp_path):
+    path, recorded_hash = generation.resolve_clip_path(pipeline_run, None)
+    assert path == tiny_clip_run and recorded_hash is None
+    assert generation.resolve_clip_path(pipeline_run, str(tiny_clip_run)) == (tiny_clip_run, None)
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="--clip"):
+        generation.resolve_clip_path(run, None)
+    (run / "clipcond_run.json").write_text(json.dumps({"clip": {"path": "nowhere/clip"}}))
+    with pytest.raises(FileNotFoundError, match="nowhere/clip"):
+        generation.resolve_clip_path(run, None)

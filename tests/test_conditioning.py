@@ -1,0 +1,110 @@
+"""The text-embedding cache: built once per encoder and caption list, reused, invalidated by a changed encoder."""
+
+import logging
+
+import pytest
+import torch
+from transformers import CLIPTextModelWithProjection
+
+from clipcond.conditioning import (
+    TextEmbeddingCache,
+    encode_prompts,
+    encoder_fingerprint,
+    unique_captions,
+)
+from clipcond.tokenizer import load_tokenizer
+
+CAPTIONS = ["a red circle", "a blue square at the top", "two green triangles", "a small yellow circle"]
+
+
+def _encoder(path):
+    encoder = CLIPTextModelWithProjection.from_pretrained(path).eval().requires_grad_(False)
+    calls = []
+    encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    return encoder, load_tokenizer(path), calls
+
+
+def test_cache_rows_are_the_encoder_outputs(tiny_clip_run, tmp_path):
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, batch_size=3, progress=False)
+    assert len(calls) == 2 + 1  # two batches of captions, then the empty prompt
+    assert [p.name for p in tmp_path.iterdir()] == [cache.path.name]  # one file, no temporary left behind
+    assert cache.path.name == f"text-embeddings-{cache.key}.safetensors"
+
+    reference = encode_prompts(encoder, tokenizer, CAPTIONS)
+    rows = cache.lookup(torch.tensor([2, 0]))
+    assert rows.hidden_states.dtype == torch.float32 and rows.attention_mask.dtype == torch.long
+    assert rows.hidden_states.shape == (2, 32, 32) and rows.pooled.shape == (2, 32)
+    # stored in fp16: equal to the encoder's fp32 outputs to fp16's precision
+    torch.testing.assert_close(rows.hidden_states, reference.hidden_states[[2, 0]], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(rows.pooled, reference.pooled[[2, 0]], rtol=2e-3, atol=2e-3)
+    assert torch.equal(rows.attention_mask, reference.attention_mask[[2, 0]])
+
+    empty = encode_prompts(encoder, tokenizer, [""])
+    looked_up = cache.lookup_empty(3)
+    assert looked_up.hidden_states.shape == (3, 32, 32)
+    torch.testing.assert_close(looked_up.hidden_states, empty.hidden_states.expand(3, -1, -1), rtol=2e-3, atol=2e-3)
+    assert looked_up.attention_mask[0].sum() == 2  # start and end tokens only
+
+
+def test_cache_is_reused_without_running_the_encoder(tiny_clip_run, tmp_path):
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    first = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert calls
+
+    # a fresh load of the same run (as a resumed or second training run does) finds the same key and the file
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    second = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert calls == []
+    assert second.key == first.key
+    assert torch.equal(second.embeddings.hidden_states, first.embeddings.hidden_states)
+    assert torch.equal(second.empty.hidden_states, first.empty.hidden_states)
+
+
+def test_changed_encoder_or_captions_get_a_new_key(tiny_clip_run, tmp_path):
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    before = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+
+    with torch.no_grad():
+        encoder.text_model.final_layer_norm.bias[0] += 0.5  # one weight of the encoder changes
+    calls.clear()
+    after = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert after.key != before.key and calls  # recomputed, not read from the old file
+    assert before.path.is_file() and after.path.is_file()
+    assert not torch.equal(after.embeddings.hidden_states, before.embeddings.hidden_states)
+
+    other_captions = TextEmbeddingCache.cache_key(encoder, tokenizer, CAPTIONS[:3])
+    assert other_captions != after.key
+    shorter_context = encoder_fingerprint(encoder, tokenizer, max_length=16)
+    assert shorter_context != encoder_fingerprint(encoder, tokenizer, max_length=32)
+
+
+def test_unreadable_cache_file_is_rebuilt(tiny_clip_run, tmp_path, caplog):
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    cache.path.write_bytes(cache.path.read_bytes()[:100])  # truncated, as by a full disk
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        rebuilt = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert calls and "cannot be used" in caplog.text
+    assert torch.equal(rebuilt.embeddings.hidden_states, cache.embeddings.hidden_states)
+
+
+def test_unique_captions_map_samples_to_rows():
+    unique, rows = unique_captions(["b", "a", "b", "c", "a"])
+    assert unique == ["b", "a", "c"]
+    assert rows.tolist() == [0, 1, 0, 2, 1]
+
+
+def test_duplicate_captions_are_refused(tiny_clip_run, tmp_path):
+    encoder, tokenizer, _ = _encoder(tiny_clip_run)
+    with pytest.raises(ValueError, match="`captions` must be distinct"):
+        TextEmbeddingCache.build_or_load(encoder, tokenizer, ["a", "a"], tmp_path, progress=False)
+
+
+def test_fingerprint_ignores_the_tokenizers_last_call(tiny_clip_run):
+    """Fast tokenizers keep the padding/truncation of their last call in their state; the key must not."""
+    encoder, tokenizer, _ = _encoder(tiny_clip_run)
+    before = encoder_fingerprint(encoder, tokenizer, max_length=32)
+    tokenizer(["a red circle"], padding="max_length", truncation=True, max_length=32)
+    assert encoder_fingerprint(encoder, tokenizer, max_length=32) == before

@@ -1,0 +1,178 @@
+"""`clipcond generate` in-process on a tiny saved pipeline folder (the layout the decoder training writes)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+from clipcond import cli
+from clipcond.generate import SCHEDULER_NAMES, main, write_outputs
+from clipcond.models.unet import create_unet, unet_config
+from clipcond.pipelines import SCHEDULERS, TextToImagePipeline
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+SIZE = 16
+FAST = ["--num-inference-steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two threads per process
+    make these tests about 10x slower (measured: 246 s against 20 s). Restored after the module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tiny_clip_run, tmp_path_factory):
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run, local_files_only=True)
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=text_encoder.config.hidden_size))
+    pipe = TextToImagePipeline(unet=unet, scheduler=DDPMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    path = tmp_path_factory.mktemp("t2i_pipeline")
+    pipe.save_pretrained(path)
+    return path
+
+
+def read_records(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "images.jsonl").read_text().splitlines()]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_writes_images_grid_and_records(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--prompt", "", "--num-images", "2"]
+    assert main([*args, "--seed", "10", "--batch-size", "3", "--output-dir", str(out), *FAST]) == 0
+
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
+    assert Image.open(out / "00000.png").size == (SIZE, SIZE)
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 2 * 96 and grid.height > 2 * 96  # 2 x 2 tiles of at least 96 px, with labels
+
+    records = read_records(out)
+    assert [r["file_name"] for r in records] == names[:4]
+    assert [r["prompt"] for r in records] == ["a red circle", "a red circle", "", ""]
+    assert [r["seed"] for r in records] == [10, 11, 12, 13]
+    assert records[0] == {
+        "file_name": "00000.png",
+        "prompt": "a red circle",
+        "negative_prompt": None,
+        "seed": 10,
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,
+        "scheduler": "ddpm",
+        "model": str(pipeline_dir),
+    }
+    assert "4 images (2 prompts x 2)" in capsys.readouterr().out
+
+    # Image k alone, from its record, is the image k of the batch (here batched as [0, 1, 2] and [3]).
+    for k in (1, 3):
+        again = tmp_path / f"again{k}"
+        record = records[k]
+        single = ["--model", str(pipeline_dir), "--prompt", record["prompt"], "--seed", str(record["seed"])]
+        main([*single, "--num-images", "1", "--output-dir", str(again), *FAST])
+        assert np.abs(pixels(again / "00000.png") - pixels(out / record["file_name"])).max() <= 1
+
+
+def test_prompts_file_scheduler_and_negative_prompt(pipeline_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a blue square\n\n  a green triangle  \n")
+    out = tmp_path / "out"
+    args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--prompts-file", str(prompts_file)]
+    main(
+        [
+            *args,
+            "--num-images",
+            "1",
+            "--scheduler",
+            "dpm",
+            "--negative-prompt",
+            "a star",
+            "--output-dir",
+            str(out),
+            *FAST,
+        ]
+    )
+    records = read_records(out)
+    assert [r["prompt"] for r in records] == ["a red circle", "a blue square", "a green triangle"]
+    assert {r["scheduler"] for r in records} == {"dpm"} and {r["negative_prompt"] for r in records} == {"a star"}
+    assert len(list(out.glob("0*.png"))) == 3
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipeline_dir, tmp_path, caplog):
+    long_prompt = " ".join(["a red circle"] * 20)
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        main(
+            [
+                "--model",
+                str(pipeline_dir),
+                "--prompt",
+                long_prompt,
+                "--num-images",
+                "1",
+                "--output-dir",
+                str(tmp_path / "out"),
+                *FAST,
+            ]
+        )
+    assert "truncated" in caplog.text and "context of 32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "match"),
+    [
+        (["--prompt", "x", "--num-images", "0"], ValueError, r"`--num-images` must be >= 1, got 0"),
+        (["--prompt", "x", "--batch-size", "0"], ValueError, r"`--batch-size` must be >= 1, got 0"),
+        ([], ValueError, r"no prompt given"),
+        (["--prompts-file", "missing.txt"], FileNotFoundError, r"`--prompts-file` 'missing.txt' does not exist"),
+        (["--prompt", "x", "--dtype", "fp16"], ValueError, r"`--dtype fp16` needs a CUDA device"),
+        (["--prompt", "x", "--guidance-scale", "-2"], ValueError, r"`guidance_scale` must be a number >= 0"),
+    ],
+)
+def test_user_errors(pipeline_dir, tmp_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        main(["--model", str(pipeline_dir), *extra, "--output-dir", str(tmp_path / "out"), *FAST])
+
+
+def test_missing_or_wrong_model_folder(tmp_path):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(FileNotFoundError, match=rf"`--model` '{missing}' does not exist"):
+        main(["--model", str(missing), "--prompt", "x", "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match=r"holds no model_index.json"):
+        main(["--model", str(tmp_path), "--prompt", "x", "--output-dir", str(tmp_path / "out")])
+
+
+def test_cli_dispatch_reports_user_errors(tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    assert cli.main(["generate", "--model", str(missing), "--prompt", "x", "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"clipcond generate: error: `--model` '{missing}' does not exist"
+
+
+def test_scheduler_choices_match_the_pipeline():
+    assert list(SCHEDULER_NAMES) == sorted(SCHEDULERS)
+
+
+def test_write_outputs(tmp_path):
+    images = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
+    records = [{"file_name": f"{i:05d}.png", "prompt": "p"} for i in range(3)]
+    grid_path = write_outputs(images, records, tmp_path / "out", grid_rows=1, labels=["a", "b", "c"])
+    assert grid_path == tmp_path / "out" / "grid.png" and grid_path.is_file()
+    assert np.asarray(Image.open(tmp_path / "out" / "00002.png"))[0, 0].tolist() == [0, 0, 255]
+    assert read_records(tmp_path / "out") == records
+    with pytest.raises(ValueError, match="got 2 images but 3 records"):
+        write_outputs(images[:2], records, tmp_path / "out", grid_rows=1)
