@@ -23,16 +23,6 @@ SIZE = 16
 FAST = ["--num-inference-steps", "2", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two threads per process
-    make these tests about 10x slower (measured: 246 s against 20 s). Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tiny_clip_run, tmp_path_factory):
     text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True)

@@ -31,18 +31,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small models gain nothing from intra-op threads; two threads on the shared 2-core machine are several times
-    slower. Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory, _one_torch_thread):
+def judge(tmp_path_factory):
     """The same judge (settings and cache folder) as test_judge.py: trained once per session (~10 s)."""
     config = JudgeTrainingConfig(num_renders=2048, epochs=4)
     return load_or_train_judge(32, cache_dir=tmp_path_factory.getbasetemp() / "judge_cache", config=config)

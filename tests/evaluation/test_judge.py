@@ -29,23 +29,13 @@ from clipcond.evaluation.judge import (
 TEST_CONFIG = JudgeTrainingConfig(num_renders=2048, epochs=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small convolutions gain nothing from intra-op threads; on the shared 2-core machine two threads made the
-    judge's training 4-6x slower (measured: 30-49 s against 7-8 s). Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def judge_cache(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "judge_cache"
 
 
 @pytest.fixture(scope="module")
-def judge(judge_cache, _one_torch_thread):
+def judge(judge_cache):
     return load_or_train_judge(32, cache_dir=judge_cache, config=TEST_CONFIG)
 
 

@@ -34,16 +34,6 @@ pytestmark = pytest.mark.filterwarnings(
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a small yellow star on the left"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on the shared 2-core machine two threads per process
-    make these tests about 10x slower (measured: 246 s against 20 s). Restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(CAPTIONS, vocab_size=300, context_length=CONTEXT)
