@@ -30,6 +30,9 @@ COMMANDS: dict = {
     "train": {
         "clip": Command("clipcond.train.clip", "pretrain a CLIP (transformers CLIPModel) with a contrastive loss"),
         "decoder": Command("clipcond.train.decoder", "train a diffusers UNet on a CLIP run's frozen text encoder"),
+        "prior": Command(
+            "clipcond.train.prior", "train a DALL-E 2 prior: CLIP text embedding -> CLIP image embedding"
+        ),
     },
     "eval": {
         "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
@@ -37,8 +40,15 @@ COMMANDS: dict = {
             "clipcond.evaluation.generation",
             "judge what a text-to-image run draws on the shapes data: attribute accuracy, CLIP score, FD",
         ),
+        "prior": Command(
+            "clipcond.evaluation.prior", "cosine of a prior's image embeddings to the true ones, beside baselines"
+        ),
     },
     "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
+    "vary": Command("clipcond.vary", "variations of images with an image-embedding (DALL-E 2) decoder"),
+    "interpolate": Command(
+        "clipcond.interpolate", "a row of images between two prompts (through a prior) or two images"
+    ),
 }
 
 

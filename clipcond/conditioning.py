@@ -5,7 +5,13 @@ Both training (through the embedding cache) and the pipelines encode prompts wit
 decoder sees at inference the states it was trained on (up to the cache's fp16 rounding, ~1e-3 relative).
 
 `TextEmbeddingCache` holds those states for a data set's captions, computed once per encoder and stored on disk, so
-that a training step only looks rows up.
+that a training step only looks rows up. `ImageEmbeddingCache` does the same for a data set's images under a frozen
+image encoder (the target of the DALL-E 2 prior, the input of an image-embedding decoder).
+
+The DALL-E 2 path's convention: "the CLIP text embedding" is the L2-normalised projected text embedding
+(`TextEmbeddings.pooled`, normalised), "the CLIP image embedding" the L2-normalised projected image embedding
+(`CLIPVisionModelWithProjection`'s `image_embeds`, normalised). The caches store the raw projected embeddings in
+fp16; consumers normalise.
 """
 
 from __future__ import annotations
@@ -136,23 +142,30 @@ def _tokenizer_identity(tokenizer) -> dict:
     }
 
 
-def encoder_fingerprint(text_encoder, tokenizer, max_length: int) -> str:
-    """SHA-256 (hex) of what decides an encoder's outputs: its class, config, every weight, the tokenizer and the
-    context length. Two encoders with the same fingerprint give the same states for the same prompt."""
+def model_fingerprint(model, **identity) -> str:
+    """SHA-256 (hex) of what decides a model's outputs: its class, config and every weight, plus `identity`
+    (JSON-able facts beside the model that change its outputs, e.g. the tokenizer). Two models with the same
+    fingerprint compute the same function."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in text_encoder.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    header = {
-        "class": type(text_encoder).__name__,
-        "config": config,
-        "tokenizer": _tokenizer_identity(tokenizer),
-        "max_length": max_length,
-    }
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    header = {"class": type(model).__name__, "config": config, **identity}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(text_encoder.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def encoder_fingerprint(text_encoder, tokenizer, max_length: int) -> str:
+    """The `model_fingerprint` of a text encoder with its tokenizer and context length. Two encoders with the same
+    fingerprint give the same states for the same prompt."""
+    return model_fingerprint(text_encoder, tokenizer=_tokenizer_identity(tokenizer), max_length=max_length)
+
+
+def vision_fingerprint(vision_model) -> str:
+    """The `model_fingerprint` of an image encoder (the pixel normalisation and resolution are the caller's)."""
+    return model_fingerprint(vision_model)
 
 
 def unique_captions(captions: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -303,3 +316,178 @@ def _to_storage(emb: TextEmbeddings) -> TextEmbeddings:
         attention_mask=emb.attention_mask.detach().to("cpu", torch.uint8),
         pooled=None if emb.pooled is None else emb.pooled.detach().to("cpu", torch.float16),
     )
+
+
+# ------------------------------------------------------------------------------------ the image-embedding cache
+
+IMAGE_CACHE_FORMAT_VERSION = 1
+
+
+def image_list_identity(dataset) -> list[list]:
+    """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
+    for each item's image, in item order (paths outside the root stay absolute)."""
+    root = Path(dataset.root).resolve()
+    identity = []
+    for path in dataset.image_paths:
+        resolved = Path(path).resolve()
+        name = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.as_posix()
+        stat = resolved.stat()
+        identity.append([name, stat.st_size, stat.st_mtime_ns])
+    return identity
+
+
+class ImageEmbeddingCache:
+    """The frozen image encoder's embeddings of a data set's images, computed once and stored on disk.
+
+    Rows follow the data set's indices: `embeddings[i]` (N, D) fp16 is the projected, unnormalised image embedding
+    (`CLIPVisionModelWithProjection`'s `image_embeds`) of what `dataset[i]` returns. For an unreadable image that
+    is the item the data set substitutes, whose index is `item_indices[i]` (equal to i for readable images), so
+    pair row i with the caption of `item_indices[i]`. Consumers normalise; "the CLIP image embedding" of the
+    DALL-E 2 path is the L2-normalised row.
+
+    The file is `CACHE_DIR/image-embeddings-<key>.safetensors`, where `key` hashes the encoder's fingerprint
+    (`vision_fingerprint`: class, config, weights), the pixel normalisation, the resolution and crop, and the image
+    list (each file's path relative to the data set's root, size and modification time): a changed encoder or
+    image file gets a new file, never a stale one. It is written to a temporary name and renamed; a file that
+    cannot be read is rebuilt with a warning.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, item_indices: torch.Tensor, key: str, path: Path, skipped: list[str]):
+        assert embeddings.ndim == 2 and item_indices.shape == (embeddings.shape[0],), "one row per item"
+        self.embeddings = embeddings  # (N, D) fp16, raw projected
+        self.item_indices = item_indices  # (N,) int64: the item each row was computed from
+        self.key = key
+        self.path = path
+        self.skipped = skipped  # unreadable image files met while building
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def lookup(self, dataset_indices: torch.Tensor) -> torch.Tensor:
+        """Data set indices (B,) -> their raw projected image embeddings (B, D), float32 on the CPU."""
+        return self.embeddings[dataset_indices].float()
+
+    @staticmethod
+    def cache_key(vision_model, dataset, image_mean, image_std) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"clipcond-image-embeddings-v{IMAGE_CACHE_FORMAT_VERSION}\n".encode())
+        digest.update(vision_fingerprint(vision_model).encode())
+        pixels = {
+            "image_mean": [float(m) for m in image_mean],
+            "image_std": [float(s) for s in image_std],
+            "resolution": getattr(dataset, "resolution", None),
+            "center_crop": getattr(dataset, "center_crop", True),
+        }
+        digest.update(json.dumps(pixels, sort_keys=True).encode())
+        digest.update(json.dumps(image_list_identity(dataset)).encode())
+        return digest.hexdigest()[:32]
+
+    @classmethod
+    def build_or_load(
+        cls,
+        vision_model,
+        dataset,
+        cache_dir: str | os.PathLike,
+        *,
+        image_mean,
+        image_std,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> ImageEmbeddingCache:
+        """Load the embeddings of `dataset`'s images under this encoder from `cache_dir`, or compute and store them.
+
+        Args:
+            vision_model: a frozen `CLIPVisionModelWithProjection` (see `clipcond.models.clip.load_vision_tower`).
+            dataset: an `ImageCaptionDataset` at the encoder's resolution.
+            image_mean, image_std: the encoder's pixel statistics (per channel, for pixels in [0, 1]).
+            batch_size: images per encoder call.
+        """
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        if len(dataset) == 0:
+            raise ValueError(f"the data set {dataset!r} is empty; there is nothing to embed")
+        key = cls.cache_key(vision_model, dataset, image_mean, image_std)
+        path = Path(cache_dir) / f"image-embeddings-{key}.safetensors"
+        if path.is_file():
+            try:
+                cache = cls._load(path, len(dataset), key)
+                logger.info("loaded %d cached image embeddings from %s", len(cache), path)
+                return cache
+            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+                logger.warning("the image-embedding cache %s cannot be used (%s); rebuilding it", path, err)
+
+        embeddings, item_indices, skipped = embed_images(
+            vision_model,
+            dataset,
+            image_mean=image_mean,
+            image_std=image_std,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+        cache = cls(embeddings, item_indices, key, path, skipped)
+        cache._save()
+        logger.info("cached the embeddings of %d images in %s", len(cache), path)
+        return cache
+
+    def _save(self) -> None:
+        tensors = {"embeddings": self.embeddings.contiguous(), "item_indices": self.item_indices.contiguous()}
+        metadata = {
+            "format": str(IMAGE_CACHE_FORMAT_VERSION),
+            "key": self.key,
+            "num_images": str(len(self)),
+            "skipped": json.dumps(self.skipped),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def _load(cls, path: Path, num_images: int, key: str) -> ImageEmbeddingCache:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            embeddings, item_indices = f.get_tensor("embeddings"), f.get_tensor("item_indices")
+        if metadata.get("key") != key or metadata.get("format") != str(IMAGE_CACHE_FORMAT_VERSION):
+            raise ValueError(f"its metadata {metadata} does not match key {key}")
+        if embeddings.ndim != 2 or embeddings.shape[0] != num_images or item_indices.shape != (num_images,):
+            raise ValueError(f"it holds {tuple(embeddings.shape)} embeddings for {num_images} images")
+        return cls(embeddings, item_indices, key, path, json.loads(metadata.get("skipped", "[]")))
+
+
+@torch.no_grad()
+def embed_images(
+    vision_model, dataset, *, image_mean, image_std, batch_size: int = 256, device=None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Raw projected embeddings (N, D) fp16 of every item of `dataset` (an `ImageCaptionDataset`, or a `Subset` of
+    one), the index of the item each row came from (N,), and the unreadable files met."""
+    from clipcond.data.folders import collate_image_text
+    from clipcond.models.clip import normalize_pixels
+
+    device = torch.device(device) if device is not None else vision_model.device
+    size = vision_model.config.image_size
+    # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG, so building a cache
+    # would change what a training run initialises next, depending on whether the cache existed.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text, generator=torch.Generator()
+    )
+    parts, indices, skipped = [], [], []
+    for batch in tqdm(loader, desc="encoding images", disable=not progress, dynamic_ncols=True):
+        pixels = batch["pixel_values"]  # (B, 3, H, W) uint8
+        if pixels.shape[-2:] != (size, size):
+            raise ValueError(
+                f"the data set gives {tuple(pixels.shape[-2:])} images but the image encoder expects {size} x {size}; "
+                f"build the data set with resolution={size}"
+            )
+        pixel_values = normalize_pixels(pixels.to(device), image_mean, image_std).to(vision_model.dtype)
+        parts.append(vision_model(pixel_values=pixel_values).image_embeds.detach().to("cpu", torch.float16))
+        indices.append(batch["index"])
+        skipped += batch["skipped"]
+    if skipped:
+        logger.warning("%d unreadable image(s) replaced by the next readable one, e.g. %s", len(skipped), skipped[0])
+    return torch.cat(parts), torch.cat(indices), sorted(set(skipped))

@@ -8,8 +8,14 @@ generator seeded with `--seed + k`, so it comes out the same whatever the batch 
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
 The command is split so that other pipelines plug in: `load_pipeline(args)` builds the pipeline (a text-to-image
-pipeline now; a prior + decoder later), `generate_images` calls it with the diffusers argument names, and
+pipeline, or DALL-E 2's prior + decoder), `generate_images` calls it with the diffusers argument names, and
 `write_outputs` (shared with `clipcond vary` / `interpolate`) writes the files.
+
+Text-to-image through a prior (DALL-E 2): `--model` an image-embedding decoder run and `--prior` a prior run, or
+`--model` an `UnCLIPTextToImagePipeline` folder (saved with both), with the prior's own `--prior-guidance-scale` and
+`--prior-num-inference-steps`:
+
+    clipcond generate --model runs/unclip_decoder --prior runs/prior --prompt "a red circle" --output-dir samples
 """
 
 from __future__ import annotations
@@ -32,7 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="clipcond generate",
         description="Generate images from text prompts with a trained pipeline folder (written with save_pretrained).",
     )
-    parser.add_argument("--model", required=True, help="pipeline folder (model_index.json + component folders)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="pipeline folder (model_index.json + component folders): a text-to-image or unCLIP pipeline, or an "
+        "image-embedding decoder run (with --prior)",
+    )
     parser.add_argument(
         "--prompt", action="append", default=[], help='a prompt; repeat for several; "" generates unconditionally'
     )
@@ -51,7 +62,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    add_prior_args(parser)
     return parser.parse_args(argv)
+
+
+def add_prior_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the DALL-E 2 path (a prior before an image-embedding decoder); shared with `interpolate`."""
+    unclip = parser.add_argument_group("DALL-E 2: text -> prior -> CLIP image embedding -> decoder")
+    unclip.add_argument(
+        "--prior",
+        default=None,
+        help="prior run folder (`clipcond train prior`), when --model is an image-embedding decoder run",
+    )
+    unclip.add_argument(
+        "--prior-guidance-scale", type=float, default=4.0, help="the prior's classifier-free guidance (default 4.0)"
+    )
+    unclip.add_argument(
+        "--prior-num-inference-steps", type=int, default=25, help="the prior's denoising steps (default 25)"
+    )
+    unclip.add_argument(
+        "--noise-level",
+        type=int,
+        default=0,
+        help="the decoder's embedding noise augmentation (decoders trained with --noise-level only; default 0)",
+    )
+    unclip.add_argument(
+        "--allow-clip-mismatch",
+        action="store_true",
+        help="pair a prior and a decoder even when their run records name different CLIPs",
+    )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -73,6 +112,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    if getattr(args, "prior_num_inference_steps", 1) < 1:
+        raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
+    if getattr(args, "noise_level", 0) < 0:
+        raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
 
 
 def resolve_device(name: str | None):
@@ -94,21 +137,68 @@ def resolve_dtype(name: str, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+# The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
+PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
+
+
+def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
+    """The `_class_name` in the model_index.json of a pipeline folder, checking that there is one."""
+    model = os.fspath(model)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"`{flag}` {model!r} does not exist")
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"`{flag}` {model!r} holds no model_index.json; expected a pipeline folder written with "
+            "`save_pretrained` (as the training commands write it)"
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            return json.load(f).get("_class_name", "")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"`{flag}` {model!r}: model_index.json is not a JSON object ({err})") from None
+
+
 def load_pipeline(args: argparse.Namespace):
-    """The pipeline named by `--model`, on `--device` in `--dtype`, with `--scheduler` swapped in if given."""
+    """The pipeline named by `--model` (and `--prior`), on `--device` in `--dtype`, with `--scheduler` swapped in
+    if given: a `TextToImagePipeline`, an `ImageVariationPipeline` (an image-embedding decoder run), or an
+    `UnCLIPTextToImagePipeline` (a folder saved as one, or `--model` a decoder run paired with `--prior`)."""
     from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
 
     model = os.fspath(args.model)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"`--model` {model!r} does not exist")
-    if not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(
-            f"`--model` {model!r} holds no model_index.json; expected a pipeline folder written with "
-            "`save_pretrained` (as the decoder training writes it)"
-        )
+    class_name = pipeline_class_name(model)
+    prior = getattr(args, "prior", None)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = TextToImagePipeline.from_pretrained(model, local_files_only=True, **{_dtype_keyword(): dtype}).to(device)
+    load_kwargs = {"local_files_only": True, _dtype_keyword(): dtype}
+    if prior is not None:
+        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+        if class_name != "ImageVariationPipeline":
+            raise ValueError(
+                f"`--prior` pairs a prior with an image-embedding decoder run, but `--model` {model!r} holds a "
+                f"{class_name or 'pipeline of unknown class'}; pass the output folder of "
+                "`clipcond train decoder --conditioning image-embedding`"
+            )
+        pipeline_class_name(prior, "--prior")
+        allow = getattr(args, "allow_clip_mismatch", False)
+        pipe = UnCLIPTextToImagePipeline.from_runs(prior, model, allow_clip_mismatch=allow, **load_kwargs)
+    elif class_name == "UnCLIPTextToImagePipeline":
+        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+        pipe = UnCLIPTextToImagePipeline.from_pretrained(model, **load_kwargs)
+    elif class_name == "ImageVariationPipeline":
+        from clipcond.pipelines.variation import ImageVariationPipeline
+
+        pipe = ImageVariationPipeline.from_pretrained(model, **load_kwargs)
+    elif class_name == "TextToImagePipeline":
+        pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
+    else:
+        raise ValueError(
+            f"`--model` {model!r} holds a {class_name or 'pipeline of unknown class'}; expected one of "
+            f"{list(PIPELINE_CLASSES)} (the folders `clipcond train decoder` writes, or an unCLIP pipeline)"
+        )
+    pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=dtype)
     if args.scheduler is not None:
@@ -133,6 +223,30 @@ def scheduler_name(scheduler) -> str:
     return names[0] if names else type(scheduler).__name__
 
 
+def is_unclip(pipe) -> bool:
+    return type(pipe).__name__ == "UnCLIPTextToImagePipeline"
+
+
+def check_text_to_image(class_name: str, args: argparse.Namespace) -> None:
+    """Refuse a pipeline class that cannot draw from text (an image-embedding decoder without a prior)."""
+    if class_name == "ImageVariationPipeline" and getattr(args, "prior", None) is None:
+        raise ValueError(
+            f"`--model` {os.fspath(args.model)!r} is an image-embedding decoder: to generate from text, pair it with "
+            "a prior (`--prior PRIOR_RUN`); for variations of images use `clipcond vary`"
+        )
+
+
+def prior_settings(pipe, args: argparse.Namespace) -> dict:
+    """The DALL-E 2 path's extra pipeline arguments (empty for other pipelines); they go into the records too."""
+    if not is_unclip(pipe):
+        return {}
+    return {
+        "prior_guidance_scale": args.prior_guidance_scale,
+        "prior_num_inference_steps": args.prior_num_inference_steps,
+        "noise_level": args.noise_level,
+    }
+
+
 def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> tuple[list, list[dict]]:
     """`--num-images` images per prompt, in batches of `--batch-size`, each from its own generator (seed + index).
 
@@ -140,6 +254,8 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
     """
     import torch
 
+    check_text_to_image(type(pipe).__name__, args)
+    extra = prior_settings(pipe, args)
     per_image = [prompt for prompt in prompts for _ in range(args.num_images)]
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(per_image)]  # image k: seed + k
     pipe.set_progress_bar_config(disable=True)
@@ -155,6 +271,7 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
             guidance_scale=args.guidance_scale,
             generator=generators,
             output_type="pil",
+            **extra,
         )
         images += output.images
     scheduler = scheduler_name(pipe.scheduler)
@@ -168,6 +285,8 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
             "guidance_scale": args.guidance_scale,
             "scheduler": scheduler,
             "model": os.fspath(args.model),
+            **({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}),
+            **extra,
         }
         for index, (prompt, seed) in enumerate(jobs)
     ]
@@ -180,9 +299,11 @@ def write_outputs(
     output_dir: str | os.PathLike,
     grid_rows: int,
     labels: Sequence[str] | None = None,
+    grid_images: Sequence | None = None,
 ) -> Path:
     """Save each image as `output_dir/<record["file_name"]>`, the records as `images.jsonl` (one JSON object a line,
     in order) and the images tiled `grid_rows` rows deep, row by row, with `labels` under them, as `grid.png`.
+    `grid_images`: tile these instead (e.g. with each row's source image first; `labels` then label them).
 
     Returns the grid's path.
     """
@@ -198,8 +319,9 @@ def write_outputs(
         for record in records:
             f.write(json.dumps(record) + "\n")
     grid_path = output_dir / "grid.png"
-    cols = math.ceil(len(images) / grid_rows)
-    image_grid(images, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
+    tiles = list(images if grid_images is None else grid_images)
+    cols = math.ceil(len(tiles) / grid_rows)
+    image_grid(tiles, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
     return grid_path
 
 
@@ -207,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)
+    check_text_to_image(pipeline_class_name(args.model), args)  # before loading anything
     start = time.perf_counter()
     pipe = load_pipeline(args)
     images, records = generate_images(pipe, prompts, args)

@@ -11,6 +11,12 @@ _EXPORTS = {
     "TextToImagePipeline": "clipcond.pipelines.text_to_image",
     "SCHEDULERS": "clipcond.pipelines.text_to_image",
     "scheduler_from_name": "clipcond.pipelines.text_to_image",
+    "PriorPipeline": "clipcond.pipelines.prior",
+    "PriorPipelineOutput": "clipcond.pipelines.prior",
+    "ImageVariationPipeline": "clipcond.pipelines.variation",
+    "UnCLIPTextToImagePipeline": "clipcond.pipelines.unclip",
+    "InterpolationOutput": "clipcond.pipelines.interpolation",
+    "slerp": "clipcond.pipelines.interpolation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,8 +19,9 @@ pipeline in `pretrained/`), `validation/step-<N>.png`, `cache/` and `logs/`.
 
 What the UNet is conditioned on is one object (`TextConditioning` now), which turns a batch into the UNet's
 `encoder_hidden_states`, `encoder_attention_mask` and `class_labels`; the DALL-E 2 path adds an image-embedding
-conditioning (`class_embed_type="projection"`) beside it. What the UNet denoises is one function
-(`encode_images_to_model_space`): pixels in [-1, 1] now, a VAE's latents later.
+conditioning (`class_embed_type="projection"`) beside it (`--conditioning image-embedding` runs
+`clipcond.train.unclip_decoder`, which reuses `DecoderStage` and this objective). What the UNet denoises is one
+function (`encode_images_to_model_space`): pixels in [-1, 1] now, a VAE's latents later.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
 from einops import rearrange
 from PIL import Image
@@ -95,8 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--conditioning",
         default="text",
-        choices=["text"],
-        help="what the UNet reads: the text encoder's per-token states (cross-attention)",
+        choices=["text", "image-embedding"],
+        help="what the UNet reads: the text encoder's per-token states (cross-attention), or the CLIP image "
+        "embedding (the DALL-E 2 decoder; clipcond.train.unclip_decoder)",
     )
     model.add_argument(
         "--cross-attention-dim",
@@ -149,6 +152,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     val.add_argument("--validation-images-per-prompt", type=int, default=2, help="images per prompt (a grid row)")
     val.add_argument("--validation-inference-steps", type=int, default=10, help="DPM-Solver++ steps")
     val.add_argument("--validation-guidance-scale", type=float, default=3.0, help="classifier-free guidance weight")
+
+    # The DALL-E 2 decoder's options (clipcond.train.unclip_decoder, which checks them).
+    unclip = parser.add_argument_group("--conditioning image-embedding (the DALL-E 2 decoder)")
+    unclip.add_argument(
+        "--embedding-tokens",
+        type=int,
+        default=4,
+        help="K cross-attention tokens projected from the embedding (unCLIP's 4); 0: a UNet without cross-attention",
+    )
+    unclip.add_argument(
+        "--noise-level",
+        type=int,
+        default=0,
+        help="noise augmentation of the embedding: train on levels drawn from [0, N] of a cosine schedule (0: none)",
+    )
+    unclip.add_argument(
+        "--validation-sources",
+        type=int,
+        default=4,
+        help="test images (of distinct captions) whose variations validation draws, "
+        "--validation-images-per-prompt each",
+    )
 
     # CPU-sized defaults: the `tiny` UNet at batch 64 takes about 1-2 s a step on 2 cores, so 300 steps fit in
     # minutes. At such step counts a fixed EMA decay of 0.999 would still hold 0.999^300 = 74% of the random
@@ -524,6 +549,10 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.conditioning == "image-embedding":  # the DALL-E 2 decoder: its own set-up, this objective and loop
+        from clipcond.train.unclip_decoder import main_image_embedding
+
+        return main_image_embedding(args)
 
     # 1. Accelerator, seed
     accelerator = make_accelerator(args)
@@ -574,6 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     xformers = enable_xformers_if_possible(unet) if args.enable_xformers else False
+    if accelerator.device.type == "cpu":
+        # PyTorch's fused CPU attention kernel is slow in backward on these short sequences (64-256 tokens), the
+        # more so in bf16: the classic processor (baddbmm + softmax, the same function) trains the `tiny` UNet about
+        # 1.4x faster on 2 cores. Training only: the saved UNet samples with diffusers' default processor.
+        unet.set_attn_processor(AttnProcessor())
     noise_scheduler = make_noise_scheduler(args)
     ema = None
     if not args.no_ema:

@@ -135,6 +135,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image_column: image path column; the default "file_name" falls back to "path", then "image".
         resolution: resize the shorter side to this and crop the centre square; None keeps the native size.
         center_crop: False squashes the whole image to `resolution` x `resolution` instead of cropping.
+        cache_images: decode (and resize) every image once, now, and keep the uint8 tensors in memory (see
+            `cache_images`); for small data sets such as the shapes (20,000 x 3 x 32 x 32 = 61 MB).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image_column: str = "file_name",
         resolution: int | None = None,
         center_crop: bool = True,
+        cache_images: bool = False,
     ):
         if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution={resolution!r} must be a positive int or None")
@@ -190,6 +193,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.image_paths.append(path)
 
         self._unreadable: set[int] = set()  # per process: DataLoader workers each keep (and warn about) their own
+        self._cache: list[torch.Tensor | None] | None = None  # decoded (3, H, W) uint8 per item, None: unreadable
+        if cache_images:
+            self.cache_images()
+
+    def cache_images(self) -> int:
+        """Decode every image once and serve items from memory from now on; returns the bytes held.
+
+        Without it every epoch decodes every file again: 0.16 ms per 32 px PNG, 40 ms per batch of 256, a tenth of
+        a tiny CLIP's training step on 2 CPU cores. Call it before a DataLoader starts its workers, which then share
+        the cache. Items are copies of the cached tensors; unreadable files stay skipped, as without the cache.
+        """
+        if self._cache is None:
+            self._cache = [self._pixels(i) for i in range(len(self))]
+        return sum(t.numel() for t in self._cache if t is not None)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -226,6 +243,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         left, top = (size[0] - r) // 2, (size[1] - r) // 2
         return image.crop((left, top, left + r, top + r))
 
+    def _pixels(self, index: int) -> torch.Tensor | None:
+        """The item's image as uint8 (3, H, W) at the data set's resolution, or None when it cannot be decoded."""
+        if self._cache is not None:
+            cached = self._cache[index]
+            return None if cached is None else cached.clone()  # a copy: a caller may modify its item in place
+        image = self._load(index)
+        if image is None:
+            return None
+        pixels = torch.from_numpy(np.array(self._resize(image), dtype=np.uint8))  # (H, W, 3)
+        return pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+
     def __getitem__(self, index: int) -> dict:
         n = len(self)
         if not -n <= index < n:
@@ -234,13 +262,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         skipped: list[str] = []
         for offset in range(n):
             i = (index + offset) % n
-            image = self._load(i)
-            if image is None:
+            pixels = self._pixels(i)
+            if pixels is None:
                 skipped.append(str(self.image_paths[i]))
                 continue
-            pixels = torch.from_numpy(np.array(self._resize(image), dtype=np.uint8))  # (H, W, 3)
             return {
-                "pixel_values": pixels.permute(2, 0, 1).contiguous(),  # (3, H, W)
+                "pixel_values": pixels,  # (3, H, W) uint8
                 "text": self.captions[i],
                 "label": self.labels[i],
                 "index": i,

@@ -651,7 +651,7 @@ def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None
     )
 
 
-def _reference_images(data: str, split: str, resolution: int) -> torch.Tensor:
+def load_reference_images(data: str, split: str, resolution: int) -> torch.Tensor:
     """The split's single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`."""
     from clipcond.data.folders import ImageCaptionDataset
 
@@ -716,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference = _reference_images(args.data, args.split, clip_run.image_size)
+    reference = load_reference_images(args.data, args.split, clip_run.image_size)
     pipe = TextToImagePipeline.from_pretrained(run, local_files_only=True).to(device)
 
     # 3. evaluate, write, print

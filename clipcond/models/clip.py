@@ -9,7 +9,9 @@ normalisation for uint8 batches, and feature functions that work across transfor
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -173,3 +175,101 @@ def load_clip(
         processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     return ClipRun(model=model, tokenizer=tokenizer, image_mean=mean, image_std=std, path=path)
+
+
+# ----------------------------------------------------------------------------------------- the frozen towers
+
+CLIP_MODEL_TYPES = ("clip", "clip_text_model", "clip_vision_model")
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def quiet_load_report():
+    """Silence transformers' table of unexpected weights while loading one tower of a CLIPModel folder.
+
+    A text-only (or vision-only) load reports the other tower's weights as unexpected, in a long table; the loaders
+    below check the one thing that matters themselves: that no weight of the tower they load is missing.
+    """
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    report_logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(report_filter)
+
+
+def check_clip_folder(path: str | os.PathLike, what: str = "--clip", model_types=CLIP_MODEL_TYPES) -> Path:
+    """`path` as a Path after checking that it is a CLIP model folder; errors name the argument `what`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"`{what}` folder {str(path)!r} does not exist; pass the output folder of `clipcond train clip`"
+        )
+    config_file = path / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`{what}` {str(path)!r}: config.json is not valid JSON ({err})") from None
+    if model_type not in model_types:
+        found = f"its config.json has model_type {model_type!r}" if config_file.is_file() else "it has no config.json"
+        raise ValueError(
+            f"`{what}` {str(path)!r} is not a CLIP model folder ({found}; expected one of {list(model_types)}); "
+            "pass the output folder of `clipcond train clip`"
+        )
+    return path
+
+
+def _frozen(model, path: Path, what: str, info: dict, tower: str):
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"`{what}` {str(path)!r} lacks {len(missing)} weights of the {tower} (e.g. {missing[:3]}); "
+            "pass a complete CLIP run folder"
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_text_tower(path: str | os.PathLike, what: str = "--clip"):
+    """The frozen text encoder of a CLIP run: `CLIPTextModelWithProjection` (eval, no gradients) and its tokenizer."""
+    from transformers import CLIPTextModelWithProjection
+
+    path = check_clip_folder(path, what, ("clip", "clip_text_model"))
+    try:
+        with quiet_load_report():
+            text_encoder, info = CLIPTextModelWithProjection.from_pretrained(
+                path, local_files_only=True, output_loading_info=True
+            )
+        tokenizer = load_tokenizer(path)
+    except OSError as err:
+        raise ValueError(f"`{what}` {str(path)!r}: cannot load its text encoder and tokenizer ({err})") from None
+    return _frozen(text_encoder, path, what, info, "text encoder"), tokenizer
+
+
+def load_vision_tower(path: str | os.PathLike, what: str = "--clip"):
+    """The frozen image encoder of a CLIP run: `(CLIPVisionModelWithProjection in eval mode without gradients,
+    image_mean, image_std)`, the statistics from the run's `preprocessor_config.json` (OpenAI's without one).
+
+    Its `image_embeds` (projected, not normalised) are "the CLIP image embedding" of the DALL-E 2 path once
+    L2-normalised, the same as `CLIPModel.get_image_features`.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    path = check_clip_folder(path, what, ("clip", "clip_vision_model"))
+    try:
+        with quiet_load_report():
+            vision_model, info = CLIPVisionModelWithProjection.from_pretrained(
+                path, local_files_only=True, output_loading_info=True
+            )
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        if (path / "preprocessor_config.json").is_file():
+            processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except OSError as err:
+        raise ValueError(f"`{what}` {str(path)!r}: cannot load its image encoder ({err})") from None
+    return _frozen(vision_model, path, what, info, "image encoder"), mean, std

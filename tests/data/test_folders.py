@@ -200,3 +200,22 @@ def test_shapes_colours_survive_loading(shapes_root):
     x0, y0, x1, y1 = obj["bbox"]
     pixel = ds[i]["pixel_values"][:, int((y0 + y1) / 2), int((x0 + x1) / 2)]
     assert tuple(pixel.tolist()) == COLOURS["green"]
+
+
+def test_cached_images_match_the_files_and_keep_skipping(shapes_root, tmp_path, caplog):
+    plain = ImageCaptionDataset(shapes_root, split="test", resolution=16)
+    cached = ImageCaptionDataset(shapes_root, split="test", resolution=16, cache_images=True)
+    assert cached.cache_images() == len(cached) * 3 * 16 * 16  # bytes held; a second call decodes nothing
+    for i in (0, 5, 17):
+        assert torch.equal(cached[i]["pixel_values"], plain[i]["pixel_values"])
+    cached[0]["pixel_values"].zero_()  # items are copies: the cache is unchanged
+    assert torch.equal(cached[0]["pixel_values"], plain[0]["pixel_values"])
+
+    _save(tmp_path / "a.png", size=(8, 8), colour=(255, 0, 0))
+    (tmp_path / "b.png").write_bytes(b"this is not an image")
+    _write_jsonl(tmp_path, [{"file_name": n, "text": n} for n in ("a.png", "b.png")])
+    with caplog.at_level(logging.WARNING, logger="clipcond.data.folders"):
+        ds = ImageCaptionDataset(tmp_path, cache_images=True)  # warns once, while caching
+        item = ds[1]
+    assert item["index"] == 0 and item["skipped"] == [str(tmp_path / "b.png")]
+    assert sum("skipping unreadable image" in r.getMessage() for r in caplog.records) == 1

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from clipcond.lineage import content_hash
-from clipcond.models.clip import load_clip
+from clipcond.models.clip import load_clip, text_features
 from clipcond.train.clip import main, parse_args
 
 
@@ -37,6 +37,19 @@ def test_run_folder_loads_in_transformers(tiny_clip_run):
         torch.testing.assert_close(text(**tokens).text_embeds, ref_text)
         torch.testing.assert_close(vision(pixel_values=pixels).image_embeds, ref_image)
     assert (tiny_clip_run / "model.safetensors").is_file() and not list(tiny_clip_run.glob("*.bin"))
+
+
+def test_dropping_trailing_padding_keeps_the_text_embeddings(tiny_clip_run):
+    """Training runs the text tower on each batch's longest caption, not the whole context: that must be exact."""
+    run = load_clip(tiny_clip_run)
+    captions = ["a red circle", "an image showing a big blue square to the left of a little green triangle"]
+    tokens = run.tokenize(captions)  # padded to the context, 32
+    length = int(tokens["attention_mask"].sum(dim=1).max())
+    assert length < run.context_length
+    with torch.no_grad():
+        full = text_features(run.model, **tokens)
+        trimmed = text_features(run.model, **{k: v[:, :length] for k, v in tokens.items()})
+    torch.testing.assert_close(trimmed, full)
 
 
 def test_contrastive_model_fits_a_fixed_batch(tiny_clip_run):

@@ -1,0 +1,147 @@
+"""`clipcond interpolate`: a row of images between two prompts or two images (DALL-E 2, Ramesh et al. 2022 sec. 3).
+
+    clipcond interpolate --model runs/unclip_decoder --prior runs/prior --prompts "a red circle" "a blue square" \\
+        --steps 8 --output-dir row
+    clipcond interpolate --model runs/unclip_decoder --images a.png b.png --steps 8 --output-dir row
+
+The two endpoints' CLIP image embeddings (from the prior, both sampled with the same seed, or from the images) are
+interpolated spherically (`clipcond.pipelines.interpolation.slerp`) at `--steps` evenly spaced positions t in [0, 1],
+endpoints included, and every frame is decoded from the same noise (seeded with `--seed`): only the embedding
+changes along the row, and the end frames are what `clipcond generate` / `clipcond vary` draw for the endpoints
+with `--seed`. It writes `row/00000.png ...`, `row/grid.png` (one row, labelled with t) and `row/images.jsonl` (one
+record per frame with its t).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from clipcond.generate import (
+    DTYPES,
+    SCHEDULER_NAMES,
+    add_prior_args,
+    is_unclip,
+    load_pipeline,
+    pipeline_class_name,
+    scheduler_name,
+    write_outputs,
+)
+from clipcond.vary import check_reads_images, decoder_of, read_images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond interpolate",
+        description="Images between two prompts (through a prior) or two images, along the CLIP image embedding.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="image-embedding decoder run folder (with --prior for prompts), or an unCLIP pipeline folder",
+    )
+    ends = parser.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--prompts", nargs=2, metavar=("A", "B"), help="two prompts (needs a prior)")
+    ends.add_argument("--images", nargs=2, metavar=("A", "B"), help="two image files")
+    parser.add_argument("--steps", type=int, default=8, help="frames in the row, both endpoints included (default 8)")
+    parser.add_argument("--negative-prompt", default=None, help="what the prior's guidance steers away from")
+    parser.add_argument(
+        "--num-inference-steps", type=int, default=25, help="the decoder's denoising steps (default 25)"
+    )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=3.0, help="the decoder's classifier-free guidance (default 3.0)"
+    )
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULER_NAMES, default=None, help="decoder sampler (default: the saved one)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise every frame shares (default 0)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
+    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    add_prior_args(parser)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.steps < 2:
+        raise ValueError(f"`--steps` must be >= 2 (the row includes both endpoints), got {args.steps}")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    if args.num_inference_steps < 1:
+        raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
+    if args.prior_num_inference_steps < 1:
+        raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    check_args(args)
+    sources = read_images(args.images, "--images file") if args.images else None
+    class_name = pipeline_class_name(args.model)  # checks before loading anything
+    check_reads_images(class_name, args)
+    if args.prompts and not (class_name == "UnCLIPTextToImagePipeline" or args.prior):
+        raise ValueError(
+            f"`--prompts` need a prior: pass `--prior PRIOR_RUN` with `--model` {os.fspath(args.model)!r}, or an "
+            "unCLIP pipeline folder as `--model`; without one, interpolate between `--images`"
+        )
+    start = time.perf_counter()
+    pipe = load_pipeline(args)
+    assert not args.prompts or is_unclip(pipe), "a prior comes with --prior or the unCLIP folder"
+    pipe.set_progress_bar_config(disable=True)
+    common = {
+        "num_frames": args.steps,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.Generator("cpu").manual_seed(args.seed),
+        "noise_level": args.noise_level,
+        "output_type": "pil",
+    }
+    if args.prompts:
+        output = pipe.interpolate(
+            prompt=list(args.prompts),
+            negative_prompt=args.negative_prompt,
+            prior_num_inference_steps=args.prior_num_inference_steps,
+            prior_guidance_scale=args.prior_guidance_scale,
+            **common,
+        )
+        ends = list(args.prompts)
+        prior = {
+            "prior": os.fspath(args.prior) if args.prior else None,
+            "negative_prompt": args.negative_prompt,
+            "prior_num_inference_steps": args.prior_num_inference_steps,
+            "prior_guidance_scale": args.prior_guidance_scale,
+        }
+    else:
+        output = decoder_of(pipe, args).interpolate(image=sources, **common)
+        ends, prior = list(args.images), {}
+    kind = "prompts" if args.prompts else "images"
+    records = [
+        {
+            "file_name": f"{index:05d}.png",
+            "t": t,
+            kind: ends,
+            "seed": args.seed,
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale,
+            "noise_level": args.noise_level,
+            "scheduler": scheduler_name(pipe.scheduler),
+            "model": os.fspath(args.model),
+            **prior,
+        }
+        for index, t in enumerate(output.t)
+    ]
+    labels = [f"t={t:.2f}" for t in output.t]
+    labels[0], labels[-1] = f"{ends[0]} (t=0)", f"{ends[1]} (t=1)"
+    grid_path = write_outputs(output.images, records, args.output_dir, grid_rows=1, labels=labels)
+    print(
+        f"clipcond interpolate: {len(output.images)} frames between {ends[0]!r} and {ends[1]!r} in "
+        f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""`clipcond vary`: variations of images with an image-embedding decoder (DALL-E 2's image variations).
+
+    clipcond vary --model runs/unclip_decoder circle.png square.png --num-images 4 --output-dir variations
+
+Each image is embedded with the decoder's CLIP vision tower and decoded `--num-images` times. It writes
+`variations/00000.png ...` (source by source), `variations/grid.png` (a row per source: the source image, then its
+variations) and `variations/images.jsonl`, one record per variation naming its source image and everything needed to
+make it again: variation k is drawn from its own generator seeded with `--seed + k`, so it comes out the same
+whatever the batch size. `--model` is the run folder of `clipcond train decoder --conditioning image-embedding`
+(an `ImageVariationPipeline`), or an `UnCLIPTextToImagePipeline` folder, whose decoder is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from clipcond.generate import (
+    DTYPES,
+    SCHEDULER_NAMES,
+    load_pipeline,
+    pipeline_class_name,
+    scheduler_name,
+    write_outputs,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond vary",
+        description="Variations of images with an image-embedding decoder (a CLIP image embedding -> new images).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to vary")
+    parser.add_argument(
+        "--model", required=True, help="decoder run folder (`clipcond train decoder --conditioning image-embedding`)"
+    )
+    parser.add_argument("--num-images", type=int, default=4, help="variations per image (default 4)")
+    parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=3.0, help="classifier-free guidance weight; <= 1: none (default 3.0)"
+    )
+    parser.add_argument(
+        "--noise-level",
+        type=int,
+        default=0,
+        help="noise augmentation of the embedding (decoders trained with --noise-level only): more variety (default 0)",
+    )
+    parser.add_argument(
+        "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="variation k is drawn with seed + k (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
+    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be >= 1, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    if args.noise_level < 0:
+        raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
+
+
+def read_images(paths: list[str], what: str = "IMAGE") -> list:
+    """The images as RGB PIL images, read now: a missing or unreadable file fails before any model is loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{what} {path!r} cannot be read as an image ({err})") from None
+    return images
+
+
+IMAGE_PIPELINES = ("ImageVariationPipeline", "UnCLIPTextToImagePipeline")
+
+
+def check_reads_images(class_name: str, args: argparse.Namespace) -> None:
+    """Refuse a pipeline class without an image-embedding decoder."""
+    if class_name not in IMAGE_PIPELINES:
+        raise ValueError(
+            f"`--model` {os.fspath(args.model)!r} holds a {class_name or 'pipeline of unknown class'}, which does "
+            "not read images; pass the output folder of `clipcond train decoder --conditioning image-embedding`"
+        )
+
+
+def decoder_of(pipe, args: argparse.Namespace):
+    """The image-embedding decoder inside `pipe`: itself, or an unCLIP pipeline's decoder stage."""
+    check_reads_images(type(pipe).__name__, args)
+    return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe
+
+
+def vary_images(pipe, sources: list, args: argparse.Namespace) -> tuple[list, list[dict]]:
+    """`--num-images` variations of each source image, in batches of `--batch-size`, each from its own generator
+    (seed + index). Returns the PIL images and one record per image, source by source."""
+    import torch
+
+    per_image = [s for s in range(len(sources)) for _ in range(args.num_images)]
+    jobs = [(s, args.seed + index) for index, s in enumerate(per_image)]  # (source, seed); variation k: seed + k
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+        output = pipe(
+            image=[sources[s] for s, _ in batch],
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            generator=generators,
+            noise_level=args.noise_level,
+            output_type="pil",
+        )
+        images += output.images
+    scheduler = scheduler_name(pipe.scheduler)
+    records = [
+        {
+            "file_name": f"{index:05d}.png",
+            "source": args.images[s],
+            "source_index": s,
+            "seed": seed,
+            "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale,
+            "noise_level": args.noise_level,
+            "scheduler": scheduler,
+            "model": os.fspath(args.model),
+        }
+        for index, (s, seed) in enumerate(jobs)
+    ]
+    return images, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    sources = read_images(args.images)
+    check_reads_images(pipeline_class_name(args.model), args)  # before loading anything
+    start = time.perf_counter()
+    pipe = decoder_of(load_pipeline(args), args)
+    images, records = vary_images(pipe, sources, args)
+    # The grid: a row per source, the source (at the output size) first, then its variations.
+    size = images[0].size
+    grid, labels = [], []
+    for s, source in enumerate(sources):
+        grid.append(source.resize(size) if source.size != size else source)
+        labels.append(os.path.basename(args.images[s]))
+        row = images[s * args.num_images : (s + 1) * args.num_images]
+        grid += row
+        labels += [f"seed {r['seed']}" for r in records[s * args.num_images : (s + 1) * args.num_images]]
+    grid_path = write_outputs(
+        images, records, args.output_dir, grid_rows=len(sources), labels=labels, grid_images=grid
+    )
+    print(
+        f"clipcond vary: {len(images)} variations ({len(sources)} images x {args.num_images}) in "
+        f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""DALL-E 2 text-to-image (Ramesh et al. 2022): text -> prior -> CLIP image embedding -> decoder -> image.
+
+`UnCLIPTextToImagePipeline` is the prior (`clipcond.pipelines.prior.PriorPipeline`: text encoder, tokenizer,
+`PriorTransformer`, its scheduler) and the image-embedding decoder (`clipcond.pipelines.variation.
+ImageVariationPipeline`: UNet, scheduler, image encoder, embedding tokens) as ONE diffusers pipeline, in the
+layout of diffusers' `StableUnCLIPPipeline`: `save_pretrained` writes every component into one folder and
+`from_pretrained` reads it back. Each stage has its own classifier-free guidance (`prior_guidance_scale` on the
+predicted embedding, `guidance_scale` on the decoder's noise prediction) and step count.
+
+`from_runs(prior_run, decoder_run)` pairs a prior run with a decoder run, refusing runs trained on different CLIPs
+(the content hashes in their `clipcond_run.json`) unless told otherwise, and a CLIP whose embedding width differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import PIL.Image
+import torch
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    PriorTransformer,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerBase,
+)
+
+from clipcond.conditioning import context_length
+from clipcond.models.image_embedding import ImageEmbeddingTokens, check_decoder_fits
+from clipcond.models.prior import check_prior_fits
+from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
+from clipcond.pipelines.prior import PriorPipeline
+from clipcond.pipelines.variation import ImageVariationPipeline, clone_generator
+
+logger = logging.getLogger(__name__)
+
+RUN_RECORD = "clipcond_run.json"
+
+
+def clip_hash_of_run(run: str | os.PathLike, what: str) -> str:
+    """The content hash of the CLIP a run was trained on (`clipcond_run.json` -> clip.content_hash)."""
+    path = Path(run) / RUN_RECORD
+    if not path.is_file():
+        raise ValueError(
+            f"cannot check which CLIP the {what} {str(run)!r} was trained on: it holds no {RUN_RECORD} (a folder "
+            "written by `clipcond train` has one); pass allow_clip_mismatch=True (`--allow-clip-mismatch`) to pair "
+            "it unchecked"
+        )
+    try:
+        record = json.loads(path.read_text())
+        return record["clip"]["content_hash"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} records no clip.content_hash ({err!r})") from None
+
+
+def check_same_clip(
+    prior_run: str | os.PathLike, decoder_run: str | os.PathLike, allow_mismatch: bool = False
+) -> None:
+    """Refuse a prior and a decoder trained on different CLIPs: the prior's embeddings would be in another space
+    than the one the decoder reads. With `allow_mismatch` only warn."""
+    try:
+        prior_hash = clip_hash_of_run(prior_run, "prior")
+        decoder_hash = clip_hash_of_run(decoder_run, "decoder")
+    except ValueError:
+        if not allow_mismatch:
+            raise
+        logger.warning("pairing the prior %s and the decoder %s without a lineage check", prior_run, decoder_run)
+        return
+    if prior_hash == decoder_hash:
+        return
+    message = (
+        f"the prior {str(prior_run)!r} was trained on the CLIP with content hash {prior_hash[:12]}..., but the decoder "
+        f"{str(decoder_run)!r} on {decoder_hash[:12]}...: the prior's embeddings would not be the ones the decoder "
+        "reads"
+    )
+    if not allow_mismatch:
+        raise ValueError(
+            message + "; pair runs trained on the same CLIP, or pass allow_clip_mismatch=True "
+            "(`--allow-clip-mismatch`) to combine them anyway"
+        )
+    logger.warning("%s (allowed by allow_clip_mismatch)", message)
+
+
+class UnCLIPTextToImagePipeline(DiffusionPipeline):
+    r"""Text-to-image through a prior: the prior samples a CLIP image embedding for the text, the decoder an
+    image for the embedding.
+
+    Args:
+        prior: the `PriorTransformer` of a prior run.
+        prior_scheduler: its scheduler ("sample" prediction).
+        text_encoder: the frozen CLIP text tower (`CLIPTextModelWithProjection`).
+        tokenizer: its tokenizer.
+        unet: the decoder's UNet (`class_embed_type="projection"`).
+        scheduler: the decoder's scheduler.
+        image_encoder: the frozen CLIP vision tower of the same CLIP (used by image interpolation; its
+            `projection_dim` must be the prior's `embedding_dim`).
+        embedding_tokens, feature_extractor, image_noising_scheduler: as in `ImageVariationPipeline`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->prior->image_encoder->embedding_tokens->unet"
+    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler"]
+
+    def __init__(
+        self,
+        prior: PriorTransformer,
+        prior_scheduler: SchedulerMixin,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        image_encoder: CLIPVisionModelWithProjection,
+        embedding_tokens: ImageEmbeddingTokens | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_noising_scheduler: DDPMScheduler | None = None,
+    ):
+        super().__init__()
+        if (
+            prior is not None
+            and image_encoder is not None
+            and prior.config.embedding_dim != image_encoder.config.projection_dim
+        ):
+            raise ValueError(
+                f"the prior predicts {prior.config.embedding_dim}-wide CLIP image embeddings, but the decoder's "
+                f"image encoder makes {image_encoder.config.projection_dim}-wide ones; pair a prior and a decoder "
+                "trained on the same CLIP"
+            )
+        if prior is not None and text_encoder is not None and tokenizer is not None:
+            check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
+        if unet is not None and image_encoder is not None:
+            check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
+        self.register_modules(
+            prior=prior,
+            prior_scheduler=prior_scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            embedding_tokens=embedding_tokens,
+            feature_extractor=feature_extractor,
+            image_noising_scheduler=image_noising_scheduler,
+        )
+
+    @classmethod
+    def from_runs(
+        cls,
+        prior_run: str | os.PathLike,
+        decoder_run: str | os.PathLike,
+        *,
+        allow_clip_mismatch: bool = False,
+        **kwargs,
+    ) -> UnCLIPTextToImagePipeline:
+        """Pair the pipeline folder of a prior run with that of a decoder run (`clipcond train prior` and
+        `clipcond train decoder --conditioning image-embedding`), after checking that both were trained on the same
+        CLIP. `kwargs` go to both `from_pretrained` calls (e.g. `local_files_only`, the dtype)."""
+        for run, what in ((prior_run, "prior"), (decoder_run, "decoder")):
+            if not (Path(run) / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"the {what} run {str(run)!r} holds no model_index.json; pass the output folder of "
+                    f"`clipcond train {what}`"
+                )
+        check_same_clip(prior_run, decoder_run, allow_clip_mismatch)
+        prior = PriorPipeline.from_pretrained(prior_run, **kwargs)
+        decoder = ImageVariationPipeline.from_pretrained(decoder_run, **kwargs)
+        return cls(
+            prior=prior.prior,
+            prior_scheduler=prior.scheduler,
+            text_encoder=prior.text_encoder,
+            tokenizer=prior.tokenizer,
+            **decoder.components,
+        )
+
+    # ------------------------------------------------------------------------------------------ the two stages
+
+    @property
+    def prior_pipeline(self) -> PriorPipeline:
+        """The prior stage as its own pipeline, over this pipeline's components (no copies)."""
+        pipe = PriorPipeline(
+            prior=self.prior, scheduler=self.prior_scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer
+        )
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    @property
+    def decoder_pipeline(self) -> ImageVariationPipeline:
+        """The decoder stage as its own pipeline, over this pipeline's components (no copies)."""
+        pipe = ImageVariationPipeline(
+            unet=self.unet,
+            scheduler=self.scheduler,
+            image_encoder=self.image_encoder,
+            embedding_tokens=self.embedding_tokens,
+            feature_extractor=self.feature_extractor,
+            image_noising_scheduler=self.image_noising_scheduler,
+        )
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        prior_num_inference_steps,
+        prior_guidance_scale,
+        num_images_per_prompt,
+        generator,
+        latents,
+        prior_latents,
+        noise_level,
+        output_type,
+    ) -> None:
+        # the prior's own arguments first, by their names here
+        if (
+            isinstance(prior_num_inference_steps, bool)
+            or not isinstance(prior_num_inference_steps, int)
+            or prior_num_inference_steps < 1
+        ):
+            raise ValueError(f"`prior_num_inference_steps` must be an integer >= 1, got {prior_num_inference_steps!r}")
+        if (
+            isinstance(prior_guidance_scale, bool)
+            or not isinstance(prior_guidance_scale, int | float)
+            or prior_guidance_scale < 0
+        ):
+            raise ValueError(
+                f"`prior_guidance_scale` must be a number >= 0 (1 or less: no guidance), got {prior_guidance_scale!r}"
+            )
+        self.prior_pipeline.check_inputs(
+            prompt, negative_prompt, 1, 1.0, num_images_per_prompt, generator, prior_latents, "pt"
+        )
+        batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        placeholder = torch.zeros(batch_size, self.prior.config.embedding_dim)  # what the prior will hand over
+        self.decoder_pipeline.check_inputs(
+            None,
+            placeholder,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            generator,
+            latents,
+            noise_level,
+            output_type,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        prior_num_inference_steps: int = 25,
+        prior_guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prior_latents: torch.Tensor | None = None,
+        noise_level: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: the text, or a list of texts; "" asks the prior for an unconditional embedding.
+            negative_prompt: what the prior's guidance steers away from (None: the empty prompt).
+            num_inference_steps: the decoder's denoising steps.
+            guidance_scale: the decoder's classifier-free guidance weight (against the zero embedding).
+            prior_num_inference_steps: the prior's denoising steps.
+            prior_guidance_scale: the prior's classifier-free guidance weight (against the negative prompt).
+            num_images_per_prompt: images per prompt, each from its own prior sample; prompt by prompt.
+            generator: a torch generator, or one per image. Each image's generator draws the prior's noise, then
+                the decoder's (initial noise, embedding noise, sampler noise): with one per image, a batch equals
+                its images generated one at a time.
+            latents: the decoder's initial noise (num_images, 3, H, W).
+            prior_latents: the prior's initial noise (num_images, D).
+            noise_level: the decoder's embedding noise augmentation (decoders trained with it only).
+            output_type: "pil", "np", "pt" or "latent", as `ImageVariationPipeline`.
+            return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
+        """
+        # 1. check inputs
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            prior_num_inference_steps,
+            prior_guidance_scale,
+            num_images_per_prompt,
+            generator,
+            latents,
+            prior_latents,
+            noise_level,
+            output_type,
+        )
+
+        # 2. prior: text -> CLIP image embeddings (N, D), unit
+        image_embeds = self.prior_pipeline(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=prior_num_inference_steps,
+            guidance_scale=prior_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=prior_latents,
+            output_type="pt",
+        ).image_embeds
+
+        # 3. decoder: embeddings -> images
+        images = self.decoder_pipeline.decode(
+            image_embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            noise_level=noise_level,
+            output_type=output_type,
+        )
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        prompt: list[str] | tuple[str, str] | None = None,
+        image: list[PIL.Image.Image] | torch.Tensor | None = None,
+        num_frames: int = 5,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        prior_num_inference_steps: int = 25,
+        prior_guidance_scale: float = 4.0,
+        generator: torch.Generator | None = None,
+        noise_level: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> InterpolationOutput | tuple:
+        r"""A row of `num_frames` images between two prompts (through the prior) or two images.
+
+        With prompts, both endpoint embeddings are sampled by the prior from the same generator state, and the
+        decoder's noise is then drawn once and shared by every frame: the first and last frames are what
+        `__call__(prompt_a, generator=g)` and `__call__(prompt_b, generator=g')` give for two generators `g`, `g'`
+        in the state of `generator`. With images, as `ImageVariationPipeline.interpolate`.
+        """
+        if (prompt is None) == (image is None):
+            raise ValueError(
+                "give exactly one of `prompt` (two prompts) and `image` (two images), got "
+                + ("both" if prompt is not None else "neither")
+            )
+        decoder = self.decoder_pipeline
+        if image is not None:
+            return decoder.interpolate(
+                image=image,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                noise_level=noise_level,
+                output_type=output_type,
+                return_dict=return_dict,
+            )
+
+        # 1. check inputs
+        if not isinstance(prompt, list | tuple) or len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"`prompt` must be two strings (the endpoints), got {prompt!r}")
+        if isinstance(generator, list):
+            raise ValueError(
+                "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
+                f"got a list of {len(generator)}"
+            )
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}")
+        self.check_inputs(
+            prompt[0],
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            prior_num_inference_steps,
+            prior_guidance_scale,
+            1,
+            generator,
+            None,
+            None,
+            noise_level,
+            output_type,
+        )
+        times = interpolation_times(num_frames)
+        if generator is None:
+            generator = torch.Generator().manual_seed(torch.seed())
+
+        # 2. prior: both endpoints from the same generator state
+        prior = self.prior_pipeline
+        start_state = clone_generator(generator)
+        ends = []
+        for text, gen in ((prompt[0], generator), (prompt[1], start_state)):
+            ends.append(
+                prior(
+                    text,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=prior_num_inference_steps,
+                    guidance_scale=prior_guidance_scale,
+                    generator=gen,
+                    output_type="pt",
+                ).image_embeds[0]
+            )
+
+        # 3. decoder: the row, from the noise `generator` draws next (as in `__call__` after the prior)
+        frames = decoder.interpolate_embeddings(
+            ends[0],
+            ends[1],
+            times,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            noise_level=noise_level,
+            output_type=output_type,
+        )
+        if not return_dict:
+            return (frames, times)
+        return InterpolationOutput(images=frames, t=times)

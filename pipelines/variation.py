@@ -1,0 +1,488 @@
+"""The unCLIP decoder as a diffusers pipeline: image -> CLIP image embedding -> new images (image variations).
+
+`ImageVariationPipeline` embeds images with the frozen CLIP vision tower (`CLIPVisionModelWithProjection`, the
+pixel statistics of its `feature_extractor`), and denoises pixels with a `UNet2DConditionModel` conditioned on the
+embedding through `class_labels` (`class_embed_type="projection"`) and, when the decoder has them, K tokens of
+cross-attention context (`ImageEmbeddingTokens`); Ramesh et al. 2022, sec. 2.1, in the layout of diffusers'
+`StableUnCLIPImg2ImgPipeline`. How an embedding becomes the UNet's inputs, and what the unconditional input is,
+lives in `clipcond.models.image_embedding`, which training uses too.
+
+It also decodes given embeddings (`image_embeds=`, e.g. from the prior: `clipcond.pipelines.unclip`) and
+interpolates between two images (`interpolate`). `save_pretrained` writes `unet/`, `scheduler/`,
+`image_encoder/`, `feature_extractor/`, `embedding_tokens/` (a clipcond model, recorded in `model_index.json` under
+its module `clipcond.models.image_embedding`, which importing this module imports) and, with noise augmentation,
+`image_noising_scheduler/`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
+from clipcond.models.image_embedding import (
+    ImageEmbeddingTokens,
+    check_decoder_fits,
+    decoder_condition,
+    unconditional_condition,
+    unet_inputs,
+)
+from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times, slerp
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+ImageInput = PIL.Image.Image | Sequence[PIL.Image.Image] | torch.Tensor
+
+
+def images_to_pixels(image: ImageInput, size: int) -> torch.Tensor:
+    """PIL image(s) or a uint8 tensor (3, H, W) / (B, 3, H, W) -> uint8 (B, 3, size, size) on the CPU.
+
+    Images of another size are centre-cropped to a square and resized (bicubic, antialiased); images already at
+    `size` pass unchanged, as the training data set's did on their way into the embedding cache.
+    """
+    if isinstance(image, PIL.Image.Image):
+        image = [image]
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(
+                f"`image` as a tensor must be uint8 (3, H, W) or (B, 3, H, W), got {image.dtype} {tuple(image.shape)}"
+            )
+        pixels = (image[None] if image.ndim == 3 else image).cpu()
+        height, width = pixels.shape[-2:]
+        if (height, width) != (size, size):
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            pixels = pixels[..., top : top + side, left : left + side].float()
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+        return pixels
+    arrays = []
+    for i, item in enumerate(image):
+        if not isinstance(item, PIL.Image.Image):
+            raise ValueError(
+                f"`image` must be a PIL image, a list of PIL images or a uint8 tensor; item {i} is {type(item).__name__}"
+            )
+        item = item.convert("RGB")
+        if item.size != (size, size):
+            side = min(item.size)
+            left, top = (item.width - side) // 2, (item.height - side) // 2
+            item = item.crop((left, top, left + side, top + side)).resize((size, size), PIL.Image.BICUBIC)
+        arrays.append(np.asarray(item))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+
+class ImageVariationPipeline(DiffusionPipeline):
+    r"""Images from CLIP image embeddings (unCLIP's decoder), with classifier-free guidance.
+
+    Args:
+        unet: a `UNet2DConditionModel` with `class_embed_type="projection"` whose class-embedding input is the
+            condition vector of `clipcond.models.image_embedding` (D wide, 2D with noise augmentation).
+        scheduler: a diffusers scheduler fitting the UNet's noise schedule.
+        image_encoder: the frozen CLIP vision tower; its `projection_dim` is the embedding width D.
+        embedding_tokens: the `ImageEmbeddingTokens` trained with the UNet, when it has cross-attention blocks.
+        feature_extractor: a `CLIPImageProcessor` whose `image_mean` / `image_std` are the CLIP's pixel statistics
+            (OpenAI's when None).
+        image_noising_scheduler: the noise schedule of the embedding's noise augmentation, when the decoder was
+            trained with it (`--noise-level`); it enables the `noise_level` argument.
+    """
+
+    model_cpu_offload_seq = "image_encoder->embedding_tokens->unet"
+    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler"]
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+        image_encoder: CLIPVisionModelWithProjection,
+        embedding_tokens: ImageEmbeddingTokens | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_noising_scheduler: DDPMScheduler | None = None,
+    ):
+        super().__init__()
+        if unet is not None and image_encoder is not None:
+            check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            embedding_tokens=embedding_tokens,
+            feature_extractor=feature_extractor,
+            image_noising_scheduler=image_noising_scheduler,
+        )
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+
+    @property
+    def embedding_dim(self) -> int:
+        """D, the width of the CLIP image embeddings the decoder reads."""
+        return self.image_encoder.config.projection_dim
+
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images the UNet makes."""
+        size = self.unet.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def max_noise_level(self) -> int:
+        """The largest `noise_level` accepted: 0 without noise augmentation."""
+        if self.image_noising_scheduler is None:
+            return 0
+        return self.image_noising_scheduler.config.num_train_timesteps - 1
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageInput, device: torch.device | None = None) -> torch.Tensor:
+        """Image(s) -> their CLIP image embeddings (B, D), L2-normalised, float32.
+
+        Pixels are normalised with the feature extractor's mean and std exactly as the training embedding cache
+        did (`clipcond.models.clip.normalize_pixels` on uint8 images at the encoder's resolution).
+        """
+        device = device or self._execution_device
+        pixels = images_to_pixels(image, self.image_encoder.config.image_size).to(device)
+        if self.feature_extractor is not None:
+            mean, std = self.feature_extractor.image_mean, self.feature_extractor.image_std
+        else:
+            mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        pixel_values = normalize_pixels(pixels, mean, std).to(self.image_encoder.dtype)
+        embeds = self.image_encoder(pixel_values=pixel_values).image_embeds
+        return F.normalize(embeds.float(), dim=-1)
+
+    def check_inputs(
+        self,
+        image,
+        image_embeds,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        generator,
+        latents,
+        noise_level,
+        output_type,
+    ) -> None:
+        if (image is None) == (image_embeds is None):
+            raise ValueError(
+                "give exactly one of `image` and `image_embeds`, got " + ("both" if image is not None else "neither")
+            )
+        if image is not None:
+            if isinstance(image, torch.Tensor):
+                if image.dtype != torch.uint8 or image.ndim not in (3, 4) or image.shape[-3] != 3:
+                    raise ValueError(
+                        f"`image` as a tensor must be uint8 (3, H, W) or (B, 3, H, W), got {image.dtype} "
+                        f"{tuple(image.shape)}"
+                    )
+                batch_size = 1 if image.ndim == 3 else image.shape[0]
+            elif isinstance(image, PIL.Image.Image):
+                batch_size = 1
+            elif isinstance(image, list | tuple) and image and all(isinstance(i, PIL.Image.Image) for i in image):
+                batch_size = len(image)
+            else:
+                raise ValueError(
+                    "`image` must be a PIL image, a non-empty list of PIL images or a uint8 tensor (B, 3, H, W), got "
+                    f"{type(image).__name__}"
+                )
+        else:
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2:
+                raise ValueError(
+                    f"`image_embeds` must be a tensor (B, D), got {type(image_embeds).__name__} "
+                    f"{tuple(getattr(image_embeds, 'shape', ()))}"
+                )
+            if image_embeds.shape[1] != self.embedding_dim:
+                raise ValueError(
+                    f"`image_embeds` must be {self.embedding_dim} wide (the image encoder's projection_dim), got "
+                    f"shape {tuple(image_embeds.shape)}"
+                )
+            batch_size = image_embeds.shape[0]
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}"
+            )
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
+        num_images = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {num_images} images are asked for "
+                f"({batch_size} inputs x {num_images_per_prompt}); give one generator per image"
+            )
+        self._check_noise_level(noise_level)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        if latents is not None:
+            expected = self._noise_shape(num_images)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+
+    def _check_noise_level(self, noise_level) -> None:
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int):
+            raise ValueError(f"`noise_level` must be an integer, got {noise_level!r}")
+        if self.image_noising_scheduler is None and noise_level != 0:
+            raise ValueError(
+                f"`noise_level` must be 0: this decoder was trained without noise augmentation, got {noise_level}"
+            )
+        if not 0 <= noise_level <= self.max_noise_level:
+            raise ValueError(f"`noise_level` must be in [0, {self.max_noise_level}], got {noise_level}")
+
+    def _noise_shape(self, num_images: int) -> tuple[int, int, int, int]:
+        return (num_images, self.unet.config.in_channels, self.image_size, self.image_size)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | None = None,
+        image_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        noise_level: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate variations of images, or images from given CLIP image embeddings.
+
+        Args:
+            image: a PIL image, a list of them, or uint8 images (B, 3, H, W); embedded with `image_encoder`.
+            image_embeds: CLIP image embeddings (B, D) instead of images (normalised here), e.g. the prior's.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight w in eps_uncond + w (eps_cond - eps_uncond), where the
+                unconditional input is the zero condition vector; 1 or less: one UNet batch, no guidance.
+            num_images_per_prompt: images per input image (or embedding); they come input by input.
+            generator: a torch generator, or one per image: with one per image, each image depends on its own
+                generator only, so a batch equals its images generated one at a time. Each image's generator draws
+                its initial noise, then (with noise augmentation) its embedding noise, then the sampler's noise.
+            latents: initial noise (num_images, 3, H, W), unscaled (drawn from `generator` when None).
+            noise_level: noise augmentation of the embedding (Stable unCLIP's `noise_level`), in
+                [0, `max_noise_level`]; higher: more variety, less likeness. Only for decoders trained with it.
+            output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]), "pt" (float (B, 3, H, W) in [0, 1]) or
+                "latent" (the denoised sample in [-1, 1] terms).
+            return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
+        """
+        # 1. check inputs
+        self.check_inputs(
+            image,
+            image_embeds,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            generator,
+            latents,
+            noise_level,
+            output_type,
+        )
+        device = self._execution_device
+
+        # 2. encode image
+        if image_embeds is None:
+            image_embeds = self.encode_image(image, device)
+        image_embeds = image_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)  # (N, D)
+
+        # 3.-7. noise, condition, denoise, postprocess
+        images = self.decode(
+            image_embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            noise_level=noise_level,
+            output_type=output_type,
+        )
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def decode(
+        self,
+        image_embeds: torch.Tensor,
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+        noise_level: int = 0,
+        embedding_noise: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ):
+        """One image per embedding (N, D); the stages after encoding, shared with `interpolate` and the unCLIP
+        pipeline. `embedding_noise` (N, D): the noise augmentation's noise (drawn after `latents` when None).
+        Inputs are checked by the callers."""
+        device = self._execution_device
+        num_images = image_embeds.shape[0]
+        do_guidance = guidance_scale > 1.0
+
+        # 3. timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+
+        # 4. initial noise (first: each image's generator draws its latents, then its embedding noise)
+        if latents is None:
+            latents = randn_tensor(self._noise_shape(num_images), generator=generator, device=device)
+        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+
+        # 5. condition: the condition vector (and its tokens); [unconditional; conditional] when guiding
+        condition = decoder_condition(
+            image_embeds.to(device),
+            noising_scheduler=self.image_noising_scheduler,
+            noise_level=noise_level,
+            noise=embedding_noise,
+            generator=generator,
+        )  # (N, D) or (N, 2D)
+        if do_guidance:
+            condition = torch.cat([unconditional_condition(condition), condition])
+        conditioning = unet_inputs(condition, self.embedding_tokens, dtype=self.unet.dtype)
+
+        # 6. denoising loop
+        for t in self.progress_bar(timesteps):
+            model_input = torch.cat([latents] * 2) if do_guidance else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, **conditioning, return_dict=False)[0]
+            if do_guidance:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        # 7. postprocess: [-1, 1] -> output_type
+        images = latents if output_type == "latent" else self.image_processor.postprocess(latents.float(), output_type)
+        self.maybe_free_model_hooks()
+        return images
+
+    # -------------------------------------------------------------------------------------------- interpolation
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image: Sequence[PIL.Image.Image] | torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        num_frames: int = 5,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        noise_level: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> InterpolationOutput | tuple:
+        r"""A row of `num_frames` images between two images (or two embeddings), every frame from the same noise.
+
+        The frames decode `slerp(e_A, e_B, t)` for t evenly spaced in [0, 1]. The noise (initial latents, then the
+        augmentation's embedding noise) is drawn once from `generator`, as `__call__` draws an image's, and shared
+        by all frames: the first and last frames are the plain variations of A and B with the same generator.
+
+        Args:
+            image: two PIL images, or uint8 images (2, 3, H, W).
+            image_embeds: two CLIP image embeddings (2, D) instead.
+            generator: one torch generator (not a list).
+            Others as in `__call__`.
+        """
+        # 1. check inputs
+        self.check_inputs(
+            image, image_embeds, num_inference_steps, guidance_scale, 1, generator, None, noise_level, output_type
+        )
+        count = image_embeds.shape[0] if image_embeds is not None else _count_images(image)
+        if count != 2:
+            raise ValueError(f"`interpolate` needs exactly two images or embeddings (the endpoints), got {count}")
+        times = interpolation_times(num_frames)
+        device = self._execution_device
+
+        # 2. endpoints
+        if image_embeds is None:
+            image_embeds = self.encode_image(image, device)
+        frames = self.interpolate_embeddings(
+            image_embeds[0],
+            image_embeds[1],
+            times,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            noise_level=noise_level,
+            output_type=output_type,
+        )
+        if not return_dict:
+            return (frames, times)
+        return InterpolationOutput(images=frames, t=times)
+
+    def interpolate_embeddings(
+        self,
+        start: torch.Tensor,
+        end: torch.Tensor,
+        times: list[float],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | None,
+        latents: torch.Tensor | None = None,
+        noise_level: int = 0,
+        output_type: str = "pil",
+    ):
+        """Decode slerp(start, end, t) (D,) for each t in `times`, all frames from one draw of noise."""
+        if isinstance(generator, list):
+            raise ValueError(
+                "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
+                f"got a list of {len(generator)}"
+            )
+        device = self._execution_device
+        num_frames = len(times)
+        if generator is None:
+            generator = torch.Generator().manual_seed(torch.seed())
+        if latents is None:
+            latents = randn_tensor(self._noise_shape(1), generator=generator, device=device)
+        elif tuple(latents.shape) != self._noise_shape(1):
+            raise ValueError(f"`latents` must have shape {self._noise_shape(1)}, got {tuple(latents.shape)}")
+        embedding_noise = None
+        if self.image_noising_scheduler is not None:  # drawn after the latents, as `decode` draws it
+            embedding_noise = randn_tensor((1, self.embedding_dim), generator=generator, device=device)
+            embedding_noise = embedding_noise.expand(num_frames, -1)
+        # An ancestral sampler (DDPM) draws noise at every step too: each frame gets a copy of the generator in
+        # its present state, so every frame, like a plain call with `generator`, draws the same step noise.
+        frame_generators = [clone_generator(generator) for _ in range(num_frames)]
+        embeds = slerp(start.to(device).float(), end.to(device).float(), torch.tensor(times))  # (N, D)
+        return self.decode(
+            embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=frame_generators,
+            latents=latents.expand(num_frames, -1, -1, -1),
+            noise_level=noise_level,
+            embedding_noise=embedding_noise,
+            output_type=output_type,
+        )
+
+
+def clone_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator on the same device in the same state: it draws what `generator` would draw next."""
+    return torch.Generator(device=generator.device).set_state(generator.get_state())
+
+
+def _count_images(image) -> int:
+    if isinstance(image, PIL.Image.Image):
+        return 1
+    if isinstance(image, torch.Tensor):
+        return 1 if image.ndim == 3 else image.shape[0]
+    return len(image)
