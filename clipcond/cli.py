@@ -26,6 +26,7 @@ COMMANDS: dict = {
     "demo": Command("clipcond.demo", "end to end on the built-in data: data, CLIP, decoder, samples, report"),
     "data": {
         "shapes": Command("clipcond.data.shapes", "write the built-in synthetic shapes data set (imagefolder layout)"),
+        "convert": Command("clipcond.data.convert", "convert an imagefolder/CSV data set to WebDataset tar shards"),
     },
     "train": {
         "clip": Command("clipcond.train.clip", "pretrain a CLIP (transformers CLIPModel) with a contrastive loss"),
@@ -49,6 +50,8 @@ COMMANDS: dict = {
     "interpolate": Command(
         "clipcond.interpolate", "a row of images between two prompts (through a prior) or two images"
     ),
+    "index": Command("clipcond.index", "embed a folder of images with a CLIP into a search index (incremental)"),
+    "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
 }
 
 

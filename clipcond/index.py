@@ -1,0 +1,503 @@
+"""`clipcond index`: a CLIP search index over a folder of images, kept up to date incrementally.
+
+    clipcond index --model runs/clip photos/ --output photos.index
+    clipcond search --index photos.index "a red circle"
+
+An index is a folder holding two files:
+
+- `embeddings.safetensors`: the tensor `embeddings` (N, D), the L2-normalised CLIP image embeddings (fp16 by default,
+  or fp32), one row per image that could be decoded; its metadata names the CLIP run (path and content hash, see
+  `clipcond.lineage`), the image folder and the SHA-256 of the file list it goes with;
+- `files.jsonl`: one line per image file found, `{"path", "size", "mtime_ns", "row"}`, sorted by `path` (relative to
+  the image folder, with "/"), `row` the file's embedding row, or null for a file that could not be decoded.
+
+The folder is searched recursively for `IMAGE_EXTENSIONS`. Images are decoded, resized and centre-cropped to the CLIP's
+resolution by `clipcond.data.folders.ImageCaptionDataset`, which also logs a warning for each file it cannot decode.
+Running `clipcond index` again on the same folder and index updates it: only files that are new, or whose size or
+modification time changed, are embedded; removed files are dropped; an unreadable file is tried again only once it
+changes. The CLIP of an index is fixed: updating or searching with another one is refused (`--rebuild` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EMBEDDINGS_FILE = "embeddings.safetensors"
+FILES_FILE = "files.jsonl"
+INDEX_FORMAT = "clipcond-image-index"
+INDEX_FORMAT_VERSION = 1
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class FileEntry:
+    """One image file of the indexed folder, as `files.jsonl` stores it."""
+
+    path: str  # relative to the index's root, "/"-separated
+    size: int  # bytes; size and mtime_ns tell whether the file changed since it was embedded
+    mtime_ns: int
+    row: int | None  # its row of `embeddings`; None: the file could not be decoded
+
+
+@dataclass
+class UpdateReport:
+    """What an update did, by relative path."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # files tried in this update that could not be decoded
+    unchanged: int = 0
+    num_images: int = 0  # images in the index afterwards (embedded rows)
+
+    def summary(self) -> str:
+        return (
+            f"{self.num_images} images indexed: {len(self.added)} added, {len(self.changed)} changed, "
+            f"{len(self.removed)} removed, {self.unchanged} unchanged, {len(self.unreadable)} unreadable skipped"
+        )
+
+
+@dataclass
+class SearchResult:
+    rank: int  # 1 = best
+    score: float  # cosine similarity of the query and the image embeddings
+    path: str  # the image file: the index's root joined with its relative path
+
+
+def scan_images(root: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, tuple[int, int]]:
+    """`{relative path: (size, mtime_ns)}` of the image files under `root`, subfolders included, sorted by path.
+
+    Files are matched by extension, case-insensitively; hidden files and folders (".name") are left out.
+    """
+    root = Path(root)
+    found = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith(".") or not name.lower().endswith(extensions):
+                continue
+            path = Path(folder, name)
+            try:
+                stat = path.stat()
+            except OSError as err:  # a dangling link, or a file removed while we walk
+                logger.warning("skipping %s (%s)", path, err)
+                continue
+            found[path.relative_to(root).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return dict(sorted(found.items()))
+
+
+def _model_hash(clip_run) -> str:
+    from clipcond.lineage import content_hash
+
+    return content_hash(clip_run.path)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """`(i, uint8 pixels (3, R, R) or None)` for each file of an `ImageCaptionDataset`; None: it cannot be decoded.
+
+    The data set substitutes the next readable item for an unreadable one (and logs a warning naming the file); an
+    index wants no substitute, so a substituted item (another `index`) counts as unreadable.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None]:
+        try:
+            item = self.dataset[i]
+        except ValueError:  # no file of the listing can be decoded
+            return i, None
+        return i, item["pixel_values"] if item["index"] == i else None
+
+
+def image_dataset(paths: list[str | os.PathLike], resolution: int):
+    """An `ImageCaptionDataset` of image files (absolute paths) at `resolution` (shorter side, centre crop).
+
+    The data set reads a listing file; this writes one (`path,caption`, the caption a placeholder) to a temporary
+    folder, so that decoding, resizing and the handling of unreadable files are the data set's own.
+    """
+    from clipcond.data.folders import ImageCaptionDataset
+
+    with tempfile.TemporaryDirectory(prefix="clipcond-index-") as tmp:
+        listing = Path(tmp, "images.csv")
+        with open(listing, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "caption"])
+            writer.writerows([os.path.abspath(p), "-"] for p in paths)
+        return ImageCaptionDataset(listing, resolution=resolution)
+
+
+@torch.no_grad()
+def embed_image_files(
+    clip_run,
+    paths: list[str | os.PathLike],
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """L2-normalised CLIP embeddings of image files: `({position in paths: (D,) float32}, [positions unreadable])`."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    if not paths:
+        return {}, []
+    dataset = _Decoded(image_dataset(paths, clip_run.image_size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    embeddings, unreadable = {}, []
+    with tqdm(
+        total=len(dataset), desc="embedding images", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for batch in loader:
+            readable = [(i, pixels) for i, pixels in batch if pixels is not None]
+            unreadable += [i for i, pixels in batch if pixels is None]
+            if readable:
+                pixels = torch.stack([p for _, p in readable])  # (B, 3, R, R) uint8
+                rows = clip_run.encode_images(pixels).cpu()  # (B, D) float32, unit norm
+                embeddings.update((i, row) for (i, _), row in zip(readable, rows))
+            bar.update(len(batch))
+    return embeddings, unreadable
+
+
+class ImageIndex:
+    """Normalised CLIP embeddings of the images under a folder, with the file list that says which is which.
+
+    Build one with `ImageIndex.build(folder, clip_run)` (or `ImageIndex.load(path)` and `update(clip_run)`), save it
+    with `save(path)`, query it with `search(embedding, top_k)`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        embeddings: torch.Tensor,
+        files: list[FileEntry],
+        *,
+        clip_path: str,
+        clip_hash: str,
+        dtype: str = "fp16",
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
+        rows = [f.row for f in files if f.row is not None]
+        assert rows == list(range(embeddings.shape[0])), "rows follow the file list, one per decoded file"
+        self.root = Path(root)
+        self.embeddings = embeddings.to(DTYPES[dtype])  # (N, D), unit norm
+        self.files = files
+        self.clip_path = clip_path
+        self.clip_hash = clip_hash
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, num_images={len(self)}, dim={self.dim})"
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def paths(self) -> list[str]:
+        """Relative path of each embedding row."""
+        return [f.path for f in self.files if f.row is not None]
+
+    @classmethod
+    def empty(cls, root: str | os.PathLike, clip_run, *, dtype: str = "fp16", clip_hash: str | None = None):
+        """An index of nothing yet for images under `root`, embedded with `clip_run` (a `ClipRun`)."""
+        dim = clip_run.model.config.projection_dim
+        return cls(
+            Path(root).resolve(),
+            torch.empty(0, dim),
+            [],
+            clip_path=os.path.abspath(clip_run.path),
+            clip_hash=clip_hash or _model_hash(clip_run),
+            dtype=dtype,
+        )
+
+    @classmethod
+    def build(cls, root: str | os.PathLike, clip_run, *, dtype: str = "fp16", **update_kwargs) -> ImageIndex:
+        """Embed every image under `root`; `update_kwargs` go to `update`."""
+        index = cls.empty(root, clip_run, dtype=dtype, clip_hash=update_kwargs.pop("clip_hash", None))
+        index.update(clip_run, **update_kwargs)
+        return index
+
+    def check_model(self, clip_hash: str, clip_path: str | os.PathLike, what: str = "--model") -> None:
+        """Refuse a CLIP other than the index's (by content hash): its embeddings live in another space."""
+        if clip_hash != self.clip_hash:
+            raise ValueError(
+                f"`{what}` {os.fspath(clip_path)!r} is not the CLIP this index was built with ({self.clip_path!r}): "
+                f"content hash {clip_hash[:12]} vs {self.clip_hash[:12]}; use that CLIP, or rebuild the index "
+                "with `clipcond index --rebuild`"
+            )
+
+    def update(
+        self,
+        clip_run,
+        *,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        progress: bool = False,
+        clip_hash: str | None = None,
+    ) -> UpdateReport:
+        """Re-scan the root and bring the index up to date: embed new and changed files, drop removed ones."""
+        self.check_model(clip_hash or _model_hash(clip_run), clip_run.path)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"the index's image folder {str(self.root)!r} does not exist")
+        found = scan_images(self.root)
+        old = {f.path: f for f in self.files}
+        report = UpdateReport(removed=sorted(set(old) - set(found)))
+        todo = []
+        for path, stat in found.items():
+            entry = old.get(path)
+            if entry is not None and (entry.size, entry.mtime_ns) == stat:
+                report.unchanged += 1  # an unchanged unreadable file is not tried again
+            else:
+                todo.append(path)
+                (report.changed if entry is not None else report.added).append(path)
+
+        new, unreadable = embed_image_files(
+            clip_run,
+            [self.root / p for p in todo],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        new = {todo[i]: row for i, row in new.items()}
+        tried = set(todo)
+        report.unreadable = [todo[i] for i in unreadable]
+        if report.unreadable:
+            logger.warning(
+                "%d of %d images could not be decoded and are not indexed, e.g. %s",
+                len(report.unreadable),
+                len(todo),
+                self.root / report.unreadable[0],
+            )
+
+        rows, files = [], []
+        for path, (size, mtime_ns) in found.items():  # sorted by path: an updated index equals a fresh one
+            if path in new:
+                row = new[path]
+            elif path not in tried and old[path].row is not None:
+                row = self.embeddings[old[path].row]
+            else:
+                row = None
+            files.append(FileEntry(path, size, mtime_ns, None if row is None else len(rows)))
+            if row is not None:
+                rows.append(row.to(DTYPES[self.dtype]))
+        self.embeddings = torch.stack(rows) if rows else self.embeddings.new_empty(0, self.dim)
+        self.files = files
+        report.num_images = len(self)
+        return report
+
+    @torch.no_grad()
+    def search(self, query: torch.Tensor, top_k: int = 5) -> list[SearchResult]:
+        """The `top_k` images closest to a query embedding (D,) by cosine (the query is normalised here)."""
+        if top_k < 1:
+            raise ValueError(f"`top_k` must be >= 1, got {top_k}")
+        query = query.detach().float().cpu().flatten()
+        if query.shape[0] != self.dim:
+            raise ValueError(f"the query embedding has width {query.shape[0]} but the index's embeddings {self.dim}")
+        scores = self.embeddings.float() @ torch.nn.functional.normalize(query, dim=0)  # (N,)
+        values, rows = scores.topk(min(top_k, len(self)))
+        paths = self.paths
+        return [
+            SearchResult(rank=rank, score=value, path=str(self.root / paths[row]))
+            for rank, (value, row) in enumerate(zip(values.tolist(), rows.tolist()), start=1)
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `embeddings.safetensors` and `files.jsonl` into the folder `path` (made if needed).
+
+        Each file is written to a temporary name and renamed; the embeddings record the hash of the file list, so an
+        index interrupted between the two renames is detected on load rather than read wrongly.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        listing = "".join(json.dumps(asdict(f)) + "\n" for f in self.files).encode("utf-8")
+        metadata = {
+            "format": INDEX_FORMAT,
+            "format_version": str(INDEX_FORMAT_VERSION),
+            "root": str(self.root),
+            "clip_path": self.clip_path,
+            "clip_hash": self.clip_hash,
+            "dtype": self.dtype,
+            "files_sha256": hashlib.sha256(listing).hexdigest(),
+        }
+        tmp_embeddings = path / f".{EMBEDDINGS_FILE}.{os.getpid()}.tmp"
+        tmp_files = path / f".{FILES_FILE}.{os.getpid()}.tmp"
+        save_file({"embeddings": self.embeddings.contiguous()}, tmp_embeddings, metadata=metadata)
+        tmp_files.write_bytes(listing)
+        os.replace(tmp_embeddings, path / EMBEDDINGS_FILE)
+        os.replace(tmp_files, path / FILES_FILE)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, what: str = "--index") -> ImageIndex:
+        """Read an index folder written by `save`; errors name the argument `what`."""
+        import safetensors
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"`{what}` {str(path)!r} does not exist; build an index with "
+                f"`clipcond index --model RUN FOLDER --output {path}`"
+            )
+        embeddings_file, files_file = path / EMBEDDINGS_FILE, path / FILES_FILE
+        for file in (embeddings_file, files_file):
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"`{what}` {str(path)!r} is not an image index: {file.name} is missing; build one with "
+                    f"`clipcond index --model RUN FOLDER --output {path}`"
+                )
+        try:
+            with safe_open(embeddings_file, framework="pt") as f:
+                metadata = f.metadata() or {}
+                embeddings = f.get_tensor("embeddings")
+        except (OSError, safetensors.SafetensorError) as err:
+            raise ValueError(f"`{what}` {str(path)!r}: cannot read {EMBEDDINGS_FILE} ({err})") from None
+        if metadata.get("format") != INDEX_FORMAT or metadata.get("format_version") != str(INDEX_FORMAT_VERSION):
+            raise ValueError(
+                f"`{what}` {str(path)!r}: {EMBEDDINGS_FILE} is not a clipcond image index of format version "
+                f"{INDEX_FORMAT_VERSION} (its metadata: format {metadata.get('format')!r}, "
+                f"version {metadata.get('format_version')!r})"
+            )
+        listing = files_file.read_bytes()
+        if hashlib.sha256(listing).hexdigest() != metadata.get("files_sha256"):
+            raise ValueError(
+                f"`{what}` {str(path)!r}: {FILES_FILE} does not belong to {EMBEDDINGS_FILE} (an interrupted write?); "
+                "rebuild the index with `clipcond index --rebuild`"
+            )
+        files = [FileEntry(**json.loads(line)) for line in listing.decode("utf-8").splitlines() if line.strip()]
+        return cls(
+            metadata["root"],
+            embeddings,
+            files,
+            clip_path=metadata["clip_path"],
+            clip_hash=metadata["clip_hash"],
+            dtype=metadata["dtype"],
+        )
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    """Whether `path` holds an index (at least one of its two files)."""
+    return any((Path(path) / name).exists() for name in (EMBEDDINGS_FILE, FILES_FILE))
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond index",
+        description="Embed the images under a folder (recursively) with a CLIP into a search index for "
+        "`clipcond search`. Run it again to update the index: only new and changed files are embedded.",
+    )
+    parser.add_argument("folder", metavar="FOLDER", help=f"image folder ({', '.join(IMAGE_EXTENSIONS)}, recursive)")
+    parser.add_argument("--model", required=True, help="CLIP run folder (the output of `clipcond train clip`)")
+    parser.add_argument("--output", required=True, metavar="INDEX", help="index folder, made or updated")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="precision of stored embeddings (default: fp16)"
+    )
+    parser.add_argument("--rebuild", action="store_true", help="discard an existing index at INDEX and start over")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per encoder call (default 128)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (default 0: none)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Argument errors before any model is loaded."""
+    if args.batch_size < 1:
+        raise ValueError(f"`--batch-size` must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ValueError(f"`--num-workers` must be >= 0, got {args.num_workers}")
+    if not os.path.isdir(args.folder):
+        what = "is not a folder" if os.path.exists(args.folder) else "does not exist"
+        raise FileNotFoundError(f"FOLDER {args.folder!r} {what}; pass the folder of images to index")
+    if os.path.isfile(args.output):
+        raise FileExistsError(f"`--output` {args.output!r} is a file; an index is a folder (made if absent)")
+    from clipcond.models.clip import check_clip_folder
+
+    check_clip_folder(args.model, "--model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from clipcond.models.clip import load_clip
+
+    args = parse_args(argv)
+    check_args(args)
+    root = Path(args.folder).resolve()
+
+    # 1. the existing index, if any: it must be of this folder, this CLIP and this precision
+    index = None
+    if is_index(args.output) and not args.rebuild:
+        try:
+            index = ImageIndex.load(args.output, what="--output")
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"{err}; or pass --rebuild to discard it") from None
+        if index.root != root:
+            raise ValueError(
+                f"`--output` {args.output!r} indexes the folder {str(index.root)!r}, not FOLDER {str(root)!r}; "
+                "pass that folder, another --output, or --rebuild"
+            )
+        if args.dtype is not None and args.dtype != index.dtype:
+            raise ValueError(
+                f"`--dtype` {args.dtype!r} differs from the index's {index.dtype!r}; pass --rebuild to change it"
+            )
+    if index is None and not scan_images(root):
+        raise ValueError(f"FOLDER {args.folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    from clipcond.lineage import content_hash
+
+    clip_hash = content_hash(args.model)
+    if index is not None:
+        index.check_model(clip_hash, args.model)
+
+    # 2. the CLIP, then the update (a fresh index is an update of an empty one)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if args.no_progress:
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    try:
+        clip_run = load_clip(args.model, device=device)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    if index is None:
+        index = ImageIndex.empty(root, clip_run, dtype=args.dtype or "fp16", clip_hash=clip_hash)
+    report = index.update(
+        clip_run,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        clip_hash=clip_hash,
+    )
+    index.save(args.output)
+    print(f"clipcond index: {report.summary()} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
