@@ -147,7 +147,10 @@ def model_fingerprint(model, **identity) -> str:
     (JSON-able facts beside the model that change its outputs, e.g. the tokenizer). Two models with the same
     fingerprint compute the same function."""
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    if hasattr(model.config, "to_dict"):  # a transformers config
+        config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    else:  # a diffusers one (ConfigMixin, e.g. open_clip's text tower): a dict, with `_class_name` and the like
+        config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     header = {"class": type(model).__name__, "config": config, **identity}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -325,7 +328,11 @@ IMAGE_CACHE_FORMAT_VERSION = 1
 
 def image_list_identity(dataset) -> list[list]:
     """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
-    for each item's image, in item order (paths outside the root stay absolute)."""
+    for each item's image, in item order (paths outside the root stay absolute). For streamed WebDataset shards
+    (`clipcond.data.webdataset`, items in shard order) the same of each shard file, by absolute path."""
+    if getattr(dataset, "shards", None) is not None:
+        stats = [(s.path, s.path.stat()) for s in dataset.shards]
+        return [[path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
     root = Path(dataset.root).resolve()
     identity = []
     for path in dataset.image_paths:

@@ -62,6 +62,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
     parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="SPEC",
+        help="a text-to-image run with another frozen encoder than the one saved with it (clipcond.encoders spec: "
+        "clipcond:RUN, transformers:PATH, open_clip:MODEL@WEIGHTS, t5:PATH); refused unless it is the encoder the "
+        "run was trained on, or --allow-encoder-mismatch",
+    )
+    parser.add_argument(
+        "--allow-encoder-mismatch",
+        action="store_true",
+        help="use --text-encoder even when the run records another encoder (the widths must still fit)",
+    )
     add_prior_args(parser)
     return parser.parse_args(argv)
 
@@ -168,6 +181,11 @@ def load_pipeline(args: argparse.Namespace):
     model = os.fspath(args.model)
     class_name = pipeline_class_name(model)
     prior = getattr(args, "prior", None)
+    if getattr(args, "text_encoder", None) and (prior is not None or class_name != "TextToImagePipeline"):
+        raise ValueError(
+            f"`--text-encoder` swaps the encoder of a text-to-image run, but `--model` {model!r} holds a "
+            f"{class_name or 'pipeline of unknown class'}{' paired with --prior' if prior else ''}"
+        )
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     load_kwargs = {"local_files_only": True, _dtype_keyword(): dtype}
@@ -191,6 +209,11 @@ def load_pipeline(args: argparse.Namespace):
         from clipcond.pipelines.variation import ImageVariationPipeline
 
         pipe = ImageVariationPipeline.from_pretrained(model, **load_kwargs)
+    elif class_name == "TextToImagePipeline" and getattr(args, "text_encoder", None):
+        from clipcond.encoders import load_text_to_image
+
+        allow = getattr(args, "allow_encoder_mismatch", False)
+        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{_dtype_keyword(): dtype})
     elif class_name == "TextToImagePipeline":
         pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
     else:

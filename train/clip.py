@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.open import DATA_HELP, is_streamed, native_resolution, open_image_text_dataset
 from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.lineage import content_hash
@@ -33,6 +34,7 @@ from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
+    compile_if_asked,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -53,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="imagefolder root (with train/ and test/), split folder or CSV")
+    data.add_argument("--data", required=True, help=DATA_HELP)
     data.add_argument("--split", default="train", help="split of --data to train on")
     data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
     data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
@@ -191,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset_kwargs = {"caption_column": args.caption_column}
     if args.image_column:
         dataset_kwargs["image_column"] = args.image_column
-    dataset = ImageCaptionDataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
-    resolution = resolution or dataset[0]["pixel_values"].shape[-1]
-    _cache_images(dataset, resolution, args.image_cache_mb)
+    dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+    resolution = resolution or native_resolution(dataset)
+    if not is_streamed(dataset):  # streamed shards are decoded as they come
+        _cache_images(dataset, resolution, args.image_cache_mb)
     validation = None
     if args.validation_split != "none" and Path(args.data, args.validation_split).is_dir():
         val_set = ImageCaptionDataset(args.data, split=args.validation_split, resolution=resolution, **dataset_kwargs)
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Optimizer, schedule; prepare
     optimizer = make_optimizer(model.parameters(), args, accelerator)
     lr_scheduler = make_lr_scheduler(optimizer, args)
+    compile_if_asked(model, args)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))

@@ -1,7 +1,12 @@
 """`clipcond train decoder`: a diffusers `UNet2DConditionModel` conditioned on the frozen text tower of a CLIP run.
 
     clipcond train decoder --clip runs/clip --data shapes/ --output-dir runs/decoder
+    clipcond train decoder --text-encoder open_clip:ViT-B-32@vit-b-32.bin --data shapes/ --output-dir runs/decoder
     accelerate launch -m clipcond.train.decoder --clip runs/clip --data shapes/ --output-dir runs/decoder
+
+The frozen encoder is any `clipcond.encoders` adapter (`--text-encoder SPEC`: clipcond:RUN, transformers:PATH,
+open_clip:MODEL@WEIGHTS, t5:PATH; `--clip RUN` is `--text-encoder clipcond:RUN`); the run record names it
+(`encoder`: kind, name, content hash) and `clipcond.encoders.load_text_to_image` refuses the run beside another.
 
 The Stable Diffusion path at the data's resolution, in pixel space: the UNet cross-attends to the per-token states
 of CLIP's text encoder (`CLIPTextModelWithProjection` loaded from the CLIP run, frozen), learns DDPM's denoising
@@ -43,7 +48,9 @@ from einops import rearrange
 from PIL import Image
 
 from clipcond.conditioning import TextEmbeddingCache, unique_captions
-from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.folders import collate_image_text
+from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
+from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import check_encoder_fits, create_unet, unet_config
@@ -52,6 +59,8 @@ from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
+    compile_if_asked,
+    draw_rows,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -76,8 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--clip", required=True, help="CLIP run folder (from `clipcond train clip`): the frozen encoder")
-    data.add_argument("--data", required=True, help="imagefolder root (with train/), split folder or CSV")
+    encoder = data.add_mutually_exclusive_group(required=True)
+    encoder.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="SPEC",
+        help="the frozen text encoder: clipcond:RUN, transformers:PATH, open_clip:MODEL@WEIGHTS or t5:PATH "
+        "(clipcond.encoders)",
+    )
+    encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
+    data.add_argument("--data", required=True, help=DATA_HELP)
     data.add_argument("--split", default="train", help="split of --data to train on")
     data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
     data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
@@ -106,6 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="UNet cross-attention width (default: the text encoder's hidden_size; another width adds a projection)",
+    )
+    model.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="UNet weights in channels-last memory format (faster convolutions on GPUs; no gain on CPU)",
     )
     model.add_argument(
         "--enable-xformers",
@@ -267,6 +289,16 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in record.getMessage()
 
 
+def load_frozen_text_encoder(args: argparse.Namespace) -> FrozenEncoder:
+    """The frozen encoder of `--text-encoder SPEC`, or of `--clip RUN` (its synonym `clipcond:RUN`)."""
+    if args.text_encoder is None:
+        text_encoder, tokenizer = load_text_tower(args.clip)
+        encoder = FrozenEncoder("clipcond", str(args.clip), content_hash(args.clip), text_encoder, tokenizer)
+        encoder.check_tokens()
+        return encoder
+    return load_encoder(args.text_encoder, what="--text-encoder")
+
+
 # ---------------------------------------------------------------------------------------------- conditioning
 
 
@@ -296,8 +328,8 @@ class TextConditioning:
         hidden_states, attention_mask = text.hidden_states, text.attention_mask  # (B, L, W), (B, L)
         if self.caption_dropout > 0:
             batch_size = hidden_states.shape[0]
-            drop = torch.rand(batch_size, generator=generator, device=generator.device).to(device)
-            drop = drop < self.caption_dropout  # (B,)
+            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
+            drop = drop.to(device) < self.caption_dropout  # (B,)
             empty = self.cache.lookup_empty(batch_size).to(device)
             hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
             attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
@@ -435,9 +467,12 @@ class DecoderStage(Stage):
         device = self.accelerator.device
         sample = encode_images_to_model_space(batch["pixel_values"].to(device), self.vae, generator)  # (B, C, h, w)
         batch_size = sample.shape[0]
-        noise = torch.randn(sample.shape, generator=generator, device=device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device
+        noise = draw_rows(
+            lambda n: torch.randn((n, *sample.shape[1:]), generator=generator, device=device), batch_size
+        )
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = draw_rows(
+            lambda n: torch.randint(0, num_timesteps, (n,), generator=generator, device=device), batch_size
         )
         cond = self.conditioning(batch, generator, device)
         noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
@@ -537,6 +572,25 @@ class DecoderStage(Stage):
             self.pipeline(unet, self.noise_scheduler).save_pretrained(path, safe_serialization=True)
 
 
+def configure_unet_for_training(unet: UNet2DConditionModel, args: argparse.Namespace, device: torch.device) -> bool:
+    """The speed and memory options of a UNet about to train on `device`; returns whether xformers is on.
+
+    `--gradient-checkpointing`, `--channels-last`, `--enable-xformers` (CUDA only; SDPA otherwise). On CPU the
+    attention runs diffusers' classic processor instead of SDPA: PyTorch's fused CPU attention kernel is slow in
+    backward on these short sequences (64-256 tokens), the more so in bf16, and the classic processor (baddbmm +
+    softmax, the same function) trains the `tiny` UNet about 1.4x faster on 2 cores. Training only: the saved UNet
+    samples with diffusers' default processor.
+    """
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if getattr(args, "channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+    xformers = enable_xformers_if_possible(unet) if args.enable_xformers else False
+    if device.type == "cpu":
+        unet.set_attn_processor(AttnProcessor())
+    return xformers
+
+
 def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     """Float images (N, 3, H, W) in [0, 1], row by row -> one PIL image of N / columns rows."""
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -558,22 +612,24 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(args)
 
     # 2. The frozen text encoder (first: a wrong --clip fails before anything is read or written)
-    text_encoder, tokenizer = load_text_tower(args.clip)
-    clip_hash = content_hash(args.clip)
+    encoder = load_frozen_text_encoder(args)
+    text_encoder, tokenizer, clip_hash = encoder.text_encoder, encoder.tokenizer, encoder.content_hash
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     text_encoder.to(accelerator.device)
-    width = text_encoder.config.hidden_size  # per-token state width
+    width = encoder.text_width  # per-token state width
+    # A UNet built now: another --cross-attention-dim gets a learned projection (encoder_hid_dim, below)
+    compatibility = check_compatibility(encoder, cross_attention_dim=args.cross_attention_dim or width, new_model=True)
 
     # 3. Data
     dataset_kwargs = {"caption_column": args.caption_column}
     if args.image_column:
         dataset_kwargs["image_column"] = args.image_column
-    dataset = ImageCaptionDataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
-    resolution = args.resolution or (dataset.info or {}).get("resolution") or dataset[0]["pixel_values"].shape[-1]
+    dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
+    resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
     if dataset.resolution != resolution:
-        dataset = ImageCaptionDataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+        dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
 
     # 4. Text embeddings of the captions, computed once (by the main process; the others then read the file)
     captions, sample_rows = unique_captions(dataset.captions)
@@ -600,14 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     unet = create_unet(config)
     check_encoder_fits(unet, width)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    xformers = enable_xformers_if_possible(unet) if args.enable_xformers else False
-    if accelerator.device.type == "cpu":
-        # PyTorch's fused CPU attention kernel is slow in backward on these short sequences (64-256 tokens), the
-        # more so in bf16: the classic processor (baddbmm + softmax, the same function) trains the `tiny` UNet about
-        # 1.4x faster on 2 cores. Training only: the saved UNet samples with diffusers' default processor.
-        unet.set_attn_processor(AttnProcessor())
+    xformers = configure_unet_for_training(unet, args, accelerator.device)
     noise_scheduler = make_noise_scheduler(args)
     ema = None
     if not args.no_ema:
@@ -633,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     # 6. Optimizer (the UNet's parameters only: the text encoder is frozen), schedule; prepare
     optimizer = make_optimizer(unet.parameters(), args, accelerator)
     lr_scheduler = make_lr_scheduler(optimizer, args)
+    compile_if_asked(unet, args)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
@@ -686,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
                 "num_captions": len(captions),
                 "resolution": resolution,
             },
-            "clip": {"path": str(args.clip), "content_hash": clip_hash},
+            "clip": {"path": str(args.clip or encoder.name), "content_hash": clip_hash},
+            "encoder": encoder.lineage(),
+            "compatibility": {"projections": compatibility.projections},
             "conditioning": conditioning.record(),
             "unet": {
                 "preset": args.model,

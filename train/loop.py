@@ -10,6 +10,16 @@ Exact resume: every source of randomness is either seeded from (seed, epoch) —
 state that the checkpoint stores (the stage's generator, the global RNGs through `save_state`, the EMA), and the
 sampler resumes mid-epoch. A run killed with SIGKILL and resumed therefore ends with the weights of an
 uninterrupted run.
+
+N processes train like one process on the N-times larger global batch: the sampler hands each process its slice of
+the same global batches, the losses gather what they need across processes, and the stage's generator is the same on
+every process, which draws the random numbers of the whole global batch and keeps its own rows (`draw_rows`). So the
+weights after a step on 2 processes equal those of 1 process up to the order of float reductions, and the
+checkpoint's one generator state resumes every process.
+
+Debugging aid: with the environment variable `CLIPCOND_SAMPLE_LOG` set to a folder, each process appends the data
+set indices of every micro-batch it trains on to `rank<k>.jsonl` there (one JSON line per batch:
+`{"epoch", "step", "index"}`); the multi-process tests read it to check that every sample is seen once per epoch.
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ from typing import Any
 
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -90,6 +100,16 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     )
     g.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
+    g.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="TF32 matrix products and convolutions for fp32 work on Ampere or newer GPUs (no effect on CPU)",
+    )
+    g.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch.compile the trained model (pays on GPUs over long runs; the first steps compile)",
     )
     g.add_argument("--dataloader-num-workers", type=int, default=0, help="data loading worker processes")
     g.add_argument(
@@ -153,8 +173,22 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
+    if getattr(args, "allow_tf32", False):
+        if accelerator.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            logger.info("--allow-tf32 has no effect on %s", accelerator.device.type)
     set_seed(args.seed)
     return accelerator
+
+
+def compile_if_asked(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """`--torch-compile`: compile the module's forward in place (`nn.Module.compile`), so its state dict, its
+    `save_pretrained` and Accelerate's `unwrap_model` stay those of the plain module."""
+    if getattr(args, "torch_compile", False):
+        model.compile()
+    return model
 
 
 def make_optimizer(params, args: argparse.Namespace, accelerator: Accelerator) -> torch.optim.Optimizer:
@@ -163,6 +197,8 @@ def make_optimizer(params, args: argparse.Namespace, accelerator: Accelerator) -
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused AdamW: one kernel for all parameters instead of a few per tensor; CUDA only here (the CPU kernel
+    # exists but was no faster on the small models these CPUs train).
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=args.learning_rate,
@@ -239,6 +275,34 @@ class ShardedEpochSampler(Sampler[list[int]]):
         for b in range(self.start_batch, self.num_batches):
             start = b * global_batch + self.process_index * self.batch_size
             yield order[start : start + self.batch_size].tolist()
+
+
+def draw_rows(draw: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
+    """This process's rows of random numbers drawn for the whole global batch: `draw(n)` must return n rows from
+    the stage's generator, which is seeded alike on every process (see `train`). On N processes each draws the
+    N x `batch_size` rows of the global batch and keeps its slice, in the sampler's layout, so the noise of a
+    sample is the same as in a 1-process run of the global batch, and the generators stay in step."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return draw(batch_size)
+    start = state.process_index * batch_size
+    return draw(batch_size * state.num_processes)[start : start + batch_size]
+
+
+class _SampleLog:
+    """Appends each micro-batch's data set indices to `$CLIPCOND_SAMPLE_LOG/rank<k>.jsonl` (see the module doc)."""
+
+    def __init__(self, process_index: int):
+        folder = os.environ.get("CLIPCOND_SAMPLE_LOG")
+        self.path = Path(folder) / f"rank{process_index}.jsonl" if folder else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, epoch: int, step: int, index: torch.Tensor | None) -> None:
+        if self.path is None or index is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "step": step, "index": index.tolist()}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -338,6 +402,8 @@ class Checkpoints:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        # Every process writes its RNG states into `tmp`: all must be done before the main process renames it.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             tensors: dict[str, torch.Tensor] = {}
             extra_json = _flatten_state(extra, "extra", tensors)
@@ -423,6 +489,27 @@ class TrainResult:
     resumed_from: str | None
 
 
+def training_step(
+    accelerator: Accelerator,
+    stage: Stage,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    generator: torch.Generator,
+    max_grad_norm: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-step of a prepared model: the stage's loss, backward, clipping and the optimizer step when
+    gradients sync (Accelerate's `accumulate` skips the step on the other micro-steps). The benchmarks time this."""
+    with accelerator.accumulate(model):
+        loss, logs = stage.loss(batch, generator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logs
+
+
 def train(
     accelerator: Accelerator,
     args: argparse.Namespace,
@@ -434,27 +521,47 @@ def train(
     dataset: Dataset,
     collate_fn: Callable,
 ) -> TrainResult:
-    """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
-    sampler = ShardedEpochSampler(
-        len(dataset),
-        args.train_batch_size,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-        seed=args.seed,
-        batches_multiple_of=args.gradient_accumulation_steps,
-    )
+    """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done.
+
+    `dataset` is map-style (read through a `ShardedEpochSampler`) or a streamed
+    `clipcond.data.webdataset.ShardedImageCaptionDataset`, which splits its shards across processes and workers,
+    shuffles and resumes itself; either way `epochs.set_epoch(epoch, start_batch)` positions the data.
+    """
+    if isinstance(dataset, IterableDataset):
+        dataset.configure(
+            args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            num_workers=args.dataloader_num_workers,
+            seed=args.seed,
+            batches_multiple_of=args.gradient_accumulation_steps,
+        )
+        epochs = dataset
+        batching = {"batch_size": args.train_batch_size}  # each worker yields whole batches of its own stream
+    else:
+        epochs = ShardedEpochSampler(
+            len(dataset),
+            args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            seed=args.seed,
+            batches_multiple_of=args.gradient_accumulation_steps,
+        )
+        batching = {"batch_sampler": epochs}
     loader = DataLoader(
         dataset,
-        batch_sampler=sampler,
+        **batching,
         collate_fn=collate_fn,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=False,  # workers start afresh each epoch, with the data set's new epoch
     )
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
-    # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators.
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+    # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators. It is seeded alike on
+    # every process: stages draw for the global batch and keep their rows (`draw_rows`).
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000)
+    sample_log = _SampleLog(accelerator.process_index)
 
     state = TrainingState()
     resume_path = checkpoints.resolve(args.resume_from_checkpoint)
@@ -467,7 +574,7 @@ def train(
         logger.info("no checkpoint in %s; starting from scratch", checkpoints.dir)
 
     global_batch = args.train_batch_size * accelerator.num_processes
-    steps_per_epoch = sampler.num_batches // args.gradient_accumulation_steps
+    steps_per_epoch = epochs.num_batches // args.gradient_accumulation_steps
     logger.info(
         "%d samples, %d steps per epoch; global batch %d (%d per process x %d processes x %d accumulation)",
         len(dataset),
@@ -492,16 +599,11 @@ def train(
 
     model.train()
     while state.global_step < args.max_train_steps:
-        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        epochs.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in loader:
             skipped.update(batch.pop("skipped", []))
-            with accelerator.accumulate(model):
-                loss, logs = stage.loss(batch, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            sample_log.write(state.epoch, state.global_step, batch.get("index"))
+            loss, logs = training_step(accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm)
             state.batch_in_epoch += 1
             step_samples += global_batch
             if not accelerator.sync_gradients:

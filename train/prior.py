@@ -45,6 +45,8 @@ from clipcond.conditioning import (
     unique_captions,
 )
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.data.open import DATA_HELP, open_image_text_dataset
+from clipcond.encoders.base import FrozenEncoder, load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.prior import (
@@ -70,6 +72,8 @@ from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
+    compile_if_asked,
+    draw_rows,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -95,8 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--clip", required=True, help="CLIP run folder (from `clipcond train clip`): the frozen encoder")
-    data.add_argument("--data", required=True, help="imagefolder root (with train/), split folder or CSV")
+    encoder = data.add_mutually_exclusive_group(required=True)
+    encoder.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="SPEC",
+        help="the frozen CLIP (both towers): clipcond:RUN, transformers:PATH or open_clip:MODEL@WEIGHTS "
+        "(clipcond.encoders)",
+    )
+    encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
+    data.add_argument("--data", required=True, help=DATA_HELP)
     data.add_argument("--split", default="train", help="split of --data to train on")
     data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
     data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
@@ -266,12 +278,16 @@ class PriorStage(Stage):
         text = self.data.text(index, self.text_encoder)
         if self.caption_dropout > 0:
             # Ho & Salimans 2022: the empty prompt's inputs, what the pipeline's unconditional branch feeds.
-            drop = torch.rand(batch_size, generator=generator, device=generator.device) < self.caption_dropout
+            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
+            drop = drop < self.caption_dropout
             text = PriorTextInputs.where(drop.cpu(), self.data.empty(batch_size, self.text_encoder), text)
         text = text.to(device)
-        noise = torch.randn(sample.shape, generator=generator, device=device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=device
+        noise = draw_rows(
+            lambda n: torch.randn((n, *sample.shape[1:]), generator=generator, device=device), batch_size
+        )
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = draw_rows(
+            lambda n: torch.randint(0, num_timesteps, (n,), generator=generator, device=device), batch_size
         )
         noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
         prediction = self.model(
@@ -347,9 +363,17 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(args)
 
     # 2. The frozen towers (first: a wrong --clip fails before anything is read or written)
-    text_encoder, tokenizer = load_text_tower(args.clip)
-    vision_model, image_mean, image_std = load_vision_tower(args.clip)
-    clip_hash = content_hash(args.clip)
+    if args.text_encoder is None:  # --clip RUN: the synonym of --text-encoder clipcond:RUN
+        text_encoder, tokenizer = load_text_tower(args.clip)
+        vision_model, image_mean, image_std = load_vision_tower(args.clip)
+        encoder = FrozenEncoder("clipcond", str(args.clip), content_hash(args.clip), text_encoder, tokenizer)
+    else:
+        encoder = load_encoder(args.text_encoder, what="--text-encoder", need_image=True)
+        text_encoder, tokenizer = encoder.text_encoder, encoder.tokenizer
+        vision_model, image_mean, image_std = encoder.image_encoder, encoder.image_mean, encoder.image_std
+    if encoder.embed_dim is None:
+        raise ValueError(f"`--text-encoder` {encoder.name!r} has no pooled embedding; the prior needs a CLIP")
+    clip_hash = encoder.content_hash
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset_kwargs = {"caption_column": args.caption_column, "resolution": resolution}
     if args.image_column:
         dataset_kwargs["image_column"] = args.image_column
-    dataset = ImageCaptionDataset(args.data, split=args.split, **dataset_kwargs)
+    dataset = open_image_text_dataset(args.data, split=args.split, **dataset_kwargs)
     validation_set = None
     if args.validation_steps and args.validation_split != "none":
         if Path(args.data, args.validation_split).is_dir():
@@ -421,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     # 6. Optimizer (the prior's weights only: both towers are frozen), schedule; prepare
     optimizer = make_optimizer(prior.parameters(), args, accelerator)
     lr_scheduler = make_lr_scheduler(optimizer, args)
+    compile_if_asked(prior, args)
     model, optimizer, lr_scheduler = accelerator.prepare(prior, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
@@ -475,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped_files": image_cache.skipped,
                 "validation_split": args.validation_split if validation is not None else None,
             },
-            "clip": {"path": str(args.clip), "content_hash": clip_hash},
+            "clip": {"path": str(args.clip or encoder.name), "content_hash": clip_hash},
+            "encoder": encoder.lineage(),
             "caches": {
                 "text": {"path": str(text_cache.path), "key": text_cache.key},
                 "image": {"path": str(image_cache.path), "key": image_cache.key},

@@ -41,7 +41,9 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPImageProcessor
 
 from clipcond.conditioning import ImageEmbeddingCache
-from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.folders import collate_image_text
+from clipcond.data.open import items_at, native_resolution, open_image_text_dataset
+from clipcond.encoders.base import load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.clip import load_vision_tower
@@ -64,6 +66,8 @@ from clipcond.train.decoder import (
     make_noise_scheduler,
 )
 from clipcond.train.loop import (
+    compile_if_asked,
+    draw_rows,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -117,15 +121,21 @@ class ImageEmbeddingConditioning:
         batch_size = embeds.shape[0]
         levels, noise = 0, None
         if self.noising_scheduler is not None:
-            levels = torch.randint(
-                0, self.max_noise_level + 1, (batch_size,), generator=generator, device=generator.device
+            levels = draw_rows(
+                lambda n: torch.randint(
+                    0, self.max_noise_level + 1, (n,), generator=generator, device=generator.device
+                ),
+                batch_size,
             ).to(device)
-            noise = torch.randn(embeds.shape, generator=generator, device=generator.device).to(device)
+            noise = draw_rows(
+                lambda n: torch.randn((n, *embeds.shape[1:]), generator=generator, device=generator.device), batch_size
+            ).to(device)
         condition = decoder_condition(
             embeds, noising_scheduler=self.noising_scheduler, noise_level=levels, noise=noise
         )  # (B, D or 2D)
         if self.dropout > 0:
-            drop = torch.rand(batch_size, generator=generator, device=generator.device).to(device) < self.dropout
+            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
+            drop = drop.to(device) < self.dropout
             condition = drop_condition(condition, drop)
         return Conditioning(encoder_hidden_states=None, encoder_attention_mask=None, class_labels=condition)
 
@@ -265,7 +275,7 @@ def validation_sources(
     image encoder's and at the decoder's resolution: uint8 (S, 3, r, r) and (S, 3, R, R)."""
     source_split = "test" if Path(data, "test").is_dir() else split
     by_resolution = [
-        ImageCaptionDataset(data, split=source_split, resolution=r, **dataset_kwargs) for r in resolutions
+        open_image_text_dataset(data, split=source_split, resolution=r, **dataset_kwargs) for r in resolutions
     ]
     chosen, seen = [], set()
     for i, caption in enumerate(by_resolution[0].captions):
@@ -274,7 +284,7 @@ def validation_sources(
             chosen.append(i)
         if len(chosen) == count:
             break
-    samples = [[dataset[i] for i in chosen] for dataset in by_resolution]
+    samples = [items_at(dataset, chosen) for dataset in by_resolution]
     if any(s["skipped"] for s in samples[0]):
         logger.warning("some validation images could not be read; the next readable ones stand in")
     return tuple(torch.stack([s["pixel_values"] for s in part]) for part in samples)
@@ -292,8 +302,14 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     accelerator = make_accelerator(args)
 
     # 2. The frozen image encoder (first: a wrong --clip fails before anything is read or written)
-    image_encoder, image_mean, image_std = load_vision_tower(args.clip)
-    clip_hash = content_hash(args.clip)
+    if args.text_encoder is None:  # --clip RUN: the synonym of --text-encoder clipcond:RUN
+        image_encoder, image_mean, image_std = load_vision_tower(args.clip)
+        lineage = {"kind": "clipcond", "name": str(args.clip), "content_hash": content_hash(args.clip)}
+    else:  # the image tower of any CLIP adapter (clipcond.encoders)
+        encoder = load_encoder(args.text_encoder, what="--text-encoder", need_text=False, need_image=True)
+        image_encoder, image_mean, image_std = encoder.image_encoder, encoder.image_mean, encoder.image_std
+        lineage = encoder.lineage()
+    clip_hash = lineage["content_hash"]
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -311,13 +327,13 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     dataset_kwargs = {"caption_column": args.caption_column}
     if args.image_column:
         dataset_kwargs["image_column"] = args.image_column
-    dataset = ImageCaptionDataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
-    resolution = args.resolution or (dataset.info or {}).get("resolution") or dataset[0]["pixel_values"].shape[-1]
+    dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
+    resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
     if dataset.resolution != resolution:
-        dataset = ImageCaptionDataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+        dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
     clip_dataset = dataset
     if resolution != clip_size:
-        clip_dataset = ImageCaptionDataset(args.data, split=args.split, resolution=clip_size, **dataset_kwargs)
+        clip_dataset = open_image_text_dataset(args.data, split=args.split, resolution=clip_size, **dataset_kwargs)
 
     # 4. CLIP image embeddings of the training images, computed once (by the main process; the others read the file)
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
@@ -351,6 +367,8 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     embedding_tokens = ImageEmbeddingTokens(embedding_dim, num_tokens, cross_attention_dim) if num_tokens else None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
     xformers = enable_xformers_if_possible(unet) if args.enable_xformers else False
     decoder = UnCLIPDecoder(unet, embedding_tokens)
     noise_scheduler = make_noise_scheduler(args)
@@ -377,6 +395,7 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     # 6. Optimizer (the UNet's and the tokens' parameters: the image encoder is frozen), schedule; prepare
     optimizer = make_optimizer(decoder.parameters(), args, accelerator)
     lr_scheduler = make_lr_scheduler(optimizer, args)
+    compile_if_asked(decoder, args)
     model, optimizer, lr_scheduler = accelerator.prepare(decoder, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
@@ -433,7 +452,8 @@ def main_image_embedding(args: argparse.Namespace) -> int:
                 "num_samples": len(dataset),
                 "resolution": resolution,
             },
-            "clip": {"path": str(args.clip), "content_hash": clip_hash},
+            "clip": {"path": str(args.clip or lineage["name"]), "content_hash": clip_hash},
+            "encoder": lineage,
             "conditioning": CONDITIONING,
             "image_embedding": {
                 **conditioning.record(),

@@ -120,6 +120,29 @@ def _pick_column(requested: str, columns: list[str], path: Path, what: str) -> s
     raise ValueError(f"{what} column {requested!r} is not in {path}; available columns: {', '.join(columns)}")
 
 
+def resize_image(image: Image.Image, resolution: int | None, center_crop: bool = True) -> Image.Image:
+    """Resize the shorter side to `resolution` and crop the centre square (or, without `center_crop`, squash the
+    whole image to `resolution` x `resolution`); None keeps the image as it is."""
+    r = resolution
+    if r is None or image.size == (r, r):
+        return image
+    if not center_crop:
+        return image.resize((r, r), Image.Resampling.BICUBIC)
+    w, h = image.size
+    scale = r / min(w, h)
+    size = (max(r, round(w * scale)), max(r, round(h * scale)))
+    # Pillow's resize filters the source on downscale: antialiased
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - r) // 2, (size[1] - r) // 2
+    return image.crop((left, top, left + r, top + r))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL RGB image -> uint8 tensor (3, H, W)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Images and captions from an imagefolder directory or a CSV file.
 
@@ -229,19 +252,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return None
 
     def _resize(self, image: Image.Image) -> Image.Image:
-        r = self.resolution
-        if r is None or image.size == (r, r):
-            return image
-        if not self.center_crop:
-            return image.resize((r, r), Image.Resampling.BICUBIC)
-        w, h = image.size
-        scale = r / min(w, h)
-        size = (max(r, round(w * scale)), max(r, round(h * scale)))
-        image = image.resize(
-            size, Image.Resampling.BICUBIC
-        )  # Pillow's resize filters the source on downscale: antialiased
-        left, top = (size[0] - r) // 2, (size[1] - r) // 2
-        return image.crop((left, top, left + r, top + r))
+        return resize_image(image, self.resolution, self.center_crop)
 
     def _pixels(self, index: int) -> torch.Tensor | None:
         """The item's image as uint8 (3, H, W) at the data set's resolution, or None when it cannot be decoded."""
@@ -251,8 +262,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image = self._load(index)
         if image is None:
             return None
-        pixels = torch.from_numpy(np.array(self._resize(image), dtype=np.uint8))  # (H, W, 3)
-        return pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+        return image_to_tensor(self._resize(image))  # (3, H, W)
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
