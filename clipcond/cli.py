@@ -44,6 +44,10 @@ COMMANDS: dict = {
         "prior": Command(
             "clipcond.evaluation.prior", "cosine of a prior's image embeddings to the true ones, beside baselines"
         ),
+        "unclip": Command(
+            "clipcond.evaluation.unclip",
+            "judge the DALL-E 2 path: variations, text-to-image through the prior, the prior's cosine",
+        ),
     },
     "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
     "vary": Command("clipcond.vary", "variations of images with an image-embedding (DALL-E 2) decoder"),

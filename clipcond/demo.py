@@ -14,6 +14,17 @@ picks up where it stopped, and both trainings resume from their latest checkpoin
    held-out compositions at guidance 1 and the default, CLIP score, FD);
 6. `report.md` / `report.json`: the figures, the sample grid, and the time of every stage (wall and CPU).
 
+`--dalle2` adds the DALL-E 2 (unCLIP) path on the same frozen CLIP, before the report (opt-in: the default demo
+fits in 15 minutes on 2 CPU cores, this does not):
+
+- `prior/`: the prior (`clipcond train prior`);
+- `unclip_decoder/`: the image-embedding decoder (`clipcond train decoder --conditioning image-embedding`);
+- `unclip_eval/`: what `clipcond eval unclip` reports (`clipcond.evaluation.unclip`): the prior's cosine beside
+  both baselines, judged variations of one-object test images and judged text-to-image through the prior;
+
+and the report gains a "DALL-E 2 path" section with one table of the judged colour and shape accuracy of the
+Stable Diffusion path, of text-to-image through the prior and of variations, for seen and held-out compositions.
+
 `--quick` shrinks every budget to a smoke test of the plumbing (the figures are then meaningless).
 """
 
@@ -41,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clipcond demo",
         description="End to end on the built-in shapes data: make the data, pretrain a CLIP, train a text-to-image "
-        "decoder on its frozen text encoder, generate and judge samples, report.",
+        "decoder on its frozen text encoder, generate and judge samples, report; with --dalle2 also the DALL-E 2 path "
+        "(a prior and an image-embedding decoder), judged beside it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--output-dir", default="demo", help="where every stage writes its folder and the report")
@@ -66,11 +78,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance weight"
     )
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in seconds")
+    dalle2 = parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well")
+    dalle2.add_argument(
+        "--dalle2", action="store_true", help="also train a prior and an image-embedding decoder, judge both paths"
+    )
+    dalle2.add_argument("--prior-steps", type=int, default=None, help="prior optimizer steps (default: its recipe)")
+    dalle2.add_argument(
+        "--unclip-decoder-steps", type=int, default=None, help="image-embedding decoder steps (default: its recipe)"
+    )
+    dalle2.add_argument(
+        "--variation-sources", type=int, default=2, help="one-object test images varied per colour-shape class"
+    )
+    dalle2.add_argument("--variations-per-source", type=int, default=4, help="variations judged per source image")
     args = parser.parse_args(argv)
-    for name in ("num_images", "samples_per_prompt", "eval_images_per_prompt", "num_inference_steps"):
+    for name in (
+        "num_images",
+        "samples_per_prompt",
+        "eval_images_per_prompt",
+        "num_inference_steps",
+        "variation_sources",
+        "variations_per_source",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    for name in ("clip_steps", "decoder_steps"):
+    for name in ("clip_steps", "decoder_steps", "prior_steps", "unclip_decoder_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     if args.guidance_scale < 1:
@@ -247,6 +278,18 @@ def _stage_samples(gen_args: argparse.Namespace, samples_dir: Path) -> dict:
     }
 
 
+def _judge(args: argparse.Namespace, info: dict, judge_dir: Path, device):
+    """The attribute judge at the data's resolution (cached in ~/.cache); with `--quick` one that trains in a second,
+    cached in the demo folder, whose verdicts mean nothing."""
+    from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
+
+    if args.quick:
+        return load_or_train_judge(
+            int(info["resolution"]), cache_dir=judge_dir, config=JudgeTrainingConfig(**QUICK_JUDGE)
+        )
+    return load_or_train_judge(int(info["resolution"]), device=device)
+
+
 def _stage_generation_eval(
     args: argparse.Namespace, info: dict, data_dir: Path, clip_dir: Path, decoder_dir: Path, judge_dir: Path
 ) -> dict:
@@ -258,17 +301,11 @@ def _stage_generation_eval(
 
     from clipcond.data.shapes import class_names
     from clipcond.evaluation.generation import evaluate_generation, load_reference_images
-    from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:  # a judge that trains in a second, cached in the demo folder; its verdicts mean nothing
-        judge = load_or_train_judge(
-            int(info["resolution"]), cache_dir=judge_dir, config=JudgeTrainingConfig(**QUICK_JUDGE)
-        )
-    else:
-        judge = load_or_train_judge(int(info["resolution"]), device=device)
+    judge = _judge(args, info, judge_dir, device)
     clip_run = load_clip(clip_dir, device=device)
     reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
     pipe = TextToImagePipeline.from_pretrained(decoder_dir, local_files_only=True).to(device)
@@ -290,6 +327,130 @@ def _stage_generation_eval(
     )
 
 
+def _stage_prior(args: argparse.Namespace, data_dir: Path, clip_dir: Path, prior_dir: Path) -> dict:
+    """`clipcond train prior` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
+    from clipcond.train import prior as train_prior
+
+    record_path = prior_dir / train_prior.RUN_RECORD
+    if not record_path.is_file():
+        argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(prior_dir)]
+        argv += ["--seed", str(args.seed), "--resume-from-checkpoint", "latest", "--validation-steps", "0"]
+        if args.quick:
+            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16", "--lr-warmup-steps", "1"]
+        elif args.prior_steps:
+            argv += ["--max-train-steps", str(args.prior_steps)]
+        if args.mixed_precision:
+            argv += ["--mixed-precision", args.mixed_precision]
+        train_prior.main(argv)
+        _reset_accelerate()
+    record = json.loads(record_path.read_text())
+    run_args = record["args"]
+    return {
+        **record["summary"],
+        "model": run_args["model"],
+        "parameters": record["prior"]["parameters"],
+        "train_batch_size": run_args["train_batch_size"],
+        "learning_rate": run_args["learning_rate"],
+        "mixed_precision": run_args["mixed_precision"],
+        "beta_schedule": run_args["beta_schedule"],
+        "caption_dropout": run_args["caption_dropout"],
+        "ema": record["ema"],
+    }
+
+
+def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, unclip_dir: Path) -> dict:
+    """`clipcond train decoder --conditioning image-embedding` with its recipe's defaults; resumes after a kill."""
+    from clipcond.train import decoder as train_decoder
+
+    record_path = unclip_dir / train_decoder.RUN_RECORD
+    if not record_path.is_file():
+        argv = ["--conditioning", "image-embedding", "--clip", str(clip_dir), "--data", str(data_dir)]
+        argv += ["--output-dir", str(unclip_dir), "--seed", str(args.seed), "--resume-from-checkpoint", "latest"]
+        argv += ["--validation-steps", "0"]
+        if args.quick:
+            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
+        elif args.unclip_decoder_steps:
+            argv += ["--max-train-steps", str(args.unclip_decoder_steps)]
+        if args.mixed_precision:
+            argv += ["--mixed-precision", args.mixed_precision]
+        train_decoder.main(argv)
+        _reset_accelerate()
+    record = json.loads(record_path.read_text())
+    run_args = record["args"]
+    return {
+        **record["summary"],
+        "model": run_args["model"],
+        "parameters": record["unet"]["parameters"],
+        "embedding_tokens": record["image_embedding"]["embedding_tokens"],
+        "noise_level": record["image_embedding"]["max_noise_level"],
+        "train_batch_size": run_args["train_batch_size"],
+        "learning_rate": run_args["learning_rate"],
+        "mixed_precision": run_args["mixed_precision"],
+        "prediction_type": run_args["prediction_type"],
+        "caption_dropout": run_args["caption_dropout"],
+        "ema": record["ema"],
+    }
+
+
+def _stage_unclip_eval(
+    args: argparse.Namespace, info: dict, data_dir: Path, clip_dir: Path, prior_dir: Path, unclip_dir: Path, out: Path
+) -> dict:
+    """`clipcond eval unclip` on the prior and the image-embedding decoder: the prior's cosine beside both baselines,
+    judged variations, judged text-to-image through the prior (the SD path's prompts, seeds and sampler)."""
+    if (out / "metrics.json").is_file():  # written last by the evaluation
+        return json.loads((out / "metrics.json").read_text())
+    import torch
+
+    from clipcond.evaluation.generation import load_reference_images
+    from clipcond.evaluation.unclip import evaluate_unclip
+    from clipcond.models.clip import load_clip
+    from clipcond.pipelines.text_to_image import scheduler_from_name
+    from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    judge = _judge(args, info, out.parent / "judge", device)
+    clip_run = load_clip(clip_dir, device=device)
+    reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
+    pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True).to(device)
+    pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
+    quick = {"sources_per_class": 1, "variations_per_source": 1, "images_per_prompt": 1, "num_inference_steps": 2}
+    budget = {
+        "sources_per_class": args.variation_sources,
+        "variations_per_source": args.variations_per_source,
+        "images_per_prompt": args.eval_images_per_prompt,
+        "num_inference_steps": args.num_inference_steps,
+    }
+    return evaluate_unclip(
+        pipe,
+        data_dir,
+        judge=judge,
+        clip_run=clip_run,
+        reference_images=reference,
+        guidance_scale=args.guidance_scale,
+        **(quick if args.quick else budget),
+        **({"prior_num_inference_steps": 2, "prior_max_captions": 36} if args.quick else {}),
+        seed=args.seed,
+        output_dir=out,
+    )
+
+
+def _dalle2_table(generation: dict, unclip_eval: dict) -> dict:
+    """{"seen" | "heldout": {path: {"colour", "shape"}}}: the judged accuracies of the three ways to draw, side by
+    side (the Stable Diffusion path and text-to-image through the prior at the default guidance)."""
+    paths = {
+        "stable_diffusion_text_to_image": generation,
+        "dalle2_text_to_image": unclip_eval["text_to_image"],
+        "dalle2_variations": unclip_eval["variations"],
+    }
+    return {
+        group: {
+            name: {"colour": figures[f"colour_accuracy_{group}"], "shape": figures[f"shape_accuracy_{group}"]}
+            for name, figures in paths.items()
+        }
+        for group in ("seen", "heldout")
+    }
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -308,6 +469,83 @@ def _generation_rows(generation: dict) -> list[str]:
             f"{_num(g['clip_score'])} | {_num(g['fd_clip'], 2)} |"
         )
     return rows
+
+
+def _dalle2_lines(report: dict) -> list[str]:
+    """The report's "DALL-E 2 path" section (empty without `--dalle2`)."""
+    if "unclip_eval" not in report:
+        return []
+    prior, decoder, evaluation = report["prior"], report["unclip_decoder"], report["unclip_eval"]
+    cosine, variations, t2i = evaluation["prior"], evaluation["variations"], evaluation["text_to_image"]
+    settings = evaluation["settings"]
+    table = report["dalle2_table"]
+    columns = ("stable_diffusion_text_to_image", "dalle2_text_to_image", "dalle2_variations")
+    rows = [
+        f"| {label} | "
+        + " | ".join(f"{_pct(table[group][c]['colour'])} | {_pct(table[group][c]['shape'])}" for c in columns)
+        + " |"
+        for group, label in (("seen", "seen"), ("heldout", "held-out"))
+    ]
+    return [
+        "## DALL-E 2 path",
+        "",
+        f"Prior `{prior['model']}` ({prior['parameters'] / 1e6:.2f} M parameters) from the frozen CLIP's text to its "
+        f"image embedding: {prior['steps']} steps of batch {prior['train_batch_size']}, learning rate "
+        f"{prior['learning_rate']:g}, final loss {_num(prior['final_loss'], 4)}. Decoder UNet `{decoder['model']}` "
+        f"({decoder['parameters'] / 1e6:.2f} M parameters) on the CLIP image embedding ({decoder['embedding_tokens']} "
+        f"context tokens): {decoder['steps']} steps of batch {decoder['train_batch_size']}, learning rate "
+        f"{decoder['learning_rate']:g}, final loss {_num(decoder['final_loss'], 4)}.",
+        "",
+        f"The prior's image embeddings against the true ones of the first {cosine['num_captions']} test captions "
+        f"(guidance {cosine['guidance_scale']:g}, {cosine['num_inference_steps']} DDPM steps): mean cosine",
+        "",
+        "| prior | text-embedding baseline | random-image baseline | prior (seen) | prior (held-out) | "
+        "zero-shot top-1 of the prior's (seen / held-out) | of the true images' |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {_num(cosine['cosine_predicted'])} | {_num(cosine['cosine_text_baseline'])} | "
+        f"{_num(cosine['cosine_random_baseline'])} | {_num(cosine['cosine_predicted_seen'])} | "
+        f"{_num(cosine['cosine_predicted_heldout'])} | {_pct(cosine['zero_shot_top1_predicted_seen'])} / "
+        f"{_pct(cosine['zero_shot_top1_predicted_heldout'])} | {_pct(cosine['zero_shot_top1_true_image_seen'])} / "
+        f"{_pct(cosine['zero_shot_top1_true_image_heldout'])} |",
+        "",
+        "Judged colour and shape accuracy of the three ways to draw (decoder guidance "
+        f"{settings['guidance_scale']:g}, {t2i['settings']['scheduler']} {settings['num_inference_steps']} steps; "
+        f"the prior at guidance {settings['prior_guidance_scale']:g}, {settings['prior_num_inference_steps']} steps). "
+        f"Text-to-image: {report['generation']['settings']['num_images_per_prompt']} (Stable Diffusion path) and "
+        f"{settings['images_per_prompt']} (through the prior) images per colour-shape prompt, judged against the "
+        f"prompt. Variations: {settings['variations_per_source']} of each of {settings['sources_per_class']} "
+        "one-object test image(s) per class, judged against the source's colour and shape.",
+        "",
+        "| compositions | SD path: colour | SD path: shape | DALL-E 2 (prior): colour | DALL-E 2 (prior): shape | "
+        "variations: colour | variations: shape |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"The judge on the variations' sources themselves (what an exact copy scores): colour "
+        f"{_pct(variations['source_colour_accuracy'])}, shape {_pct(variations['source_shape_accuracy'])}.",
+        "",
+        "Variations (a row per source: the source, then its variations):",
+        "",
+        "![variations](unclip_eval/variations/grid.png)",
+        "",
+        f"Judged grid of text-to-image through the prior: "
+        f"`unclip_eval/text_to_image/grid_guidance_{float(t2i['guidance_scale'])}.png`.",
+        "",
+    ]
+
+
+def _dalle2_headline(report: dict) -> dict:
+    """The DALL-E 2 figures of the printed line: the prior's cosine beside its baselines, and the table."""
+    cosine = report["unclip_eval"]["prior"]
+    keys = ("cosine_predicted", "cosine_text_baseline", "cosine_random_baseline")
+    rounded = {k: None if cosine[k] is None else round(cosine[k], 4) for k in keys}
+    table = {
+        group: {
+            path: {k: None if v is None else round(v, 4) for k, v in figures.items()} for path, figures in row.items()
+        }
+        for group, row in report["dalle2_table"].items()
+    }
+    return {**rounded, **table}
 
 
 def _write_report(out: Path, report: dict) -> None:
@@ -368,6 +606,7 @@ def _write_report(out: Path, report: dict) -> None:
         "",
         f"Judged grid: `decoder/eval_generation/grid_guidance_{float(generation['guidance_scale'])}.png`.",
         "",
+        *_dalle2_lines(report),
         "## Time by stage",
         "",
         "| stage | wall seconds | CPU seconds | load average at the end |",
@@ -429,7 +668,27 @@ def main(argv: list[str] | None = None) -> int:
         complete=done,
     )
 
-    # 6. report
+    # 6. with --dalle2: the prior, the image-embedding decoder, and their judged evaluation
+    dalle2 = {}
+    if args.dalle2:
+        from clipcond.train.prior import RUN_RECORD as PRIOR_RECORD
+
+        prior_dir, unclip_dir, unclip_eval_dir = out / "prior", out / "unclip_decoder", out / "unclip_eval"
+        done = (prior_dir / PRIOR_RECORD).is_file()
+        dalle2["prior"] = times.run("prior", lambda: _stage_prior(args, data_dir, clip_dir, prior_dir), complete=done)
+        done = (unclip_dir / DECODER_RECORD).is_file()
+        dalle2["unclip_decoder"] = times.run(
+            "unclip_decoder", lambda: _stage_unclip_decoder(args, data_dir, clip_dir, unclip_dir), complete=done
+        )
+        done = (unclip_eval_dir / "metrics.json").is_file()
+        dalle2["unclip_eval"] = times.run(
+            "unclip_eval",
+            lambda: _stage_unclip_eval(args, info, data_dir, clip_dir, prior_dir, unclip_dir, unclip_eval_dir),
+            complete=done,
+        )
+        dalle2["dalle2_table"] = _dalle2_table(generation, dalle2["unclip_eval"])
+
+    # 7. report
     import torch
 
     report = {
@@ -444,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "decoder": decoder,
         "samples": samples,
         "generation": generation,
+        **dalle2,
         "seconds": {name: t["wall"] for name, t in times.timings.items()},
         "timings": times.timings,
         "machine": {
@@ -463,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                 "report": str(out / "report.md"),
                 **{k: clip_eval[k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
                 **{k: None if v is None else round(v, 4) for k, v in headline.items()},
+                **({"dalle2": _dalle2_headline(report)} if args.dalle2 else {}),
                 "seconds": report["seconds"],
             }
         )
