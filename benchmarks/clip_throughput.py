@@ -1,0 +1,228 @@
+"""CLIP training throughput of clipcond against open_clip, same tower sizes, batch, optimizer and precision.
+
+    python benchmarks/clip_throughput.py --presets tiny small --precision fp32 bf16 --steps 10 [--save-results]
+
+One process builds both contenders and times them alternately (common.alternate), one optimizer step each per
+round, and prints one JSON object: per preset and precision the median images/s of each and the median ratio
+clipcond / open_clip (> 1: clipcond is faster). Goal: >= 1.0 at `tiny` and `small` on CPU, fp32 and bf16.
+
+- clipcond: the training code path itself, `train.loop.training_step` (Accelerate's accumulate, backward, gradient
+  clipping, AdamW step) on a prepared `ContrastiveModel` with `ClipStage.loss` (caption tokens looked up by
+  index, uint8 pixels normalised on the device, the towers under the Accelerator's autocast, `ClipLoss` in fp32),
+  then `ClipStage.after_optimizer_step` (temperature clamp).
+- open_clip: `open_clip.model.CLIP` built from a config dict with the same widths, depths, heads, MLP ratio,
+  patch, image size, context length, vocabulary and QuickGELU, pooling at the end token like CLIPModel;
+  `open_clip.loss.ClipLoss`; the step of open_clip's `train_one_epoch` (autocast, loss, backward, clip_grad_norm,
+  AdamW step, logit-scale clamp). Its images come already normalised as float, as its data loader delivers them.
+
+Both use AdamW with clipcond's CLIP defaults (lr 1e-3, betas 0.9/0.98, eps 1e-6, weight decay 0.1 on matrices),
+gradient clipping at 1.0, and the same captions (shapes-style, tokenised by one BPE tokenizer). The one difference
+in the work is clipcond's own: it runs the text tower on the batch's longest caption instead of the full context
+(exact under the causal mask; see `ClipStage.loss`), where open_clip always runs the context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from types import SimpleNamespace
+
+import torch
+from common import add_results_flag, alternate, machine, ratio_summary, save_results
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle"]
+PLACES = ["at the top left", "at the top right", "in the centre", "at the bottom left", "at the bottom right"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/clip_throughput.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="CLIP presets")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step (the default recipe's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--seed", type=int, default=0)
+    add_results_flag(parser)
+    return parser.parse_args(argv)
+
+
+def shapes_captions(n: int, seed: int) -> list[str]:
+    """Captions like the built-in shapes data's (one or two objects, 5-17 tokens)."""
+    rng = random.Random(seed)
+
+    def phrase():
+        return f"a {rng.choice(['small', 'big'])} {rng.choice(COLOURS)} {rng.choice(SHAPES)} {rng.choice(PLACES)}"
+
+    return [phrase() if rng.random() < 0.5 else f"{phrase()} and {phrase()}" for _ in range(n)]
+
+
+def _optimizer_args() -> SimpleNamespace:
+    # train/clip.py's defaults
+    return SimpleNamespace(learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
+
+
+def clipcond_step(preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int):
+    """One optimizer step of `clipcond train clip`, on a fixed batch. Returns (step, parameter count)."""
+    from accelerate import Accelerator
+    from transformers import CLIPModel
+
+    from clipcond.loss import ClipLoss
+    from clipcond.models.clip import clip_config
+    from clipcond.train.clip import ClipStage, ContrastiveModel
+    from clipcond.train.loop import make_optimizer, training_step
+
+    torch.manual_seed(seed)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    config = clip_config(
+        preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = ContrastiveModel(CLIPModel(config), with_bias=False)
+    optimizer = make_optimizer(model.parameters(), _optimizer_args(), accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stage = ClipStage(accelerator, model, tokenizer, None, SimpleNamespace(captions=captions), ClipLoss())
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator),
+        "index": torch.arange(batch_size),
+    }
+    model.train()
+
+    def step():
+        training_step(accelerator, stage, model, optimizer, batch, generator, max_grad_norm=1.0)
+        stage.after_optimizer_step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def open_clip_step(preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int):
+    """One optimizer step as open_clip's `train_one_epoch` takes it, on a model of the preset's sizes."""
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIP
+
+    from clipcond.models.clip import clip_presets
+
+    spec = clip_presets()[preset]
+    text, vision = spec["text"], spec["vision"]
+    context = text["max_position_embeddings"]
+    torch.manual_seed(seed)
+    model = CLIP(
+        embed_dim=spec["projection_dim"],
+        vision_cfg={
+            "layers": vision["num_hidden_layers"],
+            "width": vision["hidden_size"],
+            "head_width": vision["hidden_size"] // vision["num_attention_heads"],
+            "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"],
+            "patch_size": vision["patch_size"],
+            "image_size": vision["image_size"],
+        },
+        text_cfg={
+            "context_length": context,
+            "vocab_size": len(tokenizer),
+            "width": text["hidden_size"],
+            "heads": text["num_attention_heads"],
+            "layers": text["num_hidden_layers"],
+            "mlp_ratio": text["intermediate_size"] / text["hidden_size"],
+            "pad_id": tokenizer.pad_token_id,
+            "eos_id": tokenizer.eos_token_id,
+            "pool_type": "eos",  # CLIPModel pools at the end token too
+        },
+        quick_gelu=True,  # transformers' CLIP activation
+    )
+    # open_clip's main.py: no weight decay on gains, biases and the logit scale
+    params = list(model.named_parameters())
+    exclude = [p for n, p in params if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
+    include = [p for n, p in params if not any(p is q for q in exclude)]
+    a = _optimizer_args()
+    optimizer = torch.optim.AdamW(
+        [{"params": exclude, "weight_decay": 0.0}, {"params": include, "weight_decay": a.weight_decay}],
+        lr=a.learning_rate,
+        betas=(a.adam_beta1, a.adam_beta2),
+        eps=a.adam_epsilon,
+    )
+    loss_fn = ClipLoss()
+    size = vision["image_size"]
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    tokens = tokenizer(
+        captions[:batch_size], padding="max_length", truncation=True, max_length=context, return_tensors="pt"
+    )["input_ids"]
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            image_features, text_features, logit_scale = model(images, tokens)
+            loss = loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def run_case(preset: str, precision: str, args: argparse.Namespace) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from clipcond.models.clip import clip_presets
+    from clipcond.tokenizer import train_tokenizer
+
+    context = clip_presets()[preset]["text"]["max_position_embeddings"]
+    captions = shapes_captions(args.batch_size, args.seed)
+    tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=context)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
+    GradientState._reset_state()
+    ours, ours_params = clipcond_step(preset, precision, args.batch_size, captions, tokenizer, args.seed)
+    theirs, theirs_params = open_clip_step(preset, precision, args.batch_size, captions, tokenizer, args.seed)
+    seconds = alternate({"clipcond": ours, "open_clip": theirs}, rounds=args.steps, warmup=args.warmup)
+    result = ratio_summary(seconds, args.batch_size, ours="clipcond", theirs="open_clip")
+    result["params_M"] = {"clipcond": round(ours_params / 1e6, 3), "open_clip": round(theirs_params / 1e6, 3)}
+    lengths = tokenizer(captions)["input_ids"]
+    result["text_tokens"] = {"clipcond": max(len(t) for t in lengths), "open_clip": context}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        print(json.dumps({"error": "open_clip is not installed: pip install open_clip_torch"}))
+        return 1
+    report = {
+        "benchmark": "clip_throughput",
+        "unit": "images/s",
+        "goal": "ratio >= 1.0",
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
+        "command": "python benchmarks/clip_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cases": {},
+    }
+    for preset in args.presets:
+        for precision in args.precision:
+            name = f"{preset}_{precision}"
+            report["cases"][name] = {
+                **run_case(preset, precision, args),
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+            }
+            print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+    if args.save_results:
+        save_results("clip_throughput", report, merge_cases=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""What the speed benchmarks share: the machine's description, alternating timing of competing training steps, and
+writing `benchmarks/results/<name>.json`.
+
+Alternating (A B, then B A, ...) inside one process exposes both contenders to the same load on a shared machine;
+each round gives one ratio, and the median of the ratios is robust to a round that a neighbour's job slowed down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """The hardware and software a figure was measured on, for the README's table."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = _cpu_model() or platform.processor() or "cpu"
+    return {
+        "device": device,
+        "cuda": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def alternate(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time one call of each step per round, in an order that alternates between rounds; seconds per call.
+
+    `warmup` untimed rounds come first (allocation, autotuning, lazy initialisation). On CUDA the device is
+    synchronised around each call, so a time is that of the work, not of its launch.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    sync()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def ratio_summary(seconds: dict[str, list[float]], samples_per_step: int, ours: str, theirs: str) -> dict:
+    """Median samples/s of each contender and the median over rounds of ours/theirs (> 1: ours is faster)."""
+    summary = {
+        f"{name}_samples_per_s": round(samples_per_step / statistics.median(times), 2)
+        for name, times in seconds.items()
+    }
+    ratios = [t_theirs / t_ours for t_ours, t_theirs in zip(seconds[ours], seconds[theirs], strict=True)]
+    summary["ratio"] = round(statistics.median(ratios), 3)
+    summary["ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    summary["rounds"] = len(ratios)
+    return summary
+
+
+def save_results(name: str, report: dict, merge_cases: bool = False) -> Path:
+    """Write `report` to benchmarks/results/<name>.json (what benchmarks/report.py turns into the README's table).
+
+    With `merge_cases`, the file's earlier `cases` that this run did not measure are kept beside the new ones (each
+    case carries its own settings), so the cases of a table can be measured by several short commands."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    if merge_cases and path.is_file():
+        earlier = json.loads(path.read_text()).get("cases", {})
+        report = {**report, "cases": {**earlier, **report["cases"]}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def add_results_flag(parser) -> None:
+    parser.add_argument(
+        "--save-results",
+        "--write-results",
+        dest="save_results",
+        action="store_true",
+        help="also write the JSON to benchmarks/results/<name>.json",
+    )

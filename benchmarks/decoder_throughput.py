@@ -1,0 +1,252 @@
+"""Decoder training throughput of clipcond against a plain diffusers training loop, same UNet, batch and precision.
+
+    python benchmarks/decoder_throughput.py --presets tiny small --precision fp32 bf16 --steps 10 [--save-results]
+
+One process builds both contenders and times them alternately (common.alternate), one optimizer step each per
+round, and prints one JSON object: per preset and precision the median samples/s of each and the median ratio
+clipcond / plain (> 1: clipcond is faster). Goal: >= 1.2 at the same precision and model.
+
+- clipcond: `train.loop.training_step` on the prepared UNet with `DecoderStage.loss` (per-token text states looked
+  up in the `TextEmbeddingCache`, 10% caption dropout, DDPM noise, epsilon MSE in fp32), then
+  `DecoderStage.after_optimizer_step` (EMA update); the UNet configured by `configure_unet_for_training`, as
+  `clipcond train decoder` does.
+- plain: the step of diffusers' `examples/text_to_image/train_text_to_image.py` (`UNet2DConditionModel`,
+  `DDPMScheduler`, AdamW, `--use_ema`), in pixel space like clipcond: under `accelerator.accumulate` the frozen
+  text encoder (`CLIPTextModel`, in the precision's weight dtype, as the example casts it) runs on the batch's
+  tokens (padded to the context length) every step, then noise, timesteps, `add_noise`, the UNet, MSE, backward,
+  gradient clipping, AdamW, EMA. Its pixels arrive as float in [-1, 1], as its data loader delivers them.
+
+The UNet (preset, cross-attention width = the text encoder's, its `encoder_hid_proj`), the text encoder (the CLIP
+preset of the same name), batch, AdamW settings and EMA are the same on both sides. Where clipcond gains: no text
+encoder in the step (the cache), and on CPU the classic attention processor (see `configure_unet_for_training`);
+`--plain-attention classic` gives the plain loop that processor too, which isolates the cache's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import torch
+from clip_throughput import _optimizer_args, shapes_captions
+from common import add_results_flag, alternate, machine, ratio_summary, save_results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/decoder_throughput.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="UNet presets (and CLIP presets)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (the default recipe's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--plain-attention",
+        default="default",
+        choices=["default", "classic"],
+        help="attention processor of the plain loop: diffusers' default (SDPA), or clipcond's CPU choice",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    add_results_flag(parser)
+    return parser.parse_args(argv)
+
+
+def _setup(preset: str, batch_size: int, seed: int):
+    """The text encoder, tokenizer, captions, UNet config and a fixed batch that both contenders share."""
+    from transformers import CLIPTextModel
+
+    from clipcond.models.clip import clip_config, clip_presets
+    from clipcond.models.unet import unet_config
+    from clipcond.tokenizer import train_tokenizer
+
+    context = clip_presets()[preset]["text"]["max_position_embeddings"]
+    resolution = clip_presets()[preset]["vision"]["image_size"]
+    captions = shapes_captions(batch_size, seed)
+    tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=context)
+    config = clip_config(
+        preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config.text_config).eval().requires_grad_(False)
+    width = config.text_config.hidden_size
+    unet_spec = unet_config(
+        preset, sample_size=resolution, cross_attention_dim=width, in_channels=3, encoder_hid_dim=width
+    )
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8, generator=generator)
+    return SimpleNamespace(
+        text_encoder=text_encoder, tokenizer=tokenizer, captions=captions, unet_spec=unet_spec, pixels=pixels
+    )
+
+
+def _ema(unet):
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, foreach=True, model_cls=UNet2DConditionModel)
+
+
+def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from clipcond.conditioning import TextEmbeddingCache, unique_captions
+    from clipcond.models.unet import create_unet
+    from clipcond.train.decoder import DecoderStage, TextConditioning, configure_unet_for_training
+    from clipcond.train.loop import make_optimizer, training_step
+
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    captions, rows = unique_captions(shared.captions)
+    cache = TextEmbeddingCache.build_or_load(
+        shared.text_encoder, shared.tokenizer, captions, cache_dir, device=accelerator.device, progress=False
+    )
+    torch.manual_seed(seed)
+    unet = create_unet(shared.unet_spec)
+    options = SimpleNamespace(gradient_checkpointing=False, channels_last=False, enable_xformers=False)
+    configure_unet_for_training(unet, options, accelerator.device, accelerator.mixed_precision)
+    ema = _ema(unet)
+    optimizer = make_optimizer(unet.parameters(), _decoder_optimizer_args(), accelerator)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    stage = DecoderStage(
+        accelerator,
+        model,
+        scheduler,
+        TextConditioning(cache, rows, caption_dropout=0.1),
+        text_encoder=shared.text_encoder,
+        tokenizer=shared.tokenizer,
+        ema=ema,
+        snr_gamma=None,
+        validation=None,
+        clip_hash="benchmark",
+    )
+    batch = {"pixel_values": shared.pixels, "index": torch.arange(len(shared.captions))}
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+
+    def step():
+        training_step(accelerator, stage, model, optimizer, batch, generator, max_grad_norm=1.0)
+        stage.after_optimizer_step()
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def _decoder_optimizer_args() -> SimpleNamespace:
+    # train/decoder.py's defaults
+    return SimpleNamespace(**{**vars(_optimizer_args()), "learning_rate": 5e-4, "weight_decay": 1e-2})
+
+
+def plain_step(shared, precision: str, attention: str, seed: int):
+    """diffusers' train_text_to_image.py step, in pixel space."""
+    import copy
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from clipcond.models.unet import create_unet
+
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    text_encoder = copy.deepcopy(shared.text_encoder).to(accelerator.device, dtype=weight_dtype)
+    torch.manual_seed(seed)
+    unet = create_unet(shared.unet_spec)
+    if attention == "classic":
+        unet.set_attn_processor(AttnProcessor())
+    ema = _ema(unet)
+    a = _decoder_optimizer_args()
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=a.learning_rate,
+        betas=(a.adam_beta1, a.adam_beta2),
+        weight_decay=a.weight_decay,
+        eps=a.adam_epsilon,
+    )
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    input_ids = shared.tokenizer(
+        shared.captions,
+        max_length=shared.tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    pixel_values = shared.pixels.float() / 127.5 - 1.0
+    unet.train()
+
+    def step():
+        with accelerator.accumulate(unet):
+            latents = pixel_values.to(accelerator.device, dtype=weight_dtype)  # pixel space: no VAE
+            noise = torch.randn_like(latents)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps.long())
+            encoder_hidden_states = text_encoder(input_ids.to(accelerator.device), return_dict=False)[0]
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            accelerator.gather(loss.repeat(bsz)).mean()  # the example's logged average
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema.step(unet.parameters())
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def run_case(preset: str, precision: str, args: argparse.Namespace) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    shared = _setup(preset, args.batch_size, args.seed)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
+    GradientState._reset_state()
+    with tempfile.TemporaryDirectory(prefix="clipcond-bench-") as cache_dir:
+        ours, ours_params = clipcond_step(shared, precision, cache_dir, args.seed)
+        theirs, theirs_params = plain_step(shared, precision, args.plain_attention, args.seed)
+        seconds = alternate({"clipcond": ours, "plain": theirs}, rounds=args.steps, warmup=args.warmup)
+    result = ratio_summary(seconds, args.batch_size, ours="clipcond", theirs="plain")
+    result["params_M"] = {"clipcond": round(ours_params / 1e6, 3), "plain": round(theirs_params / 1e6, 3)}
+    result["resolution"] = shared.unet_spec["sample_size"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = {
+        "benchmark": "decoder_throughput",
+        "unit": "samples/s",
+        "goal": "ratio >= 1.2",
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
+        "command": "python benchmarks/decoder_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cases": {},
+    }
+    for preset in args.presets:
+        for precision in args.precision:
+            name = f"{preset}_{precision}"
+            report["cases"][name] = {
+                **run_case(preset, precision, args),
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+            }
+            print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+    if args.save_results:
+        save_results("decoder_throughput", report, merge_cases=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
