@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
 SCHEDULER = "dpm"
+DECODER_PRECISION = "bf16"  # the decoder stage's default; the CLIP trains in fp32 (bf16 is slower for it on CPU)
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
 
@@ -209,8 +210,8 @@ def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, dec
             argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
         elif args.decoder_steps:
             argv += ["--max-train-steps", str(args.decoder_steps)]
-        if args.mixed_precision:
-            argv += ["--mixed-precision", args.mixed_precision]
+        # bf16 autocast: the UNet step of the recipe takes 0.9 s instead of 1.2 s in fp32 on 2 CPU cores
+        argv += ["--mixed-precision", args.mixed_precision or DECODER_PRECISION]
         train_decoder.main(argv)
         _reset_accelerate()
     record = json.loads(record_path.read_text())
@@ -371,8 +372,7 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
             argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
         elif args.unclip_decoder_steps:
             argv += ["--max-train-steps", str(args.unclip_decoder_steps)]
-        if args.mixed_precision:
-            argv += ["--mixed-precision", args.mixed_precision]
+        argv += ["--mixed-precision", args.mixed_precision or DECODER_PRECISION]
         train_decoder.main(argv)
         _reset_accelerate()
     record = json.loads(record_path.read_text())

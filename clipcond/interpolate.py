@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-inference-steps", type=int, default=25, help="the decoder's denoising steps (default 25)"
     )
     parser.add_argument(
-        "--guidance-scale", type=float, default=3.0, help="the decoder's classifier-free guidance (default 3.0)"
+        "--guidance-scale", type=float, default=5.0, help="the decoder's classifier-free guidance (default 5.0)"
     )
     parser.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default=None, help="decoder sampler (default: the saved one)"

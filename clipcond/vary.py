@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=4, help="variations per image (default 4)")
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
-        "--guidance-scale", type=float, default=3.0, help="classifier-free guidance weight; <= 1: none (default 3.0)"
+        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance weight; <= 1: none (default 5.0)"
     )
     parser.add_argument(
         "--noise-level",

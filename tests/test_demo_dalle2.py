@@ -9,6 +9,7 @@ import pytest
 from clipcond.demo import QUICK_JUDGE, main, parse_args
 from clipcond.evaluation import judge as judge_module
 from clipcond.evaluation import unclip
+from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which the samples are drawn with.
 pytestmark = pytest.mark.filterwarnings(
@@ -48,7 +49,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     variations = evaluation["variations"]
     assert variations["num_sources"] == 18 and variations["num_images"] == 18  # quick: 1 source x 1 variation
     text_to_image = evaluation["text_to_image"]
-    assert text_to_image["num_images"] == 18 and list(text_to_image["guidance"]) == ["3.0"]
+    assert text_to_image["num_images"] == 18 and list(text_to_image["guidance"]) == [str(DEFAULT_GUIDANCE_SCALE)]
     assert text_to_image["settings"]["prior_guidance_scale"] == 4.0
     assert text_to_image["settings"]["scheduler"] == "dpm"
 
@@ -62,7 +63,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     out = demo / "unclip_eval"
     assert json.loads((out / "metrics.json").read_text()) == evaluation
     assert (out / "prior.json").is_file() and (out / "variations" / "grid.png").is_file()
-    assert (out / "text_to_image" / "grid_guidance_3.0.png").is_file()
+    assert (out / "text_to_image" / f"grid_guidance_{DEFAULT_GUIDANCE_SCALE}.png").is_file()
 
 
 def test_report_has_the_dalle2_section(demo):

@@ -64,7 +64,7 @@ def test_writes_images_grid_and_records(pipeline_dir, tmp_path, capsys):
         "negative_prompt": None,
         "seed": 10,
         "num_inference_steps": 2,
-        "guidance_scale": 3.0,
+        "guidance_scale": 5.0,
         "scheduler": "ddpm",
         "model": str(pipeline_dir),
     }

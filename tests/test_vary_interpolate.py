@@ -95,7 +95,7 @@ def test_generate_through_the_prior(runs, tmp_path, capsys):
         "negative_prompt": None,
         "seed": 0,
         "num_inference_steps": 2,
-        "guidance_scale": 3.0,
+        "guidance_scale": 5.0,
         "scheduler": "ddpm",
         "model": str(runs["decoder"]),
         "prior": str(runs["prior"]),

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser,
         train_batch_size=256,
         learning_rate=1e-3,
-        max_train_steps=300,
+        max_train_steps=520,
         lr_warmup_steps=30,
         weight_decay=0.1,
         adam_beta2=0.98,

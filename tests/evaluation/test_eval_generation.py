@@ -13,6 +13,7 @@ from clipcond import cli
 from clipcond.data.shapes import COLOURS, DEFAULT_HELD_OUT, ShapeObject, class_names, render_scene
 from clipcond.evaluation import generation
 from clipcond.evaluation.generation import (
+    DEFAULT_GUIDANCE_SCALE,
     GROUP_KEYS,
     HEADLINE_KEYS,
     evaluate_generation,
@@ -25,6 +26,7 @@ from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
 
 CLASSES = class_names(None)  # the 18 colour-shape pairs
 HELD_OUT = list(DEFAULT_HELD_OUT)
+DEFAULT = str(DEFAULT_GUIDANCE_SCALE)  # the key of the default guidance's figures
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver (see FIELD_NOTES).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -106,7 +108,7 @@ def test_perfect_and_wrong_generators(judge, tmp_path):
     wrong = run(judge, fake_generator(wrong=lambda c, s, g: True))
     assert wrong["colour_accuracy"] <= 0.05 and wrong["both_accuracy"] <= 0.05
     assert wrong["shape_accuracy"] >= 0.95  # the shape is still right
-    red_circle = wrong["guidance"]["3.0"]["per_class"]["red circle"]
+    red_circle = wrong["guidance"][DEFAULT]["per_class"]["red circle"]
     assert red_circle["judged"] == {"green circle": 2} and red_circle["colour_accuracy"] == 0.0
 
 
@@ -115,7 +117,7 @@ def test_seen_and_heldout_are_reported_apart(judge):
     assert metrics["both_accuracy_seen"] >= 0.95 and metrics["both_accuracy_heldout"] <= 0.05
     n_held = len(HELD_OUT) / len(CLASSES)
     assert metrics["both_accuracy"] == pytest.approx(metrics["both_accuracy_seen"] * (1 - n_held), abs=0.03)
-    per_class = metrics["guidance"]["3.0"]["per_class"]
+    per_class = metrics["guidance"][DEFAULT]["per_class"]
     assert [name for name, figures in per_class.items() if figures["heldout"]] == [c for c in CLASSES if c in HELD_OUT]
     # without a held-out list every class is seen, and the held-out figures are None
     no_held = run(judge, fake_generator(), held_out=None, guidance_scales=[2.0])
@@ -162,12 +164,12 @@ def test_json_keys_clip_figures_and_outputs(judge, tiny_clip_run, shapes_data, t
     assert metrics["settings"]["num_reference_images"] == 18 and metrics["settings"]["held_out"] == HELD_OUT
 
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    for key in ("1.0", "3.0"):
+    for key in ("1.0", DEFAULT):
         with Image.open(out / f"grid_guidance_{key}.png") as grid:
             assert grid.height > 18 * 36 and grid.width > 2 * 36  # 18 rows of 2 framed images
         assert (out / f"accuracy_guidance_{key}.png").is_file()
         assert len(list((out / "images" / f"guidance_{key}").glob("*.png"))) == 36
-    with Image.open(out / "images" / "guidance_3.0" / "a_red_circle_0.png") as image:
+    with Image.open(out / "images" / f"guidance_{DEFAULT}" / "a_red_circle_0.png") as image:
         assert image.size == (32, 32)
 
 
@@ -233,13 +235,13 @@ def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, ju
     metrics = json.loads(capsys.readouterr().out)  # stdout holds the JSON object and nothing else
     out = pipeline_run / "eval_generation"
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert list(metrics["guidance"]) == ["1.0", "3.0"] and metrics["guidance_scale"] == 3.0
+    assert list(metrics["guidance"]) == ["1.0", DEFAULT] and metrics["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
     assert metrics["num_images"] == 18 and metrics["settings"]["scheduler"] == "dpm"
     assert metrics["settings"]["clip"] == str(tiny_clip_run) and metrics["settings"]["model"] == str(pipeline_run)
     for key in HEADLINE_KEYS:
         assert metrics[key] is not None, key
     assert len(list((out / "images" / "guidance_1.0").glob("*.png"))) == 18
-    assert (out / "grid_guidance_3.0.png").is_file()
+    assert (out / f"grid_guidance_{DEFAULT}.png").is_file()
 
 
 def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):

@@ -131,7 +131,11 @@ def test_run_folder_is_a_pipeline_with_lineage(decoder_run, tiny_clip_run, shape
     assert unet.config.sample_size == 16 and unet.config.cross_attention_dim == 32  # the text encoder's width
     pipe = TextToImagePipeline.from_pretrained(out)
     assert isinstance(pipe.scheduler, DDPMScheduler)
-    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.num_train_timesteps == 1000
+    # the default recipe: v-prediction on the cosine schedule
+    assert (
+        pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.num_train_timesteps == 1000
+    )
+    assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     images = pipe("a red circle", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np")
     assert images.images.shape == (1, 16, 16, 3)
 
@@ -187,13 +191,13 @@ def test_cache_is_built_once_and_reused(decoder_run, shapes_data, tiny_clip_run,
     assert len(list(cache_dir.iterdir())) == 1
 
 
-def test_no_ema_wider_cross_attention_v_prediction(shapes_data, tiny_clip_run, tmp_path):
+def test_no_ema_wider_cross_attention_epsilon(shapes_data, tiny_clip_run, tmp_path):
     """--no-ema saves the raw weights; --cross-attention-dim other than the encoder's width adds a projection; the
-    v-prediction, min-SNR and cosine-schedule options train and are saved with the scheduler."""
+    epsilon, linear-schedule and no-min-SNR options train and are saved with the scheduler."""
     out = tmp_path / "run"
     argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "2")
     argv += ["--validation-steps", "2", "--no-ema", "--cross-attention-dim", "48"]
-    main([*argv, "--prediction-type", "v_prediction", "--snr-gamma", "5", "--beta-schedule", "cosine"])
+    main([*argv, "--prediction-type", "epsilon", "--snr-gamma", "0", "--beta-schedule", "linear"])
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert unet.config.cross_attention_dim == 48 and unet.config.encoder_hid_dim == 32
     assert unet.encoder_hid_proj.weight.shape == (48, 32)
@@ -202,8 +206,9 @@ def test_no_ema_wider_cross_attention_v_prediction(shapes_data, tiny_clip_run, t
     record = json.loads((out / "clipcond_run.json").read_text())
     assert record["ema"] is None and record["summary"]["final_loss"] > 0
     scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
-    assert scheduler.config.prediction_type == "v_prediction"
-    assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.beta_schedule == "linear"
+    assert record["args"]["snr_gamma"] is None
     assert (out / "validation" / "step-2.png").is_file()  # the pipeline samples through the projection
 
 
