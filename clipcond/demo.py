@@ -154,6 +154,26 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def _train_unless_done(
+    trainer, out_dir: Path, argv: list[str], *, quick_argv: list[str] | None, steps: int | None, precision: str | None
+) -> dict:
+    """Run the training entry point `trainer` (a module with `main(argv)` and `RUN_RECORD`) into `out_dir` unless its
+    run record says it finished; a killed run resumes from its latest checkpoint. `quick_argv` (set in `--quick`)
+    replaces the budget, else `steps` (when given) sets `--max-train-steps`. Returns the run record."""
+    record_path = out_dir / trainer.RUN_RECORD
+    if not record_path.is_file():
+        argv = [*argv, "--resume-from-checkpoint", "latest", "--validation-steps", "0"]
+        if quick_argv is not None:
+            argv += quick_argv
+        elif steps:
+            argv += ["--max-train-steps", str(steps)]
+        if precision:
+            argv += ["--mixed-precision", precision]
+        trainer.main(argv)
+        _reset_accelerate()
+    return json.loads(record_path.read_text())
+
+
 def _stage_data(args: argparse.Namespace, data_dir: Path) -> None:
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
@@ -167,19 +187,17 @@ def _stage_data(args: argparse.Namespace, data_dir: Path) -> None:
 def _stage_clip(args: argparse.Namespace, data_dir: Path, clip_dir: Path) -> dict:
     from clipcond.train import clip as train_clip
 
-    record_path = clip_dir / train_clip.RUN_RECORD
-    if not record_path.is_file():
-        argv = ["--data", str(data_dir), "--output-dir", str(clip_dir), "--seed", str(args.seed)]
-        argv += ["--resume-from-checkpoint", "latest", "--validation-steps", "0"]
-        if args.quick:
-            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16"]
-        elif args.clip_steps:
-            argv += ["--max-train-steps", str(args.clip_steps)]
-        if args.mixed_precision:
-            argv += ["--mixed-precision", args.mixed_precision]
-        train_clip.main(argv)
-        _reset_accelerate()
-    return json.loads(record_path.read_text())["summary"]
+    argv = ["--data", str(data_dir), "--output-dir", str(clip_dir), "--seed", str(args.seed)]
+    quick = ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16"]
+    record = _train_unless_done(
+        train_clip,
+        clip_dir,
+        argv,
+        quick_argv=quick if args.quick else None,
+        steps=args.clip_steps,
+        precision=args.mixed_precision,
+    )
+    return record["summary"]
 
 
 def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
@@ -202,19 +220,18 @@ def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, dec
     """`clipcond train decoder` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
     from clipcond.train import decoder as train_decoder
 
-    record_path = decoder_dir / train_decoder.RUN_RECORD
-    if not record_path.is_file():
-        argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir)]
-        argv += ["--seed", str(args.seed), "--resume-from-checkpoint", "latest", "--validation-steps", "0"]
-        if args.quick:
-            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
-        elif args.decoder_steps:
-            argv += ["--max-train-steps", str(args.decoder_steps)]
-        # bf16 autocast: the UNet step of the recipe takes 0.9 s instead of 1.2 s in fp32 on 2 CPU cores
-        argv += ["--mixed-precision", args.mixed_precision or DECODER_PRECISION]
-        train_decoder.main(argv)
-        _reset_accelerate()
-    record = json.loads(record_path.read_text())
+    argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir)]
+    argv += ["--seed", str(args.seed)]
+    quick = ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
+    # bf16 autocast: the UNet step of the recipe takes 0.9 s instead of 1.2 s in fp32 on 2 CPU cores
+    record = _train_unless_done(
+        train_decoder,
+        decoder_dir,
+        argv,
+        quick_argv=quick if args.quick else None,
+        steps=args.decoder_steps,
+        precision=args.mixed_precision or DECODER_PRECISION,
+    )
     run_args = record["args"]
     return {
         **record["summary"],
@@ -332,19 +349,17 @@ def _stage_prior(args: argparse.Namespace, data_dir: Path, clip_dir: Path, prior
     """`clipcond train prior` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
     from clipcond.train import prior as train_prior
 
-    record_path = prior_dir / train_prior.RUN_RECORD
-    if not record_path.is_file():
-        argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(prior_dir)]
-        argv += ["--seed", str(args.seed), "--resume-from-checkpoint", "latest", "--validation-steps", "0"]
-        if args.quick:
-            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16", "--lr-warmup-steps", "1"]
-        elif args.prior_steps:
-            argv += ["--max-train-steps", str(args.prior_steps)]
-        if args.mixed_precision:
-            argv += ["--mixed-precision", args.mixed_precision]
-        train_prior.main(argv)
-        _reset_accelerate()
-    record = json.loads(record_path.read_text())
+    argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(prior_dir)]
+    argv += ["--seed", str(args.seed)]
+    quick = ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16", "--lr-warmup-steps", "1"]
+    record = _train_unless_done(
+        train_prior,
+        prior_dir,
+        argv,
+        quick_argv=quick if args.quick else None,
+        steps=args.prior_steps,
+        precision=args.mixed_precision,
+    )
     run_args = record["args"]
     return {
         **record["summary"],
@@ -363,19 +378,17 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
     """`clipcond train decoder --conditioning image-embedding` with its recipe's defaults; resumes after a kill."""
     from clipcond.train import decoder as train_decoder
 
-    record_path = unclip_dir / train_decoder.RUN_RECORD
-    if not record_path.is_file():
-        argv = ["--conditioning", "image-embedding", "--clip", str(clip_dir), "--data", str(data_dir)]
-        argv += ["--output-dir", str(unclip_dir), "--seed", str(args.seed), "--resume-from-checkpoint", "latest"]
-        argv += ["--validation-steps", "0"]
-        if args.quick:
-            argv += ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
-        elif args.unclip_decoder_steps:
-            argv += ["--max-train-steps", str(args.unclip_decoder_steps)]
-        argv += ["--mixed-precision", args.mixed_precision or DECODER_PRECISION]
-        train_decoder.main(argv)
-        _reset_accelerate()
-    record = json.loads(record_path.read_text())
+    argv = ["--conditioning", "image-embedding", "--clip", str(clip_dir), "--data", str(data_dir)]
+    argv += ["--output-dir", str(unclip_dir), "--seed", str(args.seed)]
+    quick = ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
+    record = _train_unless_done(
+        train_decoder,
+        unclip_dir,
+        argv,
+        quick_argv=quick if args.quick else None,
+        steps=args.unclip_decoder_steps,
+        precision=args.mixed_precision or DECODER_PRECISION,
+    )
     run_args = record["args"]
     return {
         **record["summary"],
