@@ -437,6 +437,19 @@ def evaluate_generation(
     return metrics
 
 
+def check_image_batch(images, expected: int, what: str, per: str) -> None:
+    """Refuse anything but `expected` uint8 images (expected, 3, H, W) from `what` (a generate/vary callable)."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{what} must return uint8 images (B, 3, H, W), got {type(images).__name__} "
+            f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
+        )
+    if images.shape[0] != expected or images.shape[1] != 3:
+        raise ValueError(
+            f"{what} returned images of shape {tuple(images.shape)} for {per}; expected ({expected}, 3, H, W)"
+        )
+
+
 def _generate_all(
     generate: GenerateFn,
     prompts: list[str],
@@ -452,16 +465,7 @@ def _generate_all(
         batch = jobs[first : first + batch_size]
         generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompts[p], k)) for p, k in batch]
         images = generate([prompts[p] for p, _ in batch], guidance_scale, generators)
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"the generator must return uint8 images (B, 3, H, W), got {type(images).__name__} "
-                f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
-            )
-        if images.shape[0] != len(batch) or images.shape[1] != 3:
-            raise ValueError(
-                f"the generator returned images of shape {tuple(images.shape)} for {len(batch)} prompts; "
-                f"expected ({len(batch)}, 3, H, W)"
-            )
+        check_image_batch(images, len(batch), "the generator", f"{len(batch)} prompts")
         chunks.append(images.cpu())
         bar.update(len(batch))
     return torch.cat(chunks)

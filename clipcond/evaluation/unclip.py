@@ -39,7 +39,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
-from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE, GenerateFn, to_uint8_images
+from clipcond.evaluation.generation import (
+    DEFAULT_GUIDANCE_SCALE,
+    GenerateFn,
+    check_image_batch,
+    to_uint8_images,
+)
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
 
@@ -230,16 +235,7 @@ def evaluate_variations(
         batch = jobs[first : first + batch_size]
         generators = [torch.Generator("cpu").manual_seed(variation_seed(seed, s, k)) for s, k in batch]
         images = vary(sources[[s for s, _ in batch]], generators)
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"the vary function must return uint8 images (B, 3, H, W), got {type(images).__name__} "
-                f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
-            )
-        if images.shape[0] != len(batch) or images.shape[1] != 3:
-            raise ValueError(
-                f"the vary function returned images of shape {tuple(images.shape)} for a batch of {len(batch)} "
-                f"source rows; expected ({len(batch)}, 3, H, W), one variation per row"
-            )
+        check_image_batch(images, len(batch), "the vary function", f"a batch of {len(batch)} source rows")
         chunks.append(images.cpu())
         bar.update(len(batch))
     bar.close()
