@@ -49,6 +49,22 @@ class TextEmbeddings:
             self.hidden_states[index], self.attention_mask[index], None if self.pooled is None else self.pooled[index]
         )
 
+    def without_padding_columns(self) -> TextEmbeddings:
+        """The same embeddings without the trailing token columns that no row attends to.
+
+        Cross-attention with padded keys masked out is the same function over the first `max(mask.sum(1))` tokens
+        (right padding) as over all L, so those columns cost compute and change nothing: a shapes caption is about 12
+        of the `tiny` text encoder's 32 positions, a Stable Diffusion prompt rarely 20 of its 77. Unchanged when some
+        row attends to nothing (softmax over only masked keys is uniform, not zero) or nothing trails.
+        """
+        attended = self.attention_mask.bool()  # (B, L)
+        if not attended.any(dim=1).all():
+            return self
+        length = int(attended.any(dim=0).nonzero().max()) + 1  # through the last column some row attends to
+        if length == attended.shape[1]:
+            return self
+        return TextEmbeddings(self.hidden_states[:, :length], self.attention_mask[:, :length], self.pooled)
+
     @staticmethod
     def cat(parts: list[TextEmbeddings]) -> TextEmbeddings:
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])

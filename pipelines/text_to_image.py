@@ -263,6 +263,7 @@ class TextToImagePipeline(DiffusionPipeline):
         cond, uncond = self.encode_prompt(prompts, negative_prompts, device)
         # One UNet batch per step: [unconditional; conditional], each repeated per image of its prompt.
         text = TextEmbeddings.cat([uncond, cond]) if do_guidance else cond
+        text = text.without_padding_columns()  # masked padding changes nothing and costs every step
         hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
         attention_mask = text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L)
 

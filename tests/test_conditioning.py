@@ -108,3 +108,30 @@ def test_fingerprint_ignores_the_tokenizers_last_call(tiny_clip_run):
     before = encoder_fingerprint(encoder, tokenizer, max_length=32)
     tokenizer(["a red circle"], padding="max_length", truncation=True, max_length=32)
     assert encoder_fingerprint(encoder, tokenizer, max_length=32) == before
+
+
+def test_padding_columns_are_dropped_and_the_unet_output_is_unchanged(tiny_clip_run):
+    from clipcond.conditioning import TextEmbeddings
+    from clipcond.models.unet import create_unet, unet_config
+
+    encoder, tokenizer, _ = _encoder(tiny_clip_run)
+    text = encode_prompts(encoder, tokenizer, ["a red circle", "two green triangles left of a blue square", ""])
+    longest = int(text.attention_mask.sum(dim=1).max())
+    assert longest < text.attention_mask.shape[1]  # padded to the context length
+
+    trimmed = text.without_padding_columns()
+    assert trimmed.hidden_states.shape == (3, longest, 32) and trimmed.attention_mask.shape == (3, longest)
+    assert torch.equal(trimmed.attention_mask.sum(dim=1), text.attention_mask.sum(dim=1))  # no attended token lost
+    assert trimmed.pooled is text.pooled
+
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=32, cross_attention_dim=32)).eval()
+    sample, timesteps = torch.randn(3, 3, 32, 32), torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        full = unet(sample, timesteps, text.hidden_states, encoder_attention_mask=text.attention_mask).sample
+        short = unet(sample, timesteps, trimmed.hidden_states, encoder_attention_mask=trimmed.attention_mask).sample
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+    # a row that attends to nothing softmaxes uniformly over every column: then nothing is dropped
+    unattended = TextEmbeddings(text.hidden_states, torch.zeros_like(text.attention_mask), None)
+    assert unattended.without_padding_columns() is unattended

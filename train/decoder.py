@@ -47,7 +47,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from einops import rearrange
 from PIL import Image
 
-from clipcond.conditioning import TextEmbeddingCache, unique_captions
+from clipcond.conditioning import TextEmbeddingCache, TextEmbeddings, unique_captions
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
@@ -339,7 +339,9 @@ class TextConditioning:
             empty = self.cache.lookup_empty(batch_size).to(device)
             hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
             attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
-        return Conditioning(hidden_states, attention_mask)
+        # The cache pads to the context length; the UNet attends to the batch's longest caption (same function).
+        text = TextEmbeddings(hidden_states, attention_mask, None).without_padding_columns()
+        return Conditioning(text.hidden_states, text.attention_mask)
 
     def record(self) -> dict:
         return {
