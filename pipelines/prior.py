@@ -27,6 +27,7 @@ from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from clipcond.conditioning import context_length, encode_prompts
 from clipcond.models.prior import PriorTextInputs, check_prior_fits, prior_text_inputs
+from clipcond.pipelines.inputs import check_prompts, check_sampling_args
 
 logger = logging.getLogger(__name__)
 
@@ -81,46 +82,10 @@ class PriorPipeline(DiffusionPipeline):
         latents,
         output_type,
     ) -> None:
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(p, str) for p in prompt):
-                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
-        elif not isinstance(prompt, str):
-            raise ValueError(
-                f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r}"
-            )
-        batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
-                raise ValueError(
-                    f"`negative_prompt` must be None, a string or a list of strings, got {negative_prompt!r}"
-                )
-            if len(negative_prompt) != batch_size:
-                raise ValueError(
-                    f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; "
-                    "give one negative prompt per prompt, or a single string for all"
-                )
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
-            raise ValueError(
-                f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}"
-            )
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
-        num_images = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but {num_images} embeddings are asked for "
-                f"({batch_size} prompts x {num_images_per_prompt}); give one generator per embedding"
-            )
+        batch_size = check_prompts(prompt, negative_prompt)
+        num_images = check_sampling_args(
+            num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, output="embedding"
+        )
         if latents is not None:
             expected = (num_images, self.prior.config.embedding_dim)
             if tuple(latents.shape) != expected:

@@ -36,11 +36,11 @@ from transformers import (
 )
 
 from clipcond.conditioning import context_length
-from clipcond.models.image_embedding import ImageEmbeddingTokens, check_decoder_fits
+from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
 from clipcond.pipelines.prior import PriorPipeline
-from clipcond.pipelines.variation import ImageVariationPipeline, clone_generator
+from clipcond.pipelines.variation import ImageVariationPipeline, clone_generator, register_decoder_modules
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +136,11 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             )
         if prior is not None and text_encoder is not None and tokenizer is not None:
             check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
-        if unet is not None and image_encoder is not None:
-            check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
         self.register_modules(
-            prior=prior,
-            prior_scheduler=prior_scheduler,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            embedding_tokens=embedding_tokens,
-            feature_extractor=feature_extractor,
-            image_noising_scheduler=image_noising_scheduler,
+            prior=prior, prior_scheduler=prior_scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        register_decoder_modules(
+            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler
         )
 
     @classmethod
@@ -316,19 +308,17 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             output_type="pt",
         ).image_embeds
 
-        # 3. decoder: embeddings -> images
-        images = self.decoder_pipeline.decode(
-            image_embeds,
+        # 3. decoder: embeddings -> images, one each (the prior made `num_images_per_prompt` per prompt)
+        return self.decoder_pipeline(
+            image_embeds=image_embeds,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
             latents=latents,
             noise_level=noise_level,
             output_type=output_type,
+            return_dict=return_dict,
         )
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
 
     @torch.no_grad()
     def interpolate(
@@ -358,74 +348,64 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
                 "give exactly one of `prompt` (two prompts) and `image` (two images), got "
                 + ("both" if prompt is not None else "neither")
             )
-        decoder = self.decoder_pipeline
-        if image is not None:
-            return decoder.interpolate(
-                image=image,
-                num_frames=num_frames,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                noise_level=noise_level,
-                output_type=output_type,
-                return_dict=return_dict,
+        image_embeds = None  # with images, the decoder embeds them
+        if prompt is not None:
+            # 1. check inputs
+            if not isinstance(prompt, list | tuple) or len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
+                raise ValueError(f"`prompt` must be two strings (the endpoints), got {prompt!r}")
+            if isinstance(generator, list):
+                raise ValueError(
+                    "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
+                    f"got a list of {len(generator)}"
+                )
+            if negative_prompt is not None and not isinstance(negative_prompt, str):
+                raise ValueError(
+                    f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}"
+                )
+            self.check_inputs(
+                prompt[0],
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                prior_num_inference_steps,
+                prior_guidance_scale,
+                1,
+                generator,
+                None,
+                None,
+                noise_level,
+                output_type,
             )
+            interpolation_times(num_frames)  # checks `num_frames` before the prior runs
+            if generator is None:
+                generator = torch.Generator().manual_seed(torch.seed())
 
-        # 1. check inputs
-        if not isinstance(prompt, list | tuple) or len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
-            raise ValueError(f"`prompt` must be two strings (the endpoints), got {prompt!r}")
-        if isinstance(generator, list):
-            raise ValueError(
-                "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
-                f"got a list of {len(generator)}"
-            )
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}")
-        self.check_inputs(
-            prompt[0],
-            negative_prompt,
-            num_inference_steps,
-            guidance_scale,
-            prior_num_inference_steps,
-            prior_guidance_scale,
-            1,
-            generator,
-            None,
-            None,
-            noise_level,
-            output_type,
-        )
-        times = interpolation_times(num_frames)
-        if generator is None:
-            generator = torch.Generator().manual_seed(torch.seed())
+            # 2. prior: both endpoints from the same generator state
+            prior = self.prior_pipeline
+            start_state = clone_generator(generator)
+            ends = []
+            for text, gen in ((prompt[0], generator), (prompt[1], start_state)):
+                ends.append(
+                    prior(
+                        text,
+                        negative_prompt=negative_prompt,
+                        num_inference_steps=prior_num_inference_steps,
+                        guidance_scale=prior_guidance_scale,
+                        generator=gen,
+                        output_type="pt",
+                    ).image_embeds[0]
+                )
+            image_embeds = torch.stack(ends)  # (2, D)
 
-        # 2. prior: both endpoints from the same generator state
-        prior = self.prior_pipeline
-        start_state = clone_generator(generator)
-        ends = []
-        for text, gen in ((prompt[0], generator), (prompt[1], start_state)):
-            ends.append(
-                prior(
-                    text,
-                    negative_prompt=negative_prompt,
-                    num_inference_steps=prior_num_inference_steps,
-                    guidance_scale=prior_guidance_scale,
-                    generator=gen,
-                    output_type="pt",
-                ).image_embeds[0]
-            )
-
-        # 3. decoder: the row, from the noise `generator` draws next (as in `__call__` after the prior)
-        frames = decoder.interpolate_embeddings(
-            ends[0],
-            ends[1],
-            times,
+        # 3. decoder: the row (after the prior: from the noise `generator` draws next, as in `__call__`)
+        return self.decoder_pipeline.interpolate(
+            image=image,
+            image_embeds=image_embeds,
+            num_frames=num_frames,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generator,
             noise_level=noise_level,
             output_type=output_type,
+            return_dict=return_dict,
         )
-        if not return_dict:
-            return (frames, times)
-        return InterpolationOutput(images=frames, t=times)

@@ -37,6 +37,7 @@ from clipcond.models.image_embedding import (
     unconditional_condition,
     unet_inputs,
 )
+from clipcond.pipelines.inputs import check_sampling_args
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times, slerp
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,29 @@ def images_to_pixels(image: ImageInput, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
 
 
+def register_decoder_modules(
+    pipe: DiffusionPipeline,
+    unet: UNet2DConditionModel,
+    scheduler: SchedulerMixin,
+    image_encoder: CLIPVisionModelWithProjection,
+    embedding_tokens: ImageEmbeddingTokens | None,
+    feature_extractor: CLIPImageProcessor | None,
+    image_noising_scheduler: DDPMScheduler | None,
+) -> None:
+    """Check that the decoder's components fit one another, then register them on `pipe` under these names: the
+    whole of `ImageVariationPipeline`, the decoder half of `clipcond.pipelines.unclip.UnCLIPTextToImagePipeline`."""
+    if unet is not None and image_encoder is not None:
+        check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
+    pipe.register_modules(
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=image_encoder,
+        embedding_tokens=embedding_tokens,
+        feature_extractor=feature_extractor,
+        image_noising_scheduler=image_noising_scheduler,
+    )
+
+
 class ImageVariationPipeline(DiffusionPipeline):
     r"""Images from CLIP image embeddings (unCLIP's decoder), with classifier-free guidance.
 
@@ -110,15 +134,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         image_noising_scheduler: DDPMScheduler | None = None,
     ):
         super().__init__()
-        if unet is not None and image_encoder is not None:
-            check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
-        self.register_modules(
-            unet=unet,
-            scheduler=scheduler,
-            image_encoder=image_encoder,
-            embedding_tokens=embedding_tokens,
-            feature_extractor=feature_extractor,
-            image_noising_scheduler=image_noising_scheduler,
+        register_decoder_modules(
+            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler
         )
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
 
@@ -204,28 +221,9 @@ class ImageVariationPipeline(DiffusionPipeline):
                     f"shape {tuple(image_embeds.shape)}"
                 )
             batch_size = image_embeds.shape[0]
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
-            raise ValueError(
-                f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}"
-            )
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
-        num_images = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but {num_images} images are asked for "
-                f"({batch_size} inputs x {num_images_per_prompt}); give one generator per image"
-            )
+        num_images = check_sampling_args(
+            num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, inputs="inputs"
+        )
         self._check_noise_level(noise_level)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,23 +54,23 @@ from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import check_encoder_fits, create_unet, unet_config
 from clipcond.tokenizer import load_tokenizer
+from clipcond.train.ema import ema_record
+from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo reads it here
 from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
     compile_if_asked,
     draw_rows,
+    finish_run,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    summary,
     train,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "clipcond_run.json"
 # Colour-shape prompts of the built-in shapes data; "a blue square" is one of its held-out pairs (DEFAULT_HELD_OUT).
 DEFAULT_VALIDATION_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # DDPM (Ho et al.); Nichol & Dhariwal 2021
@@ -734,12 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 8. Save the pipeline (EMA weights) and the run record
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stage.export(output_dir)
-        record = {
-            "kind": "clipcond-decoder",
-            "args": vars(args),
+    def record() -> dict:
+        return {
             "data": {
                 "path": str(args.data),
                 "split": args.split,
@@ -759,12 +754,10 @@ def main(argv: list[str] | None = None) -> int:
                 "xformers": xformers,
                 "content_hash": content_hash(output_dir / "unet"),
             },
-            "ema": None if ema is None else {"decay": ema.decay, "optimization_step": ema.optimization_step},
-            "summary": summary(result),
+            "ema": ema_record(ema),
         }
-        write_json_atomic(output_dir / RUN_RECORD, record)
-        print(json.dumps(record["summary"]), file=sys.stdout)
-    accelerator.end_training()
+
+    finish_run(accelerator, args, stage, result, "clipcond-decoder", record)
     return 0
 
 

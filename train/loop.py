@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 EXTRA_TENSORS_FILE = "extra_state.safetensors"
+RUN_RECORD = "clipcond_run.json"  # in the output folder: arguments, data, model, summary of a finished run
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -689,3 +691,27 @@ def summary(result: TrainResult, **extra: Any) -> dict[str, Any]:
         **_round(result.validation),
         **extra,
     }
+
+
+def finish_run(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    stage: Stage,
+    result: TrainResult,
+    kind: str,
+    record: Callable[[], dict[str, Any]],
+) -> None:
+    """The end of a training entry point, after `train`: on the main process, export the stage's model into
+    `--output-dir`, write the run record there (`RUN_RECORD`: `kind`, the arguments, the sections `record()`
+    returns, the `summary`) and print the summary as one JSON line; then end the trackers on every process.
+
+    `record` is called after the export, so its sections can hash the saved model.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        stage.export(output_dir)
+        run_record = {"kind": kind, "args": vars(args), **record(), "summary": summary(result)}
+        write_json_atomic(output_dir / RUN_RECORD, run_record)
+        print(json.dumps(run_record["summary"]), file=sys.stdout)
+    accelerator.end_training()

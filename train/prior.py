@@ -28,9 +28,7 @@ Validation (`clipcond.evaluation.prior.evaluate_prior` on the first `--validatio
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,23 +66,22 @@ from clipcond.train.ema import (
     load_ema_state,
     make_ema,
 )
+from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
     compile_if_asked,
     draw_rows,
+    finish_run,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    summary,
     train,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "clipcond_run.json"
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # DDPM (Ho et al.); Nichol & Dhariwal 2021
 # Predicted standardised embeddings are clipped to +-5 standard deviations at each sampling step, as Karlo's prior
 # scheduler does: a guard against guidance overshooting, far outside the data.
@@ -485,12 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 8. Save the pipeline (EMA weights) and the run record
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stage.export(output_dir)
-        record = {
-            "kind": "clipcond-prior",
-            "args": vars(args),
+    def record() -> dict:
+        return {
             "data": {
                 "path": str(args.data),
                 "split": args.split,
@@ -514,11 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                 "content_hash": content_hash(output_dir / "prior"),
             },
             "ema": ema_record(ema),
-            "summary": summary(result),
         }
-        write_json_atomic(output_dir / RUN_RECORD, record)
-        print(json.dumps(record["summary"]), file=sys.stdout)
-    accelerator.end_training()
+
+    finish_run(accelerator, args, stage, result, "clipcond-prior", record)
     return 0
 
 

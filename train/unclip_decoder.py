@@ -29,9 +29,7 @@ a fixed test image, then its variations) and `cache/`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,22 +56,21 @@ from clipcond.models.image_embedding import (
 )
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.train.decoder import (
-    RUN_RECORD,
     Conditioning,
     DecoderStage,
     _tracker_config,
     image_grid,
     make_noise_scheduler,
 )
+from clipcond.train.ema import ema_record
 from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
+    finish_run,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    summary,
     train,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -440,12 +437,8 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     )
 
     # 8. Save the pipeline (EMA weights) and the run record
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stage.export(output_dir)
-        record = {
-            "kind": "clipcond-decoder",
-            "args": vars(args),
+    def record() -> dict:
+        return {
             "data": {
                 "path": str(args.data),
                 "split": args.split,
@@ -468,10 +461,8 @@ def main_image_embedding(args: argparse.Namespace) -> int:
                 "xformers": xformers,
                 "content_hash": content_hash(output_dir / "unet"),
             },
-            "ema": None if ema is None else {"decay": ema.decay, "optimization_step": ema.optimization_step},
-            "summary": summary(result),
+            "ema": ema_record(ema),
         }
-        write_json_atomic(output_dir / RUN_RECORD, record)
-        print(json.dumps(record["summary"]), file=sys.stdout)
-    accelerator.end_training()
+
+    finish_run(accelerator, args, stage, result, "clipcond-decoder", record)
     return 0

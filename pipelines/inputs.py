@@ -1,0 +1,56 @@
+"""Checks of the arguments that the pipelines' `check_inputs` share, as diffusers writes them: each user error is a
+`ValueError` that names the argument and echoes the value.
+"""
+
+from __future__ import annotations
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a step count
+
+
+def check_prompts(prompt, negative_prompt) -> int:
+    """`prompt`: a string or a non-empty list of strings; `negative_prompt`: None, a string for all prompts, or a
+    list of one string per prompt. Returns the number of prompts."""
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
+    elif not isinstance(prompt, str):
+        raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r}")
+    batch_size = 1 if isinstance(prompt, str) else len(prompt)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError(f"`negative_prompt` must be None, a string or a list of strings, got {negative_prompt!r}")
+        if len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; "
+                "give one negative prompt per prompt, or a single string for all"
+            )
+    return batch_size
+
+
+def check_sampling_args(
+    num_inference_steps,
+    guidance_scale,
+    num_images_per_prompt,
+    generator,
+    batch_size: int,
+    inputs: str = "prompts",
+    output: str = "image",
+) -> int:
+    """The step count, the guidance weight, the outputs per input and the generator(s) for `batch_size` inputs
+    (called `inputs` in messages) making one `output` each per `num_images_per_prompt`. Returns the number of
+    outputs, `batch_size * num_images_per_prompt`."""
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
+        raise ValueError(f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}")
+    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
+    num_images = batch_size * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != num_images:
+        raise ValueError(
+            f"`generator` is a list of {len(generator)} generators, but {num_images} {output}s are asked for "
+            f"({batch_size} {inputs} x {num_images_per_prompt}); give one generator per {output}"
+        )
+    return num_images
