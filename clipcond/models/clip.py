@@ -80,7 +80,8 @@ def clip_config(
         )
     # The towers carry the projection width too: CLIPTextModelWithProjection reads it from its own sub-config.
     text["projection_dim"] = vision["projection_dim"] = spec["projection_dim"]
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"])
+    extra = {k: spec[k] for k in ("logit_scale_init_value",) if k in spec}  # ln(1 / initial temperature)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec["projection_dim"], **extra)
 
 
 def image_processor_for(config: CLIPConfig, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> CLIPImageProcessor:

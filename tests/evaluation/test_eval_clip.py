@@ -204,3 +204,18 @@ def test_evaluate_clip_with_real_model_matches_direct_encoding(clip_run_dir, sha
     expected = clip_run.encode_images(pixels) @ clip_run.encode_text(dataset.captions[:8]).T
     torch.testing.assert_close(extras.similarity, expected, atol=1e-5, rtol=1e-5)
     assert np.isfinite(extras.similarity.numpy()).all()
+
+
+def test_a_json_config_sets_the_initial_temperature(tmp_path):
+    import math
+
+    from clipcond.models.clip import clip_presets
+
+    spec = {**clip_presets()["test"], "logit_scale_init_value": math.log(5.0)}
+    path = tmp_path / "clip.json"
+    path.write_text(json.dumps(spec))
+    ids = {"vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 3}
+    config = clip_config(str(path), **ids)
+    assert config.logit_scale_init_value == pytest.approx(math.log(5.0))
+    assert CLIPModel(config).logit_scale.exp().item() == pytest.approx(5.0)
+    assert clip_config("test", **ids).logit_scale_init_value == pytest.approx(math.log(1 / 0.07), abs=1e-4)  # 0.07
