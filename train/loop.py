@@ -56,7 +56,9 @@ RUN_RECORD = "clipcond_run.json"  # in the output folder: arguments, data, model
 # --------------------------------------------------------------------------------------------------- arguments
 
 
-def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+def add_training_args(
+    parser: argparse.ArgumentParser, steps_help: str = "optimizer steps in total", **defaults: Any
+) -> argparse.ArgumentParser:
     """The options every training entry point takes. `defaults` overrides the per-stage defaults by dest name."""
     d = {
         "train_batch_size": 64,
@@ -76,7 +78,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g = parser.add_argument_group("training")
     g.add_argument("--output-dir", required=True, help="run folder: the final model, checkpoints/, logs/")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
-    g.add_argument("--max-train-steps", type=int, default=d["max_train_steps"], help="optimizer steps in total")
+    g.add_argument("--max-train-steps", type=int, default=d["max_train_steps"], help=steps_help)
     g.add_argument(
         "--train-batch-size", type=int, default=d["train_batch_size"], help="batch size per process and micro-step"
     )
