@@ -9,8 +9,9 @@ that scheduler (built from the saved training noise schedule, as `clipcond gener
 per-image seeds for every sampler, at the default guidance scale, and prints one JSON object: per sampler the judged
 colour / shape / both-correct accuracy for seen and held-out compositions, the CLIP score and the seconds it took;
 and `dpm@20` against `ddpm@1000` (the reference: DDPM's ancestral sampler over the whole training chain), with
-`within_3_points` true when DPM-Solver++ at 20 steps is within 3 percentage points of it on seen colour, shape and
-both-correct accuracy. `--write-results` also writes the object to benchmarks/results/scheduler_steps.json.
+`within_3_points` true when DPM-Solver++ at 20 steps is at most 3 percentage points below it on seen colour, shape
+and both-correct accuracy (one-sided: the reference is the 1000-step chain, not a ceiling, and a few-step sampler
+that scores higher than it has lost nothing; the signed gaps are printed beside it). `--write-results` also writes the object to benchmarks/results/scheduler_steps.json.
 
 Cost: about 20 ms of CPU per image and denoising step with guidance (two UNet rows) for the `tiny` UNet, so
 ddpm@1000 at 8 images for 18 prompts takes most of an hour on 2 CPU cores; the others a minute or two each.
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     if REFERENCE in results and CANDIDATE in results:
         gaps = {k: results[CANDIDATE][k] - results[REFERENCE][k] for k in FIGURES[:3]}  # seen compositions
         result[f"{CANDIDATE}_minus_{REFERENCE}"] = {k: round(v, 4) for k, v in gaps.items()}
-        result["within_3_points"] = all(abs(v) <= TOLERANCE for v in gaps.values())
+        result["within_3_points"] = all(v >= -TOLERANCE for v in gaps.values())
     return result
 
 
