@@ -14,7 +14,7 @@ import torch  # noqa: E402
 # Tests run tiny models, which gain nothing from intra-op threads; on a busy 2-core machine two threads per process
 # made them several times slower. Subprocesses (the SIGKILL and multi-process tests) inherit OMP_NUM_THREADS.
 torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = "1"  # also when set outside: a subprocess must run the threads this process runs
 
 
 def pytest_addoption(parser):
