@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
+
 DTYPES = ("fp32", "bf16", "fp16")
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "unipc")
@@ -99,11 +101,37 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="the decoder's embedding noise augmentation (decoders trained with --noise-level only; default 0)",
     )
+    add_guidance_interval_args(unclip)
     unclip.add_argument(
         "--allow-clip-mismatch",
         action="store_true",
         help="pair a prior and a decoder even when their run records name different CLIPs",
     )
+
+
+def add_guidance_interval_args(parser) -> None:
+    """The image-embedding decoder's guided steps (`clipcond.pipelines.inputs.guided_steps`); shared with `vary`."""
+    parser.add_argument(
+        "--guidance-start",
+        type=float,
+        default=DEFAULT_GUIDANCE_START,
+        help="the image-embedding decoder guides only from this fraction of the sampling steps on, counted from the "
+        f"noisiest (default {DEFAULT_GUIDANCE_START}: earlier guidance washes objects out)",
+    )
+    parser.add_argument(
+        "--guidance-end",
+        type=float,
+        default=1.0,
+        help="... and up to this fraction (default 1.0: to the last step)",
+    )
+
+
+def check_guidance_interval_args(args: argparse.Namespace) -> None:
+    if not 0 <= args.guidance_start < args.guidance_end <= 1:
+        raise ValueError(
+            "`--guidance-start` and `--guidance-end` must be fractions of the sampling steps with "
+            f"0 <= start < end <= 1, got {args.guidance_start} and {args.guidance_end}"
+        )
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -129,6 +157,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
     if getattr(args, "noise_level", 0) < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
+    if hasattr(args, "guidance_start"):
+        check_guidance_interval_args(args)
 
 
 def resolve_device(name: str | None):
@@ -267,6 +297,8 @@ def prior_settings(pipe, args: argparse.Namespace) -> dict:
         "prior_guidance_scale": args.prior_guidance_scale,
         "prior_num_inference_steps": args.prior_num_inference_steps,
         "noise_level": args.noise_level,
+        "guidance_start": args.guidance_start,
+        "guidance_end": args.guidance_end,
     }
 
 

@@ -22,6 +22,7 @@ from clipcond.generate import (
     DTYPES,
     SCHEDULER_NAMES,
     add_prior_args,
+    check_guidance_interval_args,
     is_unclip,
     load_pipeline,
     pipeline_class_name,
@@ -72,6 +73,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
     if args.prior_num_inference_steps < 1:
         raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
+    check_guidance_interval_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "guidance_scale": args.guidance_scale,
         "generator": torch.Generator("cpu").manual_seed(args.seed),
         "noise_level": args.noise_level,
+        "guidance_start": args.guidance_start,
+        "guidance_end": args.guidance_end,
         "output_type": "pil",
     }
     if args.prompts:
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "noise_level": args.noise_level,
+            "guidance_start": args.guidance_start,
+            "guidance_end": args.guidance_end,
             "scheduler": scheduler_name(pipe.scheduler),
             "model": os.fspath(args.model),
             **prior,

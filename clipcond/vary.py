@@ -19,6 +19,8 @@ import time
 from clipcond.generate import (
     DTYPES,
     SCHEDULER_NAMES,
+    add_guidance_interval_args,
+    check_guidance_interval_args,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="noise augmentation of the embedding (decoders trained with --noise-level only): more variety (default 0)",
     )
+    add_guidance_interval_args(parser)
     parser.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
     )
@@ -65,6 +68,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
     if args.noise_level < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
+    check_guidance_interval_args(args)
 
 
 def read_images(paths: list[str], what: str = "IMAGE") -> list:
@@ -119,6 +123,8 @@ def vary_images(pipe, sources: list, args: argparse.Namespace) -> tuple[list, li
             guidance_scale=args.guidance_scale,
             generator=generators,
             noise_level=args.noise_level,
+            guidance_start=args.guidance_start,
+            guidance_end=args.guidance_end,
             output_type="pil",
         )
         images += output.images
@@ -132,6 +138,8 @@ def vary_images(pipe, sources: list, args: argparse.Namespace) -> tuple[list, li
             "num_inference_steps": args.num_inference_steps,
             "guidance_scale": args.guidance_scale,
             "noise_level": args.noise_level,
+            "guidance_start": args.guidance_start,
+            "guidance_end": args.guidance_end,
             "scheduler": scheduler,
             "model": os.fspath(args.model),
         }

@@ -40,7 +40,12 @@ from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
 from clipcond.pipelines.prior import PriorPipeline
-from clipcond.pipelines.variation import ImageVariationPipeline, clone_generator, register_decoder_modules
+from clipcond.pipelines.variation import (
+    DEFAULT_GUIDANCE_START,
+    ImageVariationPipeline,
+    clone_generator,
+    register_decoder_modules,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +216,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         prior_latents,
         noise_level,
         output_type,
+        guidance_start=DEFAULT_GUIDANCE_START,
+        guidance_end=1.0,
     ) -> None:
         # the prior's own arguments first, by their names here
         if (
@@ -242,6 +249,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             latents,
             noise_level,
             output_type,
+            guidance_start,
+            guidance_end,
         )
 
     @torch.no_grad()
@@ -260,6 +269,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         noise_level: int = 0,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from text.
 
@@ -279,6 +290,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             noise_level: the decoder's embedding noise augmentation (decoders trained with it only).
             output_type: "pil", "np", "pt" or "latent", as `ImageVariationPipeline`.
             return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
+            guidance_start, guidance_end: the decoder's guided sampling steps, fractions of `num_inference_steps`
+                (`ImageVariationPipeline`); the prior is guided at every step.
         """
         # 1. check inputs
         self.check_inputs(
@@ -294,6 +307,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             prior_latents,
             noise_level,
             output_type,
+            guidance_start,
+            guidance_end,
         )
 
         # 2. prior: text -> CLIP image embeddings (N, D), unit
@@ -318,6 +333,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             noise_level=noise_level,
             output_type=output_type,
             return_dict=return_dict,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
         )
 
     @torch.no_grad()
@@ -335,6 +352,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         noise_level: int = 0,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ) -> InterpolationOutput | tuple:
         r"""A row of `num_frames` images between two prompts (through the prior) or two images.
 
@@ -375,6 +394,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
                 None,
                 noise_level,
                 output_type,
+                guidance_start,
+                guidance_end,
             )
             interpolation_times(num_frames)  # checks `num_frames` before the prior runs
             if generator is None:
@@ -408,4 +429,6 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             noise_level=noise_level,
             output_type=output_type,
             return_dict=return_dict,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
         )

@@ -37,7 +37,12 @@ from clipcond.models.image_embedding import (
     unconditional_condition,
     unet_inputs,
 )
-from clipcond.pipelines.inputs import check_sampling_args
+from clipcond.pipelines.inputs import (
+    DEFAULT_GUIDANCE_START,
+    check_guidance_interval,
+    check_sampling_args,
+    guided_steps,
+)
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times, slerp
 
 logger = logging.getLogger(__name__)
@@ -187,6 +192,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         latents,
         noise_level,
         output_type,
+        guidance_start=0.0,
+        guidance_end=1.0,
     ) -> None:
         if (image is None) == (image_embeds is None):
             raise ValueError(
@@ -224,6 +231,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         num_images = check_sampling_args(
             num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, inputs="inputs"
         )
+        check_guidance_interval(guidance_start, guidance_end)
         self._check_noise_level(noise_level)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
@@ -260,6 +268,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         noise_level: int = 0,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate variations of images, or images from given CLIP image embeddings.
 
@@ -279,6 +289,9 @@ class ImageVariationPipeline(DiffusionPipeline):
             output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]), "pt" (float (B, 3, H, W) in [0, 1]) or
                 "latent" (the denoised sample in [-1, 1] terms).
             return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
+            guidance_start, guidance_end: guidance applies on the sampling steps from `guidance_start` to
+                `guidance_end`, fractions of `num_inference_steps` counted from the noisiest step
+                (`clipcond.pipelines.inputs.guided_steps`); the other steps run the conditional model alone.
         """
         # 1. check inputs
         self.check_inputs(
@@ -291,6 +304,8 @@ class ImageVariationPipeline(DiffusionPipeline):
             latents,
             noise_level,
             output_type,
+            guidance_start,
+            guidance_end,
         )
         device = self._execution_device
 
@@ -308,6 +323,8 @@ class ImageVariationPipeline(DiffusionPipeline):
             latents=latents,
             noise_level=noise_level,
             output_type=output_type,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
         )
         if not return_dict:
             return (images,)
@@ -324,6 +341,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         noise_level: int = 0,
         embedding_noise: torch.Tensor | None = None,
         output_type: str = "pil",
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ):
         """One image per embedding (N, D); the stages after encoding, shared with `interpolate` and the unCLIP
         pipeline. `embedding_noise` (N, D): the noise augmentation's noise (drawn after `latents` when None).
@@ -332,9 +351,10 @@ class ImageVariationPipeline(DiffusionPipeline):
         num_images = image_embeds.shape[0]
         do_guidance = guidance_scale > 1.0
 
-        # 3. timesteps
+        # 3. timesteps, and those that are guided
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        guided = guided_steps(len(timesteps), guidance_start, guidance_end) if do_guidance else range(0)
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
 
@@ -343,7 +363,7 @@ class ImageVariationPipeline(DiffusionPipeline):
             latents = randn_tensor(self._noise_shape(num_images), generator=generator, device=device)
         latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
 
-        # 5. condition: the condition vector (and its tokens); [unconditional; conditional] when guiding
+        # 5. condition: the condition vector (and its tokens); [unconditional; conditional] for the guided steps
         condition = decoder_condition(
             image_embeds.to(device),
             noising_scheduler=self.image_noising_scheduler,
@@ -351,16 +371,19 @@ class ImageVariationPipeline(DiffusionPipeline):
             noise=embedding_noise,
             generator=generator,
         )  # (N, D) or (N, 2D)
-        if do_guidance:
-            condition = torch.cat([unconditional_condition(condition), condition])
-        conditioning = unet_inputs(condition, self.embedding_tokens, dtype=self.unet.dtype)
+        conditional = unet_inputs(condition, self.embedding_tokens, dtype=self.unet.dtype)
+        if len(guided):
+            both = torch.cat([unconditional_condition(condition), condition])
+            guided_conditioning = unet_inputs(both, self.embedding_tokens, dtype=self.unet.dtype)
 
-        # 6. denoising loop
-        for t in self.progress_bar(timesteps):
-            model_input = torch.cat([latents] * 2) if do_guidance else latents
+        # 6. denoising loop: one UNet batch of 2N on guided steps, of N on the others
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            guide = i in guided
+            model_input = torch.cat([latents] * 2) if guide else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
+            conditioning = guided_conditioning if guide else conditional
             noise_pred = self.unet(model_input, t, **conditioning, return_dict=False)[0]
-            if do_guidance:
+            if guide:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
@@ -385,6 +408,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         noise_level: int = 0,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ) -> InterpolationOutput | tuple:
         r"""A row of `num_frames` images between two images (or two embeddings), every frame from the same noise.
 
@@ -400,7 +425,17 @@ class ImageVariationPipeline(DiffusionPipeline):
         """
         # 1. check inputs
         self.check_inputs(
-            image, image_embeds, num_inference_steps, guidance_scale, 1, generator, None, noise_level, output_type
+            image,
+            image_embeds,
+            num_inference_steps,
+            guidance_scale,
+            1,
+            generator,
+            None,
+            noise_level,
+            output_type,
+            guidance_start,
+            guidance_end,
         )
         count = image_embeds.shape[0] if image_embeds is not None else _count_images(image)
         if count != 2:
@@ -421,6 +456,8 @@ class ImageVariationPipeline(DiffusionPipeline):
             latents=latents,
             noise_level=noise_level,
             output_type=output_type,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
         )
         if not return_dict:
             return (frames, times)
@@ -438,6 +475,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         noise_level: int = 0,
         output_type: str = "pil",
+        guidance_start: float = DEFAULT_GUIDANCE_START,
+        guidance_end: float = 1.0,
     ):
         """Decode slerp(start, end, t) (D,) for each t in `times`, all frames from one draw of noise."""
         if isinstance(generator, list):
@@ -470,6 +509,8 @@ class ImageVariationPipeline(DiffusionPipeline):
             noise_level=noise_level,
             embedding_noise=embedding_noise,
             output_type=output_type,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
         )
 
 

@@ -51,6 +51,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     text_to_image = evaluation["text_to_image"]
     assert text_to_image["num_images"] == 18 and list(text_to_image["guidance"]) == [str(DEFAULT_GUIDANCE_SCALE)]
     assert text_to_image["settings"]["prior_guidance_scale"] == 4.0
+    assert (text_to_image["settings"]["guidance_start"], text_to_image["settings"]["guidance_end"]) == (0.4, 1.0)
     assert text_to_image["settings"]["scheduler"] == "dpm"
 
     # the one table: seen / held-out rows, colour and shape of each of the three ways to draw

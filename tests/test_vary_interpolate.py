@@ -102,6 +102,8 @@ def test_generate_through_the_prior(runs, tmp_path, capsys):
         "prior_guidance_scale": 2.0,
         "prior_num_inference_steps": 2,
         "noise_level": 0,
+        "guidance_start": 0.4,
+        "guidance_end": 1.0,
     }
     assert "4 images (2 prompts x 2)" in capsys.readouterr().out
 
@@ -149,6 +151,7 @@ def test_vary_writes_variations_grid_and_records(runs, sources, tmp_path, capsys
     assert [r["source"] for r in records] == [sources[0], sources[0], sources[1], sources[1]]
     assert [r["seed"] for r in records] == [5, 6, 7, 8]
     assert records[0]["noise_level"] == 0 and records[0]["model"] == str(runs["decoder"])
+    assert (records[0]["guidance_start"], records[0]["guidance_end"]) == (0.4, 1.0)
     grid = Image.open(out / "grid.png")  # 2 rows x 3 tiles (the source, then 2 variations) of >= 96 px
     assert 3 * 96 < grid.width < 4 * 96 + 40 and 2 * 96 < grid.height < 3 * 96 + 40
     assert "4 variations (2 images x 2)" in capsys.readouterr().out
@@ -186,6 +189,10 @@ def test_vary_names_a_bad_image(runs, sources, tmp_path, capsys):
     assert f"IMAGE {str(broken)!r} cannot be read as an image" in capsys.readouterr().err
     assert cli.main(["vary", "--model", str(runs["prior"]), sources[0], "--output-dir", out, *FAST]) == 2
     assert "holds a PriorPipeline, which does not read images" in capsys.readouterr().err
+    interval = ["--guidance-start", "0.9", "--guidance-end", "0.5"]
+    assert cli.main(["vary", "--model", str(runs["decoder"]), sources[0], *interval, "--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "`--guidance-start` and `--guidance-end` must be fractions" in err and "got 0.9 and 0.5" in err
 
 
 # --------------------------------------------------------------------------------------------- interpolate

@@ -47,6 +47,8 @@ from clipcond.evaluation.generation import (
 )
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
+from clipcond.generate import add_guidance_interval_args, check_guidance_interval_args
+from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,15 @@ def variation_seed(seed: int, source: int, index: int) -> int:
 # ---------------------------------------------------------------- generate functions over the pipelines
 
 
-def pipeline_vary_fn(pipe, *, num_inference_steps: int, guidance_scale: float, noise_level: int = 0) -> VaryFn:
+def pipeline_vary_fn(
+    pipe,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    noise_level: int = 0,
+    guidance_start: float = DEFAULT_GUIDANCE_START,
+    guidance_end: float = 1.0,
+) -> VaryFn:
     """A `VaryFn` over an `ImageVariationPipeline` (one image per source, each from its own generator)."""
 
     def vary(sources: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -110,6 +120,8 @@ def pipeline_vary_fn(pipe, *, num_inference_steps: int, guidance_scale: float, n
             num_images_per_prompt=1,
             generator=list(generators),
             noise_level=noise_level,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
             output_type="pt",
         )
         return to_uint8_images(output.images)
@@ -124,6 +136,8 @@ def unclip_generate_fn(
     prior_guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
     prior_num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
     noise_level: int = 0,
+    guidance_start: float = DEFAULT_GUIDANCE_START,
+    guidance_end: float = 1.0,
 ) -> GenerateFn:
     """A `GenerateFn` for `evaluate_generation` over an `UnCLIPTextToImagePipeline`: text -> prior -> decoder. The
     guidance scale that `evaluate_generation` passes is the decoder's; the prior's is `prior_guidance_scale`. Each
@@ -139,6 +153,8 @@ def unclip_generate_fn(
             num_images_per_prompt=1,
             generator=list(generators),
             noise_level=noise_level,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
             output_type="pt",
         )
         return to_uint8_images(output.images)
@@ -340,6 +356,8 @@ def evaluate_unclip(
     prior_num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
     prior_max_captions: int | None = DEFAULT_PRIOR_MAX_CAPTIONS,
     noise_level: int = 0,
+    guidance_start: float = DEFAULT_GUIDANCE_START,
+    guidance_end: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
     output_dir: str | os.PathLike | None = None,
@@ -355,7 +373,8 @@ def evaluate_unclip(
         clip_run, reference_images: for the text-to-image CLIP score and FD (`evaluate_generation`); optional.
         split: the split whose one-object images are the variation sources and whose captions the prior is
             evaluated on.
-        guidance_scale, num_inference_steps: the decoder's, for variations and text-to-image alike.
+        guidance_scale, num_inference_steps, guidance_start, guidance_end: the decoder's, for variations and
+            text-to-image alike.
         prior_max_captions: the prior's cosine on the split's first N items (None: all).
         output_dir: when given, `prior.json`, `variations/`, `text_to_image/`, then `metrics.json` (last: its
             presence marks a finished evaluation).
@@ -405,6 +424,8 @@ def evaluate_unclip(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         noise_level=noise_level,
+        guidance_start=guidance_start,
+        guidance_end=guidance_end,
     )
     variations = evaluate_variations(
         vary,
@@ -423,6 +444,8 @@ def evaluate_unclip(
             "guidance_scale": float(guidance_scale),
             "num_inference_steps": num_inference_steps,
             "noise_level": noise_level,
+            "guidance_start": guidance_start,
+            "guidance_end": guidance_end,
             "scheduler": scheduler_name(pipe.scheduler),
         },
         progress=progress,
@@ -435,6 +458,8 @@ def evaluate_unclip(
         prior_guidance_scale=prior_guidance_scale,
         prior_num_inference_steps=prior_num_inference_steps,
         noise_level=noise_level,
+        guidance_start=guidance_start,
+        guidance_end=guidance_end,
     )
     text_to_image = evaluate_generation(
         generate,
@@ -456,6 +481,8 @@ def evaluate_unclip(
             "prior_guidance_scale": float(prior_guidance_scale),
             "prior_num_inference_steps": prior_num_inference_steps,
             "noise_level": noise_level,
+            "guidance_start": guidance_start,
+            "guidance_end": guidance_end,
         },
         progress=progress,
     )
@@ -476,6 +503,8 @@ def evaluate_unclip(
             "prior_num_inference_steps": prior_num_inference_steps,
             "prior_max_captions": prior_max_captions,
             "noise_level": noise_level,
+            "guidance_start": guidance_start,
+            "guidance_end": guidance_end,
             "seed": seed,
         },
     }
@@ -531,6 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the prior's cosine on the split's first N items (0: all)",
     )
     parser.add_argument("--noise-level", type=int, default=0, help="the decoder's embedding noise augmentation")
+    add_guidance_interval_args(parser)
     parser.add_argument("--clip", metavar="PATH", help="CLIP run for CLIP score and FD (default: the decoder's)")
     parser.add_argument("--allow-clip-mismatch", action="store_true", help="pair runs trained on different CLIPs")
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
@@ -556,6 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--guidance-scale` must be >= 1 (1: no guidance), got {args.guidance_scale}")
     if args.prior_guidance_scale < 0:
         raise ValueError(f"`--prior-guidance-scale` must be >= 0, got {args.prior_guidance_scale}")
+    check_guidance_interval_args(args)
     return args
 
 
@@ -610,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         prior_num_inference_steps=args.prior_num_inference_steps,
         prior_max_captions=args.prior_max_captions or None,
         noise_level=args.noise_level,
+        guidance_start=args.guidance_start,
+        guidance_end=args.guidance_end,
         seed=args.seed,
         batch_size=args.batch_size,
         output_dir=Path(args.output_dir) if args.output_dir else Path(args.decoder) / "eval_unclip",

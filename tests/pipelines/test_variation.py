@@ -216,6 +216,22 @@ def test_guidance_doubles_the_batch_against_the_zero_input(pipe, images):
     assert all(labels.abs().sum(dim=1).min() > 0 for _, labels, _ in calls)
 
 
+@pytest.mark.parametrize(
+    "start, end, guided",
+    [(0.0, 1.0, [0, 1, 2, 3, 4]), (0.4, 1.0, [2, 3, 4]), (0.0, 0.6, [0, 1, 2]), (0.2, 0.8, [1, 2, 3])],
+)
+def test_guidance_applies_on_the_steps_of_its_interval_only(pipe, images, start, end, guided):
+    calls = UNetCalls(pipe.unet).calls
+    kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "guidance_start": start, "guidance_end": end}
+    interval = run(pipe, images[0], seeds=(0, 1), **kwargs)
+    assert [batch for batch, _, _ in calls] == [4 if step in guided else 2 for step in range(5)]
+    for batch, class_labels, _ in calls:  # the steps left unguided read the conditional input alone
+        assert class_labels.abs().sum(dim=1).min() > 0 or batch == 4
+    # guided steps are the same function as ever: the full interval is plain guidance, and an interval changes images
+    everywhere = run(pipe, images[0], seeds=(0, 1), **{**kwargs, "guidance_start": 0.0, "guidance_end": 1.0})
+    assert (np.abs(interval - everywhere).max() > 1e-3) == (guided != [0, 1, 2, 3, 4])
+
+
 def test_noise_level_varies_the_images(noisy_pipe, images):
     pixels = images[0][:1]
     clean = run(noisy_pipe, pixels, seeds=(0,))
@@ -336,6 +352,15 @@ def test_an_image_encoder_of_another_width_is_refused(pipe):
         ({"image_embeds": torch.zeros(1, 32), "num_inference_steps": 0}, "`num_inference_steps` must be an integer"),
         ({"image_embeds": torch.zeros(1, 32), "output_type": "jpg"}, "`output_type` must be one of"),
         ({"image_embeds": torch.zeros(1, 32), "latents": torch.zeros(1, 3, 8, 8)}, r"`latents` must have shape"),
+        (
+            {"image_embeds": torch.zeros(1, 32), "guidance_start": -0.1},
+            r"`guidance_start` must be .*\[0, 1\], got -0.1",
+        ),
+        ({"image_embeds": torch.zeros(1, 32), "guidance_end": True}, r"`guidance_end` must be .*got True"),
+        (
+            {"image_embeds": torch.zeros(1, 32), "guidance_start": 0.5, "guidance_end": 0.5},
+            "`guidance_start` must be smaller than `guidance_end`, got 0.5 and 0.5",
+        ),
     ],
 )
 def test_bad_inputs_are_named(pipe, kwargs, match):
