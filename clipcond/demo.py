@@ -522,7 +522,9 @@ def _dalle2_lines(report: dict) -> list[str]:
         f"{_pct(cosine['zero_shot_top1_true_image_heldout'])} |",
         "",
         "Judged colour and shape accuracy of the three ways to draw (decoder guidance "
-        f"{settings['guidance_scale']:g}, {t2i['settings']['scheduler']} {settings['num_inference_steps']} steps; "
+        f"{settings['guidance_scale']:g}, on the image-embedding decoder's steps from "
+        f"{settings.get('guidance_start', 0.0):.0%} to {settings.get('guidance_end', 1.0):.0%} only; "
+        f"{t2i['settings']['scheduler']} {settings['num_inference_steps']} steps; "
         f"the prior at guidance {settings['prior_guidance_scale']:g}, {settings['prior_num_inference_steps']} steps). "
         f"Text-to-image: {report['generation']['settings']['num_images_per_prompt']} (Stable Diffusion path) and "
         f"{settings['images_per_prompt']} (through the prior) images per colour-shape prompt, judged against the "
