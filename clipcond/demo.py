@@ -8,10 +8,11 @@ picks up where it stopped, and both trainings resume from their latest checkpoin
 1. `data/`: the shapes data set;
 2. `clip/`: CLIP pretraining, then its evaluation in `clip/eval/`;
 3. `decoder/`: the Stable Diffusion path's UNet on the frozen CLIP text encoder (`clipcond train decoder`);
-4. `samples/`: `--samples-per-prompt` images of every colour-shape prompt, held-out compositions included, written
-   as `clipcond generate` writes them (PNGs, `images.jsonl`, `grid.png`);
-5. `decoder/eval_generation/`: what `clipcond eval generation` reports (judged colour / shape accuracy for seen and
+4. `decoder/eval_generation/`: what `clipcond eval generation` reports (judged colour / shape accuracy for seen and
    held-out compositions at guidance 1 and the default, CLIP score, FD);
+5. `samples/`: `--samples-per-prompt` images of every colour-shape prompt, held-out compositions included, written
+   as `clipcond generate` writes them (PNGs, `images.jsonl` with the seed that redraws each, `grid.png`): the first
+   images the evaluation drew at the default guidance, not drawn twice;
 6. `report.md` / `report.json`: the figures, the sample grid, and the time of every stage (wall and CPU).
 
 `--dalle2` adds the DALL-E 2 (unCLIP) path on the same frozen CLIP, before the report (opt-in: the default demo
@@ -70,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["no", "bf16", "fp16"],
         help="for both trainings (default: each recipe's own)",
     )
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="images per prompt in samples/")
+    parser.add_argument(
+        "--samples-per-prompt", type=int, default=4, help="images per prompt in samples/ (the evaluation's first ones)"
+    )
     parser.add_argument(
         "--eval-images-per-prompt", type=int, default=8, help="images per prompt and guidance scale judged"
     )
@@ -107,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     if args.guidance_scale < 1:
         raise ValueError(f"`--guidance-scale` must be >= 1 (1: no guidance), got {args.guidance_scale}")
+    if args.samples_per_prompt > args.eval_images_per_prompt:
+        raise ValueError(
+            f"`--samples-per-prompt` ({args.samples_per_prompt}) must be <= `--eval-images-per-prompt` "
+            f"({args.eval_images_per_prompt}): the samples are the first images that the evaluation draws"
+        )
     return args
 
 
@@ -255,44 +263,61 @@ def _prompts(info: dict) -> list[str]:
     return [DEFAULT_PROMPT_TEMPLATE.format(colour=c, shape=s) for c, s in (n.split() for n in class_names(info))]
 
 
-def _samples_args(args: argparse.Namespace, info: dict, decoder_dir: Path, samples_dir: Path) -> argparse.Namespace:
-    """`clipcond generate`'s arguments for every colour-shape prompt, `--samples-per-prompt` images each."""
-    from clipcond import generate
-
-    argv = ["--model", str(decoder_dir), "--output-dir", str(samples_dir), "--scheduler", SCHEDULER]
-    argv += ["--num-images", str(1 if args.quick else args.samples_per_prompt)]
-    argv += ["--num-inference-steps", str(2 if args.quick else args.num_inference_steps)]
-    argv += ["--guidance-scale", str(args.guidance_scale), "--seed", str(args.seed), "--batch-size", "32"]
-    for prompt in _prompts(info):
-        argv += ["--prompt", prompt]
-    return generate.parse_args(argv)
+def _samples_per_prompt(args: argparse.Namespace) -> int:
+    return 1 if args.quick else args.samples_per_prompt
 
 
-def _samples_complete(gen_args: argparse.Namespace, samples_dir: Path) -> bool:
+def _samples_complete(info: dict, per_prompt: int, samples_dir: Path) -> bool:
     """grid.png is written after images.jsonl: both there, with a record per image, mark a finished stage."""
     records = samples_dir / "images.jsonl"
     if not ((samples_dir / "grid.png").is_file() and records.is_file()):
         return False
-    return len(records.read_text().splitlines()) == len(gen_args.prompt) * gen_args.num_images
+    return len(records.read_text().splitlines()) == len(_prompts(info)) * per_prompt
 
 
-def _stage_samples(gen_args: argparse.Namespace, samples_dir: Path) -> dict:
-    """The images of `gen_args`, written by `clipcond generate`'s own functions (PNGs, images.jsonl, grid.png)."""
+def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samples_dir: Path, generation: dict):
+    """`--samples-per-prompt` images of every colour-shape prompt at the default guidance, in `clipcond generate`'s
+    layout (PNGs, images.jsonl, grid.png, written by its own `write_outputs`): the first images that the evaluation
+    drew and judged, not drawn a second time. Each record names the seed that redraws its image:
+    `clipcond generate --model DECODER --prompt P --seed SEED --num-images 1` with the recorded sampler, steps and
+    guidance gives the same picture."""
+    from PIL import Image
+
     from clipcond import generate
+    from clipcond.evaluation.generation import image_file, image_seed
 
-    if not _samples_complete(gen_args, samples_dir):
-        pipe = generate.load_pipeline(gen_args)
-        images, records = generate.generate_images(pipe, gen_args.prompt, gen_args)
-        labels = [record["prompt"] or "(unconditional)" for record in records]
-        generate.write_outputs(images, records, samples_dir, grid_rows=len(gen_args.prompt), labels=labels)
+    settings, per_prompt = generation["settings"], _samples_per_prompt(args)
+    guidance = float(generation["guidance_scale"])
+    eval_dir = decoder_dir / "eval_generation"
+    if not _samples_complete(info, per_prompt, samples_dir):
+        jobs = [(prompt, k) for prompt in _prompts(info) for k in range(per_prompt)]
+        images = []
+        for prompt, k in jobs:
+            with Image.open(image_file(eval_dir, guidance, prompt, k)) as image:
+                images.append(image.convert("RGB"))
+        records = [
+            {
+                "file_name": f"{index:05d}.png",
+                "prompt": prompt,
+                "negative_prompt": None,
+                "seed": image_seed(settings["seed"], prompt, k),
+                "num_inference_steps": settings["num_inference_steps"],
+                "guidance_scale": guidance,
+                "scheduler": settings["scheduler"],
+                "model": str(decoder_dir),
+            }
+            for index, (prompt, k) in enumerate(jobs)
+        ]
+        labels = [record["prompt"] for record in records]
+        generate.write_outputs(images, records, samples_dir, grid_rows=len(_prompts(info)), labels=labels)
     return {
         "folder": str(samples_dir),
         "grid": str(samples_dir / "grid.png"),
-        "num_images": len(gen_args.prompt) * gen_args.num_images,
-        "images_per_prompt": gen_args.num_images,
-        "num_inference_steps": gen_args.num_inference_steps,
-        "guidance_scale": gen_args.guidance_scale,
-        "scheduler": gen_args.scheduler,
+        "num_images": len(_prompts(info)) * per_prompt,
+        "images_per_prompt": per_prompt,
+        "num_inference_steps": settings["num_inference_steps"],
+        "guidance_scale": guidance,
+        "scheduler": settings["scheduler"],
     }
 
 
@@ -614,8 +639,8 @@ def _write_report(out: Path, report: dict) -> None:
         f"{_num(generation['fd_clip_floor'], 2)} at this sample size.",
         "",
         f"Samples ({samples['images_per_prompt']} per prompt, guidance {samples['guidance_scale']:g}, "
-        f"{samples['scheduler']} {samples['num_inference_steps']} steps; `samples/images.jsonl` records each one's "
-        "prompt and seed):",
+        f"{samples['scheduler']} {samples['num_inference_steps']} steps; the first images of the evaluation; "
+        "`samples/images.jsonl` records each one's prompt and the seed with which `clipcond generate` redraws it):",
         "",
         "![samples](samples/grid.png)",
         "",
@@ -668,19 +693,18 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the decoder on the frozen CLIP text encoder
     done = (decoder_dir / DECODER_RECORD).is_file()
     decoder = times.run("decoder", lambda: _stage_decoder(args, data_dir, clip_dir, decoder_dir), complete=done)
-    # 4. samples of every colour-shape prompt, as `clipcond generate` writes them
-    samples_args = _samples_args(args, info, decoder_dir, samples_dir)
-    samples = times.run(
-        "samples",
-        lambda: _stage_samples(samples_args, samples_dir),
-        complete=_samples_complete(samples_args, samples_dir),
-    )
-    # 5. judged evaluation of the decoder
+    # 4. judged evaluation of the decoder
     done = (decoder_dir / "eval_generation" / "metrics.json").is_file()
     generation = times.run(
         "generation_eval",
         lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out / "judge"),
         complete=done,
+    )
+    # 5. samples of every colour-shape prompt, as `clipcond generate` writes them (the evaluation's first images)
+    samples = times.run(
+        "samples",
+        lambda: _stage_samples(args, info, decoder_dir, samples_dir, generation),
+        complete=_samples_complete(info, _samples_per_prompt(args), samples_dir),
     )
 
     # 6. with --dalle2: the prior, the image-embedding decoder, and their judged evaluation

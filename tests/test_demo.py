@@ -3,10 +3,19 @@ finished stages."""
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from clipcond import cli
 from clipcond.data.shapes import class_names
 from clipcond.demo import main
+from clipcond.evaluation.generation import image_file, image_seed
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which the samples are drawn with.
 pytestmark = pytest.mark.filterwarnings(
@@ -18,6 +27,9 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--output-dir", str(out), "--quick"]) == 0
     report = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-2])["report"] == str(out / "report.md")
+    assert str(out / "report.md") in printed[-1]
     assert report["quick"] is True
     stages = {"data", "clip", "clip_eval", "decoder", "samples", "generation_eval"}
     assert set(report["seconds"]) == stages and set(report["timings"]) == stages
@@ -30,9 +42,25 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     prompts = [f"a {name}" for name in class_names(json.loads((out / "data" / "dataset_info.json").read_text()))]
     records = [json.loads(line) for line in (out / "samples" / "images.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == prompts  # one image per prompt in quick mode
-    assert [r["seed"] for r in records] == list(range(len(prompts)))
+    assert [r["seed"] for r in records] == [image_seed(0, prompt, 0) for prompt in prompts]
     assert all((out / "samples" / r["file_name"]).is_file() for r in records)
     assert (out / "samples" / "grid.png").is_file()
+    # they are the evaluation's images at the default guidance, and `clipcond generate` redraws one from its record
+    record = records[5]
+    evaluated = image_file(out / "decoder" / "eval_generation", record["guidance_scale"], record["prompt"], 0)
+    assert np.array_equal(pixels(out / "samples" / record["file_name"]), pixels(evaluated))
+    argv = ["--model", record["model"], "--prompt", record["prompt"], "--seed", str(record["seed"])]
+    argv += [
+        "--num-images",
+        "1",
+        "--scheduler",
+        record["scheduler"],
+        "--guidance-scale",
+        str(record["guidance_scale"]),
+    ]
+    argv += ["--num-inference-steps", str(record["num_inference_steps"]), "--output-dir", str(tmp_path / "again")]
+    assert cli.main(["generate", *argv]) == 0
+    assert np.abs(pixels(tmp_path / "again" / "00000.png") - pixels(evaluated)).max() <= 1
 
     # the judged evaluation at guidance 1 and the default, seen and held-out apart
     generation = report["generation"]
@@ -43,9 +71,6 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# clipcond demo report")
     assert "![samples](samples/grid.png)" in md and "held-out" in md
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(printed[-2])["report"] == str(out / "report.md")
-    assert str(out / "report.md") in printed[-1]
 
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("clip/model.safetensors", "decoder/model_index.json")}
     stamps["samples/grid.png"] = (out / "samples" / "grid.png").stat().st_mtime_ns

@@ -279,6 +279,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
 
 
+def image_file(output_dir: str | os.PathLike, guidance_scale: float, prompt: str, index: int) -> Path:
+    """Where an evaluation written to `output_dir` saved image `index` of `prompt` at `guidance_scale`; it was drawn
+    from a generator seeded `image_seed(seed, prompt, index)`."""
+    return Path(output_dir) / "images" / f"guidance_{_scale_key(guidance_scale)}" / f"{_slug(prompt)}_{index}.png"
+
+
 def evaluate_generation(
     pipe,
     *,
@@ -530,17 +536,15 @@ def write_outputs(
     for key, batch in images.items():
         score = scores[key]
         tiles, labels = [], []
-        image_dir = output_dir / "images" / f"guidance_{key}"
-        image_dir.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(batch):
             prompt = prompts[i // num_images_per_prompt]
             right = int(score.colour_correct[i]) + int(score.shape_correct[i])
             judged = f"{score.colour[i]} {score.shape[i]}"
             labels.append(f"{prompt}: {judged}" if right == 2 else f"{prompt}: WRONG {judged}")
             tiles.append(_framed(image, _FRAME[right]))
-            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(
-                image_dir / f"{_slug(prompt)}_{i % num_images_per_prompt}.png", format="PNG"
-            )
+            path = image_file(output_dir, float(key), prompt, i % num_images_per_prompt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(path, format="PNG")
         grid = image_grid(tiles, rows=len(prompts), cols=num_images_per_prompt, labels=labels, max_label_lines=3)
         paths.append(output_dir / f"grid_guidance_{key}.png")
         grid.save(paths[-1], format="PNG")
