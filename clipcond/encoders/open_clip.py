@@ -139,16 +139,18 @@ class OpenClipVisionModel(ModelMixin, ConfigMixin):
 
 
 @cache
-def _openai_bpe_files() -> tuple[str, str]:
-    """open_clip's bundled BPE vocabulary written as transformers' `vocab.json` + `merges.txt` (once a process)."""
+def _openai_bpe_folder() -> tempfile.TemporaryDirectory:
+    """open_clip's bundled BPE vocabulary written as transformers' `vocab.json` + `merges.txt`, once a process, in a
+    temporary folder that the cache holds until the process exits and then removes."""
     from open_clip.tokenizer import SimpleTokenizer
 
     simple = SimpleTokenizer()
-    folder = Path(tempfile.mkdtemp(prefix="clipcond-open-clip-bpe-"))
-    (folder / "vocab.json").write_text(json.dumps(simple.encoder))
+    folder = tempfile.TemporaryDirectory(prefix="clipcond-open-clip-bpe-")
+    root = Path(folder.name)
+    (root / "vocab.json").write_text(json.dumps(simple.encoder))
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
+    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
 
 
 def open_clip_tokenizer(context_length: int):
@@ -157,10 +159,10 @@ def open_clip_tokenizer(context_length: int):
     from transformers import CLIPTokenizer
 
     import_open_clip()
-    vocab, merges = _openai_bpe_files()
+    root = Path(_openai_bpe_folder().name)
     return CLIPTokenizer(
-        vocab,
-        merges,
+        str(root / "vocab.json"),
+        str(root / "merges.txt"),
         bos_token=START_TOKEN,
         eos_token=END_TOKEN,
         unk_token=END_TOKEN,

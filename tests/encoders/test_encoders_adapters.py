@@ -1,7 +1,10 @@
 """Each adapter of `clipcond.encoders` on tiny, seeded models saved locally: output shapes, frozen weights, the spec
 grammar, and fidelity to the model family's own code (open_clip's tokenizer and `encode_text`)."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +119,21 @@ def test_open_clip_adapter_matches_open_clip(specs):
     with torch.no_grad():
         expected = model.encode_text(reference)
     torch.testing.assert_close(encoder.encode_text(PROMPTS).pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_open_clip_tokenizer_files_leave_with_the_process(tmp_path):
+    """The BPE files written for transformers' tokenizer live in a temporary folder that goes when the process ends."""
+    code = (
+        "from clipcond.encoders.open_clip import _openai_bpe_folder, open_clip_tokenizer\n"
+        "tokenizer = open_clip_tokenizer(24)\n"
+        "assert tokenizer('a red circle').input_ids[0] == tokenizer.bos_token_id\n"
+        "print(_openai_bpe_folder().name)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and folder.name.startswith("clipcond-open-clip-bpe-")
+    assert not folder.exists()
 
 
 def test_open_clip_is_an_optional_extra(specs, monkeypatch):
