@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clipcond.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="End to end on the built-in shapes data: make the data, pretrain a CLIP, train a text-to-image "
         "decoder on its frozen text encoder, generate and judge samples, report; with --dalle2 also the DALL-E 2 path "
         "(a prior and an image-embedding decoder), judged beside it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output-dir", default="demo", help="where every stage writes its folder and the report")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import CLIPModel
 
+from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.open import DATA_HELP, is_streamed, native_resolution, open_image_text_dataset
 from clipcond.evaluation.clip import evaluate_clip
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clipcond train clip",
         description="Pretrain a CLIP (transformers CLIPModel) on image-caption pairs with a contrastive loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help=DATA_HELP)

@@ -46,6 +46,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from einops import rearrange
 from PIL import Image
 
+from clipcond.cli import HelpFormatter
 from clipcond.conditioning import TextEmbeddingCache, TextEmbeddings, unique_captions
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clipcond train decoder",
         description="Train a diffusers UNet to generate images conditioned on the frozen text encoder of a CLIP run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     encoder = data.add_mutually_exclusive_group(required=True)

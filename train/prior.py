@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, PriorTransformer
 
+from clipcond.cli import HelpFormatter
 from clipcond.conditioning import (
     ImageEmbeddingCache,
     TextEmbeddingCache,
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="clipcond train prior",
         description="Train a DALL-E 2 prior (diffusers PriorTransformer): CLIP text embedding -> CLIP image "
         "embedding, on the frozen CLIP of a run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     encoder = data.add_mutually_exclusive_group(required=True)

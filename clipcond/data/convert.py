@@ -23,6 +23,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
 
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="clipcond data convert",
         description="Convert an imagefolder or CSV data set into WebDataset tar shards (with an index.json), which "
         "every training command streams with --data 'OUT/{000000..000099}.tar'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", help="imagefolder root (with train/ and test/), split folder, or CSV file")
     parser.add_argument("--split", default="train", help="split of SOURCE to convert (one split per output folder)")

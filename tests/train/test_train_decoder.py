@@ -420,3 +420,17 @@ def test_xformers_falls_back_to_sdpa_with_a_warning(caplog):
         assert enable_xformers_if_possible(unet) is False
     assert "needs CUDA" in caplog.text and "scaled_dot_product_attention" in caplog.text
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_step_budget_follows_the_conditioning(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal width
+    base = ["--clip", "CLIP", "--data", "DATA", "--output-dir", "OUT"]
+    assert decoder.parse_args(base).max_train_steps == decoder.DEFAULT_STEPS["text"]
+    image = decoder.parse_args([*base, "--conditioning", "image-embedding"])
+    assert image.max_train_steps == decoder.DEFAULT_STEPS["image-embedding"] != decoder.DEFAULT_STEPS["text"]
+    assert decoder.parse_args([*base, "--max-train-steps", "7"]).max_train_steps == 7
+    with pytest.raises(SystemExit):
+        decoder.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "600 with --conditioning text, 800 with --conditioning image-embedding)" in help_text
+    assert "(default: None)" not in help_text
