@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unclip-decoder-steps", type=int, default=None, help="image-embedding decoder steps (default: its recipe)"
     )
     dalle2.add_argument(
-        "--variation-sources", type=int, default=2, help="one-object test images varied per colour-shape class"
+        "--variation-sources", type=int, default=4, help="one-object test images varied per colour-shape class"
     )
     dalle2.add_argument("--variations-per-source", type=int, default=4, help="variations judged per source image")
     args = parser.parse_args(argv)

@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 # from generators[i].
 VaryFn = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
 
-DEFAULT_SOURCES_PER_CLASS = 2
+# 4 sources x 4 variations x 14 seen classes = 224 judged images: with 2 sources, readings scattered +-4 points.
+DEFAULT_SOURCES_PER_CLASS = 4
 DEFAULT_VARIATIONS_PER_SOURCE = 4
 DEFAULT_INFERENCE_STEPS = 20  # DPM-Solver++ steps of the decoder, as `clipcond demo` samples
 DEFAULT_PRIOR_GUIDANCE_SCALE = 4.0  # `clipcond eval prior`'s and the unCLIP pipeline's default
