@@ -298,16 +298,16 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
             with Image.open(image_file(eval_dir, guidance, prompt, k)) as image:
                 images.append(image.convert("RGB"))
         records = [
-            {
-                "file_name": f"{index:05d}.png",
-                "prompt": prompt,
-                "negative_prompt": None,
-                "seed": image_seed(settings["seed"], prompt, k),
-                "num_inference_steps": settings["num_inference_steps"],
-                "guidance_scale": guidance,
-                "scheduler": settings["scheduler"],
-                "model": str(decoder_dir),
-            }
+            generate.image_record(
+                index,
+                prompt,
+                image_seed(settings["seed"], prompt, k),
+                negative_prompt=None,
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=guidance,
+                scheduler=settings["scheduler"],
+                model=decoder_dir,
+            )
             for index, (prompt, k) in enumerate(jobs)
         ]
         labels = [record["prompt"] for record in records]

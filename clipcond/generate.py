@@ -157,8 +157,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
     if getattr(args, "noise_level", 0) < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
-    if hasattr(args, "guidance_start"):
-        check_guidance_interval_args(args)
+    check_guidance_interval_args(args)
 
 
 def resolve_device(name: str | None):
@@ -332,20 +331,47 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
     scheduler = scheduler_name(pipe.scheduler)
     records = [
         {
-            "file_name": f"{index:05d}.png",
-            "prompt": prompt,
-            "negative_prompt": args.negative_prompt,
-            "seed": seed,
-            "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale,
-            "scheduler": scheduler,
-            "model": os.fspath(args.model),
+            **image_record(
+                index,
+                prompt,
+                seed,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                scheduler=scheduler,
+                model=args.model,
+            ),
             **({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}),
             **extra,
         }
         for index, (prompt, seed) in enumerate(jobs)
     ]
     return images, records
+
+
+def image_record(
+    index: int,
+    prompt: str,
+    seed: int,
+    *,
+    negative_prompt: str | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    scheduler: str,
+    model: str | os.PathLike,
+) -> dict:
+    """The images.jsonl record of image `index`: what `clipcond generate --seed SEED --num-images 1` with these
+    settings needs to draw it again."""
+    return {
+        "file_name": f"{index:05d}.png",
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "scheduler": scheduler,
+        "model": os.fspath(model),
+    }
 
 
 def write_outputs(

@@ -216,8 +216,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         prior_latents,
         noise_level,
         output_type,
-        guidance_start=DEFAULT_GUIDANCE_START,
-        guidance_end=1.0,
+        guidance_start,
+        guidance_end,
     ) -> None:
         # the prior's own arguments first, by their names here
         if (

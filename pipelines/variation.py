@@ -192,8 +192,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         latents,
         noise_level,
         output_type,
-        guidance_start=0.0,
-        guidance_end=1.0,
+        guidance_start,
+        guidance_end,
     ) -> None:
         if (image is None) == (image_embeds is None):
             raise ValueError(
