@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from clipcond.cli import HelpFormatter
+from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.open import DATA_HELP, is_streamed, native_resolution, open_image_text_dataset
 from clipcond.evaluation.clip import evaluate_clip
@@ -37,6 +38,7 @@ from clipcond.train.loop import (
     add_training_args,
     check_training_args,
     compile_if_asked,
+    draw_rows,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -46,6 +48,11 @@ from clipcond.train.loop import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Share of training images shown in grayscale (see clipcond.data.augment). On the shapes data, with the other
+# defaults, zero-shot accuracy on held-out colour-shape pairs went from 56.7% / 71.0% (seeds 0 / 1) without it to
+# 79.9 / 83.5 / 92.9 / 73.2% (seeds 0-3) with it, seen pairs 95.5% -> 98.5-99.5%; 0.5 gave 84.4 / 75.0% (seeds 0 / 1).
+DEFAULT_GRAYSCALE_PROB = 0.3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=2048,
         help="decode the images once and keep them in memory when they take at most this many MB (0: never)",
+    )
+    data.add_argument(
+        "--grayscale-prob",
+        type=float,
+        default=DEFAULT_GRAYSCALE_PROB,
+        help="probability that a training image is shown in grayscale, its caption unchanged (open_clip's "
+        "gray_scale_prob): makes shape features that do not depend on colour, so unseen colour-shape pairs are "
+        "recognised; 0 turns it off",
     )
 
     model = parser.add_argument_group("model")
@@ -97,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"`--validation-max-images` must be >= 1, got {args.validation_max_images}")
     if args.image_cache_mb < 0:
         raise ValueError(f"`--image-cache-mb` must be >= 0, got {args.image_cache_mb}")
+    if not 0.0 <= args.grayscale_prob <= 1.0:
+        raise ValueError(f"`--grayscale-prob` must be in [0, 1], got {args.grayscale_prob}")
     return args
 
 
@@ -115,13 +132,16 @@ class ContrastiveModel(nn.Module):
 
 
 class ClipStage(Stage):
-    def __init__(self, accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation=None):
+    def __init__(
+        self, accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation=None, grayscale_prob=0.0
+    ):
         self.accelerator = accelerator
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.loss_fn = loss_fn
         self.validation = validation  # (dataset, held_out, max_images) or None
+        self.grayscale_prob = grayscale_prob
         # Tokenise every caption once; a batch gathers its rows by dataset index.
         context = self.unwrapped.clip.config.text_config.max_position_embeddings
         tokens = tokenizer(
@@ -145,7 +165,12 @@ class ClipStage(Stage):
             # the text compute on the shapes captions (at most 17 of 32 tokens).
             length = int(attention_mask.sum(dim=1).max())
             input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
-        pixel_values = normalize_pixels(batch["pixel_values"].to(device, non_blocking=True))
+        pixels = batch["pixel_values"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
+        if self.grayscale_prob > 0:
+            # one uniform per sample of the global batch; this process keeps its rows (see `draw_rows`)
+            draws = draw_rows(lambda n: torch.rand(n, generator=generator), pixels.shape[0])
+            pixels = grayscale_where(pixels, draws < self.grayscale_prob)
+        pixel_values = normalize_pixels(pixels)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), pixel_values=pixel_values
         )
@@ -240,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
 
     # 5. Train
-    stage = ClipStage(accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation)
+    stage = ClipStage(
+        accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation, args.grayscale_prob
+    )
     result = train(
         accelerator,
         args,

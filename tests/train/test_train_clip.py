@@ -133,6 +133,29 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
+    """`--grayscale-prob 1` trains exactly as plain training on a grayscale copy of the data, and 0.5 lies between."""
+    import shutil
+
+    from PIL import Image
+
+    gray_data = tmp_path / "gray_data"
+    shutil.copytree(shapes_data, gray_data)
+    for png in (gray_data / "train").glob("*.png"):
+        Image.open(png).convert("L").convert("RGB").save(png)
+    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    _run(shapes_data, tmp_path / "always", *common, "--grayscale-prob", "1")
+    _run(gray_data, tmp_path / "copy", *common, "--grayscale-prob", "0")
+    _run(shapes_data, tmp_path / "colour", *common, "--grayscale-prob", "0")
+    _run(shapes_data, tmp_path / "half", *common, "--grayscale-prob", "0.5")
+    always, copy, colour, half = (_weights(tmp_path / n) for n in ("always", "copy", "colour", "half"))
+    name = "vision_model.embeddings.patch_embedding.weight"
+    # PIL's fixed-point luminance can differ from ours by one level on a few pixels: close, not bit-identical
+    torch.testing.assert_close(always[name], copy[name], rtol=0, atol=1e-4)
+    assert (always[name] - colour[name]).abs().max() > 1e-3
+    assert not torch.equal(half[name], colour[name]) and not torch.equal(half[name], always[name])
+
+
 def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):
     import shutil
 
@@ -169,6 +192,7 @@ def test_siglip_loss_trains_and_saves(shapes_data, tmp_path, capsys):
     [
         (["--model", "huge"], ValueError, "`model` must be one of"),
         (["--train-batch-size", "0"], ValueError, "`--train-batch-size` must be >= 1, got 0"),
+        (["--grayscale-prob", "1.5"], ValueError, r"`--grayscale-prob` must be in \[0, 1\], got 1.5"),
         (["--patch-size", "5"], ValueError, r"`image_size` \(32\) must be a multiple of `patch_size` \(5\)"),
     ],
 )
