@@ -11,7 +11,8 @@ two-object image included), the same precision for the bare label without templa
 compositions, the index's build time, and `meets_bar`: mean precision_at_5 >= 0.90.
 
 Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults; minutes
-on a CPU), on `--data` (written with the demo's defaults when absent). Progress and logs go to stderr.
+on a CPU), on `--data` (written with the demo's defaults when absent). `--write-results` also writes the object to
+benchmarks/results/search_quality.json. Progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 BAR = {"mean_precision_at_5": 0.90}
+RESULTS_FILE = Path(__file__).parent / "results" / "search_quality.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embeddings (default fp16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and the training")
+    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise ValueError(f"`--top-k` must be >= 1, got {args.top_k}")
@@ -167,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(data_dir / args.split):
             raise FileNotFoundError(f"`--data` {str(data_dir)!r} has no split folder {args.split!r}")
         result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.write_results:
+        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
     return 0
 
 
