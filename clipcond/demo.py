@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
 SCHEDULER = "dpm"
 DECODER_PRECISION = "bf16"  # the decoder stage's default; the CLIP trains in fp32 (bf16 is slower for it on CPU)
+# The precision of the Stable Diffusion path's judged images and samples: bf16 draws them in about half the time of
+# fp32 on 2 CPU cores (38 s against 69 s for 144 images at guidance 5) and was judged the same: on the seed-0 demo
+# decoder the same accuracies, on a seed-1 decoder shape (seen) 83.0% against 80.4%, colour 100% in both.
+SAMPLE_DTYPE = "bf16"
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
 
@@ -83,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance weight"
     )
+    parser.add_argument(
+        "--sample-dtype",
+        default=SAMPLE_DTYPE,
+        choices=["fp32", "bf16", "fp16"],
+        help="precision of the text-to-image pipeline that draws the judged images and the samples, as `clipcond "
+        "generate --dtype` (fp16: CUDA only)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in seconds")
     dalle2 = parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well")
     dalle2.add_argument(
@@ -117,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"`--samples-per-prompt` ({args.samples_per_prompt}) must be <= `--eval-images-per-prompt` "
             f"({args.eval_images_per_prompt}): the samples are the first images that the evaluation draws"
         )
+    if args.sample_dtype == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("`--sample-dtype fp16` needs a CUDA device, and none is available; use bf16 or fp32")
     return args
 
 
@@ -307,6 +323,7 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
                 guidance_scale=guidance,
                 scheduler=settings["scheduler"],
                 model=decoder_dir,
+                dtype=settings.get("dtype", "fp32"),  # evaluations before the option drew in fp32
             )
             for index, (prompt, k) in enumerate(jobs)
         ]
@@ -320,6 +337,7 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
         "num_inference_steps": settings["num_inference_steps"],
         "guidance_scale": guidance,
         "scheduler": settings["scheduler"],
+        "dtype": settings.get("dtype", "fp32"),
     }
 
 
@@ -346,6 +364,7 @@ def _stage_generation_eval(
 
     from clipcond.data.shapes import class_names
     from clipcond.evaluation.generation import evaluate_generation, load_reference_images
+    from clipcond.generate import load_pretrained
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
@@ -353,7 +372,7 @@ def _stage_generation_eval(
     judge = _judge(args, info, judge_dir, device)
     clip_run = load_clip(clip_dir, device=device)
     reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
-    pipe = TextToImagePipeline.from_pretrained(decoder_dir, local_files_only=True).to(device)
+    pipe = load_pretrained(TextToImagePipeline, decoder_dir, device, args.sample_dtype)
     return evaluate_generation(
         pipe,
         classes=class_names(info),
@@ -625,7 +644,8 @@ def _write_report(out: Path, report: dict) -> None:
         + (f"EMA (decay {_num(ema.get('decay'), 4)} at the end)." if ema else "raw (no EMA)."),
         "",
         f"Judged on {generation['settings']['num_images_per_prompt']} images per colour-shape prompt and guidance "
-        f"scale ({generation['settings']['scheduler']}, {generation['settings']['num_inference_steps']} steps) by an "
+        f"scale ({generation['settings']['scheduler']}, {generation['settings']['num_inference_steps']} steps, "
+        f"{generation['settings'].get('dtype', 'fp32')}) by an "
         "attribute classifier trained on ground-truth renders (chance: colour "
         f"{_pct(generation['judge']['chance_colour_accuracy'])}, shape "
         f"{_pct(generation['judge']['chance_shape_accuracy'])}). Held-out compositions were in no training image "
@@ -641,7 +661,8 @@ def _write_report(out: Path, report: dict) -> None:
         f"{_num(generation['fd_clip_floor'], 2)} at this sample size.",
         "",
         f"Samples ({samples['images_per_prompt']} per prompt, guidance {samples['guidance_scale']:g}, "
-        f"{samples['scheduler']} {samples['num_inference_steps']} steps; the first images of the evaluation; "
+        f"{samples['scheduler']} {samples['num_inference_steps']} steps, {samples.get('dtype', 'fp32')}; the first "
+        "images of the evaluation; "
         "`samples/images.jsonl` records each one's prompt and the seed with which `clipcond generate` redraws it):",
         "",
         "![samples](samples/grid.png)",

@@ -179,6 +179,16 @@ def resolve_dtype(name: str, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def dtype_name(dtype) -> str:
+    """torch.float32 -> "fp32", the `--dtype` name of a floating dtype (inverse of `resolve_dtype`)."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"`dtype` must be one of {sorted(map(str, names))}, got {dtype}")
+    return names[dtype]
+
+
 # The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
 PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
 
@@ -255,6 +265,16 @@ def load_pipeline(args: argparse.Namespace):
         pipe.to(dtype=dtype)
     if args.scheduler is not None:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
+    """`pipeline_class.from_pretrained(path)` (local files only) on `device` (a torch.device) in `dtype` ("fp32",
+    "bf16" or "fp16", as `--dtype`)."""
+    torch_dtype = resolve_dtype(dtype, device)
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{_dtype_keyword(): torch_dtype}).to(device)
+    if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
+        pipe.to(dtype=torch_dtype)
     return pipe
 
 
@@ -340,6 +360,7 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
                 guidance_scale=args.guidance_scale,
                 scheduler=scheduler,
                 model=args.model,
+                dtype=args.dtype,
             ),
             **({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}),
             **extra,
@@ -359,9 +380,10 @@ def image_record(
     guidance_scale: float,
     scheduler: str,
     model: str | os.PathLike,
+    dtype: str,
 ) -> dict:
     """The images.jsonl record of image `index`: what `clipcond generate --seed SEED --num-images 1` with these
-    settings needs to draw it again."""
+    settings needs to draw it again (`dtype`: the `--dtype` it was drawn in)."""
     return {
         "file_name": f"{index:05d}.png",
         "prompt": prompt,
@@ -371,6 +393,7 @@ def image_record(
         "guidance_scale": guidance_scale,
         "scheduler": scheduler,
         "model": os.fspath(model),
+        "dtype": dtype,
     }
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipcond import cli
@@ -47,6 +48,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert (out / "samples" / "grid.png").is_file()
     # they are the evaluation's images at the default guidance, and `clipcond generate` redraws one from its record
     record = records[5]
+    assert record["dtype"] == "bf16" == report["generation"]["settings"]["dtype"]  # the demo samples in bf16
     evaluated = image_file(out / "decoder" / "eval_generation", record["guidance_scale"], record["prompt"], 0)
     assert np.array_equal(pixels(out / "samples" / record["file_name"]), pixels(evaluated))
     argv = ["--model", record["model"], "--prompt", record["prompt"], "--seed", str(record["seed"])]
@@ -57,6 +59,8 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
         record["scheduler"],
         "--guidance-scale",
         str(record["guidance_scale"]),
+        "--dtype",
+        record["dtype"],
     ]
     argv += ["--num-inference-steps", str(record["num_inference_steps"]), "--output-dir", str(tmp_path / "again")]
     assert cli.main(["generate", *argv]) == 0
@@ -79,3 +83,14 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     again = json.loads((out / "report.json").read_text())
     assert all(t["reused"] for t in again["timings"].values())  # ... and keep the times they took when they ran
     assert again["seconds"] == report["seconds"]
+
+
+def test_sample_dtype_option():
+    from clipcond.demo import parse_args
+
+    assert parse_args([]).sample_dtype == "bf16" and parse_args(["--sample-dtype", "fp32"]).sample_dtype == "fp32"
+    with pytest.raises(SystemExit):
+        parse_args(["--sample-dtype", "fp64"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`--sample-dtype fp16` needs a CUDA device"):
+            parse_args(["--sample-dtype", "fp16"])

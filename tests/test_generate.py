@@ -67,6 +67,7 @@ def test_writes_images_grid_and_records(pipeline_dir, tmp_path, capsys):
         "guidance_scale": 5.0,
         "scheduler": "ddpm",
         "model": str(pipeline_dir),
+        "dtype": "fp32",
     }
     assert "4 images (2 prompts x 2)" in capsys.readouterr().out
 

@@ -432,6 +432,7 @@ def evaluate_generation(
         "guidance_scales": scales,
         "num_inference_steps": num_inference_steps if is_pipeline else None,
         "scheduler": (scheduler or _scheduler_name(pipe.scheduler)) if is_pipeline else None,
+        "dtype": _dtype_of(pipe) if is_pipeline else None,
         "seed": seed,
         "clip": None if clip_run is None else str(clip_run.path),
         "num_reference_images": None if reference_images is None else int(reference_images.shape[0]),
@@ -480,6 +481,12 @@ def _generate_all(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def _dtype_of(pipe) -> str:
+    from clipcond.generate import dtype_name
+
+    return dtype_name(pipe.unet.dtype)
 
 
 def _scheduler_name(scheduler) -> str:
@@ -591,6 +598,8 @@ def _parse_scales(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from clipcond.generate import DTYPES
+
     parser = argparse.ArgumentParser(
         prog="clipcond eval generation",
         description=(
@@ -627,6 +636,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the pipeline's precision, as `clipcond generate --dtype` (default fp32; bf16 samples about twice as fast "
+        "on CPU)",
+    )
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
     parser.add_argument("--output-dir", metavar="DIR", help="default RUN/eval_generation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -706,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     scheduler = None if args.scheduler == "saved" else args.scheduler
 
+    from clipcond.generate import load_pretrained, resolve_dtype
     from clipcond.lineage import content_hash
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, TextToImagePipeline
@@ -719,13 +736,15 @@ def main(argv: list[str] | None = None) -> int:
             clip_path,
         )
 
-    # 2. load the judge, the CLIP, the reference images and the pipeline
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
+
+    # 2. load the judge, the CLIP, the reference images and the pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
     reference = load_reference_images(args.data, args.split, clip_run.image_size)
-    pipe = TextToImagePipeline.from_pretrained(run, local_files_only=True).to(device)
+    pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
 
     # 3. evaluate, write, print
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"

@@ -237,11 +237,19 @@ def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, ju
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert list(metrics["guidance"]) == ["1.0", DEFAULT] and metrics["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
     assert metrics["num_images"] == 18 and metrics["settings"]["scheduler"] == "dpm"
+    assert metrics["settings"]["dtype"] == "fp32"
     assert metrics["settings"]["clip"] == str(tiny_clip_run) and metrics["settings"]["model"] == str(pipeline_run)
     for key in HEADLINE_KEYS:
         assert metrics[key] is not None, key
     assert len(list((out / "images" / "guidance_1.0").glob("*.png"))) == 18
     assert (out / f"grid_guidance_{DEFAULT}.png").is_file()
+
+    # --dtype bf16: the pipeline samples in bf16 (recorded), and the figures are computed as in fp32
+    bf16_out = pipeline_run / "eval_bf16"
+    assert main([*argv, "--guidance-scales", "3", "--dtype", "bf16", "--output-dir", str(bf16_out)]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["settings"]["dtype"] == "bf16" and list(bf16["guidance"]) == ["3.0"]
+    assert all(bf16[key] is not None for key in HEADLINE_KEYS)
 
 
 def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):
@@ -256,6 +264,9 @@ def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):
         main(["--model", str(pipeline_run), "--data", str(plain)])
     with pytest.raises(ValueError, match="--guidance-scales"):
         main(["--model", str(pipeline_run), "--data", str(shapes_data), "--guidance-scales", "1,x"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`--dtype fp16` needs a CUDA device"):
+            main(["--model", str(pipeline_run), "--data", str(shapes_data), "--device", "cpu", "--dtype", "fp16"])
     # through the dispatcher: one line and exit status 2
     assert cli.main(["eval", "generation", "--model", str(tmp_path / "missing"), "--data", str(shapes_data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
