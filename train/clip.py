@@ -39,6 +39,7 @@ from clipcond.train.loop import (
     check_training_args,
     compile_if_asked,
     draw_rows,
+    init_trackers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -261,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     lr_scheduler = make_lr_scheduler(optimizer, args)
     compile_if_asked(model, args)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+    init_trackers(accelerator, args)
 
     # 5. Train
     stage = ClipStage(
@@ -313,11 +313,6 @@ def _cache_images(dataset: ImageCaptionDataset, resolution: int, limit_mb: int) 
     logger.info(
         "cached %d decoded images (%.0f MB) in %.1f s", len(dataset), held / 2**20, time.perf_counter() - start
     )
-
-
-def _tracker_config(args: argparse.Namespace) -> dict:
-    """Tensorboard's hparams take scalars and strings only."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
     finish_run,
+    init_trackers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -704,8 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     lr_scheduler = make_lr_scheduler(optimizer, args)
     compile_if_asked(unet, args)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+    init_trackers(accelerator, args)
 
     # 7. Train
     validation = None
@@ -769,11 +769,6 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_run(accelerator, args, stage, result, "clipcond-decoder", record)
     return 0
-
-
-def _tracker_config(args: argparse.Namespace) -> dict:
-    """Tensorboard's hparams take scalars and strings only."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
 
 
 if __name__ == "__main__":

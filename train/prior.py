@@ -75,6 +75,7 @@ from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
     finish_run,
+    init_trackers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -445,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     lr_scheduler = make_lr_scheduler(optimizer, args)
     compile_if_asked(prior, args)
     model, optimizer, lr_scheduler = accelerator.prepare(prior, optimizer, lr_scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+    init_trackers(accelerator, args)
 
     # 7. Train
     validation = None
@@ -512,11 +512,6 @@ def main(argv: list[str] | None = None) -> int:
 
     finish_run(accelerator, args, stage, result, "clipcond-prior", record)
     return 0
-
-
-def _tracker_config(args: argparse.Namespace) -> dict:
-    """Tensorboard's hparams take scalars and strings only."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ from clipcond.models.unet import create_unet, unet_config
 from clipcond.train.decoder import (
     Conditioning,
     DecoderStage,
-    _tracker_config,
     image_grid,
     make_noise_scheduler,
 )
@@ -67,6 +66,7 @@ from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
     finish_run,
+    init_trackers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -394,8 +394,7 @@ def main_image_embedding(args: argparse.Namespace) -> int:
     lr_scheduler = make_lr_scheduler(optimizer, args)
     compile_if_asked(decoder, args)
     model, optimizer, lr_scheduler = accelerator.prepare(decoder, optimizer, lr_scheduler)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+    init_trackers(accelerator, args)
 
     # 7. Train
     validation = None
