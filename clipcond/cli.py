@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         node = node[path[-1]]
 
     if isinstance(node, Command):
+        from clipcond.allocator import keep_freed_memory
+
+        keep_freed_memory()  # before the command allocates its first tensors
         module = importlib.import_module(node.module)
         try:
             return int(module.main(argv) or 0)

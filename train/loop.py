@@ -45,6 +45,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from clipcond.allocator import keep_freed_memory
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -158,6 +160,7 @@ def check_training_args(args: argparse.Namespace) -> None:
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    keep_freed_memory()  # each step reuses the last one's buffers instead of page-faulting fresh ones (allocator.py)
     output_dir = Path(args.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     report_to = None if args.report_to == "none" else args.report_to
@@ -193,6 +196,14 @@ def compile_if_asked(model: torch.nn.Module, args: argparse.Namespace) -> torch.
     if getattr(args, "torch_compile", False):
         model.compile()
     return model
+
+
+def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
+    """Start `--report-to`'s trackers on the main process, with the run's arguments as its hyperparameters (the
+    scalars and strings among them: tensorboard's hparams take nothing else)."""
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
 
 
 def make_optimizer(params, args: argparse.Namespace, accelerator: Accelerator) -> torch.optim.Optimizer:
