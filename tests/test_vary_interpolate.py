@@ -98,6 +98,7 @@ def test_generate_through_the_prior(runs, tmp_path, capsys):
         "guidance_scale": 5.0,
         "scheduler": "ddpm",
         "model": str(runs["decoder"]),
+        "dtype": "fp32",
         "prior": str(runs["prior"]),
         "prior_guidance_scale": 2.0,
         "prior_num_inference_steps": 2,

@@ -45,6 +45,7 @@ def small_shapes(tmp_path_factory):
 
 def _launch_two_processes(module: str, args: list[str], sample_log: Path) -> None:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CLIPCOND_SAMPLE_LOG": str(sample_log), "OMP_NUM_THREADS": "1"}
+    env["TMPDIR"] = str(sample_log.parent)  # torchrun's torchelastic_* folders land in the test's folder, not /tmp
     command = [
         sys.executable,
         "-m",
