@@ -47,9 +47,10 @@ logger = logging.getLogger(__name__)
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
 SCHEDULER = "dpm"
 DECODER_PRECISION = "bf16"  # the decoder stage's default; the CLIP trains in fp32 (bf16 is slower for it on CPU)
-# The precision of the Stable Diffusion path's judged images and samples: bf16 draws them in about half the time of
-# fp32 on 2 CPU cores (38 s against 69 s for 144 images at guidance 5) and was judged the same: on the seed-0 demo
-# decoder the same accuracies, on a seed-1 decoder shape (seen) 83.0% against 80.4%, colour 100% in both.
+# The precision of the judged images and samples: bf16 draws them in about half the time of fp32 on 2 CPU cores
+# (38 s against 69 s for 144 images at guidance 5; the DALL-E 2 evaluation 107 s against 195 s) and was judged the
+# same: on the seed-0 demo decoder the same accuracies, on a seed-1 decoder shape (seen) 83.0% against 80.4%, colour
+# 100% in both; the seed-0 DALL-E 2 path the same prior cosines (0.905) and accuracies but one variation's colour.
 SAMPLE_DTYPE = "bf16"
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
@@ -91,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sample-dtype",
         default=SAMPLE_DTYPE,
         choices=["fp32", "bf16", "fp16"],
-        help="precision of the text-to-image pipeline that draws the judged images and the samples, as `clipcond "
-        "generate --dtype` (fp16: CUDA only)",
+        help="precision of the pipelines that draw the judged images and the samples (and, with --dalle2, the "
+        "prior's embeddings and the variations), as `clipcond generate --dtype` (fp16: CUDA only)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in seconds")
     dalle2 = parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well")
@@ -462,6 +463,7 @@ def _stage_unclip_eval(
 
     from clipcond.evaluation.generation import load_reference_images
     from clipcond.evaluation.unclip import evaluate_unclip
+    from clipcond.generate import dtype_keyword, resolve_dtype
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
@@ -470,7 +472,8 @@ def _stage_unclip_eval(
     judge = _judge(args, info, out.parent / "judge", device)
     clip_run = load_clip(clip_dir, device=device)
     reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
-    pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True).to(device)
+    dtype = {dtype_keyword(): resolve_dtype(args.sample_dtype, device)}
+    pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True, **dtype).to(device)
     pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
     quick = {"sources_per_class": 1, "variations_per_source": 1, "images_per_prompt": 1, "num_inference_steps": 2}
     budget = {

@@ -227,7 +227,7 @@ def load_pipeline(args: argparse.Namespace):
         )
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    load_kwargs = {"local_files_only": True, _dtype_keyword(): dtype}
+    load_kwargs = {"local_files_only": True, dtype_keyword(): dtype}
     if prior is not None:
         from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
@@ -252,7 +252,7 @@ def load_pipeline(args: argparse.Namespace):
         from clipcond.encoders import load_text_to_image
 
         allow = getattr(args, "allow_encoder_mismatch", False)
-        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{_dtype_keyword(): dtype})
+        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{dtype_keyword(): dtype})
     elif class_name == "TextToImagePipeline":
         pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
     else:
@@ -272,13 +272,13 @@ def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str)
     """`pipeline_class.from_pretrained(path)` (local files only) on `device` (a torch.device) in `dtype` ("fp32",
     "bf16" or "fp16", as `--dtype`)."""
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{_dtype_keyword(): torch_dtype}).to(device)
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{dtype_keyword(): torch_dtype}).to(device)
     if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=torch_dtype)
     return pipe
 
 
-def _dtype_keyword() -> str:
+def dtype_keyword() -> str:
     """diffusers (by 0.42) renamed from_pretrained's `torch_dtype` to `dtype` (huggingface/diffusers#14205) and warns
     on the old name; casting with `.to` afterwards warns too, so pass the name this version expects."""
     import diffusers

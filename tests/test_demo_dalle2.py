@@ -5,6 +5,7 @@ decoder, their judged evaluation), the report its "DALL-E 2 path" section and ta
 import json
 
 import pytest
+import torch
 
 from clipcond.demo import QUICK_JUDGE, main, parse_args
 from clipcond.evaluation import judge as judge_module
@@ -53,6 +54,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     assert text_to_image["settings"]["prior_guidance_scale"] == 4.0
     assert (text_to_image["settings"]["guidance_start"], text_to_image["settings"]["guidance_end"]) == (0.4, 1.0)
     assert text_to_image["settings"]["scheduler"] == "dpm"
+    assert evaluation["settings"]["dtype"] == "bf16"  # the demo's --sample-dtype
 
     # the one table: seen / held-out rows, colour and shape of each of the three ways to draw
     table = report["dalle2_table"]
@@ -111,8 +113,12 @@ def test_eval_unclip_command_on_the_demo_runs(demo, monkeypatch, capsys):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert metrics["variations"]["num_images"] == 36 and metrics["prior"]["num_captions"] == 8
     assert metrics["text_to_image"]["settings"]["clip"] == str(demo / "clip")
+    assert metrics["settings"]["dtype"] == "fp32"
     with pytest.raises(FileNotFoundError, match="`--prior`"):
         unclip.main([*argv[:2], "--prior", str(demo / "missing"), *argv[4:]])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`--dtype fp16` needs a CUDA device"):
+            unclip.main([*argv, "--dtype", "fp16"])
 
 
 def test_dalle2_options_are_checked():

@@ -47,7 +47,7 @@ from clipcond.evaluation.generation import (
 )
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
-from clipcond.generate import add_guidance_interval_args, check_guidance_interval_args
+from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
 
 logger = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def evaluate_unclip(
     from clipcond.data.folders import ImageCaptionDataset
     from clipcond.evaluation.generation import evaluate_generation
     from clipcond.evaluation.prior import evaluate_prior
-    from clipcond.generate import scheduler_name
+    from clipcond.generate import dtype_name, scheduler_name
     from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     info = load_dataset_info(data)
@@ -507,6 +507,7 @@ def evaluate_unclip(
             "guidance_start": guidance_start,
             "guidance_end": guidance_end,
             "seed": seed,
+            "dtype": dtype_name(pipe.decoder_pipeline.unet.dtype),
         },
     }
     if out is not None:
@@ -567,6 +568,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the pipelines' precision, as `clipcond generate --dtype` (default fp32; bf16 samples about twice as fast "
+        "on CPU)",
+    )
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
     parser.add_argument("--output-dir", metavar="DIR", help="default DECODER/eval_unclip")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -605,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     from clipcond.evaluation.generation import _check_palette, load_reference_images, resolve_clip_path
     from clipcond.evaluation.judge import load_or_train_judge
+    from clipcond.generate import dtype_keyword, resolve_dtype
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
@@ -613,14 +622,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or 'saved', got {args.scheduler!r}")
     clip_path, _ = resolve_clip_path(Path(args.decoder), args.clip)
 
-    # 2. load the judge, the CLIP, the reference images and the paired pipeline
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
+
+    # 2. load the judge, the CLIP, the reference images and the paired pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
     reference = load_reference_images(args.data, args.split, clip_run.image_size)
     pipe = UnCLIPTextToImagePipeline.from_runs(
-        args.prior, args.decoder, allow_clip_mismatch=args.allow_clip_mismatch, local_files_only=True
+        args.prior,
+        args.decoder,
+        allow_clip_mismatch=args.allow_clip_mismatch,
+        local_files_only=True,
+        **{dtype_keyword(): dtype},
     ).to(device)
     if args.scheduler != "saved":
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
