@@ -13,7 +13,8 @@ picks up where it stopped, and both trainings resume from their latest checkpoin
 5. `samples/`: `--samples-per-prompt` images of every colour-shape prompt, held-out compositions included, written
    as `clipcond generate` writes them (PNGs, `images.jsonl` with the seed that redraws each, `grid.png`): the first
    images the evaluation drew at the default guidance, not drawn twice;
-6. `report.md` / `report.json`: the figures, the sample grid, and the time of every stage (wall and CPU).
+6. `report.md` / `report.json`: the figures, the sample grid, and the time of every stage (wall and CPU), "startup"
+   (the imports before the first stage) included, so that the stages add up to the command's time.
 
 `--dalle2` adds the DALL-E 2 (unCLIP) path on the same frozen CLIP, before the report (opt-in: the default demo
 fits in 15 minutes on 2 CPU cores, this does not):
@@ -156,6 +157,12 @@ class _StageTimes:
         wall, cpu = time.perf_counter(), _cpu_seconds()
         logger.info("demo: %s ...", name)
         result = fn()
+        self.record(name, wall, cpu, complete)
+        return result
+
+    def record(self, name: str, wall: float, cpu: float, complete: bool) -> None:
+        """Record stage `name`, begun at `time.perf_counter()` = `wall` and `_cpu_seconds()` = `cpu`; when it was
+        `complete` before and has a recorded time, that time is kept."""
         if complete and name in self.previous:
             self.timings[name] = {**self.previous[name], "reused": True}
             logger.info("demo: %s reused (it took %.1f s when it ran)", name, self.timings[name]["wall"])
@@ -170,7 +177,6 @@ class _StageTimes:
                 "demo: %s done in %.1f s (%.1f CPU s)", name, self.timings[name]["wall"], self.timings[name]["cpu"]
             )
         self.path.write_text(json.dumps({**self.previous, **self.timings}, indent=2) + "\n")
-        return result
 
 
 def _reset_accelerate() -> None:
@@ -696,6 +702,7 @@ def _write_report(out: Path, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    began, began_cpu = time.perf_counter(), _cpu_seconds()  # "startup": the imports before the first stage
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
@@ -706,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipcond.train.decoder import RUN_RECORD as DECODER_RECORD
 
     times = _StageTimes(out / "timings.json")
+    times.record("startup", began, began_cpu, complete=load_dataset_info(data_dir) is not None)
     load_start = round(os.getloadavg()[0], 2)
 
     # 1. data

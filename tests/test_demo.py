@@ -32,9 +32,10 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert json.loads(printed[-2])["report"] == str(out / "report.md")
     assert str(out / "report.md") in printed[-1]
     assert report["quick"] is True
-    stages = {"data", "clip", "clip_eval", "decoder", "samples", "generation_eval"}
+    stages = {"startup", "data", "clip", "clip_eval", "decoder", "samples", "generation_eval"}  # startup: imports
     assert set(report["seconds"]) == stages and set(report["timings"]) == stages
     assert all(t["wall"] >= 0 and t["cpu"] >= 0 for t in report["timings"].values())
+    assert not report["timings"]["startup"]["reused"]  # a fresh demo counts its imports too
     assert 0.0 <= report["clip_eval"]["zero_shot_top1"] <= 1.0
     assert report["decoder"]["steps"] == 4 and report["decoder"]["model"] == "test"
     assert (out / "clip" / "eval" / "confusion_matrix.png").is_file()
