@@ -58,6 +58,7 @@ QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a jud
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE  # light: no torch model is built
+    from clipcond.generate import DTYPES
 
     parser = argparse.ArgumentParser(
         prog="clipcond demo",
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sample-dtype",
         default=SAMPLE_DTYPE,
-        choices=["fp32", "bf16", "fp16"],
+        choices=DTYPES,
         help="precision of the pipelines that draw the judged images and the samples (and, with --dalle2, the "
         "prior's embeddings and the variations), as `clipcond generate --dtype` (fp16: CUDA only)",
     )

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
+from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -432,7 +433,7 @@ def evaluate_generation(
         "guidance_scales": scales,
         "num_inference_steps": num_inference_steps if is_pipeline else None,
         "scheduler": (scheduler or _scheduler_name(pipe.scheduler)) if is_pipeline else None,
-        "dtype": _dtype_of(pipe) if is_pipeline else None,
+        "dtype": dtype_name(pipe.unet.dtype) if is_pipeline else None,
         "seed": seed,
         "clip": None if clip_run is None else str(clip_run.path),
         "num_reference_images": None if reference_images is None else int(reference_images.shape[0]),
@@ -481,12 +482,6 @@ def _generate_all(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def _dtype_of(pipe) -> str:
-    from clipcond.generate import dtype_name
-
-    return dtype_name(pipe.unet.dtype)
 
 
 def _scheduler_name(scheduler) -> str:
@@ -598,8 +593,6 @@ def _parse_scales(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from clipcond.generate import DTYPES
-
     parser = argparse.ArgumentParser(
         prog="clipcond eval generation",
         description=(
@@ -722,7 +715,6 @@ def main(argv: list[str] | None = None) -> int:
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     scheduler = None if args.scheduler == "saved" else args.scheduler
 
-    from clipcond.generate import load_pretrained, resolve_dtype
     from clipcond.lineage import content_hash
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, TextToImagePipeline
