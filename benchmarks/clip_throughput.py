@@ -72,7 +72,7 @@ def clipcond_step(preset: str, precision: str, batch_size: int, captions, tokeni
 
     from clipcond.loss import ClipLoss
     from clipcond.models.clip import clip_config
-    from clipcond.train.clip import ClipStage, ContrastiveModel
+    from clipcond.train.clip import ClipStage, ContrastiveModel, configure_clip_for_training
     from clipcond.train.loop import make_optimizer, training_step
 
     torch.manual_seed(seed)
@@ -84,7 +84,12 @@ def clipcond_step(preset: str, precision: str, batch_size: int, captions, tokeni
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = ContrastiveModel(CLIPModel(config), with_bias=False)
+    clip = CLIPModel(config)
+    # the training entry point's choices (eager attention in bf16 on CPU)
+    configure_clip_for_training(
+        clip, SimpleNamespace(gradient_checkpointing=False), accelerator.device, accelerator.mixed_precision
+    )
+    model = ContrastiveModel(clip, with_bias=False)
     optimizer = make_optimizer(model.parameters(), _optimizer_args(), accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     stage = ClipStage(accelerator, model, tokenizer, None, SimpleNamespace(captions=captions), ClipLoss())

@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
 SCHEDULER = "dpm"
-DECODER_PRECISION = "bf16"  # the decoder stage's default; the CLIP trains in fp32 (bf16 is slower for it on CPU)
+# The training stages' precision: bf16 autocast. On 2 CPU cores the decoder's step takes 0.9 s instead of 1.2 s in
+# fp32, the CLIP's 0.33 s instead of 0.48 s (with eager attention, see `configure_clip_for_training`).
+TRAIN_PRECISION = "bf16"
 # The precision of the judged images and samples: bf16 draws them in about half the time of fp32 on 2 CPU cores
 # (38 s against 69 s for 144 images at guidance 5; the DALL-E 2 evaluation 107 s against 195 s) and was judged the
 # same: on the seed-0 demo decoder the same accuracies, on a seed-1 decoder shape (seen) 83.0% against 80.4%, colour
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mixed-precision",
         default=None,
         choices=["no", "bf16", "fp16"],
-        help="for both trainings (default: each recipe's own)",
+        help="precision of the trainings (default: bf16 for the CLIP and the decoders, the prior's recipe for it)",
     )
     parser.add_argument(
         "--samples-per-prompt", type=int, default=4, help="images per prompt in samples/ (the evaluation's first ones)"
@@ -229,9 +231,16 @@ def _stage_clip(args: argparse.Namespace, data_dir: Path, clip_dir: Path) -> dic
         argv,
         quick_argv=quick if args.quick else None,
         steps=args.clip_steps,
-        precision=args.mixed_precision,
+        precision=args.mixed_precision or TRAIN_PRECISION,
     )
-    return record["summary"]
+    run_args = record["args"]
+    return {
+        **record["summary"],
+        "model": run_args["model"],
+        "train_batch_size": run_args["train_batch_size"],
+        "learning_rate": run_args["learning_rate"],
+        "mixed_precision": run_args["mixed_precision"],
+    }
 
 
 def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
@@ -257,14 +266,13 @@ def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, dec
     argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir)]
     argv += ["--seed", str(args.seed)]
     quick = ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"]
-    # bf16 autocast: the UNet step of the recipe takes 0.9 s instead of 1.2 s in fp32 on 2 CPU cores
     record = _train_unless_done(
         train_decoder,
         decoder_dir,
         argv,
         quick_argv=quick if args.quick else None,
         steps=args.decoder_steps,
-        precision=args.mixed_precision or DECODER_PRECISION,
+        precision=args.mixed_precision or TRAIN_PRECISION,
     )
     run_args = record["args"]
     return {
@@ -441,7 +449,7 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
         argv,
         quick_argv=quick if args.quick else None,
         steps=args.unclip_decoder_steps,
-        precision=args.mixed_precision or DECODER_PRECISION,
+        precision=args.mixed_precision or TRAIN_PRECISION,
     )
     run_args = record["args"]
     return {
@@ -522,6 +530,10 @@ def _dalle2_table(generation: dict, unclip_eval: dict) -> dict:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _precision(mixed_precision: str | None) -> str:
+    return "fp32" if mixed_precision in (None, "no") else mixed_precision
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -620,8 +632,9 @@ def _dalle2_headline(report: dict) -> dict:
 
 
 def _write_report(out: Path, report: dict) -> None:
-    clip, decoder, generation, samples = (
+    clip, training, decoder, generation, samples = (
         report["clip_eval"],
+        report["clip"],
         report["decoder"],
         report["generation"],
         report["samples"],
@@ -636,6 +649,11 @@ def _write_report(out: Path, report: dict) -> None:
         "",
         "## CLIP",
         "",
+        f"CLIP `{training['model']}`, contrastive: {training['steps']} steps of batch {training['train_batch_size']} "
+        f"({training['samples_seen']} pairs), learning rate {training['learning_rate']:g}, precision "
+        f"{_precision(training['mixed_precision'])}; "
+        f"final loss {_num(training['final_loss'], 4)}, logit scale {_num(training['logit_scale'], 2)}.",
+        "",
         "| zero-shot top-1 (seen) | zero-shot top-1 (held-out) | overall | image→text R@1 | text→image R@1 |",
         "| --- | --- | --- | --- | --- |",
         f"| {_pct(clip['zero_shot_top1_seen'])} | {_pct(clip['zero_shot_top1_heldout'])} | "
@@ -649,7 +667,7 @@ def _write_report(out: Path, report: dict) -> None:
         f"text encoder's token states: {decoder['steps']} steps of batch {decoder['train_batch_size']} "
         f"({decoder['samples_seen']} samples), learning rate {decoder['learning_rate']:g}, "
         f"{decoder['prediction_type']} on a {decoder['beta_schedule']} schedule, min-SNR gamma {decoder['snr_gamma']}, "
-        f"caption dropout {decoder['caption_dropout']:g}, precision {decoder['mixed_precision'] or 'fp32'}; "
+        f"caption dropout {decoder['caption_dropout']:g}, precision {_precision(decoder['mixed_precision'])}; "
         f"final loss {_num(decoder['final_loss'], 4)}; saved weights: "
         + (f"EMA (decay {_num(ema.get('decay'), 4)} at the end)." if ema else "raw (no EMA)."),
         "",

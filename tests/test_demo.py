@@ -38,6 +38,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert not report["timings"]["startup"]["reused"]  # a fresh demo counts its imports too
     assert 0.0 <= report["clip_eval"]["zero_shot_top1"] <= 1.0
     assert report["decoder"]["steps"] == 4 and report["decoder"]["model"] == "test"
+    assert report["clip"]["mixed_precision"] == "bf16" == report["decoder"]["mixed_precision"]  # the demo's default
     assert (out / "clip" / "eval" / "confusion_matrix.png").is_file()
 
     # samples: every colour-shape prompt (held-out ones included), as `clipcond generate` writes them
@@ -76,6 +77,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# clipcond demo report")
     assert "![samples](samples/grid.png)" in md and "held-out" in md
+    assert "CLIP `test`, contrastive: 4 steps of batch 16" in md and "precision bf16" in md
 
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("clip/model.safetensors", "decoder/model_index.json")}
     stamps["samples/grid.png"] = (out / "samples" / "grid.png").stat().st_mtime_ns

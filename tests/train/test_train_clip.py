@@ -212,3 +212,36 @@ def test_help_names_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--resume-from-checkpoint", "--mixed-precision", "--gradient-accumulation-steps", "--loss"):
         assert option in text
+
+
+def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):
+    """On CPU in bf16 both towers train with eager attention (the fused kernel's bf16 backward is slow there): the
+    same function as SDPA, and not written into the saved config."""
+    from types import SimpleNamespace
+
+    from clipcond.models.clip import clip_config
+    from clipcond.train.clip import configure_clip_for_training
+
+    config = clip_config("test", vocab_size=64, bos_token_id=1, eos_token_id=0, pad_token_id=3)
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    input_ids = torch.tensor([[1, 5, 6, 0, 3, 3], [1, 8, 9, 10, 11, 0]])  # start, words, end, right padding
+    size = config.vision_config.image_size
+    inputs = {"input_ids": input_ids, "attention_mask": input_ids != 3, "pixel_values": torch.randn(2, 3, size, size)}
+    options = SimpleNamespace(gradient_checkpointing=False)
+
+    def attention():
+        return {clip.text_model.config._attn_implementation, clip.vision_model.config._attn_implementation}
+
+    configure_clip_for_training(clip, options, torch.device("cpu"), "no")
+    assert attention() == {"sdpa"}
+    with torch.no_grad():
+        reference = clip(**inputs)
+    configure_clip_for_training(clip, options, torch.device("cpu"), "bf16")
+    assert attention() == {"eager"}
+    with torch.no_grad():
+        eager = clip(**inputs)
+    torch.testing.assert_close(eager.text_embeds, reference.text_embeds)
+    torch.testing.assert_close(eager.image_embeds, reference.image_embeds)
+    clip.save_pretrained(tmp_path)
+    assert CLIPModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
