@@ -532,6 +532,13 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _ema_decay(ema: dict) -> str:
+    """The EMA's decay as a run record gives it: its last update's (records of older runs give the bound only)."""
+    if "last_decay" not in ema:
+        return f"decay at most {_num(ema['decay'], 4)}"
+    return f"decay {_num(ema['last_decay'], 4)} at the end, at most {_num(ema['decay'], 4)}"
+
+
 def _precision(mixed_precision: str | None) -> str:
     return "fp32" if mixed_precision in (None, "no") else mixed_precision
 
@@ -669,7 +676,7 @@ def _write_report(out: Path, report: dict) -> None:
         f"{decoder['prediction_type']} on a {decoder['beta_schedule']} schedule, min-SNR gamma {decoder['snr_gamma']}, "
         f"caption dropout {decoder['caption_dropout']:g}, precision {_precision(decoder['mixed_precision'])}; "
         f"final loss {_num(decoder['final_loss'], 4)}; saved weights: "
-        + (f"EMA (decay {_num(ema.get('decay'), 4)} at the end)." if ema else "raw (no EMA)."),
+        + (f"EMA ({_ema_decay(ema)})." if ema else "raw (no EMA)."),
         "",
         f"Judged on {generation['settings']['num_images_per_prompt']} images per colour-shape prompt and guidance "
         f"scale ({generation['settings']['scheduler']}, {generation['settings']['num_inference_steps']} steps, "

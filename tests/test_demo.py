@@ -78,6 +78,9 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert md.startswith("# clipcond demo report")
     assert "![samples](samples/grid.png)" in md and "held-out" in md
     assert "CLIP `test`, contrastive: 4 steps of batch 16" in md and "precision bf16" in md
+    ema = report["decoder"]["ema"]  # warm-up: 1 - 4^(-2/3) after the quick run's 4 steps, under the 0.999 bound
+    assert ema["last_decay"] == pytest.approx(1 - 4 ** (-2 / 3), abs=1e-6) and ema["decay"] == 0.999
+    assert f"EMA (decay {ema['last_decay']:.4f} at the end, at most 0.9990)" in md
 
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("clip/model.safetensors", "decoder/model_index.json")}
     stamps["samples/grid.png"] = (out / "samples" / "grid.png").stat().st_mtime_ns

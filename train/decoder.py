@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,15 @@ from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import check_encoder_fits, create_unet, unet_config
 from clipcond.tokenizer import load_tokenizer
-from clipcond.train.ema import ema_record
+from clipcond.train.ema import (
+    add_ema_args,
+    check_ema_args,
+    ema_record,
+    ema_state,
+    ema_weights,
+    load_ema_state,
+    make_ema,
+)
 from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo reads it here
 from clipcond.train.loop import (
     Stage,
@@ -161,18 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
     )
 
-    ema = parser.add_argument_group("EMA of the UNet weights (the saved model)")
-    ema.add_argument("--no-ema", action="store_true", help="save the raw weights; keep no moving average")
-    ema.add_argument("--ema-decay", type=float, default=0.999, help="upper bound of the EMA decay")
-    ema.add_argument(
-        "--ema-warmup-power",
-        type=float,
-        default=2 / 3,
-        help="EMA warm-up: decay = 1 - (1 + step)^-power, capped by --ema-decay",
-    )
-    ema.add_argument(
-        "--no-ema-warmup", action="store_true", help="use diffusers' (1 + step) / (10 + step) ramp instead"
-    )
+    add_ema_args(parser, "UNet weights")
 
     val = parser.add_argument_group("validation images (EMA weights, DPM-Solver++)")
     val.add_argument("--validation-prompts", nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS), help="prompts")
@@ -235,10 +231,7 @@ def check_decoder_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
     if not 0.0 <= args.caption_dropout < 1.0:
         raise ValueError(f"`--caption-dropout` must be in [0, 1), got {args.caption_dropout}")
-    if not 0.0 < args.ema_decay < 1.0:
-        raise ValueError(f"`--ema-decay` must be in (0, 1), got {args.ema_decay}")
-    if args.ema_warmup_power <= 0:
-        raise ValueError(f"`--ema-warmup-power` must be > 0, got {args.ema_warmup_power}")
+    check_ema_args(args)
     if args.snr_gamma is not None and args.snr_gamma < 0:
         raise ValueError(f"`--snr-gamma` must be >= 0 (0: no min-SNR weighting), got {args.snr_gamma}")
     if args.snr_gamma == 0:
@@ -509,20 +502,6 @@ class DecoderStage(Stage):
         if self.ema is not None:
             self.ema.step(self.unwrapped.parameters())
 
-    @contextmanager
-    def ema_weights(self):
-        """The UNet with the EMA weights inside the block (the raw weights without EMA); restored after."""
-        if self.ema is None:
-            yield self.unwrapped
-            return
-        unet = self.unwrapped
-        self.ema.store(unet.parameters())
-        self.ema.copy_to(unet.parameters())
-        try:
-            yield unet
-        finally:
-            self.ema.restore(unet.parameters())
-
     def pipeline(self, unet, scheduler):
         from clipcond.pipelines.text_to_image import TextToImagePipeline
 
@@ -539,7 +518,7 @@ class DecoderStage(Stage):
         num_images = len(v.prompts) * v.images_per_prompt
         # The same noise at every validation, one generator per image: the grids of a run are comparable.
         generators = [torch.Generator().manual_seed(v.seed + k) for k in range(num_images)]
-        with self.ema_weights() as unet:
+        with ema_weights(self.ema, self.unwrapped) as unet:
             unet.eval()
             pipe = self.pipeline(unet, scheduler_from_name("dpm", self.noise_scheduler.config))
             pipe.set_progress_bar_config(disable=True)
@@ -562,10 +541,7 @@ class DecoderStage(Stage):
         return {}
 
     def extra_state(self):
-        state = {"clip_content_hash": self.clip_hash}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
+        return {"clip_content_hash": self.clip_hash, **ema_state(self.ema)}
 
     def load_extra_state(self, state):
         saved_hash = state.get("clip_content_hash")
@@ -574,19 +550,10 @@ class DecoderStage(Stage):
                 f"the checkpoint was trained on the CLIP with content hash {saved_hash[:12]}..., but `--clip` has "
                 f"{self.clip_hash[:12]}...; resume with the CLIP it was trained on, or start a new run"
             )
-        if self.ema is None:
-            if "ema" in state:
-                logger.warning("the checkpoint holds EMA weights, which --no-ema drops")
-            return
-        if "ema" not in state:
-            raise ValueError(
-                "the checkpoint holds no EMA weights (it was trained with --no-ema); resume with --no-ema"
-            )
-        self.ema.load_state_dict(state["ema"])
-        self.ema.to(self.accelerator.device)
+        load_ema_state(self.ema, state, self.accelerator.device)
 
     def export(self, path: Path):
-        with self.ema_weights() as unet:
+        with ema_weights(self.ema, self.unwrapped) as unet:
             self.pipeline(unet, self.noise_scheduler).save_pretrained(path, safe_serialization=True)
 
 
@@ -679,18 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     check_encoder_fits(unet, width)
     xformers = configure_unet_for_training(unet, args, accelerator.device, accelerator.mixed_precision)
     noise_scheduler = make_noise_scheduler(args)
-    ema = None
-    if not args.no_ema:
-        ema = EMAModel(
-            unet.parameters(),
-            decay=args.ema_decay,
-            use_ema_warmup=not args.no_ema_warmup,
-            power=args.ema_warmup_power,
-            foreach=True,
-            model_cls=UNet2DConditionModel,
-            model_config=unet.config,
-        )
-        ema.to(accelerator.device)
+    ema = make_ema(unet, args, accelerator.device)
     num_parameters = sum(p.numel() for p in unet.parameters())
     logger.info(
         "UNet %r: %.2f M parameters, cross-attention width %d (text encoder: %d)",

@@ -42,17 +42,21 @@ def check_ema_args(args: argparse.Namespace) -> None:
 
 
 def make_ema(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> EMAModel | None:
-    """An `EMAModel` of `model`'s parameters on `device` (None with `--no-ema`), started from its current weights."""
+    """An `EMAModel` of `model`'s parameters on `device` (None with `--no-ema`), started from its current weights.
+
+    A diffusers model (one with a `config`) is recorded with its class, so `EMAModel.save_pretrained` works on it.
+    """
     if args.no_ema:
         return None
+    config = getattr(model, "config", None)
     ema = EMAModel(
         model.parameters(),
         decay=args.ema_decay,
         use_ema_warmup=not args.no_ema_warmup,
         power=args.ema_warmup_power,
         foreach=True,
-        model_cls=type(model),
-        model_config=model.config,
+        model_cls=type(model) if config is not None else None,
+        model_config=config,
     )
     ema.to(device)
     return ema
@@ -90,5 +94,12 @@ def load_ema_state(ema: EMAModel | None, state: dict, device: torch.device) -> N
 
 
 def ema_record(ema: EMAModel | None) -> dict | None:
-    """What the run record says about the EMA."""
-    return None if ema is None else {"decay": ema.decay, "optimization_step": ema.optimization_step}
+    """What the run record says about the EMA: its upper bound `decay`, and `last_decay`, the decay of its last
+    update (with warm-up, below the bound at CPU budgets: 0.986 after 600 steps, an average over ~70 steps)."""
+    if ema is None:
+        return None
+    return {
+        "decay": ema.decay,
+        "last_decay": round(ema.get_decay(ema.optimization_step), 6),
+        "optimization_step": ema.optimization_step,
+    }

@@ -43,7 +43,6 @@ from clipcond.data.folders import collate_image_text
 from clipcond.data.open import items_at, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import load_encoder
 from clipcond.lineage import content_hash
-from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.clip import load_vision_tower
 from clipcond.models.image_embedding import (
     ImageEmbeddingTokens,
@@ -58,10 +57,11 @@ from clipcond.models.unet import create_unet, unet_config
 from clipcond.train.decoder import (
     Conditioning,
     DecoderStage,
+    configure_unet_for_training,
     image_grid,
     make_noise_scheduler,
 )
-from clipcond.train.ema import ema_record
+from clipcond.train.ema import ema_record, ema_weights, make_ema
 from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
@@ -240,7 +240,7 @@ class UnCLIPDecoderStage(DecoderStage):
         num_images = len(v.sources) * v.images_per_source
         # The same noise at every validation, one generator per image: the grids of a run are comparable.
         generators = [torch.Generator().manual_seed(v.seed + k) for k in range(num_images)]
-        with self.ema_weights() as decoder:
+        with ema_weights(self.ema, self.unwrapped) as decoder:
             decoder.eval()
             pipe = self.pipeline(decoder, scheduler_from_name("dpm", self.noise_scheduler.config))
             pipe.set_progress_bar_config(disable=True)
@@ -362,23 +362,10 @@ def main_image_embedding(args: argparse.Namespace) -> int:
         config = without_cross_attention(config)
     unet = create_unet(config)
     embedding_tokens = ImageEmbeddingTokens(embedding_dim, num_tokens, cross_attention_dim) if num_tokens else None
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    xformers = enable_xformers_if_possible(unet) if args.enable_xformers else False
+    xformers = configure_unet_for_training(unet, args, accelerator.device, accelerator.mixed_precision)
     decoder = UnCLIPDecoder(unet, embedding_tokens)
     noise_scheduler = make_noise_scheduler(args)
-    ema = None
-    if not args.no_ema:
-        ema = EMAModel(
-            decoder.parameters(),
-            decay=args.ema_decay,
-            use_ema_warmup=not args.no_ema_warmup,
-            power=args.ema_warmup_power,
-            foreach=True,
-        )
-        ema.to(accelerator.device)
+    ema = make_ema(decoder, args, accelerator.device)
     num_parameters = sum(p.numel() for p in decoder.parameters())
     logger.info(
         "unCLIP decoder %r: %.2f M parameters; CLIP image embedding width %d, %d context tokens, noise level <= %d",

@@ -173,6 +173,10 @@ def test_ema_weights_trail_the_raw_weights(decoder_run):
     assert _distance(ema, raw) < 0.5 * _distance(init, raw)
     state = json.loads((checkpoint / "training_state.json").read_text())
     assert state["extra"]["stage"]["ema"]["optimization_step"] == STEPS
+    # the run record gives the decay bound and the decay of the last update: 1 - STEPS^(-2/3) with warm-up
+    record = json.loads((decoder_run.out / "clipcond_run.json").read_text())["ema"]
+    assert record["decay"] == 0.999 and record["optimization_step"] == STEPS
+    assert record["last_decay"] == pytest.approx(1 - STEPS ** (-2 / 3), abs=1e-6)
 
 
 def test_cache_is_built_once_and_reused(decoder_run, shapes_data, tiny_clip_run, tmp_path, monkeypatch):
