@@ -1,6 +1,7 @@
 """Quality of the default CLIP recipe on the built-in shapes data, on this machine (a benchmark, not a test).
 
-    python benchmarks/clip_quality.py [--data-dir DIR] [--output-dir RUN] [--seed N] [--write-results]
+    python benchmarks/clip_quality.py [--data-dir DIR] [--output-dir RUN] [--seed N] [--mixed-precision bf16]
+        [--write-results]
 
 does what a user would type, with every training option at its default:
 
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, help="shapes data set folder, made if absent (default: a temp dir)")
     parser.add_argument("--output-dir", type=Path, help="run folder, must not hold a run (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data set is always seed 0)")
+    parser.add_argument(
+        "--mixed-precision",
+        default="no",
+        choices=["no", "bf16"],
+        help="training precision: the recipe's default (fp32), or bf16 as `clipcond demo` trains it",
+    )
     parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
     return parser.parse_args(argv)
 
@@ -55,7 +62,7 @@ def ensure_shapes(data_dir: Path) -> dict:
     return write_shapes_dataset(data_dir, num_images=20000)  # the defaults of `clipcond data shapes`
 
 
-def run(data_dir: Path, output_dir: Path, seed: int) -> dict:
+def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no") -> dict:
     import torch
     from accelerate.state import AcceleratorState
 
@@ -70,7 +77,8 @@ def run(data_dir: Path, output_dir: Path, seed: int) -> dict:
     # 1. train with the defaults; the entry points' own JSON goes to stderr, so stdout holds only ours
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        train_main(["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(seed)])
+        argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(seed)]
+        train_main([*argv, "--mixed-precision", mixed_precision])
     wall = time.perf_counter() - start
     precision = AcceleratorState().mixed_precision
     record = json.loads((output_dir / RUN_RECORD).read_text())
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clip_quality_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
         output_dir = args.output_dir or Path(tmp, "run")
-        result = run(data_dir, output_dir, args.seed)
+        result = run(data_dir, output_dir, args.seed, args.mixed_precision)
     text = json.dumps(result, indent=2)
     if args.write_results:
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)

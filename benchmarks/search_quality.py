@@ -10,9 +10,9 @@ query's), `hit_at_k` (whether any is), `contains_at_k` (the fraction that show t
 two-object image included), the same precision for the bare label without templates, means over seen and held-out
 compositions, the index's build time, and `meets_bar`: mean precision_at_5 >= 0.90.
 
-Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults; minutes
-on a CPU), on `--data` (written with the demo's defaults when absent). `--write-results` also writes the object to
-benchmarks/results/search_quality.json. Progress and logs go to stderr.
+Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults, in bf16;
+minutes on a CPU), on `--data` (written with the demo's defaults when absent). `--write-results` also writes the
+object to benchmarks/results/search_quality.json. Progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
     from accelerate.state import AcceleratorState, GradientState
 
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
+    from clipcond.demo import TRAIN_PRECISION
     from clipcond.train import clip as train_clip
 
     if load_dataset_info(data_dir) is None:
@@ -65,6 +66,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
         write_shapes_dataset(data_dir, num_images=20000, seed=args.seed)  # the demo's defaults
     if not (output_dir / train_clip.RUN_RECORD).is_file():
         argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(args.seed)]
+        argv += ["--mixed-precision", TRAIN_PRECISION]  # as the demo trains it
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only our JSON
             train_clip.main([*argv, "--resume-from-checkpoint", "latest", "--validation-steps", "0"])
         AcceleratorState._reset_state(reset_partial_state=True)
