@@ -210,6 +210,16 @@ def _train_unless_done(
     return json.loads(record_path.read_text())
 
 
+# The training arguments that the report gives for every trained stage.
+RECIPE_ARGS = ("model", "train_batch_size", "learning_rate", "mixed_precision")
+
+
+def _run_summary(record: dict, *arg_names: str, **extra) -> dict:
+    """A run record's summary, with its `RECIPE_ARGS` and `arg_names` arguments and the `extra` fields."""
+    run_args = record["args"]
+    return {**record["summary"], **{name: run_args[name] for name in (*RECIPE_ARGS, *arg_names)}, **extra}
+
+
 def _stage_data(args: argparse.Namespace, data_dir: Path) -> None:
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
@@ -233,14 +243,7 @@ def _stage_clip(args: argparse.Namespace, data_dir: Path, clip_dir: Path) -> dic
         steps=args.clip_steps,
         precision=args.mixed_precision or TRAIN_PRECISION,
     )
-    run_args = record["args"]
-    return {
-        **record["summary"],
-        "model": run_args["model"],
-        "train_batch_size": run_args["train_batch_size"],
-        "learning_rate": run_args["learning_rate"],
-        "mixed_precision": run_args["mixed_precision"],
-    }
+    return _run_summary(record)
 
 
 def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
@@ -274,20 +277,15 @@ def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, dec
         steps=args.decoder_steps,
         precision=args.mixed_precision or TRAIN_PRECISION,
     )
-    run_args = record["args"]
-    return {
-        **record["summary"],
-        "model": run_args["model"],
-        "parameters": record["unet"]["parameters"],
-        "train_batch_size": run_args["train_batch_size"],
-        "learning_rate": run_args["learning_rate"],
-        "mixed_precision": run_args["mixed_precision"],
-        "prediction_type": run_args["prediction_type"],
-        "beta_schedule": run_args["beta_schedule"],
-        "snr_gamma": run_args["snr_gamma"],
-        "caption_dropout": run_args["caption_dropout"],
-        "ema": record["ema"],
-    }
+    return _run_summary(
+        record,
+        "prediction_type",
+        "beta_schedule",
+        "snr_gamma",
+        "caption_dropout",
+        parameters=record["unet"]["parameters"],
+        ema=record["ema"],
+    )
 
 
 def _prompts(info: dict) -> list[str]:
@@ -422,18 +420,9 @@ def _stage_prior(args: argparse.Namespace, data_dir: Path, clip_dir: Path, prior
         steps=args.prior_steps,
         precision=args.mixed_precision,
     )
-    run_args = record["args"]
-    return {
-        **record["summary"],
-        "model": run_args["model"],
-        "parameters": record["prior"]["parameters"],
-        "train_batch_size": run_args["train_batch_size"],
-        "learning_rate": run_args["learning_rate"],
-        "mixed_precision": run_args["mixed_precision"],
-        "beta_schedule": run_args["beta_schedule"],
-        "caption_dropout": run_args["caption_dropout"],
-        "ema": record["ema"],
-    }
+    return _run_summary(
+        record, "beta_schedule", "caption_dropout", parameters=record["prior"]["parameters"], ema=record["ema"]
+    )
 
 
 def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, unclip_dir: Path) -> dict:
@@ -451,20 +440,15 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
         steps=args.unclip_decoder_steps,
         precision=args.mixed_precision or TRAIN_PRECISION,
     )
-    run_args = record["args"]
-    return {
-        **record["summary"],
-        "model": run_args["model"],
-        "parameters": record["unet"]["parameters"],
-        "embedding_tokens": record["image_embedding"]["embedding_tokens"],
-        "noise_level": record["image_embedding"]["max_noise_level"],
-        "train_batch_size": run_args["train_batch_size"],
-        "learning_rate": run_args["learning_rate"],
-        "mixed_precision": run_args["mixed_precision"],
-        "prediction_type": run_args["prediction_type"],
-        "caption_dropout": run_args["caption_dropout"],
-        "ema": record["ema"],
-    }
+    return _run_summary(
+        record,
+        "prediction_type",
+        "caption_dropout",
+        parameters=record["unet"]["parameters"],
+        embedding_tokens=record["image_embedding"]["embedding_tokens"],
+        noise_level=record["image_embedding"]["max_noise_level"],
+        ema=record["ema"],
+    )
 
 
 def _stage_unclip_eval(
