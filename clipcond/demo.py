@@ -723,11 +723,12 @@ def main(argv: list[str] | None = None) -> int:
     from clipcond.train.decoder import RUN_RECORD as DECODER_RECORD
 
     times = _StageTimes(out / "timings.json")
-    times.record("startup", began, began_cpu, complete=load_dataset_info(data_dir) is not None)
+    data_done = load_dataset_info(data_dir) is not None  # a demo folder that holds its data set continues a run
+    times.record("startup", began, began_cpu, complete=data_done)
     load_start = round(os.getloadavg()[0], 2)
 
     # 1. data
-    times.run("data", lambda: _stage_data(args, data_dir), complete=load_dataset_info(data_dir) is not None)
+    times.run("data", lambda: _stage_data(args, data_dir), complete=data_done)
     info = load_dataset_info(data_dir)
     # 2. CLIP pretraining and evaluation
     done = (clip_dir / CLIP_RECORD).is_file()
