@@ -231,7 +231,7 @@ class TextEmbeddingCache:
 
     def lookup_empty(self, batch_size: int = 1) -> TextEmbeddings:
         """The empty prompt's embeddings repeated `batch_size` times, typed as `lookup`'s."""
-        rows = torch.zeros(batch_size, dtype=torch.long)
+        rows = torch.zeros(batch_size, dtype=torch.long, device=self.empty.attention_mask.device)
         return TextEmbeddings(
             hidden_states=self.empty.hidden_states[rows].float(),
             attention_mask=self.empty.attention_mask[rows].long(),

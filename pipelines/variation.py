@@ -499,7 +499,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         # An ancestral sampler (DDPM) draws noise at every step too: each frame gets a copy of the generator in
         # its present state, so every frame, like a plain call with `generator`, draws the same step noise.
         frame_generators = [clone_generator(generator) for _ in range(num_frames)]
-        embeds = slerp(start.to(device).float(), end.to(device).float(), torch.tensor(times))  # (N, D)
+        embeds = slerp(start.to(device).float(), end.to(device).float(), torch.tensor(times, device=device))  # (N, D)
         return self.decode(
             embeds,
             num_inference_steps=num_inference_steps,

@@ -288,7 +288,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 def collate_image_text(samples: list[dict]) -> dict:
     """Batch samples of `ImageCaptionDataset`: pixel_values (B, 3, R, R) uint8, lists of text and label,
-    index (B,) int64, and the skipped files of all samples in one list."""
+    index (B,) int64, and the skipped files of all samples in one list. On the CPU, where data loaders batch; the
+    consumer moves what it needs to its model's device."""
     shapes = {tuple(s["pixel_values"].shape) for s in samples}
     if len(shapes) > 1:
         raise ValueError(
@@ -298,6 +299,6 @@ def collate_image_text(samples: list[dict]) -> dict:
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "text": [s["text"] for s in samples],
         "label": [s["label"] for s in samples],
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long, device="cpu"),
         "skipped": [path for s in samples for path in s["skipped"]],
     }

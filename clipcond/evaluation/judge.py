@@ -288,7 +288,7 @@ class AttributeJudge:
                 shape_chunks.append(shape_logits.argmax(dim=-1).cpu())
         finally:
             self.model.train(was_training)
-        empty = torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long, device="cpu")
         return (
             torch.cat(colour_chunks) if colour_chunks else empty,
             torch.cat(shape_chunks) if shape_chunks else empty,
