@@ -37,11 +37,12 @@ class TextEmbeddings:
     attention_mask: torch.Tensor  # (B, L) 1 for real tokens (start, words, end), 0 for padding
     pooled: torch.Tensor | None  # (B, D) projected end-token state, or None for encoders without a projection
 
-    def to(self, device=None, dtype=None) -> TextEmbeddings:
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> TextEmbeddings:
+        move = {"device": device, "non_blocking": non_blocking}
         return TextEmbeddings(
-            hidden_states=self.hidden_states.to(device=device, dtype=dtype),
-            attention_mask=self.attention_mask.to(device=device),
-            pooled=None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+            hidden_states=self.hidden_states.to(dtype=dtype, **move),
+            attention_mask=self.attention_mask.to(**move),
+            pooled=None if self.pooled is None else self.pooled.to(dtype=dtype, **move),
         )
 
     def __getitem__(self, index) -> TextEmbeddings:
@@ -50,20 +51,13 @@ class TextEmbeddings:
         )
 
     def without_padding_columns(self) -> TextEmbeddings:
-        """The same embeddings without the trailing token columns that no row attends to.
+        """The same embeddings without the trailing token columns that no row attends to (`attended_columns`)."""
+        columns = attended_columns(self.attention_mask)
+        return self if columns == self.attention_mask.shape[1] else self.first_columns(columns)
 
-        Cross-attention with padded keys masked out is the same function over the first `max(mask.sum(1))` tokens
-        (right padding) as over all L, so those columns cost compute and change nothing: a shapes caption is about 12
-        of the `tiny` text encoder's 32 positions, a Stable Diffusion prompt rarely 20 of its 77. Unchanged when some
-        row attends to nothing (softmax over only masked keys is uniform, not zero) or nothing trails.
-        """
-        attended = self.attention_mask.bool()  # (B, L)
-        if not attended.any(dim=1).all():
-            return self
-        length = int(attended.any(dim=0).nonzero().max()) + 1  # through the last column some row attends to
-        if length == attended.shape[1]:
-            return self
-        return TextEmbeddings(self.hidden_states[:, :length], self.attention_mask[:, :length], self.pooled)
+    def first_columns(self, columns: int) -> TextEmbeddings:
+        """The first `columns` token positions of every row (the pooled embedding unchanged)."""
+        return TextEmbeddings(self.hidden_states[:, :columns], self.attention_mask[:, :columns], self.pooled)
 
     @staticmethod
     def cat(parts: list[TextEmbeddings]) -> TextEmbeddings:
@@ -71,6 +65,22 @@ class TextEmbeddings:
         return TextEmbeddings(
             torch.cat([p.hidden_states for p in parts]), torch.cat([p.attention_mask for p in parts]), pooled
         )
+
+
+def attended_columns(attention_mask: torch.Tensor) -> int:
+    """How many leading token columns of a batch (attention mask (B, L)) the cross-attention needs: through the last
+    column that some row attends to.
+
+    Cross-attention with padded keys masked out is the same function over the first `attended_columns` tokens (right
+    padding) as over all L, so the rest cost compute and change nothing: a shapes caption is about 12 of the `tiny`
+    text encoder's 32 positions, a Stable Diffusion prompt rarely 20 of its 77. All L when some row attends to
+    nothing (softmax over only masked keys is uniform, not zero). Count it on the CPU where the mask is there:
+    the integer is a wait for the device otherwise.
+    """
+    attended = attention_mask.bool()  # (B, L)
+    if not attended.any(dim=1).all():
+        return attended.shape[1]
+    return int(attended.any(dim=0).nonzero().max()) + 1
 
 
 def context_length(text_encoder, tokenizer) -> int:
@@ -220,23 +230,23 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def lookup(self, caption_indices: torch.Tensor) -> TextEmbeddings:
-        """Rows of the distinct captions (B,) -> their embeddings: float32 states and pooled, long mask, on CPU."""
-        rows = self.embeddings[caption_indices]
-        return TextEmbeddings(
-            hidden_states=rows.hidden_states.float(),
-            attention_mask=rows.attention_mask.long(),
-            pooled=None if rows.pooled is None else rows.pooled.float(),
-        )
+    def lookup(self, caption_indices: torch.Tensor, columns: int | None = None) -> TextEmbeddings:
+        """Rows of the distinct captions (B,) -> their embeddings: float32 states and pooled, long mask, on CPU; the
+        first `columns` token positions only, when given."""
+        return _from_storage(self.embeddings[caption_indices], columns)
 
-    def lookup_empty(self, batch_size: int = 1) -> TextEmbeddings:
+    def lookup_empty(self, batch_size: int = 1, columns: int | None = None) -> TextEmbeddings:
         """The empty prompt's embeddings repeated `batch_size` times, typed as `lookup`'s."""
         rows = torch.zeros(batch_size, dtype=torch.long, device=self.empty.attention_mask.device)
-        return TextEmbeddings(
-            hidden_states=self.empty.hidden_states[rows].float(),
-            attention_mask=self.empty.attention_mask[rows].long(),
-            pooled=None if self.empty.pooled is None else self.empty.pooled[rows].float(),
-        )
+        return _from_storage(self.empty[rows], columns)
+
+    def attended_columns(self, caption_indices: torch.Tensor, with_empty: bool = False) -> int:
+        """`attended_columns` of these rows (and of the empty prompt's, when it may replace one), from the stored
+        masks on the CPU."""
+        masks = self.embeddings.attention_mask[caption_indices]
+        if with_empty:
+            masks = torch.cat([masks, self.empty.attention_mask])
+        return attended_columns(masks)
 
     @staticmethod
     def cache_key(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> str:
@@ -325,6 +335,17 @@ class TextEmbeddingCache:
             )
 
         return cls(captions, part(""), part("empty."), key, path)
+
+
+def _from_storage(emb: TextEmbeddings, columns: int | None) -> TextEmbeddings:
+    """Cached rows as consumers take them: float32 states and pooled, long mask; the first `columns` positions."""
+    if columns is not None:
+        emb = emb.first_columns(columns)
+    return TextEmbeddings(
+        hidden_states=emb.hidden_states.float(),
+        attention_mask=emb.attention_mask.long(),
+        pooled=None if emb.pooled is None else emb.pooled.float(),
+    )
 
 
 def _to_storage(emb: TextEmbeddings) -> TextEmbeddings:

@@ -135,3 +135,26 @@ def test_padding_columns_are_dropped_and_the_unet_output_is_unchanged(tiny_clip_
     # a row that attends to nothing softmaxes uniformly over every column: then nothing is dropped
     unattended = TextEmbeddings(text.hidden_states, torch.zeros_like(text.attention_mask), None)
     assert unattended.without_padding_columns() is unattended
+
+
+def test_a_batch_is_looked_up_through_its_longest_caption(tiny_clip_run, tmp_path):
+    """Training reads the cache through `attended_columns`, counted on the CPU from the stored masks: the batch's
+    longest caption (the empty prompt's too when it may replace one), every column when a row attends to nothing."""
+    encoder, tokenizer, _ = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    lengths = cache.embeddings.attention_mask.sum(dim=1)  # right-padded: the attended columns come first
+    rows = torch.tensor([0, 2])
+    columns = cache.attended_columns(rows)
+    assert columns == int(lengths[rows].max()) < cache.embeddings.attention_mask.shape[1]
+    assert cache.attended_columns(rows, with_empty=True) == columns  # the empty prompt is shorter than any caption
+
+    short = cache.lookup(rows, columns)
+    full = cache.lookup(rows)
+    assert short.hidden_states.shape == (2, columns, 32) and torch.equal(
+        short.hidden_states, full.hidden_states[:, :columns]
+    )
+    assert torch.equal(short.attention_mask.sum(dim=1), full.attention_mask.sum(dim=1))  # no attended token lost
+    assert cache.lookup_empty(3, columns).attention_mask.shape == (3, columns)
+
+    cache.embeddings.attention_mask[2] = 0  # a row that attends to nothing keeps every column
+    assert cache.attended_columns(rows) == cache.embeddings.attention_mask.shape[1]

@@ -169,7 +169,9 @@ class ClipStage(Stage):
         pixels = batch["pixel_values"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
         if self.grayscale_prob > 0:
             # one uniform per sample of the global batch; this process keeps its rows (see `draw_rows`)
-            draws = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0])
+            draws = draw_rows(
+                lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
+            )
             pixels = grayscale_where(pixels, draws < self.grayscale_prob)
         pixel_values = normalize_pixels(pixels)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(

@@ -46,7 +46,7 @@ from einops import rearrange
 from PIL import Image
 
 from clipcond.cli import HelpFormatter
-from clipcond.conditioning import TextEmbeddingCache, TextEmbeddings, unique_captions
+from clipcond.conditioning import TextEmbeddingCache, unique_captions
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
@@ -333,18 +333,21 @@ class TextConditioning:
         self.caption_dropout = caption_dropout
 
     def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
-        text = self.cache.lookup(self.sample_rows[batch["index"]]).to(device)
+        rows = self.sample_rows[batch["index"]]  # (B,) cache rows, on the CPU
+        dropout = self.caption_dropout > 0
+        # The cache pads to the context length; the UNet attends to the columns up to the batch's longest caption (the
+        # same function, see `attended_columns`), counted on the CPU so that the step never waits on the device.
+        columns = self.cache.attended_columns(rows, with_empty=dropout)
+        text = self.cache.lookup(rows, columns).to(device, non_blocking=True)
         hidden_states, attention_mask = text.hidden_states, text.attention_mask  # (B, L, W), (B, L)
-        if self.caption_dropout > 0:
+        if dropout:
             batch_size = hidden_states.shape[0]
-            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
-            drop = drop.to(device) < self.caption_dropout  # (B,)
-            empty = self.cache.lookup_empty(batch_size).to(device)
+            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size, device)
+            drop = drop < self.caption_dropout  # (B,)
+            empty = self.cache.lookup_empty(batch_size, columns).to(device, non_blocking=True)
             hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
             attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
-        # The cache pads to the context length; the UNet attends to the batch's longest caption (same function).
-        text = TextEmbeddings(hidden_states, attention_mask, None).without_padding_columns()
-        return Conditioning(text.hidden_states, text.attention_mask)
+        return Conditioning(hidden_states, attention_mask)
 
     def record(self) -> dict:
         return {
@@ -476,15 +479,13 @@ class DecoderStage(Stage):
 
     def loss(self, batch, generator):
         device = self.accelerator.device
-        sample = encode_images_to_model_space(batch["pixel_values"].to(device), self.vae, generator)  # (B, C, h, w)
-        batch_size = sample.shape[0]
-        noise = draw_rows(
-            lambda n: torch.randn((n, *sample.shape[1:]), generator=generator, device=device), batch_size
-        )
+        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        sample = encode_images_to_model_space(pixels, self.vae, generator)  # (B, C, h, w)
+        batch_size, shape = sample.shape[0], sample.shape[1:]
+        on_generator = {"generator": generator, "device": generator.device}
+        noise = draw_rows(lambda n: torch.randn((n, *shape), **on_generator), batch_size, device)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = draw_rows(
-            lambda n: torch.randint(0, num_timesteps, (n,), generator=generator, device=device), batch_size
-        )
+        timesteps = draw_rows(lambda n: torch.randint(0, num_timesteps, (n,), **on_generator), batch_size, device)
         cond = self.conditioning(batch, generator, device)
         noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, sample, noise, timesteps)

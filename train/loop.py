@@ -292,16 +292,21 @@ class ShardedEpochSampler(Sampler[list[int]]):
             yield order[start : start + self.batch_size].tolist()
 
 
-def draw_rows(draw: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
-    """This process's rows of random numbers drawn for the whole global batch: `draw(n)` must return n rows from
-    the stage's generator, which is seeded alike on every process (see `train`). On N processes each draws the
+def draw_rows(
+    draw: Callable[[int], torch.Tensor], batch_size: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """This process's rows of random numbers drawn for the whole global batch, on `device` (default: where `draw`
+    made them). `draw(n)` must return n rows from the stage's generator, on the generator's device (as diffusers'
+    `randn_tensor` draws), which is seeded alike on every process (see `train`). On N processes each draws the
     N x `batch_size` rows of the global batch and keeps its slice, in the sampler's layout, so the noise of a
     sample is the same as in a 1-process run of the global batch, and the generators stay in step."""
     state = PartialState()
     if state.num_processes == 1:
-        return draw(batch_size)
-    start = state.process_index * batch_size
-    return draw(batch_size * state.num_processes)[start : start + batch_size]
+        rows = draw(batch_size)
+    else:
+        start = state.process_index * batch_size
+        rows = draw(batch_size * state.num_processes)[start : start + batch_size]
+    return rows if device is None else rows.to(device, non_blocking=True)
 
 
 class _SampleLog:

@@ -219,11 +219,12 @@ class PriorData:
     text_cache: TextEmbeddingCache
     caption_rows: torch.Tensor  # (N,) data set index -> text cache row, of the caption of the item that was embedded
 
-    def text(self, indices: torch.Tensor, text_encoder) -> PriorTextInputs:
-        return prior_text_inputs(self.text_cache.lookup(self.caption_rows[indices]), text_encoder)
+    def text(self, indices: torch.Tensor, text_encoder, device: torch.device) -> PriorTextInputs:
+        text = self.text_cache.lookup(self.caption_rows[indices]).to(device, non_blocking=True)
+        return prior_text_inputs(text, text_encoder)
 
-    def empty(self, batch_size: int, text_encoder) -> PriorTextInputs:
-        return prior_text_inputs(self.text_cache.lookup_empty(batch_size), text_encoder)
+    def empty(self, batch_size: int, text_encoder, device: torch.device) -> PriorTextInputs:
+        return prior_text_inputs(self.text_cache.lookup_empty(batch_size).to(device, non_blocking=True), text_encoder)
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -272,22 +273,17 @@ class PriorStage(Stage):
     def loss(self, batch, generator):
         device = self.accelerator.device
         index = batch["index"]
-        sample = self.data.targets[index].to(device)  # (B, D) standardised image embeddings
-        batch_size = sample.shape[0]
-        text = self.data.text(index, self.text_encoder)
+        sample = self.data.targets[index].to(device, non_blocking=True)  # (B, D) standardised image embeddings
+        batch_size, width = sample.shape
+        on_generator = {"generator": generator, "device": generator.device}
+        text = self.data.text(index, self.text_encoder, device)
         if self.caption_dropout > 0:
             # Ho & Salimans 2022: the empty prompt's inputs, what the pipeline's unconditional branch feeds.
-            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
-            drop = drop < self.caption_dropout
-            text = PriorTextInputs.where(drop.cpu(), self.data.empty(batch_size, self.text_encoder), text)
-        text = text.to(device)
-        noise = draw_rows(
-            lambda n: torch.randn((n, *sample.shape[1:]), generator=generator, device=device), batch_size
-        )
+            drop = draw_rows(lambda n: torch.rand(n, **on_generator), batch_size, device) < self.caption_dropout
+            text = PriorTextInputs.where(drop, self.data.empty(batch_size, self.text_encoder, device), text)
+        noise = draw_rows(lambda n: torch.randn((n, width), **on_generator), batch_size, device)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = draw_rows(
-            lambda n: torch.randint(0, num_timesteps, (n,), generator=generator, device=device), batch_size
-        )
+        timesteps = draw_rows(lambda n: torch.randint(0, num_timesteps, (n,), **on_generator), batch_size, device)
         noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
         prediction = self.model(
             noisy,

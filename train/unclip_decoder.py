@@ -114,25 +114,20 @@ class ImageEmbeddingConditioning:
         self.max_noise_level = max_noise_level
 
     def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
-        embeds = self.cache.lookup(batch["index"]).to(device)  # (B, D) raw projected; normalised below
-        batch_size = embeds.shape[0]
+        embeds = self.cache.lookup(batch["index"]).to(device, non_blocking=True)  # (B, D) raw; normalised below
+        batch_size, width = embeds.shape
+        on_generator = {"generator": generator, "device": generator.device}
         levels, noise = 0, None
         if self.noising_scheduler is not None:
-            levels = draw_rows(
-                lambda n: torch.randint(
-                    0, self.max_noise_level + 1, (n,), generator=generator, device=generator.device
-                ),
-                batch_size,
-            ).to(device)
-            noise = draw_rows(
-                lambda n: torch.randn((n, *embeds.shape[1:]), generator=generator, device=generator.device), batch_size
-            ).to(device)
+            top = self.max_noise_level + 1
+            levels = draw_rows(lambda n: torch.randint(0, top, (n,), **on_generator), batch_size, device)
+            noise = draw_rows(lambda n: torch.randn((n, width), **on_generator), batch_size, device)
         condition = decoder_condition(
             embeds, noising_scheduler=self.noising_scheduler, noise_level=levels, noise=noise
         )  # (B, D or 2D)
         if self.dropout > 0:
-            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size)
-            drop = drop.to(device) < self.dropout
+            drop = draw_rows(lambda n: torch.rand(n, **on_generator), batch_size, device)
+            drop = drop < self.dropout
             condition = drop_condition(condition, drop)
         return Conditioning(encoder_hidden_states=None, encoder_attention_mask=None, class_labels=condition)
 

@@ -234,8 +234,8 @@ def test_caption_dropout_feeds_the_empty_prompt(prior_run):
         clip_hash="x",
     )
     stage.loss(batch, torch.Generator().manual_seed(0))
-    empty = data.empty(1, text_encoder).proj_embedding[0]
-    own = data.text(batch["index"], text_encoder).proj_embedding
+    empty = data.empty(1, text_encoder, accelerator.device).proj_embedding[0]
+    own = data.text(batch["index"], text_encoder, accelerator.device).proj_embedding
     dropped = torch.isclose(seen["proj"], empty.expand_as(own)).all(dim=1)
     kept = torch.isclose(seen["proj"], own).all(dim=1)
     assert (dropped | kept).all() and 16 <= dropped.sum() <= 48
