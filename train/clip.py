@@ -163,9 +163,11 @@ class ClipStage(Stage):
         if self.right_padded:
             # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
             # the end token, so the text tower runs on (B, longest caption) instead of (B, context): about half
-            # the text compute on the shapes captions (at most 17 of 32 tokens).
+            # the text compute on the shapes captions (at most 17 of 32 tokens). For the same reason it needs no
+            # padding mask: the causal one alone lets SDPA use its causal kernels, and transformers does not check
+            # on the host whether the mask masks anything (a wait for the device every step on a GPU).
             length = int(attention_mask.sum(dim=1).max())
-            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+            input_ids, attention_mask = input_ids[:, :length], None
         pixels = batch["pixel_values"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
         if self.grayscale_prob > 0:
             # one uniform per sample of the global batch; this process keeps its rows (see `draw_rows`)
@@ -174,13 +176,15 @@ class ClipStage(Stage):
             )
             pixels = grayscale_where(pixels, draws < self.grayscale_prob)
         pixel_values = normalize_pixels(pixels)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device, non_blocking=True)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), pixel_values=pixel_values
+            input_ids=input_ids.to(device, non_blocking=True), attention_mask=attention_mask, pixel_values=pixel_values
         )
         # The loss runs in fp32 whatever the autocast precision of the towers.
         features = (image_embeds.float(), text_embeds.float(), logit_scale.float())
         loss = self.loss_fn(*features) if logit_bias is None else self.loss_fn(*features, logit_bias.float())
-        return loss, {"train/logit_scale": logit_scale.detach().exp().item()}
+        return loss, {"train/logit_scale": logit_scale.detach().exp()}  # a tensor: read when the loop logs
 
     def after_optimizer_step(self):
         # CLIP paper, sec. 2.5: the temperature is clipped so that logits scale by at most 100. The loss clamps

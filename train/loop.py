@@ -53,6 +53,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 EXTRA_TENSORS_FILE = "extra_state.safetensors"
 RUN_RECORD = "clipcond_run.json"  # in the output folder: arguments, data, model, summary of a finished run
+MAX_AUTO_WORKERS = 8  # data loader workers per process chosen on CUDA when --dataloader-num-workers is not given
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -109,15 +110,36 @@ def add_training_args(
     )
     g.add_argument(
         "--allow-tf32",
-        action="store_true",
-        help="TF32 matrix products and convolutions for fp32 work on Ampere or newer GPUs (no effect on CPU)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TF32 matrix products and convolutions for fp32 work on Ampere or newer GPUs (default: on with CUDA; no "
+        "effect on CPU)",
     )
     g.add_argument(
         "--torch-compile",
         action="store_true",
         help="torch.compile the trained model (pays on GPUs over long runs; the first steps compile)",
     )
-    g.add_argument("--dataloader-num-workers", type=int, default=0, help="data loading worker processes")
+    g.add_argument(
+        "--dataloader-num-workers",
+        type=int,
+        default=None,
+        help=f"data loading worker processes, kept across epochs (default: on CUDA up to {MAX_AUTO_WORKERS} per "
+        "process, as the CPU cores allow; 0 on CPU, where they compete with the training for the same cores)",
+    )
+    g.add_argument(
+        "--dataloader-prefetch-factor",
+        type=int,
+        default=None,
+        help="batches each worker loads ahead (default: 4 on CUDA, else PyTorch's 2; needs workers)",
+    )
+    g.add_argument(
+        "--logging-steps",
+        type=int,
+        default=None,
+        help="log the loss, averaged over processes and the last N steps, every N steps: the one moment a step "
+        "waits for the device (default: 10 on CUDA, 1 on CPU)",
+    )
     g.add_argument(
         "--checkpointing-steps",
         type=int,
@@ -151,8 +173,12 @@ def check_training_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     non_negative = ["lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_num_workers"]
     for name in non_negative:
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(args, name)}")
+    for name in ("logging_steps", "dataloader_prefetch_factor"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+
     if args.learning_rate <= 0:
         raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -180,7 +206,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
-    if getattr(args, "allow_tf32", False):
+    resolve_device_defaults(args, accelerator.device)
+    if args.allow_tf32:
         if accelerator.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -188,6 +215,31 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
             logger.info("--allow-tf32 has no effect on %s", accelerator.device.type)
     set_seed(args.seed)
     return accelerator
+
+
+def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill in the options whose default depends on the device (left None by the parser), in place, so the run
+    record says what ran. On CUDA the step must never wait for data or for the host: loader workers kept across
+    epochs that prefetch into pinned memory, the loss brought to the host every `--logging-steps` only, and TF32
+    for what runs in fp32. On a CPU the same cores do the loading and the arithmetic, and a loss on the host costs
+    nothing to read."""
+    cuda = device.type == "cuda"
+    if getattr(args, "allow_tf32", None) is None:
+        args.allow_tf32 = cuda
+    if getattr(args, "logging_steps", None) is None:
+        args.logging_steps = 10 if cuda else 1
+    if getattr(args, "dataloader_num_workers", None) is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.dataloader_num_workers = min(MAX_AUTO_WORKERS, max(1, cores // local_processes - 1)) if cuda else 0
+    if args.dataloader_num_workers == 0:
+        if getattr(args, "dataloader_prefetch_factor", None) is not None:
+            raise ValueError(
+                f"`--dataloader-prefetch-factor {args.dataloader_prefetch_factor}` needs workers, but "
+                "`--dataloader-num-workers` is 0 (the main process loads each batch when it needs it)"
+            )
+    elif getattr(args, "dataloader_prefetch_factor", None) is None:
+        args.dataloader_prefetch_factor = 4 if cuda else 2
 
 
 def compile_if_asked(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -547,7 +599,8 @@ def train(
     `clipcond.data.webdataset.ShardedImageCaptionDataset`, which splits its shards across processes and workers,
     shuffles and resumes itself; either way `epochs.set_epoch(epoch, start_batch)` positions the data.
     """
-    if isinstance(dataset, IterableDataset):
+    streamed = isinstance(dataset, IterableDataset)
+    if streamed:
         dataset.configure(
             args.train_batch_size,
             num_processes=accelerator.num_processes,
@@ -568,13 +621,17 @@ def train(
             batches_multiple_of=args.gradient_accumulation_steps,
         )
         batching = {"batch_sampler": epochs}
+    workers = args.dataloader_num_workers
     loader = DataLoader(
         dataset,
         **batching,
         collate_fn=collate_fn,
-        num_workers=args.dataloader_num_workers,
+        num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
-        persistent_workers=False,  # workers start afresh each epoch, with the data set's new epoch
+        prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+        # A map-style data set's epoch lives in the sampler, in this process: its workers serve every epoch. A
+        # streamed one positions itself inside each worker, so those start afresh with the new epoch.
+        persistent_workers=workers > 0 and not streamed,
     )
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
@@ -613,9 +670,9 @@ def train(
         dynamic_ncols=True,
     )
     skipped = set(state.skipped_files)
-    loss_ema, last_loss, validation = None, float("nan"), {}
+    window = _LogWindow()
+    loss, validation = None, {}
     start_time = time.perf_counter()
-    step_start, step_samples = time.perf_counter(), 0
 
     model.train()
     while state.global_step < args.max_train_steps:
@@ -625,7 +682,7 @@ def train(
             sample_log.write(state.epoch, state.global_step, batch.get("index"))
             loss, logs = training_step(accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm)
             state.batch_in_epoch += 1
-            step_samples += global_batch
+            window.add_samples(global_batch)
             if not accelerator.sync_gradients:
                 continue
 
@@ -633,19 +690,19 @@ def train(
             stage.after_optimizer_step()
             state.global_step += 1
             state.samples_seen += global_batch * args.gradient_accumulation_steps
-
-            last_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-            loss_ema = last_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * last_loss
-            elapsed = time.perf_counter() - step_start
-            samples_per_second = step_samples / max(elapsed, 1e-9)
-            step_start, step_samples = time.perf_counter(), 0
-            lr = lr_scheduler.get_last_lr()[0]
+            window.add_step(loss, logs)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_second:.0f}")
-            accelerator.log(
-                {"train/loss": last_loss, "train/lr": lr, "train/samples_per_second": samples_per_second, **logs},
-                step=state.global_step,
-            )
+            is_last = state.global_step >= args.max_train_steps
+
+            if is_last or state.global_step % args.logging_steps == 0:
+                scalars = window.flush(accelerator)  # the step's one wait for the device
+                scalars["train/lr"] = lr_scheduler.get_last_lr()[0]
+                progress.set_postfix(
+                    loss=f"{scalars['train/loss']:.4f}",
+                    lr=f"{scalars['train/lr']:.2e}",
+                    samples_s=f"{scalars['train/samples_per_second']:.0f}",
+                )
+                accelerator.log(scalars, step=state.global_step)
 
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
                 state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
@@ -653,7 +710,6 @@ def train(
                 path = checkpoints.save(accelerator, state, extra, export=stage.export)
                 logger.info("saved %s", path)
 
-            is_last = state.global_step >= args.max_train_steps
             if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
                     validation = stage.validate(state.global_step)
@@ -671,6 +727,8 @@ def train(
         break
 
     progress.close()
+    # the last step's loss, averaged over processes (NaN when a resumed run had no step left to take)
+    last_loss = float("nan") if loss is None else accelerator.reduce(loss.detach().float(), reduction="mean").item()
     state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
     seconds = time.perf_counter() - start_time
     if state.skipped_files:
@@ -682,6 +740,44 @@ def train(
         validation=validation,
         resumed_from=str(resume_path) if resume_path else None,
     )
+
+
+class _LogWindow:
+    """The losses and stage scalars of the steps since the last log, kept on the device until `flush`, so that a step
+    never waits for the device to hand a number to the host (on CUDA a `.item()` per step stalls the launch queue,
+    and an all-reduce per step adds a collective)."""
+
+    def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.steps = 0
+        self.logs: dict[str, Any] = {}
+        self.samples = 0
+        self.began = time.perf_counter()
+
+    def add_samples(self, n: int) -> None:
+        self.samples += n
+
+    def add_step(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
+        loss = loss.detach().float()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps += 1
+        self.logs = logs  # the stage's scalars (tensors or numbers) of the latest step
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        """The window's mean loss (over its steps and the processes), its samples/s and the latest stage scalars,
+        as numbers; starts the next window."""
+        mean = accelerator.reduce(self.loss_sum / self.steps, reduction="mean")
+        elapsed = time.perf_counter() - self.began
+        scalars = {
+            "train/loss": mean.item(),
+            "train/samples_per_second": self.samples / max(elapsed, 1e-9),
+            **{k: float(v) for k, v in self.logs.items()},
+        }
+        self._start()
+        return scalars
 
 
 def _gather_skipped(accelerator: Accelerator, skipped: set[str]) -> set[str]:

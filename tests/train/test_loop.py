@@ -2,20 +2,28 @@
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
 from accelerate import Accelerator
 
 from clipcond.train.loop import (
+    MAX_AUTO_WORKERS,
     STATE_FILE,
     Checkpoints,
     ShardedEpochSampler,
+    Stage,
     TrainingState,
     _flatten_state,
     _unflatten_state,
     add_training_args,
     check_training_args,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_device_defaults,
+    train,
 )
 
 
@@ -135,6 +143,8 @@ def test_resolve_rejects_incomplete_path(tmp_path):
         ("--max-train-steps", "0", "`--max-train-steps` must be >= 1, got 0"),
         ("--learning-rate", "-1", "`--learning-rate` must be > 0, got -1.0"),
         ("--validation-steps", "-2", "`--validation-steps` must be >= 0, got -2"),
+        ("--logging-steps", "0", "`--logging-steps` must be >= 1, got 0"),
+        ("--dataloader-prefetch-factor", "0", "`--dataloader-prefetch-factor` must be >= 1, got 0"),
     ],
 )
 def test_training_args_are_checked(flag, value, message):
@@ -142,3 +152,110 @@ def test_training_args_are_checked(flag, value, message):
     args = parser.parse_args(["--output-dir", "x", flag, value])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_training_args(args)
+
+
+def _training_args(tmp_path, *extra: str) -> argparse.Namespace:
+    parser = add_training_args(argparse.ArgumentParser(), train_batch_size=8, lr_warmup_steps=0)
+    argv = ["--output-dir", str(tmp_path), "--checkpointing-steps", "0", "--validation-steps", "0", *extra]
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    return args
+
+
+def test_device_defaults_on_cuda_and_cpu(monkeypatch):
+    """The defaults that depend on the device are filled in (and so recorded); what the user gave stays."""
+    parser = add_training_args(argparse.ArgumentParser())
+    cpu = parser.parse_args(["--output-dir", "x"])
+    resolve_device_defaults(cpu, torch.device("cpu"))
+    assert (cpu.dataloader_num_workers, cpu.dataloader_prefetch_factor) == (0, None)
+    assert (cpu.logging_steps, cpu.allow_tf32) == (1, False)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cuda = parser.parse_args(["--output-dir", "x"])
+    resolve_device_defaults(cuda, torch.device("cuda"))
+    assert (cuda.dataloader_num_workers, cuda.dataloader_prefetch_factor) == (MAX_AUTO_WORKERS, 4)
+    assert (cuda.logging_steps, cuda.allow_tf32) == (10, True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPU processes share the 16 cores
+    shared = parser.parse_args(["--output-dir", "x"])
+    resolve_device_defaults(shared, torch.device("cuda"))
+    assert shared.dataloader_num_workers == 3
+
+    given = parser.parse_args(["--output-dir", "x", "--dataloader-num-workers", "0", "--logging-steps", "5"])
+    resolve_device_defaults(given, torch.device("cuda"))
+    assert (given.dataloader_num_workers, given.logging_steps, given.dataloader_prefetch_factor) == (0, 5, None)
+    bad = parser.parse_args(["--output-dir", "x", "--dataloader-prefetch-factor", "4"])
+    with pytest.raises(ValueError, match="`--dataloader-prefetch-factor 4` needs workers"):
+        resolve_device_defaults(bad, torch.device("cpu"))
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """Sample i is the vector (i, i); each records the process that loaded it."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {"x": torch.full((2,), float(i)), "index": i, "pid": os.getpid()}
+
+
+def _collate(samples):
+    return {
+        "x": torch.stack([s["x"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples]),
+        "pid": [s["pid"] for s in samples],
+    }
+
+
+class _LinearStage(Stage):
+    def __init__(self, model):
+        self.model = model
+        self.losses, self.batches = [], []
+
+    def loss(self, batch, generator):
+        loss = self.model(batch["x"] / 32).pow(2).mean()
+        self.losses.append(loss.item())
+        self.batches.append(batch)
+        return loss, {"train/weight": self.model.weight.detach().sum()}  # a tensor: the loop reads it when it logs
+
+
+def _train_linear(args):
+    accelerator = make_accelerator(args)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    optimizer = make_optimizer(model.parameters(), args, accelerator)
+    scheduler = make_lr_scheduler(optimizer, args)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    stage = _LinearStage(model)
+    logged, reductions = [], []
+    accelerator.log = lambda values, step: logged.append((step, values))
+    reduce = accelerator.reduce
+    accelerator.reduce = lambda tensor, reduction: reductions.append(1) or reduce(tensor, reduction=reduction)
+    kwargs = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler}
+    result = train(accelerator, args, stage, **kwargs, dataset=_Numbers(), collate_fn=_collate)
+    return result, stage, logged, reductions
+
+
+def test_the_loss_reaches_the_host_only_when_logged(tmp_path):
+    """No step waits for the device but the logging ones: the loss is averaged over each window of
+    `--logging-steps` steps and the processes in one reduction, and the stage's scalars stay tensors until then."""
+    result, stage, logged, reductions = _train_linear(
+        _training_args(tmp_path, "--max-train-steps", "7", "--logging-steps", "3")
+    )
+    assert [step for step, _ in logged] == [3, 6, 7]  # every 3 steps, and the last
+    assert len(reductions) == 3 + 1  # one per log, one for the summary's final loss
+    windows = [stage.losses[0:3], stage.losses[3:6], stage.losses[6:7]]
+    for (_, values), losses in zip(logged, windows, strict=True):
+        assert values["train/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+        assert isinstance(values["train/weight"], float) and values["train/samples_per_second"] > 0
+    assert result.last_loss == pytest.approx(stage.losses[-1], rel=1e-6)
+
+
+def test_loader_workers_serve_every_epoch_in_the_same_order(tmp_path):
+    """Workers are kept across epochs (the sampler's epoch lives in this process) and give the batches that the
+    main process gives: 3 epochs of 4 batches through 2 workers started once."""
+    steps = ["--max-train-steps", "12"]
+    _, alone, _, _ = _train_linear(_training_args(tmp_path / "main", *steps))
+    _, workers, _, _ = _train_linear(_training_args(tmp_path / "workers", *steps, "--dataloader-num-workers", "2"))
+    assert [b["index"].tolist() for b in workers.batches] == [b["index"].tolist() for b in alone.batches]
+    pids = {pid for b in workers.batches for pid in b["pid"]}
+    assert len(pids) == 2 and os.getpid() not in pids

@@ -39,9 +39,12 @@ def test_run_folder_loads_in_transformers(tiny_clip_run):
     assert (tiny_clip_run / "model.safetensors").is_file() and not list(tiny_clip_run.glob("*.bin"))
 
 
-def test_dropping_trailing_padding_keeps_the_text_embeddings(tiny_clip_run):
-    """Training runs the text tower on each batch's longest caption, not the whole context: that must be exact."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_dropping_trailing_padding_keeps_the_text_embeddings(tiny_clip_run, attention):
+    """Training runs the text tower on each batch's longest caption, not the whole context, and without the padding
+    mask (the causal mask alone): both must be exact."""
     run = load_clip(tiny_clip_run)
+    run.model.set_attn_implementation(attention)
     captions = ["a red circle", "an image showing a big blue square to the left of a little green triangle"]
     tokens = run.tokenize(captions)  # padded to the context, 32
     length = int(tokens["attention_mask"].sum(dim=1).max())
@@ -49,7 +52,9 @@ def test_dropping_trailing_padding_keeps_the_text_embeddings(tiny_clip_run):
     with torch.no_grad():
         full = text_features(run.model, **tokens)
         trimmed = text_features(run.model, **{k: v[:, :length] for k, v in tokens.items()})
+        unmasked = text_features(run.model, input_ids=tokens["input_ids"][:, :length], attention_mask=None)
     torch.testing.assert_close(trimmed, full)
+    torch.testing.assert_close(unmasked, full)
 
 
 def test_contrastive_model_fits_a_fixed_batch(tiny_clip_run):
