@@ -2,9 +2,15 @@
 
     python benchmarks/clip_throughput.py --presets tiny small --precision fp32 bf16 --steps 10 [--save-results]
 
-One process builds both contenders and times them alternately (common.alternate), one optimizer step each per
-round, and prints one JSON object: per preset and precision the median images/s of each and the median ratio
-clipcond / open_clip (> 1: clipcond is faster). Goal: >= 1.0 at `tiny` and `small` on CPU, fp32 and bf16.
+One process builds both contenders on the same device (the Accelerator's: CUDA when there is one) and times them
+alternately (common.alternate), one optimizer step each per round, and prints one JSON object: per preset,
+precision and attention the median images/s of each and the median ratio clipcond / open_clip (> 1: clipcond is
+faster). Goal: >= 1.0 at `tiny` and `small` on CPU, fp32 and bf16; on a GPU >= 1.3 against open_clip's eager step
+and >= 1.0 against open_clip compiled (`--compile open_clip`).
+
+`--attention default` gives each side its own default (clipcond: SDPA, but transformers' eager attention in bf16
+on a CPU, see `configure_clip_for_training`; open_clip: `nn.MultiheadAttention`, which calls SDPA); `--attention
+sdpa` puts clipcond on SDPA too, so both run the same attention kernel.
 
 - clipcond: the training code path itself, `train.loop.training_step` (Accelerate's accumulate, backward, gradient
   clipping, AdamW step) on a prepared `ContrastiveModel` with `ClipStage.loss` (caption tokens looked up by
@@ -16,14 +22,16 @@ clipcond / open_clip (> 1: clipcond is faster). Goal: >= 1.0 at `tiny` and `smal
   AdamW step, logit-scale clamp). Its images come already normalised as float, as its data loader delivers them.
 
 Both use AdamW with clipcond's CLIP defaults (lr 1e-3, betas 0.9/0.98, eps 1e-6, weight decay 0.1 on matrices),
-gradient clipping at 1.0, and the same captions (shapes-style, tokenised by one BPE tokenizer). The one difference
-in the work is clipcond's own: it runs the text tower on the batch's longest caption instead of the full context
-(exact under the causal mask; see `ClipStage.loss`), where open_clip always runs the context length.
+gradient clipping at 1.0, and the same captions (shapes-style, tokenised by one BPE tokenizer); each its own AdamW
+implementation (clipcond's fused kernel on CUDA, open_clip's `main.py` the default one). The one difference in the
+work is clipcond's own: it runs the text tower on the batch's longest caption instead of the full context (exact
+under the causal mask; see `ClipStage.loss`), where open_clip always runs the context length.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -45,6 +53,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (the default recipe's)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["default", "sdpa"],
+        choices=["default", "sdpa"],
+        help="clipcond's attention: its training default, or SDPA as open_clip's (see above)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        default=[],
+        choices=["clipcond", "open_clip"],
+        help="torch.compile these contenders (clipcond: `--torch-compile`; open_clip: its `--torchcompile`)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     add_results_flag(parser)
     return parser.parse_args(argv)
@@ -65,15 +87,18 @@ def _optimizer_args() -> SimpleNamespace:
     return SimpleNamespace(learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
 
 
-def clipcond_step(preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int):
-    """One optimizer step of `clipcond train clip`, on a fixed batch. Returns (step, parameter count)."""
+def clipcond_step(
+    preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int, attention: str, compile_model: bool
+):
+    """One optimizer step of `clipcond train clip`, on a fixed batch on the device. Returns (step, parameter count,
+    device)."""
     from accelerate import Accelerator
     from transformers import CLIPModel
 
     from clipcond.loss import ClipLoss
     from clipcond.models.clip import clip_config
     from clipcond.train.clip import ClipStage, ContrastiveModel, configure_clip_for_training
-    from clipcond.train.loop import make_optimizer, training_step
+    from clipcond.train.loop import compile_if_asked, make_optimizer, training_step
 
     torch.manual_seed(seed)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
@@ -85,31 +110,34 @@ def clipcond_step(preset: str, precision: str, batch_size: int, captions, tokeni
         pad_token_id=tokenizer.pad_token_id,
     )
     clip = CLIPModel(config)
-    # the training entry point's choices (eager attention in bf16 on CPU)
-    configure_clip_for_training(
-        clip, SimpleNamespace(gradient_checkpointing=False), accelerator.device, accelerator.mixed_precision
-    )
+    device = accelerator.device
+    if attention == "default":  # the training entry point's choice (eager attention in bf16 on CPU)
+        configure_clip_for_training(clip, SimpleNamespace(gradient_checkpointing=False), device, precision)
+    else:
+        clip.set_attn_implementation(attention)
     model = ContrastiveModel(clip, with_bias=False)
     optimizer = make_optimizer(model.parameters(), _optimizer_args(), accelerator)
+    compile_if_asked(model, SimpleNamespace(torch_compile=compile_model))
     model, optimizer = accelerator.prepare(model, optimizer)
     stage = ClipStage(accelerator, model, tokenizer, None, SimpleNamespace(captions=captions), ClipLoss())
     size = config.vision_config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    batch = {
-        "pixel_values": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator),
-        "index": torch.arange(batch_size),
-    }
+    cpu = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=cpu)
+    batch = {"pixel_values": pixels.to(device), "index": torch.arange(batch_size)}  # the loader's, once on the device
+    generator = torch.Generator(device=device).manual_seed(seed)  # the stage's, as `train` makes it
     model.train()
 
     def step():
         training_step(accelerator, stage, model, optimizer, batch, generator, max_grad_norm=1.0)
         stage.after_optimizer_step()
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters()), device
 
 
-def open_clip_step(preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int):
-    """One optimizer step as open_clip's `train_one_epoch` takes it, on a model of the preset's sizes."""
+def open_clip_step(
+    preset: str, precision: str, batch_size: int, captions, tokenizer, seed: int, device, compile_model: bool
+):
+    """One optimizer step as open_clip's `train_one_epoch` takes it, on a model of the preset's sizes, on `device`."""
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP
 
@@ -141,7 +169,8 @@ def open_clip_step(preset: str, precision: str, batch_size: int, captions, token
             "pool_type": "eos",  # CLIPModel pools at the end token too
         },
         quick_gelu=True,  # transformers' CLIP activation
-    )
+    ).to(device)
+    forward = torch.compile(model) if compile_model else model  # open_clip's main.py --torchcompile
     # open_clip's main.py: no weight decay on gains, biases and the logit scale
     params = list(model.named_parameters())
     exclude = [p for n, p in params if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
@@ -156,15 +185,15 @@ def open_clip_step(preset: str, precision: str, batch_size: int, captions, token
     loss_fn = ClipLoss()
     size = vision["image_size"]
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    images = torch.randn(batch_size, 3, size, size, generator=generator).to(device)  # as its loader delivers them
     tokens = tokenizer(
         captions[:batch_size], padding="max_length", truncation=True, max_length=context, return_tensors="pt"
-    )["input_ids"]
+    )["input_ids"].to(device)
     model.train()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            image_features, text_features, logit_scale = model(images, tokens)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            image_features, text_features, logit_scale = forward(images, tokens)
             loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,7 +205,7 @@ def open_clip_step(preset: str, precision: str, batch_size: int, captions, token
     return step, sum(p.numel() for p in model.parameters())
 
 
-def run_case(preset: str, precision: str, args: argparse.Namespace) -> dict:
+def run_case(preset: str, precision: str, attention: str, args: argparse.Namespace) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     from clipcond.models.clip import clip_presets
@@ -187,13 +216,17 @@ def run_case(preset: str, precision: str, args: argparse.Namespace) -> dict:
     tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=context)
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
     GradientState._reset_state()
-    ours, ours_params = clipcond_step(preset, precision, args.batch_size, captions, tokenizer, args.seed)
-    theirs, theirs_params = open_clip_step(preset, precision, args.batch_size, captions, tokenizer, args.seed)
+    common = (preset, precision, args.batch_size, captions, tokenizer, args.seed)
+    ours, ours_params, device = clipcond_step(*common, attention, "clipcond" in args.compile)
+    theirs, theirs_params = open_clip_step(*common, device, "open_clip" in args.compile)
     seconds = alternate({"clipcond": ours, "open_clip": theirs}, rounds=args.steps, warmup=args.warmup)
     result = ratio_summary(seconds, args.batch_size, ours="clipcond", theirs="open_clip")
     result["params_M"] = {"clipcond": round(ours_params / 1e6, 3), "open_clip": round(theirs_params / 1e6, 3)}
     lengths = tokenizer(captions)["input_ids"]
     result["text_tokens"] = {"clipcond": max(len(t) for t in lengths), "open_clip": context}
+    result["device"] = device.type
+    result["attention"] = {"clipcond": attention, "open_clip": "default"}
+    result["compiled"] = {name: name in args.compile for name in ("clipcond", "open_clip")}
     return result
 
 
@@ -213,16 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/clip_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "cases": {},
     }
-    for preset in args.presets:
-        for precision in args.precision:
-            name = f"{preset}_{precision}"
-            report["cases"][name] = {
-                **run_case(preset, precision, args),
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "threads": torch.get_num_threads(),
-            }
-            print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
+    compiled = "".join(f"_{name}-compiled" for name in sorted(args.compile))
+    for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):
+        name = f"{preset}_{precision}_{attention}{compiled}"
+        report["cases"][name] = {
+            "preset": preset,
+            "precision": precision,
+            **run_case(preset, precision, attention, args),
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "threads": torch.get_num_threads(),
+        }
+        print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
     if args.save_results:
         save_results("clip_throughput", report, merge_cases=True)

@@ -2,8 +2,9 @@
 
     python benchmarks/decoder_throughput.py --presets tiny small --precision fp32 bf16 --steps 10 [--save-results]
 
-One process builds both contenders and times them alternately (common.alternate), one optimizer step each per
-round, and prints one JSON object: per preset and precision the median samples/s of each and the median ratio
+One process builds both contenders on the same device (the Accelerator's: CUDA when there is one), with each
+one's batch already there, and times them alternately (common.alternate), one optimizer step each per round, and
+prints one JSON object: per preset, precision and attention the median samples/s of each and the median ratio
 clipcond / plain (> 1: clipcond is faster). Goal: >= 1.2 at the same precision and model.
 
 - clipcond: `train.loop.training_step` on the prepared UNet with `DecoderStage.loss` (per-token text states looked
@@ -18,13 +19,17 @@ clipcond / plain (> 1: clipcond is faster). Goal: >= 1.2 at the same precision a
 
 The UNet (preset, cross-attention width = the text encoder's, its `encoder_hid_proj`), the text encoder (the CLIP
 preset of the same name), batch, AdamW settings and EMA are the same on both sides. Where clipcond gains: no text
-encoder in the step (the cache), and on CPU the classic attention processor (see `configure_unet_for_training`);
-`--plain-attention classic` gives the plain loop that processor too, which isolates the cache's share.
+encoder in the step (the cache), and on CPU the classic attention processor (see `configure_unet_for_training`).
+`--attention default` gives each side its own attention (the plain loop diffusers' default, SDPA); `--attention
+same` gives the plain loop clipcond's choice too (the same on a GPU), which isolates the cache's share.
+Both train in pixel space at `--resolution` (default: the CLIP preset's image size; SD's latents are 64 x 64 x 4,
+one channel more in the first convolution only).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -45,17 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument(
-        "--plain-attention",
-        default="default",
-        choices=["default", "classic"],
-        help="attention processor of the plain loop: diffusers' default (SDPA), or clipcond's CPU choice",
+        "--attention",
+        nargs="+",
+        default=["default", "same"],
+        choices=["default", "same"],
+        help="the plain loop's attention: diffusers' default (SDPA), or the same as clipcond's (see above)",
     )
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default: the CLIP preset's)")
     parser.add_argument("--seed", type=int, default=0)
     add_results_flag(parser)
     return parser.parse_args(argv)
 
 
-def _setup(preset: str, batch_size: int, seed: int):
+def _setup(preset: str, batch_size: int, seed: int, resolution: int | None = None):
     """The text encoder, tokenizer, captions, UNet config and a fixed batch that both contenders share."""
     from transformers import CLIPTextModel
 
@@ -64,7 +71,7 @@ def _setup(preset: str, batch_size: int, seed: int):
     from clipcond.tokenizer import train_tokenizer
 
     context = clip_presets()[preset]["text"]["max_position_embeddings"]
-    resolution = clip_presets()[preset]["vision"]["image_size"]
+    resolution = resolution or clip_presets()[preset]["vision"]["image_size"]
     captions = shapes_captions(batch_size, seed)
     tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=context)
     config = clip_config(
@@ -104,14 +111,16 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
     from clipcond.train.loop import make_optimizer, training_step
 
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    device = accelerator.device
     captions, rows = unique_captions(shared.captions)
+    shared.text_encoder.to(device)  # the cache runs it once, on the device of the training
     cache = TextEmbeddingCache.build_or_load(
-        shared.text_encoder, shared.tokenizer, captions, cache_dir, device=accelerator.device, progress=False
+        shared.text_encoder, shared.tokenizer, captions, cache_dir, device=device, progress=False
     )
     torch.manual_seed(seed)
     unet = create_unet(shared.unet_spec)
     options = SimpleNamespace(gradient_checkpointing=False, channels_last=False, enable_xformers=False)
-    configure_unet_for_training(unet, options, accelerator.device, accelerator.mixed_precision)
+    configure_unet_for_training(unet, options, device, accelerator.mixed_precision)
     ema = _ema(unet)
     optimizer = make_optimizer(unet.parameters(), _decoder_optimizer_args(), accelerator)
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -128,15 +137,15 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
         validation=None,
         clip_hash="benchmark",
     )
-    batch = {"pixel_values": shared.pixels, "index": torch.arange(len(shared.captions))}
-    generator = torch.Generator().manual_seed(seed)
+    batch = {"pixel_values": shared.pixels.to(device), "index": torch.arange(len(shared.captions))}
+    generator = torch.Generator(device=device).manual_seed(seed)  # the stage's, as `train` makes it
     model.train()
 
     def step():
         training_step(accelerator, stage, model, optimizer, batch, generator, max_grad_norm=1.0)
         stage.after_optimizer_step()
 
-    return step, sum(p.numel() for p in unet.parameters())
+    return step, sum(p.numel() for p in unet.parameters()), device
 
 
 def _decoder_optimizer_args() -> SimpleNamespace:
@@ -145,23 +154,24 @@ def _decoder_optimizer_args() -> SimpleNamespace:
 
 
 def plain_step(shared, precision: str, attention: str, seed: int):
-    """diffusers' train_text_to_image.py step, in pixel space."""
+    """diffusers' train_text_to_image.py step, in pixel space; `attention` "same": clipcond's processor choice."""
     import copy
 
     import torch.nn.functional as F
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
-    from diffusers.models.attention_processor import AttnProcessor
 
     from clipcond.models.unet import create_unet
+    from clipcond.train.decoder import configure_unet_for_training
 
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     text_encoder = copy.deepcopy(shared.text_encoder).to(accelerator.device, dtype=weight_dtype)
     torch.manual_seed(seed)
     unet = create_unet(shared.unet_spec)
-    if attention == "classic":
-        unet.set_attn_processor(AttnProcessor())
+    if attention == "same":
+        options = SimpleNamespace(gradient_checkpointing=False, channels_last=False, enable_xformers=False)
+        configure_unet_for_training(unet, options, accelerator.device, accelerator.mixed_precision)
     ema = _ema(unet)
     a = _decoder_optimizer_args()
     optimizer = torch.optim.AdamW(
@@ -180,7 +190,7 @@ def plain_step(shared, precision: str, attention: str, seed: int):
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    pixel_values = shared.pixels.float() / 127.5 - 1.0
+    pixel_values = (shared.pixels.float() / 127.5 - 1.0).to(accelerator.device)  # as its loader delivers them
     unet.train()
 
     def step():
@@ -205,19 +215,21 @@ def plain_step(shared, precision: str, attention: str, seed: int):
     return step, sum(p.numel() for p in unet.parameters())
 
 
-def run_case(preset: str, precision: str, args: argparse.Namespace) -> dict:
+def run_case(preset: str, precision: str, attention: str, args: argparse.Namespace) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
-    shared = _setup(preset, args.batch_size, args.seed)
+    shared = _setup(preset, args.batch_size, args.seed, args.resolution)
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
     GradientState._reset_state()
     with tempfile.TemporaryDirectory(prefix="clipcond-bench-") as cache_dir:
-        ours, ours_params = clipcond_step(shared, precision, cache_dir, args.seed)
-        theirs, theirs_params = plain_step(shared, precision, args.plain_attention, args.seed)
+        ours, ours_params, device = clipcond_step(shared, precision, cache_dir, args.seed)
+        theirs, theirs_params = plain_step(shared, precision, attention, args.seed)
         seconds = alternate({"clipcond": ours, "plain": theirs}, rounds=args.steps, warmup=args.warmup)
     result = ratio_summary(seconds, args.batch_size, ours="clipcond", theirs="plain")
     result["params_M"] = {"clipcond": round(ours_params / 1e6, 3), "plain": round(theirs_params / 1e6, 3)}
     result["resolution"] = shared.unet_spec["sample_size"]
+    result["device"] = device.type
+    result["attention"] = {"clipcond": "default", "plain": attention}
     return result
 
 
@@ -232,16 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/decoder_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "cases": {},
     }
-    for preset in args.presets:
-        for precision in args.precision:
-            name = f"{preset}_{precision}"
-            report["cases"][name] = {
-                **run_case(preset, precision, args),
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "threads": torch.get_num_threads(),
-            }
-            print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
+    for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):
+        name = f"{preset}_{precision}_{attention}"
+        report["cases"][name] = {
+            "preset": preset,
+            "precision": precision,
+            **run_case(preset, precision, attention, args),
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "threads": torch.get_num_threads(),
+        }
+        print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
     if args.save_results:
         save_results("decoder_throughput", report, merge_cases=True)

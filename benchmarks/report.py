@@ -41,15 +41,19 @@ def throughput_table(name: str, report: dict) -> list[str]:
         f"**{title}** ({unit}, median of alternating rounds in one process; {_machine(report)}; "
         f"goal: {report.get('goal', '?')})",
         "",
-        f"| preset | precision | batch | rounds | clipcond | {theirs_label} | ratio (min-max) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        f"| preset | precision | attention (clipcond/{theirs}) | device | batch | rounds | clipcond | {theirs_label} | ratio (min-max) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for case, r in sorted(report.get("cases", {}).items()):
-        preset, precision = case.rsplit("_", 1)
+        preset, precision = r.get("preset"), r.get("precision")
+        if preset is None:  # results written before cases named their fields: "<preset>_<precision>"
+            preset, precision = case.rsplit("_", 1)
+        attention = "/".join(r.get("attention", {"clipcond": "default"}).values())
         low, high = r.get("ratio_min_max", [None, None])
         lines.append(
-            f"| {preset} | {precision} | {r.get('batch_size', '?')} | {r.get('rounds', '?')} | "
-            f"{r['clipcond_samples_per_s']} | {r[f'{theirs}_samples_per_s']} | {r['ratio']}x ({low}-{high}) |"
+            f"| {preset} | {precision} | {attention} | {r.get('device', 'cpu')} | {r.get('batch_size', '?')} | "
+            f"{r.get('rounds', '?')} | {r['clipcond_samples_per_s']} | {r[f'{theirs}_samples_per_s']} | "
+            f"{r['ratio']}x ({low}-{high}) |"
         )
     lines += ["", f"Last command: `{report.get('command', '')}`", ""]
     return lines
