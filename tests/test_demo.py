@@ -78,6 +78,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert md.startswith("# clipcond demo report")
     assert "![samples](samples/grid.png)" in md and "held-out" in md
     assert "CLIP `test`, contrastive: 4 steps of batch 16" in md and "precision bf16" in md
+    assert "Recipe: quick (on cpu)" in md and report["recipe"] == "quick"
     ema = report["decoder"]["ema"]  # warm-up: 1 - 4^(-2/3) after the quick run's 4 steps, under the 0.999 bound
     assert ema["last_decay"] == pytest.approx(1 - 4 ** (-2 / 3), abs=1e-6) and ema["decay"] == 0.999
     assert f"EMA (decay {ema['last_decay']:.4f} at the end, at most 0.9990)" in md
@@ -100,3 +101,54 @@ def test_sample_dtype_option():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="`--sample-dtype fp16` needs a CUDA device"):
             parse_args(["--sample-dtype", "fp16"])
+
+
+def test_recipe_follows_the_device(monkeypatch):
+    """`--recipe auto` is the GPU recipe where CUDA is, the trainers' CPU recipe elsewhere; each picks its judged
+    images per prompt, and `--quick` wins over both."""
+    from clipcond.demo import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = parse_args([])
+    assert (cpu.recipe, cpu.eval_images_per_prompt) == ("cpu", 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = parse_args([])
+    assert (gpu.recipe, gpu.eval_images_per_prompt) == ("gpu", 32)
+    assert parse_args(["--recipe", "cpu"]).recipe == "cpu"
+    assert parse_args(["--quick"]).recipe == "quick"
+    assert parse_args(["--eval-images-per-prompt", "12"]).eval_images_per_prompt == 12
+
+
+@pytest.mark.parametrize("recipe", ["gpu", "quick"])
+def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
+    """Every stage of a recipe passes arguments its trainer accepts, and `--clip-steps` and the like still set the
+    step count after them."""
+    from clipcond import demo
+    from clipcond.train import clip, decoder, prior
+
+    seen = {}
+
+    def fake_main(name, parse):
+        def main(argv):
+            seen[name] = parse(argv)
+            raise SystemExit  # stop before training; the arguments are what is tested
+
+        return main
+
+    trainers = {"clip": clip, "decoder": decoder, "prior": prior, "unclip_decoder": decoder}
+    args = demo.parse_args(["--decoder-steps", "7", *(["--quick"] if recipe == "quick" else ["--recipe", recipe])])
+    for stage, trainer in trainers.items():
+        monkeypatch.setattr(trainer, "main", fake_main(stage, trainer.parse_args))
+        base = ["--data", str(tmp_path), "--output-dir", str(tmp_path / stage)]
+        if stage != "clip":
+            base += ["--clip", str(tmp_path)]
+        steps = args.decoder_steps if stage == "decoder" else None
+        with pytest.raises(SystemExit):
+            demo._train_unless_done(args, stage, trainer, tmp_path / stage, base, steps=steps, precision="bf16")
+        extra = demo.RECIPES[recipe][stage]
+        if "--train-batch-size" in extra:
+            assert seen[stage].train_batch_size == int(extra[extra.index("--train-batch-size") + 1])
+    expected_steps = 4 if recipe == "quick" else 7  # --quick keeps its budget
+    assert seen["decoder"].max_train_steps == expected_steps
+    if recipe == "gpu":
+        assert seen["clip"].max_train_steps == int(demo.RECIPES["gpu"]["clip"][3])
