@@ -117,7 +117,7 @@ def clipcond_step(
         clip.set_attn_implementation(attention)
     model = ContrastiveModel(clip, with_bias=False)
     optimizer = make_optimizer(model.parameters(), _optimizer_args(), accelerator)
-    compile_if_asked(model, SimpleNamespace(torch_compile=compile_model))
+    compile_if_asked(model, SimpleNamespace(torch_compile="default" if compile_model else None))
     model, optimizer = accelerator.prepare(model, optimizer)
     stage = ClipStage(accelerator, model, tokenizer, None, SimpleNamespace(captions=captions), ClipLoss())
     size = config.vision_config.image_size

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 # defaults, zero-shot accuracy on held-out colour-shape pairs went from 56.7% / 71.0% (seeds 0 / 1) without it to
 # 79.9 / 83.5 / 92.9 / 73.2% (seeds 0-3) with it, seen pairs 95.5% -> 98.5-99.5%; 0.5 gave 84.4 / 75.0% (seeds 0 / 1).
 DEFAULT_GRAYSCALE_PROB = 0.3
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--vocab-size", type=int, default=1024, help="upper bound for a tokenizer trained here")
     model.add_argument(
         "--loss", default="clip", choices=["clip", "siglip"], help="symmetric InfoNCE or the sigmoid loss"
+    )
+    model.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=ATTN_IMPLEMENTATIONS,
+        help="transformers' attention for both towers while training (default: sdpa; eager in bf16 on a CPU, see "
+        "configure_clip_for_training); flash_attention_2/3 need the flash-attn package; not saved with the model",
     )
 
     add_training_args(
@@ -311,16 +319,22 @@ def configure_clip_for_training(
 ) -> None:
     """The speed and memory options of a CLIP about to train on `device`.
 
-    `--gradient-checkpointing`. On CPU in bf16 both towers run transformers' eager attention instead of SDPA:
-    PyTorch's fused CPU attention kernel is slow in bf16 backward on these short sequences (17 image tokens, at most
-    32 text tokens), where it took two thirds of the step; with eager attention the `tiny` step of 256 pairs took
-    0.33 s in bf16 against 0.48 s in fp32 (SDPA; 0.53 s eager) and 0.85 s in bf16 with SDPA (torch 2.14, 2 threads).
-    Training only: `save_pretrained` does not record the choice, so the saved CLIP loads with the default.
+    `--gradient-checkpointing`, `--attn-implementation`. Without the latter, on CPU in bf16 both towers run
+    transformers' eager attention instead of SDPA: PyTorch's fused CPU attention kernel is slow in bf16 backward on
+    these short sequences (17 image tokens, at most 32 text tokens), where it took two thirds of the step (README,
+    "Speed and scale"). Training only: `save_pretrained` does not record the choice, so the saved CLIP loads with
+    the default.
     """
     if args.gradient_checkpointing:
         clip.gradient_checkpointing_enable()
-    if device.type == "cpu" and mixed_precision == "bf16":
-        clip.set_attn_implementation("eager")
+    chosen = getattr(args, "attn_implementation", None)
+    if chosen is None and device.type == "cpu" and mixed_precision == "bf16":
+        chosen = "eager"
+    if chosen is not None:
+        try:
+            clip.set_attn_implementation(chosen)
+        except (ImportError, ValueError) as err:
+            raise ValueError(f"`--attn-implementation {chosen}` cannot run here: {err}") from None
 
 
 def _cache_images(dataset: ImageCaptionDataset, resolution: int, limit_mb: int) -> None:

@@ -25,6 +25,7 @@ set indices of every micro-batch it trains on to `rank<k>.jsonl` there (one JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,13 @@ STATE_FILE = "training_state.json"  # written last: a checkpoint folder without 
 EXTRA_TENSORS_FILE = "extra_state.safetensors"
 RUN_RECORD = "clipcond_run.json"  # in the output folder: arguments, data, model, summary of a finished run
 MAX_AUTO_WORKERS = 8  # data loader workers per process chosen on CUDA when --dataloader-num-workers is not given
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+SDPA_BACKENDS = {  # --sdpa-backend -> torch.nn.attention.SDPBackend
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -117,8 +125,20 @@ def add_training_args(
     )
     g.add_argument(
         "--torch-compile",
-        action="store_true",
-        help="torch.compile the trained model (pays on GPUs over long runs; the first steps compile)",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the trained model, in MODE (default when given without one: 'default'; "
+        "'reduce-overhead' replays CUDA graphs, for small models whose steps are launch-bound; pays on GPUs over "
+        "long runs: the first steps compile)",
+    )
+    g.add_argument(
+        "--sdpa-backend",
+        default=None,
+        choices=sorted(SDPA_BACKENDS),
+        help="the kernel PyTorch's fused attention (SDPA) uses in training (default: PyTorch's choice per call)",
     )
     g.add_argument(
         "--dataloader-num-workers",
@@ -243,11 +263,23 @@ def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> N
 
 
 def compile_if_asked(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """`--torch-compile`: compile the module's forward in place (`nn.Module.compile`), so its state dict, its
+    """`--torch-compile [MODE]`: compile the module's forward in place (`nn.Module.compile`), so its state dict, its
     `save_pretrained` and Accelerate's `unwrap_model` stay those of the plain module."""
-    if getattr(args, "torch_compile", False):
-        model.compile()
+    mode = getattr(args, "torch_compile", None)
+    if mode:
+        model.compile(mode=mode)
     return model
+
+
+def attention_kernel(args: argparse.Namespace):
+    """The context a training step runs in for `--sdpa-backend`: SDPA restricted to that kernel (it raises where the
+    kernel cannot take a call, rather than falling back silently), or nothing."""
+    backend = getattr(args, "sdpa_backend", None)
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend]))
 
 
 def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
@@ -680,7 +712,8 @@ def train(
         for batch in loader:
             skipped.update(batch.pop("skipped", []))
             sample_log.write(state.epoch, state.global_step, batch.get("index"))
-            loss, logs = training_step(accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm)
+            with attention_kernel(args):
+                loss, logs = training_step(accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm)
             state.batch_in_epoch += 1
             window.add_samples(global_batch)
             if not accelerator.sync_gradients:

@@ -1,10 +1,12 @@
 """`clipcond train clip` end to end at test scale: the run folder, resume after SIGKILL, errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -221,9 +223,7 @@ def test_help_names_the_options(capsys):
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):
     """On CPU in bf16 both towers train with eager attention (the fused kernel's bf16 backward is slow there): the
-    same function as SDPA, and not written into the saved config."""
-    from types import SimpleNamespace
-
+    same function as SDPA, and not written into the saved config; `--attn-implementation` overrides the choice."""
     from clipcond.models.clip import clip_config
     from clipcond.train.clip import configure_clip_for_training
 
@@ -250,3 +250,32 @@ def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path)
     torch.testing.assert_close(eager.image_embeds, reference.image_embeds)
     clip.save_pretrained(tmp_path)
     assert CLIPModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    configure_clip_for_training(
+        clip, SimpleNamespace(gradient_checkpointing=False, attn_implementation="sdpa"), torch.device("cpu"), "bf16"
+    )
+    assert attention() == {"sdpa"}  # --attn-implementation wins over the CPU choice
+    if not importlib.util.find_spec("flash_attn"):
+        with pytest.raises(ValueError, match="`--attn-implementation flash_attention_2` cannot run here"):
+            flash = SimpleNamespace(gradient_checkpointing=False, attn_implementation="flash_attention_2")
+            configure_clip_for_training(clip, flash, torch.device("cpu"), "bf16")
+
+
+def test_attention_kernel_and_compile_options(shapes_data, tmp_path, monkeypatch, capsys):
+    """`--sdpa-backend` restricts the training step's fused attention to one kernel (and fails where it cannot run),
+    `--torch-compile [MODE]` compiles in that mode."""
+    from clipcond.train import loop
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(kw))
+    argv = ["--data", str(shapes_data), *TINY_CLIP_ARGS, "--max-train-steps", "1", "--validation-steps", "0"]
+    argv += ["--checkpointing-steps", "0", "--attn-implementation", "sdpa"]
+    assert main([*argv, "--output-dir", str(tmp_path / "math"), "--sdpa-backend", "math", "--torch-compile"]) == 0
+    assert compiled == [{"mode": "default"}]
+    assert (
+        parse_args([*argv, "--output-dir", "x", "--torch-compile", "reduce-overhead"]).torch_compile
+        == "reduce-overhead"
+    )
+    assert parse_args([*argv, "--output-dir", "x"]).torch_compile is None
+    with loop.attention_kernel(SimpleNamespace(sdpa_backend="cudnn")), pytest.raises(RuntimeError, match="kernel"):
+        q = torch.randn(1, 1, 4, 8)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)  # no cuDNN attention on a CPU
