@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,25 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
+    }
+
+
+def provenance() -> dict:
+    """The commit a figure was measured at (and whether the tree had changes beside it), and when."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD") or os.environ.get("CLIPCOND_COMMIT"),  # a copy without .git: given
+        "dirty": None if status is None else bool(status),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -84,11 +104,17 @@ def ratio_summary(seconds: dict[str, list[float]], samples_per_step: int, ours: 
 
 
 def save_results(name: str, report: dict, merge_cases: bool = False) -> Path:
-    """Write `report` to benchmarks/results/<name>.json (what benchmarks/report.py turns into the README's table).
+    """Write `report` to benchmarks/results/<name>.json (what benchmarks/report.py turns into the README's table),
+    and append it, with the commit and date (`provenance`), as one line of benchmarks/results/history/<name>.jsonl:
+    the latest file is replaced, the history never is.
 
     With `merge_cases`, the file's earlier `cases` that this run did not measure are kept beside the new ones (each
     case carries its own settings), so the cases of a table can be measured by several short commands."""
-    RESULTS_DIR.mkdir(exist_ok=True)
+    report = {**report, **provenance()}
+    history = RESULTS_DIR / "history" / f"{name}.jsonl"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    with open(history, "a") as f:
+        f.write(json.dumps(report) + "\n")
     path = RESULTS_DIR / f"{name}.json"
     if merge_cases and path.is_file():
         earlier = json.loads(path.read_text()).get("cases", {})
