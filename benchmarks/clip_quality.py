@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import add_results_flag, save_results
+
 BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80, "train_seconds": 300.0}
-RESULTS_FILE = Path(__file__).parent / "results" / "clip_quality.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["no", "bf16"],
         help="training precision: the recipe's default (fp32), or bf16 as `clipcond demo` trains it",
     )
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -122,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = args.output_dir or Path(tmp, "run")
         result = run(data_dir, output_dir, args.seed, args.mixed_precision)
     text = json.dumps(result, indent=2)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("clip_quality", result)
     print(text)
     return 0
 

@@ -26,8 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import add_results_flag, save_results
+
 BAR = {"colour_accuracy_seen": 0.90, "shape_accuracy_seen": 0.75, "demo_wall_seconds": 900.0}
-RESULTS_FILE = Path(__file__).parent / "results" / "decoder_quality.json"
 FIGURES = (
     *(f"{m}_{g}" for g in ("seen", "heldout") for m in ("colour_accuracy", "shape_accuracy", "both_accuracy")),
     "clip_score",
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--images-per-prompt", type=int, default=None, help="judge again with N images per prompt (default: reuse)"
     )
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -117,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="decoder_quality_") as tmp:
         result = run(args.demo_dir or Path(tmp, "demo"), args.images_per_prompt)
     text = json.dumps(result, indent=2)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("decoder_quality", result)
     print(text)
     return 0
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS_FILE = Path(__file__).parent / "results" / "prior_quality.json"
+from common import add_results_flag, save_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--max-captions", type=int, help="evaluate the first N test items only (default: all)")
     parser.add_argument("--cache-dir", type=Path, help="embedding caches to reuse (default: RUN/cache)")
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = args.output_dir or Path(tmp, "run")
         result = run(args.clip, args.data, output_dir, args.seed, args.max_captions, args.cache_dir)
     text = json.dumps(result, indent=2)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("prior_quality", result)
     print(text)
     return 0
 

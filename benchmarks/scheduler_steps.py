@@ -26,10 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import add_results_flag, save_results
+
 DEFAULT_SAMPLERS = "ddpm@1000,dpm@20,dpm@10,ddim@20,ddim@50,euler@20,euler@50,unipc@10,unipc@20"
 REFERENCE, CANDIDATE = "ddpm@1000", "dpm@20"
 TOLERANCE = 0.03
-RESULTS_FILE = Path(__file__).parent / "results" / "scheduler_steps.json"
 FIGURES = (
     *(f"{m}_{g}" for g in ("seen", "heldout") for m in ("colour_accuracy", "shape_accuracy", "both_accuracy")),
     "clip_score",
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators")
     parser.add_argument("--output-dir", type=Path, help="also write each sampler's grids here (default: none)")
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -130,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
     text = json.dumps(result, indent=2)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("scheduler_steps", result)
     print(text)
     return 0
 

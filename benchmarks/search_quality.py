@@ -26,8 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import add_results_flag, save_results
+
 BAR = {"mean_precision_at_5": 0.90}
-RESULTS_FILE = Path(__file__).parent / "results" / "search_quality.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embeddings (default fp16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and the training")
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise ValueError(f"`--top-k` must be >= 1, got {args.top_k}")
@@ -174,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("search_quality", result)
     return 0
 
 

@@ -29,13 +29,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import add_results_flag, save_results
+
 BAR = {
     "variations_colour_accuracy_seen": 0.90,
     "variations_shape_accuracy_seen": 0.80,
     "prior_text_to_image_colour_accuracy_seen": 0.85,
     "prior_text_to_image_shape_accuracy_seen": 0.70,
 }
-RESULTS_FILE = Path(__file__).parent / "results" / "unclip_quality.json"
 ACCURACIES = tuple(
     f"{m}_{g}" for g in ("seen", "heldout") for m in ("colour_accuracy", "shape_accuracy", "both_accuracy")
 )
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--demo-dir", type=Path, help="demo folder, run or resumed there (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="the demo's tiny budgets: checks the plumbing only")
-    parser.add_argument("--write-results", action="store_true", help=f"also write {RESULTS_FILE}")
+    add_results_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -152,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="unclip_quality_") as tmp:
         result = run(args.demo_dir or Path(tmp, "demo"), quick=args.quick)
     text = json.dumps(result, indent=2)
-    if args.write_results:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n", encoding="utf-8")
+    if args.save_results:
+        save_results("unclip_quality", result)
     print(text)
     return 0
 

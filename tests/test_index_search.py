@@ -254,6 +254,8 @@ def test_errors(folder, tiny_clip_run, clip_run, other_clip, tmp_path, capsys):
 
 
 def _load_benchmark():
+    if str(BENCHMARK.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARK.parent))  # its `common` module
     spec = importlib.util.spec_from_file_location("search_quality", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
