@@ -239,26 +239,40 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
 def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> None:
     """Fill in the options whose default depends on the device (left None by the parser), in place, so the run
-    record says what ran. On CUDA the step must never wait for data or for the host: loader workers kept across
-    epochs that prefetch into pinned memory, the loss brought to the host every `--logging-steps` only, and TF32
-    for what runs in fp32. On a CPU the same cores do the loading and the arithmetic, and a loss on the host costs
-    nothing to read."""
+    record says what ran: on CUDA the loss reaches the host every 10 steps only (a step must not wait for the
+    device) and fp32 work runs in TF32; on a CPU, where a loss on the host costs nothing to read, every step.
+    The loader's are filled in by `resolve_loader_defaults`, which needs the data set."""
     cuda = device.type == "cuda"
     if getattr(args, "allow_tf32", None) is None:
         args.allow_tf32 = cuda
     if getattr(args, "logging_steps", None) is None:
         args.logging_steps = 10 if cuda else 1
-    if getattr(args, "dataloader_num_workers", None) is None:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        args.dataloader_num_workers = min(MAX_AUTO_WORKERS, max(1, cores // local_processes - 1)) if cuda else 0
+
+
+def resolve_loader_defaults(args: argparse.Namespace, device: torch.device, dataset: Dataset | None = None) -> None:
+    """`--dataloader-num-workers` and `--dataloader-prefetch-factor` when not given, in place. On CUDA the step must
+    never wait for data: workers (one core each, up to `MAX_AUTO_WORKERS` per process, a core left for the
+    training process) that prefetch 4 batches into pinned memory; a streamed data set gets no more workers than it
+    has shards for (each worker of each process reads shards of its own). On a CPU the same cores load and
+    train: none."""
+    cuda = device.type == "cuda"
+    if args.dataloader_num_workers is None:
+        workers = 0
+        if cuda:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = min(MAX_AUTO_WORKERS, max(1, cores // local_processes - 1))
+        shards = getattr(dataset, "shards", None)
+        if shards is not None:
+            workers = min(workers, len(shards) // PartialState().num_processes)
+        args.dataloader_num_workers = workers
     if args.dataloader_num_workers == 0:
-        if getattr(args, "dataloader_prefetch_factor", None) is not None:
+        if args.dataloader_prefetch_factor is not None:
             raise ValueError(
                 f"`--dataloader-prefetch-factor {args.dataloader_prefetch_factor}` needs workers, but "
                 "`--dataloader-num-workers` is 0 (the main process loads each batch when it needs it)"
             )
-    elif getattr(args, "dataloader_prefetch_factor", None) is None:
+    elif args.dataloader_prefetch_factor is None:
         args.dataloader_prefetch_factor = 4 if cuda else 2
 
 
@@ -631,6 +645,7 @@ def train(
     `clipcond.data.webdataset.ShardedImageCaptionDataset`, which splits its shards across processes and workers,
     shuffles and resumes itself; either way `epochs.set_epoch(epoch, start_batch)` positions the data.
     """
+    resolve_loader_defaults(args, accelerator.device, dataset)
     streamed = isinstance(dataset, IterableDataset)
     if streamed:
         dataset.configure(

@@ -23,6 +23,7 @@ from clipcond.train.loop import (
     make_lr_scheduler,
     make_optimizer,
     resolve_device_defaults,
+    resolve_loader_defaults,
     train,
 )
 
@@ -167,25 +168,31 @@ def test_device_defaults_on_cuda_and_cpu(monkeypatch):
     parser = add_training_args(argparse.ArgumentParser())
     cpu = parser.parse_args(["--output-dir", "x"])
     resolve_device_defaults(cpu, torch.device("cpu"))
+    resolve_loader_defaults(cpu, torch.device("cpu"))
     assert (cpu.dataloader_num_workers, cpu.dataloader_prefetch_factor) == (0, None)
     assert (cpu.logging_steps, cpu.allow_tf32) == (1, False)
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     cuda = parser.parse_args(["--output-dir", "x"])
     resolve_device_defaults(cuda, torch.device("cuda"))
+    resolve_loader_defaults(cuda, torch.device("cuda"))
     assert (cuda.dataloader_num_workers, cuda.dataloader_prefetch_factor) == (MAX_AUTO_WORKERS, 4)
     assert (cuda.logging_steps, cuda.allow_tf32) == (10, True)
+    streamed = parser.parse_args(["--output-dir", "x"])  # 3 shards feed at most 3 workers of one process
+    resolve_loader_defaults(streamed, torch.device("cuda"), argparse.Namespace(shards=["a", "b", "c"]))
+    assert streamed.dataloader_num_workers == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPU processes share the 16 cores
     shared = parser.parse_args(["--output-dir", "x"])
-    resolve_device_defaults(shared, torch.device("cuda"))
+    resolve_loader_defaults(shared, torch.device("cuda"))
     assert shared.dataloader_num_workers == 3
 
     given = parser.parse_args(["--output-dir", "x", "--dataloader-num-workers", "0", "--logging-steps", "5"])
     resolve_device_defaults(given, torch.device("cuda"))
+    resolve_loader_defaults(given, torch.device("cuda"))
     assert (given.dataloader_num_workers, given.logging_steps, given.dataloader_prefetch_factor) == (0, 5, None)
     bad = parser.parse_args(["--output-dir", "x", "--dataloader-prefetch-factor", "4"])
     with pytest.raises(ValueError, match="`--dataloader-prefetch-factor 4` needs workers"):
-        resolve_device_defaults(bad, torch.device("cpu"))
+        resolve_loader_defaults(bad, torch.device("cpu"))
 
 
 class _Numbers(torch.utils.data.Dataset):
