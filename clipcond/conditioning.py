@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from clipcond.transfer import to_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,12 +39,19 @@ class TextEmbeddings:
     attention_mask: torch.Tensor  # (B, L) 1 for real tokens (start, words, end), 0 for padding
     pooled: torch.Tensor | None  # (B, D) projected end-token state, or None for encoders without a projection
 
-    def to(self, device=None, dtype=None, non_blocking: bool = False) -> TextEmbeddings:
-        move = {"device": device, "non_blocking": non_blocking}
+    def to(self, device=None, dtype=None) -> TextEmbeddings:
         return TextEmbeddings(
-            hidden_states=self.hidden_states.to(dtype=dtype, **move),
-            attention_mask=self.attention_mask.to(**move),
-            pooled=None if self.pooled is None else self.pooled.to(dtype=dtype, **move),
+            hidden_states=self.hidden_states.to(device=device, dtype=dtype),
+            attention_mask=self.attention_mask.to(device=device),
+            pooled=None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+        )
+
+    def to_device(self, device: torch.device) -> TextEmbeddings:
+        """The same on `device`, copied without making the host wait (`clipcond.transfer.to_device`)."""
+        return TextEmbeddings(
+            to_device(self.hidden_states, device),
+            to_device(self.attention_mask, device),
+            None if self.pooled is None else to_device(self.pooled, device),
         )
 
     def __getitem__(self, index) -> TextEmbeddings:
@@ -67,9 +76,10 @@ class TextEmbeddings:
         )
 
 
-def attended_columns(attention_mask: torch.Tensor) -> int:
+def attended_columns(attention_mask: torch.Tensor, multiple: int = 1) -> int:
     """How many leading token columns of a batch (attention mask (B, L)) the cross-attention needs: through the last
-    column that some row attends to.
+    column that some row attends to, rounded up to a `multiple` (at most L; a compiled model then meets a few
+    shapes rather than one per caption length).
 
     Cross-attention with padded keys masked out is the same function over the first `attended_columns` tokens (right
     padding) as over all L, so the rest cost compute and change nothing: a shapes caption is about 12 of the `tiny`
@@ -80,7 +90,8 @@ def attended_columns(attention_mask: torch.Tensor) -> int:
     attended = attention_mask.bool()  # (B, L)
     if not attended.any(dim=1).all():
         return attended.shape[1]
-    return int(attended.any(dim=0).nonzero().max()) + 1
+    columns = int(attended.any(dim=0).nonzero().max()) + 1
+    return min(-(-columns // multiple) * multiple, attended.shape[1])
 
 
 def context_length(text_encoder, tokenizer) -> int:
@@ -240,13 +251,13 @@ class TextEmbeddingCache:
         rows = torch.zeros(batch_size, dtype=torch.long, device=self.empty.attention_mask.device)
         return _from_storage(self.empty[rows], columns)
 
-    def attended_columns(self, caption_indices: torch.Tensor, with_empty: bool = False) -> int:
+    def attended_columns(self, caption_indices: torch.Tensor, with_empty: bool = False, multiple: int = 1) -> int:
         """`attended_columns` of these rows (and of the empty prompt's, when it may replace one), from the stored
         masks on the CPU."""
         masks = self.embeddings.attention_mask[caption_indices]
         if with_empty:
             masks = torch.cat([masks, self.empty.attention_mask])
-        return attended_columns(masks)
+        return attended_columns(masks, multiple)
 
     @staticmethod
     def cache_key(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> str:

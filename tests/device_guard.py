@@ -14,7 +14,7 @@ and copied, where it could have been made in place; a meta tensor has nothing to
 tensors on the CPU, as they do on a GPU machine, so only clipcond's code is held to naming its devices.
 
 `guard_model_calls(monkeypatch)` puts every place where clipcond runs a model under that context: the training
-stages' `loss`, the pipelines' calls, the CLIP's encoders, the attribute judge and the embedding caches. Host-side
+stages' `loss` and `after_optimizer_step`, the pipelines' calls, the CLIP's encoders, the attribute judge and the embedding caches. Host-side
 bookkeeping around them (metrics, file lists, samplers) stays outside, where a CPU tensor is what is meant.
 
 What it cannot catch: code that names the wrong device explicitly (a model left on the CPU beside a CUDA one),
@@ -147,7 +147,12 @@ def model_calls() -> list[tuple[object, str]]:
         cls = todo.pop()
         stages.append(cls)
         todo += cls.__subclasses__()
-    calls += [(cls, "loss") for cls in stages if "loss" in vars(cls) and cls is not Stage]
+    calls += [
+        (cls, name)
+        for cls in stages
+        for name in ("loss", "after_optimizer_step")
+        if name in vars(cls) and cls is not Stage
+    ]
     return calls
 
 

@@ -158,3 +158,12 @@ def test_a_batch_is_looked_up_through_its_longest_caption(tiny_clip_run, tmp_pat
 
     cache.embeddings.attention_mask[2] = 0  # a row that attends to nothing keeps every column
     assert cache.attended_columns(rows) == cache.embeddings.attention_mask.shape[1]
+
+
+def test_attended_columns_round_up_for_compiled_models():
+    """A compiled model meets a few shapes instead of one per caption length: the columns round up, to at most L."""
+    from clipcond.conditioning import attended_columns
+
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
+    assert attended_columns(mask) == 5 and attended_columns(mask, 4) == 8 and attended_columns(mask, 8) == 8
+    assert attended_columns(mask, 16) == 10  # never past the context

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from clipcond.cli import HelpFormatter
+from clipcond.conditioning import attended_columns
 from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.open import DATA_HELP, is_streamed, native_resolution, open_image_text_dataset
@@ -47,6 +48,7 @@ from clipcond.train.loop import (
     train,
     write_json_atomic,
 )
+from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,16 @@ class ContrastiveModel(nn.Module):
 
 class ClipStage(Stage):
     def __init__(
-        self, accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation=None, grayscale_prob=0.0
+        self,
+        accelerator,
+        model,
+        tokenizer,
+        image_processor,
+        dataset,
+        loss_fn,
+        validation=None,
+        grayscale_prob=0.0,
+        length_multiple: int = 1,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -151,6 +162,7 @@ class ClipStage(Stage):
         self.loss_fn = loss_fn
         self.validation = validation  # (dataset, held_out, max_images) or None
         self.grayscale_prob = grayscale_prob
+        self.length_multiple = length_multiple  # 8 for a compiled model: a few shapes, not one per caption length
         # Tokenise every caption once; a batch gathers its rows by dataset index.
         context = self.unwrapped.clip.config.text_config.max_position_embeddings
         tokens = tokenizer(
@@ -174,9 +186,9 @@ class ClipStage(Stage):
             # the text compute on the shapes captions (at most 17 of 32 tokens). For the same reason it needs no
             # padding mask: the causal one alone lets SDPA use its causal kernels, and transformers does not check
             # on the host whether the mask masks anything (a wait for the device every step on a GPU).
-            length = int(attention_mask.sum(dim=1).max())
+            length = attended_columns(attention_mask, self.length_multiple)
             input_ids, attention_mask = input_ids[:, :length], None
-        pixels = batch["pixel_values"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
+        pixels = to_device(batch["pixel_values"], device)  # (B, 3, H, W) uint8
         if self.grayscale_prob > 0:
             # one uniform per sample of the global batch; this process keeps its rows (see `draw_rows`)
             draws = draw_rows(
@@ -185,9 +197,9 @@ class ClipStage(Stage):
             pixels = grayscale_where(pixels, draws < self.grayscale_prob)
         pixel_values = normalize_pixels(pixels)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device, non_blocking=True)
+            attention_mask = to_device(attention_mask, device)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
-            input_ids=input_ids.to(device, non_blocking=True), attention_mask=attention_mask, pixel_values=pixel_values
+            input_ids=to_device(input_ids, device), attention_mask=attention_mask, pixel_values=pixel_values
         )
         # The loss runs in fp32 whatever the autocast precision of the towers.
         features = (image_embeds.float(), text_embeds.float(), logit_scale.float())
@@ -278,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     init_trackers(accelerator, args)
 
     # 5. Train
+    multiple = 8 if args.torch_compile else 1
     stage = ClipStage(
-        accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation, args.grayscale_prob
+        accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation, args.grayscale_prob, multiple
     )
     result = train(
         accelerator,

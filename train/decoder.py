@@ -77,6 +77,7 @@ from clipcond.train.loop import (
     make_optimizer,
     train,
 )
+from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -327,24 +328,27 @@ class TextConditioning:
 
     kind = "text"
 
-    def __init__(self, cache: TextEmbeddingCache, sample_rows: torch.Tensor, caption_dropout: float):
+    def __init__(
+        self, cache: TextEmbeddingCache, sample_rows: torch.Tensor, caption_dropout: float, columns_multiple: int = 1
+    ):
         self.cache = cache
         self.sample_rows = sample_rows  # (N,) data set index -> cache row
         self.caption_dropout = caption_dropout
+        self.columns_multiple = columns_multiple  # 8 for a compiled UNet: a few shapes, not one per caption length
 
     def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
         rows = self.sample_rows[batch["index"]]  # (B,) cache rows, on the CPU
         dropout = self.caption_dropout > 0
         # The cache pads to the context length; the UNet attends to the columns up to the batch's longest caption (the
         # same function, see `attended_columns`), counted on the CPU so that the step never waits on the device.
-        columns = self.cache.attended_columns(rows, with_empty=dropout)
-        text = self.cache.lookup(rows, columns).to(device, non_blocking=True)
+        columns = self.cache.attended_columns(rows, with_empty=dropout, multiple=self.columns_multiple)
+        text = self.cache.lookup(rows, columns).to_device(device)
         hidden_states, attention_mask = text.hidden_states, text.attention_mask  # (B, L, W), (B, L)
         if dropout:
             batch_size = hidden_states.shape[0]
             drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size, device)
             drop = drop < self.caption_dropout  # (B,)
-            empty = self.cache.lookup_empty(batch_size, columns).to(device, non_blocking=True)
+            empty = self.cache.lookup_empty(batch_size, columns).to_device(device)
             hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
             attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
         return Conditioning(hidden_states, attention_mask)
@@ -479,7 +483,7 @@ class DecoderStage(Stage):
 
     def loss(self, batch, generator):
         device = self.accelerator.device
-        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        pixels = to_device(batch["pixel_values"], device)
         sample = encode_images_to_model_space(pixels, self.vae, generator)  # (B, C, h, w)
         batch_size, shape = sample.shape[0], sample.shape[1:]
         on_generator = {"generator": generator, "device": generator.device}
@@ -633,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
             device=accelerator.device,
             progress=accelerator.is_local_main_process,
         )
-    conditioning = TextConditioning(cache, sample_rows, args.caption_dropout)
+    conditioning = TextConditioning(cache, sample_rows, args.caption_dropout, 8 if args.torch_compile else 1)
 
     # 5. UNet, noise schedule, EMA
     config = unet_config(

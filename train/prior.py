@@ -81,6 +81,7 @@ from clipcond.train.loop import (
     make_optimizer,
     train,
 )
+from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +221,11 @@ class PriorData:
     caption_rows: torch.Tensor  # (N,) data set index -> text cache row, of the caption of the item that was embedded
 
     def text(self, indices: torch.Tensor, text_encoder, device: torch.device) -> PriorTextInputs:
-        text = self.text_cache.lookup(self.caption_rows[indices]).to(device, non_blocking=True)
+        text = self.text_cache.lookup(self.caption_rows[indices]).to_device(device)
         return prior_text_inputs(text, text_encoder)
 
     def empty(self, batch_size: int, text_encoder, device: torch.device) -> PriorTextInputs:
-        return prior_text_inputs(self.text_cache.lookup_empty(batch_size).to(device, non_blocking=True), text_encoder)
+        return prior_text_inputs(self.text_cache.lookup_empty(batch_size).to_device(device), text_encoder)
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -273,7 +274,7 @@ class PriorStage(Stage):
     def loss(self, batch, generator):
         device = self.accelerator.device
         index = batch["index"]
-        sample = self.data.targets[index].to(device, non_blocking=True)  # (B, D) standardised image embeddings
+        sample = to_device(self.data.targets[index], device)  # (B, D) standardised image embeddings
         batch_size, width = sample.shape
         on_generator = {"generator": generator, "device": generator.device}
         text = self.data.text(index, self.text_encoder, device)

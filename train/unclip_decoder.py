@@ -72,6 +72,7 @@ from clipcond.train.loop import (
     make_optimizer,
     train,
 )
+from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class ImageEmbeddingConditioning:
         self.max_noise_level = max_noise_level
 
     def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
-        embeds = self.cache.lookup(batch["index"]).to(device, non_blocking=True)  # (B, D) raw; normalised below
+        embeds = to_device(self.cache.lookup(batch["index"]), device)  # (B, D) raw; normalised below
         batch_size, width = embeds.shape
         on_generator = {"generator": generator, "device": generator.device}
         levels, noise = 0, None

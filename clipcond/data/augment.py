@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange, repeat
 
+from clipcond.transfer import constant
+
 # ITU-R BT.601 luma weights, as PIL's convert("L") and torchvision's rgb_to_grayscale use.
 LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 
@@ -26,7 +28,7 @@ def to_grayscale(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 RGB images (B, 3, H, W) -> their luminance, rounded, in all three channels (B, 3, H, W) uint8."""
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"`pixels` must be uint8 (B, 3, H, W), got {pixels.dtype} {tuple(pixels.shape)}")
-    weights = torch.tensor(LUMA_WEIGHTS, device=pixels.device)
+    weights = constant(LUMA_WEIGHTS, pixels.device)  # built once per device: no wait in a training step
     luma = torch.einsum("bchw,c->bhw", pixels.float(), weights).round().clamp_(0, 255).to(torch.uint8)
     return repeat(luma, "b h w -> b c h w", c=3)
 

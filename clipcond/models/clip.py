@@ -20,6 +20,7 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from clipcond.tokenizer import load_tokenizer
+from clipcond.transfer import constant
 
 PRESETS_FILE = Path(__file__).parent / "presets" / "clip.json"
 # OpenAI's CLIP statistics (transformers.utils.constants); kept as the default for models trained here too.
@@ -99,8 +100,8 @@ def normalize_pixels(pixels: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLI
     """uint8 images (B, 3, H, W) in [0, 255] -> float CLIP inputs, standardised per channel."""
     if pixels.dtype != torch.uint8:
         raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
-    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    mean = constant(mean, pixels.device).view(1, 3, 1, 1)  # built once per device: no wait in a training step
+    std = constant(std, pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
 
 

@@ -99,13 +99,15 @@ def decoder_condition(
     """
     cond = standardise(image_embeds)  # (B, D)
     batch_size, dim = cond.shape
-    levels = torch.as_tensor(noise_level, device=cond.device, dtype=torch.long).expand(batch_size)
     if noising_scheduler is None:
-        if levels.any():
+        # an int is checked on the host as it is: training passes 0, and a step must not wait for the device
+        nonzero = noise_level.any() if isinstance(noise_level, torch.Tensor) else noise_level != 0
+        if nonzero:
             raise ValueError(
                 f"`noise_level` must be 0 for a decoder trained without noise augmentation, got {noise_level}"
             )
         return cond
+    levels = torch.as_tensor(noise_level, device=cond.device, dtype=torch.long).expand(batch_size)
     if noise is None:
         noise = randn_tensor(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
     cond = noising_scheduler.add_noise(cond, noise.to(cond), levels)
