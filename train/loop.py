@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
+from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +228,10 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         logging.getLogger().setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar per checkpoint
     resolve_device_defaults(args, accelerator.device)
-    if args.allow_tf32:
-        if accelerator.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
-            logger.info("--allow-tf32 has no effect on %s", accelerator.device.type)
+    if accelerator.device.type == "cuda":  # both ways: cuDNN allows TF32 by default, and an earlier run may have
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    elif args.allow_tf32:
+        logger.info("--allow-tf32 has no effect on %s", accelerator.device.type)
     set_seed(args.seed)
     return accelerator
 
@@ -247,33 +246,44 @@ def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> N
         args.allow_tf32 = cuda
     if getattr(args, "logging_steps", None) is None:
         args.logging_steps = 10 if cuda else 1
+    no_workers = args.dataloader_num_workers == 0 or (args.dataloader_num_workers is None and not cuda)
+    if no_workers and args.dataloader_prefetch_factor is not None:  # said now, before the data is read
+        raise ValueError(
+            f"`--dataloader-prefetch-factor {args.dataloader_prefetch_factor}` needs workers, but "
+            "`--dataloader-num-workers` is 0 here (the main process loads each batch when it needs it)"
+        )
 
 
 def resolve_loader_defaults(args: argparse.Namespace, device: torch.device, dataset: Dataset | None = None) -> None:
     """`--dataloader-num-workers` and `--dataloader-prefetch-factor` when not given, in place. On CUDA the step must
-    never wait for data: workers (one core each, up to `MAX_AUTO_WORKERS` per process, a core left for the
-    training process) that prefetch 4 batches into pinned memory; a streamed data set gets no more workers than it
-    has shards for (each worker of each process reads shards of its own). On a CPU the same cores load and
-    train: none."""
+    never wait for data: workers that prefetch 4 batches into pinned memory, up to `MAX_AUTO_WORKERS` per process.
+    For folder data as the cores allow (one each, a core left for the training process); for a streamed data set,
+    whose workers decide the order of its samples, as many as its shards allow, whatever the machine, so a run
+    resumed elsewhere reads what it would have read. On a CPU the same cores load and train: none."""
     cuda = device.type == "cuda"
     if args.dataloader_num_workers is None:
-        workers = 0
-        if cuda:
+        if not cuda:
+            workers = 0
+        elif isinstance(dataset, IterableDataset):
+            workers = min(MAX_AUTO_WORKERS, dataset.max_workers(PartialState().num_processes))
+        else:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / accelerate launch
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             workers = min(MAX_AUTO_WORKERS, max(1, cores // local_processes - 1))
-        shards = getattr(dataset, "shards", None)
-        if shards is not None:
-            workers = min(workers, len(shards) // PartialState().num_processes)
         args.dataloader_num_workers = workers
     if args.dataloader_num_workers == 0:
-        if args.dataloader_prefetch_factor is not None:
-            raise ValueError(
-                f"`--dataloader-prefetch-factor {args.dataloader_prefetch_factor}` needs workers, but "
-                "`--dataloader-num-workers` is 0 (the main process loads each batch when it needs it)"
-            )
+        args.dataloader_prefetch_factor = None  # a streamed data set with fewer shards than processes x 1
     elif args.dataloader_prefetch_factor is None:
         args.dataloader_prefetch_factor = 4 if cuda else 2
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so that the next `Accelerator` in this process starts afresh:
+    for callers that run several trainings in one process (the demo, the benchmarks)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def compile_if_asked(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -404,7 +414,7 @@ def draw_rows(
     else:
         start = state.process_index * batch_size
         rows = draw(batch_size * state.num_processes)[start : start + batch_size]
-    return rows if device is None else rows.to(device, non_blocking=True)
+    return rows if device is None else to_device(rows, device)
 
 
 class _SampleLog:
@@ -628,22 +638,14 @@ def training_step(
     return loss, logs
 
 
-def train(
-    accelerator: Accelerator,
-    args: argparse.Namespace,
-    stage: Stage,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler,
-    dataset: Dataset,
-    collate_fn: Callable,
-) -> TrainResult:
-    """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done.
+def make_loader(
+    accelerator: Accelerator, args: argparse.Namespace, dataset: Dataset, collate_fn: Callable
+) -> tuple[DataLoader, ShardedEpochSampler | IterableDataset]:
+    """This process's DataLoader of `dataset`, and what positions it (`epochs.set_epoch(epoch, start_batch)`).
 
     `dataset` is map-style (read through a `ShardedEpochSampler`) or a streamed
     `clipcond.data.webdataset.ShardedImageCaptionDataset`, which splits its shards across processes and workers,
-    shuffles and resumes itself; either way `epochs.set_epoch(epoch, start_batch)` positions the data.
+    shuffles and resumes itself.
     """
     resolve_loader_defaults(args, accelerator.device, dataset)
     streamed = isinstance(dataset, IterableDataset)
@@ -680,6 +682,22 @@ def train(
         # streamed one positions itself inside each worker, so those start afresh with the new epoch.
         persistent_workers=workers > 0 and not streamed,
     )
+    return loader, epochs
+
+
+def train(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    stage: Stage,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    dataset: Dataset,
+    collate_fn: Callable,
+) -> TrainResult:
+    """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
+    loader, epochs = make_loader(accelerator, args, dataset, collate_fn)
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
     # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators. It is seeded alike on

@@ -355,6 +355,11 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------------------------------ training mode
 
+    def max_workers(self, num_processes: int) -> int:
+        """The most DataLoader workers per process that `configure` accepts: every worker of every process reads
+        whole shards of its own (0: the processes alone use every shard)."""
+        return len(self.shards) // num_processes
+
     def configure(
         self,
         batch_size: int,

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipcond.train.loop import (
     MAX_AUTO_WORKERS,
@@ -178,8 +179,16 @@ def test_device_defaults_on_cuda_and_cpu(monkeypatch):
     resolve_loader_defaults(cuda, torch.device("cuda"))
     assert (cuda.dataloader_num_workers, cuda.dataloader_prefetch_factor) == (MAX_AUTO_WORKERS, 4)
     assert (cuda.logging_steps, cuda.allow_tf32) == (10, True)
-    streamed = parser.parse_args(["--output-dir", "x"])  # 3 shards feed at most 3 workers of one process
-    resolve_loader_defaults(streamed, torch.device("cuda"), argparse.Namespace(shards=["a", "b", "c"]))
+
+    class Shards(torch.utils.data.IterableDataset):  # a streamed data set of 3 shards: 3 workers at most
+        def __iter__(self):
+            return iter(())
+
+        def max_workers(self, num_processes):
+            return 3 // num_processes
+
+    streamed = parser.parse_args(["--output-dir", "x"])
+    resolve_loader_defaults(streamed, torch.device("cuda"), Shards())
     assert streamed.dataloader_num_workers == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four GPU processes share the 16 cores
     shared = parser.parse_args(["--output-dir", "x"])
@@ -192,7 +201,7 @@ def test_device_defaults_on_cuda_and_cpu(monkeypatch):
     assert (given.dataloader_num_workers, given.logging_steps, given.dataloader_prefetch_factor) == (0, 5, None)
     bad = parser.parse_args(["--output-dir", "x", "--dataloader-prefetch-factor", "4"])
     with pytest.raises(ValueError, match="`--dataloader-prefetch-factor 4` needs workers"):
-        resolve_loader_defaults(bad, torch.device("cpu"))
+        resolve_device_defaults(bad, torch.device("cpu"))  # at start-up, before any data is read
 
 
 class _Numbers(torch.utils.data.Dataset):
@@ -220,41 +229,57 @@ class _LinearStage(Stage):
 
     def loss(self, batch, generator):
         loss = self.model(batch["x"] / 32).pow(2).mean()
-        self.losses.append(loss.item())
+        self.losses.append(loss.detach().clone())  # kept on the device, as the loop keeps it
         self.batches.append(batch)
         return loss, {"train/weight": self.model.weight.detach().sum()}  # a tensor: the loop reads it when it logs
 
 
-def _train_linear(args):
+class _HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (`.item()`, `float()`, `int()`): each is a wait for the
+    device on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def _train_linear(args, sgd=False):
     accelerator = make_accelerator(args)
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
-    optimizer = make_optimizer(model.parameters(), args, accelerator)
+    # AdamW on a CPU reads its step counters on the host; SGD reads nothing, so only the loop's reads are counted
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.1) if sgd else make_optimizer(model.parameters(), args, accelerator)
+    )
     scheduler = make_lr_scheduler(optimizer, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     stage = _LinearStage(model)
-    logged, reductions = [], []
+    logged = []
     accelerator.log = lambda values, step: logged.append((step, values))
-    reduce = accelerator.reduce
-    accelerator.reduce = lambda tensor, reduction: reductions.append(1) or reduce(tensor, reduction=reduction)
     kwargs = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler}
-    result = train(accelerator, args, stage, **kwargs, dataset=_Numbers(), collate_fn=_collate)
-    return result, stage, logged, reductions
+    with _HostReads() as reads:
+        result = train(accelerator, args, stage, **kwargs, dataset=_Numbers(), collate_fn=_collate)
+    return result, stage, logged, reads.count
 
 
 def test_the_loss_reaches_the_host_only_when_logged(tmp_path):
     """No step waits for the device but the logging ones: the loss is averaged over each window of
     `--logging-steps` steps and the processes in one reduction, and the stage's scalars stay tensors until then."""
-    result, stage, logged, reductions = _train_linear(
-        _training_args(tmp_path, "--max-train-steps", "7", "--logging-steps", "3")
-    )
+    args = _training_args(tmp_path, "--max-train-steps", "7", "--logging-steps", "3")
+    result, stage, logged, reads = _train_linear(args, sgd=True)
     assert [step for step, _ in logged] == [3, 6, 7]  # every 3 steps, and the last
-    assert len(reductions) == 3 + 1  # one per log, one for the summary's final loss
-    windows = [stage.losses[0:3], stage.losses[3:6], stage.losses[6:7]]
-    for (_, values), losses in zip(logged, windows, strict=True):
-        assert values["train/loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    # per log the mean loss and the stage's scalar, the summary's final loss, and per epoch (4 steps of 8 of the 32
+    # samples) the base seed that a new loader iterator draws from a CPU tensor: nothing per step
+    assert reads == 3 * 2 + 1 + 2
+    losses = [float(loss) for loss in stage.losses]
+    for (_, values), window in zip(logged, [losses[0:3], losses[3:6], losses[6:7]], strict=True):
+        assert values["train/loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
         assert isinstance(values["train/weight"], float) and values["train/samples_per_second"] > 0
-    assert result.last_loss == pytest.approx(stage.losses[-1], rel=1e-6)
+    assert result.last_loss == pytest.approx(losses[-1], rel=1e-6)
 
 
 def test_loader_workers_serve_every_epoch_in_the_same_order(tmp_path):

@@ -276,6 +276,8 @@ def test_attention_kernel_and_compile_options(shapes_data, tmp_path, monkeypatch
         == "reduce-overhead"
     )
     assert parse_args([*argv, "--output-dir", "x"]).torch_compile is None
+    with pytest.raises(RuntimeError, match="No viable backend"):  # the step ran under the one kernel asked for
+        main([*argv, "--output-dir", str(tmp_path / "cudnn"), "--sdpa-backend", "cudnn"])  # a CUDA kernel
     with loop.attention_kernel(SimpleNamespace(sdpa_backend="cudnn")), pytest.raises(RuntimeError, match="kernel"):
         q = torch.randn(1, 1, 4, 8)
         torch.nn.functional.scaled_dot_product_attention(q, q, q)  # no cuDNN attention on a CPU
