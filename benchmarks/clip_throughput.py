@@ -206,16 +206,14 @@ def open_clip_step(
 
 
 def run_case(preset: str, precision: str, attention: str, args: argparse.Namespace) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
     from clipcond.models.clip import clip_presets
     from clipcond.tokenizer import train_tokenizer
+    from clipcond.train.loop import reset_accelerate_state
 
     context = clip_presets()[preset]["text"]["max_position_embeddings"]
     captions = shapes_captions(args.batch_size, args.seed)
     tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=context)
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
-    GradientState._reset_state()
+    reset_accelerate_state()  # a fresh Accelerator for each precision
     common = (preset, precision, args.batch_size, captions, tokenizer, args.seed)
     ours, ours_params, device = clipcond_step(*common, attention, "clipcond" in args.compile)
     theirs, theirs_params = open_clip_step(*common, device, "open_clip" in args.compile)

@@ -94,11 +94,12 @@ def _setup(preset: str, batch_size: int, seed: int, resolution: int | None = Non
     )
 
 
-def _ema(unet):
-    from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+def _ema(unet, device):
+    """The EMA both sides keep, on the training device: clipcond's `make_ema` with the training defaults (diffusers'
+    example moves its `EMAModel` to the device the same way)."""
+    from clipcond.train.ema import add_ema_args, make_ema
 
-    return EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, foreach=True, model_cls=UNet2DConditionModel)
+    return make_ema(unet, add_ema_args(argparse.ArgumentParser()).parse_args([]), device)
 
 
 def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
@@ -121,7 +122,7 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
     unet = create_unet(shared.unet_spec)
     options = SimpleNamespace(gradient_checkpointing=False, channels_last=False, enable_xformers=False)
     configure_unet_for_training(unet, options, device, accelerator.mixed_precision)
-    ema = _ema(unet)
+    ema = _ema(unet, device)
     optimizer = make_optimizer(unet.parameters(), _decoder_optimizer_args(), accelerator)
     model, optimizer = accelerator.prepare(unet, optimizer)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -172,7 +173,7 @@ def plain_step(shared, precision: str, attention: str, seed: int):
     if attention == "same":
         options = SimpleNamespace(gradient_checkpointing=False, channels_last=False, enable_xformers=False)
         configure_unet_for_training(unet, options, accelerator.device, accelerator.mixed_precision)
-    ema = _ema(unet)
+    ema = _ema(unet, accelerator.device)
     a = _decoder_optimizer_args()
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -216,11 +217,10 @@ def plain_step(shared, precision: str, attention: str, seed: int):
 
 
 def run_case(preset: str, precision: str, attention: str, args: argparse.Namespace) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
+    from clipcond.train.loop import reset_accelerate_state
 
     shared = _setup(preset, args.batch_size, args.seed, args.resolution)
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator for each precision
-    GradientState._reset_state()
+    reset_accelerate_state()  # a fresh Accelerator for each precision
     with tempfile.TemporaryDirectory(prefix="clipcond-bench-") as cache_dir:
         ours, ours_params, device = clipcond_step(shared, precision, cache_dir, args.seed)
         theirs, theirs_params = plain_step(shared, precision, attention, args.seed)

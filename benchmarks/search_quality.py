@@ -56,11 +56,10 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
     """The CLIP to evaluate: `--clip`, or one trained as `clipcond demo` trains it (data written if absent)."""
     if args.clip is not None:
         return args.clip
-    from accelerate.state import AcceleratorState, GradientState
-
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
     from clipcond.demo import TRAIN_PRECISION
     from clipcond.train import clip as train_clip
+    from clipcond.train.loop import reset_accelerate_state
 
     if load_dataset_info(data_dir) is None:
         print(f"writing the shapes data set to {data_dir}", file=sys.stderr)
@@ -70,8 +69,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
         argv += ["--mixed-precision", TRAIN_PRECISION]  # as the demo trains it
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only our JSON
             train_clip.main([*argv, "--resume-from-checkpoint", "latest", "--validation-steps", "0"])
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     return output_dir
 
 

@@ -236,14 +236,6 @@ class _StageTimes:
         self.path.write_text(json.dumps({**self.previous, **self.timings}, indent=2) + "\n")
 
 
-def _reset_accelerate() -> None:
-    """Each stage builds its own Accelerator in this one process; Accelerate's singletons must not carry over."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _train_unless_done(
     args: argparse.Namespace, stage: str, trainer, out_dir: Path, argv: list[str], *, steps: int | None, precision
 ) -> dict:
@@ -257,8 +249,10 @@ def _train_unless_done(
             argv += ["--max-train-steps", str(steps)]
         if precision:
             argv += ["--mixed-precision", precision]
+        from clipcond.train.loop import reset_accelerate_state
+
         trainer.main(argv)
-        _reset_accelerate()
+        reset_accelerate_state()  # each stage builds its own Accelerator in this one process
     return json.loads(record_path.read_text())
 
 
