@@ -31,15 +31,13 @@ under the causal mask; see `ClipStage.loss`), where open_clip always runs the co
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import random
-import sys
 from types import SimpleNamespace
 
 import torch
-from common import add_results_flag, alternate, machine, ratio_summary, save_results
+from common import add_results_flag, alternate, ratio_summary, run_cases
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
@@ -235,31 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(json.dumps({"error": "open_clip is not installed: pip install open_clip_torch"}))
         return 1
-    report = {
-        "benchmark": "clip_throughput",
-        "unit": "images/s",
-        "goal": "ratio >= 1.0",
-        "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
-        "command": "python benchmarks/clip_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "cases": {},
-    }
     compiled = "".join(f"_{name}-compiled" for name in sorted(args.compile))
-    for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):
-        name = f"{preset}_{precision}_{attention}{compiled}"
-        report["cases"][name] = {
-            "preset": preset,
-            "precision": precision,
-            **run_case(preset, precision, attention, args),
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "threads": torch.get_num_threads(),
-        }
-        print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
-    print(json.dumps(report, indent=2))
-    if args.save_results:
-        save_results("clip_throughput", report, merge_cases=True)
-    return 0
+    return run_cases(
+        "clip_throughput", args, argv, unit="images/s", goal="ratio >= 1.0", run_case=run_case, suffix=compiled
+    )
 
 
 if __name__ == "__main__":

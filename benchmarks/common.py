@@ -7,11 +7,13 @@ each round gives one ratio, and the median of the ratios is robust to a round th
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +135,42 @@ def add_results_flag(parser) -> None:
         action="store_true",
         help="also write the JSON to benchmarks/results/<name>.json",
     )
+
+
+def run_cases(
+    benchmark: str,
+    args,
+    argv: list[str] | None,
+    *,
+    unit: str,
+    goal: str,
+    run_case: Callable[..., dict],
+    suffix: str = "",
+) -> int:
+    """The `main` of a side-by-side throughput benchmark: every (preset, precision, attention) case of `args`
+    through `run_case(preset, precision, attention, args)`, printed as one JSON report (and saved with
+    `--save-results`, beside the file's earlier cases)."""
+    report = {
+        "benchmark": benchmark,
+        "unit": unit,
+        "goal": goal,
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
+        "command": f"python benchmarks/{benchmark}.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cases": {},
+    }
+    for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):
+        name = f"{preset}_{precision}_{attention}{suffix}"
+        report["cases"][name] = {
+            "preset": preset,
+            "precision": precision,
+            **run_case(preset, precision, attention, args),
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "threads": torch.get_num_threads(),
+        }
+        print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+    if args.save_results:
+        save_results(benchmark, report, merge_cases=True)
+    return 0

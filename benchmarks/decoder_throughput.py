@@ -29,15 +29,12 @@ one channel more in the first convolution only).
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
-import sys
 import tempfile
 from types import SimpleNamespace
 
 import torch
 from clip_throughput import _optimizer_args, shapes_captions
-from common import add_results_flag, alternate, machine, ratio_summary, save_results
+from common import add_results_flag, alternate, ratio_summary, run_cases
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,30 +232,7 @@ def run_case(preset: str, precision: str, attention: str, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = {
-        "benchmark": "decoder_throughput",
-        "unit": "samples/s",
-        "goal": "ratio >= 1.2",
-        "machine": machine(),
-        "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
-        "command": "python benchmarks/decoder_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "cases": {},
-    }
-    for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):
-        name = f"{preset}_{precision}_{attention}"
-        report["cases"][name] = {
-            "preset": preset,
-            "precision": precision,
-            **run_case(preset, precision, attention, args),
-            "batch_size": args.batch_size,
-            "steps": args.steps,
-            "threads": torch.get_num_threads(),
-        }
-        print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
-    print(json.dumps(report, indent=2))
-    if args.save_results:
-        save_results("decoder_throughput", report, merge_cases=True)
-    return 0
+    return run_cases("decoder_throughput", args, argv, unit="samples/s", goal="ratio >= 1.2", run_case=run_case)
 
 
 if __name__ == "__main__":

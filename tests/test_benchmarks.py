@@ -1,6 +1,7 @@
 """The speed benchmarks run and compare like with like: both contenders on one device, with the same parameters,
 each attention setting reported. Seconds-long smoke runs on the `test` presets; no figure is checked."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def test_clip_throughput_puts_both_on_one_device(capsys):
 
     argv = ["--presets", "test", "--precision", "bf16", "--batch-size", "8", "--steps", "1", "--warmup", "0"]
     assert clip_throughput.main(argv) == 0
-    report = clip_throughput.json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)
     assert set(report["cases"]) == {"test_bf16_default", "test_bf16_sdpa"}
     for name, case in report["cases"].items():
         assert case["device"] == "cpu" and case["preset"] == "test" and case["precision"] == "bf16"
@@ -30,7 +31,7 @@ def test_decoder_throughput_builds_the_cache_on_the_training_device(capsys):
 
     argv = ["--presets", "test", "--precision", "fp32", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
     assert decoder_throughput.main([*argv, "--resolution", "16"]) == 0
-    report = decoder_throughput.json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)
     assert set(report["cases"]) == {"test_fp32_default", "test_fp32_same"}
     for case in report["cases"].values():
         assert case["device"] == "cpu" and case["resolution"] == 16

@@ -199,7 +199,6 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in ("logging_steps", "dataloader_prefetch_factor"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-
     if args.learning_rate <= 0:
         raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -246,11 +245,14 @@ def resolve_device_defaults(args: argparse.Namespace, device: torch.device) -> N
         args.allow_tf32 = cuda
     if getattr(args, "logging_steps", None) is None:
         args.logging_steps = 10 if cuda else 1
-    no_workers = args.dataloader_num_workers == 0 or (args.dataloader_num_workers is None and not cuda)
-    if no_workers and args.dataloader_prefetch_factor is not None:  # said now, before the data is read
+    workers, prefetch = (
+        getattr(args, "dataloader_num_workers", None),
+        getattr(args, "dataloader_prefetch_factor", None),
+    )
+    if prefetch is not None and (workers == 0 or (workers is None and not cuda)):  # said now, before data is read
         raise ValueError(
-            f"`--dataloader-prefetch-factor {args.dataloader_prefetch_factor}` needs workers, but "
-            "`--dataloader-num-workers` is 0 here (the main process loads each batch when it needs it)"
+            f"`--dataloader-prefetch-factor {prefetch}` needs workers, but `--dataloader-num-workers` is 0 here "
+            "(the main process loads each batch when it needs it)"
         )
 
 
