@@ -7,8 +7,9 @@ interrupted one resumed) and prints one JSON object: the judged colour / shape /
 generated images for the seen and the held-out compositions at guidance 1 and at the default guidance, the CLIP
 score and FD, the demo's time by stage (wall and CPU seconds), and `meets_bar` against the bar: the prompted colour
 in >= 90% and the prompted shape in >= 75% of the images of seen compositions at the default guidance, and the
-whole demo within 15 minutes of wall time (which holds on 2 quiet CPU cores only: the load average is reported, as
-other work on the machine inflates the wall times; the CPU seconds say what the demo itself used).
+whole demo within 15 minutes of wall time, counted only for a demo that ran as one command with no training resumed
+(`clipcond.demo.uninterrupted`; it holds on 2 quiet CPU cores only: the load average is reported, as other work on
+the machine inflates the wall times; the CPU seconds say what the demo itself used).
 
 `--images-per-prompt N` judges N images per prompt again (`clipcond eval generation` on the demo's decoder, into
 DIR/decoder/eval_benchmark/) for tighter figures than the demo's own evaluation. `--write-results` also writes the
@@ -61,6 +62,7 @@ def run(demo_dir: Path, images_per_prompt: int | None) -> dict:
     import torch
 
     from clipcond.demo import main as demo_main
+    from clipcond.demo import uninterrupted
 
     with contextlib.redirect_stdout(sys.stderr):  # the demo's own lines; stdout holds only our JSON
         demo_main(["--output-dir", str(demo_dir)])
@@ -109,7 +111,10 @@ def run(demo_dir: Path, images_per_prompt: int | None) -> dict:
         default["colour_accuracy_seen"] >= BAR["colour_accuracy_seen"]
         and default["shape_accuracy_seen"] >= BAR["shape_accuracy_seen"]
     )
-    result["meets_time_bar"] = bool(wall <= BAR["demo_wall_seconds"])
+    # The time bar holds for one uninterrupted command only: a demo put together by several attempts, or with a
+    # training resumed from a checkpoint, sums times that no single run took.
+    result["uninterrupted"] = uninterrupted(report)
+    result["meets_time_bar"] = bool(result["uninterrupted"] and wall <= BAR["demo_wall_seconds"])
     return result
 
 

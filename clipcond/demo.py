@@ -203,12 +203,15 @@ def _cpu_seconds() -> float:
 
 class _StageTimes:
     """Wall and CPU seconds of every stage, kept in OUTPUT_DIR/timings.json across runs: a stage found complete
-    keeps the time it took when it ran (marked `reused`), so the report of a rerun still says what each stage cost."""
+    keeps the time it took when it ran (marked `reused`), so the report of a rerun still says what each stage cost.
+    Each time names the command that measured it (`run`: when it started), so `uninterrupted` can tell one command's
+    stages from stages put together by several."""
 
     def __init__(self, path: Path):
         self.path = path
         self.previous = json.loads(path.read_text()) if path.is_file() else {}
         self.timings: dict[str, dict] = {}
+        self.run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
 
     def run(self, name: str, fn: Callable[[], object], complete: bool) -> object:
         wall, cpu = time.perf_counter(), _cpu_seconds()
@@ -229,11 +232,21 @@ class _StageTimes:
                 "cpu": round(_cpu_seconds() - cpu, 1),
                 "load_average": round(os.getloadavg()[0], 2),  # the 1-minute load average at the end of the stage
                 "reused": complete,
+                "run": self.run_id,
             }
             logger.info(
                 "demo: %s done in %.1f s (%.1f CPU s)", name, self.timings[name]["wall"], self.timings[name]["cpu"]
             )
         self.path.write_text(json.dumps({**self.previous, **self.timings}, indent=2) + "\n")
+
+
+def uninterrupted(report: dict) -> bool:
+    """Whether a demo's stages all ran in one command and none of its trainings resumed from a checkpoint: only then
+    do its stage times add up to the wall time of one uninterrupted run (a stage finished by an earlier, killed
+    attempt keeps that attempt's time; a resumed training counts only its steps after the resume)."""
+    runs = {t.get("run") for t in report["timings"].values()}  # times written before `run` existed: unknown
+    trained = [report[name] for name in ("clip", "decoder", "prior", "unclip_decoder") if name in report]
+    return len(runs) == 1 and None not in runs and all(summary.get("resumed_from") is None for summary in trained)
 
 
 def _train_unless_done(
@@ -814,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         "generation": generation,
         **dalle2,
         "seconds": {name: t["wall"] for name, t in times.timings.items()},
+        "uninterrupted": None,  # filled in below, from the timings and the trainings' summaries
         "timings": times.timings,
         "machine": {
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -822,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_start": load_start,
         },
     }
+    report["uninterrupted"] = uninterrupted(report)
     _write_report(out, report)
     headline = {
         key: generation[key]

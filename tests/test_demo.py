@@ -83,13 +83,19 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert ema["last_decay"] == pytest.approx(1 - 4 ** (-2 / 3), abs=1e-6) and ema["decay"] == 0.999
     assert f"EMA (decay {ema['last_decay']:.4f} at the end, at most 0.9990)" in md
 
+    assert report["uninterrupted"] and len({t["run"] for t in report["timings"].values()}) == 1
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("clip/model.safetensors", "decoder/model_index.json")}
     stamps["samples/grid.png"] = (out / "samples" / "grid.png").stat().st_mtime_ns
     assert main(["--output-dir", str(out), "--quick"]) == 0  # finished stages are skipped, not redone
     assert {p: (out / p).stat().st_mtime_ns for p in stamps} == stamps
     again = json.loads((out / "report.json").read_text())
     assert all(t["reused"] for t in again["timings"].values())  # ... and keep the times they took when they ran
-    assert again["seconds"] == report["seconds"]
+    assert again["seconds"] == report["seconds"] and again["uninterrupted"]  # still the times of one command
+
+    (out / "samples" / "grid.png").unlink()  # as if the first command had been killed before its samples
+    assert main(["--output-dir", str(out), "--quick"]) == 0
+    patched = json.loads((out / "report.json").read_text())
+    assert not patched["timings"]["samples"]["reused"] and not patched["uninterrupted"]
 
 
 def test_sample_dtype_option():
@@ -152,3 +158,13 @@ def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
     assert seen["decoder"].max_train_steps == expected_steps
     if recipe == "gpu":
         assert seen["clip"].max_train_steps == int(demo.RECIPES["gpu"]["clip"][3])
+
+
+def test_a_resumed_training_is_not_an_uninterrupted_demo():
+    from clipcond.demo import uninterrupted
+
+    timings = {"data": {"run": "a"}, "clip": {"run": "a"}}
+    assert uninterrupted({"timings": timings, "clip": {"resumed_from": None}})
+    assert not uninterrupted({"timings": timings, "clip": {"resumed_from": "clip/checkpoints/checkpoint-100"}})
+    assert not uninterrupted({"timings": {"data": {"run": "a"}, "clip": {"run": "b"}}, "clip": {"resumed_from": None}})
+    assert not uninterrupted({"timings": {"data": {}}, "clip": {"resumed_from": None}})  # before runs were recorded
