@@ -7,8 +7,11 @@ refused. The hash covers the weights and config files only, not logs, checkpoint
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_NAMES = ("config.json",)
@@ -31,3 +34,23 @@ def content_hash(folder: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, what: str, allow: bool) -> bool:
+    """Whether the CLIP `clip` that an evaluation would embed with differs from the one `what` was trained on (content
+    hash `trained_on`; None when unrecorded: nothing to compare). Figures in another CLIP's embedding space are not
+    the model's, so a difference is a `ValueError` unless `allow` (`--allow-clip-mismatch`), then a warning; the
+    caller records the answer with its figures."""
+    if trained_on is None:
+        return False
+    found = content_hash(clip)
+    if found == trained_on:
+        return False
+    message = (
+        f"`--clip` {str(clip)!r} (content hash {found[:12]}...) is not the CLIP {what} was trained on "
+        f"({trained_on[:12]}...): its CLIP figures would be in another embedding space"
+    )
+    if not allow:
+        raise ValueError(message + "; pass the CLIP it was trained on, or --allow-clip-mismatch to evaluate anyway")
+    logger.warning("%s (allowed by --allow-clip-mismatch; recorded in the metrics)", message)
+    return True

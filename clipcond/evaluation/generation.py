@@ -609,6 +609,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clip", metavar="PATH", help="CLIP run for CLIP score and FD (default: RUN/clipcond_run.json clip.path)"
     )
+    parser.add_argument(
+        "--allow-clip-mismatch",
+        action="store_true",
+        help="evaluate with a --clip other than the one the decoder was trained on (recorded in the metrics)",
+    )
     parser.add_argument("--split", default="test", help="split whose single-object images are the FD reference")
     parser.add_argument("--num-images-per-prompt", type=int, default=8, help="images per prompt (default 8)")
     parser.add_argument(
@@ -643,12 +648,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None]:
-    """The CLIP run of a decoder run and the content hash recorded for it (None with `--clip`)."""
+    """The CLIP run of a decoder run (`--clip` when given) and the content hash of the CLIP it was trained on (None
+    when its run record names none)."""
+    record_path = run / "clipcond_run.json"
     if override is not None:
         if not os.path.isdir(override):
             raise FileNotFoundError(f"`--clip` {override!r} does not exist")
-        return Path(override), None
-    record_path = run / "clipcond_run.json"
+        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+        return Path(override), ((record.get("clip") or {}) if isinstance(record, dict) else {}).get("content_hash")
     if not record_path.is_file():
         raise FileNotFoundError(
             f"{record_path} does not exist, so the CLIP run of `--model` {str(run)!r} is unknown; pass `--clip PATH`"
@@ -715,18 +722,13 @@ def main(argv: list[str] | None = None) -> int:
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     scheduler = None if args.scheduler == "saved" else args.scheduler
 
-    from clipcond.lineage import content_hash
+    from clipcond.lineage import check_evaluation_clip
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, TextToImagePipeline
 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or 'saved', got {scheduler!r}")
-    if clip_hash is not None and content_hash(clip_path) != clip_hash:
-        logger.warning(
-            "the CLIP in %s has changed since the decoder was trained on it (content hash differs); CLIP score and FD "
-            "use it as it is now",
-            clip_path,
-        )
+    mismatch = check_evaluation_clip(clip_path, clip_hash, what="the decoder", allow=args.allow_clip_mismatch)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
@@ -756,7 +758,12 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         prompt_template=args.prompt_template,
         output_dir=output_dir,
-        extra_settings={"model": str(run), "data": str(args.data), "reference_split": args.split},
+        extra_settings={
+            "model": str(run),
+            "data": str(args.data),
+            "reference_split": args.split,
+            "clip_mismatch": mismatch,
+        },
         progress=not args.no_progress,
     )
     print(json.dumps(metrics, indent=2))

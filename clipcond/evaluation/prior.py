@@ -296,6 +296,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=256, help="captions per prior batch (default 256)")
     parser.add_argument("--cache-dir", metavar="DIR", help="image-embedding cache folder (default RUN/cache)")
+    parser.add_argument(
+        "--allow-clip-mismatch",
+        action="store_true",
+        help="evaluate with a --clip other than the one the prior was trained on (recorded in the metrics)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output-dir", metavar="DIR", help="where metrics.json goes (default RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from clipcond.data.folders import ImageCaptionDataset
-    from clipcond.lineage import content_hash
+    from clipcond.lineage import check_evaluation_clip
     from clipcond.models.clip import load_vision_tower
     from clipcond.pipelines.prior import PriorPipeline
 
@@ -351,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     vision_model, image_mean, image_std = load_vision_tower(clip, what="--clip")
     vision_model.to(device)
-    recorded = json.loads((run / "clipcond_run.json").read_text()).get("clip", {}) if args.clip else {}
-    if recorded.get("content_hash") and recorded["content_hash"] != content_hash(clip):
-        logger.warning("`--clip` %s is not the CLIP the prior was trained on (%s)", clip, recorded.get("path"))
+    record_file = run / "clipcond_run.json"
+    recorded = json.loads(record_file.read_text()).get("clip", {}) if record_file.is_file() else {}
+    mismatch = check_evaluation_clip(
+        clip, recorded.get("content_hash"), what="the prior", allow=args.allow_clip_mismatch
+    )
     dataset = ImageCaptionDataset(args.data, split=args.split, resolution=vision_model.config.image_size)
     cache = ImageEmbeddingCache.build_or_load(
         vision_model,
@@ -379,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
+    metrics["clip"] = {"path": str(clip), "mismatch": mismatch}
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval"
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

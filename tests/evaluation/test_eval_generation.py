@@ -284,3 +284,28 @@ def test_clip_path_resolution(pipeline_run, tiny_clip_run, tmp_path):
     (run / "clipcond_run.json").write_text(json.dumps({"clip": {"path": "nowhere/clip"}}))
     with pytest.raises(FileNotFoundError, match="nowhere/clip"):
         generation.resolve_clip_path(run, None)
+
+
+def test_another_clip_is_an_error_unless_allowed(
+    pipeline_run, tiny_clip_run, shapes_data, judge, tmp_path, monkeypatch
+):
+    """CLIP score and FD in another CLIP's embedding space are not the decoder's: refused, or recorded when allowed."""
+    import shutil
+
+    from clipcond.lineage import content_hash
+
+    monkeypatch.setattr(generation, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run, run, ignore=shutil.ignore_patterns("eval*"))
+    record = {"clip": {"path": str(tiny_clip_run), "content_hash": content_hash(tiny_clip_run)}}
+    (run / "clipcond_run.json").write_text(json.dumps(record))
+    other = tmp_path / "other_clip"
+    shutil.copytree(tiny_clip_run, other, ignore=shutil.ignore_patterns("checkpoints", "cache", "eval"))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "note": "another CLIP"}))  # another content hash
+    argv = ["--model", str(run), "--data", str(shapes_data), "--clip", str(other), "--num-inference-steps", "1"]
+    argv += ["--num-images-per-prompt", "1", "--device", "cpu", "--no-progress", "--guidance-scales", "2"]
+    with pytest.raises(ValueError, match="is not the CLIP the decoder was trained on.*--allow-clip-mismatch"):
+        main(argv)
+    assert main([*argv, "--allow-clip-mismatch"]) == 0
+    assert json.loads((run / "eval_generation" / "metrics.json").read_text())["settings"]["clip_mismatch"] is True

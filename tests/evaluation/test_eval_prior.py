@@ -156,7 +156,7 @@ def test_cli_prints_one_json_object(prior_run, shapes_data, tmp_path, capsys):
     argv += ["--num-inference-steps", "2", "--guidance-scale", "2", "--output-dir", str(tmp_path)]
     assert cli_main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert tuple(metrics) == METRIC_KEYS
+    assert tuple(metrics) == (*METRIC_KEYS, "clip") and metrics["clip"]["mismatch"] is False
     assert metrics["num_captions"] == 36 and metrics["guidance_scale"] == 2.0 and metrics["num_inference_steps"] == 2
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     # the test images' embeddings were cached in the run folder, beside the training caches
@@ -173,3 +173,21 @@ def test_cli_errors(prior_run, shapes_data, tiny_clip_run, tmp_path, capsys):
     argv = ["eval", "prior", "--model", str(prior_run), "--data", str(shapes_data), "--num-inference-steps", "0"]
     assert cli_main(argv) == 2
     assert "`--num-inference-steps` must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_another_clip_is_an_error_unless_allowed(prior_run, shapes_data, tiny_clip_run, tmp_path, capsys):
+    """Cosines in another CLIP's embedding space are not the prior's: refused, or recorded when allowed."""
+    import shutil
+
+    from clipcond.cli import main as cli_main
+
+    other = tmp_path / "other_clip"
+    shutil.copytree(tiny_clip_run, other, ignore=shutil.ignore_patterns("checkpoints", "cache", "eval"))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "note": "another CLIP"}))  # another content hash
+    argv = ["eval", "prior", "--model", str(prior_run), "--data", str(shapes_data), "--clip", str(other)]
+    argv += ["--no-progress", "--num-inference-steps", "1", "--max-captions", "4", "--output-dir", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert "is not the CLIP the prior was trained on" in capsys.readouterr().err
+    assert cli_main([*argv, "--allow-clip-mismatch"]) == 0
+    assert json.loads(capsys.readouterr().out)["clip"] == {"path": str(other), "mismatch": True}
