@@ -162,6 +162,13 @@ def add_training_args(
         "waits for the device (default: 10 on CUDA, 1 on CPU)",
     )
     g.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=0.05,
+        help="stop with an error when more than this share of the training images cannot be read (they are skipped "
+        "and counted up to it)",
+    )
+    g.add_argument(
         "--checkpointing-steps",
         type=int,
         default=d["checkpointing_steps"],
@@ -201,6 +208,8 @@ def check_training_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}")
+    if not 0.0 <= args.max_skipped_fraction <= 1.0:
+        raise ValueError(f"`--max-skipped-fraction` must be in [0, 1], got {args.max_skipped_fraction}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints-total-limit` must be >= 1, got {args.checkpoints_total_limit}")
 
@@ -773,7 +782,7 @@ def train(
                 accelerator.log(scalars, step=state.global_step)
 
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
+                _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
                 extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
                 path = checkpoints.save(accelerator, state, extra, export=stage.export)
                 logger.info("saved %s", path)
@@ -789,6 +798,7 @@ def train(
             if is_last:
                 break
         else:
+            _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)  # every file read
             state.epoch += 1
             state.batch_in_epoch = 0
             continue
@@ -797,7 +807,7 @@ def train(
     progress.close()
     # the last step's loss, averaged over processes (NaN when a resumed run had no step left to take)
     last_loss = float("nan") if loss is None else accelerator.reduce(loss.detach().float(), reduction="mean").item()
-    state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
+    _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
     seconds = time.perf_counter() - start_time
     if state.skipped_files:
         logger.warning("%d unreadable image files were skipped: %s", len(state.skipped_files), state.skipped_files[:5])
@@ -846,6 +856,21 @@ class _LogWindow:
         }
         self._start()
         return scalars
+
+
+def _account_skipped(
+    accelerator: Accelerator, state: TrainingState, skipped: set[str], num_samples: int, max_fraction: float
+) -> None:
+    """Bring the unreadable files every process met into `state`, and stop with an error when they are more than
+    `max_fraction` of the data set: a few broken files are skipped, a broken data set is not trained on."""
+    state.skipped_files = sorted(_gather_skipped(accelerator, skipped))
+    count = len(state.skipped_files)
+    if count > max_fraction * num_samples:
+        raise ValueError(
+            f"{count} of the {num_samples} training images could not be read ({count / num_samples:.1%}), more than "
+            f"`--max-skipped-fraction {max_fraction:g}` allows (e.g. {state.skipped_files[:3]}); repair or remove them, "
+            "or raise the limit"
+        )
 
 
 def _gather_skipped(accelerator: Accelerator, skipped: set[str]) -> set[str]:

@@ -173,6 +173,20 @@ def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys
     _run(data, tmp_path / "run", "--max-train-steps", "15", "--validation-steps", "0", "--checkpointing-steps", "0")
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["skipped_files"] == 2  # 15 steps x 16 > 240 images: every file was read
+    # 2 of 240 is 0.8%: over a limit of 0.5% the run stops at the end of its first epoch, naming the files
+    with pytest.raises(ValueError, match=r"2 of the 240 training images could not be read \(0.8%\).*00003.png"):
+        _run(
+            data,
+            tmp_path / "strict",
+            "--max-train-steps",
+            "30",
+            "--validation-steps",
+            "0",
+            "--checkpointing-steps",
+            "0",
+            "--max-skipped-fraction",
+            "0.005",
+        )
 
 
 def test_siglip_loss_trains_and_saves(shapes_data, tmp_path, capsys):
