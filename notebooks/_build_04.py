@@ -272,14 +272,18 @@ CELLS = [
         """
         from clipcond.encoders import load_text_to_image
 
+        ours, theirs = ENCODERS["ours"].text_width, ENCODERS["transformers"].text_width
         try:
             load_text_to_image(RUNS["ours"], ENCODERS["transformers"])
+            raise AssertionError("another encoder was loaded without allow_encoder_mismatch")
         except ValueError as err:
             print("refused:", err)
         try:
             load_text_to_image(RUNS["ours"], ENCODERS["transformers"], allow_encoder_mismatch=True)
+            assert ours == theirs, f"a {theirs}-wide encoder was loaded into a decoder trained on a {ours}-wide one"
             print("loaded with another encoder of the same width (allowed explicitly)")
         except ValueError as err:
+            assert ours != theirs and str(theirs) in str(err), err  # only a width that does not fit is refused now
             print("allowed, but does not fit:", err)
         """,
     ),

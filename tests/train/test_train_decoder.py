@@ -208,7 +208,7 @@ def test_no_ema_wider_cross_attention_epsilon(shapes_data, tiny_clip_run, tmp_pa
     raw = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
     _assert_same(_unet_weights(out), raw)
     record = json.loads((out / "clipcond_run.json").read_text())
-    assert record["ema"] is None and record["summary"]["final_loss"] > 0
+    assert record["ema"] is None
     scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
     assert scheduler.config.prediction_type == "epsilon"
     assert scheduler.config.beta_schedule == "linear"
@@ -336,6 +336,43 @@ def _stage(scheduler, model, conditioning):
         validation=None,
         clip_hash="abc",
     )
+
+
+def test_the_stage_fits_a_fixed_batch(tiny_clip_run, shapes_data, tmp_path):
+    """The UNet, conditioning and objective that training uses learn: on one batch of 8 images the loss under fixed
+    noise and timesteps falls well below where a random UNet starts."""
+    from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+    from clipcond.models.unet import create_unet, unet_config
+    from clipcond.tokenizer import load_tokenizer
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run).eval()
+    tokenizer = load_tokenizer(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="train", resolution=16)
+    batch = collate_image_text([dataset[i] for i in range(8)])
+    captions, rows = conditioning_module.unique_captions(batch["text"])
+    cache = conditioning_module.TextEmbeddingCache.build_or_load(text_encoder, tokenizer, captions, tmp_path)
+    batch["index"] = torch.arange(8)
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=16, cross_attention_dim=32))
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    stage = _stage(scheduler, unet, TextConditioning(cache, rows, caption_dropout=0.0))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+
+    def fixed_loss() -> float:  # the same noise and timesteps every time
+        with torch.no_grad():
+            return stage.loss(batch, torch.Generator().manual_seed(123))[0].item()
+
+    before = fixed_loss()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        loss, _ = stage.loss(batch, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = fixed_loss()
+    assert after < 0.5 * before, (before, after)
 
 
 def test_v_prediction_target_and_the_stage_loss():
