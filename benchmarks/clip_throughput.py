@@ -37,7 +37,7 @@ import random
 from types import SimpleNamespace
 
 import torch
-from common import add_results_flag, alternate, ratio_summary, run_cases
+from common import add_case_args, add_results_flag, alternate, ratio_summary, run_cases
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]
@@ -46,17 +46,13 @@ PLACES = ["at the top left", "at the top right", "in the centre", "at the bottom
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/clip_throughput.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="CLIP presets")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--batch-size", type=int, default=256, help="images per step (the default recipe's)")
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        default=["default", "sdpa"],
-        choices=["default", "sdpa"],
-        help="clipcond's attention: its training default, or SDPA as open_clip's (see above)",
+    add_case_args(
+        parser,
+        presets_help="CLIP presets",
+        batch_size=256,
+        batch_help="images per step (the default recipe's)",
+        attention=["default", "sdpa"],
+        attention_help="clipcond's attention: its training default, or SDPA as open_clip's (see above)",
     )
     parser.add_argument(
         "--compile",

@@ -137,6 +137,18 @@ def add_results_flag(parser) -> None:
     )
 
 
+def add_case_args(
+    parser, *, presets_help: str, batch_size: int, batch_help: str, attention: list[str], attention_help: str
+):
+    """The options whose product `run_cases` runs (presets, precisions, attentions), and how each case is timed."""
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help=presets_help)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--attention", nargs="+", default=attention, choices=attention, help=attention_help)
+
+
 def run_cases(
     benchmark: str,
     args,

@@ -34,24 +34,20 @@ from types import SimpleNamespace
 
 import torch
 from clip_throughput import _optimizer_args, shapes_captions
-from common import add_results_flag, alternate, ratio_summary, run_cases
+from common import add_case_args, add_results_flag, alternate, ratio_summary, run_cases
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/decoder_throughput.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], help="UNet presets (and CLIP presets)")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per step (the default recipe's)")
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each contender per round)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        default=["default", "same"],
-        choices=["default", "same"],
-        help="the plain loop's attention: diffusers' default (SDPA), or the same as clipcond's (see above)",
+    add_case_args(
+        parser,
+        presets_help="UNet presets (and CLIP presets)",
+        batch_size=64,
+        batch_help="samples per step (the default recipe's)",
+        attention=["default", "same"],
+        attention_help="the plain loop's attention: diffusers' default (SDPA), or the same as clipcond's (see above)",
     )
     parser.add_argument("--resolution", type=int, default=None, help="image size (default: the CLIP preset's)")
     parser.add_argument("--seed", type=int, default=0)
