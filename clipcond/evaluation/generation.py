@@ -651,17 +651,16 @@ def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None
     """The CLIP run of a decoder run (`--clip` when given) and the content hash of the CLIP it was trained on (None
     when its run record names none)."""
     record_path = run / "clipcond_run.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
+    clip = (record.get("clip") or {}) if isinstance(record, dict) else {}
     if override is not None:
         if not os.path.isdir(override):
             raise FileNotFoundError(f"`--clip` {override!r} does not exist")
-        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
-        return Path(override), ((record.get("clip") or {}) if isinstance(record, dict) else {}).get("content_hash")
-    if not record_path.is_file():
+        return Path(override), clip.get("content_hash")
+    if record is None:
         raise FileNotFoundError(
             f"{record_path} does not exist, so the CLIP run of `--model` {str(run)!r} is unknown; pass `--clip PATH`"
         )
-    record = json.loads(record_path.read_text(encoding="utf-8"))
-    clip = (record.get("clip") or {}) if isinstance(record, dict) else {}
     if not clip.get("path"):
         raise ValueError(f"{record_path} has no clip.path; pass `--clip PATH`")
     recorded = Path(clip["path"])
