@@ -567,6 +567,14 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _not_one_object(figures: dict, group: str) -> str:
+    """The share of a group's images the judge did not see one object in: "blank / several / unrecognisable"."""
+    shares = (figures.get("outcomes") or {}).get(group)
+    if not shares:
+        return "–"
+    return " / ".join(_pct(shares[outcome]) for outcome in ("blank", "several", "unrecognisable"))
+
+
 def _generation_rows(generation: dict) -> list[str]:
     rows = []
     for key, g in generation["guidance"].items():
@@ -574,6 +582,7 @@ def _generation_rows(generation: dict) -> list[str]:
             f"| {float(key):g} | {_pct(g['colour_accuracy_seen'])} | {_pct(g['shape_accuracy_seen'])} | "
             f"{_pct(g['both_accuracy_seen'])} | {_pct(g['colour_accuracy_heldout'])} | "
             f"{_pct(g['shape_accuracy_heldout'])} | {_pct(g['both_accuracy_heldout'])} | "
+            f"{_not_one_object(g, 'seen')} | {_not_one_object(g, 'heldout')} | "
             f"{_num(g['clip_score'])} | {_num(g['fd_clip'], 2)} |"
         )
     return rows
@@ -702,14 +711,15 @@ def _write_report(out: Path, report: dict) -> None:
         f"Judged on {generation['settings']['num_images_per_prompt']} images per colour-shape prompt and guidance "
         f"scale ({generation['settings']['scheduler']}, {generation['settings']['num_inference_steps']} steps, "
         f"{generation['settings'].get('dtype', 'fp32')}) by an "
-        "attribute classifier trained on ground-truth renders (chance: colour "
-        f"{_pct(generation['judge']['chance_colour_accuracy'])}, shape "
+        "attribute judge trained on ground-truth renders, which also says when an image shows no object, several "
+        "objects or nothing recognisable: such an image counts as wrong in colour and in shape (chance for a "
+        f"one-object image: colour {_pct(generation['judge']['chance_colour_accuracy'])}, shape "
         f"{_pct(generation['judge']['chance_shape_accuracy'])}). Held-out compositions were in no training image "
         "or caption of the CLIP or the decoder.",
         "",
         "| guidance | colour (seen) | shape (seen) | both (seen) | colour (held-out) | shape (held-out) | "
-        "both (held-out) | CLIP score | FD (CLIP features) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "both (held-out) | blank / several / unrecognisable (seen) | (held-out) | CLIP score | FD (CLIP features) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *_generation_rows(generation),
         "",
         f"CLIP score: mean cosine of image and prompt under the trained CLIP. FD: Fréchet distance of CLIP image "

@@ -405,6 +405,9 @@ def evaluate_generation(
             figures.update(figures_extra, num_images=len(jobs), generation_seconds=round(seconds, 2))
             figures = {key: figures[key] for key in GROUP_KEYS}
             figures["per_class"] = _per_class(names, held, image_class, scores, clip_score)
+            figures["outcomes"] = {
+                group.lstrip("_") or "all": scores.outcome_shares(mask) for group, mask in groups.items()
+            }
             results[_scale_key(g)] = figures
             all_images[_scale_key(g)] = images
             all_scores[_scale_key(g)] = scores
@@ -415,16 +418,7 @@ def evaluate_generation(
     metrics = {"guidance_scale": headline, **{key: top[key] for key in GROUP_KEYS[:-1]}, "fd_clip_floor": fd_floor}
     metrics = {key: metrics[key] for key in HEADLINE_KEYS}
     metrics["guidance"] = results
-    metrics["judge"] = {
-        "path": None if judge.path is None else str(judge.path),
-        "resolution": judge.resolution,
-        "version": judge.info.get("version"),
-        **{key: value for key, value in judge.accuracy.items() if key.endswith("accuracy")},
-        # What guessing uniformly scores: the judge has no "nothing recognisable" class, so noise lands near these.
-        "chance_colour_accuracy": 1 / len(judge.colours),
-        "chance_shape_accuracy": 1 / len(judge.shapes),
-        "chance_both_accuracy": 1 / (len(judge.colours) * len(judge.shapes)),
-    }
+    metrics["judge"] = judge.summary()
     metrics["settings"] = {
         "classes": names,
         "held_out": held,
@@ -495,15 +489,13 @@ def _per_class(names: list[str], held: list[str], image_class: torch.Tensor, sco
     per_class = {}
     for p, name in enumerate(names):
         mask = image_class == p
-        judged = [f"{scores.colour[i]} {scores.shape[i]}" for i in mask.nonzero().flatten().tolist()]
-        counts = {label: judged.count(label) for label in sorted(set(judged), key=lambda x: (-judged.count(x), x))}
         per_class[name] = {
             "heldout": name in held,
             "colour_accuracy": _mean_or_none(scores.colour_correct, mask),
             "shape_accuracy": _mean_or_none(scores.shape_correct, mask),
             "both_accuracy": _mean_or_none(scores.both_correct, mask),
             "clip_score": None if clip_score is None else _mean_or_none(clip_score, mask),
-            "judged": counts,  # what the judge saw in this class's images, most frequent first
+            "judged": scores.judged_counts(mask),  # what the judge saw in this class's images, most frequent first
         }
     return per_class
 
@@ -541,7 +533,7 @@ def write_outputs(
         for i, image in enumerate(batch):
             prompt = prompts[i // num_images_per_prompt]
             right = int(score.colour_correct[i]) + int(score.shape_correct[i])
-            judged = f"{score.colour[i]} {score.shape[i]}"
+            judged = score.labels[i]
             labels.append(f"{prompt}: {judged}" if right == 2 else f"{prompt}: WRONG {judged}")
             tiles.append(_framed(image, _FRAME[right]))
             path = image_file(output_dir, float(key), prompt, i % num_images_per_prompt)

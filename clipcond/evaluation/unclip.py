@@ -269,28 +269,20 @@ def evaluate_variations(
     per_class = {}
     for name in names:
         mask = torch.tensor([source_classes[s] == name for s in image_class.tolist()], dtype=torch.bool)
-        judged = [f"{scores.colour[i]} {scores.shape[i]}" for i in mask.nonzero().flatten().tolist()]
         per_class[name] = {
             "heldout": name in held,
             "colour_accuracy": _mean_or_none(scores.colour_correct, mask),
             "shape_accuracy": _mean_or_none(scores.shape_correct, mask),
             "both_accuracy": _mean_or_none(scores.both_correct, mask),
-            "judged": {
-                label: judged.count(label) for label in sorted(set(judged), key=lambda x: (-judged.count(x), x))
-            },
+            "judged": scores.judged_counts(mask),
         }
     metrics.update(
+        outcomes={group.lstrip("_") or "all": scores.outcome_shares(mask) for group, mask in groups.items()},
         per_class=per_class,
         num_sources=int(sources.shape[0]),
         num_images=len(jobs),
         generation_seconds=round(seconds, 2),
-        judge={
-            "path": None if judge.path is None else str(judge.path),
-            "resolution": judge.resolution,
-            **{key: value for key, value in judge.accuracy.items() if key.endswith("accuracy")},
-            "chance_colour_accuracy": 1 / len(judge.colours),
-            "chance_shape_accuracy": 1 / len(judge.shapes),
-        },
+        judge=judge.summary(),
         settings={
             "classes": names,
             "held_out": held,
@@ -331,7 +323,7 @@ def _write_variations(metrics, sources, source_classes, images, scores, per_sour
             i = s * per_source + k
             kept = int(scores.colour_correct[i]) + int(scores.shape_correct[i])
             tiles.append(_framed(images[i], _FRAME[kept]))
-            labels.append(f"{scores.colour[i]} {scores.shape[i]}")
+            labels.append(scores.labels[i])
     grid = image_grid(tiles, rows=len(source_classes), cols=per_source + 1, labels=labels, max_label_lines=2)
     grid.save(output_dir / "grid.png", format="PNG")
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -22,7 +22,6 @@ from clipcond.evaluation.generation import (
     image_seed,
     main,
 )
-from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
 
 CLASSES = class_names(None)  # the 18 colour-shape pairs
 HELD_OUT = list(DEFAULT_HELD_OUT)
@@ -31,13 +30,6 @@ DEFAULT = str(DEFAULT_GUIDANCE_SCALE)  # the key of the default guidance's figur
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    """The same judge (settings and cache folder) as test_judge.py: trained once per session (~10 s)."""
-    config = JudgeTrainingConfig(num_renders=2048, epochs=4)
-    return load_or_train_judge(32, cache_dir=tmp_path_factory.getbasetemp() / "judge_cache", config=config)
 
 
 def fake_generator(wrong=lambda colour, shape, guidance: False, calls=None):
@@ -112,6 +104,26 @@ def test_perfect_and_wrong_generators(judge, tmp_path):
     assert red_circle["judged"] == {"green circle": 2} and red_circle["colour_accuracy"] == 0.0
 
 
+def test_one_object_prompts_drawn_twice_are_wrong(judge):
+    """A generator that draws every prompt's object twice gets the colour of every image "right" by a forced
+    choice; the judge calls those images "several", and the figures count them as wrong."""
+
+    def twice(prompts, guidance_scale, generators):
+        images = []
+        for prompt in prompts:
+            colour, shape = prompt.split()[-2:]
+            pair = [ShapeObject(colour, shape, "small", position) for position in ("left", "right")]
+            images.append(np.asarray(render_scene(pair, 32)))
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+    metrics = run(judge, twice)
+    assert metrics["colour_accuracy"] <= 0.1 and metrics["both_accuracy"] <= 0.1
+    outcomes = metrics["guidance"][DEFAULT]["outcomes"]["all"]
+    assert outcomes["several"] >= 0.9
+    per_class = metrics["guidance"][DEFAULT]["per_class"]["red circle"]
+    assert max(per_class["judged"], key=per_class["judged"].get) == "several"
+
+
 def test_seen_and_heldout_are_reported_apart(judge):
     metrics = run(judge, fake_generator(wrong=lambda c, s, g: f"{c} {s}" in HELD_OUT))
     assert metrics["both_accuracy_seen"] >= 0.95 and metrics["both_accuracy_heldout"] <= 0.05
@@ -153,7 +165,9 @@ def test_json_keys_clip_figures_and_outputs(judge, tiny_clip_run, shapes_data, t
     assert tuple(metrics)[: len(HEADLINE_KEYS)] == HEADLINE_KEYS
     assert tuple(metrics)[len(HEADLINE_KEYS) :] == ("guidance", "judge", "settings")
     for figures in metrics["guidance"].values():
-        assert tuple(figures) == (*GROUP_KEYS, "per_class") and len(figures["per_class"]) == 18
+        assert tuple(figures) == (*GROUP_KEYS, "per_class", "outcomes") and len(figures["per_class"]) == 18
+        assert list(figures["outcomes"]) == ["all", "seen", "heldout"]
+        assert figures["outcomes"]["all"]["object"] >= 0.9  # ground-truth renders: one object each
     json.dumps(metrics, allow_nan=False)  # plain JSON: no NaN, no tensors
     for key in ("clip_score", "clip_score_seen", "clip_score_heldout"):
         assert -1.0 <= metrics[key] <= 1.0
@@ -309,3 +323,17 @@ def test_another_clip_is_an_error_unless_allowed(
         main(argv)
     assert main([*argv, "--allow-clip-mismatch"]) == 0
     assert json.loads((run / "eval_generation" / "metrics.json").read_text())["settings"]["clip_mismatch"] is True
+
+
+def test_untrained_unet_samples_are_not_judged_objects(pipeline_run, judge):
+    """What a UNet that learnt nothing draws must not score: the judge calls it blank, several or unrecognisable."""
+    from clipcond.evaluation.judge_check import judge_images, untrained_unet_samples
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(pipeline_run, local_files_only=True)
+    unet = pipe.unet
+    images = untrained_unet_samples(pipe, n=24, seed=0, num_inference_steps=4)
+    assert pipe.unet is unet and images.shape == (24, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, untrained_unet_samples(pipe, n=24, seed=0, num_inference_steps=4))
+    figures = judge_images(judge, images, "unrecognisable")
+    assert figures["outcomes"]["object"] <= 0.1, figures

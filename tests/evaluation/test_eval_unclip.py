@@ -11,19 +11,11 @@ import torch
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.shapes import COLOURS, DEFAULT_HELD_OUT, ShapeObject, class_names, render_scene
 from clipcond.evaluation.generation import ground_truth_renders
-from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
 from clipcond.evaluation.unclip import evaluate_variations, parse_args, variation_seed, variation_sources
 
 CLASSES = class_names(None)  # the 18 colour-shape pairs
 HELD_OUT = list(DEFAULT_HELD_OUT)
 PAIRS = [tuple(name.split()) for name in CLASSES]
-
-
-@pytest.fixture(scope="module")
-def judge(tmp_path_factory):
-    """The same judge (settings and cache folder) as test_judge.py and test_eval_generation.py: trained once."""
-    config = JudgeTrainingConfig(num_renders=2048, epochs=4)
-    return load_or_train_judge(32, cache_dir=tmp_path_factory.getbasetemp() / "judge_cache", config=config)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from clipcond.evaluation import judge as judge_module
 from clipcond.evaluation.judge import (
     CONFIG_NAME,
     JUDGE_VERSION,
+    OUTCOMES,
     WEIGHTS_NAME,
     AttributeJudge,
     AttributeNet,
@@ -20,23 +21,9 @@ from clipcond.evaluation.judge import (
     default_cache_dir,
     judge_cache_path,
     load_or_train_judge,
+    render_judge_set,
     render_single_objects,
 )
-
-# A smaller budget than the default (3072 renders x 5 epochs, about 15 s on one thread): ~2/3 of the steps, and
-# still 100% on clean renders and ~99% on noisy ones. test_eval_generation.py trains the same judge into the same
-# session cache folder, so only the first of the two files pays for it.
-TEST_CONFIG = JudgeTrainingConfig(num_renders=2048, epochs=4)
-
-
-@pytest.fixture(scope="module")
-def judge_cache(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "judge_cache"
-
-
-@pytest.fixture(scope="module")
-def judge(judge_cache):
-    return load_or_train_judge(32, cache_dir=judge_cache, config=TEST_CONFIG)
 
 
 def test_accuracy_on_clean_and_noisy_renders(judge):
@@ -51,12 +38,44 @@ def test_accuracy_on_clean_and_noisy_renders(judge):
 
 def test_predict_returns_indices_and_resizes_other_resolutions(judge):
     images, colour_idx, shape_idx = render_single_objects(36, 64, seed=7)  # 64 px: resized to the judge's input
-    colour, shape = judge.predict(images)
-    assert colour.dtype == shape.dtype == torch.long and colour.shape == shape.shape == (36,)
+    colour, shape, outcome = judge.predict(images)
+    assert colour.dtype == shape.dtype == outcome.dtype == torch.long and colour.shape == shape.shape == (36,)
     assert (colour == colour_idx).double().mean() >= 0.95
     assert (shape == shape_idx).double().mean() >= 0.9
-    empty_colour, empty_shape = judge.predict(torch.zeros(0, 3, 32, 32, dtype=torch.uint8))
-    assert empty_colour.shape == empty_shape.shape == (0,)
+    assert (outcome == OUTCOMES.index("object")).double().mean() >= 0.95
+    assert all(part.shape == (0,) for part in judge.predict(torch.zeros(0, 3, 32, 32, dtype=torch.uint8)))
+
+
+def test_outcomes_of_renders_it_did_not_train_on(judge):
+    images, outcome_idx, _, _ = render_judge_set(400, 32, seed=99)
+    outcome = judge.predict(images)[2]
+    for k, name in enumerate(OUTCOMES):
+        mask = outcome_idx == k
+        assert mask.sum() >= 40, name
+        assert (outcome[mask] == k).double().mean() >= 0.85, name
+
+
+def test_an_image_that_is_not_one_object_is_wrong_in_colour_and_shape(judge):
+    images, outcome_idx, _, _ = render_judge_set(200, 32, seed=5)
+    several = images[outcome_idx == OUTCOMES.index("several")][:20]  # scored as if each prompt were "a red circle"
+    blank = images[outcome_idx == OUTCOMES.index("blank")][:20]
+    for batch, expected in ((several, "several"), (blank, "blank")):
+        scores = judge.score(batch, ["red"] * len(batch), ["circle"] * len(batch))
+        assert scores.outcome.count(expected) >= 0.85 * len(batch)
+        not_object = torch.tensor([o != "object" for o in scores.outcome])
+        assert not scores.colour_correct[not_object].any() and not scores.shape_correct[not_object].any()
+        assert [label for label, o in zip(scores.labels, scores.outcome) if o != "object"] == [
+            o for o in scores.outcome if o != "object"
+        ]
+        shares = scores.outcome_shares()
+        assert set(shares) == set(OUTCOMES) and abs(sum(shares.values()) - 1) < 1e-9
+        assert shares[expected] == scores.outcome.count(expected) / len(batch)
+    assert (
+        judge.score(blank, ["red"] * len(blank), ["circle"] * len(blank)).outcome_shares(
+            torch.zeros(len(blank), dtype=torch.bool)
+        )
+        is None
+    )
 
 
 def test_score_by_names_and_indices(judge):
@@ -87,13 +106,13 @@ def test_score_rejects_bad_input(judge, images, colours, match):
         judge.score(images, colours, ["circle"] * len(colours))
 
 
-def test_cache_round_trip_does_not_retrain(judge, judge_cache, monkeypatch):
-    folder = judge_cache_path(32, config=TEST_CONFIG, cache_dir=judge_cache)
+def test_cache_round_trip_does_not_retrain(judge, judge_cache, judge_config, monkeypatch):
+    folder = judge_cache_path(32, config=judge_config, cache_dir=judge_cache)
     assert judge.path == folder
     info = json.loads((folder / CONFIG_NAME).read_text())
     assert info["version"] == JUDGE_VERSION and info["resolution"] == 32 and info["seed"] == 0
     assert list(info["colours"]) == list(COLOURS) and info["shapes"] == list(SHAPES)
-    assert info["training"]["num_renders"] == TEST_CONFIG.num_renders
+    assert info["training"]["num_renders"] == judge_config.num_renders
     assert set(load_file(folder / WEIGHTS_NAME)) == set(judge.model.state_dict())
     assert [p.name for p in judge_cache.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
@@ -102,7 +121,7 @@ def test_cache_round_trip_does_not_retrain(judge, judge_cache, monkeypatch):
 
     monkeypatch.setattr(judge_module, "train_judge", no_training)
     start = time.perf_counter()
-    again = load_or_train_judge(32, cache_dir=judge_cache, config=TEST_CONFIG)
+    again = load_or_train_judge(32, cache_dir=judge_cache, config=judge_config)
     assert time.perf_counter() - start < 5
     assert not again.trained and again.accuracy == judge.accuracy
     images, _, _ = render_single_objects(24, 32, seed=11)
@@ -110,11 +129,11 @@ def test_cache_round_trip_does_not_retrain(judge, judge_cache, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_cache_key_covers_what_changes_the_weights(tmp_path):
+def test_cache_key_covers_what_changes_the_weights(tmp_path, judge_config):
     base = judge_cache_path(32, cache_dir=tmp_path)
     assert base.parent == tmp_path
     assert len({base, judge_cache_path(64, cache_dir=tmp_path), judge_cache_path(32, seed=1, cache_dir=tmp_path)}) == 3
-    assert judge_cache_path(32, config=TEST_CONFIG, cache_dir=tmp_path) != base
+    assert judge_cache_path(32, config=judge_config, cache_dir=tmp_path) != base
     assert judge_cache_path(32, cache_dir=tmp_path) == base
 
 

@@ -1,0 +1,34 @@
+"""Confidence intervals: known values, edges, and the bar-over-seeds rule."""
+
+import math
+
+import pytest
+
+from clipcond.evaluation.stats import bar_holds, mean_interval, wilson_interval
+
+
+def test_wilson_interval_known_values_and_edges():
+    low, high = wilson_interval(81, 100)  # p = 0.81, n = 100: (0.722, 0.875) by the closed form
+    assert math.isclose(low, 0.7222, abs_tol=1e-3) and math.isclose(high, 0.8748, abs_tol=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and math.isclose(wilson_interval(10, 10)[1], 1.0)
+    assert wilson_interval(0, 10)[1] > 0.2  # zero successes in 10 does not prove the rate is 0
+    assert wilson_interval(5, 0) == (0.0, 1.0)
+    narrow, wide = wilson_interval(800, 1000), wilson_interval(8, 10)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 5
+
+
+def test_mean_interval():
+    summary = mean_interval([0.8, 0.9, 1.0])
+    assert math.isclose(summary["mean"], 0.9) and math.isclose(summary["std"], 0.1)
+    assert math.isclose(summary["high"] - summary["mean"], 4.303 * 0.1 / math.sqrt(3), rel_tol=1e-3)
+    assert mean_interval([0.5]) == {"mean": 0.5, "std": 0.0, "low": 0.5, "high": 0.5, "n": 1}
+    with pytest.raises(ValueError, match="at least one"):
+        mean_interval([])
+
+
+def test_bar_holds_only_when_the_mean_meets_it_and_no_seed_misses_beyond_its_interval():
+    assert bar_holds([0.82, 0.80, 0.84], [112] * 3, 0.75)["holds"]
+    assert not bar_holds([0.74, 0.70, 0.72], [112] * 3, 0.75)["holds"]  # the mean misses
+    lucky = bar_holds([0.95, 0.95, 0.40], [112] * 3, 0.75)  # mean 0.77, but one seed far below
+    assert not lucky["holds"] and lucky["seeds_missing"] == [0.40]
+    assert bar_holds([0.80, 0.80, 0.72], [112] * 3, 0.75)["holds"]  # 0.72 of 112 is within its interval of 0.75
