@@ -567,6 +567,37 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _diversity_sentence(generation: dict) -> str:
+    """How different a prompt's images are from each other, beside real images of the class (1 - cosine in CLIP
+    space; RMS pixel difference)."""
+    parts = []
+    for key, figures in generation["guidance"].items():
+        d = figures.get("diversity")
+        if d:
+            parts.append(
+                f"guidance {float(key):g}: CLIP {_num(d['clip'])} (real {_num(d['clip_real'])}), pixels "
+                f"{_num(d['pixels'])} (real {_num(d['pixels_real'])})"
+            )
+    if not parts:
+        return ""
+    return (
+        "Diversity, the mean distance between two images of one prompt beside the same for renders of its class "
+        "(a model that draws every seed alike scores near 0): " + "; ".join(parts) + "."
+    )
+
+
+def _distance_sentence(distance: dict | None) -> str:
+    """How far variations are from their sources, beside an unrelated source and a copy."""
+    if not distance:
+        return ""
+    to, other = distance["to_source"], distance["to_other_source"]
+    clip = f"CLIP {_num(to['clip'])} against {_num(other['clip'])}, " if to.get("clip") is not None else ""
+    return (
+        f"Distance of a variation to its source: {clip}pixels {_num(to['pixels'])} against "
+        f"{_num(other['pixels'])} for a source of another class (a copy: 0)."
+    )
+
+
 def _not_one_object(figures: dict, group: str) -> str:
     """The share of a group's images the judge did not see one object in: "blank / several / unrecognisable"."""
     shares = (figures.get("outcomes") or {}).get(group)
@@ -641,7 +672,8 @@ def _dalle2_lines(report: dict) -> list[str]:
         *rows,
         "",
         f"The judge on the variations' sources themselves (what an exact copy scores): colour "
-        f"{_pct(variations['source_colour_accuracy'])}, shape {_pct(variations['source_shape_accuracy'])}.",
+        f"{_pct(variations['source_colour_accuracy'])}, shape {_pct(variations['source_shape_accuracy'])}. "
+        + _distance_sentence(variations.get("distance")),
         "",
         "Variations (a row per source: the source, then its variations):",
         "",
@@ -724,7 +756,7 @@ def _write_report(out: Path, report: dict) -> None:
         "",
         f"CLIP score: mean cosine of image and prompt under the trained CLIP. FD: Fréchet distance of CLIP image "
         f"features to the test split's single-object images; ground-truth renders score "
-        f"{_num(generation['fd_clip_floor'], 2)} at this sample size.",
+        f"{_num(generation['fd_clip_floor'], 2)} at this sample size. " + _diversity_sentence(generation),
         "",
         f"Samples ({samples['images_per_prompt']} per prompt, guidance {samples['guidance_scale']:g}, "
         f"{samples['scheduler']} {samples['num_inference_steps']} steps, {samples.get('dtype', 'fp32')}; the first "

@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
+from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
@@ -231,7 +232,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def _clip_image_features(clip_run, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def clip_image_features(clip_run, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """L2-normalised CLIP features (N, D) of uint8 images, resized to the CLIP's input size if needed."""
     chunks = [
         clip_run.encode_images(_resize(images[start : start + batch_size], clip_run.image_size)).cpu()
@@ -368,15 +369,19 @@ def evaluate_generation(
     is_heldout = torch.tensor([names[p] in held for p, _ in jobs], dtype=torch.bool)
     groups = {"": torch.ones(len(jobs), dtype=torch.bool), "_seen": ~is_heldout, "_heldout": is_heldout}
 
-    # 3. what does not depend on the guidance scale: prompt embeddings, reference features, the FD floor
-    text_features = reference_features = None
+    # 3. what does not depend on the guidance scale: prompt embeddings, reference features, the FD floor, and the
+    # diversity of real images of each class (renders drawn as the data set draws them, in the jobs' order)
+    text_features = reference_features = render_features = None
     fd_floor = None
+    renders = ground_truth_renders(pairs, num_images_per_prompt, judge.resolution, seed)
+    prompt_rows = [range(p * num_images_per_prompt, (p + 1) * num_images_per_prompt) for p in range(len(prompts))]
     if clip_run is not None:
         text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
+        render_features = clip_image_features(clip_run, renders, batch_size)
         if reference_images is not None and len(jobs) >= 2:  # FD needs >= 2 images to fit a covariance
-            reference_features = _clip_image_features(clip_run, reference_images, batch_size)
-            renders = ground_truth_renders(pairs, num_images_per_prompt, judge.resolution, seed)
-            fd_floor = frechet_distance(_clip_image_features(clip_run, renders, batch_size), reference_features)
+            reference_features = clip_image_features(clip_run, reference_images, batch_size)
+            fd_floor = frechet_distance(render_features, reference_features)
+    real_diversity = diversity(renders, prompt_rows, render_features)
 
     # 4. generate and judge at every guidance scale
     generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
@@ -391,10 +396,10 @@ def evaluate_generation(
             seconds = time.perf_counter() - began
             scores = judge.score(images, [pairs[p][0] for p, _ in jobs], [pairs[p][1] for p, _ in jobs])
 
-            clip_score = None
+            clip_score = image_features = None
             figures_extra = {"clip_top1": None, "fd_clip": None}
             if clip_run is not None:
-                image_features = _clip_image_features(clip_run, images, batch_size)  # (N, D)
+                image_features = clip_image_features(clip_run, images, batch_size)  # (N, D)
                 similarity = image_features @ text_features.T  # (N, P) cosines
                 clip_score = similarity[torch.arange(len(jobs)), image_class]
                 figures_extra["clip_top1"] = (similarity.argmax(dim=1) == image_class).double().mean().item()
@@ -405,6 +410,10 @@ def evaluate_generation(
             figures.update(figures_extra, num_images=len(jobs), generation_seconds=round(seconds, 2))
             figures = {key: figures[key] for key in GROUP_KEYS}
             figures["per_class"] = _per_class(names, held, image_class, scores, clip_score)
+            figures["diversity"] = {
+                **diversity(images, prompt_rows, image_features),
+                **{f"{key}_real": value for key, value in real_diversity.items()},
+            }
             figures["outcomes"] = {
                 group.lstrip("_") or "all": scores.outcome_shares(mask) for group, mask in groups.items()
             }

@@ -39,10 +39,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
+from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import (
     DEFAULT_GUIDANCE_SCALE,
     GenerateFn,
     check_image_batch,
+    clip_image_features,
     to_uint8_images,
 )
 from clipcond.evaluation.judge import AttributeJudge
@@ -185,6 +187,7 @@ def evaluate_variations(
     source_classes: Sequence[str],
     *,
     judge: AttributeJudge,
+    clip_run=None,
     held_out: Sequence[str] | str | None = None,
     variations_per_source: int = DEFAULT_VARIATIONS_PER_SOURCE,
     seed: int = 0,
@@ -201,13 +204,15 @@ def evaluate_variations(
             each drawn from its own generator (`pipeline_vary_fn` over an `ImageVariationPipeline`).
         sources: uint8 (S, 3, h, w) one-object images (`variation_sources`).
         source_classes: the "colour shape" class of each source (what a variation should keep).
+        clip_run: when given, the distances to the source are also measured in its image embedding space.
         held_out: the held-out pairs; figures "_heldout" cover their sources' variations, "_seen" the rest.
         seed: variation k of source s is drawn from a CPU generator seeded `variation_seed(seed, s, k)`.
         output_dir: when given, write metrics.json and grid.png (a row per source: the source, then its variations).
 
     Returns:
         `{"colour_accuracy", "shape_accuracy", "both_accuracy"` and their "_seen" / "_heldout" variants,
-        the same of the judge on the sources prefixed "source_" (the ceiling), "per_class", "num_sources",
+        the same of the judge on the sources prefixed "source_" (the ceiling), "distance" (to the source, to
+        another source, of a copy: `clipcond.evaluation.diversity.distance_to_sources`), "per_class", "num_sources",
         "num_images", "generation_seconds", "judge", "settings"}`; a figure over no image is None.
     """
     start = time.perf_counter()
@@ -264,6 +269,13 @@ def evaluate_variations(
     source_scores = judge.score(sources, [c for c, _ in pairs], [s for _, s in pairs])
     metrics = _accuracies(scores.colour_correct, scores.shape_correct, groups)
     metrics.update(_accuracies(source_scores.colour_correct, source_scores.shape_correct, source_groups, "source_"))
+    features = (None, None)
+    if clip_run is not None:
+        features = (
+            clip_image_features(clip_run, images, batch_size),
+            clip_image_features(clip_run, sources, batch_size),
+        )
+    metrics["distance"] = distance_to_sources(images, sources, [s for s, _ in jobs], *features)
     image_class = torch.tensor([s for s, _ in jobs])
     names = list(dict.fromkeys(source_classes))
     per_class = {}
@@ -425,6 +437,7 @@ def evaluate_unclip(
         sources,
         source_classes,
         judge=judge,
+        clip_run=clip_run,
         held_out=held,
         variations_per_source=variations_per_source,
         seed=seed,

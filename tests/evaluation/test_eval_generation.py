@@ -124,6 +124,27 @@ def test_one_object_prompts_drawn_twice_are_wrong(judge):
     assert max(per_class["judged"], key=per_class["judged"].get) == "several"
 
 
+def test_a_generator_that_ignores_the_seed_has_no_diversity(judge):
+    seeded = run(judge, fake_generator(), num_images_per_prompt=3)
+    same = fake_generator()
+
+    def ignores_seed(prompts, guidance_scale, generators):
+        return same(prompts, guidance_scale, [torch.Generator().manual_seed(0) for _ in prompts])
+
+    collapsed = run(judge, ignores_seed, num_images_per_prompt=3)
+    for metrics in (seeded, collapsed):
+        figures = metrics["guidance"][DEFAULT]["diversity"]
+        assert figures["clip"] is None and figures["clip_real"] is None  # no CLIP given
+    assert seeded["guidance"][DEFAULT]["diversity"]["pixels"] > 0.05
+    assert collapsed["guidance"][DEFAULT]["diversity"]["pixels"] == 0.0
+    # the real images' figure does not depend on the generator
+    assert (
+        collapsed["guidance"][DEFAULT]["diversity"]["pixels_real"]
+        == seeded["guidance"][DEFAULT]["diversity"]["pixels_real"]
+        > 0.05
+    )
+
+
 def test_seen_and_heldout_are_reported_apart(judge):
     metrics = run(judge, fake_generator(wrong=lambda c, s, g: f"{c} {s}" in HELD_OUT))
     assert metrics["both_accuracy_seen"] >= 0.95 and metrics["both_accuracy_heldout"] <= 0.05
@@ -165,7 +186,11 @@ def test_json_keys_clip_figures_and_outputs(judge, tiny_clip_run, shapes_data, t
     assert tuple(metrics)[: len(HEADLINE_KEYS)] == HEADLINE_KEYS
     assert tuple(metrics)[len(HEADLINE_KEYS) :] == ("guidance", "judge", "settings")
     for figures in metrics["guidance"].values():
-        assert tuple(figures) == (*GROUP_KEYS, "per_class", "outcomes") and len(figures["per_class"]) == 18
+        assert (
+            tuple(figures) == (*GROUP_KEYS, "per_class", "diversity", "outcomes") and len(figures["per_class"]) == 18
+        )
+        assert set(figures["diversity"]) == {"pixels", "clip", "pixels_real", "clip_real"}
+        assert all(value > 0 for value in figures["diversity"].values())  # seeds move the renders
         assert list(figures["outcomes"]) == ["all", "seen", "heldout"]
         assert figures["outcomes"]["all"]["object"] >= 0.9  # ground-truth renders: one object each
     json.dumps(metrics, allow_nan=False)  # plain JSON: no NaN, no tensors

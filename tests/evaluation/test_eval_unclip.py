@@ -55,6 +55,9 @@ def test_a_copy_of_the_source_scores_what_the_judge_scores_on_the_sources(judge,
         for metric in ("colour_accuracy", "shape_accuracy", "both_accuracy"):
             assert metrics[metric + group] == pytest.approx(metrics[f"source_{metric}{group}"])
     assert metrics["colour_accuracy_seen"] >= 0.9  # the judge knows clean renders
+    # a copy is at distance 0 from its source, and another source far from it
+    assert metrics["distance"]["to_source"] == metrics["distance"]["copy"] == {"pixels": 0.0, "clip": None}
+    assert metrics["distance"]["to_other_source"]["pixels"] > 0.1
     assert metrics["num_sources"] == 36 and metrics["num_images"] == 108
     assert metrics["settings"]["held_out"] == HELD_OUT and len(metrics["per_class"]) == 18
     assert metrics["per_class"]["blue square"]["heldout"] is True
@@ -80,6 +83,7 @@ def test_variations_of_the_wrong_colour_score_zero_colour(judge, sources):
     assert metrics["colour_accuracy"] == 0.0 and metrics["both_accuracy"] == 0.0
     assert metrics["shape_accuracy"] >= 0.9  # the shape is kept
     assert metrics["per_class"]["red circle"]["judged"] == {"green circle": 8}
+    assert metrics["distance"]["to_source"]["pixels"] > 0.05  # redrawn in another colour: not a copy
 
 
 def test_each_variation_has_its_own_seed_whatever_the_batch(judge, sources):
