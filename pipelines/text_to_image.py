@@ -165,6 +165,19 @@ class TextToImagePipeline(DiffusionPipeline):
 
         return take(prompts), None if negative_prompts is None else take(negative_prompts)
 
+    def _pooled_text(self, text: TextEmbeddings, num_images_per_prompt: int) -> torch.Tensor | None:
+        """The L2-normalised pooled text embedding, for a UNet trained with `--pooled-text` (a class embedding of
+        type "projection"); None for a UNet on token states alone."""
+        if self.unet.config.class_embed_type != "projection":
+            return None
+        if text.pooled is None:
+            raise ValueError(
+                "this UNet reads the pooled text embedding (trained with --pooled-text), but the text encoder "
+                f"{type(self.text_encoder).__name__} has no projection; load it as CLIPTextModelWithProjection"
+            )
+        pooled = torch.nn.functional.normalize(text.pooled.float(), dim=-1)
+        return pooled.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -239,6 +252,7 @@ class TextToImagePipeline(DiffusionPipeline):
         text = text.without_padding_columns()  # masked padding changes nothing and costs every step
         hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
         attention_mask = text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L)
+        class_labels = self._pooled_text(text, num_images_per_prompt)  # (B or 2B, D), or None
 
         # 3. timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -263,6 +277,7 @@ class TextToImagePipeline(DiffusionPipeline):
                 t,
                 encoder_hidden_states=hidden_states,
                 encoder_attention_mask=attention_mask,
+                class_labels=class_labels,
                 return_dict=False,
             )[0]
             if do_guidance:

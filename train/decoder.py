@@ -168,6 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
     )
+    diffusion.add_argument(
+        "--pooled-text",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also add the L2-normalised pooled CLIP text embedding to the timestep embedding (as Imagen and SDXL "
+        "do): the whole caption in one vector beside the token states (default: off)",
+    )
 
     add_ema_args(parser, "UNet weights")
 
@@ -329,11 +336,17 @@ class TextConditioning:
     kind = "text"
 
     def __init__(
-        self, cache: TextEmbeddingCache, sample_rows: torch.Tensor, caption_dropout: float, columns_multiple: int = 1
+        self,
+        cache: TextEmbeddingCache,
+        sample_rows: torch.Tensor,
+        caption_dropout: float,
+        columns_multiple: int = 1,
+        pooled: bool = False,
     ):
         self.cache = cache
         self.sample_rows = sample_rows  # (N,) data set index -> cache row
         self.caption_dropout = caption_dropout
+        self.pooled = pooled  # also return the normalised pooled text embedding as `class_labels`
         self.columns_multiple = columns_multiple  # 8 for a compiled UNet: a few shapes, not one per caption length
 
     def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
@@ -344,6 +357,7 @@ class TextConditioning:
         columns = self.cache.attended_columns(rows, with_empty=dropout, multiple=self.columns_multiple)
         text = self.cache.lookup(rows, columns).to_device(device)
         hidden_states, attention_mask = text.hidden_states, text.attention_mask  # (B, L, W), (B, L)
+        pooled = text.pooled if self.pooled else None  # (B, D)
         if dropout:
             batch_size = hidden_states.shape[0]
             drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size, device)
@@ -351,7 +365,10 @@ class TextConditioning:
             empty = self.cache.lookup_empty(batch_size, columns).to_device(device)
             hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
             attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
-        return Conditioning(hidden_states, attention_mask)
+            if pooled is not None:
+                pooled = torch.where(drop[:, None], empty.pooled, pooled)
+        class_labels = None if pooled is None else F.normalize(pooled, dim=-1)
+        return Conditioning(hidden_states, attention_mask, class_labels)
 
     def record(self) -> dict:
         return {
@@ -360,6 +377,7 @@ class TextConditioning:
             "cache_key": self.cache.key,
             "num_captions": len(self.cache),
             "caption_dropout": self.caption_dropout,
+            "pooled_text": self.pooled,
         }
 
 
@@ -637,7 +655,13 @@ def main(argv: list[str] | None = None) -> int:
             device=accelerator.device,
             progress=accelerator.is_local_main_process,
         )
-    conditioning = TextConditioning(cache, sample_rows, args.caption_dropout, 8 if args.torch_compile else 1)
+    if args.pooled_text and cache.empty.pooled is None:
+        raise ValueError(
+            f"`--pooled-text` needs a text encoder with a projection (a pooled text embedding); {encoder.name} has none"
+        )
+    conditioning = TextConditioning(
+        cache, sample_rows, args.caption_dropout, 8 if args.torch_compile else 1, pooled=args.pooled_text
+    )
 
     # 5. UNet, noise schedule, EMA
     config = unet_config(
@@ -646,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         cross_attention_dim=args.cross_attention_dim or width,
         in_channels=3,
         encoder_hid_dim=width,
+        pooled_text_dim=cache.empty.pooled.shape[-1] if args.pooled_text else None,
     )
     unet = create_unet(config)
     check_encoder_fits(unet, width)

@@ -32,6 +32,7 @@ def unet_config(
     out_channels: int | None = None,
     encoder_hid_dim: int | None = None,
     image_embedding_dim: int | None = None,
+    pooled_text_dim: int | None = None,
 ) -> dict:
     """A `UNet2DConditionModel` config from a preset name or a JSON file of the same fields.
 
@@ -39,7 +40,12 @@ def unet_config(
     learns a linear projection from one to the other (`encoder_hid_dim_type="text_proj"`).
     `image_embedding_dim`: condition on an image embedding added to the timestep embedding
     (`class_embed_type="projection"`, as Stable unCLIP does).
+    `pooled_text_dim`: the same input for the pooled CLIP text embedding beside the token states, as Imagen and SDXL
+    add a pooled text embedding to the timestep's: one vector that summarises the whole caption ("a red circle" vs
+    "two red circles"), where the causal text encoder's token states for "a red circle" are the same in both.
     """
+    if image_embedding_dim is not None and pooled_text_dim is not None:
+        raise ValueError("give `image_embedding_dim` or `pooled_text_dim`, not both: the UNet has one class embedding")
     if os.path.isfile(preset):
         with open(preset) as f:
             config = json.load(f)
@@ -60,8 +66,10 @@ def unet_config(
     )
     if encoder_hid_dim is not None and encoder_hid_dim != cross_attention_dim:
         config.update(encoder_hid_dim=encoder_hid_dim, encoder_hid_dim_type="text_proj")
-    if image_embedding_dim is not None:
-        config.update(class_embed_type="projection", projection_class_embeddings_input_dim=image_embedding_dim)
+    if image_embedding_dim is not None or pooled_text_dim is not None:
+        config.update(
+            class_embed_type="projection", projection_class_embeddings_input_dim=image_embedding_dim or pooled_text_dim
+        )
     return config
 
 

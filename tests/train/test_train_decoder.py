@@ -475,3 +475,61 @@ def test_step_budget_follows_the_conditioning(capsys, monkeypatch):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "600 with --conditioning text, 800 with --conditioning image-embedding)" in help_text
     assert "(default: None)" not in help_text
+
+
+def test_pooled_text_is_dropped_with_the_caption_and_normalised():
+    hidden = torch.arange(6 * 4 * 2, dtype=torch.float16).view(6, 4, 2)
+    pooled = torch.arange(1, 6 * 3 + 1, dtype=torch.float16).view(6, 3)
+    cache = conditioning_module.TextEmbeddingCache(
+        captions=[str(i) for i in range(6)],
+        embeddings=conditioning_module.TextEmbeddings(hidden, torch.ones(6, 4, dtype=torch.uint8), pooled),
+        empty=conditioning_module.TextEmbeddings(
+            torch.full((1, 4, 2), -1.0, dtype=torch.float16),
+            torch.tensor([[1, 1, 0, 0]], dtype=torch.uint8),
+            torch.tensor([[0.0, 0.0, -2.0]], dtype=torch.float16),
+        ),
+        key="k",
+        path=Path("unused"),
+    )
+    rows = torch.arange(6)
+    batch = {"index": torch.arange(6).repeat(50)}
+    off = TextConditioning(cache, rows, caption_dropout=0.3)(
+        batch, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    assert off.class_labels is None
+    on = TextConditioning(cache, rows, caption_dropout=0.3, pooled=True)(
+        batch, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    assert torch.allclose(on.class_labels.norm(dim=-1), torch.ones(300))
+    is_empty = (on.encoder_hidden_states == -1).all(dim=(1, 2))
+    assert 0.2 < is_empty.float().mean() < 0.4
+    assert torch.equal(on.class_labels[is_empty], torch.tensor([0.0, 0.0, -1.0]).expand(int(is_empty.sum()), 3))
+    expected = torch.nn.functional.normalize(pooled.float()[batch["index"]], dim=-1)
+    assert torch.allclose(on.class_labels[~is_empty], expected[~is_empty])
+
+
+def test_pooled_text_decoder_trains_saves_and_samples(shapes_data, tiny_clip_run, tmp_path):
+    """--pooled-text: the UNet gets a projection class embedding of the CLIP's embedding width, the run record says
+    so, and the saved pipeline feeds the pooled embedding (the sample depends on it, not only on the tokens)."""
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    out = tmp_path / "run"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "0")
+    main([*argv, "--validation-steps", "0", "--pooled-text"])
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    clip_config = json.loads((tiny_clip_run / "config.json").read_text())
+    assert unet.config.class_embed_type == "projection"
+    assert unet.config.projection_class_embeddings_input_dim == clip_config["projection_dim"]
+    record = json.loads((out / "clipcond_run.json").read_text())
+    assert record["conditioning"]["pooled_text"] is True
+
+    pipe = TextToImagePipeline.from_pretrained(out, local_files_only=True)
+    torch.nn.init.normal_(pipe.unet.class_embedding.linear_1.weight, std=1.0)  # make the pooled input matter
+
+    def sample():
+        generator = torch.Generator().manual_seed(0)
+        return pipe(["a red circle"], num_inference_steps=2, generator=generator, output_type="pt").images
+
+    first = sample()
+    pipe.unet.class_embedding.linear_1.weight.data.mul_(-1)
+    assert not torch.allclose(first, sample())
