@@ -1,9 +1,9 @@
 """Does the demo's decoder draw what it is asked? (a benchmark, not a test)
 
-    python benchmarks/decoder_quality.py [--demo-dir DIR] [--images-per-prompt N] [--write-results]
+    python benchmarks/decoder_quality.py [--demo-dir DIR] [--seeds 0,1,2] [--images-per-prompt N] [--write-results]
 
-runs `clipcond demo --output-dir DIR` (every recipe at its defaults; a finished demo in DIR is reused, an
-interrupted one resumed) and prints one JSON object: the judged colour / shape / both-correct accuracy of the
+runs `clipcond demo --output-dir DIR/seed-N --seed N` for every seed (every recipe at its defaults; a finished demo
+is reused, an interrupted one resumed) and prints one JSON object: under "per_seed", for each seed, the judged colour / shape / both-correct accuracy of the
 generated images for the seen and the held-out compositions at guidance 1 and at the default guidance, the CLIP
 score and FD, the demo's time by stage (wall and CPU seconds), and `meets_bar` against the bar: the prompted colour
 in >= 90% and the prompted shape in >= 75% of the images of seen compositions at the default guidance, and the
@@ -30,6 +30,7 @@ from pathlib import Path
 from common import add_results_flag, save_results
 
 BAR = {"colour_accuracy_seen": 0.90, "shape_accuracy_seen": 0.75, "demo_wall_seconds": 900.0}
+CLIP_BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80}
 FIGURES = (
     *(f"{m}_{g}" for g in ("seen", "heldout") for m in ("colour_accuracy", "shape_accuracy", "both_accuracy")),
     "clip_score",
@@ -47,8 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--images-per-prompt", type=int, default=None, help="judge again with N images per prompt (default: reuse)"
     )
+    parser.add_argument("--seeds", default="0", help="comma-separated demo seeds (default 0; the README's: 0,1,2)")
     add_results_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"`--seeds` must be comma-separated integers such as 0,1,2; got {args.seeds!r}") from None
+    if not args.seeds:
+        raise ValueError("`--seeds` names no seed")
+    return args
 
 
 def _figures(generation: dict) -> dict:
@@ -58,14 +67,14 @@ def _figures(generation: dict) -> dict:
     }
 
 
-def run(demo_dir: Path, images_per_prompt: int | None) -> dict:
+def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
     import torch
 
     from clipcond.demo import main as demo_main
     from clipcond.demo import uninterrupted
 
     with contextlib.redirect_stdout(sys.stderr):  # the demo's own lines; stdout holds only our JSON
-        demo_main(["--output-dir", str(demo_dir)])
+        demo_main(["--output-dir", str(demo_dir), "--seed", str(seed)])
     report = json.loads((demo_dir / "report.json").read_text())
     generation = report["generation"]
     if images_per_prompt is not None:
@@ -83,15 +92,30 @@ def run(demo_dir: Path, images_per_prompt: int | None) -> dict:
     default = generation["guidance"][str(float(generation["guidance_scale"]))]
     timings = report["timings"]
     wall = round(sum(t["wall"] for t in timings.values()), 1)
+    settings = generation["settings"]
+    seen_classes = [name for name in settings["classes"] if name not in settings["held_out"]]
     result = {
+        "seed": seed,
         "guidance_scale": generation["guidance_scale"],
         "images_per_prompt": generation["settings"]["num_images_per_prompt"],
         "sampler": f"{generation['settings']['scheduler']}@{generation['settings']['num_inference_steps']}",
         "figures": _figures(generation),
+        "num_judged_seen": len(seen_classes) * settings["num_images_per_prompt"],
+        "outcomes": default["outcomes"],
+        "diversity": default["diversity"],
         "fd_clip_floor": generation["fd_clip_floor"],
         "judge": {k: v for k, v in generation["judge"].items() if k != "path"},
         "decoder": report["decoder"],
-        "clip": {k: report["clip_eval"][k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
+        "clip": {
+            **{k: report["clip_eval"][k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
+            # one-object test images per group: the data's test split is balanced over the 18 pairs
+            "num_images_seen": report["clip_eval"]["num_zero_shot_images"]
+            * len(seen_classes)
+            // len(settings["classes"]),
+            "num_images_heldout": report["clip_eval"]["num_zero_shot_images"]
+            * (len(settings["classes"]) - len(seen_classes))
+            // len(settings["classes"]),
+        },
         "timings": timings,
         "demo_wall_seconds": wall,
         "demo_cpu_seconds": round(sum(t["cpu"] for t in timings.values()), 1),
@@ -118,10 +142,49 @@ def run(demo_dir: Path, images_per_prompt: int | None) -> dict:
     return result
 
 
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Every bar's figure over the seeds (`clipcond.evaluation.stats.bar_holds`), and the time bar in every run."""
+    from clipcond.evaluation.stats import bar_holds, mean_interval
+
+    runs = list(per_seed.values())
+    summary = {}
+    for name in ("colour_accuracy_seen", "shape_accuracy_seen"):
+        values = [r["figures"][str(float(r["guidance_scale"]))][name] for r in runs]
+        summary[name] = bar_holds(values, [r["num_judged_seen"] for r in runs], BAR[name])
+    for name, bar in CLIP_BAR.items():
+        group = name.rsplit("_", 1)[1]
+        values = [r["clip"][name] for r in runs]
+        summary[f"clip_{name}"] = bar_holds(values, [r["clip"][f"num_images_{group}"] for r in runs], bar)
+    for name in ("colour_accuracy_heldout", "shape_accuracy_heldout"):  # reported, no bar
+        summary[name] = mean_interval([r["figures"][str(float(r["guidance_scale"]))][name] for r in runs])
+    walls = [r["demo_wall_seconds"] for r in runs]
+    summary["demo_wall_seconds"] = {
+        **mean_interval(walls),
+        "max": max(walls),
+        "bar": BAR["demo_wall_seconds"],
+        "holds": all(r["meets_time_bar"] for r in runs),
+    }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="decoder_quality_") as tmp:
-        result = run(args.demo_dir or Path(tmp, "demo"), args.images_per_prompt)
+        base = args.demo_dir or Path(tmp, "demo")
+        per_seed = {
+            seed: run(base if len(args.seeds) == 1 else base / f"seed-{seed}", args.images_per_prompt, seed)
+            for seed in args.seeds
+        }
+    summary = over_seeds(per_seed)
+    result = {
+        "command": "python benchmarks/decoder_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seeds": args.seeds,
+        "over_seeds": summary,
+        "meets_quality_bar": all(summary[k]["holds"] for k in ("colour_accuracy_seen", "shape_accuracy_seen")),
+        "meets_clip_bar": all(summary[f"clip_{k}"]["holds"] for k in CLIP_BAR),
+        "meets_time_bar": summary["demo_wall_seconds"]["holds"],
+        "per_seed": {str(seed): r for seed, r in per_seed.items()},
+    }
     text = json.dumps(result, indent=2)
     if args.save_results:
         save_results("decoder_quality", result)

@@ -36,3 +36,49 @@ def test_decoder_throughput_builds_the_cache_on_the_training_device(capsys):
     for case in report["cases"].values():
         assert case["device"] == "cpu" and case["resolution"] == 16
         assert case["params_M"]["clipcond"] == case["params_M"]["plain"]
+
+
+def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
+    figures = {"colour_accuracy_seen": colour, "shape_accuracy_seen": shape}
+    figures |= {"colour_accuracy_heldout": 0.5, "shape_accuracy_heldout": 0.4}
+    return {
+        "guidance_scale": 5.0,
+        "figures": {"5.0": figures},
+        "num_judged_seen": 112,
+        "clip": {
+            "zero_shot_top1_seen": 0.99,
+            "zero_shot_top1_heldout": heldout_clip,
+            "num_images_seen": 784,
+            "num_images_heldout": 224,
+        },
+        "demo_wall_seconds": wall,
+        "meets_time_bar": uninterrupted and wall <= 900,
+    }
+
+
+def test_decoder_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
+    import decoder_quality
+
+    good = decoder_quality.over_seeds({s: _seed_run(0.95, 0.8, 0.85, 400) for s in range(3)})
+    assert good["colour_accuracy_seen"]["holds"] and good["shape_accuracy_seen"]["holds"]
+    assert good["clip_zero_shot_top1_heldout"]["holds"] and good["demo_wall_seconds"]["holds"]
+    assert good["shape_accuracy_seen"]["n"] == 3 and good["shape_accuracy_seen"]["std"] < 1e-12
+
+    # the CLIP's held-out figure of the README's old seeds: a mean of 80.7% over 79.9 / 83.5 / 92.9 / 73.2% holds the
+    # mean, but 73.2% of 224 images lies clear below 80%
+    clip_runs = {s: _seed_run(0.95, 0.8, v, 400) for s, v in enumerate([0.799, 0.835, 0.929, 0.732])}
+    verdict = decoder_quality.over_seeds(clip_runs)["clip_zero_shot_top1_heldout"]
+    assert verdict["mean"] >= 0.8 and not verdict["holds"] and verdict["seeds_missing"] == [0.732]
+
+    slow = decoder_quality.over_seeds({0: _seed_run(0.95, 0.8, 0.85, 400), 1: _seed_run(0.95, 0.8, 0.85, 950)})
+    assert not slow["demo_wall_seconds"]["holds"] and slow["demo_wall_seconds"]["max"] == 950
+    resumed = decoder_quality.over_seeds({0: _seed_run(0.95, 0.8, 0.85, 400, uninterrupted=False)})
+    assert not resumed["demo_wall_seconds"]["holds"]
+
+
+def test_decoder_quality_names_bad_seeds():
+    import decoder_quality
+
+    assert decoder_quality.parse_args(["--seeds", "0, 1,2"]).seeds == [0, 1, 2]
+    with pytest.raises(ValueError, match="--seeds"):
+        decoder_quality.parse_args(["--seeds", "zero"])
