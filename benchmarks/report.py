@@ -1,15 +1,24 @@
-"""The README's speed and memory tables, as markdown, from the latest benchmarks/results/*.json.
+"""The README's figure tables, as markdown, from the latest benchmarks/results/*.json.
 
-    python benchmarks/report.py            # prints the tables; paste them into README.md's "Speed and scale"
+    python benchmarks/report.py                     # prints every table
+    python benchmarks/report.py --write README.md   # replaces the README's generated blocks with them
+    python benchmarks/report.py --check README.md   # exit 1, with a diff, when the README's blocks differ
 
-Reads clip_throughput.json, decoder_throughput.json and loss_memory.json (written by the benchmarks with
-`--save-results`); a missing file gives a line saying which command makes it.
+The README holds two generated blocks, each between `<!-- report:NAME -->` and `<!-- /report:NAME -->`:
+"quality" (the bars, from decoder_quality.json, unclip_quality.json, search_quality.json, scheduler_steps.json and
+judge_quality.json) and "speed" (clip_throughput.json, decoder_throughput.json, loss_memory.json). Every row names
+its result file and the commit it was measured at; the commands that write them are in each benchmark's docstring.
+A missing file gives a line saying which command makes it. tests/test_benchmarks.py fails when the README's blocks
+are not what this script renders, so no figure in them is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
+import sys
 from pathlib import Path
 
 from common import RESULTS_DIR
@@ -23,6 +32,9 @@ THROUGHPUT = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", type=Path, metavar="README", help="replace the generated blocks of this file")
+    action.add_argument("--check", type=Path, metavar="README", help="exit 1 when its generated blocks differ")
     return parser.parse_args(argv)
 
 
@@ -79,24 +91,220 @@ def memory_table(report: dict) -> list[str]:
         f"Growth exponent in W: {law['growth_exponent_local_loss']} (local loss; 1 = b x B) against "
         f"{law['growth_exponent_full_loss']} (full loss; 2 = B^2).",
     ]
-    for name, peaks in report.get("step", {}).items():
-        cells = ", ".join(f"W={w}: {v / 2**20:.1f} MiB" for w, v in peaks.items())
-        lines.append(f"Whole step, {name.replace('_', ' ')}: {cells}.")
     lines += ["", f"Command: `{report.get('command', '')}`", ""]
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# ---------------------------------------------------------------- the quality block
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _source(name: str, report: dict) -> str:
+    commit = report.get("commit")
+    when = f" at {commit[:7]}{'+' if report.get('dirty') else ''}, {report.get('date', '')[:10]}" if commit else ""
+    return f"`{name}.json`{when}"
+
+
+def _over_seeds(summary: dict) -> str:
+    """ "mean (95% interval low-high; per seed a / b / c)"."""
+    return f"**{_pct(summary['mean'])}** ({_pct(summary['low'])}–{_pct(summary['high'])})"
+
+
+def _held(holds: bool, judge_version: int | None) -> str:
+    """✓ / ✗, or, for a figure of the judge that forced every image into a class, that it awaits the new judge."""
+    if judge_version is not None and judge_version < 2:
+        return f"{'✓' if holds else '✗'} by judge v{judge_version}, one seed: not re-measured"
+    return "✓" if holds else "✗"
+
+
+def decoder_rows(report: dict) -> list[str]:
+    summary, runs = report["over_seeds"], list(report["per_seed"].values())
+    seeds = "/".join(str(s) for s in report["seeds"])
+    source = _source("decoder_quality", report)
+
+    def per_seed(key: str, group: str = "figures") -> str:
+        return " / ".join(_pct(r[group][str(float(r["guidance_scale"]))][key]) for r in runs)
+
+    def clip_per_seed(key: str) -> str:
+        return " / ".join(_pct(r["clip"][key]) for r in runs)
+
+    def verdict(entry: dict) -> str:
+        return (
+            "✓"
+            if entry["holds"]
+            else "✗" + (f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else "")
+        )
+
+    first = runs[0]
+    sampler, ipp = first["sampler"], first["images_per_prompt"]
+    several = " / ".join(_pct(r["outcomes"]["seen"]["several"]) for r in runs)
+    walls = " / ".join(f"{r['demo_wall_seconds']:.0f} s" for r in runs)
+    wall = summary["demo_wall_seconds"]
+    rows = [
+        f"| whole `clipcond demo`, wall time | {wall['mean']:.0f} s (max {wall['max']:.0f} s); {walls} | {seeds} | "
+        f"≤ {wall['bar']:.0f} s, uninterrupted | {'✓' if wall['holds'] else '✗'} | {source} |",
+    ]
+    for key, label in (("colour_accuracy_seen", "colour"), ("shape_accuracy_seen", "shape")):
+        entry = summary[key]
+        rows.append(
+            f"| Stable Diffusion path, seen prompts, {label} ({ipp} images per prompt, {sampler}, guidance "
+            f"{first['guidance_scale']:g}) | {_over_seeds(entry)}; {per_seed(key)} | {seeds} | ≥ {_pct(entry['bar'])} | "
+            f"{verdict(entry)} | {source} |"
+        )
+    rows.append(
+        f"| Stable Diffusion path, seen prompts drawn as several objects | {several} | {seeds} | reported | | {source} |"
+    )
+    for key, label in (("colour_accuracy_heldout", "colour"), ("shape_accuracy_heldout", "shape")):
+        rows.append(
+            f"| Stable Diffusion path, held-out prompts, {label} | {_over_seeds(summary[key])}; {per_seed(key)} | "
+            f"{seeds} | reported | | {source} |"
+        )
+    for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
+        entry = summary[f"clip_{key}"]
+        rows.append(
+            f"| the demo's CLIP, zero-shot top-1, {label} classes | {_over_seeds(entry)}; {clip_per_seed(key)} | "
+            f"{seeds} | ≥ {_pct(entry['bar'])} | {verdict(entry)} | {source} |"
+        )
+    return rows
+
+
+def unclip_rows(report: dict) -> list[str]:
+    source = _source("unclip_quality", report)
+    seed = report.get("settings", {}).get("seed", "?")
+    judge = f"judge v{report.get('judge', {}).get('version', '?')}"
+    prior, bar = report["prior"], report["bar"]
+    rows = [
+        f"| DALL-E 2 path: prior cosine to the true image embedding, vs text / random image | "
+        f"{prior['cosine_predicted']:.3f} vs {prior['cosine_text_baseline']:.3f} / {prior['cosine_random_baseline']:.3f}"
+        f" | {seed} | beats both | {'✓' if report['meets_bar_by_criterion'].get('prior_cosine_beats_baselines') else '✗'} "
+        f"| {source} |"
+    ]
+    for part, label in (("prior_text_to_image", "text-to-image through the prior"), ("variations", "variations")):
+        for what in ("colour", "shape"):
+            key = f"{part}_{what}_accuracy_seen"
+            value = report[part][f"{what}_accuracy_seen"]
+            rows.append(
+                f"| DALL-E 2 path: {label}, seen, {what} ({judge}) | {_pct(value)} | {seed} | ≥ {_pct(bar[key])} | "
+                f"{_held(value >= bar[key], report.get('judge', {}).get('version'))} | {source} |"
+            )
+    return rows
+
+
+def search_rows(report: dict) -> list[str]:
+    value, bar = report["mean_precision_at_k"], report["bar"]["mean_precision_at_5"]
+    return [
+        f"| text → image search with the demo's CLIP, mean top-{report['top_k']} precision | {_pct(value)} | "
+        f"{report.get('seed', 0)} | ≥ {_pct(bar)} | {'✓' if value >= bar else '✗'} | {_source('search_quality', report)} |"
+    ]
+
+
+def scheduler_rows(report: dict) -> list[str]:
+    diff = report["dpm@20_minus_ddpm@1000"]
+    cells = ", ".join(
+        f"{k.replace('_accuracy_seen', '')} {100 * v:+.1f}" for k, v in diff.items() if k.endswith("_seen")
+    )
+    return [
+        f"| DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({report['images_per_prompt']} images per prompt,"
+        f" judge v1) | {cells} | 0 | at most 3 below | {_held(report['within_3_points'], 1)} | "
+        f"{_source('scheduler_steps', report)} |"
+    ]
+
+
+def judge_rows(report: dict) -> list[str]:
+    seeds = "/".join(str(s) for s in report["seeds"])
+    rows = []
+    for name, case in report["cases"].items():
+        rows.append(
+            f"| judge v{report['judge']['version']} on another renderer: {name} (→ {case['expected']}) | "
+            f"{_over_seeds(case['right'])} | {seeds} | see script | | {_source('judge_quality', report)} |"
+        )
+    if report.get("untrained_unet"):
+        share = report["untrained_unet"]["outcomes"]["object"]
+        rows.append(
+            f"| judge v{report['judge']['version']}: an untrained UNet's samples called one object | {_pct(share)} | "
+            f"0 | ≤ {_pct(report['bar']['untrained_object_share_max'])} | "
+            f"{'✓' if report['checks'].get('untrained UNet') else '✗'} | {_source('judge_quality', report)} |"
+        )
+    return rows
+
+
+QUALITY = {
+    "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
+    "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
+    "search_quality": ("python benchmarks/search_quality.py --save-results", search_rows),
+    "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
+    "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
+}
+
+
+def quality_block(results_dir: Path) -> list[str]:
+    lines = [
+        "| what | figure: mean over seeds (95% interval); per seed | seeds | bar | holds | result file |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    missing = []
+    for name, (command, rows) in QUALITY.items():
+        path = results_dir / f"{name}.json"
+        report = json.loads(path.read_text()) if path.is_file() else None
+        if name == "decoder_quality" and report is not None and "over_seeds" not in report:
+            report = None  # a result of one seed, from before the bars were measured over seeds
+        if report is not None:
+            lines += rows(report)
+        else:
+            missing.append(f"_{name}: no results yet (`{command}`)_")
+    return lines + ([""] + missing if missing else [])
+
+
+def speed_block(results_dir: Path) -> list[str]:
     out: list[str] = []
     for name in (*THROUGHPUT, "loss_memory"):
-        path = args.results_dir / f"{name}.json"
+        path = results_dir / f"{name}.json"
         if not path.is_file():
             out += [f"_{name}: no results yet (`python benchmarks/{name}.py --save-results`)_", ""]
             continue
         report = json.loads(path.read_text())
         out += memory_table(report) if name == "loss_memory" else throughput_table(name, report)
-    print("\n".join(out).rstrip())
+    return out[:-1] if out and out[-1] == "" else out
+
+
+def render(results_dir: Path) -> dict[str, list[str]]:
+    return {"quality": quality_block(results_dir), "speed": speed_block(results_dir)}
+
+
+def replace_blocks(text: str, blocks: dict[str, list[str]]) -> str:
+    """`text` with every `<!-- report:NAME -->` ... `<!-- /report:NAME -->` block's inside replaced."""
+    for name, lines in blocks.items():
+        pattern = re.compile(rf"(<!-- report:{name} -->\n).*?(<!-- /report:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"the README has no `<!-- report:{name} -->` ... `<!-- /report:{name} -->` block")
+        body = "\n".join(lines) + "\n"
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    blocks = render(args.results_dir)
+    if args.write or args.check:
+        path = args.write or args.check
+        text = path.read_text(encoding="utf-8")
+        new = replace_blocks(text, blocks)
+        if args.write:
+            path.write_text(new, encoding="utf-8")
+            return 0
+        if new != text:
+            diff = difflib.unified_diff(text.splitlines(), new.splitlines(), str(path), "report.py", lineterm="")
+            print("\n".join(diff), file=sys.stderr)
+            print(
+                f"{path}'s figure tables differ from the results: run `python benchmarks/report.py --write {path}`",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    print("\n\n".join("\n".join(lines) for lines in blocks.values()))
     return 0
 
 

@@ -82,3 +82,32 @@ def test_decoder_quality_names_bad_seeds():
     assert decoder_quality.parse_args(["--seeds", "0, 1,2"]).seeds == [0, 1, 2]
     with pytest.raises(ValueError, match="--seeds"):
         decoder_quality.parse_args(["--seeds", "zero"])
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_figure_tables_are_what_report_renders(capsys):
+    """No figure in the README's generated blocks is typed by hand: they are report.py's rendering of
+    benchmarks/results/ (after a benchmark, `python benchmarks/report.py --write README.md`)."""
+    import report
+
+    assert report.main(["--check", str(README)]) == 0, capsys.readouterr().err
+
+
+def test_report_check_fails_on_a_hand_edited_figure(tmp_path, capsys):
+    import report
+
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- report:speed -->", 1)[1]
+    first_ratio = block.split("x (", 1)[0].rsplit("| ", 1)[1]  # the first ratio of the speed tables
+    edited = tmp_path / "README.md"
+    edited.write_text(text.replace(f"| {first_ratio}x (", "| 9.99x (", 1), encoding="utf-8")
+    assert report.main(["--check", str(edited)]) == 1
+    assert "9.99x" in capsys.readouterr().err
+    assert report.main(["--write", str(edited)]) == 0 and edited.read_text(encoding="utf-8") == text
+
+    no_block = tmp_path / "other.md"
+    no_block.write_text("# nothing generated here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="report:quality"):
+        report.main(["--check", str(no_block)])
