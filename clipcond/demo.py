@@ -432,7 +432,7 @@ def _stage_generation_eval(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = _judge(args, info, judge_dir, device)
     clip_run = load_clip(clip_dir, device=device)
-    reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
+    reference, unreadable = load_reference_images(str(data_dir), "test", clip_run.image_size)
     pipe = load_pretrained(TextToImagePipeline, decoder_dir, device, args.sample_dtype)
     return evaluate_generation(
         pipe,
@@ -448,7 +448,12 @@ def _stage_generation_eval(
         scheduler=SCHEDULER,
         seed=args.seed,
         output_dir=out,
-        extra_settings={"model": str(decoder_dir), "data": str(data_dir), "reference_split": "test"},
+        extra_settings={
+            "model": str(decoder_dir),
+            "data": str(data_dir),
+            "reference_split": "test",
+            "unreadable_reference_images": len(unreadable),
+        },
     )
 
 
@@ -506,7 +511,7 @@ def _stage_unclip_eval(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = _judge(args, info, out.parent / "judge", device)
     clip_run = load_clip(clip_dir, device=device)
-    reference = load_reference_images(str(data_dir), "test", clip_run.image_size)
+    reference, unreadable = load_reference_images(str(data_dir), "test", clip_run.image_size)
     dtype = {dtype_keyword(): resolve_dtype(args.sample_dtype, device)}
     pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True, **dtype).to(device)
     pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
@@ -523,6 +528,7 @@ def _stage_unclip_eval(
         judge=judge,
         clip_run=clip_run,
         reference_images=reference,
+        unreadable_reference_images=len(unreadable),
         guidance_scale=args.guidance_scale,
         **(quick if args.quick else budget),
         **({"prior_num_inference_steps": 2, "prior_max_captions": 36} if args.quick else {}),

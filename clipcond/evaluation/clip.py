@@ -55,6 +55,7 @@ METRIC_KEYS = (
     "num_images",
     "num_classes",
     "num_zero_shot_images",
+    "num_unreadable_images",
 )
 SIMILARITY_ITEMS = 64  # images x captions shown in the similarity matrix
 
@@ -75,13 +76,16 @@ def _collate(samples: list[dict]) -> dict:
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, R, R) uint8
         "text": [s["text"] for s in samples],
         "label": [s["label"] for s in samples],
+        "index": [s.get("index") for s in samples],
         "skipped": [path for s in samples for path in s.get("skipped", ())],
     }
 
 
 @torch.no_grad()
 def _embed_images(clip_run, dataset, n: int, batch_size: int, num_workers: int, progress: bool):
-    """L2-normalised image features (n, D) of the first n items, with their captions and labels."""
+    """L2-normalised image features of the first n items, with their captions and labels, and the paths of the
+    unreadable ones. The data set puts the next readable item in an unreadable one's place; that stand-in (an item
+    of another index) is dropped, so no image counts twice and the figures are over the readable images only."""
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(n)),
         batch_size=batch_size,
@@ -89,7 +93,8 @@ def _embed_images(clip_run, dataset, n: int, batch_size: int, num_workers: int, 
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    features, texts, labels, skipped = [], [], [], []
+    features, texts, labels, unreadable = [], [], [], []
+    position = 0
     with tqdm(total=n, desc="embedding images", unit="img", disable=not progress, leave=False) as bar:
         for batch in loader:
             pixels = batch["pixel_values"]
@@ -99,15 +104,20 @@ def _embed_images(clip_run, dataset, n: int, batch_size: int, num_workers: int, 
                     f"the data set gives {tuple(pixels.shape[-2:])} images but the CLIP expects {size} x {size}; "
                     f"build the data set with resolution={size}"
                 )
-            features.append(clip_run.encode_images(pixels))
-            texts += batch["text"]
-            labels += batch["label"]
-            skipped += batch["skipped"]
+            asked = range(position, position + len(pixels))
+            keep = [k for k, i in enumerate(batch["index"]) if i is None or i == asked[k]]
+            position += len(pixels)
+            unreadable = list(dict.fromkeys([*unreadable, *batch["skipped"]]))  # a file once, however often tried
+            if keep:
+                features.append(clip_run.encode_images(pixels[keep]))
+                texts += [batch["text"][k] for k in keep]
+                labels += [batch["label"][k] for k in keep]
             bar.update(len(pixels))
-    if skipped:
-        # An unreadable file is replaced by the next readable item, so features and captions stay paired.
-        logger.warning("%d unreadable image(s) replaced by the next readable one, e.g. %s", len(skipped), skipped[0])
-    return torch.cat(features), texts, labels
+    if unreadable:
+        logger.warning("%d unreadable image(s) left out of the figures, e.g. %s", len(unreadable), unreadable[0])
+    if not features:
+        raise ValueError(f"none of the first {n} images of {dataset!r} could be read")
+    return torch.cat(features), texts, labels, unreadable
 
 
 @torch.no_grad()
@@ -164,7 +174,9 @@ def evaluate_clip(
     model.eval()
     try:
         # 1. embed the first n images and their captions
-        image_features, texts, labels = _embed_images(clip_run, dataset, n, batch_size, num_workers, progress)
+        image_features, texts, labels, unreadable = _embed_images(
+            clip_run, dataset, n, batch_size, num_workers, progress
+        )
         text_features = _embed_texts(clip_run, texts, batch_size, progress)  # (n, D)
 
         # 2. zero-shot classification of the labelled images, over the labels of the whole split
@@ -200,7 +212,12 @@ def evaluate_clip(
 
     metrics = {f"zero_shot_{key}": value for key, value in zero_shot.items()}
     metrics.update(recall)
-    metrics.update(num_images=n, num_classes=len(classnames) if labelled else 0, num_zero_shot_images=len(labelled))
+    metrics.update(
+        num_images=len(texts),
+        num_classes=len(classnames) if labelled else 0,
+        num_zero_shot_images=len(labelled),
+        num_unreadable_images=len(unreadable),
+    )
     metrics = {key: metrics[key] for key in METRIC_KEYS}
     extras = ClipEvalExtras(
         classnames=classnames if labelled else [],

@@ -675,18 +675,28 @@ def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None
     )
 
 
-def load_reference_images(data: str, split: str, resolution: int) -> torch.Tensor:
-    """The split's single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`."""
+def load_reference_images(data: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """The split's readable single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`, and the
+    paths of its unreadable files: those are left out and counted (the data set's stand-in for one, the next
+    readable image, would count twice)."""
     from clipcond.data.folders import ImageCaptionDataset
 
     dataset = ImageCaptionDataset(data, split=split, resolution=resolution)
-    items = [dataset[i] for i in range(len(dataset))]
-    images = [item["pixel_values"] for item in items if item["label"]]
+    images, unreadable = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item["index"] != i:  # the data set's stand-in for an unreadable file
+            unreadable.append(str(dataset.image_paths[i]))
+        elif item["label"]:
+            images.append(item["pixel_values"])
+    if unreadable:
+        logger.warning("%d unreadable image(s) in split %r left out, e.g. %s", len(unreadable), split, unreadable[0])
     if len(images) < 2:
         raise ValueError(
-            f"split {split!r} of {data} has {len(images)} single-object image(s); the Fréchet distance needs >= 2"
+            f"split {split!r} of {data} has {len(images)} readable single-object image(s); the Fréchet distance "
+            "needs >= 2"
         )
-    return torch.stack(images)
+    return torch.stack(images), unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -737,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference = load_reference_images(args.data, args.split, clip_run.image_size)
+    reference, unreadable = load_reference_images(args.data, args.split, clip_run.image_size)
     pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
 
     # 3. evaluate, write, print
@@ -762,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(run),
             "data": str(args.data),
             "reference_split": args.split,
+            "unreadable_reference_images": len(unreadable),
             "clip_mismatch": mismatch,
         },
         progress=not args.no_progress,

@@ -351,6 +351,7 @@ def evaluate_unclip(
     judge: AttributeJudge,
     clip_run=None,
     reference_images: torch.Tensor | None = None,
+    unreadable_reference_images: int = 0,
     split: str = "test",
     sources_per_class: int = DEFAULT_SOURCES_PER_CLASS,
     variations_per_source: int = DEFAULT_VARIATIONS_PER_SOURCE,
@@ -376,6 +377,7 @@ def evaluate_unclip(
         data: the shapes data root (dataset_info.json gives the classes and the held-out pairs).
         judge: the attribute judge at the data's resolution.
         clip_run, reference_images: for the text-to-image CLIP score and FD (`evaluate_generation`); optional.
+        unreadable_reference_images: how many files of the reference split could not be read (recorded).
         split: the split whose one-object images are the variation sources and whose captions the prior is
             evaluated on.
         guidance_scale, num_inference_steps, guidance_start, guidance_end: the decoder's, for variations and
@@ -489,6 +491,7 @@ def evaluate_unclip(
             "noise_level": noise_level,
             "guidance_start": guidance_start,
             "guidance_end": guidance_end,
+            "unreadable_reference_images": unreadable_reference_images,
         },
         progress=progress,
     )
@@ -634,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference = load_reference_images(args.data, args.split, clip_run.image_size)
+    reference, unreadable = load_reference_images(args.data, args.split, clip_run.image_size)
     pipe = UnCLIPTextToImagePipeline.from_runs(
         args.prior,
         args.decoder,
@@ -652,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         judge=judge,
         clip_run=clip_run,
         reference_images=reference,
+        unreadable_reference_images=len(unreadable),
         split=args.split,
         sources_per_class=args.sources_per_class,
         variations_per_source=args.variations_per_source,

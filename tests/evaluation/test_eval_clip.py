@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -219,3 +220,29 @@ def test_a_json_config_sets_the_initial_temperature(tmp_path):
     assert config.logit_scale_init_value == pytest.approx(math.log(5.0))
     assert CLIPModel(config).logit_scale.exp().item() == pytest.approx(5.0)
     assert clip_config("test", **ids).logit_scale_init_value == pytest.approx(math.log(1 / 0.07), abs=1e-4)  # 0.07
+
+
+def test_unreadable_images_are_left_out_and_counted(clip_run_dir, shapes_root, tmp_path):
+    """A corrupt test image is neither scored nor replaced by a second copy of its neighbour: the figures cover the
+    readable images, and the metrics and the reference images say how many were not."""
+    import shutil
+
+    from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.evaluation.generation import load_reference_images
+
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    rows = [json.loads(line) for line in (root / "test" / "metadata.jsonl").open()]
+    broken = [i for i, row in enumerate(rows) if row["label"]][:2]
+    for i in broken:
+        (root / "test" / rows[i]["file_name"]).write_bytes(b"not a png")
+    clip_run = load_clip(clip_run_dir)
+    dataset = ImageCaptionDataset(root, split="test", resolution=clip_run.image_size)
+    metrics, extras = evaluate_clip(clip_run, dataset, batch_size=5, progress=False)
+    assert metrics["num_unreadable_images"] == 2 and metrics["num_images"] == len(rows) - 2
+    labelled = sum(1 for row in rows if row["label"])
+    assert metrics["num_zero_shot_images"] == labelled - 2
+
+    images, unreadable = load_reference_images(str(root), "test", clip_run.image_size)
+    assert images.shape[0] == labelled - 2 and len(unreadable) == 2
+    assert {Path(p).name for p in unreadable} == {rows[i]["file_name"] for i in broken}
