@@ -87,6 +87,7 @@ EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE  # light: no torch model is built
     from clipcond.generate import DTYPES
+    from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 
     parser = argparse.ArgumentParser(
         prog="clipcond demo",
@@ -130,7 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-inference-steps", type=int, default=20, help="DPM-Solver++ steps per image")
     parser.add_argument(
-        "--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="classifier-free guidance weight"
+        "--guidance-scale",
+        type=float,
+        default=DEFAULT_GUIDANCE_SCALE,
+        help=f"the text-to-image decoder's classifier-free guidance weight (default {DEFAULT_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--sample-dtype",
@@ -152,6 +156,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variation-sources", type=int, default=4, help="one-object test images varied per colour-shape class"
     )
     dalle2.add_argument("--variations-per-source", type=int, default=4, help="variations judged per source image")
+    dalle2.add_argument(
+        "--unclip-guidance-scale",
+        type=float,
+        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+        help=f"the image-embedding decoder's guidance weight (default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
+    )
     args = parser.parse_args(argv)
     args.recipe = resolve_recipe(args.recipe, args.quick)
     if args.eval_images_per_prompt is None:
@@ -169,8 +179,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("clip_steps", "decoder_steps", "prior_steps", "unclip_decoder_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    if args.guidance_scale < 1:
-        raise ValueError(f"`--guidance-scale` must be >= 1 (1: no guidance), got {args.guidance_scale}")
+    for flag, value in (
+        ("--guidance-scale", args.guidance_scale),
+        ("--unclip-guidance-scale", args.unclip_guidance_scale),
+    ):
+        if not value >= 1:
+            raise ValueError(f"`{flag}` must be >= 1 (1: no guidance), got {value}")
     if args.samples_per_prompt > args.eval_images_per_prompt and not args.quick:  # --quick keeps one of each
         raise ValueError(
             f"`--samples-per-prompt` ({args.samples_per_prompt}) must be <= `--eval-images-per-prompt` "
@@ -529,7 +543,7 @@ def _stage_unclip_eval(
         clip_run=clip_run,
         reference_images=reference,
         unreadable_reference_images=len(unreadable),
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.unclip_guidance_scale,
         **(quick if args.quick else budget),
         **({"prior_num_inference_steps": 2, "prior_max_captions": 36} if args.quick else {}),
         seed=args.seed,

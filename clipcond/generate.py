@@ -28,7 +28,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
+from clipcond.pipelines.inputs import (
+    DEFAULT_GUIDANCE_START,
+    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    DEFAULT_TEXT_GUIDANCE_SCALE,
+)
 
 DTYPES = ("fp32", "bf16", "fp16")
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
@@ -54,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
-        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance weight; <= 1: none (default 5.0)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight; <= 1: none (default 3.0 for a text-to-image decoder, 5.0 for the "
+        "image-embedding decoder through a prior)",
     )
     parser.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
@@ -329,6 +337,9 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
     import torch
 
     check_text_to_image(type(pipe).__name__, args)
+    if args.guidance_scale is None:  # each path's measured default
+        plain = type(pipe).__name__ == "TextToImagePipeline"
+        args.guidance_scale = DEFAULT_TEXT_GUIDANCE_SCALE if plain else DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
     extra = prior_settings(pipe, args)
     per_image = [prompt for prompt in prompts for _ in range(args.num_images)]
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(per_image)]  # image k: seed + k

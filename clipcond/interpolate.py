@@ -29,6 +29,7 @@ from clipcond.generate import (
     scheduler_name,
     write_outputs,
 )
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.vary import check_reads_images, decoder_of, read_images
 
 
@@ -51,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-inference-steps", type=int, default=25, help="the decoder's denoising steps (default 25)"
     )
     parser.add_argument(
-        "--guidance-scale", type=float, default=5.0, help="the decoder's classifier-free guidance (default 5.0)"
+        "--guidance-scale",
+        type=float,
+        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+        help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
+        f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default=None, help="decoder sampler (default: the saved one)"

@@ -26,6 +26,7 @@ from clipcond.generate import (
     scheduler_name,
     write_outputs,
 )
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=4, help="variations per image (default 4)")
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
-        "--guidance-scale", type=float, default=5.0, help="classifier-free guidance weight; <= 1: none (default 5.0)"
+        "--guidance-scale",
+        type=float,
+        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+        help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
+        f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
     )
     parser.add_argument(
         "--noise-level",

@@ -10,7 +10,7 @@ import torch
 from clipcond.demo import QUICK_JUDGE, main, parse_args
 from clipcond.evaluation import judge as judge_module
 from clipcond.evaluation import unclip
-from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE
+from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE as DEFAULT_GUIDANCE_SCALE  # the unCLIP decoder's
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which the samples are drawn with.
 pytestmark = pytest.mark.filterwarnings(

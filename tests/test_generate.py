@@ -14,6 +14,7 @@ from clipcond import cli
 from clipcond.generate import SCHEDULER_NAMES, main, write_outputs
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline
+from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -64,7 +65,7 @@ def test_writes_images_grid_and_records(pipeline_dir, tmp_path, capsys):
         "negative_prompt": None,
         "seed": 10,
         "num_inference_steps": 2,
-        "guidance_scale": 5.0,
+        "guidance_scale": DEFAULT_TEXT_GUIDANCE_SCALE,  # a text-to-image decoder's default
         "scheduler": "ddpm",
         "model": str(pipeline_dir),
         "dtype": "fp32",

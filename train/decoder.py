@@ -83,7 +83,7 @@ logger = logging.getLogger(__name__)
 
 # Colour-shape prompts of the built-in shapes data; "a blue square" is one of its held-out pairs (DEFAULT_HELD_OUT).
 DEFAULT_VALIDATION_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
-DEFAULT_STEPS = {"text": 600, "image-embedding": 800}  # --max-train-steps by --conditioning (see parse_args)
+DEFAULT_STEPS = {"text": 1200, "image-embedding": 800}  # --max-train-steps by --conditioning (see parse_args)
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # DDPM (Ho et al.); Nichol & Dhariwal 2021
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
 
@@ -211,9 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # samples although its loss is low; v-prediction on the cosine schedule with min-SNR weighting gives clean shapes
     # in the right colour by step 200. A fixed EMA decay of 0.999 would still hold 0.999^600 = 55% of the random
     # initialisation; with warm-up the decay is 1 - (1 + step)^(-2/3), about 0.986 at step 600.
-    # Steps: the judged shape accuracy is still climbing steeply here (on one CLIP, seen prompts at guidance 5: 69% at
-    # 500 steps, 97% at 800); 600 is what fits `clipcond demo`'s 15 minutes, the image-embedding decoder (no time
-    # bar; blank and blob-shaped variations at 500) gets 800.
+    # Steps: at 600 the text-to-image decoder drew half of its one-object prompts as two or three objects; 1200
+    # halves that share and still fits `clipcond demo`'s 15 minutes (docs/lab-notes.md). The image-embedding
+    # decoder (no time bar; blank and blob-shaped variations at 500) gets 800.
     add_training_args(
         parser,
         train_batch_size=32,

@@ -53,6 +53,7 @@ from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
+from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 GenerateFn = Callable[[list[str], float, list[torch.Generator]], torch.Tensor]
 
 DEFAULT_PROMPT_TEMPLATE = "a {colour} {shape}"
-DEFAULT_GUIDANCE_SCALE = 5.0  # `clipcond generate`'s default: on the shapes data, 5 draws the shape more often than 3
+DEFAULT_GUIDANCE_SCALE = DEFAULT_TEXT_GUIDANCE_SCALE  # `clipcond generate`'s default for a text-to-image decoder
 GROUPS = ("", "_seen", "_heldout")  # all classes, seen compositions, held-out compositions
 # The figures of one guidance scale, in the order printed (then "per_class").
 GROUP_KEYS = (

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
 from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import (
-    DEFAULT_GUIDANCE_SCALE,
     GenerateFn,
     check_image_batch,
     clip_image_features,
@@ -50,9 +49,11 @@ from clipcond.evaluation.generation import (
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
 from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
-from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
+from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_DECODER_GUIDANCE_SCALE = DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE  # the image-embedding decoder's
 
 # vary(sources, generators) -> uint8 images (B, 3, H, W): one variation of sources[i] (uint8 (B, 3, h, w)) drawn
 # from generators[i].
@@ -356,7 +357,7 @@ def evaluate_unclip(
     sources_per_class: int = DEFAULT_SOURCES_PER_CLASS,
     variations_per_source: int = DEFAULT_VARIATIONS_PER_SOURCE,
     images_per_prompt: int = 8,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: float = DEFAULT_DECODER_GUIDANCE_SCALE,
     num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
     prior_guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
     prior_num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
@@ -551,7 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--images-per-prompt", type=int, default=8, help="text-to-image images per prompt")
     parser.add_argument(
-        "--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="the decoder's guidance weight"
+        "--guidance-scale", type=float, default=DEFAULT_DECODER_GUIDANCE_SCALE, help="the decoder's guidance weight"
     )
     parser.add_argument(
         "--num-inference-steps", type=int, default=DEFAULT_INFERENCE_STEPS, help="the decoder's sampler steps"

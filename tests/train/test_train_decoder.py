@@ -473,7 +473,8 @@ def test_step_budget_follows_the_conditioning(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         decoder.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "600 with --conditioning text, 800 with --conditioning image-embedding)" in help_text
+    text, image = decoder.DEFAULT_STEPS["text"], decoder.DEFAULT_STEPS["image-embedding"]
+    assert f"{text} with --conditioning text, {image} with --conditioning image-embedding)" in help_text
     assert "(default: None)" not in help_text
 
 
