@@ -157,6 +157,14 @@ def decoder_rows(report: dict) -> list[str]:
     rows.append(
         f"| Stable Diffusion path, seen prompts drawn as several objects | {several} | {seeds} | reported | | {source} |"
     )
+    diversity = " / ".join(
+        f"{r['diversity']['clip']:.3f} ({r['diversity']['clip_real']:.3f})" for r in runs if r.get("diversity")
+    )
+    if diversity:
+        rows.append(
+            f"| Stable Diffusion path, diversity: mean 1 - CLIP cosine between two images of a prompt (renders of "
+            f"the class) | {diversity} | {seeds} | reported | | {source} |"
+        )
     for key, label in (("colour_accuracy_heldout", "colour"), ("shape_accuracy_heldout", "shape")):
         rows.append(
             f"| Stable Diffusion path, held-out prompts, {label} | {_over_seeds(summary[key])}; {per_seed(key)} | "
@@ -190,6 +198,14 @@ def unclip_rows(report: dict) -> list[str]:
                 f"| DALL-E 2 path: {label}, seen, {what} ({judge}) | {_pct(value)} | {seed} | ≥ {_pct(bar[key])} | "
                 f"{_held(value >= bar[key], report.get('judge', {}).get('version'))} | {source} |"
             )
+    distance = report["variations"].get("distance")
+    if distance:
+        to, other = distance["to_source"], distance["to_other_source"]
+        rows.append(
+            f"| DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside a source "
+            f"of another class and a copy (0) | CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels "
+            f"{to['pixels']:.3f} vs {other['pixels']:.3f} | {seed} | reported | | {source} |"
+        )
     return rows
 
 

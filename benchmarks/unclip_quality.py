@@ -114,10 +114,14 @@ def run(demo_dir: Path, quick: bool = False) -> dict:
             **_pick(variations, [f"source_{key}" for key in ACCURACIES]),
             "num_images": variations["num_images"],
             "generation_seconds": variations["generation_seconds"],
+            # what the judge saw instead of one object, and how far the variations are from their sources
+            "outcomes": variations.get("outcomes"),
+            "distance": variations.get("distance"),
         },
         "prior_text_to_image": {
             **_pick(text_to_image, ACCURACIES),
             **_pick(text_to_image, ("clip_score", "clip_top1", "fd_clip", "fd_clip_floor")),
+            "outcomes": text_to_image["guidance"][str(float(text_to_image["guidance_scale"]))].get("outcomes"),
         },
         "stable_diffusion_text_to_image": {
             **_pick(generation, ACCURACIES),
