@@ -3,9 +3,9 @@
     python benchmarks/decoder_quality.py [--demo-dir DIR] [--seeds 0,1,2] [--images-per-prompt N] [--write-results]
 
 runs `clipcond demo --output-dir DIR/seed-N --seed N` for every seed (every recipe at its defaults; a finished demo
-is reused, an interrupted one resumed) and prints one JSON object: under "per_seed", for each seed, the judged colour / shape / both-correct accuracy of the
+of that seed and judge is reused, an interrupted one resumed) and prints one JSON object: under "per_seed", for each seed, the judged colour / shape / both-correct accuracy of the
 generated images for the seen and the held-out compositions at guidance 1 and at the default guidance, the CLIP
-score and FD, the demo's time by stage (wall and CPU seconds), and `meets_bar` against the bar: the prompted colour
+score and FD, the demo's time by stage (wall and CPU seconds), and `meets_quality_bar` against the bar: the prompted colour
 in >= 90% and the prompted shape in >= 75% of the images of seen compositions at the default guidance, and the
 whole demo within 15 minutes of wall time, counted only for a demo that ran as one command with no training resumed
 (`clipcond.demo.uninterrupted`; it holds on 2 quiet CPU cores only: the load average is reported, as other work on
@@ -77,6 +77,7 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
         demo_main(["--output-dir", str(demo_dir), "--seed", str(seed)])
     report = json.loads((demo_dir / "report.json").read_text())
     generation = report["generation"]
+    check_reused_demo(report, demo_dir, seed)
     if images_per_prompt is not None:
         from clipcond.evaluation.generation import main as eval_main
 
@@ -101,8 +102,8 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
         "sampler": f"{generation['settings']['scheduler']}@{generation['settings']['num_inference_steps']}",
         "figures": _figures(generation),
         "num_judged_seen": len(seen_classes) * settings["num_images_per_prompt"],
-        "outcomes": default["outcomes"],
-        "diversity": default["diversity"],
+        "outcomes": default.get("outcomes"),
+        "diversity": default.get("diversity"),
         "fd_clip_floor": generation["fd_clip_floor"],
         "judge": {k: v for k, v in generation["judge"].items() if k != "path"},
         "decoder": report["decoder"],
@@ -142,21 +143,40 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
     return result
 
 
+def check_reused_demo(report: dict, demo_dir: Path, seed: int) -> None:
+    """A finished demo in `demo_dir` is reused as it is: refuse one of another seed or of an older judge, whose
+    figures would be reported under this seed and this judge."""
+    from clipcond.evaluation.judge import JUDGE_VERSION
+
+    made = report["generation"]["settings"].get("seed")
+    judge = report["generation"]["judge"].get("version")
+    if made != seed or judge != JUDGE_VERSION:
+        raise ValueError(
+            f"{demo_dir} holds a demo of seed {made} judged by judge v{judge}, not seed {seed} and judge "
+            f"v{JUDGE_VERSION}; give another `--demo-dir`"
+        )
+
+
 def over_seeds(per_seed: dict[int, dict]) -> dict:
     """Every bar's figure over the seeds (`clipcond.evaluation.stats.bar_holds`), and the time bar in every run."""
     from clipcond.evaluation.stats import bar_holds, mean_interval
 
     runs = list(per_seed.values())
     summary = {}
+
+    def figure(r: dict, name: str) -> float:
+        return r["figures"][str(float(r["guidance_scale"]))][name]
+
     for name in ("colour_accuracy_seen", "shape_accuracy_seen"):
-        values = [r["figures"][str(float(r["guidance_scale"]))][name] for r in runs]
-        summary[name] = bar_holds(values, [r["num_judged_seen"] for r in runs], BAR[name])
+        values = {seed: figure(r, name) for seed, r in per_seed.items()}
+        summary[name] = bar_holds(values, {seed: r["num_judged_seen"] for seed, r in per_seed.items()}, BAR[name])
     for name, bar in CLIP_BAR.items():
         group = name.rsplit("_", 1)[1]
-        values = [r["clip"][name] for r in runs]
-        summary[f"clip_{name}"] = bar_holds(values, [r["clip"][f"num_images_{group}"] for r in runs], bar)
+        values = {seed: r["clip"][name] for seed, r in per_seed.items()}
+        counts = {seed: r["clip"][f"num_images_{group}"] for seed, r in per_seed.items()}
+        summary[f"clip_{name}"] = bar_holds(values, counts, bar)
     for name in ("colour_accuracy_heldout", "shape_accuracy_heldout"):  # reported, no bar
-        summary[name] = mean_interval([r["figures"][str(float(r["guidance_scale"]))][name] for r in runs])
+        summary[name] = mean_interval([figure(r, name) for r in runs], bounds=(0.0, 1.0))
     walls = [r["demo_wall_seconds"] for r in runs]
     summary["demo_wall_seconds"] = {
         **mean_interval(walls),
@@ -171,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="decoder_quality_") as tmp:
         base = args.demo_dir or Path(tmp, "demo")
-        per_seed = {
-            seed: run(base if len(args.seeds) == 1 else base / f"seed-{seed}", args.images_per_prompt, seed)
-            for seed in args.seeds
-        }
+        per_seed = {seed: run(base / f"seed-{seed}", args.images_per_prompt, seed) for seed in args.seeds}
     summary = over_seeds(per_seed)
     result = {
         "command": "python benchmarks/decoder_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -97,6 +97,8 @@ def rejudge(judge, folder: Path) -> dict:
         for group in ("seen", "heldout"):
             mask = torch.tensor([(f"{c} {s}" in held) == (group == "heldout") for c, s in zip(colours, shapes)])
             n = int(mask.sum())
+            if n == 0:  # no class of this group in the evaluation
+                continue
             now = {
                 what: scores_of.double()[mask].mean().item()
                 for what, scores_of in (("colour", scores.colour_correct), ("shape", scores.shape_correct))

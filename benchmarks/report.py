@@ -60,10 +60,10 @@ def throughput_table(name: str, report: dict) -> list[str]:
         preset, precision = r.get("preset"), r.get("precision")
         if preset is None:  # results written before cases named their fields: "<preset>_<precision>"
             preset, precision = case.rsplit("_", 1)
-        attention = "/".join(r.get("attention", {"clipcond": "default"}).values())
+        attention = "/".join(r["attention"].values()) if "attention" in r else "–"  # not recorded before
         low, high = r.get("ratio_min_max", [None, None])
         lines.append(
-            f"| {preset} | {precision} | {attention} | {r.get('device', 'cpu')} | {r.get('batch_size', '?')} | "
+            f"| {preset} | {precision} | {attention} | {r.get('device', '–')} | {r.get('batch_size', '?')} | "
             f"{r.get('rounds', '?')} | {r['clipcond_samples_per_s']} | {r[f'{theirs}_samples_per_s']} | "
             f"{r['ratio']}x ({low}-{high}) |"
         )
@@ -104,19 +104,22 @@ def _pct(value) -> str:
 
 def _source(name: str, report: dict) -> str:
     commit = report.get("commit")
-    when = f" at {commit[:7]}{'+' if report.get('dirty') else ''}, {report.get('date', '')[:10]}" if commit else ""
-    return f"`{name}.json`{when}"
+    if not commit:
+        return f"`{name}.json` (commit not recorded)"
+    return f"`{name}.json` at {commit[:7]}{'+' if report.get('dirty') else ''}, {report.get('date', '')[:10]}"
 
 
 def _over_seeds(summary: dict) -> str:
-    """ "mean (95% interval low-high; per seed a / b / c)"."""
+    """ "mean (95% interval low-high)"; one value has no interval."""
+    if summary.get("low") is None:
+        return f"**{_pct(summary['mean'])}** (one run)"
     return f"**{_pct(summary['mean'])}** ({_pct(summary['low'])}–{_pct(summary['high'])})"
 
 
 def _held(holds: bool, judge_version: int | None) -> str:
     """✓ / ✗, or, for a figure of the judge that forced every image into a class, that it awaits the new judge."""
     if judge_version is not None and judge_version < 2:
-        return f"{'✓' if holds else '✗'} by judge v{judge_version}, one seed: not re-measured"
+        return f"not re-measured (judge v{judge_version}, one seed, read {'✓' if holds else '✗'})"
     return "✓" if holds else "✗"
 
 
@@ -200,10 +203,10 @@ def unclip_rows(report: dict) -> list[str]:
             )
     distance = report["variations"].get("distance")
     if distance:
-        to, other = distance["to_source"], distance["to_other_source"]
+        to, other = distance["to_source"], distance.get("to_unrelated_sources") or distance["to_other_source"]
         rows.append(
-            f"| DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside a source "
-            f"of another class and a copy (0) | CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels "
+            f"| DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside the "
+            f"sources of unrelated classes and a copy (0) | CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels "
             f"{to['pixels']:.3f} vs {other['pixels']:.3f} | {seed} | reported | | {source} |"
         )
     return rows
@@ -213,36 +216,70 @@ def search_rows(report: dict) -> list[str]:
     value, bar = report["mean_precision_at_k"], report["bar"]["mean_precision_at_5"]
     return [
         f"| text → image search with the demo's CLIP, mean top-{report['top_k']} precision | {_pct(value)} | "
-        f"{report.get('seed', 0)} | ≥ {_pct(bar)} | {'✓' if value >= bar else '✗'} | {_source('search_quality', report)} |"
+        f"{report.get('seed', '–')} | ≥ {_pct(bar)} | {'✓' if value >= bar else '✗'} | {_source('search_quality', report)} |"
     ]
 
 
 def scheduler_rows(report: dict) -> list[str]:
     diff = report["dpm@20_minus_ddpm@1000"]
+    version = report.get("judge", {}).get("version", 1)  # written before results named their judge: judge v1
     cells = ", ".join(
         f"{k.replace('_accuracy_seen', '')} {100 * v:+.1f}" for k, v in diff.items() if k.endswith("_seen")
     )
     return [
         f"| DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({report['images_per_prompt']} images per prompt,"
-        f" judge v1) | {cells} | 0 | at most 3 below | {_held(report['within_3_points'], 1)} | "
+        f" judge v{version}) | {cells} | {report.get('seed', '–')} | at most 3 below | "
+        f"{_held(report['within_3_points'], version)} | "
         f"{_source('scheduler_steps', report)} |"
     ]
 
 
 def judge_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
+    version, source, bar, checks = (
+        report["judge"]["version"],
+        _source("judge_quality", report),
+        report["bar"],
+        report["checks"],
+    )
     rows = []
     for name, case in report["cases"].items():
+        key = "corrupted one object" if name.startswith("one object,") else name
         rows.append(
-            f"| judge v{report['judge']['version']} on another renderer: {name} (→ {case['expected']}) | "
-            f"{_over_seeds(case['right'])} | {seeds} | see script | | {_source('judge_quality', report)} |"
+            f"| judge v{version} on another renderer: {name} (→ {case['expected']}) | {_over_seeds(case['right'])} | "
+            f"{seeds} | ≥ {_pct(bar[key])} | {'✓' if checks[key] else '✗'} | {source} |"
         )
     if report.get("untrained_unet"):
         share = report["untrained_unet"]["outcomes"]["object"]
         rows.append(
-            f"| judge v{report['judge']['version']}: an untrained UNet's samples called one object | {_pct(share)} | "
-            f"0 | ≤ {_pct(report['bar']['untrained_object_share_max'])} | "
-            f"{'✓' if report['checks'].get('untrained UNet') else '✗'} | {_source('judge_quality', report)} |"
+            f"| judge v{version}: an untrained UNet's samples called one object | {_pct(share)} | 0 | "
+            f"≤ {_pct(bar['untrained_object_share_max'])} | {'✓' if checks['untrained UNet'] else '✗'} | {source} |"
+        )
+    rejudged = report.get("rejudged")
+    if rejudged:
+        before = rejudged["judge_before"].get("version")
+        for key, groups in rejudged["guidance"].items():
+            for group, figures in groups.items():
+                cells = ", ".join(
+                    f"{what} {_pct(figures['before'][what])} → {_pct(figures['now'][what])}"
+                    for what in ("colour", "shape")
+                )
+                rows.append(
+                    f"| the same {figures['num_images']} saved images ({group}, guidance {float(key):g}) read by judge "
+                    f"v{before} → v{version} | {cells}; {_pct(figures['outcomes']['several'])} several | 0 | reported "
+                    f"| | {source} |"
+                )
+    return rows
+
+
+def clip_rows(report: dict) -> list[str]:
+    bar, seed, source = report["bar"], report.get("seed", "–"), _source("clip_quality", report)
+    rows = []
+    for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
+        rows.append(
+            f"| `clipcond train clip` recipe ({ {'no': 'fp32'}.get(report.get('precision'), report.get('precision', '?')) }), zero-shot top-1, {label} "
+            f"classes | {_pct(report[key])} | {seed} | ≥ {_pct(bar[key])} | {'✓' if report[key] >= bar[key] else '✗'}"
+            f" (one seed) | {source} |"
         )
     return rows
 
@@ -253,6 +290,7 @@ QUALITY = {
     "search_quality": ("python benchmarks/search_quality.py --save-results", search_rows),
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
+    "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
 }
 
 
@@ -266,8 +304,8 @@ def quality_block(results_dir: Path) -> list[str]:
         path = results_dir / f"{name}.json"
         report = json.loads(path.read_text()) if path.is_file() else None
         if name == "decoder_quality" and report is not None and "over_seeds" not in report:
-            report = None  # a result of one seed, from before the bars were measured over seeds
-        if report is not None:
+            missing.append(f"_{name}: the latest result is of one seed, from before `--seeds` (`{command}`)_")
+        elif report is not None:
             lines += rows(report)
         else:
             missing.append(f"_{name}: no results yet (`{command}`)_")

@@ -610,11 +610,11 @@ def _distance_sentence(distance: dict | None) -> str:
     """How far variations are from their sources, beside an unrelated source and a copy."""
     if not distance:
         return ""
-    to, other = distance["to_source"], distance["to_other_source"]
+    to, other = distance["to_source"], distance["to_unrelated_sources"]
     clip = f"CLIP {_num(to['clip'])} against {_num(other['clip'])}, " if to.get("clip") is not None else ""
     return (
         f"Distance of a variation to its source: {clip}pixels {_num(to['pixels'])} against "
-        f"{_num(other['pixels'])} for a source of another class (a copy: 0)."
+        f"{_num(other['pixels'])} for the sources of unrelated classes (a copy: 0)."
     )
 
 

@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance-scale",
         type=float,
         default=None,
-        help="classifier-free guidance weight; <= 1: none (default 3.0 for a text-to-image decoder, 5.0 for the "
-        "image-embedding decoder through a prior)",
+        help=f"classifier-free guidance weight; <= 1: none (default {DEFAULT_TEXT_GUIDANCE_SCALE:g} for a "
+        f"text-to-image decoder, {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g} for the image-embedding decoder through a "
+        "prior)",
     )
     parser.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
@@ -338,7 +339,9 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
 
     check_text_to_image(type(pipe).__name__, args)
     if args.guidance_scale is None:  # each path's measured default
-        plain = type(pipe).__name__ == "TextToImagePipeline"
+        from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+        plain = isinstance(pipe, TextToImagePipeline)
         args.guidance_scale = DEFAULT_TEXT_GUIDANCE_SCALE if plain else DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
     extra = prior_settings(pipe, args)
     per_image = [prompt for prompt in prompts for _ in range(args.num_images)]

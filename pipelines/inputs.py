@@ -11,10 +11,9 @@ from __future__ import annotations
 # the text-to-image pipeline guides every step.
 DEFAULT_GUIDANCE_START = 0.4
 
-# Classifier-free guidance weights of the commands and evaluations, by path. The text-to-image decoder at the CPU
-# recipe draws one object of the prompted colour and shape most often between 2 and 3 (judged with the judge that
-# counts objects; guidance 5 draws more second objects, see docs/lab-notes.md); the image-embedding decoder, guided
-# from DEFAULT_GUIDANCE_START on, was measured at 5.
+# Classifier-free guidance weights of the pipelines, commands and evaluations, by path: the text-to-image decoder's
+# (stronger guidance draws more second objects for one-object prompts; docs/lab-notes.md has the sweep) and the
+# image-embedding decoder's, guided from DEFAULT_GUIDANCE_START on.
 DEFAULT_TEXT_GUIDANCE_SCALE = 3.0
 DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE = 5.0
 

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clipcond.conditioning import TextEmbeddings, encode_prompts
 from clipcond.models.unet import check_encoder_fits
-from clipcond.pipelines.inputs import check_prompts, check_sampling_args
+from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE, check_prompts, check_sampling_args
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,13 @@ class TextToImagePipeline(DiffusionPipeline):
                 "this UNet reads the pooled text embedding (trained with --pooled-text), but the text encoder "
                 f"{type(self.text_encoder).__name__} has no projection; load it as CLIPTextModelWithProjection"
             )
+        expected = self.unet.config.projection_class_embeddings_input_dim
+        if text.pooled.shape[-1] != expected:
+            raise ValueError(
+                f"the UNet reads a pooled text embedding of width {expected}, but the text encoder "
+                f"{type(self.text_encoder).__name__} gives {text.pooled.shape[-1]}: it is not the encoder it was "
+                "trained on"
+            )
         pooled = torch.nn.functional.normalize(text.pooled.float(), dim=-1)
         return pooled.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
 
@@ -184,7 +191,7 @@ class TextToImagePipeline(DiffusionPipeline):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_TEXT_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,

@@ -38,6 +38,7 @@ from transformers import (
 from clipcond.conditioning import context_length
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
 from clipcond.pipelines.prior import PriorPipeline
 from clipcond.pipelines.variation import (
@@ -259,7 +260,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         prior_num_inference_steps: int = 25,
         prior_guidance_scale: float = 4.0,
         num_images_per_prompt: int = 1,
@@ -345,7 +346,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         num_frames: int = 5,
         negative_prompt: str | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         prior_num_inference_steps: int = 25,
         prior_guidance_scale: float = 4.0,
         generator: torch.Generator | None = None,

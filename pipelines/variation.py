@@ -39,6 +39,7 @@ from clipcond.models.image_embedding import (
 )
 from clipcond.pipelines.inputs import (
     DEFAULT_GUIDANCE_START,
+    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
     check_guidance_interval,
     check_sampling_args,
     guided_steps,
@@ -261,7 +262,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         image: ImageInput | None = None,
         image_embeds: torch.Tensor | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -402,7 +403,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         image_embeds: torch.Tensor | None = None,
         num_frames: int = 5,
         num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         noise_level: int = 0,

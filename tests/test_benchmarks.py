@@ -1,5 +1,6 @@
 """The speed benchmarks run and compare like with like: both contenders on one device, with the same parameters,
-each attention setting reported. Seconds-long smoke runs on the `test` presets; no figure is checked."""
+each attention setting reported (seconds-long smoke runs on the `test` presets; no speed figure is checked); the
+rules that turn results into bars; and the README's figure tables, which must be what report.py renders."""
 
 import json
 import sys
@@ -68,7 +69,7 @@ def test_decoder_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
     # mean, but 73.2% of 224 images lies clear below 80%
     clip_runs = {s: _seed_run(0.95, 0.8, v, 400) for s, v in enumerate([0.799, 0.835, 0.929, 0.732])}
     verdict = decoder_quality.over_seeds(clip_runs)["clip_zero_shot_top1_heldout"]
-    assert verdict["mean"] >= 0.8 and not verdict["holds"] and verdict["seeds_missing"] == [0.732]
+    assert verdict["mean"] >= 0.8 and not verdict["holds"] and verdict["seeds_missing"] == [3]
 
     slow = decoder_quality.over_seeds({0: _seed_run(0.95, 0.8, 0.85, 400), 1: _seed_run(0.95, 0.8, 0.85, 950)})
     assert not slow["demo_wall_seconds"]["holds"] and slow["demo_wall_seconds"]["max"] == 950

@@ -46,7 +46,7 @@ from einops import rearrange
 from PIL import Image
 
 from clipcond.cli import HelpFormatter
-from clipcond.conditioning import TextEmbeddingCache, unique_captions
+from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_captions
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
@@ -211,9 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # samples although its loss is low; v-prediction on the cosine schedule with min-SNR weighting gives clean shapes
     # in the right colour by step 200. A fixed EMA decay of 0.999 would still hold 0.999^600 = 55% of the random
     # initialisation; with warm-up the decay is 1 - (1 + step)^(-2/3), about 0.986 at step 600.
-    # Steps: at 600 the text-to-image decoder drew half of its one-object prompts as two or three objects; 1200
-    # halves that share and still fits `clipcond demo`'s 15 minutes (docs/lab-notes.md). The image-embedding
-    # decoder (no time bar; blank and blob-shaped variations at 500) gets 800.
+    # Steps: with too few, the text-to-image decoder draws many one-object prompts as two or three objects; 1200 is
+    # the measured choice within `clipcond demo`'s time bar (docs/lab-notes.md, benchmarks/results/). The
+    # image-embedding decoder (no time bar; blank and blob-shaped variations at 500) gets 800.
     add_training_args(
         parser,
         train_batch_size=32,
@@ -244,6 +244,11 @@ def check_decoder_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--snr-gamma` must be >= 0 (0: no min-SNR weighting), got {args.snr_gamma}")
     if args.snr_gamma == 0:
         args.snr_gamma = None
+    if args.pooled_text and args.conditioning != "text":
+        raise ValueError(
+            f"`--pooled-text` adds the pooled text embedding of the caption; it needs `--conditioning text`, got "
+            f"{args.conditioning!r}"
+        )
     if args.cross_attention_dim is not None and args.cross_attention_dim < 1:
         raise ValueError(f"`--cross-attention-dim` must be >= 1, got {args.cross_attention_dim}")
     for name in ("num_train_timesteps", "encode_batch_size", "validation_images_per_prompt"):
@@ -632,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     width = encoder.text_width  # per-token state width
     # A UNet built now: another --cross-attention-dim gets a learned projection (encoder_hid_dim, below)
     compatibility = check_compatibility(encoder, cross_attention_dim=args.cross_attention_dim or width, new_model=True)
+    if args.pooled_text and encode_prompts(text_encoder, tokenizer, [""], device=accelerator.device).pooled is None:
+        raise ValueError(
+            f"`--pooled-text` needs a text encoder with a projection (a pooled text embedding); {encoder.name} has none"
+        )
 
     # 3. Data
     dataset_kwargs = {"caption_column": args.caption_column}
@@ -654,10 +663,6 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.encode_batch_size,
             device=accelerator.device,
             progress=accelerator.is_local_main_process,
-        )
-    if args.pooled_text and cache.empty.pooled is None:
-        raise ValueError(
-            f"`--pooled-text` needs a text encoder with a projection (a pooled text embedding); {encoder.name} has none"
         )
     conditioning = TextConditioning(
         cache, sample_rows, args.caption_dropout, 8 if args.torch_compile else 1, pooled=args.pooled_text

@@ -9,11 +9,12 @@ scores a copy of the source as the best possible variation. Two distances, in pi
 `diversity` is the mean pairwise distance within each group (a prompt's images), averaged over groups; evaluations
 report it beside the same figure for real images of each class (`ground_truth_renders`), so a ratio well below 1
 says the model collapses a prompt's seeds. `distance_to_sources` is the mean distance of each variation to its
-source, reported beside a random other source (what "unrelated" scores) and a copy (0).
+source, reported beside the sources of unrelated classes (what "unrelated" scores) and a copy (0).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,27 +70,54 @@ def diversity(
     }
 
 
+def _unrelated_sources(source_classes: Sequence[str]) -> list[list[int]]:
+    """For each source, the sources whose "colour shape" class shares neither the colour nor the shape (else any
+    other class): images unrelated to it."""
+    words = [name.split() for name in source_classes]
+    unrelated = []
+    for a in words:
+        rows = [j for j, b in enumerate(words) if all(x != y for x, y in zip(a, b))]
+        unrelated.append(rows or [j for j, b in enumerate(words) if b != a])
+    return unrelated
+
+
 def distance_to_sources(
     variations: torch.Tensor,
     sources: torch.Tensor,
     source_index: Sequence[int],
+    source_classes: Sequence[str],
     variation_features: torch.Tensor | None = None,
     source_features: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Mean distance of each variation to its source, to another source (the one half the list away: of another
-    class when sources come class by class, an unrelated image), and of a copy (0):
-    {"to_source": {"pixels", "clip"}, "to_other_source": {...}, "copy": {...}}.
+    """Mean distance of each variation to its source, to the sources of unrelated classes (neither the colour nor
+    the shape of its source's: what "unrelated" scores), and of a copy (0):
+    {"to_source": {"pixels", "clip"}, "to_unrelated_sources": {...}, "copy": {...}}.
 
     variations: uint8 (N, 3, H, W); sources: uint8 (S, 3, h, w); source_index[i]: the source of variation i;
-    features: L2-normalised CLIP image embeddings of the variations (N, D) and the sources (S, D), or None.
+    source_classes: the class of each source; features: L2-normalised CLIP image embeddings of the variations
+    (N, D) and the sources (S, D), or None ("clip" is then None).
     """
     index = torch.tensor(list(source_index), dtype=torch.long)
-    other = (index + max(1, sources.shape[0] // 2)) % sources.shape[0]
-    out = {}
-    for name, rows in (("to_source", index), ("to_other_source", other)):
-        clip = None
-        if variation_features is not None and source_features is not None:
-            clip = float((1 - (variation_features * source_features[rows]).sum(dim=-1)).mean())
-        out[name] = {"pixels": float(pixel_distances(variations, sources[rows]).mean()), "clip": clip}
-    out["copy"] = {"pixels": 0.0, "clip": 0.0 if out["to_source"]["clip"] is not None else None}
-    return out
+    with_clip = variation_features is not None and source_features is not None
+    x = _as_float(variations).flatten(1)  # (N, 3HW)
+    y = _as_float(sources, variations.shape[-1]).flatten(1)  # (S, 3HW)
+    pixels = torch.cdist(x.double(), y.double()) / math.sqrt(x.shape[1])  # (N, S) RMS pixel distances
+    clip = (1 - variation_features.double() @ source_features.double().T) if with_clip else None  # (N, S)
+    unrelated = _unrelated_sources(source_classes)
+    rows = torch.arange(len(index))
+
+    def unrelated_mean(matrix: torch.Tensor) -> float | None:
+        means = [matrix[i, unrelated[s]].mean() for i, s in enumerate(index.tolist()) if unrelated[s]]
+        return float(torch.stack(means).mean()) if means else None
+
+    return {
+        "to_source": {
+            "pixels": float(pixel_distances(variations, sources[index]).mean()),  # exact: a copy scores 0
+            "clip": float(clip[rows, index].mean()) if with_clip else None,
+        },
+        "to_unrelated_sources": {
+            "pixels": unrelated_mean(pixels),
+            "clip": unrelated_mean(clip) if with_clip else None,
+        },
+        "copy": {"pixels": 0.0, "clip": 0.0 if with_clip else None},
+    }

@@ -540,10 +540,11 @@ def write_outputs(
     for key, batch in images.items():
         score = scores[key]
         tiles, labels = [], []
+        judged_labels = score.labels  # built once: a property over every image
         for i, image in enumerate(batch):
             prompt = prompts[i // num_images_per_prompt]
             right = int(score.colour_correct[i]) + int(score.shape_correct[i])
-            judged = score.labels[i]
+            judged = judged_labels[i]
             labels.append(f"{prompt}: {judged}" if right == 2 else f"{prompt}: WRONG {judged}")
             tiles.append(_framed(image, _FRAME[right]))
             path = image_file(output_dir, float(key), prompt, i % num_images_per_prompt)
@@ -678,17 +679,19 @@ def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None
 
 def load_reference_images(data: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """The split's readable single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`, and the
-    paths of its unreadable files: those are left out and counted (the data set's stand-in for one, the next
-    readable image, would count twice)."""
+    paths of the single-object files that could not be read: those are left out and counted (the data set's stand-in
+    for one, the next readable image, would count twice)."""
     from clipcond.data.folders import ImageCaptionDataset
 
     dataset = ImageCaptionDataset(data, split=split, resolution=resolution)
     images, unreadable = [], []
     for i in range(len(dataset)):
+        if not dataset.labels[i]:
+            continue  # not a single-object image: not a reference whether it reads or not
         item = dataset[i]
         if item["index"] != i:  # the data set's stand-in for an unreadable file
             unreadable.append(str(dataset.image_paths[i]))
-        elif item["label"]:
+        else:
             images.append(item["pixel_values"])
     if unreadable:
         logger.warning("%d unreadable image(s) in split %r left out, e.g. %s", len(unreadable), split, unreadable[0])

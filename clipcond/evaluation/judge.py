@@ -554,12 +554,12 @@ def train_judge(
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = _standardise(corrupt(images[batch], generator)).to(device)
             colour_logits, shape_logits, outcome_logits = model(x)
-            # Colour and shape are learnt from the one-object renders only (-1 elsewhere).
-            loss = (
-                F.cross_entropy(outcome_logits, outcome_idx[batch].to(device))
-                + F.cross_entropy(colour_logits, colour_idx[batch].to(device), ignore_index=-1)
-                + F.cross_entropy(shape_logits, shape_idx[batch].to(device), ignore_index=-1)
-            )
+            loss = F.cross_entropy(outcome_logits, outcome_idx[batch].to(device))
+            # Colour and shape are learnt from the one-object renders only (-1 elsewhere; a batch without one would
+            # give cross_entropy's mean over no element, NaN).
+            if bool((colour_idx[batch] >= 0).any()):
+                loss = loss + F.cross_entropy(colour_logits, colour_idx[batch].to(device), ignore_index=-1)
+                loss = loss + F.cross_entropy(shape_logits, shape_idx[batch].to(device), ignore_index=-1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,17 +1,23 @@
 """Confidence intervals for the figures the evaluations and benchmarks report.
 
 A judged accuracy is a proportion over n images: its 95% interval is Wilson's score interval (Wilson 1927), which
-stays inside [0, 1] and is honest at small n and near 0 or 1, unlike the normal approximation. A figure over seeds is
-a mean over k runs: its 95% interval is Student's t interval on their standard deviation.
+stays inside [0, 1] and is honest at small n and near 0 or 1, unlike the normal approximation. It treats the images
+as independent; images of one prompt are not (a prompt the model cannot draw fails all of its images), so it is a
+lower bound on the uncertainty. A figure over seeds is a mean over k runs: its 95% interval is Student's t interval on
+their standard deviation, which accounts for everything that changes with the seed (data, training, sampling).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 
-# Two-sided 97.5% quantiles of Student's t for 1-10 degrees of freedom (then the normal 1.96 is within 10%).
-_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+# 0.975 quantiles of Student's t (two-sided 95%) for 1-30 degrees of freedom; beyond, the normal 1.96 (2% narrow).
+_T_975 = (
+    *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228),
+    *(2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086),
+    *(2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
+)
 Z_95 = 1.959964
 
 
@@ -25,26 +31,33 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: Sequence[float]) -> dict:
-    """{"mean", "std", "low", "high", "n"}: the mean of `values` and its 95% t interval (std 0 and the mean itself
-    as both ends for a single value)."""
+def mean_interval(values, bounds: tuple[float, float] | None = None) -> dict:
+    """{"mean", "std", "low", "high", "n"}: the mean of `values` and its 95% t interval, clipped to `bounds` (e.g.
+    (0, 1) for a proportion). One value has no spread to estimate: std, low and high are None."""
     values = [float(v) for v in values]
     if not values:
         raise ValueError("mean_interval needs at least one value")
     n = len(values)
     mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = (_T_975[n - 2] if n - 1 <= len(_T_975) else 1.96) * std / math.sqrt(n) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
+    if n == 1:
+        return {"mean": mean, "std": None, "low": None, "high": None, "n": 1}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T_975[n - 2] if n - 1 <= len(_T_975) else Z_95) * std / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(bounds[0], low), min(bounds[1], high)
+    return {"mean": mean, "std": std, "low": low, "high": high, "n": n}
 
 
-def bar_holds(per_seed: Sequence[float], per_seed_n: Sequence[int], bar: float) -> dict:
-    """Whether a bar holds over seeds: the mean meets it, and no seed misses it by more than that seed's own 95%
-    interval (its Wilson half-width over its n judged images). Returns the mean, its interval, and the verdict."""
-    summary = mean_interval(per_seed)
-    misses = []
-    for value, n in zip(per_seed, per_seed_n, strict=True):
-        low, high = wilson_interval(value * n, n)
-        if high < bar:  # even the top of this seed's interval is below the bar
-            misses.append(value)
+def bar_holds(per_seed: Mapping[int, float], per_seed_n: Mapping[int, int], bar: float) -> dict:
+    """Whether a proportion's bar holds over seeds: the mean meets it, and no seed misses it by more than that seed's
+    own 95% interval (the upper end of its Wilson interval over its n judged images is below the bar). Returns the
+    mean and its t interval over the seeds (`mean_interval`, within [0, 1]), the bar, the verdict, and the seeds that
+    miss beyond their interval."""
+    summary = mean_interval(per_seed.values(), bounds=(0.0, 1.0))
+    misses = [
+        seed
+        for seed, value in per_seed.items()
+        if wilson_interval(value * per_seed_n[seed], per_seed_n[seed])[1] < bar
+    ]
     return {**summary, "bar": bar, "holds": summary["mean"] >= bar and not misses, "seeds_missing": misses}

@@ -213,7 +213,7 @@ def evaluate_variations(
     Returns:
         `{"colour_accuracy", "shape_accuracy", "both_accuracy"` and their "_seen" / "_heldout" variants,
         the same of the judge on the sources prefixed "source_" (the ceiling), "distance" (to the source, to
-        another source, of a copy: `clipcond.evaluation.diversity.distance_to_sources`), "per_class", "num_sources",
+        unrelated sources, of a copy: `clipcond.evaluation.diversity.distance_to_sources`), "per_class", "num_sources",
         "num_images", "generation_seconds", "judge", "settings"}`; a figure over no image is None.
     """
     start = time.perf_counter()
@@ -276,7 +276,7 @@ def evaluate_variations(
             clip_image_features(clip_run, images, batch_size),
             clip_image_features(clip_run, sources, batch_size),
         )
-    metrics["distance"] = distance_to_sources(images, sources, [s for s, _ in jobs], *features)
+    metrics["distance"] = distance_to_sources(images, sources, [s for s, _ in jobs], source_classes, *features)
     image_class = torch.tensor([s for s, _ in jobs])
     names = list(dict.fromkeys(source_classes))
     per_class = {}
@@ -324,6 +324,7 @@ def _write_variations(metrics, sources, source_classes, images, scores, per_sour
     output_dir.mkdir(parents=True, exist_ok=True)
     size = images.shape[-1]
     tiles, labels = [], []
+    judged = scores.labels  # built once: a property over every image
     for s, name in enumerate(source_classes):
         source = sources[s]
         if source.shape[-1] != size:  # show the source at the variations' size
@@ -336,7 +337,7 @@ def _write_variations(metrics, sources, source_classes, images, scores, per_sour
             i = s * per_source + k
             kept = int(scores.colour_correct[i]) + int(scores.shape_correct[i])
             tiles.append(_framed(images[i], _FRAME[kept]))
-            labels.append(scores.labels[i])
+            labels.append(judged[i])
     grid = image_grid(tiles, rows=len(source_classes), cols=per_source + 1, labels=labels, max_label_lines=2)
     grid.save(output_dir / "grid.png", format="PNG")
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

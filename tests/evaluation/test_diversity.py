@@ -32,11 +32,22 @@ def test_collapsed_prompts_have_no_diversity_and_varied_ones_do():
 
 
 def test_distance_to_sources_pairs_each_variation_with_its_source():
-    sources = renders([[ShapeObject(c, "square", "large", "centre")] for c in ("red", "blue", "green")])
+    classes = ["red square", "blue circle", "red circle"]
+    sources = renders([[ShapeObject(*name.split(), "large", "centre")] for name in classes])
     copies = sources.repeat_interleave(2, dim=0)  # two "variations" per source, exact copies
-    figures = distance_to_sources(copies, sources, [0, 0, 1, 1, 2, 2])
+    figures = distance_to_sources(copies, sources, [0, 0, 1, 1, 2, 2], classes)
     assert figures["to_source"]["pixels"] == 0.0 and figures["copy"] == {"pixels": 0.0, "clip": None}
-    assert figures["to_other_source"]["pixels"] > 0.1
+    # red square vs blue circle: unrelated; red circle shares a word with both, so it is nobody's unrelated source
+    # but its own unrelated sources fall back to every other class
+    expected = torch.stack(
+        [pixel_distances(sources[[0]], sources[[1]]), pixel_distances(sources[[1]], sources[[0]])]
+        + [pixel_distances(sources[[2]], sources[[j]]) for j in (0, 1)]
+    )
+    per_variation = [expected[0], expected[0], expected[1], expected[1], (expected[2] + expected[3]) / 2] * 1
+    per_variation += [(expected[2] + expected[3]) / 2]
+    assert abs(figures["to_unrelated_sources"]["pixels"] - float(torch.stack(per_variation).mean())) < 1e-6
     features = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
-    with_clip = distance_to_sources(copies, sources, [0, 0, 1, 1, 2, 2], features.repeat_interleave(2, 0), features)
-    assert abs(with_clip["to_source"]["clip"]) < 1e-6 and with_clip["to_other_source"]["clip"] > 0.1
+    with_clip = distance_to_sources(
+        copies, sources, [0, 0, 1, 1, 2, 2], classes, features.repeat_interleave(2, 0), features
+    )
+    assert abs(with_clip["to_source"]["clip"]) < 1e-6 and with_clip["to_unrelated_sources"]["clip"] > 0.1

@@ -57,7 +57,7 @@ def test_a_copy_of_the_source_scores_what_the_judge_scores_on_the_sources(judge,
     assert metrics["colour_accuracy_seen"] >= 0.9  # the judge knows clean renders
     # a copy is at distance 0 from its source, and another source far from it
     assert metrics["distance"]["to_source"] == metrics["distance"]["copy"] == {"pixels": 0.0, "clip": None}
-    assert metrics["distance"]["to_other_source"]["pixels"] > 0.1
+    assert metrics["distance"]["to_unrelated_sources"]["pixels"] > 0.1
     assert metrics["num_sources"] == 36 and metrics["num_images"] == 108
     assert metrics["settings"]["held_out"] == HELD_OUT and len(metrics["per_class"]) == 18
     assert metrics["per_class"]["blue square"]["heldout"] is True

@@ -21,14 +21,19 @@ def test_mean_interval():
     summary = mean_interval([0.8, 0.9, 1.0])
     assert math.isclose(summary["mean"], 0.9) and math.isclose(summary["std"], 0.1)
     assert math.isclose(summary["high"] - summary["mean"], 4.303 * 0.1 / math.sqrt(3), rel_tol=1e-3)
-    assert mean_interval([0.5]) == {"mean": 0.5, "std": 0.0, "low": 0.5, "high": 0.5, "n": 1}
+    assert mean_interval([0.8, 0.9, 1.0], bounds=(0.0, 1.0))["high"] == 1.0  # a proportion stays a proportion
+    assert math.isclose(
+        mean_interval([0.0, 1.0] * 6)["high"] - 0.5, 2.201 * math.sqrt(3 / 11) / math.sqrt(12), rel_tol=1e-3
+    )
+    assert mean_interval([0.5]) == {"mean": 0.5, "std": None, "low": None, "high": None, "n": 1}  # no spread from one
     with pytest.raises(ValueError, match="at least one"):
         mean_interval([])
 
 
 def test_bar_holds_only_when_the_mean_meets_it_and_no_seed_misses_beyond_its_interval():
-    assert bar_holds([0.82, 0.80, 0.84], [112] * 3, 0.75)["holds"]
-    assert not bar_holds([0.74, 0.70, 0.72], [112] * 3, 0.75)["holds"]  # the mean misses
-    lucky = bar_holds([0.95, 0.95, 0.40], [112] * 3, 0.75)  # mean 0.77, but one seed far below
-    assert not lucky["holds"] and lucky["seeds_missing"] == [0.40]
-    assert bar_holds([0.80, 0.80, 0.72], [112] * 3, 0.75)["holds"]  # 0.72 of 112 is within its interval of 0.75
+    n = {0: 112, 1: 112, 2: 112}
+    assert bar_holds({0: 0.82, 1: 0.80, 2: 0.84}, n, 0.75)["holds"]
+    assert not bar_holds({0: 0.74, 1: 0.70, 2: 0.72}, n, 0.75)["holds"]  # the mean misses
+    lucky = bar_holds({0: 0.95, 1: 0.95, 2: 0.40}, n, 0.75)  # mean 0.77, but one seed far below
+    assert not lucky["holds"] and lucky["seeds_missing"] == [2]
+    assert bar_holds({0: 0.80, 1: 0.80, 2: 0.72}, n, 0.75)["holds"]  # 0.72 of 112 is within its interval of 0.75

@@ -267,6 +267,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
         ({"--caption-dropout": "1.5"}, ValueError, r"`--caption-dropout` must be in \[0, 1\), got 1.5"),
         ({"--ema-decay": "1"}, ValueError, r"`--ema-decay` must be in \(0, 1\), got 1.0"),
         ({"--model": "huge"}, ValueError, "`model` must be one of"),
+        (
+            {"--conditioning": "image-embedding", "--pooled-text": ""},
+            ValueError,
+            "`--pooled-text` .* got 'image-embedding'",
+        ),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tiny_clip_run, tmp_path, change, error, match):
@@ -277,7 +282,7 @@ def test_bad_arguments_are_named(shapes_data, tiny_clip_run, tmp_path, change, e
         values["--clip"] = str(shapes_data)
     argv = [*FAST_ARGS, "--data", str(shapes_data), "--output-dir", str(tmp_path / "o")]
     for option, value in values.items():
-        argv += [option, value]
+        argv += [option, value] if value else [option]  # "": a flag without a value
     with pytest.raises(error, match=match):
         main(argv)
 
