@@ -113,7 +113,8 @@ def _over_seeds(summary: dict) -> str:
     """ "mean (95% interval low-high)"; one value has no interval."""
     if summary.get("low") is None:
         return f"**{_pct(summary['mean'])}** (one run)"
-    return f"**{_pct(summary['mean'])}** ({_pct(summary['low'])}–{_pct(summary['high'])})"
+    low, high = max(0.0, summary["low"]), min(1.0, summary["high"])  # a proportion (results before the clipping)
+    return f"**{_pct(summary['mean'])}** ({_pct(low)}–{_pct(high)})"
 
 
 def _held(holds: bool, judge_version: int | None) -> str:
