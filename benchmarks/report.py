@@ -117,11 +117,21 @@ def _over_seeds(summary: dict) -> str:
     return f"**{_pct(summary['mean'])}** ({_pct(low)}–{_pct(high)})"
 
 
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _row(what: str, figure: str, seeds, bar: str, holds: str, source: str) -> str:
+    """One row of the quality table: what | figure | seeds | bar | holds | result file."""
+    cells = (what, figure, seeds, bar, holds, source)
+    return "|" + "|".join(f" {cell} " if cell != "" else " " for cell in cells) + "|"
+
+
 def _held(holds: bool, judge_version: int | None) -> str:
     """✓ / ✗, or, for a figure of the judge that forced every image into a class, that it awaits the new judge."""
     if judge_version is not None and judge_version < 2:
-        return f"not re-measured (judge v{judge_version}, one seed, read {'✓' if holds else '✗'})"
-    return "✓" if holds else "✗"
+        return f"not re-measured (judge v{judge_version}, one seed, read {_mark(holds)})"
+    return _mark(holds)
 
 
 def decoder_rows(report: dict) -> list[str]:
@@ -129,18 +139,18 @@ def decoder_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
     source = _source("decoder_quality", report)
 
-    def per_seed(key: str, group: str = "figures") -> str:
-        return " / ".join(_pct(r[group][str(float(r["guidance_scale"]))][key]) for r in runs)
+    def per_seed(key: str) -> str:
+        return " / ".join(_pct(r["figures"][str(float(r["guidance_scale"]))][key]) for r in runs)
 
     def clip_per_seed(key: str) -> str:
         return " / ".join(_pct(r["clip"][key]) for r in runs)
 
     def verdict(entry: dict) -> str:
-        return (
-            "✓"
-            if entry["holds"]
-            else "✗" + (f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else "")
-        )
+        below = f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else ""
+        return _mark(entry["holds"]) + ("" if entry["holds"] else below)
+
+    def row(what: str, figure: str, bar: str = "reported", holds: str = "") -> str:
+        return _row(what, figure, seeds, bar, holds, source)
 
     first = runs[0]
     sampler, ipp = first["sampler"], first["images_per_prompt"]
@@ -148,76 +158,78 @@ def decoder_rows(report: dict) -> list[str]:
     walls = " / ".join(f"{r['demo_wall_seconds']:.0f} s" for r in runs)
     wall = summary["demo_wall_seconds"]
     rows = [
-        f"| whole `clipcond demo`, wall time | {wall['mean']:.0f} s (max {wall['max']:.0f} s); {walls} | {seeds} | "
-        f"≤ {wall['bar']:.0f} s, uninterrupted | {'✓' if wall['holds'] else '✗'} | {source} |",
+        row(
+            "whole `clipcond demo`, wall time",
+            f"{wall['mean']:.0f} s (max {wall['max']:.0f} s); {walls}",
+            f"≤ {wall['bar']:.0f} s, uninterrupted",
+            _mark(wall["holds"]),
+        )
     ]
     for key, label in (("colour_accuracy_seen", "colour"), ("shape_accuracy_seen", "shape")):
         entry = summary[key]
-        rows.append(
-            f"| Stable Diffusion path, seen prompts, {label} ({ipp} images per prompt, {sampler}, guidance "
-            f"{first['guidance_scale']:g}) | {_over_seeds(entry)}; {per_seed(key)} | {seeds} | ≥ {_pct(entry['bar'])} | "
-            f"{verdict(entry)} | {source} |"
-        )
-    rows.append(
-        f"| Stable Diffusion path, seen prompts drawn as several objects | {several} | {seeds} | reported | | {source} |"
-    )
+        what = f"Stable Diffusion path, seen prompts, {label} ({ipp} images per prompt, {sampler}, guidance "
+        what += f"{first['guidance_scale']:g})"
+        rows.append(row(what, f"{_over_seeds(entry)}; {per_seed(key)}", f"≥ {_pct(entry['bar'])}", verdict(entry)))
+    rows.append(row("Stable Diffusion path, seen prompts drawn as several objects", several))
     diversity = " / ".join(
         f"{r['diversity']['clip']:.3f} ({r['diversity']['clip_real']:.3f})" for r in runs if r.get("diversity")
     )
     if diversity:
-        rows.append(
-            f"| Stable Diffusion path, diversity: mean 1 - CLIP cosine between two images of a prompt (renders of "
-            f"the class) | {diversity} | {seeds} | reported | | {source} |"
-        )
+        what = "Stable Diffusion path, diversity: mean 1 - CLIP cosine between two images of a prompt (renders of "
+        rows.append(row(what + "the class)", diversity))
     for key, label in (("colour_accuracy_heldout", "colour"), ("shape_accuracy_heldout", "shape")):
-        rows.append(
-            f"| Stable Diffusion path, held-out prompts, {label} | {_over_seeds(summary[key])}; {per_seed(key)} | "
-            f"{seeds} | reported | | {source} |"
-        )
+        what = f"Stable Diffusion path, held-out prompts, {label}"
+        rows.append(row(what, f"{_over_seeds(summary[key])}; {per_seed(key)}"))
     for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
         entry = summary[f"clip_{key}"]
-        rows.append(
-            f"| the demo's CLIP, zero-shot top-1, {label} classes | {_over_seeds(entry)}; {clip_per_seed(key)} | "
-            f"{seeds} | ≥ {_pct(entry['bar'])} | {verdict(entry)} | {source} |"
-        )
+        figure = f"{_over_seeds(entry)}; {clip_per_seed(key)}"
+        what = f"the demo's CLIP, zero-shot top-1, {label} classes"
+        rows.append(row(what, figure, f"≥ {_pct(entry['bar'])}", verdict(entry)))
     return rows
 
 
 def unclip_rows(report: dict) -> list[str]:
     source = _source("unclip_quality", report)
     seed = report.get("settings", {}).get("seed", "?")
-    judge = f"judge v{report.get('judge', {}).get('version', '?')}"
+    version = report.get("judge", {}).get("version")
     prior, bar = report["prior"], report["bar"]
-    rows = [
-        f"| DALL-E 2 path: prior cosine to the true image embedding, vs text / random image | "
-        f"{prior['cosine_predicted']:.3f} vs {prior['cosine_text_baseline']:.3f} / {prior['cosine_random_baseline']:.3f}"
-        f" | {seed} | beats both | {'✓' if report['meets_bar_by_criterion'].get('prior_cosine_beats_baselines') else '✗'} "
-        f"| {source} |"
-    ]
+    cosines = (
+        f"{prior['cosine_predicted']:.3f} vs {prior['cosine_text_baseline']:.3f} / "
+        f"{prior['cosine_random_baseline']:.3f}"
+    )
+    beats = report["meets_bar_by_criterion"].get("prior_cosine_beats_baselines")
+    what = "DALL-E 2 path: prior cosine to the true image embedding, vs text / random image"
+    rows = [_row(what, cosines, seed, "beats both", _mark(beats), source)]
     for part, label in (("prior_text_to_image", "text-to-image through the prior"), ("variations", "variations")):
-        for what in ("colour", "shape"):
-            key = f"{part}_{what}_accuracy_seen"
-            value = report[part][f"{what}_accuracy_seen"]
+        for colour_or_shape in ("colour", "shape"):
+            key = f"{part}_{colour_or_shape}_accuracy_seen"
+            value = report[part][f"{colour_or_shape}_accuracy_seen"]
+            what = f"DALL-E 2 path: {label}, seen, {colour_or_shape} (judge v{version or '?'})"
             rows.append(
-                f"| DALL-E 2 path: {label}, seen, {what} ({judge}) | {_pct(value)} | {seed} | ≥ {_pct(bar[key])} | "
-                f"{_held(value >= bar[key], report.get('judge', {}).get('version'))} | {source} |"
+                _row(what, _pct(value), seed, f"≥ {_pct(bar[key])}", _held(value >= bar[key], version), source)
             )
     distance = report["variations"].get("distance")
     if distance:
         to, other = distance["to_source"], distance.get("to_unrelated_sources") or distance["to_other_source"]
-        rows.append(
-            f"| DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside the "
-            f"sources of unrelated classes and a copy (0) | CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels "
-            f"{to['pixels']:.3f} vs {other['pixels']:.3f} | {seed} | reported | | {source} |"
-        )
+        what = "DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside the "
+        what += "sources of unrelated classes and a copy (0)"
+        figure = f"CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels {to['pixels']:.3f} vs {other['pixels']:.3f}"
+        rows.append(_row(what, figure, seed, "reported", "", source))
     return rows
 
 
 def search_rows(report: dict) -> list[str]:
     value, bar = report["mean_precision_at_k"], report["bar"]["mean_precision_at_5"]
+    what = f"text → image search with the demo's CLIP, mean top-{report['top_k']} precision"
     return [
-        f"| text → image search with the demo's CLIP, mean top-{report['top_k']} precision | {_pct(value)} | "
-        f"{report.get('seed', '–')} | ≥ {_pct(bar)} | {'✓' if value >= bar else '✗'} | {_source('search_quality', report)} |"
+        _row(
+            what,
+            _pct(value),
+            report.get("seed", "–"),
+            f"≥ {_pct(bar)}",
+            _mark(value >= bar),
+            _source("search_quality", report),
+        )
     ]
 
 
@@ -227,35 +239,28 @@ def scheduler_rows(report: dict) -> list[str]:
     cells = ", ".join(
         f"{k.replace('_accuracy_seen', '')} {100 * v:+.1f}" for k, v in diff.items() if k.endswith("_seen")
     )
-    return [
-        f"| DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({report['images_per_prompt']} images per prompt,"
-        f" judge v{version}) | {cells} | {report.get('seed', '–')} | at most 3 below | "
-        f"{_held(report['within_3_points'], version)} | "
-        f"{_source('scheduler_steps', report)} |"
-    ]
+    what = (
+        f"DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({report['images_per_prompt']} images per prompt, "
+        f"judge v{version})"
+    )
+    held = _held(report["within_3_points"], version)
+    return [_row(what, cells, report.get("seed", "–"), "at most 3 below", held, _source("scheduler_steps", report))]
 
 
 def judge_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
-    version, source, bar, checks = (
-        report["judge"]["version"],
-        _source("judge_quality", report),
-        report["bar"],
-        report["checks"],
-    )
+    version, bar, checks = report["judge"]["version"], report["bar"], report["checks"]
+    source = _source("judge_quality", report)
     rows = []
     for name, case in report["cases"].items():
         key = "corrupted one object" if name.startswith("one object,") else name
-        rows.append(
-            f"| judge v{version} on another renderer: {name} (→ {case['expected']}) | {_over_seeds(case['right'])} | "
-            f"{seeds} | ≥ {_pct(bar[key])} | {'✓' if checks[key] else '✗'} | {source} |"
-        )
+        what = f"judge v{version} on another renderer: {name} (→ {case['expected']})"
+        rows.append(_row(what, _over_seeds(case["right"]), seeds, f"≥ {_pct(bar[key])}", _mark(checks[key]), source))
     if report.get("untrained_unet"):
         share = report["untrained_unet"]["outcomes"]["object"]
-        rows.append(
-            f"| judge v{version}: an untrained UNet's samples called one object | {_pct(share)} | 0 | "
-            f"≤ {_pct(bar['untrained_object_share_max'])} | {'✓' if checks['untrained UNet'] else '✗'} | {source} |"
-        )
+        what = f"judge v{version}: an untrained UNet's samples called one object"
+        limit = f"≤ {_pct(bar['untrained_object_share_max'])}"
+        rows.append(_row(what, _pct(share), 0, limit, _mark(checks["untrained UNet"]), source))
     rejudged = report.get("rejudged")
     if rejudged:
         before = rejudged["judge_before"].get("version")
@@ -265,23 +270,23 @@ def judge_rows(report: dict) -> list[str]:
                     f"{what} {_pct(figures['before'][what])} → {_pct(figures['now'][what])}"
                     for what in ("colour", "shape")
                 )
-                rows.append(
-                    f"| the same {figures['num_images']} saved images ({group}, guidance {float(key):g}) read by judge "
-                    f"v{before} → v{version} | {cells}; {_pct(figures['outcomes']['several'])} several | 0 | reported "
-                    f"| | {source} |"
+                what = (
+                    f"the same {figures['num_images']} saved images ({group}, guidance {float(key):g}) read by judge "
+                    f"v{before} → v{version}"
                 )
+                figure = f"{cells}; {_pct(figures['outcomes']['several'])} several"
+                rows.append(_row(what, figure, 0, "reported", "", source))
     return rows
 
 
 def clip_rows(report: dict) -> list[str]:
     bar, seed, source = report["bar"], report.get("seed", "–"), _source("clip_quality", report)
+    precision = {"no": "fp32"}.get(report.get("precision"), report.get("precision", "?"))
     rows = []
     for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
-        rows.append(
-            f"| `clipcond train clip` recipe ({ {'no': 'fp32'}.get(report.get('precision'), report.get('precision', '?')) }), zero-shot top-1, {label} "
-            f"classes | {_pct(report[key])} | {seed} | ≥ {_pct(bar[key])} | {'✓' if report[key] >= bar[key] else '✗'}"
-            f" (one seed) | {source} |"
-        )
+        what = f"`clipcond train clip` recipe ({precision}), zero-shot top-1, {label} classes"
+        holds = f"{_mark(report[key] >= bar[key])} (one seed)"
+        rows.append(_row(what, _pct(report[key]), seed, f"≥ {_pct(bar[key])}", holds, source))
     return rows
 
 
