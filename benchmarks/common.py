@@ -127,6 +127,17 @@ def save_results(name: str, report: dict, merge_cases: bool = False) -> Path:
     return path
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds` "0,1,2" -> [0, 1, 2]; an error naming the flag and the value otherwise."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"`--seeds` must be comma-separated integers such as 0,1,2; got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"`--seeds` names no seed: {text!r}")
+    return seeds
+
+
 def add_results_flag(parser) -> None:
     parser.add_argument(
         "--save-results",

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_results_flag, save_results
+from common import add_results_flag, parse_seeds, save_results
 
 BAR = {"colour_accuracy_seen": 0.90, "shape_accuracy_seen": 0.75, "demo_wall_seconds": 900.0}
 CLIP_BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80}
@@ -51,12 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated demo seeds (default 0; the README's: 0,1,2)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"`--seeds` must be comma-separated integers such as 0,1,2; got {args.seeds!r}") from None
-    if not args.seeds:
-        raise ValueError("`--seeds` names no seed")
+    args.seeds = parse_seeds(args.seeds)
     return args
 
 

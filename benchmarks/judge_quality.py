@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import add_results_flag, save_results
+from common import add_results_flag, parse_seeds, save_results
 from PIL import Image
 
 # What the judge must reach on the independent cases (mean over seeds), and on an untrained UNet.
@@ -40,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rejudge", type=Path, help="an eval_generation folder whose saved images to judge again")
     add_results_flag(parser)
     args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if not args.seeds:
-        raise ValueError(f"`--seeds` names no seed: {args.seeds!r}")
+    args.seeds = parse_seeds(args.seeds)
     return args
 
 

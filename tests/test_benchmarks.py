@@ -81,8 +81,10 @@ def test_decoder_quality_names_bad_seeds():
     import decoder_quality
 
     assert decoder_quality.parse_args(["--seeds", "0, 1,2"]).seeds == [0, 1, 2]
-    with pytest.raises(ValueError, match="--seeds"):
+    with pytest.raises(ValueError, match="--seeds.*'zero'"):
         decoder_quality.parse_args(["--seeds", "zero"])
+    with pytest.raises(ValueError, match="--seeds` names no seed: ','"):
+        decoder_quality.parse_args(["--seeds", ","])
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
