@@ -553,7 +553,7 @@ def default_output() -> Path:
 
 
 def main(argv=None) -> int:
-    from clipcond.train.loop import write_json_atomic
+    from clipcond.storage import write_json_atomic
 
     args = parse_args(argv)
     began = time.monotonic()

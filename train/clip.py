@@ -32,6 +32,7 @@ from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
+from clipcond.storage import write_json_atomic
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
 from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
@@ -46,7 +47,6 @@ from clipcond.train.loop import (
     make_optimizer,
     summary,
     train,
-    write_json_atomic,
 )
 from clipcond.transfer import to_device
 

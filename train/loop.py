@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
+from clipcond.storage import write_json_atomic
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -580,15 +581,6 @@ class Checkpoints:
         found = self.complete()
         for old in found[: max(0, len(found) - self.total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop

@@ -1,0 +1,115 @@
+"""Writing files without losing what was there: strict JSON written atomically, and disk-full errors that say so.
+
+Every place that writes a user's results (checkpoints, exports, caches, indexes, generated images) goes through
+`writing`, so that a full disk reads "no space left on device while writing FILE (N MB needed, M MB free)" whatever
+the library underneath raised (torch's zip writer says `basic_ios::clear: iostream error` or `unexpected pos`,
+safetensors its own error), and the partial scratch files are removed. What was saved before is never touched:
+writers put new files in scratch and `os.replace` them into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+# Below this much free space after a failed write, the failure is taken to be the disk filling up: libraries that
+# write through C++ streams report a full disk with messages that carry no errno.
+DISK_FULL_MARGIN = 1 * MB
+
+
+class DiskFullError(OSError):
+    """No space left on the device while writing a file; `errno` is ENOSPC, `filename` the file being written."""
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _is_disk_full(error: BaseException, free: int, needed: int | None) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "no space left" in str(error).lower():
+        return True
+    return free < max(DISK_FULL_MARGIN, needed or 0)
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def _remove(paths: Iterable[str | os.PathLike]) -> None:
+    for p in paths:
+        p = Path(p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+@contextlib.contextmanager
+def writing(
+    path: str | os.PathLike, *, needed: int | None = None, scratch: Iterable[str | os.PathLike] = ()
+) -> Iterator[None]:
+    """Run the block that writes `path`; if it fails for want of space, remove `scratch` and raise `DiskFullError`.
+
+    `needed` (bytes), when known, is named in the message. Other errors pass through unchanged, after `scratch` is
+    removed as well: a failed write never leaves a half-written file where a reader would take it for a whole one.
+    """
+    scratch = list(scratch)
+    try:
+        yield
+    except BaseException as error:
+        free = free_bytes(path)  # measured before the scratch is removed: what the write met
+        _remove(scratch)
+        if isinstance(error, Exception) and _is_disk_full(error, free, needed):
+            need = f"{_mb(needed)} needed, " if needed else ""
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path} ({need}{_mb(free)} free); free some space and run "
+                "the command again (what was saved before is intact)",
+                str(path),
+            ) from error
+        raise
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise `DiskFullError` before writing `what` (about `needed` bytes) under `path` when there is not room."""
+    free = free_bytes(path)
+    if needed > free:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on device for {what} in {path} ({_mb(needed)} needed, {_mb(free)} free); free some "
+            "space and run the command again (what was saved before is intact)",
+            str(path),
+        )
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that refuses NaN and infinities (they are not JSON, and a reader in another language fails)."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as strict JSON to `path` through a scratch file renamed into place: a reader sees the old file
+    or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = dumps_json(obj, indent=2) + "\n"
+    with writing(path, needed=len(text.encode()), scratch=[tmp]):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
