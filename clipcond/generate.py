@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipcond.lineage import check_finished
 from clipcond.pipelines.inputs import (
     DEFAULT_GUIDANCE_START,
     DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
@@ -207,6 +208,7 @@ def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
     model = os.fspath(model)
     if not os.path.isdir(model):
         raise FileNotFoundError(f"`{flag}` {model!r} does not exist")
+    check_finished(model, f"`{flag}`")
     index = os.path.join(model, "model_index.json")
     if not os.path.isfile(index):
         raise FileNotFoundError(

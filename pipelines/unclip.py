@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from clipcond.conditioning import context_length
+from clipcond.lineage import RUN_RECORD
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
@@ -49,8 +50,6 @@ from clipcond.pipelines.variation import (
 )
 
 logger = logging.getLogger(__name__)
-
-RUN_RECORD = "clipcond_run.json"
 
 
 def clip_hash_of_run(run: str | os.PathLike, what: str) -> str:

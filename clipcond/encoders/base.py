@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 from clipcond.conditioning import TextEmbeddings, context_length, encode_prompts
+from clipcond.lineage import RUN_RECORD
 
 logger = logging.getLogger(__name__)
 
 ENCODER_KINDS = ("clipcond", "transformers", "open_clip", "t5")
 SPEC_GRAMMAR = "clipcond:RUN, transformers:PATH, open_clip:MODEL@WEIGHTS or t5:PATH (a bare folder means clipcond:)"
-RUN_RECORD = "clipcond_run.json"
 
 
 @dataclass

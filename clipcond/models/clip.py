@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
+from clipcond.lineage import check_finished
 from clipcond.tokenizer import load_tokenizer
 from clipcond.transfer import constant
 
@@ -168,6 +169,7 @@ def load_clip(
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CLIP folder {path!r} does not exist")
+    check_finished(path, "the CLIP folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`")
     model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
@@ -212,6 +214,7 @@ def check_clip_folder(path: str | os.PathLike, what: str = "--clip", model_types
         raise FileNotFoundError(
             f"`{what}` folder {str(path)!r} does not exist; pass the output folder of `clipcond train clip`"
         )
+    check_finished(path, f"`{what}`")
     config_file = path / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
