@@ -13,7 +13,10 @@ import os
 import sys
 from dataclasses import dataclass
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+from clipcond.runlock import RunFolderBusyError
+from clipcond.storage import DiskFullError
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DiskFullError, RunFolderBusyError)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

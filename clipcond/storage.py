@@ -27,6 +27,9 @@ DISK_FULL_MARGIN = 1 * MB
 class DiskFullError(OSError):
     """No space left on the device while writing a file; `errno` is ENOSPC, `filename` the file being written."""
 
+    def __str__(self) -> str:  # the message alone (it names the file), not OSError's "[Errno 28] ...: 'file'"
+        return self.strerror
+
 
 def free_bytes(path: str | os.PathLike) -> int:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
@@ -45,7 +48,7 @@ def _is_disk_full(error: BaseException, free: int, needed: int | None) -> bool:
 
 
 def _mb(n: int) -> str:
-    return f"{n / MB:.1f} MB"
+    return f"{n / MB:.1f} MB" if n >= MB // 10 else f"{n / 1024:.1f} KB"
 
 
 def _remove(paths: Iterable[str | os.PathLike]) -> None:

@@ -40,6 +40,23 @@ def _reset_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 2 MB file system (tmpfs) to fill up, where the test may mount one (root on Linux); skipped elsewhere,
+    where the disk-full tests that inject the error still run."""
+    import subprocess
+
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """A small built-in shapes data set (32 px): 240 train images, 36 test images (2 per colour-shape pair)."""

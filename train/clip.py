@@ -11,14 +11,13 @@ that `CLIPModel`, `CLIPTextModelWithProjection` and `CLIPVisionModelWithProjecti
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from transformers import CLIPModel
 
@@ -32,7 +31,6 @@ from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
-from clipcond.storage import write_json_atomic
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
 from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
@@ -41,11 +39,12 @@ from clipcond.train.loop import (
     check_training_args,
     compile_if_asked,
     draw_rows,
+    finish_run,
+    hold_output_dir,
     init_trackers,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
-    summary,
     train,
 )
 from clipcond.transfer import to_device
@@ -232,9 +231,13 @@ class ClipStage(Stage):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    accelerator = make_accelerator(args)  # 1. Accelerator, seed
+    with hold_output_dir(accelerator, args):
+        return train_clip(accelerator, args)
 
-    # 1. Accelerator, seed
-    accelerator = make_accelerator(args)
+
+def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
+
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -306,24 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 6. Save the final model and the run record
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        stage.export(output_dir)
-        unwrapped = stage.unwrapped
-        record = {
-            "kind": "clipcond-clip",
-            "args": vars(args),
+    unwrapped = stage.unwrapped
+    finish_run(
+        accelerator,
+        args,
+        stage,
+        result,
+        "clipcond-clip",
+        lambda: {
             "data": {"path": str(args.data), "split": args.split, "num_samples": len(dataset)},
-            "summary": summary(
-                result,
-                logit_scale=round(unwrapped.clip.logit_scale.exp().item(), 4),
-                logit_bias=round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None,
-            ),
             "content_hash": content_hash(output_dir),
-        }
-        write_json_atomic(output_dir / RUN_RECORD, record)
-        print(json.dumps(record["summary"]), file=sys.stdout)
-    accelerator.end_training()
+        },
+        logit_scale=round(unwrapped.clip.logit_scale.exp().item(), 4),
+        logit_bias=round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None,
+    )
     return 0
 
 

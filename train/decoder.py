@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel, compute_snr
@@ -71,6 +72,7 @@ from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
     finish_run,
+    hold_output_dir,
     init_trackers,
     make_accelerator,
     make_lr_scheduler,
@@ -232,6 +234,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_train_steps = DEFAULT_STEPS[args.conditioning]
     check_training_args(args)
     check_decoder_args(args)
+    if args.conditioning == "image-embedding":
+        from clipcond.train.unclip_decoder import check_image_embedding_args
+
+        check_image_embedding_args(args)
     return args
 
 
@@ -619,13 +625,16 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.conditioning == "image-embedding":  # the DALL-E 2 decoder: its own set-up, this objective and loop
-        from clipcond.train.unclip_decoder import main_image_embedding
+    accelerator = make_accelerator(args)  # 1. Accelerator, seed
+    with hold_output_dir(accelerator, args):
+        if args.conditioning == "image-embedding":  # the DALL-E 2 decoder: its own set-up, this objective and loop
+            from clipcond.train.unclip_decoder import main_image_embedding
 
-        return main_image_embedding(args)
+            return main_image_embedding(accelerator, args)
+        return train_text_decoder(accelerator, args)
 
-    # 1. Accelerator, seed
-    accelerator = make_accelerator(args)
+
+def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 2. The frozen text encoder (first: a wrong --clip fails before anything is read or written)
     encoder = load_frozen_text_encoder(args)

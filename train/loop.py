@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +49,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
-from clipcond.storage import write_json_atomic
+from clipcond.lineage import RUN_RECORD
+from clipcond.runlock import run_folder_lock
+from clipcond.storage import check_free_space, dumps_json, write_json_atomic, writing
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -55,7 +59,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 EXTRA_TENSORS_FILE = "extra_state.safetensors"
-RUN_RECORD = "clipcond_run.json"  # in the output folder: arguments, data, model, summary of a finished run
 MAX_AUTO_WORKERS = 8  # data loader workers per process chosen on CUDA when --dataloader-num-workers is not given
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SDPA_BACKENDS = {  # --sdpa-backend -> torch.nn.attention.SDPBackend
@@ -213,6 +216,17 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--max-skipped-fraction` must be in [0, 1], got {args.max_skipped_fraction}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"`--checkpoints-total-limit` must be >= 1, got {args.checkpoints_total_limit}")
+
+
+@contextlib.contextmanager
+def hold_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Iterator[None]:
+    """Hold `--output-dir` for the run (`clipcond.runlock`; on the main process, which alone writes there): a second
+    run into the same folder is refused at once instead of mixing its checkpoints with this one's."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    with run_folder_lock(args.output_dir, flag="--output-dir"):
+        yield
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -457,6 +471,9 @@ class TrainingState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per process)
     samples_seen: int = 0  # across all processes
     skipped_files: list[str] = field(default_factory=list)  # unreadable images met so far (unique)
+    # what the run record reports, kept so that a run resumed at its last step reports them too
+    last_loss: float | None = None  # the last step's loss before the checkpoint, averaged over processes
+    validation: dict[str, Any] = field(default_factory=dict)  # the latest validation figures
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -489,21 +506,24 @@ def _unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 class Checkpoints:
-    """Atomic, resumable checkpoints in `OUTPUT_DIR/checkpoints/checkpoint-<step>/`.
+    """Atomic, verified, resumable checkpoints in `OUTPUT_DIR/checkpoints/checkpoint-<step>/`.
 
-    A checkpoint is written into a hidden temporary folder and renamed into place only once complete, so a run
-    killed while saving leaves the previous checkpoint intact. Model, optimizer, scheduler and global RNG states
-    go through `accelerator.save_state` (safetensors weights; the rest loads with `weights_only=True`); the
-    stage's extra state (its generator, the EMA) goes to safetensors + JSON here; `export` writes a
-    `save_pretrained` copy of the model into `pretrained/`, so every checkpoint is also a usable model.
+    A checkpoint is written into a hidden scratch folder named for its writer and renamed into place only once
+    complete, so a run killed while saving leaves the previous checkpoint intact. Model, optimizer, scheduler and
+    global RNG states go through `accelerator.save_state` (safetensors weights; the rest loads with
+    `weights_only=True`); the stage's extra state (its generator, the EMA) goes to safetensors + JSON here; `export`
+    writes a `save_pretrained` copy of the model into `pretrained/`, so every checkpoint is also a usable model.
+    `STATE_FILE`, written last, lists every other file with its size and SHA-256: `resolve("latest")` skips a
+    checkpoint whose files no longer match (a disk error, a truncated copy) and resumes from the newest intact one.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None):
+    def __init__(self, output_dir: str | os.PathLike, total_limit: int | None = None, writer: str = "0"):
         self.dir = Path(output_dir) / "checkpoints"
         self.total_limit = total_limit
+        self.writer = writer  # names this run's scratch folders: `.checkpoint-<step>.<writer>.tmp`
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoints whose state file exists (intact or not), oldest first."""
         if not self.dir.is_dir():
             return []
         found = [
@@ -515,18 +535,47 @@ class Checkpoints:
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
     def resolve(self, spec: str | None) -> Path | None:
-        """`latest` -> the newest complete checkpoint (None if there is none); a path -> that checkpoint."""
+        """`latest` -> the newest intact checkpoint (None if there is none at all), saying which damaged ones it
+        skipped; a path -> that checkpoint, which must be intact."""
         if spec is None:
             return None
         if spec == "latest":
             found = self.complete()
-            return found[-1] if found else None
+            damaged = []
+            for path in reversed(found):
+                problem = damage(path)
+                if problem is None:
+                    return path
+                logger.warning("skipping the damaged checkpoint %s: %s", path, problem)
+                damaged.append(f"{path.name}: {problem}")
+            if damaged:
+                raise ValueError(
+                    f"`--resume-from-checkpoint latest`: no intact checkpoint in {self.dir} ({'; '.join(damaged)}); "
+                    "remove them to start from scratch"
+                )
+            return None
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"`--resume-from-checkpoint` {spec!r} does not exist")
         if not (path / STATE_FILE).is_file():
             raise ValueError(f"`--resume-from-checkpoint` {spec!r} is not a complete checkpoint (no {STATE_FILE})")
+        problem = damage(path)
+        if problem is not None:
+            raise ValueError(f"`--resume-from-checkpoint` {spec!r} is damaged: {problem}")
         return path
+
+    def tidy(self) -> None:
+        """Clear what a killed writer left: scratch folders, and a checkpoint moved aside while being replaced
+        (restored). Only the holder of the run folder's lock may call this."""
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".old") and not (self.dir / p.name[1:-4]).exists():
+                os.replace(p, self.dir / p.name[1:-4])
+                logger.info("restored %s, moved aside by a run killed while replacing it", p.name[1:-4])
+            elif p.name.startswith(f".{CHECKPOINT_PREFIX}") and p.name.endswith((".tmp", ".old")):
+                shutil.rmtree(p, ignore_errors=True)
+                logger.info("removed %s, left by a run killed while saving", p.name)
 
     def save(
         self,
@@ -536,25 +585,35 @@ class Checkpoints:
         export: Callable[[Path], None] | None = None,
     ) -> Path:
         final = self.dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        tmp = self.dir / f".{final.name}.tmp"
+        tmp = self.dir / f".{final.name}.{self.writer}.tmp"
         if accelerator.is_main_process:
+            previous = self.complete()
+            if previous:  # a checkpoint is about as large as the last one: refuse before writing a part
+                check_free_space(self.dir, folder_size(previous[-1]), final.name)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        # Every process writes its RNG states into `tmp`: all must be done before the main process renames it.
-        accelerator.wait_for_everyone()
+        with writing(final, scratch=[tmp] if accelerator.is_main_process else []):
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            # Every process writes its RNG states into `tmp`: all must be done before the main process renames it.
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                tensors: dict[str, torch.Tensor] = {}
+                extra_json = _flatten_state(extra, "extra", tensors)
+                save_file(tensors, tmp / EXTRA_TENSORS_FILE)
+                if export is not None:
+                    export(tmp / "pretrained")
+                payload = {
+                    "state": state.to_dict(),
+                    "extra": extra_json,
+                    "num_processes": accelerator.num_processes,
+                    "files": file_manifest(tmp),
+                }
+                with open(tmp / STATE_FILE, "w") as f:
+                    f.write(dumps_json(payload, indent=2))
+                    f.flush()
+                    os.fsync(f.fileno())
         if accelerator.is_main_process:
-            tensors: dict[str, torch.Tensor] = {}
-            extra_json = _flatten_state(extra, "extra", tensors)
-            save_file(tensors, tmp / EXTRA_TENSORS_FILE)
-            if export is not None:
-                export(tmp / "pretrained")
-            payload = {"state": state.to_dict(), "extra": extra_json, "num_processes": accelerator.num_processes}
-            with open(tmp / STATE_FILE, "w") as f:
-                json.dump(payload, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
             if final.exists():  # saving the same step again (e.g. after a resume): swap, then drop the old one
                 old = self.dir / f".{final.name}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -581,6 +640,50 @@ class Checkpoints:
         found = self.complete()
         for old in found[: max(0, len(found) - self.total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `folder` but the state file."""
+    manifest = {}
+    for p in _files(folder):
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        manifest[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": digest}
+    return manifest
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in _files(folder))
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files against the manifest its state file keeps, naming the file; None when
+    they match (or when the checkpoint predates manifests and only its state file can be checked)."""
+    try:
+        with open(checkpoint / STATE_FILE) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} cannot be read ({err})"
+    if not isinstance(payload, dict) or not {"state", "extra"} <= set(payload):
+        return f"{STATE_FILE} holds no training state"
+    manifest = payload.get("files")
+    if manifest is None:
+        return None
+    for name, expected in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, {expected['size']} when saved"
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
+                return f"{name} has changed since it was saved (SHA-256 differs)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -701,7 +804,9 @@ def train(
 ) -> TrainResult:
     """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
     loader, epochs = make_loader(accelerator, args, dataset, collate_fn)
-    checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit)
+    checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit, writer=_writer(accelerator))
+    if accelerator.is_main_process:
+        checkpoints.tidy()
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
     # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators. It is seeded alike on
     # every process: stages draw for the global batch and keep their rows (`draw_rows`).
@@ -739,7 +844,7 @@ def train(
     )
     skipped = set(state.skipped_files)
     window = _LogWindow()
-    loss, validation = None, {}
+    loss, validation = None, dict(state.validation)
     start_time = time.perf_counter()
 
     model.train()
@@ -773,12 +878,7 @@ def train(
                 )
                 accelerator.log(scalars, step=state.global_step)
 
-            if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
-                extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
-                path = checkpoints.save(accelerator, state, extra, export=stage.export)
-                logger.info("saved %s", path)
-
+            # validation first, so that a checkpoint of this step keeps its figures
             if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
                 if accelerator.is_main_process:
                     validation = stage.validate(state.global_step)
@@ -787,6 +887,13 @@ def train(
                         progress.write(f"step {state.global_step}: " + json.dumps(_round(validation)))
                 accelerator.wait_for_everyone()
                 model.train()
+            if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+                _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
+                state.last_loss, state.validation = _mean_loss(accelerator, loss), _round(validation)
+                extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
+                path = checkpoints.save(accelerator, state, extra, export=stage.export)
+                logger.info("saved %s", path)
+
             if is_last:
                 break
         else:
@@ -797,8 +904,9 @@ def train(
         break
 
     progress.close()
-    # the last step's loss, averaged over processes (NaN when a resumed run had no step left to take)
-    last_loss = float("nan") if loss is None else accelerator.reduce(loss.detach().float(), reduction="mean").item()
+    # the last step's loss, averaged over processes (a run resumed at its last step reports its checkpoint's)
+    last_loss = _mean_loss(accelerator, loss) if loss is not None else state.last_loss
+    last_loss = float("nan") if last_loss is None else last_loss
     _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
     seconds = time.perf_counter() - start_time
     if state.skipped_files:
@@ -810,6 +918,22 @@ def train(
         validation=validation,
         resumed_from=str(resume_path) if resume_path else None,
     )
+
+
+def _mean_loss(accelerator: Accelerator, loss: torch.Tensor) -> float | None:
+    """A step's loss averaged over the processes (a collective: every process calls it); None when not finite."""
+    value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+    return value if math.isfinite(value) else None
+
+
+def _writer(accelerator: Accelerator) -> str:
+    """This run's name for its scratch folders (the main process's host and pid, the same on every process)."""
+    token = [f"{socket.gethostname()}-{os.getpid()}"]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token)
+    return token[0]
 
 
 class _LogWindow:
@@ -874,7 +998,8 @@ def _gather_skipped(accelerator: Accelerator, skipped: set[str]) -> set[str]:
 
 
 def _round(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in d.items()}
+    """Floats to 4 places, and the non-finite ones to None (they are not JSON)."""
+    return {k: (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def summary(result: TrainResult, **extra: Any) -> dict[str, Any]:
@@ -892,6 +1017,25 @@ def summary(result: TrainResult, **extra: Any) -> dict[str, Any]:
     }
 
 
+def export_final(output_dir: Path, export: Callable[[Path], None]) -> None:
+    """Write the run's final model into `output_dir` as a checkpoint is written: the run record, whose presence says
+    the run finished, is removed first; the model is saved into a scratch folder and its files are then renamed into
+    place. A run killed here leaves a folder without a record (which loaders refuse as unfinished, and resuming
+    completes), never a model with a half-written file. The caller writes the record last."""
+    (output_dir / RUN_RECORD).unlink(missing_ok=True)
+    for stale in output_dir.glob(".export.*.tmp"):  # left by a run killed while exporting (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = output_dir / f".export.{os.getpid()}.tmp"
+    with writing(output_dir, scratch=[scratch]):
+        export(scratch)
+    for item in sorted(scratch.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    scratch.rmdir()
+
+
 def finish_run(
     accelerator: Accelerator,
     args: argparse.Namespace,
@@ -899,18 +1043,20 @@ def finish_run(
     result: TrainResult,
     kind: str,
     record: Callable[[], dict[str, Any]],
+    **summary_extra: Any,
 ) -> None:
     """The end of a training entry point, after `train`: on the main process, export the stage's model into
-    `--output-dir`, write the run record there (`RUN_RECORD`: `kind`, the arguments, the sections `record()`
-    returns, the `summary`) and print the summary as one JSON line; then end the trackers on every process.
+    `--output-dir` (`export_final`), write the run record there last (`RUN_RECORD`: `kind`, the arguments, the
+    sections `record()` returns, the `summary` with `summary_extra`) and print the summary as one JSON line; then
+    end the trackers on every process.
 
     `record` is called after the export, so its sections can hash the saved model.
     """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
-        stage.export(output_dir)
-        run_record = {"kind": kind, "args": vars(args), **record(), "summary": summary(result)}
+        export_final(output_dir, stage.export)
+        run_record = {"kind": kind, "args": vars(args), **record(), "summary": summary(result, **summary_extra)}
         write_json_atomic(output_dir / RUN_RECORD, run_record)
         print(json.dumps(run_record["summary"]), file=sys.stdout)
     accelerator.end_training()

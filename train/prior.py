@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, PriorTransformer
 
 from clipcond.cli import HelpFormatter
@@ -75,6 +76,7 @@ from clipcond.train.loop import (
     compile_if_asked,
     draw_rows,
     finish_run,
+    hold_output_dir,
     init_trackers,
     make_accelerator,
     make_lr_scheduler,
@@ -354,9 +356,12 @@ class PriorStage(Stage):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    accelerator = make_accelerator(args)  # 1. Accelerator, seed
+    with hold_output_dir(accelerator, args):
+        return train_prior(accelerator, args)
 
-    # 1. Accelerator, seed
-    accelerator = make_accelerator(args)
+
+def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 2. The frozen towers (first: a wrong --clip fails before anything is read or written)
     if args.text_encoder is None:  # --clip RUN: the synonym of --text-encoder clipcond:RUN

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from transformers import CLIPImageProcessor
@@ -67,7 +68,6 @@ from clipcond.train.loop import (
     draw_rows,
     finish_run,
     init_trackers,
-    make_accelerator,
     make_lr_scheduler,
     make_optimizer,
     train,
@@ -286,14 +286,9 @@ def validation_sources(
 # --------------------------------------------------------------------------------------------------- the entry
 
 
-def main_image_embedding(args: argparse.Namespace) -> int:
+def main_image_embedding(accelerator: Accelerator, args: argparse.Namespace) -> int:
     """`clipcond train decoder` with `--conditioning image-embedding` (arguments parsed and checked by
-    `clipcond.train.decoder.parse_args`)."""
-    check_image_embedding_args(args)
-
-    # 1. Accelerator, seed
-    accelerator = make_accelerator(args)
-
+    `clipcond.train.decoder.parse_args`; the accelerator made and the output folder held by its `main`)."""
     # 2. The frozen image encoder (first: a wrong --clip fails before anything is read or written)
     if args.text_encoder is None:  # --clip RUN: the synonym of --text-encoder clipcond:RUN
         image_encoder, image_mean, image_std = load_vision_tower(args.clip)

@@ -3,12 +3,16 @@
 import argparse
 import json
 import os
+import re
 
 import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from clipcond import storage
+from clipcond.storage import DiskFullError
+from clipcond.train import loop
 from clipcond.train.loop import (
     MAX_AUTO_WORKERS,
     STATE_FILE,
@@ -20,6 +24,7 @@ from clipcond.train.loop import (
     _unflatten_state,
     add_training_args,
     check_training_args,
+    damage,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
@@ -291,3 +296,111 @@ def test_loader_workers_serve_every_epoch_in_the_same_order(tmp_path):
     assert [b["index"].tolist() for b in workers.batches] == [b["index"].tolist() for b in alone.batches]
     pids = {pid for b in workers.batches for pid in b["pid"]}
     assert len(pids) == 2 and os.getpid() not in pids
+
+
+# ---------------------------------------------------------------------------------- damaged checkpoints, full disks
+
+
+def _three_checkpoints(tmp_path):
+    accelerator, model, optimizer = _tiny_setup(tmp_path)
+    ckpts = Checkpoints(tmp_path)
+    for step in (1, 2, 3):
+        _step(model, optimizer)
+        ckpts.save(accelerator, TrainingState(global_step=step), {"g": torch.tensor([step])})
+    return accelerator, ckpts
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path):
+    path.write_bytes(os.urandom(path.stat().st_size))  # same size: only the hash can tell
+
+
+DAMAGES = {
+    "truncated weights": ("model.safetensors", _truncate, "model.safetensors is .* bytes, .* when saved"),
+    "garbage optimizer": ("optimizer.bin", _garbage, "optimizer.bin has changed since it was saved"),
+    "truncated extra state": ("extra_state.safetensors", _truncate, "extra_state.safetensors is .* bytes"),
+    "lost RNG state": ("random_states_0.pkl", lambda p: p.unlink(), "random_states_0.pkl is missing"),
+    "garbled state file": (STATE_FILE, lambda p: p.write_text('{"state": '), f"{STATE_FILE} cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage_kind", list(DAMAGES))
+def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_names_the_file(tmp_path, damage_kind, caplog):
+    accelerator, ckpts = _three_checkpoints(tmp_path)
+    name, damage_fn, message = DAMAGES[damage_kind]
+    newest = ckpts.dir / "checkpoint-3"
+    damage_fn(newest / name)
+    with caplog.at_level("WARNING"):
+        found = ckpts.resolve("latest")
+    assert found == ckpts.dir / "checkpoint-2"
+    assert re.search(f"skipping the damaged checkpoint .*checkpoint-3: {message}", caplog.text)
+    state, extra = ckpts.load(accelerator, found)
+    assert state.global_step == 2 and int(extra["g"]) == 2
+    with pytest.raises(ValueError, match=f"`--resume-from-checkpoint` .*checkpoint-3.* is damaged: {message}"):
+        ckpts.resolve(str(newest))
+
+
+def test_latest_with_every_checkpoint_damaged_is_an_error(tmp_path):
+    _, ckpts = _three_checkpoints(tmp_path)
+    for path in ckpts.complete():
+        _truncate(path / "model.safetensors")
+    with pytest.raises(ValueError, match="no intact checkpoint in .*checkpoint-3: model.safetensors is .*; remove"):
+        ckpts.resolve("latest")
+
+
+def test_tidy_restores_a_checkpoint_moved_aside_and_drops_scratch(tmp_path):
+    _, ckpts = _three_checkpoints(tmp_path)
+    os.replace(ckpts.dir / "checkpoint-3", ckpts.dir / ".checkpoint-3.old")  # killed between the two renames
+    (ckpts.dir / ".checkpoint-4.host-123.tmp").mkdir()  # killed while writing
+    ckpts.tidy()
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert ckpts.resolve("latest") == ckpts.dir / "checkpoint-3"
+
+
+def _full_disk_write(path, *args, **kwargs):
+    """What torch's and safetensors' writers do on a full disk: part of a file, then an error without an errno."""
+    with open(path, "wb") as f:
+        f.write(b"\0" * 100)
+    raise RuntimeError("basic_ios::clear: iostream error")
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    accelerator, ckpts = _three_checkpoints(tmp_path)
+    monkeypatch.setattr(loop, "save_file", _full_disk_write)
+    monkeypatch.setattr(loop, "check_free_space", lambda *args: None)  # not refused before writing: fails writing
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 0)
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*checkpoint-4 \(0.0 KB free\)"):
+        ckpts.save(accelerator, TrainingState(global_step=4), {})
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert ckpts.resolve("latest") == ckpts.dir / "checkpoint-3"
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    accelerator, ckpts = _three_checkpoints(tmp_path)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
+    with pytest.raises(DiskFullError, match=r"no space left on device for checkpoint-4 .* KB needed, 1.0 KB free"):
+        ckpts.save(accelerator, TrainingState(global_step=4), {})
+    assert sorted(p.name for p in ckpts.dir.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_a_real_full_disk_while_checkpointing(small_filesystem, monkeypatch):
+    """The same on a real 2 MB file system (where the test can mount one): the library's own errors are translated."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(256, 256)  # 257 KB of weights, ~0.8 MB a checkpoint with AdamW's moments
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    _step_wide = lambda: (model(torch.randn(4, 256)).pow(2).mean().backward(), optimizer.step())  # noqa: E731
+    _step_wide()
+    ckpts = Checkpoints(small_filesystem)
+    first = ckpts.save(accelerator, TrainingState(global_step=1), {})
+    (small_filesystem / "filler").write_bytes(b"\0" * (storage.free_bytes(small_filesystem) - 300_000))
+    _step_wide()
+    with pytest.raises(DiskFullError, match=r"no space left on device for checkpoint-2 .* MB needed"):
+        ckpts.save(accelerator, TrainingState(global_step=2), {})  # refused before writing
+    monkeypatch.setattr(loop, "check_free_space", lambda *args: None)
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*checkpoint-2"):
+        ckpts.save(accelerator, TrainingState(global_step=2), {})  # the write itself fails
+    assert [p.name for p in ckpts.dir.iterdir()] == ["checkpoint-1"] and damage(first) is None

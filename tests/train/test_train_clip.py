@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,58 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:  # stated tolerance: bit-identical on one CPU process
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(shapes_data, tmp_path, caplog):
+    common = ["--max-train-steps", "6", "--checkpointing-steps", "2", "--validation-steps", "0"]
+    _run(shapes_data, tmp_path / "straight", *common)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "straight", damaged)
+    (damaged / "clipcond_run.json").unlink()
+    weights = damaged / "checkpoints" / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    with caplog.at_level("WARNING"):
+        _run(shapes_data, damaged, *common, "--resume-from-checkpoint", "latest")
+    assert "skipping the damaged checkpoint" in caplog.text and "model.safetensors is 1000 bytes" in caplog.text
+    record = json.loads((damaged / "clipcond_run.json").read_text())
+    assert record["summary"]["resumed_from"].endswith("checkpoint-4")
+    straight, resumed = _weights(tmp_path / "straight"), _weights(damaged)
+    for name in straight:  # steps 5 and 6 taken again from checkpoint-4: the same weights
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_run_killed_in_its_final_export_is_unfinished_until_resumed(shapes_data, tmp_path, monkeypatch, capsys):
+    from clipcond.cli import main as cli
+    from clipcond.train.clip import ClipStage
+
+    out = tmp_path / "run"
+    common = ["--max-train-steps", "4", "--checkpointing-steps", "4", "--validation-steps", "4"]
+    export = ClipStage.export
+
+    def killed_in_final_export(self, path):
+        if path.name.startswith(".export."):  # the final export's scratch folder
+            self.tokenizer.save_pretrained(path)
+            raise KeyboardInterrupt("killed")
+        export(self, path)
+
+    monkeypatch.setattr(ClipStage, "export", killed_in_final_export)
+    with pytest.raises(KeyboardInterrupt):
+        _run(shapes_data, out, *common)
+    monkeypatch.undo()
+    assert not (out / "clipcond_run.json").exists() and not (out / "config.json").exists()
+    with pytest.raises(ValueError, match="is an unfinished training run"):
+        load_clip(out)
+    assert cli(["eval", "clip", "--model", str(out), "--data", str(shapes_data), "--output-dir", str(tmp_path)]) == 2
+    assert "unfinished training run" in capsys.readouterr().err
+
+    _run(shapes_data, out, *common, "--resume-from-checkpoint", "latest")
+    summary = json.loads((out / "clipcond_run.json").read_text())["summary"]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "training_state.json").read_text())["state"]
+    assert summary["resumed_from"].endswith("checkpoint-4") and summary["steps"] == 4
+    assert summary["final_loss"] == round(state["last_loss"], 5) and summary["final_loss"] > 0
+    assert summary["zero_shot_top1"] == state["validation"]["zero_shot_top1"]  # the figures of the run's last step
+    load_clip(out)
 
 
 def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
