@@ -80,13 +80,15 @@ def read_images(paths: list[str], what: str = "IMAGE") -> list:
     """The images as RGB PIL images, read now: a missing or unreadable file fails before any model is loaded."""
     from PIL import Image, UnidentifiedImageError
 
+    from clipcond.data.folders import to_rgb
+
     images = []
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} {path!r} does not exist")
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image))
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"{what} {path!r} cannot be read as an image ({err})") from None
     return images

@@ -120,6 +120,31 @@ def _pick_column(requested: str, columns: list[str], path: Path, what: str) -> s
     raise ValueError(f"{what} column {requested!r} is not in {path}; available columns: {', '.join(columns)}")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any Pillow mode as 8-bit RGB: the one conversion every image reader uses.
+
+    Pillow's own `convert("RGB")` clips the wide greyscale modes to 0..255 instead of scaling them, so a 16-bit
+    value of 40000 (61% grey) turns white. Here they are scaled first:
+
+    - `I;16`, `I;16B`, `I;16L` (16-bit PNG, TIFF) and `I` (32-bit int, what Pillow gives for some 16-bit files):
+      read as 16-bit, 0..65535 (`I` values outside are clipped), and divided by 257, rounded, so 65535 -> 255;
+      the same scaling as torchvision's `to_dtype(uint16 -> uint8)`, up to rounding;
+    - `F` (32-bit float, e.g. TIFF): read as 0..1, the usual range of float images, clipped, times 255, rounded;
+      NaN reads as 0.
+
+    Every other mode (`L`, `P`, `RGBA`, `CMYK`, ...) goes through `convert("RGB")` unchanged.
+    """
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # (H, W)
+        grey = (values + 128) // 257  # rounds: 257 is odd, so there are no ties
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)  # (H, W)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")  # "L" -> RGB
+
+
 def resize_image(image: Image.Image, resolution: int | None, center_crop: bool = True) -> Image.Image:
     """Resize the shorter side to `resolution` and crop the centre square (or, without `center_crop`, squash the
     whole image to `resolution` x `resolution`); None keeps the image as it is."""
@@ -245,7 +270,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(image)
         except _UNREADABLE as err:
             self._unreadable.add(index)
             logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from clipcond.data.folders import _UNREADABLE, METADATA_FILES, image_to_tensor, resize_image
+from clipcond.data.folders import _UNREADABLE, METADATA_FILES, image_to_tensor, resize_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
         try:
             with Image.open(io.BytesIO(record.read(file, record.image_extension))) as image:
                 image.load()
-                image = image.convert("RGB")
+                image = to_rgb(image)
         except _UNREADABLE as err:
             self._unreadable.add(name)
             logger.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)

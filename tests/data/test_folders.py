@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.convert import main as convert_main
+from clipcond.data.folders import ImageCaptionDataset, collate_image_text, to_rgb
 from clipcond.data.shapes import COLOURS, write_shapes_dataset
+from clipcond.data.webdataset import ShardedImageCaptionDataset
+from clipcond.vary import read_images
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +222,55 @@ def test_cached_images_match_the_files_and_keep_skipping(shapes_root, tmp_path, 
         item = ds[1]
     assert item["index"] == 0 and item["skipped"] == [str(tmp_path / "b.png")]
     assert sum("skipping unreadable image" in r.getMessage() for r in caplog.records) == 1
+
+
+def _grey(mode: str, value) -> Image.Image:
+    dtype = {"I;16": np.uint16, "I;16B": ">u2", "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
+    image = Image.fromarray(np.full((2, 3), value, dtype=dtype))
+    assert image.mode == mode
+    return image
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("I;16", 40000, 156),  # 40000 / 257 = 155.6; Pillow's convert("RGB") clips it to 255
+        ("I;16", 65535, 255),
+        ("I;16B", 40000, 156),
+        ("I", 40000, 156),
+        ("I", -7, 0),
+        ("I", 70000, 255),
+        ("F", 0.5, 128),
+        ("F", 1.5, 255),
+        ("F", -0.2, 0),
+        ("F", float("nan"), 0),
+        ("L", 40, 40),  # 8-bit modes are converted as before
+    ],
+)
+def test_wide_greyscale_modes_scale_to_8_bit(mode, value, expected):
+    rgb = to_rgb(_grey(mode, value))
+    assert rgb.mode == "RGB" and rgb.size == (3, 2)
+    assert np.array_equal(np.asarray(rgb), np.full((2, 3, 3), expected, dtype=np.uint8))
+
+
+def test_eight_bit_images_convert_as_pillow_does():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    rgba = Image.fromarray(pixels[..., :4], "RGBA")
+    palette = Image.fromarray(pixels[..., 0]).quantize(8)
+    for image in (rgba, palette, Image.fromarray(pixels[..., 0]), Image.fromarray(pixels[..., :3])):
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+
+
+def test_16_bit_png_reads_as_its_grey_in_folders_and_shards(tmp_path):
+    source = tmp_path / "data"
+    source.mkdir()
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(source / "deep.png")
+    assert Image.open(source / "deep.png").mode == "I;16"
+    _write_jsonl(source, [{"file_name": "deep.png", "text": "a grey square"}])
+    item = ImageCaptionDataset(source)[0]
+    assert item["pixel_values"].unique().tolist() == [156]  # 40000 / 257, not 255
+    assert np.asarray(read_images([str(source / "deep.png")])[0]).max() == 156  # `clipcond vary --image`
+
+    convert_main([str(source), "--output-dir", str(tmp_path / "shards")])
+    streamed = next(iter(ShardedImageCaptionDataset(tmp_path / "shards" / "000000.tar")))
+    assert streamed["pixel_values"].unique().tolist() == [156]
