@@ -17,6 +17,7 @@ report how many files it skipped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -84,28 +85,45 @@ def _resolve_source(source: Path, split: str | None) -> Path:
     )
 
 
+def _read_text(path: Path) -> str:
+    """The text of a metadata file, which must be UTF-8 (a byte-order mark, as Excel writes, is allowed).
+
+    Decoded whole rather than line by line, so that a wrong byte is reported with its line: Python's own error
+    gives only a byte offset into some read buffer.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x} at column {column}: {err.reason}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line or row number, row) for each row of a .jsonl or .csv file; numbers count from 1, as an editor does."""
+    text = _read_text(path)
     rows = []
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}: line {number} is not a JSON object: {line.strip()[:80]!r}")
-                rows.append((number, row))
+        for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is not a JSON object: {line.strip()[:80]!r}")
+            rows.append((number, row))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise ValueError(f"{path} is empty: expected a header row such as path,caption")
-            # Row numbers are file lines: the header is line 1.
-            rows = [(number, row) for number, row in enumerate(reader, start=2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames:
+            raise ValueError(f"{path} is empty: expected a header row such as path,caption")
+        # Row numbers are file lines: the header is line 1.
+        rows = [(number, row) for number, row in enumerate(reader, start=2)]
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows

@@ -274,3 +274,22 @@ def test_16_bit_png_reads_as_its_grey_in_folders_and_shards(tmp_path):
     convert_main([str(source), "--output-dir", str(tmp_path / "shards")])
     streamed = next(iter(ShardedImageCaptionDataset(tmp_path / "shards" / "000000.tar")))
     assert streamed["pixel_values"].unique().tolist() == [156]
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
+def test_metadata_that_is_not_utf8_names_file_and_line(tmp_path, name):
+    _save(tmp_path / "a.png")
+    if name.endswith(".jsonl"):
+        lines = [json.dumps({"file_name": "a.png", "text": t}, ensure_ascii=False) for t in ("fine", "ok", "café")]
+    else:
+        lines = ["file_name,text", "a.png,fine", "a.png,café", "a.png,ok"]
+    (tmp_path / name).write_bytes("\n".join(lines).encode("latin-1"))  # é is the byte 0xe9
+    column = lines[2].index("é") + 1  # the third line, in either file
+    with pytest.raises(ValueError, match=rf"{name}: line 3 is not UTF-8 \(byte 0xe9 at column {column}: "):
+        ImageCaptionDataset(tmp_path)
+
+
+def test_metadata_with_a_byte_order_mark(tmp_path):
+    _save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_bytes("path,caption\na.png,a red box\n".encode("utf-8-sig"))
+    assert ImageCaptionDataset(tmp_path).captions == ["a red box"]
