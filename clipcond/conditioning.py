@@ -376,16 +376,21 @@ IMAGE_CACHE_FORMAT_VERSION = 1
 
 def image_list_identity(dataset) -> list[list]:
     """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
-    for each item's image, in item order (paths outside the root stay absolute). For streamed WebDataset shards
-    (`clipcond.data.webdataset`, items in shard order) the same of each shard file, by absolute path."""
+    for each item's image, in item order (paths outside the root stay absolute; an image skipped for lying outside
+    the data folder, never read, is `[path, "outside"]`). For streamed WebDataset shards (`clipcond.data.webdataset`,
+    items in shard order) the same of each shard file, by absolute path."""
     if getattr(dataset, "shards", None) is not None:
         stats = [(s.path, s.path.stat()) for s in dataset.shards]
         return [[path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
     root = Path(dataset.root).resolve()
+    outside = set(getattr(dataset, "outside", ()))
     identity = []
-    for path in dataset.image_paths:
+    for i, path in enumerate(dataset.image_paths):
         resolved = Path(path).resolve()
         name = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.as_posix()
+        if i in outside:  # its row is the next readable image's, until --allow-outside-paths reads it
+            identity.append([name, "outside"])
+            continue
         stat = resolved.stat()
         identity.append([name, stat.st_size, stat.st_mtime_ns])
     return identity

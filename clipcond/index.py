@@ -130,7 +130,8 @@ def image_dataset(paths: list[str | os.PathLike], resolution: int):
     """An `ImageCaptionDataset` of image files (absolute paths) at `resolution` (shorter side, centre crop).
 
     The data set reads a listing file; this writes one (`path,caption`, the caption a placeholder) to a temporary
-    folder, so that decoding, resizing and the handling of unreadable files are the data set's own.
+    folder, so that decoding, resizing and the handling of unreadable files are the data set's own. Every path is
+    outside that temporary folder, so the data set's own check of paths is off: the caller chose the files.
     """
     from clipcond.data.folders import ImageCaptionDataset
 
@@ -140,7 +141,7 @@ def image_dataset(paths: list[str | os.PathLike], resolution: int):
             writer = csv.writer(f)
             writer.writerow(["path", "caption"])
             writer.writerows([os.path.abspath(p), "-"] for p in paths)
-        return ImageCaptionDataset(listing, resolution=resolution)
+        return ImageCaptionDataset(listing, resolution=resolution, allow_outside_paths=True)
 
 
 @torch.no_grad()

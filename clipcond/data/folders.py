@@ -8,6 +8,10 @@ Accepted sources:
   a source without split folders is a training set and answers `split=None` or `"train"`;
 - a CSV file with a header, by default `path,caption` (paths relative to the CSV's folder, or absolute).
 
+Image paths must lead to files inside the data folder, the folder of the metadata or CSV file, once `..` and
+symlinks are resolved; a row whose image lies elsewhere is skipped and counted like an unreadable file (below),
+unless `allow_outside_paths` (`--allow-outside-paths`) says the data set is trusted. See `ImageCaptionDataset`.
+
 The metadata is checked when the data set is built (columns, empty captions, missing image files: each error names
 the file and line), without decoding any image. A file that exists but cannot be decoded is skipped at load time:
 the next readable item takes its place and the sample's `"skipped"` list names the file, so a training loop can
@@ -20,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +134,15 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def resolves_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with `..` and symlinks resolved, is `folder` or lies under it; `folder` must be resolved.
+
+    `os.path.realpath` rather than `Path.resolve`, which raises on a symlink loop: a loop inside the folder then
+    fails later as a missing file, naming its row, as it did before this check.
+    """
+    return Path(os.path.realpath(path)).is_relative_to(folder)
+
+
 def _pick_column(requested: str, columns: list[str], path: Path, what: str) -> str:
     if requested in columns:
         return requested
@@ -203,6 +217,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         center_crop: False squashes the whole image to `resolution` x `resolution` instead of cropping.
         cache_images: decode (and resize) every image once, now, and keep the uint8 tensors in memory (see
             `cache_images`); for small data sets such as the shapes (20,000 x 3 x 32 x 32 = 61 MB).
+        allow_outside_paths: also read images outside the data folder (see below). Only for trusted data.
+
+    The data folder is the folder that holds the metadata or CSV file (the split folder of a root with splits).
+    Relative paths start there, and it is the same whether the source is named by its root, its split folder or
+    the file itself, so what a row may read does not depend on how it was named (the data root would: `../` from
+    `ROOT/train` would be allowed through `ROOT` and refused through `ROOT/train`). A row whose image path, with
+    `..` and symlinks resolved (`os.path.realpath`), ends outside it (`../x.png`, an absolute path elsewhere, a link
+    to another place) is listed in `outside`, warned about once, never opened, and skipped at load time as an
+    unreadable file is, so training counts it in `--max-skipped-fraction`. Without this check a data set from
+    someone else could make the toolkit read, train on and index any image file the user can read. Links inside
+    the folder to files inside it are fine. The check costs a path resolution per row, once, here.
     """
 
     def __init__(
@@ -215,6 +240,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         resolution: int | None = None,
         center_crop: bool = True,
         cache_images: bool = False,
+        allow_outside_paths: bool = False,
     ):
         if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
             raise ValueError(f"resolution={resolution!r} must be a positive int or None")
@@ -223,6 +249,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.root = self.source if self.source.is_dir() else self.source.parent
         self.resolution = resolution
         self.center_crop = center_crop
+        self.allow_outside_paths = allow_outside_paths
         self.info = load_dataset_info(self.root)
 
         rows = _read_rows(self.metadata_path)
@@ -231,11 +258,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         image_key = _pick_column(image_column, columns, self.metadata_path, "image")
         where = "line" if self.metadata_path.suffix.lower() == ".jsonl" else "row"
         folder = self.metadata_path.parent
+        inside = None if allow_outside_paths else folder.resolve()
 
         self.records: list[dict] = []
         self.captions: list[str] = []
         self.labels: list[str] = []
         self.image_paths: list[Path] = []
+        self.outside: list[int] = []  # items whose image lies outside the data folder: skipped, never opened
+        outside_rows: list[tuple[int, str, Path]] = []  # (line, name, path) of each, for the warning
         for number, row in rows:
             text = row.get(caption_key)
             if not isinstance(text, str) or not text.strip():
@@ -248,7 +278,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                     f"{self.metadata_path}: {where} {number} has no image path in column {image_key!r} (got {name!r})"
                 )
             path = Path(name) if Path(name).is_absolute() else folder / name
-            if not path.is_file():
+            if inside is not None and not resolves_inside(path, inside):
+                self.outside.append(len(self.image_paths))
+                outside_rows.append((number, name, path))
+            elif not path.is_file():
                 raise FileNotFoundError(
                     f"{self.metadata_path}: {where} {number} names image {name!r}, but {path} does not exist"
                 )
@@ -257,11 +290,28 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.captions.append(text)
             self.labels.append(label if isinstance(label, str) else "" if label is None else str(label))
             self.image_paths.append(path)
+        if outside_rows:
+            self._warn_outside(outside_rows, folder)
 
-        self._unreadable: set[int] = set()  # per process: DataLoader workers each keep (and warn about) their own
+        # per process: DataLoader workers each keep (and warn about) their own; outside images are never opened
+        self._unreadable: set[int] = set(self.outside)
         self._cache: list[torch.Tensor | None] | None = None  # decoded (3, H, W) uint8 per item, None: unreadable
         if cache_images:
             self.cache_images()
+
+    def _warn_outside(self, rows: list[tuple[int, str, Path]], folder: Path) -> None:
+        where = "line" if self.metadata_path.suffix.lower() == ".jsonl" else "row"
+        examples = "; ".join(f"{where} {n}: {name!r} -> {os.path.realpath(path)}" for n, name, path in rows[:3])
+        logger.warning(
+            "skipping %d of %d images of %s: outside the data folder %s (%s%s); they are counted as skipped "
+            "files. Pass --allow-outside-paths (allow_outside_paths=True) only if you trust this data set",
+            len(rows),
+            len(self.image_paths),
+            self.metadata_path,
+            folder,
+            examples,
+            ", ..." if len(rows) > 3 else "",
+        )
 
     def cache_images(self) -> int:
         """Decode every image once and serve items from memory from now on; returns the bytes held.

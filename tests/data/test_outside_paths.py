@@ -1,0 +1,92 @@
+"""Image paths that lead outside the data folder (`../`, absolute paths, symlinks to elsewhere) are skipped and
+counted like unreadable files unless `allow_outside_paths` is given."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipcond.conditioning import image_list_identity
+from clipcond.data.folders import ImageCaptionDataset
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def _save(path: Path, colour) -> Path:
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """`data/` with two red images, a link inside to one of them and a link out; a blue `secret.png` beside it."""
+    secret = _save(tmp_path / "secret.png", BLUE)
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    _save(data / "a.png", RED)
+    _save(data / "b.png", RED)
+    (data / "sub" / "same.png").symlink_to(Path("..", "a.png"))  # inside -> inside: fine
+    (data / "link.png").symlink_to(secret)
+    names = ["a.png", "../secret.png", str(secret), "link.png", "sub/same.png", "b.png"]
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in names))
+    return data
+
+
+def test_outside_paths_are_skipped_and_counted(tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="clipcond.data.folders"):
+        ds = ImageCaptionDataset(tree)
+    assert len(ds) == 6 and ds.outside == [1, 2, 3]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "skipping 3 of 6 images" in warning and "outside the data folder" in warning
+    assert "line 2: '../secret.png' -> " in warning and "--allow-outside-paths" in warning
+
+    item = ds[1]  # the next readable item, the link that stays inside, takes the place of the three
+    assert item["index"] == 4 and item["skipped"] == [str(ds.image_paths[i]) for i in (1, 2, 3)]
+    assert item["pixel_values"][:, 0, 0].tolist() == list(RED)
+    for i in range(len(ds)):  # the blue file outside is never served
+        assert ds[i]["pixel_values"][:, 0, 0].tolist() == list(RED)
+    assert ImageCaptionDataset(tree, cache_images=True)[2]["index"] == 4  # the same with cached pixels
+
+
+def test_outside_paths_are_read_when_allowed(tree):
+    ds = ImageCaptionDataset(tree, allow_outside_paths=True)
+    assert ds.outside == []
+    for i in (1, 2, 3):
+        item = ds[i]
+        assert item["index"] == i and item["skipped"] == [] and item["pixel_values"][:, 0, 0].tolist() == list(BLUE)
+
+
+def test_a_missing_file_inside_is_still_an_error(tree):
+    with open(tree / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "gone.png", "text": "gone"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"line 7 names image 'gone\.png'"):
+        ImageCaptionDataset(tree)
+
+
+def test_a_symlink_loop_is_a_missing_file_not_a_crash(tmp_path):
+    _save(tmp_path / "a.png", RED)
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,red\nloop.png,loop\n")
+    with pytest.raises(FileNotFoundError, match=r"row 3 names image 'loop\.png'"):
+        ImageCaptionDataset(tmp_path)
+
+
+def test_a_csv_with_absolute_paths_inside_its_folder(tmp_path):
+    inside = _save(tmp_path / "a.png", RED)
+    (tmp_path / "pairs.csv").write_text(f"path,caption\n{inside},red\n{_save(tmp_path.parent / 'x.png', BLUE)},blue\n")
+    ds = ImageCaptionDataset(tmp_path / "pairs.csv")
+    assert ds.outside == [1] and ds[0]["index"] == 0
+
+
+def test_embedding_cache_key_follows_the_choice(tree, tmp_path):
+    skipped = image_list_identity(ImageCaptionDataset(tree))
+    read = image_list_identity(ImageCaptionDataset(tree, allow_outside_paths=True))
+    assert skipped[0] == read[0] and skipped[1] == [(tmp_path / "secret.png").as_posix(), "outside"]
+    assert read[1] == [(tmp_path / "secret.png").as_posix(), *_stat(tmp_path / "secret.png")]
+
+
+def _stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
