@@ -25,7 +25,13 @@ from clipcond.cli import HelpFormatter
 from clipcond.conditioning import attended_columns
 from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
-from clipcond.data.open import DATA_HELP, is_streamed, native_resolution, open_image_text_dataset
+from clipcond.data.open import (
+    add_data_arguments,
+    dataset_options,
+    is_streamed,
+    native_resolution,
+    open_image_text_dataset,
+)
 from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.lineage import content_hash
@@ -65,10 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help=DATA_HELP)
-    data.add_argument("--split", default="train", help="split of --data to train on")
-    data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
-    data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
+    add_data_arguments(data)
     data.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
     data.add_argument("--validation-max-images", type=int, default=1000, help="images used by each validation")
     data.add_argument(
@@ -245,9 +248,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     # 2. Data
     preset = clip_presets().get(args.model)
     resolution = args.resolution or (preset["vision"]["image_size"] if preset else None)
-    dataset_kwargs = {"caption_column": args.caption_column}
-    if args.image_column:
-        dataset_kwargs["image_column"] = args.image_column
+    dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
     resolution = resolution or native_resolution(dataset)
     if not is_streamed(dataset):  # streamed shards are decoded as they come

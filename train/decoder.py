@@ -49,7 +49,7 @@ from PIL import Image
 from clipcond.cli import HelpFormatter
 from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_captions
 from clipcond.data.folders import collate_image_text
-from clipcond.data.open import DATA_HELP, native_resolution, open_image_text_dataset
+from clipcond.data.open import add_data_arguments, dataset_options, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
@@ -106,10 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(clipcond.encoders)",
     )
     encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
-    data.add_argument("--data", required=True, help=DATA_HELP)
-    data.add_argument("--split", default="train", help="split of --data to train on")
-    data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
-    data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
+    add_data_arguments(data)
     data.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the data set's, else its first image's)"
     )
@@ -652,9 +649,7 @@ def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> in
         )
 
     # 3. Data
-    dataset_kwargs = {"caption_column": args.caption_column}
-    if args.image_column:
-        dataset_kwargs["image_column"] = args.image_column
+    dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
     resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
     if dataset.resolution != resolution:

@@ -169,8 +169,8 @@ def add_training_args(
         "--max-skipped-fraction",
         type=float,
         default=0.05,
-        help="stop with an error when more than this share of the training images cannot be read (they are skipped "
-        "and counted up to it)",
+        help="stop with an error when more than this share of the training images cannot be read or lie outside the "
+        "data folder (they are skipped and counted up to it; see --allow-outside-paths)",
     )
     g.add_argument(
         "--checkpointing-steps",
@@ -984,8 +984,8 @@ def _account_skipped(
     if count > max_fraction * num_samples:
         raise ValueError(
             f"{count} of the {num_samples} training images could not be read ({count / num_samples:.1%}), more than "
-            f"`--max-skipped-fraction {max_fraction:g}` allows (e.g. {state.skipped_files[:3]}); repair or remove them, "
-            "or raise the limit"
+            f"`--max-skipped-fraction {max_fraction:g}` allows (e.g. {state.skipped_files[:3]}); repair or remove them "
+            "(those outside the data folder: see the warning, and --allow-outside-paths), or raise the limit"
         )
 
 

@@ -45,7 +45,7 @@ from clipcond.conditioning import (
     unique_captions,
 )
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import DATA_HELP, open_image_text_dataset
+from clipcond.data.open import add_data_arguments, dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
@@ -110,10 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(clipcond.encoders)",
     )
     encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
-    data.add_argument("--data", required=True, help=DATA_HELP)
-    data.add_argument("--split", default="train", help="split of --data to train on")
-    data.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
-    data.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
+    add_data_arguments(data)
     data.add_argument(
         "--cache-dir",
         default=None,
@@ -383,9 +380,7 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
     resolution = vision_model.config.image_size
 
     # 3. Data, at the image encoder's resolution
-    dataset_kwargs = {"caption_column": args.caption_column, "resolution": resolution}
-    if args.image_column:
-        dataset_kwargs["image_column"] = args.image_column
+    dataset_kwargs = {**dataset_options(args), "resolution": resolution}
     dataset = open_image_text_dataset(args.data, split=args.split, **dataset_kwargs)
     validation_set = None
     if args.validation_steps and args.validation_split != "none":

@@ -41,7 +41,7 @@ from transformers import CLIPImageProcessor
 
 from clipcond.conditioning import ImageEmbeddingCache
 from clipcond.data.folders import collate_image_text
-from clipcond.data.open import items_at, native_resolution, open_image_text_dataset
+from clipcond.data.open import dataset_options, items_at, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import load_encoder
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_vision_tower
@@ -312,9 +312,7 @@ def main_image_embedding(accelerator: Accelerator, args: argparse.Namespace) -> 
     )
 
     # 3. Data, at the decoder's resolution; the same items at the image encoder's for the embedding cache
-    dataset_kwargs = {"caption_column": args.caption_column}
-    if args.image_column:
-        dataset_kwargs["image_column"] = args.image_column
+    dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
     resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
     if dataset.resolution != resolution:

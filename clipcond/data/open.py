@@ -1,9 +1,11 @@
 """One entry for the training commands' `--data`: a folder or CSV (map-style `ImageCaptionDataset`) or WebDataset
 shards (streamed `ShardedImageCaptionDataset`). Both yield the same items and have `captions`, `info`,
-`resolution` and `len()`; `clipcond.train.loop.train` handles either."""
+`resolution` and `len()`; `clipcond.train.loop.train` handles either. Also the data arguments the commands share
+(`add_data_arguments`, `add_allow_outside_paths`) and the data set options they give (`dataset_options`)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +25,36 @@ DATA_HELP = (
 )
 
 
+ALLOW_OUTSIDE_PATHS_HELP = (
+    "read images whose path in the metadata or CSV leads outside its folder (../, absolute paths, symlinks to "
+    "elsewhere); without it they are skipped and counted like unreadable files. Risk: a data set from someone else "
+    "could then make this command read any image file you can read; give it only for data you trust"
+)
+
+
+def add_allow_outside_paths(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--allow-outside-paths`, for every command that reads a data folder (see `ImageCaptionDataset`)."""
+    parser.add_argument("--allow-outside-paths", action="store_true", help=ALLOW_OUTSIDE_PATHS_HELP)
+
+
+def add_data_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The data arguments of the training commands: `--data`, `--split`, `--caption-column`, `--image-column`,
+    `--allow-outside-paths`; `dataset_options(args)` turns them into keyword arguments of the data sets."""
+    group.add_argument("--data", required=True, help=DATA_HELP)
+    group.add_argument("--split", default="train", help="split of --data to train on")
+    group.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
+    group.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
+    add_allow_outside_paths(group)
+
+
+def dataset_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of `open_image_text_dataset` and `ImageCaptionDataset` from `add_data_arguments`'s."""
+    options = {"caption_column": args.caption_column, "allow_outside_paths": args.allow_outside_paths}
+    if args.image_column:
+        options["image_column"] = args.image_column
+    return options
+
+
 def open_image_text_dataset(
     data: str | Path | Sequence[str | Path],
     *,
@@ -32,9 +64,11 @@ def open_image_text_dataset(
     image_column: str | None = None,
     center_crop: bool = True,
     shuffle_buffer: int = 1000,
+    allow_outside_paths: bool = False,
 ) -> ImageCaptionDataset | ShardedImageCaptionDataset:
     """The data set that `data` names: streamed shards when it names WebDataset shards (see
-    `clipcond.data.webdataset.is_shard_source`), else an `ImageCaptionDataset` of `split`."""
+    `clipcond.data.webdataset.is_shard_source`), else an `ImageCaptionDataset` of `split`. `allow_outside_paths`
+    applies to the latter only: a shard's images are its own members, which cannot lead elsewhere."""
     if is_shard_source(data):
         if split not in (None, "train"):
             raise ValueError(
@@ -53,7 +87,7 @@ def open_image_text_dataset(
             caption_column=caption_column,
             shuffle_buffer=shuffle_buffer,
         )
-    kwargs = {"caption_column": caption_column}
+    kwargs = {"caption_column": caption_column, "allow_outside_paths": allow_outside_paths}
     if image_column is not None:
         kwargs["image_column"] = image_column
     return ImageCaptionDataset(data, split=split, resolution=resolution, center_crop=center_crop, **kwargs)

@@ -1,15 +1,19 @@
 """Image paths that lead outside the data folder (`../`, absolute paths, symlinks to elsewhere) are skipped and
-counted like unreadable files unless `allow_outside_paths` is given."""
+counted like unreadable files unless `allow_outside_paths` (`--allow-outside-paths`) is given: in the data set and
+`clipcond train clip`."""
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CLIP_ARGS
 from PIL import Image
 
 from clipcond.conditioning import image_list_identity
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.train.clip import main as train_clip
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -90,3 +94,37 @@ def test_embedding_cache_key_follows_the_choice(tree, tmp_path):
 def _stat(path: Path) -> list[int]:
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
+
+
+def _shapes_copy(shapes_data, tmp_path, split="train") -> tuple[Path, Path]:
+    """A copy of `shapes_data` whose first three rows of `split` lead outside it: by `../`, absolute, symlink."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    metadata = data / split / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    secret = tmp_path / "secret.png"
+    shutil.copy(data / split / rows[0]["file_name"], secret)
+    (data / split / "link.png").symlink_to(secret)
+    for row, name in zip(rows, ["../../secret.png", str(secret), "link.png"]):
+        row["file_name"] = name
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data, secret
+
+
+def test_train_clip_skips_and_counts_outside_paths(shapes_data, tmp_path, capsys, caplog):
+    data, _ = _shapes_copy(shapes_data, tmp_path)
+    # 15 steps x 16 > 240 images: every file is read
+    argv = ["--data", str(data), *TINY_CLIP_ARGS, "--max-train-steps", "15", "--validation-steps", "0"]
+    argv += ["--checkpointing-steps", "0"]
+    with caplog.at_level(logging.WARNING, logger="clipcond.data.folders"):
+        assert train_clip([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_files"] == 3
+    assert any("outside the data folder" in r.getMessage() for r in caplog.records)
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["args"]["allow_outside_paths"] is False
+
+    with pytest.raises(ValueError, match=r"3 of the 240 training images could not be read.*--allow-outside-paths"):
+        train_clip([*argv, "--output-dir", str(tmp_path / "strict"), "--max-skipped-fraction", "0.01"])
+
+    assert train_clip([*argv, "--output-dir", str(tmp_path / "allowed"), "--allow-outside-paths"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_files"] == 0
