@@ -16,6 +16,10 @@ resolution by `clipcond.data.folders.ImageCaptionDataset`, which also logs a war
 Running `clipcond index` again on the same folder and index updates it: only files that are new, or whose size or
 modification time changed, are embedded; removed files are dropped; an unreadable file is tried again only once it
 changes. The CLIP of an index is fixed: updating or searching with another one is refused (`--rebuild` starts over).
+
+A file found in the folder that is a symlink to a file outside it is skipped with a warning, and left out of the
+index, unless `--allow-outside-paths` is given: a folder from someone else must not make the index (and `clipcond
+search`) read and show any image the user can read. Links that stay inside the folder are followed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from clipcond.data.open import add_allow_outside_paths
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +66,16 @@ class UpdateReport:
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # files tried in this update that could not be decoded
+    outside: list[str] = field(default_factory=list)  # links to files outside the folder, skipped and not indexed
     unchanged: int = 0
     num_images: int = 0  # images in the index afterwards (embedded rows)
 
     def summary(self) -> str:
+        outside = f", {len(self.outside)} outside the folder skipped" if self.outside else ""
         return (
             f"{self.num_images} images indexed: {len(self.added)} added, {len(self.changed)} changed, "
             f"{len(self.removed)} removed, {self.unchanged} unchanged, {len(self.unreadable)} unreadable skipped"
+            f"{outside}"
         )
 
 
@@ -97,6 +106,26 @@ def scan_images(root: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXT
                 continue
             found[path.relative_to(root).as_posix()] = (stat.st_size, stat.st_mtime_ns)
     return dict(sorted(found.items()))
+
+
+def _drop_outside(root: Path, found: dict[str, tuple[int, int]]) -> list[str]:
+    """Remove from `found` the files that resolve outside `root` (links to elsewhere); returns their paths."""
+    from clipcond.data.folders import resolves_inside
+
+    inside = root.resolve()
+    outside = [path for path in found if not resolves_inside(root / path, inside)]
+    for path in outside:
+        del found[path]
+    if outside:
+        logger.warning(
+            "skipping %d image file(s) of %s that lead outside the data folder (links elsewhere), e.g. %s -> %s; "
+            "pass --allow-outside-paths only if you trust the folder",
+            len(outside),
+            root,
+            outside[0],
+            (root / outside[0]).resolve(),
+        )
+    return outside
 
 
 def _model_hash(clip_run) -> str:
@@ -131,7 +160,8 @@ def image_dataset(paths: list[str | os.PathLike], resolution: int):
 
     The data set reads a listing file; this writes one (`path,caption`, the caption a placeholder) to a temporary
     folder, so that decoding, resizing and the handling of unreadable files are the data set's own. Every path is
-    outside that temporary folder, so the data set's own check of paths is off: the caller chose the files.
+    outside that temporary folder, so the data set's own check of paths is off: the caller chose the files (the
+    index keeps to its folder, see `ImageIndex.update`).
     """
     from clipcond.data.folders import ImageCaptionDataset
 
@@ -257,14 +287,21 @@ class ImageIndex:
         num_workers: int = 0,
         progress: bool = False,
         clip_hash: str | None = None,
+        allow_outside_paths: bool = False,
     ) -> UpdateReport:
-        """Re-scan the root and bring the index up to date: embed new and changed files, drop removed ones."""
+        """Re-scan the root and bring the index up to date: embed new and changed files, drop removed ones.
+
+        Files that lead outside the root (symlinks elsewhere) are left out and listed in the report's `outside`,
+        unless `allow_outside_paths`; they are checked again at each update, so a later update that allows them
+        adds them.
+        """
         self.check_model(clip_hash or _model_hash(clip_run), clip_run.path)
         if not self.root.is_dir():
             raise FileNotFoundError(f"the index's image folder {str(self.root)!r} does not exist")
         found = scan_images(self.root)
+        outside = [] if allow_outside_paths else _drop_outside(self.root, found)
         old = {f.path: f for f in self.files}
-        report = UpdateReport(removed=sorted(set(old) - set(found)))
+        report = UpdateReport(removed=sorted(set(old) - set(found)), outside=outside)
         todo = []
         for path, stat in found.items():
             entry = old.get(path)
@@ -424,6 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (default 0: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_allow_outside_paths(parser)
     return parser.parse_args(argv)
 
 
@@ -494,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
         clip_hash=clip_hash,
+        allow_outside_paths=args.allow_outside_paths,
     )
     index.save(args.output)
     print(f"clipcond index: {report.summary()} -> {args.output}")

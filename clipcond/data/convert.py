@@ -9,8 +9,11 @@ file's original bytes under its own extension (`000042.png`), the caption (`0000
 one fewer) and are named `000000.tar`, `000001.tar`, ...; the `webdataset` library reads them as they are. Beside
 them, `index.json` lists each shard's sample count in wids' `wids-shard-index-v1` layout, plus the source, split and
 the data set's `dataset_info.json` under `clipcond`. Images are copied, not decoded (an unreadable one is skipped
-when streamed). Members carry fixed times and owners, so the same data gives byte-identical shards. Each shard is
-written to a temporary name and renamed, and the index comes last: a folder with an index is complete.
+when streamed). A row whose image lies outside the data folder (`../`, an absolute path or a symlink elsewhere; see
+`ImageCaptionDataset`) is left out, its key missing, and counted in the printed summary and the index, unless
+`--allow-outside-paths` copies it: a shard must not carry away files the data set's folder does not hold. Members
+carry fixed times and owners, so the same data gives byte-identical shards. Each shard is written to a temporary
+name and renamed, and the index comes last: a folder with an index is complete.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
 
 FORMATS = ("webdataset",)
@@ -45,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
     parser.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --output-dir")
+    add_allow_outside_paths(parser)
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         raise ValueError(f"`--shard-size` must be >= 1, got {args.shard_size}")
@@ -63,9 +68,18 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def convert_to_webdataset(
     dataset: ImageCaptionDataset, output_dir: str | os.PathLike, *, shard_size: int = 1000, overwrite: bool = False
 ) -> dict:
-    """Write `dataset`'s samples as WebDataset shards and an index.json into `output_dir`; returns the index."""
+    """Write `dataset`'s samples as WebDataset shards and an index.json into `output_dir`; returns the index.
+
+    The samples whose image lies outside the data folder (`dataset.outside`) are left out."""
     if shard_size < 1:
         raise ValueError(f"`shard_size` must be >= 1, got {shard_size}")
+    left_out = set(dataset.outside)
+    samples = [i for i in range(len(dataset)) if i not in left_out]
+    if not samples:
+        raise ValueError(
+            f"every image of {dataset.metadata_path} lies outside its folder {dataset.metadata_path.parent}, so "
+            "there is nothing to convert; pass --allow-outside-paths only if you trust this data set"
+        )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob("*.tar")) + ([out / INDEX_FILE] if (out / INDEX_FILE).exists() else [])
@@ -76,15 +90,15 @@ def convert_to_webdataset(
     for path in existing:
         path.unlink()
 
-    n = len(dataset)
-    key_width = max(6, len(str(n - 1)))
+    n = len(samples)
+    key_width = max(6, len(str(len(dataset) - 1)))
     num_shards = -(-n // shard_size)
     shard_width = max(6, len(str(num_shards - 1)))
     shardlist = []
     for shard in range(num_shards):
         name = f"{shard:0{shard_width}d}.tar"
         tmp = out / f".{name}.tmp"
-        indices = range(shard * shard_size, min(n, (shard + 1) * shard_size))
+        indices = samples[shard * shard_size : (shard + 1) * shard_size]
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in indices:
                 key = f"{i:0{key_width}d}"
@@ -106,6 +120,7 @@ def convert_to_webdataset(
             "source": str(dataset.source),
             "metadata": str(dataset.metadata_path),
             "num_samples": n,
+            "skipped_outside": len(left_out),
             "dataset_info": dataset.info,
         },
     }
@@ -125,7 +140,7 @@ def shard_pattern(output_dir: str | os.PathLike, index: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    kwargs = {"caption_column": args.caption_column}
+    kwargs = {"caption_column": args.caption_column, "allow_outside_paths": args.allow_outside_paths}
     if args.image_column:
         kwargs["image_column"] = args.image_column
     dataset = ImageCaptionDataset(args.source, split=args.split, **kwargs)
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "output_dir": str(args.output_dir),
         "shards": len(index["shardlist"]),
         "num_samples": index["clipcond"]["num_samples"],
+        "skipped_outside": index["clipcond"]["skipped_outside"],
         "data": shard_pattern(args.output_dir, index),
     }
     print(json.dumps(summary), file=sys.stdout)

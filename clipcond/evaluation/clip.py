@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.data.open import add_allow_outside_paths
 from clipcond.evaluation.plots import heatmap_png
 from clipcond.evaluation.retrieval import normalize_caption, retrieval_recall
 from clipcond.evaluation.zero_shot import (
@@ -291,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output-dir", metavar="DIR", help="where metrics.json and the PNGs go (default RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_allow_outside_paths(parser)
     return parser.parse_args(argv)
 
 
@@ -313,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    dataset = ImageCaptionDataset(args.data, split=split, resolution=clip_run.image_size)
+    dataset = ImageCaptionDataset(
+        args.data, split=split, resolution=clip_run.image_size, allow_outside_paths=args.allow_outside_paths
+    )
     info = getattr(dataset, "info", None) or {}
 
     # 3. evaluate, then write the metrics and figures and print the metrics

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
@@ -647,6 +648,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
     parser.add_argument("--output-dir", metavar="DIR", help="default RUN/eval_generation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_allow_outside_paths(parser)
     return parser.parse_args(argv)
 
 
@@ -677,13 +679,16 @@ def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None
     )
 
 
-def load_reference_images(data: str, split: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
+def load_reference_images(
+    data: str, split: str, resolution: int, *, allow_outside_paths: bool = False
+) -> tuple[torch.Tensor, list[str]]:
     """The split's readable single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`, and the
-    paths of the single-object files that could not be read: those are left out and counted (the data set's stand-in
-    for one, the next readable image, would count twice)."""
+    paths of the single-object files that could not be read (or lie outside the data folder, see
+    `ImageCaptionDataset`): those are left out and counted (the data set's stand-in for one, the next readable
+    image, would count twice)."""
     from clipcond.data.folders import ImageCaptionDataset
 
-    dataset = ImageCaptionDataset(data, split=split, resolution=resolution)
+    dataset = ImageCaptionDataset(data, split=split, resolution=resolution, allow_outside_paths=allow_outside_paths)
     images, unreadable = [], []
     for i in range(len(dataset)):
         if not dataset.labels[i]:
@@ -751,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference, unreadable = load_reference_images(args.data, args.split, clip_run.image_size)
+    reference, unreadable = load_reference_images(
+        args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
+    )
     pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
 
     # 3. evaluate, write, print

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipcond.conditioning import ImageEmbeddingCache, embed_images, encode_prompts
+from clipcond.data.open import add_allow_outside_paths
 from clipcond.evaluation.retrieval import normalize_caption
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
@@ -304,6 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output-dir", metavar="DIR", help="where metrics.json goes (default RUN/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_allow_outside_paths(parser)
     args = parser.parse_args(argv)
     if args.num_inference_steps < 1:
         raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
@@ -361,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     mismatch = check_evaluation_clip(
         clip, recorded.get("content_hash"), what="the prior", allow=args.allow_clip_mismatch
     )
-    dataset = ImageCaptionDataset(args.data, split=args.split, resolution=vision_model.config.image_size)
+    dataset = ImageCaptionDataset(
+        args.data,
+        split=args.split,
+        resolution=vision_model.config.image_size,
+        allow_outside_paths=args.allow_outside_paths,
+    )
     cache = ImageEmbeddingCache.build_or_load(
         vision_model,
         dataset,

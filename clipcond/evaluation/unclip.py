@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
 from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import (
@@ -370,6 +371,7 @@ def evaluate_unclip(
     batch_size: int = 32,
     output_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    allow_outside_paths: bool = False,
 ) -> dict:
     """The prior's cosine beside its baselines, judged variations and judged text-to-image through the prior.
 
@@ -387,6 +389,7 @@ def evaluate_unclip(
         prior_max_captions: the prior's cosine on the split's first N items (None: all).
         output_dir: when given, `prior.json`, `variations/`, `text_to_image/`, then `metrics.json` (last: its
             presence marks a finished evaluation).
+        allow_outside_paths: read images of `data` that lie outside its folders (see `ImageCaptionDataset`).
     """
     from clipcond.data.folders import ImageCaptionDataset
     from clipcond.evaluation.generation import evaluate_generation
@@ -406,7 +409,7 @@ def evaluate_unclip(
 
     # 1. the prior's image embeddings against the true ones and the baselines
     image_size = pipe.image_encoder.config.image_size
-    clip_set = ImageCaptionDataset(data, split=split, resolution=image_size)
+    clip_set = ImageCaptionDataset(data, split=split, resolution=image_size, allow_outside_paths=allow_outside_paths)
     extractor = pipe.feature_extractor  # the CLIP's pixel statistics; OpenAI's without one, as the pipeline does
     prior = evaluate_prior(
         pipe.prior_pipeline,
@@ -426,7 +429,9 @@ def evaluate_unclip(
         (out / "prior.json").write_text(json.dumps(prior, indent=2) + "\n", encoding="utf-8")
 
     # 2. variations of the split's one-object images, at the data's resolution (the pipeline embeds them)
-    dataset = ImageCaptionDataset(data, split=split, resolution=int(info["resolution"]))
+    dataset = ImageCaptionDataset(
+        data, split=split, resolution=int(info["resolution"]), allow_outside_paths=allow_outside_paths
+    )
     sources, source_classes, items = variation_sources(dataset, classes, sources_per_class)
     vary = pipeline_vary_fn(
         pipe.decoder_pipeline,
@@ -588,6 +593,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
     parser.add_argument("--output-dir", metavar="DIR", help="default DECODER/eval_unclip")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_allow_outside_paths(parser)
     args = parser.parse_args(argv)
     for name in (
         "sources_per_class",
@@ -639,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     _check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference, unreadable = load_reference_images(args.data, args.split, clip_run.image_size)
+    reference, unreadable = load_reference_images(
+        args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
+    )
     pipe = UnCLIPTextToImagePipeline.from_runs(
         args.prior,
         args.decoder,
@@ -674,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         output_dir=Path(args.output_dir) if args.output_dir else Path(args.decoder) / "eval_unclip",
         progress=not args.no_progress,
+        allow_outside_paths=args.allow_outside_paths,
     )
     print(json.dumps(metrics, indent=2))
     return 0

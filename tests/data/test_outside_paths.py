@@ -1,18 +1,24 @@
 """Image paths that lead outside the data folder (`../`, absolute paths, symlinks to elsewhere) are skipped and
-counted like unreadable files unless `allow_outside_paths` (`--allow-outside-paths`) is given: in the data set and
-`clipcond train clip`."""
+counted like unreadable files unless `allow_outside_paths` (`--allow-outside-paths`) is given: in the data set,
+`clipcond train clip`, `clipcond data convert`, `clipcond index` and the evaluation commands."""
 
 import json
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import TINY_CLIP_ARGS
 from PIL import Image
 
+from clipcond import cli
 from clipcond.conditioning import image_list_identity
+from clipcond.data.convert import main as convert_main
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.evaluation.clip import main as eval_clip
+from clipcond.evaluation.generation import load_reference_images
+from clipcond.index import ImageIndex
 from clipcond.train.clip import main as train_clip
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -84,16 +90,21 @@ def test_a_csv_with_absolute_paths_inside_its_folder(tmp_path):
     assert ds.outside == [1] and ds[0]["index"] == 0
 
 
-def test_embedding_cache_key_follows_the_choice(tree, tmp_path):
-    skipped = image_list_identity(ImageCaptionDataset(tree))
-    read = image_list_identity(ImageCaptionDataset(tree, allow_outside_paths=True))
-    assert skipped[0] == read[0] and skipped[1] == [(tmp_path / "secret.png").as_posix(), "outside"]
-    assert read[1] == [(tmp_path / "secret.png").as_posix(), *_stat(tmp_path / "secret.png")]
+def test_convert_leaves_outside_images_out(tree, tmp_path, capsys):
+    assert convert_main([str(tree), "--output-dir", str(tmp_path / "shards")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_samples"] == 3 and summary["skipped_outside"] == 3
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["clipcond"]["skipped_outside"] == 3
+    secret = (tmp_path / "secret.png").read_bytes()
+    with tarfile.open(tmp_path / "shards" / "000000.tar") as tar:
+        members = tar.getnames()
+        assert not any(tar.extractfile(m).read() == secret for m in members if m.endswith(".png"))
+    assert sorted(m for m in members if m.endswith(".png")) == ["000000.png", "000004.png", "000005.png"]
 
-
-def _stat(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    argv = [str(tree), "--output-dir", str(tmp_path / "all"), "--allow-outside-paths"]
+    assert convert_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 6
 
 
 def _shapes_copy(shapes_data, tmp_path, split="train") -> tuple[Path, Path]:
@@ -128,3 +139,74 @@ def test_train_clip_skips_and_counts_outside_paths(shapes_data, tmp_path, capsys
 
     assert train_clip([*argv, "--output-dir", str(tmp_path / "allowed"), "--allow-outside-paths"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped_files"] == 0
+
+
+def test_index_skips_links_out_of_the_folder(tiny_clip_run, tmp_path, capsys, caplog):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    _save(folder / "a.png", RED)
+    (folder / "sub" / "same.png").symlink_to(folder / "a.png")  # a link inside stays indexed
+    (folder / "out.png").symlink_to(_save(tmp_path / "secret.png", BLUE))
+    out = tmp_path / "idx"
+    argv = ["index", "--model", str(tiny_clip_run), str(folder), "--output", str(out), "--no-progress"]
+    with caplog.at_level(logging.WARNING, logger="clipcond.index"):
+        assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 images indexed: 2 added" in printed and "0 unreadable skipped, 1 outside the folder skipped" in printed
+    assert any("out.png" in r.getMessage() and "outside the data folder" in r.getMessage() for r in caplog.records)
+    assert ImageIndex.load(out).paths == ["a.png", "sub/same.png"]
+
+    assert cli.main([*argv, "--allow-outside-paths"]) == 0  # checked again on update: now added
+    assert "3 images indexed: 1 added, 0 changed, 0 removed, 2 unchanged" in capsys.readouterr().out
+    assert ImageIndex.load(out).paths == ["a.png", "out.png", "sub/same.png"]
+
+
+def test_eval_clip_and_reference_images_count_outside_paths(tiny_clip_run, shapes_data, tmp_path, capsys):
+    data, _ = _shapes_copy(shapes_data, tmp_path, split="test")
+    rows = [json.loads(line) for line in (data / "test" / "metadata.jsonl").open()]
+    argv = ["--model", str(tiny_clip_run), "--data", str(data), "--device", "cpu", "--no-progress"]
+    assert eval_clip([*argv, "--output-dir", str(tmp_path / "eval")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_unreadable_images"] == 3 and metrics["num_images"] == 36 - 3
+    assert eval_clip([*argv, "--output-dir", str(tmp_path / "eval_all"), "--allow-outside-paths"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_unreadable_images"] == 0
+
+    # the reference images of `clipcond eval generation` and `eval unclip`: the single-object images
+    labelled = [i for i, row in enumerate(rows) if row["label"]]
+    images, skipped = load_reference_images(str(data), "test", 32)
+    outside = [str(data / "test" / rows[i]["file_name"]) for i in labelled if i < 3]
+    assert outside and skipped == outside and images.shape[0] == len(labelled) - len(outside)
+    images, skipped = load_reference_images(str(data), "test", 32, allow_outside_paths=True)
+    assert images.shape[0] == len(labelled) and skipped == []
+
+
+def test_embedding_cache_key_follows_the_choice(tree, tmp_path):
+    skipped = image_list_identity(ImageCaptionDataset(tree))
+    read = image_list_identity(ImageCaptionDataset(tree, allow_outside_paths=True))
+    assert skipped[0] == read[0] and skipped[1] == [(tmp_path / "secret.png").as_posix(), "outside"]
+    assert read[1] == [(tmp_path / "secret.png").as_posix(), *_stat(tmp_path / "secret.png")]
+
+
+def _stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "clip"],
+        ["train", "decoder"],
+        ["train", "prior"],
+        ["index"],
+        ["data", "convert"],
+        ["eval", "clip"],
+        ["eval", "prior"],
+        ["eval", "generation"],
+        ["eval", "unclip"],
+    ],
+)
+def test_every_command_reading_a_data_folder_offers_the_flag(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    assert "--allow-outside-paths" in capsys.readouterr().out
