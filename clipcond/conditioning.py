@@ -25,9 +25,9 @@ from pathlib import Path
 
 import safetensors
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from clipcond.storage import save_tensors_atomic
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -324,9 +324,7 @@ class TextEmbeddingCache:
                 tensors[f"{prefix}pooled"] = emb.pooled.contiguous()
         metadata = {"format": str(CACHE_FORMAT_VERSION), "key": self.key, "num_captions": str(len(self.captions))}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, self.path)
+        save_tensors_atomic(tensors, self.path, metadata)
 
     @classmethod
     def _load(cls, path: Path, captions: list[str], key: str) -> TextEmbeddingCache:
@@ -504,9 +502,7 @@ class ImageEmbeddingCache:
             "skipped": json.dumps(self.skipped),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, self.path)
+        save_tensors_atomic(tensors, self.path, metadata)
 
     @classmethod
     def _load(cls, path: Path, num_images: int, key: str) -> ImageEmbeddingCache:

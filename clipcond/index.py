@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from clipcond.data.open import add_allow_outside_paths
+from clipcond.runlock import run_folder_lock
+from clipcond.storage import writing
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +385,9 @@ class ImageIndex:
         }
         tmp_embeddings = path / f".{EMBEDDINGS_FILE}.{os.getpid()}.tmp"
         tmp_files = path / f".{FILES_FILE}.{os.getpid()}.tmp"
-        save_file({"embeddings": self.embeddings.contiguous()}, tmp_embeddings, metadata=metadata)
-        tmp_files.write_bytes(listing)
+        with writing(path / EMBEDDINGS_FILE, scratch=[tmp_embeddings, tmp_files]):
+            save_file({"embeddings": self.embeddings.contiguous()}, tmp_embeddings, metadata=metadata)
+            tmp_files.write_bytes(listing)
         os.replace(tmp_embeddings, path / EMBEDDINGS_FILE)
         os.replace(tmp_files, path / FILES_FILE)
 
@@ -482,12 +485,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    with run_folder_lock(args.output, flag="--output"):  # one writer per index
+        return build_index(args)
+
+
+def build_index(args: argparse.Namespace) -> int:
+    """`clipcond index` with checked arguments, holding the lock of `--output`."""
     from transformers.utils import logging as hf_logging
 
     from clipcond.models.clip import load_clip
 
-    args = parse_args(argv)
-    check_args(args)
     root = Path(args.folder).resolve()
 
     # 1. the existing index, if any: it must be of this folder, this CLIP and this precision

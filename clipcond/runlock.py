@@ -42,6 +42,11 @@ def _holder() -> dict:
     }
 
 
+def _read(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode(errors="replace")
+
+
 def _describe(text: str) -> str:
     try:
         h = json.loads(text)
@@ -61,22 +66,23 @@ def run_folder_lock(folder: str | os.PathLike, *, flag: str = "--output-dir") ->
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with open(fd, "r+", closefd=False) as f:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise RunFolderBusyError(
-                        f"`{flag}` {str(folder)!r} is in use by another run ({_describe(f.read())}); wait for it to "
-                        f"finish or choose another `{flag}`"
-                    ) from None
-            previous = f.read()
-            if previous.strip():
-                logger.warning("taking over %s from a run that is gone (%s)", path, _describe(previous))
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(_holder()) + "\n")
-            f.flush()
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunFolderBusyError(
+                    f"`{flag}` {str(folder)!r} is in use by another run ({_describe(_read(fd))}); wait for it to "
+                    f"finish or choose another `{flag}`"
+                ) from None
+        previous = _read(fd)
+        if previous.strip():
+            logger.warning("taking over %s from a run that is gone (%s)", path, _describe(previous))
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(_holder()) + "\n").encode())
+        except OSError as err:  # a full disk: the lock holds without its note; the writes that matter will say so
+            logger.warning("could not name this run in %s (%s)", path, err)
         try:
             yield folder
         except BaseException:

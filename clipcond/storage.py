@@ -99,6 +99,18 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
         )
 
 
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` through a scratch file renamed into place, so a reader never meets a part."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with writing(path, needed=needed, scratch=[tmp]):
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """`json.dumps` that refuses NaN and infinities (they are not JSON, and a reader in another language fails)."""
     return json.dumps(obj, allow_nan=False, **kwargs)

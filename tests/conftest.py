@@ -54,7 +54,7 @@ def small_filesystem(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
     yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)  # memory maps may still hold files
 
 
 @pytest.fixture(scope="session")

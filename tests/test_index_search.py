@@ -1,6 +1,7 @@
 """`ImageIndex` (clipcond/index.py) and `clipcond index` / `clipcond search` on a tiny CLIP run: round trip,
 incremental update, unreadable files, the commands' output and errors, and the search-quality benchmark."""
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -288,3 +289,33 @@ def test_search_quality_meets_bar_with_the_demo_clip(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["meets_bar"], {k: v for k, v in result.items() if k != "per_label"}
+
+
+def test_an_index_update_on_a_full_disk_says_so_and_keeps_the_index(folder, tiny_clip_run, small_filesystem, capsys):
+    out = small_filesystem / "idx"
+    argv = ["index", str(folder), "--model", str(tiny_clip_run), "--output", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    before = ImageIndex.load(out)
+    for i in range(40):  # enough new images that their embeddings cannot fit
+        shutil.copy(folder / "a.png", folder / f"new{i}.png")
+    with open(small_filesystem / "filler", "wb") as f, contextlib.suppress(OSError):  # until it is full
+        f.write(b"\0" * shutil.disk_usage(small_filesystem).free)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device while writing" in err[0] and "embeddings.safetensors" in err[0]
+    after = ImageIndex.load(out)  # the old index, whole
+    assert len(after) == len(before) == 6 and torch.equal(after.embeddings, before.embeddings)
+    assert sorted(p.name for p in out.iterdir()) == [".clipcond.lock", "embeddings.safetensors", "files.jsonl"]
+
+
+def test_a_second_indexer_of_one_output_is_refused(folder, tiny_clip_run, tmp_path, capsys):
+    from clipcond.runlock import run_folder_lock
+
+    out = tmp_path / "idx"
+    with run_folder_lock(out, flag="--output"):
+        argv = ["index", str(folder), "--model", str(tiny_clip_run), "--output", str(out), "--no-progress"]
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"`--output` {str(out)!r} is in use by another run (pid {os.getpid()} " in err
+    assert not (out / "embeddings.safetensors").exists()

@@ -30,6 +30,7 @@ from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
+from clipcond.storage import writing
 
 FORMATS = ("webdataset",)
 
@@ -99,7 +100,7 @@ def convert_to_webdataset(
         name = f"{shard:0{shard_width}d}.tar"
         tmp = out / f".{name}.tmp"
         indices = samples[shard * shard_size : (shard + 1) * shard_size]
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with writing(out / name, scratch=[tmp]), tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in indices:
                 key = f"{i:0{key_width}d}"
                 image_path = dataset.image_paths[i]

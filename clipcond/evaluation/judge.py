@@ -60,6 +60,7 @@ from clipcond.data.shapes import (
     ShapeObject,
     render_scene,
 )
+from clipcond.storage import dumps_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -627,9 +628,10 @@ def save_judge(judge: AttributeJudge, folder: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         state = {key: value.detach().cpu().contiguous() for key, value in judge.model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_NAME)
         info = {**judge.info, "colours_order": judge.colours, "shapes_order": judge.shapes}
-        (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        with writing(folder, scratch=[tmp]):
+            save_file(state, tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(dumps_json(info, indent=2) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, folder)  # atomic; fails if another process finished the same folder first
         except OSError:
