@@ -910,7 +910,11 @@ def train(
     _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
     seconds = time.perf_counter() - start_time
     if state.skipped_files:
-        logger.warning("%d unreadable image files were skipped: %s", len(state.skipped_files), state.skipped_files[:5])
+        logger.warning(
+            "%d image files were skipped (unreadable, or outside the data folder): %s",
+            len(state.skipped_files),
+            state.skipped_files[:5],
+        )
     return TrainResult(
         state=state,
         seconds=seconds,
