@@ -78,11 +78,12 @@ def writing(
         _remove(scratch)
         if isinstance(error, Exception) and _is_disk_full(error, free, needed):
             need = f"{_mb(needed)} needed, " if needed else ""
+            file = getattr(error, "filename", None) or path  # the very file, where the error names it
             raise DiskFullError(
                 errno.ENOSPC,
-                f"no space left on device while writing {path} ({need}{_mb(free)} free); free some space and run "
+                f"no space left on device while writing {file} ({need}{_mb(free)} free); free some space and run "
                 "the command again (what was saved before is intact)",
-                str(path),
+                str(file),
             ) from error
         raise
 

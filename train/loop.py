@@ -522,8 +522,8 @@ class Checkpoints:
         self.total_limit = total_limit
         self.writer = writer  # names this run's scratch folders: `.checkpoint-<step>.<writer>.tmp`
 
-    def complete(self) -> list[Path]:
-        """Checkpoints whose state file exists (intact or not), oldest first."""
+    def numbered(self) -> list[Path]:
+        """The `checkpoint-<step>` folders, oldest first (a folder gets that name only once written whole)."""
         if not self.dir.is_dir():
             return []
         found = [
@@ -531,8 +531,11 @@ class Checkpoints:
             for p in self.dir.iterdir()
             if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
         ]
-        found = [p for p in found if (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+    def complete(self) -> list[Path]:
+        """Checkpoints whose state file exists (intact or not), oldest first."""
+        return [p for p in self.numbered() if (p / STATE_FILE).is_file()]
 
     def resolve(self, spec: str | None) -> Path | None:
         """`latest` -> the newest intact checkpoint (None if there is none at all), saying which damaged ones it
@@ -540,7 +543,7 @@ class Checkpoints:
         if spec is None:
             return None
         if spec == "latest":
-            found = self.complete()
+            found = self.numbered()
             damaged = []
             for path in reversed(found):
                 problem = damage(path)
@@ -663,6 +666,8 @@ def folder_size(folder: Path) -> int:
 def damage(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint's files against the manifest its state file keeps, naming the file; None when
     they match (or when the checkpoint predates manifests and only its state file can be checked)."""
+    if not (checkpoint / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing"
     try:
         with open(checkpoint / STATE_FILE) as f:
             payload = json.load(f)
@@ -847,63 +852,66 @@ def train(
     loss, validation = None, dict(state.validation)
     start_time = time.perf_counter()
 
-    model.train()
-    while state.global_step < args.max_train_steps:
-        epochs.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
-        for batch in loader:
-            skipped.update(batch.pop("skipped", []))
-            sample_log.write(state.epoch, state.global_step, batch.get("index"))
-            with attention_kernel(args):
-                loss, logs = training_step(accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm)
-            state.batch_in_epoch += 1
-            window.add_samples(global_batch)
-            if not accelerator.sync_gradients:
-                continue
+    try:
+        model.train()
+        while state.global_step < args.max_train_steps:
+            epochs.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+            for batch in loader:
+                skipped.update(batch.pop("skipped", []))
+                sample_log.write(state.epoch, state.global_step, batch.get("index"))
+                with attention_kernel(args):
+                    loss, logs = training_step(
+                        accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm
+                    )
+                state.batch_in_epoch += 1
+                window.add_samples(global_batch)
+                if not accelerator.sync_gradients:
+                    continue
 
-            lr_scheduler.step()
-            stage.after_optimizer_step()
-            state.global_step += 1
-            state.samples_seen += global_batch * args.gradient_accumulation_steps
-            window.add_step(loss, logs)
-            progress.update(1)
-            is_last = state.global_step >= args.max_train_steps
+                lr_scheduler.step()
+                stage.after_optimizer_step()
+                state.global_step += 1
+                state.samples_seen += global_batch * args.gradient_accumulation_steps
+                window.add_step(loss, logs)
+                progress.update(1)
+                is_last = state.global_step >= args.max_train_steps
 
-            if is_last or state.global_step % args.logging_steps == 0:
-                scalars = window.flush(accelerator)  # the step's one wait for the device
-                scalars["train/lr"] = lr_scheduler.get_last_lr()[0]
-                progress.set_postfix(
-                    loss=f"{scalars['train/loss']:.4f}",
-                    lr=f"{scalars['train/lr']:.2e}",
-                    samples_s=f"{scalars['train/samples_per_second']:.0f}",
-                )
-                accelerator.log(scalars, step=state.global_step)
+                if is_last or state.global_step % args.logging_steps == 0:
+                    scalars = window.flush(accelerator)  # the step's one wait for the device
+                    scalars["train/lr"] = lr_scheduler.get_last_lr()[0]
+                    progress.set_postfix(
+                        loss=f"{scalars['train/loss']:.4f}",
+                        lr=f"{scalars['train/lr']:.2e}",
+                        samples_s=f"{scalars['train/samples_per_second']:.0f}",
+                    )
+                    accelerator.log(scalars, step=state.global_step)
 
-            # validation first, so that a checkpoint of this step keeps its figures
-            if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
-                if accelerator.is_main_process:
-                    validation = stage.validate(state.global_step)
-                    if validation:
-                        accelerator.log({f"val/{k}": v for k, v in validation.items()}, step=state.global_step)
-                        progress.write(f"step {state.global_step}: " + json.dumps(_round(validation)))
-                accelerator.wait_for_everyone()
-                model.train()
-            if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+                # validation first, so that a checkpoint of this step keeps its figures
+                if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
+                    if accelerator.is_main_process:
+                        validation = stage.validate(state.global_step)
+                        if validation:
+                            accelerator.log({f"val/{k}": v for k, v in validation.items()}, step=state.global_step)
+                            progress.write(f"step {state.global_step}: " + json.dumps(_round(validation)))
+                    accelerator.wait_for_everyone()
+                    model.train()
+                if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+                    _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
+                    state.last_loss, state.validation = _mean_loss(accelerator, loss), _round(validation)
+                    extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
+                    path = checkpoints.save(accelerator, state, extra, export=stage.export)
+                    logger.info("saved %s", path)
+
+                if is_last:
+                    break
+            else:  # the epoch is over: every file was read
                 _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
-                state.last_loss, state.validation = _mean_loss(accelerator, loss), _round(validation)
-                extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
-                path = checkpoints.save(accelerator, state, extra, export=stage.export)
-                logger.info("saved %s", path)
-
-            if is_last:
-                break
-        else:
-            _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)  # every file read
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
-
-    progress.close()
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                continue
+            break
+    finally:
+        progress.close()  # also when a step fails: the error is the last thing on the screen
     # the last step's loss, averaged over processes (a run resumed at its last step reports its checkpoint's)
     last_loss = _mean_loss(accelerator, loss) if loss is not None else state.last_loss
     last_loss = float("nan") if last_loss is None else last_loss

@@ -404,3 +404,11 @@ def test_a_real_full_disk_while_checkpointing(small_filesystem, monkeypatch):
     with pytest.raises(DiskFullError, match=r"no space left on device while writing .*checkpoint-2"):
         ckpts.save(accelerator, TrainingState(global_step=2), {})  # the write itself fails
     assert [p.name for p in ckpts.dir.iterdir()] == ["checkpoint-1"] and damage(first) is None
+
+
+def test_latest_says_when_it_skips_a_checkpoint_without_its_state_file(tmp_path, caplog):
+    _, ckpts = _three_checkpoints(tmp_path)
+    (ckpts.dir / "checkpoint-3" / STATE_FILE).unlink()  # a whole checkpoint is renamed into place with it
+    with caplog.at_level("WARNING"):
+        assert ckpts.resolve("latest") == ckpts.dir / "checkpoint-2"
+    assert f"checkpoint-3: {STATE_FILE} is missing" in caplog.text
