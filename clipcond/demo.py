@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipcond.cli import HelpFormatter
+from clipcond.finite import finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-inference-steps", type=int, default=20, help="DPM-Solver++ steps per image")
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=DEFAULT_GUIDANCE_SCALE,
         help=f"the text-to-image decoder's classifier-free guidance weight (default {DEFAULT_GUIDANCE_SCALE:g})",
     )
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dalle2.add_argument("--variations-per-source", type=int, default=4, help="variations judged per source image")
     dalle2.add_argument(
         "--unclip-guidance-scale",
-        type=float,
+        type=finite_float,
         default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         help=f"the image-embedding decoder's guidance weight (default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
     )

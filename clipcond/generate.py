@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipcond.finite import finite_float
 from clipcond.lineage import check_finished
 from clipcond.pipelines.inputs import (
     DEFAULT_GUIDANCE_START,
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help=f"classifier-free guidance weight; <= 1: none (default {DEFAULT_TEXT_GUIDANCE_SCALE:g} for a "
         f"text-to-image decoder, {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g} for the image-embedding decoder through a "
@@ -100,7 +101,10 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
         help="prior run folder (`clipcond train prior`), when --model is an image-embedding decoder run",
     )
     unclip.add_argument(
-        "--prior-guidance-scale", type=float, default=4.0, help="the prior's classifier-free guidance (default 4.0)"
+        "--prior-guidance-scale",
+        type=finite_float,
+        default=4.0,
+        help="the prior's classifier-free guidance (default 4.0)",
     )
     unclip.add_argument(
         "--prior-num-inference-steps", type=int, default=25, help="the prior's denoising steps (default 25)"
@@ -123,14 +127,14 @@ def add_guidance_interval_args(parser) -> None:
     """The image-embedding decoder's guided steps (`clipcond.pipelines.inputs.guided_steps`); shared with `vary`."""
     parser.add_argument(
         "--guidance-start",
-        type=float,
+        type=finite_float,
         default=DEFAULT_GUIDANCE_START,
         help="the image-embedding decoder guides only from this fraction of the sampling steps on, counted from the "
         f"noisiest (default {DEFAULT_GUIDANCE_START}: earlier guidance washes objects out)",
     )
     parser.add_argument(
         "--guidance-end",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="... and up to this fraction (default 1.0: to the last step)",
     )

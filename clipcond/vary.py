@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 
+from clipcond.finite import finite_float
 from clipcond.generate import (
     DTYPES,
     SCHEDULER_NAMES,
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
         f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",

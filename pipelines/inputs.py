@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from clipcond.finite import is_finite_number
+
 # The image-embedding decoder's guidance starts this far into the sampling steps (`guided_steps`). Guided from the
 # first, noisiest step, it often washed the object out to the empty background (light colours most): on the shapes
 # data, guidance from 0.4 on raised the colour that variations keep from 81% to 95% and the shape from 79% to 82%
@@ -56,8 +58,7 @@ def check_sampling_args(
     outputs, `batch_size * num_images_per_prompt`."""
     if not _is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be a number >= 0 (1 or less: no guidance), got {guidance_scale!r}")
+    check_guidance_scale(guidance_scale)
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
     num_images = batch_size * num_images_per_prompt
@@ -67,6 +68,12 @@ def check_sampling_args(
             f"({batch_size} {inputs} x {num_images_per_prompt}); give one generator per {output}"
         )
     return num_images
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> None:
+    """A classifier-free guidance weight: a finite number >= 0 (NaN would pass `< 0` and sample unguided)."""
+    if not is_finite_number(value) or value < 0:
+        raise ValueError(f"`{name}` must be a number >= 0 (finite; 1 or less: no guidance), got {value!r}")
 
 
 def check_guidance_interval(guidance_start, guidance_end) -> None:

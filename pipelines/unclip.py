@@ -39,7 +39,7 @@ from clipcond.conditioning import context_length
 from clipcond.lineage import RUN_RECORD
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
-from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, check_guidance_scale
 from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
 from clipcond.pipelines.prior import PriorPipeline
 from clipcond.pipelines.variation import (
@@ -226,14 +226,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             or prior_num_inference_steps < 1
         ):
             raise ValueError(f"`prior_num_inference_steps` must be an integer >= 1, got {prior_num_inference_steps!r}")
-        if (
-            isinstance(prior_guidance_scale, bool)
-            or not isinstance(prior_guidance_scale, int | float)
-            or prior_guidance_scale < 0
-        ):
-            raise ValueError(
-                f"`prior_guidance_scale` must be a number >= 0 (1 or less: no guidance), got {prior_guidance_scale!r}"
-            )
+        check_guidance_scale(prior_guidance_scale, "prior_guidance_scale")
         self.prior_pipeline.check_inputs(
             prompt, negative_prompt, 1, 1.0, num_images_per_prompt, generator, prior_latents, "pt"
         )

@@ -29,6 +29,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from clipcond.finite import check_finite_tensor
 from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from clipcond.models.image_embedding import (
     ImageEmbeddingTokens,
@@ -228,6 +229,9 @@ class ImageVariationPipeline(DiffusionPipeline):
                     f"`image_embeds` must be {self.embedding_dim} wide (the image encoder's projection_dim), got "
                     f"shape {tuple(image_embeds.shape)}"
                 )
+            check_finite_tensor(
+                image_embeds, "`image_embeds`", "pass finite embeddings (a prior or cache gone wrong?)"
+            )
             batch_size = image_embeds.shape[0]
         num_images = check_sampling_args(
             num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, inputs="inputs"

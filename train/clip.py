@@ -34,6 +34,7 @@ from clipcond.data.open import (
 )
 from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
+from clipcond.finite import finite_float
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument(
         "--grayscale-prob",
-        type=float,
+        type=finite_float,
         default=DEFAULT_GRAYSCALE_PROB,
         help="probability that a training image is shown in grayscale, its caption unchanged (open_clip's "
         "gray_scale_prob): makes shape features that do not depend on colour, so unseen colour-shape pairs are "

@@ -51,6 +51,7 @@ from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_cap
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import add_data_arguments, dataset_options, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
+from clipcond.finite import finite_float
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import check_encoder_fits, create_unet, unet_config
@@ -157,13 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion.add_argument("--num-train-timesteps", type=int, default=1000, help="diffusion steps of the schedule")
     diffusion.add_argument(
         "--snr-gamma",
-        type=float,
+        type=finite_float,
         default=5.0,
         help="min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is their choice); 0: off",
     )
     diffusion.add_argument(
         "--caption-dropout",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
     )
@@ -181,7 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     val.add_argument("--validation-prompts", nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS), help="prompts")
     val.add_argument("--validation-images-per-prompt", type=int, default=2, help="images per prompt (a grid row)")
     val.add_argument("--validation-inference-steps", type=int, default=10, help="DPM-Solver++ steps")
-    val.add_argument("--validation-guidance-scale", type=float, default=3.0, help="classifier-free guidance weight")
+    val.add_argument(
+        "--validation-guidance-scale", type=finite_float, default=3.0, help="classifier-free guidance weight"
+    )
 
     # The DALL-E 2 decoder's options (clipcond.train.unclip_decoder, which checks them).
     unclip = parser.add_argument_group("--conditioning image-embedding (the DALL-E 2 decoder)")

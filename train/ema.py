@@ -15,16 +15,18 @@ from contextlib import contextmanager
 import torch
 from diffusers.training_utils import EMAModel
 
+from clipcond.finite import finite_float
+
 logger = logging.getLogger(__name__)
 
 
 def add_ema_args(parser: argparse.ArgumentParser, what: str = "weights") -> argparse.ArgumentParser:
     ema = parser.add_argument_group(f"EMA of the {what} (the saved model)")
     ema.add_argument("--no-ema", action="store_true", help="save the raw weights; keep no moving average")
-    ema.add_argument("--ema-decay", type=float, default=0.999, help="upper bound of the EMA decay")
+    ema.add_argument("--ema-decay", type=finite_float, default=0.999, help="upper bound of the EMA decay")
     ema.add_argument(
         "--ema-warmup-power",
-        type=float,
+        type=finite_float,
         default=2 / 3,
         help="EMA warm-up: decay = 1 - (1 + step)^-power, capped by --ema-decay",
     )

@@ -76,6 +76,8 @@ def add_training_args(
     parser: argparse.ArgumentParser, steps_help: str = "optimizer steps in total", **defaults: Any
 ) -> argparse.ArgumentParser:
     """The options every training entry point takes. `defaults` overrides the per-stage defaults by dest name."""
+    from clipcond.finite import finite_float
+
     d = {
         "train_batch_size": 64,
         "learning_rate": 1e-4,
@@ -99,7 +101,7 @@ def add_training_args(
         "--train-batch-size", type=int, default=d["train_batch_size"], help="batch size per process and micro-step"
     )
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-steps per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="peak learning rate (AdamW)")
+    g.add_argument("--learning-rate", type=finite_float, default=d["learning_rate"], help="peak learning rate (AdamW)")
     g.add_argument(
         "--lr-scheduler",
         default=d["lr_scheduler"],
@@ -107,11 +109,13 @@ def add_training_args(
         help="learning-rate schedule after warm-up",
     )
     g.add_argument("--lr-warmup-steps", type=int, default=d["lr_warmup_steps"], help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
-    g.add_argument("--adam-beta1", type=float, default=d["adam_beta1"])
-    g.add_argument("--adam-beta2", type=float, default=d["adam_beta2"])
-    g.add_argument("--adam-epsilon", type=float, default=d["adam_epsilon"])
-    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="gradient clipping (0 disables)")
+    g.add_argument("--weight-decay", type=finite_float, default=d["weight_decay"], help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=finite_float, default=d["adam_beta1"])
+    g.add_argument("--adam-beta2", type=finite_float, default=d["adam_beta2"])
+    g.add_argument("--adam-epsilon", type=finite_float, default=d["adam_epsilon"])
+    g.add_argument(
+        "--max-grad-norm", type=finite_float, default=d["max_grad_norm"], help="gradient clipping (0 disables)"
+    )
     g.add_argument(
         "--mixed-precision",
         default=None,
@@ -167,7 +171,7 @@ def add_training_args(
     )
     g.add_argument(
         "--max-skipped-fraction",
-        type=float,
+        type=finite_float,
         default=0.05,
         help="stop with an error when more than this share of the training images cannot be read or lie outside the "
         "data folder (they are skipped and counted up to it; see --allow-outside-paths)",

@@ -47,6 +47,7 @@ from clipcond.conditioning import (
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_data_arguments, dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, load_encoder
+from clipcond.finite import finite_float
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.prior import (
@@ -131,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion.add_argument("--num-train-timesteps", type=int, default=1000, help="diffusion steps of the schedule")
     diffusion.add_argument(
         "--caption-dropout",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
     )
@@ -142,7 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 128 captions x 25 guided steps of the `tiny` prior: about 10 s of CPU time per validation.
     val.add_argument("--validation-max-captions", type=int, default=128, help="captions (items) per validation")
     val.add_argument("--validation-inference-steps", type=int, default=25, help="DDPM sampling steps")
-    val.add_argument("--validation-guidance-scale", type=float, default=4.0, help="classifier-free guidance weight")
+    val.add_argument(
+        "--validation-guidance-scale", type=finite_float, default=4.0, help="classifier-free guidance weight"
+    )
 
     # CPU-sized defaults: a step of the `tiny` prior (0.9 M parameters; 36 tokens with the `tiny` CLIP's context of
     # 32) on 256 embeddings takes 0.68 s of CPU time on one thread (about 50 GFLOP), so 250 steps train in about

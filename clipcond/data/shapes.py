@@ -41,6 +41,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from clipcond.finite import finite_float
+
 FORMAT_VERSION = 1
 
 # Flat background: a light, neutral grey, far from every object colour.
@@ -562,14 +564,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels, >= 16 (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same arguments, same bytes (default 0)")
     parser.add_argument(
-        "--test-fraction", type=float, default=0.1, help="share of --num-images in the test split (default 0.1)"
+        "--test-fraction", type=finite_float, default=0.1, help="share of --num-images in the test split (default 0.1)"
     )
     parser.add_argument(
         "--num-test-images", type=int, default=None, help="test images, instead of --test-fraction (at least 18)"
     )
     parser.add_argument(
         "--single-fraction",
-        type=float,
+        type=finite_float,
         default=0.5,
         help="share of single-object images; the rest are two-object relations and counts (default 0.5)",
     )

@@ -53,6 +53,7 @@ from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out,
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
+from clipcond.finite import finite_float, is_finite_number
 from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 
@@ -350,8 +351,8 @@ def evaluate_generation(
         scales.append(headline)
     scales = list(dict.fromkeys(scales))
     for g in scales:
-        if not g >= 1.0:
-            raise ValueError(f"guidance scales must be >= 1 (1: no guidance), got {g}")
+        if not (is_finite_number(g) and g >= 1.0):
+            raise ValueError(f"guidance scales must be finite numbers >= 1 (1: no guidance), got {g}")
     for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
@@ -593,6 +594,8 @@ def _parse_scales(text: str) -> list[float]:
         raise ValueError(f"`--guidance-scales` must be comma-separated numbers such as 1,3; got {text!r}") from None
     if not scales:
         raise ValueError(f"`--guidance-scales` names no scale: {text!r}")
+    if not all(map(is_finite_number, scales)):
+        raise ValueError(f"`--guidance-scales` must be finite numbers, got {text!r}")
     return scales
 
 
@@ -629,7 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", default="dpm", help="sampler, a SCHEDULERS name or 'saved' (default dpm)")
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=None,
         help=f"the default guidance, whose figures are the top-level ones (default {DEFAULT_GUIDANCE_SCALE}, or the "
         "last of --guidance-scales when they do not include it)",

@@ -42,6 +42,7 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_metrics,
     zero_shot_predict,
 )
+from clipcond.finite import finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=finite_float,
         default=DEFAULT_GUIDANCE_SCALE,
         help=f"classifier-free guidance weight (default {DEFAULT_GUIDANCE_SCALE})",
     )

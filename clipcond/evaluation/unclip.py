@@ -49,6 +49,7 @@ from clipcond.evaluation.generation import (
 )
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
+from clipcond.finite import finite_float
 from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 
@@ -558,14 +559,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--images-per-prompt", type=int, default=8, help="text-to-image images per prompt")
     parser.add_argument(
-        "--guidance-scale", type=float, default=DEFAULT_DECODER_GUIDANCE_SCALE, help="the decoder's guidance weight"
+        "--guidance-scale",
+        type=finite_float,
+        default=DEFAULT_DECODER_GUIDANCE_SCALE,
+        help="the decoder's guidance weight",
     )
     parser.add_argument(
         "--num-inference-steps", type=int, default=DEFAULT_INFERENCE_STEPS, help="the decoder's sampler steps"
     )
     parser.add_argument("--scheduler", default="dpm", help="the decoder's sampler, a SCHEDULERS name or 'saved'")
     parser.add_argument(
-        "--prior-guidance-scale", type=float, default=DEFAULT_PRIOR_GUIDANCE_SCALE, help="the prior's guidance"
+        "--prior-guidance-scale", type=finite_float, default=DEFAULT_PRIOR_GUIDANCE_SCALE, help="the prior's guidance"
     )
     parser.add_argument(
         "--prior-num-inference-steps", type=int, default=DEFAULT_PRIOR_INFERENCE_STEPS, help="the prior's steps"

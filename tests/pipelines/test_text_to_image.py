@@ -292,6 +292,8 @@ def test_callback_on_step_end(pipe):
     ("kwargs", "match"),
     [
         ({"guidance_scale": -1.0}, r"`guidance_scale` must be a number >= 0 .*got -1.0"),
+        ({"guidance_scale": float("nan")}, r"`guidance_scale` must be a number >= 0 \(finite; .*got nan"),
+        ({"guidance_scale": float("-inf")}, r"`guidance_scale` must be a number >= 0 \(finite; .*got -inf"),
         ({"num_inference_steps": 0}, r"`num_inference_steps` must be an integer >= 1, got 0"),
         ({"prompt": 3}, r"`prompt` must be a string or a list of strings, got int: 3"),
         ({"prompt": ["a red circle", None]}, r"`prompt` must be a string or a non-empty list of strings"),

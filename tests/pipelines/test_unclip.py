@@ -158,6 +158,8 @@ def test_batch_equals_single_with_per_image_generators(pipe):
     [
         ({"prior_num_inference_steps": 0}, "`prior_num_inference_steps` must be an integer >= 1, got 0"),
         ({"prior_guidance_scale": -1}, "`prior_guidance_scale` must be a number >= 0"),
+        ({"prior_guidance_scale": float("nan")}, r"`prior_guidance_scale` must be a number >= 0 \(finite; .*got nan"),
+        ({"guidance_scale": float("inf")}, r"`guidance_scale` must be a number >= 0 \(finite; .*got inf"),
         ({"num_inference_steps": 0}, "`num_inference_steps` must be an integer >= 1, got 0"),
         ({"noise_level": 2}, "trained without noise augmentation"),
         ({"generator": generators(0, 1)}, "list of 2 generators"),

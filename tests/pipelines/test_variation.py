@@ -345,6 +345,12 @@ def test_an_image_encoder_of_another_width_is_refused(pipe):
     [
         ({}, "give exactly one of `image` and `image_embeds`, got neither"),
         ({"image_embeds": torch.zeros(1, 7)}, r"`image_embeds` must be 32 wide .*got shape \(1, 7\)"),
+        (
+            {"image_embeds": torch.zeros(2, 32).index_fill_(1, torch.tensor([3]), float("nan"))},
+            r"`image_embeds` holds 2 non-finite value\(s\) \(NaN or infinity\), the first in row 0",
+        ),
+        ({"image_embeds": torch.full((1, 32), float("inf"))}, r"`image_embeds` holds 32 non-finite value"),
+        ({"image_embeds": torch.zeros(1, 32), "guidance_scale": float("nan")}, r"`guidance_scale` .*finite.*got nan"),
         ({"image": torch.zeros(1, 3, 8, 8)}, "`image` as a tensor must be uint8"),
         ({"image": "a.png"}, "`image` must be a PIL image"),
         ({"image_embeds": torch.zeros(2, 32), "generator": generators(0)}, "list of 1 generators, but 2 images"),

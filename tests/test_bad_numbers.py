@@ -1,0 +1,124 @@
+"""NaN and infinity refused where numbers come in (every float flag, the pipelines' arguments, loaded embedding
+caches), strict JSON where they go out, and output folders checked before any work (issue 17, points 5 and 6)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipcond import cli
+from clipcond.finite import check_finite_tensor
+from clipcond.pipelines.inputs import check_guidance_scale, check_sampling_args
+
+REPO = Path(__file__).resolve().parents[1]
+NON_FINITE = ["nan", "inf", "-inf"]
+
+
+def strict_json(text: str):
+    """`json.loads` that refuses NaN and Infinity, as a reader in another language does."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def parse_error(argv, capsys) -> str:
+    """The one error line argparse prints for `clipcond ARGV` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------- float flags
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--model", "m", "--prompt", "x", "--output-dir", "o", "--guidance-scale"],
+        ["generate", "--model", "m", "--prompt", "x", "--output-dir", "o", "--prior-guidance-scale"],
+        ["vary", "a.png", "--model", "m", "--output-dir", "o", "--guidance-scale"],
+        ["interpolate", "--model", "m", "--images", "a", "b", "--output-dir", "o", "--guidance-start"],
+        ["eval", "generation", "--model", "m", "--data", "d", "--guidance-scale"],
+    ],
+    ids=lambda c: " ".join(c[:1] + c[-1:]) if isinstance(c, list) else c,
+)
+def test_sampling_float_flags_refuse_non_finite_values(command, value, capsys):
+    *argv, flag = command
+    assert parse_error([*argv, f"{flag}={value}"], capsys) == (
+        f"clipcond {' '.join(command[:2] if command[0] == 'eval' else command[:1])}: error: argument {flag}: "
+        f"must be a finite number, got '{value}'"
+    )
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize(
+    ("stage", "flag"),
+    [
+        ("clip", "--learning-rate"),
+        ("clip", "--grayscale-prob"),
+        ("decoder", "--snr-gamma"),
+        ("decoder", "--ema-decay"),
+        ("prior", "--caption-dropout"),
+        ("prior", "--adam-beta2"),
+    ],
+)
+def test_training_float_flags_refuse_non_finite_values(stage, flag, value, capsys):
+    argv = ["train", stage, "--data", "d", "--output-dir", "o", f"{flag}={value}"]  # "-inf" alone reads as a flag
+    if stage != "clip":
+        argv += ["--clip", "c"]
+    message = parse_error(argv, capsys)
+    assert message == f"clipcond train {stage}: error: argument {flag}: must be a finite number, got '{value}'"
+
+
+def test_a_finite_value_still_parses():
+    from clipcond.generate import parse_args
+
+    args = parse_args(["--model", "m", "--prompt", "x", "--output-dir", "o", "--guidance-scale=-1e-3"])
+    assert args.guidance_scale == -1e-3
+
+
+def test_no_flag_parses_with_a_bare_float():
+    """Every float flag of every command goes through `finite_float` (a bare `type=float` takes 'nan')."""
+    found = [
+        f"{path.relative_to(REPO)}:{number}"
+        for folder in ("clipcond", "train", "pipelines")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if "type=float" in line.replace(" ", "")
+    ]
+    assert found == []
+
+
+# ----------------------------------------------------------------------------------------- Python arguments
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_pipeline_checks_refuse_non_finite_guidance(value):
+    with pytest.raises(ValueError, match=rf"`guidance_scale` must be a number >= 0 \(finite; .*got {value}"):
+        check_sampling_args(2, value, 1, None, batch_size=1)
+    with pytest.raises(ValueError, match=rf"`prior_guidance_scale` must be .*got {value}"):
+        check_guidance_scale(value, "prior_guidance_scale")
+    check_guidance_scale(0.0)  # the bound itself is allowed
+
+
+@pytest.mark.parametrize("text", ["1,nan", "inf", "3,-inf"])
+def test_guidance_scales_list_refuses_non_finite_values(text):
+    from clipcond.evaluation.generation import _parse_scales
+
+    with pytest.raises(ValueError, match=rf"^`--guidance-scales` must be finite numbers, got '{text}'$"):
+        _parse_scales(text)
+    assert _parse_scales("1, 3.5") == [1.0, 3.5]
+
+
+def test_check_finite_tensor_names_the_tensor_and_the_row():
+    check_finite_tensor(torch.ones(3, 4), "x")
+    bad = torch.ones(3, 4)
+    bad[1, 2], bad[2, 0] = math.nan, math.inf
+    with pytest.raises(ValueError, match=r"^`image_embeds` holds 2 non-finite value\(s\) .*first in row 1; fix it$"):
+        check_finite_tensor(bad, "`image_embeds`", "fix it")
