@@ -27,10 +27,14 @@ import safetensors
 import torch
 from tqdm.auto import tqdm
 
+from clipcond.finite import check_finite_tensor
 from clipcond.storage import save_tensors_atomic
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
+
+# What to do when a frozen encoder gives NaN or infinity (which the caches' fp16 also gives for values over 65504).
+NOT_CACHED = "not cached; check the encoder's weights and the precision it runs in"
 
 
 @dataclass
@@ -310,6 +314,12 @@ class TextEmbeddingCache:
             parts.append(_to_storage(chunk))
         embeddings = TextEmbeddings.cat(parts)
         empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], device=device, max_length=max_length))
+        for emb in (embeddings, empty):
+            for tensor in (emb.hidden_states, emb.pooled):
+                if tensor is not None:
+                    check_finite_tensor(
+                        tensor, f"the text encoder's output (to be cached in {str(path)!r})", NOT_CACHED
+                    )
         cache = cls(captions, embeddings, empty, key, path)
         cache._save()
         logger.info("cached the embeddings of %d captions in %s", len(captions), path)
@@ -337,6 +347,8 @@ class TextEmbeddingCache:
         n = tensors["hidden_states"].shape[0]
         if n != len(captions) or tensors["attention_mask"].shape[0] != n:
             raise ValueError(f"it holds {n} rows for {len(captions)} captions")
+        for name, tensor in tensors.items():
+            check_finite_tensor(tensor, f"its tensor {name!r}")  # the warning that catches it names the file
 
         def part(prefix: str) -> TextEmbeddings:
             return TextEmbeddings(
@@ -488,6 +500,7 @@ class ImageEmbeddingCache:
             device=device,
             progress=progress,
         )
+        check_finite_tensor(embeddings, f"the image encoder's output (to be cached in {str(path)!r})", NOT_CACHED)
         cache = cls(embeddings, item_indices, key, path, skipped)
         cache._save()
         logger.info("cached the embeddings of %d images in %s", len(cache), path)
@@ -513,6 +526,7 @@ class ImageEmbeddingCache:
             raise ValueError(f"its metadata {metadata} does not match key {key}")
         if embeddings.ndim != 2 or embeddings.shape[0] != num_images or item_indices.shape != (num_images,):
             raise ValueError(f"it holds {tuple(embeddings.shape)} embeddings for {num_images} images")
+        check_finite_tensor(embeddings, "its tensor 'embeddings'")  # the warning that catches it names the file
         return cls(embeddings, item_indices, key, path, json.loads(metadata.get("skipped", "[]")))
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from clipcond.data.open import add_allow_outside_paths
+from clipcond.finite import check_finite_tensor
 from clipcond.runlock import run_folder_lock
 from clipcond.storage import writing
 
@@ -355,6 +356,8 @@ class ImageIndex:
         query = query.detach().float().cpu().flatten()
         if query.shape[0] != self.dim:
             raise ValueError(f"the query embedding has width {query.shape[0]} but the index's embeddings {self.dim}")
+        check_finite_tensor(query, "the query embedding")
+        check_finite_tensor(self.embeddings, f"the index of {str(self.root)!r}", "rebuild it")
         scores = self.embeddings.float() @ torch.nn.functional.normalize(query, dim=0)  # (N,)
         values, rows = scores.topk(min(top_k, len(self)))
         paths = self.paths
@@ -429,6 +432,7 @@ class ImageIndex:
                 "rebuild the index with `clipcond index --rebuild`"
             )
         files = [FileEntry(**json.loads(line)) for line in listing.decode("utf-8").splitlines() if line.strip()]
+        _check_rows(embeddings, files, embeddings_file, files_file, what)
         return cls(
             metadata["root"],
             embeddings,
@@ -437,6 +441,26 @@ class ImageIndex:
             clip_hash=metadata["clip_hash"],
             dtype=metadata["dtype"],
         )
+
+
+def _check_rows(
+    embeddings: torch.Tensor, files: list[FileEntry], embeddings_file: Path, files_file: Path, what: str
+) -> None:
+    """A loaded index's embeddings: one finite row (N, D) for each decoded file of the list, in its order."""
+    rebuild = "rebuild the index with `clipcond index --rebuild`"
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"`{what}`: {str(embeddings_file)!r} holds embeddings of shape {tuple(embeddings.shape)}, not (N, D); "
+            f"{rebuild}"
+        )
+    rows = [f.row for f in files if f.row is not None]
+    if rows != list(range(embeddings.shape[0])):
+        how = "in another order than 0, 1, ..." if len(rows) == embeddings.shape[0] else "for"
+        raise ValueError(
+            f"`{what}`: {str(files_file)!r} lists {len(rows)} embedded files {how} the {embeddings.shape[0]} rows of "
+            f"{str(embeddings_file)!r}; the two files do not belong together: {rebuild}"
+        )
+    check_finite_tensor(embeddings, f"`{what}`: {str(embeddings_file)!r}", rebuild)
 
 
 def is_index(path: str | os.PathLike) -> bool:

@@ -2,15 +2,23 @@
 caches), strict JSON where they go out, and output folders checked before any work (issue 17, points 5 and 6)."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModelWithProjection
 
 from clipcond import cli
+from clipcond.conditioning import ImageEmbeddingCache, TextEmbeddingCache
+from clipcond.data.folders import ImageCaptionDataset
 from clipcond.finite import check_finite_tensor
+from clipcond.models.clip import load_vision_tower
 from clipcond.pipelines.inputs import check_guidance_scale, check_sampling_args
+from clipcond.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NON_FINITE = ["nan", "inf", "-inf"]
@@ -122,3 +130,56 @@ def test_check_finite_tensor_names_the_tensor_and_the_row():
     bad[1, 2], bad[2, 0] = math.nan, math.inf
     with pytest.raises(ValueError, match=r"^`image_embeds` holds 2 non-finite value\(s\) .*first in row 1; fix it$"):
         check_finite_tensor(bad, "`image_embeds`", "fix it")
+
+
+# ------------------------------------------------------------------------------------------- embedding caches
+
+
+CAPTIONS = ["a red circle", "a blue square"]
+
+
+def _poison(path: Path, name: str) -> None:
+    """Set the first value of tensor `name` of a safetensors file to NaN, keeping its metadata."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors[name].view(-1)[0] = math.nan
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_a_text_cache_with_nan_is_refused_by_name_and_rebuilt(tiny_clip_run, tmp_path, caplog):
+    encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run).eval()
+    tokenizer = load_tokenizer(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    _poison(cache.path, "pooled")
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        rebuilt = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert f"cache {cache.path} cannot be used (its tensor 'pooled' holds 1 non-finite value(s)" in caplog.text
+    assert "rebuilding" in caplog.text
+    assert torch.isfinite(rebuilt.embeddings.pooled).all()
+    assert torch.equal(rebuilt.embeddings.pooled, cache.embeddings.pooled)
+
+    # an encoder that gives NaN is not cached at all
+    with torch.no_grad():
+        encoder.text_projection.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"the text encoder's output \(to be cached in .*\) holds .* not cached"):
+        TextEmbeddingCache.build_or_load(encoder, tokenizer, ["a green triangle"], tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 1  # the first cache only
+
+
+def test_an_image_cache_with_nan_is_refused_by_name_and_rebuilt(tiny_clip_run, shapes_data, tmp_path, caplog):
+    model, mean, std = load_vision_tower(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="test")
+
+    def build():
+        return ImageEmbeddingCache.build_or_load(
+            model, dataset, tmp_path, image_mean=mean, image_std=std, progress=False
+        )
+
+    cache = build()
+    _poison(cache.path, "embeddings")
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        rebuilt = build()
+    message = f"cache {cache.path} cannot be used (its tensor 'embeddings' holds 1 non-finite value(s) (NaN or "
+    assert message + "infinity), the first in row 0); rebuilding it" in caplog.text
+    assert torch.equal(rebuilt.embeddings, cache.embeddings)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -252,6 +253,79 @@ def test_errors(folder, tiny_clip_run, clip_run, other_clip, tmp_path, capsys):
     with open(out / "files.jsonl", "a") as f:
         f.write(json.dumps({"path": "x.png", "size": 1, "mtime_ns": 1, "row": None}) + "\n")
     assert "does not belong" in error(["search", "--index", str(out), "red", "--model", str(moved)])
+
+
+def _rewrite_embeddings(index_dir: Path, change) -> None:
+    """Replace the embeddings of a saved index by `change(embeddings)`, keeping the metadata (and so the hash of
+    the file list): a crafted index that the listing check cannot tell from a real one."""
+    from safetensors import safe_open
+
+    path = index_dir / "embeddings.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    save_file({"embeddings": change(load_file(path)["embeddings"]).contiguous()}, path, metadata=metadata)
+
+
+def test_non_finite_embeddings_are_refused_naming_the_file(folder, clip_run, tmp_path, capsys):
+    out = tmp_path / "idx"
+    ImageIndex.build(folder, clip_run).save(out)
+
+    def poison(embeddings):
+        embeddings[2, 5] = float("nan")
+        embeddings[4] = float("inf")
+        return embeddings
+
+    _rewrite_embeddings(out, poison)
+    file = out / "embeddings.safetensors"
+    with pytest.raises(
+        ValueError, match=rf"^`--index`: '{file}' holds 33 non-finite value\(s\) .*first in row 2; rebuild"
+    ):
+        ImageIndex.load(out)
+    assert cli.main(["search", "--index", str(out), "a red circle"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{file}' holds 33 non-finite value(s)" in err
+
+    # an index in memory refuses a non-finite query, and non-finite rows it was given
+    index = ImageIndex.build(folder, clip_run)
+    query = embed_text_query(clip_run, "a red circle")
+    query[3] = float("nan")
+    with pytest.raises(ValueError, match=r"the query embedding holds 1 non-finite value\(s\) .*the first at 3"):
+        index.search(query)
+    index.embeddings[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"the index of '{folder.resolve()}' holds 1 non-finite value"):
+        index.search(embed_text_query(clip_run, "a red circle"))
+
+
+@pytest.mark.parametrize("change", ["drop", "add"])
+def test_a_row_count_mismatch_is_a_value_error_naming_both_files(folder, clip_run, tmp_path, capsys, change):
+    out = tmp_path / "idx"
+    ImageIndex.build(folder, clip_run).save(out)
+    _rewrite_embeddings(out, lambda e: e[:-1] if change == "drop" else torch.cat([e, e[:1]]))
+    rows = 5 if change == "drop" else 7
+    message = (
+        f"`--index`: '{out / 'files.jsonl'}' lists 6 embedded files for the {rows} rows of "
+        f"'{out / 'embeddings.safetensors'}'; the two files do not belong together: rebuild the index"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageIndex.load(out)
+    assert cli.main(["search", "--index", str(out), "a red circle"]) == 2
+    assert message in capsys.readouterr().err
+    # updating it refuses it too, and says how to start over
+    argv = ["index", "--model", str(clip_run.path), str(folder), "--output", str(out), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "lists 6 embedded files" in capsys.readouterr().err
+
+
+def test_search_json_is_strict_json(folder, clip_run, tmp_path, capsys):
+    out = tmp_path / "idx"
+    ImageIndex.build(folder, clip_run).save(out)
+    assert cli.main(["search", "--index", str(out), "a red circle", "--json"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert all(-1 <= r["score"] <= 1 for r in record["results"])
 
 
 def _load_benchmark():
