@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clipcond.finite import check_finite_tensor
-from clipcond.storage import save_tensors_atomic
+from clipcond.storage import dumps_json, save_tensors_atomic
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -512,7 +512,7 @@ class ImageEmbeddingCache:
             "format": str(IMAGE_CACHE_FORMAT_VERSION),
             "key": self.key,
             "num_images": str(len(self)),
-            "skipped": json.dumps(self.skipped),
+            "skipped": dumps_json(self.skipped),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(tensors, self.path, metadata)

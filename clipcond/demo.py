@@ -42,7 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipcond.cli import HelpFormatter
-from clipcond.finite import finite_float
+from clipcond.finite import finite_float, finite_or_null
+from clipcond.storage import dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ class _StageTimes:
             logger.info(
                 "demo: %s done in %.1f s (%.1f CPU s)", name, self.timings[name]["wall"], self.timings[name]["cpu"]
             )
-        self.path.write_text(json.dumps({**self.previous, **self.timings}, indent=2) + "\n")
+        write_json_atomic(self.path, {**self.previous, **self.timings})
 
 
 def uninterrupted(report: dict) -> bool:
@@ -325,7 +326,7 @@ def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
     dataset = ImageCaptionDataset(data_dir, split="test", resolution=run.image_size)
     metrics, extras = evaluate_clip(run, dataset, held_out=(dataset.info or {}).get("held_out"), progress=False)
     write_figures(extras, clip_dir / "eval", split="test")
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")  # last: its presence marks the stage complete
+    write_json_atomic(metrics_path, finite_or_null(metrics))  # last: its presence marks the stage complete
     return metrics
 
 
@@ -808,7 +809,7 @@ def _write_report(out: Path, report: dict) -> None:
     if report.get("quick"):
         lines.insert(2, "**Quick mode: tiny budgets; these figures only show that the plumbing works.**\n")
     (out / "report.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / "report.json", finite_or_null(report))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -906,14 +907,16 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("colour_accuracy_seen", "shape_accuracy_seen", "colour_accuracy_heldout", "shape_accuracy_heldout")
     }
     print(
-        json.dumps(
-            {
-                "report": str(out / "report.md"),
-                **{k: clip_eval[k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
-                **{k: None if v is None else round(v, 4) for k, v in headline.items()},
-                **({"dalle2": _dalle2_headline(report)} if args.dalle2 else {}),
-                "seconds": report["seconds"],
-            }
+        dumps_json(
+            finite_or_null(
+                {
+                    "report": str(out / "report.md"),
+                    **{k: clip_eval[k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
+                    **{k: None if v is None else round(v, 4) for k, v in headline.items()},
+                    **({"dalle2": _dalle2_headline(report)} if args.dalle2 else {}),
+                    "seconds": report["seconds"],
+                }
+            )
         )
     )
     print(f"clipcond demo: report in {out / 'report.md'} (samples in {samples_dir})")

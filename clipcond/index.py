@@ -39,7 +39,7 @@ import torch
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.finite import check_finite_tensor
 from clipcond.runlock import run_folder_lock
-from clipcond.storage import writing
+from clipcond.storage import dumps_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ class ImageIndex:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        listing = "".join(json.dumps(asdict(f)) + "\n" for f in self.files).encode("utf-8")
+        listing = "".join(dumps_json(asdict(f)) + "\n" for f in self.files).encode("utf-8")
         metadata = {
             "format": INDEX_FORMAT,
             "format_version": str(INDEX_FORMAT_VERSION),

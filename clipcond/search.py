@@ -13,13 +13,13 @@ template ("a photo of a {}."), the embeddings averaged (`clipcond.evaluation.zer
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import asdict
 
 import torch
 
 from clipcond.index import ImageIndex
+from clipcond.storage import dumps_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if templates:
             record["query"]["templates"] = templates
-        print(json.dumps(record, indent=2))
+        print(dumps_json(record, indent=2))
     else:
         for r in results:
             print(f"{r.rank:>3}  {r.score:.4f}  {r.path}")

@@ -15,9 +15,10 @@ from transformers import CLIPTextModelWithProjection
 from clipcond import cli
 from clipcond.conditioning import ImageEmbeddingCache, TextEmbeddingCache
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.finite import check_finite_tensor
+from clipcond.finite import check_finite_tensor, finite_or_null
 from clipcond.models.clip import load_vision_tower
 from clipcond.pipelines.inputs import check_guidance_scale, check_sampling_args
+from clipcond.storage import dumps_json
 from clipcond.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,17 @@ def test_check_finite_tensor_names_the_tensor_and_the_row():
     bad[1, 2], bad[2, 0] = math.nan, math.inf
     with pytest.raises(ValueError, match=r"^`image_embeds` holds 2 non-finite value\(s\) .*first in row 1; fix it$"):
         check_finite_tensor(bad, "`image_embeds`", "fix it")
+
+
+# --------------------------------------------------------------------------------------------- strict JSON
+
+
+def test_figures_that_are_not_numbers_are_written_as_null():
+    figures = {"loss": math.nan, "rows": [1.5, math.inf, (2, -math.inf)], "nested": {"fd": math.nan, "n": 3}}
+    assert finite_or_null(figures) == {"loss": None, "rows": [1.5, None, [2, None]], "nested": {"fd": None, "n": 3}}
+    assert strict_json(dumps_json(finite_or_null(figures)))["loss"] is None
+    with pytest.raises(ValueError, match="Out of range float"):
+        dumps_json(figures)  # left as they are, they are refused rather than written as NaN
 
 
 # ------------------------------------------------------------------------------------------- embedding caches

@@ -36,8 +36,14 @@ def pipeline_dir(tiny_clip_run, tmp_path_factory):
     return path
 
 
+def _refuse(constant):
+    raise ValueError(f"images.jsonl holds {constant}, which is not JSON")
+
+
 def read_records(folder) -> list[dict]:
-    return [json.loads(line) for line in (folder / "images.jsonl").read_text().splitlines()]
+    """The records of images.jsonl, read as strict JSON (NaN and Infinity refused)."""
+    lines = (folder / "images.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=_refuse) for line in lines]
 
 
 def pixels(path) -> np.ndarray:

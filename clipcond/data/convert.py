@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tarfile
@@ -30,7 +29,8 @@ from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
-from clipcond.storage import writing
+from clipcond.finite import finite_or_null
+from clipcond.storage import dumps_json, write_json_atomic, writing
 
 FORMATS = ("webdataset",)
 
@@ -108,7 +108,8 @@ def convert_to_webdataset(
                 row = {**dataset.records[i], "text": dataset.captions[i], "label": dataset.labels[i]}
                 _add(tar, f"{key}.{extension}", image_path.read_bytes())
                 _add(tar, f"{key}.txt", dataset.captions[i].encode("utf-8"))
-                _add(tar, f"{key}.json", json.dumps(row, ensure_ascii=False, default=str).encode("utf-8"))
+                metadata = dumps_json(finite_or_null(row), ensure_ascii=False, default=str)
+                _add(tar, f"{key}.json", metadata.encode("utf-8"))
         os.replace(tmp, out / name)
         shardlist.append({"url": name, "nsamples": len(indices), "filesize": (out / name).stat().st_size})
 
@@ -125,9 +126,7 @@ def convert_to_webdataset(
             "dataset_info": dataset.info,
         },
     }
-    tmp = out / f".{INDEX_FILE}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / INDEX_FILE)
+    write_json_atomic(out / INDEX_FILE, index)
     return index
 
 
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_outside": index["clipcond"]["skipped_outside"],
         "data": shard_pattern(args.output_dir, index),
     }
-    print(json.dumps(summary), file=sys.stdout)
+    print(dumps_json(summary), file=sys.stdout)
     return 0
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from clipcond.finite import finite_float
+from clipcond.storage import dumps_json, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -451,7 +452,7 @@ def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], r
             "relation": scene.relation,
             "heldout": heldout,
         }
-        lines.append(json.dumps(record) + "\n")
+        lines.append(dumps_json(record) + "\n")
     (split_dir / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
     return counts
 
@@ -512,7 +513,7 @@ def write_shapes_dataset(
         "splits": splits,
     }
     # Written last: its presence marks a complete data set.
-    (out / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "dataset_info.json", info)
     return info
 
 

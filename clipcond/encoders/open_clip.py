@@ -31,6 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from transformers.utils import ModelOutput
 
 from clipcond.encoders.base import FrozenEncoder, freeze
+from clipcond.storage import dumps_json
 
 INSTALL_HINT = 'open_clip is not installed; install the extra with `pip install "clipcond[openclip]"`'
 OPENAI_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer: 256 bytes x 2, 48894 merges, start and end tokens
@@ -147,7 +148,7 @@ def _openai_bpe_folder() -> tempfile.TemporaryDirectory:
     simple = SimpleTokenizer()
     folder = tempfile.TemporaryDirectory(prefix="clipcond-open-clip-bpe-")
     root = Path(folder.name)
-    (root / "vocab.json").write_text(json.dumps(simple.encoder))
+    (root / "vocab.json").write_text(dumps_json(simple.encoder))
     merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
     (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return folder

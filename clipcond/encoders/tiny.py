@@ -7,12 +7,13 @@ Widths are a few dozen, so that a decoder trains on them in seconds on a CPU; th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from clipcond.storage import dumps_json
 
 # Words of the built-in shapes captions ("a small red circle at the top left"), so that the tiny tokenizers know them.
 DEFAULT_TEXTS = (
@@ -102,7 +103,7 @@ def save_tiny_open_clip(folder: str | os.PathLike, *, seed: int = 0, **config_kw
     folder.mkdir(parents=True, exist_ok=True)
     config = tiny_open_clip_config(**config_kwargs)
     config_file = folder / "tiny-open-clip.json"
-    config_file.write_text(json.dumps(config, indent=2))
+    config_file.write_text(dumps_json(config, indent=2))
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**config).eval()
     weights = folder / "open_clip_model.safetensors"

@@ -16,7 +16,6 @@ matches.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -40,7 +39,9 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_metrics,
     zero_shot_predict,
 )
+from clipcond.finite import finite_or_null
 from clipcond.models.clip import load_clip
+from clipcond.storage import dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -333,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval"
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
     write_figures(extras, output_dir, split)
-    print(json.dumps(metrics, indent=2))
+    print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
 
 

@@ -53,9 +53,10 @@ from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out,
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
-from clipcond.finite import finite_float, is_finite_number
+from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
+from clipcond.storage import dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -580,7 +581,7 @@ def write_outputs(
             )
         )
     paths.append(output_dir / "metrics.json")
-    paths[-1].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(paths[-1], finite_or_null(metrics))
     return paths
 
 
@@ -791,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         progress=not args.no_progress,
     )
-    print(json.dumps(metrics, indent=2))
+    print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
 
 

@@ -60,6 +60,7 @@ from clipcond.data.shapes import (
     ShapeObject,
     render_scene,
 )
+from clipcond.finite import finite_or_null
 from clipcond.storage import dumps_json, writing
 
 logger = logging.getLogger(__name__)
@@ -631,7 +632,7 @@ def save_judge(judge: AttributeJudge, folder: str | os.PathLike) -> Path:
         info = {**judge.info, "colours_order": judge.colours, "shapes_order": judge.shapes}
         with writing(folder, scratch=[tmp]):
             save_file(state, tmp / WEIGHTS_NAME)
-            (tmp / CONFIG_NAME).write_text(dumps_json(info, indent=2) + "\n", encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(dumps_json(finite_or_null(info), indent=2) + "\n", encoding="utf-8")
         try:
             os.replace(tmp, folder)  # atomic; fails if another process finished the same folder first
         except OSError:

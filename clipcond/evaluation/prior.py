@@ -42,7 +42,8 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_metrics,
     zero_shot_predict,
 )
-from clipcond.finite import finite_float
+from clipcond.finite import finite_float, finite_or_null
+from clipcond.storage import dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -397,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics["clip"] = {"path": str(clip), "mismatch": mismatch}
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval"
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics, indent=2))
+    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
+    print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import time
@@ -49,9 +48,10 @@ from clipcond.evaluation.generation import (
 )
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
-from clipcond.finite import finite_float
+from clipcond.finite import finite_float, finite_or_null
 from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.storage import dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def _write_variations(metrics, sources, source_classes, images, scores, per_sour
             labels.append(judged[i])
     grid = image_grid(tiles, rows=len(source_classes), cols=per_source + 1, labels=labels, max_label_lines=2)
     grid.save(output_dir / "grid.png", format="PNG")
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
 
 
 # ---------------------------------------------------------------- the whole DALL-E 2 path
@@ -427,7 +427,7 @@ def evaluate_unclip(
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "prior.json").write_text(json.dumps(prior, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(out / "prior.json", finite_or_null(prior))
 
     # 2. variations of the split's one-object images, at the data's resolution (the pipeline embeds them)
     dataset = ImageCaptionDataset(
@@ -527,7 +527,7 @@ def evaluate_unclip(
         },
     }
     if out is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(out / "metrics.json", finite_or_null(metrics))
     return metrics
 
 
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         allow_outside_paths=args.allow_outside_paths,
     )
-    print(json.dumps(metrics, indent=2))
+    print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
 
 
