@@ -43,7 +43,7 @@ from pathlib import Path
 
 from clipcond.cli import HelpFormatter
 from clipcond.finite import finite_float, finite_or_null
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -815,6 +815,7 @@ def _write_report(out: Path, report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     began, began_cpu = time.perf_counter(), _cpu_seconds()  # "startup": the imports before the first stage
     args = parse_args(argv)
+    check_output_dir(args.output_dir)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

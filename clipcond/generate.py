@@ -35,6 +35,7 @@ from clipcond.pipelines.inputs import (
     DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
     DEFAULT_TEXT_GUIDANCE_SCALE,
 )
+from clipcond.storage import check_output_dir
 
 DTYPES = ("fp32", "bf16", "fp16")
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
@@ -162,6 +163,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_output_dir(args.output_dir)
     for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")

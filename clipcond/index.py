@@ -39,7 +39,7 @@ import torch
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.finite import check_finite_tensor
 from clipcond.runlock import run_folder_lock
-from clipcond.storage import dumps_json, writing
+from clipcond.storage import check_output_dir, dumps_json, writing
 
 logger = logging.getLogger(__name__)
 
@@ -501,8 +501,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.folder):
         what = "is not a folder" if os.path.exists(args.folder) else "does not exist"
         raise FileNotFoundError(f"FOLDER {args.folder!r} {what}; pass the folder of images to index")
-    if os.path.isfile(args.output):
-        raise FileExistsError(f"`--output` {args.output!r} is a file; an index is a folder (made if absent)")
+    check_output_dir(args.output, "--output")
     from clipcond.models.clip import check_clip_folder
 
     check_clip_folder(args.model, "--model")

@@ -31,6 +31,7 @@ from clipcond.generate import (
     write_outputs,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.storage import check_output_dir
 from clipcond.vary import check_reads_images, decoder_of, read_images
 
 
@@ -71,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_output_dir(args.output_dir)
     if args.steps < 2:
         raise ValueError(f"`--steps` must be >= 2 (the row includes both endpoints), got {args.steps}")
     if args.seed < 0:

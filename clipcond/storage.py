@@ -129,3 +129,26 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: `path` an existing file, a file
+    among its parents, or a nearest existing folder that this process may not write into. The ValueError names
+    `flag` and the value; nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`{flag}` {str(path)!r} is a file, not a folder; pass a folder (made if absent)")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:  # exists() is False under a file, too
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"`{flag}` {str(path)!r} cannot be made: {str(existing)!r} is a file, not a folder; pass a folder "
+            "elsewhere"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it" if existing == path.absolute() else f"its parent {str(existing)!r}"
+        raise ValueError(
+            f"`{flag}` {str(path)!r} is not writable: {where} does not let this user write into it; pass a folder "
+            "you can write to"
+        )

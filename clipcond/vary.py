@@ -28,6 +28,7 @@ from clipcond.generate import (
     write_outputs,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.storage import check_output_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_output_dir(args.output_dir)
     for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")

@@ -4,6 +4,7 @@ caches), strict JSON where they go out, and output folders checked before any wo
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.finite import check_finite_tensor, finite_or_null
 from clipcond.models.clip import load_vision_tower
 from clipcond.pipelines.inputs import check_guidance_scale, check_sampling_args
-from clipcond.storage import dumps_json
+from clipcond.storage import check_output_dir, dumps_json
 from clipcond.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +143,79 @@ def test_figures_that_are_not_numbers_are_written_as_null():
     assert strict_json(dumps_json(finite_or_null(figures)))["loss"] is None
     with pytest.raises(ValueError, match="Out of range float"):
         dumps_json(figures)  # left as they are, they are refused rather than written as NaN
+
+
+# --------------------------------------------------------------------------------------------- output folders
+
+
+def test_check_output_dir(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=rf"^`--output-dir` '{a_file}' is a file, not a folder"):
+        check_output_dir(a_file)
+    under = a_file / "sub" / "out"
+    with pytest.raises(ValueError, match=rf"^`OUT` '{under}' cannot be made: '{a_file}' is a file"):
+        check_output_dir(under, "OUT")
+    check_output_dir(tmp_path / "new" / "deeper")  # made later, by the command: nothing is made here
+    assert not (tmp_path / "new").exists()
+    check_output_dir(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_check_output_dir_refuses_a_folder_it_cannot_write(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ValueError, match="is not writable: its parent"):
+            check_output_dir(locked / "out")
+    finally:
+        locked.chmod(0o700)
+
+
+def _folders(tmp_path):
+    """An existing folder (standing in for a model or data folder: only its existence is checked first), one with
+    an empty model_index.json, and a file where an output folder is asked for."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    a_file = tmp_path / "taken"
+    a_file.write_text("a file")
+    return str(folder), str(a_file)
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["is-a-file", "under-a-file"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--model", "{folder}", "--prompt", "x"],
+        ["vary", "{folder}/model_index.json", "--model", "{folder}"],
+        ["interpolate", "--model", "{folder}", "--images", "a.png", "b.png"],
+        ["index", "{folder}", "--model", "{folder}", "--output", "{out}"],
+        ["eval", "clip", "--model", "{folder}", "--data", "{folder}"],
+        ["eval", "prior", "--model", "{folder}", "--data", "{folder}"],
+        ["eval", "unclip", "--decoder", "{folder}", "--prior", "{folder}", "--data", "{folder}"],
+        ["eval", "generation", "--model", "{folder}", "--data", "{folder}"],
+        ["data", "convert", "{folder}"],
+        ["data", "shapes", "{out}"],
+        ["demo"],
+        ["train", "clip", "--data", "{folder}"],
+        ["train", "decoder", "--data", "{folder}", "--clip", "{folder}"],
+        ["train", "prior", "--data", "{folder}", "--clip", "{folder}"],
+    ],
+    ids=lambda c: " ".join(c[:2] if c[0] in ("eval", "data", "train") else c[:1]),
+)
+def test_an_unusable_output_folder_is_refused_before_any_work(command, under, tmp_path, capsys):
+    folder, a_file = _folders(tmp_path)
+    out = os.path.join(a_file, "run") if under else a_file
+    argv = [arg.format(folder=folder, out=out) for arg in command]
+    flag = "--output" if command[0] == "index" else "OUT" if command[:2] == ["data", "shapes"] else "--output-dir"
+    if "{out}" not in command:
+        argv += ["--output-dir", out]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    what = f"cannot be made: '{a_file}' is a file" if under else "is a file, not a folder"
+    assert err.count("\n") == 1 and f"error: `{flag}` '{out}' {what}" in err
+    assert Path(a_file).read_text() == "a file"
 
 
 # ------------------------------------------------------------------------------------------- embedding caches

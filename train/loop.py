@@ -202,7 +202,11 @@ def add_training_args(
 
 
 def check_training_args(args: argparse.Namespace) -> None:
-    """Reject values that would fail later, naming the option and the value."""
+    """Reject values that would fail later, naming the option and the value; and an `--output-dir` that cannot be
+    written, before any work."""
+    from clipcond.storage import check_output_dir
+
+    check_output_dir(args.output_dir)
     positive = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps"]
     for name in positive:
         if getattr(args, name) < 1:

@@ -30,7 +30,7 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
 from clipcond.finite import finite_or_null
-from clipcond.storage import dumps_json, write_json_atomic, writing
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic, writing
 
 FORMATS = ("webdataset",)
 
@@ -140,6 +140,7 @@ def shard_pattern(output_dir: str | os.PathLike, index: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.output_dir)
     kwargs = {"caption_column": args.caption_column, "allow_outside_paths": args.allow_outside_paths}
     if args.image_column:
         kwargs["image_column"] = args.image_column

@@ -42,7 +42,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from clipcond.finite import finite_float
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -587,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out, "OUT")
     start = time.perf_counter()
     info = write_shapes_dataset(
         args.out,

@@ -41,7 +41,7 @@ from clipcond.evaluation.zero_shot import (
 )
 from clipcond.finite import finite_or_null
 from clipcond.models.clip import load_clip
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--model", args.model), ("--data", args.data)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval"
+    check_output_dir(output_dir)
     templates = load_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
     split = None if args.split.lower() == "none" else args.split
 
@@ -332,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
     )
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval"
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
     write_figures(extras, output_dir, split)

@@ -56,7 +56,7 @@ from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -725,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"`--data` {args.data!r} does not exist")
+    output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"
+    check_output_dir(output_dir)
     info = load_dataset_info(args.data)
     if info is None:
         raise ValueError(
@@ -766,7 +768,6 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
 
     # 3. evaluate, write, print
-    output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"
     metrics = evaluate_generation(
         pipe,
         classes=class_names(info),

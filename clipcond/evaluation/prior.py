@@ -43,7 +43,7 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_predict,
 )
 from clipcond.finite import finite_float, finite_or_null
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(
             f"`--model` {str(run)!r} holds no model_index.json; pass the output folder of `clipcond train prior`"
         )
+    output_dir = Path(args.output_dir) if args.output_dir else run / "eval"
+    check_output_dir(output_dir)
     templates = load_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
     clip = args.clip or _lineage_clip(run)
 
@@ -396,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     metrics["clip"] = {"path": str(clip), "mismatch": mismatch}
-    output_dir = Path(args.output_dir) if args.output_dir else run / "eval"
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
     print(dumps_json(finite_or_null(metrics), indent=2))

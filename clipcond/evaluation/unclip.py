@@ -51,7 +51,7 @@ from clipcond.evaluation.plots import image_grid
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
-from clipcond.storage import dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--decoder", args.decoder), ("--prior", args.prior), ("--data", args.data)):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"`{flag}` {path!r} does not exist")
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.decoder) / "eval_unclip"
+    check_output_dir(output_dir)
     info = load_dataset_info(args.data)
     if info is None:
         raise ValueError(
@@ -684,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         guidance_end=args.guidance_end,
         seed=args.seed,
         batch_size=args.batch_size,
-        output_dir=Path(args.output_dir) if args.output_dir else Path(args.decoder) / "eval_unclip",
+        output_dir=output_dir,
         progress=not args.no_progress,
         allow_outside_paths=args.allow_outside_paths,
     )
