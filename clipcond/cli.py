@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from clipcond.runlock import RunFolderBusyError
 from clipcond.storage import DiskFullError
 
+# Reported as one line: a full disk and a busy run folder too (their messages name the file or the folder, and
+# nothing saved before is lost).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DiskFullError, RunFolderBusyError)
 
 

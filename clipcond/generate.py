@@ -8,8 +8,8 @@ generator seeded with `--seed + k`, so it comes out the same whatever the batch 
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
 The command is split so that other pipelines plug in: `load_pipeline(args)` builds the pipeline (a text-to-image
-pipeline, or DALL-E 2's prior + decoder), `generate_images` calls it with the diffusers argument names, and
-`write_outputs` (shared with `clipcond vary` / `interpolate`) writes the files.
+pipeline, or DALL-E 2's prior + decoder), `generate_batches` calls it with the diffusers argument names, and
+an `ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each batch's files as soon as it is drawn.
 
 Text-to-image through a prior (DALL-E 2): `--model` an image-embedding decoder run and `--prior` a prior run, or
 `--model` an `UnCLIPTextToImagePipeline` folder (saved with both), with the prior's own `--prior-guidance-scale` and
@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from clipcond.finite import finite_float
@@ -35,7 +35,7 @@ from clipcond.pipelines.inputs import (
     DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
     DEFAULT_TEXT_GUIDANCE_SCALE,
 )
-from clipcond.storage import check_output_dir
+from clipcond.storage import check_output_dir, dumps_json, writing
 
 DTYPES = ("fp32", "bf16", "fp16")
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
@@ -338,10 +338,11 @@ def prior_settings(pipe, args: argparse.Namespace) -> dict:
     }
 
 
-def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> tuple[list, list[dict]]:
+def generate_batches(pipe, prompts: Sequence[str], args: argparse.Namespace) -> Iterator[tuple[list, list[dict]]]:
     """`--num-images` images per prompt, in batches of `--batch-size`, each from its own generator (seed + index).
 
-    Returns the PIL images and one record per image, in order (all images of the first prompt first).
+    Yields each batch's PIL images and one record per image as soon as the batch is drawn, in order (all images of
+    the first prompt first), so that the caller can write them before the next batch.
     """
     import torch
 
@@ -351,11 +352,12 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
 
         plain = isinstance(pipe, TextToImagePipeline)
         args.guidance_scale = DEFAULT_TEXT_GUIDANCE_SCALE if plain else DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
-    extra = prior_settings(pipe, args)
+    settings = prior_settings(pipe, args)
+    extra = {**({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}), **settings}
     per_image = [prompt for prompt in prompts for _ in range(args.num_images)]
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(per_image)]  # image k: seed + k
+    scheduler = scheduler_name(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    images = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         # CPU generators: the same seed gives the same noise on any device.
@@ -367,29 +369,26 @@ def generate_images(pipe, prompts: Sequence[str], args: argparse.Namespace) -> t
             guidance_scale=args.guidance_scale,
             generator=generators,
             output_type="pil",
-            **extra,
+            **settings,
         )
-        images += output.images
-    scheduler = scheduler_name(pipe.scheduler)
-    records = [
-        {
-            **image_record(
-                index,
-                prompt,
-                seed,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                scheduler=scheduler,
-                model=args.model,
-                dtype=args.dtype,
-            ),
-            **({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}),
-            **extra,
-        }
-        for index, (prompt, seed) in enumerate(jobs)
-    ]
-    return images, records
+        records = [
+            {
+                **image_record(
+                    index,
+                    prompt,
+                    seed,
+                    negative_prompt=args.negative_prompt,
+                    num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale,
+                    scheduler=scheduler,
+                    model=args.model,
+                    dtype=args.dtype,
+                ),
+                **extra,
+            }
+            for index, (prompt, seed) in enumerate(batch, start=start)
+        ]
+        yield output.images, records
 
 
 def image_record(
@@ -419,6 +418,51 @@ def image_record(
     }
 
 
+class ImageWriter:
+    """Writes generated images into `output_dir` as they are drawn: each image as `<record["file_name"]>` and its
+    record as a line of `images.jsonl` (after the PNGs it names), batch by batch, so that a crash loses at most the
+    batch being drawn; then the grid (`finish`). A full disk raises `DiskFullError` naming the file."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.records_path = self.output_dir / "images.jsonl"
+        with writing(self.records_path):
+            self.records_path.write_text("", encoding="utf-8")  # a previous run's records go
+        self.images: list = []
+        self.records: list[dict] = []
+
+    def add(self, images: Sequence, records: Sequence[dict]) -> None:
+        if len(images) != len(records):
+            raise ValueError(f"got {len(images)} images but {len(records)} records")
+        for image, record in zip(images, records):
+            path = self.output_dir / record["file_name"]
+            with writing(path, scratch=[path]):
+                image.save(path, format="PNG")
+        lines = "".join(dumps_json(record) + "\n" for record in records)
+        size = self.records_path.stat().st_size
+        try:
+            with writing(self.records_path), open(self.records_path, "a", encoding="utf-8") as f:
+                f.write(lines)
+        except OSError:
+            os.truncate(self.records_path, size)  # no half line for a reader to trip on
+            raise
+        self.images += images
+        self.records += records
+
+    def finish(self, grid_rows: int, labels: Sequence[str] | None = None, grid_images: Sequence | None = None) -> Path:
+        """Tile the images written (or `grid_images`, e.g. with each row's source image first; `labels` then label
+        them) `grid_rows` rows deep, row by row, with `labels` under them, as `grid.png`; returns its path."""
+        from clipcond.evaluation.plots import image_grid
+
+        grid_path = self.output_dir / "grid.png"
+        tiles = list(self.images if grid_images is None else grid_images)
+        cols = math.ceil(len(tiles) / grid_rows)
+        with writing(grid_path, scratch=[grid_path]):
+            image_grid(tiles, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
+        return grid_path
+
+
 def write_outputs(
     images: Sequence,
     records: Sequence[dict],
@@ -427,28 +471,11 @@ def write_outputs(
     labels: Sequence[str] | None = None,
     grid_images: Sequence | None = None,
 ) -> Path:
-    """Save each image as `output_dir/<record["file_name"]>`, the records as `images.jsonl` (one JSON object a line,
-    in order) and the images tiled `grid_rows` rows deep, row by row, with `labels` under them, as `grid.png`.
-    `grid_images`: tile these instead (e.g. with each row's source image first; `labels` then label them).
-
-    Returns the grid's path.
-    """
-    from clipcond.evaluation.plots import image_grid
-
-    if len(images) != len(records):
-        raise ValueError(f"got {len(images)} images but {len(records)} records")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for image, record in zip(images, records):
-        image.save(output_dir / record["file_name"], format="PNG")
-    with open(output_dir / "images.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    grid_path = output_dir / "grid.png"
-    tiles = list(images if grid_images is None else grid_images)
-    cols = math.ceil(len(tiles) / grid_rows)
-    image_grid(tiles, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
-    return grid_path
+    """All at once what `ImageWriter` writes batch by batch: the images, `images.jsonl` and `grid.png` (see
+    `ImageWriter.finish` for `grid_rows`, `labels` and `grid_images`). Returns the grid's path."""
+    writer = ImageWriter(output_dir)
+    writer.add(images, records)
+    return writer.finish(grid_rows, labels, grid_images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,11 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     check_text_to_image(pipeline_class_name(args.model), args)  # before loading anything
     start = time.perf_counter()
     pipe = load_pipeline(args)
-    images, records = generate_images(pipe, prompts, args)
-    labels = [record["prompt"] or "(unconditional)" for record in records]
-    grid_path = write_outputs(images, records, args.output_dir, grid_rows=len(prompts), labels=labels)
+    writer = ImageWriter(args.output_dir)
+    for images, records in generate_batches(pipe, prompts, args):
+        writer.add(images, records)
+    labels = [record["prompt"] or "(unconditional)" for record in writer.records]
+    grid_path = writer.finish(grid_rows=len(prompts), labels=labels)
     print(
-        f"clipcond generate: {len(images)} images ({len(prompts)} prompts x {args.num_images}) in "
+        f"clipcond generate: {len(writer.images)} images ({len(prompts)} prompts x {args.num_images}) in "
         f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"
     )
     return 0

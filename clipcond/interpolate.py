@@ -22,13 +22,13 @@ from clipcond.finite import finite_float
 from clipcond.generate import (
     DTYPES,
     SCHEDULER_NAMES,
+    ImageWriter,
     add_prior_args,
     check_guidance_interval_args,
     is_unclip,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
-    write_outputs,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     labels = [f"t={t:.2f}" for t in output.t]
     labels[0], labels[-1] = f"{ends[0]} (t=0)", f"{ends[1]} (t=1)"
-    grid_path = write_outputs(output.images, records, args.output_dir, grid_rows=1, labels=labels)
+    writer = ImageWriter(args.output_dir)
+    writer.add(output.images, records)  # the row is one batch: its frames share their noise
+    grid_path = writer.finish(grid_rows=1, labels=labels)
     print(
         f"clipcond interpolate: {len(output.images)} frames between {ends[0]!r} and {ends[1]!r} in "
         f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"

@@ -15,17 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 
 from clipcond.finite import finite_float
 from clipcond.generate import (
     DTYPES,
     SCHEDULER_NAMES,
+    ImageWriter,
     add_guidance_interval_args,
     check_guidance_interval_args,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
-    write_outputs,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir
@@ -115,15 +116,16 @@ def decoder_of(pipe, args: argparse.Namespace):
     return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe
 
 
-def vary_images(pipe, sources: list, args: argparse.Namespace) -> tuple[list, list[dict]]:
+def vary_batches(pipe, sources: list, args: argparse.Namespace) -> Iterator[tuple[list, list[dict]]]:
     """`--num-images` variations of each source image, in batches of `--batch-size`, each from its own generator
-    (seed + index). Returns the PIL images and one record per image, source by source."""
+    (seed + index). Yields each batch's PIL images and one record per image as soon as it is drawn, source by
+    source."""
     import torch
 
     per_image = [s for s in range(len(sources)) for _ in range(args.num_images)]
     jobs = [(s, args.seed + index) for index, s in enumerate(per_image)]  # (source, seed); variation k: seed + k
+    scheduler = scheduler_name(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    images = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
@@ -137,25 +139,23 @@ def vary_images(pipe, sources: list, args: argparse.Namespace) -> tuple[list, li
             guidance_end=args.guidance_end,
             output_type="pil",
         )
-        images += output.images
-    scheduler = scheduler_name(pipe.scheduler)
-    records = [
-        {
-            "file_name": f"{index:05d}.png",
-            "source": args.images[s],
-            "source_index": s,
-            "seed": seed,
-            "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale,
-            "noise_level": args.noise_level,
-            "guidance_start": args.guidance_start,
-            "guidance_end": args.guidance_end,
-            "scheduler": scheduler,
-            "model": os.fspath(args.model),
-        }
-        for index, (s, seed) in enumerate(jobs)
-    ]
-    return images, records
+        records = [
+            {
+                "file_name": f"{index:05d}.png",
+                "source": args.images[s],
+                "source_index": s,
+                "seed": seed,
+                "num_inference_steps": args.num_inference_steps,
+                "guidance_scale": args.guidance_scale,
+                "noise_level": args.noise_level,
+                "guidance_start": args.guidance_start,
+                "guidance_end": args.guidance_end,
+                "scheduler": scheduler,
+                "model": os.fspath(args.model),
+            }
+            for index, (s, seed) in enumerate(batch, start=start)
+        ]
+        yield output.images, records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     check_reads_images(pipeline_class_name(args.model), args)  # before loading anything
     start = time.perf_counter()
     pipe = decoder_of(load_pipeline(args), args)
-    images, records = vary_images(pipe, sources, args)
+    writer = ImageWriter(args.output_dir)
+    for batch_images, batch_records in vary_batches(pipe, sources, args):
+        writer.add(batch_images, batch_records)
+    images, records = writer.images, writer.records
     # The grid: a row per source, the source (at the output size) first, then its variations.
     size = images[0].size
     grid, labels = [], []
@@ -175,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         row = images[s * args.num_images : (s + 1) * args.num_images]
         grid += row
         labels += [f"seed {r['seed']}" for r in records[s * args.num_images : (s + 1) * args.num_images]]
-    grid_path = write_outputs(
-        images, records, args.output_dir, grid_rows=len(sources), labels=labels, grid_images=grid
-    )
+    grid_path = writer.finish(grid_rows=len(sources), labels=labels, grid_images=grid)
     print(
         f"clipcond vary: {len(images)} variations ({len(sources)} images x {args.num_images}) in "
         f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"

@@ -1,7 +1,9 @@
 """`clipcond generate` in-process on a tiny saved pipeline folder (the layout the decoder training writes)."""
 
+import errno
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -10,11 +12,13 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+import clipcond.generate as generate_module
 from clipcond import cli
 from clipcond.generate import SCHEDULER_NAMES, main, write_outputs
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
+from clipcond.storage import DiskFullError
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -174,3 +178,111 @@ def test_write_outputs(tmp_path):
     assert read_records(tmp_path / "out") == records
     with pytest.raises(ValueError, match="got 2 images but 3 records"):
         write_outputs(images[:2], records, tmp_path / "out", grid_rows=1)
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch):
+    """The prompts of each call of the text-to-image pipeline; `fail_on[0]`: the call (1-based) that raises."""
+    calls, fail_on = [], [None]
+    original = TextToImagePipeline.__call__
+
+    def recording(self, prompt, *args, **kwargs):
+        calls.append(list(prompt))
+        if len(calls) == fail_on[0]:
+            raise RuntimeError(f"pipeline call {len(calls)} failed")
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(TextToImagePipeline, "__call__", recording)
+    return calls, fail_on
+
+
+def test_a_failure_keeps_the_batches_drawn_before_it(pipeline_dir, tmp_path, pipeline_calls):
+    calls, fail_on = pipeline_calls
+    fail_on[0] = 2
+    out = tmp_path / "out"
+    args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "5", "--batch-size", "2"]
+    with pytest.raises(RuntimeError, match="pipeline call 2 failed"):
+        main([*args, "--output-dir", str(out), *FAST])
+    assert len(calls) == 2
+    # the first batch is on disk, whole: its two images and their two records
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "images.jsonl"]
+    assert [(r["file_name"], r["seed"]) for r in read_records(out)] == [("00000.png", 0), ("00001.png", 1)]
+    assert Image.open(out / "00001.png").size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["is-a-file", "under-a-file"])
+def test_an_unusable_output_dir_is_refused_before_drawing(pipeline_dir, tmp_path, capsys, pipeline_calls, under):
+    calls, _ = pipeline_calls
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    out = taken / "out" if under else taken
+    argv = ["generate", "--model", str(pipeline_dir), "--prompt", "x", "--output-dir", str(out), *FAST]
+    assert cli.main(argv) == 2
+    if under:
+        what = f"cannot be made: '{taken}' is a file, not a folder; pass a folder elsewhere"
+    else:
+        what = "is a file, not a folder; pass a folder (made if absent)"
+    assert capsys.readouterr().err == f"clipcond generate: error: `--output-dir` '{out}' {what}\n"
+    assert calls == [] and taken.read_text() == "a file"
+
+
+def test_a_full_disk_names_the_file(pipeline_dir, tmp_path, capsys, monkeypatch):
+    def no_space(self, fp, *args, **kwargs):
+        if str(fp).endswith("00002.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, fp, *args, **kwargs)
+
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    out = tmp_path / "out"
+    args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "3", "--batch-size", "2"]
+    with pytest.raises(DiskFullError, match=rf"no space left on device while writing {out / '00002.png'} \("):
+        main([*args, "--output-dir", str(out), *FAST])
+    # the batch before is kept; the failed image is not left half-written, nor recorded
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "images.jsonl"]
+    assert [r["file_name"] for r in read_records(out)] == ["00000.png", "00001.png"]
+
+    # through the command: one line, exit status 2
+    assert cli.main(["generate", *args, "--output-dir", str(tmp_path / "again"), *FAST]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after diffusers' loading bar
+    path = re.escape(str(tmp_path / "again" / "00002.png"))
+    assert re.fullmatch(
+        rf"clipcond generate: error: no space left on device while writing {path} \([0-9.]+ MB free\); free some "
+        r"space and run the command again \(what was saved before is intact\)",
+        last,
+    )
+
+
+class _HalfWriter:
+    """A file whose write stores half the text, then fails as a full disk does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, text):
+        self.file.write(text[: len(text) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_recording_leaves_whole_lines(pipeline_dir, tmp_path, monkeypatch):
+    appends = []
+
+    def open_failing_second_append(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)  # noqa: SIM115 (handed to the caller, which closes it)
+        appends.append(mode == "a")
+        return _HalfWriter(file) if mode == "a" and sum(appends) == 2 else file
+
+    monkeypatch.setattr(generate_module, "open", open_failing_second_append, raising=False)
+    out = tmp_path / "out"
+    args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "3", "--batch-size", "2"]
+    with pytest.raises(DiskFullError, match=f"while writing {out / 'images.jsonl'}"):
+        main([*args, "--output-dir", str(out), *FAST])
+    assert sum(appends) == 2
+    assert [r["file_name"] for r in read_records(out)] == ["00000.png", "00001.png"]  # no half line after them

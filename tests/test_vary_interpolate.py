@@ -185,6 +185,25 @@ def test_vary_writes_variations_grid_and_records(runs, sources, tmp_path, capsys
     assert np.abs(pixels(again / "00000.png") - pixels(out / "00003.png")).max() <= 1
 
 
+def test_vary_keeps_the_batches_drawn_before_a_failure(runs, sources, tmp_path, monkeypatch):
+    calls = []
+    original = ImageVariationPipeline.__call__
+
+    def failing_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("pipeline call 2 failed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageVariationPipeline, "__call__", failing_second)
+    out = tmp_path / "out"
+    args = ["--model", str(runs["decoder"]), *sources, "--num-images", "2", "--batch-size", "3"]
+    with pytest.raises(RuntimeError, match="pipeline call 2 failed"):
+        vary_main([*args, "--output-dir", str(out), *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "images.jsonl"]
+    assert [r["source"] for r in read_records(out)] == [sources[0], sources[0], sources[1]]
+
+
 def test_vary_names_a_bad_image(runs, sources, tmp_path, capsys):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "missing.png")
