@@ -35,6 +35,8 @@ def check_finite_tensor(tensor, what: str, fix: str = "") -> None:
     infinite values, with how many, the first row they are in, and `fix`."""
     import torch
 
+    if tensor.is_meta:  # a shape-only placeholder holds no values to check
+        return
     finite = torch.isfinite(tensor)
     if bool(finite.all()):
         return

@@ -231,7 +231,8 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             prompt, negative_prompt, 1, 1.0, num_images_per_prompt, generator, prior_latents, "pt"
         )
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        placeholder = torch.zeros(batch_size, self.prior.config.embedding_dim)  # what the prior will hand over
+        # what the prior will hand over: its shape only, so no memory and no values (meta)
+        placeholder = torch.empty(batch_size, self.prior.config.embedding_dim, device="meta")
         self.decoder_pipeline.check_inputs(
             None,
             placeholder,
