@@ -4,9 +4,10 @@
     python benchmarks/report.py --write README.md   # replaces the README's generated blocks with them
     python benchmarks/report.py --check README.md   # exit 1, with a diff, when the README's blocks differ
 
-The README holds two generated blocks, each between `<!-- report:NAME -->` and `<!-- /report:NAME -->`:
+The README holds three generated blocks, each between `<!-- report:NAME -->` and `<!-- /report:NAME -->`:
 "quality" (the bars, from decoder_quality.json, unclip_quality.json, search_quality.json, scheduler_steps.json and
-judge_quality.json) and "speed" (clip_throughput.json, decoder_throughput.json, loss_memory.json). Every row names
+judge_quality.json), "speed" (clip_throughput.json, decoder_throughput.json, loss_memory.json) and "faults"
+(fault_probes.json). Every row names
 its result file and the commit it was measured at; the commands that write them are in each benchmark's docstring.
 A missing file gives a line saying which command makes it. tests/test_benchmarks.py fails when the README's blocks
 are not what this script renders, so no figure in them is typed by hand.
@@ -330,8 +331,36 @@ def speed_block(results_dir: Path) -> list[str]:
     return out[:-1] if out and out[-1] == "" else out
 
 
+FAULT_GROUPS = {
+    "kill": "SIGKILL points, resumed to the uninterrupted run's weights",
+    "corrupt": "damaged or malicious checkpoint files: skipped, named, resumed from the one before",
+    "bad-input": "invalid command lines and files: exit 2, one line naming the argument",
+    "disk-full": "full disks (a real tmpfs): one line saying so, earlier files intact",
+    "concurrent": "two writers into one folder: one refused at once",
+}
+
+
+def faults_block(results_dir: Path) -> list[str]:
+    path = results_dir / "fault_probes.json"
+    if not path.is_file():
+        return ["_fault_probes: no results yet (`python benchmarks/fault_probes.py --write-results`)_"]
+    report = json.loads(path.read_text())
+    lines = ["| probes | passed | failed | result file |", "| --- | --- | --- | --- |"]
+    for group, count in report["counts"].items():
+        failed = [r["probe"] for r in report["rows"] if r["group"] == group and not r["ok"]]
+        skipped = [r["outcome"] for r in report["rows"] if r["group"] == group and r["outcome"].startswith("skipped")]
+        passed = f"{count['ok']} of {count['of']}" + (" (skipped: no small file system)" if skipped else "")
+        cells = (FAULT_GROUPS.get(group, group), passed, ", ".join(failed) or "none", _source("fault_probes", report))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(results_dir: Path) -> dict[str, list[str]]:
-    return {"quality": quality_block(results_dir), "speed": speed_block(results_dir)}
+    return {
+        "quality": quality_block(results_dir),
+        "speed": speed_block(results_dir),
+        "faults": faults_block(results_dir),
+    }
 
 
 def replace_blocks(text: str, blocks: dict[str, list[str]]) -> str:
