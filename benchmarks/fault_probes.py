@@ -299,7 +299,15 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
     latin1 = work / "latin1"
     (latin1 / "train").mkdir(parents=True, exist_ok=True)
     (latin1 / "train" / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\xe9"}\n'.encode("latin-1"))
-    generate = ["generate", "--model", str(work / "no-decoder"), "--prompt", "a red circle"]
+    generate = [
+        "generate",
+        "--model",
+        str(work / "no-decoder"),
+        "--prompt",
+        "a red circle",
+        "--output-dir",
+        str(work / "g"),
+    ]
     return [
         ("train: --learning-rate nan", train_argv(data, work / "o1", "--learning-rate", "nan"), ("--learning-rate",)),
         ("train: --learning-rate inf", train_argv(data, work / "o2", "--learning-rate", "inf"), ("--learning-rate",)),
@@ -310,7 +318,7 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
         ),
         (
             "train: --max-grad-norm -inf",
-            train_argv(data, work / "o4", "--max-grad-norm", "-inf"),
+            train_argv(data, work / "o4", "--max-grad-norm=-inf"),
             ("--max-grad-norm",),
         ),
         ("train: --output-dir an existing file", train_argv(data, a_file), ("--output-dir",)),
@@ -321,7 +329,7 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
             "train: --resume-from-checkpoint missing",
             train_argv(data, work / "o7", "--resume-from-checkpoint", str(work / "x")),
             ("--resume-from-checkpoint",),
-        ),  # noqa: E501
+        ),
         ("generate: --guidance-scale nan", [*generate, "--guidance-scale", "nan"], ("--guidance-scale",)),
         ("generate: --guidance-scale inf", [*generate, "--guidance-scale", "inf"], ("--guidance-scale",)),
         ("generate: --model missing", generate, ("--model",)),
@@ -338,27 +346,141 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
                 str(work / "e1"),
             ],
             ("unfinished",),
-        ),  # noqa: E501
+        ),
         (
             "eval clip: --output-dir an existing file",
             ["eval", "clip", "--model", str(clip_run), "--data", str(data), "--output-dir", str(a_file)],
             ("--output-dir",),
-        ),  # noqa: E501
+        ),
         (
             "index: FOLDER missing",
             ["index", str(work / "nowhere"), "--model", str(clip_run), "--output", str(work / "i1")],
             ("nowhere",),
-        ),  # noqa: E501
+        ),
+        ("generate: --num-inference-steps 0", [*generate, "--num-inference-steps", "0"], ("--num-inference-steps",)),
+        ("generate: --num-images 0", [*generate, "--num-images", "0"], ("--num-images",)),
+        ("generate: --scheduler unknown", [*generate, "--scheduler", "bogus"], ("--scheduler",)),
+        (
+            "generate: guidance interval reversed",
+            [*generate, "--guidance-start", "0.8", "--guidance-end", "0.2"],
+            ("guidance",),
+        ),
+        (
+            "generate: --prompts-file missing",
+            [*generate[:3], "--prompts-file", str(work / "none.txt"), *generate[5:]],
+            ("--prompts-file",),
+        ),
+        (
+            "train decoder: --clip missing",
+            [
+                "train",
+                "decoder",
+                "--clip",
+                str(work / "nowhere"),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(work / "d1"),
+            ],
+            ("--clip",),
+        ),
+        (
+            "train decoder: --clip not a CLIP",
+            ["train", "decoder", "--clip", str(data), "--data", str(data), "--output-dir", str(work / "d2")],
+            ("--clip",),
+        ),
+        (
+            "train decoder: --snr-gamma nan",
+            [
+                "train",
+                "decoder",
+                "--clip",
+                str(clip_run),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(work / "d3"),
+                "--snr-gamma",
+                "nan",
+            ],
+            ("--snr-gamma",),
+        ),
+        (
+            "train decoder: --caption-dropout 1.5",
+            [
+                "train",
+                "decoder",
+                "--clip",
+                str(clip_run),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(work / "d4"),
+                "--caption-dropout",
+                "1.5",
+            ],
+            ("--caption-dropout",),
+        ),
+        (
+            "train prior: --ema-decay=-inf",
+            [
+                "train",
+                "prior",
+                "--clip",
+                str(clip_run),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(work / "p1"),
+                "--ema-decay=-inf",
+            ],
+            ("--ema-decay",),
+        ),
+        (
+            "train clip: --max-skipped-fraction 2",
+            train_argv(data, work / "o8", "--max-skipped-fraction", "2"),
+            ("--max-skipped-fraction",),
+        ),
+        (
+            "index: --batch-size 0",
+            ["index", str(data / "test"), "--model", str(clip_run), "--output", str(work / "i2"), "--batch-size", "0"],
+            ("--batch-size",),
+        ),
+        (
+            "index: --output an existing file",
+            ["index", str(data / "test"), "--model", str(clip_run), "--output", str(a_file)],
+            ("--output",),
+        ),
+        (
+            "search: --top-k 0",
+            ["search", "a red circle", "--index", str(work / "good-index"), "--top-k", "0"],
+            ("--top-k",),
+        ),
+        (
+            "search: --image not an image",
+            ["search", "--image", str(a_file), "--index", str(work / "good-index")],
+            ("a-file",),
+        ),
+        (
+            "data convert: source missing",
+            ["data", "convert", str(work / "nowhere"), "--output-dir", str(work / "c1")],
+            ("nowhere",),
+        ),
+        (
+            "data convert: --shard-size 0",
+            ["data", "convert", str(data), "--output-dir", str(work / "c2"), "--shard-size", "0"],
+            ("--shard-size",),
+        ),
         (
             "search: --index with NaN embeddings",
             ["search", "a red circle", "--index", str(work / "nan-index")],
             ("NaN",),
-        ),  # noqa: E501
+        ),
         (
             "search: --index rows and files differ",
             ["search", "a red circle", "--index", str(work / "short-index")],
             ("--index",),
-        ),  # noqa: E501
+        ),
     ]
 
 
@@ -477,7 +599,8 @@ def concurrent_probes(data: Path, work: Path) -> list[Probe]:
     procs = []
     for seed in ("0", "1"):
         argv = train_argv(data, out, "--seed", seed)  # the later --seed wins
-        procs.append(subprocess.Popen([sys.executable, "-m", "clipcond", *argv], stderr=subprocess.PIPE, text=True))
+        command = [sys.executable, "-m", "clipcond", *argv]
+        procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         time.sleep(0.5)
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)

@@ -169,6 +169,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"`{flag}` must be >= 1, got {value}")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    if getattr(args, "num_inference_steps", None) is not None and args.num_inference_steps < 1:
+        raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
     if getattr(args, "prior_num_inference_steps", 1) < 1:
         raise ValueError(f"`--prior-num-inference-steps` must be >= 1, got {args.prior_num_inference_steps}")
     if getattr(args, "noise_level", 0) < 0:

@@ -159,6 +159,13 @@ def test_missing_or_wrong_model_folder(tmp_path):
         main(["--model", str(tmp_path), "--prompt", "x", "--output-dir", str(tmp_path / "out")])
 
 
+def test_argument_errors_come_before_the_model_is_looked_at(tmp_path):
+    missing = tmp_path / "no_such_run"
+    argv = ["--model", str(missing), "--prompt", "x", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"`--num-inference-steps` must be >= 1, got 0"):
+        main([*argv, "--num-inference-steps", "0"])
+
+
 def test_cli_dispatch_reports_user_errors(tmp_path, capsys):
     missing = tmp_path / "no_such_run"
     assert cli.main(["generate", "--model", str(missing), "--prompt", "x", "--output-dir", str(tmp_path)]) == 2
