@@ -43,6 +43,7 @@ from pathlib import Path
 
 from clipcond.cli import HelpFormatter
 from clipcond.finite import finite_float, finite_or_null
+from clipcond.runlock import run_folder_lock
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -816,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     began, began_cpu = time.perf_counter(), _cpu_seconds()  # "startup": the imports before the first stage
     args = parse_args(argv)
     check_output_dir(args.output_dir)
+    with run_folder_lock(args.output_dir):  # one demo per folder (each stage also holds its own run folder)
+        return run_demo(args, began, began_cpu)
+
+
+def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
+    """The demo's stages in order, each skipped when an earlier attempt finished it (`main` holds the folder)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

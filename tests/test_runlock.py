@@ -74,3 +74,12 @@ def test_a_clean_exit_leaves_nothing_to_take_over(tmp_path, caplog):
     ):
         pass
     assert "taking over" not in caplog.text
+
+
+def test_a_second_demo_into_one_folder_is_refused(holder, capsys):
+    from clipcond.cli import main
+
+    folder, proc = holder
+    assert main(["demo", "--output-dir", str(folder)]) == 2
+    assert f"is in use by another run (pid {proc.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
