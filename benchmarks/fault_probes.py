@@ -308,6 +308,10 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
         "--output-dir",
         str(work / "g"),
     ]
+
+    def stage_argv(stage: str, out: Path, *extra: str) -> list[str]:
+        return ["train", stage, "--clip", str(clip_run), "--data", str(data), "--output-dir", str(out), *extra]
+
     return [
         ("train: --learning-rate nan", train_argv(data, work / "o1", "--learning-rate", "nan"), ("--learning-rate",)),
         ("train: --learning-rate inf", train_argv(data, work / "o2", "--learning-rate", "inf"), ("--learning-rate",)),
@@ -391,49 +395,17 @@ def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, l
         ),
         (
             "train decoder: --snr-gamma nan",
-            [
-                "train",
-                "decoder",
-                "--clip",
-                str(clip_run),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(work / "d3"),
-                "--snr-gamma",
-                "nan",
-            ],
+            stage_argv("decoder", work / "d3", "--snr-gamma", "nan"),
             ("--snr-gamma",),
         ),
         (
             "train decoder: --caption-dropout 1.5",
-            [
-                "train",
-                "decoder",
-                "--clip",
-                str(clip_run),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(work / "d4"),
-                "--caption-dropout",
-                "1.5",
-            ],
+            stage_argv("decoder", work / "d4", "--caption-dropout", "1.5"),
             ("--caption-dropout",),
         ),
         (
             "train prior: --ema-decay=-inf",
-            [
-                "train",
-                "prior",
-                "--clip",
-                str(clip_run),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(work / "p1"),
-                "--ema-decay=-inf",
-            ],
+            stage_argv("prior", work / "p1", "--ema-decay=-inf"),
             ("--ema-decay",),
         ),
         (
