@@ -322,6 +322,10 @@ class ImageIndex:
             progress=progress,
         )
         new = {todo[i]: row for i, row in new.items()}
+        if new:
+            check_finite_tensor(
+                torch.stack(list(new.values())), f"the embeddings of {len(new)} images by {clip_run.path!r}"
+            )
         tried = set(todo)
         report.unreadable = [todo[i] for i in unreadable]
         if report.unreadable:
@@ -356,8 +360,7 @@ class ImageIndex:
         query = query.detach().float().cpu().flatten()
         if query.shape[0] != self.dim:
             raise ValueError(f"the query embedding has width {query.shape[0]} but the index's embeddings {self.dim}")
-        check_finite_tensor(query, "the query embedding")
-        check_finite_tensor(self.embeddings, f"the index of {str(self.root)!r}", "rebuild it")
+        check_finite_tensor(query, "the query embedding")  # the index's rows were checked where they came in
         scores = self.embeddings.float() @ torch.nn.functional.normalize(query, dim=0)  # (N,)
         values, rows = scores.topk(min(top_k, len(self)))
         paths = self.paths

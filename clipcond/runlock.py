@@ -25,7 +25,7 @@ LOCK_FILE = ".clipcond.lock"
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the lock file still names the holder, but is not enforced
+except ImportError:  # Windows: no flock; the lock file still names the holder, but is not enforced (a warning says so)
     fcntl = None
 
 
@@ -66,14 +66,17 @@ def run_folder_lock(folder: str | os.PathLike, *, flag: str = "--output-dir") ->
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunFolderBusyError(
-                    f"`{flag}` {str(folder)!r} is in use by another run ({_describe(_read(fd))}); wait for it to "
-                    f"finish or choose another `{flag}`"
-                ) from None
+        try:
+            if fcntl is None:
+                raise OSError("this platform has no flock")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusyError(
+                f"`{flag}` {str(folder)!r} is in use by another run ({_describe(_read(fd))}); wait for it to "
+                f"finish or choose another `{flag}`"
+            ) from None
+        except OSError as err:  # e.g. Lustre without -o flock, NFS without lockd (ENOLCK, EOPNOTSUPP)
+            logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it", folder, err)
         previous = _read(fd)
         if previous.strip():
             logger.warning("taking over %s from a run that is gone (%s)", path, _describe(previous))

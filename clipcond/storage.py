@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,15 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:  # the message alone (it names the file), not OSError's "[Errno 28] ...: 'file'"
         return self.strerror
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def free_bytes(path: str | os.PathLike) -> int:

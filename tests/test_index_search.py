@@ -291,9 +291,19 @@ def test_non_finite_embeddings_are_refused_naming_the_file(folder, clip_run, tmp
     query[3] = float("nan")
     with pytest.raises(ValueError, match=r"the query embedding holds 1 non-finite value\(s\) .*the first at 3"):
         index.search(query)
-    index.embeddings[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=rf"the index of '{folder.resolve()}' holds 1 non-finite value"):
-        index.search(embed_text_query(clip_run, "a red circle"))
+
+
+def test_an_update_refuses_non_finite_embeddings(folder, clip_run, monkeypatch):
+    original = index_module.embed_image_files
+
+    def diverged(clip_run, paths, **kwargs):  # a CLIP whose image tower gives NaN for one image
+        rows, unreadable = original(clip_run, paths, **kwargs)
+        rows[0] = torch.full_like(rows[0], float("nan"))
+        return rows, unreadable
+
+    monkeypatch.setattr(index_module, "embed_image_files", diverged)
+    with pytest.raises(ValueError, match=r"the embeddings of 6 images by .* holds \d+ non-finite value"):
+        ImageIndex.build(folder, clip_run)
 
 
 @pytest.mark.parametrize("change", ["drop", "add"])

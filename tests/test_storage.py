@@ -48,3 +48,65 @@ def test_tensors_on_a_real_full_disk(small_filesystem):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(small_filesystem / "t.safetensors")["w"], torch.ones(4))
+
+
+# ------------------------------------------------------------------ each writer on a full disk (injected errors)
+
+
+def _partial_then_full(path, *args, **kwargs):
+    """What torch's and safetensors' writers do on a full disk: part of a file, then an error without an errno."""
+    with open(path, "wb") as f:
+        f.write(b"\0" * 10)
+    raise RuntimeError("basic_ios::clear: iostream error")
+
+
+@pytest.fixture
+def no_space(monkeypatch):
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 0)
+
+
+def test_tensors_on_a_full_disk_injected(tmp_path, no_space, monkeypatch):
+    import safetensors.torch
+
+    save_tensors_atomic({"w": torch.ones(4)}, tmp_path / "cache.safetensors")
+    monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_full)
+    with pytest.raises(DiskFullError, match=r"while writing .*cache.safetensors \(0.0 KB needed, 0.0 KB free\)"):
+        save_tensors_atomic({"w": torch.zeros(4)}, tmp_path / "cache.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.safetensors"]
+
+
+def test_an_index_save_on_a_full_disk_keeps_the_index(tiny_clip_run, shapes_data, tmp_path, no_space, monkeypatch):
+    import safetensors.torch
+
+    from clipcond.index import ImageIndex
+    from clipcond.models.clip import load_clip
+
+    index = ImageIndex.build(shapes_data / "test", load_clip(tiny_clip_run))
+    index.save(tmp_path / "idx")
+    monkeypatch.setattr(safetensors.torch, "save_file", _partial_then_full)
+    with pytest.raises(DiskFullError, match=r"while writing .*idx/embeddings.safetensors"):
+        index.save(tmp_path / "idx")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["embeddings.safetensors", "files.jsonl"]
+    assert len(ImageIndex.load(tmp_path / "idx")) == len(index)
+
+
+def test_shards_on_a_full_disk(shapes_data, tmp_path, no_space, monkeypatch):
+    from clipcond.data import convert
+    from clipcond.data.folders import ImageCaptionDataset
+
+    def full(tar, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "_add", full)
+    with pytest.raises(DiskFullError, match=r"while writing .*000000.tar"):
+        convert.convert_to_webdataset(ImageCaptionDataset(shapes_data, split="test"), tmp_path / "shards")
+    assert list((tmp_path / "shards").iterdir()) == []
+
+
+def test_the_judge_cache_on_a_full_disk(judge, tmp_path, no_space, monkeypatch):
+    from clipcond.evaluation import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "save_file", _partial_then_full)
+    with pytest.raises(DiskFullError, match=r"while writing .*cached-judge"):
+        judge_module.save_judge(judge, tmp_path / "cached-judge")
+    assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -49,9 +48,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
+from clipcond.finite import finite_or_null
 from clipcond.lineage import RUN_RECORD
 from clipcond.runlock import run_folder_lock
-from clipcond.storage import check_free_space, dumps_json, write_json_atomic, writing
+from clipcond.storage import check_free_space, dumps_json, file_sha256, write_json_atomic, writing
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -228,13 +228,32 @@ def check_training_args(args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def hold_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Iterator[None]:
-    """Hold `--output-dir` for the run (`clipcond.runlock`; on the main process, which alone writes there): a second
-    run into the same folder is refused at once instead of mixing its checkpoints with this one's."""
-    if not accelerator.is_main_process:
+    """Hold `--output-dir` for the run (`clipcond.runlock`; the main process, which alone writes there, takes it): a
+    second run into the same folder is refused at once, on every process, instead of mixing its checkpoints with
+    this one's."""
+    with contextlib.ExitStack() as stack:
+        on_main(accelerator, lambda: stack.enter_context(run_folder_lock(args.output_dir, flag="--output-dir")))
         yield
-        return
-    with run_folder_lock(args.output_dir, flag="--output-dir"):
-        yield
+
+
+def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """`fn()` on the main process, its result handed to every process; an error it raises is raised on every
+    process, so that none waits forever at the next collective for a main process that stopped."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, on every process
+            error = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [result if error is None else None, error]
+        broadcast_object_list(shared)
+        result, error = shared
+    if error is not None:
+        raise error
+    return result
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -585,6 +604,9 @@ class Checkpoints:
                 os.replace(p, self.dir / p.name[1:-4])
                 logger.info("restored %s, moved aside by a run killed while replacing it", p.name[1:-4])
             elif p.name.startswith(f".{CHECKPOINT_PREFIX}") and p.name.endswith((".tmp", ".old")):
+                writer = p.name[1 : -len(".tmp")].partition(".")[2]  # .checkpoint-N.HOST-PID.tmp -> HOST-PID
+                if p.name.endswith(".tmp") and _writer_alive(writer):
+                    continue  # another live run's scratch (only where the folder's lock is not enforced)
                 shutil.rmtree(p, ignore_errors=True)
                 logger.info("removed %s, left by a run killed while saving", p.name)
 
@@ -597,14 +619,8 @@ class Checkpoints:
     ) -> Path:
         final = self.dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         tmp = self.dir / f".{final.name}.{self.writer}.tmp"
-        if accelerator.is_main_process:
-            previous = self.complete()
-            if previous:  # a checkpoint is about as large as the last one: refuse before writing a part
-                check_free_space(self.dir, folder_size(previous[-1]), final.name)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        with writing(final, scratch=[tmp] if accelerator.is_main_process else []):
+        needed = on_main(accelerator, lambda: self._make_scratch(tmp, final.name))
+        with writing(final, needed=needed, scratch=[tmp] if accelerator.is_main_process else []):
             accelerator.save_state(str(tmp), safe_serialization=True)
             # Every process writes its RNG states into `tmp`: all must be done before the main process renames it.
             accelerator.wait_for_everyone()
@@ -637,6 +653,17 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         return final
 
+    def _make_scratch(self, tmp: Path, name: str) -> int | None:
+        """Make the scratch folder `tmp` once there is room for a checkpoint about as large as the last one (refused
+        before a part is written); returns that size (None before the first checkpoint)."""
+        previous = self.complete()
+        needed = folder_size(previous[-1]) if previous else None
+        if needed is not None:
+            check_free_space(self.dir, needed, name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return needed
+
     def load(self, accelerator: Accelerator, path: Path) -> tuple[TrainingState, dict[str, Any]]:
         with open(path / STATE_FILE) as f:
             payload = json.load(f)
@@ -661,9 +688,7 @@ def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {"size", "sha256"}} of every file under `folder` but the state file."""
     manifest = {}
     for p in _files(folder):
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        manifest[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": digest}
+        manifest[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     return manifest
 
 
@@ -693,9 +718,8 @@ def damage(checkpoint: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} is {size} bytes, {expected['size']} when saved"
-        with open(path, "rb") as f:
-            if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
-                return f"{name} has changed since it was saved (SHA-256 differs)"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} has changed since it was saved (SHA-256 differs)"
     return None
 
 
@@ -818,8 +842,6 @@ def train(
     """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
     loader, epochs = make_loader(accelerator, args, dataset, collate_fn)
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit, writer=_writer(accelerator))
-    if accelerator.is_main_process:
-        checkpoints.tidy()
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
     # checkpoint keeps; the DataLoader and sampler draw from their own seeded generators. It is seeded alike on
     # every process: stages draw for the global batch and keep their rows (`draw_rows`).
@@ -827,7 +849,8 @@ def train(
     sample_log = _SampleLog(accelerator.process_index)
 
     state = TrainingState()
-    resume_path = checkpoints.resolve(args.resume_from_checkpoint)
+    # one answer for every process: the main one tidies what a killed run left, then picks the checkpoint
+    resume_path = on_main(accelerator, lambda: checkpoints.tidy() or checkpoints.resolve(args.resume_from_checkpoint))
     if resume_path is not None:
         state, extra = checkpoints.load(accelerator, resume_path)
         generator.set_state(extra["generator"].to(torch.uint8))
@@ -956,6 +979,20 @@ def _writer(accelerator: Accelerator) -> str:
     return token[0]
 
 
+def _writer_alive(writer: str) -> bool:
+    """Whether the writer `HOST-PID` of a scratch folder is a live process of this host other than this one."""
+    host, _, pid = writer.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class _LogWindow:
     """The losses and stage scalars of the steps since the last log, kept on the device until `flush`, so that a step
     never waits for the device to hand a number to the host (on CUDA a `.item()` per step stalls the launch queue,
@@ -1077,6 +1114,6 @@ def finish_run(
         output_dir = Path(args.output_dir)
         export_final(output_dir, stage.export)
         run_record = {"kind": kind, "args": vars(args), **record(), "summary": summary(result, **summary_extra)}
-        write_json_atomic(output_dir / RUN_RECORD, run_record)
+        write_json_atomic(output_dir / RUN_RECORD, finite_or_null(run_record))  # a diverged run still finishes
         print(json.dumps(run_record["summary"]), file=sys.stdout)
     accelerator.end_training()

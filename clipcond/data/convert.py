@@ -27,7 +27,7 @@ from pathlib import Path
 
 from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import add_allow_outside_paths
+from clipcond.data.open import add_allow_outside_paths, dataset_options
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
 from clipcond.finite import finite_or_null
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic, writing
@@ -141,10 +141,7 @@ def shard_pattern(output_dir: str | os.PathLike, index: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_output_dir(args.output_dir)
-    kwargs = {"caption_column": args.caption_column, "allow_outside_paths": args.allow_outside_paths}
-    if args.image_column:
-        kwargs["image_column"] = args.image_column
-    dataset = ImageCaptionDataset(args.source, split=args.split, **kwargs)
+    dataset = ImageCaptionDataset(args.source, split=args.split, **dataset_options(args))
     index = convert_to_webdataset(dataset, args.output_dir, shard_size=args.shard_size, overwrite=args.overwrite)
     summary = {
         "output_dir": str(args.output_dir),

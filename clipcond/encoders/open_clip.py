@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from transformers.utils import ModelOutput
 
 from clipcond.encoders.base import FrozenEncoder, freeze
-from clipcond.storage import dumps_json
+from clipcond.storage import dumps_json, file_sha256
 
 INSTALL_HINT = 'open_clip is not installed; install the extra with `pip install "clipcond[openclip]"`'
 OPENAI_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer: 256 bytes x 2, 48894 merges, start and end tokens
@@ -228,14 +228,6 @@ def _load_tower(module: torch.nn.Module, state_dict: dict, what: str, name: str,
         )
 
 
-def file_hash(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_open_clip(ref: str, *, what: str = "--text-encoder", text: bool = True, image: bool = False) -> FrozenEncoder:
     """`MODEL@WEIGHTS` -> a frozen `FrozenEncoder` with open_clip's towers (those asked for) and tokenizer."""
     open_clip = import_open_clip()
@@ -273,7 +265,7 @@ def load_open_clip(ref: str, *, what: str = "--text-encoder", text: bool = True,
         preprocess = config.get("preprocess_cfg", {})
         mean = tuple(preprocess.get("mean") or vision_cfg.get("image_mean") or open_clip.OPENAI_DATASET_MEAN)
         std = tuple(preprocess.get("std") or vision_cfg.get("image_std") or open_clip.OPENAI_DATASET_STD)
-    identity = hashlib.sha256((json.dumps(config, sort_keys=True) + file_hash(weights)).encode()).hexdigest()
+    identity = hashlib.sha256((json.dumps(config, sort_keys=True) + file_sha256(weights)).encode()).hexdigest()
     return FrozenEncoder(
         kind="open_clip",
         name=f"{model}@{weights}",
