@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -303,167 +304,98 @@ def corrupt_probes(data: Path, work: Path) -> list[Probe]:
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+# (probe, command line, words the one-line error must contain). The command lines are templates: {train} is a tiny
+# `train clip` on the data set without its --output-dir, {decoder} / {prior} those stages on the probes' CLIP,
+# {generate} a `generate` of a decoder that does not exist; {work}, {data}, {clip}, {file} (an existing file) and
+# {latin1} (a data set whose metadata is Latin-1) are paths.
+BAD_INPUTS = [
+    ("train: --learning-rate nan", "{train} --output-dir {work}/o1 --learning-rate nan", "--learning-rate"),
+    ("train: --learning-rate inf", "{train} --output-dir {work}/o2 --learning-rate inf", "--learning-rate"),
+    ("train: --max-train-steps 0", "{train} --output-dir {work}/o3 --max-train-steps 0", "--max-train-steps"),
+    ("train: --max-grad-norm -inf", "{train} --output-dir {work}/o4 --max-grad-norm=-inf", "--max-grad-norm"),
+    ("train: --output-dir an existing file", "{train} --output-dir {file}", "--output-dir"),
+    ("train: --output-dir under a file", "{train} --output-dir {file}/run", "--output-dir"),
+    ("train: --data missing", "train clip --data {work}/nowhere --output-dir {work}/o5", "nowhere"),
+    ("train: metadata not UTF-8", "train clip --data {latin1} --output-dir {work}/o6", "metadata.jsonl|line 1"),
+    (
+        "train: --resume-from-checkpoint missing",
+        "{train} --output-dir {work}/o7 --resume-from-checkpoint {work}/x",
+        "--resume-from-checkpoint",
+    ),
+    (
+        "train clip: --max-skipped-fraction 2",
+        "{train} --output-dir {work}/o8 --max-skipped-fraction 2",
+        "--max-skipped-fraction",
+    ),
+    ("generate: --guidance-scale nan", "{generate} --guidance-scale nan", "--guidance-scale"),
+    ("generate: --guidance-scale inf", "{generate} --guidance-scale inf", "--guidance-scale"),
+    ("generate: --model missing", "{generate}", "--model"),
+    ("generate: --num-inference-steps 0", "{generate} --num-inference-steps 0", "--num-inference-steps"),
+    ("generate: --num-images 0", "{generate} --num-images 0", "--num-images"),
+    ("generate: --scheduler unknown", "{generate} --scheduler bogus", "--scheduler"),
+    ("generate: guidance interval reversed", "{generate} --guidance-start 0.8 --guidance-end 0.2", "guidance"),
+    (
+        "generate: --prompts-file missing",
+        "generate --model {work}/no-decoder --prompts-file {work}/none.txt --output-dir {work}/g",
+        "--prompts-file",
+    ),
+    (
+        "train decoder: --clip missing",
+        "train decoder --clip {work}/nowhere --data {data} --output-dir {work}/d1",
+        "--clip",
+    ),
+    ("train decoder: --clip not a CLIP", "train decoder --clip {data} --data {data} --output-dir {work}/d2", "--clip"),
+    ("train decoder: --snr-gamma nan", "{decoder} --output-dir {work}/d3 --snr-gamma nan", "--snr-gamma"),
+    (
+        "train decoder: --caption-dropout 1.5",
+        "{decoder} --output-dir {work}/d4 --caption-dropout 1.5",
+        "--caption-dropout",
+    ),
+    ("train prior: --ema-decay=-inf", "{prior} --output-dir {work}/p1 --ema-decay=-inf", "--ema-decay"),
+    (
+        "eval clip: --model an unfinished run",
+        "eval clip --model {work}/unfinished --data {data} --output-dir {work}/e1",
+        "unfinished",
+    ),
+    (
+        "eval clip: --output-dir an existing file",
+        "eval clip --model {clip} --data {data} --output-dir {file}",
+        "--output-dir",
+    ),
+    ("index: FOLDER missing", "index {work}/nowhere --model {clip} --output {work}/i1", "nowhere"),
+    ("index: --batch-size 0", "index {data}/test --model {clip} --output {work}/i2 --batch-size 0", "--batch-size"),
+    ("index: --output an existing file", "index {data}/test --model {clip} --output {file}", "--output"),
+    ("search: --top-k 0", "search 'a red circle' --index {work}/good-index --top-k 0", "--top-k"),
+    ("search: --image not an image", "search --image {file} --index {work}/good-index", "a-file"),
+    ("search: --index with NaN embeddings", "search 'a red circle' --index {work}/nan-index", "NaN"),
+    ("search: --index rows and files differ", "search 'a red circle' --index {work}/short-index", "--index"),
+    ("data convert: source missing", "data convert {work}/nowhere --output-dir {work}/c1", "nowhere"),
+    ("data convert: --shard-size 0", "data convert {data} --output-dir {work}/c2 --shard-size 0", "--shard-size"),
+]
+
+
 def bad_input_cases(data: Path, clip_run: Path, work: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
-    """(probe, argv, words the one-line error must contain)."""
+    """`BAD_INPUTS` with their paths filled in: (probe, argv, needles)."""
     a_file = work / "a-file"
     a_file.write_text("x")
     latin1 = work / "latin1"
     (latin1 / "train").mkdir(parents=True, exist_ok=True)
     (latin1 / "train" / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\xe9"}\n'.encode("latin-1"))
-    generate = [
-        "generate",
-        "--model",
-        str(work / "no-decoder"),
-        "--prompt",
-        "a red circle",
-        "--output-dir",
-        str(work / "g"),
-    ]
-
-    def stage_argv(stage: str, out: Path, *extra: str) -> list[str]:
-        return ["train", stage, "--clip", str(clip_run), "--data", str(data), "--output-dir", str(out), *extra]
-
+    stage = f"--clip {clip_run} --data {data}"
+    fields = {
+        "train": " ".join(["train clip --data", str(data), *TRAIN, *STEPS]),
+        "decoder": f"train decoder {stage}",
+        "prior": f"train prior {stage}",
+        "generate": f"generate --model {work}/no-decoder --prompt 'a red circle' --output-dir {work}/g",
+        "work": work,
+        "data": data,
+        "clip": clip_run,
+        "file": a_file,
+        "latin1": latin1,
+    }
     return [
-        ("train: --learning-rate nan", train_argv(data, work / "o1", "--learning-rate", "nan"), ("--learning-rate",)),
-        ("train: --learning-rate inf", train_argv(data, work / "o2", "--learning-rate", "inf"), ("--learning-rate",)),
-        (
-            "train: --max-train-steps 0",
-            train_argv(data, work / "o3", "--max-train-steps", "0"),
-            ("--max-train-steps",),
-        ),
-        (
-            "train: --max-grad-norm -inf",
-            train_argv(data, work / "o4", "--max-grad-norm=-inf"),
-            ("--max-grad-norm",),
-        ),
-        ("train: --output-dir an existing file", train_argv(data, a_file), ("--output-dir",)),
-        ("train: --output-dir under a file", train_argv(data, a_file / "run"), ("--output-dir",)),
-        ("train: --data missing", train_argv(work / "nowhere", work / "o5"), ("nowhere",)),
-        ("train: metadata not UTF-8", train_argv(latin1, work / "o6"), ("metadata.jsonl", "line 1")),
-        (
-            "train: --resume-from-checkpoint missing",
-            train_argv(data, work / "o7", "--resume-from-checkpoint", str(work / "x")),
-            ("--resume-from-checkpoint",),
-        ),
-        ("generate: --guidance-scale nan", [*generate, "--guidance-scale", "nan"], ("--guidance-scale",)),
-        ("generate: --guidance-scale inf", [*generate, "--guidance-scale", "inf"], ("--guidance-scale",)),
-        ("generate: --model missing", generate, ("--model",)),
-        (
-            "eval clip: --model an unfinished run",
-            [
-                "eval",
-                "clip",
-                "--model",
-                str(work / "unfinished"),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(work / "e1"),
-            ],
-            ("unfinished",),
-        ),
-        (
-            "eval clip: --output-dir an existing file",
-            ["eval", "clip", "--model", str(clip_run), "--data", str(data), "--output-dir", str(a_file)],
-            ("--output-dir",),
-        ),
-        (
-            "index: FOLDER missing",
-            ["index", str(work / "nowhere"), "--model", str(clip_run), "--output", str(work / "i1")],
-            ("nowhere",),
-        ),
-        ("generate: --num-inference-steps 0", [*generate, "--num-inference-steps", "0"], ("--num-inference-steps",)),
-        ("generate: --num-images 0", [*generate, "--num-images", "0"], ("--num-images",)),
-        ("generate: --scheduler unknown", [*generate, "--scheduler", "bogus"], ("--scheduler",)),
-        (
-            "generate: guidance interval reversed",
-            [*generate, "--guidance-start", "0.8", "--guidance-end", "0.2"],
-            ("guidance",),
-        ),
-        (
-            "generate: --prompts-file missing",
-            [*generate[:3], "--prompts-file", str(work / "none.txt"), *generate[5:]],
-            ("--prompts-file",),
-        ),
-        (
-            "train decoder: --clip missing",
-            [
-                "train",
-                "decoder",
-                "--clip",
-                str(work / "nowhere"),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(work / "d1"),
-            ],
-            ("--clip",),
-        ),
-        (
-            "train decoder: --clip not a CLIP",
-            ["train", "decoder", "--clip", str(data), "--data", str(data), "--output-dir", str(work / "d2")],
-            ("--clip",),
-        ),
-        (
-            "train decoder: --snr-gamma nan",
-            stage_argv("decoder", work / "d3", "--snr-gamma", "nan"),
-            ("--snr-gamma",),
-        ),
-        (
-            "train decoder: --caption-dropout 1.5",
-            stage_argv("decoder", work / "d4", "--caption-dropout", "1.5"),
-            ("--caption-dropout",),
-        ),
-        (
-            "train prior: --ema-decay=-inf",
-            stage_argv("prior", work / "p1", "--ema-decay=-inf"),
-            ("--ema-decay",),
-        ),
-        (
-            "train clip: --max-skipped-fraction 2",
-            train_argv(data, work / "o8", "--max-skipped-fraction", "2"),
-            ("--max-skipped-fraction",),
-        ),
-        (
-            "index: --batch-size 0",
-            ["index", str(data / "test"), "--model", str(clip_run), "--output", str(work / "i2"), "--batch-size", "0"],
-            ("--batch-size",),
-        ),
-        (
-            "index: --output an existing file",
-            ["index", str(data / "test"), "--model", str(clip_run), "--output", str(a_file)],
-            ("--output",),
-        ),
-        (
-            "search: --top-k 0",
-            ["search", "a red circle", "--index", str(work / "good-index"), "--top-k", "0"],
-            ("--top-k",),
-        ),
-        (
-            "search: --image not an image",
-            ["search", "--image", str(a_file), "--index", str(work / "good-index")],
-            ("a-file",),
-        ),
-        (
-            "data convert: source missing",
-            ["data", "convert", str(work / "nowhere"), "--output-dir", str(work / "c1")],
-            ("nowhere",),
-        ),
-        (
-            "data convert: --shard-size 0",
-            ["data", "convert", str(data), "--output-dir", str(work / "c2"), "--shard-size", "0"],
-            ("--shard-size",),
-        ),
-        (
-            "search: --index with NaN embeddings",
-            ["search", "a red circle", "--index", str(work / "nan-index")],
-            ("NaN",),
-        ),
-        (
-            "search: --index rows and files differ",
-            ["search", "a red circle", "--index", str(work / "short-index")],
-            ("--index",),
-        ),
+        (probe, shlex.split(template.format(**fields)), tuple(needles.split("|")))
+        for probe, template, needles in BAD_INPUTS
     ]
 
 
