@@ -3,11 +3,8 @@
 Every training step allocates and frees the same activation buffers. glibc's malloc serves a large block (above
 `M_MMAP_THRESHOLD`, which it raises only to the size of the last such block freed) with a fresh `mmap` and gives it
 back with `munmap` when freed, and it trims freed memory off the top of its heaps; so the next step touches fresh
-pages and the kernel faults and zeroes every one of them again. On the `tiny` UNet at batch 32 (bf16, 2 CPU cores,
-torch 2.14) that was 29,000-46,000 minor page faults and 0.07-0.12 s of system time per 0.8-0.9 s step; with the
-settings below, under 1,000 faults and 0.005 s, and the step 7.6% faster at the median of 9 alternating pairs of
-runs (0.85 s against 0.89 s on average; the pairs ranged from 13% faster to 12% slower on this shared VM). A whole
-`clipcond demo` had page-faulted 20 million times (58 s of system time).
+pages and the kernel faults and zeroes every one of them again. The settings below keep those pages in the process,
+so a step reuses the last one's (what that saved on a small UNet is in the README's speed table).
 
 PyTorch's CPU performance guide suggests preloading jemalloc or tcmalloc for the same reason; this gets the bulk
 of it in-process with no extra library. It is left alone when the user chose otherwise: a `MALLOC_*_` or
