@@ -16,8 +16,8 @@ it, tracked per operator through a dispatch mode — allocator rounding and per-
 Printed: per world size the loss's forward+backward peak for `local_loss` on and off; the growth exponent in W
 (log2 of the ratio of successive increments over the last three world sizes: 1 for b x B, 2 for B^2) and bytes per
 logit entry; and a whole training step of the `tiny` towers (forward, loss, backward) with gradient checkpointing
-of the towers off and on at a few world sizes, where checkpointing removes most of the towers' activations and the
-loss's share is the same. `--save-results` writes benchmarks/results/loss_memory.json.
+of the towers off and on at a few world sizes: its peak, and the loss's share (what the loss adds above the towers'
+activations while it runs, on CPU), which grows with W while the towers' part does not. `--save-results` writes benchmarks/results/loss_memory.json.
 """
 
 from __future__ import annotations
@@ -61,11 +61,25 @@ class PeakMemory(TorchDispatchMode):
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
+        self.phase: tuple[int, int] | None = None  # (bytes live when a phase began, its peak) while one runs
+        self.phase_share = 0  # what the last phase added at its peak above what was live when it began
+
+    def begin_phase(self) -> None:
+        self._drop_expired()  # what died before the phase does not offset what the phase adds
+        self.phase = (self.current, self.current)
+
+    def _drop_expired(self) -> None:
+        for key in [key for key, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+
+    def end_phase(self) -> None:
+        if self.phase is not None:
+            self.phase_share = self.phase[1] - self.phase[0]
+            self.phase = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for key in [key for key, (ref, _) in self._live.items() if ref.expired()]:
-            self.current -= self._live.pop(key)[1]
+        self._drop_expired()
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
@@ -74,6 +88,8 @@ class PeakMemory(TorchDispatchMode):
                     self._live[ref.cdata] = (ref, storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
+        if self.phase is not None:
+            self.phase = (self.phase[0], max(self.phase[1], self.current))
         return out
 
 
@@ -123,8 +139,11 @@ def loss_peak(world_size: int, local_batch: int, dim: int, local_loss: bool, dev
         return peak_bytes(run, device)
 
 
-def step_peak(world_size: int, local_batch: int, preset: str, checkpointing: bool, device: torch.device) -> int:
-    """Peak bytes of one forward + loss + backward of the CLIP towers of `preset` as rank 0 of `world_size`."""
+def step_peak(world_size: int, local_batch: int, preset: str, checkpointing: bool, device: torch.device) -> dict:
+    """One forward + loss + backward of the CLIP towers of `preset` as rank 0 of `world_size`: the step's peak bytes
+    and, on CPU, the loss's share: what the loss's forward and backward add at their peak above the towers'
+    activations live when it begins (its phase ends when the gradient reaches the towers' outputs). The step's peak
+    itself may come later, in the towers' backward, after the loss's buffers are freed."""
     from transformers import CLIPModel
 
     from clipcond.loss import ClipLoss
@@ -144,12 +163,19 @@ def step_peak(world_size: int, local_batch: int, preset: str, checkpointing: boo
     mask = torch.ones_like(input_ids)
     loss_fn = ClipLoss()
 
-    def run():
+    def run(meter: PeakMemory | None = None):
         image, text, scale, _ = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+        if meter is not None:
+            meter.begin_phase()
+            image.register_hook(lambda grad: meter.end_phase())
         loss_fn(image.float(), text.float(), scale.float()).backward()
 
     with simulated_world(world_size):
-        return peak_bytes(run, device)
+        if device.type == "cuda":
+            return {"peak": peak_bytes(run, device), "loss_share": None}
+        with PeakMemory() as meter:
+            run(meter)
+        return {"peak": meter.peak, "loss_share": meter.phase_share}
 
 
 def growth_exponent(world_sizes: list[int], peaks: list[int]) -> float | None:

@@ -92,7 +92,32 @@ def memory_table(report: dict) -> list[str]:
         f"Growth exponent in W: {law['growth_exponent_local_loss']} (local loss; 1 = b x B) against "
         f"{law['growth_exponent_full_loss']} (full loss; 2 = B^2).",
     ]
+    lines += _step_rows(report.get("step", {}), settings)
     lines += ["", f"Command: `{report.get('command', '')}`", ""]
+    return lines
+
+
+def _step_rows(step: dict, settings: dict) -> list[str]:
+    """The whole training step's peak and the loss's share of it, where the result has the share."""
+    rows = [
+        (name.rsplit("_", 1)[-1], w, r)
+        for name, per_w in step.items()
+        for w, r in per_w.items()
+        if isinstance(r, dict) and r.get("loss_share") is not None
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Whole step of the `{settings.get('step_preset', '?')}` towers (forward, loss, backward; local batch "
+        f"{settings.get('local_batch', '?')}): its peak, and what the loss adds above the towers' activations while "
+        "it runs.",
+        "",
+        "| gradient checkpointing | W | step peak, MiB | loss's share, KiB |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for checkpointing, w, r in rows:
+        lines.append(f"| {checkpointing} | {w} | {r['peak'] / 2**20:.1f} | {r['loss_share'] / 1024:.0f} |")
     return lines
 
 

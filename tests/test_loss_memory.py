@@ -51,3 +51,16 @@ def test_simulated_world_is_seen_by_the_loss_and_torn_down():
         assert resolve_rank_and_world_size() == (0, 4)
     assert resolve_rank_and_world_size() == (0, 1)
     assert math.isfinite(loss_peak(1, 4, 8, local_loss=True, device=CPU))
+
+
+def test_a_whole_step_sees_the_loss_share_grow_with_the_world():
+    """The step's peak may sit in the towers' backward, after the loss's buffers are freed, so it need not move
+    with W; the loss's own share of the step is what grows, and it is what the loss-only measurement gives."""
+    from loss_memory import step_peak
+
+    steps = {w: step_peak(w, LOCAL_BATCH, "test", checkpointing=False, device=CPU) for w in (1, 4)}
+    assert steps[4]["loss_share"] > steps[1]["loss_share"] > 0
+    assert steps[4]["peak"] >= steps[4]["loss_share"]
+    projection_dim = 32  # the `test` preset's embedding width
+    loss_only = loss_peak(4, LOCAL_BATCH, projection_dim, local_loss=True, device=CPU)
+    assert steps[4]["loss_share"] == pytest.approx(loss_only, rel=0.5)
