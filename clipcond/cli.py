@@ -7,7 +7,6 @@ under `accelerate launch -m <module> ...` for multi-process training.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -19,16 +18,6 @@ from clipcond.storage import DiskFullError
 # Reported as one line: a full disk and a busy run folder too (their messages name the file or the folder, and
 # nothing saved before is lost).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DiskFullError, RunFolderBusyError)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's formatter that appends "(default: X)" to an option's help, except where there is nothing to show
-    (X is None: the help says what happens then) or the help already names its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from clipcond.cli import HelpFormatter
 from clipcond.finite import finite_float, finite_or_null
+from clipcond.help_formatter import HelpFormatter
 from clipcond.runlock import run_folder_lock
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 

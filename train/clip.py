@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import CLIPModel
 
-from clipcond.cli import HelpFormatter
 from clipcond.conditioning import attended_columns
 from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
@@ -35,6 +34,7 @@ from clipcond.data.open import (
 from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.finite import finite_float
+from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels

@@ -46,12 +46,12 @@ from diffusers.training_utils import EMAModel, compute_snr
 from einops import rearrange
 from PIL import Image
 
-from clipcond.cli import HelpFormatter
 from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_captions
 from clipcond.data.folders import collate_image_text
 from clipcond.data.open import add_data_arguments, dataset_options, native_resolution, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
 from clipcond.finite import finite_float
+from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import check_encoder_fits, create_unet, unet_config

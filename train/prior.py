@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, PriorTransformer
 
-from clipcond.cli import HelpFormatter
 from clipcond.conditioning import (
     ImageEmbeddingCache,
     TextEmbeddingCache,
@@ -48,6 +47,7 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_data_arguments, dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder, load_encoder
 from clipcond.finite import finite_float
+from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.prior import (

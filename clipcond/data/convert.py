@@ -25,11 +25,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from clipcond.cli import HelpFormatter
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import add_allow_outside_paths, dataset_options
 from clipcond.data.webdataset import INDEX_FILE, INDEX_KIND
 from clipcond.finite import finite_or_null
+from clipcond.help_formatter import HelpFormatter
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic, writing
 
 FORMATS = ("webdataset",)
