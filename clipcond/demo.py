@@ -88,8 +88,8 @@ EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from clipcond.device import DTYPES
     from clipcond.evaluation.generation import DEFAULT_GUIDANCE_SCALE  # light: no torch model is built
-    from clipcond.generate import DTYPES
     from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 
     parser = argparse.ArgumentParser(
@@ -379,8 +379,8 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
     guidance gives the same picture."""
     from PIL import Image
 
-    from clipcond import generate
     from clipcond.evaluation.generation import image_file, image_seed
+    from clipcond.image_files import image_record, write_outputs
 
     settings, per_prompt = generation["settings"], _samples_per_prompt(args)
     guidance = float(generation["guidance_scale"])
@@ -392,7 +392,7 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
             with Image.open(image_file(eval_dir, guidance, prompt, k)) as image:
                 images.append(image.convert("RGB"))
         records = [
-            generate.image_record(
+            image_record(
                 index,
                 prompt,
                 image_seed(settings["seed"], prompt, k),
@@ -406,7 +406,7 @@ def _stage_samples(args: argparse.Namespace, info: dict, decoder_dir: Path, samp
             for index, (prompt, k) in enumerate(jobs)
         ]
         labels = [record["prompt"] for record in records]
-        generate.write_outputs(images, records, samples_dir, grid_rows=len(_prompts(info)), labels=labels)
+        write_outputs(images, records, samples_dir, grid_rows=len(_prompts(info)), labels=labels)
     return {
         "folder": str(samples_dir),
         "grid": str(samples_dir / "grid.png"),
@@ -442,8 +442,8 @@ def _stage_generation_eval(
 
     from clipcond.data.shapes import class_names
     from clipcond.evaluation.generation import evaluate_generation, load_reference_images
-    from clipcond.generate import load_pretrained
     from clipcond.models.clip import load_clip
+    from clipcond.pipeline_loading import load_pretrained
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -518,9 +518,9 @@ def _stage_unclip_eval(
         return json.loads((out / "metrics.json").read_text())
     import torch
 
+    from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.generation import load_reference_images
     from clipcond.evaluation.unclip import evaluate_unclip
-    from clipcond.generate import dtype_keyword, resolve_dtype
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline

@@ -7,9 +7,10 @@ writes `samples/00000.png ...` (prompt by prompt), `samples/grid.png` (a row per
 generator seeded with `--seed + k`, so it comes out the same whatever the batch size, and
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
-The command is split so that other pipelines plug in: `load_pipeline(args)` builds the pipeline (a text-to-image
-pipeline, or DALL-E 2's prior + decoder), `generate_batches` calls it with the diffusers argument names, and
-an `ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each batch's files as soon as it is drawn.
+The command is split so that other pipelines plug in: `clipcond.pipeline_loading.load_pipeline(args)` builds the
+pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `generate_batches` calls it with the diffusers
+argument names, and a `clipcond.image_files.ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each
+batch's files as soon as it is drawn.
 
 Text-to-image through a prior (DALL-E 2): `--model` an image-embedding decoder run and `--prior` a prior run, or
 `--model` an `UnCLIPTextToImagePipeline` folder (saved with both), with the prior's own `--prior-guidance-scale` and
@@ -21,25 +22,17 @@ Text-to-image through a prior (DALL-E 2): `--model` an image-embedding decoder r
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
+from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.lineage import check_finished
-from clipcond.pipelines.inputs import (
-    DEFAULT_GUIDANCE_START,
-    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
-    DEFAULT_TEXT_GUIDANCE_SCALE,
-)
-from clipcond.storage import check_output_dir, dumps_json, writing
-
-DTYPES = ("fp32", "bf16", "fp16")
-# The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
-SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "unipc")
+from clipcond.image_files import ImageWriter, image_record
+from clipcond.pipeline_loading import SCHEDULER_NAMES, is_unclip, load_pipeline, pipeline_class_name, scheduler_name
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
+from clipcond.sampling_options import add_prior_args, check_guidance_interval_args
+from clipcond.storage import check_output_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,62 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def add_prior_args(parser: argparse.ArgumentParser) -> None:
-    """The options of the DALL-E 2 path (a prior before an image-embedding decoder); shared with `interpolate`."""
-    unclip = parser.add_argument_group("DALL-E 2: text -> prior -> CLIP image embedding -> decoder")
-    unclip.add_argument(
-        "--prior",
-        default=None,
-        help="prior run folder (`clipcond train prior`), when --model is an image-embedding decoder run",
-    )
-    unclip.add_argument(
-        "--prior-guidance-scale",
-        type=finite_float,
-        default=4.0,
-        help="the prior's classifier-free guidance (default 4.0)",
-    )
-    unclip.add_argument(
-        "--prior-num-inference-steps", type=int, default=25, help="the prior's denoising steps (default 25)"
-    )
-    unclip.add_argument(
-        "--noise-level",
-        type=int,
-        default=0,
-        help="the decoder's embedding noise augmentation (decoders trained with --noise-level only; default 0)",
-    )
-    add_guidance_interval_args(unclip)
-    unclip.add_argument(
-        "--allow-clip-mismatch",
-        action="store_true",
-        help="pair a prior and a decoder even when their run records name different CLIPs",
-    )
-
-
-def add_guidance_interval_args(parser) -> None:
-    """The image-embedding decoder's guided steps (`clipcond.pipelines.inputs.guided_steps`); shared with `vary`."""
-    parser.add_argument(
-        "--guidance-start",
-        type=finite_float,
-        default=DEFAULT_GUIDANCE_START,
-        help="the image-embedding decoder guides only from this fraction of the sampling steps on, counted from the "
-        f"noisiest (default {DEFAULT_GUIDANCE_START}: earlier guidance washes objects out)",
-    )
-    parser.add_argument(
-        "--guidance-end",
-        type=finite_float,
-        default=1.0,
-        help="... and up to this fraction (default 1.0: to the last step)",
-    )
-
-
-def check_guidance_interval_args(args: argparse.Namespace) -> None:
-    if not 0 <= args.guidance_start < args.guidance_end <= 1:
-        raise ValueError(
-            "`--guidance-start` and `--guidance-end` must be fractions of the sampling steps with "
-            f"0 <= start < end <= 1, got {args.guidance_start} and {args.guidance_end}"
-        )
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The `--prompt`s in order, then the lines of `--prompts-file`."""
     prompts = list(args.prompt)
@@ -176,146 +113,6 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "noise_level", 0) < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
     check_guidance_interval_args(args)
-
-
-def resolve_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`--device` {name!r} asks for CUDA, but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError(f"`--dtype fp16` needs a CUDA device, got `--device` {device.type!r}; use fp32 or bf16")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def dtype_name(dtype) -> str:
-    """torch.float32 -> "fp32", the `--dtype` name of a floating dtype (inverse of `resolve_dtype`)."""
-    import torch
-
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    if dtype not in names:
-        raise ValueError(f"`dtype` must be one of {sorted(map(str, names))}, got {dtype}")
-    return names[dtype]
-
-
-# The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
-PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
-
-
-def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
-    """The `_class_name` in the model_index.json of a pipeline folder, checking that there is one."""
-    model = os.fspath(model)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"`{flag}` {model!r} does not exist")
-    check_finished(model, f"`{flag}`")
-    index = os.path.join(model, "model_index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(
-            f"`{flag}` {model!r} holds no model_index.json; expected a pipeline folder written with "
-            "`save_pretrained` (as the training commands write it)"
-        )
-    try:
-        with open(index, encoding="utf-8") as f:
-            return json.load(f).get("_class_name", "")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"`{flag}` {model!r}: model_index.json is not a JSON object ({err})") from None
-
-
-def load_pipeline(args: argparse.Namespace):
-    """The pipeline named by `--model` (and `--prior`), on `--device` in `--dtype`, with `--scheduler` swapped in
-    if given: a `TextToImagePipeline`, an `ImageVariationPipeline` (an image-embedding decoder run), or an
-    `UnCLIPTextToImagePipeline` (a folder saved as one, or `--model` a decoder run paired with `--prior`)."""
-    from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
-
-    model = os.fspath(args.model)
-    class_name = pipeline_class_name(model)
-    prior = getattr(args, "prior", None)
-    if getattr(args, "text_encoder", None) and (prior is not None or class_name != "TextToImagePipeline"):
-        raise ValueError(
-            f"`--text-encoder` swaps the encoder of a text-to-image run, but `--model` {model!r} holds a "
-            f"{class_name or 'pipeline of unknown class'}{' paired with --prior' if prior else ''}"
-        )
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    load_kwargs = {"local_files_only": True, dtype_keyword(): dtype}
-    if prior is not None:
-        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
-
-        if class_name != "ImageVariationPipeline":
-            raise ValueError(
-                f"`--prior` pairs a prior with an image-embedding decoder run, but `--model` {model!r} holds a "
-                f"{class_name or 'pipeline of unknown class'}; pass the output folder of "
-                "`clipcond train decoder --conditioning image-embedding`"
-            )
-        pipeline_class_name(prior, "--prior")
-        allow = getattr(args, "allow_clip_mismatch", False)
-        pipe = UnCLIPTextToImagePipeline.from_runs(prior, model, allow_clip_mismatch=allow, **load_kwargs)
-    elif class_name == "UnCLIPTextToImagePipeline":
-        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
-
-        pipe = UnCLIPTextToImagePipeline.from_pretrained(model, **load_kwargs)
-    elif class_name == "ImageVariationPipeline":
-        from clipcond.pipelines.variation import ImageVariationPipeline
-
-        pipe = ImageVariationPipeline.from_pretrained(model, **load_kwargs)
-    elif class_name == "TextToImagePipeline" and getattr(args, "text_encoder", None):
-        from clipcond.encoders import load_text_to_image
-
-        allow = getattr(args, "allow_encoder_mismatch", False)
-        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{dtype_keyword(): dtype})
-    elif class_name == "TextToImagePipeline":
-        pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
-    else:
-        raise ValueError(
-            f"`--model` {model!r} holds a {class_name or 'pipeline of unknown class'}; expected one of "
-            f"{list(PIPELINE_CLASSES)} (the folders `clipcond train decoder` writes, or an unCLIP pipeline)"
-        )
-    pipe = pipe.to(device)
-    if pipe.unet.dtype != dtype:  # a diffusers that ignored the keyword
-        pipe.to(dtype=dtype)
-    if args.scheduler is not None:
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    return pipe
-
-
-def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
-    """`pipeline_class.from_pretrained(path)` (local files only) on `device` (a torch.device) in `dtype` ("fp32",
-    "bf16" or "fp16", as `--dtype`)."""
-    torch_dtype = resolve_dtype(dtype, device)
-    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{dtype_keyword(): torch_dtype}).to(device)
-    if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
-        pipe.to(dtype=torch_dtype)
-    return pipe
-
-
-def dtype_keyword() -> str:
-    """diffusers (by 0.42) renamed from_pretrained's `torch_dtype` to `dtype` (huggingface/diffusers#14205) and warns
-    on the old name; casting with `.to` afterwards warns too, so pass the name this version expects."""
-    import diffusers
-    from packaging.version import Version
-
-    return "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
-
-
-def scheduler_name(scheduler) -> str:
-    """The `--scheduler` name of a scheduler, or its class name when it is none of them."""
-    from clipcond.pipelines.text_to_image import SCHEDULERS
-
-    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
-    return names[0] if names else type(scheduler).__name__
-
-
-def is_unclip(pipe) -> bool:
-    return type(pipe).__name__ == "UnCLIPTextToImagePipeline"
 
 
 def check_text_to_image(class_name: str, args: argparse.Namespace) -> None:
@@ -391,93 +188,6 @@ def generate_batches(pipe, prompts: Sequence[str], args: argparse.Namespace) -> 
             for index, (prompt, seed) in enumerate(batch, start=start)
         ]
         yield output.images, records
-
-
-def image_record(
-    index: int,
-    prompt: str,
-    seed: int,
-    *,
-    negative_prompt: str | None,
-    num_inference_steps: int,
-    guidance_scale: float,
-    scheduler: str,
-    model: str | os.PathLike,
-    dtype: str,
-) -> dict:
-    """The images.jsonl record of image `index`: what `clipcond generate --seed SEED --num-images 1` with these
-    settings needs to draw it again (`dtype`: the `--dtype` it was drawn in)."""
-    return {
-        "file_name": f"{index:05d}.png",
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "scheduler": scheduler,
-        "model": os.fspath(model),
-        "dtype": dtype,
-    }
-
-
-class ImageWriter:
-    """Writes generated images into `output_dir` as they are drawn: each image as `<record["file_name"]>` and its
-    record as a line of `images.jsonl` (after the PNGs it names), batch by batch, so that a crash loses at most the
-    batch being drawn; then the grid (`finish`). A full disk raises `DiskFullError` naming the file."""
-
-    def __init__(self, output_dir: str | os.PathLike):
-        self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.records_path = self.output_dir / "images.jsonl"
-        with writing(self.records_path):
-            self.records_path.write_text("", encoding="utf-8")  # a previous run's records go
-        self.images: list = []
-        self.records: list[dict] = []
-
-    def add(self, images: Sequence, records: Sequence[dict]) -> None:
-        if len(images) != len(records):
-            raise ValueError(f"got {len(images)} images but {len(records)} records")
-        for image, record in zip(images, records):
-            path = self.output_dir / record["file_name"]
-            with writing(path, scratch=[path]):
-                image.save(path, format="PNG")
-        lines = "".join(dumps_json(record) + "\n" for record in records)
-        size = self.records_path.stat().st_size
-        try:
-            with writing(self.records_path), open(self.records_path, "a", encoding="utf-8") as f:
-                f.write(lines)
-        except OSError:
-            os.truncate(self.records_path, size)  # no half line for a reader to trip on
-            raise
-        self.images += images
-        self.records += records
-
-    def finish(self, grid_rows: int, labels: Sequence[str] | None = None, grid_images: Sequence | None = None) -> Path:
-        """Tile the images written (or `grid_images`, e.g. with each row's source image first; `labels` then label
-        them) `grid_rows` rows deep, row by row, with `labels` under them, as `grid.png`; returns its path."""
-        from clipcond.evaluation.plots import image_grid
-
-        grid_path = self.output_dir / "grid.png"
-        tiles = list(self.images if grid_images is None else grid_images)
-        cols = math.ceil(len(tiles) / grid_rows)
-        with writing(grid_path, scratch=[grid_path]):
-            image_grid(tiles, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
-        return grid_path
-
-
-def write_outputs(
-    images: Sequence,
-    records: Sequence[dict],
-    output_dir: str | os.PathLike,
-    grid_rows: int,
-    labels: Sequence[str] | None = None,
-    grid_images: Sequence | None = None,
-) -> Path:
-    """All at once what `ImageWriter` writes batch by batch: the images, `images.jsonl` and `grid.png` (see
-    `ImageWriter.finish` for `grid_rows`, `labels` and `grid_images`). Returns the grid's path."""
-    writer = ImageWriter(output_dir)
-    writer.add(images, records)
-    return writer.finish(grid_rows, labels, grid_images)
 
 
 def main(argv: list[str] | None = None) -> int:

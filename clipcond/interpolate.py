@@ -18,21 +18,21 @@ import argparse
 import os
 import time
 
+from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.generate import (
-    DTYPES,
+from clipcond.image_files import ImageWriter, read_images
+from clipcond.pipeline_loading import (
     SCHEDULER_NAMES,
-    ImageWriter,
-    add_prior_args,
-    check_guidance_interval_args,
+    check_reads_images,
+    decoder_of,
     is_unclip,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.sampling_options import add_prior_args, check_guidance_interval_args
 from clipcond.storage import check_output_dir
-from clipcond.vary import check_reads_images, decoder_of, read_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,18 +17,19 @@ import os
 import time
 from collections.abc import Iterator
 
+from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.generate import (
-    DTYPES,
+from clipcond.image_files import ImageWriter, read_images
+from clipcond.pipeline_loading import (
     SCHEDULER_NAMES,
-    ImageWriter,
-    add_guidance_interval_args,
-    check_guidance_interval_args,
+    check_reads_images,
+    decoder_of,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
 )
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
 from clipcond.storage import check_output_dir
 
 
@@ -78,42 +79,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.noise_level < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
     check_guidance_interval_args(args)
-
-
-def read_images(paths: list[str], what: str = "IMAGE") -> list:
-    """The images as RGB PIL images, read now: a missing or unreadable file fails before any model is loaded."""
-    from PIL import Image, UnidentifiedImageError
-
-    from clipcond.data.folders import to_rgb
-
-    images = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} {path!r} does not exist")
-        try:
-            with Image.open(path) as image:
-                images.append(to_rgb(image))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{what} {path!r} cannot be read as an image ({err})") from None
-    return images
-
-
-IMAGE_PIPELINES = ("ImageVariationPipeline", "UnCLIPTextToImagePipeline")
-
-
-def check_reads_images(class_name: str, args: argparse.Namespace) -> None:
-    """Refuse a pipeline class without an image-embedding decoder."""
-    if class_name not in IMAGE_PIPELINES:
-        raise ValueError(
-            f"`--model` {os.fspath(args.model)!r} holds a {class_name or 'pipeline of unknown class'}, which does "
-            "not read images; pass the output folder of `clipcond train decoder --conditioning image-embedding`"
-        )
-
-
-def decoder_of(pipe, args: argparse.Namespace):
-    """The image-embedding decoder inside `pipe`: itself, or an unCLIP pipeline's decoder stage."""
-    check_reads_images(type(pipe).__name__, args)
-    return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe
 
 
 def vary_batches(pipe, sources: list, args: argparse.Namespace) -> Iterator[tuple[list, list[dict]]]:

@@ -12,10 +12,12 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-import clipcond.generate as generate_module
+import clipcond.image_files as image_files_module
 from clipcond import cli
-from clipcond.generate import SCHEDULER_NAMES, main, write_outputs
+from clipcond.generate import main
+from clipcond.image_files import write_outputs
 from clipcond.models.unet import create_unet, unet_config
+from clipcond.pipeline_loading import SCHEDULER_NAMES
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.storage import DiskFullError
@@ -286,7 +288,7 @@ def test_a_full_disk_while_recording_leaves_whole_lines(pipeline_dir, tmp_path, 
         appends.append(mode == "a")
         return _HalfWriter(file) if mode == "a" and sum(appends) == 2 else file
 
-    monkeypatch.setattr(generate_module, "open", open_failing_second_append, raising=False)
+    monkeypatch.setattr(image_files_module, "open", open_failing_second_append, raising=False)
     out = tmp_path / "out"
     args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "3", "--batch-size", "2"]
     with pytest.raises(DiskFullError, match=f"while writing {out / 'images.jsonl'}"):

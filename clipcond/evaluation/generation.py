@@ -50,11 +50,12 @@ from tqdm.auto import tqdm
 
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
+from clipcond.device import DTYPES, dtype_name, resolve_dtype
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.generate import DTYPES, dtype_name, load_pretrained, resolve_dtype
+from clipcond.pipeline_loading import load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 

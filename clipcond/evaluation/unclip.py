@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from clipcond.data.open import add_allow_outside_paths
 from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
+from clipcond.device import DTYPES
 from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import (
     GenerateFn,
@@ -49,8 +50,8 @@ from clipcond.evaluation.generation import (
 from clipcond.evaluation.judge import AttributeJudge
 from clipcond.evaluation.plots import image_grid
 from clipcond.finite import finite_float, finite_or_null
-from clipcond.generate import DTYPES, add_guidance_interval_args, check_guidance_interval_args
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -393,10 +394,11 @@ def evaluate_unclip(
         allow_outside_paths: read images of `data` that lie outside its folders (see `ImageCaptionDataset`).
     """
     from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.device import dtype_name
     from clipcond.evaluation.generation import evaluate_generation
     from clipcond.evaluation.prior import evaluate_prior
-    from clipcond.generate import dtype_name, scheduler_name
     from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from clipcond.pipeline_loading import scheduler_name
 
     info = load_dataset_info(data)
     if info is None:
@@ -633,9 +635,9 @@ def main(argv: list[str] | None = None) -> int:
             f"`--data` {args.data!r} has no dataset_info.json: this evaluation needs the built-in shapes data "
             "(`clipcond data shapes OUT`), whose colour-shape classes the attribute judge knows"
         )
+    from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.generation import _check_palette, load_reference_images, resolve_clip_path
     from clipcond.evaluation.judge import load_or_train_judge
-    from clipcond.generate import dtype_keyword, resolve_dtype
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline

@@ -12,7 +12,7 @@ from clipcond.data.convert import main as convert_main
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text, to_rgb
 from clipcond.data.shapes import COLOURS, write_shapes_dataset
 from clipcond.data.webdataset import ShardedImageCaptionDataset
-from clipcond.vary import read_images
+from clipcond.image_files import read_images
 
 
 @pytest.fixture(scope="module")

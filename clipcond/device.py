@@ -1,0 +1,46 @@
+"""Where and in what precision a pipeline runs: the `--device` and `--dtype` options of the commands and evaluations.
+
+torch is imported inside the functions, so that a command's `--help` answers without it.
+"""
+
+from __future__ import annotations
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device` {name!r} asks for CUDA, but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(f"`--dtype fp16` needs a CUDA device, got `--device` {device.type!r}; use fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def dtype_name(dtype) -> str:
+    """torch.float32 -> "fp32", the `--dtype` name of a floating dtype (inverse of `resolve_dtype`)."""
+    import torch
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"`dtype` must be one of {sorted(map(str, names))}, got {dtype}")
+    return names[dtype]
+
+
+def dtype_keyword() -> str:
+    """diffusers (by 0.42) renamed from_pretrained's `torch_dtype` to `dtype` (huggingface/diffusers#14205) and warns
+    on the old name; casting with `.to` afterwards warns too, so pass the name this version expects."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"

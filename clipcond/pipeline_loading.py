@@ -1,0 +1,136 @@
+"""Loading a saved pipeline folder for the commands and evaluations that sample: which pipeline a folder holds
+(`pipeline_class_name`), loading it on a device in a dtype (`load_pipeline`, `load_pretrained`), and the `--scheduler`
+names (`SCHEDULER_NAMES`, `scheduler_name`).
+
+The pipeline modules are imported inside the functions, so that a command's `--help` answers without diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from clipcond.device import dtype_keyword, resolve_device, resolve_dtype
+from clipcond.lineage import check_finished
+
+# The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "unipc")
+
+# The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
+PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
+# Those with an image-embedding decoder, which reads images (`clipcond vary`, `clipcond interpolate --images`).
+IMAGE_PIPELINES = ("ImageVariationPipeline", "UnCLIPTextToImagePipeline")
+
+
+def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
+    """The `_class_name` in the model_index.json of a pipeline folder, checking that there is one."""
+    model = os.fspath(model)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"`{flag}` {model!r} does not exist")
+    check_finished(model, f"`{flag}`")
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"`{flag}` {model!r} holds no model_index.json; expected a pipeline folder written with "
+            "`save_pretrained` (as the training commands write it)"
+        )
+    try:
+        with open(index, encoding="utf-8") as f:
+            return json.load(f).get("_class_name", "")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"`{flag}` {model!r}: model_index.json is not a JSON object ({err})") from None
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The pipeline named by `--model` (and `--prior`), on `--device` in `--dtype`, with `--scheduler` swapped in
+    if given: a `TextToImagePipeline`, an `ImageVariationPipeline` (an image-embedding decoder run), or an
+    `UnCLIPTextToImagePipeline` (a folder saved as one, or `--model` a decoder run paired with `--prior`)."""
+    from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
+
+    model = os.fspath(args.model)
+    class_name = pipeline_class_name(model)
+    prior = getattr(args, "prior", None)
+    if getattr(args, "text_encoder", None) and (prior is not None or class_name != "TextToImagePipeline"):
+        raise ValueError(
+            f"`--text-encoder` swaps the encoder of a text-to-image run, but `--model` {model!r} holds a "
+            f"{class_name or 'pipeline of unknown class'}{' paired with --prior' if prior else ''}"
+        )
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    load_kwargs = {"local_files_only": True, dtype_keyword(): dtype}
+    if prior is not None:
+        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+        if class_name != "ImageVariationPipeline":
+            raise ValueError(
+                f"`--prior` pairs a prior with an image-embedding decoder run, but `--model` {model!r} holds a "
+                f"{class_name or 'pipeline of unknown class'}; pass the output folder of "
+                "`clipcond train decoder --conditioning image-embedding`"
+            )
+        pipeline_class_name(prior, "--prior")
+        allow = getattr(args, "allow_clip_mismatch", False)
+        pipe = UnCLIPTextToImagePipeline.from_runs(prior, model, allow_clip_mismatch=allow, **load_kwargs)
+    elif class_name == "UnCLIPTextToImagePipeline":
+        from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+        pipe = UnCLIPTextToImagePipeline.from_pretrained(model, **load_kwargs)
+    elif class_name == "ImageVariationPipeline":
+        from clipcond.pipelines.variation import ImageVariationPipeline
+
+        pipe = ImageVariationPipeline.from_pretrained(model, **load_kwargs)
+    elif class_name == "TextToImagePipeline" and getattr(args, "text_encoder", None):
+        from clipcond.encoders import load_text_to_image
+
+        allow = getattr(args, "allow_encoder_mismatch", False)
+        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{dtype_keyword(): dtype})
+    elif class_name == "TextToImagePipeline":
+        pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
+    else:
+        raise ValueError(
+            f"`--model` {model!r} holds a {class_name or 'pipeline of unknown class'}; expected one of "
+            f"{list(PIPELINE_CLASSES)} (the folders `clipcond train decoder` writes, or an unCLIP pipeline)"
+        )
+    pipe = pipe.to(device)
+    if pipe.unet.dtype != dtype:  # a diffusers that ignored the keyword
+        pipe.to(dtype=dtype)
+    if args.scheduler is not None:
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    return pipe
+
+
+def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
+    """`pipeline_class.from_pretrained(path)` (local files only) on `device` (a torch.device) in `dtype` ("fp32",
+    "bf16" or "fp16", as `--dtype`)."""
+    torch_dtype = resolve_dtype(dtype, device)
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{dtype_keyword(): torch_dtype}).to(device)
+    if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
+        pipe.to(dtype=torch_dtype)
+    return pipe
+
+
+def scheduler_name(scheduler) -> str:
+    """The `--scheduler` name of a scheduler, or its class name when it is none of them."""
+    from clipcond.pipelines.text_to_image import SCHEDULERS
+
+    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
+    return names[0] if names else type(scheduler).__name__
+
+
+def is_unclip(pipe) -> bool:
+    return type(pipe).__name__ == "UnCLIPTextToImagePipeline"
+
+
+def check_reads_images(class_name: str, args: argparse.Namespace) -> None:
+    """Refuse a pipeline class without an image-embedding decoder."""
+    if class_name not in IMAGE_PIPELINES:
+        raise ValueError(
+            f"`--model` {os.fspath(args.model)!r} holds a {class_name or 'pipeline of unknown class'}, which does "
+            "not read images; pass the output folder of `clipcond train decoder --conditioning image-embedding`"
+        )
+
+
+def decoder_of(pipe, args: argparse.Namespace):
+    """The image-embedding decoder inside `pipe`: itself, or an unCLIP pipeline's decoder stage."""
+    check_reads_images(type(pipe).__name__, args)
+    return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe
