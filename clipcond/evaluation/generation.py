@@ -55,7 +55,7 @@ from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
 from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.pipeline_loading import load_pretrained
+from clipcond.pipeline_loading import load_pretrained, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
@@ -440,7 +440,7 @@ def evaluate_generation(
         "num_images_per_prompt": num_images_per_prompt,
         "guidance_scales": scales,
         "num_inference_steps": num_inference_steps if is_pipeline else None,
-        "scheduler": (scheduler or _scheduler_name(pipe.scheduler)) if is_pipeline else None,
+        "scheduler": (scheduler or scheduler_name(pipe.scheduler)) if is_pipeline else None,
         "dtype": dtype_name(pipe.unet.dtype) if is_pipeline else None,
         "seed": seed,
         "clip": None if clip_run is None else str(clip_run.path),
@@ -490,13 +490,6 @@ def _generate_all(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def _scheduler_name(scheduler) -> str:
-    from clipcond.pipelines.text_to_image import SCHEDULERS
-
-    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
-    return names[0] if names else type(scheduler).__name__
 
 
 def _per_class(names: list[str], held: list[str], image_class: torch.Tensor, scores, clip_score) -> dict:
@@ -761,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. load the judge, the CLIP, the reference images and the pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
-    _check_palette(info, judge)
+    check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
     reference, unreadable = load_reference_images(
         args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
@@ -798,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_palette(info: dict, judge: AttributeJudge) -> None:
+def check_palette(info: dict, judge: AttributeJudge) -> None:
     """The data's colours (with their RGB) and shapes must be those the judge was trained to tell apart."""
     known = judge.info.get("colours", {})
     for name, rgb in (info.get("colours") or {}).items():

@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             "(`clipcond data shapes OUT`), whose colour-shape classes the attribute judge knows"
         )
     from clipcond.device import dtype_keyword, resolve_dtype
-    from clipcond.evaluation.generation import _check_palette, load_reference_images, resolve_clip_path
+    from clipcond.evaluation.generation import check_palette, load_reference_images, resolve_clip_path
     from clipcond.evaluation.judge import load_or_train_judge
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import SCHEDULERS, scheduler_from_name
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. load the judge, the CLIP, the reference images and the paired pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
-    _check_palette(info, judge)
+    check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
     reference, unreadable = load_reference_images(
         args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
