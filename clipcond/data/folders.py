@@ -39,7 +39,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # When the default column is absent, these are tried in order (a CSV of `path,caption` works without options).
 _DEFAULT_COLUMN_FALLBACKS = {"text": ("text", "caption"), "file_name": ("file_name", "path", "image")}
 # What a broken image file raises from `Image.open` / `.load()`; UnidentifiedImageError is an OSError.
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def _find_metadata(folder: Path) -> Path | None:
@@ -339,7 +339,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             with Image.open(path) as image:
                 image.load()
                 return to_rgb(image)
-        except _UNREADABLE as err:
+        except UNREADABLE_IMAGE_ERRORS as err:
             self._unreadable.add(index)
             logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
             return None

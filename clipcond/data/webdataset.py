@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from clipcond.data.folders import _UNREADABLE, METADATA_FILES, image_to_tensor, resize_image, to_rgb
+from clipcond.data.folders import METADATA_FILES, UNREADABLE_IMAGE_ERRORS, image_to_tensor, resize_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -499,7 +499,7 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
             with Image.open(io.BytesIO(record.read(file, record.image_extension))) as image:
                 image.load()
                 image = to_rgb(image)
-        except _UNREADABLE as err:
+        except UNREADABLE_IMAGE_ERRORS as err:
             self._unreadable.add(name)
             logger.warning("skipping unreadable image %s (%s: %s)", name, type(err).__name__, err)
             return None
