@@ -26,13 +26,11 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 
-from clipcond.device import DTYPES
 from clipcond.finite import finite_float
 from clipcond.image_files import ImageWriter, image_record
-from clipcond.pipeline_loading import SCHEDULER_NAMES, is_unclip, load_pipeline, pipeline_class_name, scheduler_name
+from clipcond.pipeline_loading import is_unclip, load_pipeline, pipeline_class_name, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
-from clipcond.sampling_options import add_prior_args, check_guidance_interval_args
-from clipcond.storage import check_output_dir
+from clipcond.sampling_options import add_prior_args, add_sampling_args, check_batch_args, check_guidance_interval_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,14 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"text-to-image decoder, {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g} for the image-embedding decoder through a "
         "prior)",
     )
-    parser.add_argument(
-        "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="image k is drawn with seed + k (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
-    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    add_sampling_args(parser, seed_help="image k is drawn with seed + k (default 0)")
     parser.add_argument(
         "--text-encoder",
         default=None,
@@ -100,12 +91,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_output_dir(args.output_dir)
-    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"`{flag}` must be >= 1, got {value}")
-    if args.seed < 0:
-        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    check_batch_args(args)
     if getattr(args, "num_inference_steps", None) is not None and args.num_inference_steps < 1:
         raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
     if getattr(args, "prior_num_inference_steps", 1) < 1:

@@ -1,6 +1,6 @@
 """Image files in and out of the commands that sample: the input images to vary or interpolate (`read_images`), and
 what is drawn, written as it comes (`ImageWriter`: one PNG per image, `images.jsonl` with a record per image, and
-`grid.png`; `image_record`, the record of `clipcond generate`).
+`grid.png`). The records: `image_record` for `clipcond generate`, `decoder_record` for `vary` and `interpolate`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,22 @@ def image_record(
         "scheduler": scheduler,
         "model": os.fspath(model),
         "dtype": dtype,
+    }
+
+
+def decoder_record(
+    index: int, seed: int, settings: dict, *, scheduler: str, model: str | os.PathLike, **about
+) -> dict:
+    """The images.jsonl record of image `index` drawn by an image-embedding decoder (`clipcond vary`,
+    `interpolate`): what it was drawn from (`about`: its source image, or its row's ends and t), its seed, the
+    decoder's `settings` (`clipcond.sampling_options.decoder_settings`), the sampler and the model."""
+    return {
+        "file_name": f"{index:05d}.png",
+        **about,
+        "seed": seed,
+        **settings,
+        "scheduler": scheduler,
+        "model": os.fspath(model),
     }
 
 

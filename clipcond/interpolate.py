@@ -18,11 +18,8 @@ import argparse
 import os
 import time
 
-from clipcond.device import DTYPES
-from clipcond.finite import finite_float
-from clipcond.image_files import ImageWriter, read_images
+from clipcond.image_files import ImageWriter, decoder_record, read_images
 from clipcond.pipeline_loading import (
-    SCHEDULER_NAMES,
     check_reads_images,
     decoder_of,
     is_unclip,
@@ -30,8 +27,13 @@ from clipcond.pipeline_loading import (
     pipeline_class_name,
     scheduler_name,
 )
-from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
-from clipcond.sampling_options import add_prior_args, check_guidance_interval_args
+from clipcond.sampling_options import (
+    add_image_embedding_guidance_arg,
+    add_prior_args,
+    add_sampling_args,
+    check_guidance_interval_args,
+    decoder_settings,
+)
 from clipcond.storage import check_output_dir
 
 
@@ -53,20 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-inference-steps", type=int, default=25, help="the decoder's denoising steps (default 25)"
     )
-    parser.add_argument(
-        "--guidance-scale",
-        type=finite_float,
-        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
-        help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
-        f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
+    add_image_embedding_guidance_arg(parser)
+    add_sampling_args(
+        parser,
+        seed_help="seed of the noise every frame shares (default 0)",
+        scheduler_help="decoder sampler (default: the saved one)",
+        batch_size=False,
     )
-    parser.add_argument(
-        "--scheduler", choices=SCHEDULER_NAMES, default=None, help="decoder sampler (default: the saved one)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise every frame shares (default 0)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
-    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
     add_prior_args(parser)
     return parser.parse_args(argv)
 
@@ -101,15 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args)
     assert not args.prompts or is_unclip(pipe), "a prior comes with --prior or the unCLIP folder"
     pipe.set_progress_bar_config(disable=True)
+    settings = decoder_settings(args)
     common = {
         "num_frames": args.steps,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
         "generator": torch.Generator("cpu").manual_seed(args.seed),
-        "noise_level": args.noise_level,
-        "guidance_start": args.guidance_start,
-        "guidance_end": args.guidance_end,
         "output_type": "pil",
+        **settings,
     }
     if args.prompts:
         output = pipe.interpolate(
@@ -130,19 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         output = decoder_of(pipe, args).interpolate(image=sources, **common)
         ends, prior = list(args.images), {}
     kind = "prompts" if args.prompts else "images"
+    scheduler = scheduler_name(pipe.scheduler)
     records = [
         {
-            "file_name": f"{index:05d}.png",
-            "t": t,
-            kind: ends,
-            "seed": args.seed,
-            "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale,
-            "noise_level": args.noise_level,
-            "guidance_start": args.guidance_start,
-            "guidance_end": args.guidance_end,
-            "scheduler": scheduler_name(pipe.scheduler),
-            "model": os.fspath(args.model),
+            **decoder_record(index, args.seed, settings, scheduler=scheduler, model=args.model, t=t, **{kind: ends}),
             **prior,
         }
         for index, t in enumerate(output.t)

@@ -1,13 +1,68 @@
-"""Command-line options that the commands and evaluations which sample images share: the DALL-E 2 path's prior
-options (`add_prior_args`) and the image-embedding decoder's guided steps (`add_guidance_interval_args`).
+"""Command-line options that the commands and evaluations which sample images share: the sampler, seed, device,
+precision and output folder (`add_sampling_args`), the DALL-E 2 path's prior options (`add_prior_args`) and the
+image-embedding decoder's guidance (`add_image_embedding_guidance_arg`, `add_guidance_interval_args`).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
+from clipcond.pipeline_loading import SCHEDULER_NAMES
+from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.storage import check_output_dir
+
+
+def add_sampling_args(
+    parser: argparse.ArgumentParser,
+    *,
+    seed_help: str,
+    scheduler_help: str = "sampler (default: the one saved with the model)",
+    batch_size: bool = True,
+) -> None:
+    """`--scheduler`, `--seed`, `--batch-size` (unless `batch_size` is False), `--device`, `--dtype` and
+    `--output-dir`, in this order: how and where `generate`, `vary` and `interpolate` draw."""
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help=scheduler_help)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
+    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+
+
+def check_batch_args(args: argparse.Namespace) -> None:
+    """`--output-dir` writable, `--num-images` and `--batch-size` >= 1, `--seed` >= 0 (`generate`, `vary`)."""
+    check_output_dir(args.output_dir)
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be >= 1, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+
+
+def add_image_embedding_guidance_arg(parser: argparse.ArgumentParser) -> None:
+    """`--guidance-scale` of the image-embedding decoder (`vary`, `interpolate`)."""
+    parser.add_argument(
+        "--guidance-scale",
+        type=finite_float,
+        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+        help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
+        f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
+    )
+
+
+def decoder_settings(args: argparse.Namespace) -> dict:
+    """The image-embedding decoder's sampling options as its pipeline's keyword arguments, which the images.jsonl
+    records of `vary` and `interpolate` repeat."""
+    return {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "noise_level": args.noise_level,
+        "guidance_start": args.guidance_start,
+        "guidance_end": args.guidance_end,
+    }
 
 
 def add_prior_args(parser: argparse.ArgumentParser) -> None:

@@ -17,20 +17,22 @@ import os
 import time
 from collections.abc import Iterator
 
-from clipcond.device import DTYPES
-from clipcond.finite import finite_float
-from clipcond.image_files import ImageWriter, read_images
+from clipcond.image_files import ImageWriter, decoder_record, read_images
 from clipcond.pipeline_loading import (
-    SCHEDULER_NAMES,
     check_reads_images,
     decoder_of,
     load_pipeline,
     pipeline_class_name,
     scheduler_name,
 )
-from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
-from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
-from clipcond.storage import check_output_dir
+from clipcond.sampling_options import (
+    add_guidance_interval_args,
+    add_image_embedding_guidance_arg,
+    add_sampling_args,
+    check_batch_args,
+    check_guidance_interval_args,
+    decoder_settings,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,13 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-images", type=int, default=4, help="variations per image (default 4)")
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument(
-        "--guidance-scale",
-        type=finite_float,
-        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
-        help=f"the image-embedding decoder's classifier-free guidance; <= 1: none "
-        f"(default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
-    )
+    add_image_embedding_guidance_arg(parser)
     parser.add_argument(
         "--noise-level",
         type=int,
@@ -58,24 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="noise augmentation of the embedding (decoders trained with --noise-level only): more variety (default 0)",
     )
     add_guidance_interval_args(parser)
-    parser.add_argument(
-        "--scheduler", choices=SCHEDULER_NAMES, default=None, help="sampler (default: the one saved with the model)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="variation k is drawn with seed + k (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
-    parser.add_argument("--output-dir", required=True, help="folder for the PNGs, grid.png and images.jsonl")
+    add_sampling_args(parser, seed_help="variation k is drawn with seed + k (default 0)")
     return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_output_dir(args.output_dir)
-    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"`{flag}` must be >= 1, got {value}")
-    if args.seed < 0:
-        raise ValueError(f"`--seed` must be >= 0, got {args.seed}")
+    check_batch_args(args)
     if args.noise_level < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
     check_guidance_interval_args(args)
@@ -90,34 +74,16 @@ def vary_batches(pipe, sources: list, args: argparse.Namespace) -> Iterator[tupl
     per_image = [s for s in range(len(sources)) for _ in range(args.num_images)]
     jobs = [(s, args.seed + index) for index, s in enumerate(per_image)]  # (source, seed); variation k: seed + k
     scheduler = scheduler_name(pipe.scheduler)
+    settings = decoder_settings(args)
     pipe.set_progress_bar_config(disable=True)
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
-        output = pipe(
-            image=[sources[s] for s, _ in batch],
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            generator=generators,
-            noise_level=args.noise_level,
-            guidance_start=args.guidance_start,
-            guidance_end=args.guidance_end,
-            output_type="pil",
-        )
+        output = pipe(image=[sources[s] for s, _ in batch], generator=generators, output_type="pil", **settings)
         records = [
-            {
-                "file_name": f"{index:05d}.png",
-                "source": args.images[s],
-                "source_index": s,
-                "seed": seed,
-                "num_inference_steps": args.num_inference_steps,
-                "guidance_scale": args.guidance_scale,
-                "noise_level": args.noise_level,
-                "guidance_start": args.guidance_start,
-                "guidance_end": args.guidance_end,
-                "scheduler": scheduler,
-                "model": os.fspath(args.model),
-            }
+            decoder_record(
+                index, seed, settings, scheduler=scheduler, model=args.model, source=args.images[s], source_index=s
+            )
             for index, (s, seed) in enumerate(batch, start=start)
         ]
         yield output.images, records
