@@ -56,8 +56,7 @@ def check_sampling_args(
     """The step count, the guidance weight, the outputs per input and the generator(s) for `batch_size` inputs
     (called `inputs` in messages) making one `output` each per `num_images_per_prompt`. Returns the number of
     outputs, `batch_size * num_images_per_prompt`."""
-    if not _is_int(num_inference_steps) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    check_step_count(num_inference_steps)
     check_guidance_scale(guidance_scale)
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
@@ -68,6 +67,23 @@ def check_sampling_args(
             f"({batch_size} {inputs} x {num_images_per_prompt}); give one generator per {output}"
         )
     return num_images
+
+
+def check_step_count(value, name: str = "num_inference_steps") -> None:
+    """A number of denoising steps: an integer >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+
+
+def check_output_type(output_type, output_types: tuple[str, ...]) -> None:
+    if output_type not in output_types:
+        raise ValueError(f"`output_type` must be one of {list(output_types)}, got {output_type!r}")
+
+
+def check_latents(latents, expected: tuple[int, ...]) -> None:
+    """`latents`: None (drawn by the pipeline) or initial noise of the `expected` shape."""
+    if latents is not None and tuple(latents.shape) != expected:
+        raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
 
 
 def check_guidance_scale(value, name: str = "guidance_scale") -> None:

@@ -38,6 +38,20 @@ def interpolation_times(num_frames: int) -> list[float]:
     return [k / (num_frames - 1) for k in range(num_frames)]
 
 
+def check_one_generator(generator) -> None:
+    """An interpolation draws its noise once for every frame: from one generator (or None), not one per image."""
+    if isinstance(generator, list):
+        raise ValueError(
+            "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
+            f"got a list of {len(generator)}"
+        )
+
+
+def clone_generator(generator: torch.Generator) -> torch.Generator:
+    """A new generator on the same device in the same state: it draws what `generator` would draw next."""
+    return torch.Generator(device=generator.device).set_state(generator.get_state())
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """Spherical linear interpolation (Shoemake 1985) between the directions of `a` and `b`.
 

@@ -113,6 +113,11 @@ class PriorTextInputs:
             self.attention_mask.to(device=device),
         )
 
+    def __getitem__(self, index) -> PriorTextInputs:
+        return PriorTextInputs(
+            self.proj_embedding[index], self.encoder_hidden_states[index], self.attention_mask[index]
+        )
+
     def repeat_interleave(self, repeats: int) -> PriorTextInputs:
         return PriorTextInputs(
             self.proj_embedding.repeat_interleave(repeats, dim=0),
