@@ -11,8 +11,6 @@ registered, it denoises the VAE's latents instead and decodes them at the end, a
 
 from __future__ import annotations
 
-import inspect
-import logging
 from collections.abc import Callable
 
 import torch
@@ -29,14 +27,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clipcond.conditioning import TextEmbeddings, encode_prompts
 from clipcond.models.unet import check_encoder_fits
-from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE, check_prompts, check_sampling_args
-
-logger = logging.getLogger(__name__)
+from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE, check_latents, check_prompts
+from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
+from clipcond.pipelines.sampling import Sampling, denoise, image_output, initial_noise, set_timesteps, to_output_type
 
 # The schedulers that sample a UNet trained with DDPM's noise schedule, by their `--scheduler` names.
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -114,24 +111,11 @@ class TextToImagePipeline(DiffusionPipeline):
         return height * self.vae_scale_factor, width * self.vae_scale_factor
 
     def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        num_inference_steps,
-        guidance_scale,
-        num_images_per_prompt,
-        generator,
-        latents,
-        height,
-        width,
-        output_type,
+        self, prompt, negative_prompt, sampling: Sampling, num_images_per_prompt, height: int, width: int
     ) -> None:
+        """Raise a `ValueError` naming the first bad argument of `__call__` (`sampling` holds most of them)."""
         batch_size = check_prompts(prompt, negative_prompt)
-        num_images = check_sampling_args(
-            num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size
-        )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        num_images = sampling.check(num_images_per_prompt, batch_size, OUTPUT_TYPES)
         if self.vae is None:
             if (height, width) != self.default_size:
                 raise ValueError(
@@ -143,10 +127,7 @@ class TextToImagePipeline(DiffusionPipeline):
                 f"`height` and `width` must be divisible by the VAE's factor {self.vae_scale_factor}, "
                 f"got {(height, width)}"
             )
-        if latents is not None:
-            expected = self._noise_shape(num_images, height, width)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+        check_latents(sampling.latents, self._noise_shape(num_images, height, width))
 
     def _noise_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.vae_scale_factor
@@ -156,14 +137,26 @@ class TextToImagePipeline(DiffusionPipeline):
         self, prompts: list[str], negative_prompts: list[str] | None, device: torch.device
     ) -> tuple[TextEmbeddings, TextEmbeddings | None]:
         """Token states of the prompts, and of the negative prompts when guiding; each distinct text encoded once."""
-        texts = list(dict.fromkeys(prompts + (negative_prompts or [])))
-        encoded = encode_prompts(self.text_encoder, self.tokenizer, texts, device=device)
-        index = {text: i for i, text in enumerate(texts)}
 
-        def take(selected: list[str]) -> TextEmbeddings:
-            return encoded[torch.tensor([index[text] for text in selected], device=device)]
+        def encode(texts: list[str]) -> TextEmbeddings:
+            return encode_prompts(self.text_encoder, self.tokenizer, texts, device=device)
 
-        return take(prompts), None if negative_prompts is None else take(negative_prompts)
+        return encode_each_text_once(prompts, negative_prompts, encode, device)
+
+    def text_conditioning(
+        self, prompt, negative_prompt, guidance_scale: float, num_images_per_prompt: int, device: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        """The UNet's text inputs for one batch: [negative prompts; prompts] when guiding, each repeated per image of
+        its prompt: token states (B or 2B, L, W), their mask and, for a UNet trained with `--pooled-text`, the pooled
+        embedding as `class_labels`."""
+        text = encode_for_guidance(self.encode_prompt, prompt, negative_prompt, guidance_scale, device)
+        text = text.without_padding_columns()  # masked padding changes nothing and costs every step
+        hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L, W)
+        return {
+            "encoder_hidden_states": hidden_states.to(self.unet.dtype),
+            "encoder_attention_mask": text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0),
+            "class_labels": self._pooled_text(text, num_images_per_prompt),  # (B or 2B, D), or None
+        }
 
     def _pooled_text(self, text: TextEmbeddings, num_images_per_prompt: int) -> torch.Tensor | None:
         """The L2-normalised pooled text embedding, for a UNet trained with `--pooled-text` (a class embedding of
@@ -225,87 +218,29 @@ class TextToImagePipeline(DiffusionPipeline):
         height, width = height or default_height, width or default_width
 
         # 1. check inputs
-        self.check_inputs(
-            prompt,
-            negative_prompt,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            generator,
-            latents,
-            height,
-            width,
-            output_type,
-        )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        num_images = len(prompts) * num_images_per_prompt
-        do_guidance = guidance_scale > 1.0
-        if negative_prompt is not None and not do_guidance:
-            logger.warning(
-                "`negative_prompt` is ignored: `guidance_scale` (%s) <= 1 turns guidance off", guidance_scale
-            )
+        sampling = Sampling(num_inference_steps, guidance_scale, generator, latents, output_type)
+        self.check_inputs(prompt, negative_prompt, sampling, num_images_per_prompt, height, width)
         device = self._execution_device
 
         # 2. encode prompt
-        if not do_guidance:
-            negative_prompts = None
-        elif isinstance(negative_prompt, list):
-            negative_prompts = negative_prompt
-        else:  # one for all prompts; None: the empty prompt, i.e. plain classifier-free guidance
-            negative_prompts = [negative_prompt or ""] * len(prompts)
-        cond, uncond = self.encode_prompt(prompts, negative_prompts, device)
-        # One UNet batch per step: [unconditional; conditional], each repeated per image of its prompt.
-        text = TextEmbeddings.cat([uncond, cond]) if do_guidance else cond
-        text = text.without_padding_columns()  # masked padding changes nothing and costs every step
-        hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0).to(self.unet.dtype)
-        attention_mask = text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L)
-        class_labels = self._pooled_text(text, num_images_per_prompt)  # (B or 2B, D), or None
+        conditioning = self.text_conditioning(prompt, negative_prompt, guidance_scale, num_images_per_prompt, device)
 
-        # 3. timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        # Ancestral samplers (DDPM, Euler ancestral) draw fresh noise in `step`, from the same generator(s): with one
-        # generator per image, that noise too is each image's own.
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator else {}
+        # 3. timesteps: guided every one, or none
+        guided = set_timesteps(self.scheduler, sampling, device)
 
         # 4. initial noise
-        if latents is None:
-            shape = self._noise_shape(num_images, height, width)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        shape = self._noise_shape(len(prompt_list(prompt)) * num_images_per_prompt, height, width)
+        latents = initial_noise(self.scheduler, sampling, shape, device=device, dtype=self.unet.dtype)
 
         # 5. denoising loop
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = torch.cat([latents] * 2) if do_guidance else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(
-                model_input,
-                t,
-                encoder_hidden_states=hidden_states,
-                encoder_attention_mask=attention_mask,
-                class_labels=class_labels,
-                return_dict=False,
-            )[0]
-            if do_guidance:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            # epsilon or v_prediction: the scheduler reads its own `prediction_type`.
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+        latents = denoise(
+            self, self.unet, latents, sampling, guided, conditioning, callback_on_step_end=callback_on_step_end
+        )
 
         # 6. decode / postprocess
-        if output_type == "latent":
-            images = latents
-        else:
-            if self.vae is not None:
-                latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-                latents = self.vae.decode(latents, return_dict=False)[0]
-            # float32 for the conversion: numpy has no bfloat16. [-1, 1] -> [0, 1], clamped.
-            images = self.image_processor.postprocess(latents.float(), output_type=output_type)
+        if self.vae is not None and output_type != "latent":
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            latents = self.vae.decode(latents, return_dict=False)[0]
+        images = to_output_type(self.image_processor, latents, output_type)
         self.maybe_free_model_hooks()
-
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return image_output(images, return_dict)
