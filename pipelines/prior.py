@@ -13,8 +13,6 @@ decoder (`clipcond.pipelines.unclip`) turns it into pixels.
 
 from __future__ import annotations
 
-import inspect
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, PriorTransformer, SchedulerMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from clipcond.conditioning import context_length, encode_prompts
 from clipcond.models.prior import PriorTextInputs, check_prior_fits, prior_text_inputs
-from clipcond.pipelines.inputs import check_prompts, check_sampling_args
-
-logger = logging.getLogger(__name__)
+from clipcond.pipelines.inputs import check_latents, check_prompts
+from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
+from clipcond.pipelines.sampling import Sampling, denoise, initial_noise, set_timesteps
 
 OUTPUT_TYPES = ("pt", "np")
 
@@ -71,46 +68,23 @@ class PriorPipeline(DiffusionPipeline):
             check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
         self.register_modules(prior=prior, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
-    def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        num_inference_steps,
-        guidance_scale,
-        num_images_per_prompt,
-        generator,
-        latents,
-        output_type,
-    ) -> None:
+    def check_inputs(self, prompt, negative_prompt, sampling: Sampling, num_images_per_prompt) -> None:
+        """Raise a `ValueError` naming the first bad argument of `__call__` (`sampling` holds most of them)."""
         batch_size = check_prompts(prompt, negative_prompt)
-        num_images = check_sampling_args(
-            num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, output="embedding"
-        )
-        if latents is not None:
-            expected = (num_images, self.prior.config.embedding_dim)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        num_images = sampling.check(num_images_per_prompt, batch_size, OUTPUT_TYPES, output="embedding")
+        check_latents(sampling.latents, (num_images, self.prior.config.embedding_dim))
 
     def encode_prompt(
         self, prompts: list[str], negative_prompts: list[str] | None, device: torch.device
     ) -> tuple[PriorTextInputs, PriorTextInputs | None]:
         """The prior's text inputs for the prompts, and for the negative prompts when guiding; each distinct text is
         encoded once."""
-        texts = list(dict.fromkeys(prompts + (negative_prompts or [])))
-        encoded = prior_text_inputs(
-            encode_prompts(self.text_encoder, self.tokenizer, texts, device=device), self.text_encoder
-        )
-        index = {text: i for i, text in enumerate(texts)}
 
-        def take(selected: list[str]) -> PriorTextInputs:
-            rows = torch.tensor([index[text] for text in selected], device=device)
-            return PriorTextInputs(
-                encoded.proj_embedding[rows], encoded.encoder_hidden_states[rows], encoded.attention_mask[rows]
-            )
+        def encode(texts: list[str]) -> PriorTextInputs:
+            text = encode_prompts(self.text_encoder, self.tokenizer, texts, device=device)
+            return prior_text_inputs(text, self.text_encoder)
 
-        return take(prompts), None if negative_prompts is None else take(negative_prompts)
+        return encode_each_text_once(prompts, negative_prompts, encode, device)
 
     @torch.no_grad()
     def __call__(
@@ -143,75 +117,47 @@ class PriorPipeline(DiffusionPipeline):
             return_dict: return a `PriorPipelineOutput` rather than a tuple `(image_embeds,)`.
         """
         # 1. check inputs
-        self.check_inputs(
-            prompt,
-            negative_prompt,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            generator,
-            latents,
-            output_type,
-        )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        num_images = len(prompts) * num_images_per_prompt
-        do_guidance = guidance_scale > 1.0
-        if negative_prompt is not None and not do_guidance:
-            logger.warning(
-                "`negative_prompt` is ignored: `guidance_scale` (%s) <= 1 turns guidance off", guidance_scale
-            )
+        sampling = Sampling(num_inference_steps, guidance_scale, generator, latents, output_type)
+        self.check_inputs(prompt, negative_prompt, sampling, num_images_per_prompt)
+
+        # 2.-6. encode prompt, timesteps, initial noise, denoising loop, un-standardise
+        image_embeds = self.sample_embeddings(prompt, negative_prompt, sampling, num_images_per_prompt)
+
+        # 7. output
+        if output_type == "np":
+            image_embeds = image_embeds.cpu().numpy()
+        if not return_dict:
+            return (image_embeds,)
+        return PriorPipelineOutput(image_embeds=image_embeds)
+
+    def sample_embeddings(
+        self, prompt: str | list[str], negative_prompt, sampling: Sampling, num_images_per_prompt: int
+    ) -> torch.Tensor:
+        """The stages of `__call__` after its checks (shared with the unCLIP pipeline): L2-normalised image
+        embeddings (num_images, D), float32, prompt by prompt."""
         device = self._execution_device
         dtype = self.prior.dtype
 
-        # 2. encode prompt
-        if not do_guidance:
-            negative_prompts = None
-        elif isinstance(negative_prompt, list):
-            negative_prompts = negative_prompt
-        else:  # one for all prompts; None: the empty prompt, as dropped captions in training
-            negative_prompts = [negative_prompt or ""] * len(prompts)
-        cond, uncond = self.encode_prompt(prompts, negative_prompts, device)
-        # One prior batch per step: [unconditional; conditional], each repeated per embedding of its prompt.
-        text = PriorTextInputs.cat([uncond, cond]) if do_guidance else cond
+        # 2. encode prompt: one prior batch per step, [negative; prompt] when guiding, repeated per embedding
+        text = encode_for_guidance(self.encode_prompt, prompt, negative_prompt, sampling.guidance_scale, device)
         text = text.repeat_interleave(num_images_per_prompt).to(device, dtype)  # (B or 2B, ...)
 
-        # 3. timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        # Ancestral samplers (DDPM) draw fresh noise in `step` from the same generator(s): with one generator per
-        # embedding, that noise too is each embedding's own.
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator else {}
+        # 3. timesteps: guided every one, or none
+        guided = set_timesteps(self.scheduler, sampling, device)
 
         # 4. initial noise, in the prior's standardised space
-        if latents is None:
-            shape = (num_images, self.prior.config.embedding_dim)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        shape = (len(prompt_list(prompt)) * num_images_per_prompt, self.prior.config.embedding_dim)
+        latents = initial_noise(self.scheduler, sampling, shape, device=device, dtype=dtype)
 
-        # 5. denoising loop
-        for t in self.progress_bar(timesteps):
-            model_input = torch.cat([latents] * 2) if do_guidance else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            predicted = self.prior(
-                model_input,
-                timestep=t,
-                proj_embedding=text.proj_embedding,
-                encoder_hidden_states=text.encoder_hidden_states,
-                attention_mask=text.attention_mask,
-                return_dict=False,
-            )[0]  # (B or 2B, D): the standardised embedding itself ("sample" prediction)
-            if do_guidance:
-                predicted_uncond, predicted_cond = predicted.chunk(2)
-                predicted = predicted_uncond + guidance_scale * (predicted_cond - predicted_uncond)
-            latents = self.scheduler.step(predicted, t, latents, **step_kwargs, return_dict=False)[0]
+        # 5. denoising loop: the prior predicts the standardised embedding itself ("sample" prediction)
+        inputs = {
+            "proj_embedding": text.proj_embedding,
+            "encoder_hidden_states": text.encoder_hidden_states,
+            "attention_mask": text.attention_mask,
+        }
+        latents = denoise(self, self.prior, latents, sampling, guided, inputs)
 
         # 6. un-standardise, normalise
         image_embeds = F.normalize(self.prior.post_process_latents(latents).float(), dim=-1)  # (num_images, D)
         self.maybe_free_model_hooks()
-        if output_type == "np":
-            image_embeds = image_embeds.cpu().numpy()
-
-        if not return_dict:
-            return (image_embeds,)
-        return PriorPipelineOutput(image_embeds=image_embeds)
+        return image_embeds

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import PIL.Image
@@ -39,15 +40,21 @@ from clipcond.conditioning import context_length
 from clipcond.lineage import RUN_RECORD
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
-from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, check_guidance_scale
-from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times
-from clipcond.pipelines.prior import PriorPipeline
-from clipcond.pipelines.variation import (
+from clipcond.pipelines.inputs import (
     DEFAULT_GUIDANCE_START,
-    ImageVariationPipeline,
-    clone_generator,
-    register_decoder_modules,
+    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    check_guidance_scale,
+    check_step_count,
 )
+from clipcond.pipelines.interpolation import (
+    InterpolationOutput,
+    check_one_generator,
+    clone_generator,
+    interpolation_times,
+)
+from clipcond.pipelines.prior import PriorPipeline
+from clipcond.pipelines.sampling import Sampling, image_output
+from clipcond.pipelines.variation import ImageVariationPipeline, check_image_embeds, register_decoder_modules
 
 logger = logging.getLogger(__name__)
 
@@ -203,49 +210,18 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         return pipe
 
     def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        num_inference_steps,
-        guidance_scale,
-        prior_num_inference_steps,
-        prior_guidance_scale,
-        num_images_per_prompt,
-        generator,
-        latents,
-        prior_latents,
-        noise_level,
-        output_type,
-        guidance_start,
-        guidance_end,
+        self, prompt, negative_prompt, prior_sampling: Sampling, sampling: Sampling, num_images_per_prompt, noise_level
     ) -> None:
+        """Raise a `ValueError` naming the first bad argument of `__call__`: the prior's sampling arguments are in
+        `prior_sampling`, the decoder's in `sampling`."""
         # the prior's own arguments first, by their names here
-        if (
-            isinstance(prior_num_inference_steps, bool)
-            or not isinstance(prior_num_inference_steps, int)
-            or prior_num_inference_steps < 1
-        ):
-            raise ValueError(f"`prior_num_inference_steps` must be an integer >= 1, got {prior_num_inference_steps!r}")
-        check_guidance_scale(prior_guidance_scale, "prior_guidance_scale")
-        self.prior_pipeline.check_inputs(
-            prompt, negative_prompt, 1, 1.0, num_images_per_prompt, generator, prior_latents, "pt"
-        )
+        check_step_count(prior_sampling.num_inference_steps, "prior_num_inference_steps")
+        check_guidance_scale(prior_sampling.guidance_scale, "prior_guidance_scale")
+        self.prior_pipeline.check_inputs(prompt, negative_prompt, prior_sampling, num_images_per_prompt)
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         # what the prior will hand over: its shape only, so no memory and no values (meta)
         placeholder = torch.empty(batch_size, self.prior.config.embedding_dim, device="meta")
-        self.decoder_pipeline.check_inputs(
-            None,
-            placeholder,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            generator,
-            latents,
-            noise_level,
-            output_type,
-            guidance_start,
-            guidance_end,
-        )
+        self.decoder_pipeline.check_inputs(None, placeholder, sampling, num_images_per_prompt, noise_level)
 
     @torch.no_grad()
     def __call__(
@@ -288,48 +264,20 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
                 (`ImageVariationPipeline`); the prior is guided at every step.
         """
         # 1. check inputs
-        self.check_inputs(
-            prompt,
-            negative_prompt,
-            num_inference_steps,
-            guidance_scale,
-            prior_num_inference_steps,
-            prior_guidance_scale,
-            num_images_per_prompt,
-            generator,
-            latents,
-            prior_latents,
-            noise_level,
-            output_type,
-            guidance_start,
-            guidance_end,
+        prior_sampling = Sampling(prior_num_inference_steps, prior_guidance_scale, generator, prior_latents, "pt")
+        sampling = Sampling(
+            num_inference_steps, guidance_scale, generator, latents, output_type, guidance_start, guidance_end
         )
+        self.check_inputs(prompt, negative_prompt, prior_sampling, sampling, num_images_per_prompt, noise_level)
 
         # 2. prior: text -> CLIP image embeddings (N, D), unit
-        image_embeds = self.prior_pipeline(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=prior_num_inference_steps,
-            guidance_scale=prior_guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=prior_latents,
-            output_type="pt",
-        ).image_embeds
+        prior = self.prior_pipeline
+        image_embeds = prior.sample_embeddings(prompt, negative_prompt, prior_sampling, num_images_per_prompt)
 
         # 3. decoder: embeddings -> images, one each (the prior made `num_images_per_prompt` per prompt)
-        return self.decoder_pipeline(
-            image_embeds=image_embeds,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            latents=latents,
-            noise_level=noise_level,
-            output_type=output_type,
-            return_dict=return_dict,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-        )
+        decoder = self.decoder_pipeline
+        check_image_embeds(image_embeds, decoder.embedding_dim)
+        return image_output(decoder.decode(image_embeds, sampling, noise_level), return_dict)
 
     @torch.no_grad()
     def interpolate(
@@ -361,68 +309,45 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
                 "give exactly one of `prompt` (two prompts) and `image` (two images), got "
                 + ("both" if prompt is not None else "neither")
             )
+        sampling = Sampling(
+            num_inference_steps, guidance_scale, generator, None, output_type, guidance_start, guidance_end
+        )
         image_embeds = None  # with images, the decoder embeds them
         if prompt is not None:
             # 1. check inputs
-            if not isinstance(prompt, list | tuple) or len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
-                raise ValueError(f"`prompt` must be two strings (the endpoints), got {prompt!r}")
-            if isinstance(generator, list):
-                raise ValueError(
-                    "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
-                    f"got a list of {len(generator)}"
-                )
-            if negative_prompt is not None and not isinstance(negative_prompt, str):
-                raise ValueError(
-                    f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}"
-                )
-            self.check_inputs(
-                prompt[0],
-                negative_prompt,
-                num_inference_steps,
-                guidance_scale,
-                prior_num_inference_steps,
-                prior_guidance_scale,
-                1,
-                generator,
-                None,
-                None,
-                noise_level,
-                output_type,
-                guidance_start,
-                guidance_end,
-            )
-            interpolation_times(num_frames)  # checks `num_frames` before the prior runs
-            if generator is None:
-                generator = torch.Generator().manual_seed(torch.seed())
+            prior_sampling = Sampling(prior_num_inference_steps, prior_guidance_scale, generator, None, "pt")
+            self.check_prompt_interpolation(prompt, negative_prompt, num_frames, prior_sampling, sampling, noise_level)
 
             # 2. prior: both endpoints from the same generator state
-            prior = self.prior_pipeline
-            start_state = clone_generator(generator)
-            ends = []
-            for text, gen in ((prompt[0], generator), (prompt[1], start_state)):
-                ends.append(
-                    prior(
-                        text,
-                        negative_prompt=negative_prompt,
-                        num_inference_steps=prior_num_inference_steps,
-                        guidance_scale=prior_guidance_scale,
-                        generator=gen,
-                        output_type="pt",
-                    ).image_embeds[0]
-                )
-            image_embeds = torch.stack(ends)  # (2, D)
+            if generator is None:
+                generator = torch.Generator().manual_seed(torch.seed())
+            image_embeds = self.prior_endpoints(prompt, negative_prompt, replace(prior_sampling, generator=generator))
+            sampling = replace(sampling, generator=generator)
 
         # 3. decoder: the row (after the prior: from the noise `generator` draws next, as in `__call__`)
-        return self.decoder_pipeline.interpolate(
-            image=image,
-            image_embeds=image_embeds,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            noise_level=noise_level,
-            output_type=output_type,
-            return_dict=return_dict,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
+        return self.decoder_pipeline.interpolate_row(
+            image, image_embeds, num_frames, sampling, noise_level, return_dict
         )
+
+    def check_prompt_interpolation(
+        self, prompt, negative_prompt, num_frames, prior_sampling: Sampling, sampling: Sampling, noise_level
+    ) -> None:
+        """The checks of `interpolate` between two prompts, all before the prior runs."""
+        if not isinstance(prompt, list | tuple) or len(prompt) != 2 or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"`prompt` must be two strings (the endpoints), got {prompt!r}")
+        check_one_generator(prior_sampling.generator)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}")
+        self.check_inputs(prompt[0], negative_prompt, prior_sampling, sampling, 1, noise_level)
+        interpolation_times(num_frames)
+
+    def prior_endpoints(self, prompt, negative_prompt, prior_sampling: Sampling) -> torch.Tensor:
+        """The prior's embeddings (2, D) of the two prompts, each sampled from the state that
+        `prior_sampling.generator` is in now."""
+        prior = self.prior_pipeline
+        second_generator = clone_generator(prior_sampling.generator)
+        first = prior.sample_embeddings(prompt[0], negative_prompt, prior_sampling, 1)
+        second = prior.sample_embeddings(
+            prompt[1], negative_prompt, replace(prior_sampling, generator=second_generator), 1
+        )
+        return torch.cat([first, second])  # (2, D)

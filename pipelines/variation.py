@@ -16,9 +16,9 @@ its module `clipcond.models.image_embedding`, which importing this module import
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -38,14 +38,15 @@ from clipcond.models.image_embedding import (
     unconditional_condition,
     unet_inputs,
 )
-from clipcond.pipelines.inputs import (
-    DEFAULT_GUIDANCE_START,
-    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
-    check_guidance_interval,
-    check_sampling_args,
-    guided_steps,
+from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, check_latents
+from clipcond.pipelines.interpolation import (
+    InterpolationOutput,
+    check_one_generator,
+    clone_generator,
+    interpolation_times,
+    slerp,
 )
-from clipcond.pipelines.interpolation import InterpolationOutput, interpolation_times, slerp
+from clipcond.pipelines.sampling import Sampling, denoise, image_output, initial_noise, set_timesteps, to_output_type
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,40 @@ def images_to_pixels(image: ImageInput, size: int) -> torch.Tensor:
             item = item.crop((left, top, left + side, top + side)).resize((size, size), PIL.Image.BICUBIC)
         arrays.append(np.asarray(item))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+
+def count_images(image) -> int:
+    """How many images `image` holds (a PIL image, a non-empty list of them, or uint8 (3, H, W) / (B, 3, H, W)); a
+    `ValueError` naming `image` for anything else."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(
+                f"`image` as a tensor must be uint8 (3, H, W) or (B, 3, H, W), got {image.dtype} {tuple(image.shape)}"
+            )
+        return 1 if image.ndim == 3 else image.shape[0]
+    if isinstance(image, PIL.Image.Image):
+        return 1
+    if isinstance(image, list | tuple) and image and all(isinstance(i, PIL.Image.Image) for i in image):
+        return len(image)
+    raise ValueError(
+        f"`image` must be a PIL image, a non-empty list of PIL images or a uint8 tensor (B, 3, H, W), got "
+        f"{type(image).__name__}"
+    )
+
+
+def check_image_embeds(image_embeds, embedding_dim: int) -> None:
+    """`image_embeds`: finite CLIP image embeddings (B, D) of the decoder's width D."""
+    if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2:
+        raise ValueError(
+            f"`image_embeds` must be a tensor (B, D), got {type(image_embeds).__name__} "
+            f"{tuple(getattr(image_embeds, 'shape', ()))}"
+        )
+    if image_embeds.shape[1] != embedding_dim:
+        raise ValueError(
+            f"`image_embeds` must be {embedding_dim} wide (the image encoder's projection_dim), got "
+            f"shape {tuple(image_embeds.shape)}"
+        )
+    check_finite_tensor(image_embeds, "`image_embeds`", "pass finite embeddings (a prior or cache gone wrong?)")
 
 
 def register_decoder_modules(
@@ -183,67 +218,20 @@ class ImageVariationPipeline(DiffusionPipeline):
         embeds = self.image_encoder(pixel_values=pixel_values).image_embeds
         return F.normalize(embeds.float(), dim=-1)
 
-    def check_inputs(
-        self,
-        image,
-        image_embeds,
-        num_inference_steps,
-        guidance_scale,
-        num_images_per_prompt,
-        generator,
-        latents,
-        noise_level,
-        output_type,
-        guidance_start,
-        guidance_end,
-    ) -> None:
+    def check_inputs(self, image, image_embeds, sampling: Sampling, num_images_per_prompt, noise_level) -> None:
+        """Raise a `ValueError` naming the first bad argument of `__call__` (`sampling` holds most of them)."""
         if (image is None) == (image_embeds is None):
             raise ValueError(
                 "give exactly one of `image` and `image_embeds`, got " + ("both" if image is not None else "neither")
             )
         if image is not None:
-            if isinstance(image, torch.Tensor):
-                if image.dtype != torch.uint8 or image.ndim not in (3, 4) or image.shape[-3] != 3:
-                    raise ValueError(
-                        f"`image` as a tensor must be uint8 (3, H, W) or (B, 3, H, W), got {image.dtype} "
-                        f"{tuple(image.shape)}"
-                    )
-                batch_size = 1 if image.ndim == 3 else image.shape[0]
-            elif isinstance(image, PIL.Image.Image):
-                batch_size = 1
-            elif isinstance(image, list | tuple) and image and all(isinstance(i, PIL.Image.Image) for i in image):
-                batch_size = len(image)
-            else:
-                raise ValueError(
-                    "`image` must be a PIL image, a non-empty list of PIL images or a uint8 tensor (B, 3, H, W), got "
-                    f"{type(image).__name__}"
-                )
+            batch_size = count_images(image)
         else:
-            if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2:
-                raise ValueError(
-                    f"`image_embeds` must be a tensor (B, D), got {type(image_embeds).__name__} "
-                    f"{tuple(getattr(image_embeds, 'shape', ()))}"
-                )
-            if image_embeds.shape[1] != self.embedding_dim:
-                raise ValueError(
-                    f"`image_embeds` must be {self.embedding_dim} wide (the image encoder's projection_dim), got "
-                    f"shape {tuple(image_embeds.shape)}"
-                )
-            check_finite_tensor(
-                image_embeds, "`image_embeds`", "pass finite embeddings (a prior or cache gone wrong?)"
-            )
+            check_image_embeds(image_embeds, self.embedding_dim)
             batch_size = image_embeds.shape[0]
-        num_images = check_sampling_args(
-            num_inference_steps, guidance_scale, num_images_per_prompt, generator, batch_size, inputs="inputs"
-        )
-        check_guidance_interval(guidance_start, guidance_end)
+        num_images = sampling.check(num_images_per_prompt, batch_size, OUTPUT_TYPES, inputs="inputs")
         self._check_noise_level(noise_level)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
-        if latents is not None:
-            expected = self._noise_shape(num_images)
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}")
+        check_latents(sampling.latents, self._noise_shape(num_images))
 
     def _check_noise_level(self, noise_level) -> None:
         if isinstance(noise_level, bool) or not isinstance(noise_level, int):
@@ -299,19 +287,10 @@ class ImageVariationPipeline(DiffusionPipeline):
                 (`clipcond.pipelines.inputs.guided_steps`); the other steps run the conditional model alone.
         """
         # 1. check inputs
-        self.check_inputs(
-            image,
-            image_embeds,
-            num_inference_steps,
-            guidance_scale,
-            num_images_per_prompt,
-            generator,
-            latents,
-            noise_level,
-            output_type,
-            guidance_start,
-            guidance_end,
+        sampling = Sampling(
+            num_inference_steps, guidance_scale, generator, latents, output_type, guidance_start, guidance_end
         )
+        self.check_inputs(image, image_embeds, sampling, num_images_per_prompt, noise_level)
         device = self._execution_device
 
         # 2. encode image
@@ -319,54 +298,29 @@ class ImageVariationPipeline(DiffusionPipeline):
             image_embeds = self.encode_image(image, device)
         image_embeds = image_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)  # (N, D)
 
-        # 3.-7. noise, condition, denoise, postprocess
-        images = self.decode(
-            image_embeds,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            latents=latents,
-            noise_level=noise_level,
-            output_type=output_type,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-        )
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        # 3.-7. timesteps, noise, condition, denoise, postprocess
+        return image_output(self.decode(image_embeds, sampling, noise_level), return_dict)
 
     def decode(
         self,
         image_embeds: torch.Tensor,
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None = None,
+        sampling: Sampling,
         noise_level: int = 0,
         embedding_noise: torch.Tensor | None = None,
-        output_type: str = "pil",
-        guidance_start: float = DEFAULT_GUIDANCE_START,
-        guidance_end: float = 1.0,
     ):
-        """One image per embedding (N, D); the stages after encoding, shared with `interpolate` and the unCLIP
-        pipeline. `embedding_noise` (N, D): the noise augmentation's noise (drawn after `latents` when None).
+        """One image per embedding (N, D): the stages after encoding, shared with `interpolate` and the unCLIP
+        pipeline. `embedding_noise` (N, D): the noise augmentation's noise (drawn after the initial noise when None).
         Inputs are checked by the callers."""
         device = self._execution_device
-        num_images = image_embeds.shape[0]
-        do_guidance = guidance_scale > 1.0
 
         # 3. timesteps, and those that are guided
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        guided = guided_steps(len(timesteps), guidance_start, guidance_end) if do_guidance else range(0)
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if accepts_generator else {}
+        guided = set_timesteps(self.scheduler, sampling, device)
 
-        # 4. initial noise (first: each image's generator draws its latents, then its embedding noise)
-        if latents is None:
-            latents = randn_tensor(self._noise_shape(num_images), generator=generator, device=device)
-        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        # 4. initial noise, drawn in float32 (first: each image's generator draws its latents, then its embedding noise)
+        shape = self._noise_shape(image_embeds.shape[0])
+        latents = initial_noise(
+            self.scheduler, sampling, shape, device=device, dtype=self.unet.dtype, noise_dtype=torch.float32
+        )
 
         # 5. condition: the condition vector (and its tokens); [unconditional; conditional] for the guided steps
         condition = decoder_condition(
@@ -374,27 +328,19 @@ class ImageVariationPipeline(DiffusionPipeline):
             noising_scheduler=self.image_noising_scheduler,
             noise_level=noise_level,
             noise=embedding_noise,
-            generator=generator,
+            generator=sampling.generator,
         )  # (N, D) or (N, 2D)
         conditional = unet_inputs(condition, self.embedding_tokens, dtype=self.unet.dtype)
+        guided_conditioning = None
         if len(guided):
             both = torch.cat([unconditional_condition(condition), condition])
             guided_conditioning = unet_inputs(both, self.embedding_tokens, dtype=self.unet.dtype)
 
         # 6. denoising loop: one UNet batch of 2N on guided steps, of N on the others
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            guide = i in guided
-            model_input = torch.cat([latents] * 2) if guide else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            conditioning = guided_conditioning if guide else conditional
-            noise_pred = self.unet(model_input, t, **conditioning, return_dict=False)[0]
-            if guide:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        latents = denoise(self, self.unet, latents, sampling, guided, conditional, guided_inputs=guided_conditioning)
 
         # 7. postprocess: [-1, 1] -> output_type
-        images = latents if output_type == "latent" else self.image_processor.postprocess(latents.float(), output_type)
+        images = to_output_type(self.image_processor, latents, sampling.output_type)
         self.maybe_free_model_hooks()
         return images
 
@@ -426,77 +372,52 @@ class ImageVariationPipeline(DiffusionPipeline):
             image: two PIL images, or uint8 images (2, 3, H, W).
             image_embeds: two CLIP image embeddings (2, D) instead.
             generator: one torch generator (not a list).
+            latents: the initial noise of every frame (1, 3, H, W).
             Others as in `__call__`.
         """
-        # 1. check inputs
-        self.check_inputs(
-            image,
-            image_embeds,
-            num_inference_steps,
-            guidance_scale,
-            1,
-            generator,
-            None,
-            noise_level,
-            output_type,
-            guidance_start,
-            guidance_end,
+        # 1.-3. check inputs, the endpoints' embeddings, the frames
+        sampling = Sampling(
+            num_inference_steps, guidance_scale, generator, latents, output_type, guidance_start, guidance_end
         )
-        count = image_embeds.shape[0] if image_embeds is not None else _count_images(image)
+        return self.interpolate_row(image, image_embeds, num_frames, sampling, noise_level, return_dict)
+
+    def interpolate_row(
+        self, image, image_embeds, num_frames: int, sampling: Sampling, noise_level: int, return_dict: bool = True
+    ) -> InterpolationOutput | tuple:
+        """The stages of `interpolate` (shared with the unCLIP pipeline's), its arguments gathered in `sampling`;
+        `sampling.latents`: the initial noise of every frame (1, 3, H, W), or None."""
+        # 1. check inputs (the latents, one draw for every frame, with the generator in `interpolate_embeddings`)
+        self.check_inputs(image, image_embeds, replace(sampling, latents=None), 1, noise_level)
+        count = image_embeds.shape[0] if image_embeds is not None else count_images(image)
         if count != 2:
             raise ValueError(f"`interpolate` needs exactly two images or embeddings (the endpoints), got {count}")
         times = interpolation_times(num_frames)
-        device = self._execution_device
 
         # 2. endpoints
         if image_embeds is None:
-            image_embeds = self.encode_image(image, device)
-        frames = self.interpolate_embeddings(
-            image_embeds[0],
-            image_embeds[1],
-            times,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            latents=latents,
-            noise_level=noise_level,
-            output_type=output_type,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-        )
+            image_embeds = self.encode_image(image, self._execution_device)
+
+        # 3. frames
+        frames = self.interpolate_embeddings(image_embeds[0], image_embeds[1], times, sampling, noise_level)
         if not return_dict:
             return (frames, times)
         return InterpolationOutput(images=frames, t=times)
 
     def interpolate_embeddings(
-        self,
-        start: torch.Tensor,
-        end: torch.Tensor,
-        times: list[float],
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator | None,
-        latents: torch.Tensor | None = None,
-        noise_level: int = 0,
-        output_type: str = "pil",
-        guidance_start: float = DEFAULT_GUIDANCE_START,
-        guidance_end: float = 1.0,
+        self, start: torch.Tensor, end: torch.Tensor, times: list[float], sampling: Sampling, noise_level: int = 0
     ):
-        """Decode slerp(start, end, t) (D,) for each t in `times`, all frames from one draw of noise."""
-        if isinstance(generator, list):
-            raise ValueError(
-                "`generator` must be one torch.Generator for an interpolation (all frames share its noise), "
-                f"got a list of {len(generator)}"
-            )
+        """Decode slerp(start, end, t) (D,) for each t in `times`, all frames from one draw of noise: the initial
+        noise `sampling.latents` (1, 3, H, W) or drawn from `sampling.generator`, then the embedding noise."""
+        generator = sampling.generator
+        check_one_generator(generator)
         device = self._execution_device
         num_frames = len(times)
         if generator is None:
             generator = torch.Generator().manual_seed(torch.seed())
+        latents = sampling.latents
         if latents is None:
             latents = randn_tensor(self._noise_shape(1), generator=generator, device=device)
-        elif tuple(latents.shape) != self._noise_shape(1):
-            raise ValueError(f"`latents` must have shape {self._noise_shape(1)}, got {tuple(latents.shape)}")
+        check_latents(latents, self._noise_shape(1))
         embedding_noise = None
         if self.image_noising_scheduler is not None:  # drawn after the latents, as `decode` draws it
             embedding_noise = randn_tensor((1, self.embedding_dim), generator=generator, device=device)
@@ -505,28 +426,5 @@ class ImageVariationPipeline(DiffusionPipeline):
         # its present state, so every frame, like a plain call with `generator`, draws the same step noise.
         frame_generators = [clone_generator(generator) for _ in range(num_frames)]
         embeds = slerp(start.to(device).float(), end.to(device).float(), torch.tensor(times, device=device))  # (N, D)
-        return self.decode(
-            embeds,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=frame_generators,
-            latents=latents.expand(num_frames, -1, -1, -1),
-            noise_level=noise_level,
-            embedding_noise=embedding_noise,
-            output_type=output_type,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-        )
-
-
-def clone_generator(generator: torch.Generator) -> torch.Generator:
-    """A new generator on the same device in the same state: it draws what `generator` would draw next."""
-    return torch.Generator(device=generator.device).set_state(generator.get_state())
-
-
-def _count_images(image) -> int:
-    if isinstance(image, PIL.Image.Image):
-        return 1
-    if isinstance(image, torch.Tensor):
-        return 1 if image.ndim == 3 else image.shape[0]
-    return len(image)
+        frames = replace(sampling, generator=frame_generators, latents=latents.expand(num_frames, -1, -1, -1))
+        return self.decode(embeds, frames, noise_level, embedding_noise)
