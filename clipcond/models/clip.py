@@ -13,26 +13,24 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from clipcond.lineage import check_finished
+from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
 from clipcond.tokenizer import load_tokenizer
 from clipcond.transfer import constant
 
-PRESETS_FILE = Path(__file__).parent / "presets" / "clip.json"
+PRESETS_FILE = PRESETS_DIR / "clip.json"
 # OpenAI's CLIP statistics (transformers.utils.constants); kept as the default for models trained here too.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@cache
 def clip_presets() -> dict[str, dict]:
-    with open(PRESETS_FILE) as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+    return read_presets(PRESETS_FILE)
 
 
 def clip_config(
@@ -51,16 +49,7 @@ def clip_config(
     `image_size`, `patch_size` and `context_length` override the preset. The special token ids matter:
     `CLIPTextTransformer` pools at the first `eos_token_id` of each sequence.
     """
-    if os.path.isfile(preset):
-        with open(preset) as f:
-            spec = json.load(f)
-    elif preset in clip_presets():
-        spec = clip_presets()[preset]
-    else:
-        raise ValueError(f"`model` must be one of {sorted(clip_presets())} or a JSON config file, got {preset!r}")
-    for key in ("projection_dim", "text", "vision"):
-        if key not in spec:
-            raise ValueError(f"CLIP preset {preset!r} lacks the key {key!r}")
+    spec = preset_fields(preset, clip_presets(), "CLIP", ("projection_dim", "text", "vision"))
 
     text = dict(spec["text"])
     vision = dict(spec["vision"])

@@ -12,25 +12,20 @@ parameters (so they travel with `save_pretrained`); `PriorTransformer.post_proce
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import PriorTransformer
 
 from clipcond.conditioning import TextEmbeddings
+from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
 
-PRESETS_FILE = Path(__file__).parent / "presets" / "prior.json"
+PRESETS_FILE = PRESETS_DIR / "prior.json"
 
 
-@cache
 def prior_presets() -> dict[str, dict]:
-    with open(PRESETS_FILE) as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+    return read_presets(PRESETS_FILE)
 
 
 def prior_config(preset: str, *, embedding_dim: int, num_embeddings: int) -> dict:
@@ -39,16 +34,9 @@ def prior_config(preset: str, *, embedding_dim: int, num_embeddings: int) -> dic
     `embedding_dim`: the width of the CLIP embeddings (the projection width), which the prior reads and predicts.
     `num_embeddings`: the number of text positions it reads (the text encoder's context length).
     """
-    if os.path.isfile(preset):
-        with open(preset) as f:
-            config = json.load(f)
-    elif preset in prior_presets():
-        config = dict(prior_presets()[preset])
-    else:
-        raise ValueError(f"`model` must be one of {sorted(prior_presets())} or a JSON config file, got {preset!r}")
-    for key in ("num_layers", "num_attention_heads", "attention_head_dim"):
-        if key not in config:
-            raise ValueError(f"prior preset {preset!r} lacks the key {key!r}")
+    config = preset_fields(
+        preset, prior_presets(), "prior", ("num_layers", "num_attention_heads", "attention_head_dim")
+    )
     config.update(embedding_dim=embedding_dim, num_embeddings=num_embeddings)
     return config
 

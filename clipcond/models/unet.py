@@ -7,20 +7,15 @@ latents later), the cross-attention width (the text encoder's per-token width, o
 
 from __future__ import annotations
 
-import json
-import os
-from functools import cache
-from pathlib import Path
-
 from diffusers import UNet2DConditionModel
 
-PRESETS_FILE = Path(__file__).parent / "presets" / "unet.json"
+from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
+
+PRESETS_FILE = PRESETS_DIR / "unet.json"
 
 
-@cache
 def unet_presets() -> dict[str, dict]:
-    with open(PRESETS_FILE) as f:
-        return {name: preset for name, preset in json.load(f).items() if not name.startswith("_")}
+    return read_presets(PRESETS_FILE)
 
 
 def unet_config(
@@ -46,13 +41,7 @@ def unet_config(
     """
     if image_embedding_dim is not None and pooled_text_dim is not None:
         raise ValueError("give `image_embedding_dim` or `pooled_text_dim`, not both: the UNet has one class embedding")
-    if os.path.isfile(preset):
-        with open(preset) as f:
-            config = json.load(f)
-    elif preset in unet_presets():
-        config = dict(unet_presets()[preset])
-    else:
-        raise ValueError(f"`model` must be one of {sorted(unet_presets())} or a JSON config file, got {preset!r}")
+    config = preset_fields(preset, unet_presets(), "UNet")
     levels = len(config["block_out_channels"])
     if sample_size % 2 ** (levels - 1):
         raise ValueError(
