@@ -21,7 +21,9 @@ def prompt_list(prompt: str | list[str]) -> list[str]:
     return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
-def negative_prompts(prompts: list[str], negative_prompt: str | list[str] | None, guidance_scale: float):
+def negative_prompts(
+    prompts: list[str], negative_prompt: str | list[str] | None, guidance_scale: float
+) -> list[str] | None:
     """One negative prompt per prompt, or None when `guidance_scale` <= 1 turns guidance off (a `negative_prompt` is
     then ignored, with a warning). A single string serves every prompt; None is the empty prompt, the caption-dropout
     target of training, i.e. plain classifier-free guidance."""
