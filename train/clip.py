@@ -58,9 +58,8 @@ from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
-# Share of training images shown in grayscale (see clipcond.data.augment). On the shapes data, with the other
-# defaults, zero-shot accuracy on held-out colour-shape pairs went from 56.7% / 71.0% (seeds 0 / 1) without it to
-# 79.9 / 83.5 / 92.9 / 73.2% (seeds 0-3) with it, seen pairs 95.5% -> 98.5-99.5%; 0.5 gave 84.4 / 75.0% (seeds 0 / 1).
+# Share of training images shown in grayscale (see clipcond.data.augment): shape features that do not depend on colour,
+# so that unseen colour-shape pairs are recognised; how 0.3 was chosen is in docs/lab-notes.md ("grayscale views").
 DEFAULT_GRAYSCALE_PROB = 0.3
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -335,8 +334,7 @@ def configure_clip_for_training(
 
     `--gradient-checkpointing`, `--attn-implementation`. Without the latter, on CPU in bf16 both towers run
     transformers' eager attention instead of SDPA: PyTorch's fused CPU attention kernel is slow in bf16 backward on
-    these short sequences (17 image tokens, at most 32 text tokens), where it took two thirds of the step (README,
-    "Speed and scale"). Training only: `save_pretrained` does not record the choice, so the saved CLIP loads with
+    these short sequences (17 image tokens, at most 32 text tokens; README, "Speed and scale"). Training only: `save_pretrained` does not record the choice, so the saved CLIP loads with
     the default.
     """
     if args.gradient_checkpointing:

@@ -208,14 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation-images-per-prompt each",
     )
 
-    # CPU-sized defaults, measured on the shapes data (FIELD_NOTES): the `tiny` UNet at batch 32 takes about 1 s a
-    # step on 2 cores. At a few hundred steps, epsilon prediction on the linear schedule still leaves visible noise in
-    # samples although its loss is low; v-prediction on the cosine schedule with min-SNR weighting gives clean shapes
-    # in the right colour by step 200. A fixed EMA decay of 0.999 would still hold 0.999^600 = 55% of the random
-    # initialisation; with warm-up the decay is 1 - (1 + step)^(-2/3), about 0.986 at step 600.
-    # Steps: with too few, the text-to-image decoder draws many one-object prompts as two or three objects; 1200 is
-    # the measured choice within `clipcond demo`'s time bar (docs/lab-notes.md, benchmarks/results/). The
-    # image-embedding decoder (no time bar; blank and blob-shaped variations at 500) gets 800.
+    # CPU-sized defaults for the `tiny` UNet on the shapes data (README, "What it reaches on 2 CPU cores"). At these
+    # budgets v-prediction on the cosine schedule with min-SNR weighting draws clean shapes where epsilon prediction
+    # on the linear schedule still leaves visible noise; the EMA warms up (clipcond.train.ema). The step budgets by
+    # conditioning are `clipcond demo`'s recipe (docs/lab-notes.md).
     add_training_args(
         parser,
         train_batch_size=32,
@@ -597,11 +593,10 @@ def configure_unet_for_training(
     """The speed and memory options of a UNet about to train on `device`; returns whether xformers is on.
 
     `--gradient-checkpointing`, `--channels-last`, `--enable-xformers` (CUDA only; SDPA otherwise). On CPU in bf16
-    the attention runs diffusers' classic processor instead of SDPA: PyTorch's fused CPU attention kernel is slow in
-    bf16 backward on these short sequences (64-256 tokens), and the classic processor (baddbmm + softmax, the same
-    function) trained the `tiny` UNet's step about 1.2x faster (torch 2.14, 1 thread: 1.8 s against 2.3 s at batch
-    16). In fp32 SDPA is the faster one (2.2 s against 2.5-2.9 s), so it stays. Training only: the saved UNet
-    samples with diffusers' default processor.
+    the attention runs diffusers' classic processor (baddbmm + softmax, the same function) instead of SDPA, whose
+    fused CPU kernel is slow in bf16 backward on these short sequences (README, "Speed and scale";
+    `benchmarks/decoder_throughput.py`); in fp32 SDPA stays. Training only: the saved UNet samples with diffusers'
+    default processor.
     """
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

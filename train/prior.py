@@ -140,16 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     val = parser.add_argument_group("validation (`clipcond eval prior` on the first captions of a split)")
     val.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
-    # 128 captions x 25 guided steps of the `tiny` prior: about 10 s of CPU time per validation.
     val.add_argument("--validation-max-captions", type=int, default=128, help="captions (items) per validation")
     val.add_argument("--validation-inference-steps", type=int, default=25, help="DDPM sampling steps")
     val.add_argument(
         "--validation-guidance-scale", type=finite_float, default=4.0, help="classifier-free guidance weight"
     )
 
-    # CPU-sized defaults: a step of the `tiny` prior (0.9 M parameters; 36 tokens with the `tiny` CLIP's context of
-    # 32) on 256 embeddings takes 0.68 s of CPU time on one thread (about 50 GFLOP), so 250 steps train in about
-    # 1.5 minutes on 2 quiet cores. On the shapes data it passes both baselines within 100 steps.
+    # CPU-sized defaults for the `tiny` prior on the shapes data (README, "What it reaches on 2 CPU cores")
     add_training_args(
         parser,
         train_batch_size=256,
