@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
-from clipcond.finite import finite_or_null
+from clipcond.finite import finite_float, finite_or_null
 from clipcond.lineage import RUN_RECORD
 from clipcond.runlock import run_folder_lock
 from clipcond.storage import check_free_space, dumps_json, file_sha256, write_json_atomic, writing
@@ -76,8 +76,6 @@ def add_training_args(
     parser: argparse.ArgumentParser, steps_help: str = "optimizer steps in total", **defaults: Any
 ) -> argparse.ArgumentParser:
     """The options every training entry point takes. `defaults` overrides the per-stage defaults by dest name."""
-    from clipcond.finite import finite_float
-
     d = {
         "train_batch_size": 64,
         "learning_rate": 1e-4,
@@ -94,6 +92,15 @@ def add_training_args(
         **defaults,
     }
     g = parser.add_argument_group("training")
+    _add_run_args(g, d, steps_help)
+    _add_optimizer_args(g, d)
+    _add_speed_args(g)
+    _add_bookkeeping_args(g, d)
+    return parser
+
+
+def _add_run_args(g: argparse._ArgumentGroup, d: dict[str, Any], steps_help: str) -> None:
+    """Where the run goes, its seed, its length and its batch."""
     g.add_argument("--output-dir", required=True, help="run folder: the final model, checkpoints/, logs/")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and noise")
     g.add_argument("--max-train-steps", type=int, default=d["max_train_steps"], help=steps_help)
@@ -101,6 +108,10 @@ def add_training_args(
         "--train-batch-size", type=int, default=d["train_batch_size"], help="batch size per process and micro-step"
     )
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-steps per optimizer step")
+
+
+def _add_optimizer_args(g: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
+    """AdamW, its learning-rate schedule and gradient clipping."""
     g.add_argument("--learning-rate", type=finite_float, default=d["learning_rate"], help="peak learning rate (AdamW)")
     g.add_argument(
         "--lr-scheduler",
@@ -116,6 +127,10 @@ def add_training_args(
     g.add_argument(
         "--max-grad-norm", type=finite_float, default=d["max_grad_norm"], help="gradient clipping (0 disables)"
     )
+
+
+def _add_speed_args(g: argparse._ArgumentGroup) -> None:
+    """Precision, memory, kernels and data loading: how fast a step runs, not what it computes."""
     g.add_argument(
         "--mixed-precision",
         default=None,
@@ -162,6 +177,10 @@ def add_training_args(
         default=None,
         help="batches each worker loads ahead (default: 4 on CUDA, else PyTorch's 2; needs workers)",
     )
+
+
+def _add_bookkeeping_args(g: argparse._ArgumentGroup, d: dict[str, Any]) -> None:
+    """Logging, skipped files, checkpoints, resume, validation and trackers."""
     g.add_argument(
         "--logging-steps",
         type=int,
@@ -198,7 +217,6 @@ def add_training_args(
         help="experiment tracker for scalars (and images where the stage logs them)",
     )
     g.add_argument("--tracker-project-name", default="clipcond", help="project name given to the tracker")
-    return parser
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -847,120 +865,172 @@ def train(
     # every process: stages draw for the global batch and keep their rows (`draw_rows`).
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000)
     sample_log = _SampleLog(accelerator.process_index)
-
-    state = TrainingState()
-    # one answer for every process: the main one tidies what a killed run left, then picks the checkpoint
-    resume_path = on_main(accelerator, lambda: checkpoints.tidy() or checkpoints.resolve(args.resume_from_checkpoint))
-    if resume_path is not None:
-        state, extra = checkpoints.load(accelerator, resume_path)
-        generator.set_state(extra["generator"].to(torch.uint8))
-        stage.load_extra_state(extra.get("stage", {}))
-        logger.info("resumed from %s at step %d", resume_path, state.global_step)
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("no checkpoint in %s; starting from scratch", checkpoints.dir)
-
-    global_batch = args.train_batch_size * accelerator.num_processes
-    steps_per_epoch = epochs.num_batches // args.gradient_accumulation_steps
+    state, resume_path = _resume(accelerator, args, stage, checkpoints, generator)
+    loop = _Loop(accelerator, args, stage, checkpoints, generator, state, num_samples=len(dataset))
     logger.info(
         "%d samples, %d steps per epoch; global batch %d (%d per process x %d processes x %d accumulation)",
         len(dataset),
-        steps_per_epoch,
-        global_batch * args.gradient_accumulation_steps,
+        epochs.num_batches // args.gradient_accumulation_steps,
+        loop.global_batch * args.gradient_accumulation_steps,
         args.train_batch_size,
         accelerator.num_processes,
         args.gradient_accumulation_steps,
     )
-
-    progress = tqdm(
-        total=args.max_train_steps,
-        initial=state.global_step,
-        desc="steps",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    skipped = set(state.skipped_files)
-    window = _LogWindow()
-    loss, validation = None, dict(state.validation)
-    start_time = time.perf_counter()
-
     try:
         model.train()
         while state.global_step < args.max_train_steps:
             epochs.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
             for batch in loader:
-                skipped.update(batch.pop("skipped", []))
+                loop.skipped.update(batch.pop("skipped", []))
                 sample_log.write(state.epoch, state.global_step, batch.get("index"))
-                with attention_kernel(args):
-                    loss, logs = training_step(
-                        accelerator, stage, model, optimizer, batch, generator, args.max_grad_norm
-                    )
-                state.batch_in_epoch += 1
-                window.add_samples(global_batch)
-                if not accelerator.sync_gradients:
-                    continue
-
-                lr_scheduler.step()
-                stage.after_optimizer_step()
-                state.global_step += 1
-                state.samples_seen += global_batch * args.gradient_accumulation_steps
-                window.add_step(loss, logs)
-                progress.update(1)
-                is_last = state.global_step >= args.max_train_steps
-
-                if is_last or state.global_step % args.logging_steps == 0:
-                    scalars = window.flush(accelerator)  # the step's one wait for the device
-                    scalars["train/lr"] = lr_scheduler.get_last_lr()[0]
-                    progress.set_postfix(
-                        loss=f"{scalars['train/loss']:.4f}",
-                        lr=f"{scalars['train/lr']:.2e}",
-                        samples_s=f"{scalars['train/samples_per_second']:.0f}",
-                    )
-                    accelerator.log(scalars, step=state.global_step)
-
-                # validation first, so that a checkpoint of this step keeps its figures
-                if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
-                    if accelerator.is_main_process:
-                        validation = stage.validate(state.global_step)
-                        if validation:
-                            accelerator.log({f"val/{k}": v for k, v in validation.items()}, step=state.global_step)
-                            progress.write(f"step {state.global_step}: " + json.dumps(_round(validation)))
-                    accelerator.wait_for_everyone()
-                    model.train()
-                if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                    _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
-                    state.last_loss, state.validation = _mean_loss(accelerator, loss), _round(validation)
-                    extra = {"generator": generator.get_state(), "stage": stage.extra_state()}
-                    path = checkpoints.save(accelerator, state, extra, export=stage.export)
-                    logger.info("saved %s", path)
-
-                if is_last:
+                if loop.micro_step(model, optimizer, lr_scheduler, batch):
                     break
             else:  # the epoch is over: every file was read
-                _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
-                state.epoch += 1
-                state.batch_in_epoch = 0
+                loop.end_epoch()
                 continue
             break
     finally:
-        progress.close()  # also when a step fails: the error is the last thing on the screen
-    # the last step's loss, averaged over processes (a run resumed at its last step reports its checkpoint's)
-    last_loss = _mean_loss(accelerator, loss) if loss is not None else state.last_loss
-    last_loss = float("nan") if last_loss is None else last_loss
-    _account_skipped(accelerator, state, skipped, len(dataset), args.max_skipped_fraction)
-    seconds = time.perf_counter() - start_time
-    if state.skipped_files:
-        logger.warning(
-            "%d image files were skipped (unreadable, or outside the data folder): %s",
-            len(state.skipped_files),
-            state.skipped_files[:5],
+        loop.progress.close()  # also when a step fails: the error is the last thing on the screen
+    return loop.finish(resume_path)
+
+
+def _resume(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    stage: Stage,
+    checkpoints: Checkpoints,
+    generator: torch.Generator,
+) -> tuple[TrainingState, Path | None]:
+    """Where the run starts: `--resume-from-checkpoint`'s state (model, optimizer, RNGs, the stage's generator and
+    extra state restored) or a fresh one; and the checkpoint resumed from."""
+    # one answer for every process: the main one tidies what a killed run left, then picks the checkpoint
+    resume_path = on_main(accelerator, lambda: checkpoints.tidy() or checkpoints.resolve(args.resume_from_checkpoint))
+    if resume_path is None:
+        if args.resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s; starting from scratch", checkpoints.dir)
+        return TrainingState(), None
+    state, extra = checkpoints.load(accelerator, resume_path)
+    generator.set_state(extra["generator"].to(torch.uint8))
+    stage.load_extra_state(extra.get("stage", {}))
+    logger.info("resumed from %s at step %d", resume_path, state.global_step)
+    return state, resume_path
+
+
+class _Loop:
+    """The loop's bookkeeping between steps: counters, the log window, the progress bar, and what follows an optimizer
+    step (log, validate, checkpoint), in that order on every process."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: argparse.Namespace,
+        stage: Stage,
+        checkpoints: Checkpoints,
+        generator: torch.Generator,
+        state: TrainingState,
+        num_samples: int,
+    ):
+        self.accelerator, self.args, self.stage = accelerator, args, stage
+        self.checkpoints, self.generator, self.state = checkpoints, generator, state
+        self.num_samples = num_samples
+        self.global_batch = args.train_batch_size * accelerator.num_processes
+        self.progress = tqdm(
+            total=args.max_train_steps,
+            initial=state.global_step,
+            desc="steps",
+            disable=not accelerator.is_local_main_process,
+            dynamic_ncols=True,
         )
-    return TrainResult(
-        state=state,
-        seconds=seconds,
-        last_loss=last_loss,
-        validation=validation,
-        resumed_from=str(resume_path) if resume_path else None,
-    )
+        self.skipped = set(state.skipped_files)
+        self.window = _LogWindow()
+        self.loss, self.validation = None, dict(state.validation)
+        self.start_time = time.perf_counter()
+
+    def micro_step(self, model, optimizer, lr_scheduler, batch: dict) -> bool:
+        """Train on one micro-batch, and after an optimizer step do what follows it; True after the last step."""
+        args, state = self.args, self.state
+        with attention_kernel(args):
+            self.loss, logs = training_step(
+                self.accelerator, self.stage, model, optimizer, batch, self.generator, args.max_grad_norm
+            )
+        state.batch_in_epoch += 1
+        self.window.add_samples(self.global_batch)
+        if not self.accelerator.sync_gradients:
+            return False
+
+        lr_scheduler.step()
+        self.stage.after_optimizer_step()
+        state.global_step += 1
+        state.samples_seen += self.global_batch * args.gradient_accumulation_steps
+        self.window.add_step(self.loss, logs)
+        self.progress.update(1)
+        is_last = state.global_step >= args.max_train_steps
+        if is_last or state.global_step % args.logging_steps == 0:
+            self._log(lr_scheduler)
+        # validation first, so that a checkpoint of this step keeps its figures
+        if args.validation_steps and (state.global_step % args.validation_steps == 0 or is_last):
+            self._validate(model)
+        if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
+            self._checkpoint()
+        return is_last
+
+    def _log(self, lr_scheduler) -> None:
+        scalars = self.window.flush(self.accelerator)  # the step's one wait for the device
+        scalars["train/lr"] = lr_scheduler.get_last_lr()[0]
+        self.progress.set_postfix(
+            loss=f"{scalars['train/loss']:.4f}",
+            lr=f"{scalars['train/lr']:.2e}",
+            samples_s=f"{scalars['train/samples_per_second']:.0f}",
+        )
+        self.accelerator.log(scalars, step=self.state.global_step)
+
+    def _validate(self, model: torch.nn.Module) -> None:
+        accelerator, step = self.accelerator, self.state.global_step
+        if accelerator.is_main_process:
+            self.validation = self.stage.validate(step)
+            if self.validation:
+                accelerator.log({f"val/{k}": v for k, v in self.validation.items()}, step=step)
+                self.progress.write(f"step {step}: " + json.dumps(_round(self.validation)))
+        accelerator.wait_for_everyone()
+        model.train()
+
+    def _checkpoint(self) -> None:
+        accelerator, state = self.accelerator, self.state
+        self._count_skipped()
+        state.last_loss, state.validation = _mean_loss(accelerator, self.loss), _round(self.validation)
+        extra = {"generator": self.generator.get_state(), "stage": self.stage.extra_state()}
+        path = self.checkpoints.save(accelerator, state, extra, export=self.stage.export)
+        logger.info("saved %s", path)
+
+    def _count_skipped(self) -> None:
+        _account_skipped(self.accelerator, self.state, self.skipped, self.num_samples, self.args.max_skipped_fraction)
+
+    def end_epoch(self) -> None:
+        self._count_skipped()
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+
+    def finish(self, resume_path: Path | None) -> TrainResult:
+        """The run's result, after the last step."""
+        state = self.state
+        # the last step's loss, averaged over processes (a run resumed at its last step reports its checkpoint's)
+        last_loss = _mean_loss(self.accelerator, self.loss) if self.loss is not None else state.last_loss
+        last_loss = float("nan") if last_loss is None else last_loss
+        self._count_skipped()
+        seconds = time.perf_counter() - self.start_time
+        if state.skipped_files:
+            logger.warning(
+                "%d image files were skipped (unreadable, or outside the data folder): %s",
+                len(state.skipped_files),
+                state.skipped_files[:5],
+            )
+        return TrainResult(
+            state=state,
+            seconds=seconds,
+            last_loss=last_loss,
+            validation=self.validation,
+            resumed_from=str(resume_path) if resume_path else None,
+        )
 
 
 def _mean_loss(accelerator: Accelerator, loss: torch.Tensor) -> float | None:
