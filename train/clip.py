@@ -43,15 +43,13 @@ from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the dem
 from clipcond.train.loop import (
     Stage,
     add_training_args,
-    check_training_args,
-    compile_if_asked,
+    data_record,
     draw_rows,
     finish_run,
-    hold_output_dir,
-    init_trackers,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
+    make_output_dir,
+    parse_training_args,
+    prepare_training,
+    run_stage,
     train,
 )
 from clipcond.transfer import to_device
@@ -62,6 +60,19 @@ logger = logging.getLogger(__name__)
 # so that unseen colour-shape pairs are recognised; how 0.3 was chosen is in docs/lab-notes.md ("grayscale views").
 DEFAULT_GRAYSCALE_PROB = 0.3
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+# CPU-sized training defaults for the `tiny` CLIP on the shapes data (README, "What it reaches on 2 CPU cores")
+TRAINING_DEFAULTS = {
+    "train_batch_size": 256,
+    "learning_rate": 1e-3,
+    "max_train_steps": 520,
+    "lr_warmup_steps": 30,
+    "weight_decay": 0.1,
+    "adam_beta2": 0.98,
+    "adam_epsilon": 1e-6,
+    "checkpointing_steps": 100,
+    "validation_steps": 100,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,27 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "configure_clip_for_training); flash_attention_2/3 need the flash-attn package; not saved with the model",
     )
 
-    add_training_args(
-        parser,
-        train_batch_size=256,
-        learning_rate=1e-3,
-        max_train_steps=520,
-        lr_warmup_steps=30,
-        weight_decay=0.1,
-        adam_beta2=0.98,
-        adam_epsilon=1e-6,
-        checkpointing_steps=100,
-        validation_steps=100,
-    )
-    args = parser.parse_args(argv)
-    check_training_args(args)
+    add_training_args(parser, **TRAINING_DEFAULTS)
+    return parse_training_args(parser, argv, check_clip_args)
+
+
+def check_clip_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later, naming the option and the value."""
     if args.validation_max_images < 1:
         raise ValueError(f"`--validation-max-images` must be >= 1, got {args.validation_max_images}")
     if args.image_cache_mb < 0:
         raise ValueError(f"`--image-cache-mb` must be >= 0, got {args.image_cache_mb}")
     if not 0.0 <= args.grayscale_prob <= 1.0:
         raise ValueError(f"`--grayscale-prob` must be in [0, 1], got {args.grayscale_prob}")
-    return args
 
 
 class ContrastiveModel(nn.Module):
@@ -233,40 +235,17 @@ class ClipStage(Stage):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)  # 1. Accelerator, seed
-    with hold_output_dir(accelerator, args):
-        return train_clip(accelerator, args)
+    return run_stage(parse_args(argv), train_clip)
 
 
 def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
-
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(accelerator, args)
 
     # 2. Data
-    preset = clip_presets().get(args.model)
-    resolution = args.resolution or (preset["vision"]["image_size"] if preset else None)
-    dataset_kwargs = dataset_options(args)
-    dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
-    resolution = resolution or native_resolution(dataset)
-    if not is_streamed(dataset):  # streamed shards are decoded as they come
-        _cache_images(dataset, resolution, args.image_cache_mb)
-    validation = None
-    if args.validation_split != "none" and Path(args.data, args.validation_split).is_dir():
-        val_set = ImageCaptionDataset(args.data, split=args.validation_split, resolution=resolution, **dataset_kwargs)
-        held_out = (val_set.info or {}).get("held_out")
-        validation = (val_set, held_out, args.validation_max_images)
-    elif args.validation_split != "none":
-        logger.info("no %r split in %s; validation is off", args.validation_split, args.data)
+    dataset, resolution, validation = open_clip_data(args)
 
     # 3. Tokenizer and model
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        context = args.context_length or (preset["text"]["max_position_embeddings"] if preset else 77)
-        tokenizer = train_tokenizer(dataset.captions, vocab_size=args.vocab_size, context_length=context)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else train_clip_tokenizer(args, dataset)
     config = clip_config(
         args.model,
         vocab_size=len(tokenizer),
@@ -287,44 +266,61 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     loss_fn = create_loss(args.loss)
 
     # 4. Optimizer, schedule; prepare
-    optimizer = make_optimizer(model.parameters(), args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    compile_if_asked(model, args)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    init_trackers(accelerator, args)
+    prepared = prepare_training(accelerator, args, model)
 
     # 5. Train
     multiple = 8 if args.torch_compile else 1
     stage = ClipStage(
-        accelerator, model, tokenizer, image_processor, dataset, loss_fn, validation, args.grayscale_prob, multiple
-    )
-    result = train(
         accelerator,
-        args,
-        stage,
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        dataset=dataset,
-        collate_fn=collate_image_text,
+        prepared.model,
+        tokenizer,
+        image_processor,
+        dataset,
+        loss_fn,
+        validation,
+        args.grayscale_prob,
+        multiple,
     )
+    result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
 
     # 6. Save the final model and the run record
+    def record() -> dict:
+        return {"data": data_record(args, len(dataset)), "content_hash": content_hash(output_dir)}
+
     unwrapped = stage.unwrapped
+    logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
+    logit_scale = round(unwrapped.clip.logit_scale.exp().item(), 4)
     finish_run(
-        accelerator,
-        args,
-        stage,
-        result,
-        "clipcond-clip",
-        lambda: {
-            "data": {"path": str(args.data), "split": args.split, "num_samples": len(dataset)},
-            "content_hash": content_hash(output_dir),
-        },
-        logit_scale=round(unwrapped.clip.logit_scale.exp().item(), 4),
-        logit_bias=round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None,
+        accelerator, args, stage, result, "clipcond-clip", record, logit_scale=logit_scale, logit_bias=logit_bias
     )
     return 0
+
+
+def open_clip_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, int, tuple | None]:
+    """The training split at `--resolution` (default: the preset's, else the data's), its decoded images kept in
+    memory when they fit; and what validation reads (None when it is off or the split does not exist)."""
+    preset = clip_presets().get(args.model)
+    resolution = args.resolution or (preset["vision"]["image_size"] if preset else None)
+    dataset_kwargs = dataset_options(args)
+    dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+    resolution = resolution or native_resolution(dataset)
+    if not is_streamed(dataset):  # streamed shards are decoded as they come
+        _cache_images(dataset, resolution, args.image_cache_mb)
+    validation = None
+    if args.validation_split != "none" and Path(args.data, args.validation_split).is_dir():
+        val_set = ImageCaptionDataset(args.data, split=args.validation_split, resolution=resolution, **dataset_kwargs)
+        held_out = (val_set.info or {}).get("held_out")
+        validation = (val_set, held_out, args.validation_max_images)
+    elif args.validation_split != "none":
+        logger.info("no %r split in %s; validation is off", args.validation_split, args.data)
+    return dataset, resolution, validation
+
+
+def train_clip_tokenizer(args: argparse.Namespace, dataset):
+    """A tokenizer trained on the training captions, with the preset's context length unless `--context-length`."""
+    preset = clip_presets().get(args.model)
+    context = args.context_length or (preset["text"]["max_position_embeddings"] if preset else 77)
+    return train_tokenizer(dataset.captions, vocab_size=args.vocab_size, context_length=context)
 
 
 def configure_clip_for_training(

@@ -70,14 +70,12 @@ from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
-    compile_if_asked,
     draw_rows,
     finish_run,
     hold_output_dir,
-    init_trackers,
     make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
+    make_output_dir,
+    prepare_training,
     train,
 )
 from clipcond.transfer import to_device
@@ -634,9 +632,7 @@ def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> in
     # 2. The frozen text encoder (first: a wrong --clip fails before anything is read or written)
     encoder = load_frozen_text_encoder(args)
     text_encoder, tokenizer, clip_hash = encoder.text_encoder, encoder.tokenizer, encoder.content_hash
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(accelerator, args)
     text_encoder.to(accelerator.device)
     width = encoder.text_width  # per-token state width
     # A UNet built now: another --cross-attention-dim gets a learned projection (encoder_hid_dim, below)
@@ -694,11 +690,8 @@ def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> in
     )
 
     # 6. Optimizer (the UNet's parameters only: the text encoder is frozen), schedule; prepare
-    optimizer = make_optimizer(unet.parameters(), args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    compile_if_asked(unet, args)
-    model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    init_trackers(accelerator, args)
+    prepared = prepare_training(accelerator, args, unet)
+    model = prepared.model
 
     # 7. Train
     validation = None
@@ -728,9 +721,7 @@ def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> in
         accelerator,
         args,
         stage,
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        prepared,
         dataset=dataset,
         collate_fn=collate_image_text,
     )

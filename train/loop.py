@@ -219,6 +219,16 @@ def _add_bookkeeping_args(g: argparse._ArgumentGroup, d: dict[str, Any]) -> None
     g.add_argument("--tracker-project-name", default="clipcond", help="project name given to the tracker")
 
 
+def parse_training_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, check: Callable[[argparse.Namespace], None]
+) -> argparse.Namespace:
+    """`argv` parsed, then checked: the training options (`check_training_args`), then the stage's (`check`)."""
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    check(args)
+    return args
+
+
 def check_training_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later, naming the option and the value; and an `--output-dir` that cannot be
     written, before any work."""
@@ -252,6 +262,22 @@ def hold_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Itera
     with contextlib.ExitStack() as stack:
         on_main(accelerator, lambda: stack.enter_context(run_folder_lock(args.output_dir, flag="--output-dir")))
         yield
+
+
+def make_output_dir(accelerator: Accelerator, args: argparse.Namespace) -> Path:
+    """`--output-dir`, made by the main process (the one that writes there)."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def run_stage(args: argparse.Namespace, train_stage: Callable[[Accelerator, argparse.Namespace], int]) -> int:
+    """The body of a training entry point's `main`, after `parse_args`: 1. the Accelerator (seeded), then
+    `train_stage(accelerator, args)` while holding `--output-dir`."""
+    accelerator = make_accelerator(args)
+    with hold_output_dir(accelerator, args):
+        return train_stage(accelerator, args)
 
 
 def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
@@ -411,6 +437,26 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace
         num_warmup_steps=min(args.lr_warmup_steps, args.max_train_steps),
         num_training_steps=args.max_train_steps,
     )
+
+
+@dataclass
+class Prepared:
+    """A model, its optimizer and learning-rate schedule, as Accelerate's `prepare` returned them."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+
+
+def prepare_training(accelerator: Accelerator, args: argparse.Namespace, model: torch.nn.Module) -> Prepared:
+    """The model's optimizer (its trainable parameters only) and learning-rate schedule, the model compiled when
+    asked, all three prepared by Accelerate; and the trackers started."""
+    optimizer = make_optimizer(model.parameters(), args, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args)
+    compile_if_asked(model, args)
+    prepared = Prepared(*accelerator.prepare(model, optimizer, lr_scheduler))
+    init_trackers(accelerator, args)
+    return prepared
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -850,14 +896,13 @@ def train(
     accelerator: Accelerator,
     args: argparse.Namespace,
     stage: Stage,
+    prepared: Prepared,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler,
     dataset: Dataset,
     collate_fn: Callable,
 ) -> TrainResult:
     """Run the optimisation loop of a prepared model. Returns when `args.max_train_steps` steps are done."""
+    model, optimizer, lr_scheduler = prepared.model, prepared.optimizer, prepared.lr_scheduler
     loader, epochs = make_loader(accelerator, args, dataset, collate_fn)
     checkpoints = Checkpoints(args.output_dir, args.checkpoints_total_limit, writer=_writer(accelerator))
     # All the stage's randomness (noise, timesteps, caption dropout) comes from this generator, whose state the
@@ -1142,6 +1187,11 @@ def summary(result: TrainResult, **extra: Any) -> dict[str, Any]:
         **_round(result.validation),
         **extra,
     }
+
+
+def data_record(args: argparse.Namespace, num_samples: int, **facts: Any) -> dict[str, Any]:
+    """The run record's `data` section: the data set (`--data`, `--split`) and its size, then the stage's facts."""
+    return {"path": str(args.data), "split": args.split, "num_samples": num_samples, **facts}
 
 
 def export_final(output_dir: Path, export: Callable[[Path], None]) -> None:

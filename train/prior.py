@@ -74,14 +74,11 @@ from clipcond.train.loop import (
     Stage,
     add_training_args,
     check_training_args,
-    compile_if_asked,
     draw_rows,
     finish_run,
-    hold_output_dir,
-    init_trackers,
-    make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
+    make_output_dir,
+    prepare_training,
+    run_stage,
     train,
 )
 from clipcond.transfer import to_device
@@ -352,10 +349,7 @@ class PriorStage(Stage):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)  # 1. Accelerator, seed
-    with hold_output_dir(accelerator, args):
-        return train_prior(accelerator, args)
+    return run_stage(parse_args(argv), train_prior)
 
 
 def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
@@ -372,9 +366,7 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
     if encoder.embed_dim is None:
         raise ValueError(f"`--text-encoder` {encoder.name!r} has no pooled embedding; the prior needs a CLIP")
     clip_hash = encoder.content_hash
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(accelerator, args)
     text_encoder.to(accelerator.device)
     vision_model.to(accelerator.device)
     resolution = vision_model.config.image_size
@@ -439,11 +431,8 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
     )
 
     # 6. Optimizer (the prior's weights only: both towers are frozen), schedule; prepare
-    optimizer = make_optimizer(prior.parameters(), args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    compile_if_asked(prior, args)
-    model, optimizer, lr_scheduler = accelerator.prepare(prior, optimizer, lr_scheduler)
-    init_trackers(accelerator, args)
+    prepared = prepare_training(accelerator, args, prior)
+    model = prepared.model
 
     # 7. Train
     validation = None
@@ -472,9 +461,7 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
         accelerator,
         args,
         stage,
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        prepared,
         dataset=_IndexDataset(len(dataset)),
         collate_fn=_collate_indices,
     )

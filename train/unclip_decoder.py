@@ -64,12 +64,10 @@ from clipcond.train.decoder import (
 )
 from clipcond.train.ema import ema_record, ema_weights, make_ema
 from clipcond.train.loop import (
-    compile_if_asked,
     draw_rows,
     finish_run,
-    init_trackers,
-    make_lr_scheduler,
-    make_optimizer,
+    make_output_dir,
+    prepare_training,
     train,
 )
 from clipcond.transfer import to_device
@@ -298,9 +296,7 @@ def main_image_embedding(accelerator: Accelerator, args: argparse.Namespace) -> 
         image_encoder, image_mean, image_std = encoder.image_encoder, encoder.image_mean, encoder.image_std
         lineage = encoder.lineage()
     clip_hash = lineage["content_hash"]
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_output_dir(accelerator, args)
     image_encoder.to(accelerator.device)
     clip_size = image_encoder.config.image_size
     embedding_dim = image_encoder.config.projection_dim
@@ -366,11 +362,8 @@ def main_image_embedding(accelerator: Accelerator, args: argparse.Namespace) -> 
     )
 
     # 6. Optimizer (the UNet's and the tokens' parameters: the image encoder is frozen), schedule; prepare
-    optimizer = make_optimizer(decoder.parameters(), args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    compile_if_asked(decoder, args)
-    model, optimizer, lr_scheduler = accelerator.prepare(decoder, optimizer, lr_scheduler)
-    init_trackers(accelerator, args)
+    prepared = prepare_training(accelerator, args, decoder)
+    model = prepared.model
 
     # 7. Train
     validation = None
@@ -404,9 +397,7 @@ def main_image_embedding(accelerator: Accelerator, args: argparse.Namespace) -> 
         accelerator,
         args,
         stage,
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        prepared,
         dataset=dataset,
         collate_fn=collate_image_text,
     )

@@ -17,6 +17,7 @@ from clipcond.train.loop import (
     MAX_AUTO_WORKERS,
     STATE_FILE,
     Checkpoints,
+    Prepared,
     ShardedEpochSampler,
     Stage,
     TrainingState,
@@ -265,9 +266,9 @@ def _train_linear(args, sgd=False):
     stage = _LinearStage(model)
     logged = []
     accelerator.log = lambda values, step: logged.append((step, values))
-    kwargs = {"model": model, "optimizer": optimizer, "lr_scheduler": scheduler}
+    prepared = Prepared(model, optimizer, scheduler)
     with _HostReads() as reads:
-        result = train(accelerator, args, stage, **kwargs, dataset=_Numbers(), collate_fn=_collate)
+        result = train(accelerator, args, stage, prepared, dataset=_Numbers(), collate_fn=_collate)
     return result, stage, logged, reads.count
 
 

@@ -18,7 +18,7 @@ from transformers import CLIPTextModelWithProjection
 
 from clipcond import conditioning as conditioning_module
 from clipcond.lineage import content_hash
-from clipcond.train import decoder
+from clipcond.train import decoder, loop
 from clipcond.train.decoder import (
     Conditioning,
     DecoderStage,
@@ -79,7 +79,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("decoder_run")
     seen = SimpleNamespace(encode_calls=0)
-    load_text_tower, create_unet, make_optimizer = decoder.load_text_tower, decoder.create_unet, decoder.make_optimizer
+    load_text_tower, create_unet, make_optimizer = decoder.load_text_tower, decoder.create_unet, loop.make_optimizer
     encode_prompts = conditioning_module.encode_prompts
 
     def capture_encoder(path):
@@ -104,7 +104,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(decoder, "load_text_tower", capture_encoder)
         mp.setattr(decoder, "create_unet", capture_unet)
-        mp.setattr(decoder, "make_optimizer", capture_optimizer)
+        mp.setattr(loop, "make_optimizer", capture_optimizer)
         mp.setattr(conditioning_module, "encode_prompts", count_encode)
         assert cli_main(["train", "decoder", *argv]) == 0
     _reset_accelerate()
