@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, PriorTransformer
 
 from clipcond.conditioning import (
     ImageEmbeddingCache,
@@ -44,12 +44,10 @@ from clipcond.conditioning import (
     unique_captions,
 )
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import add_data_arguments, dataset_options, open_image_text_dataset
-from clipcond.encoders.base import FrozenEncoder, load_encoder
-from clipcond.finite import finite_float
+from clipcond.data.open import dataset_options, open_image_text_dataset
+from clipcond.encoders.base import FrozenEncoder
 from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
-from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.prior import (
     PriorTextInputs,
     check_prior_fits,
@@ -60,23 +58,31 @@ from clipcond.models.prior import (
     set_embedding_statistics,
     standardize,
 )
-from clipcond.train.ema import (
-    add_ema_args,
-    check_ema_args,
-    ema_record,
-    ema_state,
-    ema_weights,
-    load_ema_state,
-    make_ema,
+from clipcond.train.diffusion import (
+    DiffusionStage,
+    ValidationSettings,
+    add_cache_args,
+    add_caption_dropout_arg,
+    add_encoder_and_data_args,
+    add_noise_schedule_args,
+    add_sampler_args,
+    cache_dir,
+    cache_image_embeddings,
+    cache_text_embeddings,
+    check_diffusion_args,
+    lineage_record,
+    load_frozen_encoder,
+    make_noise_scheduler,
 )
+from clipcond.train.ema import add_ema_args, ema_record, ema_weights, make_ema
 from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
-    Stage,
     add_training_args,
-    check_training_args,
+    data_record,
     draw_rows,
     finish_run,
     make_output_dir,
+    parse_training_args,
     prepare_training,
     run_stage,
     train,
@@ -85,10 +91,20 @@ from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # DDPM (Ho et al.); Nichol & Dhariwal 2021
 # Predicted standardised embeddings are clipped to +-5 standard deviations at each sampling step, as Karlo's prior
 # scheduler does: a guard against guidance overshooting, far outside the data.
 CLIP_SAMPLE_RANGE = 5.0
+
+# CPU-sized training defaults for the `tiny` prior on the shapes data (README, "What it reaches on 2 CPU cores")
+TRAINING_DEFAULTS = {
+    "train_batch_size": 256,
+    "learning_rate": 1e-3,
+    "max_train_steps": 250,
+    "lr_warmup_steps": 25,
+    "weight_decay": 1e-2,
+    "checkpointing_steps": 125,
+    "validation_steps": 125,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,93 +115,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
-    encoder = data.add_mutually_exclusive_group(required=True)
-    encoder.add_argument(
-        "--text-encoder",
-        default=None,
-        metavar="SPEC",
-        help="the frozen CLIP (both towers): clipcond:RUN, transformers:PATH or open_clip:MODEL@WEIGHTS "
+    add_encoder_and_data_args(
+        data,
+        "the frozen CLIP (both towers): clipcond:RUN, transformers:PATH or open_clip:MODEL@WEIGHTS "
         "(clipcond.encoders)",
     )
-    encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
-    add_data_arguments(data)
-    data.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder of the text- and image-embedding caches (default OUTPUT_DIR/cache; files are keyed by encoder "
-        "and data, so runs may share a folder)",
+    add_cache_args(
+        data,
+        cache_help="folder of the text- and image-embedding caches (default OUTPUT_DIR/cache; files are keyed by "
+        "encoder and data, so runs may share a folder)",
+        batch_help="captions or images per CLIP call",
     )
-    data.add_argument("--encode-batch-size", type=int, default=256, help="captions or images per CLIP call")
-
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", default="tiny", help="PriorTransformer preset (test, tiny, small, base) or a JSON config file"
     )
-
     diffusion = parser.add_argument_group("diffusion")
-    diffusion.add_argument(
-        "--beta-schedule", default="cosine", choices=sorted(BETA_SCHEDULES), help="DDPM noise schedule"
-    )
-    diffusion.add_argument("--num-train-timesteps", type=int, default=1000, help="diffusion steps of the schedule")
-    diffusion.add_argument(
-        "--caption-dropout",
-        type=finite_float,
-        default=0.1,
-        help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
-    )
+    add_noise_schedule_args(diffusion)
+    add_caption_dropout_arg(diffusion)
     add_ema_args(parser, "prior weights")
-
     val = parser.add_argument_group("validation (`clipcond eval prior` on the first captions of a split)")
     val.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
     val.add_argument("--validation-max-captions", type=int, default=128, help="captions (items) per validation")
-    val.add_argument("--validation-inference-steps", type=int, default=25, help="DDPM sampling steps")
-    val.add_argument(
-        "--validation-guidance-scale", type=finite_float, default=4.0, help="classifier-free guidance weight"
-    )
-
-    # CPU-sized defaults for the `tiny` prior on the shapes data (README, "What it reaches on 2 CPU cores")
-    add_training_args(
-        parser,
-        train_batch_size=256,
-        learning_rate=1e-3,
-        max_train_steps=250,
-        lr_warmup_steps=25,
-        weight_decay=1e-2,
-        checkpointing_steps=125,
-        validation_steps=125,
-    )
-    args = parser.parse_args(argv)
-    check_training_args(args)
-    check_prior_args(args)
-    return args
+    add_sampler_args(val, steps=25, steps_help="DDPM sampling steps", guidance_scale=4.0)
+    add_training_args(parser, **TRAINING_DEFAULTS)
+    return parse_training_args(parser, argv, check_prior_args)
 
 
 def check_prior_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
-    if not 0.0 <= args.caption_dropout < 1.0:
-        raise ValueError(f"`--caption-dropout` must be in [0, 1), got {args.caption_dropout}")
-    check_ema_args(args)
-    for name in ("num_train_timesteps", "encode_batch_size", "validation_max_captions", "validation_inference_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    check_diffusion_args(args, positive=("validation_max_captions", "validation_inference_steps"))
     if args.validation_guidance_scale < 0:
         raise ValueError(f"`--validation-guidance-scale` must be >= 0, got {args.validation_guidance_scale}")
-
-
-def make_noise_scheduler(args: argparse.Namespace) -> DDPMScheduler:
-    """The training noise schedule, saved with the pipeline, which samples with it.
-
-    The prior predicts the unnoised sample ("sample" prediction, DALL-E 2 sec. 2.1); `timestep_spacing="trailing"`
-    makes few-step sampling start at the last training step, where the embedding is pure noise (Lin et al. 2024).
-    """
-    return DDPMScheduler(
-        num_train_timesteps=args.num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[args.beta_schedule],
-        prediction_type="sample",
-        clip_sample=True,
-        clip_sample_range=CLIP_SAMPLE_RANGE,
-        timestep_spacing="trailing",
-    )
 
 
 # ---------------------------------------------------------------------------------------------- the training data
@@ -228,44 +189,24 @@ class PriorData:
 
 
 @dataclass
-class ValidationSettings:
+class PriorValidation(ValidationSettings):
+    """`clipcond eval prior`'s figures on the first `max_captions` items of the validation split."""
+
     dataset: ImageCaptionDataset
-    image_cache: ImageEmbeddingCache
+    image_cache: ImageEmbeddingCache  # the validation images' CLIP embeddings
     max_captions: int
-    inference_steps: int
-    guidance_scale: float
-    seed: int
 
 
-class PriorStage(Stage):
-    def __init__(
-        self,
-        accelerator,
-        model,
-        noise_scheduler: DDPMScheduler,
-        data: PriorData,
-        *,
-        text_encoder,
-        tokenizer,
-        caption_dropout: float,
-        ema,
-        validation: ValidationSettings | None,
-        clip_hash: str,
-    ):
-        self.accelerator = accelerator
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.data = data
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.caption_dropout = caption_dropout
-        self.ema = ema
-        self.validation = validation
-        self.clip_hash = clip_hash
+@dataclass(eq=False)
+class PriorStage(DiffusionStage):
+    """The prior's loss (the unnoised embedding regressed, DALL-E 2 sec. 2.1) and its validation figures."""
 
-    @property
-    def unwrapped(self) -> PriorTransformer:
-        return self.accelerator.unwrap_model(self.model)
+    data: PriorData
+    _: KW_ONLY
+    text_encoder: torch.nn.Module  # frozen; its outputs are cached, the pipeline runs it
+    tokenizer: Any
+    caption_dropout: float
+    validation: PriorValidation | None
 
     def loss(self, batch, generator):
         device = self.accelerator.device
@@ -292,10 +233,6 @@ class PriorStage(Stage):
         )[0]  # (B, D): the unnoised standardised embedding
         return F.mse_loss(prediction.float(), sample.float()), {}
 
-    def after_optimizer_step(self):
-        if self.ema is not None:
-            self.ema.step(self.unwrapped.parameters())
-
     def pipeline(self, prior, scheduler):
         from clipcond.pipelines.prior import PriorPipeline
 
@@ -317,10 +254,9 @@ class PriorStage(Stage):
                 pipe,
                 v.dataset,
                 image_cache=v.image_cache,
-                guidance_scale=v.guidance_scale,
-                num_inference_steps=v.inference_steps,
                 max_captions=v.max_captions,
                 seed=v.seed,
+                **v.sampler_kwargs(),
             )
         return {
             key: value
@@ -328,21 +264,142 @@ class PriorStage(Stage):
             if key.startswith(("cosine", "zero_shot")) and value is not None
         }
 
-    def extra_state(self):
-        return {"clip_content_hash": self.clip_hash, **ema_state(self.ema)}
 
-    def load_extra_state(self, state):
-        saved_hash = state.get("clip_content_hash")
-        if saved_hash is not None and saved_hash != self.clip_hash:
-            raise ValueError(
-                f"the checkpoint was trained on the CLIP with content hash {saved_hash[:12]}..., but `--clip` has "
-                f"{self.clip_hash[:12]}...; resume with the CLIP it was trained on, or start a new run"
-            )
-        load_ema_state(self.ema, state, self.accelerator.device)
+# -------------------------------------------------------------------------------------------- set-up steps
 
-    def export(self, path: Path):
-        with ema_weights(self.ema, self.unwrapped) as prior:
-            self.pipeline(prior, self.noise_scheduler).save_pretrained(path, safe_serialization=True)
+
+def load_clip(args: argparse.Namespace, device: torch.device) -> FrozenEncoder:
+    """Both towers of the frozen CLIP, on `device`; an encoder without a pooled embedding (T5) is refused."""
+    encoder = load_frozen_encoder(args, text=True, image=True)
+    if encoder.embed_dim is None:
+        raise ValueError(f"`--text-encoder` {encoder.name!r} has no pooled embedding; the prior needs a CLIP")
+    return encoder.to(device)
+
+
+def open_prior_data(
+    args: argparse.Namespace, resolution: int
+) -> tuple[torch.utils.data.Dataset, ImageCaptionDataset | None]:
+    """The training split at the image encoder's `resolution`, and the validation split (None when validation is
+    off or the split does not exist)."""
+    dataset_kwargs = {**dataset_options(args), "resolution": resolution}
+    dataset = open_image_text_dataset(args.data, split=args.split, **dataset_kwargs)
+    if not args.validation_steps or args.validation_split == "none":
+        return dataset, None
+    if not Path(args.data, args.validation_split).is_dir():
+        logger.info("no split %r in %s: no validation", args.validation_split, args.data)
+        return dataset, None
+    return dataset, ImageCaptionDataset(args.data, split=args.validation_split, **dataset_kwargs)
+
+
+@dataclass
+class PriorCaches:
+    """The frozen towers' outputs, computed once: the distinct captions' text embeddings, the training (and
+    validation) images' CLIP embeddings."""
+
+    captions: list[str]  # the distinct captions, in the text cache's row order
+    caption_rows: torch.Tensor  # (N,) data set index -> text cache row
+    text: TextEmbeddingCache
+    image: ImageEmbeddingCache
+    validation_image: ImageEmbeddingCache | None
+
+
+def encode_prior_data(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    encoder: FrozenEncoder,
+    dataset,
+    validation_set: ImageCaptionDataset | None,
+) -> PriorCaches:
+    """Fill (or read) the caches, by the main process first; the others then read the files."""
+    folder = cache_dir(args, Path(args.output_dir))
+    captions, caption_rows = unique_captions(dataset.captions)
+    with accelerator.main_process_first():
+        text_cache = cache_text_embeddings(accelerator, args, encoder, captions, folder)
+        image_cache = cache_image_embeddings(accelerator, args, encoder, dataset, folder)
+        validation_cache = None
+        if validation_set is not None:
+            validation_cache = cache_image_embeddings(accelerator, args, encoder, validation_set, folder)
+    return PriorCaches(captions, caption_rows, text_cache, image_cache, validation_cache)
+
+
+def build_prior(
+    args: argparse.Namespace, encoder: FrozenEncoder, caches: PriorCaches
+) -> tuple[torch.nn.Module, PriorData]:
+    """A prior of `--model`'s preset for the CLIP's widths, standardising with the training images' statistics, and
+    the training targets it learns."""
+    text_encoder, tokenizer = encoder.text_encoder, encoder.tokenizer
+    config = prior_config(
+        args.model,
+        embedding_dim=text_encoder.config.projection_dim,
+        num_embeddings=context_length(text_encoder, tokenizer),
+    )
+    prior = create_prior(config)
+    check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
+    image_embeds = F.normalize(caches.image.embeddings.float(), dim=-1)  # (N, D)
+    mean, std = embedding_statistics(image_embeds)
+    set_embedding_statistics(prior, mean, std)
+    data = PriorData(
+        targets=standardize(prior, image_embeds),
+        text_cache=caches.text,
+        caption_rows=caches.caption_rows[caches.image.item_indices],
+    )
+    if args.gradient_checkpointing:
+        logger.warning("--gradient-checkpointing is ignored: PriorTransformer does not support it")
+    logger.info(
+        "prior %r: %.2f M parameters, width %d, %d layers; CLIP embedding width %d, %d text positions",
+        args.model,
+        trainable_parameters(prior) / 1e6,
+        config["num_attention_heads"] * config["attention_head_dim"],
+        config["num_layers"],
+        config["embedding_dim"],
+        config["num_embeddings"],
+    )
+    return prior, data
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_validation(args: argparse.Namespace, validation_set, caches: PriorCaches) -> PriorValidation | None:
+    if validation_set is None:
+        return None
+    return PriorValidation(
+        **ValidationSettings.sampler_args(args),
+        dataset=validation_set,
+        image_cache=caches.validation_image,
+        max_captions=args.validation_max_captions,
+    )
+
+
+def run_record(
+    args: argparse.Namespace, encoder: FrozenEncoder, *, dataset, caches: PriorCaches, prior, validation, ema
+) -> dict:
+    """The prior's sections of the run record (after the export: it hashes the saved prior)."""
+    config = prior.config
+    return {
+        "data": data_record(
+            args,
+            len(dataset),
+            num_captions=len(caches.captions),
+            resolution=encoder.image_size,
+            skipped_files=caches.image.skipped,
+            validation_split=args.validation_split if validation is not None else None,
+        ),
+        **lineage_record(args, encoder),
+        "caches": {
+            "text": {"path": str(caches.text.path), "key": caches.text.key},
+            "image": {"path": str(caches.image.path), "key": caches.image.key},
+        },
+        "prior": {
+            "preset": args.model,
+            "parameters": trainable_parameters(prior),
+            "embedding_dim": config["embedding_dim"],
+            "num_embeddings": config["num_embeddings"],
+            "content_hash": content_hash(Path(args.output_dir) / "prior"),
+        },
+        "ema": ema_record(ema),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- the entry
@@ -353,148 +410,48 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
-
     # 2. The frozen towers (first: a wrong --clip fails before anything is read or written)
-    if args.text_encoder is None:  # --clip RUN: the synonym of --text-encoder clipcond:RUN
-        text_encoder, tokenizer = load_text_tower(args.clip)
-        vision_model, image_mean, image_std = load_vision_tower(args.clip)
-        encoder = FrozenEncoder("clipcond", str(args.clip), content_hash(args.clip), text_encoder, tokenizer)
-    else:
-        encoder = load_encoder(args.text_encoder, what="--text-encoder", need_image=True)
-        text_encoder, tokenizer = encoder.text_encoder, encoder.tokenizer
-        vision_model, image_mean, image_std = encoder.image_encoder, encoder.image_mean, encoder.image_std
-    if encoder.embed_dim is None:
-        raise ValueError(f"`--text-encoder` {encoder.name!r} has no pooled embedding; the prior needs a CLIP")
-    clip_hash = encoder.content_hash
-    output_dir = make_output_dir(accelerator, args)
-    text_encoder.to(accelerator.device)
-    vision_model.to(accelerator.device)
-    resolution = vision_model.config.image_size
+    encoder = load_clip(args, accelerator.device)
+    make_output_dir(accelerator, args)
 
     # 3. Data, at the image encoder's resolution
-    dataset_kwargs = {**dataset_options(args), "resolution": resolution}
-    dataset = open_image_text_dataset(args.data, split=args.split, **dataset_kwargs)
-    validation_set = None
-    if args.validation_steps and args.validation_split != "none":
-        if Path(args.data, args.validation_split).is_dir():
-            validation_set = ImageCaptionDataset(args.data, split=args.validation_split, **dataset_kwargs)
-        else:
-            logger.info("no split %r in %s: no validation", args.validation_split, args.data)
+    dataset, validation_set = open_prior_data(args, encoder.image_size)
 
-    # 4. Embeddings of the captions and images, computed once (by the main process; the others then read the files)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
-    captions, caption_rows = unique_captions(dataset.captions)
-    encode = {"batch_size": args.encode_batch_size, "device": accelerator.device}
-    with accelerator.main_process_first():
-        progress = accelerator.is_local_main_process
-        text_cache = TextEmbeddingCache.build_or_load(
-            text_encoder, tokenizer, captions, cache_dir, progress=progress, **encode
-        )
-        image_kwargs = {"image_mean": image_mean, "image_std": image_std, "progress": progress, **encode}
-        image_cache = ImageEmbeddingCache.build_or_load(vision_model, dataset, cache_dir, **image_kwargs)
-        validation_cache = None
-        if validation_set is not None:
-            validation_cache = ImageEmbeddingCache.build_or_load(
-                vision_model, validation_set, cache_dir, **image_kwargs
-            )
-    vision_model.to("cpu")  # not needed any more: the caches hold what training and validation read
+    # 4. Embeddings of the captions and images, computed once
+    caches = encode_prior_data(accelerator, args, encoder, dataset, validation_set)
+    encoder.image_encoder.to("cpu")  # not needed any more: the caches hold what training and validation read
 
     # 5. The prior, its standardisation from the training images, the noise schedule, EMA
-    config = prior_config(
-        args.model,
-        embedding_dim=text_encoder.config.projection_dim,
-        num_embeddings=context_length(text_encoder, tokenizer),
-    )
-    prior = create_prior(config)
-    check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
-    image_embeds = F.normalize(image_cache.embeddings.float(), dim=-1)  # (N, D)
-    mean, std = embedding_statistics(image_embeds)
-    set_embedding_statistics(prior, mean, std)
-    data = PriorData(
-        targets=standardize(prior, image_embeds),
-        text_cache=text_cache,
-        caption_rows=caption_rows[image_cache.item_indices],
-    )
-    if args.gradient_checkpointing:
-        logger.warning("--gradient-checkpointing is ignored: PriorTransformer does not support it")
-    noise_scheduler = make_noise_scheduler(args)
+    prior, data = build_prior(args, encoder, caches)
+    # the prior predicts the unnoised embedding ("sample" prediction, DALL-E 2 sec. 2.1)
+    noise_scheduler = make_noise_scheduler(args, prediction_type="sample", clip_sample_range=CLIP_SAMPLE_RANGE)
     ema = make_ema(prior, args, accelerator.device)  # after the statistics: the EMA copies them
-    num_parameters = sum(p.numel() for p in prior.parameters() if p.requires_grad)
-    logger.info(
-        "prior %r: %.2f M parameters, width %d, %d layers; CLIP embedding width %d, %d text positions",
-        args.model,
-        num_parameters / 1e6,
-        config["num_attention_heads"] * config["attention_head_dim"],
-        config["num_layers"],
-        config["embedding_dim"],
-        config["num_embeddings"],
-    )
 
     # 6. Optimizer (the prior's weights only: both towers are frozen), schedule; prepare
     prepared = prepare_training(accelerator, args, prior)
-    model = prepared.model
 
     # 7. Train
-    validation = None
-    if validation_set is not None:
-        validation = ValidationSettings(
-            dataset=validation_set,
-            image_cache=validation_cache,
-            max_captions=args.validation_max_captions,
-            inference_steps=args.validation_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            seed=args.seed,
-        )
     stage = PriorStage(
         accelerator,
-        model,
+        prepared.model,
         noise_scheduler,
         data,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=encoder.text_encoder,
+        tokenizer=encoder.tokenizer,
         caption_dropout=args.caption_dropout,
         ema=ema,
-        validation=validation,
-        clip_hash=clip_hash,
+        validation=make_validation(args, validation_set, caches),
+        clip_hash=encoder.content_hash,
     )
     result = train(
-        accelerator,
-        args,
-        stage,
-        prepared,
-        dataset=_IndexDataset(len(dataset)),
-        collate_fn=_collate_indices,
+        accelerator, args, stage, prepared, dataset=_IndexDataset(len(dataset)), collate_fn=_collate_indices
     )
 
     # 8. Save the pipeline (EMA weights) and the run record
-    def record() -> dict:
-        return {
-            "data": {
-                "path": str(args.data),
-                "split": args.split,
-                "num_samples": len(dataset),
-                "num_captions": len(captions),
-                "resolution": resolution,
-                "skipped_files": image_cache.skipped,
-                "validation_split": args.validation_split if validation is not None else None,
-            },
-            "clip": {"path": str(args.clip or encoder.name), "content_hash": clip_hash},
-            "encoder": encoder.lineage(),
-            "caches": {
-                "text": {"path": str(text_cache.path), "key": text_cache.key},
-                "image": {"path": str(image_cache.path), "key": image_cache.key},
-            },
-            "prior": {
-                "preset": args.model,
-                "parameters": num_parameters,
-                "embedding_dim": config["embedding_dim"],
-                "num_embeddings": config["num_embeddings"],
-                "content_hash": content_hash(output_dir / "prior"),
-            },
-            "ema": ema_record(ema),
-        }
-
-    finish_run(accelerator, args, stage, result, "clipcond-prior", record)
+    record = {"dataset": dataset, "caches": caches, "prior": prior, "validation": stage.validation}
+    finish_run(
+        accelerator, args, stage, result, "clipcond-prior", lambda: run_record(args, encoder, ema=ema, **record)
+    )
     return 0
 
 

@@ -20,7 +20,7 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.lineage import content_hash
 from clipcond.models.clip import normalize_pixels
 from clipcond.pipelines.prior import PriorPipeline
-from clipcond.train import loop
+from clipcond.train import diffusion, loop
 from clipcond.train import prior as prior_module
 from clipcond.train.prior import PriorData, PriorStage, main
 
@@ -64,7 +64,7 @@ def prior_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("prior_run")
     seen = SimpleNamespace(encode_calls=0, vision_calls=0)
-    load_text, load_vision = prior_module.load_text_tower, prior_module.load_vision_tower
+    load_text, load_vision = diffusion.load_text_tower, diffusion.load_vision_tower
     create_prior, make_optimizer = prior_module.create_prior, loop.make_optimizer
     encode_prompts = conditioning_module.encode_prompts
 
@@ -94,8 +94,8 @@ def prior_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     argv = _argv(tiny_clip_run, shapes_data, out, *RESUME_ARGS, "--report-to", "tensorboard")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prior_module, "load_text_tower", capture_text)
-        mp.setattr(prior_module, "load_vision_tower", capture_vision)
+        mp.setattr(diffusion, "load_text_tower", capture_text)
+        mp.setattr(diffusion, "load_vision_tower", capture_vision)
         mp.setattr(prior_module, "create_prior", capture_prior)
         mp.setattr(loop, "make_optimizer", capture_optimizer)
         mp.setattr(conditioning_module, "encode_prompts", count_encode)
