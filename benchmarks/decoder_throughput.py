@@ -101,8 +101,9 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
 
     from clipcond.conditioning import TextEmbeddingCache, unique_captions
     from clipcond.models.unet import create_unet
-    from clipcond.train.decoder import DecoderStage, TextConditioning, configure_unet_for_training
+    from clipcond.train.decoder import DecoderStage, configure_unet_for_training
     from clipcond.train.loop import make_optimizer, training_step
+    from clipcond.train.text_decoder import TextConditioning
 
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     device = accelerator.device
@@ -124,8 +125,7 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
         model,
         scheduler,
         TextConditioning(cache, rows, caption_dropout=0.1),
-        text_encoder=shared.text_encoder,
-        tokenizer=shared.tokenizer,
+        plugin=None,  # no validation or export here
         ema=ema,
         snr_gamma=None,
         validation=None,

@@ -1,40 +1,36 @@
-"""`clipcond train decoder`: a diffusers `UNet2DConditionModel` conditioned on the frozen text tower of a CLIP run.
+"""`clipcond train decoder`: a diffusers `UNet2DConditionModel` conditioned on a frozen CLIP (or text encoder).
 
     clipcond train decoder --clip runs/clip --data shapes/ --output-dir runs/decoder
     clipcond train decoder --text-encoder open_clip:ViT-B-32@vit-b-32.bin --data shapes/ --output-dir runs/decoder
+    clipcond train decoder --conditioning image-embedding --clip runs/clip --data shapes/ --output-dir runs/unclip
     accelerate launch -m clipcond.train.decoder --clip runs/clip --data shapes/ --output-dir runs/decoder
 
 The frozen encoder is any `clipcond.encoders` adapter (`--text-encoder SPEC`: clipcond:RUN, transformers:PATH,
 open_clip:MODEL@WEIGHTS, t5:PATH; `--clip RUN` is `--text-encoder clipcond:RUN`); the run record names it
 (`encoder`: kind, name, content hash) and `clipcond.encoders.load_text_to_image` refuses the run beside another.
 
-The Stable Diffusion path at the data's resolution, in pixel space: the UNet cross-attends to the per-token states
-of CLIP's text encoder (`CLIPTextModelWithProjection` loaded from the CLIP run, frozen), learns DDPM's denoising
-objective (epsilon or v targets, optional min-SNR weighting), drops captions to the empty prompt for classifier-free
-guidance, and keeps an EMA of its weights. The text encoder runs once per distinct caption, before training, into a
-`TextEmbeddingCache`; training steps only look rows up. The cache's default folder is `RUN/cache/`: the run folder is
-the one place this command owns and knows it can write (a data folder may be read-only or shared by users, and a
-CSV's parent is no data set's folder), and a resumed run finds it there. Its files are keyed by encoder and captions,
-so several runs on one CLIP and data set can share a `--cache-dir` instead.
+One training flow (`train_decoder`) for every conditioning, at the data's resolution, in pixel space: the frozen
+encoder runs once over the training data into a cache (by default in `RUN/cache/`, the one folder this command
+owns; its files are keyed by encoder and data, so runs may share a `--cache-dir`), training steps look rows up, the
+UNet learns DDPM's denoising objective (epsilon or v targets, optional min-SNR weighting) with the condition dropped
+for classifier-free guidance, an EMA of its weights is kept, and the run folder is the conditioning's pipeline
+(`save_pretrained` with the EMA weights and the training noise schedule) plus `clipcond_run.json` (arguments, data,
+summary, the content hash of the CLIP), `checkpoints/` (each with the same pipeline in `pretrained/`),
+`validation/step-<N>.png`, `cache/` and `logs/`.
 
-The run folder is a complete `TextToImagePipeline` (`save_pretrained`: `unet/` with the EMA weights, `scheduler/`
-with the training noise schedule, `text_encoder/`, `tokenizer/`, `model_index.json`), plus `clipcond_run.json`
-(arguments, data, summary, and the content hash of the CLIP it was trained on), `checkpoints/` (each with the same
-pipeline in `pretrained/`), `validation/step-<N>.png`, `cache/` and `logs/`.
-
-What the UNet is conditioned on is one object (`TextConditioning` now), which turns a batch into the UNet's
-`encoder_hidden_states`, `encoder_attention_mask` and `class_labels`; the DALL-E 2 path adds an image-embedding
-conditioning (`class_embed_type="projection"`) beside it (`--conditioning image-embedding` runs
-`clipcond.train.unclip_decoder`, which reuses `DecoderStage` and this objective). What the UNet denoises is one
-function (`encode_images_to_model_space`): pixels in [-1, 1] now, a VAE's latents later.
+What the UNet is conditioned on is the flow's plug-in (`clipcond.train.decoder_conditioning`):
+`--conditioning text` (`clipcond.train.text_decoder`, the Stable Diffusion path: a `TextToImagePipeline`) or
+`--conditioning image-embedding` (`clipcond.train.unclip_decoder`, the DALL-E 2 decoder: an
+`ImageVariationPipeline`). What the UNet denoises is one function (`encode_images_to_model_space`: pixels in
+[-1, 1] now, a VAE's latents later), and how it is initialised one step (`build_decoder`: a preset now, pretrained
+weights later), whatever the conditioning.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import torch
@@ -42,51 +38,58 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import compute_snr
 from einops import rearrange
 from PIL import Image
 
-from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_captions
 from clipcond.data.folders import collate_image_text
-from clipcond.data.open import add_data_arguments, dataset_options, native_resolution, open_image_text_dataset
-from clipcond.encoders.base import FrozenEncoder, check_compatibility, load_encoder
+from clipcond.data.open import dataset_options, native_resolution, open_image_text_dataset
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
-from clipcond.models.unet import check_encoder_fits, create_unet, unet_config
-from clipcond.tokenizer import load_tokenizer
-from clipcond.train.ema import (
-    add_ema_args,
-    check_ema_args,
-    ema_record,
-    ema_state,
-    ema_weights,
-    load_ema_state,
-    make_ema,
+from clipcond.models.unet import create_unet
+from clipcond.train.decoder_conditioning import BatchConditioning, ConditioningPlugin
+from clipcond.train.diffusion import (
+    DiffusionStage,
+    ValidationSettings,
+    add_cache_args,
+    add_caption_dropout_arg,
+    add_encoder_and_data_args,
+    add_noise_schedule_args,
+    add_sampler_args,
+    cache_dir,
+    check_diffusion_args,
+    lineage_record,
+    make_noise_scheduler,
 )
+from clipcond.train.ema import add_ema_args, ema_record, ema_weights, make_ema
 from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo reads it here
 from clipcond.train.loop import (
-    Stage,
     add_training_args,
     check_training_args,
+    data_record,
     draw_rows,
     finish_run,
-    hold_output_dir,
-    make_accelerator,
     make_output_dir,
     prepare_training,
+    run_stage,
     train,
 )
+from clipcond.train.text_decoder import TextPlugin
+from clipcond.train.unclip_decoder import ImageEmbeddingPlugin
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
+PLUGINS: dict[str, type[ConditioningPlugin]] = {plugin.kind: plugin for plugin in (TextPlugin, ImageEmbeddingPlugin)}
 # Colour-shape prompts of the built-in shapes data; "a blue square" is one of its held-out pairs (DEFAULT_HELD_OUT).
 DEFAULT_VALIDATION_PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
-DEFAULT_STEPS = {"text": 1200, "image-embedding": 800}  # --max-train-steps by --conditioning (see parse_args)
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # DDPM (Ho et al.); Nichol & Dhariwal 2021
-CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+# --max-train-steps by --conditioning: the budgets of `clipcond demo`'s CPU recipe (docs/lab-notes.md)
+DEFAULT_STEPS = {"text": 1200, "image-embedding": 800}
+
+
+# --------------------------------------------------------------------------------------------------- arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,34 +98,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a diffusers UNet to generate images conditioned on the frozen text encoder of a CLIP run.",
         formatter_class=HelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    encoder = data.add_mutually_exclusive_group(required=True)
-    encoder.add_argument(
-        "--text-encoder",
-        default=None,
-        metavar="SPEC",
-        help="the frozen text encoder: clipcond:RUN, transformers:PATH, open_clip:MODEL@WEIGHTS or t5:PATH "
+    add_data_args(parser.add_argument_group("data"))
+    add_model_args(parser.add_argument_group("model"))
+    add_diffusion_args(parser.add_argument_group("diffusion"))
+    add_ema_args(parser, "UNet weights")
+    add_validation_args(parser.add_argument_group("validation images (EMA weights, DPM-Solver++)"))
+    add_image_embedding_args(parser.add_argument_group("--conditioning image-embedding (the DALL-E 2 decoder)"))
+    # CPU-sized defaults for the `tiny` UNet on the shapes data (README, "What it reaches on 2 CPU cores")
+    add_training_args(
+        parser,
+        train_batch_size=32,
+        learning_rate=1e-3,
+        max_train_steps=None,
+        steps_help="optimizer steps in total (default: "
+        + ", ".join(f"{n} with --conditioning {c}" for c, n in DEFAULT_STEPS.items())
+        + ")",
+        lr_warmup_steps=30,
+        weight_decay=1e-2,
+        checkpointing_steps=100,
+        validation_steps=100,
+    )
+    args = parser.parse_args(argv)
+    if args.max_train_steps is None:
+        args.max_train_steps = DEFAULT_STEPS[args.conditioning]
+    check_training_args(args)
+    check_decoder_args(args)
+    PLUGINS[args.conditioning].check_args(args)
+    return args
+
+
+def add_data_args(data: argparse._ArgumentGroup) -> None:
+    add_encoder_and_data_args(
+        data,
+        "the frozen text encoder: clipcond:RUN, transformers:PATH, open_clip:MODEL@WEIGHTS or t5:PATH "
         "(clipcond.encoders)",
     )
-    encoder.add_argument("--clip", help="CLIP run folder (from `clipcond train clip`): --text-encoder clipcond:RUN")
-    add_data_arguments(data)
     data.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the data set's, else its first image's)"
     )
-    data.add_argument(
-        "--cache-dir",
-        default=None,
-        help="folder of the text-embedding cache (default OUTPUT_DIR/cache; files are keyed by encoder and "
-        "captions, so runs may share a folder)",
+    add_cache_args(
+        data,
+        cache_help="folder of the embedding cache (default OUTPUT_DIR/cache; files are keyed by encoder and data, "
+        "so runs may share a folder)",
+        batch_help="captions (or images) per encoder call",
     )
-    data.add_argument("--encode-batch-size", type=int, default=256, help="captions per text-encoder call")
 
-    model = parser.add_argument_group("model")
+
+def add_model_args(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--model", default="tiny", help="UNet preset (test, tiny, small, base) or a JSON config file")
     model.add_argument(
         "--conditioning",
         default="text",
-        choices=["text", "image-embedding"],
+        choices=list(PLUGINS),
         help="what the UNet reads: the text encoder's per-token states (cross-attention), or the CLIP image "
         "embedding (the DALL-E 2 decoder; clipcond.train.unclip_decoder)",
     )
@@ -143,29 +170,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="xformers attention where CUDA and xformers can run it (PyTorch SDPA otherwise, with a warning)",
     )
 
-    diffusion = parser.add_argument_group("diffusion")
+
+def add_diffusion_args(diffusion: argparse._ArgumentGroup) -> None:
+    """The objective. Its defaults (v-prediction on the cosine schedule with min-SNR weighting) are the ones that
+    draw clean shapes at CPU budgets, where epsilon prediction on the linear schedule still leaves visible noise."""
     diffusion.add_argument(
         "--prediction-type",
         default="v_prediction",
         choices=["epsilon", "v_prediction"],
         help="what the UNet predicts (v: Salimans & Ho 2022)",
     )
-    diffusion.add_argument(
-        "--beta-schedule", default="cosine", choices=sorted(BETA_SCHEDULES), help="DDPM noise schedule"
-    )
-    diffusion.add_argument("--num-train-timesteps", type=int, default=1000, help="diffusion steps of the schedule")
+    add_noise_schedule_args(diffusion)
     diffusion.add_argument(
         "--snr-gamma",
         type=finite_float,
         default=5.0,
         help="min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is their choice); 0: off",
     )
-    diffusion.add_argument(
-        "--caption-dropout",
-        type=finite_float,
-        default=0.1,
-        help="probability of training on the empty prompt instead of the caption (classifier-free guidance)",
-    )
+    add_caption_dropout_arg(diffusion)
     diffusion.add_argument(
         "--pooled-text",
         action=argparse.BooleanOptionalAction,
@@ -174,18 +196,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "do): the whole caption in one vector beside the token states (default: off)",
     )
 
-    add_ema_args(parser, "UNet weights")
 
-    val = parser.add_argument_group("validation images (EMA weights, DPM-Solver++)")
+def add_validation_args(val: argparse._ArgumentGroup) -> None:
     val.add_argument("--validation-prompts", nargs="+", default=list(DEFAULT_VALIDATION_PROMPTS), help="prompts")
     val.add_argument("--validation-images-per-prompt", type=int, default=2, help="images per prompt (a grid row)")
-    val.add_argument("--validation-inference-steps", type=int, default=10, help="DPM-Solver++ steps")
-    val.add_argument(
-        "--validation-guidance-scale", type=finite_float, default=3.0, help="classifier-free guidance weight"
-    )
+    add_sampler_args(val, steps=10, steps_help="DPM-Solver++ steps", guidance_scale=3.0)
 
-    # The DALL-E 2 decoder's options (clipcond.train.unclip_decoder, which checks them).
-    unclip = parser.add_argument_group("--conditioning image-embedding (the DALL-E 2 decoder)")
+
+def add_image_embedding_args(unclip: argparse._ArgumentGroup) -> None:
+    """The DALL-E 2 decoder's options (`ImageEmbeddingPlugin.check_args` checks them)."""
     unclip.add_argument(
         "--embedding-tokens",
         type=int,
@@ -206,40 +225,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation-images-per-prompt each",
     )
 
-    # CPU-sized defaults for the `tiny` UNet on the shapes data (README, "What it reaches on 2 CPU cores"). At these
-    # budgets v-prediction on the cosine schedule with min-SNR weighting draws clean shapes where epsilon prediction
-    # on the linear schedule still leaves visible noise; the EMA warms up (clipcond.train.ema). The step budgets by
-    # conditioning are `clipcond demo`'s recipe (docs/lab-notes.md).
-    add_training_args(
-        parser,
-        train_batch_size=32,
-        learning_rate=1e-3,
-        max_train_steps=None,
-        steps_help="optimizer steps in total (default: "
-        + ", ".join(f"{n} with --conditioning {c}" for c, n in DEFAULT_STEPS.items())
-        + ")",
-        lr_warmup_steps=30,
-        weight_decay=1e-2,
-        checkpointing_steps=100,
-        validation_steps=100,
-    )
-    args = parser.parse_args(argv)
-    if args.max_train_steps is None:
-        args.max_train_steps = DEFAULT_STEPS[args.conditioning]
-    check_training_args(args)
-    check_decoder_args(args)
-    if args.conditioning == "image-embedding":
-        from clipcond.train.unclip_decoder import check_image_embedding_args
-
-        check_image_embedding_args(args)
-    return args
-
 
 def check_decoder_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
-    if not 0.0 <= args.caption_dropout < 1.0:
-        raise ValueError(f"`--caption-dropout` must be in [0, 1), got {args.caption_dropout}")
-    check_ema_args(args)
+    check_diffusion_args(args, positive=("validation_images_per_prompt", "validation_inference_steps"))
     if args.snr_gamma is not None and args.snr_gamma < 0:
         raise ValueError(f"`--snr-gamma` must be >= 0 (0: no min-SNR weighting), got {args.snr_gamma}")
     if args.snr_gamma == 0:
@@ -251,139 +240,6 @@ def check_decoder_args(args: argparse.Namespace) -> None:
         )
     if args.cross_attention_dim is not None and args.cross_attention_dim < 1:
         raise ValueError(f"`--cross-attention-dim` must be >= 1, got {args.cross_attention_dim}")
-    for name in ("num_train_timesteps", "encode_batch_size", "validation_images_per_prompt"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    if args.validation_inference_steps < 1:
-        raise ValueError(f"`--validation-inference-steps` must be >= 1, got {args.validation_inference_steps}")
-
-
-# ------------------------------------------------------------------------------------------------ frozen encoder
-
-
-def load_text_tower(clip_path: str | Path):
-    """The frozen text encoder of a CLIP run: `CLIPTextModelWithProjection` (eval, no gradients) and its tokenizer."""
-    from transformers import CLIPTextModelWithProjection
-
-    path = Path(clip_path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"`--clip` folder {str(path)!r} does not exist; pass the output folder of `clipcond train clip`"
-        )
-    config_file = path / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"`--clip` {str(path)!r}: config.json is not valid JSON ({err})") from None
-    if model_type not in CLIP_MODEL_TYPES:
-        found = f"its config.json has model_type {model_type!r}" if config_file.is_file() else "it has no config.json"
-        raise ValueError(
-            f"`--clip` {str(path)!r} is not a CLIP model folder ({found}; expected one of {list(CLIP_MODEL_TYPES)}); "
-            "pass the output folder of `clipcond train clip`"
-        )
-    # transformers reports the vision tower's weights as unexpected in a text-only load, in a long table; we check
-    # the one thing that matters, that no text weight is missing, ourselves.
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    report_filter = _DropLoadReport()
-    report_logger.addFilter(report_filter)
-    try:
-        text_encoder, info = CLIPTextModelWithProjection.from_pretrained(
-            path, local_files_only=True, output_loading_info=True
-        )
-        tokenizer = load_tokenizer(path)
-    except OSError as err:
-        raise ValueError(f"`--clip` {str(path)!r}: cannot load its text encoder and tokenizer ({err})") from None
-    finally:
-        report_logger.removeFilter(report_filter)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(
-            f"`--clip` {str(path)!r} lacks {len(missing)} weights of the text encoder (e.g. {missing[:3]}); "
-            "pass a complete CLIP run folder"
-        )
-    text_encoder.requires_grad_(False)
-    text_encoder.eval()
-    return text_encoder, tokenizer
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-def load_frozen_text_encoder(args: argparse.Namespace) -> FrozenEncoder:
-    """The frozen encoder of `--text-encoder SPEC`, or of `--clip RUN` (its synonym `clipcond:RUN`)."""
-    if args.text_encoder is None:
-        text_encoder, tokenizer = load_text_tower(args.clip)
-        encoder = FrozenEncoder("clipcond", str(args.clip), content_hash(args.clip), text_encoder, tokenizer)
-        encoder.check_tokens()
-        return encoder
-    return load_encoder(args.text_encoder, what="--text-encoder")
-
-
-# ---------------------------------------------------------------------------------------------- conditioning
-
-
-@dataclass
-class Conditioning:
-    """What the UNet reads for a batch besides the noisy sample and the timestep."""
-
-    encoder_hidden_states: torch.Tensor  # (B, L, W) cross-attention input
-    encoder_attention_mask: torch.Tensor | None  # (B, L) 1 for tokens to attend to, 0 for padding
-    class_labels: torch.Tensor | None = None  # (B, D) embedding added to the timestep's (class_embed_type)
-
-
-class TextConditioning:
-    """Per-token states of the frozen text encoder for each sample's caption, looked up in the cache; with
-    probability `caption_dropout` a sample gets the empty prompt's states instead (Ho & Salimans 2022), which is
-    what the pipeline's unconditional branch feeds at inference."""
-
-    kind = "text"
-
-    def __init__(
-        self,
-        cache: TextEmbeddingCache,
-        sample_rows: torch.Tensor,
-        caption_dropout: float,
-        columns_multiple: int = 1,
-        pooled: bool = False,
-    ):
-        self.cache = cache
-        self.sample_rows = sample_rows  # (N,) data set index -> cache row
-        self.caption_dropout = caption_dropout
-        self.pooled = pooled  # also return the normalised pooled text embedding as `class_labels`
-        self.columns_multiple = columns_multiple  # 8 for a compiled UNet: a few shapes, not one per caption length
-
-    def __call__(self, batch: dict, generator: torch.Generator, device: torch.device) -> Conditioning:
-        rows = self.sample_rows[batch["index"]]  # (B,) cache rows, on the CPU
-        dropout = self.caption_dropout > 0
-        # The cache pads to the context length; the UNet attends to the columns up to the batch's longest caption (the
-        # same function, see `attended_columns`), counted on the CPU so that the step never waits on the device.
-        columns = self.cache.attended_columns(rows, with_empty=dropout, multiple=self.columns_multiple)
-        text = self.cache.lookup(rows, columns).to_device(device)
-        hidden_states, attention_mask = text.hidden_states, text.attention_mask  # (B, L, W), (B, L)
-        pooled = text.pooled if self.pooled else None  # (B, D)
-        if dropout:
-            batch_size = hidden_states.shape[0]
-            drop = draw_rows(lambda n: torch.rand(n, generator=generator, device=generator.device), batch_size, device)
-            drop = drop < self.caption_dropout  # (B,)
-            empty = self.cache.lookup_empty(batch_size, columns).to_device(device)
-            hidden_states = torch.where(drop[:, None, None], empty.hidden_states, hidden_states)
-            attention_mask = torch.where(drop[:, None], empty.attention_mask, attention_mask)
-            if pooled is not None:
-                pooled = torch.where(drop[:, None], empty.pooled, pooled)
-        class_labels = None if pooled is None else F.normalize(pooled, dim=-1)
-        return Conditioning(hidden_states, attention_mask, class_labels)
-
-    def record(self) -> dict:
-        return {
-            "kind": self.kind,
-            "cache": str(self.cache.path),
-            "cache_key": self.cache.key,
-            "num_captions": len(self.cache),
-            "caption_dropout": self.caption_dropout,
-            "pooled_text": self.pooled,
-        }
 
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -402,23 +258,6 @@ def encode_images_to_model_space(
     with torch.no_grad():
         latents = vae.encode(sample.to(vae.dtype)).latent_dist.sample(generator)
     return latents.float() * vae.config.scaling_factor
-
-
-def make_noise_scheduler(args: argparse.Namespace, pixel_space: bool = True) -> DDPMScheduler:
-    """The training noise schedule, saved with the pipeline so that any sampler built from it fits the UNet.
-
-    `timestep_spacing="trailing"` makes few-step samplers start at the last training step, where the sample is
-    (nearly) pure noise, rather than "leading"'s T - T/n (Lin et al. 2024, "Common Diffusion Noise Schedules and
-    Sample Steps are Flawed", table 2); training does not read it. In pixel space x0 predictions are clipped to the
-    data range [-1, 1].
-    """
-    return DDPMScheduler(
-        num_train_timesteps=args.num_train_timesteps,
-        beta_schedule=BETA_SCHEDULES[args.beta_schedule],
-        prediction_type=args.prediction_type,
-        clip_sample=pixel_space,
-        timestep_spacing="trailing",
-    )
 
 
 def diffusion_target(scheduler: DDPMScheduler, sample, noise, timesteps) -> torch.Tensor:
@@ -462,127 +301,72 @@ def diffusion_loss(
 
 
 @dataclass
-class ValidationSettings:
-    prompts: list[str]
-    images_per_prompt: int
-    inference_steps: int
-    guidance_scale: float
-    seed: int
+class DecoderValidation(ValidationSettings):
+    """A grid of samples per validation: a row per condition of the plug-in, `images_per_condition` columns."""
+
+    images_per_condition: int
     out_dir: Path
     log_images: bool  # to tensorboard
 
 
-class DecoderStage(Stage):
-    def __init__(
-        self,
-        accelerator,
-        model,
-        noise_scheduler: DDPMScheduler,
-        conditioning: TextConditioning,
-        *,
-        text_encoder,
-        tokenizer,
-        ema: EMAModel | None,
-        snr_gamma: float | None,
-        validation: ValidationSettings | None,
-        clip_hash: str,
-        vae=None,
-    ):
-        self.accelerator = accelerator
-        self.model = model
-        self.noise_scheduler = noise_scheduler
-        self.conditioning = conditioning
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.ema = ema
-        self.snr_gamma = snr_gamma
-        self.validation = validation
-        self.clip_hash = clip_hash
-        self.vae = vae
+@dataclass(eq=False)
+class DecoderStage(DiffusionStage):
+    """The decoder's loss and validation grid; `conditioning` gives each batch's UNet inputs, and the conditioning's
+    `plugin` the pipeline and what validation samples from."""
 
-    @property
-    def unwrapped(self) -> UNet2DConditionModel:
-        return self.accelerator.unwrap_model(self.model)
+    conditioning: BatchConditioning
+    _: KW_ONLY
+    plugin: ConditioningPlugin | None
+    snr_gamma: float | None  # min-SNR weighting's gamma; None: unweighted
+    validation: DecoderValidation | None
 
     def loss(self, batch, generator):
         device = self.accelerator.device
         pixels = to_device(batch["pixel_values"], device)
-        sample = encode_images_to_model_space(pixels, self.vae, generator)  # (B, C, h, w)
+        sample = encode_images_to_model_space(pixels)  # (B, C, h, w)
         batch_size, shape = sample.shape[0], sample.shape[1:]
         on_generator = {"generator": generator, "device": generator.device}
         noise = draw_rows(lambda n: torch.randn((n, *shape), **on_generator), batch_size, device)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = draw_rows(lambda n: torch.randint(0, num_timesteps, (n,), **on_generator), batch_size, device)
-        cond = self.conditioning(batch, generator, device)
+        inputs = self.conditioning(batch, generator, device)
         noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, sample, noise, timesteps)
-        prediction = self.model(
-            noisy,
-            timesteps,
-            encoder_hidden_states=cond.encoder_hidden_states,
-            encoder_attention_mask=cond.encoder_attention_mask,
-            class_labels=cond.class_labels,
-            return_dict=False,
-        )[0]
+        prediction = self.model(noisy, timesteps, **inputs.as_kwargs(), return_dict=False)[0]
         return diffusion_loss(prediction, target, timesteps, self.noise_scheduler, self.snr_gamma), {}
 
-    def after_optimizer_step(self):
-        if self.ema is not None:
-            self.ema.step(self.unwrapped.parameters())
-
-    def pipeline(self, unet, scheduler):
-        from clipcond.pipelines.text_to_image import TextToImagePipeline
-
-        return TextToImagePipeline(
-            unet=unet, scheduler=scheduler, text_encoder=self.text_encoder, tokenizer=self.tokenizer, vae=self.vae
-        )
+    def pipeline(self, model, scheduler):
+        return self.plugin.pipeline(model, scheduler)
 
     def validate(self, step):
         if self.validation is None:
             return {}
         from clipcond.pipelines.text_to_image import scheduler_from_name
 
-        v = self.validation
-        num_images = len(v.prompts) * v.images_per_prompt
+        v, per_condition = self.validation, self.validation.images_per_condition
+        num_images = self.plugin.num_validation_conditions() * per_condition
         # The same noise at every validation, one generator per image: the grids of a run are comparable.
         generators = [torch.Generator().manual_seed(v.seed + k) for k in range(num_images)]
-        with ema_weights(self.ema, self.unwrapped) as unet:
-            unet.eval()
-            pipe = self.pipeline(unet, scheduler_from_name("dpm", self.noise_scheduler.config))
+        with ema_weights(self.ema, self.unwrapped) as model:
+            model.eval()
+            pipe = self.pipeline(model, scheduler_from_name("dpm", self.noise_scheduler.config))
             pipe.set_progress_bar_config(disable=True)
             images = pipe(
-                v.prompts,
-                num_inference_steps=v.inference_steps,
-                guidance_scale=v.guidance_scale,
-                num_images_per_prompt=v.images_per_prompt,
+                **self.plugin.validation_inputs(),
+                **v.sampler_kwargs(),
+                num_images_per_prompt=per_condition,
                 generator=generators,
                 output_type="pt",
-            ).images  # (P * n, 3, H, W) in [0, 1], prompt by prompt
-        images = images.float().cpu()
+            ).images  # (C * n, 3, H, W) in [0, 1], condition by condition
+        rows, columns = self.plugin.validation_grid(images.float().cpu(), per_condition)
         v.out_dir.mkdir(parents=True, exist_ok=True)
         path = v.out_dir / f"step-{step}.png"
-        image_grid(images, columns=v.images_per_prompt).save(path)
+        image_grid(rows, columns=columns).save(path)
         if v.log_images:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_images("validation", images, step, dataformats="NCHW")
+            writer.add_images("validation", rows, step, dataformats="NCHW")
         logger.info("step %d: validation images in %s", step, path)
         return {}
-
-    def extra_state(self):
-        return {"clip_content_hash": self.clip_hash, **ema_state(self.ema)}
-
-    def load_extra_state(self, state):
-        saved_hash = state.get("clip_content_hash")
-        if saved_hash is not None and saved_hash != self.clip_hash:
-            raise ValueError(
-                f"the checkpoint was trained on the CLIP with content hash {saved_hash[:12]}..., but `--clip` has "
-                f"{self.clip_hash[:12]}...; resume with the CLIP it was trained on, or start a new run"
-            )
-        load_ema_state(self.ema, state, self.accelerator.device)
-
-    def export(self, path: Path):
-        with ema_weights(self.ema, self.unwrapped) as unet:
-            self.pipeline(unet, self.noise_scheduler).save_pretrained(path, safe_serialization=True)
 
 
 def configure_unet_for_training(
@@ -613,145 +397,137 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
     return Image.fromarray(grid.numpy())
 
 
-# --------------------------------------------------------------------------------------------------- the entry
+# -------------------------------------------------------------------------------------------- set-up steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)  # 1. Accelerator, seed
-    with hold_output_dir(accelerator, args):
-        if args.conditioning == "image-embedding":  # the DALL-E 2 decoder: its own set-up, this objective and loop
-            from clipcond.train.unclip_decoder import main_image_embedding
-
-            return main_image_embedding(accelerator, args)
-        return train_text_decoder(accelerator, args)
-
-
-def train_text_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
-
-    # 2. The frozen text encoder (first: a wrong --clip fails before anything is read or written)
-    encoder = load_frozen_text_encoder(args)
-    text_encoder, tokenizer, clip_hash = encoder.text_encoder, encoder.tokenizer, encoder.content_hash
-    output_dir = make_output_dir(accelerator, args)
-    text_encoder.to(accelerator.device)
-    width = encoder.text_width  # per-token state width
-    # A UNet built now: another --cross-attention-dim gets a learned projection (encoder_hid_dim, below)
-    compatibility = check_compatibility(encoder, cross_attention_dim=args.cross_attention_dim or width, new_model=True)
-    if args.pooled_text and encode_prompts(text_encoder, tokenizer, [""], device=accelerator.device).pooled is None:
-        raise ValueError(
-            f"`--pooled-text` needs a text encoder with a projection (a pooled text embedding); {encoder.name} has none"
-        )
-
-    # 3. Data
+def open_training_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, int]:
+    """The training split at `--resolution`, by default the data set's own (its info, else its first image's)."""
     dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
     resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
     if dataset.resolution != resolution:
         dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
+    return dataset, resolution
 
-    # 4. Text embeddings of the captions, computed once (by the main process; the others then read the file)
-    captions, sample_rows = unique_captions(dataset.captions)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
-    with accelerator.main_process_first():
-        cache = TextEmbeddingCache.build_or_load(
-            text_encoder,
-            tokenizer,
-            captions,
-            cache_dir,
-            batch_size=args.encode_batch_size,
-            device=accelerator.device,
-            progress=accelerator.is_local_main_process,
-        )
-    conditioning = TextConditioning(
-        cache, sample_rows, args.caption_dropout, 8 if args.torch_compile else 1, pooled=args.pooled_text
-    )
 
-    # 5. UNet, noise schedule, EMA
-    config = unet_config(
-        args.model,
-        sample_size=resolution,
-        cross_attention_dim=args.cross_attention_dim or width,
-        in_channels=3,
-        encoder_hid_dim=width,
-        pooled_text_dim=cache.empty.pooled.shape[-1] if args.pooled_text else None,
-    )
-    unet = create_unet(config)
-    check_encoder_fits(unet, width)
+@dataclass
+class BuiltDecoder:
+    """The module that trains and the UNet inside it (the same object for the text conditioning)."""
+
+    model: torch.nn.Module
+    unet: UNet2DConditionModel
+    xformers: bool  # whether xformers attention is on
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def build_decoder(
+    args: argparse.Namespace, plugin: ConditioningPlugin, resolution: int, accelerator: Accelerator
+) -> BuiltDecoder:
+    """A UNet of `--model`'s preset, initialised at random, denoising 3-channel pixels at `resolution` and reading
+    the conditioning's inputs; and the module that trains it."""
+    unet = create_unet(plugin.unet_config(sample_size=resolution, in_channels=3))
+    model = plugin.trainable(unet)
     xformers = configure_unet_for_training(unet, args, accelerator.device, accelerator.mixed_precision)
-    noise_scheduler = make_noise_scheduler(args)
-    ema = make_ema(unet, args, accelerator.device)
-    num_parameters = sum(p.numel() for p in unet.parameters())
+    decoder = BuiltDecoder(model=model, unet=unet, xformers=xformers)
     logger.info(
-        "UNet %r: %.2f M parameters, cross-attention width %d (text encoder: %d)",
+        "%s decoder %r: %.2f M parameters; %s",
+        plugin.kind,
         args.model,
-        num_parameters / 1e6,
-        unet.config.cross_attention_dim,
-        width,
+        decoder.num_parameters / 1e6,
+        plugin.describe(unet),
+    )
+    return decoder
+
+
+def make_validation(
+    args: argparse.Namespace, plugin: ConditioningPlugin, resolution: int, output_dir: Path
+) -> DecoderValidation | None:
+    """What validation draws every `--validation-steps` (None when it is off), its inputs read now."""
+    if not args.validation_steps:
+        return None
+    plugin.load_validation_inputs(resolution)
+    return DecoderValidation(
+        **ValidationSettings.sampler_args(args),
+        images_per_condition=args.validation_images_per_prompt,
+        out_dir=output_dir / "validation",
+        log_images=args.report_to in ("tensorboard", "all"),
     )
 
-    # 6. Optimizer (the UNet's parameters only: the text encoder is frozen), schedule; prepare
-    prepared = prepare_training(accelerator, args, unet)
-    model = prepared.model
+
+def run_record(
+    args: argparse.Namespace,
+    plugin: ConditioningPlugin,
+    *,
+    dataset,
+    resolution: int,
+    decoder: BuiltDecoder,
+    ema,
+) -> dict:
+    """The decoder's sections of the run record (after the export: it hashes the saved UNet)."""
+    return {
+        "data": data_record(args, len(dataset), **plugin.data_facts(), resolution=resolution),
+        **lineage_record(args, plugin.encoder),
+        **plugin.record_sections(),
+        "unet": {
+            "preset": args.model,
+            "parameters": decoder.num_parameters,
+            **plugin.unet_record(decoder.unet),
+            "xformers": decoder.xformers,
+            "content_hash": content_hash(Path(args.output_dir) / "unet"),
+        },
+        "ema": ema_record(ema),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- the entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(parse_args(argv), train_decoder)
+
+
+def train_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
+    """The decoder's training, the same steps for every `--conditioning`; its plug-in supplies what differs."""
+    # 2. The frozen encoder, checked against the UNet (first: a wrong --clip fails before anything is read or written)
+    plugin = PLUGINS[args.conditioning].from_args(args, accelerator.device)
+    output_dir = make_output_dir(accelerator, args)
+
+    # 3. Data, at the decoder's resolution
+    dataset, resolution = open_training_data(args)
+
+    # 4. The encoder's outputs for the training data, computed once (by the main process; the others then read the
+    # file): the cache that each step's conditioning reads
+    with accelerator.main_process_first():
+        conditioning = plugin.encode_training_data(accelerator, dataset, resolution, cache_dir(args, output_dir))
+
+    # 5. UNet (and what the conditioning trains with it), noise schedule, EMA
+    decoder = build_decoder(args, plugin, resolution, accelerator)
+    noise_scheduler = make_noise_scheduler(args, prediction_type=args.prediction_type)
+    ema = make_ema(decoder.model, args, accelerator.device)
+
+    # 6. Optimizer (the trained module's parameters only: the encoder is frozen), schedule; prepare
+    prepared = prepare_training(accelerator, args, decoder.model)
 
     # 7. Train
-    validation = None
-    if args.validation_steps:
-        validation = ValidationSettings(
-            prompts=list(args.validation_prompts),
-            images_per_prompt=args.validation_images_per_prompt,
-            inference_steps=args.validation_inference_steps,
-            guidance_scale=args.validation_guidance_scale,
-            seed=args.seed,
-            out_dir=output_dir / "validation",
-            log_images=args.report_to in ("tensorboard", "all"),
-        )
     stage = DecoderStage(
         accelerator,
-        model,
+        prepared.model,
         noise_scheduler,
         conditioning,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        plugin=plugin,
         ema=ema,
         snr_gamma=args.snr_gamma,
-        validation=validation,
-        clip_hash=clip_hash,
+        validation=make_validation(args, plugin, resolution, output_dir),
+        clip_hash=plugin.encoder.content_hash,
     )
-    result = train(
-        accelerator,
-        args,
-        stage,
-        prepared,
-        dataset=dataset,
-        collate_fn=collate_image_text,
-    )
+    result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
 
     # 8. Save the pipeline (EMA weights) and the run record
-    def record() -> dict:
-        return {
-            "data": {
-                "path": str(args.data),
-                "split": args.split,
-                "num_samples": len(dataset),
-                "num_captions": len(captions),
-                "resolution": resolution,
-            },
-            "clip": {"path": str(args.clip or encoder.name), "content_hash": clip_hash},
-            "encoder": encoder.lineage(),
-            "compatibility": {"projections": compatibility.projections},
-            "conditioning": conditioning.record(),
-            "unet": {
-                "preset": args.model,
-                "parameters": num_parameters,
-                "cross_attention_dim": unet.config.cross_attention_dim,
-                "encoder_hid_dim": unet.config.encoder_hid_dim,
-                "xformers": xformers,
-                "content_hash": content_hash(output_dir / "unet"),
-            },
-            "ema": ema_record(ema),
-        }
-
-    finish_run(accelerator, args, stage, result, "clipcond-decoder", record)
+    record = {"dataset": dataset, "resolution": resolution, "decoder": decoder, "ema": ema}
+    finish_run(accelerator, args, stage, result, "clipcond-decoder", lambda: run_record(args, plugin, **record))
     return 0
 
 

@@ -18,17 +18,17 @@ from transformers import CLIPTextModelWithProjection
 
 from clipcond import conditioning as conditioning_module
 from clipcond.lineage import content_hash
-from clipcond.train import decoder, loop
+from clipcond.train import decoder, diffusion, loop
 from clipcond.train.decoder import (
-    Conditioning,
     DecoderStage,
-    TextConditioning,
     diffusion_loss,
     diffusion_target,
     encode_images_to_model_space,
     main,
     min_snr_weights,
 )
+from clipcond.train.decoder_conditioning import UNetInputs
+from clipcond.train.text_decoder import TextConditioning
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which validation samples with.
 pytestmark = pytest.mark.filterwarnings(
@@ -79,7 +79,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("decoder_run")
     seen = SimpleNamespace(encode_calls=0)
-    load_text_tower, create_unet, make_optimizer = decoder.load_text_tower, decoder.create_unet, loop.make_optimizer
+    load_text_tower, create_unet, make_optimizer = diffusion.load_text_tower, decoder.create_unet, loop.make_optimizer
     encode_prompts = conditioning_module.encode_prompts
 
     def capture_encoder(path):
@@ -102,7 +102,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     argv = _argv(tiny_clip_run, shapes_data, out, *RESUME_ARGS, "--report-to", "tensorboard")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decoder, "load_text_tower", capture_encoder)
+        mp.setattr(diffusion, "load_text_tower", capture_encoder)
         mp.setattr(decoder, "create_unet", capture_unet)
         mp.setattr(loop, "make_optimizer", capture_optimizer)
         mp.setattr(conditioning_module, "encode_prompts", count_encode)
@@ -334,8 +334,7 @@ def _stage(scheduler, model, conditioning):
         model,
         scheduler,
         conditioning,
-        text_encoder=None,
-        tokenizer=None,
+        plugin=None,
         ema=None,
         snr_gamma=None,
         validation=None,
@@ -392,7 +391,7 @@ def test_v_prediction_target_and_the_stage_loss():
 
     # the stage regresses the UNet's output on that target: with a model that predicts 0, the loss is E[v^2]
     pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
-    conditioning = lambda batch, gen, device: Conditioning(torch.zeros(3, 4, 8), None)  # noqa: E731
+    conditioning = lambda batch, gen, device: UNetInputs(torch.zeros(3, 4, 8), None)  # noqa: E731
     stage = _stage(scheduler, lambda sample, *a, **k: (torch.zeros_like(sample),), conditioning)
     loss, _ = stage.loss({"pixel_values": pixels}, torch.Generator().manual_seed(1))
     replay = torch.Generator().manual_seed(1)  # the stage draws the noise, then the timesteps

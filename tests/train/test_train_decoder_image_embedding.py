@@ -21,7 +21,7 @@ from clipcond.conditioning import ImageEmbeddingCache
 from clipcond.lineage import content_hash
 from clipcond.models.image_embedding import has_cross_attention, make_noising_scheduler, standardise
 from clipcond.pipelines import ImageVariationPipeline
-from clipcond.train import unclip_decoder
+from clipcond.train import diffusion, unclip_decoder
 from clipcond.train.decoder import main
 
 pytestmark = pytest.mark.filterwarnings(
@@ -70,7 +70,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("unclip_decoder_run")
     seen = SimpleNamespace(encoder_batches=[])
-    load_vision_tower = unclip_decoder.load_vision_tower
+    load_vision_tower = diffusion.load_vision_tower
 
     def counting_tower(path):
         encoder, mean, std = load_vision_tower(path)
@@ -82,7 +82,7 @@ def decoder_run(shapes_data, tiny_clip_run, tmp_path_factory):
         return encoder, mean, std
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(unclip_decoder, "load_vision_tower", counting_tower)
+        mp.setattr(diffusion, "load_vision_tower", counting_tower)
         assert cli_main(["train", "decoder", *_argv(tiny_clip_run, shapes_data, out, *RESUME_ARGS)]) == 0
     _reset_accelerate()
     seen.out = out
