@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from clipcond.finite import is_finite_number
 
-# The image-embedding decoder's guidance starts this far into the sampling steps (`guided_steps`). Guided from the
-# first, noisiest step, it often washed the object out to the empty background (light colours most): on the shapes
-# data, guidance from 0.4 on raised the colour that variations keep from 81% to 95% and the shape from 79% to 82%
-# (DPM-Solver++ 20 steps, guidance 5). The Stable Diffusion path's shape accuracy fell with it (84% to 78%), so
-# the text-to-image pipeline guides every step.
+# The image-embedding decoder's guidance starts this far into the sampling steps (`guided_steps`): guided from the
+# first, noisiest step, it often washed the object out to the empty background, light colours most (guidance limited
+# to an interval of steps: Kynkäänniemi et al. 2024). The Stable Diffusion path lost shape accuracy with it, so the
+# text-to-image pipeline guides every step. The measurements are in docs/lab-notes.md.
 DEFAULT_GUIDANCE_START = 0.4
 
 # Classifier-free guidance weights of the pipelines, commands and evaluations, by path: the text-to-image decoder's
