@@ -147,6 +147,7 @@ def child(point: str, argv: list[str]) -> int:
     """The killed side of a kill probe: `clipcond train clip ARGV`, SIGKILLed at `point` ("what:n")."""
     from accelerate import Accelerator
 
+    from clipcond import runs
     from clipcond.train import clip as train_clip
     from clipcond.train import loop
 
@@ -201,7 +202,7 @@ def child(point: str, argv: list[str]) -> int:
     elif what == "export_final":
         wrap(train_clip.ClipStage, "export", when=lambda self, path: path.name.startswith(".export."))
     elif what == "run_record":
-        wrap(loop, "write_json_atomic", before=True, when=lambda path, obj: Path(path).name == loop.RUN_RECORD)
+        wrap(runs, "write_json_atomic", before=True, when=lambda path, obj: Path(path).name == runs.RUN_RECORD)
     return train_clip.main(argv)
 
 

@@ -11,9 +11,11 @@ import logging
 import os
 from pathlib import Path
 
+from clipcond.runs import RUN_RECORD as RUN_RECORD  # re-exported: the record's file name, defined with its type
+from clipcond.runs import check_same_encoder
+
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "clipcond_run.json"  # in a run folder: arguments, data, model, summary; written last, when it is done
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_NAMES = ("config.json",)
 
@@ -57,13 +59,13 @@ def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, wh
     if trained_on is None:
         return False
     found = content_hash(clip)
-    if found == trained_on:
-        return False
-    message = (
-        f"`--clip` {str(clip)!r} (content hash {found[:12]}...) is not the CLIP {what} was trained on "
-        f"({trained_on[:12]}...): its CLIP figures would be in another embedding space"
+    return check_same_encoder(
+        trained_on,
+        found,
+        mismatch=f"`--clip` {str(clip)!r} (content hash {found[:12]}...) is not the CLIP {what} was trained on "
+        f"({trained_on[:12]}...): its CLIP figures would be in another embedding space",
+        fix="pass the CLIP it was trained on, or --allow-clip-mismatch to evaluate anyway",
+        allowed_by="--allow-clip-mismatch; recorded in the metrics",
+        allow=allow,
+        log=logger,
     )
-    if not allow:
-        raise ValueError(message + "; pass the CLIP it was trained on, or --allow-clip-mismatch to evaluate anyway")
-    logger.warning("%s (allowed by --allow-clip-mismatch; recorded in the metrics)", message)
-    return True

@@ -48,10 +48,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
-from clipcond.finite import finite_float, finite_or_null
+from clipcond.finite import finite_float
 from clipcond.lineage import RUN_RECORD
 from clipcond.runlock import run_folder_lock
-from clipcond.storage import check_free_space, dumps_json, file_sha256, write_json_atomic, writing
+from clipcond.runs import RunRecord
+from clipcond.storage import check_free_space, dumps_json, file_sha256, writing
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -1223,9 +1224,9 @@ def finish_run(
     **summary_extra: Any,
 ) -> None:
     """The end of a training entry point, after `train`: on the main process, export the stage's model into
-    `--output-dir` (`export_final`), write the run record there last (`RUN_RECORD`: `kind`, the arguments, the
-    sections `record()` returns, the `summary` with `summary_extra`) and print the summary as one JSON line; then
-    end the trackers on every process.
+    `--output-dir` (`export_final`), write the run record there last (`clipcond.runs.RunRecord`: `kind`, the
+    arguments, the sections `record()` returns, the `summary` with `summary_extra`) and print the summary as one
+    JSON line; then end the trackers on every process.
 
     `record` is called after the export, so its sections can hash the saved model.
     """
@@ -1233,7 +1234,7 @@ def finish_run(
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         export_final(output_dir, stage.export)
-        run_record = {"kind": kind, "args": vars(args), **record(), "summary": summary(result, **summary_extra)}
-        write_json_atomic(output_dir / RUN_RECORD, finite_or_null(run_record))  # a diverged run still finishes
-        print(json.dumps(run_record["summary"]), file=sys.stdout)
+        run_record = RunRecord(kind, vars(args), record(), summary(result, **summary_extra))
+        run_record.write(output_dir)  # non-finite figures as null: a diverged run still finishes
+        print(json.dumps(run_record.summary), file=sys.stdout)
     accelerator.end_training()
