@@ -13,7 +13,6 @@ predicted embedding, `guidance_scale` on the decoder's noise prediction) and ste
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import replace
@@ -37,7 +36,6 @@ from transformers import (
 )
 
 from clipcond.conditioning import context_length
-from clipcond.lineage import RUN_RECORD
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import check_prior_fits
 from clipcond.pipelines.inputs import (
@@ -55,52 +53,45 @@ from clipcond.pipelines.interpolation import (
 from clipcond.pipelines.prior import PriorPipeline
 from clipcond.pipelines.sampling import Sampling, image_output
 from clipcond.pipelines.variation import ImageVariationPipeline, check_image_embeds, register_decoder_modules
+from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
 
 logger = logging.getLogger(__name__)
-
-
-def clip_hash_of_run(run: str | os.PathLike, what: str) -> str:
-    """The content hash of the CLIP a run was trained on (`clipcond_run.json` -> clip.content_hash)."""
-    path = Path(run) / RUN_RECORD
-    if not path.is_file():
-        raise ValueError(
-            f"cannot check which CLIP the {what} {str(run)!r} was trained on: it holds no {RUN_RECORD} (a folder "
-            "written by `clipcond train` has one); pass allow_clip_mismatch=True (`--allow-clip-mismatch`) to pair "
-            "it unchecked"
-        )
-    try:
-        record = json.loads(path.read_text())
-        return record["clip"]["content_hash"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{str(path)!r} records no clip.content_hash ({err!r})") from None
 
 
 def check_same_clip(
     prior_run: str | os.PathLike, decoder_run: str | os.PathLike, allow_mismatch: bool = False
 ) -> None:
-    """Refuse a prior and a decoder trained on different CLIPs: the prior's embeddings would be in another space
-    than the one the decoder reads. With `allow_mismatch` only warn."""
-    try:
-        prior_hash = clip_hash_of_run(prior_run, "prior")
-        decoder_hash = clip_hash_of_run(decoder_run, "decoder")
-    except ValueError:
-        if not allow_mismatch:
-            raise
-        logger.warning("pairing the prior %s and the decoder %s without a lineage check", prior_run, decoder_run)
-        return
-    if prior_hash == decoder_hash:
-        return
-    message = (
-        f"the prior {str(prior_run)!r} was trained on the CLIP with content hash {prior_hash[:12]}..., but the decoder "
-        f"{str(decoder_run)!r} on {decoder_hash[:12]}...: the prior's embeddings would not be the ones the decoder "
-        "reads"
-    )
-    if not allow_mismatch:
-        raise ValueError(
-            message + "; pair runs trained on the same CLIP, or pass allow_clip_mismatch=True "
-            "(`--allow-clip-mismatch`) to combine them anyway"
+    """Refuse a prior and a decoder trained on different CLIPs (`clipcond.runs.check_same_encoder` on the content
+    hashes their run records give): the prior's embeddings would be in another space than the one the decoder
+    reads. A run whose record names no CLIP is refused too. With `allow_mismatch` only warn."""
+    runs = {"prior": prior_run, "decoder": decoder_run}
+    records = {what: RunRecord.read_if_present(run) for what, run in runs.items()}
+    hashes = {what: None if record is None else record.clip_hash for what, record in records.items()}
+    unknown = [what for what, clip_hash in hashes.items() if clip_hash is None]
+    if unknown:
+        what = unknown[0]
+        why = (
+            f"it holds no {RUN_RECORD}" if records[what] is None else f"its {RUN_RECORD} records no clip.content_hash"
         )
-    logger.warning("%s (allowed by allow_clip_mismatch)", message)
+        missing, mismatch = f"cannot check which CLIP the {what} {str(runs[what])!r} was trained on: {why}", ""
+    else:
+        missing = ""
+        mismatch = (
+            f"the prior {str(prior_run)!r} was trained on the CLIP with content hash {hashes['prior'][:12]}..., but "
+            f"the decoder {str(decoder_run)!r} on {hashes['decoder'][:12]}...: the prior's embeddings would not be "
+            "the ones the decoder reads"
+        )
+    check_same_encoder(
+        None if unknown else hashes["prior"],
+        hashes["decoder"],
+        mismatch=mismatch,
+        missing=missing,
+        fix="pair runs trained on the same CLIP (a folder written by `clipcond train` records its CLIP), or pass "
+        "allow_clip_mismatch=True (`--allow-clip-mismatch`) to combine them anyway",
+        allowed_by="allow_clip_mismatch",
+        allow=allow_mismatch,
+        log=logger,
+    )
 
 
 class UnCLIPTextToImagePipeline(DiffusionPipeline):

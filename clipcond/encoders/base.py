@@ -24,7 +24,6 @@ on, unless asked not to.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from clipcond.conditioning import TextEmbeddings, context_length, encode_prompts
-from clipcond.lineage import RUN_RECORD
+from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -322,44 +321,32 @@ def check_compatibility(
 
 
 def recorded_lineage(run: str | os.PathLike) -> dict | None:
-    """The encoder a run was trained on, from its `clipcond_run.json`: `{"kind", "name", "content_hash"}`; runs
-    from before the encoder interface record only `clip.content_hash` (a clipcond CLIP). None without a record."""
-    path = Path(run) / RUN_RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
-    if isinstance(record.get("encoder"), dict):
-        return record["encoder"]
-    clip = record.get("clip")
-    if isinstance(clip, dict) and clip.get("content_hash"):
-        return {"kind": "clipcond", "name": clip.get("path"), "content_hash": clip["content_hash"]}
-    return None
+    """The encoder a run was trained on, from its `clipcond_run.json` (`RunRecord.lineage`): `{"kind", "name",
+    "content_hash"}`; runs from before the encoder interface record only `clip.content_hash` (a clipcond CLIP).
+    None without a record."""
+    record = RunRecord.read_if_present(run)
+    lineage = None if record is None else record.lineage
+    return None if lineage is None else lineage.as_dict()
 
 
 def check_lineage(run: str | os.PathLike, encoder: FrozenEncoder, *, allow_encoder_mismatch: bool = False) -> None:
     """Refuse to pair the model in `run` with an encoder other than the one it was trained on (compared by content
-    hash), unless `allow_encoder_mismatch`, which only warns. A run without a record is refused too: nothing says
-    what it was trained on."""
-    recorded = recorded_lineage(run)
-    if recorded is None:
-        message = f"{str(run)!r} holds no {RUN_RECORD} naming the encoder it was trained on"
-    elif recorded.get("content_hash") == encoder.content_hash:
-        return
-    else:
-        message = (
-            f"{str(run)!r} was trained on the {recorded.get('kind')} encoder {recorded.get('name')!r} (content hash "
-            f"{str(recorded.get('content_hash'))[:12]}...), but the encoder given is the {encoder.kind} encoder "
-            f"{encoder.name!r} ({encoder.content_hash[:12]}...)"
-        )
-    if not allow_encoder_mismatch:
-        raise ValueError(
-            message + "; load it with the encoder it was trained on, or pass allow_encoder_mismatch=True "
-            "(`--allow-encoder-mismatch`) to use this one anyway"
-        )
-    logger.warning("%s (allowed by allow_encoder_mismatch)", message)
+    hash, `clipcond.runs.check_same_encoder`), unless `allow_encoder_mismatch`, which only warns. A run without a record
+    is refused too: nothing says what it was trained on."""
+    recorded = recorded_lineage(run) or {}
+    check_same_encoder(
+        recorded.get("content_hash"),
+        encoder.content_hash,
+        mismatch=f"{str(run)!r} was trained on the {recorded.get('kind')} encoder {recorded.get('name')!r} (content "
+        f"hash {str(recorded.get('content_hash'))[:12]}...), but the encoder given is the {encoder.kind} encoder "
+        f"{encoder.name!r} ({encoder.content_hash[:12]}...)",
+        missing=f"{str(run)!r} holds no {RUN_RECORD} naming the encoder it was trained on",
+        fix="load it with the encoder it was trained on, or pass allow_encoder_mismatch=True "
+        "(`--allow-encoder-mismatch`) to use this one anyway",
+        allowed_by="allow_encoder_mismatch",
+        allow=allow_encoder_mismatch,
+        log=logger,
+    )
 
 
 def load_text_to_image(
