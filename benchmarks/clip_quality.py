@@ -68,10 +68,10 @@ def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no"
     from accelerate.state import AcceleratorState
 
     from clipcond.evaluation.clip import main as eval_main
-    from clipcond.train.clip import RUN_RECORD
+    from clipcond.runs import RunRecord
     from clipcond.train.clip import main as train_main
 
-    if (output_dir / RUN_RECORD).is_file():
+    if RunRecord.exists(output_dir):
         raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass an empty or new folder")
     info = ensure_shapes(data_dir)
 
@@ -82,8 +82,8 @@ def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no"
         train_main([*argv, "--mixed-precision", mixed_precision])
     wall = time.perf_counter() - start
     precision = AcceleratorState().mixed_precision
-    record = json.loads((output_dir / RUN_RECORD).read_text())
-    args, summary = record["args"], record["summary"]
+    record = RunRecord.read(output_dir)
+    args, summary = record.args, record.summary
 
     # 2. evaluate as `clipcond eval clip` does
     with contextlib.redirect_stdout(sys.stderr):

@@ -151,14 +151,15 @@ def _shapes(ctx: Context, name: str, num_images: int, resolution: int) -> Path:
 # ------------------------------------------------------------------------------------- CLI runs, timed by difference
 
 
-def _run_record(main, argv: list[str], out: Path) -> dict:
-    from clipcond.train.loop import RUN_RECORD, reset_accelerate_state
+def _run_record(main, argv: list[str], out: Path):
+    from clipcond.runs import RunRecord
+    from clipcond.train.loop import reset_accelerate_state
 
     try:
         main([*argv, "--output-dir", str(out)])
     finally:
         reset_accelerate_state()  # a failed run must not hand its Accelerator to the next part
-    return json.loads((out / RUN_RECORD).read_text())
+    return RunRecord.read(out)
 
 
 def _by_difference(main, argv: list[str], out: Path, steps: tuple[int, int], syncs: bool = False) -> dict:
@@ -169,7 +170,7 @@ def _by_difference(main, argv: list[str], out: Path, steps: tuple[int, int], syn
     for n in steps:
         with _count_syncs(syncs) as counted:
             record = _run_record(main, [*argv, "--max-train-steps", str(n)], out / f"steps-{n}")
-        summaries.append(record["summary"])
+        summaries.append(record.summary)
         sync_counts.append(len(counted))
     short, long = summaries
     seconds = long["seconds"] - short["seconds"]
@@ -178,7 +179,7 @@ def _by_difference(main, argv: list[str], out: Path, steps: tuple[int, int], syn
         "steps_per_s": round((long["steps"] - short["steps"]) / seconds, 2) if timed else None,
         "samples_per_s": round((long["samples_seen"] - short["samples_seen"]) / seconds, 1) if timed else None,
         "runs": {str(n): s for n, s in zip(steps, summaries, strict=True)},
-        "args": record["args"],
+        "args": record.args,
     }
     if syncs and torch.cuda.is_available():
         result["host_syncs_per_step"] = round((sync_counts[1] - sync_counts[0]) / (steps[1] - steps[0]), 3)

@@ -49,10 +49,10 @@ def run(clip: Path, data: Path, output_dir: Path, seed: int, max_captions: int |
     import torch
 
     from clipcond.evaluation.prior import main as eval_main
-    from clipcond.train.prior import RUN_RECORD
+    from clipcond.runs import RunRecord
     from clipcond.train.prior import main as train_main
 
-    if (output_dir / RUN_RECORD).is_file():
+    if RunRecord.exists(output_dir):
         raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass an empty or new folder")
 
     # 1. train with the defaults; the entry points' own JSON goes to stderr, so stdout holds only ours
@@ -62,8 +62,8 @@ def run(clip: Path, data: Path, output_dir: Path, seed: int, max_captions: int |
     with contextlib.redirect_stdout(sys.stderr):
         train_main(argv + cache)
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
-    record = json.loads((output_dir / RUN_RECORD).read_text())
-    args, summary = record["args"], record["summary"]
+    record = RunRecord.read(output_dir)
+    args, summary = record.args, record.summary
 
     # 2. evaluate as `clipcond eval prior` does
     argv = ["--model", str(output_dir), "--data", str(data), "--no-progress", *cache]
@@ -83,11 +83,11 @@ def run(clip: Path, data: Path, output_dir: Path, seed: int, max_captions: int |
         "train_batch_size": args["train_batch_size"],
         "learning_rate": args["learning_rate"],
         "model": args["model"],
-        "prior_parameters": record["prior"]["parameters"],
+        "prior_parameters": record.parameters,
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
-        "clip": record["clip"],
-        "data": {"path": str(data), "num_train": record["data"]["num_samples"]},
+        "clip": record.clip,
+        "data": {"path": str(data), "num_train": record.section("data")["num_samples"]},
         "machine": {"processor": platform.processor(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "load_average": [round(x, 2) for x in os.getloadavg()],  # others' work on the machine inflates the times
     }

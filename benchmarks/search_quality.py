@@ -58,13 +58,14 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
         return args.clip
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
     from clipcond.demo import TRAIN_PRECISION
+    from clipcond.runs import RunRecord
     from clipcond.train import clip as train_clip
     from clipcond.train.loop import reset_accelerate_state
 
     if load_dataset_info(data_dir) is None:
         print(f"writing the shapes data set to {data_dir}", file=sys.stderr)
         write_shapes_dataset(data_dir, num_images=20000, seed=args.seed)  # the demo's defaults
-    if not (output_dir / train_clip.RUN_RECORD).is_file():
+    if not RunRecord.exists(output_dir):
         argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(args.seed)]
         argv += ["--mixed-precision", TRAIN_PRECISION]  # as the demo trains it
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only our JSON

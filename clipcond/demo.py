@@ -44,6 +44,7 @@ from pathlib import Path
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.runlock import run_folder_lock
+from clipcond.runs import RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -268,12 +269,11 @@ def uninterrupted(report: dict) -> bool:
 
 def _train_unless_done(
     args: argparse.Namespace, stage: str, trainer, out_dir: Path, argv: list[str], *, steps: int | None, precision
-) -> dict:
-    """Run the training entry point `trainer` (a module with `main(argv)` and `RUN_RECORD`) into `out_dir` unless its
-    run record says it finished; a killed run resumes from its latest checkpoint. The recipe's arguments for `stage`
-    come after `argv`, then `steps` (when given, and not --quick) as `--max-train-steps`. Returns the run record."""
-    record_path = out_dir / trainer.RUN_RECORD
-    if not record_path.is_file():
+) -> RunRecord:
+    """Run the training entry point `trainer` (a module with `main(argv)`) into `out_dir` unless its run record says
+    it finished; a killed run resumes from its latest checkpoint. The recipe's arguments for `stage` come after
+    `argv`, then `steps` (when given, and not --quick) as `--max-train-steps`. Returns the run record."""
+    if not RunRecord.exists(out_dir):
         argv = [*argv, "--resume-from-checkpoint", "latest", "--validation-steps", "0", *RECIPES[args.recipe][stage]]
         if steps and not args.quick:
             argv += ["--max-train-steps", str(steps)]
@@ -283,17 +283,16 @@ def _train_unless_done(
 
         trainer.main(argv)
         reset_accelerate_state()  # each stage builds its own Accelerator in this one process
-    return json.loads(record_path.read_text())
+    return RunRecord.read(out_dir)
 
 
 # The training arguments that the report gives for every trained stage.
 RECIPE_ARGS = ("model", "train_batch_size", "learning_rate", "mixed_precision")
 
 
-def _run_summary(record: dict, *arg_names: str, **extra) -> dict:
+def _run_summary(record: RunRecord, *arg_names: str, **extra) -> dict:
     """A run record's summary, with its `RECIPE_ARGS` and `arg_names` arguments and the `extra` fields."""
-    run_args = record["args"]
-    return {**record["summary"], **{name: run_args[name] for name in (*RECIPE_ARGS, *arg_names)}, **extra}
+    return {**record.summary, **{name: record.args[name] for name in (*RECIPE_ARGS, *arg_names)}, **extra}
 
 
 def _stage_data(args: argparse.Namespace, data_dir: Path) -> None:
@@ -347,8 +346,8 @@ def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, dec
         "beta_schedule",
         "snr_gamma",
         "caption_dropout",
-        parameters=record["unet"]["parameters"],
-        ema=record["ema"],
+        parameters=record.parameters,
+        ema=record.ema,
     )
 
 
@@ -483,9 +482,7 @@ def _stage_prior(args: argparse.Namespace, data_dir: Path, clip_dir: Path, prior
     record = _train_unless_done(
         args, "prior", train_prior, prior_dir, argv, steps=args.prior_steps, precision=args.mixed_precision
     )
-    return _run_summary(
-        record, "beta_schedule", "caption_dropout", parameters=record["prior"]["parameters"], ema=record["ema"]
-    )
+    return _run_summary(record, "beta_schedule", "caption_dropout", parameters=record.parameters, ema=record.ema)
 
 
 def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, unclip_dir: Path) -> dict:
@@ -502,10 +499,10 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
         record,
         "prediction_type",
         "caption_dropout",
-        parameters=record["unet"]["parameters"],
-        embedding_tokens=record["image_embedding"]["embedding_tokens"],
-        noise_level=record["image_embedding"]["max_noise_level"],
-        ema=record["ema"],
+        parameters=record.parameters,
+        embedding_tokens=record.embedding_tokens,
+        noise_level=record.max_noise_level,
+        ema=record.ema,
     )
 
 
@@ -828,8 +825,6 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir, clip_dir, decoder_dir, samples_dir = out / "data", out / "clip", out / "decoder", out / "samples"
     from clipcond.data.shapes import load_dataset_info
-    from clipcond.train.clip import RUN_RECORD as CLIP_RECORD
-    from clipcond.train.decoder import RUN_RECORD as DECODER_RECORD
 
     times = _StageTimes(out / "timings.json")
     data_done = load_dataset_info(data_dir) is not None  # a demo folder that holds its data set continues a run
@@ -840,12 +835,12 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     times.run("data", lambda: _stage_data(args, data_dir), complete=data_done)
     info = load_dataset_info(data_dir)
     # 2. CLIP pretraining and evaluation
-    done = (clip_dir / CLIP_RECORD).is_file()
+    done = RunRecord.exists(clip_dir)
     clip_summary = times.run("clip", lambda: _stage_clip(args, data_dir, clip_dir), complete=done)
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
     # 3. the decoder on the frozen CLIP text encoder
-    done = (decoder_dir / DECODER_RECORD).is_file()
+    done = RunRecord.exists(decoder_dir)
     decoder = times.run("decoder", lambda: _stage_decoder(args, data_dir, clip_dir, decoder_dir), complete=done)
     # 4. judged evaluation of the decoder
     done = (decoder_dir / "eval_generation" / "metrics.json").is_file()
@@ -864,12 +859,10 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     # 6. with --dalle2: the prior, the image-embedding decoder, and their judged evaluation
     dalle2 = {}
     if args.dalle2:
-        from clipcond.train.prior import RUN_RECORD as PRIOR_RECORD
-
         prior_dir, unclip_dir, unclip_eval_dir = out / "prior", out / "unclip_decoder", out / "unclip_eval"
-        done = (prior_dir / PRIOR_RECORD).is_file()
+        done = RunRecord.exists(prior_dir)
         dalle2["prior"] = times.run("prior", lambda: _stage_prior(args, data_dir, clip_dir, prior_dir), complete=done)
-        done = (unclip_dir / DECODER_RECORD).is_file()
+        done = RunRecord.exists(unclip_dir)
         dalle2["unclip_decoder"] = times.run(
             "unclip_decoder", lambda: _stage_unclip_decoder(args, data_dir, clip_dir, unclip_dir), complete=done
         )

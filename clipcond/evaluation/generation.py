@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import random
@@ -57,6 +56,7 @@ from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import load_pretrained, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
+from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -653,24 +653,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None]:
     """The CLIP run of a decoder run (`--clip` when given) and the content hash of the CLIP it was trained on (None
     when its run record names none)."""
-    record_path = run / "clipcond_run.json"
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
-    clip = (record.get("clip") or {}) if isinstance(record, dict) else {}
+    record = RunRecord.read_if_present(run)
+    clip_hash = None if record is None else record.clip_hash
     if override is not None:
         if not os.path.isdir(override):
             raise FileNotFoundError(f"`--clip` {override!r} does not exist")
-        return Path(override), clip.get("content_hash")
+        return Path(override), clip_hash
+    record_path = run / RUN_RECORD
     if record is None:
         raise FileNotFoundError(
             f"{record_path} does not exist, so the CLIP run of `--model` {str(run)!r} is unknown; pass `--clip PATH`"
         )
-    if not clip.get("path"):
+    if not record.clip_path:
         raise ValueError(f"{record_path} has no clip.path; pass `--clip PATH`")
-    recorded = Path(clip["path"])
+    recorded = Path(record.clip_path)
     # A relative path was relative to where training ran; try there (the current folder), then beside the run.
     for candidate in (recorded, run / recorded, run.parent / recorded):
         if candidate.is_dir():
-            return candidate, clip.get("content_hash")
+            return candidate, clip_hash
     raise FileNotFoundError(
         f"the CLIP run {str(recorded)!r} named in {record_path} does not exist (tried it from the current folder and "
         f"from {run}); pass `--clip PATH`"

@@ -21,7 +21,6 @@ The seen / held-out split of the cosines uses the metadata's `heldout` column wh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_predict,
 )
 from clipcond.finite import finite_float, finite_or_null
+from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -319,15 +319,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _lineage_clip(run: Path) -> str:
-    record_file = run / "clipcond_run.json"
-    if not record_file.is_file():
-        raise FileNotFoundError(
-            f"`--model` {str(run)!r} has no clipcond_run.json naming its CLIP; pass --clip CLIP_RUN"
-        )
-    clip = json.loads(record_file.read_text()).get("clip", {}).get("path")
-    if not clip:
-        raise ValueError(f"{record_file} names no CLIP (no clip.path); pass --clip CLIP_RUN")
-    return clip
+    record = RunRecord.read_if_present(run)
+    if record is None:
+        raise FileNotFoundError(f"`--model` {str(run)!r} has no {RUN_RECORD} naming its CLIP; pass --clip CLIP_RUN")
+    if not record.clip_path:
+        raise ValueError(f"{record.path} names no CLIP (no clip.path); pass --clip CLIP_RUN")
+    return record.clip_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,11 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     vision_model, image_mean, image_std = load_vision_tower(clip, what="--clip")
     vision_model.to(device)
-    record_file = run / "clipcond_run.json"
-    recorded = json.loads(record_file.read_text()).get("clip", {}) if record_file.is_file() else {}
-    mismatch = check_evaluation_clip(
-        clip, recorded.get("content_hash"), what="the prior", allow=args.allow_clip_mismatch
-    )
+    record = RunRecord.read_if_present(run)
+    trained_on = None if record is None else record.clip_hash
+    mismatch = check_evaluation_clip(clip, trained_on, what="the prior", allow=args.allow_clip_mismatch)
     dataset = ImageCaptionDataset(
         args.data,
         split=args.split,
