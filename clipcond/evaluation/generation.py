@@ -30,43 +30,59 @@ takes a diffusers pipeline with the standard arguments directly.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import logging
 import os
 import random
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipcond.data.open import add_allow_outside_paths
-from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
+from clipcond.data.shapes import class_names, parse_held_out, render_scene, sample_scene
 from clipcond.device import DTYPES, dtype_name, resolve_dtype
+from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.diversity import diversity
-from clipcond.evaluation.judge import AttributeJudge, load_or_train_judge
+from clipcond.evaluation.frechet import frechet_distance, frechet_distance_from_stats  # noqa: F401 (public here)
+from clipcond.evaluation.judge import AttributeJudge, JudgeScores, load_or_train_judge
+from clipcond.evaluation.judged import (
+    GROUPS,
+    accuracy_figures,
+    call_pipeline,
+    check_counts,
+    check_palette,
+    check_scheduler,
+    class_pairs,
+    clip_image_features,
+    default_device,
+    derived_seed,
+    draw_seeded,
+    group_masks,
+    judged_tile,
+    load_reference_images,
+    mean_or_none,
+    outcome_figures,
+    per_class_table,
+    resolve_clip_path,
+    shapes_info,
+)
 from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import load_pretrained, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
-from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
-
-logger = logging.getLogger(__name__)
 
 # generate(prompts, guidance_scale, generators) -> uint8 images (len(prompts), 3, H, W); generators[i] draws image i.
 GenerateFn = Callable[[list[str], float, list[torch.Generator]], torch.Tensor]
 
 DEFAULT_PROMPT_TEMPLATE = "a {colour} {shape}"
 DEFAULT_GUIDANCE_SCALE = DEFAULT_TEXT_GUIDANCE_SCALE  # `clipcond generate`'s default for a text-to-image decoder
-GROUPS = ("", "_seen", "_heldout")  # all classes, seen compositions, held-out compositions
 # The figures of one guidance scale, in the order printed (then "per_class").
 GROUP_KEYS = (
     *(f"{metric}{group}" for group in GROUPS for metric in ("colour_accuracy", "shape_accuracy", "both_accuracy")),
@@ -78,47 +94,15 @@ GROUP_KEYS = (
 )
 # The top level of the printed JSON: the figures at the default guidance scale, then "guidance", "judge", "settings".
 HEADLINE_KEYS = ("guidance_scale", *GROUP_KEYS[:-1], "fd_clip_floor")
-_FRAME = {2: (40, 170, 60), 1: (250, 150, 30), 0: (220, 30, 30)}  # grid frame colour by number of attributes right
 
 
-# ---------------------------------------------------------------- Fréchet distance
-
-
-def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) for Gaussians N(mu1, S1), N(mu2, S2) (Dowson & Landau 1982).
-
-    Tr((S1 S2)^(1/2)) is computed as Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the same eigenvalues, but of a symmetric
-    positive semi-definite matrix, so two `eigh` calls in float64 give it without scipy's `sqrtm` and without the
-    complex round-off that the eigenvalues of the non-symmetric S1 S2 would have.
-    """
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(
-            f"mismatched statistics: means {mu1.shape} and {mu2.shape}, covariances {sigma1.shape} and {sigma2.shape}"
-        )
-    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    sqrt_sigma1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
-    distance = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
-    return float(max(distance, 0.0))  # round-off can leave -1e-12 for identical statistics
-
-
-def frechet_distance(features1, features2) -> float:
-    """Fréchet distance between the Gaussians fitted to two sets of features (N1, D) and (N2, D), N >= 2 each
-    (means and unbiased covariances, as pytorch-fid does)."""
-    stats = []
-    for name, features in (("features1", features1), ("features2", features2)):
-        if isinstance(features, torch.Tensor):
-            features = features.detach().cpu().double().numpy()
-        features = np.asarray(features, dtype=np.float64)
-        if features.ndim != 2 or features.shape[0] < 2:
-            raise ValueError(f"`{name}` must be (N, D) with N >= 2 to fit a covariance, got shape {features.shape}")
-        stats.append((features.mean(axis=0), np.cov(features, rowvar=False)))
-    if stats[0][0].shape != stats[1][0].shape:
-        raise ValueError(f"the two feature sets have widths {stats[0][0].size} and {stats[1][0].size}")
-    return frechet_distance_from_stats(*stats[0], *stats[1])
+# The command's description in `--help`.
+DESCRIPTION = """Judge a text-to-image run on the shapes data: generate images for every one-object colour-shape prompt
+('a red circle', ...) with fixed seeds at guidance 1 and the default guidance, and report colour, shape and
+both-correct accuracy (by an attribute classifier trained on ground-truth renders) for seen and held-out compositions,
+CLIP score under the trained CLIP, and a Fréchet distance on CLIP image features against the test split. Prints one
+JSON object and writes it, labelled grids and the images to --output-dir.
+"""
 
 
 # ---------------------------------------------------------------- generators
@@ -127,44 +111,20 @@ def frechet_distance(features1, features2) -> float:
 def image_seed(seed: int, prompt: str, index: int) -> int:
     """The seed of the `index`-th image of `prompt`: the same at every guidance scale and whatever else is evaluated,
     so that figures at two guidance scales compare the same initial noise."""
-    digest = hashlib.sha256(f"clipcond-eval-generation/{seed}/{prompt}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def to_uint8_images(images) -> torch.Tensor:
-    """A pipeline's images ("pt" float (B, 3, H, W) or "np" float (B, H, W, 3) in [0, 1], PIL list, or uint8) as a
-    uint8 tensor (B, 3, H, W) on the CPU."""
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-        images = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (B, H, W, 3) uint8
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-        if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-            images = images.permute(0, 3, 1, 2)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"expected images (B, 3, H, W), got {type(images).__name__} {getattr(images, 'shape', '')}")
-    images = images.detach().cpu()
-    if images.is_floating_point():
-        images = (images.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    if images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 or float images, got {images.dtype}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return images.contiguous()
+    return derived_seed("clipcond-eval-generation", seed, prompt, index)
 
 
 def pipeline_generate_fn(pipe, num_inference_steps: int) -> GenerateFn:
     """A `GenerateFn` over a diffusers text-to-image pipeline with the standard argument names."""
 
     def generate(prompts: list[str], guidance_scale: float, generators: list[torch.Generator]) -> torch.Tensor:
-        output = pipe(
+        return call_pipeline(
+            pipe,
+            generators,
             prompt=list(prompts),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            num_images_per_prompt=1,
-            generator=list(generators),
-            output_type="pt",
         )
-        return to_uint8_images(output.images)
 
     return generate
 
@@ -197,18 +157,54 @@ def _is_pipeline(obj) -> bool:
 # ---------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What an evaluation draws: `per_prompt` images of each class's prompt, prompt by prompt (image i of the
+    evaluation is `jobs[i]` = (prompt index, image index)), from generators seeded by `image_seed(seed, ...)`, at
+    each guidance scale."""
+
+    pairs: list[tuple[str, str]]  # (colour, shape) of each class
+    held: list[str]  # the held-out "colour shape" names among them
+    prompt_template: str
+    per_prompt: int
+    scales: list[float]  # the guidance scales, the headline one among them
+    headline: float
+    seed: int
+    batch_size: int  # images per call of the generator
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt_template.format(colour=c, shape=s) for c, s in self.pairs]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{c} {s}" for c, s in self.pairs]
+
+    @property
+    def jobs(self) -> list[tuple[int, int]]:
+        return [(p, k) for p in range(len(self.prompts)) for k in range(self.per_prompt)]
+
+    @property
+    def image_class(self) -> torch.Tensor:
+        """The class index of each image, (N,)."""
+        return torch.tensor([p for p, _ in self.jobs])
+
+    @property
+    def groups(self) -> dict[str, torch.Tensor]:
+        names = self.names
+        return group_masks(torch.tensor([names[p] in self.held for p, _ in self.jobs], dtype=torch.bool))
+
+    @property
+    def rows(self) -> list[range]:
+        """The images of each prompt."""
+        return [range(p * self.per_prompt, (p + 1) * self.per_prompt) for p in range(len(self.prompts))]
+
+
 def _check_classes(classes: Sequence[str], held_out: Sequence[str], judge: AttributeJudge) -> list[tuple[str, str]]:
     if isinstance(classes, str) or not classes:
         raise ValueError(f"`classes` must be a non-empty list of 'colour shape' names, got {classes!r}")
-    pairs = []
-    for name in classes:
-        words = str(name).split()
-        if len(words) != 2 or words[0] not in judge.colours or words[1] not in judge.shapes:
-            raise ValueError(
-                f"class {name!r} is not '<colour> <shape>' with a colour in {', '.join(judge.colours)} and a shape "
-                f"in {', '.join(judge.shapes)}; this evaluation judges the one-object classes of the shapes data"
-            )
-        pairs.append((words[0], words[1]))
+    note = "; this evaluation judges the one-object classes of the shapes data"
+    pairs = class_pairs(classes, judge, note=note)
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"`classes` holds duplicates: {list(classes)}")
     names = {f"{c} {s}" for c, s in pairs}
@@ -216,6 +212,25 @@ def _check_classes(classes: Sequence[str], held_out: Sequence[str], judge: Attri
     if unknown:
         raise ValueError(f"held-out pairs {unknown} are not among the classes {sorted(names)}")
     return pairs
+
+
+def _plan(
+    classes: Sequence[str],
+    held_out: Sequence[str] | str | None,
+    judge: AttributeJudge,
+    template: str,
+    per_prompt: int,
+    seed: int,
+    batch_size: int,
+    scales: list[float],
+    headline: float,
+) -> _Plan:
+    """The checked classes, prompts and counts of an evaluation (see `evaluate_generation`)."""
+    held = list(parse_held_out(held_out))
+    pairs = _check_classes(classes, held, judge)
+    _check_template(template)
+    check_counts(num_images_per_prompt=per_prompt, batch_size=batch_size)
+    return _Plan(pairs, held, template, per_prompt, scales, headline, seed, batch_size)
 
 
 def _check_template(template: str) -> None:
@@ -229,21 +244,32 @@ def _check_template(template: str) -> None:
         raise ValueError(f"`prompt_template` {template!r} must contain both {{colour}} and {{shape}}")
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size), antialiased; unchanged when already that size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+def _check_scales(guidance_scales: Sequence[float], guidance_scale: float | None) -> tuple[list[float], float]:
+    """The scales to evaluate, the headline one (default: the last) among them, each >= 1."""
+    scales = [float(g) for g in guidance_scales]
+    headline = float(guidance_scale) if guidance_scale is not None else (scales[-1] if scales else None)
+    if headline is None:
+        raise ValueError("`guidance_scales` is empty and no `guidance_scale` was given")
+    if headline not in scales:
+        scales.append(headline)
+    scales = list(dict.fromkeys(scales))
+    for g in scales:
+        if not (is_finite_number(g) and g >= 1.0):
+            raise ValueError(f"guidance scales must be finite numbers >= 1 (1: no guidance), got {g}")
+    return scales, headline
 
 
-def clip_image_features(clip_run, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """L2-normalised CLIP features (N, D) of uint8 images, resized to the CLIP's input size if needed."""
-    chunks = [
-        clip_run.encode_images(_resize(images[start : start + batch_size], clip_run.image_size)).cpu()
-        for start in range(0, images.shape[0], batch_size)
-    ]
-    return torch.cat(chunks)
+def _check_generator(pipe, reference_images: torch.Tensor | None) -> bool:
+    """Whether `pipe` is a diffusers pipeline (else a generate callable); refuses anything else, and reference images
+    that are not uint8 (N, 3, H, W)."""
+    if reference_images is not None and (reference_images.dtype != torch.uint8 or reference_images.ndim != 4):
+        raise ValueError(
+            f"`reference_images` must be uint8 (N, 3, H, W), got {reference_images.dtype} {tuple(reference_images.shape)}"
+        )
+    is_pipeline = _is_pipeline(pipe)
+    if not is_pipeline and not callable(pipe):
+        raise ValueError(f"`pipe` must be a diffusers pipeline or a generate callable, got {type(pipe).__name__}")
+    return is_pipeline
 
 
 def ground_truth_renders(pairs: Sequence[tuple[str, str]], per_pair: int, resolution: int, seed: int) -> torch.Tensor:
@@ -257,29 +283,111 @@ def ground_truth_renders(pairs: Sequence[tuple[str, str]], per_pair: int, resolu
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def _mean_or_none(values: torch.Tensor, mask: torch.Tensor) -> float | None:
-    return values[mask].double().mean().item() if bool(mask.any()) else None
+@dataclass
+class _Fixed:
+    """What does not depend on the guidance scale."""
+
+    text_features: torch.Tensor | None  # (P, D) CLIP embeddings of the prompts
+    reference_features: torch.Tensor | None  # (N, D) CLIP image features of the reference images
+    fd_floor: float | None  # the FD of ground-truth renders to the reference
+    real_diversity: dict  # the diversity of real images of each class
 
 
-def _figures(
-    colour_ok: torch.Tensor,
-    shape_ok: torch.Tensor,
-    clip_score: torch.Tensor | None,
-    groups: dict[str, torch.Tensor],
-) -> dict:
-    """Accuracies (and CLIP score) of the images selected by each group mask, keyed "<metric><group>"."""
-    figures = {}
+def _fixed_figures(plan: _Plan, judge: AttributeJudge, clip_run, reference_images: torch.Tensor | None) -> _Fixed:
+    """Prompt embeddings, reference features, the FD floor, and the diversity of real images of each class (renders
+    drawn as the data set draws them, in the jobs' order)."""
+    fixed = _Fixed(None, None, None, {})
+    renders = ground_truth_renders(plan.pairs, plan.per_prompt, judge.resolution, plan.seed)
+    render_features = None
+    if clip_run is not None:
+        fixed.text_features = clip_run.encode_text(plan.prompts).cpu()  # (P, D)
+        render_features = clip_image_features(clip_run, renders, plan.batch_size)
+        if reference_images is not None and len(plan.jobs) >= 2:  # FD needs >= 2 images to fit a covariance
+            fixed.reference_features = clip_image_features(clip_run, reference_images, plan.batch_size)
+            fixed.fd_floor = frechet_distance(render_features, fixed.reference_features)
+    fixed.real_diversity = diversity(renders, plan.rows, render_features)
+    return fixed
+
+
+def _generate_all(generate: GenerateFn, plan: _Plan, guidance_scale: float, bar) -> torch.Tensor:
+    """Images uint8 (N, 3, H, W) of the plan's jobs, in batches, checked."""
+    return draw_seeded(
+        lambda batch, generators: generate([plan.prompts[p] for p, _ in batch], guidance_scale, generators),
+        plan.jobs,
+        lambda job: image_seed(plan.seed, plan.prompts[job[0]], job[1]),
+        plan.batch_size,
+        bar,
+        "the generator",
+        lambda n: f"{n} prompts",
+    )
+
+
+def _judge_scale(
+    generate: GenerateFn, guidance_scale: float, plan: _Plan, judge: AttributeJudge, clip_run, fixed: _Fixed, bar
+) -> tuple[dict, torch.Tensor, JudgeScores]:
+    """Generate the plan's images at one guidance scale and judge them: (figures, images, scores)."""
+    began = time.perf_counter()
+    images = _generate_all(generate, plan, guidance_scale, bar)  # (N, 3, H, W) uint8
+    seconds = time.perf_counter() - began
+    jobs, groups, image_class = plan.jobs, plan.groups, plan.image_class
+    scores = judge.score(images, [plan.pairs[p][0] for p, _ in jobs], [plan.pairs[p][1] for p, _ in jobs])
+
+    clip_score = image_features = None
+    figures_extra = {"clip_top1": None, "fd_clip": None}
+    if clip_run is not None:
+        image_features = clip_image_features(clip_run, images, plan.batch_size)  # (N, D)
+        similarity = image_features @ fixed.text_features.T  # (N, P) cosines
+        clip_score = similarity[torch.arange(len(jobs)), image_class]
+        figures_extra["clip_top1"] = (similarity.argmax(dim=1) == image_class).double().mean().item()
+        if fixed.reference_features is not None:
+            figures_extra["fd_clip"] = frechet_distance(image_features, fixed.reference_features)
+
+    figures = accuracy_figures(scores.colour_correct, scores.shape_correct, groups)
     for group, mask in groups.items():
-        figures[f"colour_accuracy{group}"] = _mean_or_none(colour_ok, mask)
-        figures[f"shape_accuracy{group}"] = _mean_or_none(shape_ok, mask)
-        figures[f"both_accuracy{group}"] = _mean_or_none(colour_ok & shape_ok, mask)
-    for group, mask in groups.items():
-        figures[f"clip_score{group}"] = None if clip_score is None else _mean_or_none(clip_score, mask)
-    return figures
+        figures[f"clip_score{group}"] = None if clip_score is None else mean_or_none(clip_score, mask)
+    figures.update(figures_extra, num_images=len(jobs), generation_seconds=round(seconds, 2))
+    figures = {key: figures[key] for key in GROUP_KEYS}
+    image_classes = [plan.names[p] for p, _ in jobs]
+    figures["per_class"] = per_class_table(plan.names, plan.held, image_classes, scores, {"clip_score": clip_score})
+    figures["diversity"] = {
+        **diversity(images, plan.rows, image_features),
+        **{f"{key}_real": value for key, value in fixed.real_diversity.items()},
+    }
+    figures["outcomes"] = outcome_figures(scores, groups)
+    return figures, images, scores
 
 
 def _scale_key(guidance_scale: float) -> str:
     return str(float(guidance_scale))
+
+
+def _judge_scales(generate: GenerateFn, plan: _Plan, judge: AttributeJudge, clip_run, fixed: _Fixed, progress: bool):
+    """Figures, images and scores at every guidance scale of the plan, by `_scale_key`."""
+    results: dict[str, dict] = {}
+    images: dict[str, torch.Tensor] = {}
+    scores: dict[str, JudgeScores] = {}
+    total = len(plan.jobs) * len(plan.scales)
+    with tqdm(total=total, desc="generating", unit="img", disable=not progress, leave=False) as bar:
+        for g in plan.scales:
+            key = _scale_key(g)
+            results[key], images[key], scores[key] = _judge_scale(generate, g, plan, judge, clip_run, fixed, bar)
+    return results, images, scores
+
+
+def _pipeline_settings(pipe, is_pipeline: bool, num_inference_steps: int, scheduler: str | None) -> dict:
+    """How a pipeline sampled (None for a generate callable, whose sampling `evaluate_generation` does not see)."""
+    return {
+        "num_inference_steps": num_inference_steps if is_pipeline else None,
+        "scheduler": (scheduler or scheduler_name(pipe.scheduler)) if is_pipeline else None,
+        "dtype": dtype_name(pipe.unet.dtype) if is_pipeline else None,
+    }
+
+
+def _headline_figures(results: dict[str, dict], headline: float, fd_floor: float | None) -> dict:
+    """The top level of the figures (`HEADLINE_KEYS`): those at the headline guidance scale, and the FD floor."""
+    top = results[_scale_key(headline)]
+    metrics = {"guidance_scale": headline, **{key: top[key] for key in GROUP_KEYS[:-1]}, "fd_clip_floor": fd_floor}
+    return {key: metrics[key] for key in HEADLINE_KEYS}
 
 
 def _slug(text: str) -> str:
@@ -341,107 +449,23 @@ def evaluate_generation(
         "judge": {...}, "settings": {...}}`; a figure over no image (e.g. no held-out class) is None.
     """
     start = time.perf_counter()
-    # 1. check inputs
-    held = list(parse_held_out(held_out))
-    pairs = _check_classes(classes, held, judge)
-    _check_template(prompt_template)
-    scales = [float(g) for g in guidance_scales]
-    headline = float(guidance_scale) if guidance_scale is not None else (scales[-1] if scales else None)
-    if headline is None:
-        raise ValueError("`guidance_scales` is empty and no `guidance_scale` was given")
-    if headline not in scales:
-        scales.append(headline)
-    scales = list(dict.fromkeys(scales))
-    for g in scales:
-        if not (is_finite_number(g) and g >= 1.0):
-            raise ValueError(f"guidance scales must be finite numbers >= 1 (1: no guidance), got {g}")
-    for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
-    if reference_images is not None and (reference_images.dtype != torch.uint8 or reference_images.ndim != 4):
-        raise ValueError(
-            f"`reference_images` must be uint8 (N, 3, H, W), got {reference_images.dtype} {tuple(reference_images.shape)}"
-        )
-    is_pipeline = _is_pipeline(pipe)
-    if not is_pipeline and not callable(pipe):
-        raise ValueError(f"`pipe` must be a diffusers pipeline or a generate callable, got {type(pipe).__name__}")
-
-    # 2. the prompts, one generator seed per image, and the per-image class and group
-    names = [f"{c} {s}" for c, s in pairs]
-    prompts = [prompt_template.format(colour=c, shape=s) for c, s in pairs]
-    jobs = [(p, k) for p in range(len(prompts)) for k in range(num_images_per_prompt)]  # prompt by prompt
-    image_class = torch.tensor([p for p, _ in jobs])
-    is_heldout = torch.tensor([names[p] in held for p, _ in jobs], dtype=torch.bool)
-    groups = {"": torch.ones(len(jobs), dtype=torch.bool), "_seen": ~is_heldout, "_heldout": is_heldout}
-
-    # 3. what does not depend on the guidance scale: prompt embeddings, reference features, the FD floor, and the
-    # diversity of real images of each class (renders drawn as the data set draws them, in the jobs' order)
-    text_features = reference_features = render_features = None
-    fd_floor = None
-    renders = ground_truth_renders(pairs, num_images_per_prompt, judge.resolution, seed)
-    prompt_rows = [range(p * num_images_per_prompt, (p + 1) * num_images_per_prompt) for p in range(len(prompts))]
-    if clip_run is not None:
-        text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
-        render_features = clip_image_features(clip_run, renders, batch_size)
-        if reference_images is not None and len(jobs) >= 2:  # FD needs >= 2 images to fit a covariance
-            reference_features = clip_image_features(clip_run, reference_images, batch_size)
-            fd_floor = frechet_distance(render_features, reference_features)
-    real_diversity = diversity(renders, prompt_rows, render_features)
-
-    # 4. generate and judge at every guidance scale
+    # 1. check inputs: the scales, the classes' prompts, one generator seed per image; the generator
+    scales, headline = _check_scales(guidance_scales, guidance_scale)
+    plan = _plan(classes, held_out, judge, prompt_template, num_images_per_prompt, seed, batch_size, scales, headline)
+    is_pipeline = _check_generator(pipe, reference_images)
+    # 2. what does not depend on the guidance scale
+    fixed = _fixed_figures(plan, judge, clip_run, reference_images)
+    # 3. generate and judge at every guidance scale
     generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
-    results: dict[str, dict] = {}
-    all_images: dict[str, torch.Tensor] = {}
-    all_scores: dict[str, object] = {}
-    bar = tqdm(total=len(jobs) * len(scales), desc="generating", unit="img", disable=not progress, leave=False)
-    with _prepared_pipeline(pipe, scheduler) if is_pipeline else _nothing():
-        for g in scales:
-            began = time.perf_counter()
-            images = _generate_all(generate, prompts, jobs, g, seed, batch_size, bar)  # (N, 3, H, W) uint8
-            seconds = time.perf_counter() - began
-            scores = judge.score(images, [pairs[p][0] for p, _ in jobs], [pairs[p][1] for p, _ in jobs])
-
-            clip_score = image_features = None
-            figures_extra = {"clip_top1": None, "fd_clip": None}
-            if clip_run is not None:
-                image_features = clip_image_features(clip_run, images, batch_size)  # (N, D)
-                similarity = image_features @ text_features.T  # (N, P) cosines
-                clip_score = similarity[torch.arange(len(jobs)), image_class]
-                figures_extra["clip_top1"] = (similarity.argmax(dim=1) == image_class).double().mean().item()
-                if reference_features is not None:
-                    figures_extra["fd_clip"] = frechet_distance(image_features, reference_features)
-
-            figures = _figures(scores.colour_correct, scores.shape_correct, clip_score, groups)
-            figures.update(figures_extra, num_images=len(jobs), generation_seconds=round(seconds, 2))
-            figures = {key: figures[key] for key in GROUP_KEYS}
-            figures["per_class"] = _per_class(names, held, image_class, scores, clip_score)
-            figures["diversity"] = {
-                **diversity(images, prompt_rows, image_features),
-                **{f"{key}_real": value for key, value in real_diversity.items()},
-            }
-            figures["outcomes"] = {
-                group.lstrip("_") or "all": scores.outcome_shares(mask) for group, mask in groups.items()
-            }
-            results[_scale_key(g)] = figures
-            all_images[_scale_key(g)] = images
-            all_scores[_scale_key(g)] = scores
-    bar.close()
-
-    # 5. assemble: the headline figures first, then every scale, the judge and the settings
-    top = results[_scale_key(headline)]
-    metrics = {"guidance_scale": headline, **{key: top[key] for key in GROUP_KEYS[:-1]}, "fd_clip_floor": fd_floor}
-    metrics = {key: metrics[key] for key in HEADLINE_KEYS}
-    metrics["guidance"] = results
+    with _prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():
+        results, images, scores = _judge_scales(generate, plan, judge, clip_run, fixed, progress)
+    # 4. assemble: the headline figures first, then every scale, the judge and the settings
+    metrics = {**_headline_figures(results, plan.headline, fixed.fd_floor), "guidance": results}
     metrics["judge"] = judge.summary()
     metrics["settings"] = {
-        "classes": names,
-        "held_out": held,
-        "prompt_template": prompt_template,
-        "num_images_per_prompt": num_images_per_prompt,
-        "guidance_scales": scales,
-        "num_inference_steps": num_inference_steps if is_pipeline else None,
-        "scheduler": (scheduler or scheduler_name(pipe.scheduler)) if is_pipeline else None,
-        "dtype": dtype_name(pipe.unet.dtype) if is_pipeline else None,
+        **{"classes": plan.names, "held_out": plan.held, "prompt_template": prompt_template},
+        **{"num_images_per_prompt": num_images_per_prompt, "guidance_scales": plan.scales},
+        **_pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
         "seed": seed,
         "clip": None if clip_run is None else str(clip_run.path),
         "num_reference_images": None if reference_images is None else int(reference_images.shape[0]),
@@ -449,73 +473,57 @@ def evaluate_generation(
         "seconds": round(time.perf_counter() - start, 2),
     }
     if output_dir is not None:
-        write_outputs(metrics, all_images, all_scores, prompts, num_images_per_prompt, output_dir)
+        write_outputs(metrics, images, scores, plan.prompts, num_images_per_prompt, output_dir)
     return metrics
-
-
-def check_image_batch(images, expected: int, what: str, per: str) -> None:
-    """Refuse anything but `expected` uint8 images (expected, 3, H, W) from `what` (a generate/vary callable)."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"{what} must return uint8 images (B, 3, H, W), got {type(images).__name__} "
-            f"{getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
-        )
-    if images.shape[0] != expected or images.shape[1] != 3:
-        raise ValueError(
-            f"{what} returned images of shape {tuple(images.shape)} for {per}; expected ({expected}, 3, H, W)"
-        )
-
-
-def _generate_all(
-    generate: GenerateFn,
-    prompts: list[str],
-    jobs: list[tuple[int, int]],
-    guidance_scale: float,
-    seed: int,
-    batch_size: int,
-    bar,
-) -> torch.Tensor:
-    """Images uint8 (len(jobs), 3, H, W) for the (prompt index, image index) jobs, in batches, checked."""
-    chunks = []
-    for first in range(0, len(jobs), batch_size):
-        batch = jobs[first : first + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, prompts[p], k)) for p, k in batch]
-        images = generate([prompts[p] for p, _ in batch], guidance_scale, generators)
-        check_image_batch(images, len(batch), "the generator", f"{len(batch)} prompts")
-        chunks.append(images.cpu())
-        bar.update(len(batch))
-    return torch.cat(chunks)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def _per_class(names: list[str], held: list[str], image_class: torch.Tensor, scores, clip_score) -> dict:
-    per_class = {}
-    for p, name in enumerate(names):
-        mask = image_class == p
-        per_class[name] = {
-            "heldout": name in held,
-            "colour_accuracy": _mean_or_none(scores.colour_correct, mask),
-            "shape_accuracy": _mean_or_none(scores.shape_correct, mask),
-            "both_accuracy": _mean_or_none(scores.both_correct, mask),
-            "clip_score": None if clip_score is None else _mean_or_none(clip_score, mask),
-            "judged": scores.judged_counts(mask),  # what the judge saw in this class's images, most frequent first
-        }
-    return per_class
 
 
 # ---------------------------------------------------------------- outputs
 
 
-def _framed(image: torch.Tensor, colour: tuple[int, int, int], width: int = 2) -> Image.Image:
-    array = image.permute(1, 2, 0).numpy()  # (H, W, 3)
-    framed = np.empty((array.shape[0] + 2 * width, array.shape[1] + 2 * width, 3), dtype=np.uint8)
-    framed[:] = colour
-    framed[width:-width, width:-width] = array
-    return Image.fromarray(framed, "RGB")
+def _write_grid(images: torch.Tensor, scores: JudgeScores, prompts: list[str], per_prompt: int, key: str, out: Path):
+    """grid_guidance_<g>.png and images/guidance_<g>/<prompt>_<k>.png of one guidance scale."""
+    tiles, labels = [], []
+    judged_labels = scores.labels  # built once: a property over every image
+    for i, image in enumerate(images):
+        prompt = prompts[i // per_prompt]
+        right = int(scores.colour_correct[i]) + int(scores.shape_correct[i])
+        judged = judged_labels[i]
+        labels.append(f"{prompt}: {judged}" if right == 2 else f"{prompt}: WRONG {judged}")
+        tiles.append(judged_tile(image, scores, i))
+        path = image_file(out, float(key), prompt, i % per_prompt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(path, format="PNG")
+    grid = image_grid(tiles, rows=len(prompts), cols=per_prompt, labels=labels, max_label_lines=3)
+    path = out / f"grid_guidance_{key}.png"
+    grid.save(path, format="PNG")
+    return path
+
+
+def _write_heatmap(metrics: dict, key: str, out: Path) -> Path:
+    """accuracy_guidance_<g>.png: both-correct accuracy, colour x shape; the row labels name the held-out pairs."""
+    names = metrics["settings"]["classes"]
+    held = set(metrics["settings"]["held_out"])
+    colours = list(dict.fromkeys(name.split()[0] for name in names))
+    shapes = list(dict.fromkeys(name.split()[1] for name in names))
+    matrix = np.full((len(colours), len(shapes)), np.nan)
+    for name, figures in metrics["guidance"][key]["per_class"].items():
+        colour, shape = name.split()
+        matrix[colours.index(colour), shapes.index(shape)] = figures["both_accuracy"]
+    row_labels = []
+    for colour in colours:
+        held_shapes = [shape for shape in shapes if f"{colour} {shape}" in held]
+        row_labels.append(f"{colour} (held out: {', '.join(held_shapes)})" if held_shapes else colour)
+    return heatmap_png(
+        matrix,
+        row_labels,
+        shapes,
+        out / f"accuracy_guidance_{key}.png",
+        f"judged both-correct accuracy, guidance {key}",
+        vmin=0.0,
+        vmax=1.0,
+        xlabel="shape",
+        ylabel="colour",
+    )
 
 
 def write_outputs(
@@ -532,48 +540,9 @@ def write_outputs(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    names = metrics["settings"]["classes"]
-    held = set(metrics["settings"]["held_out"])
     for key, batch in images.items():
-        score = scores[key]
-        tiles, labels = [], []
-        judged_labels = score.labels  # built once: a property over every image
-        for i, image in enumerate(batch):
-            prompt = prompts[i // num_images_per_prompt]
-            right = int(score.colour_correct[i]) + int(score.shape_correct[i])
-            judged = judged_labels[i]
-            labels.append(f"{prompt}: {judged}" if right == 2 else f"{prompt}: WRONG {judged}")
-            tiles.append(_framed(image, _FRAME[right]))
-            path = image_file(output_dir, float(key), prompt, i % num_images_per_prompt)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(path, format="PNG")
-        grid = image_grid(tiles, rows=len(prompts), cols=num_images_per_prompt, labels=labels, max_label_lines=3)
-        paths.append(output_dir / f"grid_guidance_{key}.png")
-        grid.save(paths[-1], format="PNG")
-
-        colours = list(dict.fromkeys(name.split()[0] for name in names))
-        shapes = list(dict.fromkeys(name.split()[1] for name in names))
-        matrix = np.full((len(colours), len(shapes)), np.nan)
-        for name, figures in metrics["guidance"][key]["per_class"].items():
-            colour, shape = name.split()
-            matrix[colours.index(colour), shapes.index(shape)] = figures["both_accuracy"]
-        row_labels = []
-        for colour in colours:
-            held_shapes = [shape for shape in shapes if f"{colour} {shape}" in held]
-            row_labels.append(f"{colour} (held out: {', '.join(held_shapes)})" if held_shapes else colour)
-        paths.append(
-            heatmap_png(
-                matrix,
-                row_labels,
-                shapes,
-                output_dir / f"accuracy_guidance_{key}.png",
-                f"judged both-correct accuracy, guidance {key}",
-                vmin=0.0,
-                vmax=1.0,
-                xlabel="shape",
-                ylabel="colour",
-            )
-        )
+        paths.append(_write_grid(batch, scores[key], prompts, num_images_per_prompt, key, output_dir))
+        paths.append(_write_heatmap(metrics, key, output_dir))
     paths.append(output_dir / "metrics.json")
     write_json_atomic(paths[-1], finite_or_null(metrics))
     return paths
@@ -595,19 +564,9 @@ def _parse_scales(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clipcond eval generation",
-        description=(
-            "Judge a text-to-image run on the shapes data: generate images for every one-object colour-shape "
-            "prompt ('a red circle', ...) with fixed seeds at guidance 1 and the default guidance, and report colour, "
-            "shape and both-correct accuracy (by an attribute classifier trained on ground-truth renders) for seen "
-            "and held-out compositions, CLIP score under the trained CLIP, and a Fréchet distance on CLIP image "
-            "features against the test split. Prints one JSON object and writes it, labelled grids and the images "
-            "to --output-dir."
-        ),
+    parser = eval_parser(
+        "clipcond eval generation", DESCRIPTION, model="pipeline folder (`clipcond train decoder`)", shapes=True
     )
-    parser.add_argument("--model", required=True, metavar="RUN", help="pipeline folder (`clipcond train decoder`)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="the shapes data root (with dataset_info.json)")
     parser.add_argument(
         "--clip", metavar="PATH", help="CLIP run for CLIP score and FD (default: RUN/clipcond_run.json clip.path)"
     )
@@ -633,9 +592,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "last of --guidance-scales when they do not include it)",
     )
     parser.add_argument("--guidance-scales", help="comma-separated scales to evaluate (default: 1,<--guidance-scale>)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators (default 0)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -643,113 +599,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the pipeline's precision, as `clipcond generate --dtype` (default fp32; bf16 samples about twice as fast "
         "on CPU)",
     )
-    parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
-    parser.add_argument("--output-dir", metavar="DIR", help="default RUN/eval_generation")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_allow_outside_paths(parser)
+    add_judged_arguments(parser, output_dir="default RUN/eval_generation")
     return parser.parse_args(argv)
 
 
-def resolve_clip_path(run: Path, override: str | None) -> tuple[Path, str | None]:
-    """The CLIP run of a decoder run (`--clip` when given) and the content hash of the CLIP it was trained on (None
-    when its run record names none)."""
-    record = RunRecord.read_if_present(run)
-    clip_hash = None if record is None else record.clip_hash
-    if override is not None:
-        if not os.path.isdir(override):
-            raise FileNotFoundError(f"`--clip` {override!r} does not exist")
-        return Path(override), clip_hash
-    record_path = run / RUN_RECORD
-    if record is None:
+def _guidance_scales(args: argparse.Namespace) -> tuple[list[float], float]:
+    """`--guidance-scales` (default: 1 and the headline) and the headline scale, `--guidance-scale` (default:
+    `DEFAULT_GUIDANCE_SCALE` when evaluated, else the last scale)."""
+    if args.guidance_scales:
+        scales = _parse_scales(args.guidance_scales)
+        default = DEFAULT_GUIDANCE_SCALE if DEFAULT_GUIDANCE_SCALE in scales else scales[-1]
+        return scales, args.guidance_scale if args.guidance_scale is not None else default
+    headline = args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
+    return [1.0, headline], headline
+
+
+def _check_pipeline_folder(model: str) -> None:
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"`--model` {model!r} does not exist")
+    if not (Path(model) / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"{record_path} does not exist, so the CLIP run of `--model` {str(run)!r} is unknown; pass `--clip PATH`"
+            f"`--model` {model!r} holds no model_index.json; expected a pipeline folder written with "
+            "`save_pretrained` (as `clipcond train decoder` writes it)"
         )
-    if not record.clip_path:
-        raise ValueError(f"{record_path} has no clip.path; pass `--clip PATH`")
-    recorded = Path(record.clip_path)
-    # A relative path was relative to where training ran; try there (the current folder), then beside the run.
-    for candidate in (recorded, run / recorded, run.parent / recorded):
-        if candidate.is_dir():
-            return candidate, clip_hash
-    raise FileNotFoundError(
-        f"the CLIP run {str(recorded)!r} named in {record_path} does not exist (tried it from the current folder and "
-        f"from {run}); pass `--clip PATH`"
-    )
-
-
-def load_reference_images(
-    data: str, split: str, resolution: int, *, allow_outside_paths: bool = False
-) -> tuple[torch.Tensor, list[str]]:
-    """The split's readable single-object images (those with a label), uint8 (N, 3, R, R) at `resolution`, and the
-    paths of the single-object files that could not be read (or lie outside the data folder, see
-    `ImageCaptionDataset`): those are left out and counted (the data set's stand-in for one, the next readable
-    image, would count twice)."""
-    from clipcond.data.folders import ImageCaptionDataset
-
-    dataset = ImageCaptionDataset(data, split=split, resolution=resolution, allow_outside_paths=allow_outside_paths)
-    images, unreadable = [], []
-    for i in range(len(dataset)):
-        if not dataset.labels[i]:
-            continue  # not a single-object image: not a reference whether it reads or not
-        item = dataset[i]
-        if item["index"] != i:  # the data set's stand-in for an unreadable file
-            unreadable.append(str(dataset.image_paths[i]))
-        else:
-            images.append(item["pixel_values"])
-    if unreadable:
-        logger.warning("%d unreadable image(s) in split %r left out, e.g. %s", len(unreadable), split, unreadable[0])
-    if len(images) < 2:
-        raise ValueError(
-            f"split {split!r} of {data} has {len(images)} readable single-object image(s); the Fréchet distance "
-            "needs >= 2"
-        )
-    return torch.stack(images), unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # 1. check the inputs before the slow loads
+    _check_pipeline_folder(args.model)
     run = Path(args.model)
-    if not run.is_dir():
-        raise FileNotFoundError(f"`--model` {args.model!r} does not exist")
-    if not (run / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"`--model` {args.model!r} holds no model_index.json; expected a pipeline folder written with "
-            "`save_pretrained` (as `clipcond train decoder` writes it)"
-        )
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"`--data` {args.data!r} does not exist")
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"
     check_output_dir(output_dir)
-    info = load_dataset_info(args.data)
-    if info is None:
-        raise ValueError(
-            f"`--data` {args.data!r} has no dataset_info.json: this evaluation needs the built-in shapes data "
-            "(`clipcond data shapes OUT`), whose colour-shape classes the attribute judge knows"
-        )
-    if args.guidance_scales:
-        scales = _parse_scales(args.guidance_scales)
-        default = DEFAULT_GUIDANCE_SCALE if DEFAULT_GUIDANCE_SCALE in scales else scales[-1]
-        headline = args.guidance_scale if args.guidance_scale is not None else default
-    else:
-        headline = args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
-        scales = [1.0, headline]
-    for flag, value in (("--num-images-per-prompt", args.num_images_per_prompt), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"`{flag}` must be >= 1, got {value}")
+    info = shapes_info(args.data)
+    scales, headline = _guidance_scales(args)
+    check_at_least(args, 1, "num_images_per_prompt", "batch_size")
     _check_template(args.prompt_template)
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
+    check_scheduler(args.scheduler)
     scheduler = None if args.scheduler == "saved" else args.scheduler
 
     from clipcond.lineage import check_evaluation_clip
     from clipcond.models.clip import load_clip
-    from clipcond.pipelines.text_to_image import SCHEDULERS, TextToImagePipeline
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
 
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or 'saved', got {scheduler!r}")
     mismatch = check_evaluation_clip(clip_path, clip_hash, what="the decoder", allow=args.allow_clip_mismatch)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
 
     # 2. load the judge, the CLIP, the reference images and the pipeline
@@ -789,20 +686,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
-
-
-def check_palette(info: dict, judge: AttributeJudge) -> None:
-    """The data's colours (with their RGB) and shapes must be those the judge was trained to tell apart."""
-    known = judge.info.get("colours", {})
-    for name, rgb in (info.get("colours") or {}).items():
-        if name not in judge.colours or (known and list(known.get(name, [])) != list(rgb)):
-            raise ValueError(
-                f"the data's colour {name!r} {list(rgb)} is not one the judge knows ({known or judge.colours}); "
-                "this evaluation needs the built-in shapes palette"
-            )
-    for shape in info.get("shapes") or []:
-        if shape not in judge.shapes:
-            raise ValueError(f"the data's shape {shape!r} is not one the judge knows ({', '.join(judge.shapes)})")
 
 
 if __name__ == "__main__":

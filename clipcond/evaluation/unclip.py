@@ -25,29 +25,23 @@ metrics.json and grid.png: a row per source, the source then its variations, fra
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from clipcond.data.open import add_allow_outside_paths
-from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out
+from clipcond.data.shapes import class_names, parse_held_out
 from clipcond.device import DTYPES
+from clipcond.evaluation import judged
+from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.diversity import distance_to_sources
-from clipcond.evaluation.generation import (
-    GenerateFn,
-    check_image_batch,
-    clip_image_features,
-    to_uint8_images,
-)
-from clipcond.evaluation.judge import AttributeJudge
+from clipcond.evaluation.generation import GenerateFn
+from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.evaluation.plots import image_grid
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
@@ -69,8 +63,14 @@ DEFAULT_INFERENCE_STEPS = 20  # DPM-Solver++ steps of the decoder, as `clipcond 
 DEFAULT_PRIOR_GUIDANCE_SCALE = 4.0  # `clipcond eval prior`'s and the unCLIP pipeline's default
 DEFAULT_PRIOR_INFERENCE_STEPS = 25
 DEFAULT_PRIOR_MAX_CAPTIONS = 512  # about 40 s of the `tiny` prior on a CPU; the split's first items
-GROUPS = ("", "_seen", "_heldout")
-_FRAME = {2: (40, 170, 60), 1: (250, 150, 30), 0: (220, 30, 30)}  # frame colour by number of attributes kept
+
+
+# The command's description in `--help`.
+DESCRIPTION = """Judge the DALL-E 2 path on the shapes data: variations of one-object test images (do they keep the
+source's colour and shape?), text-to-image through the prior (the prompted colour and shape?), seen and held-out
+compositions apart, by the attribute judge of `clipcond eval generation`; and the prior's cosine to the true image
+embeddings beside its baselines. Prints one JSON object and writes it, the grids and the images to --output-dir.
+"""
 
 
 # ---------------------------------------------------------------- the sources
@@ -101,70 +101,59 @@ def variation_sources(dataset, classes: Sequence[str], per_class: int) -> tuple[
 
 def variation_seed(seed: int, source: int, index: int) -> int:
     """The seed of variation `index` of source `source`: independent of the batch size and of other settings."""
-    digest = hashlib.sha256(f"clipcond-eval-unclip/variations/{seed}/{source}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return judged.derived_seed("clipcond-eval-unclip/variations", seed, source, index)
 
 
 # ---------------------------------------------------------------- generate functions over the pipelines
 
 
-def pipeline_vary_fn(
-    pipe,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    noise_level: int = 0,
-    guidance_start: float = DEFAULT_GUIDANCE_START,
-    guidance_end: float = 1.0,
-) -> VaryFn:
+@dataclasses.dataclass(frozen=True)
+class DecoderSampling:
+    """How the image-embedding decoder samples, for variations and text-to-image through the prior alike."""
+
+    guidance_scale: float
+    num_inference_steps: int
+    noise_level: int = 0  # the embedding noise augmentation
+    guidance_start: float = DEFAULT_GUIDANCE_START  # guidance on the steps from this fraction of the schedule...
+    guidance_end: float = 1.0  # ... to this one
+
+    def settings(self) -> dict:
+        """The pipeline's keyword arguments, as the figures record them."""
+        return {**dataclasses.asdict(self), "guidance_scale": float(self.guidance_scale)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorSettings:
+    """How the prior samples (for its cosine and for text-to-image) and on how many captions its cosine is taken."""
+
+    guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE
+    num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS
+    max_captions: int | None = DEFAULT_PRIOR_MAX_CAPTIONS  # the split's first N items (None: all)
+
+
+def pipeline_vary_fn(pipe, sampling: DecoderSampling) -> VaryFn:
     """A `VaryFn` over an `ImageVariationPipeline` (one image per source, each from its own generator)."""
 
     def vary(sources: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        output = pipe(
-            image=sources,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=1,
-            generator=list(generators),
-            noise_level=noise_level,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-            output_type="pt",
-        )
-        return to_uint8_images(output.images)
+        return judged.call_pipeline(pipe, generators, image=sources, **dataclasses.asdict(sampling))
 
     return vary
 
 
-def unclip_generate_fn(
-    pipe,
-    *,
-    num_inference_steps: int,
-    prior_guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
-    prior_num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
-    noise_level: int = 0,
-    guidance_start: float = DEFAULT_GUIDANCE_START,
-    guidance_end: float = 1.0,
-) -> GenerateFn:
+def unclip_generate_fn(pipe, sampling: DecoderSampling, prior: PriorSettings) -> GenerateFn:
     """A `GenerateFn` for `evaluate_generation` over an `UnCLIPTextToImagePipeline`: text -> prior -> decoder. The
-    guidance scale that `evaluate_generation` passes is the decoder's; the prior's is `prior_guidance_scale`. Each
+    guidance scale that `evaluate_generation` passes is the decoder's; the prior's is `prior.guidance_scale`. Each
     image's generator draws its prior noise, then its decoder noise."""
 
     def generate(prompts: list[str], guidance_scale: float, generators: list[torch.Generator]) -> torch.Tensor:
-        output = pipe(
+        return judged.call_pipeline(
+            pipe,
+            generators,
             prompt=list(prompts),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            prior_num_inference_steps=prior_num_inference_steps,
-            prior_guidance_scale=prior_guidance_scale,
-            num_images_per_prompt=1,
-            generator=list(generators),
-            noise_level=noise_level,
-            guidance_start=guidance_start,
-            guidance_end=guidance_end,
-            output_type="pt",
+            **{**dataclasses.asdict(sampling), "guidance_scale": guidance_scale},
+            prior_num_inference_steps=prior.num_inference_steps,
+            prior_guidance_scale=prior.guidance_scale,
         )
-        return to_uint8_images(output.images)
 
     return generate
 
@@ -172,17 +161,72 @@ def unclip_generate_fn(
 # ---------------------------------------------------------------- variations
 
 
-def _mean_or_none(values: torch.Tensor, mask: torch.Tensor) -> float | None:
-    return values[mask].double().mean().item() if bool(mask.any()) else None
+def _check_sources(sources, source_classes: Sequence[str], judge: AttributeJudge) -> list[tuple[str, str]]:
+    """The (colour, shape) each source's variations should keep."""
+    if not isinstance(sources, torch.Tensor) or sources.dtype != torch.uint8 or sources.ndim != 4:
+        raise ValueError(
+            f"`sources` must be uint8 images (S, 3, H, W), got {type(sources).__name__} "
+            f"{getattr(sources, 'dtype', '')} {tuple(getattr(sources, 'shape', ()))}"
+        )
+    if len(source_classes) != sources.shape[0]:
+        raise ValueError(f"got {len(source_classes)} source classes for {sources.shape[0]} sources; give one each")
+    return judged.class_pairs(source_classes, judge, what="source class")
 
 
-def _accuracies(colour_ok: torch.Tensor, shape_ok: torch.Tensor, groups: dict[str, torch.Tensor], prefix: str = ""):
-    figures = {}
-    for group, mask in groups.items():
-        figures[f"{prefix}colour_accuracy{group}"] = _mean_or_none(colour_ok, mask)
-        figures[f"{prefix}shape_accuracy{group}"] = _mean_or_none(shape_ok, mask)
-        figures[f"{prefix}both_accuracy{group}"] = _mean_or_none(colour_ok & shape_ok, mask)
-    return figures
+def _draw_variations(vary: VaryFn, sources: torch.Tensor, jobs: list, seed: int, batch_size: int, progress: bool):
+    """Variations uint8 (S * K, 3, H, W) of the (source, variation) jobs, in batches, each from its own generator;
+    and the seconds they took."""
+    began = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc="variations", unit="img", disable=not progress, leave=False)
+    images = judged.draw_seeded(
+        lambda batch, generators: vary(sources[[s for s, _ in batch]], generators),
+        jobs,
+        lambda job: variation_seed(seed, *job),
+        batch_size,
+        bar,
+        "the vary function",
+        lambda n: f"a batch of {n} source rows",
+    )
+    bar.close()
+    return images, time.perf_counter() - began
+
+
+def _judge_variations(
+    images: torch.Tensor,
+    sources: torch.Tensor,
+    source_classes: Sequence[str],
+    pairs: list[tuple[str, str]],
+    *,
+    per_source: int,
+    held: list[str],
+    judge: AttributeJudge,
+    clip_run,
+    batch_size: int,
+) -> tuple[dict, JudgeScores]:
+    """The judge's figures of the variations (`per_source` of each source, source by source) against their sources'
+    classes and of the sources themselves (the ceiling), the distance to the sources, the outcomes and the per-class
+    table; and the variations' scores."""
+    source_of = [s for s in range(len(pairs)) for _ in range(per_source)]  # the source of each variation
+    source_heldout = torch.tensor([name in held for name in source_classes], dtype=torch.bool)
+    groups = judged.group_masks(source_heldout.repeat_interleave(per_source))
+    scores = judge.score(images, [pairs[s][0] for s in source_of], [pairs[s][1] for s in source_of])
+    source_scores = judge.score(sources, [c for c, _ in pairs], [s for _, s in pairs])
+    metrics = judged.accuracy_figures(scores.colour_correct, scores.shape_correct, groups)
+    source_groups = judged.group_masks(source_heldout)
+    metrics.update(
+        judged.accuracy_figures(source_scores.colour_correct, source_scores.shape_correct, source_groups, "source_")
+    )
+    features = (None, None)
+    if clip_run is not None:
+        features = (
+            judged.clip_image_features(clip_run, images, batch_size),
+            judged.clip_image_features(clip_run, sources, batch_size),
+        )
+    metrics["distance"] = distance_to_sources(images, sources, source_of, source_classes, *features)
+    metrics["outcomes"] = judged.outcome_figures(scores, groups)
+    image_classes = [source_classes[s] for s in source_of]
+    metrics["per_class"] = judged.per_class_table(list(dict.fromkeys(source_classes)), held, image_classes, scores)
+    return metrics, scores
 
 
 def evaluate_variations(
@@ -221,86 +265,33 @@ def evaluate_variations(
     """
     start = time.perf_counter()
     # 1. check inputs
-    if not isinstance(sources, torch.Tensor) or sources.dtype != torch.uint8 or sources.ndim != 4:
-        raise ValueError(
-            f"`sources` must be uint8 images (S, 3, H, W), got {type(sources).__name__} "
-            f"{getattr(sources, 'dtype', '')} {tuple(getattr(sources, 'shape', ()))}"
-        )
-    if len(source_classes) != sources.shape[0]:
-        raise ValueError(f"got {len(source_classes)} source classes for {sources.shape[0]} sources; give one each")
-    pairs = []
-    for name in source_classes:
-        words = str(name).split()
-        if len(words) != 2 or words[0] not in judge.colours or words[1] not in judge.shapes:
-            raise ValueError(
-                f"source class {name!r} is not '<colour> <shape>' with a colour in {', '.join(judge.colours)} and a "
-                f"shape in {', '.join(judge.shapes)}"
-            )
-        pairs.append((words[0], words[1]))
-    for name, value in (("variations_per_source", variations_per_source), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    pairs = _check_sources(sources, source_classes, judge)
+    judged.check_counts(variations_per_source=variations_per_source, batch_size=batch_size)
     held = list(parse_held_out(held_out))
 
-    # 2. the jobs (source, variation), source by source, and the groups of the images
+    # 2. generate in batches, source by source, each variation from its own generator
     jobs = [(s, k) for s in range(sources.shape[0]) for k in range(variations_per_source)]
-    source_heldout = torch.tensor([name in held for name in source_classes], dtype=torch.bool)
-    is_heldout = source_heldout.repeat_interleave(variations_per_source)
-    groups = {"": torch.ones(len(jobs), dtype=torch.bool), "_seen": ~is_heldout, "_heldout": is_heldout}
-    source_groups = {
-        "": torch.ones(len(pairs), dtype=torch.bool),
-        "_seen": ~source_heldout,
-        "_heldout": source_heldout,
-    }
+    images, seconds = _draw_variations(vary, sources, jobs, seed, batch_size, progress)
 
-    # 3. generate in batches, each variation from its own generator
-    chunks = []
-    began = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="variations", unit="img", disable=not progress, leave=False)
-    for first in range(0, len(jobs), batch_size):
-        batch = jobs[first : first + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(variation_seed(seed, s, k)) for s, k in batch]
-        images = vary(sources[[s for s, _ in batch]], generators)
-        check_image_batch(images, len(batch), "the vary function", f"a batch of {len(batch)} source rows")
-        chunks.append(images.cpu())
-        bar.update(len(batch))
-    bar.close()
-    images = torch.cat(chunks)  # (S * K, 3, H, W)
-    seconds = time.perf_counter() - began
-
-    # 4. judge the variations against their sources' classes, and the sources themselves (the ceiling)
-    scores = judge.score(images, [pairs[s][0] for s, _ in jobs], [pairs[s][1] for s, _ in jobs])
-    source_scores = judge.score(sources, [c for c, _ in pairs], [s for _, s in pairs])
-    metrics = _accuracies(scores.colour_correct, scores.shape_correct, groups)
-    metrics.update(_accuracies(source_scores.colour_correct, source_scores.shape_correct, source_groups, "source_"))
-    features = (None, None)
-    if clip_run is not None:
-        features = (
-            clip_image_features(clip_run, images, batch_size),
-            clip_image_features(clip_run, sources, batch_size),
-        )
-    metrics["distance"] = distance_to_sources(images, sources, [s for s, _ in jobs], source_classes, *features)
-    image_class = torch.tensor([s for s, _ in jobs])
-    names = list(dict.fromkeys(source_classes))
-    per_class = {}
-    for name in names:
-        mask = torch.tensor([source_classes[s] == name for s in image_class.tolist()], dtype=torch.bool)
-        per_class[name] = {
-            "heldout": name in held,
-            "colour_accuracy": _mean_or_none(scores.colour_correct, mask),
-            "shape_accuracy": _mean_or_none(scores.shape_correct, mask),
-            "both_accuracy": _mean_or_none(scores.both_correct, mask),
-            "judged": scores.judged_counts(mask),
-        }
+    # 3. judge the variations against their sources' classes, and the sources themselves (the ceiling)
+    metrics, scores = _judge_variations(
+        images,
+        sources,
+        source_classes,
+        pairs,
+        per_source=variations_per_source,
+        held=held,
+        judge=judge,
+        clip_run=clip_run,
+        batch_size=batch_size,
+    )
     metrics.update(
-        outcomes={group.lstrip("_") or "all": scores.outcome_shares(mask) for group, mask in groups.items()},
-        per_class=per_class,
         num_sources=int(sources.shape[0]),
         num_images=len(jobs),
         generation_seconds=round(seconds, 2),
         judge=judge.summary(),
         settings={
-            "classes": names,
+            "classes": list(dict.fromkeys(source_classes)),
             "held_out": held,
             "variations_per_source": variations_per_source,
             "seed": seed,
@@ -313,40 +304,182 @@ def evaluate_variations(
     return metrics
 
 
-def _framed(image: torch.Tensor, colour: tuple[int, int, int], width: int = 2) -> Image.Image:
-    array = image.permute(1, 2, 0).numpy()  # (H, W, 3)
-    framed = np.empty((array.shape[0] + 2 * width, array.shape[1] + 2 * width, 3), dtype=np.uint8)
-    framed[:] = colour
-    framed[width:-width, width:-width] = array
-    return Image.fromarray(framed, "RGB")
-
-
-def _write_variations(metrics, sources, source_classes, images, scores, per_source: int, output_dir: Path) -> None:
+def _write_variations(
+    metrics: dict, sources, source_classes, images, scores: JudgeScores, per_source: int, output_dir: Path
+) -> None:
     """grid.png (a row per source: the source unframed, then its variations, labelled with what the judge saw and
-    framed by how many attributes they kept), then metrics.json."""
+    judged.framed by how many attributes they kept), then metrics.json."""
     output_dir.mkdir(parents=True, exist_ok=True)
     size = images.shape[-1]
     tiles, labels = [], []
-    judged = scores.labels  # built once: a property over every image
+    seen = scores.labels  # what the judge saw, built once: a property over every image
     for s, name in enumerate(source_classes):
         source = sources[s]
         if source.shape[-1] != size:  # show the source at the variations' size
-            source = to_uint8_images(
+            source = judged.to_uint8_images(
                 torch.nn.functional.interpolate(source[None].float() / 255, size=(size, size), mode="bilinear")
             )[0]
-        tiles.append(_framed(source, (255, 255, 255)))
+        tiles.append(judged.framed(source, judged.SOURCE_FRAME))
         labels.append(f"source: {name}")
-        for k in range(per_source):
-            i = s * per_source + k
-            kept = int(scores.colour_correct[i]) + int(scores.shape_correct[i])
-            tiles.append(_framed(images[i], _FRAME[kept]))
-            labels.append(judged[i])
+        for i in range(s * per_source, (s + 1) * per_source):
+            tiles.append(judged.judged_tile(images[i], scores, i))
+            labels.append(seen[i])
     grid = image_grid(tiles, rows=len(source_classes), cols=per_source + 1, labels=labels, max_label_lines=2)
     grid.save(output_dir / "grid.png", format="PNG")
     write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
 
 
 # ---------------------------------------------------------------- the whole DALL-E 2 path
+
+
+@dataclasses.dataclass
+class _Context:
+    """What the steps of one `evaluate_unclip` share."""
+
+    pipe: object  # the `UnCLIPTextToImagePipeline`
+    data: str | os.PathLike
+    split: str
+    judge: AttributeJudge
+    clip_run: object
+    seed: int
+    batch_size: int
+    out: Path | None
+    progress: bool
+    allow_outside_paths: bool
+    info: dict = dataclasses.field(init=False)  # the data's dataset_info.json
+
+    def __post_init__(self):
+        self.info = judged.shapes_info(self.data, "`data`")  # refuses other data before any work
+
+    @property
+    def classes(self) -> list[str]:
+        return class_names(self.info)
+
+    @property
+    def held(self) -> list[str]:
+        return list(self.info.get("held_out") or [])
+
+    def dataset(self, resolution: int):
+        from clipcond.data.folders import ImageCaptionDataset
+
+        return ImageCaptionDataset(
+            self.data, split=self.split, resolution=resolution, allow_outside_paths=self.allow_outside_paths
+        )
+
+    def evaluation_arguments(self, name: str) -> dict:
+        """The keyword arguments that `evaluate_variations` and `evaluate_generation` take alike; they write into
+        the subfolder `name` of the output folder."""
+        return {
+            "judge": self.judge,
+            "clip_run": self.clip_run,
+            "held_out": self.held,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "output_dir": None if self.out is None else self.out / name,
+            "progress": self.progress,
+        }
+
+
+def _prior_figures(context: _Context, prior: PriorSettings) -> dict:
+    """The prior's image embeddings against the true ones of the split and the baselines (`evaluate_prior`), also
+    written to prior.json."""
+    from clipcond.evaluation.prior import evaluate_prior
+    from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    pipe = context.pipe
+    extractor = pipe.feature_extractor  # the CLIP's pixel statistics; OpenAI's without one, as the pipeline does
+    figures = evaluate_prior(
+        pipe.prior_pipeline,
+        context.dataset(pipe.image_encoder.config.image_size),
+        vision_model=pipe.image_encoder,
+        image_mean=extractor.image_mean if extractor is not None else OPENAI_CLIP_MEAN,
+        image_std=extractor.image_std if extractor is not None else OPENAI_CLIP_STD,
+        guidance_scale=prior.guidance_scale,
+        num_inference_steps=prior.num_inference_steps,
+        max_captions=prior.max_captions,
+        seed=context.seed,
+        batch_size=256,
+        progress=context.progress,
+    )
+    if context.out is not None:
+        context.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(context.out / "prior.json", finite_or_null(figures))
+    return figures
+
+
+def _variation_figures(
+    context: _Context, sampling: DecoderSampling, scheduler: str, sources_per_class: int, variations_per_source: int
+) -> dict:
+    """`evaluate_variations` of the split's first one-object images of each class, at the data's resolution (the
+    pipeline embeds them)."""
+    dataset = context.dataset(int(context.info["resolution"]))
+    sources, source_classes, items = variation_sources(dataset, context.classes, sources_per_class)
+    settings = {"data": str(context.data), "split": context.split, "source_items": items, **sampling.settings()}
+    return evaluate_variations(
+        pipeline_vary_fn(context.pipe.decoder_pipeline, sampling),
+        sources,
+        source_classes,
+        variations_per_source=variations_per_source,
+        extra_settings={**settings, "scheduler": scheduler},
+        **context.evaluation_arguments("variations"),
+    )
+
+
+def _text_to_image_figures(
+    context: _Context,
+    sampling: DecoderSampling,
+    prior: PriorSettings,
+    scheduler: str,
+    images_per_prompt: int,
+    reference: tuple[torch.Tensor | None, int],
+) -> dict:
+    """`evaluate_generation` of text-to-image through the prior, as `clipcond eval generation` judges the Stable
+    Diffusion path: the same prompts, seeds and figures. `reference`: the FD's reference images and how many of
+    the split's could not be read."""
+    from clipcond.evaluation.generation import evaluate_generation
+
+    reference_images, unreadable_reference_images = reference
+    return evaluate_generation(
+        unclip_generate_fn(context.pipe, sampling, prior),
+        classes=context.classes,
+        reference_images=reference_images,
+        num_images_per_prompt=images_per_prompt,
+        guidance_scales=[sampling.guidance_scale],
+        guidance_scale=sampling.guidance_scale,
+        extra_settings={
+            "data": str(context.data),
+            "num_inference_steps": sampling.num_inference_steps,
+            "scheduler": scheduler,
+            "prior_guidance_scale": float(prior.guidance_scale),
+            "prior_num_inference_steps": prior.num_inference_steps,
+            "noise_level": sampling.noise_level,
+            "guidance_start": sampling.guidance_start,
+            "guidance_end": sampling.guidance_end,
+            "unreadable_reference_images": unreadable_reference_images,
+        },
+        **context.evaluation_arguments("text_to_image"),
+    )
+
+
+def _settings(
+    context: _Context, counts: tuple[int, int, int], sampling: DecoderSampling, prior: PriorSettings
+) -> dict:
+    """The settings of an `evaluate_unclip`, as its metrics record them (`counts`: sources per class, variations
+    per source, images per prompt)."""
+    return {
+        "data": str(context.data),
+        "split": context.split,
+        **dict(zip(("sources_per_class", "variations_per_source", "images_per_prompt"), counts)),
+        "guidance_scale": float(sampling.guidance_scale),
+        "num_inference_steps": sampling.num_inference_steps,
+        "prior_guidance_scale": float(prior.guidance_scale),
+        "prior_num_inference_steps": prior.num_inference_steps,
+        "prior_max_captions": prior.max_captions,
+        "noise_level": sampling.noise_level,
+        "guidance_start": sampling.guidance_start,
+        "guidance_end": sampling.guidance_end,
+        "seed": context.seed,
+    }
 
 
 def evaluate_unclip(
@@ -393,140 +526,29 @@ def evaluate_unclip(
             presence marks a finished evaluation).
         allow_outside_paths: read images of `data` that lie outside its folders (see `ImageCaptionDataset`).
     """
-    from clipcond.data.folders import ImageCaptionDataset
     from clipcond.device import dtype_name
-    from clipcond.evaluation.generation import evaluate_generation
-    from clipcond.evaluation.prior import evaluate_prior
-    from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from clipcond.pipeline_loading import scheduler_name
 
-    info = load_dataset_info(data)
-    if info is None:
-        raise ValueError(
-            f"`data` {str(data)!r} has no dataset_info.json: this evaluation needs the built-in shapes data "
-            "(`clipcond data shapes OUT`), whose colour-shape classes the attribute judge knows"
-        )
-    classes, held = class_names(info), list(info.get("held_out") or [])
     out = Path(output_dir) if output_dir is not None else None
+    context = _Context(pipe, data, split, judge, clip_run, seed, batch_size, out, progress, allow_outside_paths)
+    sampling = DecoderSampling(guidance_scale, num_inference_steps, noise_level, guidance_start, guidance_end)
+    prior = PriorSettings(prior_guidance_scale, prior_num_inference_steps, prior_max_captions)
     pipe.set_progress_bar_config(disable=True)
 
     # 1. the prior's image embeddings against the true ones and the baselines
-    image_size = pipe.image_encoder.config.image_size
-    clip_set = ImageCaptionDataset(data, split=split, resolution=image_size, allow_outside_paths=allow_outside_paths)
-    extractor = pipe.feature_extractor  # the CLIP's pixel statistics; OpenAI's without one, as the pipeline does
-    prior = evaluate_prior(
-        pipe.prior_pipeline,
-        clip_set,
-        vision_model=pipe.image_encoder,
-        image_mean=extractor.image_mean if extractor is not None else OPENAI_CLIP_MEAN,
-        image_std=extractor.image_std if extractor is not None else OPENAI_CLIP_STD,
-        guidance_scale=prior_guidance_scale,
-        num_inference_steps=prior_num_inference_steps,
-        max_captions=prior_max_captions,
-        seed=seed,
-        batch_size=256,
-        progress=progress,
-    )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "prior.json", finite_or_null(prior))
-
-    # 2. variations of the split's one-object images, at the data's resolution (the pipeline embeds them)
-    dataset = ImageCaptionDataset(
-        data, split=split, resolution=int(info["resolution"]), allow_outside_paths=allow_outside_paths
-    )
-    sources, source_classes, items = variation_sources(dataset, classes, sources_per_class)
-    vary = pipeline_vary_fn(
-        pipe.decoder_pipeline,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        noise_level=noise_level,
-        guidance_start=guidance_start,
-        guidance_end=guidance_end,
-    )
-    variations = evaluate_variations(
-        vary,
-        sources,
-        source_classes,
-        judge=judge,
-        clip_run=clip_run,
-        held_out=held,
-        variations_per_source=variations_per_source,
-        seed=seed,
-        batch_size=batch_size,
-        output_dir=None if out is None else out / "variations",
-        extra_settings={
-            "data": str(data),
-            "split": split,
-            "source_items": items,
-            "guidance_scale": float(guidance_scale),
-            "num_inference_steps": num_inference_steps,
-            "noise_level": noise_level,
-            "guidance_start": guidance_start,
-            "guidance_end": guidance_end,
-            "scheduler": scheduler_name(pipe.scheduler),
-        },
-        progress=progress,
-    )
-
+    metrics = {"prior": _prior_figures(context, prior)}
+    # 2. variations of the split's one-object images
+    scheduler = scheduler_name(pipe.scheduler)
+    metrics["variations"] = _variation_figures(context, sampling, scheduler, sources_per_class, variations_per_source)
     # 3. text-to-image through the prior, as `clipcond eval generation` judges the Stable Diffusion path
-    generate = unclip_generate_fn(
-        pipe,
-        num_inference_steps=num_inference_steps,
-        prior_guidance_scale=prior_guidance_scale,
-        prior_num_inference_steps=prior_num_inference_steps,
-        noise_level=noise_level,
-        guidance_start=guidance_start,
-        guidance_end=guidance_end,
+    reference = (reference_images, unreadable_reference_images)
+    metrics["text_to_image"] = _text_to_image_figures(
+        context, sampling, prior, scheduler, images_per_prompt, reference
     )
-    text_to_image = evaluate_generation(
-        generate,
-        classes=classes,
-        held_out=held,
-        judge=judge,
-        clip_run=clip_run,
-        reference_images=reference_images,
-        num_images_per_prompt=images_per_prompt,
-        guidance_scales=[guidance_scale],
-        guidance_scale=guidance_scale,
-        seed=seed,
-        batch_size=batch_size,
-        output_dir=None if out is None else out / "text_to_image",
-        extra_settings={
-            "data": str(data),
-            "num_inference_steps": num_inference_steps,
-            "scheduler": scheduler_name(pipe.scheduler),
-            "prior_guidance_scale": float(prior_guidance_scale),
-            "prior_num_inference_steps": prior_num_inference_steps,
-            "noise_level": noise_level,
-            "guidance_start": guidance_start,
-            "guidance_end": guidance_end,
-            "unreadable_reference_images": unreadable_reference_images,
-        },
-        progress=progress,
-    )
-
-    metrics = {
-        "prior": prior,
-        "variations": variations,
-        "text_to_image": text_to_image,
-        "settings": {
-            "data": str(data),
-            "split": split,
-            "sources_per_class": sources_per_class,
-            "variations_per_source": variations_per_source,
-            "images_per_prompt": images_per_prompt,
-            "guidance_scale": float(guidance_scale),
-            "num_inference_steps": num_inference_steps,
-            "prior_guidance_scale": float(prior_guidance_scale),
-            "prior_num_inference_steps": prior_num_inference_steps,
-            "prior_max_captions": prior_max_captions,
-            "noise_level": noise_level,
-            "guidance_start": guidance_start,
-            "guidance_end": guidance_end,
-            "seed": seed,
-            "dtype": dtype_name(pipe.decoder_pipeline.unet.dtype),
-        },
+    counts = (sources_per_class, variations_per_source, images_per_prompt)
+    metrics["settings"] = {
+        **_settings(context, counts, sampling, prior),
+        "dtype": dtype_name(pipe.decoder_pipeline.unet.dtype),
     }
     if out is not None:
         write_json_atomic(out / "metrics.json", finite_or_null(metrics))
@@ -537,21 +559,11 @@ def evaluate_unclip(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clipcond eval unclip",
-        description=(
-            "Judge the DALL-E 2 path on the shapes data: variations of one-object test images (do they keep the "
-            "source's colour and shape?), text-to-image through the prior (the prompted colour and shape?), seen and "
-            "held-out compositions apart, by the attribute judge of `clipcond eval generation`; and the prior's "
-            "cosine to the true image embeddings beside its baselines. Prints one JSON object and writes it, the "
-            "grids and the images to --output-dir."
-        ),
-    )
+    parser = eval_parser("clipcond eval unclip", DESCRIPTION, shapes=True)
     parser.add_argument(
         "--decoder", required=True, metavar="RUN", help="`clipcond train decoder --conditioning image-embedding` run"
     )
     parser.add_argument("--prior", required=True, metavar="RUN", help="`clipcond train prior` run")
-    parser.add_argument("--data", required=True, metavar="DIR", help="the shapes data root (with dataset_info.json)")
     parser.add_argument("--split", default="test", help="split of the sources, the captions and the FD reference")
     parser.add_argument(
         "--sources-per-class", type=int, default=DEFAULT_SOURCES_PER_CLASS, help="one-object images per class varied"
@@ -586,9 +598,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_guidance_interval_args(parser)
     parser.add_argument("--clip", metavar="PATH", help="CLIP run for CLIP score and FD (default: the decoder's)")
     parser.add_argument("--allow-clip-mismatch", action="store_true", help="pair runs trained on different CLIPs")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -596,29 +605,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the pipelines' precision, as `clipcond generate --dtype` (default fp32; bf16 samples about twice as fast "
         "on CPU)",
     )
-    parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the judge is cached (default ~/.cache/...)")
-    parser.add_argument("--output-dir", metavar="DIR", help="default DECODER/eval_unclip")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    add_allow_outside_paths(parser)
+    add_judged_arguments(parser, output_dir="default DECODER/eval_unclip")
     args = parser.parse_args(argv)
-    for name in (
-        "sources_per_class",
-        "variations_per_source",
-        "images_per_prompt",
-        "num_inference_steps",
-        "prior_num_inference_steps",
-        "batch_size",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    if args.prior_max_captions < 0:
-        raise ValueError(f"`--prior-max-captions` must be >= 0 (0: all), got {args.prior_max_captions}")
-    if args.guidance_scale < 1:
-        raise ValueError(f"`--guidance-scale` must be >= 1 (1: no guidance), got {args.guidance_scale}")
-    if args.prior_guidance_scale < 0:
-        raise ValueError(f"`--prior-guidance-scale` must be >= 0, got {args.prior_guidance_scale}")
+    counts = ("sources_per_class", "variations_per_source", "images_per_prompt", "num_inference_steps")
+    check_at_least(args, 1, *counts, "prior_num_inference_steps", "batch_size")
+    check_at_least(args, 0, "prior_max_captions", note=" (0: all)")
+    check_at_least(args, 1, "guidance_scale", note=" (1: no guidance)")
+    check_at_least(args, 0, "prior_guidance_scale")
     check_guidance_interval_args(args)
     return args
+
+
+def _load_pipeline(args: argparse.Namespace, device: torch.device, **dtype):
+    """The prior and decoder runs as one `UnCLIPTextToImagePipeline` on `device` (refused when trained on different
+    CLIPs, unless --allow-clip-mismatch), with the decoder's `--scheduler`."""
+    from clipcond.pipelines.text_to_image import scheduler_from_name
+    from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
+
+    pipe = UnCLIPTextToImagePipeline.from_runs(
+        args.prior, args.decoder, allow_clip_mismatch=args.allow_clip_mismatch, local_files_only=True, **dtype
+    ).to(device)
+    if args.scheduler != "saved":
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    return pipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,42 +638,24 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"`{flag}` {path!r} does not exist")
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.decoder) / "eval_unclip"
     check_output_dir(output_dir)
-    info = load_dataset_info(args.data)
-    if info is None:
-        raise ValueError(
-            f"`--data` {args.data!r} has no dataset_info.json: this evaluation needs the built-in shapes data "
-            "(`clipcond data shapes OUT`), whose colour-shape classes the attribute judge knows"
-        )
+    info = judged.shapes_info(args.data)
     from clipcond.device import dtype_keyword, resolve_dtype
-    from clipcond.evaluation.generation import check_palette, load_reference_images, resolve_clip_path
     from clipcond.evaluation.judge import load_or_train_judge
     from clipcond.models.clip import load_clip
-    from clipcond.pipelines.text_to_image import SCHEDULERS, scheduler_from_name
-    from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
-    if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
-        raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or 'saved', got {args.scheduler!r}")
-    clip_path, _ = resolve_clip_path(Path(args.decoder), args.clip)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    judged.check_scheduler(args.scheduler)
+    clip_path, _ = judged.resolve_clip_path(Path(args.decoder), args.clip)
+    device = judged.default_device(args.device)
     dtype = resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
 
     # 2. load the judge, the CLIP, the reference images and the paired pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
-    check_palette(info, judge)
+    judged.check_palette(info, judge)
     clip_run = load_clip(clip_path, device=device)
-    reference, unreadable = load_reference_images(
+    reference, unreadable = judged.load_reference_images(
         args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
     )
-    pipe = UnCLIPTextToImagePipeline.from_runs(
-        args.prior,
-        args.decoder,
-        allow_clip_mismatch=args.allow_clip_mismatch,
-        local_files_only=True,
-        **{dtype_keyword(): dtype},
-    ).to(device)
-    if args.scheduler != "saved":
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = _load_pipeline(args, device, **{dtype_keyword(): dtype})
 
     # 3. evaluate, write, print
     metrics = evaluate_unclip(
