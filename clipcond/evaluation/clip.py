@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import add_allow_outside_paths
+from clipcond.evaluation.arguments import add_output_arguments, eval_parser
 from clipcond.evaluation.plots import heatmap_png
 from clipcond.evaluation.retrieval import normalize_caption, retrieval_recall
 from clipcond.evaluation.zero_shot import (
@@ -71,6 +71,14 @@ class ClipEvalExtras:
     confusion: torch.Tensor | None  # (C, C) int64 counts, row = true class, column = predicted; None without labels
     similarity: torch.Tensor  # (m, m) cosine of the first m images (rows) with their captions (columns)
     similarity_captions: list[str]  # the m captions, in row (and column) order
+
+
+# The command's description in `--help`.
+DESCRIPTION = """Evaluate a CLIP run: zero-shot top-1 and class-balanced accuracy over the split's labels (prompt
+ensembling over templates; seen and held-out compositions separately on the shapes data) and image-to-text /
+text-to-image recall@1/5/10 (identical captions count as matches). Prints one JSON object and writes it, a confusion
+matrix and a similarity matrix to --output-dir.
+"""
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -270,17 +278,7 @@ def write_figures(extras: ClipEvalExtras, output_dir: str | os.PathLike, split: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clipcond eval clip",
-        description=(
-            "Evaluate a CLIP run: zero-shot top-1 and class-balanced accuracy over the split's labels (prompt "
-            "ensembling over templates; seen and held-out compositions separately on the shapes data) and "
-            "image-to-text / text-to-image recall@1/5/10 (identical captions count as matches). Prints one JSON "
-            "object and writes it, a confusion matrix and a similarity matrix to --output-dir."
-        ),
-    )
-    parser.add_argument("--model", required=True, metavar="RUN", help="CLIP folder (written by `clipcond train clip`)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="data root (imagefolder with split folders)")
+    parser = eval_parser("clipcond eval clip", DESCRIPTION, model="CLIP folder (written by `clipcond train clip`)")
     parser.add_argument(
         "--split", default="test", help="split folder to evaluate (default test); 'none' for data without splits"
     )
@@ -290,10 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="images (and captions) per batch (default 256)")
     parser.add_argument("--max-images", type=int, metavar="N", help="evaluate the first N images only")
     parser.add_argument("--num-workers", type=int, default=0, help="data loading processes (default 0)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output-dir", metavar="DIR", help="where metrics.json and the PNGs go (default RUN/eval)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    add_allow_outside_paths(parser)
+    add_output_arguments(parser, output_dir="where metrics.json and the PNGs go (default RUN/eval)")
     return parser.parse_args(argv)
 
 

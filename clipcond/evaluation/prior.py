@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipcond.conditioning import ImageEmbeddingCache, embed_images, encode_prompts
-from clipcond.data.open import add_allow_outside_paths
+from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
 from clipcond.evaluation.retrieval import normalize_caption
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
@@ -68,6 +68,14 @@ METRIC_KEYS = (
     "guidance_scale",
     "num_inference_steps",
 )
+
+
+# The command's description in `--help`.
+DESCRIPTION = """Evaluate a DALL-E 2 prior run: the mean cosine between the image embedding it samples for each caption
+of a split and the true CLIP image embedding of the caption's image, beside the caption's text embedding and a random
+other image as baselines; and zero-shot top-1 of the predicted embeddings (single-object captions; seen and held-out
+compositions apart) beside the true embeddings' ceiling. Prints one JSON object and writes it to --output-dir.
+"""
 
 
 @torch.no_grad()
@@ -260,22 +268,10 @@ def _embed_first(vision_model, dataset, n, image_mean, image_std, batch_size, pr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clipcond eval prior",
-        description=(
-            "Evaluate a DALL-E 2 prior run: the mean cosine between the image embedding it samples for each caption "
-            "of a split and the true CLIP image embedding of the caption's image, beside the caption's text "
-            "embedding and a random other image as baselines; and zero-shot top-1 of the predicted embeddings "
-            "(single-object captions; seen and held-out compositions apart) beside the true embeddings' ceiling. "
-            "Prints one JSON object and writes it to --output-dir."
-        ),
-    )
-    parser.add_argument("--model", required=True, metavar="RUN", help="prior run folder (`clipcond train prior`)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="data root (imagefolder with split folders)")
+    parser = eval_parser("clipcond eval prior", DESCRIPTION, model="prior run folder (`clipcond train prior`)")
     parser.add_argument("--split", default="test", help="split folder to evaluate (default test)")
     parser.add_argument(
         "--clip",
-        default=None,
         metavar="CLIP_RUN",
         help="the CLIP whose image encoder gives the true embeddings (default: the one the prior was trained on, "
         "from RUN/clipcond_run.json)",
@@ -304,17 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="evaluate with a --clip other than the one the prior was trained on (recorded in the metrics)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--output-dir", metavar="DIR", help="where metrics.json goes (default RUN/eval)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    add_allow_outside_paths(parser)
+    add_output_arguments(parser, output_dir="where metrics.json goes (default RUN/eval)")
     args = parser.parse_args(argv)
-    if args.num_inference_steps < 1:
-        raise ValueError(f"`--num-inference-steps` must be >= 1, got {args.num_inference_steps}")
-    if args.guidance_scale < 0:
-        raise ValueError(f"`--guidance-scale` must be >= 0, got {args.guidance_scale}")
-    if args.batch_size < 1:
-        raise ValueError(f"`--batch-size` must be >= 1, got {args.batch_size}")
+    check_at_least(args, 1, "num_inference_steps", "batch_size")
+    check_at_least(args, 0, "guidance_scale")
     return args
 
 
