@@ -16,6 +16,7 @@ matches.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -29,12 +30,13 @@ from transformers.utils import logging as hf_logging
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.evaluation.arguments import add_output_arguments, eval_parser
 from clipcond.evaluation.plots import heatmap_png
-from clipcond.evaluation.retrieval import normalize_caption, retrieval_recall
+from clipcond.evaluation.retrieval import retrieval_recall
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
     build_zero_shot_classifier,
     check_templates,
     confusion_matrix,
+    held_out_groups,
     load_templates,
     zero_shot_metrics,
     zero_shot_predict,
@@ -144,6 +146,37 @@ def _embed_texts(clip_run, texts: list[str], batch_size: int, progress: bool) ->
     return torch.cat(chunks)[index.to(chunks[0].device)]
 
 
+@dataclass
+class _ZeroShot:
+    """Zero-shot classification of the labelled images."""
+
+    figures: dict  # top1, balanced, top1_seen, top1_heldout (None without labels or without the group)
+    classnames: list[str]  # the classes, sorted; empty without labelled images
+    heldout_classes: list[str]  # those among them that are held-out compositions
+    confusion: torch.Tensor | None  # (C, C) counts, None without labelled images
+    num_images: int  # the labelled images
+
+
+def _zero_shot(encode, dataset, image_features, labels: list[str], templates, held_out) -> _ZeroShot:
+    """Zero-shot classification of the images with a label, over the labels of the whole split (prompt ensembles
+    embedded by `encode`); seen and held-out classes apart when `held_out` is given."""
+    split_labels = list(getattr(dataset, "labels", None) or [])
+    classnames = sorted({label for label in [*split_labels, *labels] if label})
+    labelled = [i for i, label in enumerate(labels) if label]
+    figures = dict.fromkeys(("top1", "balanced", "top1_seen", "top1_heldout"))
+    if not labelled:
+        return _ZeroShot(figures, [], [], None, 0)
+    classifier = build_zero_shot_classifier(encode, classnames, templates)  # (C, D)
+    predictions = zero_shot_predict(image_features[labelled], classifier).cpu()
+    class_index = {name: c for c, name in enumerate(classnames)}
+    targets = torch.tensor([class_index[labels[i]] for i in labelled])
+    groups = held_out_groups(classnames, held_out)
+    figures.update(zero_shot_metrics(predictions, targets, len(classnames), groups))
+    heldout_classes = [classnames[c] for c in groups["heldout"]] if groups else []
+    confusion = confusion_matrix(predictions, targets, len(classnames))
+    return _ZeroShot(figures, classnames, heldout_classes, confusion, len(labelled))
+
+
 def evaluate_clip(
     clip_run,
     dataset,
@@ -190,28 +223,8 @@ def evaluate_clip(
         text_features = _embed_texts(clip_run, texts, batch_size, progress)  # (n, D)
 
         # 2. zero-shot classification of the labelled images, over the labels of the whole split
-        split_labels = list(getattr(dataset, "labels", None) or [])
-        classnames = sorted({label for label in [*split_labels, *labels] if label})
-        held = {normalize_caption(pair) for pair in held_out} if held_out is not None else None
-        heldout_classes = [name for name in classnames if held is not None and normalize_caption(name) in held]
-        zero_shot = dict.fromkeys(("top1", "balanced", "top1_seen", "top1_heldout"))
-        confusion = None
-        labelled = [i for i, label in enumerate(labels) if label]
-        if labelled:
-            classifier = build_zero_shot_classifier(
-                lambda prompts: clip_run.encode_text(prompts, batch_size=batch_size), classnames, templates
-            )  # (C, D)
-            predictions = zero_shot_predict(image_features[labelled], classifier).cpu()
-            class_index = {name: c for c, name in enumerate(classnames)}
-            targets = torch.tensor([class_index[labels[i]] for i in labelled])
-            groups = None
-            if held is not None:
-                groups = {
-                    "seen": [c for c, name in enumerate(classnames) if name not in heldout_classes],
-                    "heldout": [class_index[name] for name in heldout_classes],
-                }
-            zero_shot.update(zero_shot_metrics(predictions, targets, len(classnames), groups))
-            confusion = confusion_matrix(predictions, targets, len(classnames))
+        encode = functools.partial(clip_run.encode_text, batch_size=batch_size)
+        zero_shot = _zero_shot(encode, dataset, image_features, labels, templates, held_out)
 
         # 3. retrieval over all n pairs, and the similarity block of the first items for the figure
         recall = retrieval_recall(image_features, text_features, texts, ks=RECALL_KS)
@@ -220,19 +233,19 @@ def evaluate_clip(
     finally:
         model.train(was_training)
 
-    metrics = {f"zero_shot_{key}": value for key, value in zero_shot.items()}
+    metrics = {f"zero_shot_{key}": value for key, value in zero_shot.figures.items()}
     metrics.update(recall)
     metrics.update(
         num_images=len(texts),
-        num_classes=len(classnames) if labelled else 0,
-        num_zero_shot_images=len(labelled),
+        num_classes=len(zero_shot.classnames),
+        num_zero_shot_images=zero_shot.num_images,
         num_unreadable_images=len(unreadable),
     )
     metrics = {key: metrics[key] for key in METRIC_KEYS}
     extras = ClipEvalExtras(
-        classnames=classnames if labelled else [],
-        heldout_classes=heldout_classes if labelled else [],
-        confusion=confusion,
+        classnames=zero_shot.classnames,
+        heldout_classes=zero_shot.heldout_classes,
+        confusion=zero_shot.confusion,
         similarity=similarity,
         similarity_captions=texts[:m],
     )

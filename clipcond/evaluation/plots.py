@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -138,6 +139,124 @@ def _as_array(matrix) -> np.ndarray:
     return array
 
 
+@dataclass
+class _HeatmapLayout:
+    """Where the parts of a heatmap go, in pixels: the grid of cells at (`grid_x`, `grid_y`), row labels left of
+    it, column labels under it, the colour bar right of it, the title above."""
+
+    cell: int  # a cell's side
+    fonts: dict[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]  # "label", "value", "title", "axis"
+    row_labels: list[str]  # cut to fit
+    col_labels: list[str]
+    col_label_h: int  # the height of the rotated column labels
+    grid_x: int
+    grid_y: int
+    grid_w: int
+    grid_h: int
+    bar_w: int
+    bar_h: int
+    width: int
+    height: int
+
+
+def _heatmap_layout(
+    shape: tuple[int, int], row_labels, col_labels, tick_labels, title, xlabel, ylabel, max_label_chars
+) -> _HeatmapLayout:
+    """Cells of 12-48 px (18 classes get 40 px, 64 items 12 px); fonts follow the cell size."""
+    n_rows, n_cols = shape
+    cell = int(np.clip(720 // max(n_rows, n_cols), 12, 48))
+    fonts = {
+        "label": _font(int(np.clip(cell - 2, 9, 13))),
+        "value": _font(int(np.clip(cell // 3, 8, 12))),
+        "title": _font(15),
+        "axis": _font(12),
+    }
+    label_font, title_font, axis_font = fonts["label"], fonts["title"], fonts["axis"]
+    label_width = 8 * max_label_chars  # px cap beside the character cap
+    row_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in row_labels]
+    col_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in col_labels]
+    row_label_w = max(_text_width(label_font, label) for label in row_labels)
+    col_label_h = max(_text_width(label_font, label) for label in col_labels)
+    grid_w, grid_h = n_cols * cell, n_rows * cell
+    bar_w, bar_h = 14, max(grid_h, 60)
+    tick_w = max(_text_width(label_font, t) for t in tick_labels)
+    title_h = _line_height(title_font) + _GAP if title else 0
+    xlabel_h = _line_height(axis_font) + _GAP if xlabel else 0
+    ylabel_w = _line_height(axis_font) + _GAP if ylabel else 0
+
+    grid_x = _MARGIN + ylabel_w + row_label_w + _GAP
+    grid_y = _MARGIN + title_h
+    width = grid_x + grid_w + 3 * _GAP + bar_w + _GAP + tick_w + _MARGIN
+    width = max(width, _text_width(title_font, title) + 2 * _MARGIN)
+    height = grid_y + max(grid_h + _GAP + col_label_h + (_GAP + xlabel_h if xlabel else 0), bar_h) + _MARGIN
+    return _HeatmapLayout(
+        cell, fonts, row_labels, col_labels, col_label_h, grid_x, grid_y, grid_w, grid_h, bar_w, bar_h, width, height
+    )
+
+
+def _draw_cells(canvas: Image.Image, layout: _HeatmapLayout, values: np.ndarray, low: float, high: float, value_text):
+    """The cells, with thin separators when they are big enough to need them, and the values written by
+    `value_text(value)` (None: no values)."""
+    draw = ImageDraw.Draw(canvas)
+    cell, grid_x, grid_y, grid_w, grid_h = layout.cell, layout.grid_x, layout.grid_y, layout.grid_w, layout.grid_h
+    n_rows, n_cols = values.shape
+    colours = viridis((values - low) / (high - low))  # (R, C, 3)
+    colours[~np.isfinite(values)] = _NAN_COLOUR
+    canvas.paste(Image.fromarray(colours, "RGB").resize((grid_w, grid_h), Image.NEAREST), (grid_x, grid_y))
+    if cell >= 20:
+        for i in range(1, n_cols):
+            draw.line([(grid_x + i * cell, grid_y), (grid_x + i * cell, grid_y + grid_h - 1)], fill=_WHITE)
+        for i in range(1, n_rows):
+            draw.line([(grid_x, grid_y + i * cell), (grid_x + grid_w - 1, grid_y + i * cell)], fill=_WHITE)
+    if value_text is None:
+        return
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if not np.isfinite(values[r, c]):
+                continue
+            red, green, blue = (int(x) for x in colours[r, c])
+            fill = _BLACK if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else _WHITE
+            centre = (grid_x + c * cell + cell / 2, grid_y + r * cell + cell / 2)
+            value_font = layout.fonts["value"]
+            _draw_centred(draw, centre, _fit(value_text(values[r, c]), value_font, cell - 2), value_font, fill)
+
+
+def _draw_labels(canvas: Image.Image, layout: _HeatmapLayout, title: str, xlabel: str | None, ylabel: str | None):
+    """Rows right-aligned left of the grid, columns rotated under it (their ends touch the grid), the title and
+    the axis titles."""
+    draw = ImageDraw.Draw(canvas)
+    label_font, axis_font, title_font = layout.fonts["label"], layout.fonts["axis"], layout.fonts["title"]
+    cell, grid_x, grid_y, grid_w, grid_h = layout.cell, layout.grid_x, layout.grid_y, layout.grid_w, layout.grid_h
+    line_h = _line_height(label_font)
+    for r, label in enumerate(layout.row_labels):
+        x = grid_x - _GAP - _text_width(label_font, label)
+        draw.text((x, grid_y + r * cell + (cell - line_h) / 2), label, font=label_font, fill=_BLACK)
+    for c, label in enumerate(layout.col_labels):
+        rotated = _text_image(label, label_font).rotate(90, expand=True)
+        x = grid_x + c * cell + (cell - rotated.width) // 2
+        canvas.paste(rotated, (x, grid_y + grid_h + _GAP + layout.col_label_h - rotated.height))
+    if title:
+        draw.text(((layout.width - _text_width(title_font, title)) // 2, _MARGIN), title, font=title_font, fill=_BLACK)
+    if xlabel:
+        y = grid_y + grid_h + 2 * _GAP + layout.col_label_h
+        draw.text((grid_x + (grid_w - _text_width(axis_font, xlabel)) // 2, y), xlabel, font=axis_font, fill=_BLACK)
+    if ylabel:
+        rotated = _text_image(ylabel, axis_font).rotate(90, expand=True)
+        canvas.paste(rotated, (_MARGIN, grid_y + max(0, (grid_h - rotated.height) // 2)))
+
+
+def _draw_colour_bar(canvas: Image.Image, layout: _HeatmapLayout, tick_labels: list[str]) -> None:
+    """The colour bar right of the grid, high at the top, with its ends and middle marked."""
+    draw = ImageDraw.Draw(canvas)
+    label_font, line_h = layout.fonts["label"], _line_height(layout.fonts["label"])
+    bar_x, grid_y, bar_w, bar_h = layout.grid_x + layout.grid_w + 3 * _GAP, layout.grid_y, layout.bar_w, layout.bar_h
+    ramp = viridis(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)  # (bar_h, bar_w, 3)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp), "RGB"), (bar_x, grid_y))
+    draw.rectangle([bar_x - 1, grid_y - 1, bar_x + bar_w, grid_y + bar_h], outline=_BLACK)
+    for text, y in zip(tick_labels, (grid_y, grid_y + bar_h / 2 - line_h / 2, grid_y + bar_h - line_h)):
+        draw.text((bar_x + bar_w + _GAP, y), text, font=label_font, fill=_BLACK)
+
+
 def heatmap_image(
     matrix,
     row_labels: Sequence[str] | None = None,
@@ -181,78 +300,17 @@ def heatmap_image(
     if annotate is None:
         annotate = n_rows <= 20 and n_cols <= 20
     value_format = value_format or ("{:.0f}" if integer else "{:.2f}")
-
-    # 1. sizes: cells of 12-48 px (18 classes get 40 px, 64 items 12 px); fonts follow the cell size
-    cell = int(np.clip(720 // max(n_rows, n_cols), 12, 48))
-    label_font = _font(int(np.clip(cell - 2, 9, 13)))
-    value_font = _font(int(np.clip(cell // 3, 8, 12)))
-    title_font, axis_font = _font(15), _font(12)
-    label_width = 8 * max_label_chars  # px cap beside the character cap
-    row_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in row_labels]
-    col_labels = [_fit(_cut(label, max_label_chars), label_font, label_width) for label in col_labels]
-    row_label_w = max(_text_width(label_font, label) for label in row_labels)
-    col_label_h = max(_text_width(label_font, label) for label in col_labels)
-    grid_w, grid_h = n_cols * cell, n_rows * cell
-    bar_w, bar_h = 14, max(grid_h, 60)
     tick_labels = [value_format.format(v) if integer else f"{v:.3g}" for v in (high, (low + high) / 2, low)]
-    tick_w = max(_text_width(label_font, t) for t in tick_labels)
-    title_h = _line_height(title_font) + _GAP if title else 0
-    xlabel_h = _line_height(axis_font) + _GAP if xlabel else 0
-    ylabel_w = _line_height(axis_font) + _GAP if ylabel else 0
 
-    grid_x = _MARGIN + ylabel_w + row_label_w + _GAP
-    grid_y = _MARGIN + title_h
-    width = grid_x + grid_w + 3 * _GAP + bar_w + _GAP + tick_w + _MARGIN
-    width = max(width, _text_width(title_font, title) + 2 * _MARGIN)
-    height = grid_y + max(grid_h + _GAP + col_label_h + (_GAP + xlabel_h if xlabel else 0), bar_h) + _MARGIN
-    canvas = Image.new("RGB", (width, height), _WHITE)
-    draw = ImageDraw.Draw(canvas)
-
-    # 2. cells, with thin separators when they are big enough to need them
-    colours = viridis((values - low) / (high - low))  # (R, C, 3)
-    colours[~np.isfinite(values)] = _NAN_COLOUR
-    canvas.paste(Image.fromarray(colours, "RGB").resize((grid_w, grid_h), Image.NEAREST), (grid_x, grid_y))
-    if cell >= 20:
-        for i in range(1, n_cols):
-            draw.line([(grid_x + i * cell, grid_y), (grid_x + i * cell, grid_y + grid_h - 1)], fill=_WHITE)
-        for i in range(1, n_rows):
-            draw.line([(grid_x, grid_y + i * cell), (grid_x + grid_w - 1, grid_y + i * cell)], fill=_WHITE)
-    if annotate:
-        for r in range(n_rows):
-            for c in range(n_cols):
-                if not np.isfinite(values[r, c]):
-                    continue
-                text = value_format.format(int(round(values[r, c])) if integer else values[r, c])
-                red, green, blue = (int(x) for x in colours[r, c])
-                fill = _BLACK if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else _WHITE
-                centre = (grid_x + c * cell + cell / 2, grid_y + r * cell + cell / 2)
-                _draw_centred(draw, centre, _fit(text, value_font, cell - 2), value_font, fill)
-
-    # 3. labels: rows right-aligned left of the grid, columns rotated under it (their ends touch the grid)
-    line_h = _line_height(label_font)
-    for r, label in enumerate(row_labels):
-        x = grid_x - _GAP - _text_width(label_font, label)
-        draw.text((x, grid_y + r * cell + (cell - line_h) / 2), label, font=label_font, fill=_BLACK)
-    for c, label in enumerate(col_labels):
-        rotated = _text_image(label, label_font).rotate(90, expand=True)
-        x = grid_x + c * cell + (cell - rotated.width) // 2
-        canvas.paste(rotated, (x, grid_y + grid_h + _GAP + col_label_h - rotated.height))
-    if title:
-        draw.text(((width - _text_width(title_font, title)) // 2, _MARGIN), title, font=title_font, fill=_BLACK)
-    if xlabel:
-        y = grid_y + grid_h + 2 * _GAP + col_label_h
-        draw.text((grid_x + (grid_w - _text_width(axis_font, xlabel)) // 2, y), xlabel, font=axis_font, fill=_BLACK)
-    if ylabel:
-        rotated = _text_image(ylabel, axis_font).rotate(90, expand=True)
-        canvas.paste(rotated, (_MARGIN, grid_y + max(0, (grid_h - rotated.height) // 2)))
-
-    # 4. colour bar, high at the top, with its ends and middle marked
-    bar_x = grid_x + grid_w + 3 * _GAP
-    ramp = viridis(np.linspace(1.0, 0.0, bar_h))[:, None, :].repeat(bar_w, axis=1)  # (bar_h, bar_w, 3)
-    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp), "RGB"), (bar_x, grid_y))
-    draw.rectangle([bar_x - 1, grid_y - 1, bar_x + bar_w, grid_y + bar_h], outline=_BLACK)
-    for text, y in zip(tick_labels, (grid_y, grid_y + bar_h / 2 - line_h / 2, grid_y + bar_h - line_h)):
-        draw.text((bar_x + bar_w + _GAP, y), text, font=label_font, fill=_BLACK)
+    # 1. sizes, 2. cells, 3. labels, 4. colour bar
+    layout = _heatmap_layout(
+        (n_rows, n_cols), row_labels, col_labels, tick_labels, title, xlabel, ylabel, max_label_chars
+    )
+    canvas = Image.new("RGB", (layout.width, layout.height), _WHITE)
+    value_text = (lambda v: value_format.format(int(round(v)) if integer else v)) if annotate else None
+    _draw_cells(canvas, layout, values, low, high, value_text)
+    _draw_labels(canvas, layout, title, xlabel, ylabel)
+    _draw_colour_bar(canvas, layout, tick_labels)
     return canvas
 
 

@@ -21,6 +21,7 @@ The seen / held-out split of the cosines uses the metadata's `heldout` column wh
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -32,11 +33,11 @@ from tqdm.auto import tqdm
 
 from clipcond.conditioning import ImageEmbeddingCache, embed_images, encode_prompts
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
-from clipcond.evaluation.retrieval import normalize_caption
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
     build_zero_shot_classifier,
     check_templates,
+    held_out_groups,
     load_templates,
     zero_shot_metrics,
     zero_shot_predict,
@@ -179,15 +180,11 @@ def evaluate_prior(
         )
     if len(image_cache) < n:
         raise ValueError(f"`image_cache` holds {len(image_cache)} rows for a data set of {len(dataset)} items")
-    rows = torch.arange(n)
-    true = F.normalize(image_cache.lookup(rows), dim=-1)  # (n, D)
+    true = F.normalize(image_cache.lookup(torch.arange(n)), dim=-1)  # (n, D)
     items = image_cache.item_indices[:n].tolist()
-    captions = [dataset.captions[j] for j in items]
-    labels = [dataset.labels[j] for j in items] if getattr(dataset, "labels", None) else [""] * n
-    records = getattr(dataset, "records", None)
-    heldout_flags = [bool(records[j].get("heldout")) for j in items] if records and "heldout" in records[0] else None
 
-    # 2. predicted embeddings and the text baseline
+    # 2. predicted embeddings, and their cosines to the true ones beside the baselines'
+    captions = [dataset.captions[j] for j in items]
     predicted = predict_image_embeddings(
         pipe,
         captions,
@@ -199,60 +196,67 @@ def evaluate_prior(
     )  # (n, D)
     if predicted.shape != true.shape:
         raise ValueError(f"the prior gives embeddings of shape {tuple(predicted.shape)}, the CLIP {tuple(true.shape)}")
+    metrics: dict = dict.fromkeys(METRIC_KEYS)
+    metrics.update(_cosines(pipe, predicted, true, captions, _heldout_flags(dataset, items), seed, batch_size))
+
+    # 3. zero-shot classification of the labelled (single-object) items, over the labels of the whole split
+    labels = [dataset.labels[j] for j in items] if getattr(dataset, "labels", None) else [""] * n
+    encode = functools.partial(_encode_text, pipe, batch_size=batch_size)
+    metrics.update(_zero_shot_figures(encode, dataset, labels, predicted, true, templates, held_out))
+    metrics.update(num_captions=n, guidance_scale=float(guidance_scale), num_inference_steps=num_inference_steps)
+    return metrics
+
+
+def _heldout_flags(dataset, items: list[int]) -> list[bool] | None:
+    """Whether each item is a held-out composition, from the metadata's `heldout` column (None without one)."""
+    records = getattr(dataset, "records", None)
+    return [bool(records[j].get("heldout")) for j in items] if records and "heldout" in records[0] else None
+
+
+def _cosines(pipe, predicted, true, captions: list[str], heldout_flags: list[bool] | None, seed: int, batch_size: int):
+    """Mean cosine of the predicted (N, D) and true (N, D) image embeddings, of the captions' text embeddings and
+    of another item's true embedding (a fixed derangement) to the true ones; the predicted ones' for the seen and
+    the held-out items apart when `heldout_flags` tells them apart."""
     unique = list(dict.fromkeys(captions))
     text_of_unique = _encode_text(pipe, unique, batch_size)
     position = {caption: i for i, caption in enumerate(unique)}
-    text = text_of_unique[torch.tensor([position[c] for c in captions])]  # (n, D)
-
-    cos_predicted = (predicted * true).sum(-1)  # (n,)
-    metrics: dict = dict.fromkeys(METRIC_KEYS)
-    metrics.update(
-        cosine_predicted=cos_predicted.mean().item(),
-        cosine_text_baseline=(text * true).sum(-1).mean().item(),
-        cosine_random_baseline=(true[random_derangement(n, seed)] * true).sum(-1).mean().item(),
-    )
+    text = text_of_unique[torch.tensor([position[c] for c in captions])]  # (N, D)
+    cos_predicted = (predicted * true).sum(-1)  # (N,)
+    figures = {
+        "cosine_predicted": cos_predicted.mean().item(),
+        "cosine_text_baseline": (text * true).sum(-1).mean().item(),
+        "cosine_random_baseline": (true[random_derangement(len(true), seed)] * true).sum(-1).mean().item(),
+    }
     if heldout_flags is not None:
         flags = torch.tensor(heldout_flags)
-        metrics.update(
-            cosine_predicted_seen=_mean(cos_predicted[~flags]), cosine_predicted_heldout=_mean(cos_predicted[flags])
-        )
+        figures["cosine_predicted_seen"] = _mean(cos_predicted[~flags])
+        figures["cosine_predicted_heldout"] = _mean(cos_predicted[flags])
+    return figures
 
-    # 3. zero-shot classification of the labelled (single-object) items, over the labels of the whole split
+
+def _zero_shot_figures(encode, dataset, labels: list[str], predicted, true, templates, held_out) -> dict:
+    """Zero-shot top-1 of the predicted and of the true image embeddings of the labelled items (`labels`, "" for
+    none) over the classes of the whole split, for the seen and held-out classes apart when `held_out` (default:
+    the data set's) names them; and how many items and classes that was."""
     split_labels = list(getattr(dataset, "labels", None) or [])
     classnames = sorted({label for label in [*split_labels, *labels] if label})
     labelled = [i for i, label in enumerate(labels) if label]
-    if labelled:
-        if held_out is None:
-            held_out = (getattr(dataset, "info", None) or {}).get("held_out")
-        classifier = build_zero_shot_classifier(
-            lambda prompts: _encode_text(pipe, prompts, batch_size), classnames, templates
-        )  # (C, D)
-        class_index = {name: c for c, name in enumerate(classnames)}
-        targets = torch.tensor([class_index[labels[i]] for i in labelled])
-        groups = None
-        if held_out is not None:
-            held = {normalize_caption(pair) for pair in held_out}
-            heldout_classes = {c for c, name in enumerate(classnames) if normalize_caption(name) in held}
-            groups = {
-                "seen": [c for c in range(len(classnames)) if c not in heldout_classes],
-                "heldout": sorted(heldout_classes),
-            }
-        for name, embeds in (("predicted", predicted), ("true_image", true)):
-            scores = zero_shot_metrics(
-                zero_shot_predict(embeds[labelled], classifier), targets, len(classnames), groups
-            )
-            metrics[f"zero_shot_top1_{name}"] = scores["top1"]
-            if groups is not None:
-                metrics[f"zero_shot_top1_{name}_seen"] = scores["top1_seen"]
-                metrics[f"zero_shot_top1_{name}_heldout"] = scores["top1_heldout"]
-    metrics.update(
-        num_captions=n,
-        num_zero_shot_captions=len(labelled),
-        num_classes=len(classnames) if labelled else 0,
-        guidance_scale=float(guidance_scale),
-        num_inference_steps=num_inference_steps,
-    )
-    return metrics
+    figures = {"num_zero_shot_captions": len(labelled), "num_classes": len(classnames) if labelled else 0}
+    if not labelled:
+        return figures
+    if held_out is None:
+        held_out = (getattr(dataset, "info", None) or {}).get("held_out")
+    classifier = build_zero_shot_classifier(encode, classnames, templates)  # (C, D)
+    class_index = {name: c for c, name in enumerate(classnames)}
+    targets = torch.tensor([class_index[labels[i]] for i in labelled])
+    groups = held_out_groups(classnames, held_out)
+    for name, embeds in (("predicted", predicted), ("true_image", true)):
+        scores = zero_shot_metrics(zero_shot_predict(embeds[labelled], classifier), targets, len(classnames), groups)
+        figures[f"zero_shot_top1_{name}"] = scores["top1"]
+        if groups is not None:
+            figures[f"zero_shot_top1_{name}_seen"] = scores["top1_seen"]
+            figures[f"zero_shot_top1_{name}_heldout"] = scores["top1_heldout"]
+    return figures
 
 
 def _embed_first(vision_model, dataset, n, image_mean, image_std, batch_size, progress):

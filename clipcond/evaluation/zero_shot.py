@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from clipcond.evaluation.retrieval import normalize_caption
+
 # Generic templates: nothing in them names a colour, a shape or a position, so they suit any "colour shape" label
 # (and most other labels). "a small {}." and "a large {}." cancel each other's size bias in the average.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -91,6 +93,17 @@ def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_class
     predictions, targets = _check_predictions(predictions, targets, num_classes)
     flat = targets * num_classes + predictions
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def held_out_groups(classnames: Sequence[str], held_out: Sequence[str] | None) -> dict[str, list[int]] | None:
+    """The indices of the seen and of the held-out classes among `classnames` (`{"seen", "heldout"}`, for
+    `zero_shot_metrics`); a class is held out when its name is a held-out "colour shape" pair (compared as
+    normalised captions). None without a held-out list."""
+    if held_out is None:
+        return None
+    held = {normalize_caption(pair) for pair in held_out}
+    heldout = [c for c, name in enumerate(classnames) if normalize_caption(name) in held]
+    return {"seen": [c for c in range(len(classnames)) if c not in heldout], "heldout": heldout}
 
 
 def zero_shot_metrics(
