@@ -41,11 +41,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clipcond.demo_report import dalle2_table, summary_line, write_report
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.runlock import run_folder_lock
 from clipcond.runs import RunRecord
-from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a prior and an image-embedding decoder), judged beside it.",
         formatter_class=HelpFormatter,
     )
+    _add_training_arguments(parser)
+    _add_sampling_arguments(parser, DEFAULT_GUIDANCE_SCALE, DTYPES)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in seconds")
+    _add_dalle2_arguments(
+        parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well"),
+        DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    )
+    args = parser.parse_args(argv)
+    args.recipe = resolve_recipe(args.recipe, args.quick)
+    if args.eval_images_per_prompt is None:
+        args.eval_images_per_prompt = EVAL_IMAGES_PER_PROMPT[args.recipe]
+    _check_args(args)
+    return args
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the demo writes, its seed, and the budgets of its data and trainings."""
     parser.add_argument("--output-dir", default="demo", help="where every stage writes its folder and the report")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
     parser.add_argument(
@@ -120,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["no", "bf16", "fp16"],
         help="precision of the trainings (default: bf16 for the CLIP and the decoders, the prior's recipe for it)",
     )
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: float, dtypes) -> None:
+    """How the judged images and the samples are drawn (`guidance_scale`: the default guidance; `dtypes`: the
+    precisions `clipcond generate` takes)."""
     parser.add_argument(
         "--samples-per-prompt", type=int, default=4, help="images per prompt in samples/ (the evaluation's first ones)"
     )
@@ -137,18 +160,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance-scale",
         type=finite_float,
-        default=DEFAULT_GUIDANCE_SCALE,
-        help=f"the text-to-image decoder's classifier-free guidance weight (default {DEFAULT_GUIDANCE_SCALE:g})",
+        default=guidance_scale,
+        help=f"the text-to-image decoder's classifier-free guidance weight (default {guidance_scale:g})",
     )
     parser.add_argument(
         "--sample-dtype",
         default=SAMPLE_DTYPE,
-        choices=DTYPES,
+        choices=dtypes,
         help="precision of the pipelines that draw the judged images and the samples (and, with --dalle2, the "
         "prior's embeddings and the variations), as `clipcond generate --dtype` (fp16: CUDA only)",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in seconds")
-    dalle2 = parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well")
+
+
+def _add_dalle2_arguments(dalle2: argparse._ArgumentGroup, guidance_scale: float) -> None:
+    """`--dalle2` and its budgets (`guidance_scale`: the image-embedding decoder's default guidance)."""
     dalle2.add_argument(
         "--dalle2", action="store_true", help="also train a prior and an image-embedding decoder, judge both paths"
     )
@@ -163,13 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dalle2.add_argument(
         "--unclip-guidance-scale",
         type=finite_float,
-        default=DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
-        help=f"the image-embedding decoder's guidance weight (default {DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE:g})",
+        default=guidance_scale,
+        help=f"the image-embedding decoder's guidance weight (default {guidance_scale:g})",
     )
-    args = parser.parse_args(argv)
-    args.recipe = resolve_recipe(args.recipe, args.quick)
-    if args.eval_images_per_prompt is None:
-        args.eval_images_per_prompt = EVAL_IMAGES_PER_PROMPT[args.recipe]
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse counts and steps below 1, guidance below 1, more samples than judged images, fp16 without CUDA."""
     for name in (
         "num_images",
         "samples_per_prompt",
@@ -199,7 +224,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         if not torch.cuda.is_available():
             raise ValueError("`--sample-dtype fp16` needs a CUDA device, and none is available; use bf16 or fp32")
-    return args
 
 
 def resolve_recipe(recipe: str, quick: bool = False) -> str:
@@ -551,265 +575,6 @@ def _stage_unclip_eval(
     )
 
 
-def _dalle2_table(generation: dict, unclip_eval: dict) -> dict:
-    """{"seen" | "heldout": {path: {"colour", "shape"}}}: the judged accuracies of the three ways to draw, side by
-    side (the Stable Diffusion path and text-to-image through the prior at the default guidance)."""
-    paths = {
-        "stable_diffusion_text_to_image": generation,
-        "dalle2_text_to_image": unclip_eval["text_to_image"],
-        "dalle2_variations": unclip_eval["variations"],
-    }
-    return {
-        group: {
-            name: {"colour": figures[f"colour_accuracy_{group}"], "shape": figures[f"shape_accuracy_{group}"]}
-            for name, figures in paths.items()
-        }
-        for group in ("seen", "heldout")
-    }
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _ema_decay(ema: dict) -> str:
-    """The EMA's decay as a run record gives it: its last update's (records of older runs give the bound only)."""
-    if "last_decay" not in ema:
-        return f"decay at most {_num(ema['decay'], 4)}"
-    return f"decay {_num(ema['last_decay'], 4)} at the end, at most {_num(ema['decay'], 4)}"
-
-
-def _precision(mixed_precision: str | None) -> str:
-    return "fp32" if mixed_precision in (None, "no") else mixed_precision
-
-
-def _num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _diversity_sentence(generation: dict) -> str:
-    """How different a prompt's images are from each other, beside real images of the class (1 - cosine in CLIP
-    space; RMS pixel difference)."""
-    parts = []
-    for key, figures in generation["guidance"].items():
-        d = figures.get("diversity")
-        if d:
-            parts.append(
-                f"guidance {float(key):g}: CLIP {_num(d['clip'])} (real {_num(d['clip_real'])}), pixels "
-                f"{_num(d['pixels'])} (real {_num(d['pixels_real'])})"
-            )
-    if not parts:
-        return ""
-    return (
-        "Diversity, the mean distance between two images of one prompt beside the same for renders of its class "
-        "(a model that draws every seed alike scores near 0): " + "; ".join(parts) + "."
-    )
-
-
-def _distance_sentence(distance: dict | None) -> str:
-    """How far variations are from their sources, beside an unrelated source and a copy."""
-    if not distance:
-        return ""
-    to, other = distance["to_source"], distance["to_unrelated_sources"]
-    clip = f"CLIP {_num(to['clip'])} against {_num(other['clip'])}, " if to.get("clip") is not None else ""
-    return (
-        f"Distance of a variation to its source: {clip}pixels {_num(to['pixels'])} against "
-        f"{_num(other['pixels'])} for the sources of unrelated classes (a copy: 0)."
-    )
-
-
-def _not_one_object(figures: dict, group: str) -> str:
-    """The share of a group's images the judge did not see one object in: "blank / several / unrecognisable"."""
-    shares = (figures.get("outcomes") or {}).get(group)
-    if not shares:
-        return "–"
-    return " / ".join(_pct(shares[outcome]) for outcome in ("blank", "several", "unrecognisable"))
-
-
-def _generation_rows(generation: dict) -> list[str]:
-    rows = []
-    for key, g in generation["guidance"].items():
-        rows.append(
-            f"| {float(key):g} | {_pct(g['colour_accuracy_seen'])} | {_pct(g['shape_accuracy_seen'])} | "
-            f"{_pct(g['both_accuracy_seen'])} | {_pct(g['colour_accuracy_heldout'])} | "
-            f"{_pct(g['shape_accuracy_heldout'])} | {_pct(g['both_accuracy_heldout'])} | "
-            f"{_not_one_object(g, 'seen')} | {_not_one_object(g, 'heldout')} | "
-            f"{_num(g['clip_score'])} | {_num(g['fd_clip'], 2)} |"
-        )
-    return rows
-
-
-def _dalle2_lines(report: dict) -> list[str]:
-    """The report's "DALL-E 2 path" section (empty without `--dalle2`)."""
-    if "unclip_eval" not in report:
-        return []
-    prior, decoder, evaluation = report["prior"], report["unclip_decoder"], report["unclip_eval"]
-    cosine, variations, t2i = evaluation["prior"], evaluation["variations"], evaluation["text_to_image"]
-    settings = evaluation["settings"]
-    table = report["dalle2_table"]
-    columns = ("stable_diffusion_text_to_image", "dalle2_text_to_image", "dalle2_variations")
-    rows = [
-        f"| {label} | "
-        + " | ".join(f"{_pct(table[group][c]['colour'])} | {_pct(table[group][c]['shape'])}" for c in columns)
-        + " |"
-        for group, label in (("seen", "seen"), ("heldout", "held-out"))
-    ]
-    return [
-        "## DALL-E 2 path",
-        "",
-        f"Prior `{prior['model']}` ({prior['parameters'] / 1e6:.2f} M parameters) from the frozen CLIP's text to its "
-        f"image embedding: {prior['steps']} steps of batch {prior['train_batch_size']}, learning rate "
-        f"{prior['learning_rate']:g}, final loss {_num(prior['final_loss'], 4)}. Decoder UNet `{decoder['model']}` "
-        f"({decoder['parameters'] / 1e6:.2f} M parameters) on the CLIP image embedding ({decoder['embedding_tokens']} "
-        f"context tokens): {decoder['steps']} steps of batch {decoder['train_batch_size']}, learning rate "
-        f"{decoder['learning_rate']:g}, final loss {_num(decoder['final_loss'], 4)}.",
-        "",
-        f"The prior's image embeddings against the true ones of the first {cosine['num_captions']} test captions "
-        f"(guidance {cosine['guidance_scale']:g}, {cosine['num_inference_steps']} DDPM steps): mean cosine",
-        "",
-        "| prior | text-embedding baseline | random-image baseline | prior (seen) | prior (held-out) | "
-        "zero-shot top-1 of the prior's (seen / held-out) | of the true images' |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| {_num(cosine['cosine_predicted'])} | {_num(cosine['cosine_text_baseline'])} | "
-        f"{_num(cosine['cosine_random_baseline'])} | {_num(cosine['cosine_predicted_seen'])} | "
-        f"{_num(cosine['cosine_predicted_heldout'])} | {_pct(cosine['zero_shot_top1_predicted_seen'])} / "
-        f"{_pct(cosine['zero_shot_top1_predicted_heldout'])} | {_pct(cosine['zero_shot_top1_true_image_seen'])} / "
-        f"{_pct(cosine['zero_shot_top1_true_image_heldout'])} |",
-        "",
-        "Judged colour and shape accuracy of the three ways to draw (decoder guidance "
-        f"{settings['guidance_scale']:g}, on the image-embedding decoder's steps from "
-        f"{settings.get('guidance_start', 0.0):.0%} to {settings.get('guidance_end', 1.0):.0%} only; "
-        f"{t2i['settings']['scheduler']} {settings['num_inference_steps']} steps; "
-        f"the prior at guidance {settings['prior_guidance_scale']:g}, {settings['prior_num_inference_steps']} steps). "
-        f"Text-to-image: {report['generation']['settings']['num_images_per_prompt']} (Stable Diffusion path) and "
-        f"{settings['images_per_prompt']} (through the prior) images per colour-shape prompt, judged against the "
-        f"prompt. Variations: {settings['variations_per_source']} of each of {settings['sources_per_class']} "
-        "one-object test image(s) per class, judged against the source's colour and shape.",
-        "",
-        "| compositions | SD path: colour | SD path: shape | DALL-E 2 (prior): colour | DALL-E 2 (prior): shape | "
-        "variations: colour | variations: shape |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        f"The judge on the variations' sources themselves (what an exact copy scores): colour "
-        f"{_pct(variations['source_colour_accuracy'])}, shape {_pct(variations['source_shape_accuracy'])}. "
-        + _distance_sentence(variations.get("distance")),
-        "",
-        "Variations (a row per source: the source, then its variations):",
-        "",
-        "![variations](unclip_eval/variations/grid.png)",
-        "",
-        f"Judged grid of text-to-image through the prior: "
-        f"`unclip_eval/text_to_image/grid_guidance_{float(t2i['guidance_scale'])}.png`.",
-        "",
-    ]
-
-
-def _dalle2_headline(report: dict) -> dict:
-    """The DALL-E 2 figures of the printed line: the prior's cosine beside its baselines, and the table."""
-    cosine = report["unclip_eval"]["prior"]
-    keys = ("cosine_predicted", "cosine_text_baseline", "cosine_random_baseline")
-    rounded = {k: None if cosine[k] is None else round(cosine[k], 4) for k in keys}
-    table = {
-        group: {
-            path: {k: None if v is None else round(v, 4) for k, v in figures.items()} for path, figures in row.items()
-        }
-        for group, row in report["dalle2_table"].items()
-    }
-    return {**rounded, **table}
-
-
-def _write_report(out: Path, report: dict) -> None:
-    clip, training, decoder, generation, samples = (
-        report["clip_eval"],
-        report["clip"],
-        report["decoder"],
-        report["generation"],
-        report["samples"],
-    )
-    held_out = ", ".join(report["data"]["held_out"]) or "none"
-    ema = decoder["ema"] or {}
-    seconds = report["seconds"]
-    lines = [
-        "# clipcond demo report",
-        "",
-        f"Data: {report['data']['num_train']} train / {report['data']['num_test']} test images, held out: {held_out}. "
-        f"Recipe: {report.get('recipe', 'cpu')} (on {report['machine'].get('device', 'cpu')}).",
-        "",
-        "## CLIP",
-        "",
-        f"CLIP `{training['model']}`, contrastive: {training['steps']} steps of batch {training['train_batch_size']} "
-        f"({training['samples_seen']} pairs), learning rate {training['learning_rate']:g}, precision "
-        f"{_precision(training['mixed_precision'])}; "
-        f"final loss {_num(training['final_loss'], 4)}, logit scale {_num(training['logit_scale'], 2)}.",
-        "",
-        "| zero-shot top-1 (seen) | zero-shot top-1 (held-out) | overall | image→text R@1 | text→image R@1 |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {_pct(clip['zero_shot_top1_seen'])} | {_pct(clip['zero_shot_top1_heldout'])} | "
-        f"{_pct(clip['zero_shot_top1'])} | {_pct(clip['image_to_text_R@1'])} | {_pct(clip['text_to_image_R@1'])} |",
-        "",
-        "![confusion matrix](clip/eval/confusion_matrix.png)",
-        "",
-        "## Decoder (text-to-image)",
-        "",
-        f"UNet `{decoder['model']}` ({decoder['parameters'] / 1e6:.2f} M parameters) cross-attending to the frozen CLIP "
-        f"text encoder's token states: {decoder['steps']} steps of batch {decoder['train_batch_size']} "
-        f"({decoder['samples_seen']} samples), learning rate {decoder['learning_rate']:g}, "
-        f"{decoder['prediction_type']} on a {decoder['beta_schedule']} schedule, min-SNR gamma {decoder['snr_gamma']}, "
-        f"caption dropout {decoder['caption_dropout']:g}, precision {_precision(decoder['mixed_precision'])}; "
-        f"final loss {_num(decoder['final_loss'], 4)}; saved weights: "
-        + (f"EMA ({_ema_decay(ema)})." if ema else "raw (no EMA)."),
-        "",
-        f"Judged on {generation['settings']['num_images_per_prompt']} images per colour-shape prompt and guidance "
-        f"scale ({generation['settings']['scheduler']}, {generation['settings']['num_inference_steps']} steps, "
-        f"{generation['settings'].get('dtype', 'fp32')}) by an "
-        "attribute judge trained on ground-truth renders, which also says when an image shows no object, several "
-        "objects or nothing recognisable: such an image counts as wrong in colour and in shape (chance for a "
-        f"one-object image: colour {_pct(generation['judge']['chance_colour_accuracy'])}, shape "
-        f"{_pct(generation['judge']['chance_shape_accuracy'])}). Held-out compositions were in no training image "
-        "or caption of the CLIP or the decoder.",
-        "",
-        "| guidance | colour (seen) | shape (seen) | both (seen) | colour (held-out) | shape (held-out) | "
-        "both (held-out) | blank / several / unrecognisable (seen) | (held-out) | CLIP score | FD (CLIP features) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *_generation_rows(generation),
-        "",
-        f"CLIP score: mean cosine of image and prompt under the trained CLIP. FD: Fréchet distance of CLIP image "
-        f"features to the test split's single-object images; ground-truth renders score "
-        f"{_num(generation['fd_clip_floor'], 2)} at this sample size. " + _diversity_sentence(generation),
-        "",
-        f"Samples ({samples['images_per_prompt']} per prompt, guidance {samples['guidance_scale']:g}, "
-        f"{samples['scheduler']} {samples['num_inference_steps']} steps, {samples.get('dtype', 'fp32')}; the first "
-        "images of the evaluation; "
-        "`samples/images.jsonl` records each one's prompt and the seed with which `clipcond generate` redraws it):",
-        "",
-        "![samples](samples/grid.png)",
-        "",
-        f"Judged grid: `decoder/eval_generation/grid_guidance_{float(generation['guidance_scale'])}.png`.",
-        "",
-        *_dalle2_lines(report),
-        "## Time by stage",
-        "",
-        "| stage | wall seconds | CPU seconds | load average at the end |",
-        "| --- | --- | --- | --- |",
-        *(
-            f"| {name}{' (reused)' if t.get('reused') else ''} | {t['wall']} | {t['cpu']} | {t['load_average']} |"
-            for name, t in report["timings"].items()
-        ),
-        f"| **total** | {round(sum(seconds.values()), 1)} | "
-        f"{round(sum(t['cpu'] for t in report['timings'].values()), 1)} | |",
-        "",
-        f"Machine: {report['machine']['cpu_count']} CPUs, {report['machine']['torch_threads']} torch threads, "
-        f"load average {report['machine']['load_average_start']} at the start (other work on the machine inflates wall "
-        "times, not CPU times). A reused stage was found complete; its times are those of the run that made it.",
-        "",
-    ]
-    if report.get("quick"):
-        lines.insert(2, "**Quick mode: tiny budgets; these figures only show that the plumbing works.**\n")
-    (out / "report.md").write_text("\n".join(lines))
-    write_json_atomic(out / "report.json", finite_or_null(report))
-
-
 def main(argv: list[str] | None = None) -> int:
     began, began_cpu = time.perf_counter(), _cpu_seconds()  # "startup": the imports before the first stage
     args = parse_args(argv)
@@ -823,58 +588,83 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, clip_dir, decoder_dir, samples_dir = out / "data", out / "clip", out / "decoder", out / "samples"
     from clipcond.data.shapes import load_dataset_info
 
     times = _StageTimes(out / "timings.json")
-    data_done = load_dataset_info(data_dir) is not None  # a demo folder that holds its data set continues a run
+    data_done = load_dataset_info(out / "data") is not None  # a demo folder that holds its data set continues a run
     times.record("startup", began, began_cpu, complete=data_done)
     load_start = round(os.getloadavg()[0], 2)
 
     # 1. data
-    times.run("data", lambda: _stage_data(args, data_dir), complete=data_done)
-    info = load_dataset_info(data_dir)
-    # 2. CLIP pretraining and evaluation
+    times.run("data", lambda: _stage_data(args, out / "data"), complete=data_done)
+    info = load_dataset_info(out / "data")
+    # 2.-5. CLIP, the decoder, its judged evaluation and samples; 6. with --dalle2 the DALL-E 2 path
+    report = _stable_diffusion_stages(args, info, out, times)
+    if args.dalle2:
+        report.update(_dalle2_stages(args, info, out, times, report["generation"]))
+
+    # 7. report
+    report = _report(args, info, report, times, load_start)
+    write_report(out, report)
+    print(summary_line(report, out))
+    print(f"clipcond demo: report in {out / 'report.md'} (samples in {out / 'samples'})")
+    return 0
+
+
+def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, times: _StageTimes) -> dict:
+    """CLIP pretraining and evaluation, the decoder on the frozen CLIP text encoder, its judged evaluation, and
+    samples of every colour-shape prompt as `clipcond generate` writes them (the evaluation's first images)."""
+    data_dir, clip_dir, decoder_dir, samples_dir = out / "data", out / "clip", out / "decoder", out / "samples"
     done = RunRecord.exists(clip_dir)
     clip_summary = times.run("clip", lambda: _stage_clip(args, data_dir, clip_dir), complete=done)
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
-    # 3. the decoder on the frozen CLIP text encoder
     done = RunRecord.exists(decoder_dir)
     decoder = times.run("decoder", lambda: _stage_decoder(args, data_dir, clip_dir, decoder_dir), complete=done)
-    # 4. judged evaluation of the decoder
     done = (decoder_dir / "eval_generation" / "metrics.json").is_file()
     generation = times.run(
         "generation_eval",
         lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out / "judge"),
         complete=done,
     )
-    # 5. samples of every colour-shape prompt, as `clipcond generate` writes them (the evaluation's first images)
     samples = times.run(
         "samples",
         lambda: _stage_samples(args, info, decoder_dir, samples_dir, generation),
         complete=_samples_complete(info, _samples_per_prompt(args), samples_dir),
     )
+    return {
+        "clip": clip_summary,
+        "clip_eval": clip_eval,
+        "decoder": decoder,
+        "samples": samples,
+        "generation": generation,
+    }
 
-    # 6. with --dalle2: the prior, the image-embedding decoder, and their judged evaluation
+
+def _dalle2_stages(args: argparse.Namespace, info: dict, out: Path, times: _StageTimes, generation: dict) -> dict:
+    """The prior, the image-embedding decoder, their judged evaluation, and the table beside the Stable Diffusion
+    path's `generation` figures."""
+    data_dir, clip_dir = out / "data", out / "clip"
+    prior_dir, unclip_dir, unclip_eval_dir = out / "prior", out / "unclip_decoder", out / "unclip_eval"
     dalle2 = {}
-    if args.dalle2:
-        prior_dir, unclip_dir, unclip_eval_dir = out / "prior", out / "unclip_decoder", out / "unclip_eval"
-        done = RunRecord.exists(prior_dir)
-        dalle2["prior"] = times.run("prior", lambda: _stage_prior(args, data_dir, clip_dir, prior_dir), complete=done)
-        done = RunRecord.exists(unclip_dir)
-        dalle2["unclip_decoder"] = times.run(
-            "unclip_decoder", lambda: _stage_unclip_decoder(args, data_dir, clip_dir, unclip_dir), complete=done
-        )
-        done = (unclip_eval_dir / "metrics.json").is_file()
-        dalle2["unclip_eval"] = times.run(
-            "unclip_eval",
-            lambda: _stage_unclip_eval(args, info, data_dir, clip_dir, prior_dir, unclip_dir, unclip_eval_dir),
-            complete=done,
-        )
-        dalle2["dalle2_table"] = _dalle2_table(generation, dalle2["unclip_eval"])
+    done = RunRecord.exists(prior_dir)
+    dalle2["prior"] = times.run("prior", lambda: _stage_prior(args, data_dir, clip_dir, prior_dir), complete=done)
+    done = RunRecord.exists(unclip_dir)
+    dalle2["unclip_decoder"] = times.run(
+        "unclip_decoder", lambda: _stage_unclip_decoder(args, data_dir, clip_dir, unclip_dir), complete=done
+    )
+    done = (unclip_eval_dir / "metrics.json").is_file()
+    dalle2["unclip_eval"] = times.run(
+        "unclip_eval",
+        lambda: _stage_unclip_eval(args, info, data_dir, clip_dir, prior_dir, unclip_dir, unclip_eval_dir),
+        complete=done,
+    )
+    dalle2["dalle2_table"] = dalle2_table(generation, dalle2["unclip_eval"])
+    return dalle2
 
-    # 7. report
+
+def _report(args: argparse.Namespace, info: dict, stages: dict, times: _StageTimes, load_start: float) -> dict:
+    """The report (`clipcond.demo_report`): the data, the stages' figures, the time of every stage, the machine."""
     import torch
 
     report = {
@@ -885,12 +675,7 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
             "num_test": info["splits"]["test"]["num_images"],
             "held_out": info["held_out"],
         },
-        "clip": clip_summary,
-        "clip_eval": clip_eval,
-        "decoder": decoder,
-        "samples": samples,
-        "generation": generation,
-        **dalle2,
+        **stages,
         "seconds": {name: t["wall"] for name, t in times.timings.items()},
         "uninterrupted": None,  # filled in below, from the timings and the trainings' summaries
         "timings": times.timings,
@@ -902,26 +687,7 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
         },
     }
     report["uninterrupted"] = uninterrupted(report)
-    _write_report(out, report)
-    headline = {
-        key: generation[key]
-        for key in ("colour_accuracy_seen", "shape_accuracy_seen", "colour_accuracy_heldout", "shape_accuracy_heldout")
-    }
-    print(
-        dumps_json(
-            finite_or_null(
-                {
-                    "report": str(out / "report.md"),
-                    **{k: clip_eval[k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
-                    **{k: None if v is None else round(v, 4) for k, v in headline.items()},
-                    **({"dalle2": _dalle2_headline(report)} if args.dalle2 else {}),
-                    "seconds": report["seconds"],
-                }
-            )
-        )
-    )
-    print(f"clipcond demo: report in {out / 'report.md'} (samples in {samples_dir})")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
