@@ -464,15 +464,14 @@ def _stage_generation_eval(
     import torch
 
     from clipcond.data.shapes import class_names
-    from clipcond.evaluation.generation import evaluate_generation, load_reference_images
-    from clipcond.models.clip import load_clip
+    from clipcond.evaluation.generation import evaluate_generation
+    from clipcond.evaluation.judged import load_clip_and_reference
     from clipcond.pipeline_loading import load_pretrained
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = _judge(args, info, judge_dir, device)
-    clip_run = load_clip(clip_dir, device=device)
-    reference, unreadable = load_reference_images(str(data_dir), "test", clip_run.image_size)
+    clip_run, reference, unreadable = load_clip_and_reference(clip_dir, data_dir, "test", device)
     pipe = load_pretrained(TextToImagePipeline, decoder_dir, device, args.sample_dtype)
     return evaluate_generation(
         pipe,
@@ -540,16 +539,14 @@ def _stage_unclip_eval(
     import torch
 
     from clipcond.device import dtype_keyword, resolve_dtype
-    from clipcond.evaluation.generation import load_reference_images
+    from clipcond.evaluation.judged import load_clip_and_reference
     from clipcond.evaluation.unclip import evaluate_unclip
-    from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = _judge(args, info, out.parent / "judge", device)
-    clip_run = load_clip(clip_dir, device=device)
-    reference, unreadable = load_reference_images(str(data_dir), "test", clip_run.image_size)
+    clip_run, reference, unreadable = load_clip_and_reference(clip_dir, data_dir, "test", device)
     dtype = {dtype_keyword(): resolve_dtype(args.sample_dtype, device)}
     pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True, **dtype).to(device)
     pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM

@@ -65,7 +65,7 @@ from clipcond.evaluation.judged import (
     draw_seeded,
     group_masks,
     judged_tile,
-    load_reference_images,
+    load_clip_and_reference,
     mean_or_none,
     outcome_figures,
     per_class_table,
@@ -642,7 +642,6 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = None if args.scheduler == "saved" else args.scheduler
 
     from clipcond.lineage import check_evaluation_clip
-    from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     mismatch = check_evaluation_clip(clip_path, clip_hash, what="the decoder", allow=args.allow_clip_mismatch)
@@ -652,9 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. load the judge, the CLIP, the reference images and the pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     check_palette(info, judge)
-    clip_run = load_clip(clip_path, device=device)
-    reference, unreadable = load_reference_images(
-        args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
+    clip_run, reference, unreadable = load_clip_and_reference(
+        clip_path, args.data, args.split, device, allow_outside_paths=args.allow_outside_paths
     )
     pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
 

@@ -312,3 +312,17 @@ def load_reference_images(
             "needs >= 2"
         )
     return torch.stack(images), unreadable
+
+
+def load_clip_and_reference(
+    clip_path: str | os.PathLike, data: str | os.PathLike, split: str, device, *, allow_outside_paths: bool = False
+) -> tuple[object, torch.Tensor, list[str]]:
+    """The CLIP that gives CLIP score and FD (`load_clip`) on `device`, and the reference images of `split` at its
+    input size (`load_reference_images`): (clip_run, uint8 (N, 3, R, R), the unreadable files)."""
+    from clipcond.models.clip import load_clip
+
+    clip_run = load_clip(clip_path, device=device)
+    reference, unreadable = load_reference_images(
+        str(data), split, clip_run.image_size, allow_outside_paths=allow_outside_paths
+    )
+    return clip_run, reference, unreadable

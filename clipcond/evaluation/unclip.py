@@ -641,7 +641,6 @@ def main(argv: list[str] | None = None) -> int:
     info = judged.shapes_info(args.data)
     from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.judge import load_or_train_judge
-    from clipcond.models.clip import load_clip
 
     judged.check_scheduler(args.scheduler)
     clip_path, _ = judged.resolve_clip_path(Path(args.decoder), args.clip)
@@ -651,9 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. load the judge, the CLIP, the reference images and the paired pipeline
     judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
     judged.check_palette(info, judge)
-    clip_run = load_clip(clip_path, device=device)
-    reference, unreadable = judged.load_reference_images(
-        args.data, args.split, clip_run.image_size, allow_outside_paths=args.allow_outside_paths
+    clip_run, reference, unreadable = judged.load_clip_and_reference(
+        clip_path, args.data, args.split, device, allow_outside_paths=args.allow_outside_paths
     )
     pipe = _load_pipeline(args, device, **{dtype_keyword(): dtype})
 

@@ -17,7 +17,7 @@ from clipcond.conditioning import image_list_identity
 from clipcond.data.convert import main as convert_main
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.evaluation.clip import main as eval_clip
-from clipcond.evaluation.generation import load_reference_images
+from clipcond.evaluation.judged import load_reference_images
 from clipcond.index import ImageIndex
 from clipcond.train.clip import main as train_clip
 

@@ -228,7 +228,7 @@ def test_unreadable_images_are_left_out_and_counted(clip_run_dir, shapes_root, t
     import shutil
 
     from clipcond.data.folders import ImageCaptionDataset
-    from clipcond.evaluation.generation import load_reference_images
+    from clipcond.evaluation.judged import load_reference_images
 
     root = tmp_path / "shapes"
     shutil.copytree(shapes_root, root)
