@@ -52,13 +52,10 @@ logger = logging.getLogger(__name__)
 
 # The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
 SCHEDULER = "dpm"
-# The training stages' precision: bf16 autocast. On 2 CPU cores the decoder's step takes 0.9 s instead of 1.2 s in
-# fp32, the CLIP's 0.33 s instead of 0.48 s (with eager attention, see `configure_clip_for_training`).
+# The training stages' precision: bf16 autocast, faster than fp32 on CPUs with bf16 units (the README's speed table).
 TRAIN_PRECISION = "bf16"
-# The precision of the judged images and samples: bf16 draws them in about half the time of fp32 on 2 CPU cores
-# (38 s against 69 s for 144 images at guidance 5; the DALL-E 2 evaluation 107 s against 195 s) and was judged the
-# same: on the seed-0 demo decoder the same accuracies, on a seed-1 decoder shape (seen) 83.0% against 80.4%, colour
-# 100% in both; the seed-0 DALL-E 2 path the same prior cosines (0.905) and accuracies but one variation's colour.
+# The precision of the judged images and samples: bf16 draws them in about half the time of fp32 and was judged the
+# same (the comparison is in docs/lab-notes.md, beside the demo's times).
 SAMPLE_DTYPE = "bf16"
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 

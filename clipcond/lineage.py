@@ -11,7 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-from clipcond.runs import RUN_RECORD as RUN_RECORD  # re-exported: the record's file name, defined with its type
 from clipcond.runs import check_same_encoder
 
 logger = logging.getLogger(__name__)
@@ -37,18 +36,6 @@ def content_hash(folder: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_finished(folder: str | os.PathLike, what: str) -> None:
-    """Refuse a training run folder that was killed before it finished: it has checkpoints but no `RUN_RECORD`, so
-    its top-level model may be missing or a mix of two exports. `what` names the argument."""
-    folder = Path(folder)
-    if (folder / "checkpoints").is_dir() and not (folder / RUN_RECORD).is_file():
-        raise ValueError(
-            f"{what} {str(folder)!r} is an unfinished training run (it has checkpoints/ but no {RUN_RECORD}): resume "
-            "it with `--resume-from-checkpoint latest` and the same arguments, or pass one of its "
-            "checkpoints/checkpoint-N/pretrained folders"
-        )
 
 
 def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, what: str, allow: bool) -> bool:

@@ -12,7 +12,7 @@ import json
 import os
 
 from clipcond.device import dtype_keyword, resolve_device, resolve_dtype
-from clipcond.lineage import check_finished
+from clipcond.runs import check_finished
 
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "unipc")

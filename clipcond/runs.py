@@ -187,3 +187,15 @@ def check_same_encoder(
         raise ValueError(f"{message}; {fix}")
     log.warning("%s (allowed by %s)", message, allowed_by)
     return True
+
+
+def check_finished(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a training run folder that was killed before it finished: it has checkpoints but no `RUN_RECORD`, so
+    its top-level model may be missing or a mix of two exports. `what` names the argument."""
+    folder = Path(folder)
+    if (folder / "checkpoints").is_dir() and not (folder / RUN_RECORD).is_file():
+        raise ValueError(
+            f"{what} {str(folder)!r} is an unfinished training run (it has checkpoints/ but no {RUN_RECORD}): resume "
+            "it with `--resume-from-checkpoint latest` and the same arguments, or pass one of its "
+            "checkpoints/checkpoint-N/pretrained folders"
+        )

@@ -39,7 +39,6 @@ from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
-from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
     Stage,
     add_training_args,

@@ -49,9 +49,8 @@ from tqdm.auto import tqdm
 
 from clipcond.allocator import keep_freed_memory
 from clipcond.finite import finite_float
-from clipcond.lineage import RUN_RECORD
 from clipcond.runlock import run_folder_lock
-from clipcond.runs import RunRecord
+from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_free_space, dumps_json, file_sha256, writing
 from clipcond.transfer import to_device
 

@@ -75,7 +75,6 @@ from clipcond.train.diffusion import (
     make_noise_scheduler,
 )
 from clipcond.train.ema import add_ema_args, ema_record, ema_weights, make_ema
-from clipcond.train.loop import RUN_RECORD as RUN_RECORD  # re-exported: the demo and benchmarks read it here
 from clipcond.train.loop import (
     add_training_args,
     data_record,

@@ -62,7 +62,7 @@ DEFAULT_VARIATIONS_PER_SOURCE = 4
 DEFAULT_INFERENCE_STEPS = 20  # DPM-Solver++ steps of the decoder, as `clipcond demo` samples
 DEFAULT_PRIOR_GUIDANCE_SCALE = 4.0  # `clipcond eval prior`'s and the unCLIP pipeline's default
 DEFAULT_PRIOR_INFERENCE_STEPS = 25
-DEFAULT_PRIOR_MAX_CAPTIONS = 512  # about 40 s of the `tiny` prior on a CPU; the split's first items
+DEFAULT_PRIOR_MAX_CAPTIONS = 512  # the split's first items: enough for the prior's cosines, seconds on a CPU
 
 
 # The command's description in `--help`.

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
-from clipcond.lineage import check_finished
 from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
+from clipcond.runs import check_finished
 from clipcond.tokenizer import load_tokenizer
 from clipcond.transfer import constant
 
