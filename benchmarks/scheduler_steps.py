@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    # diffusers' DPM-Solver under numpy 2 (see FIELD_NOTES): harmless, and it would repeat every step
+    # diffusers' DPM-Solver under numpy 2: harmless, and it would repeat every step
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
     args = parse_args(argv)
     result = run(args)

@@ -58,36 +58,47 @@ from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
 logger = logging.getLogger(__name__)
 
 
+def clip_hash_of_run(run: str | os.PathLike, what: str) -> str:
+    """The content hash of the CLIP a run was trained on, from its run record (`RunRecord.clip_hash`)."""
+    try:
+        record = RunRecord.read_if_present(run)
+    except ValueError as err:  # a record that is not JSON, or not an object
+        raise ValueError(f"cannot check which CLIP the {what} {str(run)!r} was trained on: {err}") from None
+    if record is None:
+        raise ValueError(
+            f"cannot check which CLIP the {what} {str(run)!r} was trained on: it holds no {RUN_RECORD} (a folder "
+            "written by `clipcond train` has one); pass allow_clip_mismatch=True (`--allow-clip-mismatch`) to pair "
+            "it unchecked"
+        )
+    if record.clip_hash is None:
+        raise ValueError(f"{str(Path(run) / RUN_RECORD)!r} records no clip.content_hash")
+    return record.clip_hash
+
+
 def check_same_clip(
     prior_run: str | os.PathLike, decoder_run: str | os.PathLike, allow_mismatch: bool = False
 ) -> None:
-    """Refuse a prior and a decoder trained on different CLIPs (`clipcond.runs.check_same_encoder` on the content
-    hashes their run records give): the prior's embeddings would be in another space than the one the decoder
-    reads. A run whose record names no CLIP is refused too. With `allow_mismatch` only warn."""
-    runs = {"prior": prior_run, "decoder": decoder_run}
-    records = {what: RunRecord.read_if_present(run) for what, run in runs.items()}
-    hashes = {what: None if record is None else record.clip_hash for what, record in records.items()}
-    unknown = [what for what, clip_hash in hashes.items() if clip_hash is None]
-    if unknown:
-        what = unknown[0]
-        why = (
-            f"it holds no {RUN_RECORD}" if records[what] is None else f"its {RUN_RECORD} records no clip.content_hash"
-        )
-        missing, mismatch = f"cannot check which CLIP the {what} {str(runs[what])!r} was trained on: {why}", ""
-    else:
-        missing = ""
-        mismatch = (
-            f"the prior {str(prior_run)!r} was trained on the CLIP with content hash {hashes['prior'][:12]}..., but "
-            f"the decoder {str(decoder_run)!r} on {hashes['decoder'][:12]}...: the prior's embeddings would not be "
-            "the ones the decoder reads"
-        )
+    """Refuse a prior and a decoder trained on different CLIPs (`clipcond.runs.check_same_encoder`): the prior's
+    embeddings would be in another space than the one the decoder reads. A run whose record cannot say which CLIP it
+    was trained on is refused too. With `allow_mismatch` only warn."""
+    try:
+        prior_hash = clip_hash_of_run(prior_run, "prior")
+        decoder_hash = clip_hash_of_run(decoder_run, "decoder")
+    except ValueError:
+        if not allow_mismatch:
+            raise
+        logger.warning("pairing the prior %s and the decoder %s without a lineage check", prior_run, decoder_run)
+        return
     check_same_encoder(
-        None if unknown else hashes["prior"],
-        hashes["decoder"],
-        mismatch=mismatch,
-        missing=missing,
-        fix="pair runs trained on the same CLIP (a folder written by `clipcond train` records its CLIP), or pass "
-        "allow_clip_mismatch=True (`--allow-clip-mismatch`) to combine them anyway",
+        prior_hash,
+        decoder_hash,
+        mismatch=(
+            f"the prior {str(prior_run)!r} was trained on the CLIP with content hash {prior_hash[:12]}..., but the "
+            f"decoder {str(decoder_run)!r} on {decoder_hash[:12]}...: the prior's embeddings would not be the ones "
+            "the decoder reads"
+        ),
+        fix="pair runs trained on the same CLIP, or pass allow_clip_mismatch=True (`--allow-clip-mismatch`) to "
+        "combine them anyway",
         allowed_by="allow_clip_mismatch",
         allow=allow_mismatch,
         log=logger,

@@ -76,3 +76,33 @@ def test_the_lineage_check(caplog):
     with caplog.at_level(logging.WARNING):
         assert check_same_encoder("a", "b", allowed_by="--allow", allow=True, **words) is True
     assert "they differ (allowed by --allow)" in caplog.text
+
+
+def test_pairing_a_prior_with_an_unreadable_record_only_warns_when_allowed(tmp_path, caplog):
+    from clipcond.pipelines.unclip import check_same_clip
+
+    prior, decoder = tmp_path / "prior", tmp_path / "decoder"
+    for run in (prior, decoder):
+        run.mkdir()
+        (run / RUN_RECORD).write_text(json.dumps(DECODER))
+    (prior / RUN_RECORD).write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot check which CLIP the prior .* was trained on"):
+        check_same_clip(prior, decoder)
+    with caplog.at_level(logging.WARNING):
+        check_same_clip(prior, decoder, allow_mismatch=True)
+    assert "without a lineage check" in caplog.text
+
+
+def test_a_record_without_the_encoders_hash_is_not_called_missing(tmp_path):
+    from clipcond.encoders.base import check_lineage
+
+    record = {**DECODER, "encoder": {"kind": "clipcond", "name": "runs/clip", "content_hash": None}}
+    record.pop("clip")
+    (tmp_path / RUN_RECORD).write_text(json.dumps(record))
+
+    class Encoder:
+        kind, name, content_hash = "clipcond", "other", "c" * 64
+
+    with pytest.raises(ValueError) as caught:
+        check_lineage(tmp_path, Encoder())
+    assert "holds no" not in str(caught.value)

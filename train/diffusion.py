@@ -62,7 +62,7 @@ def add_caption_dropout_arg(diffusion: argparse._ArgumentGroup) -> None:
 
 
 def add_sampler_args(val: argparse._ArgumentGroup, *, steps: int, steps_help: str, guidance_scale: float) -> None:
-    """The sampler options of validation, which `ValidationSettings.from_args` reads."""
+    """The sampler options of validation, which `ValidationSettings.sampler_args` reads."""
     val.add_argument("--validation-inference-steps", type=int, default=steps, help=steps_help)
     val.add_argument(
         "--validation-guidance-scale",

@@ -316,9 +316,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def cache_images(self) -> int:
         """Decode every image once and serve items from memory from now on; returns the bytes held.
 
-        Without it every epoch decodes every file again: 0.16 ms per 32 px PNG, 40 ms per batch of 256, a tenth of
-        a tiny CLIP's training step on 2 CPU cores. Call it before a DataLoader starts its workers, which then share
-        the cache. Items are copies of the cached tensors; unreadable files stay skipped, as without the cache.
+        Without it every epoch decodes every file again, a noticeable share of a small model's step on a CPU. Call it
+        before a DataLoader starts its workers, which then share the cache. Items are copies of the cached tensors; unreadable files stay skipped, as without the cache.
         """
         if self._cache is None:
             self._cache = [self._pixels(i) for i in range(len(self))]

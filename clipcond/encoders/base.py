@@ -333,14 +333,20 @@ def check_lineage(run: str | os.PathLike, encoder: FrozenEncoder, *, allow_encod
     """Refuse to pair the model in `run` with an encoder other than the one it was trained on (compared by content
     hash, `clipcond.runs.check_same_encoder`), unless `allow_encoder_mismatch`, which only warns. A run without a record
     is refused too: nothing says what it was trained on."""
-    recorded = recorded_lineage(run) or {}
+    lineage = recorded_lineage(run)
+    recorded = lineage or {}
+    missing = (
+        f"{str(run)!r} holds no {RUN_RECORD} naming the encoder it was trained on"
+        if lineage is None
+        else f"the {RUN_RECORD} of {str(run)!r} records no content hash of the encoder it was trained on"
+    )
     check_same_encoder(
         recorded.get("content_hash"),
         encoder.content_hash,
         mismatch=f"{str(run)!r} was trained on the {recorded.get('kind')} encoder {recorded.get('name')!r} (content "
         f"hash {str(recorded.get('content_hash'))[:12]}...), but the encoder given is the {encoder.kind} encoder "
         f"{encoder.name!r} ({encoder.content_hash[:12]}...)",
-        missing=f"{str(run)!r} holds no {RUN_RECORD} naming the encoder it was trained on",
+        missing=missing,
         fix="load it with the encoder it was trained on, or pass allow_encoder_mismatch=True "
         "(`--allow-encoder-mismatch`) to use this one anyway",
         allowed_by="allow_encoder_mismatch",

@@ -26,7 +26,7 @@ from clipcond.evaluation.generation import (
 CLASSES = class_names(None)  # the 18 colour-shape pairs
 HELD_OUT = list(DEFAULT_HELD_OUT)
 DEFAULT = str(DEFAULT_GUIDANCE_SCALE)  # the key of the default guidance's figures
-# The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver (see FIELD_NOTES).
+# The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )

@@ -27,7 +27,7 @@ WIDTH = 32  # the text encoder's token-state width = the UNet's cross_attention_
 CONTEXT = 16
 SIZE = 16
 STEPS = 2
-# The numpy-2 `__array__` copy DeprecationWarning that diffusers' sigma schedulers raise (see FIELD_NOTES).
+# The numpy-2 `__array__` copy DeprecationWarning that diffusers' sigma schedulers raise.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
