@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clipcond.demo_report import dalle2_table, summary_line, write_report
+from clipcond.device import resolve_device
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.runlock import run_folder_lock
@@ -458,7 +459,6 @@ def _stage_generation_eval(
     out = decoder_dir / "eval_generation"
     if (out / "metrics.json").is_file():  # written last by the evaluation
         return json.loads((out / "metrics.json").read_text())
-    import torch
 
     from clipcond.data.shapes import class_names
     from clipcond.evaluation.generation import evaluate_generation
@@ -466,7 +466,7 @@ def _stage_generation_eval(
     from clipcond.pipeline_loading import load_pretrained
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(None)
     judge = _judge(args, info, judge_dir, device)
     clip_run, reference, unreadable = load_clip_and_reference(clip_dir, data_dir, "test", device)
     pipe = load_pretrained(TextToImagePipeline, decoder_dir, device, args.sample_dtype)
@@ -533,7 +533,6 @@ def _stage_unclip_eval(
     judged variations, judged text-to-image through the prior (the SD path's prompts, seeds and sampler)."""
     if (out / "metrics.json").is_file():  # written last by the evaluation
         return json.loads((out / "metrics.json").read_text())
-    import torch
 
     from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.judged import load_clip_and_reference
@@ -541,7 +540,7 @@ def _stage_unclip_eval(
     from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(None)
     judge = _judge(args, info, out.parent / "judge", device)
     clip_run, reference, unreadable = load_clip_and_reference(clip_dir, data_dir, "test", device)
     dtype = {dtype_keyword(): resolve_dtype(args.sample_dtype, device)}

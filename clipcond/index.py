@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from clipcond.data.open import add_allow_outside_paths
+from clipcond.device import resolve_device
 from clipcond.finite import check_finite_tensor
 from clipcond.runlock import run_folder_lock
 from clipcond.storage import check_output_dir, dumps_json, writing
@@ -550,7 +551,7 @@ def build_index(args: argparse.Namespace) -> int:
         index.check_model(clip_hash, args.model)
 
     # 2. the CLIP, then the update (a fresh index is an update of an empty one)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if args.no_progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar

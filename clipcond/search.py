@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+from clipcond.device import resolve_device
 from clipcond.index import ImageIndex
 from clipcond.storage import dumps_json
 
@@ -93,7 +94,7 @@ def load_index_clip(index: ImageIndex, model: str | None = None, device: str | N
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise in front of the results
     try:
-        return load_clip(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return load_clip(path, device=resolve_device(device))
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from clipcond.data.folders import ImageCaptionDataset
+from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, eval_parser
 from clipcond.evaluation.plots import heatmap_png
 from clipcond.evaluation.retrieval import retrieval_recall
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     split = None if args.split.lower() == "none" else args.split
 
     # 2. load the model and the data at the model's resolution
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if args.no_progress:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar

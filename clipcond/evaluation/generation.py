@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipcond.data.shapes import class_names, parse_held_out, render_scene, sample_scene
-from clipcond.device import DTYPES, dtype_name, resolve_dtype
+from clipcond.device import DTYPES, dtype_name, resolve_device, resolve_dtype
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.frechet import frechet_distance, frechet_distance_from_stats  # noqa: F401 (public here)
@@ -60,7 +60,6 @@ from clipcond.evaluation.judged import (
     check_scheduler,
     class_pairs,
     clip_image_features,
-    default_device,
     derived_seed,
     draw_seeded,
     group_masks,
@@ -645,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     mismatch = check_evaluation_clip(clip_path, clip_hash, what="the decoder", allow=args.allow_clip_mismatch)
-    device = default_device(args.device)
+    device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
 
     # 2. load the judge, the CLIP, the reference images and the pipeline

@@ -228,11 +228,6 @@ def check_scheduler(name: str) -> None:
         raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or 'saved', got {name!r}")
 
 
-def default_device(name: str | None) -> torch.device:
-    """`--device`, or cuda where it is available, else cpu."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def shapes_info(data: str | os.PathLike, what: str = "`--data`") -> dict:
     """The dataset_info.json of the shapes data at `data`; a ValueError naming `what` for other data."""
     info = load_dataset_info(data)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipcond.conditioning import ImageEmbeddingCache, embed_images, encode_prompts
+from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipcond.models.clip import load_vision_tower
     from clipcond.pipelines.prior import PriorPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     hf_logging.disable_progress_bar()  # "Loading weights" bars
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bar
     pipe = PriorPipeline.from_pretrained(run).to(device)

@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clipcond.data.shapes import class_names, parse_held_out
-from clipcond.device import DTYPES
+from clipcond.device import DTYPES, resolve_device
 from clipcond.evaluation import judged
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.diversity import distance_to_sources
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
 
     judged.check_scheduler(args.scheduler)
     clip_path, _ = judged.resolve_clip_path(Path(args.decoder), args.clip)
-    device = judged.default_device(args.device)
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
 
     # 2. load the judge, the CLIP, the reference images and the paired pipeline
