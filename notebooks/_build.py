@@ -62,6 +62,8 @@ def setup(plots: bool = False, pil: bool = False) -> str:
 RUN_ONCE = """
 from accelerate.state import AcceleratorState, GradientState
 
+from clipcond.runs import RunRecord
+
 
 def run_once(main, argv, output_dir):
     \"\"\"Run a clipcond training entry point, unless `output_dir` holds its finished run; return the run record.
@@ -70,14 +72,14 @@ def run_once(main, argv, output_dir):
     Accelerate keeps process-wide state: it is reset after each run so that the next one starts clean (as
     `clipcond demo` does between its stages).
     \"\"\"
-    path = Path(output_dir) / "clipcond_run.json"
-    if path.is_file():
-        print(f"reusing {output_dir}:", json.dumps(json.loads(path.read_text())["summary"]))
-    else:  # the entry point prints the run's summary
-        main([*map(str, argv), "--output-dir", str(output_dir), "--resume-from-checkpoint", "latest"])
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return json.loads(path.read_text())
+    record = RunRecord.read_if_present(output_dir)  # clipcond_run.json, read through its type
+    if record is not None:
+        print(f"reusing {output_dir}:", json.dumps(record.summary))
+        return record
+    main([*map(str, argv), "--output-dir", str(output_dir), "--resume-from-checkpoint", "latest"])  # prints it
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return RunRecord.read(output_dir)
 """
 
 DATA = """
@@ -199,7 +201,7 @@ NB01 = [
 
         events = EventAccumulator(str(CLIP / "logs" / "clipcond"))
         events.Reload()
-        batch = clip_record["args"]["train_batch_size"]
+        batch = clip_record.args["train_batch_size"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
         loss = events.Scalars("train/loss")
         left.plot([e.step for e in loss], [e.value for e in loss], label="training loss")

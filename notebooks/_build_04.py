@@ -75,17 +75,19 @@ CELLS = [
         '''
         from accelerate.state import AcceleratorState, GradientState
 
+        from clipcond.runs import RunRecord
+
 
         def run_once(main, argv, output_dir):
             """Run a clipcond training entry point unless `output_dir` holds its finished run; return the run record."""
-            path = Path(output_dir) / "clipcond_run.json"
-            if path.is_file():
+            record = RunRecord.read_if_present(output_dir)  # clipcond_run.json, read through its type
+            if record is not None:
                 print(f"reusing {output_dir}")
-            else:
-                main([*map(str, argv), "--output-dir", str(output_dir), "--resume-from-checkpoint", "latest"])
-                AcceleratorState._reset_state(reset_partial_state=True)
-                GradientState._reset_state()
-            return json.loads(path.read_text())
+                return record
+            main([*map(str, argv), "--output-dir", str(output_dir), "--resume-from-checkpoint", "latest"])
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            return RunRecord.read(output_dir)
         ''',
     ),
     (
@@ -181,7 +183,7 @@ CELLS = [
                 argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16, "--lr-warmup-steps", 1]
             RUNS[name] = WORK / f"decoder-{name}-{STEPS}"
             record = run_once(train_decoder.main, argv, RUNS[name])
-            print(f"{name}: {record['summary']['steps']} steps, final loss {record['summary']['final_loss']}")
+            print(f"{name}: {record.summary['steps']} steps, final loss {record.summary['final_loss']}")
         """,
     ),
     (
