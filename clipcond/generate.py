@@ -7,7 +7,7 @@ writes `samples/00000.png ...` (prompt by prompt), `samples/grid.png` (a row per
 generator seeded with `--seed + k`, so it comes out the same whatever the batch size, and
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
-The command is split so that other pipelines plug in: `clipcond.pipeline_loading.load_pipeline(args)` builds the
+The command is split so that other pipelines plug in: `clipcond.pipeline_loading.load_pipeline` builds the
 pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `generate_batches` calls it with the diffusers
 argument names, and a `clipcond.image_files.ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each
 batch's files as soon as it is drawn.
@@ -30,7 +30,13 @@ from clipcond.finite import finite_float
 from clipcond.image_files import ImageWriter, image_record
 from clipcond.pipeline_loading import is_unclip, load_pipeline, pipeline_class_name, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
-from clipcond.sampling_options import add_prior_args, add_sampling_args, check_batch_args, check_guidance_interval_args
+from clipcond.sampling_options import (
+    add_prior_args,
+    add_sampling_args,
+    check_batch_args,
+    check_guidance_interval_args,
+    pipeline_options,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args)
     check_text_to_image(pipeline_class_name(args.model), args)  # before loading anything
     start = time.perf_counter()
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args.model, **pipeline_options(args))
     writer = ImageWriter(args.output_dir)
     for images, records in generate_batches(pipe, prompts, args):
         writer.add(images, records)

@@ -33,6 +33,7 @@ from clipcond.sampling_options import (
     add_sampling_args,
     check_guidance_interval_args,
     decoder_settings,
+    pipeline_options,
 )
 from clipcond.storage import check_output_dir
 
@@ -86,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     sources = read_images(args.images, "--images file") if args.images else None
     class_name = pipeline_class_name(args.model)  # checks before loading anything
-    check_reads_images(class_name, args)
+    check_reads_images(class_name, args.model)
     if args.prompts and not (class_name == "UnCLIPTextToImagePipeline" or args.prior):
         raise ValueError(
             f"`--prompts` need a prior: pass `--prior PRIOR_RUN` with `--model` {os.fspath(args.model)!r}, or an "
             "unCLIP pipeline folder as `--model`; without one, interpolate between `--images`"
         )
     start = time.perf_counter()
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args.model, **pipeline_options(args))
     assert not args.prompts or is_unclip(pipe), "a prior comes with --prior or the unCLIP folder"
     pipe.set_progress_bar_config(disable=True)
     settings = decoder_settings(args)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "prior_guidance_scale": args.prior_guidance_scale,
         }
     else:
-        output = decoder_of(pipe, args).interpolate(image=sources, **common)
+        output = decoder_of(pipe, args.model).interpolate(image=sources, **common)
         ends, prior = list(args.images), {}
     kind = "prompts" if args.prompts else "images"
     scheduler = scheduler_name(pipe.scheduler)

@@ -7,7 +7,6 @@ The pipeline modules are imported inside the functions, so that a command's `--h
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -42,22 +41,32 @@ def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
         raise ValueError(f"`{flag}` {model!r}: model_index.json is not a JSON object ({err})") from None
 
 
-def load_pipeline(args: argparse.Namespace):
-    """The pipeline named by `--model` (and `--prior`), on `--device` in `--dtype`, with `--scheduler` swapped in
-    if given: a `TextToImagePipeline`, an `ImageVariationPipeline` (an image-embedding decoder run), or an
-    `UnCLIPTextToImagePipeline` (a folder saved as one, or `--model` a decoder run paired with `--prior`)."""
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: str = "fp32",
+    scheduler: str | None = None,
+    prior: str | os.PathLike | None = None,
+    text_encoder: str | None = None,
+    allow_clip_mismatch: bool = False,
+    allow_encoder_mismatch: bool = False,
+):
+    """The pipeline in the folder `model` (and `prior`), on `device` in `dtype`, with `scheduler` swapped in if
+    given: a `TextToImagePipeline` (its encoder swapped for `text_encoder` if given), an `ImageVariationPipeline` (an
+    image-embedding decoder run), or an `UnCLIPTextToImagePipeline` (a folder saved as one, or `model` a decoder run
+    paired with `prior`). Errors name the command-line flags (`--model`, `--prior`, `--text-encoder`)."""
     from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
 
-    model = os.fspath(args.model)
+    model = os.fspath(model)
     class_name = pipeline_class_name(model)
-    prior = getattr(args, "prior", None)
-    if getattr(args, "text_encoder", None) and (prior is not None or class_name != "TextToImagePipeline"):
+    if text_encoder and (prior is not None or class_name != "TextToImagePipeline"):
         raise ValueError(
             f"`--text-encoder` swaps the encoder of a text-to-image run, but `--model` {model!r} holds a "
             f"{class_name or 'pipeline of unknown class'}{' paired with --prior' if prior else ''}"
         )
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     load_kwargs = {"local_files_only": True, dtype_keyword(): dtype}
     if prior is not None:
         from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
@@ -69,8 +78,9 @@ def load_pipeline(args: argparse.Namespace):
                 "`clipcond train decoder --conditioning image-embedding`"
             )
         pipeline_class_name(prior, "--prior")
-        allow = getattr(args, "allow_clip_mismatch", False)
-        pipe = UnCLIPTextToImagePipeline.from_runs(prior, model, allow_clip_mismatch=allow, **load_kwargs)
+        pipe = UnCLIPTextToImagePipeline.from_runs(
+            prior, model, allow_clip_mismatch=allow_clip_mismatch, **load_kwargs
+        )
     elif class_name == "UnCLIPTextToImagePipeline":
         from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
@@ -79,11 +89,12 @@ def load_pipeline(args: argparse.Namespace):
         from clipcond.pipelines.variation import ImageVariationPipeline
 
         pipe = ImageVariationPipeline.from_pretrained(model, **load_kwargs)
-    elif class_name == "TextToImagePipeline" and getattr(args, "text_encoder", None):
+    elif class_name == "TextToImagePipeline" and text_encoder:
         from clipcond.encoders import load_text_to_image
 
-        allow = getattr(args, "allow_encoder_mismatch", False)
-        pipe = load_text_to_image(model, args.text_encoder, allow_encoder_mismatch=allow, **{dtype_keyword(): dtype})
+        pipe = load_text_to_image(
+            model, text_encoder, allow_encoder_mismatch=allow_encoder_mismatch, **{dtype_keyword(): dtype}
+        )
     elif class_name == "TextToImagePipeline":
         pipe = TextToImagePipeline.from_pretrained(model, **load_kwargs)
     else:
@@ -94,8 +105,8 @@ def load_pipeline(args: argparse.Namespace):
     pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=dtype)
-    if args.scheduler is not None:
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
     return pipe
 
 
@@ -121,16 +132,16 @@ def is_unclip(pipe) -> bool:
     return type(pipe).__name__ == "UnCLIPTextToImagePipeline"
 
 
-def check_reads_images(class_name: str, args: argparse.Namespace) -> None:
-    """Refuse a pipeline class without an image-embedding decoder."""
+def check_reads_images(class_name: str, model: str | os.PathLike) -> None:
+    """Refuse a pipeline class without an image-embedding decoder (`model`: the folder, for the message)."""
     if class_name not in IMAGE_PIPELINES:
         raise ValueError(
-            f"`--model` {os.fspath(args.model)!r} holds a {class_name or 'pipeline of unknown class'}, which does "
+            f"`--model` {os.fspath(model)!r} holds a {class_name or 'pipeline of unknown class'}, which does "
             "not read images; pass the output folder of `clipcond train decoder --conditioning image-embedding`"
         )
 
 
-def decoder_of(pipe, args: argparse.Namespace):
-    """The image-embedding decoder inside `pipe`: itself, or an unCLIP pipeline's decoder stage."""
-    check_reads_images(type(pipe).__name__, args)
+def decoder_of(pipe, model: str | os.PathLike):
+    """The image-embedding decoder inside `pipe` (loaded from `model`): itself, or an unCLIP pipeline's decoder."""
+    check_reads_images(type(pipe).__name__, model)
     return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe

@@ -120,3 +120,9 @@ def check_guidance_interval_args(args: argparse.Namespace) -> None:
             "`--guidance-start` and `--guidance-end` must be fractions of the sampling steps with "
             f"0 <= start < end <= 1, got {args.guidance_start} and {args.guidance_end}"
         )
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """`clipcond.pipeline_loading.load_pipeline`'s keyword arguments from a command's flags (those it has)."""
+    names = ("device", "dtype", "scheduler", "prior", "text_encoder", "allow_clip_mismatch", "allow_encoder_mismatch")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -32,6 +32,7 @@ from clipcond.sampling_options import (
     check_batch_args,
     check_guidance_interval_args,
     decoder_settings,
+    pipeline_options,
 )
 
 
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     sources = read_images(args.images)
-    check_reads_images(pipeline_class_name(args.model), args)  # before loading anything
+    check_reads_images(pipeline_class_name(args.model), args.model)  # before loading anything
     start = time.perf_counter()
-    pipe = decoder_of(load_pipeline(args), args)
+    pipe = decoder_of(load_pipeline(args.model, **pipeline_options(args)), args.model)
     writer = ImageWriter(args.output_dir)
     for batch_images, batch_records in vary_batches(pipe, sources, args):
         writer.add(batch_images, batch_records)
