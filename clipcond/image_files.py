@@ -109,7 +109,7 @@ class ImageWriter:
     def finish(self, grid_rows: int, labels: Sequence[str] | None = None, grid_images: Sequence | None = None) -> Path:
         """Tile the images written (or `grid_images`, e.g. with each row's source image first; `labels` then label
         them) `grid_rows` rows deep, row by row, with `labels` under them, as `grid.png`; returns its path."""
-        from clipcond.evaluation.plots import image_grid
+        from clipcond.plots import image_grid
 
         grid_path = self.output_dir / "grid.png"
         tiles = list(self.images if grid_images is None else grid_images)

@@ -27,7 +27,7 @@ from pathlib import Path
 {plots}import torch
 from IPython.display import display
 {pil}
-from clipcond.evaluation.plots import image_grid
+from clipcond.plots import image_grid
 
 # The optimizer steps of every model trained below. The default is a smoke test that runs in about a minute on
 # 2 CPU cores; its pictures are noise. CLIPCOND_NOTEBOOK_STEPS=300 trains with the recipes of `clipcond demo`.

@@ -52,7 +52,7 @@ CELLS = [
         import torch
         from IPython.display import Markdown, display
 
-        from clipcond.evaluation.plots import image_grid
+        from clipcond.plots import image_grid
 
         STEPS = int(os.environ.get("CLIPCOND_NOTEBOOK_STEPS", "10"))
         SMALL = STEPS < 100  # smaller data, models and batches for a smoke test

@@ -30,7 +30,6 @@ from transformers.utils import logging as hf_logging
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, eval_parser
-from clipcond.evaluation.plots import heatmap_png
 from clipcond.evaluation.retrieval import retrieval_recall
 from clipcond.evaluation.zero_shot import (
     DEFAULT_TEMPLATES,
@@ -44,6 +43,7 @@ from clipcond.evaluation.zero_shot import (
 )
 from clipcond.finite import finite_or_null
 from clipcond.models.clip import load_clip
+from clipcond.plots import heatmap_png
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 logger = logging.getLogger(__name__)

@@ -71,10 +71,10 @@ from clipcond.evaluation.judged import (
     resolve_clip_path,
     shapes_info,
 )
-from clipcond.evaluation.plots import heatmap_png, image_grid
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import load_pretrained, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
+from clipcond.plots import heatmap_png, image_grid
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 
 # generate(prompts, guidance_scale, generators) -> uint8 images (len(prompts), 3, H, W); generators[i] draws image i.

@@ -42,9 +42,9 @@ from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, 
 from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import GenerateFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
-from clipcond.evaluation.plots import image_grid
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcond.evaluation.plots import _font, _text_width, _wrap, heatmap_image, heatmap_png, image_grid, viridis
+from clipcond.plots import _font, _text_width, _wrap, heatmap_image, heatmap_png, image_grid, viridis
 
 CLASSES = [
     f"{c} {s}"
