@@ -223,7 +223,13 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt)
         # what the prior will hand over: its shape only, so no memory and no values (meta)
         placeholder = torch.empty(batch_size, self.prior.config.embedding_dim, device="meta")
-        self.decoder_pipeline.check_inputs(None, placeholder, sampling, num_images_per_prompt, noise_level)
+        self.decoder_pipeline.check_inputs(
+            image=None,
+            image_embeds=placeholder,
+            sampling=sampling,
+            num_images_per_prompt=num_images_per_prompt,
+            noise_level=noise_level,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -340,7 +346,14 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         check_one_generator(prior_sampling.generator)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"`negative_prompt` must be None or one string for both prompts, got {negative_prompt!r}")
-        self.check_inputs(prompt[0], negative_prompt, prior_sampling, sampling, 1, noise_level)
+        self.check_inputs(
+            prompt[0],
+            negative_prompt,
+            prior_sampling=prior_sampling,
+            sampling=sampling,
+            num_images_per_prompt=1,
+            noise_level=noise_level,
+        )
         interpolation_times(num_frames)
 
     def prior_endpoints(self, prompt, negative_prompt, prior_sampling: Sampling) -> torch.Tensor:
