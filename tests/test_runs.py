@@ -106,3 +106,12 @@ def test_a_record_without_the_encoders_hash_is_not_called_missing(tmp_path):
     with pytest.raises(ValueError) as caught:
         check_lineage(tmp_path, Encoder())
     assert "holds no" not in str(caught.value)
+
+
+def test_what_a_trainer_wrote_reads_back_through_the_type(tiny_clip_run, tmp_path):
+    """Not a hand-made dict: the record `clipcond train clip` wrote, read and written again unchanged."""
+    record = RunRecord.read(tiny_clip_run)
+    assert record.kind == "clipcond-clip" and record.summary["steps"] == 4
+    assert record.args["max_train_steps"] == 4 and "data" in record.sections and "content_hash" in record.sections
+    record.write(tmp_path)
+    assert (tmp_path / RUN_RECORD).read_text() == (tiny_clip_run / RUN_RECORD).read_text()
