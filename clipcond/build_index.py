@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_index(args: argparse.Namespace) -> int:
     """`clipcond index` with checked arguments, holding the lock of `--output`."""
-    from transformers.utils import logging as hf_logging
-
     from clipcond.models.clip import load_clip
 
     root = Path(args.folder).resolve()
@@ -91,15 +89,7 @@ def build_index(args: argparse.Namespace) -> int:
         index.check_model(clip_hash, args.model)
 
     # 2. the CLIP, then the update (a fresh index is an update of an empty one)
-    device = resolve_device(args.device)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if args.no_progress:
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
-    try:
-        clip_run = load_clip(args.model, device=device)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    clip_run = load_clip(args.model, device=resolve_device(args.device), progress=not args.no_progress)
     if index is None:
         index = ImageIndex.empty(root, clip_run, dtype=args.dtype or "fp16", clip_hash=clip_hash)
     report = index.update(

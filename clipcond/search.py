@@ -81,8 +81,6 @@ def embed_image_query(clip_run, path: str | os.PathLike, what: str = "--image") 
 
 def load_index_clip(index: ImageIndex, model: str | None = None, device: str | None = None):
     """The index's CLIP: `model` (or the run folder recorded in the index), after checking its content hash."""
-    from transformers.utils import logging as hf_logging
-
     from clipcond.lineage import content_hash
     from clipcond.models.clip import load_clip
 
@@ -91,13 +89,7 @@ def load_index_clip(index: ImageIndex, model: str | None = None, device: str | N
         hint = "" if model is not None else "; pass the run folder with --model if it moved"
         raise FileNotFoundError(f"{what} {path!r} does not exist{hint}")
     index.check_model(content_hash(path), path, what=what)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise in front of the results
-    try:
-        return load_clip(path, device=resolve_device(device))
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    return load_clip(path, device=resolve_device(device), progress=False)  # no bar in front of the results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.device import resolve_device
@@ -318,15 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     split = None if args.split.lower() == "none" else args.split
 
     # 2. load the model and the data at the model's resolution
-    device = resolve_device(args.device)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if args.no_progress:
-        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
-    try:
-        clip_run = load_clip(args.model, device=device)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    clip_run = load_clip(args.model, device=resolve_device(args.device), progress=not args.no_progress)
     dataset = ImageCaptionDataset(
         args.data, split=split, resolution=clip_run.image_size, allow_outside_paths=args.allow_outside_paths
     )

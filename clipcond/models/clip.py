@@ -8,6 +8,7 @@ normalisation for uint8 batches, and feature functions that work across transfor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,22 +153,41 @@ class ClipRun:
 
 
 def load_clip(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
 ) -> ClipRun:
-    """Load a CLIP folder written by `clipcond train clip` (or any transformers CLIPModel folder), in eval mode."""
+    """Load a CLIP folder written by `clipcond train clip` (or any transformers CLIPModel folder), in eval mode;
+    `progress=False` hides transformers' "Loading weights" bar (noise before a command's own output)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CLIP folder {path!r} does not exist")
     check_finished(path, "the CLIP folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`")
-    model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
+    with contextlib.nullcontext() if progress else _no_loading_bar():
+        model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(path)
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     return ClipRun(model=model, tokenizer=tokenizer, image_mean=mean, image_std=std, path=path)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers' progress bars off for the block, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------- the frozen towers
