@@ -32,6 +32,7 @@ COMMANDS: dict = {
     "data": {
         "shapes": Command("clipcond.data.shapes", "write the built-in synthetic shapes data set (imagefolder layout)"),
         "convert": Command("clipcond.data.convert", "convert an imagefolder/CSV data set to WebDataset tar shards"),
+        "tuxpaint": Command("clipcond.data.tuxpaint", "Tux Paint clip-art stamps -> an image-caption data set"),
     },
     "train": {
         "clip": Command("clipcond.train.clip", "pretrain a CLIP (transformers CLIPModel) with a contrastive loss"),

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,8 +40,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from clipcond.data.writer import DATASET_INFO, prepare_dataset_dir, write_metadata
 from clipcond.finite import finite_float
-from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -108,6 +108,8 @@ _RELATION_PHRASES = {
     "below": ("below", "under", "beneath"),
 }
 _TWO_WORDS = ("two", "a pair of")
+
+DATASET_NAME = "clipcond-shapes"  # dataset_info.json's "name": tells the shapes data from other data sets
 
 
 @dataclass(frozen=True)
@@ -412,27 +414,11 @@ def _check_args(num_images, resolution, test_fraction, num_test_images, single_f
     return num_test
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"output directory {out} is not empty; pass --overwrite (overwrite=True) to replace it"
-            )
-        # Remove only what this writer makes, never unrelated files a user keeps beside them.
-        for name in ("train", "test"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-        (out / "dataset_info.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], resolution: int, seed: int) -> dict:
     split_dir.mkdir()
     width = max(5, len(str(len(plan) - 1)))
     counts = {"num_images": len(plan), "single": 0, "relation": 0, "count": 0, "heldout": 0}
-    lines = []
+    records = []
     for index, (kind, pair) in enumerate(plan):
         rng = random.Random(f"clipcond-shapes/{seed}/{split}/{index}")
         scene = sample_scene(kind, pairs, rng, pair=pair)
@@ -452,8 +438,8 @@ def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], r
             "relation": scene.relation,
             "heldout": heldout,
         }
-        lines.append(dumps_json(record) + "\n")
-    (split_dir / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+        records.append(record)
+    write_metadata(split_dir, records)
     return counts
 
 
@@ -487,7 +473,7 @@ def write_shapes_dataset(
     held = parse_held_out(held_out)
     num_test = _check_args(num_images, resolution, test_fraction, num_test_images, single_fraction, held)
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
+    prepare_dataset_dir(out, overwrite)
 
     all_pairs = _all_pairs()
     seen = [p for p in all_pairs if p not in held]
@@ -497,7 +483,7 @@ def write_shapes_dataset(
         splits[split] = _write_split(out / split, split, plan, pairs, set(held), resolution, seed)
 
     info = {
-        "name": "clipcond-shapes",
+        "name": DATASET_NAME,
         "format_version": FORMAT_VERSION,
         "seed": seed,
         "resolution": resolution,
@@ -513,7 +499,7 @@ def write_shapes_dataset(
         "splits": splits,
     }
     # Written last: its presence marks a complete data set.
-    write_json_atomic(out / "dataset_info.json", info)
+    write_json_atomic(out / DATASET_INFO, info)
     return info
 
 
