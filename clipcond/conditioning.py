@@ -112,11 +112,15 @@ def encode_prompts(
     *,
     device: torch.device | str | None = None,
     max_length: int | None = None,
+    mask_padding: bool = True,
 ) -> TextEmbeddings:
     """Encode prompts with a frozen transformers text encoder (CLIPTextModel[WithProjection] or similar).
 
     Prompts are padded to the full context (as Stable Diffusion does, so batch composition never changes a
-    prompt's states) and truncated with a warning that names what was cut.
+    prompt's states) and truncated with a warning that names what was cut. With `mask_padding` the encoder and the
+    returned mask leave the padding out; without it, as Stable Diffusion's `encode_prompt` does for CLIP, the
+    encoder runs without a mask and every position counts (the returned mask is all ones), so a UNet trained on
+    these states runs in stock `StableDiffusionPipeline`.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -126,7 +130,9 @@ def encode_prompts(
     _warn_truncated(tokenizer, prompts, tokens["input_ids"], max_length)
     input_ids = tokens["input_ids"].to(device)
     attention_mask = tokens["attention_mask"].to(device)
-    out = text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+    if not mask_padding:
+        attention_mask = torch.ones_like(attention_mask)
+    out = text_encoder(input_ids=input_ids, attention_mask=attention_mask if mask_padding else None)
     pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection: the CLIP text embedding
     return TextEmbeddings(hidden_states=out.last_hidden_state, attention_mask=attention_mask, pooled=pooled)
 
@@ -264,10 +270,14 @@ class TextEmbeddingCache:
         return attended_columns(masks, multiple)
 
     @staticmethod
-    def cache_key(text_encoder, tokenizer, captions: list[str], max_length: int | None = None) -> str:
+    def cache_key(
+        text_encoder, tokenizer, captions: list[str], max_length: int | None = None, mask_padding: bool = True
+    ) -> str:
         max_length = max_length or context_length(text_encoder, tokenizer)
         digest = hashlib.sha256()
         digest.update(f"clipcond-text-embeddings-v{CACHE_FORMAT_VERSION}\n".encode())
+        if not mask_padding:  # only then, so that the caches made before the option keep their names
+            digest.update(b"unmasked padding\n")
         digest.update(encoder_fingerprint(text_encoder, tokenizer, max_length).encode())
         digest.update(json.dumps(captions).encode())
         return digest.hexdigest()[:32]
@@ -283,10 +293,12 @@ class TextEmbeddingCache:
         batch_size: int = 256,
         device: torch.device | str | None = None,
         progress: bool = True,
+        mask_padding: bool = True,
     ) -> TextEmbeddingCache:
         """Load the cache of these distinct `captions` under this encoder from `cache_dir`, or build and store it.
 
-        Building encodes the captions with `encode_prompts` in batches of `batch_size` (with a progress bar).
+        Building encodes the captions with `encode_prompts` in batches of `batch_size` (with a progress bar), with
+        or without masking the padding (`mask_padding`, part of the cache's key).
         A file that cannot be read (truncated, foreign) is rebuilt with a warning.
         """
         if len(set(captions)) != len(captions):
@@ -294,7 +306,7 @@ class TextEmbeddingCache:
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         max_length = context_length(text_encoder, tokenizer)
-        key = cls.cache_key(text_encoder, tokenizer, captions, max_length)
+        key = cls.cache_key(text_encoder, tokenizer, captions, max_length, mask_padding)
         path = Path(cache_dir) / f"text-embeddings-{key}.safetensors"
         if path.is_file():
             try:
@@ -304,16 +316,15 @@ class TextEmbeddingCache:
             except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
                 logger.warning("the text-embedding cache %s cannot be used (%s); rebuilding it", path, err)
 
+        encoding = {"device": device, "max_length": max_length, "mask_padding": mask_padding}
         parts = []
         for start in tqdm(
             range(0, len(captions), batch_size), desc="encoding captions", disable=not progress, dynamic_ncols=True
         ):
-            chunk = encode_prompts(
-                text_encoder, tokenizer, captions[start : start + batch_size], device=device, max_length=max_length
-            )
+            chunk = encode_prompts(text_encoder, tokenizer, captions[start : start + batch_size], **encoding)
             parts.append(_to_storage(chunk))
         embeddings = TextEmbeddings.cat(parts)
-        empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], device=device, max_length=max_length))
+        empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], **encoding))
         for emb in (embeddings, empty):
             for tensor in (emb.hidden_states, emb.pooled):
                 if tensor is not None:

@@ -78,6 +78,9 @@ class TextToImagePipeline(DiffusionPipeline):
             has `last_hidden_state`).
         tokenizer: the text encoder's tokenizer.
         vae: optional `AutoencoderKL`; when given the UNet denoises its latents.
+        mask_text_padding: whether the text encoder and the UNet's cross-attention leave the prompt's padding out
+            (the default); False for a UNet trained as Stable Diffusion's, on the unmasked states of every position
+            (`clipcond train decoder --no-mask-text-padding`), which stock `StableDiffusionPipeline` can run.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -90,6 +93,7 @@ class TextToImagePipeline(DiffusionPipeline):
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         vae: AutoencoderKL | None = None,
+        mask_text_padding: bool = True,
     ):
         super().__init__()
         if unet is not None and text_encoder is not None:
@@ -100,6 +104,7 @@ class TextToImagePipeline(DiffusionPipeline):
                 f"{vae.config.latent_channels}; train the UNet on this VAE's latents"
             )
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.register_to_config(mask_text_padding=mask_text_padding)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -139,7 +144,8 @@ class TextToImagePipeline(DiffusionPipeline):
         """Token states of the prompts, and of the negative prompts when guiding; each distinct text encoded once."""
 
         def encode(texts: list[str]) -> TextEmbeddings:
-            return encode_prompts(self.text_encoder, self.tokenizer, texts, device=device)
+            mask_padding = self.config.mask_text_padding
+            return encode_prompts(self.text_encoder, self.tokenizer, texts, device=device, mask_padding=mask_padding)
 
         return encode_each_text_once(prompts, negative_prompts, encode, device)
 
@@ -152,9 +158,10 @@ class TextToImagePipeline(DiffusionPipeline):
         text = encode_for_guidance(self.encode_prompt, prompt, negative_prompt, guidance_scale, device)
         text = text.without_padding_columns()  # masked padding changes nothing and costs every step
         hidden_states = text.hidden_states.repeat_interleave(num_images_per_prompt, dim=0)  # (B or 2B, L, W)
+        mask = text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
         return {
             "encoder_hidden_states": hidden_states.to(self.unet.dtype),
-            "encoder_attention_mask": text.attention_mask.repeat_interleave(num_images_per_prompt, dim=0),
+            "encoder_attention_mask": mask if self.config.mask_text_padding else None,  # None: every position, as SD
             "class_labels": self._pooled_text(text, num_images_per_prompt),  # (B or 2B, D), or None
         }
 

@@ -194,6 +194,14 @@ def add_diffusion_args(diffusion: argparse._ArgumentGroup) -> None:
         help="also add the L2-normalised pooled CLIP text embedding to the timestep embedding (as Imagen and SDXL "
         "do): the whole caption in one vector beside the token states (default: off)",
     )
+    diffusion.add_argument(
+        "--mask-text-padding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave the captions' padding out of the text encoder and the cross-attention; --no-mask-text-padding "
+        "reads every position unmasked, as Stable Diffusion does, so that `clipcond export stable-diffusion` can "
+        "hand the run to stock diffusers (default: on)",
+    )
 
 
 def add_validation_args(val: argparse._ArgumentGroup) -> None:
@@ -235,6 +243,11 @@ def check_decoder_args(args: argparse.Namespace) -> None:
     if args.pooled_text and args.conditioning != "text":
         raise ValueError(
             f"`--pooled-text` adds the pooled text embedding of the caption; it needs `--conditioning text`, got "
+            f"{args.conditioning!r}"
+        )
+    if not args.mask_text_padding and args.conditioning != "text":
+        raise ValueError(
+            f"`--no-mask-text-padding` is about the captions' token states; it needs `--conditioning text`, got "
             f"{args.conditioning!r}"
         )
     if args.cross_attention_dim is not None and args.cross_attention_dim < 1:

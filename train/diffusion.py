@@ -118,11 +118,18 @@ def cache_dir(args: argparse.Namespace, output_dir: Path) -> Path:
 
 
 def cache_text_embeddings(
-    accelerator: Accelerator, args: argparse.Namespace, encoder: FrozenEncoder, captions: list[str], folder: Path
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    encoder: FrozenEncoder,
+    captions: list[str],
+    folder: Path,
+    mask_padding: bool = True,
 ) -> TextEmbeddingCache:
-    """The frozen text encoder's outputs for `captions`, computed once into `folder` (or read from it)."""
+    """The frozen text encoder's outputs for `captions`, computed once into `folder` (or read from it); with or
+    without masking the padding (`encode_prompts`)."""
     towers = (encoder.text_encoder, encoder.tokenizer)
-    return TextEmbeddingCache.build_or_load(*towers, captions, folder, **_encoding(accelerator, args))
+    encoding = _encoding(accelerator, args)
+    return TextEmbeddingCache.build_or_load(*towers, captions, folder, **encoding, mask_padding=mask_padding)
 
 
 def cache_image_embeddings(

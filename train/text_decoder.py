@@ -2,7 +2,8 @@
 
 The UNet cross-attends to the per-token states of the frozen text encoder (`--text-encoder SPEC` or `--clip RUN`);
 with `--pooled-text` the L2-normalised pooled text embedding is also added to the timestep embedding, as Imagen and
-SDXL do. Captions are dropped to the empty prompt with probability `--caption-dropout` for classifier-free
+SDXL do; with `--no-mask-text-padding` the encoder and the cross-attention read every position unmasked, as Stable
+Diffusion does (the run then exports to stock diffusers: `clipcond export stable-diffusion`). Captions are dropped to the empty prompt with probability `--caption-dropout` for classifier-free
 guidance. The text encoder runs once per distinct caption, before training, into a `TextEmbeddingCache`; training
 steps only look rows up. The run folder is a `TextToImagePipeline` (`unet/`, `scheduler/`, `text_encoder/`,
 `tokenizer/`), and validation draws a grid row per `--validation-prompts` prompt.
@@ -37,8 +38,10 @@ class TextConditioning:
         caption_dropout: float,
         columns_multiple: int = 1,
         pooled: bool = False,
+        mask_padding: bool = True,
     ):
         self.cache = cache
+        self.mask_padding = mask_padding  # False: every position unmasked (the cache's masks are all ones), as SD
         self.sample_rows = sample_rows  # (N,) data set index -> cache row
         self.caption_dropout = caption_dropout
         self.pooled = pooled  # also return the normalised pooled text embedding as `class_labels`
@@ -63,7 +66,7 @@ class TextConditioning:
             if pooled is not None:
                 pooled = torch.where(drop[:, None], empty.pooled, pooled)
         class_labels = None if pooled is None else F.normalize(pooled, dim=-1)
-        return UNetInputs(hidden_states, attention_mask, class_labels)
+        return UNetInputs(hidden_states, attention_mask if self.mask_padding else None, class_labels)
 
     def record(self) -> dict:
         return {
@@ -73,6 +76,7 @@ class TextConditioning:
             "num_captions": len(self.cache),
             "caption_dropout": self.caption_dropout,
             "pooled_text": self.pooled,
+            "mask_text_padding": self.mask_padding,
         }
 
 
@@ -106,10 +110,15 @@ class TextPlugin(ConditioningPlugin):
         """The text embeddings of the distinct captions, computed once (`TextEmbeddingCache`)."""
         args = self.args
         captions, sample_rows = unique_captions(dataset.captions)
-        cache = cache_text_embeddings(accelerator, args, self.encoder, captions, cache_dir)
+        cache = cache_text_embeddings(accelerator, args, self.encoder, captions, cache_dir, args.mask_text_padding)
         columns_multiple = 8 if args.torch_compile else 1
         self.conditioning = TextConditioning(
-            cache, sample_rows, args.caption_dropout, columns_multiple, pooled=args.pooled_text
+            cache,
+            sample_rows,
+            args.caption_dropout,
+            columns_multiple,
+            pooled=args.pooled_text,
+            mask_padding=args.mask_text_padding,
         )
         return self.conditioning
 
@@ -134,7 +143,11 @@ class TextPlugin(ConditioningPlugin):
         from clipcond.pipelines.text_to_image import TextToImagePipeline
 
         return TextToImagePipeline(
-            unet=model, scheduler=scheduler, text_encoder=self.encoder.text_encoder, tokenizer=self.encoder.tokenizer
+            unet=model,
+            scheduler=scheduler,
+            text_encoder=self.encoder.text_encoder,
+            tokenizer=self.encoder.tokenizer,
+            mask_text_padding=self.args.mask_text_padding,
         )
 
     def validation_inputs(self) -> dict:

@@ -1,6 +1,7 @@
 """`clipcond train decoder` at test scale: the frozen encoder, the embedding cache, EMA, the run folder, resume after
 SIGKILL, the objective's numbers, and errors."""
 
+import functools
 import json
 import logging
 import os
@@ -272,6 +273,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
             ValueError,
             "`--pooled-text` .* got 'image-embedding'",
         ),
+        (
+            {"--conditioning": "image-embedding", "--no-mask-text-padding": ""},
+            ValueError,
+            "`--no-mask-text-padding` .* needs `--conditioning text`, got 'image-embedding'",
+        ),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tiny_clip_run, tmp_path, change, error, match):
@@ -538,3 +544,46 @@ def test_pooled_text_decoder_trains_saves_and_samples(shapes_data, tiny_clip_run
     first = sample()
     pipe.unet.class_embedding.linear_1.weight.data.mul_(-1)
     assert not torch.allclose(first, sample())
+
+
+def test_unmasked_text_padding_trains_on_every_position_and_is_saved(
+    shapes_data, tiny_clip_run, tmp_path, monkeypatch
+):
+    """--no-mask-text-padding: the cache holds unmasked states under its own key, the UNet reads every position
+    without a mask, and the saved pipeline samples that way (what `clipcond export stable-diffusion` needs)."""
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    masks = []
+    unet_forward = UNet2DConditionModel.forward
+
+    def record_mask(self, *args, encoder_attention_mask=None, **kwargs):
+        masks.append(encoder_attention_mask)
+        return unet_forward(self, *args, encoder_attention_mask=encoder_attention_mask, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", record_mask)
+    out = tmp_path / "run"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "0")
+    main([*argv, "--validation-steps", "0", "--no-mask-text-padding"])
+    assert masks and all(mask is None for mask in masks)
+    record = json.loads((out / "clipcond_run.json").read_text())
+    assert record["conditioning"]["mask_text_padding"] is False
+    key = functools.partial(
+        conditioning_module.TextEmbeddingCache.cache_key, *_text_tower(tiny_clip_run), _captions(shapes_data)
+    )
+    assert record["conditioning"]["cache_key"] == key(mask_padding=False) != key(mask_padding=True)
+    pipe = TextToImagePipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.config.mask_text_padding is False
+    masks.clear()
+    pipe(["a red circle"], num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    assert masks and all(mask is None for mask in masks)
+
+
+def _text_tower(clip_run):
+    return diffusion.load_text_tower(clip_run)
+
+
+def _captions(data):
+    from clipcond.conditioning import unique_captions
+    from clipcond.data.folders import ImageCaptionDataset
+
+    return unique_captions(ImageCaptionDataset(data, split="train").captions)[0]
