@@ -62,6 +62,12 @@ COMMANDS: dict = {
     ),
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
+    "export": {
+        "stable-diffusion": Command(
+            "clipcond.export_stable_diffusion",
+            "a latent text-to-image run as a stock diffusers StableDiffusionPipeline",
+        ),
+    },
 }
 
 
