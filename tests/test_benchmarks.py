@@ -114,3 +114,25 @@ def test_report_check_fails_on_a_hand_edited_figure(tmp_path, capsys):
     no_block.write_text("# nothing generated here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="report:quality"):
         report.main(["--check", str(no_block)])
+
+
+def test_clip_real_data_trains_three_contenders_of_one_size_on_the_stamps(tmp_path, capsys):
+    """Seconds-long: two stamps per topic, three steps; the three contenders must have the same parameter count
+    (same widths and depths) and be scored by the same figures; no figure is checked."""
+    import clip_real_data
+    from PIL import Image
+
+    stamps = tmp_path / "stamps"
+    for topic, colour in (("animals", (200, 0, 0)), ("food", (0, 160, 0)), ("space", (0, 0, 200))):
+        for i in range(4):
+            (stamps / topic).mkdir(parents=True, exist_ok=True)
+            Image.new("RGBA", (24, 24), (*colour, 255)).save(stamps / topic / f"s{i}.png")
+            (stamps / topic / f"s{i}.txt").write_text(f"A {topic} stamp number {i}.\n")
+    argv = ["--data-dir", str(tmp_path / "data"), "--stamps", str(stamps), "--work-dir", str(tmp_path / "runs")]
+    assert clip_real_data.main([*argv, "--seeds", "0", "--steps", "2", "--batch-size", "4", "--model", "test"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    figures = {name: report["per_seed"][name]["0"] for name in clip_real_data.CONTENDERS}
+    assert len({f["params"] for f in figures.values()}) == 1
+    for f in figures.values():
+        assert 0 <= f["text_to_image_R@10"] <= 1 and 0 <= f["zero_shot_top1"] <= 1
+    assert set(report["summary"]["clipcond_beats_both"]) == {"text_to_image_R@10", "zero_shot_top1"}
