@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from clipcond.encoders.base import FrozenEncoder, freeze
+from clipcond.hub import local_files_only, resolve_folder
 from clipcond.lineage import content_hash
-from clipcond.models.clip import quiet_load_report
+from clipcond.models.clip import load_report
 
 T5_MODEL_TYPES = ("t5", "umt5", "mt5")
 # Tokenizers that state no limit report ~1e30; such an encoder reads this many tokens of a prompt.
@@ -27,9 +27,7 @@ def load_t5(path: str | os.PathLike, *, what: str = "--text-encoder") -> FrozenE
     """A T5 encoder folder as a frozen, text-only `FrozenEncoder`."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"`{what}` folder {str(root)!r} does not exist; pass a transformers T5 folder")
+    root = resolve_folder(path, what, "pass a transformers T5 folder or a Hugging Face Hub id")
     model_dir = root / "text_encoder" if (root / "text_encoder" / "config.json").is_file() else root
     config_file = model_dir / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
@@ -38,14 +36,16 @@ def load_t5(path: str | os.PathLike, *, what: str = "--text-encoder") -> FrozenE
         raise ValueError(
             f"`{what}` {str(root)!r} is not a T5 folder ({found}; expected one of {list(T5_MODEL_TYPES)})"
         )
-    with quiet_load_report():
-        model, info = T5EncoderModel.from_pretrained(model_dir, local_files_only=True, output_loading_info=True)
+    with load_report(what, model_dir):
+        model, info = T5EncoderModel.from_pretrained(
+            model_dir, local_files_only=local_files_only(), output_loading_info=True
+        )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(f"`{what}` {str(model_dir)!r} lacks {len(missing)} encoder weights (e.g. {missing[:3]})")
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=local_files_only())
     except (OSError, ValueError) as err:
         raise ValueError(f"`{what}` {str(root)!r}: cannot load its tokenizer ({err})") from None
     if tokenizer.model_max_length > 10**6:

@@ -16,9 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from clipcond.encoders.base import FrozenEncoder, freeze
+from clipcond.encoders.base import FrozenEncoder
+from clipcond.hub import resolve_folder
 from clipcond.lineage import content_hash
-from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, quiet_load_report
+from clipcond.models.clip import load_clip_tower, pixel_statistics
 from clipcond.tokenizer import load_tokenizer
 
 
@@ -30,24 +31,6 @@ def _model_type(folder: Path) -> tuple[str | None, list[str]]:
     return config.get("model_type"), config.get("architectures") or []
 
 
-def _load(cls, folder: Path, what: str, tower: str):
-    with quiet_load_report():
-        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(f"`{what}` {str(folder)!r} lacks {len(missing)} weights of the {tower} (e.g. {missing[:3]})")
-    return freeze(model)
-
-
-def _pixel_statistics(folder: Path) -> tuple[tuple, tuple]:
-    from transformers import CLIPImageProcessor
-
-    if (folder / "preprocessor_config.json").is_file():
-        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
-        return tuple(processor.image_mean), tuple(processor.image_std)
-    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-
 def load_transformers_clip(
     path: str | os.PathLike, *, what: str = "--text-encoder", text: bool = True, image: bool = False
 ) -> FrozenEncoder:
@@ -55,9 +38,7 @@ def load_transformers_clip(
     `FrozenEncoder`; only the towers asked for are loaded."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"`{what}` folder {str(root)!r} does not exist; pass a transformers CLIP folder")
+    root = resolve_folder(path, what, "pass a transformers CLIP folder or a Hugging Face Hub id")
     model_type, architectures = _model_type(root)
     if model_type == "clip":  # a full CLIPModel: both towers and the tokenizer in one folder
         text_dir = image_dir = tokenizer_dir = pixels_dir = root
@@ -81,7 +62,7 @@ def load_transformers_clip(
             raise ValueError(f"`{what}` {str(text_dir)!r} holds no CLIP text encoder (model_type {text_type!r})")
         with_projection = text_type == "clip" or "CLIPTextModelWithProjection" in text_architectures
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        text_encoder = _load(cls, text_dir, what, "text encoder")
+        text_encoder = load_clip_tower(cls, text_dir, what, "text encoder")
         if not tokenizer_dir.is_dir():
             raise FileNotFoundError(f"`{what}` {str(root)!r} has no tokenizer folder {str(tokenizer_dir)!r}")
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -91,8 +72,8 @@ def load_transformers_clip(
             raise ValueError(
                 f"`{what}` {str(root)!r} holds no CLIP image encoder (no CLIPModel config, no image_encoder/ folder)"
             )
-        image_encoder = _load(CLIPVisionModelWithProjection, image_dir, what, "image encoder")
-        mean, std = _pixel_statistics(pixels_dir)
+        image_encoder = load_clip_tower(CLIPVisionModelWithProjection, image_dir, what, "image encoder")
+        mean, std = pixel_statistics(pixels_dir)
     # The identity of the folder, whichever towers this caller loads: each tower folder's hash
     for folder in dict.fromkeys((text_dir, image_dir)):
         if (folder / "config.json").is_file():

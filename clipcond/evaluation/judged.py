@@ -318,7 +318,7 @@ def load_clip_and_reference(
     input size (`load_reference_images`): (clip_run, uint8 (N, 3, R, R), the unreadable files)."""
     from clipcond.models.clip import load_clip
 
-    clip_run = load_clip(clip_path, device=device)
+    clip_run = load_clip(clip_path, device=device, what="--clip")
     reference, unreadable = load_reference_images(
         str(data), split, clip_run.image_size, allow_outside_paths=allow_outside_paths
     )

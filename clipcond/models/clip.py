@@ -9,9 +9,11 @@ normalisation for uint8 batches, and feature functions that work across transfor
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
+from clipcond.hub import local_files_only, resolve_folder
 from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
 from clipcond.runs import check_finished
 from clipcond.tokenizer import load_tokenizer
@@ -157,22 +160,22 @@ def load_clip(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    what: str = "--model",
 ) -> ClipRun:
     """Load a CLIP folder written by `clipcond train clip` (or any transformers CLIPModel folder), in eval mode;
-    `progress=False` hides transformers' "Loading weights" bar (noise before a command's own output)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"CLIP folder {path!r} does not exist")
-    check_finished(path, "the CLIP folder")
+    `progress=False` hides transformers' "Loading weights" bar (noise before a command's own output). `path` may be a
+    Hugging Face Hub id (see `clipcond.hub`); errors name the argument `what`."""
+    path = os.fspath(
+        resolve_folder(path, what, "pass a CLIPModel folder, e.g. the output folder of `clipcond train clip`")
+    )
+    check_finished(path, f"`{what}`")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`")
-    with contextlib.nullcontext() if progress else _no_loading_bar():
-        model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device).eval()
+    with contextlib.nullcontext() if progress else _no_loading_bar(), load_report(what, path):
+        model = CLIPModel.from_pretrained(path, local_files_only=local_files_only(), torch_dtype=dtype)
+    model = model.to(device).eval()
     tokenizer = load_tokenizer(path)
-    mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    mean, std = pixel_statistics(path)
     return ClipRun(model=model, tokenizer=tokenizer, image_mean=mean, image_std=std, path=path)
 
 
@@ -195,34 +198,89 @@ def _no_loading_bar():
 CLIP_MODEL_TYPES = ("clip", "clip_text_model", "clip_vision_model")
 
 
-class _DropLoadReport(logging.Filter):
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _HoldLoadReport(logging.Filter):
+    """Takes transformers' load report off the log and keeps its text (colours removed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reports: list[str] = []
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        self.reports.append(_ANSI_ESCAPE.sub("", message))
+        return False
 
 
 @contextmanager
-def quiet_load_report():
-    """Silence transformers' table of unexpected weights while loading one tower of a CLIPModel folder.
+def load_report(what: str, path: str | os.PathLike):
+    """Hold transformers' load report for a `from_pretrained` in the block, and put it in the error if the load fails.
 
-    A text-only (or vision-only) load reports the other tower's weights as unexpected, in a long table; the loaders
-    below check the one thing that matters themselves: that no weight of the tower they load is missing.
+    A text-only (or vision-only) load of a `CLIPModel` folder reports the other tower's weights as unexpected, in a
+    long table that is noise on success: the callers check the one thing that matters themselves (that no weight of
+    the tower they load is missing). When the load fails (weights of another size, a missing file), transformers
+    raises an error that points at "the above report"; the `ValueError` raised here names `what` and `path` and
+    carries that report.
     """
     report_logger = logging.getLogger("transformers.modeling_utils")
-    report_filter = _DropLoadReport()
-    report_logger.addFilter(report_filter)
+    hold = _HoldLoadReport()
+    report_logger.addFilter(hold)
+    level = report_logger.level
+    if not report_logger.isEnabledFor(logging.WARNING):  # the report is a warning: make sure it is written
+        report_logger.setLevel(logging.WARNING)
     try:
         yield
+    except (RuntimeError, OSError) as err:
+        report = "\n".join(hold.reports)
+        raise ValueError(
+            f"`{what}` {os.fspath(path)!r}: transformers cannot load it ({err})" + (f"\n{report}" if report else "")
+        ) from err
     finally:
-        report_logger.removeFilter(report_filter)
+        report_logger.removeFilter(hold)
+        report_logger.setLevel(level)
+
+
+def tower_config(path: str | os.PathLike, cls):
+    """The config for loading the tower class `cls` (a CLIP text or vision model) from the folder `path`, as
+    `CLIPModel` builds its towers: from a `CLIPModel` folder, the tower's sub-config with the top-level
+    `projection_dim` (a sub-config may leave its own at the default, which `CLIPModel` never reads); None (the
+    folder's own config) for a folder of the tower alone."""
+    config_file = Path(path, "config.json")
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("model_type") != "clip":
+        return None
+    config = CLIPConfig.from_pretrained(path)
+    sub = config.text_config if cls.config_class.model_type == "clip_text_model" else config.vision_config
+    sub = copy.deepcopy(sub)
+    sub.projection_dim = config.projection_dim
+    return sub
+
+
+def load_clip_tower(cls, path: str | os.PathLike, what: str, tower: str, hint: str = ""):
+    """The tower `cls` (`CLIPTextModel`, `CLIPTextModelWithProjection` or `CLIPVisionModelWithProjection`) of the
+    CLIP folder `path`, frozen (eval mode, no gradients); errors name the argument `what`, the folder and `tower`."""
+    config = tower_config(path, cls)
+    kwargs = {} if config is None else {"config": config}
+    with load_report(what, path):
+        model, info = cls.from_pretrained(
+            path, local_files_only=local_files_only(), output_loading_info=True, **kwargs
+        )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"`{what}` {os.fspath(path)!r} lacks {len(missing)} weights of the {tower} (e.g. {missing[:3]})"
+            + (f"; {hint}" if hint else "")
+        )
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def check_clip_folder(path: str | os.PathLike, what: str = "--clip", model_types=CLIP_MODEL_TYPES) -> Path:
     """`path` as a Path after checking that it is a CLIP model folder; errors name the argument `what`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"`{what}` folder {str(path)!r} does not exist; pass the output folder of `clipcond train clip`"
-        )
+    path = resolve_folder(path, what, "pass the output folder of `clipcond train clip`")
     check_finished(path, f"`{what}`")
     config_file = path / "config.json"
     try:
@@ -238,31 +296,18 @@ def check_clip_folder(path: str | os.PathLike, what: str = "--clip", model_types
     return path
 
 
-def _frozen(model, path: Path, what: str, info: dict, tower: str):
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(
-            f"`{what}` {str(path)!r} lacks {len(missing)} weights of the {tower} (e.g. {missing[:3]}); "
-            "pass a complete CLIP run folder"
-        )
-    model.requires_grad_(False)
-    return model.eval()
-
-
 def load_text_tower(path: str | os.PathLike, what: str = "--clip"):
     """The frozen text encoder of a CLIP run: `CLIPTextModelWithProjection` (eval, no gradients) and its tokenizer."""
     from transformers import CLIPTextModelWithProjection
 
     path = check_clip_folder(path, what, ("clip", "clip_text_model"))
+    hint = "pass a complete CLIP run folder"
+    text_encoder = load_clip_tower(CLIPTextModelWithProjection, path, what, "text encoder", hint)
     try:
-        with quiet_load_report():
-            text_encoder, info = CLIPTextModelWithProjection.from_pretrained(
-                path, local_files_only=True, output_loading_info=True
-            )
         tokenizer = load_tokenizer(path)
     except OSError as err:
-        raise ValueError(f"`{what}` {str(path)!r}: cannot load its text encoder and tokenizer ({err})") from None
-    return _frozen(text_encoder, path, what, info, "text encoder"), tokenizer
+        raise ValueError(f"`{what}` {str(path)!r}: cannot load its tokenizer ({err})") from None
+    return text_encoder, tokenizer
 
 
 def load_vision_tower(path: str | os.PathLike, what: str = "--clip"):
@@ -275,15 +320,18 @@ def load_vision_tower(path: str | os.PathLike, what: str = "--clip"):
     from transformers import CLIPVisionModelWithProjection
 
     path = check_clip_folder(path, what, ("clip", "clip_vision_model"))
+    hint = "pass a complete CLIP run folder"
+    vision_model = load_clip_tower(CLIPVisionModelWithProjection, path, what, "image encoder", hint)
+    mean, std = pixel_statistics(path)
+    return vision_model, mean, std
+
+
+def pixel_statistics(folder: str | os.PathLike) -> tuple[tuple, tuple]:
+    """(image_mean, image_std) from the folder's `preprocessor_config.json`, OpenAI's without one."""
+    if not Path(folder, "preprocessor_config.json").is_file():
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     try:
-        with quiet_load_report():
-            vision_model, info = CLIPVisionModelWithProjection.from_pretrained(
-                path, local_files_only=True, output_loading_info=True
-            )
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        if (path / "preprocessor_config.json").is_file():
-            processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=local_files_only())
     except OSError as err:
-        raise ValueError(f"`{what}` {str(path)!r}: cannot load its image encoder ({err})") from None
-    return _frozen(vision_model, path, what, info, "image encoder"), mean, std
+        raise ValueError(f"{os.fspath(folder)!r}: cannot read its preprocessor_config.json ({err})") from None
+    return tuple(processor.image_mean), tuple(processor.image_std)
