@@ -45,6 +45,7 @@ from clipcond.demo_report import dalle2_table, summary_line, write_report
 from clipcond.device import resolve_device
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
+from clipcond.hub import local_files_only
 from clipcond.runlock import run_folder_lock
 from clipcond.runs import RunRecord
 from clipcond.storage import check_output_dir, write_json_atomic
@@ -544,7 +545,9 @@ def _stage_unclip_eval(
     judge = _judge(args, info, out.parent / "judge", device)
     clip_run, reference, unreadable = load_clip_and_reference(clip_dir, data_dir, "test", device)
     dtype = {dtype_keyword(): resolve_dtype(args.sample_dtype, device)}
-    pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=True, **dtype).to(device)
+    pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=local_files_only(), **dtype).to(
+        device
+    )
     pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
     quick = {"sources_per_class": 1, "variations_per_source": 1, "images_per_prompt": 1, "num_inference_steps": 2}
     budget = {

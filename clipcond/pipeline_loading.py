@@ -11,6 +11,7 @@ import json
 import os
 
 from clipcond.device import dtype_keyword, resolve_device, resolve_dtype
+from clipcond.hub import local_files_only, looks_like_path, resolve_folder
 from clipcond.runs import check_finished
 
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
@@ -22,11 +23,19 @@ PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPText
 IMAGE_PIPELINES = ("ImageVariationPipeline", "UnCLIPTextToImagePipeline")
 
 
-def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
-    """The `_class_name` in the model_index.json of a pipeline folder, checking that there is one."""
+def pipeline_folder(model: str | os.PathLike, flag: str = "--model") -> str:
+    """The local folder of a pipeline argument: a path, which must exist, or a Hugging Face Hub id, resolved to its
+    snapshot (see `clipcond.hub`)."""
     model = os.fspath(model)
-    if not os.path.isdir(model):
+    if looks_like_path(model) and not os.path.isdir(model):
         raise FileNotFoundError(f"`{flag}` {model!r} does not exist")
+    return os.fspath(resolve_folder(model, flag, "pass a pipeline folder"))
+
+
+def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
+    """The `_class_name` in the model_index.json of a pipeline folder (or a Hub id's snapshot), checking that there is
+    one."""
+    model = pipeline_folder(model, flag)
     check_finished(model, f"`{flag}`")
     index = os.path.join(model, "model_index.json")
     if not os.path.isfile(index):
@@ -58,7 +67,8 @@ def load_pipeline(
     paired with `prior`). Errors name the command-line flags (`--model`, `--prior`, `--text-encoder`)."""
     from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
 
-    model = os.fspath(model)
+    model = pipeline_folder(model)
+    prior = None if prior is None else pipeline_folder(prior, "--prior")
     class_name = pipeline_class_name(model)
     if text_encoder and (prior is not None or class_name != "TextToImagePipeline"):
         raise ValueError(
@@ -67,7 +77,7 @@ def load_pipeline(
         )
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    load_kwargs = {"local_files_only": True, dtype_keyword(): dtype}
+    load_kwargs = {"local_files_only": local_files_only(), dtype_keyword(): dtype}
     if prior is not None:
         from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
@@ -111,10 +121,12 @@ def load_pipeline(
 
 
 def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
-    """`pipeline_class.from_pretrained(path)` (local files only) on `device` (a torch.device) in `dtype` ("fp32",
+    """`pipeline_class.from_pretrained(path)` (Hub cache only when HF_HUB_OFFLINE is set) on `device` (a torch.device) in `dtype` ("fp32",
     "bf16" or "fp16", as `--dtype`)."""
     torch_dtype = resolve_dtype(dtype, device)
-    pipe = pipeline_class.from_pretrained(path, local_files_only=True, **{dtype_keyword(): torch_dtype}).to(device)
+    pipe = pipeline_class.from_pretrained(
+        path, local_files_only=local_files_only(), **{dtype_keyword(): torch_dtype}
+    ).to(device)
     if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=torch_dtype)
     return pipe

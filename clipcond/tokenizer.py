@@ -63,12 +63,13 @@ def train_tokenizer(
     )
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved with `save_pretrained` (ours, or any transformers CLIP tokenizer) from a local folder."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+def load_tokenizer(path: str | os.PathLike, what: str = "--tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with `save_pretrained` (ours, or any transformers CLIP tokenizer) from a folder or a
+    Hugging Face Hub id (see `clipcond.hub`); errors name the argument `what`."""
+    from clipcond.hub import local_files_only, resolve_folder
+
+    path = os.fspath(resolve_folder(path, what, "pass a tokenizer saved with `save_pretrained`"))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only())
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path!r} has no end-of-text token; CLIP pools at that token")
     if tokenizer.pad_token_id is None:  # OpenAI's CLIP tokenizer pads with the end token

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from clipcond.conditioning import TextEmbeddings, context_length, encode_prompts
+from clipcond.hub import local_files_only
 from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
 
 logger = logging.getLogger(__name__)
@@ -367,18 +368,18 @@ def load_text_to_image(
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     if encoder is None:
-        return TextToImagePipeline.from_pretrained(run, local_files_only=True, **kwargs)
+        return TextToImagePipeline.from_pretrained(run, local_files_only=local_files_only(), **kwargs)
     encoder = load_encoder(encoder, what="encoder")
     check_lineage(run, encoder, allow_encoder_mismatch=allow_encoder_mismatch)
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(Path(run) / "unet", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(Path(run) / "unet", local_files_only=local_files_only())
     check_compatibility(encoder, unet=unet)
     return TextToImagePipeline.from_pretrained(
         run,
         unet=unet,
         text_encoder=encoder.text_encoder,
         tokenizer=encoder.tokenizer,
-        local_files_only=True,
+        local_files_only=local_files_only(),
         **kwargs,
     )

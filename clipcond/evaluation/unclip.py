@@ -43,6 +43,7 @@ from clipcond.evaluation.diversity import distance_to_sources
 from clipcond.evaluation.generation import GenerateFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.finite import finite_float, finite_or_null
+from clipcond.hub import local_files_only
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
@@ -623,7 +624,11 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device, **dtype):
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
     pipe = UnCLIPTextToImagePipeline.from_runs(
-        args.prior, args.decoder, allow_clip_mismatch=args.allow_clip_mismatch, local_files_only=True, **dtype
+        args.prior,
+        args.decoder,
+        allow_clip_mismatch=args.allow_clip_mismatch,
+        local_files_only=local_files_only(),
+        **dtype,
     ).to(device)
     if args.scheduler != "saved":
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
