@@ -48,7 +48,7 @@ from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.models.attention import enable_xformers_if_possible
-from clipcond.models.unet import create_unet
+from clipcond.models.unet import create_unet, load_pretrained_unet
 from clipcond.train.decoder_conditioning import BatchConditioning, ConditioningPlugin
 from clipcond.train.diffusion import (
     DiffusionStage,
@@ -145,6 +145,13 @@ def add_data_args(data: argparse._ArgumentGroup) -> None:
 
 def add_model_args(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--model", default="tiny", help="UNet preset (test, tiny, small, base) or a JSON config file")
+    model.add_argument(
+        "--init-unet",
+        default=None,
+        metavar="PATH",
+        help="start from a pretrained UNet2DConditionModel folder (or a pipeline folder with unet/, or a Hub id) "
+        "instead of --model's preset at random; its sizes must fit the data and the encoder",
+    )
     model.add_argument(
         "--conditioning",
         default="text",
@@ -429,6 +436,7 @@ class BuiltDecoder:
     model: torch.nn.Module
     unet: UNet2DConditionModel
     xformers: bool  # whether xformers attention is on
+    init_folder: str | None = None  # the folder of `--init-unet`'s weights; None: the preset at random
 
     @property
     def num_parameters(self) -> int:
@@ -438,12 +446,18 @@ class BuiltDecoder:
 def build_decoder(
     args: argparse.Namespace, plugin: ConditioningPlugin, resolution: int, accelerator: Accelerator
 ) -> BuiltDecoder:
-    """A UNet of `--model`'s preset, initialised at random, denoising 3-channel pixels at `resolution` and reading
-    the conditioning's inputs; and the module that trains it."""
-    unet = create_unet(plugin.unet_config(sample_size=resolution, in_channels=3))
+    """A UNet of `--model`'s preset, initialised at random (or `--init-unet`'s pretrained one, checked to have the
+    same inputs), denoising 3-channel pixels at `resolution` and reading the conditioning's inputs; and the module
+    that trains it."""
+    config = plugin.unet_config(sample_size=resolution, in_channels=3)
+    init_folder = None
+    if args.init_unet:
+        unet, init_folder = load_pretrained_unet(args.init_unet, config)
+    else:
+        unet = create_unet(config)
     model = plugin.trainable(unet)
     xformers = configure_unet_for_training(unet, args, accelerator.device, accelerator.mixed_precision)
-    decoder = BuiltDecoder(model=model, unet=unet, xformers=xformers)
+    decoder = BuiltDecoder(model=model, unet=unet, xformers=xformers, init_folder=init_folder)
     logger.info(
         "%s decoder %r: %.2f M parameters; %s",
         plugin.kind,
@@ -484,7 +498,8 @@ def run_record(
         **lineage_record(args, plugin.encoder),
         **plugin.record_sections(),
         "unet": {
-            "preset": args.model,
+            "preset": None if decoder.init_folder else args.model,
+            **init_record(args.init_unet, decoder.init_folder),
             "parameters": decoder.num_parameters,
             **plugin.unet_record(decoder.unet),
             "xformers": decoder.xformers,
@@ -492,6 +507,14 @@ def run_record(
         },
         "ema": ema_record(ema),
     }
+
+
+def init_record(argument: str | None, folder: str | None) -> dict:
+    """Where a model's initial weights came from (the `--init-*` argument and the folder it resolved to), for the
+    run record: {} when it started from its preset at random."""
+    if folder is None:
+        return {}
+    return {"init_from": {"path": argument, "content_hash": content_hash(folder)}}
 
 
 # --------------------------------------------------------------------------------------------------- the entry

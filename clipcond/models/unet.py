@@ -75,3 +75,61 @@ def check_encoder_fits(unet: UNet2DConditionModel, encoder_width: int, what: str
             f"(cross_attention_dim={unet.config.cross_attention_dim}, encoder_hid_dim={unet.config.encoder_hid_dim}); "
             "train a new UNet on this encoder, or load the encoder it was trained with"
         )
+
+
+# What a pretrained UNet must share with the one this run would build, and what each field is about.
+UNET_INTERFACE = {
+    "sample_size": "the data's resolution (--resolution)",
+    "in_channels": "the channels of what it denoises",
+    "out_channels": "the channels of what it predicts",
+    "context_width": "the width of the token states it reads (cross_attention_dim, or encoder_hid_dim when set)",
+    "cross_attention": "whether its blocks cross-attend to a context",
+    "class_embed_type": "its class-embedding input (the image or pooled text embedding)",
+    "projection_class_embeddings_input_dim": "the width of that class-embedding input",
+}
+
+
+def unet_interface(config) -> dict:
+    """The fields of a UNet config (a dict or a diffusers `FrozenDict`) in `UNET_INTERFACE`."""
+    blocks = list(config.get("down_block_types") or ()) + list(config.get("up_block_types") or ())
+    return {
+        "sample_size": config.get("sample_size"),
+        "in_channels": config.get("in_channels"),
+        "out_channels": config.get("out_channels"),
+        "context_width": config.get("encoder_hid_dim") or config.get("cross_attention_dim"),
+        "cross_attention": any("CrossAttn" in block for block in blocks),
+        "class_embed_type": config.get("class_embed_type"),
+        "projection_class_embeddings_input_dim": config.get("projection_class_embeddings_input_dim")
+        if config.get("class_embed_type") == "projection"
+        else None,
+    }
+
+
+def load_pretrained_unet(path, expected: dict, what: str = "--init-unet") -> tuple[UNet2DConditionModel, str]:
+    """A `UNet2DConditionModel` folder (or a pipeline folder with `unet/`, Stable Diffusion's layout; or a Hugging
+    Face Hub id, see `clipcond.hub`) to train on from its weights, checked against `expected`, the config of the UNet
+    this run would otherwise build: each field of `UNET_INTERFACE` must agree, else a `ValueError` names `what`, the
+    folder, the field and both values. Returns (UNet, the folder its weights came from)."""
+    import json
+
+    from clipcond.hub import local_files_only, resolve_folder
+
+    root = resolve_folder(path, what, "pass a UNet2DConditionModel folder (Stable Diffusion's unet/)")
+    folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"`{what}` {str(root)!r} holds no config.json (nor unet/config.json); pass a UNet2DConditionModel folder"
+        )
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    if class_name != "UNet2DConditionModel":
+        raise ValueError(f"`{what}` {str(folder)!r} holds a {class_name!r}; expected a UNet2DConditionModel folder")
+    unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=local_files_only())
+    got, want = unet_interface(unet.config), unet_interface(expected)
+    for field, meaning in UNET_INTERFACE.items():
+        if got[field] != want[field]:
+            raise ValueError(
+                f"`{what}` {str(folder)!r} has {field}={got[field]!r}, but this run needs {field}={want[field]!r} "
+                f"({meaning}); pass a UNet that fits, or change the run's options to fit it"
+            )
+    return unet.train(), str(folder)

@@ -134,3 +134,105 @@ def test_hub_helper_errors_offline_and_for_missing_paths(tmp_path, monkeypatch):
         FileNotFoundError, match="`--clip` folder 'someone/no-such-clip' .* Hub id .*HF_HUB_OFFLINE is set"
     ):
         resolve_folder("someone/no-such-clip", "--clip")
+
+
+# ---------------------------------------------------------------------------------------- train decoder --init-unet
+
+DECODER_ARGS = [
+    *("--model", "test", "--train-batch-size", "4", "--lr-warmup-steps", "0", "--max-train-steps", "1"),
+    *("--validation-steps", "0", "--checkpointing-steps", "0"),
+]
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train_decoder(clip, data, out, *extra):
+    from clipcond.train.decoder import main
+
+    try:
+        return main(["--clip", str(clip), "--data", str(data), "--output-dir", str(out), *DECODER_ARGS, *extra])
+    finally:
+        _reset_accelerate()
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pretrained_unet(shapes_data, tiny_clip_run, tmp_path_factory):
+    """A UNet folder that no seed of the preset gives: a short run's UNet with every weight moved by seeded noise,
+    saved in a pipeline-style folder (`ROOT/unet/`)."""
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("init_unet")
+    _train_decoder(tiny_clip_run, shapes_data, root / "run", "--resolution", "16", "--seed", "3")
+    unet = UNet2DConditionModel.from_pretrained(root / "run" / "unet")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    unet.save_pretrained(root / "pretrained" / "unet")
+    return root / "pretrained"
+
+
+def test_init_unet_starts_from_the_given_weights(pretrained_unet, shapes_data, tiny_clip_run, tmp_path):
+    """One step at a learning rate of 1e-12 without EMA: the saved UNet is the given one (a pipeline folder's
+    `unet/`), and the run record names where it came from; without the flag the same run starts elsewhere."""
+    from clipcond.lineage import content_hash
+
+    given = _weights(pretrained_unet / "unet")
+    fast = ["--resolution", "16", "--learning-rate", "1e-12", "--no-ema", "--seed", "0"]
+    _train_decoder(tiny_clip_run, shapes_data, tmp_path / "init", *fast, "--init-unet", str(pretrained_unet))
+    saved = _weights(tmp_path / "init" / "unet")
+    assert saved.keys() == given.keys()
+    for name in given:
+        torch.testing.assert_close(saved[name], given[name], rtol=0, atol=1e-6, msg=name)
+    record = json.loads((tmp_path / "init" / "clipcond_run.json").read_text())
+    assert record["unet"]["preset"] is None
+    init = record["unet"]["init_from"]
+    assert init["path"] == str(pretrained_unet) and init["content_hash"] == content_hash(pretrained_unet / "unet")
+
+    _train_decoder(tiny_clip_run, shapes_data, tmp_path / "fresh", *fast)
+    fresh = _weights(tmp_path / "fresh" / "unet")
+    assert max((fresh[k] - given[k]).abs().max().item() for k in given) > 0.01
+
+
+@pytest.mark.parametrize(
+    "resolution, cross_attention_dim, match",
+    [
+        ("32", None, "has sample_size=16, but this run needs sample_size=32 \\(the data's resolution"),
+        ("16", 8, "has context_width=8, but this run needs context_width=32 \\(the width of the token states"),
+    ],
+)
+def test_init_unet_that_does_not_fit_names_both_sizes(
+    pretrained_unet, shapes_data, tiny_clip_run, tmp_path, resolution, cross_attention_dim, match
+):
+    from diffusers import UNet2DConditionModel
+
+    folder = pretrained_unet / "unet"
+    if cross_attention_dim is not None:  # the same UNet reading 8-wide token states
+        config = dict(UNet2DConditionModel.load_config(folder), cross_attention_dim=cross_attention_dim)
+        UNet2DConditionModel.from_config(config).save_pretrained(tmp_path / "narrow")
+        folder = tmp_path / "narrow"
+    with pytest.raises(ValueError, match=f"`--init-unet` {str(folder)!r} {match}"):
+        _train_decoder(
+            tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", resolution, "--init-unet", str(folder)
+        )
+
+
+def test_init_unet_missing_or_not_a_unet(shapes_data, tiny_clip_run, tmp_path):
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=f"`--init-unet` folder {str(missing)!r} does not exist"):
+        _train_decoder(tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", "16", "--init-unet", str(missing))
+    with pytest.raises(ValueError, match="`--init-unet` .* holds a None; expected a UNet2DConditionModel folder"):
+        _train_decoder(
+            tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", "16", "--init-unet", str(tiny_clip_run)
+        )
