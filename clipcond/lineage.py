@@ -56,3 +56,11 @@ def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, wh
         allow=allow,
         log=logger,
     )
+
+
+def init_record(argument: str | os.PathLike | None, folder: str | os.PathLike | None) -> dict:
+    """Where a model's initial weights came from, for a run record: the `--init-*` argument as given and the content
+    hash of the folder it resolved to; {} when the model started from its preset at random (`folder` None)."""
+    if folder is None:
+        return {}
+    return {"init_from": {"path": os.fspath(argument), "content_hash": content_hash(folder)}}

@@ -46,7 +46,7 @@ from clipcond.data.folders import collate_image_text
 from clipcond.data.open import dataset_options, native_resolution, open_image_text_dataset
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
-from clipcond.lineage import content_hash
+from clipcond.lineage import content_hash, init_record
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import create_unet, load_pretrained_unet
 from clipcond.train.decoder_conditioning import BatchConditioning, ConditioningPlugin
@@ -507,14 +507,6 @@ def run_record(
         },
         "ema": ema_record(ema),
     }
-
-
-def init_record(argument: str | None, folder: str | None) -> dict:
-    """Where a model's initial weights came from (the `--init-*` argument and the folder it resolved to), for the
-    run record: {} when it started from its preset at random."""
-    if folder is None:
-        return {}
-    return {"init_from": {"path": argument, "content_hash": content_hash(folder)}}
 
 
 # --------------------------------------------------------------------------------------------------- the entry

@@ -47,12 +47,13 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder
 from clipcond.help_formatter import HelpFormatter
-from clipcond.lineage import content_hash
+from clipcond.lineage import content_hash, init_record
 from clipcond.models.prior import (
     PriorTextInputs,
     check_prior_fits,
     create_prior,
     embedding_statistics,
+    load_pretrained_prior,
     prior_config,
     prior_text_inputs,
     set_embedding_statistics,
@@ -128,6 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", default="tiny", help="PriorTransformer preset (test, tiny, small, base) or a JSON config file"
+    )
+    model.add_argument(
+        "--init-prior",
+        default=None,
+        metavar="PATH",
+        help="start from a pretrained diffusers PriorTransformer folder (or a prior run, or a Hub id) instead of "
+        "--model's preset at random, keeping its standardisation statistics; its embedding_dim must be the CLIP's "
+        "projection width and its num_embeddings the CLIP's context length",
     )
     diffusion = parser.add_argument_group("diffusion")
     add_noise_schedule_args(diffusion)
@@ -323,20 +332,24 @@ def encode_prior_data(
 
 def build_prior(
     args: argparse.Namespace, encoder: FrozenEncoder, caches: PriorCaches
-) -> tuple[torch.nn.Module, PriorData]:
-    """A prior of `--model`'s preset for the CLIP's widths, standardising with the training images' statistics, and
-    the training targets it learns."""
+) -> tuple[torch.nn.Module, PriorData, str | None]:
+    """A prior of `--model`'s preset for the CLIP's widths, standardising with the training images' statistics (or
+    `--init-prior`'s pretrained prior with its own statistics: its weights were learned in that standardised space),
+    the training targets it learns, and the folder of `--init-prior`'s weights (None without it)."""
     text_encoder, tokenizer = encoder.text_encoder, encoder.tokenizer
-    config = prior_config(
-        args.model,
-        embedding_dim=text_encoder.config.projection_dim,
-        num_embeddings=context_length(text_encoder, tokenizer),
-    )
-    prior = create_prior(config)
-    check_prior_fits(prior, text_encoder, context_length(text_encoder, tokenizer))
+    sizes = {
+        "embedding_dim": text_encoder.config.projection_dim,
+        "num_embeddings": context_length(text_encoder, tokenizer),
+    }
     image_embeds = F.normalize(caches.image.embeddings.float(), dim=-1)  # (N, D)
-    mean, std = embedding_statistics(image_embeds)
-    set_embedding_statistics(prior, mean, std)
+    init_folder = None
+    if args.init_prior:
+        prior, init_folder = load_pretrained_prior(args.init_prior, **sizes)
+    else:
+        prior = create_prior(prior_config(args.model, **sizes))
+        set_embedding_statistics(prior, *embedding_statistics(image_embeds))
+    check_prior_fits(prior, text_encoder, sizes["num_embeddings"])
+    config = prior.config
     data = PriorData(
         targets=standardize(prior, image_embeds),
         text_cache=caches.text,
@@ -346,14 +359,14 @@ def build_prior(
         logger.warning("--gradient-checkpointing is ignored: PriorTransformer does not support it")
     logger.info(
         "prior %r: %.2f M parameters, width %d, %d layers; CLIP embedding width %d, %d text positions",
-        args.model,
+        args.init_prior or args.model,
         trainable_parameters(prior) / 1e6,
         config["num_attention_heads"] * config["attention_head_dim"],
         config["num_layers"],
         config["embedding_dim"],
         config["num_embeddings"],
     )
-    return prior, data
+    return prior, data, init_folder
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -372,7 +385,15 @@ def make_validation(args: argparse.Namespace, validation_set, caches: PriorCache
 
 
 def run_record(
-    args: argparse.Namespace, encoder: FrozenEncoder, *, dataset, caches: PriorCaches, prior, validation, ema
+    args: argparse.Namespace,
+    encoder: FrozenEncoder,
+    *,
+    dataset,
+    caches: PriorCaches,
+    prior,
+    init_folder: str | None,
+    validation,
+    ema,
 ) -> dict:
     """The prior's sections of the run record (after the export: it hashes the saved prior)."""
     config = prior.config
@@ -391,7 +412,8 @@ def run_record(
             "image": {"path": str(caches.image.path), "key": caches.image.key},
         },
         "prior": {
-            "preset": args.model,
+            "preset": None if args.init_prior else args.model,
+            **init_record(args.init_prior, init_folder),
             "parameters": trainable_parameters(prior),
             "embedding_dim": config["embedding_dim"],
             "num_embeddings": config["num_embeddings"],
@@ -421,7 +443,7 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
     encoder.image_encoder.to("cpu")  # not needed any more: the caches hold what training and validation read
 
     # 5. The prior, its standardisation from the training images, the noise schedule, EMA
-    prior, data = build_prior(args, encoder, caches)
+    prior, data, init_folder = build_prior(args, encoder, caches)
     # the prior predicts the unnoised embedding ("sample" prediction, DALL-E 2 sec. 2.1)
     noise_scheduler = make_noise_scheduler(args, prediction_type="sample", clip_sample_range=CLIP_SAMPLE_RANGE)
     ema = make_ema(prior, args, accelerator.device)  # after the statistics: the EMA copies them
@@ -447,7 +469,8 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
     )
 
     # 8. Save the pipeline (EMA weights) and the run record
-    record = {"dataset": dataset, "caches": caches, "prior": prior, "validation": stage.validation}
+    record = {"dataset": dataset, "caches": caches, "prior": prior, "init_folder": init_folder}
+    record["validation"] = stage.validation
     finish_run(
         accelerator, args, stage, result, "clipcond-prior", lambda: run_record(args, encoder, ema=ema, **record)
     )

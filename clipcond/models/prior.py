@@ -173,3 +173,41 @@ def check_prior_fits(prior: PriorTransformer, text_encoder, context_length: int)
             f"the text encoder reads {context_length} tokens, but the prior's num_embeddings is "
             f"{config.num_embeddings}; train a prior on this CLIP, or load the CLIP it was trained with"
         )
+
+
+def load_pretrained_prior(
+    path, *, embedding_dim: int, num_embeddings: int, what: str = "--init-prior"
+) -> tuple[PriorTransformer, str]:
+    """A diffusers `PriorTransformer` folder (or a pipeline folder with `prior/`, as Karlo's; or a Hugging Face Hub
+    id, see `clipcond.hub`) to train on from its weights and its standardisation statistics, checked against the
+    frozen CLIP: `embedding_dim` (the CLIP's projection width) and `num_embeddings` (its text context length) must be
+    the prior's, else a `ValueError` names `what`, the folder and both sizes. Returns (prior, its folder)."""
+    import json
+
+    from clipcond.hub import local_files_only, resolve_folder
+
+    root = resolve_folder(path, what, "pass a PriorTransformer folder (a prior run's prior/)")
+    folder = root / "prior" if (root / "prior" / "config.json").is_file() else root
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"`{what}` {str(root)!r} holds no config.json (nor prior/config.json); pass a PriorTransformer folder"
+        )
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    if class_name != "PriorTransformer":
+        raise ValueError(f"`{what}` {str(folder)!r} holds a {class_name!r}; expected a PriorTransformer folder")
+    prior = PriorTransformer.from_pretrained(folder, local_files_only=local_files_only())
+    config = prior.config
+    if config.embedding_dim != embedding_dim:
+        raise ValueError(
+            f"`{what}` {str(folder)!r} has embedding_dim={config.embedding_dim}, but the CLIP's projection width is "
+            f"{embedding_dim}; pass a prior trained on a CLIP of that width"
+        )
+    if config.num_embeddings != num_embeddings:
+        raise ValueError(
+            f"`{what}` {str(folder)!r} has num_embeddings={config.num_embeddings}, but the CLIP's text encoder reads "
+            f"{num_embeddings} tokens; pass a prior trained on a CLIP of that context length"
+        )
+    prior.clip_mean.requires_grad_(False)  # as `create_prior`: statistics, not weights
+    prior.clip_std.requires_grad_(False)
+    return prior.train(), str(folder)

@@ -236,3 +236,83 @@ def test_init_unet_missing_or_not_a_unet(shapes_data, tiny_clip_run, tmp_path):
         _train_decoder(
             tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", "16", "--init-unet", str(tiny_clip_run)
         )
+
+
+# --------------------------------------------------------------------------------------- train prior --init-prior
+
+PRIOR_ARGS = [
+    *("--model", "test", "--train-batch-size", "8", "--lr-warmup-steps", "0", "--max-train-steps", "1"),
+    *("--validation-steps", "0", "--checkpointing-steps", "0"),
+]
+
+
+def _train_prior(clip, data, out, *extra):
+    from clipcond.train.prior import main
+
+    try:
+        return main(["--clip", str(clip), "--data", str(data), "--output-dir", str(out), *PRIOR_ARGS, *extra])
+    finally:
+        _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def pretrained_prior(shapes_data, tiny_clip_run, tmp_path_factory):
+    """A prior run folder whose prior no seed of the preset gives: weights and statistics moved by seeded noise."""
+    from diffusers import PriorTransformer
+
+    root = tmp_path_factory.mktemp("init_prior")
+    _train_prior(tiny_clip_run, shapes_data, root / "run", "--seed", "3")
+    prior = PriorTransformer.from_pretrained(root / "run" / "prior")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        prior.clip_std.abs_()
+    prior.save_pretrained(root / "pretrained" / "prior")
+    return root / "pretrained"
+
+
+def test_init_prior_starts_from_the_given_weights_and_statistics(
+    pretrained_prior, shapes_data, tiny_clip_run, tmp_path
+):
+    given = _weights(pretrained_prior / "prior")
+    fast = ["--learning-rate", "1e-12", "--no-ema", "--seed", "0"]
+    _train_prior(tiny_clip_run, shapes_data, tmp_path / "init", *fast, "--init-prior", str(pretrained_prior))
+    saved = _weights(tmp_path / "init" / "prior")
+    assert saved.keys() == given.keys() and {"clip_mean", "clip_std"} <= given.keys()
+    for name in given:  # the statistics too: the given weights were learned in their standardised space
+        torch.testing.assert_close(saved[name], given[name], rtol=0, atol=1e-6, msg=name)
+    record = json.loads((tmp_path / "init" / "clipcond_run.json").read_text())
+    assert record["prior"]["preset"] is None and record["prior"]["init_from"]["path"] == str(pretrained_prior)
+
+    _train_prior(tiny_clip_run, shapes_data, tmp_path / "fresh", *fast)
+    fresh = _weights(tmp_path / "fresh" / "prior")
+    assert max((fresh[k] - given[k]).abs().max().item() for k in given) > 0.01
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("embedding_dim", 16, "has embedding_dim=16, but the CLIP's projection width is 32"),
+        ("num_embeddings", 7, "has num_embeddings=7, but the CLIP's text encoder reads 32 tokens"),
+    ],
+)
+def test_init_prior_that_does_not_fit_names_both_sizes(
+    pretrained_prior, shapes_data, tiny_clip_run, tmp_path, field, value, match
+):
+    from diffusers import PriorTransformer
+
+    config = dict(PriorTransformer.load_config(pretrained_prior / "prior"), **{field: value})
+    PriorTransformer.from_config(config).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=f"`--init-prior` {str(tmp_path / 'other')!r} {match}"):
+        _train_prior(tiny_clip_run, shapes_data, tmp_path / "o", "--init-prior", str(tmp_path / "other"))
+
+
+def test_init_prior_missing_or_not_a_prior(pretrained_unet, shapes_data, tiny_clip_run, tmp_path):
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=f"`--init-prior` folder {str(missing)!r} does not exist"):
+        _train_prior(tiny_clip_run, shapes_data, tmp_path / "o", "--init-prior", str(missing))
+    with pytest.raises(
+        ValueError, match="`--init-prior` .* holds a 'UNet2DConditionModel'; expected a PriorTransformer"
+    ):
+        _train_prior(tiny_clip_run, shapes_data, tmp_path / "o", "--init-prior", str(pretrained_unet / "unet"))
