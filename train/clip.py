@@ -38,6 +38,7 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
+from clipcond.models.pretrained_clip import PretrainedClip, load_pretrained_clip
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
 from clipcond.train.loop import (
     Stage,
@@ -101,6 +102,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="CLIP preset (test, tiny, small, base) or a JSON config file")
+    model.add_argument(
+        "--init-from",
+        default=None,
+        metavar="SOURCE",
+        help="start from a pretrained CLIP instead of --model's preset at random: a transformers CLIPModel folder "
+        "(or Hub id; its tokenizer and image statistics come with it) or open_clip:MODEL@WEIGHTS (an open_clip "
+        "architecture name or JSON config and a local weights file, converted; open_clip's tokenizer); "
+        "--resolution, --patch-size and --context-length must then be the model's or unset",
+    )
     model.add_argument("--resolution", type=int, default=None, help="image size (default: the preset's)")
     model.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: the preset's)")
     model.add_argument("--context-length", type=int, default=None, help="text context (default: the preset's)")
@@ -198,7 +208,7 @@ class ClipStage(Stage):
                 lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
             )
             pixels = grayscale_where(pixels, draws < self.grayscale_prob)
-        pixel_values = normalize_pixels(pixels)
+        pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
         if attention_mask is not None:
             attention_mask = to_device(attention_mask, device)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
@@ -240,34 +250,41 @@ def main(argv: list[str] | None = None) -> int:
 def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     output_dir = make_output_dir(accelerator, args)
 
-    # 2. Data
-    dataset, resolution, validation = open_clip_data(args)
+    # 2. A pretrained CLIP to start from (first: a wrong --init-from fails before the data is read)
+    pretrained = load_initial_clip(args) if args.init_from else None
 
-    # 3. Tokenizer and model
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else train_clip_tokenizer(args, dataset)
-    config = clip_config(
-        args.model,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        image_size=resolution,
-        patch_size=args.patch_size,
-        context_length=args.context_length or tokenizer.model_max_length,
-    )
-    clip = CLIPModel(config)
+    # 3. Data
+    dataset, resolution, validation = open_clip_data(args, pretrained.image_size if pretrained else None)
+
+    # 4. Tokenizer and model
+    if pretrained is not None:
+        clip, tokenizer = pretrained.model, pretrained.tokenizer
+        image_processor = image_processor_for(clip.config, pretrained.image_mean, pretrained.image_std)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else train_clip_tokenizer(args, dataset)
+        config = clip_config(
+            args.model,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            image_size=resolution,
+            patch_size=args.patch_size,
+            context_length=args.context_length or tokenizer.model_max_length,
+        )
+        clip = CLIPModel(config)
+        image_processor = image_processor_for(config)
     configure_clip_for_training(clip, args, accelerator.device, accelerator.mixed_precision)
     model = ContrastiveModel(clip, with_bias=args.loss == "siglip")
-    if args.loss == "siglip":
+    if args.loss == "siglip" and pretrained is None:
         with torch.no_grad():  # SigLIP starts at a temperature of 10 (Zhai et al. 2023, sec. 3.2)
             clip.logit_scale.fill_(math.log(10.0))
-    image_processor = image_processor_for(config)
     loss_fn = create_loss(args.loss)
 
-    # 4. Optimizer, schedule; prepare
+    # 5. Optimizer, schedule; prepare
     prepared = prepare_training(accelerator, args, model)
 
-    # 5. Train
+    # 6. Train
     multiple = 8 if args.torch_compile else 1
     stage = ClipStage(
         accelerator,
@@ -282,9 +299,12 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     )
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
 
-    # 6. Save the final model and the run record
+    # 7. Save the final model and the run record
     def record() -> dict:
-        return {"data": data_record(args, len(dataset)), "content_hash": content_hash(output_dir)}
+        sections = {"data": data_record(args, len(dataset)), "content_hash": content_hash(output_dir)}
+        if pretrained is not None:
+            sections["init_from"] = {"path": args.init_from, "content_hash": pretrained.content_hash}
+        return sections
 
     unwrapped = stage.unwrapped
     logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
@@ -295,11 +315,53 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     return 0
 
 
-def open_clip_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, int, tuple | None]:
-    """The training split at `--resolution` (default: the preset's, else the data's), its decoded images kept in
-    memory when they fit; and what validation reads (None when it is off or the split does not exist)."""
+def load_initial_clip(args: argparse.Namespace) -> PretrainedClip:
+    """`--init-from`'s CLIP and its tokenizer (`--tokenizer` when given), checked against the size options: each of
+    `--resolution`, `--patch-size`, `--context-length` must be unset or the model's, and the tokenizer must fit its
+    vocabulary and end token (where the text tower pools); errors name both values."""
+    pretrained = load_pretrained_clip(args.init_from, "--init-from")
+    text, vision = pretrained.model.config.text_config, pretrained.model.config.vision_config
+    for flag, given, field, value in (
+        ("--resolution", args.resolution, "image size", vision.image_size),
+        ("--patch-size", args.patch_size, "patch size", vision.patch_size),
+        ("--context-length", args.context_length, "context length", text.max_position_embeddings),
+    ):
+        if given is not None and given != value:
+            raise ValueError(
+                f"`{flag}` {given} does not fit `--init-from` {args.init_from!r}, whose {field} is {value}; leave "
+                f"`{flag}` unset or pass {value}"
+            )
+    if args.tokenizer:
+        pretrained.tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = pretrained.tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            f"`--init-from` {args.init_from!r} has no tokenizer beside the model; pass the one it was trained with "
+            "as `--tokenizer`"
+        )
+    if len(tokenizer) > text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens, but `--init-from` {args.init_from!r} has a vocabulary of "
+            f"{text.vocab_size}; pass the tokenizer it was trained with"
+        )
+    # transformers pools at the first `eos_token_id`, except for the legacy id 2 (the argmax of the ids)
+    if text.eos_token_id != 2 and tokenizer.eos_token_id != text.eos_token_id:
+        raise ValueError(
+            f"the tokenizer's end token is {tokenizer.eos_token_id}, but `--init-from` {args.init_from!r} pools at "
+            f"{text.eos_token_id}; pass the tokenizer it was trained with"
+        )
+    tokenizer.model_max_length = text.max_position_embeddings
+    return pretrained
+
+
+def open_clip_data(
+    args: argparse.Namespace, model_resolution: int | None = None
+) -> tuple[torch.utils.data.Dataset, int, tuple | None]:
+    """The training split at `--resolution` (default: the pretrained model's `model_resolution`, else the preset's,
+    else the data's), its decoded images kept in memory when they fit; and what validation reads (None when it is
+    off or the split does not exist)."""
     preset = clip_presets().get(args.model)
-    resolution = args.resolution or (preset["vision"]["image_size"] if preset else None)
+    resolution = args.resolution or model_resolution or (preset["vision"]["image_size"] if preset else None)
     dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
     resolution = resolution or native_resolution(dataset)

@@ -197,6 +197,27 @@ def open_clip_model_config(model: str, what: str = "--text-encoder") -> tuple[st
     return name, config
 
 
+def split_open_clip_ref(ref: str, what: str = "--text-encoder") -> tuple[str, str]:
+    """`MODEL@WEIGHTS` (the part after `open_clip:`) -> (MODEL, WEIGHTS), checking that the weights file exists."""
+    model, sep, weights = ref.rpartition("@")
+    if not sep or not model or not weights:
+        raise ValueError(
+            f"`{what}` open_clip:{ref}: expected open_clip:MODEL@WEIGHTS, e.g. open_clip:ViT-B-32@/models/vit-b-32.bin "
+            "(weights from a local file; nothing is downloaded)"
+        )
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"`{what}`: open_clip weights file {weights!r} does not exist")
+    return model, weights
+
+
+def read_open_clip_weights(weights: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A whole open_clip checkpoint (`.safetensors`, or a torch file read with `weights_only=True`) as a state dict."""
+    import_open_clip()
+    from open_clip.factory import load_state_dict
+
+    return load_state_dict(os.fspath(weights), weights_only=True)
+
+
 def _split_state_dict(state_dict: dict) -> tuple[dict, dict]:
     """A whole open_clip CLIP checkpoint -> (text tower's, image tower's) state dicts."""
     text, visual = {}, {}
@@ -231,18 +252,9 @@ def _load_tower(module: torch.nn.Module, state_dict: dict, what: str, name: str,
 def load_open_clip(ref: str, *, what: str = "--text-encoder", text: bool = True, image: bool = False) -> FrozenEncoder:
     """`MODEL@WEIGHTS` -> a frozen `FrozenEncoder` with open_clip's towers (those asked for) and tokenizer."""
     open_clip = import_open_clip()
-    model, sep, weights = ref.rpartition("@")
-    if not sep or not model or not weights:
-        raise ValueError(
-            f"`{what}` open_clip:{ref}: expected open_clip:MODEL@WEIGHTS, e.g. open_clip:ViT-B-32@/models/vit-b-32.bin "
-            "(weights from a local file; nothing is downloaded)"
-        )
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"`{what}`: open_clip weights file {weights!r} does not exist")
+    model, weights = split_open_clip_ref(ref, what)
     name, config = open_clip_model_config(model, what)
-    from open_clip.factory import load_state_dict
-
-    state_dict = load_state_dict(weights, weights_only=True)
+    state_dict = read_open_clip_weights(weights)
     text_state, visual_state = _split_state_dict(state_dict)
     quick_gelu = bool(config.get("quick_gelu", False))
     text_encoder = tokenizer = image_encoder = mean = std = None

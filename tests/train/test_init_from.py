@@ -2,6 +2,7 @@
 `CLIPModel` does, and where model arguments resolve (`clipcond.hub`): tiny seeded models saved locally, offline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +317,110 @@ def test_init_prior_missing_or_not_a_prior(pretrained_unet, shapes_data, tiny_cl
         ValueError, match="`--init-prior` .* holds a 'UNet2DConditionModel'; expected a PriorTransformer"
     ):
         _train_prior(tiny_clip_run, shapes_data, tmp_path / "o", "--init-prior", str(pretrained_unet / "unet"))
+
+
+# ----------------------------------------------------------------------------------------- train clip --init-from
+
+CLIP_ARGS = [
+    *("--train-batch-size", "16", "--lr-warmup-steps", "0", "--max-train-steps", "1", "--seed", "0"),
+    *("--validation-steps", "0", "--checkpointing-steps", "0", "--learning-rate", "1e-12"),
+]
+
+
+def _train_clip(data, out, *extra):
+    from clipcond.train.clip import main
+
+    try:
+        return main(["--data", str(data), "--output-dir", str(out), *CLIP_ARGS, *extra])
+    finally:
+        _reset_accelerate()
+
+
+def test_init_from_a_clipmodel_folder_keeps_its_weights_tokenizer_and_statistics(shapes_data, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor
+
+    from clipcond.encoders.tiny import save_tiny_transformers_clip
+    from clipcond.lineage import content_hash
+    from clipcond.models.clip import load_clip
+
+    source = tmp_path / "source"
+    save_tiny_transformers_clip(source, layout="full", seed=5)
+    processor = CLIPImageProcessor.from_pretrained(source)
+    processor.image_mean, processor.image_std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not OpenAI's: must travel
+    processor.save_pretrained(source)
+    _train_clip(shapes_data, tmp_path / "run", "--init-from", str(source))
+
+    given, saved = load_file(source / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert saved.keys() == given.keys()
+    for name in given:
+        torch.testing.assert_close(saved[name], given[name], rtol=0, atol=1e-6, msg=name)
+    run = load_clip(tmp_path / "run")
+    assert run.image_mean == (0.5, 0.4, 0.3) and run.image_std == (0.2, 0.25, 0.3)
+    source_run = load_clip(source)
+    assert run.tokenizer(PROMPTS)["input_ids"] == source_run.tokenizer(PROMPTS)["input_ids"]
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["init_from"] == {"path": str(source), "content_hash": content_hash(source)}
+
+
+def test_init_from_open_clip_converts_weight_for_weight(shapes_data, tmp_path):
+    """`open_clip:CONFIG@WEIGHTS`: the run (one step at lr 1e-12) embeds text and images as open_clip's own model
+    does, through the saved tokenizer and image statistics."""
+    from clipcond.encoders.open_clip import import_open_clip
+    from clipcond.encoders.tiny import save_tiny_open_clip
+    from clipcond.models.clip import load_clip
+
+    open_clip = import_open_clip()
+    spec = save_tiny_open_clip(tmp_path / "oc", seed=2)
+    _train_clip(shapes_data, tmp_path / "run", "--init-from", spec)
+
+    config_file, weights = spec[len("open_clip:") :].split("@")
+    from safetensors.torch import load_file
+
+    reference = open_clip.model.CLIP(**json.loads(Path(config_file).read_text())).eval()
+    reference.load_state_dict(load_file(weights))
+    run = load_clip(tmp_path / "run")
+    tokens = open_clip.tokenize(PROMPTS, context_length=24)  # open_clip's own tokenizer, padding with 0
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected_text = torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
+        mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+        normalised = (pixels.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        expected_image = torch.nn.functional.normalize(reference.encode_image(normalised), dim=-1)
+    torch.testing.assert_close(run.encode_text(PROMPTS), expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run.encode_images(pixels), expected_image, atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_sizes_that_do_not_fit_name_both(shapes_data, tmp_path):
+    from clipcond.encoders.tiny import save_tiny_transformers_clip
+
+    source = tmp_path / "source"
+    save_tiny_transformers_clip(source, layout="full")
+    for flag, value, field, own in (
+        ("--resolution", "48", "image size", 32),
+        ("--patch-size", "4", "patch size", 8),
+        ("--context-length", "16", "context length", 32),
+    ):
+        match = f"`{flag}` {value} does not fit `--init-from` {str(source)!r}, whose {field} is {own}"
+        with pytest.raises(ValueError, match=match):
+            _train_clip(shapes_data, tmp_path / "o", "--init-from", str(source), flag, value)
+
+
+def test_init_from_missing_sources_and_tokenizer_are_named(shapes_data, tmp_path):
+    from clipcond.encoders.tiny import save_tiny_transformers_clip
+
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=f"`--init-from` folder {str(missing)!r} does not exist"):
+        _train_clip(shapes_data, tmp_path / "o", "--init-from", str(missing))
+    with pytest.raises(FileNotFoundError, match="`--init-from`: open_clip weights file '/no/w.safetensors' does not"):
+        _train_clip(shapes_data, tmp_path / "o", "--init-from", "open_clip:ViT-B-32@/no/w.safetensors")
+    with pytest.raises(ValueError, match="`--init-from` .* is not a CLIP model folder .*model_type 'clip_text_model'"):
+        source = tmp_path / "sd"
+        save_tiny_transformers_clip(source)  # Stable Diffusion's layout: text_encoder/ is a tower, not a CLIPModel
+        _train_clip(shapes_data, tmp_path / "o", "--init-from", str(source / "text_encoder"))
+    bare = tmp_path / "bare"
+    save_tiny_transformers_clip(bare, layout="full")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=f"`--init-from` {str(bare)!r} has no tokenizer .* as `--tokenizer`"):
+        _train_clip(shapes_data, tmp_path / "o", "--init-from", str(bare))
