@@ -206,6 +206,24 @@ def test_init_unet_starts_from_the_given_weights(pretrained_unet, shapes_data, t
     assert max((fresh[k] - given[k]).abs().max().item() for k in given) > 0.01
 
 
+def test_decoder_trains_on_a_clip_folder_with_default_tower_projection(shapes_data, tmp_path):
+    """The regression through the command: `--text-encoder transformers:PATH` on that folder trains, with the
+    folder's own tokenizer, and its pooled width (32, not the sub-config's 512) reaches the UNet."""
+    from clipcond.train.decoder import main
+
+    save_clip_with_default_tower_projection(tmp_path / "clip")
+    argv = ["--text-encoder", f"transformers:{tmp_path / 'clip'}", "--data", str(shapes_data)]
+    argv += ["--output-dir", str(tmp_path / "run"), "--resolution", "16", "--pooled-text", *DECODER_ARGS]
+    try:
+        assert main(argv) == 0
+    finally:
+        _reset_accelerate()
+    unet_config = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())
+    assert unet_config["projection_class_embeddings_input_dim"] == 32 and unet_config["cross_attention_dim"] == 16
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["encoder"]["kind"] == "transformers"
+
+
 @pytest.mark.parametrize(
     "resolution, cross_attention_dim, match",
     [
