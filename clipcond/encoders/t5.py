@@ -52,7 +52,7 @@ def load_t5(path: str | os.PathLike, *, what: str = "--text-encoder") -> FrozenE
         tokenizer.model_max_length = DEFAULT_CONTEXT_LENGTH
     return FrozenEncoder(
         kind="t5",
-        name=os.fspath(root),
+        name=os.fspath(path),  # as given: a Hub id stays an id, not its cache folder
         content_hash=content_hash(model_dir),
         text_encoder=freeze(model),
         tokenizer=tokenizer,

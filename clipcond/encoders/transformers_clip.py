@@ -3,8 +3,10 @@
 PATH is either a full `CLIPModel` folder (config.json with `model_type: clip`, tokenizer files beside it; e.g.
 `openai/clip-vit-base-patch32` saved locally, or a clipcond CLIP run), or a Stable-Diffusion-style folder with
 `text_encoder/` + `tokenizer/` subfolders, optionally `image_encoder/` + `feature_extractor/` (Stable unCLIP's
-layout). A text tower saved as `CLIPTextModel` (Stable Diffusion's, no projection) gives per-token states only; one
-with a projection (`CLIPTextModelWithProjection`, or the text half of a `CLIPModel`) also the pooled embedding.
+layout), or a Hugging Face Hub id of one (`clipcond.hub`). Each tower loads as `CLIPModel` builds it, with the
+top-level `projection_dim`. A text tower saved as `CLIPTextModel` (Stable Diffusion's, no projection) gives per-token
+states only; one with a projection (`CLIPTextModelWithProjection`, or the text half of a `CLIPModel`) also the pooled
+embedding.
 
 The lineage hash covers the tower folders present (`clipcond.lineage.content_hash` of each), whichever are loaded.
 """
@@ -81,7 +83,7 @@ def load_transformers_clip(
     identity = hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
     return FrozenEncoder(
         kind="transformers",
-        name=os.fspath(root),
+        name=os.fspath(path),  # as given: a Hub id stays an id, not its cache folder
         content_hash=identity,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
