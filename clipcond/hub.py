@@ -12,7 +12,21 @@ import os
 from pathlib import Path
 
 # Weight formats clipcond never reads (it loads safetensors only), so a Hub download skips them.
-SKIPPED_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.tflite", "*.ot")
+# Diffusers' fp16 and non-EMA variants (`*.fp16.safetensors`) beside the default weights are skipped too.
+SKIPPED_FILES = (
+    "*.fp16.safetensors",
+    "*.non_ema.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.msgpack",
+    "*.h5",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.ot",
+)
 
 
 def local_files_only() -> bool:
@@ -41,6 +55,17 @@ def looks_like_path(ref: str | os.PathLike) -> bool:
     return False
 
 
+def check_local_folder(ref: str | os.PathLike, what: str, hint: str = "") -> bool:
+    """Whether `ref` is a local folder; a `FileNotFoundError` naming `what`, the value and `hint` when it looks like a
+    path but is none. False for a Hub id: checked when it is loaded. No network use: argument checks call it."""
+    text = os.fspath(ref)
+    if not looks_like_path(text):
+        return False
+    if not os.path.isdir(text):
+        raise FileNotFoundError(f"`{what}` folder {text!r} does not exist" + (f"; {hint}" if hint else ""))
+    return True
+
+
 def resolve_folder(ref: str | os.PathLike, what: str, hint: str = "") -> Path:
     """The local folder of `ref` (the value of the argument `what`): `ref` itself when it looks like a path, which
     must then exist (`FileNotFoundError` naming `what`, the value and `hint`), else the snapshot of the Hub id `ref`
@@ -48,9 +73,7 @@ def resolve_folder(ref: str | os.PathLike, what: str, hint: str = "") -> Path:
     safetensors are not downloaded (`SKIPPED_FILES`)."""
     text = os.fspath(ref)
     suffix = f"; {hint}" if hint else ""
-    if looks_like_path(text):
-        if not os.path.isdir(text):
-            raise FileNotFoundError(f"`{what}` folder {text!r} does not exist{suffix}")
+    if check_local_folder(text, what, hint):
         return Path(text)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

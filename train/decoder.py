@@ -46,6 +46,7 @@ from clipcond.data.folders import collate_image_text
 from clipcond.data.open import dataset_options, native_resolution, open_image_text_dataset
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
+from clipcond.hub import check_local_folder
 from clipcond.lineage import content_hash, init_record
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import create_unet, load_pretrained_unet
@@ -243,6 +244,10 @@ def add_image_embedding_args(unclip: argparse._ArgumentGroup) -> None:
 def check_decoder_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
     check_diffusion_args(args, positive=("validation_images_per_prompt", "validation_inference_steps"))
+    if args.init_unet:  # a missing folder fails now, before the encoder runs over the data
+        check_local_folder(
+            args.init_unet, "--init-unet", "pass a UNet2DConditionModel folder (Stable Diffusion's unet/)"
+        )
     if args.snr_gamma is not None and args.snr_gamma < 0:
         raise ValueError(f"`--snr-gamma` must be >= 0 (0: no min-SNR weighting), got {args.snr_gamma}")
     if args.snr_gamma == 0:

@@ -47,6 +47,7 @@ from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder
 from clipcond.help_formatter import HelpFormatter
+from clipcond.hub import check_local_folder
 from clipcond.lineage import content_hash, init_record
 from clipcond.models.prior import (
     PriorTextInputs,
@@ -153,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_prior_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
     check_diffusion_args(args, positive=("validation_max_captions", "validation_inference_steps"))
+    if args.init_prior:  # a missing folder fails now, before CLIP runs over the data
+        check_local_folder(args.init_prior, "--init-prior", "pass a PriorTransformer folder (a prior run's prior/)")
     if args.validation_guidance_scale < 0:
         raise ValueError(f"`--validation-guidance-scale` must be >= 0, got {args.validation_guidance_scale}")
 

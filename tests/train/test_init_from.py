@@ -251,6 +251,7 @@ def test_init_unet_missing_or_not_a_unet(shapes_data, tiny_clip_run, tmp_path):
     missing = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError, match=f"`--init-unet` folder {str(missing)!r} does not exist"):
         _train_decoder(tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", "16", "--init-unet", str(missing))
+    assert not (tmp_path / "o").exists()  # refused with the arguments, before the encoder ran
     with pytest.raises(ValueError, match="`--init-unet` .* holds a None; expected a UNet2DConditionModel folder"):
         _train_decoder(
             tiny_clip_run, shapes_data, tmp_path / "o", "--resolution", "16", "--init-unet", str(tiny_clip_run)
@@ -331,6 +332,7 @@ def test_init_prior_missing_or_not_a_prior(pretrained_unet, shapes_data, tiny_cl
     missing = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError, match=f"`--init-prior` folder {str(missing)!r} does not exist"):
         _train_prior(tiny_clip_run, shapes_data, tmp_path / "o", "--init-prior", str(missing))
+    assert not (tmp_path / "o").exists()  # refused with the arguments, before CLIP ran
     with pytest.raises(
         ValueError, match="`--init-prior` .* holds a 'UNet2DConditionModel'; expected a PriorTransformer"
     ):
