@@ -62,9 +62,22 @@ def test_clip_folder_with_default_tower_projection_loads_as_clipmodel(tmp_path):
     torch.testing.assert_close(image, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_failed_tower_load_carries_the_loader_report(tmp_path):
+@pytest.mark.parametrize("verbosity", ["warning", "error"])
+def test_failed_tower_load_carries_the_loader_report(tmp_path, verbosity):
     """Weights that do not fit the config: the error names the argument and the folder and shows transformers'
-    report (which key, which shapes) instead of pointing at a report that was swallowed."""
+    report (which key, which shapes) instead of pointing at a report that was swallowed, even when transformers'
+    logging is set quieter than its report."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    getattr(hf_logging, f"set_verbosity_{verbosity}")()
+    try:
+        _check_report(tmp_path)
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _check_report(tmp_path):
     save_clip_with_default_tower_projection(tmp_path / "clip")
     config_file = tmp_path / "clip" / "config.json"
     config = json.loads(config_file.read_text())
