@@ -55,6 +55,11 @@ COMMANDS: dict = {
             "judge the DALL-E 2 path: variations, text-to-image through the prior, the prior's cosine",
         ),
     },
+    "export": {
+        "open-clip": Command(
+            "clipcond.export_open_clip", "write a CLIP run's weights for open_clip's `local-dir:` loader"
+        ),
+    },
     "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
     "vary": Command("clipcond.vary", "variations of images with an image-embedding (DALL-E 2) decoder"),
     "interpolate": Command(

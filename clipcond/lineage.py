@@ -1,7 +1,9 @@
 """Which encoder a model was trained on: content hashes of saved model folders.
 
 A decoder or prior records the hash of the CLIP it was conditioned on, so loading it beside another encoder can be
-refused. The hash covers the weights and config files only, not logs, checkpoints or evaluation output.
+refused. The hash covers the weights and config files only, not logs, checkpoints or evaluation output, nor the
+copies of the weights in other libraries' layouts (`open_clip_model.safetensors`): exporting a run for open_clip,
+at the end of training or later (`clipcond export open-clip`), leaves its identity as it was.
 """
 
 from __future__ import annotations
@@ -11,21 +13,26 @@ import logging
 import os
 from pathlib import Path
 
+from clipcond.models.open_clip_export import OPEN_CLIP_FILES
 from clipcond.runs import check_same_encoder
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_NAMES = ("config.json",)
+DERIVED_NAMES = OPEN_CLIP_FILES  # the same weights in another layout: not part of a model's identity
 
 
 def content_hash(folder: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    """SHA-256 over the config and weight files at the top of `folder` (sorted by name), as hex."""
+    """SHA-256 over the config and weight files at the top of `folder` (sorted by name, `DERIVED_NAMES` left out),
+    as hex."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
     files = sorted(
-        p for p in folder.iterdir() if p.is_file() and (p.name in CONFIG_NAMES or p.suffix in WEIGHT_SUFFIXES)
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.name in CONFIG_NAMES or p.suffix in WEIGHT_SUFFIXES) and p.name not in DERIVED_NAMES
     )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise FileNotFoundError(f"model folder {str(folder)!r} holds no weight files (*.safetensors, *.bin)")

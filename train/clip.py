@@ -4,7 +4,8 @@
     accelerate launch -m clipcond.train.clip --data shapes/ --output-dir runs/clip   # N processes, same code
 
 The run folder is a `save_pretrained` CLIP (config.json, model.safetensors, tokenizer, preprocessor_config.json)
-that `CLIPModel`, `CLIPTextModelWithProjection` and `CLIPVisionModelWithProjection` load as is, plus
+that `CLIPModel`, `CLIPTextModelWithProjection` and `CLIPVisionModelWithProjection` load as is, the same weights for
+`open_clip.create_model_and_transforms("local-dir:RUN")` (open_clip_config.json, open_clip_model.safetensors), plus
 `clipcond_run.json` (arguments, data, summary, content hash), `checkpoints/`, `logs/` and `eval/`.
 """
 
@@ -38,6 +39,7 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
+from clipcond.models.open_clip_export import export_open_clip
 from clipcond.models.pretrained_clip import PretrainedClip, load_pretrained_clip
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
 from clipcond.train.loop import (
@@ -167,6 +169,7 @@ class ClipStage(Stage):
         validation=None,
         grayscale_prob=0.0,
         length_multiple: int = 1,
+        output_dir: Path | None = None,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -176,6 +179,7 @@ class ClipStage(Stage):
         self.validation = validation  # (dataset, held_out, max_images) or None
         self.grayscale_prob = grayscale_prob
         self.length_multiple = length_multiple  # 8 for a compiled model: a few shapes, not one per caption length
+        self.output_dir = output_dir  # where the run's tokenizer ends up: named in open_clip_config.json
         # Tokenise every caption once; a batch gathers its rows by dataset index.
         context = self.unwrapped.clip.config.text_config.max_position_embeddings
         tokens = tokenizer(
@@ -238,9 +242,20 @@ class ClipStage(Stage):
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def export(self, path: Path):
-        self.unwrapped.clip.save_pretrained(path, safe_serialization=True)
+        """The model as transformers saves it (config.json, model.safetensors, tokenizer, preprocessor_config.json)
+        and the same weights in open_clip's `local-dir:` layout beside it (`clipcond.models.open_clip_export`)."""
+        unwrapped = self.unwrapped
+        unwrapped.clip.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+        export_open_clip(
+            unwrapped.clip,
+            path,
+            image_mean=self.image_processor.image_mean,
+            image_std=self.image_processor.image_std,
+            tokenizer_name=str(Path(self.output_dir or path).absolute()),
+            logit_bias=unwrapped.logit_bias.item() if unwrapped.logit_bias is not None else None,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +311,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         validation,
         args.grayscale_prob,
         multiple,
+        output_dir=output_dir,
     )
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
 
