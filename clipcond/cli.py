@@ -45,7 +45,7 @@ COMMANDS: dict = {
         "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
         "generation": Command(
             "clipcond.evaluation.generation",
-            "judge what a text-to-image run draws on the shapes data: attribute accuracy, CLIP score, FD",
+            "what a text-to-image run draws: judged on the shapes data; CLIP score, FD, grids on any data",
         ),
         "prior": Command(
             "clipcond.evaluation.prior", "cosine of a prior's image embeddings to the true ones, beside baselines"

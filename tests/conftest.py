@@ -108,3 +108,25 @@ def judge(judge_cache, judge_config):
     from clipcond.evaluation.judge import load_or_train_judge
 
     return load_or_train_judge(32, cache_dir=judge_cache, config=judge_config)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tiny_clip_run, tmp_path_factory):
+    """A random `test`-preset UNet on the tiny CLIP's text encoder, saved as the decoder training saves a run."""
+    import json
+
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    from clipcond.models.unet import create_unet, unet_config
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run, local_files_only=True)
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=32, cross_attention_dim=text_encoder.config.hidden_size))
+    pipe = TextToImagePipeline(unet=unet, scheduler=DDPMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
+    path = tmp_path_factory.mktemp("decoder_run")
+    pipe.save_pretrained(path)
+    (path / "clipcond_run.json").write_text(json.dumps({"clip": {"path": str(tiny_clip_run)}}))
+    return path

@@ -1,6 +1,12 @@
-"""`clipcond eval generation`: does a generator draw what it is asked for? Judged on the shapes data.
+"""`clipcond eval generation`: does a generator draw what it is asked for? Judged on the shapes data; measured in
+the CLIP's space on any other captioned data.
 
     clipcond eval generation --model runs/decoder --data data/shapes [--num-images-per-prompt 8] [--guidance-scales 1,3]
+    clipcond eval generation --model runs/decoder --data my_images/ [--split test] [--max-prompts 64]
+
+On data other than the shapes (no dataset_info.json), `evaluate_captioned` prompts with the captions of `--split`
+and reports CLIP score, the Fréchet distance in the CLIP's image space to the real images of those captions and a
+grid of real beside drawn images (`clipcond.evaluation.captioned`). On the shapes data:
 
 For every one-object colour-shape class of the data ("a red circle", ...) it generates `--num-images-per-prompt`
 images, each from its own seeded generator, at each guidance scale, and reports:
@@ -45,9 +51,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipcond.data.shapes import class_names, parse_held_out, render_scene, sample_scene
+from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
 from clipcond.device import DTYPES, dtype_name, resolve_device, resolve_dtype
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
+from clipcond.evaluation.captioned import DEFAULT_MAX_PROMPTS, caption_grid, clip_score
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.frechet import frechet_distance, frechet_distance_from_stats  # noqa: F401 (public here)
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores, load_or_train_judge
@@ -69,7 +76,6 @@ from clipcond.evaluation.judged import (
     outcome_figures,
     per_class_table,
     resolve_clip_path,
-    shapes_info,
 )
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import load_pretrained, scheduler_name
@@ -96,11 +102,14 @@ HEADLINE_KEYS = ("guidance_scale", *GROUP_KEYS[:-1], "fd_clip_floor")
 
 
 # The command's description in `--help`.
-DESCRIPTION = """Judge a text-to-image run on the shapes data: generate images for every one-object colour-shape prompt
-('a red circle', ...) with fixed seeds at guidance 1 and the default guidance, and report colour, shape and
+DESCRIPTION = """Evaluate a text-to-image run. On the shapes data: generate images for every one-object colour-shape
+prompt ('a red circle', ...) with fixed seeds at guidance 1 and the default guidance, and report colour, shape and
 both-correct accuracy (by an attribute classifier trained on ground-truth renders) for seen and held-out compositions,
-CLIP score under the trained CLIP, and a Fréchet distance on CLIP image features against the test split. Prints one
-JSON object and writes it, labelled grids and the images to --output-dir.
+CLIP score under the trained CLIP, and a Fréchet distance on CLIP image features against the test split. On any other
+image-caption data (no dataset_info.json): prompt with up to --max-prompts distinct captions of --split and report
+CLIP score (100 x max(cos, 0)) beside the real images' own, and the Fréchet distance in the CLIP's image space to the
+real images of those captions, with a grid of each caption's real image beside what was drawn. Prints one JSON
+object and writes it, the grids and the images to --output-dir.
 """
 
 
@@ -308,16 +317,34 @@ def _fixed_figures(plan: _Plan, judge: AttributeJudge, clip_run, reference_image
     return fixed
 
 
-def _generate_all(generate: GenerateFn, plan: _Plan, guidance_scale: float, bar) -> torch.Tensor:
-    """Images uint8 (N, 3, H, W) of the plan's jobs, in batches, checked."""
+def draw_prompts(
+    generate: GenerateFn,
+    prompts: list[str],
+    per_prompt: int,
+    guidance_scale: float,
+    *,
+    seed: int,
+    batch_size: int,
+    bar,
+) -> torch.Tensor:
+    """Images uint8 (len(prompts) * per_prompt, 3, H, W), prompt by prompt, image k of a prompt drawn from a
+    generator seeded `image_seed(seed, prompt, k)`; in batches of `batch_size`, each checked."""
+    jobs = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
     return draw_seeded(
-        lambda batch, generators: generate([plan.prompts[p] for p, _ in batch], guidance_scale, generators),
-        plan.jobs,
-        lambda job: image_seed(plan.seed, plan.prompts[job[0]], job[1]),
-        plan.batch_size,
+        lambda batch, generators: generate([prompts[p] for p, _ in batch], guidance_scale, generators),
+        jobs,
+        lambda job: image_seed(seed, prompts[job[0]], job[1]),
+        batch_size,
         bar,
         "the generator",
         lambda n: f"{n} prompts",
+    )
+
+
+def _generate_all(generate: GenerateFn, plan: _Plan, guidance_scale: float, bar) -> torch.Tensor:
+    """Images uint8 (N, 3, H, W) of the plan's jobs (`plan.jobs` is `draw_prompts`' order), in batches, checked."""
+    return draw_prompts(
+        generate, plan.prompts, plan.per_prompt, guidance_scale, seed=plan.seed, batch_size=plan.batch_size, bar=bar
     )
 
 
@@ -476,6 +503,154 @@ def evaluate_generation(
     return metrics
 
 
+# ---------------------------------------------------------------- any captioned data
+
+# The figures of one guidance scale on captioned data, in the order printed.
+CAPTIONED_KEYS = ("clip_score", "clip_cosine", "fd_clip", "num_images", "generation_seconds")
+# The top level of the printed JSON on captioned data; then "guidance" and "settings".
+CAPTIONED_HEADLINE_KEYS = (
+    "guidance_scale",
+    "clip_score",
+    "clip_score_real",
+    "clip_cosine",
+    "fd_clip",
+    "fd_clip_floor",
+    "num_images",
+)
+
+
+def evaluate_captioned(
+    pipe,
+    *,
+    prompts: Sequence[str],
+    real_images: torch.Tensor,
+    clip_run,
+    floor_images: torch.Tensor | None = None,
+    num_images_per_prompt: int = 1,
+    guidance_scales: Sequence[float] = (1.0, DEFAULT_GUIDANCE_SCALE),
+    guidance_scale: float | None = None,
+    num_inference_steps: int = 25,
+    scheduler: str | None = "dpm",
+    seed: int = 0,
+    batch_size: int = 32,
+    output_dir: str | os.PathLike | None = None,
+    extra_settings: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Generate images for a data set's captions at every guidance scale and measure them in the CLIP's space
+    (`clipcond.evaluation.captioned`): CLIP score, its raw cosine, and the Fréchet distance to the real images.
+
+    Args:
+        pipe: as in `evaluate_generation`: a diffusers text-to-image pipeline or a `generate` callable.
+        prompts: the captions (`clipcond.evaluation.captioned.load_caption_set`), one prompt each.
+        real_images: uint8 (P, 3, H, W), image p is the real image of prompts[p]: the FD reference, and the
+            real images' CLIP score (`clip_score_real`) is the level of the data itself.
+        clip_run: the `ClipRun` whose space the figures are in (the one the decoder was trained on).
+        floor_images: uint8 real images of another split (e.g. train), for `fd_clip_floor`, their FD to the
+            reference; None: not measured.
+        num_images_per_prompt, guidance_scales, guidance_scale, num_inference_steps, scheduler, seed, batch_size,
+            output_dir, extra_settings, progress: as in `evaluate_generation`.
+
+    Returns:
+        `{CAPTIONED_HEADLINE_KEYS at guidance_scale..., "guidance": {"<scale>": {CAPTIONED_KEYS...}},
+        "settings": {...}}`. `output_dir` receives metrics.json, prompts.json, grid_guidance_<g>.png (a row per
+        caption: the real image, then the drawn ones) and images/guidance_<g>/prompt_<p>_<k>.png.
+    """
+    start = time.perf_counter()
+    # 1. check inputs
+    scales, headline = _check_scales(guidance_scales, guidance_scale)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"`prompts` must be a non-empty list of captions, got {prompts[:3]!r}")
+    check_counts(num_images_per_prompt=num_images_per_prompt, batch_size=batch_size)
+    is_pipeline = _check_generator(pipe, real_images)
+    if real_images.shape[0] != len(prompts):
+        raise ValueError(f"`real_images` holds {real_images.shape[0]} images for {len(prompts)} prompts")
+    if clip_run is None:
+        raise ValueError("`clip_run` is required: every figure on captioned data is in the CLIP's space")
+    # 2. the prompts' and the real images' features
+    text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
+    real_features = clip_image_features(clip_run, real_images, batch_size)  # (P, D)
+    clip_score_real = clip_score(real_features, text_features).mean().item()
+    fd_floor = None
+    if floor_images is not None:
+        fd_floor = frechet_distance(clip_image_features(clip_run, floor_images, batch_size), real_features)
+    # 3. generate and measure at every guidance scale
+    prompt_of_image = torch.arange(len(prompts)).repeat_interleave(num_images_per_prompt)  # (N,)
+    generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
+    results, images, scores = {}, {}, {}
+    total = len(prompt_of_image) * len(scales)
+    with (
+        _prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext(),
+        tqdm(total=total, desc="generating", unit="img", disable=not progress, leave=False) as bar,
+    ):
+        for g in scales:
+            key = _scale_key(g)
+            began = time.perf_counter()
+            drawn = draw_prompts(
+                generate, prompts, num_images_per_prompt, g, seed=seed, batch_size=batch_size, bar=bar
+            )
+            seconds = time.perf_counter() - began
+            features = clip_image_features(clip_run, drawn, batch_size)  # (N, D)
+            paired_text = text_features[prompt_of_image]
+            scores[key] = clip_score(features, paired_text)
+            fd = frechet_distance(features, real_features) if len(drawn) >= 2 else None
+            results[key] = {
+                "clip_score": scores[key].mean().item(),
+                "clip_cosine": (features.double() * paired_text.double()).sum(dim=-1).mean().item(),
+                "fd_clip": fd,
+                "num_images": len(drawn),
+                "generation_seconds": round(seconds, 2),
+            }
+            images[key] = drawn
+    # 4. assemble: the headline figures first, then every scale and the settings
+    top = results[_scale_key(headline)]
+    figures = {"guidance_scale": headline, **top, "clip_score_real": clip_score_real, "fd_clip_floor": fd_floor}
+    metrics = {key: figures[key] for key in CAPTIONED_HEADLINE_KEYS}
+    metrics["guidance"] = results
+    metrics["settings"] = {
+        "num_prompts": len(prompts),
+        "num_images_per_prompt": num_images_per_prompt,
+        "guidance_scales": scales,
+        **_pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
+        "seed": seed,
+        "clip": str(clip_run.path),
+        "clip_score": "100 * max(cos, 0) (torchmetrics' CLIPScore; Hessel et al. 2021)",
+        "num_floor_images": None if floor_images is None else int(floor_images.shape[0]),
+        **(extra_settings or {}),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if output_dir is not None:
+        write_captioned_outputs(metrics, prompts, real_images, images, scores, num_images_per_prompt, output_dir)
+    return metrics
+
+
+def write_captioned_outputs(
+    metrics: dict,
+    prompts: list[str],
+    real_images: torch.Tensor,
+    images: dict[str, torch.Tensor],
+    scores: dict[str, torch.Tensor],
+    num_images_per_prompt: int,
+    output_dir: str | os.PathLike,
+) -> None:
+    """metrics.json, prompts.json (prompt p is the p-th), and per guidance scale g: grid_guidance_<g>.png (a row per
+    caption, `caption_grid`) and images/guidance_<g>/prompt_<p>_<k>.png (named by index: captions make poor file
+    names)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for key, drawn in images.items():
+        folder = output_dir / "images" / f"guidance_{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(drawn):
+            p, k = divmod(i, num_images_per_prompt)
+            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(folder / f"prompt_{p:04d}_{k}.png")
+        grid = caption_grid(prompts, real_images, drawn, scores[key])
+        grid.save(output_dir / f"grid_guidance_{key}.png", format="PNG")
+    write_json_atomic(output_dir / "prompts.json", prompts)
+    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
+
+
 # ---------------------------------------------------------------- outputs
 
 
@@ -563,9 +738,7 @@ def _parse_scales(text: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = eval_parser(
-        "clipcond eval generation", DESCRIPTION, model="pipeline folder (`clipcond train decoder`)", shapes=True
-    )
+    parser = eval_parser("clipcond eval generation", DESCRIPTION, model="pipeline folder (`clipcond train decoder`)")
     parser.add_argument(
         "--clip", metavar="PATH", help="CLIP run for CLIP score and FD (default: RUN/clipcond_run.json clip.path)"
     )
@@ -574,8 +747,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="evaluate with a --clip other than the one the decoder was trained on (recorded in the metrics)",
     )
-    parser.add_argument("--split", default="test", help="split whose single-object images are the FD reference")
-    parser.add_argument("--num-images-per-prompt", type=int, default=8, help="images per prompt (default 8)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="split whose images are the FD reference (the shapes data: its single-object images; other data: the "
+        "images of the captions used as prompts)",
+    )
+    parser.add_argument(
+        "--num-images-per-prompt",
+        type=int,
+        default=None,
+        help="images per prompt (default 8 on the shapes data, 1 on other data)",
+    )
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=DEFAULT_MAX_PROMPTS,
+        help=f"other data: distinct captions of --split drawn as prompts (default {DEFAULT_MAX_PROMPTS})",
+    )
     parser.add_argument(
         "--prompt-template",
         default=DEFAULT_PROMPT_TEMPLATE,
@@ -632,9 +821,11 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"`--data` {args.data!r} does not exist")
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"
     check_output_dir(output_dir)
-    info = shapes_info(args.data)
+    info = load_dataset_info(args.data)  # the shapes data's; None for other data
+    if args.num_images_per_prompt is None:
+        args.num_images_per_prompt = 8 if info is not None else 1
     scales, headline = _guidance_scales(args)
-    check_at_least(args, 1, "num_images_per_prompt", "batch_size")
+    check_at_least(args, 1, "num_images_per_prompt", "batch_size", "max_prompts")
     _check_template(args.prompt_template)
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     check_scheduler(args.scheduler)
@@ -646,43 +837,77 @@ def main(argv: list[str] | None = None) -> int:
     mismatch = check_evaluation_clip(clip_path, clip_hash, what="the decoder", allow=args.allow_clip_mismatch)
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
+    common = {
+        "num_images_per_prompt": args.num_images_per_prompt,
+        "guidance_scales": scales,
+        "guidance_scale": headline,
+        "num_inference_steps": args.num_inference_steps,
+        "scheduler": scheduler,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "output_dir": output_dir,
+        "progress": not args.no_progress,
+    }
+    settings = {"model": str(run), "data": str(args.data), "reference_split": args.split, "clip_mismatch": mismatch}
 
-    # 2. load the judge, the CLIP, the reference images and the pipeline
-    judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
-    check_palette(info, judge)
-    clip_run, reference, unreadable = load_clip_and_reference(
-        clip_path, args.data, args.split, device, allow_outside_paths=args.allow_outside_paths
-    )
-    pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
-
-    # 3. evaluate, write, print
-    metrics = evaluate_generation(
-        pipe,
-        classes=class_names(info),
-        held_out=info.get("held_out") or [],
-        judge=judge,
-        clip_run=clip_run,
-        reference_images=reference,
-        num_images_per_prompt=args.num_images_per_prompt,
-        guidance_scales=scales,
-        guidance_scale=headline,
-        num_inference_steps=args.num_inference_steps,
-        scheduler=scheduler,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        prompt_template=args.prompt_template,
-        output_dir=output_dir,
-        extra_settings={
-            "model": str(run),
-            "data": str(args.data),
-            "reference_split": args.split,
-            "unreadable_reference_images": len(unreadable),
-            "clip_mismatch": mismatch,
-        },
-        progress=not args.no_progress,
-    )
+    # 2. load the judge (shapes data), the CLIP, the reference images and the pipeline; 3. evaluate
+    if info is None:
+        metrics = _evaluate_captioned_data(args, run, clip_path, device, common, settings)
+    else:
+        judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)
+        check_palette(info, judge)
+        clip_run, reference, unreadable = load_clip_and_reference(
+            clip_path, args.data, args.split, device, allow_outside_paths=args.allow_outside_paths
+        )
+        pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
+        metrics = evaluate_generation(
+            pipe,
+            classes=class_names(info),
+            held_out=info.get("held_out") or [],
+            judge=judge,
+            clip_run=clip_run,
+            reference_images=reference,
+            prompt_template=args.prompt_template,
+            extra_settings={**settings, "unreadable_reference_images": len(unreadable)},
+            **common,
+        )
     print(dumps_json(finite_or_null(metrics), indent=2))
     return 0
+
+
+def _evaluate_captioned_data(
+    args: argparse.Namespace, run: Path, clip_path: Path, device, common: dict, settings: dict
+):
+    """The command on data other than the shapes: its `--split` captions as prompts (`evaluate_captioned`)."""
+    from clipcond.evaluation.captioned import load_caption_set, load_split_sample
+    from clipcond.models.clip import load_clip
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    clip_run = load_clip(clip_path, device=device, progress=False)
+    size, outside = clip_run.image_size, args.allow_outside_paths
+    captions = load_caption_set(
+        args.data, args.split, size, max_prompts=args.max_prompts, seed=args.seed, allow_outside_paths=outside
+    )
+    floor_split = "train" if args.split != "train" else None
+    floor = None
+    if floor_split is not None:
+        floor = load_split_sample(
+            args.data, floor_split, size, len(captions.prompts), seed=args.seed, allow_outside_paths=outside
+        )
+    pipe = load_pretrained(TextToImagePipeline, run, device, args.dtype)
+    return evaluate_captioned(
+        pipe,
+        prompts=captions.prompts,
+        real_images=captions.images,
+        clip_run=clip_run,
+        floor_images=floor,
+        extra_settings={
+            **settings,
+            "floor_split": floor_split if floor is not None else None,
+            "unreadable_reference_images": len(captions.unreadable),
+        },
+        **common,
+    )
 
 
 if __name__ == "__main__":

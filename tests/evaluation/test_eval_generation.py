@@ -245,26 +245,6 @@ def test_generator_output_is_checked(judge):
 # ---------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tiny_clip_run, tmp_path_factory):
-    """A random `test`-preset UNet on the tiny CLIP's text encoder, saved as the decoder training saves a run."""
-    from diffusers import DDPMScheduler
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-    from clipcond.models.unet import create_unet, unet_config
-    from clipcond.pipelines.text_to_image import TextToImagePipeline
-
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run, local_files_only=True)
-    torch.manual_seed(0)
-    unet = create_unet(unet_config("test", sample_size=32, cross_attention_dim=text_encoder.config.hidden_size))
-    pipe = TextToImagePipeline(unet=unet, scheduler=DDPMScheduler(), text_encoder=text_encoder, tokenizer=tokenizer)
-    path = tmp_path_factory.mktemp("decoder_run")
-    pipe.save_pretrained(path)
-    (path / "clipcond_run.json").write_text(json.dumps({"clip": {"path": str(tiny_clip_run)}}))
-    return path
-
-
 def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, judge, monkeypatch, capsys):
     # The judge of the fixture (a smaller training budget than the command's default), instead of training one here.
     monkeypatch.setattr(generation, "load_or_train_judge", lambda resolution, **kwargs: judge)
@@ -299,7 +279,7 @@ def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):
     plain = tmp_path / "plain"
     (plain / "train").mkdir(parents=True)
     (plain / "train" / "metadata.jsonl").write_text("")
-    with pytest.raises(ValueError, match="needs the built-in shapes data"):
+    with pytest.raises(FileNotFoundError, match="has no readable split 'test'.*--split"):  # other data: its captions
         main(["--model", str(pipeline_run), "--data", str(plain)])
     with pytest.raises(ValueError, match="--guidance-scales"):
         main(["--model", str(pipeline_run), "--data", str(shapes_data), "--guidance-scales", "1,x"])

@@ -1,0 +1,120 @@
+"""`clipcond eval generation` on a user's imagefolder: CLIP score, Fréchet distance in the CLIP's image space and a
+grid of real beside drawn images, with the data's own captions as prompts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipcond.evaluation.captioned import CLIP_SCORE_WEIGHT, clip_score, load_caption_set
+from clipcond.evaluation.generation import CAPTIONED_HEADLINE_KEYS, CAPTIONED_KEYS, evaluate_captioned, main
+from clipcond.models.clip import load_clip
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+FRUITS = ["apple", "pear", "plum", "lemon", "fig", "lime"]
+TINTS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 200)}
+
+
+def _write_split(folder, rows, seed):
+    """Images with a tinted disc on noise, one per (caption, tint); metadata.jsonl with `text` captions."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    lines = []
+    for i, (caption, tint) in enumerate(rows):
+        image = rng.integers(0, 80, size=(40, 48, 3), dtype=np.uint8)  # not square, not the CLIP's size
+        yy, xx = np.mgrid[:40, :48]
+        disc = (yy - 20) ** 2 + (xx - 24) ** 2 < rng.integers(60, 200)
+        image[disc] = TINTS[tint]
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory):
+    """A user's data set: train/ and test/ with photos-like captions, no dataset_info.json; the test split repeats
+    one caption (distinct captions are the prompts)."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rows = [(f"a photo of a {tint} {fruit}", tint) for fruit in FRUITS for tint in TINTS]
+    _write_split(root / "train", rows, seed=0)
+    test = rows[::2] + [rows[0]]  # 9 distinct captions, one of them twice
+    _write_split(root / "test", test, seed=1)
+    return root
+
+
+def test_clip_score_is_100_times_the_positive_cosine():
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]]), dim=-1)
+    score = clip_score(image, text)
+    torch.testing.assert_close(score, torch.tensor([100.0, 0.0, 0.0, 60.0], dtype=torch.float64))
+    assert CLIP_SCORE_WEIGHT == 100.0
+    with pytest.raises(ValueError, match="paired"):
+        clip_score(image, text[:3])
+
+
+def test_caption_set_takes_distinct_captions_in_a_seeded_order(imagefolder):
+    captions = load_caption_set(str(imagefolder), "test", 32)
+    assert len(captions.prompts) == len(set(captions.prompts)) == 9
+    assert captions.images.shape == (9, 3, 32, 32) and captions.images.dtype == torch.uint8
+    assert load_caption_set(str(imagefolder), "test", 32).prompts == captions.prompts
+    assert load_caption_set(str(imagefolder), "test", 32, seed=1).prompts != captions.prompts
+    assert len(load_caption_set(str(imagefolder), "test", 32, max_prompts=3).prompts) == 3
+    with pytest.raises(FileNotFoundError, match="no readable split 'val'.*--split"):
+        load_caption_set(str(imagefolder), "val", 32)
+
+
+def test_a_generator_that_draws_the_real_images_scores_as_the_data(imagefolder, tiny_clip_run):
+    """Drawing each caption's own real image gives the real images' CLIP score and a Fréchet distance of 0; drawing
+    one grey image for every caption is far from them."""
+    run = load_clip(tiny_clip_run)
+    captions = load_caption_set(str(imagefolder), "test", run.image_size)
+    real_of = dict(zip(captions.prompts, captions.images, strict=True))
+
+    def copy_real(prompts, guidance_scale, generators):
+        return torch.stack([real_of[p] for p in prompts])
+
+    def grey(prompts, guidance_scale, generators):
+        return torch.full((len(prompts), 3, 32, 32), 128, dtype=torch.uint8)
+
+    options = {"prompts": captions.prompts, "real_images": captions.images, "clip_run": run, "guidance_scales": [1.0]}
+    copied = evaluate_captioned(copy_real, **options)
+    assert copied["clip_score"] == pytest.approx(copied["clip_score_real"], abs=1e-9)
+    assert copied["fd_clip"] == pytest.approx(0.0, abs=1e-6)
+    assert copied["fd_clip_floor"] is None  # no floor images given
+    flat = evaluate_captioned(grey, **options)
+    assert flat["fd_clip"] > 10 * max(copied["fd_clip"], 1e-3)
+    assert list(copied) == [*CAPTIONED_HEADLINE_KEYS, "guidance", "settings"]
+    assert list(copied["guidance"]["1.0"]) == list(CAPTIONED_KEYS)
+    with pytest.raises(ValueError, match="3 images for 9 prompts"):
+        evaluate_captioned(copy_real, **{**options, "real_images": captions.images[:3]})
+
+
+def test_command_on_a_users_imagefolder(pipeline_run, tiny_clip_run, imagefolder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", str(pipeline_run), "--data", str(imagefolder), "--num-inference-steps", "2"]
+    argv += ["--device", "cpu", "--no-progress", "--guidance-scales", "1,3", "--output-dir", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in CAPTIONED_HEADLINE_KEYS:
+        assert metrics[key] is not None, key
+    assert 0.0 <= metrics["clip_score"] <= 100.0 and metrics["fd_clip"] >= 0.0
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert len(prompts) == len(set(prompts)) == 9 and all(p.startswith("a photo of a ") for p in prompts)
+    assert metrics["num_images"] == 9 and metrics["settings"]["num_images_per_prompt"] == 1
+    assert metrics["settings"]["floor_split"] == "train" and metrics["settings"]["num_floor_images"] == 9
+    assert metrics["settings"]["clip"] == str(tiny_clip_run)
+    assert list(metrics["guidance"]) == ["1.0", "3.0"]
+    for key in ("1.0", "3.0"):
+        assert len(list((out / "images" / f"guidance_{key}").glob("prompt_*_0.png"))) == 9
+        grid = Image.open(out / f"grid_guidance_{key}.png")
+        assert grid.width > grid.height / 9  # 9 rows of (real, drawn)
+    # the same seeds give the same images: a second run reproduces the figures
+    assert main([*argv, "--output-dir", str(tmp_path / "again")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["fd_clip"] == metrics["fd_clip"] and again["clip_score"] == metrics["clip_score"]
