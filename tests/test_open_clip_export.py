@@ -58,6 +58,22 @@ def test_a_trained_run_loads_in_open_clip_with_the_same_embeddings(tiny_clip_run
     assert tuple(normalize.std) == pytest.approx(run.image_std)
 
 
+def test_two_training_steps_end_in_an_open_clip_folder_and_checkpoints_stay_as_they_were(shapes_data, tmp_path):
+    from conftest import TINY_CLIP_ARGS
+
+    from clipcond.train.clip import main as train_clip
+
+    run = tmp_path / "run"
+    args = ["--data", str(shapes_data), "--output-dir", str(run), "--max-train-steps", "2", *TINY_CLIP_ARGS]
+    assert train_clip([*args, "--checkpointing-steps", "1", "--validation-steps", "0"]) == 0
+    found = compare_open_clip(run, CAPTIONS, seed=1)
+    assert found["token_ids_equal"] and max(found["text_max_abs_diff"], found["image_max_abs_diff"]) <= 1e-5
+    for step in (1, 2):
+        pretrained = run / "checkpoints" / f"checkpoint-{step}" / "pretrained"
+        assert (pretrained / "model.safetensors").is_file()
+        assert not any((pretrained / name).exists() for name in OPEN_CLIP_FILES)  # the final export only
+
+
 def test_the_embeddings_are_the_same_on_real_images_and_captions(tiny_clip_run, shapes_data):
     from clipcond.data.folders import ImageCaptionDataset, collate_image_text
     from clipcond.models.clip import normalize_pixels

@@ -180,6 +180,9 @@ class ClipStage(Stage):
         self.grayscale_prob = grayscale_prob
         self.length_multiple = length_multiple  # 8 for a compiled model: a few shapes, not one per caption length
         self.output_dir = output_dir  # where the run's tokenizer ends up: named in open_clip_config.json
+        # The final export adds open_clip's copy of the weights; checkpoints' pretrained/ folders stay transformers'
+        # alone (`clipcond export open-clip` converts one of them when wanted).
+        self.export_open_clip = False
         # Tokenise every caption once; a batch gathers its rows by dataset index.
         context = self.unwrapped.clip.config.text_config.max_position_embeddings
         tokens = tokenizer(
@@ -242,12 +245,15 @@ class ClipStage(Stage):
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def export(self, path: Path):
-        """The model as transformers saves it (config.json, model.safetensors, tokenizer, preprocessor_config.json)
-        and the same weights in open_clip's `local-dir:` layout beside it (`clipcond.models.open_clip_export`)."""
+        """The model as transformers saves it (config.json, model.safetensors, tokenizer, preprocessor_config.json);
+        with `export_open_clip`, the same weights in open_clip's `local-dir:` layout beside it
+        (`clipcond.models.open_clip_export`)."""
         unwrapped = self.unwrapped
         unwrapped.clip.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+        if not self.export_open_clip:
+            return
         export_open_clip(
             unwrapped.clip,
             path,
@@ -325,6 +331,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     unwrapped = stage.unwrapped
     logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
     logit_scale = round(unwrapped.clip.logit_scale.exp().item(), 4)
+    stage.export_open_clip = True
     finish_run(
         accelerator, args, stage, result, "clipcond-clip", record, logit_scale=logit_scale, logit_bias=logit_bias
     )
