@@ -55,11 +55,6 @@ COMMANDS: dict = {
             "judge the DALL-E 2 path: variations, text-to-image through the prior, the prior's cosine",
         ),
     },
-    "export": {
-        "open-clip": Command(
-            "clipcond.export_open_clip", "write a CLIP run's weights for open_clip's `local-dir:` loader"
-        ),
-    },
     "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
     "vary": Command("clipcond.vary", "variations of images with an image-embedding (DALL-E 2) decoder"),
     "interpolate": Command(
@@ -68,6 +63,9 @@ COMMANDS: dict = {
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
     "export": {
+        "open-clip": Command(
+            "clipcond.export_open_clip", "write a CLIP run's weights for open_clip's `local-dir:` loader"
+        ),
         "stable-diffusion": Command(
             "clipcond.export_stable_diffusion",
             "a latent text-to-image run as a stock diffusers StableDiffusionPipeline",
