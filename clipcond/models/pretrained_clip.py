@@ -183,55 +183,6 @@ def open_clip_clip_config(config: dict, what: str = "--init-from", name: str = "
     )
 
 
-def _tower_layers(state: dict, prefix: str, target: str, layers: int) -> dict:
-    """open_clip's residual blocks `PREFIX.resblocks.i.*` -> transformers' `TARGET.layers.i.*`."""
-    out = {}
-    for i in range(layers):
-        src, dst = f"{prefix}.resblocks.{i}.", f"{target}.layers.{i}."
-        q, k, v = state[src + "attn.in_proj_weight"].chunk(3, dim=0)  # (3W, W) -> 3 x (W, W)
-        qb, kb, vb = state[src + "attn.in_proj_bias"].chunk(3, dim=0)
-        for name, weight, bias in (("q_proj", q, qb), ("k_proj", k, kb), ("v_proj", v, vb)):
-            out[dst + f"self_attn.{name}.weight"], out[dst + f"self_attn.{name}.bias"] = weight, bias
-        for ours, theirs in (
-            ("self_attn.out_proj", "attn.out_proj"),
-            ("layer_norm1", "ln_1"),
-            ("layer_norm2", "ln_2"),
-            ("mlp.fc1", "mlp.c_fc"),
-            ("mlp.fc2", "mlp.c_proj"),
-        ):
-            out[dst + ours + ".weight"] = state[src + theirs + ".weight"]
-            out[dst + ours + ".bias"] = state[src + theirs + ".bias"]
-    return out
-
-
-def open_clip_state_dict_to_clip(state: dict, config: CLIPConfig) -> dict:
-    """An open_clip CLIP state dict (OpenAI layout) -> `CLIPModel`'s (transformers'
-    `convert_clip_original_pytorch_to_hf.py`)."""
-    if "text.token_embedding.weight" in state:  # CustomTextCLIP keeps the text tower under `text.`
-        state = {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in state.items()}
-    out = {
-        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
-        "text_model.final_layer_norm.weight": state["ln_final.weight"],
-        "text_model.final_layer_norm.bias": state["ln_final.bias"],
-        "text_projection.weight": state["text_projection"].T,  # (W, D) -> nn.Linear's (D, W)
-        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
-        "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],
-        "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
-        "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
-        "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
-        "visual_projection.weight": state["visual.proj"].T,
-        "logit_scale": state["logit_scale"].reshape(()),
-    }
-    out.update(_tower_layers(state, "transformer", "text_model.encoder", config.text_config.num_hidden_layers))
-    out.update(
-        _tower_layers(state, "visual.transformer", "vision_model.encoder", config.vision_config.num_hidden_layers)
-    )
-    return out
-
-
 def _from_open_clip(source: str, what: str) -> PretrainedClip:
     import hashlib
     import json
@@ -243,6 +194,7 @@ def _from_open_clip(source: str, what: str) -> PretrainedClip:
         read_open_clip_weights,
         split_open_clip_ref,
     )
+    from clipcond.models.open_clip_export import from_open_clip_state_dict
     from clipcond.storage import file_sha256
 
     open_clip = import_open_clip()
@@ -251,7 +203,9 @@ def _from_open_clip(source: str, what: str) -> PretrainedClip:
     clip_config = open_clip_clip_config(config, what, name)
     state = read_open_clip_weights(weights)
     try:
-        converted = open_clip_state_dict_to_clip(state, clip_config)
+        if "text.token_embedding.weight" in state:  # CustomTextCLIP keeps the text tower under `text.`
+            state = {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in state.items()}
+        converted = from_open_clip_state_dict(state, clip_config)
     except KeyError as err:
         raise ValueError(
             f"`{what}`: the weights {weights!r} lack {err} of an OpenAI-style open_clip model {name!r}; pass the "
