@@ -11,8 +11,8 @@ equal steps, batch and model sizes, on Tux Paint's clip-art stamps (a benchmark,
      `--train-batch-size` set;
    - transformers: `CLIPModel(config)` and its own loss (`return_loss=True`), images resized and normalised, no
      augmentation: what transformers' example scripts do;
-   - open_clip: `open_clip.CLIP` of the same widths and depths with open_clip's `ClipLoss`, the text pooled at the
-     tokenizer's end token.
+   - open_clip: `open_clip.CLIP` of the same architecture (`open_clip_model_cfg`: widths, depths, activation, the
+     text pooled at the tokenizer's end token) with open_clip's `ClipLoss`.
    Both baselines train with open_clip's defaults for ViTs: AdamW (lr 5e-4, betas 0.9/0.98, eps 1e-6, weight decay
    0.2 on matrices only), linear warm-up over clipcond's warm-up steps, then cosine decay.
 3. Each model embeds the test split; the figures are image->text and text->image recall@1/5/10
@@ -45,13 +45,15 @@ from clipcond.evaluation.retrieval import retrieval_recall
 from clipcond.evaluation.stats import mean_interval
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES, build_zero_shot_classifier, zero_shot_predict
 from clipcond.models.clip import image_features, load_clip, normalize_pixels, text_features
+from clipcond.models.open_clip_export import open_clip_model_cfg
 from clipcond.runs import RunRecord
+from clipcond.train.clip import TRAINING_DEFAULTS
 
 CONTENDERS = ("clipcond", "transformers", "open_clip")
 HEADLINE = ("text_to_image_R@10", "zero_shot_top1")
 COUNTS = ("train_seconds", "params")  # figures that are not proportions
 RESOLUTION = 32
-WARMUP_STEPS = 30  # clipcond's default warm-up (train/clip.py), given to the baselines too
+WARMUP_STEPS = TRAINING_DEFAULTS["lr_warmup_steps"]  # clipcond's warm-up, given to the baselines too
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,33 +174,6 @@ def train_transformers(run: Path, train, args, seed: int) -> tuple[Embedder, flo
     return Embedder(model, _features(encode_text), _features(encode_images)), seconds
 
 
-def open_clip_config(config, tokenizer, context: int) -> dict:
-    """open_clip's CLIP of the widths and depths of a transformers CLIPConfig, pooling text at the end token."""
-    text, vision = config.text_config, config.vision_config
-    return {
-        "embed_dim": config.projection_dim,
-        "vision_cfg": {
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "width": vision.hidden_size,
-            "layers": vision.num_hidden_layers,
-            "head_width": vision.hidden_size // vision.num_attention_heads,
-            "mlp_ratio": vision.intermediate_size / vision.hidden_size,
-        },
-        "text_cfg": {
-            "context_length": context,
-            "vocab_size": text.vocab_size,
-            "width": text.hidden_size,
-            "heads": text.num_attention_heads,
-            "layers": text.num_hidden_layers,
-            "mlp_ratio": text.intermediate_size / text.hidden_size,
-            "pad_id": tokenizer.pad_token_id,
-            "eos_id": tokenizer.eos_token_id,
-            "pool_type": "eos",
-        },
-    }
-
-
 def train_open_clip(run: Path, train, args, seed: int) -> tuple[Embedder, float]:
     import open_clip
     from open_clip.loss import ClipLoss
@@ -206,7 +181,7 @@ def train_open_clip(run: Path, train, args, seed: int) -> tuple[Embedder, float]
 
     clip = load_clip(run, progress=False)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**open_clip_config(CLIPConfig.from_pretrained(run), clip.tokenizer, clip.context_length))
+    model = open_clip.CLIP(**open_clip_model_cfg(CLIPConfig.from_pretrained(run)))  # the same network in open_clip
     context, mean, std, loss = clip.context_length, clip.image_mean, clip.image_std, ClipLoss()
 
     def ids(texts):
