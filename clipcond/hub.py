@@ -1,9 +1,10 @@
 """Where a model argument's files are: a local folder, or a Hugging Face Hub id resolved to its cached snapshot.
 
 Every loader in clipcond reads folders. An argument that looks like a path (absolute, `./`, `~`, more than one `/`,
-or an existing folder) must be an existing folder, with the message each caller gives; any other string is a Hub id
-(`openai/clip-vit-base-patch32`), fetched with `huggingface_hub.snapshot_download` into the Hub cache, or read from
-that cache alone when `HF_HUB_OFFLINE` is set (`local_files_only`, the one place that decides it).
+an existing folder, or `a/b` where the folder `a` exists) must be an existing folder, with the message each caller
+gives; any other string is a Hub id (`openai/clip-vit-base-patch32`), fetched with
+`huggingface_hub.snapshot_download` into the Hub cache, or read from that cache alone when `HF_HUB_OFFLINE` is set
+(`local_files_only`, the one place that decides it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def looks_like_path(ref: str | os.PathLike) -> bool:
     if os.path.exists(text) or os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text:
         return True
     if text.count("/") > 1 or not text or text.endswith("/"):
+        return True
+    if "/" in text and os.path.isdir(text.split("/", 1)[0]):  # `runs/unet` beside an existing `runs/`: a path
         return True
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
