@@ -20,27 +20,25 @@ import os
 from pathlib import Path
 
 from clipcond.help_formatter import HelpFormatter
-from clipcond.runs import check_finished
+from clipcond.pipeline_loading import pipeline_class_name
 from clipcond.storage import check_output_dir, writing
 
 
 def check_exportable(pipe, run: str | os.PathLike) -> None:
-    """Refuse, with the reason, a pipeline that stock `StableDiffusionPipeline` would run differently."""
+    """Refuse, with the reasons, a text-to-image pipeline that stock `StableDiffusionPipeline` would run
+    differently."""
     from transformers import CLIPTextConfig
 
     reasons = []
-    if type(pipe).__name__ != "TextToImagePipeline":
-        reasons.append(f"it holds a {type(pipe).__name__}, not a text-to-image decoder")
-    else:
-        if pipe.vae is None:
-            reasons.append("it denoises pixels; train it on a VAE's latents (`--vae`)")
-        if pipe.config.mask_text_padding:
-            reasons.append("it masks the captions' padding; train it with `--no-mask-text-padding`")
-        if pipe.unet.config.class_embed_type is not None:
-            reasons.append("its UNet also reads the pooled text embedding (`--pooled-text`)")
-        if not isinstance(pipe.text_encoder.config, CLIPTextConfig):
-            reasons.append(f"its text encoder is a {type(pipe.text_encoder).__name__}, not a CLIP text encoder")
-        reasons += _scheduler_differences(pipe.scheduler.config)
+    if pipe.vae is None:
+        reasons.append("it denoises pixels; train it on a VAE's latents (`--vae`)")
+    if pipe.config.mask_text_padding:
+        reasons.append("it masks the captions' padding; train it with `--no-mask-text-padding`")
+    if pipe.unet.config.class_embed_type is not None:
+        reasons.append("its UNet also reads the pooled text embedding (`--pooled-text`)")
+    if not isinstance(pipe.text_encoder.config, CLIPTextConfig):
+        reasons.append(f"its text encoder is a {type(pipe.text_encoder).__name__}, not a CLIP text encoder")
+    reasons += _scheduler_differences(pipe.scheduler.config)
     if reasons:
         raise ValueError(
             f"`RUN` {os.fspath(run)!r} cannot run in stock StableDiffusionPipeline: " + "; ".join(reasons)
@@ -70,9 +68,12 @@ def export_stable_diffusion(run: str | os.PathLike, out: str | os.PathLike) -> P
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     run, out = Path(run), Path(out)
-    if not (run / "model_index.json").is_file():
-        raise FileNotFoundError(f"`RUN` {str(run)!r} holds no model_index.json; pass a `clipcond train decoder` run")
-    check_finished(run, "`RUN`")
+    class_name = pipeline_class_name(run, "RUN")  # before loading: another pipeline fails inside diffusers
+    if class_name != "TextToImagePipeline":
+        raise ValueError(
+            f"`RUN` {str(run)!r} cannot run in stock StableDiffusionPipeline: it holds {class_name}, not a "
+            "text-to-image decoder (TextToImagePipeline)"
+        )
     if out.exists():
         raise FileExistsError(f"`OUT` {str(out)!r} exists; pass a new folder")
     pipe = TextToImagePipeline.from_pretrained(run)

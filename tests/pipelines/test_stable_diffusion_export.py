@@ -23,7 +23,8 @@ import json, sys
 sys.modules["clipcond"] = None  # any import of clipcond fails here
 import numpy as np, torch
 from diffusers import StableDiffusionPipeline
-folder, prompts, steps, guidance, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+folder, prompts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[5]
+steps, guidance = int(sys.argv[3]), float(sys.argv[4])
 pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
 pipe.set_progress_bar_config(disable=True)
 images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
@@ -91,9 +92,17 @@ def test_runs_stock_diffusers_would_run_differently_are_refused(tokenizer, tmp_p
     assert not (tmp_path / "stock").exists()
 
 
-def test_missing_run_and_existing_output_are_refused(tokenizer, tmp_path):  # noqa: F811
-    with pytest.raises(FileNotFoundError, match="`RUN` .*holds no model_index.json"):
+def test_missing_run_other_pipelines_and_existing_output_are_refused(tokenizer, tmp_path):  # noqa: F811
+    with pytest.raises(FileNotFoundError, match="`RUN` .*nothing' does not exist"):
         export_stable_diffusion.main([str(tmp_path / "nothing"), str(tmp_path / "stock")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="`RUN` .*holds no model_index.json"):
+        export_stable_diffusion.main([str(tmp_path / "empty"), str(tmp_path / "stock")])
+    variation = tmp_path / "variation"
+    variation.mkdir()
+    (variation / "model_index.json").write_text(json.dumps({"_class_name": "ImageVariationPipeline"}))
+    with pytest.raises(ValueError, match="`RUN` .*holds ImageVariationPipeline, not a text-to-image decoder"):
+        export_stable_diffusion.main([str(variation), str(tmp_path / "stock")])
     run = _run_folder(tokenizer, tmp_path)
     (tmp_path / "stock").mkdir()
     with pytest.raises(FileExistsError, match="`OUT` .*exists"):
