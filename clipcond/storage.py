@@ -127,18 +127,23 @@ def dumps_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(obj, allow_nan=False, **kwargs)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as strict JSON to `path` through a scratch file renamed into place: a reader sees the old file
-    or the new one, never a part."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a scratch file renamed into place: a reader sees the old file or the
+    new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    text = dumps_json(obj, indent=2) + "\n"
-    with writing(path, needed=len(text.encode()), scratch=[tmp]):
-        with open(tmp, "w") as f:
-            f.write(text)
+    data = text.encode("utf-8")
+    with writing(path, needed=len(data), scratch=[tmp]):
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as strict JSON to `path`, atomically (`write_text_atomic`)."""
+    write_text_atomic(path, dumps_json(obj, indent=2) + "\n")
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> None:

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from clipcond.storage import dumps_json, writing
+from clipcond.storage import dumps_json, write_text_atomic
 
 SPLITS = ("train", "test")
 DATASET_INFO = "dataset_info.json"
@@ -31,7 +31,6 @@ def prepare_dataset_dir(out: Path, overwrite: bool) -> None:
 
 
 def write_metadata(split_dir: Path, records: Iterable[dict]) -> None:
-    """The split's `metadata.jsonl`, one JSON object a line (each names its image in `file_name`)."""
-    path = split_dir / "metadata.jsonl"
-    with writing(path):
-        path.write_text("".join(dumps_json(record) + "\n" for record in records), encoding="utf-8")
+    """The split's `metadata.jsonl`, one JSON object a line (each names its image in `file_name`), written
+    atomically: a split folder read on its own (`--data OUT/train`) is never half listed."""
+    write_text_atomic(split_dir / "metadata.jsonl", "".join(dumps_json(record) + "\n" for record in records))
