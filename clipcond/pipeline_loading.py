@@ -121,8 +121,8 @@ def load_pipeline(
 
 
 def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
-    """`pipeline_class.from_pretrained(path)` (Hub cache only when HF_HUB_OFFLINE is set) on `device` (a torch.device) in `dtype` ("fp32",
-    "bf16" or "fp16", as `--dtype`)."""
+    """`pipeline_class.from_pretrained(path)` (Hub cache only when HF_HUB_OFFLINE is set) on `device` (a
+    torch.device) in `dtype` ("fp32", "bf16" or "fp16", as `--dtype`)."""
     torch_dtype = resolve_dtype(dtype, device)
     pipe = pipeline_class.from_pretrained(
         path, local_files_only=local_files_only(), **{dtype_keyword(): torch_dtype}

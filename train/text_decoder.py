@@ -3,10 +3,11 @@
 The UNet cross-attends to the per-token states of the frozen text encoder (`--text-encoder SPEC` or `--clip RUN`);
 with `--pooled-text` the L2-normalised pooled text embedding is also added to the timestep embedding, as Imagen and
 SDXL do; with `--no-mask-text-padding` the encoder and the cross-attention read every position unmasked, as Stable
-Diffusion does (the run then exports to stock diffusers: `clipcond export stable-diffusion`). Captions are dropped to the empty prompt with probability `--caption-dropout` for classifier-free
-guidance. The text encoder runs once per distinct caption, before training, into a `TextEmbeddingCache`; training
-steps only look rows up. The run folder is a `TextToImagePipeline` (`unet/`, `scheduler/`, `text_encoder/`,
-`tokenizer/`), and validation draws a grid row per `--validation-prompts` prompt.
+Diffusion does (the run then exports to stock diffusers: `clipcond export stable-diffusion`). Captions are dropped
+to the empty prompt with probability `--caption-dropout` for classifier-free guidance. The text encoder runs once
+per distinct caption, before training, into a `TextEmbeddingCache`; training steps only look rows up. The run folder
+is a `TextToImagePipeline` (`unet/`, `scheduler/`, `text_encoder/`, `tokenizer/`), and validation draws a grid row
+per `--validation-prompts` prompt.
 """
 
 from __future__ import annotations
