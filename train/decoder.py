@@ -43,7 +43,7 @@ from einops import rearrange
 from PIL import Image
 
 from clipcond.data.folders import collate_image_text
-from clipcond.data.open import dataset_options, native_resolution, open_image_text_dataset
+from clipcond.data.open import dataset_options, open_at_resolution
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import check_local_folder
@@ -426,12 +426,7 @@ def image_grid(images: torch.Tensor, columns: int) -> Image.Image:
 
 def open_training_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, int]:
     """The training split at `--resolution`, by default the data set's own (its info, else its first image's)."""
-    dataset_kwargs = dataset_options(args)
-    dataset = open_image_text_dataset(args.data, split=args.split, resolution=args.resolution, **dataset_kwargs)
-    resolution = args.resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
-    if dataset.resolution != resolution:
-        dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
-    return dataset, resolution
+    return open_at_resolution(args.data, split=args.split, resolution=args.resolution, **dataset_options(args))
 
 
 @dataclass

@@ -114,6 +114,18 @@ def items_at(dataset, indices: Sequence[int]) -> list[dict]:
     return [wanted[int(i)] for i in indices]
 
 
+def open_at_resolution(
+    data: str | Path | Sequence[str | Path], *, split: str | None, resolution: int | None, **options
+) -> tuple[ImageCaptionDataset | ShardedImageCaptionDataset, int]:
+    """`open_image_text_dataset` at `resolution`, by default the data set's own (its info, else its first image's
+    width); and that resolution. `options`: `dataset_options(args)`."""
+    dataset = open_image_text_dataset(data, split=split, resolution=resolution, **options)
+    chosen = resolution or (dataset.info or {}).get("resolution") or native_resolution(dataset)
+    if dataset.resolution != chosen:
+        dataset = open_image_text_dataset(data, split=split, resolution=chosen, **options)
+    return dataset, chosen
+
+
 def native_resolution(dataset) -> int:
     """The width of the data set's first image as the data set gives it (its native size without `resolution`)."""
     return items_at(dataset, [0])[0]["pixel_values"].shape[-1]
