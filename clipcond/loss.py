@@ -1,4 +1,5 @@
-"""Contrastive losses for CLIP pretraining: InfoNCE (CLIP) and sigmoid (SigLIP), single- or multi-process.
+"""Contrastive losses for CLIP pretraining: InfoNCE (CLIP) and sigmoid (SigLIP), single- or multi-process; and, at
+the end, the latent-diffusion autoencoder's loss (`AutoencoderKLLoss`: reconstruction + KL).
 
 Both losses take the raw projected embeddings of a batch of image-text pairs (row ``i`` of the images matches row
 ``i`` of the texts), L2-normalise them, and score every image against every text with a learnable temperature.
@@ -276,3 +277,52 @@ def create_loss(name: str, **kwargs) -> nn.Module:
     if name not in LOSSES:
         raise ValueError(f"unknown loss name={name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- the autoencoder
+
+RECONSTRUCTION_LOSSES = ("l1", "mse")
+
+
+class AutoencoderKLLoss(nn.Module):
+    """The loss of a KL-regularised autoencoder (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+    Diffusion Models", sec. 3.1 and appendix G): a pixel reconstruction loss plus a small weight times the KL
+    divergence of the diagonal Gaussian posterior from the standard normal, which keeps the latent space from
+    growing arbitrary in scale without pushing the codes towards noise.
+
+    LDM sums both terms over each sample's elements (and averages over the batch), with a KL weight of 1e-6. Here
+    the reconstruction is a mean over pixels (a loss in pixel units, whatever the resolution) and the KL sum is
+    divided by the same number of pixel values, so `kl_weight` means what it means in LDM. LDM's perceptual
+    (LPIPS) and adversarial terms are not included.
+    """
+
+    def __init__(self, reconstruction: str = "l1", kl_weight: float = 1e-6):
+        super().__init__()
+        if reconstruction not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"`reconstruction` must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction!r}")
+        if not kl_weight >= 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {kl_weight}")
+        self.reconstruction = reconstruction
+        self.kl_weight = kl_weight
+
+    def reconstruction_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean absolute or squared error over all elements, in fp32."""
+        if self.reconstruction == "l1":
+            return F.l1_loss(reconstruction.float(), target.float())
+        return F.mse_loss(reconstruction.float(), target.float())
+
+    @staticmethod
+    def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(N(mean, exp(logvar)) || N(0, 1)) summed over each sample's latent elements: (B,)."""
+        mean, logvar = mean.float(), logvar.float()
+        return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+    def forward(
+        self, reconstruction: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`reconstruction`, `target`: (B, 3, H, W); `mean`, `logvar`: the posterior's (B, C, h, w). Returns the
+        loss and its two terms for logging (detached; the KL per sample)."""
+        rec = self.reconstruction_loss(reconstruction, target)
+        kl = self.kl_divergence(mean, logvar).mean()
+        loss = rec + self.kl_weight * kl / target[0].numel()  # the KL per pixel value, as `rec` is a mean
+        return loss, {"train/reconstruction": rec.detach(), "train/kl": kl.detach()}
