@@ -40,6 +40,9 @@ COMMANDS: dict = {
         "prior": Command(
             "clipcond.train.prior", "train a DALL-E 2 prior: CLIP text embedding -> CLIP image embedding"
         ),
+        "vae": Command(
+            "clipcond.train.vae", "train a latent-diffusion autoencoder (diffusers AutoencoderKL) on images"
+        ),
     },
     "eval": {
         "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
