@@ -103,6 +103,7 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
     from clipcond.models.unet import create_unet
     from clipcond.train.decoder import DecoderStage, configure_unet_for_training
     from clipcond.train.loop import make_optimizer, training_step
+    from clipcond.train.model_space import PixelSpace
     from clipcond.train.text_decoder import TextConditioning
 
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
@@ -125,6 +126,7 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
         model,
         scheduler,
         TextConditioning(cache, rows, caption_dropout=0.1),
+        space=PixelSpace(shared.pixels.shape[-1]),
         plugin=None,  # no validation or export here
         ema=ema,
         snr_gamma=None,

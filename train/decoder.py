@@ -9,7 +9,8 @@ The frozen encoder is any `clipcond.encoders` adapter (`--text-encoder SPEC`: cl
 open_clip:MODEL@WEIGHTS, t5:PATH; `--clip RUN` is `--text-encoder clipcond:RUN`); the run record names it
 (`encoder`: kind, name, content hash) and `clipcond.encoders.load_text_to_image` refuses the run beside another.
 
-One training flow (`train_decoder`) for every conditioning, at the data's resolution, in pixel space: the frozen
+One training flow (`train_decoder`) for every conditioning, at the data's resolution, in pixel space or (`--vae VAE`)
+in the latent space of a VAE from `clipcond train vae` (latent diffusion; `clipcond.train.model_space`): the frozen
 encoder runs once over the training data into a cache (by default in `RUN/cache/`, the one folder this command
 owns; its files are keyed by encoder and data, so runs may share a `--cache-dir`), training steps look rows up, the
 UNet learns DDPM's denoising objective (epsilon or v targets, optional min-SNR weighting) with the condition dropped
@@ -21,9 +22,10 @@ summary, the content hash of the CLIP), `checkpoints/` (each with the same pipel
 What the UNet is conditioned on is the flow's plug-in (`clipcond.train.decoder_conditioning`):
 `--conditioning text` (`clipcond.train.text_decoder`, the Stable Diffusion path: a `TextToImagePipeline`) or
 `--conditioning image-embedding` (`clipcond.train.unclip_decoder`, the DALL-E 2 decoder: an
-`ImageVariationPipeline`). What the UNet denoises is one function (`encode_images_to_model_space`: pixels in
-[-1, 1] now, a VAE's latents later), and how it is initialised one step (`build_decoder`: a preset now, pretrained
-weights later), whatever the conditioning.
+`ImageVariationPipeline`). What the UNet denoises is another choice, orthogonal to it (`model_space`: pixels in
+[-1, 1], or a VAE's latents sampled from posteriors cached once, the pipeline then holding the VAE that decodes
+them; the image-embedding decoder is pixel-space only for now), and how it is initialised one step
+(`build_decoder`: a preset now, pretrained weights later), whatever the conditioning.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from diffusers.training_utils import compute_snr
 from einops import rearrange
 from PIL import Image
 
-from clipcond.data.folders import collate_image_text
 from clipcond.data.open import dataset_options, open_at_resolution
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
@@ -76,9 +77,9 @@ from clipcond.train.loop import (
     run_stage,
     train,
 )
+from clipcond.train.model_space import LatentSpace, PixelSpace, add_vae_args, model_space
 from clipcond.train.text_decoder import TextPlugin
 from clipcond.train.unclip_decoder import ImageEmbeddingPlugin
-from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def add_data_args(data: argparse._ArgumentGroup) -> None:
 
 def add_model_args(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--model", default="tiny", help="UNet preset (test, tiny, small, base) or a JSON config file")
+    add_vae_args(model)
     model.add_argument(
         "--init-unet",
         default=None,
@@ -269,21 +271,6 @@ def check_decoder_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- the objective
 
 
-def encode_images_to_model_space(
-    pixels: torch.Tensor, vae=None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) -> what the UNet denoises: pixels in [-1, 1], or with a VAE (diffusers
-    `AutoencoderKL`) its sampled latents (B, C, H/f, W/f) times `scaling_factor`, as the pipeline decodes them."""
-    if pixels.dtype != torch.uint8:
-        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
-    sample = pixels.float() / 127.5 - 1.0
-    if vae is None:
-        return sample
-    with torch.no_grad():
-        latents = vae.encode(sample.to(vae.dtype)).latent_dist.sample(generator)
-    return latents.float() * vae.config.scaling_factor
-
-
 def diffusion_target(scheduler: DDPMScheduler, sample, noise, timesteps) -> torch.Tensor:
     """What the UNet learns to predict: the noise (epsilon), or v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022)."""
     prediction_type = scheduler.config.prediction_type
@@ -340,14 +327,14 @@ class DecoderStage(DiffusionStage):
 
     conditioning: BatchConditioning
     _: KW_ONLY
+    space: PixelSpace | LatentSpace  # what the UNet denoises
     plugin: ConditioningPlugin | None
     snr_gamma: float | None  # min-SNR weighting's gamma; None: unweighted
     validation: DecoderValidation | None
 
     def loss(self, batch, generator):
         device = self.accelerator.device
-        pixels = to_device(batch["pixel_values"], device)
-        sample = encode_images_to_model_space(pixels)  # (B, C, h, w)
+        sample = self.space.sample(batch, generator, device)  # (B, C, h, w)
         batch_size, shape = sample.shape[0], sample.shape[1:]
         on_generator = {"generator": generator, "device": generator.device}
         noise = draw_rows(lambda n: torch.randn((n, *shape), **on_generator), batch_size, device)
@@ -360,7 +347,7 @@ class DecoderStage(DiffusionStage):
         return diffusion_loss(prediction, target, timesteps, self.noise_scheduler, self.snr_gamma), {}
 
     def pipeline(self, model, scheduler):
-        return self.plugin.pipeline(model, scheduler)
+        return self.plugin.pipeline(model, scheduler, vae=self.space.vae)
 
     def validate(self, step):
         if self.validation is None:
@@ -444,12 +431,12 @@ class BuiltDecoder:
 
 
 def build_decoder(
-    args: argparse.Namespace, plugin: ConditioningPlugin, resolution: int, accelerator: Accelerator
+    args: argparse.Namespace, plugin: ConditioningPlugin, space: PixelSpace | LatentSpace, accelerator: Accelerator
 ) -> BuiltDecoder:
     """A UNet of `--model`'s preset, initialised at random (or `--init-unet`'s pretrained one, checked to have the
-    same inputs), denoising 3-channel pixels at `resolution` and reading the conditioning's inputs; and the module
-    that trains it."""
-    config = plugin.unet_config(sample_size=resolution, in_channels=3)
+    same inputs), denoising `space`'s samples (pixels, or a VAE's latents) and reading the conditioning's inputs; and
+    the module that trains it."""
+    config = plugin.unet_config(sample_size=space.sample_size, in_channels=space.channels)
     init_folder = None
     if args.init_unet:
         unet, init_folder = load_pretrained_unet(args.init_unet, config)
@@ -489,6 +476,7 @@ def run_record(
     *,
     dataset,
     resolution: int,
+    space: PixelSpace | LatentSpace,
     decoder: BuiltDecoder,
     ema,
 ) -> dict:
@@ -497,6 +485,7 @@ def run_record(
         "data": data_record(args, len(dataset), **plugin.data_facts(), resolution=resolution),
         **lineage_record(args, plugin.encoder),
         **plugin.record_sections(),
+        "model_space": space.record(),
         "unet": {
             "preset": None if decoder.init_folder else args.model,
             **init_record(args.init_unet, decoder.init_folder),
@@ -530,9 +519,12 @@ def train_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
     with accelerator.main_process_first():
         conditioning = plugin.encode_training_data(accelerator, dataset, resolution, cache_dir(args, output_dir))
 
+    # 4b. What the UNet denoises: pixels, or with --vae the VAE's latents (their posteriors cached once, likewise)
+    space = model_space(args, accelerator, dataset, resolution, cache_dir(args, output_dir))
+
     # 5. UNet (and what the conditioning trains with it), noise schedule, EMA
-    decoder = build_decoder(args, plugin, resolution, accelerator)
-    noise_scheduler = make_noise_scheduler(args, prediction_type=args.prediction_type)
+    decoder = build_decoder(args, plugin, space, accelerator)
+    noise_scheduler = make_noise_scheduler(args, prediction_type=args.prediction_type, clip_sample=space.clip_sample)
     ema = make_ema(decoder.model, args, accelerator.device)
 
     # 6. Optimizer (the trained module's parameters only: the encoder is frozen), schedule; prepare
@@ -544,16 +536,18 @@ def train_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
         prepared.model,
         noise_scheduler,
         conditioning,
+        space=space,
         plugin=plugin,
         ema=ema,
         snr_gamma=args.snr_gamma,
         validation=make_validation(args, plugin, resolution, output_dir),
         clip_hash=plugin.encoder.content_hash,
     )
-    result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
+    training_data, collate = space.training_data(dataset)
+    result = train(accelerator, args, stage, prepared, dataset=training_data, collate_fn=collate)
 
     # 8. Save the pipeline (EMA weights) and the run record
-    record = {"dataset": dataset, "resolution": resolution, "decoder": decoder, "ema": ema}
+    record = {"dataset": dataset, "resolution": resolution, "space": space, "decoder": decoder, "ema": ema}
     finish_run(accelerator, args, stage, result, "clipcond-decoder", lambda: run_record(args, plugin, **record))
     return 0
 

@@ -9,9 +9,9 @@ export -> run record); a `ConditioningPlugin` supplies what differs between cond
   the CLIP image embedding, added to the timestep embedding and projected into K cross-attention tokens.
 
 Per training step the plug-in's conditioning turns a batch into `UNetInputs` by looking rows up in a cache that the
-frozen encoder filled once, before training. What the UNet denoises (pixels now, a VAE's latents later:
-`clipcond.train.decoder.encode_images_to_model_space`) and how the UNet is initialised (a preset now, pretrained
-weights later: `clipcond.train.decoder.build_decoder`) are the flow's, the same for every conditioning.
+frozen encoder filled once, before training. What the UNet denoises (pixels, or a VAE's latents:
+`clipcond.train.model_space`) and how the UNet is initialised (a preset now, pretrained weights later:
+`clipcond.train.decoder.build_decoder`) are the flow's, the same for every conditioning.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ class ConditioningPlugin:
         """The conditioning's widths, for the log."""
         raise NotImplementedError
 
-    def pipeline(self, model: torch.nn.Module, scheduler):
-        """The diffusers pipeline of the trained `model` (unwrapped) with `scheduler`: what the run folder holds."""
+    def pipeline(self, model: torch.nn.Module, scheduler, vae=None):
+        """The diffusers pipeline of the trained `model` (unwrapped) with `scheduler`, and the `vae` that decodes
+        its samples when it denoises latents (`clipcond.train.model_space`): what the run folder holds."""
         raise NotImplementedError
 
     def load_validation_inputs(self, resolution: int) -> None:

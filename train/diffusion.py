@@ -154,20 +154,21 @@ def _encoding(accelerator: Accelerator, args: argparse.Namespace) -> dict:
 
 
 def make_noise_scheduler(
-    args: argparse.Namespace, prediction_type: str, clip_sample_range: float = 1.0
+    args: argparse.Namespace, prediction_type: str, clip_sample_range: float = 1.0, clip_sample: bool = True
 ) -> DDPMScheduler:
     """The training noise schedule, saved with the pipeline so that any sampler built from it fits the model.
 
     `timestep_spacing="trailing"` makes few-step samplers start at the last training step, where the sample is
     (nearly) pure noise, rather than "leading"'s T - T/n (Lin et al. 2024, "Common Diffusion Noise Schedules and
     Sample Steps are Flawed", table 2); training does not read it. Predicted x0 are clipped to
-    [-`clip_sample_range`, `clip_sample_range`] at each sampling step: the data range.
+    [-`clip_sample_range`, `clip_sample_range`] at each sampling step: the data range; not with `clip_sample`
+    False (latents, which have no such bound).
     """
     return DDPMScheduler(
         num_train_timesteps=args.num_train_timesteps,
         beta_schedule=BETA_SCHEDULES[args.beta_schedule],
         prediction_type=prediction_type,
-        clip_sample=True,
+        clip_sample=clip_sample,
         clip_sample_range=clip_sample_range,
         timestep_spacing="trailing",
     )

@@ -140,7 +140,7 @@ class TextPlugin(ConditioningPlugin):
     def describe(self, unet: UNet2DConditionModel) -> str:
         return f"cross-attention width {unet.config.cross_attention_dim} (text encoder: {self.width})"
 
-    def pipeline(self, model: torch.nn.Module, scheduler):
+    def pipeline(self, model: torch.nn.Module, scheduler, vae=None):
         from clipcond.pipelines.text_to_image import TextToImagePipeline
 
         return TextToImagePipeline(
@@ -149,6 +149,7 @@ class TextPlugin(ConditioningPlugin):
             text_encoder=self.encoder.text_encoder,
             tokenizer=self.encoder.tokenizer,
             mask_text_padding=self.args.mask_text_padding,
+            vae=vae,
         )
 
     def validation_inputs(self) -> dict:

@@ -162,6 +162,11 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             )
         if args.validation_sources < 1:
             raise ValueError(f"`--validation-sources` must be >= 1, got {args.validation_sources}")
+        if args.vae is not None:
+            raise ValueError(
+                f"`--vae` {args.vae!r} needs `--conditioning text`: the image-variation pipeline decodes pixels only "
+                "(the image-embedding decoder trains in pixel space)"
+            )
 
     def encode_training_data(
         self, accelerator: Accelerator, dataset, resolution: int, cache_dir
@@ -202,7 +207,8 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             f"{self.args.noise_level}"
         )
 
-    def pipeline(self, model: UnCLIPDecoder, scheduler):
+    def pipeline(self, model: UnCLIPDecoder, scheduler, vae=None):
+        assert vae is None, "check_args refuses --vae"
         from clipcond.pipelines.variation import ImageVariationPipeline
 
         return ImageVariationPipeline(

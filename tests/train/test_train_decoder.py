@@ -24,11 +24,11 @@ from clipcond.train.decoder import (
     DecoderStage,
     diffusion_loss,
     diffusion_target,
-    encode_images_to_model_space,
     main,
     min_snr_weights,
 )
 from clipcond.train.decoder_conditioning import UNetInputs
+from clipcond.train.model_space import PixelSpace, encode_images_to_model_space
 from clipcond.train.text_decoder import TextConditioning
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which validation samples with.
@@ -340,6 +340,7 @@ def _stage(scheduler, model, conditioning):
         model,
         scheduler,
         conditioning,
+        space=PixelSpace(16),
         plugin=None,
         ema=None,
         snr_gamma=None,

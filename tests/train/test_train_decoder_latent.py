@@ -1,0 +1,182 @@
+"""`clipcond train decoder --vae VAE` at test scale: latents cached once as posteriors, a sample drawn each step,
+the run folder a pipeline that decodes through the VAE, `clipcond generate` on it, resume after SIGKILL, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from clipcond import latents as latents_module
+from clipcond.data.folders import ImageCaptionDataset
+from clipcond.latents import LatentCache
+from clipcond.lineage import content_hash
+from clipcond.models.vae import create_vae, set_scaling_factor, vae_config
+from clipcond.train.decoder import main
+from clipcond.train.model_space import LatentSpace
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+RESOLUTION = 16
+SCALING_FACTOR = 0.7  # not diffusers' default: the run must carry the VAE's own
+STEPS = 4
+FAST_ARGS = [
+    *("--model", "test", "--resolution", str(RESOLUTION), "--train-batch-size", "4", "--lr-warmup-steps", "1"),
+    *("--seed", "0", "--validation-inference-steps", "1", "--validation-images-per-prompt", "1"),
+    *("--validation-prompts", "a red circle", "a blue square"),
+]
+RESUME_ARGS = ["--max-train-steps", str(STEPS), "--checkpointing-steps", "2", "--validation-steps", "2"]
+
+
+def _argv(clip, data, vae, out, *extra):
+    return ["--clip", str(clip), "--data", str(data), "--vae", str(vae), "--output-dir", str(out), *FAST_ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory) -> Path:
+    """A `test`-preset VAE (downsampling x2: 16 px -> 4 x 8 x 8 latents) in SD's vae/ layout."""
+    torch.manual_seed(0)
+    vae = create_vae(vae_config("test", sample_size=RESOLUTION))
+    set_scaling_factor(vae, SCALING_FACTOR)
+    folder = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_run(shapes_data, tiny_clip_run, vae_folder, tmp_path_factory):
+    from clipcond.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("latent_decoder")
+    calls = {"n": 0}
+    encode = latents_module.encode_posteriors
+
+    def count(*args, **kwargs):
+        calls["n"] += 1
+        return encode(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latents_module, "encode_posteriors", count)
+        assert cli_main(["train", "decoder", *_argv(tiny_clip_run, shapes_data, vae_folder, out, *RESUME_ARGS)]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert calls["n"] == 1
+    return out
+
+
+def test_run_folder_is_a_latent_pipeline(latent_run, vae_folder):
+    record = json.loads((latent_run / "clipcond_run.json").read_text())
+    space = record["model_space"]
+    assert space["space"] == "latents" and space["sample_size"] == RESOLUTION // 2
+    assert space["vae"]["scaling_factor"] == SCALING_FACTOR
+    assert space["vae"]["content_hash"] == content_hash(vae_folder)
+    # the UNet denoises 4-channel 8 x 8 latents; the pipeline holds the VAE unchanged, scaling factor included
+    unet = UNet2DConditionModel.from_pretrained(latent_run / "unet")
+    assert unet.config.in_channels == 4 and unet.config.out_channels == 4 and unet.config.sample_size == 8
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (latent_run / "vae" / weights).read_bytes() == (vae_folder / weights).read_bytes()
+    assert AutoencoderKL.from_pretrained(latent_run / "vae").config.scaling_factor == SCALING_FACTOR
+    scheduler = json.loads((latent_run / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["clip_sample"] is False  # latents have no [-1, 1] bound
+    assert (latent_run / "validation" / f"step-{STEPS}.png").is_file()
+
+
+def test_generate_decodes_through_the_vae(latent_run, tmp_path):
+    from clipcond.generate import main as generate
+
+    out = tmp_path / "samples"
+    generate(["--model", str(latent_run), "--prompt", "a red circle", "--output-dir", str(out)]
+             + ["--num-inference-steps", "2", "--num-images", "2", "--seed", "0"])  # fmt: skip
+    images = sorted(out.glob("*.png"))
+    sizes = {Image_size(p) for p in images if p.name != "grid.png"}
+    assert sizes == {(RESOLUTION, RESOLUTION)}  # pixels, decoded from 8 x 8 latents
+
+
+def Image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_the_cache_holds_the_vae_posteriors(latent_run, shapes_data, vae_folder):
+    record = json.loads((latent_run / "clipcond_run.json").read_text())
+    cache_file = Path(record["model_space"]["latent_cache"]["path"])
+    tensors = load_file(cache_file)
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    dataset = ImageCaptionDataset(shapes_data, split="train", resolution=RESOLUTION)
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(6)]).float() / 127.5 - 1
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    # stored in fp16: its rounding is the tolerance
+    torch.testing.assert_close(tensors["mean"][:6].float(), posterior.mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(tensors["std"][:6].float(), posterior.std, rtol=1e-3, atol=1e-3)
+    assert tensors["mean"].shape == (len(dataset), 4, 8, 8)
+
+
+def test_a_step_draws_a_scaled_posterior_sample(latent_run, vae_folder, tmp_path):
+    record = json.loads((latent_run / "clipcond_run.json").read_text())
+    cache_file = Path(record["model_space"]["latent_cache"]["path"])
+    tensors = load_file(cache_file)
+    cache = LatentCache(tensors["mean"], tensors["std"], tensors["item_indices"], "k", cache_file, [])
+    space = LatentSpace(AutoencoderKL.from_pretrained(vae_folder), cache, RESOLUTION, str(vae_folder))
+    batch = {"latent_row": torch.tensor([3, 0, 5])}
+    sample = space.sample(batch, torch.Generator().manual_seed(7), torch.device("cpu"))
+    noise = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    mean, std = cache.lookup(batch["latent_row"])
+    torch.testing.assert_close(sample, (mean + std * noise) * SCALING_FACTOR)
+    again = space.sample(batch, torch.Generator().manual_seed(8), torch.device("cpu"))
+    assert not torch.equal(sample, again)  # a new sample each step, not the mean
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from clipcond.train import decoder
+
+kill_at, steps = int(os.environ["CLIPCOND_KILL_AT_STEP"]), 0
+after_step = decoder.DecoderStage.after_optimizer_step
+
+def after_step_then_maybe_die(self):
+    global steps
+    after_step(self)
+    steps += 1
+    if steps == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+decoder.DecoderStage.after_optimizer_step = after_step_then_maybe_die
+sys.exit(decoder.main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(latent_run, shapes_data, tiny_clip_run, vae_folder, tmp_path):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
+    cmd = [sys.executable, "-c", KILL_SCRIPT, *_argv(tiny_clip_run, shapes_data, vae_folder, killed, *RESUME_ARGS)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    main(_argv(tiny_clip_run, shapes_data, vae_folder, killed, *RESUME_ARGS, "--resume-from-checkpoint", "latest"))
+    name = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(killed / "unet" / name), load_file(latent_run / "unet" / name)
+    assert a.keys() == b.keys()
+    for key in a:  # stated tolerance: bit-identical on one CPU process
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_bad_vae_is_named(shapes_data, tiny_clip_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="`--vae` folder '.*nowhere' does not exist"):
+        main(_argv(tiny_clip_run, shapes_data, tmp_path / "nowhere", tmp_path / "o"))
+    with pytest.raises(ValueError, match="`--vae` '.*' is not an AutoencoderKL folder: its config.json names "):
+        main(_argv(tiny_clip_run, shapes_data, tiny_clip_run, tmp_path / "o"))
+
+
+def test_image_embedding_decoder_refuses_vae(shapes_data, tiny_clip_run, vae_folder, tmp_path):
+    with pytest.raises(ValueError, match="`--vae` .* needs `--conditioning text`"):
+        main(_argv(tiny_clip_run, shapes_data, vae_folder, tmp_path / "o", "--conditioning", "image-embedding"))

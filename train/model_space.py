@@ -1,0 +1,176 @@
+"""What the decoder's UNet denoises, a choice orthogonal to what it is conditioned on (`decoder_conditioning`):
+pixels in [-1, 1] (`PixelSpace`, the default), or a VAE's latents (`LatentSpace`, `--vae VAE`: latent diffusion,
+Rombach et al. 2022).
+
+The latent path encodes the training images once into a `clipcond.latents.LatentCache` (the posterior's mean and
+std, in the run's cache folder), so a training step reads no image and runs no encoder: it draws a posterior sample
+mean + std * noise (the noise from the stage's generator, for the global batch: `draw_rows`) and scales it by the
+VAE's `scaling_factor`, which is what the pipeline divides by before decoding. The pipeline holds the VAE and
+decodes the UNet's samples into images; the x0 clipping of the pixel path (to [-1, 1]) is off, as latents have no
+such bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+
+from clipcond.data.folders import collate_image_text
+from clipcond.latents import LatentCache
+from clipcond.lineage import content_hash
+from clipcond.models.vae import downsampling_factor, load_vae
+from clipcond.train.loop import draw_rows
+from clipcond.transfer import to_device
+
+logger = logging.getLogger(__name__)
+
+
+def add_vae_args(model: argparse._ArgumentGroup) -> None:
+    model.add_argument(
+        "--vae",
+        default=None,
+        metavar="PATH",
+        help="train on this AutoencoderKL's latents (latent diffusion): the output of `clipcond train vae`, or a "
+        "folder in Stable Diffusion's vae/ layout; its posteriors are cached once (default: pixel space)",
+    )
+
+
+def encode_images_to_model_space(
+    pixels: torch.Tensor, vae=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> what the UNet denoises: pixels in [-1, 1], or with a VAE (diffusers
+    `AutoencoderKL`) its sampled latents (B, C, H/f, W/f) times `scaling_factor`, as the pipeline decodes them."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
+    sample = pixels.float() / 127.5 - 1.0
+    if vae is None:
+        return sample
+    with torch.no_grad():
+        latents = vae.encode(sample.to(vae.dtype)).latent_dist.sample(generator)
+    return latents.float() * vae.config.scaling_factor
+
+
+class PixelSpace:
+    """The UNet denoises the images' pixels in [-1, 1] at the data's resolution."""
+
+    kind = "pixels"
+    channels = 3
+    vae = None
+    clip_sample = True  # predicted x0 are clipped to the data range at each sampling step
+
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+        self.sample_size = resolution
+
+    def training_data(self, dataset) -> tuple[torch.utils.data.Dataset, Callable]:
+        """What the loop iterates and how it batches: the images themselves."""
+        return dataset, collate_image_text
+
+    def sample(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The batch's clean samples (B, 3, H, W)."""
+        return encode_images_to_model_space(to_device(batch["pixel_values"], device))
+
+    def record(self) -> dict:
+        return {"space": self.kind, "sample_size": self.sample_size}
+
+
+class _LatentRows(torch.utils.data.Dataset):
+    """Item i: row i of the latent cache and the data set index of the item it was encoded from."""
+
+    def __init__(self, item_indices: torch.Tensor):
+        self.item_indices = item_indices
+
+    def __len__(self) -> int:
+        return len(self.item_indices)
+
+    def __getitem__(self, row: int) -> tuple[int, int]:
+        return row, int(self.item_indices[row])
+
+
+def _collate_latent_rows(items: list[tuple[int, int]]) -> dict:
+    rows, indices = zip(*items, strict=True)
+    return {"latent_row": torch.tensor(rows), "index": torch.tensor(indices), "skipped": []}
+
+
+class LatentSpace:
+    """The UNet denoises the VAE's latents times `scaling_factor`, sampled each step from the cached posteriors."""
+
+    kind = "latents"
+    clip_sample = False
+
+    def __init__(self, vae: AutoencoderKL, cache: LatentCache, resolution: int, vae_path: str):
+        self.vae, self.cache, self.resolution, self.vae_path = vae, cache, resolution, vae_path
+        self.channels, self.sample_size, _ = cache.latent_shape
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def training_data(self, dataset) -> tuple[torch.utils.data.Dataset, Callable]:
+        """What the loop iterates and how it batches: cache rows (the conditioning reads their items' indices)."""
+        return _LatentRows(self.cache.item_indices), _collate_latent_rows
+
+    def sample(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Posterior samples of the batch's latents, scaled: (B, C, h, w)."""
+        mean, std = self.cache.lookup(batch["latent_row"])
+        on_generator = {"generator": generator, "device": generator.device}
+        noise = draw_rows(lambda n: torch.randn((n, *mean.shape[1:]), **on_generator), mean.shape[0], device)
+        return (to_device(mean, device) + to_device(std, device) * noise) * self.scaling_factor
+
+    def record(self) -> dict:
+        return {
+            "space": self.kind,
+            "sample_size": self.sample_size,
+            "vae": {
+                "path": self.vae_path,
+                "content_hash": content_hash(_weights_folder(self.vae_path)),
+                "scaling_factor": self.scaling_factor,
+                "latent_channels": self.channels,
+                "downsampling_factor": downsampling_factor(self.vae),
+            },
+            "latent_cache": {"path": str(self.cache.path), "key": self.cache.key, "skipped": self.cache.skipped},
+        }
+
+
+def _weights_folder(path: str) -> Path:
+    """The folder of the VAE's files: `path`, or its `vae/` (what `load_vae` read)."""
+    folder = Path(path)
+    return folder if (folder / "config.json").is_file() else folder / "vae"
+
+
+def model_space(
+    args: argparse.Namespace, accelerator: Accelerator, dataset, resolution: int, cache_dir: Path
+) -> PixelSpace | LatentSpace:
+    """Pixels, or with `--vae` its latents of `dataset` at `resolution` (cached by the main process first; the
+    others then read its file)."""
+    if args.vae is None:
+        return PixelSpace(resolution)
+    vae = load_vae(args.vae, flag="--vae")
+    factor = downsampling_factor(vae)
+    if resolution % factor:
+        raise ValueError(
+            f"the images are {resolution} px, not divisible by {factor}, the downsampling factor of `--vae` "
+            f"{args.vae!r}; choose a --resolution that is"
+        )
+    vae.requires_grad_(False).eval().to(accelerator.device)
+    with accelerator.main_process_first():
+        cache = LatentCache.build_or_load(
+            vae,
+            dataset,
+            cache_dir,
+            batch_size=args.encode_batch_size,
+            device=accelerator.device,
+            progress=accelerator.is_local_main_process,
+        )
+    logger.info(
+        "latent diffusion: %d px images -> %d x %d x %d latents (scaling factor %.5f)",
+        resolution,
+        cache.latent_shape[0],
+        cache.latent_shape[1],
+        cache.latent_shape[2],
+        float(vae.config.scaling_factor),
+    )
+    return LatentSpace(vae, cache, resolution, args.vae)
