@@ -349,6 +349,23 @@ class DecoderStage(DiffusionStage):
     def pipeline(self, model, scheduler):
         return self.plugin.pipeline(model, scheduler, vae=self.space.vae)
 
+    def extra_state(self):
+        state = super().extra_state()
+        if self.space.content_hash is not None:
+            state["vae_content_hash"] = self.space.content_hash
+        return state
+
+    def load_extra_state(self, state):
+        saved, current = state.get("vae_content_hash"), self.space.content_hash
+        if saved != current:
+            trained = f"the latents of the VAE with content hash {saved[:12]}..." if saved else "pixels"
+            given = f"a VAE with content hash {current[:12]}..." if current else "none (pixels)"
+            raise ValueError(
+                f"the checkpoint was trained on {trained}, but `--vae` gives {given}; resume with the `--vae` it "
+                "was trained with, or start a new run"
+            )
+        super().load_extra_state(state)
+
     def validate(self, step):
         if self.validation is None:
             return {}

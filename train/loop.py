@@ -728,12 +728,19 @@ class Checkpoints:
         tmp.mkdir(parents=True)
         return needed
 
-    def load(self, accelerator: Accelerator, path: Path) -> tuple[TrainingState, dict[str, Any]]:
+    def load(
+        self, accelerator: Accelerator, path: Path, check_extra: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[TrainingState, dict[str, Any]]:
+        """The checkpoint's training state and extra state, after restoring model, optimizer, scheduler and RNGs
+        through Accelerate; `check_extra(extra)` runs before that, so a checkpoint it refuses (trained on another
+        encoder or VAE) fails with its message rather than with a mismatch of weight shapes."""
         with open(path / STATE_FILE) as f:
             payload = json.load(f)
-        accelerator.load_state(str(path))
         tensors = load_file(path / EXTRA_TENSORS_FILE) if (path / EXTRA_TENSORS_FILE).is_file() else {}
         extra = _unflatten_state(payload["extra"], tensors)
+        if check_extra is not None:
+            check_extra(extra)
+        accelerator.load_state(str(path))
         return TrainingState.from_dict(payload["state"]), extra
 
     def _prune(self) -> None:
@@ -954,9 +961,10 @@ def _resume(
         if args.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s; starting from scratch", checkpoints.dir)
         return TrainingState(), None
-    state, extra = checkpoints.load(accelerator, resume_path)
+    state, extra = checkpoints.load(
+        accelerator, resume_path, check_extra=lambda extra: stage.load_extra_state(extra.get("stage", {}))
+    )
     generator.set_state(extra["generator"].to(torch.uint8))
-    stage.load_extra_state(extra.get("stage", {}))
     logger.info("resumed from %s at step %d", resume_path, state.global_step)
     return state, resume_path
 

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from clipcond.data.folders import collate_image_text
 from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
-from clipcond.models.vae import downsampling_factor, load_vae
+from clipcond.models.vae import downsampling_factor, load_vae, vae_folder
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
 
@@ -62,6 +62,7 @@ class PixelSpace:
     kind = "pixels"
     channels = 3
     vae = None
+    content_hash = None  # of the VAE: none
     clip_sample = True  # predicted x0 are clipped to the data range at each sampling step
 
     def __init__(self, resolution: int):
@@ -108,6 +109,7 @@ class LatentSpace:
         self.vae, self.cache, self.resolution, self.vae_path = vae, cache, resolution, vae_path
         self.channels, self.sample_size, _ = cache.latent_shape
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.content_hash = content_hash(vae_folder(vae_path))  # of the files read: checked on resume
 
     def training_data(self, dataset) -> tuple[torch.utils.data.Dataset, Callable]:
         """What the loop iterates and how it batches: cache rows (the conditioning reads their items' indices)."""
@@ -126,19 +128,13 @@ class LatentSpace:
             "sample_size": self.sample_size,
             "vae": {
                 "path": self.vae_path,
-                "content_hash": content_hash(_weights_folder(self.vae_path)),
+                "content_hash": self.content_hash,
                 "scaling_factor": self.scaling_factor,
                 "latent_channels": self.channels,
                 "downsampling_factor": downsampling_factor(self.vae),
             },
             "latent_cache": {"path": str(self.cache.path), "key": self.cache.key, "skipped": self.cache.skipped},
         }
-
-
-def _weights_folder(path: str) -> Path:
-    """The folder of the VAE's files: `path`, or its `vae/` (what `load_vae` read)."""
-    folder = Path(path)
-    return folder if (folder / "config.json").is_file() else folder / "vae"
 
 
 def model_space(

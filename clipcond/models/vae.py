@@ -51,6 +51,11 @@ def load_vae(path: str | os.PathLike, flag: str = "--vae") -> AutoencoderKL:
     """A pretrained `AutoencoderKL` from a local folder: SD's `vae/` folder itself (`config.json` and
     `diffusion_pytorch_model.safetensors`), or a pipeline folder that holds one in `vae/`. Safetensors weights
     only (a pickle file can run code when loaded). Errors name `flag` and the path."""
+    return AutoencoderKL.from_pretrained(vae_folder(path, flag), use_safetensors=True, local_files_only=True)
+
+
+def vae_folder(path: str | os.PathLike, flag: str = "--vae") -> Path:
+    """The folder of the `AutoencoderKL` that `path` names (itself, or its `vae/`), checked as `load_vae` says."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"`{flag}` folder {str(path)!r} does not exist")
@@ -75,7 +80,7 @@ def load_vae(path: str | os.PathLike, flag: str = "--vae") -> AutoencoderKL:
             f"`{flag}` {str(path)!r} has no {WEIGHTS_NAME} (only safetensors weights are read; convert a .bin with "
             "`AutoencoderKL.from_pretrained(...).save_pretrained(...)` where you trust it)"
         )
-    return AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return folder
 
 
 @torch.no_grad()

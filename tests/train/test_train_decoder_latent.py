@@ -180,3 +180,20 @@ def test_bad_vae_is_named(shapes_data, tiny_clip_run, tmp_path):
 def test_image_embedding_decoder_refuses_vae(shapes_data, tiny_clip_run, vae_folder, tmp_path):
     with pytest.raises(ValueError, match="`--vae` .* needs `--conditioning text`"):
         main(_argv(tiny_clip_run, shapes_data, vae_folder, tmp_path / "o", "--conditioning", "image-embedding"))
+
+
+def test_resume_refuses_another_vae(latent_run, shapes_data, tiny_clip_run, tmp_path):
+    """A checkpoint trained on one VAE's latents does not continue on another's, nor on pixels."""
+    torch.manual_seed(1)
+    other = create_vae(vae_config("test", sample_size=RESOLUTION))
+    other.save_pretrained(tmp_path / "other")
+    checkpoint = str(latent_run / "checkpoints" / "checkpoint-2")
+    with pytest.raises(ValueError, match="trained on the latents of the VAE with content hash .* but `--vae` gives a"):
+        main(
+            _argv(
+                tiny_clip_run, shapes_data, tmp_path / "other", tmp_path / "o", "--resume-from-checkpoint", checkpoint
+            )
+        )
+    pixel_argv = [a for a in _argv(tiny_clip_run, shapes_data, "X", tmp_path / "p") if a not in ("--vae", "X")]
+    with pytest.raises(ValueError, match=r"but `--vae` gives none \(pixels\)"):
+        main([*pixel_argv, "--resume-from-checkpoint", checkpoint])
