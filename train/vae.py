@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "latent scaling factor measured on the data.",
         formatter_class=HelpFormatter,
     )
-    data = parser.add_argument_group("data (images only: captions are not read)")
+    data = parser.add_argument_group("data (images only: captions are not used)")
     add_data_arguments(data)
     data.add_argument(
         "--resolution", type=int, default=None, help="image size (default: the data set's, else its first image's)"
@@ -116,7 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     loss = parser.add_argument_group("loss (Rombach et al. 2022, sec. 3.1)")
     loss.add_argument(
-        "--reconstruction-loss", default="l1", choices=RECONSTRUCTION_LOSSES, help="pixel reconstruction error"
+        "--reconstruction-loss",
+        default="mse",
+        choices=RECONSTRUCTION_LOSSES,
+        help="pixel reconstruction error: mse (squared: a pixel's gradient grows with its error, so the few pixels of "
+        "a small object drawn in the wrong colour weigh more; on the shapes data it learns colours in far fewer "
+        "steps than l1) or l1 (LDM's, whose gradient is the same for a small error and a large one)",
     )
     loss.add_argument(
         "--kl-weight",
