@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -197,3 +198,49 @@ def test_resume_refuses_another_vae(latent_run, shapes_data, tiny_clip_run, tmp_
     pixel_argv = [a for a in _argv(tiny_clip_run, shapes_data, "X", tmp_path / "p") if a not in ("--vae", "X")]
     with pytest.raises(ValueError, match=r"but `--vae` gives none \(pixels\)"):
         main([*pixel_argv, "--resume-from-checkpoint", checkpoint])
+
+
+STOCK_SD = """
+import sys
+sys.modules["clipcond"] = None  # any import of clipcond fails here
+import numpy as np, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+generator = torch.Generator().manual_seed(0)
+images = pipe(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=3.0, output_type="np",
+              generator=generator).images
+np.save(sys.argv[2], images)
+"""
+
+
+def test_a_trained_sd_style_run_exports_to_stock_stable_diffusion(shapes_data, tiny_clip_run, vae_folder, tmp_path):
+    """`train decoder --vae --no-mask-text-padding`, then `clipcond export stable-diffusion`: stock diffusers, in a
+    process without clipcond, draws what the run's own pipeline draws with the run's saved scheduler."""
+    from clipcond import export_stable_diffusion
+    from clipcond.pipelines import TextToImagePipeline
+
+    run = tmp_path / "run"
+    argv = _argv(tiny_clip_run, shapes_data, vae_folder, run, "--max-train-steps", "2", "--validation-steps", "0")
+    assert main([*argv, "--checkpointing-steps", "0", "--no-mask-text-padding"]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert export_stable_diffusion.main([str(run), str(tmp_path / "stock")]) == 0
+
+    done = subprocess.run(
+        [sys.executable, "-c", STOCK_SD, str(tmp_path / "stock"), str(tmp_path / "stock.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipe = TextToImagePipeline.from_pretrained(run, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipe(
+        ["a red circle", "a blue square"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    np.testing.assert_allclose(np.load(tmp_path / "stock.npy"), ours, atol=1e-5)
