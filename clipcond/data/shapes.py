@@ -523,6 +523,12 @@ def load_dataset_info(root: str | Path) -> dict | None:
     return None
 
 
+def is_shapes_data(info: dict | None) -> bool:
+    """Whether a dataset_info (`load_dataset_info`) is the built-in shapes data's: other data sets (`clipcond data
+    tuxpaint`, a user's folder) may write one too, under another "name"."""
+    return info is not None and info.get("name") == DATASET_NAME
+
+
 def class_names(info: dict | None) -> list[str]:
     """Zero-shot classes "colour shape", colours-major, from a dataset_info (None: the built-in colours and shapes)."""
     if info is not None and "classes" in info:

@@ -4,9 +4,10 @@ the CLIP's space on any other captioned data.
     clipcond eval generation --model runs/decoder --data data/shapes [--num-images-per-prompt 8] [--guidance-scales 1,3]
     clipcond eval generation --model runs/decoder --data my_images/ [--split test] [--max-prompts 64]
 
-On data other than the shapes (no dataset_info.json), `evaluate_captioned` prompts with the captions of `--split`
-and reports CLIP score, the Fréchet distance in the CLIP's image space to the real images of those captions and a
-grid of real beside drawn images (`clipcond.evaluation.captioned`). On the shapes data:
+On data other than the shapes (no dataset_info.json, or one of another data set such as `clipcond data tuxpaint`
+writes), `evaluate_captioned` prompts with the captions of `--split` and reports CLIP score, the Fréchet distance in
+the CLIP's image space to the real images of those captions and a grid of real beside drawn images
+(`clipcond.evaluation.captioned`). On the shapes data:
 
 For every one-object colour-shape class of the data ("a red circle", ...) it generates `--num-images-per-prompt`
 images, each from its own seeded generator, at each guidance scale, and reports:
@@ -51,7 +52,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipcond.data.shapes import class_names, load_dataset_info, parse_held_out, render_scene, sample_scene
+from clipcond.data.shapes import (
+    class_names,
+    is_shapes_data,
+    load_dataset_info,
+    parse_held_out,
+    render_scene,
+    sample_scene,
+)
 from clipcond.device import DTYPES, dtype_name, resolve_device, resolve_dtype
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.captioned import DEFAULT_MAX_PROMPTS, caption_grid, clip_score
@@ -106,8 +114,8 @@ DESCRIPTION = """Evaluate a text-to-image run. On the shapes data: generate imag
 prompt ('a red circle', ...) with fixed seeds at guidance 1 and the default guidance, and report colour, shape and
 both-correct accuracy (by an attribute classifier trained on ground-truth renders) for seen and held-out compositions,
 CLIP score under the trained CLIP, and a Fréchet distance on CLIP image features against the test split. On any other
-image-caption data (no dataset_info.json): prompt with up to --max-prompts distinct captions of --split and report
-CLIP score (100 x max(cos, 0)) beside the real images' own, and the Fréchet distance in the CLIP's image space to the
+image-caption data (e.g. `clipcond data tuxpaint`): prompt with up to --max-prompts distinct captions of --split and
+report CLIP score (100 x max(cos, 0)) beside the real images' own, and the Fréchet distance in the CLIP's image space to the
 real images of those captions, with a grid of each caption's real image beside what was drawn. Prints one JSON
 object and writes it, the grids and the images to --output-dir.
 """
@@ -821,9 +829,10 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"`--data` {args.data!r} does not exist")
     output_dir = Path(args.output_dir) if args.output_dir else run / "eval_generation"
     check_output_dir(output_dir)
-    info = load_dataset_info(args.data)  # the shapes data's; None for other data
+    info = load_dataset_info(args.data)
+    shapes = is_shapes_data(info)  # other data sets (`clipcond data tuxpaint`, ...) may hold a dataset_info too
     if args.num_images_per_prompt is None:
-        args.num_images_per_prompt = 8 if info is not None else 1
+        args.num_images_per_prompt = 8 if shapes else 1
     scales, headline = _guidance_scales(args)
     check_at_least(args, 1, "num_images_per_prompt", "batch_size", "max_prompts")
     _check_template(args.prompt_template)
@@ -851,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": str(run), "data": str(args.data), "reference_split": args.split, "clip_mismatch": mismatch}
 
     # 2. load the judge (shapes data), the CLIP, the reference images and the pipeline; 3. evaluate
-    if info is None:
+    if not shapes:
         metrics = _evaluate_captioned_data(args, run, clip_path, device, common, settings)
     else:
         judge = load_or_train_judge(int(info["resolution"]), cache_dir=args.judge_cache_dir, device=device)

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipcond.data.shapes import DATASET_NAME as SHAPES_DATASET_NAME
-from clipcond.data.shapes import load_dataset_info
+from clipcond.data.shapes import is_shapes_data, load_dataset_info
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.runs import RUN_RECORD, RunRecord
 
@@ -232,7 +231,7 @@ def check_scheduler(name: str) -> None:
 def shapes_info(data: str | os.PathLike, what: str = "`--data`") -> dict:
     """The dataset_info.json of the shapes data at `data`; a ValueError naming `what` for other data."""
     info = load_dataset_info(data)
-    if info is None or info.get("name") != SHAPES_DATASET_NAME:
+    if not is_shapes_data(info):
         found = "has no dataset_info.json" if info is None else f"holds the data set {info.get('name')!r}"
         raise ValueError(
             f"{what} {str(data)!r} {found}: this evaluation needs the built-in shapes data "

@@ -118,3 +118,32 @@ def test_command_on_a_users_imagefolder(pipeline_run, tiny_clip_run, imagefolder
     assert main([*argv, "--output-dir", str(tmp_path / "again")]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["fd_clip"] == metrics["fd_clip"] and again["clip_score"] == metrics["clip_score"]
+
+
+def test_command_on_tux_paint_stamps_measures_captions_not_shapes(pipeline_run, tmp_path, capsys):
+    """`clipcond data tuxpaint` writes a dataset_info.json too (name "tuxpaint-stamps"): the command must prompt with
+    its captions (`evaluate_captioned`), not judge its topics as colour-shape classes."""
+    from clipcond.data.shapes import is_shapes_data
+    from clipcond.data.tuxpaint import write_tuxpaint_dataset
+
+    stamps = tmp_path / "stamps"
+    for i, (topic, colour) in enumerate([("animals", (200, 0, 0)), ("food", (0, 150, 0))] * 3):
+        path = stamps / topic / f"stamp{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".txt").write_text(f"A {topic} stamp number {i}.\n", encoding="utf-8")
+        stamp = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+        stamp.paste(Image.new("RGBA", (10 + 2 * i, 10), (*colour, 255)), (2, 2))
+        stamp.save(path.with_suffix(".png"))
+    data = tmp_path / "tuxpaint"
+    info = write_tuxpaint_dataset(stamps, data, resolution=16, test_fraction=0.5)
+    assert info["name"] == "tuxpaint-stamps" and not is_shapes_data(info)
+
+    out = tmp_path / "eval"
+    argv = ["--model", str(pipeline_run), "--data", str(data), "--num-inference-steps", "2", "--device", "cpu"]
+    assert main([*argv, "--no-progress", "--guidance-scales", "1", "--output-dir", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert list(metrics) == [*CAPTIONED_HEADLINE_KEYS, "guidance", "settings"]
+    assert "judge" not in metrics and "classes" not in metrics["settings"]
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert len(prompts) >= 2 and all(p.startswith("A ") and "stamp number" in p for p in prompts)
+    assert metrics["num_images"] == len(prompts) and (out / "grid_guidance_1.0.png").is_file()
