@@ -68,6 +68,8 @@ def load_caption_set(
     sorted by class), each with its image at `resolution`. Unreadable images are left out and listed."""
     from clipcond.data.folders import ImageCaptionDataset
 
+    if max_prompts < 2:
+        raise ValueError(f"`max_prompts` must be >= 2 (the Fréchet distance needs two images), got {max_prompts}")
     try:
         dataset = ImageCaptionDataset(
             data, split=split, resolution=resolution, allow_outside_paths=allow_outside_paths

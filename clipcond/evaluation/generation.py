@@ -771,7 +771,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-prompts",
         type=int,
         default=DEFAULT_MAX_PROMPTS,
-        help=f"other data: distinct captions of --split drawn as prompts (default {DEFAULT_MAX_PROMPTS})",
+        help=f"other data: distinct captions of --split drawn as prompts, >= 2 (default {DEFAULT_MAX_PROMPTS})",
     )
     parser.add_argument(
         "--prompt-template",
@@ -834,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images_per_prompt is None:
         args.num_images_per_prompt = 8 if shapes else 1
     scales, headline = _guidance_scales(args)
-    check_at_least(args, 1, "num_images_per_prompt", "batch_size", "max_prompts")
+    check_at_least(args, 1, "num_images_per_prompt", "batch_size")
+    check_at_least(args, 2, "max_prompts", note=" (the Fréchet distance needs two images of distinct captions)")
     _check_template(args.prompt_template)
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     check_scheduler(args.scheduler)

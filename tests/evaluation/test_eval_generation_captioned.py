@@ -147,3 +147,14 @@ def test_command_on_tux_paint_stamps_measures_captions_not_shapes(pipeline_run, 
     prompts = json.loads((out / "prompts.json").read_text())
     assert len(prompts) >= 2 and all(p.startswith("A ") and "stamp number" in p for p in prompts)
     assert metrics["num_images"] == len(prompts) and (out / "grid_guidance_1.0.png").is_file()
+
+
+def test_max_prompts_below_two_is_refused_as_the_flag(pipeline_run, imagefolder, tmp_path):
+    """One prompt cannot give a Fréchet distance: the flag is refused before any load, not blamed on the data."""
+    argv = ["--model", str(pipeline_run), "--data", str(imagefolder), "--output-dir", str(tmp_path / "eval")]
+    for value in ("1", "0"):
+        with pytest.raises(ValueError, match=rf"`--max-prompts` must be >= 2 .*got {value}$"):
+            main([*argv, "--max-prompts", value])
+    assert not (tmp_path / "eval").exists()
+    with pytest.raises(ValueError, match="`max_prompts` must be >= 2"):
+        load_caption_set(str(imagefolder), "test", 32, max_prompts=1)
