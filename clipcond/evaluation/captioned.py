@@ -1,5 +1,5 @@
-"""What `clipcond eval generation` measures on data other than the built-in shapes: the data's own captions as
-prompts, its own images as the reference, the run's CLIP as the only judge.
+"""What `clipcond eval generation` measures on data other than the built-in shapes (`evaluate_captioned`): the
+data's own captions as prompts, its own images as the reference, the run's CLIP as the only judge.
 
 - `clip_score`: CLIPScore (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
   Captioning"), w * max(cos(image, text), 0) with the weight w = 100 of torchmetrics' `CLIPScore` (the paper uses
@@ -17,13 +17,34 @@ The judged colour and shape figures stay for the shapes data (`clipcond.evaluati
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from clipcond.evaluation.frechet import frechet_distance
+from clipcond.evaluation.judged import check_counts, clip_image_features
+from clipcond.evaluation.sampling import (
+    GenerateFn,
+    check_generator,
+    check_scales,
+    draw_prompts,
+    pipeline_generate_fn,
+    pipeline_settings,
+    prepared_pipeline,
+    scale_key,
+)
+from clipcond.finite import finite_or_null
+from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import image_grid
+from clipcond.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +168,212 @@ def caption_grid(
 
 def _pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
+
+
+# ---------------------------------------------------------------- the evaluation
+
+# The figures of one guidance scale on captioned data, in the order printed.
+CAPTIONED_KEYS = ("clip_score", "clip_cosine", "fd_clip", "num_images", "generation_seconds")
+# The top level of the printed JSON on captioned data; then "guidance" and "settings".
+CAPTIONED_HEADLINE_KEYS = (
+    "guidance_scale",
+    "clip_score",
+    "clip_score_real",
+    "clip_cosine",
+    "fd_clip",
+    "fd_clip_floor",
+    "num_images",
+)
+
+
+def _check_inputs(pipe, prompts: Sequence[str], real_images: torch.Tensor, clip_run, counts: dict) -> bool:
+    """Refuse empty or blank prompts, counts below 1, real images that do not pair with the prompts and a missing
+    CLIP; whether `pipe` is a diffusers pipeline (else a generate callable)."""
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"`prompts` must be a non-empty list of captions, got {prompts[:3]!r}")
+    check_counts(**counts)
+    is_pipeline = check_generator(pipe, real_images)
+    if real_images.shape[0] != len(prompts):
+        raise ValueError(f"`real_images` holds {real_images.shape[0]} images for {len(prompts)} prompts")
+    if clip_run is None:
+        raise ValueError("`clip_run` is required: every figure on captioned data is in the CLIP's space")
+    return is_pipeline
+
+
+@dataclass
+class _Fixed:
+    """What does not depend on the guidance scale."""
+
+    text_features: torch.Tensor  # (P, D) CLIP embeddings of the prompts
+    real_features: torch.Tensor  # (P, D) CLIP image features of the real images, the FD reference
+    clip_score_real: float  # the real images' CLIP score: the level of the data itself
+    fd_floor: float | None  # the FD of the floor images to the reference
+
+
+def _fixed_figures(
+    clip_run, prompts: list[str], real_images: torch.Tensor, floor_images: torch.Tensor | None, batch_size: int
+) -> _Fixed:
+    """The prompts' and the real images' features, the real images' CLIP score and the FD floor."""
+    text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
+    real_features = clip_image_features(clip_run, real_images, batch_size)  # (P, D)
+    clip_score_real = clip_score(real_features, text_features).mean().item()
+    fd_floor = None
+    if floor_images is not None:
+        fd_floor = frechet_distance(clip_image_features(clip_run, floor_images, batch_size), real_features)
+    return _Fixed(text_features, real_features, clip_score_real, fd_floor)
+
+
+def _measure_scale(
+    generate: GenerateFn,
+    guidance_scale: float,
+    prompts: list[str],
+    clip_run,
+    fixed: _Fixed,
+    *,
+    per_prompt: int,
+    seed: int,
+    batch_size: int,
+    bar,
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Draw `per_prompt` images of every prompt at one guidance scale and measure them: (figures, images, each
+    image's CLIP score)."""
+    began = time.perf_counter()
+    drawn = draw_prompts(generate, prompts, per_prompt, guidance_scale, seed=seed, batch_size=batch_size, bar=bar)
+    seconds = time.perf_counter() - began
+    features = clip_image_features(clip_run, drawn, batch_size)  # (N, D)
+    prompt_of_image = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # (N,)
+    paired_text = fixed.text_features[prompt_of_image]
+    scores = clip_score(features, paired_text)
+    figures = {
+        "clip_score": scores.mean().item(),
+        "clip_cosine": (features.double() * paired_text.double()).sum(dim=-1).mean().item(),
+        "fd_clip": frechet_distance(features, fixed.real_features) if len(drawn) >= 2 else None,
+        "num_images": len(drawn),
+        "generation_seconds": round(seconds, 2),
+    }
+    return figures, drawn, scores
+
+
+def _measure_scales(
+    generate: GenerateFn, scales: list[float], prompts: list[str], clip_run, fixed: _Fixed, draw: dict, progress: bool
+) -> tuple[dict[str, dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Figures, images and per-image CLIP scores at every guidance scale, by `scale_key`; `draw` holds
+    `_measure_scale`'s per_prompt, seed and batch_size."""
+    results, images, scores = {}, {}, {}
+    total = len(prompts) * draw["per_prompt"] * len(scales)
+    with tqdm(total=total, desc="generating", unit="img", disable=not progress, leave=False) as bar:
+        for g in scales:
+            key = scale_key(g)
+            results[key], images[key], scores[key] = _measure_scale(
+                generate, g, prompts, clip_run, fixed, **draw, bar=bar
+            )
+    return results, images, scores
+
+
+def _headline_figures(results: dict[str, dict], headline: float, fixed: _Fixed) -> dict:
+    """The top level of the figures (`CAPTIONED_HEADLINE_KEYS`): those at the headline guidance scale, the real
+    images' CLIP score and the FD floor."""
+    figures = {
+        **results[scale_key(headline)],
+        "clip_score_real": fixed.clip_score_real,
+        "fd_clip_floor": fixed.fd_floor,
+    }
+    figures["guidance_scale"] = headline
+    return {key: figures[key] for key in CAPTIONED_HEADLINE_KEYS}
+
+
+def evaluate_captioned(
+    pipe,
+    *,
+    prompts: Sequence[str],
+    real_images: torch.Tensor,
+    clip_run,
+    floor_images: torch.Tensor | None = None,
+    num_images_per_prompt: int = 1,
+    guidance_scales: Sequence[float] = (1.0, DEFAULT_TEXT_GUIDANCE_SCALE),
+    guidance_scale: float | None = None,
+    num_inference_steps: int = 25,
+    scheduler: str | None = "dpm",
+    seed: int = 0,
+    batch_size: int = 32,
+    output_dir: str | os.PathLike | None = None,
+    extra_settings: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Generate images for a data set's captions at every guidance scale and measure them in the CLIP's space:
+    CLIP score, its raw cosine, and the Fréchet distance to the real images.
+
+    Args:
+        pipe: as in `clipcond.evaluation.generation.evaluate_generation`: a diffusers text-to-image pipeline or a
+            `generate` callable (`clipcond.evaluation.sampling.GenerateFn`).
+        prompts: the captions (`load_caption_set`), one prompt each.
+        real_images: uint8 (P, 3, H, W), image p is the real image of prompts[p]: the FD reference, and the
+            real images' CLIP score (`clip_score_real`) is the level of the data itself.
+        clip_run: the `ClipRun` whose space the figures are in (the one the decoder was trained on).
+        floor_images: uint8 real images of another split (e.g. train), for `fd_clip_floor`, their FD to the
+            reference; None: not measured.
+        num_images_per_prompt, guidance_scales, guidance_scale, num_inference_steps, scheduler, seed, batch_size,
+            output_dir, extra_settings, progress: as in `evaluate_generation`.
+
+    Returns:
+        `{CAPTIONED_HEADLINE_KEYS at guidance_scale..., "guidance": {"<scale>": {CAPTIONED_KEYS...}},
+        "settings": {...}}`. `output_dir` receives metrics.json, prompts.json, grid_guidance_<g>.png (a row per
+        caption: the real image, then the drawn ones) and images/guidance_<g>/prompt_<p>_<k>.png.
+    """
+    start = time.perf_counter()
+    # 1. check inputs
+    scales, headline = check_scales(guidance_scales, guidance_scale)
+    prompts = list(prompts)
+    counts = {"num_images_per_prompt": num_images_per_prompt, "batch_size": batch_size}
+    is_pipeline = _check_inputs(pipe, prompts, real_images, clip_run, counts)
+    # 2. the prompts' and the real images' features
+    fixed = _fixed_figures(clip_run, prompts, real_images, floor_images, batch_size)
+    # 3. generate and measure at every guidance scale
+    generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
+    with prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():
+        draw = {"per_prompt": num_images_per_prompt, "seed": seed, "batch_size": batch_size}
+        results, images, scores = _measure_scales(generate, scales, prompts, clip_run, fixed, draw, progress)
+    # 4. assemble: the headline figures first, then every scale and the settings
+    metrics = _headline_figures(results, headline, fixed)
+    metrics["guidance"] = results
+    metrics["settings"] = {
+        "num_prompts": len(prompts),
+        "num_images_per_prompt": num_images_per_prompt,
+        "guidance_scales": scales,
+        **pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
+        "seed": seed,
+        "clip": str(clip_run.path),
+        "clip_score": "100 * max(cos, 0) (torchmetrics' CLIPScore; Hessel et al. 2021)",
+        "num_floor_images": None if floor_images is None else int(floor_images.shape[0]),
+        **(extra_settings or {}),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if output_dir is not None:
+        write_captioned_outputs(metrics, prompts, real_images, images, scores, num_images_per_prompt, output_dir)
+    return metrics
+
+
+def write_captioned_outputs(
+    metrics: dict,
+    prompts: list[str],
+    real_images: torch.Tensor,
+    images: dict[str, torch.Tensor],
+    scores: dict[str, torch.Tensor],
+    num_images_per_prompt: int,
+    output_dir: str | os.PathLike,
+) -> None:
+    """metrics.json, prompts.json (prompt p is the p-th), and per guidance scale g: grid_guidance_<g>.png (a row per
+    caption, `caption_grid`) and images/guidance_<g>/prompt_<p>_<k>.png (named by index: captions make poor file
+    names)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for key, drawn in images.items():
+        folder = output_dir / "images" / f"guidance_{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(drawn):
+            p, k = divmod(i, num_images_per_prompt)
+            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(folder / f"prompt_{p:04d}_{k}.png")
+        grid = caption_grid(prompts, real_images, drawn, scores[key])
+        grid.save(output_dir / f"grid_guidance_{key}.png", format="PNG")
+    write_json_atomic(output_dir / "prompts.json", prompts)
+    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))

@@ -40,10 +40,9 @@ import argparse
 import os
 import random
 import re
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,23 +59,20 @@ from clipcond.data.shapes import (
     render_scene,
     sample_scene,
 )
-from clipcond.device import DTYPES, dtype_name, resolve_device, resolve_dtype
+from clipcond.device import DTYPES, resolve_device, resolve_dtype
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
-from clipcond.evaluation.captioned import DEFAULT_MAX_PROMPTS, caption_grid, clip_score
+from clipcond.evaluation.captioned import DEFAULT_MAX_PROMPTS, evaluate_captioned
 from clipcond.evaluation.diversity import diversity
 from clipcond.evaluation.frechet import frechet_distance, frechet_distance_from_stats  # noqa: F401 (public here)
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores, load_or_train_judge
 from clipcond.evaluation.judged import (
     GROUPS,
     accuracy_figures,
-    call_pipeline,
     check_counts,
     check_palette,
     check_scheduler,
     class_pairs,
     clip_image_features,
-    derived_seed,
-    draw_seeded,
     group_masks,
     judged_tile,
     load_clip_and_reference,
@@ -85,14 +81,22 @@ from clipcond.evaluation.judged import (
     per_class_table,
     resolve_clip_path,
 )
+from clipcond.evaluation.sampling import (
+    GenerateFn,
+    check_generator,
+    check_scales,
+    draw_prompts,
+    image_seed,  # noqa: F401 (public here: `clipcond demo` and the tests name the seeds of the written images)
+    pipeline_generate_fn,
+    pipeline_settings,
+    prepared_pipeline,
+    scale_key,
+)
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.pipeline_loading import load_pretrained, scheduler_name
+from clipcond.pipeline_loading import load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
-
-# generate(prompts, guidance_scale, generators) -> uint8 images (len(prompts), 3, H, W); generators[i] draws image i.
-GenerateFn = Callable[[list[str], float, list[torch.Generator]], torch.Tensor]
 
 DEFAULT_PROMPT_TEMPLATE = "a {colour} {shape}"
 DEFAULT_GUIDANCE_SCALE = DEFAULT_TEXT_GUIDANCE_SCALE  # `clipcond generate`'s default for a text-to-image decoder
@@ -119,55 +123,6 @@ report CLIP score (100 x max(cos, 0)) beside the real images' own, and the Fréc
 real images of those captions, with a grid of each caption's real image beside what was drawn. Prints one JSON
 object and writes it, the grids and the images to --output-dir.
 """
-
-
-# ---------------------------------------------------------------- generators
-
-
-def image_seed(seed: int, prompt: str, index: int) -> int:
-    """The seed of the `index`-th image of `prompt`: the same at every guidance scale and whatever else is evaluated,
-    so that figures at two guidance scales compare the same initial noise."""
-    return derived_seed("clipcond-eval-generation", seed, prompt, index)
-
-
-def pipeline_generate_fn(pipe, num_inference_steps: int) -> GenerateFn:
-    """A `GenerateFn` over a diffusers text-to-image pipeline with the standard argument names."""
-
-    def generate(prompts: list[str], guidance_scale: float, generators: list[torch.Generator]) -> torch.Tensor:
-        return call_pipeline(
-            pipe,
-            generators,
-            prompt=list(prompts),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-        )
-
-    return generate
-
-
-@contextmanager
-def _prepared_pipeline(pipe, scheduler: str | None) -> Iterator[None]:
-    """The pipeline with `scheduler` swapped in and its progress bar off; both restored afterwards."""
-    previous_scheduler = pipe.scheduler
-    previous_bar = dict(getattr(pipe, "_progress_bar_config", {}))
-    if scheduler is not None:
-        from clipcond.pipelines.text_to_image import scheduler_from_name
-
-        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        yield
-    finally:
-        pipe.scheduler = previous_scheduler
-        pipe._progress_bar_config = previous_bar
-
-
-def _is_pipeline(obj) -> bool:
-    if "diffusers" not in sys.modules:  # then obj cannot be a pipeline; importing diffusers costs seconds
-        return False
-    from diffusers import DiffusionPipeline
-
-    return isinstance(obj, DiffusionPipeline)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -260,34 +215,6 @@ def _check_template(template: str) -> None:
         raise ValueError(f"`prompt_template` {template!r} must contain both {{colour}} and {{shape}}")
 
 
-def _check_scales(guidance_scales: Sequence[float], guidance_scale: float | None) -> tuple[list[float], float]:
-    """The scales to evaluate, the headline one (default: the last) among them, each >= 1."""
-    scales = [float(g) for g in guidance_scales]
-    headline = float(guidance_scale) if guidance_scale is not None else (scales[-1] if scales else None)
-    if headline is None:
-        raise ValueError("`guidance_scales` is empty and no `guidance_scale` was given")
-    if headline not in scales:
-        scales.append(headline)
-    scales = list(dict.fromkeys(scales))
-    for g in scales:
-        if not (is_finite_number(g) and g >= 1.0):
-            raise ValueError(f"guidance scales must be finite numbers >= 1 (1: no guidance), got {g}")
-    return scales, headline
-
-
-def _check_generator(pipe, reference_images: torch.Tensor | None) -> bool:
-    """Whether `pipe` is a diffusers pipeline (else a generate callable); refuses anything else, and reference images
-    that are not uint8 (N, 3, H, W)."""
-    if reference_images is not None and (reference_images.dtype != torch.uint8 or reference_images.ndim != 4):
-        raise ValueError(
-            f"`reference_images` must be uint8 (N, 3, H, W), got {reference_images.dtype} {tuple(reference_images.shape)}"
-        )
-    is_pipeline = _is_pipeline(pipe)
-    if not is_pipeline and not callable(pipe):
-        raise ValueError(f"`pipe` must be a diffusers pipeline or a generate callable, got {type(pipe).__name__}")
-    return is_pipeline
-
-
 def ground_truth_renders(pairs: Sequence[tuple[str, str]], per_pair: int, resolution: int, seed: int) -> torch.Tensor:
     """Renders uint8 (len(pairs) * per_pair, 3, R, R) of each pair, drawn as the data set draws a single object."""
     images = []
@@ -323,30 +250,6 @@ def _fixed_figures(plan: _Plan, judge: AttributeJudge, clip_run, reference_image
             fixed.fd_floor = frechet_distance(render_features, fixed.reference_features)
     fixed.real_diversity = diversity(renders, plan.rows, render_features)
     return fixed
-
-
-def draw_prompts(
-    generate: GenerateFn,
-    prompts: list[str],
-    per_prompt: int,
-    guidance_scale: float,
-    *,
-    seed: int,
-    batch_size: int,
-    bar,
-) -> torch.Tensor:
-    """Images uint8 (len(prompts) * per_prompt, 3, H, W), prompt by prompt, image k of a prompt drawn from a
-    generator seeded `image_seed(seed, prompt, k)`; in batches of `batch_size`, each checked."""
-    jobs = [(p, k) for p in range(len(prompts)) for k in range(per_prompt)]
-    return draw_seeded(
-        lambda batch, generators: generate([prompts[p] for p, _ in batch], guidance_scale, generators),
-        jobs,
-        lambda job: image_seed(seed, prompts[job[0]], job[1]),
-        batch_size,
-        bar,
-        "the generator",
-        lambda n: f"{n} prompts",
-    )
 
 
 def _generate_all(generate: GenerateFn, plan: _Plan, guidance_scale: float, bar) -> torch.Tensor:
@@ -391,35 +294,22 @@ def _judge_scale(
     return figures, images, scores
 
 
-def _scale_key(guidance_scale: float) -> str:
-    return str(float(guidance_scale))
-
-
 def _judge_scales(generate: GenerateFn, plan: _Plan, judge: AttributeJudge, clip_run, fixed: _Fixed, progress: bool):
-    """Figures, images and scores at every guidance scale of the plan, by `_scale_key`."""
+    """Figures, images and scores at every guidance scale of the plan, by `scale_key`."""
     results: dict[str, dict] = {}
     images: dict[str, torch.Tensor] = {}
     scores: dict[str, JudgeScores] = {}
     total = len(plan.jobs) * len(plan.scales)
     with tqdm(total=total, desc="generating", unit="img", disable=not progress, leave=False) as bar:
         for g in plan.scales:
-            key = _scale_key(g)
+            key = scale_key(g)
             results[key], images[key], scores[key] = _judge_scale(generate, g, plan, judge, clip_run, fixed, bar)
     return results, images, scores
 
 
-def _pipeline_settings(pipe, is_pipeline: bool, num_inference_steps: int, scheduler: str | None) -> dict:
-    """How a pipeline sampled (None for a generate callable, whose sampling `evaluate_generation` does not see)."""
-    return {
-        "num_inference_steps": num_inference_steps if is_pipeline else None,
-        "scheduler": (scheduler or scheduler_name(pipe.scheduler)) if is_pipeline else None,
-        "dtype": dtype_name(pipe.unet.dtype) if is_pipeline else None,
-    }
-
-
 def _headline_figures(results: dict[str, dict], headline: float, fd_floor: float | None) -> dict:
     """The top level of the figures (`HEADLINE_KEYS`): those at the headline guidance scale, and the FD floor."""
-    top = results[_scale_key(headline)]
+    top = results[scale_key(headline)]
     metrics = {"guidance_scale": headline, **{key: top[key] for key in GROUP_KEYS[:-1]}, "fd_clip_floor": fd_floor}
     return {key: metrics[key] for key in HEADLINE_KEYS}
 
@@ -431,7 +321,7 @@ def _slug(text: str) -> str:
 def image_file(output_dir: str | os.PathLike, guidance_scale: float, prompt: str, index: int) -> Path:
     """Where an evaluation written to `output_dir` saved image `index` of `prompt` at `guidance_scale`; it was drawn
     from a generator seeded `image_seed(seed, prompt, index)`."""
-    return Path(output_dir) / "images" / f"guidance_{_scale_key(guidance_scale)}" / f"{_slug(prompt)}_{index}.png"
+    return Path(output_dir) / "images" / f"guidance_{scale_key(guidance_scale)}" / f"{_slug(prompt)}_{index}.png"
 
 
 def evaluate_generation(
@@ -484,14 +374,14 @@ def evaluate_generation(
     """
     start = time.perf_counter()
     # 1. check inputs: the scales, the classes' prompts, one generator seed per image; the generator
-    scales, headline = _check_scales(guidance_scales, guidance_scale)
+    scales, headline = check_scales(guidance_scales, guidance_scale)
     plan = _plan(classes, held_out, judge, prompt_template, num_images_per_prompt, seed, batch_size, scales, headline)
-    is_pipeline = _check_generator(pipe, reference_images)
+    is_pipeline = check_generator(pipe, reference_images)
     # 2. what does not depend on the guidance scale
     fixed = _fixed_figures(plan, judge, clip_run, reference_images)
     # 3. generate and judge at every guidance scale
     generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
-    with _prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():
+    with prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():
         results, images, scores = _judge_scales(generate, plan, judge, clip_run, fixed, progress)
     # 4. assemble: the headline figures first, then every scale, the judge and the settings
     metrics = {**_headline_figures(results, plan.headline, fixed.fd_floor), "guidance": results}
@@ -499,7 +389,7 @@ def evaluate_generation(
     metrics["settings"] = {
         **{"classes": plan.names, "held_out": plan.held, "prompt_template": prompt_template},
         **{"num_images_per_prompt": num_images_per_prompt, "guidance_scales": plan.scales},
-        **_pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
+        **pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
         "seed": seed,
         "clip": None if clip_run is None else str(clip_run.path),
         "num_reference_images": None if reference_images is None else int(reference_images.shape[0]),
@@ -509,154 +399,6 @@ def evaluate_generation(
     if output_dir is not None:
         write_outputs(metrics, images, scores, plan.prompts, num_images_per_prompt, output_dir)
     return metrics
-
-
-# ---------------------------------------------------------------- any captioned data
-
-# The figures of one guidance scale on captioned data, in the order printed.
-CAPTIONED_KEYS = ("clip_score", "clip_cosine", "fd_clip", "num_images", "generation_seconds")
-# The top level of the printed JSON on captioned data; then "guidance" and "settings".
-CAPTIONED_HEADLINE_KEYS = (
-    "guidance_scale",
-    "clip_score",
-    "clip_score_real",
-    "clip_cosine",
-    "fd_clip",
-    "fd_clip_floor",
-    "num_images",
-)
-
-
-def evaluate_captioned(
-    pipe,
-    *,
-    prompts: Sequence[str],
-    real_images: torch.Tensor,
-    clip_run,
-    floor_images: torch.Tensor | None = None,
-    num_images_per_prompt: int = 1,
-    guidance_scales: Sequence[float] = (1.0, DEFAULT_GUIDANCE_SCALE),
-    guidance_scale: float | None = None,
-    num_inference_steps: int = 25,
-    scheduler: str | None = "dpm",
-    seed: int = 0,
-    batch_size: int = 32,
-    output_dir: str | os.PathLike | None = None,
-    extra_settings: dict | None = None,
-    progress: bool = False,
-) -> dict:
-    """Generate images for a data set's captions at every guidance scale and measure them in the CLIP's space
-    (`clipcond.evaluation.captioned`): CLIP score, its raw cosine, and the Fréchet distance to the real images.
-
-    Args:
-        pipe: as in `evaluate_generation`: a diffusers text-to-image pipeline or a `generate` callable.
-        prompts: the captions (`clipcond.evaluation.captioned.load_caption_set`), one prompt each.
-        real_images: uint8 (P, 3, H, W), image p is the real image of prompts[p]: the FD reference, and the
-            real images' CLIP score (`clip_score_real`) is the level of the data itself.
-        clip_run: the `ClipRun` whose space the figures are in (the one the decoder was trained on).
-        floor_images: uint8 real images of another split (e.g. train), for `fd_clip_floor`, their FD to the
-            reference; None: not measured.
-        num_images_per_prompt, guidance_scales, guidance_scale, num_inference_steps, scheduler, seed, batch_size,
-            output_dir, extra_settings, progress: as in `evaluate_generation`.
-
-    Returns:
-        `{CAPTIONED_HEADLINE_KEYS at guidance_scale..., "guidance": {"<scale>": {CAPTIONED_KEYS...}},
-        "settings": {...}}`. `output_dir` receives metrics.json, prompts.json, grid_guidance_<g>.png (a row per
-        caption: the real image, then the drawn ones) and images/guidance_<g>/prompt_<p>_<k>.png.
-    """
-    start = time.perf_counter()
-    # 1. check inputs
-    scales, headline = _check_scales(guidance_scales, guidance_scale)
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"`prompts` must be a non-empty list of captions, got {prompts[:3]!r}")
-    check_counts(num_images_per_prompt=num_images_per_prompt, batch_size=batch_size)
-    is_pipeline = _check_generator(pipe, real_images)
-    if real_images.shape[0] != len(prompts):
-        raise ValueError(f"`real_images` holds {real_images.shape[0]} images for {len(prompts)} prompts")
-    if clip_run is None:
-        raise ValueError("`clip_run` is required: every figure on captioned data is in the CLIP's space")
-    # 2. the prompts' and the real images' features
-    text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
-    real_features = clip_image_features(clip_run, real_images, batch_size)  # (P, D)
-    clip_score_real = clip_score(real_features, text_features).mean().item()
-    fd_floor = None
-    if floor_images is not None:
-        fd_floor = frechet_distance(clip_image_features(clip_run, floor_images, batch_size), real_features)
-    # 3. generate and measure at every guidance scale
-    prompt_of_image = torch.arange(len(prompts)).repeat_interleave(num_images_per_prompt)  # (N,)
-    generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
-    results, images, scores = {}, {}, {}
-    total = len(prompt_of_image) * len(scales)
-    with (
-        _prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext(),
-        tqdm(total=total, desc="generating", unit="img", disable=not progress, leave=False) as bar,
-    ):
-        for g in scales:
-            key = _scale_key(g)
-            began = time.perf_counter()
-            drawn = draw_prompts(
-                generate, prompts, num_images_per_prompt, g, seed=seed, batch_size=batch_size, bar=bar
-            )
-            seconds = time.perf_counter() - began
-            features = clip_image_features(clip_run, drawn, batch_size)  # (N, D)
-            paired_text = text_features[prompt_of_image]
-            scores[key] = clip_score(features, paired_text)
-            fd = frechet_distance(features, real_features) if len(drawn) >= 2 else None
-            results[key] = {
-                "clip_score": scores[key].mean().item(),
-                "clip_cosine": (features.double() * paired_text.double()).sum(dim=-1).mean().item(),
-                "fd_clip": fd,
-                "num_images": len(drawn),
-                "generation_seconds": round(seconds, 2),
-            }
-            images[key] = drawn
-    # 4. assemble: the headline figures first, then every scale and the settings
-    top = results[_scale_key(headline)]
-    figures = {"guidance_scale": headline, **top, "clip_score_real": clip_score_real, "fd_clip_floor": fd_floor}
-    metrics = {key: figures[key] for key in CAPTIONED_HEADLINE_KEYS}
-    metrics["guidance"] = results
-    metrics["settings"] = {
-        "num_prompts": len(prompts),
-        "num_images_per_prompt": num_images_per_prompt,
-        "guidance_scales": scales,
-        **_pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
-        "seed": seed,
-        "clip": str(clip_run.path),
-        "clip_score": "100 * max(cos, 0) (torchmetrics' CLIPScore; Hessel et al. 2021)",
-        "num_floor_images": None if floor_images is None else int(floor_images.shape[0]),
-        **(extra_settings or {}),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    if output_dir is not None:
-        write_captioned_outputs(metrics, prompts, real_images, images, scores, num_images_per_prompt, output_dir)
-    return metrics
-
-
-def write_captioned_outputs(
-    metrics: dict,
-    prompts: list[str],
-    real_images: torch.Tensor,
-    images: dict[str, torch.Tensor],
-    scores: dict[str, torch.Tensor],
-    num_images_per_prompt: int,
-    output_dir: str | os.PathLike,
-) -> None:
-    """metrics.json, prompts.json (prompt p is the p-th), and per guidance scale g: grid_guidance_<g>.png (a row per
-    caption, `caption_grid`) and images/guidance_<g>/prompt_<p>_<k>.png (named by index: captions make poor file
-    names)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for key, drawn in images.items():
-        folder = output_dir / "images" / f"guidance_{key}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(drawn):
-            p, k = divmod(i, num_images_per_prompt)
-            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(folder / f"prompt_{p:04d}_{k}.png")
-        grid = caption_grid(prompts, real_images, drawn, scores[key])
-        grid.save(output_dir / f"grid_guidance_{key}.png", format="PNG")
-    write_json_atomic(output_dir / "prompts.json", prompts)
-    write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
 
 
 # ---------------------------------------------------------------- outputs

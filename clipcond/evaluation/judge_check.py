@@ -179,7 +179,7 @@ def untrained_unet_samples(
 ):
     """n samples uint8 (n, 3, R, R) of `pipe` with its UNet re-initialised at random (seeded): what a model that
     learnt nothing draws, for every colour-shape prompt in turn. `pipe`'s own UNet is put back afterwards."""
-    from clipcond.evaluation.generation import pipeline_generate_fn
+    from clipcond.evaluation.sampling import pipeline_generate_fn
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initialisation, drawn on the CPU whatever the device

@@ -40,8 +40,8 @@ from clipcond.device import DTYPES, resolve_device
 from clipcond.evaluation import judged
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.diversity import distance_to_sources
-from clipcond.evaluation.generation import GenerateFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
+from clipcond.evaluation.sampling import GenerateFn
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.hub import local_files_only
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE

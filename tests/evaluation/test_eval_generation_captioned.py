@@ -8,8 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcond.evaluation.captioned import CLIP_SCORE_WEIGHT, clip_score, load_caption_set
-from clipcond.evaluation.generation import CAPTIONED_HEADLINE_KEYS, CAPTIONED_KEYS, evaluate_captioned, main
+from clipcond.evaluation.captioned import (
+    CAPTIONED_HEADLINE_KEYS,
+    CAPTIONED_KEYS,
+    CLIP_SCORE_WEIGHT,
+    clip_score,
+    evaluate_captioned,
+    load_caption_set,
+)
+from clipcond.evaluation.generation import main
 from clipcond.models.clip import load_clip
 
 pytestmark = pytest.mark.filterwarnings(
