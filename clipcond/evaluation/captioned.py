@@ -1,9 +1,11 @@
 """What `clipcond eval generation` measures on data other than the built-in shapes (`evaluate_captioned`): the
 data's own captions as prompts, its own images as the reference, the run's CLIP as the only judge.
 
-- `clip_score`: CLIPScore (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
-  Captioning"), w * max(cos(image, text), 0) with the weight w = 100 of torchmetrics' `CLIPScore` (the paper uses
-  2.5), in the run's CLIP space; the real images of the same captions give the level of the data itself;
+- `clip_score`: the mean cosine between each image's and its caption's embedding in the run's CLIP space, as on
+  the shapes data (`clipcond.evaluation.generation`); `clip_score_100`: CLIPScore (Hessel et al. 2021, "CLIPScore: A
+  Reference-free Evaluation Metric for Image Captioning"), w * max(cos, 0) with the weight w = 100 of torchmetrics'
+  `CLIPScore` (the paper uses 2.5), for comparison with figures reported that way; the real images of the same
+  captions give the level of the data itself (`clip_score_real`, `clip_score_100_real`);
 - the Fréchet distance in the run's CLIP image space (`clipcond.evaluation.frechet`) between the generated images
   and the real images of the captions that prompted them, and, for scale, between as many real images of another
   split and the same reference (the distance a generator that drew real images would get at this sample size: FD is
@@ -48,21 +50,26 @@ from clipcond.storage import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CLIP_SCORE_WEIGHT = 100.0  # torchmetrics' CLIPScore; Hessel et al. 2021 weight the cosine by 2.5
+CLIP_SCORE_WEIGHT = 100.0  # `clip_score_100`: torchmetrics' CLIPScore; Hessel et al. 2021 weight the cosine by 2.5
 DEFAULT_MAX_PROMPTS = 64
 GRID_ROWS = 16  # captions shown in a grid; every image is written as a file
 
 
-def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """CLIPScore of each (image, text) pair, (N,): `CLIP_SCORE_WEIGHT * max(cos, 0)` of L2-normalised features
-    (N, D) and (N, D), row i with row i."""
+def paired_cosine(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """The CLIP score of each (image, text) pair, (N,) float64: the cosine of L2-normalised features (N, D) and
+    (N, D), row i with row i."""
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(
             f"image and text features must be paired (N, D) each, got {tuple(image_features.shape)} and "
             f"{tuple(text_features.shape)}"
         )
-    cosine = (image_features.double() * text_features.double()).sum(dim=-1)
-    return CLIP_SCORE_WEIGHT * cosine.clamp(min=0.0)
+    return (image_features.double() * text_features.double()).sum(dim=-1)
+
+
+def clip_score_100(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIPScore of each (image, text) pair as torchmetrics reports it, (N,): `CLIP_SCORE_WEIGHT * max(cos, 0)`
+    (Hessel et al. 2021) of the `paired_cosine`."""
+    return CLIP_SCORE_WEIGHT * paired_cosine(image_features, text_features).clamp(min=0.0)
 
 
 @dataclass
@@ -152,7 +159,7 @@ def caption_grid(
     prompts: list[str], real: torch.Tensor, generated: torch.Tensor, scores: torch.Tensor, rows: int = GRID_ROWS
 ) -> Image.Image:
     """A row per caption (the first `rows`): its real image, then the images drawn for it, each labelled with its
-    CLIP score. `generated` (P * k, 3, H, W) holds prompt p's images at p * k ... p * k + k - 1."""
+    CLIP score (`paired_cosine`). `generated` (P * k, 3, H, W) holds prompt p's images at p * k ... p * k + k - 1."""
     per_prompt = generated.shape[0] // len(prompts)
     shown = min(rows, len(prompts))
     tiles, labels = [], []
@@ -162,7 +169,7 @@ def caption_grid(
         for k in range(per_prompt):
             i = p * per_prompt + k
             tiles.append(_pil(generated[i]))
-            labels.append(f"drawn, CLIP score {scores[i].item():.1f}")
+            labels.append(f"drawn, CLIP score {scores[i].item():.3f}")
     return image_grid(tiles, rows=shown, cols=1 + per_prompt, labels=labels, max_label_lines=3)
 
 
@@ -173,13 +180,14 @@ def _pil(image: torch.Tensor) -> Image.Image:
 # ---------------------------------------------------------------- the evaluation
 
 # The figures of one guidance scale on captioned data, in the order printed.
-CAPTIONED_KEYS = ("clip_score", "clip_cosine", "fd_clip", "num_images", "generation_seconds")
+CAPTIONED_KEYS = ("clip_score", "clip_score_100", "fd_clip", "num_images", "generation_seconds")
 # The top level of the printed JSON on captioned data; then "guidance" and "settings".
 CAPTIONED_HEADLINE_KEYS = (
     "guidance_scale",
     "clip_score",
     "clip_score_real",
-    "clip_cosine",
+    "clip_score_100",
+    "clip_score_100_real",
     "fd_clip",
     "fd_clip_floor",
     "num_images",
@@ -207,6 +215,7 @@ class _Fixed:
     text_features: torch.Tensor  # (P, D) CLIP embeddings of the prompts
     real_features: torch.Tensor  # (P, D) CLIP image features of the real images, the FD reference
     clip_score_real: float  # the real images' CLIP score: the level of the data itself
+    clip_score_100_real: float  # the same as `clip_score_100`
     fd_floor: float | None  # the FD of the floor images to the reference
 
 
@@ -216,11 +225,12 @@ def _fixed_figures(
     """The prompts' and the real images' features, the real images' CLIP score and the FD floor."""
     text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
     real_features = clip_image_features(clip_run, real_images, batch_size)  # (P, D)
-    clip_score_real = clip_score(real_features, text_features).mean().item()
+    cosine_real = paired_cosine(real_features, text_features)
+    clip_score_100_real = (CLIP_SCORE_WEIGHT * cosine_real.clamp(min=0.0)).mean().item()
     fd_floor = None
     if floor_images is not None:
         fd_floor = frechet_distance(clip_image_features(clip_run, floor_images, batch_size), real_features)
-    return _Fixed(text_features, real_features, clip_score_real, fd_floor)
+    return _Fixed(text_features, real_features, cosine_real.mean().item(), clip_score_100_real, fd_floor)
 
 
 def _measure_scale(
@@ -243,10 +253,10 @@ def _measure_scale(
     features = clip_image_features(clip_run, drawn, batch_size)  # (N, D)
     prompt_of_image = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # (N,)
     paired_text = fixed.text_features[prompt_of_image]
-    scores = clip_score(features, paired_text)
+    scores = paired_cosine(features, paired_text)  # (N,)
     figures = {
         "clip_score": scores.mean().item(),
-        "clip_cosine": (features.double() * paired_text.double()).sum(dim=-1).mean().item(),
+        "clip_score_100": (CLIP_SCORE_WEIGHT * scores.clamp(min=0.0)).mean().item(),
         "fd_clip": frechet_distance(features, fixed.real_features) if len(drawn) >= 2 else None,
         "num_images": len(drawn),
         "generation_seconds": round(seconds, 2),
@@ -276,6 +286,7 @@ def _headline_figures(results: dict[str, dict], headline: float, fixed: _Fixed) 
     figures = {
         **results[scale_key(headline)],
         "clip_score_real": fixed.clip_score_real,
+        "clip_score_100_real": fixed.clip_score_100_real,
         "fd_clip_floor": fixed.fd_floor,
     }
     figures["guidance_scale"] = headline
@@ -301,14 +312,15 @@ def evaluate_captioned(
     progress: bool = False,
 ) -> dict:
     """Generate images for a data set's captions at every guidance scale and measure them in the CLIP's space:
-    CLIP score, its raw cosine, and the Fréchet distance to the real images.
+    CLIP score (the cosine), CLIPScore as torchmetrics reports it (`clip_score_100`) and the Fréchet distance to
+    the real images.
 
     Args:
         pipe: as in `clipcond.evaluation.generation.evaluate_generation`: a diffusers text-to-image pipeline or a
             `generate` callable (`clipcond.evaluation.sampling.GenerateFn`).
         prompts: the captions (`load_caption_set`), one prompt each.
         real_images: uint8 (P, 3, H, W), image p is the real image of prompts[p]: the FD reference, and the
-            real images' CLIP score (`clip_score_real`) is the level of the data itself.
+            real images' CLIP score (`clip_score_real`, `clip_score_100_real`) is the level of the data itself.
         clip_run: the `ClipRun` whose space the figures are in (the one the decoder was trained on).
         floor_images: uint8 real images of another split (e.g. train), for `fd_clip_floor`, their FD to the
             reference; None: not measured.
@@ -343,7 +355,8 @@ def evaluate_captioned(
         **pipeline_settings(pipe, is_pipeline, num_inference_steps, scheduler),
         "seed": seed,
         "clip": str(clip_run.path),
-        "clip_score": "100 * max(cos, 0) (torchmetrics' CLIPScore; Hessel et al. 2021)",
+        "clip_score": "cos(image, caption) in the CLIP's space",
+        "clip_score_100": "100 * max(cos, 0) (torchmetrics' CLIPScore; Hessel et al. 2021)",
         "num_floor_images": None if floor_images is None else int(floor_images.shape[0]),
         **(extra_settings or {}),
         "seconds": round(time.perf_counter() - start, 2),

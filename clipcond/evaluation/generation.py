@@ -16,7 +16,7 @@ images, each from its own seeded generator, at each guidance scale, and reports:
   (`clipcond.evaluation.judge`), overall, for the seen compositions and for the held-out ones (dataset_info.json
   "held_out": pairs the decoder and the CLIP never saw in training), and per class;
 - CLIP score: the mean cosine between each image's and its prompt's embedding under the trained CLIP (raw cosine,
-  not the 100 x max(cos, 0) scaling of Hessel et al. 2021), and `clip_top1`, how often the image is nearer its own
+  not the 100 x max(cos, 0) scaling of Hessel et al. 2021 that other data also report as `clip_score_100`), and `clip_top1`, how often the image is nearer its own
   prompt than any other class's prompt;
 - `fd_clip`: the Fréchet distance (Heusel et al. 2017, FID's formula) between CLIP image features of the generated
   images and of the reference images (the single-object images of the test split), and `fd_clip_floor`, the same
@@ -119,9 +119,10 @@ prompt ('a red circle', ...) with fixed seeds at guidance 1 and the default guid
 both-correct accuracy (by an attribute classifier trained on ground-truth renders) for seen and held-out compositions,
 CLIP score under the trained CLIP, and a Fréchet distance on CLIP image features against the test split. On any other
 image-caption data (e.g. `clipcond data tuxpaint`): prompt with up to --max-prompts distinct captions of --split and
-report CLIP score (100 x max(cos, 0)) beside the real images' own, and the Fréchet distance in the CLIP's image space to the
-real images of those captions, with a grid of each caption's real image beside what was drawn. Prints one JSON
-object and writes it, the grids and the images to --output-dir.
+report CLIP score (the cosine, as on the shapes data; clip_score_100 is 100 x max(cos, 0)) beside the real images'
+own, and the Fréchet distance in the CLIP's image space to the real images of those captions, with a grid of each
+caption's real image beside what was drawn. Prints one JSON object and writes it, the grids and the images to
+--output-dir.
 """
 
 

@@ -12,9 +12,10 @@ from clipcond.evaluation.captioned import (
     CAPTIONED_HEADLINE_KEYS,
     CAPTIONED_KEYS,
     CLIP_SCORE_WEIGHT,
-    clip_score,
+    clip_score_100,
     evaluate_captioned,
     load_caption_set,
+    paired_cosine,
 )
 from clipcond.evaluation.generation import main
 from clipcond.models.clip import load_clip
@@ -54,14 +55,15 @@ def imagefolder(tmp_path_factory):
     return root
 
 
-def test_clip_score_is_100_times_the_positive_cosine():
+def test_clip_score_100_is_100_times_the_positive_cosine():
     image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.6, 0.8]]), dim=-1)
     text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]]), dim=-1)
-    score = clip_score(image, text)
+    torch.testing.assert_close(paired_cosine(image, text), torch.tensor([1.0, 0.0, -1.0, 0.6], dtype=torch.float64))
+    score = clip_score_100(image, text)
     torch.testing.assert_close(score, torch.tensor([100.0, 0.0, 0.0, 60.0], dtype=torch.float64))
     assert CLIP_SCORE_WEIGHT == 100.0
     with pytest.raises(ValueError, match="paired"):
-        clip_score(image, text[:3])
+        clip_score_100(image, text[:3])
 
 
 def test_caption_set_takes_distinct_captions_in_a_seeded_order(imagefolder):
@@ -91,6 +93,7 @@ def test_a_generator_that_draws_the_real_images_scores_as_the_data(imagefolder, 
     options = {"prompts": captions.prompts, "real_images": captions.images, "clip_run": run, "guidance_scales": [1.0]}
     copied = evaluate_captioned(copy_real, **options)
     assert copied["clip_score"] == pytest.approx(copied["clip_score_real"], abs=1e-9)
+    assert copied["clip_score_100"] == pytest.approx(copied["clip_score_100_real"], abs=1e-7)
     assert copied["fd_clip"] == pytest.approx(0.0, abs=1e-6)
     assert copied["fd_clip_floor"] is None  # no floor images given
     flat = evaluate_captioned(grey, **options)
@@ -110,7 +113,9 @@ def test_command_on_a_users_imagefolder(pipeline_run, tiny_clip_run, imagefolder
     assert json.loads((out / "metrics.json").read_text()) == metrics
     for key in CAPTIONED_HEADLINE_KEYS:
         assert metrics[key] is not None, key
-    assert 0.0 <= metrics["clip_score"] <= 100.0 and metrics["fd_clip"] >= 0.0
+    assert -1.0 <= metrics["clip_score"] <= 1.0 and metrics["fd_clip"] >= 0.0  # a cosine, as on the shapes data
+    assert 0.0 <= metrics["clip_score_100"] <= 100.0
+    assert metrics["clip_score_100"] >= 100.0 * metrics["clip_score"] - 1e-9  # max(cos, 0) >= cos
     prompts = json.loads((out / "prompts.json").read_text())
     assert len(prompts) == len(set(prompts)) == 9 and all(p.startswith("a photo of a ") for p in prompts)
     assert metrics["num_images"] == 9 and metrics["settings"]["num_images_per_prompt"] == 1
