@@ -1,6 +1,7 @@
 """Loading a saved pipeline folder for the commands and evaluations that sample: which pipeline a folder holds
 (`pipeline_class_name`), loading it on a device in a dtype (`load_pipeline`, `load_pretrained`), and the `--scheduler`
-names (`SCHEDULER_NAMES`, `scheduler_name`).
+names (`SCHEDULER_NAMES`, `scheduler_name`); and one component of a pipeline folder to train from
+(`load_pretrained_component`: `--init-unet`, `--init-prior`).
 
 The pipeline modules are imported inside the functions, so that a command's `--help` answers without diffusers.
 """
@@ -157,3 +158,20 @@ def decoder_of(pipe, model: str | os.PathLike):
     """The image-embedding decoder inside `pipe` (loaded from `model`): itself, or an unCLIP pipeline's decoder."""
     check_reads_images(type(pipe).__name__, model)
     return pipe.decoder_pipeline if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else pipe
+
+
+def load_pretrained_component(path: str | os.PathLike, subfolder: str, cls: type, what: str, hint: str):
+    """A diffusers model of class `cls` to train from, and the folder its weights came from: `path` is its own folder,
+    a pipeline folder holding it in `subfolder` (Stable Diffusion's unet/, Karlo's prior/) or a Hugging Face Hub id
+    of either (`clipcond.hub`). Errors name the argument `what` and the value, and end with `hint` (what to pass)."""
+    root = resolve_folder(path, what, hint)
+    folder = root / subfolder if (root / subfolder / "config.json").is_file() else root
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"`{what}` {str(root)!r} holds no config.json (nor {subfolder}/config.json); pass a {cls.__name__} folder"
+        )
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    if class_name != cls.__name__:
+        raise ValueError(f"`{what}` {str(folder)!r} holds a {class_name!r}; expected a {cls.__name__} folder")
+    return cls.from_pretrained(folder, local_files_only=local_files_only()), folder

@@ -182,21 +182,10 @@ def load_pretrained_prior(
     id, see `clipcond.hub`) to train on from its weights and its standardisation statistics, checked against the
     frozen CLIP: `embedding_dim` (the CLIP's projection width) and `num_embeddings` (its text context length) must be
     the prior's, else a `ValueError` names `what`, the folder and both sizes. Returns (prior, its folder)."""
-    import json
+    from clipcond.pipeline_loading import load_pretrained_component
 
-    from clipcond.hub import local_files_only, resolve_folder
-
-    root = resolve_folder(path, what, "pass a PriorTransformer folder (a prior run's prior/)")
-    folder = root / "prior" if (root / "prior" / "config.json").is_file() else root
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"`{what}` {str(root)!r} holds no config.json (nor prior/config.json); pass a PriorTransformer folder"
-        )
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name != "PriorTransformer":
-        raise ValueError(f"`{what}` {str(folder)!r} holds a {class_name!r}; expected a PriorTransformer folder")
-    prior = PriorTransformer.from_pretrained(folder, local_files_only=local_files_only())
+    hint = "pass a PriorTransformer folder (a prior run's prior/)"
+    prior, folder = load_pretrained_component(path, "prior", PriorTransformer, what, hint)
     config = prior.config
     if config.embedding_dim != embedding_dim:
         raise ValueError(

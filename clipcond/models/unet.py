@@ -110,21 +110,10 @@ def load_pretrained_unet(path, expected: dict, what: str = "--init-unet") -> tup
     Face Hub id, see `clipcond.hub`) to train on from its weights, checked against `expected`, the config of the UNet
     this run would otherwise build: each field of `UNET_INTERFACE` must agree, else a `ValueError` names `what`, the
     folder, the field and both values. Returns (UNet, the folder its weights came from)."""
-    import json
+    from clipcond.pipeline_loading import load_pretrained_component
 
-    from clipcond.hub import local_files_only, resolve_folder
-
-    root = resolve_folder(path, what, "pass a UNet2DConditionModel folder (Stable Diffusion's unet/)")
-    folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"`{what}` {str(root)!r} holds no config.json (nor unet/config.json); pass a UNet2DConditionModel folder"
-        )
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name != "UNet2DConditionModel":
-        raise ValueError(f"`{what}` {str(folder)!r} holds a {class_name!r}; expected a UNet2DConditionModel folder")
-    unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=local_files_only())
+    hint = "pass a UNet2DConditionModel folder (Stable Diffusion's unet/)"
+    unet, folder = load_pretrained_component(path, "unet", UNet2DConditionModel, what, hint)
     got, want = unet_interface(unet.config), unet_interface(expected)
     for field, meaning in UNET_INTERFACE.items():
         if got[field] != want[field]:
