@@ -65,9 +65,12 @@ def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, wh
     )
 
 
-def init_record(argument: str | os.PathLike | None, folder: str | os.PathLike | None) -> dict:
+def init_record(
+    argument: str | os.PathLike | None, folder: str | os.PathLike | None = None, *, known_hash: str | None = None
+) -> dict:
     """Where a model's initial weights came from, for a run record: the `--init-*` argument as given and the content
-    hash of the folder it resolved to; {} when the model started from its preset at random (`folder` None)."""
-    if folder is None:
+    hash of the folder it resolved to, or `known_hash` when the source was hashed already (`--init-from
+    open_clip:MODEL@WEIGHTS` has no folder); {} when the model started from its preset at random (neither given)."""
+    if folder is None and known_hash is None:
         return {}
-    return {"init_from": {"path": os.fspath(argument), "content_hash": content_hash(folder)}}
+    return {"init_from": {"path": os.fspath(argument), "content_hash": known_hash or content_hash(folder)}}

@@ -36,7 +36,7 @@ from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
-from clipcond.lineage import content_hash
+from clipcond.lineage import content_hash, init_record
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
 from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
 from clipcond.models.open_clip_export import export_open_clip
@@ -323,10 +323,12 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 7. Save the final model and the run record
     def record() -> dict:
-        sections = {"data": data_record(args, len(dataset)), "content_hash": content_hash(output_dir)}
-        if pretrained is not None:
-            sections["init_from"] = {"path": args.init_from, "content_hash": pretrained.content_hash}
-        return sections
+        known_hash = None if pretrained is None else pretrained.content_hash
+        return {
+            "data": data_record(args, len(dataset)),
+            "content_hash": content_hash(output_dir),
+            **init_record(args.init_from, known_hash=known_hash),
+        }
 
     unwrapped = stage.unwrapped
     logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
