@@ -175,3 +175,26 @@ def test_open_clip_tokenizer_cleans_text_before_the_run_tokenizer(tiny_clip_run)
     raw, clean = "a red &amp; blue   circle", "a red & blue circle"
     assert torch.equal(tokenizer([raw]), run.tokenize([clean], device="cpu")["input_ids"])
     assert not torch.equal(tokenizer([raw]), run.tokenize([raw], device="cpu")["input_ids"])
+
+
+def test_export_and_pixel_statistics_errors_name_the_argument(tiny_clip_run, tmp_path, capsys):
+    """`clipcond export open-clip RUN` reports errors as RUN (not as another command's `--model`), and an unreadable
+    preprocessor_config.json names the argument that gave the folder."""
+    from clipcond.models.clip import pixel_statistics
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_clip_run, run)
+    for name in OPEN_CLIP_FILES:
+        (run / name).unlink()
+    (run / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"^`--text-encoder` '.*run': cannot read its preprocessor_config.json"):
+        pixel_statistics(run, "--text-encoder")
+    assert cli.main(["export", "open-clip", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "`RUN`" in err and "preprocessor_config.json" in err and "--model" not in err
+    shutil.copy(tiny_clip_run / "preprocessor_config.json", run / "preprocessor_config.json")
+    (run / "model.safetensors").unlink()  # the load fails: transformers' error, named RUN
+    assert cli.main(["export", "open-clip", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "`RUN`" in err and "cannot load it" in err and "--model" not in err
+    assert not (run / OPEN_CLIP_WEIGHTS).exists()

@@ -75,7 +75,7 @@ def load_transformers_clip(
                 f"`{what}` {str(root)!r} holds no CLIP image encoder (no CLIPModel config, no image_encoder/ folder)"
             )
         image_encoder = load_clip_tower(CLIPVisionModelWithProjection, image_dir, what, "image encoder")
-        mean, std = pixel_statistics(pixels_dir)
+        mean, std = pixel_statistics(pixels_dir, what)
     # The identity of the folder, whichever towers this caller loads: each tower folder's hash
     for folder in dict.fromkeys((text_dir, image_dir)):
         if (folder / "config.json").is_file():

@@ -170,12 +170,14 @@ def load_clip(
     )
     check_finished(path, f"`{what}`")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`")
+        raise FileNotFoundError(
+            f"`{what}` {path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`"
+        )
     with contextlib.nullcontext() if progress else _no_loading_bar(), load_report(what, path):
         model = CLIPModel.from_pretrained(path, local_files_only=local_files_only(), torch_dtype=dtype)
     model = model.to(device).eval()
     tokenizer = load_tokenizer(path)
-    mean, std = pixel_statistics(path)
+    mean, std = pixel_statistics(path, what)
     return ClipRun(model=model, tokenizer=tokenizer, image_mean=mean, image_std=std, path=path)
 
 
@@ -322,16 +324,17 @@ def load_vision_tower(path: str | os.PathLike, what: str = "--clip"):
     path = check_clip_folder(path, what, ("clip", "clip_vision_model"))
     hint = "pass a complete CLIP run folder"
     vision_model = load_clip_tower(CLIPVisionModelWithProjection, path, what, "image encoder", hint)
-    mean, std = pixel_statistics(path)
+    mean, std = pixel_statistics(path, what)
     return vision_model, mean, std
 
 
-def pixel_statistics(folder: str | os.PathLike) -> tuple[tuple, tuple]:
-    """(image_mean, image_std) from the folder's `preprocessor_config.json`, OpenAI's without one."""
+def pixel_statistics(folder: str | os.PathLike, what: str = "--clip") -> tuple[tuple, tuple]:
+    """(image_mean, image_std) from the folder's `preprocessor_config.json`, OpenAI's without one; errors name the
+    argument `what` and the folder."""
     if not Path(folder, "preprocessor_config.json").is_file():
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     try:
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=local_files_only())
-    except OSError as err:
-        raise ValueError(f"{os.fspath(folder)!r}: cannot read its preprocessor_config.json ({err})") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`{what}` {os.fspath(folder)!r}: cannot read its preprocessor_config.json ({err})") from None
     return tuple(processor.image_mean), tuple(processor.image_std)

@@ -294,7 +294,8 @@ def export_clip_run(path: str | os.PathLike) -> list[Path]:
     from clipcond.runs import RunRecord
 
     path = check_clip_folder(path, "RUN", ("clip",))  # both towers: a CLIPModel folder
-    run = load_clip(path, progress=False)  # the model, its tokenizer (which open_clip will load) and statistics
+    # the model, its tokenizer (which open_clip will load) and statistics
+    run = load_clip(path, progress=False, what="RUN")
     record = RunRecord.read_if_present(path)
     logit_bias = record.summary.get("logit_bias") if record is not None else None
     return export_open_clip(

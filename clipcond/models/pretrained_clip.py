@@ -62,7 +62,7 @@ def load_pretrained_clip(source: str, what: str = "--init-from") -> PretrainedCl
         (folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json")
     )
     tokenizer = load_tokenizer(folder, what) if has_tokenizer else None
-    mean, std = pixel_statistics(folder)
+    mean, std = pixel_statistics(folder, what)
     return PretrainedClip(model.train(), tokenizer, mean, std, source, content_hash(folder))
 
 
