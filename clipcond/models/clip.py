@@ -204,16 +204,19 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class _HoldLoadReport(logging.Filter):
-    """Takes transformers' load report off the log and keeps its text (colours removed)."""
+    """Takes transformers' load report off the log and keeps its text (colours removed). Every other record passes
+    when it is at least `threshold`: the logger's level before `load_report` lowered it to WARNING to see the report,
+    so the block lets through what the user's verbosity would have."""
 
-    def __init__(self):
+    def __init__(self, threshold: int = logging.NOTSET):
         super().__init__()
         self.reports: list[str] = []
+        self.threshold = threshold
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "LOAD REPORT" not in message:
-            return True
+            return record.levelno >= self.threshold
         self.reports.append(_ANSI_ESCAPE.sub("", message))
         return False
 
@@ -229,10 +232,12 @@ def load_report(what: str, path: str | os.PathLike):
     carries that report.
     """
     report_logger = logging.getLogger("transformers.modeling_utils")
-    hold = _HoldLoadReport()
-    report_logger.addFilter(hold)
     level = report_logger.level
-    if not report_logger.isEnabledFor(logging.WARNING):  # the report is a warning: make sure it is written
+    # The report is a warning: if the logger is set quieter (TRANSFORMERS_VERBOSITY=error), lower it to WARNING for
+    # the block so that the report is logged, and hold back every other record below the level the user set.
+    hold = _HoldLoadReport(report_logger.getEffectiveLevel())
+    report_logger.addFilter(hold)
+    if not report_logger.isEnabledFor(logging.WARNING):
         report_logger.setLevel(logging.WARNING)
     try:
         yield

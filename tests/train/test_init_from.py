@@ -2,6 +2,7 @@
 `CLIPModel` does, and where model arguments resolve (`clipcond.hub`): tiny seeded models saved locally, offline."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,38 @@ def test_failed_tower_load_carries_the_loader_report(tmp_path, verbosity):
     try:
         _check_report(tmp_path)
     finally:
+        hf_logging.set_verbosity(before)
+
+
+@pytest.mark.parametrize(
+    ("verbosity", "passed"), [("warning", ["another warning", "an error"]), ("error", ["an error"])]
+)
+def test_load_report_lets_through_only_what_the_verbosity_would(verbosity, passed):
+    """To see the report under TRANSFORMERS_VERBOSITY=error, `load_report` lowers the logger to WARNING for the
+    block: the report is held for the error, and no other record below the user's level reaches the log."""
+    from transformers.utils import logging as hf_logging
+
+    from clipcond.models.clip import load_report
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    before = hf_logging.get_verbosity()
+    getattr(hf_logging, f"set_verbosity_{verbosity}")()
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        expected = r"^`--x` 'folder': .*look at the above report.*\nLOAD REPORT: MISMATCH"
+        with pytest.raises(ValueError, match=expected), load_report("--x", "folder"):
+            logger.warning("another warning")
+            logger.error("an error")
+            logger.warning("\x1b[1mLOAD REPORT\x1b[0m: MISMATCH")
+            raise RuntimeError("look at the above report")
+        assert [record.getMessage() for record in seen] == passed
+        assert logger.level == level and not logger.filters
+    finally:
+        logger.removeHandler(handler)
         hf_logging.set_verbosity(before)
 
 
