@@ -32,6 +32,9 @@ transformers tokenizer (`open_clip.tokenizer.HFTokenizer`) with padding to `cont
 `open_clip.get_tokenizer("local-dir:FOLDER")` gives the run tokenizer's ids. Before tokenising, `HFTokenizer` always
 cleans the text (`ftfy.fix_text`, HTML unescaping twice, runs of whitespace to one space; no option turns this off),
 so a text that these change (`"a &amp; b"`, curly quotes, two spaces in a row) gets the ids of its cleaned form.
+The value written is the folder's absolute path: `local-dir:` ignores it, and `hf-hub:` passes it to
+`AutoTokenizer.from_pretrained` as it is (a relative "." would be read from the working directory), so no value
+serves both; a folder uploaded to the Hub needs the repository's id there (README, "In open_clip").
 """
 
 from __future__ import annotations
