@@ -67,12 +67,14 @@ QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a jud
 # seconds (the decoder's judged shape accuracy was still climbing at the CPU recipe's step count). "quick" only
 # checks the plumbing. Later arguments win, so `--clip-steps` and the like still override a recipe's step count.
 RECIPES = {
-    "cpu": {"clip": [], "decoder": [], "prior": [], "unclip_decoder": []},
+    "cpu": {"clip": [], "decoder": [], "prior": [], "unclip_decoder": [], "vae": [], "latent_decoder": []},
     "gpu": {
         "clip": ["--train-batch-size", "512", "--max-train-steps", "1500", "--lr-warmup-steps", "100"],
         "decoder": ["--train-batch-size", "128", "--max-train-steps", "2000", "--lr-warmup-steps", "100"],
         "prior": ["--train-batch-size", "512", "--max-train-steps", "1000", "--lr-warmup-steps", "50"],
         "unclip_decoder": ["--train-batch-size", "128", "--max-train-steps", "2500", "--lr-warmup-steps", "100"],
+        "vae": ["--train-batch-size", "64", "--max-train-steps", "2000", "--lr-warmup-steps", "100"],
+        "latent_decoder": ["--train-batch-size", "128", "--max-train-steps", "2000", "--lr-warmup-steps", "100"],
     },
     "quick": {
         "clip": ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "16"],
@@ -81,8 +83,14 @@ RECIPES = {
         "unclip_decoder": [
             *("--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"),
         ],
+        "vae": ["--model", "test", "--max-train-steps", "4", "--train-batch-size", "4", "--lr-warmup-steps", "1"],
+        "latent_decoder": [
+            *("--model", "test", "--max-train-steps", "4", "--train-batch-size", "8", "--lr-warmup-steps", "1"),
+        ],
     },
 }
+# The latent path's image size (`--latent`): the tiny VAE downsamples x4, so 64 px images are 16 x 16 latents.
+LATENT_RESOLUTION = 64
 # Images per prompt and guidance scale that the evaluations judge, by recipe: a GPU draws 4x as many in seconds,
 # which narrows the accuracies' confidence intervals by half.
 EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}
@@ -106,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_dalle2_arguments(
         parser.add_argument_group("--dalle2: the DALL-E 2 path (prior + image-embedding decoder) as well"),
         DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    )
+    _add_latent_arguments(
+        parser.add_argument_group("--latent: the latent path (a VAE and a latent text-to-image decoder) as well")
     )
     args = parser.parse_args(argv)
     args.recipe = resolve_recipe(args.recipe, args.quick)
@@ -192,6 +203,19 @@ def _add_dalle2_arguments(dalle2: argparse._ArgumentGroup, guidance_scale: float
     )
 
 
+def _add_latent_arguments(latent: argparse._ArgumentGroup) -> None:
+    latent.add_argument(
+        "--latent",
+        action="store_true",
+        help=f"also train a VAE on the shapes data at {LATENT_RESOLUTION} px and a text-to-image decoder on its latents "
+        "(Stable Diffusion's conditioning: unmasked text states, so it exports to stock diffusers), judge both",
+    )
+    latent.add_argument("--vae-steps", type=int, default=None, help="VAE optimizer steps (default: its recipe)")
+    latent.add_argument(
+        "--latent-decoder-steps", type=int, default=None, help="latent decoder optimizer steps (default: its recipe)"
+    )
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse counts and steps below 1, guidance below 1, more samples than judged images, fp16 without CUDA."""
     for name in (
@@ -204,7 +228,14 @@ def _check_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    for name in ("clip_steps", "decoder_steps", "prior_steps", "unclip_decoder_steps"):
+    for name in (
+        "clip_steps",
+        "decoder_steps",
+        "prior_steps",
+        "unclip_decoder_steps",
+        "vae_steps",
+        "latent_decoder_steps",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     for flag, value in (
@@ -286,7 +317,8 @@ def uninterrupted(report: dict) -> bool:
     do its stage times add up to the wall time of one uninterrupted run (a stage finished by an earlier, killed
     attempt keeps that attempt's time; a resumed training counts only its steps after the resume)."""
     runs = {t.get("run") for t in report["timings"].values()}  # times written before `run` existed: unknown
-    trained = [report[name] for name in ("clip", "decoder", "prior", "unclip_decoder") if name in report]
+    names = ("clip", "decoder", "prior", "unclip_decoder", "vae", "latent_decoder")
+    trained = [report[name] for name in names if name in report]
     return len(runs) == 1 and None not in runs and all(summary.get("resumed_from") is None for summary in trained)
 
 
@@ -318,14 +350,21 @@ def _run_summary(record: RunRecord, *arg_names: str, **extra) -> dict:
     return {**record.summary, **{name: record.args[name] for name in (*RECIPE_ARGS, *arg_names)}, **extra}
 
 
-def _stage_data(args: argparse.Namespace, data_dir: Path) -> None:
+def _stage_data(args: argparse.Namespace, data_dir: Path, resolution: int = 32) -> None:
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
     if load_dataset_info(data_dir) is not None:
         logger.info("demo: reusing the data set in %s", data_dir)
         return
     num_images, num_test = (300, 36) if args.quick else (args.num_images, None)
-    write_shapes_dataset(data_dir, num_images=num_images, num_test_images=num_test, seed=args.seed, overwrite=True)
+    write_shapes_dataset(
+        data_dir,
+        num_images=num_images,
+        num_test_images=num_test,
+        resolution=resolution,
+        seed=args.seed,
+        overwrite=True,
+    )
 
 
 def _stage_clip(args: argparse.Namespace, data_dir: Path, clip_dir: Path) -> dict:
@@ -353,16 +392,24 @@ def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
     return metrics
 
 
-def _stage_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Path, decoder_dir: Path) -> dict:
-    """`clipcond train decoder` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
+def _stage_decoder(
+    args: argparse.Namespace,
+    data_dir: Path,
+    clip_dir: Path,
+    decoder_dir: Path,
+    *,
+    stage: str = "decoder",
+    extra: tuple[str, ...] = (),
+    steps: int | None = None,
+) -> dict:
+    """`clipcond train decoder` (with `extra` arguments) with the recipe's defaults for `stage`; resumes from the
+    latest checkpoint after a kill."""
     from clipcond.train import decoder as train_decoder
 
-    argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir)]
+    argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir), *extra]
     argv += ["--seed", str(args.seed)]
     precision = args.mixed_precision or TRAIN_PRECISION
-    record = _train_unless_done(
-        args, "decoder", train_decoder, decoder_dir, argv, steps=args.decoder_steps, precision=precision
-    )
+    record = _train_unless_done(args, stage, train_decoder, decoder_dir, argv, steps=steps, precision=precision)
     return _run_summary(
         record,
         "prediction_type",
@@ -494,6 +541,52 @@ def _stage_generation_eval(
     )
 
 
+def _stage_vae(args: argparse.Namespace, data_dir: Path, vae_dir: Path) -> dict:
+    """`clipcond train vae` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
+    from clipcond.train import vae as train_vae
+
+    argv = ["--data", str(data_dir), "--output-dir", str(vae_dir), "--seed", str(args.seed)]
+    record = _train_unless_done(
+        args, "vae", train_vae, vae_dir, argv, steps=args.vae_steps, precision=args.mixed_precision
+    )
+    vae = record.section("vae")
+    kept = ("preset", "parameters", "downsampling_factor", "latent_size", "scaling_factor")
+    return _run_summary(record, "reconstruction_loss", "kl_weight", **{key: vae[key] for key in kept})
+
+
+def _stage_vae_eval(args: argparse.Namespace, info: dict, data_dir: Path, vae_dir: Path, judge_dir: Path) -> dict:
+    """The VAE's reconstructions of one-object test images: PSNR, and the attribute judge's accuracy on them beside
+    its accuracy on the originals (a VAE that loses colour or shape caps every latent decoder); a grid of both."""
+    out = vae_dir / "eval"
+    if (out / "metrics.json").is_file():  # written last
+        return json.loads((out / "metrics.json").read_text())
+
+    import torch
+
+    from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.data.shapes import class_names
+    from clipcond.evaluation.unclip import variation_sources
+    from clipcond.models.vae import load_vae
+    from clipcond.train.vae import reconstruct, reconstruction_grid, reconstruction_metrics
+
+    device = resolve_device(None)
+    dataset = ImageCaptionDataset(data_dir, split="test", resolution=int(info["resolution"]))
+    originals, labels, _ = variation_sources(dataset, class_names(info), 1 if args.quick else 4)
+    reconstructions = reconstruct(load_vae(vae_dir).to(device).eval(), originals, batch_size=64)
+    judge = _judge(args, info, judge_dir, device)
+    colours, shapes = zip(*(label.split() for label in labels), strict=True)
+    as_uint8 = (reconstructions * 255).round().to(torch.uint8)
+    metrics = {
+        **reconstruction_metrics(originals, reconstructions),
+        "judged_originals": judge.score(originals, colours, shapes).accuracy(),
+        "judged_reconstructions": judge.score(as_uint8, colours, shapes).accuracy(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    reconstruction_grid(originals[:18], reconstructions[:18]).save(out / "reconstructions.png")
+    write_json_atomic(out / "metrics.json", finite_or_null(metrics))
+    return metrics
+
+
 def _stage_prior(args: argparse.Namespace, data_dir: Path, clip_dir: Path, prior_dir: Path) -> dict:
     """`clipcond train prior` with its recipe's defaults; resumes from the latest checkpoint after a kill."""
     from clipcond.train import prior as train_prior
@@ -598,6 +691,8 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     report = _stable_diffusion_stages(args, info, out, times)
     if args.dalle2:
         report.update(_dalle2_stages(args, info, out, times, report["generation"]))
+    if args.latent:
+        report.update(_latent_stages(args, out, times))
 
     # 7. report
     report = _report(args, info, report, times, load_start)
@@ -616,7 +711,11 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
     done = RunRecord.exists(decoder_dir)
-    decoder = times.run("decoder", lambda: _stage_decoder(args, data_dir, clip_dir, decoder_dir), complete=done)
+    decoder = times.run(
+        "decoder",
+        lambda: _stage_decoder(args, data_dir, clip_dir, decoder_dir, steps=args.decoder_steps),
+        complete=done,
+    )
     done = (decoder_dir / "eval_generation" / "metrics.json").is_file()
     generation = times.run(
         "generation_eval",
@@ -657,6 +756,41 @@ def _dalle2_stages(args: argparse.Namespace, info: dict, out: Path, times: _Stag
     )
     dalle2["dalle2_table"] = dalle2_table(generation, dalle2["unclip_eval"])
     return dalle2
+
+
+def _latent_stages(args: argparse.Namespace, out: Path, times: _StageTimes) -> dict:
+    """The latent path at `LATENT_RESOLUTION`: the shapes data drawn at that size (same seed), a VAE and its judged
+    reconstructions, and a text-to-image decoder on the VAE's latents and the CLIP's text encoder, with Stable
+    Diffusion's unmasked text states (so `clipcond export stable-diffusion` takes it), judged as the pixel one is."""
+    from clipcond.data.shapes import load_dataset_info
+
+    data_dir, clip_dir = out / f"data_{LATENT_RESOLUTION}", out / "clip"
+    vae_dir, decoder_dir = out / "vae", out / "latent_decoder"
+    done = load_dataset_info(data_dir) is not None
+    times.run("latent_data", lambda: _stage_data(args, data_dir, LATENT_RESOLUTION), complete=done)
+    info = load_dataset_info(data_dir)
+    latent = {}
+    latent["vae"] = times.run("vae", lambda: _stage_vae(args, data_dir, vae_dir), complete=RunRecord.exists(vae_dir))
+    latent["vae_eval"] = times.run(
+        "vae_eval",
+        lambda: _stage_vae_eval(args, info, data_dir, vae_dir, out / "judge"),
+        complete=(vae_dir / "eval" / "metrics.json").is_file(),
+    )
+    extra = ("--vae", str(vae_dir), "--no-mask-text-padding")
+    steps = args.latent_decoder_steps
+    latent["latent_decoder"] = times.run(
+        "latent_decoder",
+        lambda: _stage_decoder(
+            args, data_dir, clip_dir, decoder_dir, stage="latent_decoder", extra=extra, steps=steps
+        ),
+        complete=RunRecord.exists(decoder_dir),
+    )
+    latent["latent_generation"] = times.run(
+        "latent_generation_eval",
+        lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out / "judge"),
+        complete=(decoder_dir / "eval_generation" / "metrics.json").is_file(),
+    )
+    return latent
 
 
 def _report(args: argparse.Namespace, info: dict, stages: dict, times: _StageTimes, load_start: float) -> dict:

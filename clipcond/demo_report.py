@@ -3,8 +3,8 @@ of every stage) and `report.json` (the same figures for programs), rendered from
 `clipcond.demo` assembles from its stages, and the one-line summary the command prints.
 
 The report dict holds "data", "clip" / "decoder" (the training summaries), "clip_eval", "generation", "samples",
-with `--dalle2` "prior", "unclip_decoder", "unclip_eval" and "dalle2_table", then "seconds", "timings" and
-"machine".
+with `--dalle2` "prior", "unclip_decoder", "unclip_eval" and "dalle2_table", with `--latent` "vae", "vae_eval",
+"latent_decoder" and "latent_generation", then "seconds", "timings" and "machine".
 """
 
 from __future__ import annotations
@@ -88,6 +88,16 @@ def _not_one_object(figures: dict, group: str) -> str:
     if not shares:
         return "–"
     return " / ".join(_pct(shares[outcome]) for outcome in ("blank", "several", "unrecognisable"))
+
+
+def _generation_table(generation: dict) -> list[str]:
+    """The judged figures of a text-to-image decoder, a row per guidance scale."""
+    return [
+        "| guidance | colour (seen) | shape (seen) | both (seen) | colour (held-out) | shape (held-out) | "
+        "both (held-out) | blank / several / unrecognisable (seen) | (held-out) | CLIP score | FD (CLIP features) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_generation_rows(generation),
+    ]
 
 
 def _generation_rows(generation: dict) -> list[str]:
@@ -183,6 +193,18 @@ def _dalle2_headline(report: dict) -> dict:
     return {**rounded, **table}
 
 
+def _latent_headline(report: dict) -> dict:
+    """The latent path's figures in the printed summary line: reconstruction PSNR and the judged accuracies."""
+    generation = report["latent_generation"]
+    return {"vae_psnr": round(report["vae_eval"]["psnr"], 2), **_judged_headline(generation)}
+
+
+def _judged_headline(generation: dict) -> dict:
+    """A decoder's judged accuracies, seen and held-out, rounded for the summary line."""
+    keys = ("colour_accuracy_seen", "shape_accuracy_seen", "colour_accuracy_heldout", "shape_accuracy_heldout")
+    return {key: None if generation[key] is None else round(generation[key], 4) for key in keys}
+
+
 def _intro_lines(report: dict) -> list[str]:
     held_out = ", ".join(report["data"]["held_out"]) or "none"
     lines = [
@@ -242,10 +264,7 @@ def _decoder_lines(report: dict) -> list[str]:
         f"{_pct(generation['judge']['chance_shape_accuracy'])}). Held-out compositions were in no training image "
         "or caption of the CLIP or the decoder.",
         "",
-        "| guidance | colour (seen) | shape (seen) | both (seen) | colour (held-out) | shape (held-out) | "
-        "both (held-out) | blank / several / unrecognisable (seen) | (held-out) | CLIP score | FD (CLIP features) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *_generation_rows(generation),
+        *_generation_table(generation),
         "",
         f"CLIP score: mean cosine of image and prompt under the trained CLIP. FD: Fréchet distance of CLIP image "
         f"features to the test split's single-object images; ground-truth renders score "
@@ -259,6 +278,44 @@ def _decoder_lines(report: dict) -> list[str]:
         "![samples](samples/grid.png)",
         "",
         f"Judged grid: `decoder/eval_generation/grid_guidance_{float(generation['guidance_scale'])}.png`.",
+        "",
+    ]
+
+
+def _latent_lines(report: dict) -> list[str]:
+    """The "Latent path" section (empty without `--latent`): the VAE and its judged reconstructions, then the latent
+    decoder's judged figures."""
+    if "latent_generation" not in report:
+        return []
+    vae, vae_eval, decoder = report["vae"], report["vae_eval"], report["latent_decoder"]
+    originals, reconstructions = vae_eval["judged_originals"], vae_eval["judged_reconstructions"]
+    generation = report["latent_generation"]
+    size = vae["latent_size"]
+    return [
+        "## Latent path (Stable Diffusion's layout)",
+        "",
+        f"VAE `{vae['preset']}` ({vae['parameters'] / 1e6:.2f} M parameters, downsampling x{vae['downsampling_factor']}: "
+        f"{size}x{size} latents), {vae['reconstruction_loss']} reconstruction + KL (weight {vae['kl_weight']:g}): "
+        f"{vae['steps']} steps of batch {vae['train_batch_size']}, learning rate {vae['learning_rate']:g}; latent "
+        f"scaling factor {_num(vae['scaling_factor'], 4)}, measured on the training images.",
+        "",
+        f"Reconstructions of {vae_eval['num_images']} one-object test images: PSNR {_num(vae_eval['psnr'], 2)} dB; the "
+        f"judge reads the colour of {_pct(reconstructions['colour_accuracy'])} and the shape of "
+        f"{_pct(reconstructions['shape_accuracy'])} of them right (of the originals: "
+        f"{_pct(originals['colour_accuracy'])} and {_pct(originals['shape_accuracy'])}).",
+        "",
+        "![reconstructions](vae/eval/reconstructions.png)",
+        "",
+        f"UNet `{decoder['model']}` ({decoder['parameters'] / 1e6:.2f} M parameters) on the VAE's latents, "
+        f"cross-attending to the CLIP text encoder's unmasked token states: {decoder['steps']} steps of batch "
+        f"{decoder['train_batch_size']}, learning rate {decoder['learning_rate']:g}, precision "
+        f"{_precision(decoder['mixed_precision'])}; final loss {_num(decoder['final_loss'], 4)}. "
+        "`clipcond export stable-diffusion latent_decoder OUT` hands it to stock diffusers. Judged as the pixel "
+        "decoder is:",
+        "",
+        *_generation_table(generation),
+        "",
+        f"Judged grid: `latent_decoder/eval_generation/grid_guidance_{float(generation['guidance_scale'])}.png`.",
         "",
     ]
 
@@ -287,7 +344,7 @@ def _timing_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     """report.md: the data, the CLIP, the decoder, with `--dalle2` the DALL-E 2 path, and the time by stage."""
-    sections = (_intro_lines, _clip_lines, _decoder_lines, _dalle2_lines, _timing_lines)
+    sections = (_intro_lines, _clip_lines, _decoder_lines, _dalle2_lines, _latent_lines, _timing_lines)
     return "\n".join(line for section in sections for line in section(report))
 
 
@@ -299,18 +356,15 @@ def write_report(out: Path, report: dict) -> None:
 
 def summary_line(report: dict, out: Path) -> str:
     """The JSON line the demo prints: where the report is, the headline figures (rounded), the stage times."""
-    clip_eval, generation = report["clip_eval"], report["generation"]
-    headline = {
-        key: generation[key]
-        for key in ("colour_accuracy_seen", "shape_accuracy_seen", "colour_accuracy_heldout", "shape_accuracy_heldout")
-    }
+    clip_eval = report["clip_eval"]
     return dumps_json(
         finite_or_null(
             {
                 "report": str(out / "report.md"),
                 **{k: clip_eval[k] for k in ("zero_shot_top1_seen", "zero_shot_top1_heldout")},
-                **{k: None if v is None else round(v, 4) for k, v in headline.items()},
+                **_judged_headline(report["generation"]),
                 **({"dalle2": _dalle2_headline(report)} if "unclip_eval" in report else {}),
+                **({"latent": _latent_headline(report)} if "latent_generation" in report else {}),
                 "seconds": report["seconds"],
             }
         )

@@ -170,3 +170,35 @@ def test_a_resumed_training_is_not_an_uninterrupted_demo():
     assert not uninterrupted({"timings": timings, "clip": {"resumed_from": "clip/checkpoints/checkpoint-100"}})
     assert not uninterrupted({"timings": {"data": {"run": "a"}, "clip": {"run": "b"}}, "clip": {"resumed_from": None}})
     assert not uninterrupted({"timings": {"data": {}}, "clip": {"resumed_from": None}})  # before runs were recorded
+
+
+def test_quick_latent_demo_adds_the_vae_and_a_latent_decoder_that_exports(tmp_path, capsys):
+    """--latent: the shapes data at 64 px, a VAE judged on its reconstructions, a latent decoder judged as the pixel
+    one is, a report section and headline for them; a second run reuses them; the decoder exports to stock SD."""
+    from clipcond import export_stable_diffusion
+
+    out = tmp_path / "demo"
+    assert main(["--output-dir", str(out), "--quick", "--latent"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "data_64" / "dataset_info.json").read_text())["resolution"] == 64
+    assert (
+        report["vae"]["scaling_factor"] > 0
+        and report["vae"]["latent_size"] * report["vae"]["downsampling_factor"] == 64
+    )
+    vae_eval = report["vae_eval"]
+    assert vae_eval["num_images"] == len(class_names(None)) and vae_eval["psnr"] > 0
+    assert set(vae_eval["judged_reconstructions"]) == {"colour_accuracy", "shape_accuracy", "both_accuracy"}
+    assert (out / "vae" / "eval" / "reconstructions.png").is_file()
+    assert report["latent_generation"]["settings"]["model"] == str(out / "latent_decoder")
+    run_record = json.loads((out / "latent_decoder" / "clipcond_run.json").read_text())
+    assert run_record["model_space"]["space"] == "latents" and run_record["conditioning"]["mask_text_padding"] is False
+    md = (out / "report.md").read_text()
+    assert "## Latent path" in md and "![reconstructions](vae/eval/reconstructions.png)" in md
+    lines = capsys.readouterr().out.splitlines()
+    headline = json.loads(next(line for line in lines if line.startswith('{"report"')))
+    assert headline["latent"]["vae_psnr"] == round(vae_eval["psnr"], 2)
+
+    assert main(["--output-dir", str(out), "--quick", "--latent"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert all(again["timings"][name]["reused"] for name in ("vae", "vae_eval", "latent_decoder"))
+    assert export_stable_diffusion.main([str(out / "latent_decoder"), str(tmp_path / "stock")]) == 0
