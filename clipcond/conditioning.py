@@ -503,10 +503,19 @@ def image_list_identity(dataset) -> list[list]:
     """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
     for each item's image, in item order (paths outside the root stay absolute; an image skipped for lying outside
     the data folder, never read, is `[path, "outside"]`). For streamed WebDataset shards (`clipcond.data.webdataset`,
-    items in shard order) the same of each shard file, by absolute path."""
+    items in shard order) the same of each shard file, by absolute path; of a remote shard, its URL and sample
+    count."""
     if getattr(dataset, "shards", None) is not None:
-        stats = [(s.path, s.path.stat()) for s in dataset.shards]
-        return [[path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+        from clipcond.data.webdataset import is_remote
+
+        identity = []
+        for shard in dataset.shards:
+            if is_remote(shard.path):  # a URL: its samples are what can be known without reading it again
+                identity.append([shard.path, "remote", shard.num_samples])
+                continue
+            stat = shard.path.stat()
+            identity.append([shard.path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns])
+        return identity
     root = Path(dataset.root).resolve()
     outside = set(getattr(dataset, "outside", ()))
     identity = []
