@@ -415,8 +415,7 @@ class TextEmbeddingCache:
         if checked:
             for name in ("hidden_states", "pooled"):
                 if name in store.columns:
-                    for part in store.iter_column(name):  # a few MB at a time
-                        check_finite_tensor(part, f"its tensor {name!r}")  # the warning that catches it names it
+                    _check_finite_column(store, name)
         last = store.read([len(captions)])
         empty = TextEmbeddings(last["hidden_states"], last["attention_mask"], last.get("pooled"))
         check_finite_tensor(empty.hidden_states, "its empty prompt's row")
@@ -446,6 +445,21 @@ class TextEmbeddingCache:
                 store = writer.finish(metadata={"format": CACHE_FORMAT_VERSION, "num_captions": n})
         old.unlink()
         return cls(captions, store, empty, key, path)
+
+
+def _check_finite_column(store: RowStore, name: str) -> None:
+    """Raise ValueError naming the column and the rows when a column of `store` holds NaN or infinity; read a few
+    MB at a time. (The warning that catches it names the cache.)"""
+    start = 0
+    for part in store.iter_column(name):
+        bad = ~torch.isfinite(part).reshape(part.shape[0], -1)  # (n, values per row)
+        if bool(bad.any()):
+            first = start + int(bad.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"its tensor {name!r} holds {int(bad.sum())} non-finite value(s) (NaN or infinity) in rows {start} "
+                f"to {start + part.shape[0] - 1}, the first in row {first}"
+            )
+        start += part.shape[0]
 
 
 def _attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -208,3 +208,26 @@ def test_a_single_file_cache_is_converted_without_the_encoder(tiny_clip_run, tmp
     assert torch.equal(rows_back.pooled, expected.pooled)
     assert torch.equal(converted.lookup_empty(2).hidden_states, cache.lookup_empty(2).hidden_states)
     assert converted.attended_columns(torch.tensor([3, 1])) == cache.attended_columns(torch.tensor([3, 1]))
+
+
+def test_a_nan_is_found_by_row_when_the_cache_is_scanned_in_pieces(tiny_clip_run, tmp_path, caplog, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import clipcond.row_store
+
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    (shard,) = cache.path.glob("shard-*.safetensors")
+    tensors = load_file(shard)
+    tensors["hidden_states"][3, 5, 0] = float("inf")
+    save_file(tensors, shard, metadata=safe_open(shard, framework="pt").metadata())
+    monkeypatch.setattr(clipcond.row_store, "SCAN_BYTES", 2 * 32 * 32 * 2)  # two rows of (32, 32) fp16 a piece
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert (
+        "its tensor 'hidden_states' holds 1 non-finite value(s) (NaN or infinity) in rows 2 to 3, the first in row 3"
+        in caplog.text
+    )
+    assert calls  # rebuilt
