@@ -13,8 +13,8 @@ on a CPU, see `configure_clip_for_training`; open_clip: `nn.MultiheadAttention`,
 sdpa` puts clipcond on SDPA too, so both run the same attention kernel.
 
 - clipcond: the training code path itself, `train.loop.training_step` (Accelerate's accumulate, backward, gradient
-  clipping, AdamW step) on a prepared `ContrastiveModel` with `ClipStage.loss` (caption tokens looked up by
-  index, uint8 pixels normalised on the device, the towers under the Accelerator's autocast, `ClipLoss` in fp32),
+  clipping, AdamW step) on a prepared `ContrastiveModel` with `ClipStage.loss` (caption tokens as the loader's
+  `CaptionTokens` gives them, uint8 pixels normalised on the device, the towers under the Accelerator's autocast, `ClipLoss` in fp32),
   then `ClipStage.after_optimizer_step` (temperature clamp).
 - open_clip: `open_clip.model.CLIP` built from a config dict with the same widths, depths, heads, MLP ratio,
   patch, image size, context length, vocabulary and QuickGELU, pooling at the end token like CLIPModel;
@@ -90,8 +90,8 @@ def clipcond_step(
     from transformers import CLIPModel
 
     from clipcond.loss import ClipLoss
-    from clipcond.models.clip import clip_config
-    from clipcond.train.clip import ClipStage, ContrastiveModel, configure_clip_for_training
+    from clipcond.models.clip import clip_config, image_processor_for
+    from clipcond.train.clip import CaptionTokens, ClipStage, ContrastiveModel, configure_clip_for_training
     from clipcond.train.loop import compile_if_asked, make_optimizer, training_step
 
     torch.manual_seed(seed)
@@ -113,11 +113,12 @@ def clipcond_step(
     optimizer = make_optimizer(model.parameters(), _optimizer_args(), accelerator)
     compile_if_asked(model, SimpleNamespace(torch_compile="default" if compile_model else None))
     model, optimizer = accelerator.prepare(model, optimizer)
-    stage = ClipStage(accelerator, model, tokenizer, None, SimpleNamespace(captions=captions), ClipLoss())
+    stage = ClipStage(accelerator, model, tokenizer, image_processor_for(config), ClipLoss())
     size = config.vision_config.image_size
     cpu = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=cpu)
-    batch = {"pixel_values": pixels.to(device), "index": torch.arange(batch_size)}  # the loader's, once on the device
+    tokens = CaptionTokens(tokenizer, config.text_config.max_position_embeddings).tokens(captions[:batch_size])
+    batch = {"pixel_values": pixels.to(device), "index": torch.arange(batch_size), **tokens}  # the loader's, once
     generator = torch.Generator(device=device).manual_seed(seed)  # the stage's, as `train` makes it
     model.train()
 

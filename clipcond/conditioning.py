@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clipcond.finite import check_finite_tensor
+from clipcond.row_store import RowStore, RowStoreWriter
 from clipcond.storage import dumps_json, save_tensors_atomic
 from clipcond.transfer import to_device
 
@@ -154,6 +155,9 @@ def _warn_truncated(tokenizer, prompts: list[str], input_ids: torch.Tensor, max_
 # ------------------------------------------------------------------------------------------ the embedding cache
 
 CACHE_FORMAT_VERSION = 1
+# A cache of at most this many bytes has every value checked finite when loaded; a larger one has the rows that
+# each lookup reads checked (reading many GB at every start would cost more than the check is worth).
+FULL_CHECK_BYTES = 256 * 1024 * 1024
 # Config fields that say where or how a model was loaded, not what it computes; left out of the fingerprint.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -232,29 +236,77 @@ class TextEmbeddingCache:
     pooled embeddings (U, D) in fp16, attention masks (U, L), plus the empty prompt's (the target of caption
     dropout, and the unconditional half of classifier-free guidance at inference).
 
-    The file is `CACHE_DIR/text-embeddings-<key>.safetensors`, where `key` hashes the encoder's fingerprint
-    (`encoder_fingerprint`: weights, config, tokenizer, context length) and the caption list: a changed encoder or
-    data set gets a new file, never a stale one. It is written to a temporary name and renamed, so a run killed
-    while writing leaves no half file; several runs may share a cache folder.
+    The store is the folder `CACHE_DIR/text-embeddings-<key>/`, a `clipcond.row_store.RowStore` (safetensors shards
+    and an index written last), where `key` hashes the encoder's fingerprint (`encoder_fingerprint`: weights,
+    config, tokenizer, context length) and the caption list: a changed encoder or data set gets a new folder, never
+    a stale one. Building holds one shard at a time and puts the finished folder in place by a rename, so a run
+    killed while writing leaves no half cache; several runs may share a cache folder. A loaded cache keeps in memory
+    only the empty prompt's row and each row's attended length (a 16-bit integer per caption); `lookup` reads the
+    rows it is asked for from disk, so a cache of any size fits (a CLIP-L-sized encoder stores about 118 KB a
+    caption). A cache of the earlier single-file layout (`text-embeddings-<key>.safetensors`) is converted once,
+    without running the encoder.
 
-    Use `build_or_load`, then `lookup(rows)` per batch; training never runs the encoder.
+    Use `build_or_load`, then `lookup(rows)` per batch; training never runs the encoder. The constructor also takes
+    rows in memory (`TextEmbeddings`), for tests and small lists built by hand.
     """
 
-    def __init__(self, captions: list[str], embeddings: TextEmbeddings, empty: TextEmbeddings, key: str, path: Path):
-        assert embeddings.hidden_states.shape[0] == len(captions), "one row per caption"
+    def __init__(
+        self,
+        captions: list[str],
+        embeddings: TextEmbeddings | RowStore,
+        empty: TextEmbeddings,
+        key: str,
+        path: Path,
+        *,
+        checked: bool = True,
+    ):
         self.captions = captions
-        self.embeddings = embeddings  # (U, L, W) fp16 states, (U, L) mask, (U, D) fp16 pooled or None
-        self.empty = empty  # the same for the empty prompt, with a batch axis of 1
+        self._checked = checked  # every stored value was checked finite (at build or load)
+        self.empty = empty  # the empty prompt's rows, with a batch axis of 1, in memory
         self.key = key
         self.path = path
+        if isinstance(embeddings, RowStore):
+            assert len(embeddings) == len(captions) + 1, "one row per caption, then the empty prompt"
+            self._store, self._memory = embeddings, None
+            lengths = embeddings.read_column("attended")[: len(captions)]
+        else:
+            assert embeddings.hidden_states.shape[0] == len(captions), "one row per caption"
+            self._store, self._memory = None, embeddings
+            lengths = _attended_lengths(embeddings.attention_mask)
+        # (U,) int16: through which column each row attends (0: to nothing); `attended_columns` reads only these
+        self.attended_lengths = lengths
+        self._empty_length = int(_attended_lengths(empty.attention_mask)[0])
 
     def __len__(self) -> int:
         return len(self.captions)
 
+    @property
+    def embeddings(self) -> TextEmbeddings:
+        """Every row at once (U, ...), fp16 states and pooled, uint8 mask: reads the whole cache into memory, for
+        small caches and tests; training reads rows through `lookup`."""
+        if self._memory is not None:
+            return self._memory
+        return self._rows(torch.arange(len(self), device="cpu"), None)
+
+    def _rows(self, caption_indices: torch.Tensor, columns: int | None) -> TextEmbeddings:
+        if self._memory is not None:
+            emb = self._memory[caption_indices]
+            return emb if columns is None else emb.first_columns(columns)
+        first = None if columns is None else {"hidden_states": columns, "attention_mask": columns}
+        names = [n for n in ("hidden_states", "attention_mask", "pooled") if n in self._store.columns]
+        rows = self._store.read(torch.as_tensor(caption_indices, device="cpu").reshape(-1), names, first=first)
+        if not self._checked:  # too large to check every value at load: the rows read are checked here
+            for name in ("hidden_states", "pooled"):
+                if name in rows:
+                    check_finite_tensor(
+                        rows[name], f"the text-embedding cache {str(self.path)!r}", "delete it to rebuild it"
+                    )
+        return TextEmbeddings(rows["hidden_states"], rows["attention_mask"], rows.get("pooled"))
+
     def lookup(self, caption_indices: torch.Tensor, columns: int | None = None) -> TextEmbeddings:
         """Rows of the distinct captions (B,) -> their embeddings: float32 states and pooled, long mask, on CPU; the
-        first `columns` token positions only, when given."""
-        return _from_storage(self.embeddings[caption_indices], columns)
+        first `columns` token positions only, when given (only those are read)."""
+        return _from_storage(self._rows(caption_indices, columns), None)
 
     def lookup_empty(self, batch_size: int = 1, columns: int | None = None) -> TextEmbeddings:
         """The empty prompt's embeddings repeated `batch_size` times, typed as `lookup`'s."""
@@ -263,11 +315,14 @@ class TextEmbeddingCache:
 
     def attended_columns(self, caption_indices: torch.Tensor, with_empty: bool = False, multiple: int = 1) -> int:
         """`attended_columns` of these rows (and of the empty prompt's, when it may replace one), from the stored
-        masks on the CPU."""
-        masks = self.embeddings.attention_mask[caption_indices]
+        lengths on the CPU."""
+        lengths = self.attended_lengths[caption_indices].reshape(-1).tolist()
         if with_empty:
-            masks = torch.cat([masks, self.empty.attention_mask])
-        return attended_columns(masks, multiple)
+            lengths.append(self._empty_length)
+        total = self.empty.attention_mask.shape[1]
+        if not lengths or min(lengths) == 0:  # a row that attends to nothing needs every column
+            return total
+        return min(-(-max(lengths) // multiple) * multiple, total)
 
     @staticmethod
     def cache_key(
@@ -298,8 +353,9 @@ class TextEmbeddingCache:
         """Load the cache of these distinct `captions` under this encoder from `cache_dir`, or build and store it.
 
         Building encodes the captions with `encode_prompts` in batches of `batch_size` (with a progress bar), with
-        or without masking the padding (`mask_padding`, part of the cache's key).
-        A file that cannot be read (truncated, foreign) is rebuilt with a warning.
+        or without masking the padding (`mask_padding`, part of the cache's key), and writes each batch out as it
+        comes. A store that cannot be read (missing or truncated shard, foreign file, non-finite values) is rebuilt
+        with a warning.
         """
         if len(set(captions)) != len(captions):
             raise ValueError("`captions` must be distinct; use `unique_captions` to map a data set's captions to rows")
@@ -307,66 +363,125 @@ class TextEmbeddingCache:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         max_length = context_length(text_encoder, tokenizer)
         key = cls.cache_key(text_encoder, tokenizer, captions, max_length, mask_padding)
-        path = Path(cache_dir) / f"text-embeddings-{key}.safetensors"
-        if path.is_file():
+        path = Path(cache_dir) / f"text-embeddings-{key}"
+        if path.is_dir():
             try:
                 cache = cls._load(path, captions, key)
                 logger.info("loaded %d cached caption embeddings from %s", len(captions), path)
                 return cache
-            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+            except (OSError, ValueError, KeyError) as err:
                 logger.warning("the text-embedding cache %s cannot be used (%s); rebuilding it", path, err)
+        single_file = path.with_name(f"{path.name}.safetensors")  # the layout before the row store
+        if single_file.is_file():
+            try:
+                cache = cls._convert_single_file(single_file, path, captions, key)
+                logger.info(
+                    "converted the single-file text-embedding cache %s to the sharded layout in %s and removed it",
+                    single_file,
+                    path,
+                )
+                return cache
+            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
+                logger.warning("the text-embedding cache %s cannot be used (%s); rebuilding it", single_file, err)
 
         encoding = {"device": device, "max_length": max_length, "mask_padding": mask_padding}
-        parts = []
-        for start in tqdm(
-            range(0, len(captions), batch_size), desc="encoding captions", disable=not progress, dynamic_ncols=True
-        ):
-            chunk = encode_prompts(text_encoder, tokenizer, captions[start : start + batch_size], **encoding)
-            parts.append(_to_storage(chunk))
-        embeddings = TextEmbeddings.cat(parts)
-        empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], **encoding))
-        for emb in (embeddings, empty):
-            for tensor in (emb.hidden_states, emb.pooled):
-                if tensor is not None:
-                    check_finite_tensor(
-                        tensor, f"the text encoder's output (to be cached in {str(path)!r})", NOT_CACHED
-                    )
-        cache = cls(captions, embeddings, empty, key, path)
-        cache._save()
+        what = f"the text encoder's output (to be cached in {str(path)!r})"
+        with RowStoreWriter(path, key=key) as writer:
+            for start in tqdm(
+                range(0, len(captions), batch_size), desc="encoding captions", disable=not progress, dynamic_ncols=True
+            ):
+                chunk = encode_prompts(text_encoder, tokenizer, captions[start : start + batch_size], **encoding)
+                writer.append(**_store_columns(_to_storage(chunk), what))
+            empty = _to_storage(encode_prompts(text_encoder, tokenizer, [""], **encoding))
+            writer.append(**_store_columns(empty, what))
+            store = writer.finish(metadata={"format": CACHE_FORMAT_VERSION, "num_captions": len(captions)})
         logger.info("cached the embeddings of %d captions in %s", len(captions), path)
-        return cache
-
-    def _save(self) -> None:
-        tensors = {}
-        for prefix, emb in (("", self.embeddings), ("empty.", self.empty)):
-            tensors[f"{prefix}hidden_states"] = emb.hidden_states.contiguous()
-            tensors[f"{prefix}attention_mask"] = emb.attention_mask.contiguous()
-            if emb.pooled is not None:
-                tensors[f"{prefix}pooled"] = emb.pooled.contiguous()
-        metadata = {"format": str(CACHE_FORMAT_VERSION), "key": self.key, "num_captions": str(len(self.captions))}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(tensors, self.path, metadata)
+        return cls(captions, store, empty, key, path)
 
     @classmethod
     def _load(cls, path: Path, captions: list[str], key: str) -> TextEmbeddingCache:
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = set(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
-        if metadata.get("key") != key or metadata.get("format") != str(CACHE_FORMAT_VERSION):
-            raise ValueError(f"its metadata {metadata} does not match key {key}")
-        n = tensors["hidden_states"].shape[0]
-        if n != len(captions) or tensors["attention_mask"].shape[0] != n:
-            raise ValueError(f"it holds {n} rows for {len(captions)} captions")
-        for name, tensor in tensors.items():
-            check_finite_tensor(tensor, f"its tensor {name!r}")  # the warning that catches it names the file
-
-        def part(prefix: str) -> TextEmbeddings:
-            return TextEmbeddings(
-                tensors[f"{prefix}hidden_states"], tensors[f"{prefix}attention_mask"], tensors.get(f"{prefix}pooled")
+        store = RowStore(path, key=key)
+        if store.metadata.get("format") != CACHE_FORMAT_VERSION or not {"hidden_states", "attention_mask"} <= set(
+            store.columns
+        ):
+            raise ValueError(
+                f"its index {store.metadata} is not a text-embedding cache of format {CACHE_FORMAT_VERSION}"
             )
+        if len(store) != len(captions) + 1:
+            raise ValueError(f"it holds {len(store) - 1} rows for {len(captions)} captions")
+        # Every value is checked while it is built; here the sizes (above) and, where it is small enough to read
+        # in a moment, every value again. Larger caches check the rows each lookup reads (`_check_rows`).
+        checked = sum(s.path.stat().st_size for s in store.shards) <= FULL_CHECK_BYTES
+        if checked:
+            for name in ("hidden_states", "pooled"):
+                if name in store.columns:
+                    _check_finite_column(store, name)
+        last = store.read([len(captions)])
+        empty = TextEmbeddings(last["hidden_states"], last["attention_mask"], last.get("pooled"))
+        check_finite_tensor(empty.hidden_states, "its empty prompt's row")
+        return cls(captions, store, empty, key, path, checked=checked)
 
-        return cls(captions, part(""), part("empty."), key, path)
+    @classmethod
+    def _convert_single_file(cls, old: Path, path: Path, captions: list[str], key: str) -> TextEmbeddingCache:
+        """Copy a cache of the single-file layout into a row store at `path`, a slice at a time; then remove it."""
+        with safetensors.safe_open(old, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("key") != key or metadata.get("format") != str(CACHE_FORMAT_VERSION):
+                raise ValueError(f"its metadata {metadata} does not match key {key}")
+            with_pooled = "pooled" in set(f.keys())
+            n = f.get_slice("hidden_states").get_shape()[0]
+            if n != len(captions) or f.get_slice("attention_mask").get_shape()[0] != n:
+                raise ValueError(f"it holds {n} rows for {len(captions)} captions")
+
+            def part(prefix: str, rows: slice) -> TextEmbeddings:
+                hidden, mask = (f.get_slice(prefix + name)[rows] for name in ("hidden_states", "attention_mask"))
+                return TextEmbeddings(hidden, mask, f.get_slice(prefix + "pooled")[rows] if with_pooled else None)
+
+            with RowStoreWriter(path, key=key) as writer:  # an error names the tensor; its warning the file
+                for start in range(0, n, 1024):
+                    writer.append(**_store_columns(part("", slice(start, start + 1024))))
+                empty = part("empty.", slice(0, 1))
+                writer.append(**_store_columns(empty))
+                store = writer.finish(metadata={"format": CACHE_FORMAT_VERSION, "num_captions": n})
+        old.unlink()
+        return cls(captions, store, empty, key, path)
+
+
+def _check_finite_column(store: RowStore, name: str) -> None:
+    """Raise ValueError naming the column and the rows when a column of `store` holds NaN or infinity; read a few
+    MB at a time. (The warning that catches it names the cache.)"""
+    start = 0
+    for part in store.iter_column(name):
+        bad = ~torch.isfinite(part).reshape(part.shape[0], -1)  # (n, values per row)
+        if bool(bad.any()):
+            first = start + int(bad.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"its tensor {name!r} holds {int(bad.sum())} non-finite value(s) (NaN or infinity) in rows {start} "
+                f"to {start + part.shape[0] - 1}, the first in row {first}"
+            )
+        start += part.shape[0]
+
+
+def _attended_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) mask -> (B,) int16: one past the last column each row attends to (0 for a row that attends to none)."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1).to("cpu", torch.int16)
+
+
+def _store_columns(emb: TextEmbeddings, what: str | None = None) -> dict[str, torch.Tensor]:
+    """Stored rows (`_to_storage`) as the row store's columns, each row's attended length added, checked finite:
+    an error names `what` (the encoder's output, which is then not cached) or, without it, the tensor."""
+    columns = {"hidden_states": emb.hidden_states, "attention_mask": emb.attention_mask}
+    if emb.pooled is not None:
+        columns["pooled"] = emb.pooled
+    for name in ("hidden_states", "pooled"):
+        if name in columns:
+            if what is None:
+                check_finite_tensor(columns[name], f"its tensor {name!r}")
+            else:
+                check_finite_tensor(columns[name], what, NOT_CACHED)
+    columns["attended"] = _attended_lengths(emb.attention_mask)
+    return columns
 
 
 def _from_storage(emb: TextEmbeddings, columns: int | None) -> TextEmbeddings:
@@ -393,16 +508,28 @@ def _to_storage(emb: TextEmbeddings) -> TextEmbeddings:
 # ------------------------------------------------------------------------------------ the image-embedding cache
 
 IMAGE_CACHE_FORMAT_VERSION = 1
+# A cache of at most this many bytes has every value checked finite when loaded; a larger one has the rows that
+# each lookup reads checked (reading many GB at every start would cost more than the check is worth).
+FULL_CHECK_BYTES = 256 * 1024 * 1024
 
 
 def image_list_identity(dataset) -> list[list]:
     """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
     for each item's image, in item order (paths outside the root stay absolute; an image skipped for lying outside
     the data folder, never read, is `[path, "outside"]`). For streamed WebDataset shards (`clipcond.data.webdataset`,
-    items in shard order) the same of each shard file, by absolute path."""
+    items in shard order) the same of each shard file, by absolute path; of a remote shard, its URL and sample
+    count."""
     if getattr(dataset, "shards", None) is not None:
-        stats = [(s.path, s.path.stat()) for s in dataset.shards]
-        return [[path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+        from clipcond.data.webdataset import is_remote
+
+        identity = []
+        for shard in dataset.shards:
+            if is_remote(shard.path):  # a URL: its samples are what can be known without reading it again
+                identity.append([shard.path, "remote", shard.num_samples])
+                continue
+            stat = shard.path.stat()
+            identity.append([shard.path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns])
+        return identity
     root = Path(dataset.root).resolve()
     outside = set(getattr(dataset, "outside", ()))
     identity = []

@@ -237,13 +237,14 @@ def test_a_text_cache_with_nan_is_refused_by_name_and_rebuilt(tiny_clip_run, tmp
     encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run).eval()
     tokenizer = load_tokenizer(tiny_clip_run)
     cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
-    _poison(cache.path, "pooled")
+    expected = cache.embeddings.pooled  # read before the damage: the cache reads rows from its files
+    _poison(next(cache.path.glob("shard-*.safetensors")), "pooled")
     with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
         rebuilt = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
     assert f"cache {cache.path} cannot be used (its tensor 'pooled' holds 1 non-finite value(s)" in caplog.text
     assert "rebuilding" in caplog.text
     assert torch.isfinite(rebuilt.embeddings.pooled).all()
-    assert torch.equal(rebuilt.embeddings.pooled, cache.embeddings.pooled)
+    assert torch.equal(rebuilt.embeddings.pooled, expected)
 
     # an encoder that gives NaN is not cached at all
     with torch.no_grad():

@@ -136,3 +136,18 @@ def test_clip_real_data_trains_three_contenders_of_one_size_on_the_stamps(tmp_pa
     for f in figures.values():
         assert 0 <= f["text_to_image_R@10"] <= 1 and 0 <= f["zero_shot_top1"] <= 1
     assert set(report["summary"]["clipcond_beats_both"]) == {"text_to_image_R@10", "zero_shot_top1"}
+
+
+def test_cache_memory_measures_each_phase_in_its_own_process(capsys, tmp_path):
+    import cache_memory
+
+    argv = ["--sizes", "30", "--before", "none", "--lookups", "2", "--batch-size", "4", "--work-dir", str(tmp_path)]
+    assert cache_memory.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    case = report["cases"]["after_30"]
+    assert case["captions"] == 30 and case["disk_mib"] >= case["cache_mib"] > 0
+    assert case["build"]["encoder_calls"] == 2  # one batch of captions, then the empty prompt
+    assert case["lookup"]["encoder_calls"] == 0  # the cache was found, not rebuilt
+    for phase in ("build", "lookup", "lookup_mmap"):
+        assert case[phase]["peak_rss_mib"] >= case[phase]["rss_before_mib"] > 0
+    assert list(tmp_path.iterdir()) == []  # the caches are removed

@@ -28,8 +28,8 @@ def test_cache_rows_are_the_encoder_outputs(tiny_clip_run, tmp_path):
     encoder, tokenizer, calls = _encoder(tiny_clip_run)
     cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, batch_size=3, progress=False)
     assert len(calls) == 2 + 1  # two batches of captions, then the empty prompt
-    assert [p.name for p in tmp_path.iterdir()] == [cache.path.name]  # one file, no temporary left behind
-    assert cache.path.name == f"text-embeddings-{cache.key}.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [cache.path.name]  # one folder, no scratch left behind
+    assert cache.path.name == f"text-embeddings-{cache.key}" and (cache.path / "index.json").is_file()
 
     reference = encode_prompts(encoder, tokenizer, CAPTIONS)
     rows = cache.lookup(torch.tensor([2, 0]))
@@ -70,7 +70,7 @@ def test_changed_encoder_or_captions_get_a_new_key(tiny_clip_run, tmp_path):
     calls.clear()
     after = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
     assert after.key != before.key and calls  # recomputed, not read from the old file
-    assert before.path.is_file() and after.path.is_file()
+    assert before.path.is_dir() and after.path.is_dir()
     assert not torch.equal(after.embeddings.hidden_states, before.embeddings.hidden_states)
 
     other_captions = TextEmbeddingCache.cache_key(encoder, tokenizer, CAPTIONS[:3])
@@ -82,12 +82,14 @@ def test_changed_encoder_or_captions_get_a_new_key(tiny_clip_run, tmp_path):
 def test_unreadable_cache_file_is_rebuilt(tiny_clip_run, tmp_path, caplog):
     encoder, tokenizer, calls = _encoder(tiny_clip_run)
     cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
-    cache.path.write_bytes(cache.path.read_bytes()[:100])  # truncated, as by a full disk
+    expected = cache.embeddings.hidden_states  # read before the damage: the cache reads rows from its files
+    shard = next(cache.path.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
     calls.clear()
     with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
         rebuilt = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
-    assert calls and "cannot be used" in caplog.text
-    assert torch.equal(rebuilt.embeddings.hidden_states, cache.embeddings.hidden_states)
+    assert calls and "cannot be used" in caplog.text and "truncated" in caplog.text
+    assert torch.equal(rebuilt.embeddings.hidden_states, expected)
 
 
 def test_unique_captions_map_samples_to_rows():
@@ -156,8 +158,12 @@ def test_a_batch_is_looked_up_through_its_longest_caption(tiny_clip_run, tmp_pat
     assert torch.equal(short.attention_mask.sum(dim=1), full.attention_mask.sum(dim=1))  # no attended token lost
     assert cache.lookup_empty(3, columns).attention_mask.shape == (3, columns)
 
-    cache.embeddings.attention_mask[2] = 0  # a row that attends to nothing keeps every column
-    assert cache.attended_columns(rows) == cache.embeddings.attention_mask.shape[1]
+    # a row that attends to nothing keeps every column
+    stored = cache.embeddings
+    stored.attention_mask[2] = 0
+    in_memory = TextEmbeddingCache(CAPTIONS, stored, cache.empty, cache.key, cache.path)
+    assert in_memory.attended_columns(rows) == stored.attention_mask.shape[1]
+    assert in_memory.attended_columns(torch.tensor([0, 1])) == int(lengths[:2].max())
 
 
 def test_attended_columns_round_up_for_compiled_models():
@@ -167,3 +173,61 @@ def test_attended_columns_round_up_for_compiled_models():
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
     assert attended_columns(mask) == 5 and attended_columns(mask, 4) == 8 and attended_columns(mask, 8) == 8
     assert attended_columns(mask, 16) == 10  # never past the context
+
+
+def test_a_single_file_cache_is_converted_without_the_encoder(tiny_clip_run, tmp_path, caplog):
+    """A cache of the layout before the row store (one safetensors file) is copied into the sharded layout."""
+    from safetensors.torch import save_file
+
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path / "new", progress=False)
+    rows, empty = cache.embeddings, cache.empty
+    tensors = {"hidden_states": rows.hidden_states, "attention_mask": rows.attention_mask, "pooled": rows.pooled}
+    tensors.update(
+        {
+            f"empty.{k}": v
+            for k, v in (
+                ("hidden_states", empty.hidden_states),
+                ("attention_mask", empty.attention_mask),
+                ("pooled", empty.pooled),
+            )
+        }
+    )
+    old = tmp_path / "old" / f"text-embeddings-{cache.key}.safetensors"
+    old.parent.mkdir()
+    save_file(tensors, old, metadata={"format": "1", "key": cache.key, "num_captions": str(len(CAPTIONS))})
+
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="clipcond.conditioning"):
+        converted = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path / "old", progress=False)
+    assert calls == [] and "converted the single-file text-embedding cache" in caplog.text
+    assert not old.exists() and converted.path == old.parent / f"text-embeddings-{cache.key}"
+    rows_back = converted.lookup(torch.tensor([3, 1]))
+    expected = cache.lookup(torch.tensor([3, 1]))
+    assert torch.equal(rows_back.hidden_states, expected.hidden_states)
+    assert torch.equal(rows_back.pooled, expected.pooled)
+    assert torch.equal(converted.lookup_empty(2).hidden_states, cache.lookup_empty(2).hidden_states)
+    assert converted.attended_columns(torch.tensor([3, 1])) == cache.attended_columns(torch.tensor([3, 1]))
+
+
+def test_a_nan_is_found_by_row_when_the_cache_is_scanned_in_pieces(tiny_clip_run, tmp_path, caplog, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import clipcond.row_store
+
+    encoder, tokenizer, calls = _encoder(tiny_clip_run)
+    cache = TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    (shard,) = cache.path.glob("shard-*.safetensors")
+    tensors = load_file(shard)
+    tensors["hidden_states"][3, 5, 0] = float("inf")
+    save_file(tensors, shard, metadata=safe_open(shard, framework="pt").metadata())
+    monkeypatch.setattr(clipcond.row_store, "SCAN_BYTES", 2 * 32 * 32 * 2)  # two rows of (32, 32) fp16 a piece
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="clipcond.conditioning"):
+        TextEmbeddingCache.build_or_load(encoder, tokenizer, CAPTIONS, tmp_path, progress=False)
+    assert (
+        "its tensor 'hidden_states' holds 1 non-finite value(s) (NaN or infinity) in rows 2 to 3, the first in row 3"
+        in caplog.text
+    )
+    assert calls  # rebuilt

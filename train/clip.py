@@ -157,6 +157,31 @@ class ContrastiveModel(nn.Module):
         return out.image_embeds, out.text_embeds, self.clip.logit_scale, self.logit_bias
 
 
+class CaptionTokens:
+    """The collate function of CLIP training: `collate_image_text`'s batch plus its captions' `input_ids` and
+    `attention_mask` (B, context), padded to the context and truncated as the model reads them.
+
+    Captions are tokenised per batch, in the loader's workers, rather than all at once before training: the token
+    table of a data set of many captions (2 x 8 bytes per position) never has to be held. Each caption is padded on
+    its own to the context, so its tokens do not depend on the batch it is in: the same as tokenising up front.
+    """
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate_image_text(samples)
+        batch.update(self.tokens(batch["text"]))
+        return batch
+
+
 class ClipStage(Stage):
     def __init__(
         self,
@@ -164,7 +189,6 @@ class ClipStage(Stage):
         model,
         tokenizer,
         image_processor,
-        dataset,
         loss_fn,
         validation=None,
         grayscale_prob=0.0,
@@ -183,12 +207,6 @@ class ClipStage(Stage):
         # The final export adds open_clip's copy of the weights; checkpoints' pretrained/ folders stay transformers'
         # alone (`clipcond export open-clip` converts one of them when wanted).
         self.export_open_clip = False
-        # Tokenise every caption once; a batch gathers its rows by dataset index.
-        context = self.unwrapped.clip.config.text_config.max_position_embeddings
-        tokens = tokenizer(
-            dataset.captions, padding="max_length", truncation=True, max_length=context, return_tensors="pt"
-        )
-        self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
         # Padding is on the right, so a batch can drop the columns past its longest caption (see `loss`).
         self.right_padded = tokenizer.padding_side == "right"
 
@@ -198,8 +216,7 @@ class ClipStage(Stage):
 
     def loss(self, batch, generator):
         device = self.accelerator.device
-        index = batch["index"]
-        input_ids, attention_mask = self.input_ids[index], self.attention_mask[index]  # (B, context)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, context), from `CaptionTokens`
         if self.right_padded:
             # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
             # the end token, so the text tower runs on (B, longest caption) instead of (B, context): about half
@@ -312,14 +329,14 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         prepared.model,
         tokenizer,
         image_processor,
-        dataset,
         loss_fn,
         validation,
         args.grayscale_prob,
         multiple,
         output_dir=output_dir,
     )
-    result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate_image_text)
+    collate = CaptionTokens(tokenizer, clip.config.text_config.max_position_embeddings)
+    result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate)
 
     # 7. Save the final model and the run record
     def record() -> dict:

@@ -17,7 +17,8 @@ from clipcond.data.webdataset import ShardedImageCaptionDataset, is_shard_source
 DATA_HELP = (
     "an imagefolder root (with train/ and test/), a split folder or a CSV file; or WebDataset tar shards from "
     "`clipcond data convert`: a quoted brace pattern such as 'shards/{000000..000099}.tar', a .tar file or a shard "
-    "folder. Shards are streamed: each epoch is one pass over them in a new shuffled order, split across processes "
+    "folder, or URLs as WebDataset takes them ('pipe:curl -s https://host/{000000..000099}.tar', "
+    "'https://host/{000000..000099}.tar'; read as streams, counted by one pass when opened). Shards are streamed: each epoch is one pass over them in a new shuffled order, split across processes "
     "and dataloader workers by whole shards, and --max-train-steps sets the length; resuming is exact with the same "
     "processes and workers. --split and the validation split do not apply to shards. The captions are read once "
     "from the shards' .txt members (images are skipped over), and the text- and image-embedding caches of the "

@@ -28,18 +28,29 @@ Two modes:
   epoch, N processes do not see the global batches of a 1-process run: each reads its own streams.
 
 An unreadable image is skipped with one warning; the next readable sample of the stream takes its place and names
-the file in its `skipped` list (as `ImageCaptionDataset` does), so the number of items never changes. Only local
-(or mounted) files are read; the shards are read by seeking, not as a pipe.
+the file in its `skipped` list (as `ImageCaptionDataset` does), so the number of items never changes.
+
+Local shards are read by seeking (a resume skips over images without reading them). A shard may also be a URL, as
+the `webdataset` and `wids` libraries take them: `pipe:COMMAND` (the tar file is COMMAND's standard output, e.g.
+`pipe:curl -s https://host/shards/000000.tar` or `pipe:aws s3 cp s3://bucket/000000.tar -`) or `http(s)://...`,
+brace patterns included. Those are read as a stream, front to back: their samples are counted by one pass over them
+when the data set is made (no index.json is read for them), a resume reads through the samples it skips (nothing is
+decoded), and the shuffle buffer holds its samples' bytes. The order, the split across streams and the exact resume
+are those of local shards; only a shard that changes between runs (its URL stays) goes unnoticed, where a local
+shard's size and modification time key the embedding caches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import random
 import re
+import subprocess
 import tarfile
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +115,25 @@ def _brace_options(body: str) -> list[str] | None:
     return [expanded for part in parts for expanded in expand_braces(part)]
 
 
-def list_shards(data: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The shard files that `data` names: a brace pattern or a .tar path, a folder (its *.tar files, sorted), or a
-    list of those. Raises FileNotFoundError naming the first missing shard."""
+REMOTE_PREFIXES = ("pipe:", "http://", "https://")
+
+
+def is_remote(shard: str | Path) -> bool:
+    """Whether a shard is a URL read as a stream (`pipe:COMMAND`, `http(s)://...`) rather than a local file."""
+    return isinstance(shard, str) and shard.startswith(REMOTE_PREFIXES)
+
+
+def list_shards(data: str | Path | Sequence[str | Path]) -> list[Path | str]:
+    """The shards that `data` names: a brace pattern or a .tar path, a folder (its *.tar files, sorted), a URL or
+    brace pattern of URLs (`pipe:...`, `http(s)://...`, kept as strings), or a list of those. Raises
+    FileNotFoundError naming the first missing local shard."""
     specs = [data] if isinstance(data, str | Path) else list(data)
-    paths: list[Path] = []
+    paths: list[Path | str] = []
     for spec in specs:
         spec = str(spec)
+        if is_remote(spec):
+            paths += expand_braces(spec)
+            continue
         if Path(spec).is_dir():
             found = sorted(Path(spec).glob("*.tar"))
             if not found:
@@ -120,7 +143,7 @@ def list_shards(data: str | Path | Sequence[str | Path]) -> list[Path]:
         paths += [Path(p) for p in expand_braces(spec)]
     if not paths:
         raise FileNotFoundError(f"no shards in {data!r}")
-    missing = [p for p in paths if not p.is_file()]
+    missing = [p for p in paths if not is_remote(p) and not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of the {len(paths)} shards named by {data!r} do not exist, e.g. {missing[0]}; "
@@ -135,7 +158,7 @@ def is_shard_source(data: str | Path | Sequence[str | Path]) -> bool:
     if not isinstance(data, str | Path):
         return True
     text = str(data)
-    if text.endswith(".tar"):
+    if text.endswith(".tar") or is_remote(text):
         return True
     folder = Path(text)
     if not folder.is_dir():
@@ -168,16 +191,19 @@ def read_shard_index(path: str | Path) -> dict:
 class _Record:
     """A sample located in its shard: where its members' bytes lie. Reading the headers costs no image I/O."""
 
-    shard: Path
+    shard: Path | str
     key: str
     members: dict[str, tuple[int, int]]  # extension (lower case) -> (offset of the data in the tar file, size)
     index: int = -1  # position in the shard list
+    data: dict[str, bytes] | None = None  # a streamed shard's members, read as they came (no file to seek in)
 
     @property
     def image_extension(self) -> str | None:
         return next((ext for ext in IMAGE_EXTENSIONS if ext in self.members), None)
 
     def read(self, file, extension: str) -> bytes:
+        if self.data is not None:
+            return self.data[extension]
         offset, size = self.members[extension]
         file.seek(offset)
         return file.read(size)
@@ -206,19 +232,87 @@ def scan_shard(path: Path) -> list[_Record]:
     return [r for r in records if r.image_extension is not None]
 
 
+@contextlib.contextmanager
+def open_url(url: str) -> Iterator[io.RawIOBase]:
+    """A remote shard's bytes as a stream: `pipe:COMMAND`'s standard output (run by the shell, as WebDataset does)
+    or an HTTP(S) response. A command that fails (exit status not 0) raises ValueError naming it and what it
+    printed; one stopped early (the reader had what it wanted) is ended quietly."""
+    if url.startswith("pipe:"):
+        command = url[len("pipe:") :]
+        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S602
+        try:
+            yield process.stdout
+            process.stdout.read()  # what the tar reader left (its end padding): let the command finish
+        except BaseException as err:  # the reader stopped early (or failed): end the command
+            if process.poll() is None:
+                process.kill()
+            process.stdout.close()
+            _, stderr = process.communicate()
+            if isinstance(err, ValueError) and process.returncode not in (0, -9):  # the command failed: say so
+                raise ValueError(f"{err}; {_failed(command, process.returncode, stderr)}") from None
+            raise
+        process.stdout.close()
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise ValueError(_failed(command, process.returncode, stderr))
+        return
+    try:
+        response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 (the user's own shard URL)
+    except OSError as err:
+        raise ValueError(f"the shard {url} cannot be read ({err})") from None
+    with response:
+        yield response
+
+
+def _failed(command: str, status: int, stderr: bytes) -> str:
+    return (
+        f"the shard command {command!r} exited with status {status}: {stderr.decode(errors='replace').strip()[-500:]}"
+    )
+
+
+def stream_shard(url: str) -> Iterator[_Record]:
+    """The samples of a remote shard in tar order, each with its members' bytes, read as one stream. Members are
+    grouped by key, consecutively; groups without an image are left out."""
+    current: _Record | None = None
+    with open_url(url) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    match = _KEY_AND_EXTENSION.match(member.name)
+                    if match is None:
+                        continue
+                    key, extension = match.group(1), match.group(2).lower()
+                    if current is None or current.key != key:
+                        if current is not None and current.image_extension is not None:
+                            yield current
+                        current = _Record(url, key, {}, data={})
+                    current.data[extension] = tar.extractfile(member).read()
+                    current.members[extension] = (-1, member.size)
+        except tarfile.TarError as err:
+            raise ValueError(f"the shard {url} is not a readable tar stream ({err})") from None
+    if current is not None and current.image_extension is not None:
+        yield current
+
+
 @dataclass(frozen=True)
 class Shard:
-    path: Path
+    path: Path | str  # a local file, or a URL (`is_remote`)
     num_samples: int
     offset: int  # index of its first sample in the shard list
 
 
-def _shard_counts(paths: list[Path]) -> tuple[list[int], dict | None]:
+def _shard_counts(paths: list[Path | str]) -> tuple[list[int], dict | None]:
     """Each shard's sample count (from the index.json beside it where it lists the shard, else from the tar
-    headers) and the `clipcond` section of the first index found (source, split, dataset_info)."""
+    headers; a remote shard's by reading it once) and the `clipcond` section of the first index found (source,
+    split, dataset_info)."""
     known: dict[Path, int] = {}
     extra = None
-    for folder in dict.fromkeys(p.parent for p in paths):
+    remote = [p for p in paths if is_remote(p)]
+    if remote:
+        logger.info("counting the samples of %d remote shard(s) by reading each once", len(remote))
+    for folder in dict.fromkeys(p.parent for p in paths if not is_remote(p)):
         index_path = folder / INDEX_FILE
         if not index_path.is_file():
             continue
@@ -229,6 +323,9 @@ def _shard_counts(paths: list[Path]) -> tuple[list[int], dict | None]:
             extra = index.get("clipcond")
     counts = []
     for path in paths:
+        if is_remote(path):
+            counts.append(sum(1 for _ in stream_shard(path)))
+            continue
         count = known.get(path.resolve())
         counts.append(len(scan_shard(path)) if count is None else count)
     return counts, extra
@@ -313,7 +410,7 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
             captions, labels = [], []
             for shard in self.shards:
                 records = self._records(shard)
-                with open(shard.path, "rb") as f:
+                with contextlib.nullcontext() if is_remote(shard.path) else open(shard.path, "rb") as f:
                     for record in records:
                         text, label, _ = self._text_and_label(record, f)
                         captions.append(text)
@@ -321,7 +418,9 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
             self._metadata = (captions, labels)
         return self._metadata
 
-    def _records(self, shard: Shard) -> list[_Record]:
+    def _records(self, shard: Shard) -> Iterator[_Record] | list[_Record]:
+        if is_remote(shard.path):
+            return self._streamed_records(shard)
         records = scan_shard(shard.path)
         if len(records) != shard.num_samples:
             raise ValueError(
@@ -331,6 +430,21 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
         for ordinal, record in enumerate(records):
             record.index = shard.offset + ordinal
         return records
+
+    def _streamed_records(self, shard: Shard) -> Iterator[_Record]:
+        """A remote shard's records as they stream in, indexed; a count other than the one made when the data set
+        was opened raises ValueError (the shard changed)."""
+        ordinal = 0
+        for ordinal, record in enumerate(stream_shard(shard.path), start=1):
+            if ordinal > shard.num_samples:
+                break
+            record.index = shard.offset + ordinal - 1
+            yield record
+        if ordinal != shard.num_samples:
+            raise ValueError(
+                f"the shard {shard.path} now gives {'more than ' if ordinal > shard.num_samples else ''}{ordinal} "
+                f"samples, but held {shard.num_samples} when the data set was opened"
+            )
 
     def _text_and_label(self, record: _Record, file) -> tuple[str, str, dict]:
         meta = {}
@@ -470,7 +584,7 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
             for position, record in enumerate(records):
                 if position < skip:
                     continue
-                sample = self._decode(record, files.get(record.shard))
+                sample = self._decode(record, None if record.data is not None else files.get(record.shard))
                 if sample is None:
                     skipped.append(f"{record.shard}:{record.key}.{record.image_extension}")
                     continue

@@ -169,13 +169,16 @@ def test_unreadable_images_are_replaced_by_the_next_readable_one(shapes_data, tm
     assert items_at(streamed, [4, 11])[1]["index"] == 11
 
 
-def test_train_clip_on_shards_resumes_exactly(shards, tmp_path):
+@pytest.mark.parametrize("piped", [False, True], ids=["local", "pipe"])
+def test_train_clip_on_shards_resumes_exactly(shards, tmp_path, piped):
     from safetensors.torch import load_file
 
     from clipcond.train.clip import main
 
+    data = f"pipe:cat {_pattern(shards)}" if piped else _pattern(shards)
+
     def run(out, *extra):
-        argv = ["--data", _pattern(shards), "--output-dir", str(out), *TINY_CLIP_ARGS, "--validation-steps", "0"]
+        argv = ["--data", data, "--output-dir", str(out), *TINY_CLIP_ARGS, "--validation-steps", "0"]
         assert main([*argv, "--max-train-steps", "4", "--checkpointing-steps", "2", *extra]) == 0
         from accelerate.state import AcceleratorState, GradientState
 
@@ -248,3 +251,65 @@ def test_prior_on_shards_equals_the_prior_on_the_folder(shapes_data, shards, tin
         weights.append(load_file(out / "prior" / "diffusion_pytorch_model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _served(folder):
+    """An HTTP server over `folder` on a free local port, in a thread; its base URL and the server."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def test_remote_shards_read_as_the_local_ones(shards):
+    """`pipe:` and http(s) shards (as WebDataset names them) give the local shards' items, captions and indices."""
+    local = ShardedImageCaptionDataset(str(shards / "{000000..000002}.tar"))
+    piped = ShardedImageCaptionDataset(f"pipe:cat {shards}/{{000000..000002}}.tar")
+    assert is_shard_source(f"pipe:cat {shards}/000000.tar")
+    assert [s.path for s in piped.shards] == [f"pipe:cat {shards}/{k:06d}.tar" for k in range(3)]
+    assert len(piped) == len(local) == 90 and piped.captions == local.captions and piped.labels == local.labels
+    url, server = _served(shards)
+    try:
+        fetched = ShardedImageCaptionDataset(f"{url}/{{000000..000002}}.tar")
+        for remote in (piped, fetched):
+            items, expected = list(remote), list(local)
+            assert [s["index"] for s in items] == list(range(90))
+            assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(items, expected))
+            assert [a["text"] for a in items] == [b["text"] for b in expected]
+        with pytest.raises(ValueError, match=r"the shard http://127\.0\.0\.1:\d+/missing\.tar cannot be read"):
+            ShardedImageCaptionDataset(f"{url}/missing.tar")
+    finally:
+        server.shutdown()
+    with pytest.raises(ValueError, match="the shard command 'exit 3' exited with status 3"):
+        ShardedImageCaptionDataset("pipe:exit 3")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_piped_shards_resume_mid_epoch_in_the_local_order(shards, num_workers):
+    local = ShardedImageCaptionDataset(str(shards / "{000000..000004}.tar"), shuffle_buffer=20)
+    piped = ShardedImageCaptionDataset(f"pipe:cat {shards}/{{000000..000004}}.tar", shuffle_buffer=20)
+    orders = []
+    for dataset in (local, piped):
+        loader = _epoch_batches(dataset, num_workers, batch_size=7, seed=0, batches_multiple_of=2)
+        full = _indices(loader, dataset, epoch=1)
+        assert _indices(loader, dataset, epoch=1, start_batch=5) == full[5:]  # exact resume, reading through
+        orders.append(full)
+    assert orders[0] == orders[1]
+
+
+def test_a_remote_shard_that_changed_is_refused(shards, tmp_path):
+    shard = tmp_path / "a.tar"
+    shutil.copy(shards / "000000.tar", shard)
+    piped = ShardedImageCaptionDataset(f"pipe:cat {shard}")
+    shutil.copy(shards / "000001.tar", shard)  # same count: read as it now is
+    assert [s["index"] for s in piped] == list(range(30))
+    with tarfile.open(shards / "000002.tar") as source, tarfile.open(shard, "w") as short:
+        for member in source.getmembers()[:30]:  # 10 samples
+            short.addfile(member, source.extractfile(member))
+    with pytest.raises(ValueError, match="now gives 10 samples, but held 30 when the data set was opened"):
+        list(piped)

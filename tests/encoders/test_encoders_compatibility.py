@@ -72,7 +72,7 @@ def test_text_cache_is_keyed_by_encoder(encoders, tmp_path):
             encoder.text_encoder, encoder.tokenizer, captions, tmp_path, progress=False
         )
         assert cache.key == keys[name] and cache.embeddings.hidden_states.shape[-1] == encoder.text_width
-    assert len(list(tmp_path.glob("text-embeddings-*.safetensors"))) == 3
+    assert len(list(tmp_path.glob("text-embeddings-*/index.json"))) == 3
 
 
 def test_lineage_records(encoders, tmp_path, caplog):

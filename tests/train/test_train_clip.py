@@ -141,6 +141,50 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+def test_captions_tokenised_per_batch_train_the_same_weights_as_tokens_made_up_front(
+    shapes_data, tmp_path, monkeypatch
+):
+    """The loader tokenises each batch's captions (`CaptionTokens`); until it did, training tokenised every caption
+    of the data set before the first step and a batch gathered its rows by index. Both give the same tokens for a
+    caption (each is padded on its own to the context), so a short run trains bit-identical weights."""
+    from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+    from clipcond.train import clip as train_clip
+
+    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    made = []
+
+    class Recording(train_clip.CaptionTokens):
+        def __call__(self, samples):
+            batch = super().__call__(samples)
+            made.append(batch["input_ids"])
+            return batch
+
+    monkeypatch.setattr(train_clip, "CaptionTokens", Recording)
+    _run(shapes_data, tmp_path / "per_batch", *common)
+    assert len(made) >= 3 and all(ids.shape == (16, 32) for ids in made[:3])
+
+    captions = ImageCaptionDataset(shapes_data, split="train").captions  # as the run reads it
+
+    class UpFront(train_clip.CaptionTokens):
+        """The earlier way: the token table of every caption, made once; a batch's rows gathered by index."""
+
+        def __init__(self, tokenizer, context_length):
+            super().__init__(tokenizer, context_length)
+            self.table = self.tokens(captions)
+
+        def __call__(self, samples):
+            batch = collate_image_text(samples)
+            batch.update({name: rows[batch["index"]] for name, rows in self.table.items()})
+            return batch
+
+    monkeypatch.setattr(train_clip, "CaptionTokens", UpFront)
+    _run(shapes_data, tmp_path / "up_front", *common)
+    per_batch, up_front = _weights(tmp_path / "per_batch"), _weights(tmp_path / "up_front")
+    assert per_batch.keys() == up_front.keys()
+    for name in per_batch:
+        torch.testing.assert_close(per_batch[name], up_front[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint(shapes_data, tmp_path, caplog):
     common = ["--max-train-steps", "6", "--checkpointing-steps", "2", "--validation-steps", "0"]
     _run(shapes_data, tmp_path / "straight", *common)
