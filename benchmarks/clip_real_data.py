@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every contender")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step of every contender")
     parser.add_argument("--model", default="tiny", help="the CLIP preset all three share")
+    parser.add_argument(
+        "--clipcond-args",
+        type=shlex.split,
+        default=[],
+        help="more `clipcond train clip` options, to measure another recipe (e.g. '--grayscale-prob 0')",
+    )
+    parser.add_argument(
+        "--results-name",
+        default="clip_real_data",
+        help="with --save-results: benchmarks/results/<name>.json (another name for another recipe)",
+    )
     add_results_flag(parser)
     return parser.parse_args(argv)
 
@@ -93,6 +105,7 @@ def train_clipcond(args, data_dir: Path, run: Path, seed: int) -> float:
     argv = ["--data", str(data_dir), "--output-dir", str(run), "--model", args.model, "--seed", str(seed)]
     argv += ["--max-train-steps", str(args.steps), "--train-batch-size", str(args.batch_size)]
     argv += ["--resolution", str(RESOLUTION), "--validation-steps", "0", "--checkpointing-steps", "0"]
+    argv += args.clipcond_args
     subprocess.run([sys.executable, "-m", "clipcond", "train", "clip", *argv], check=True, stdout=subprocess.DEVNULL)
     return RunRecord.read(run).summary["seconds"]  # the optimisation loop, as the baselines' figure
 
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.save_results:
-        save_results("clip_real_data", report)
+        save_results(args.results_name, report)
     return 0
 
 
