@@ -28,8 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from clipcond.finite import check_finite_tensor
+from clipcond.image_cache import (
+    encode_dataset,
+    image_cache_key,
+    load_or_build,
+    read_image_cache,
+    save_image_cache,
+)
 from clipcond.row_store import RowStore, RowStoreWriter
-from clipcond.storage import dumps_json, save_tensors_atomic
 from clipcond.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -513,37 +519,6 @@ IMAGE_CACHE_FORMAT_VERSION = 1
 FULL_CHECK_BYTES = 256 * 1024 * 1024
 
 
-def image_list_identity(dataset) -> list[list]:
-    """What decides a data set's pixels, file by file: `[path relative to the data set's root, bytes, mtime_ns]`
-    for each item's image, in item order (paths outside the root stay absolute; an image skipped for lying outside
-    the data folder, never read, is `[path, "outside"]`). For streamed WebDataset shards (`clipcond.data.webdataset`,
-    items in shard order) the same of each shard file, by absolute path; of a remote shard, its URL and sample
-    count."""
-    if getattr(dataset, "shards", None) is not None:
-        from clipcond.data.webdataset import is_remote
-
-        identity = []
-        for shard in dataset.shards:
-            if is_remote(shard.path):  # a URL: its samples are what can be known without reading it again
-                identity.append([shard.path, "remote", shard.num_samples])
-                continue
-            stat = shard.path.stat()
-            identity.append([shard.path.resolve().as_posix(), stat.st_size, stat.st_mtime_ns])
-        return identity
-    root = Path(dataset.root).resolve()
-    outside = set(getattr(dataset, "outside", ()))
-    identity = []
-    for i, path in enumerate(dataset.image_paths):
-        resolved = Path(path).resolve()
-        name = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else resolved.as_posix()
-        if i in outside:  # its row is the next readable image's, until --allow-outside-paths reads it
-            identity.append([name, "outside"])
-            continue
-        stat = resolved.stat()
-        identity.append([name, stat.st_size, stat.st_mtime_ns])
-    return identity
-
-
 class ImageEmbeddingCache:
     """The frozen image encoder's embeddings of a data set's images, computed once and stored on disk.
 
@@ -581,18 +556,14 @@ class ImageEmbeddingCache:
 
     @staticmethod
     def cache_key(vision_model, dataset, image_mean, image_std) -> str:
-        digest = hashlib.sha256()
-        digest.update(f"clipcond-image-embeddings-v{IMAGE_CACHE_FORMAT_VERSION}\n".encode())
-        digest.update(vision_fingerprint(vision_model).encode())
-        pixels = {
-            "image_mean": [float(m) for m in image_mean],
-            "image_std": [float(s) for s in image_std],
-            "resolution": getattr(dataset, "resolution", None),
-            "center_crop": getattr(dataset, "center_crop", True),
-        }
-        digest.update(json.dumps(pixels, sort_keys=True).encode())
-        digest.update(json.dumps(image_list_identity(dataset)).encode())
-        return digest.hexdigest()[:32]
+        return image_cache_key(
+            "image-embeddings",
+            IMAGE_CACHE_FORMAT_VERSION,
+            vision_fingerprint(vision_model),
+            dataset,
+            image_mean=[float(m) for m in image_mean],
+            image_std=[float(s) for s in image_std],
+        )
 
     @classmethod
     def build_or_load(
@@ -621,51 +592,32 @@ class ImageEmbeddingCache:
             raise ValueError(f"the data set {dataset!r} is empty; there is nothing to embed")
         key = cls.cache_key(vision_model, dataset, image_mean, image_std)
         path = Path(cache_dir) / f"image-embeddings-{key}.safetensors"
-        if path.is_file():
-            try:
-                cache = cls._load(path, len(dataset), key)
-                logger.info("loaded %d cached image embeddings from %s", len(cache), path)
-                return cache
-            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
-                logger.warning("the image-embedding cache %s cannot be used (%s); rebuilding it", path, err)
 
-        embeddings, item_indices, skipped = embed_images(
-            vision_model,
-            dataset,
-            image_mean=image_mean,
-            image_std=image_std,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
-        check_finite_tensor(embeddings, f"the image encoder's output (to be cached in {str(path)!r})", NOT_CACHED)
-        cache = cls(embeddings, item_indices, key, path, skipped)
-        cache._save()
-        logger.info("cached the embeddings of %d images in %s", len(cache), path)
-        return cache
+        def build() -> ImageEmbeddingCache:
+            statistics = {"image_mean": image_mean, "image_std": image_std}
+            encoding = {"batch_size": batch_size, "device": device, "progress": progress}
+            embeddings, item_indices, skipped = embed_images(vision_model, dataset, **statistics, **encoding)
+            where = f"the image encoder's output (to be cached in {str(path)!r})"
+            check_finite_tensor(embeddings, where, NOT_CACHED)
+            cache = cls(embeddings, item_indices, key, path, skipped)
+            cache._save()
+            return cache
+
+        return load_or_build(path, lambda: cls._load(path, len(dataset), key), build, "image-embedding")
 
     def _save(self) -> None:
-        tensors = {"embeddings": self.embeddings.contiguous(), "item_indices": self.item_indices.contiguous()}
-        metadata = {
-            "format": str(IMAGE_CACHE_FORMAT_VERSION),
-            "key": self.key,
-            "num_images": str(len(self)),
-            "skipped": dumps_json(self.skipped),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(tensors, self.path, metadata)
+        tensors = {"embeddings": self.embeddings, "item_indices": self.item_indices}
+        save_image_cache(self.path, tensors, version=IMAGE_CACHE_FORMAT_VERSION, key=self.key, skipped=self.skipped)
 
     @classmethod
     def _load(cls, path: Path, num_images: int, key: str) -> ImageEmbeddingCache:
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            embeddings, item_indices = f.get_tensor("embeddings"), f.get_tensor("item_indices")
-        if metadata.get("key") != key or metadata.get("format") != str(IMAGE_CACHE_FORMAT_VERSION):
-            raise ValueError(f"its metadata {metadata} does not match key {key}")
+        names = ("embeddings", "item_indices")
+        tensors, skipped = read_image_cache(path, names, version=IMAGE_CACHE_FORMAT_VERSION, key=key)
+        embeddings, item_indices = tensors["embeddings"], tensors["item_indices"]
         if embeddings.ndim != 2 or embeddings.shape[0] != num_images or item_indices.shape != (num_images,):
             raise ValueError(f"it holds {tuple(embeddings.shape)} embeddings for {num_images} images")
         check_finite_tensor(embeddings, "its tensor 'embeddings'")  # the warning that catches it names the file
-        return cls(embeddings, item_indices, key, path, json.loads(metadata.get("skipped", "[]")))
+        return cls(embeddings, item_indices, key, path, skipped)
 
 
 @torch.no_grad()
@@ -674,28 +626,21 @@ def embed_images(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Raw projected embeddings (N, D) fp16 of every item of `dataset` (an `ImageCaptionDataset`, or a `Subset` of
     one), the index of the item each row came from (N,), and the unreadable files met."""
-    from clipcond.data.folders import collate_image_text
     from clipcond.models.clip import normalize_pixels
 
     device = torch.device(device) if device is not None else vision_model.device
     size = vision_model.config.image_size
-    # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG, so building a cache
-    # would change what a training run initialises next, depending on whether the cache existed.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text, generator=torch.Generator()
-    )
-    parts, indices, skipped = [], [], []
-    for batch in tqdm(loader, desc="encoding images", disable=not progress, dynamic_ncols=True):
-        pixels = batch["pixel_values"]  # (B, 3, H, W) uint8
+
+    def embed(pixels: torch.Tensor) -> tuple[torch.Tensor]:
         if pixels.shape[-2:] != (size, size):
             raise ValueError(
                 f"the data set gives {tuple(pixels.shape[-2:])} images but the image encoder expects {size} x {size}; "
                 f"build the data set with resolution={size}"
             )
         pixel_values = normalize_pixels(pixels.to(device), image_mean, image_std).to(vision_model.dtype)
-        parts.append(vision_model(pixel_values=pixel_values).image_embeds.detach().to("cpu", torch.float16))
-        indices.append(batch["index"])
-        skipped += batch["skipped"]
-    if skipped:
-        logger.warning("%d unreadable image(s) replaced by the next readable one, e.g. %s", len(skipped), skipped[0])
-    return torch.cat(parts), torch.cat(indices), sorted(set(skipped))
+        return (vision_model(pixel_values=pixel_values).image_embeds.detach().to("cpu", torch.float16),)
+
+    (embeddings,), indices, skipped = encode_dataset(
+        dataset, embed, batch_size=batch_size, desc="encoding images", progress=progress
+    )
+    return embeddings, indices, skipped

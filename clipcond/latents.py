@@ -7,27 +7,20 @@ al. 2022 train on posterior samples). Caching the mean alone would drop the post
 the VAE was trained to absorb.
 
 The file is `CACHE_DIR/latents-<key>.safetensors`, where `key` hashes the VAE (`model_fingerprint`: class, config,
-weights), the resolution and crop, and the image list (`image_list_identity`): another VAE or a changed image file
-gets a new file, never a stale one. It is written to a temporary name and renamed; a file that cannot be read is
-rebuilt with a warning.
+weights), the resolution and crop, and the image list, as every per-image cache does (`clipcond.image_cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
-from tqdm.auto import tqdm
 
-from clipcond.conditioning import image_list_identity, model_fingerprint
+from clipcond.conditioning import model_fingerprint
 from clipcond.finite import check_finite_tensor
-from clipcond.storage import dumps_json, save_tensors_atomic
+from clipcond.image_cache import encode_dataset, image_cache_key, load_or_build, read_image_cache, save_image_cache
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +67,7 @@ class LatentCache:
 
     @staticmethod
     def cache_key(vae, dataset) -> str:
-        digest = hashlib.sha256()
-        digest.update(f"clipcond-latents-v{LATENT_CACHE_FORMAT_VERSION}\n".encode())
-        digest.update(model_fingerprint(vae).encode())
-        pixels = {
-            "resolution": getattr(dataset, "resolution", None),
-            "center_crop": getattr(dataset, "center_crop", True),
-        }
-        digest.update(json.dumps(pixels, sort_keys=True).encode())
-        digest.update(json.dumps(image_list_identity(dataset)).encode())
-        return digest.hexdigest()[:32]
+        return image_cache_key("latents", LATENT_CACHE_FORMAT_VERSION, model_fingerprint(vae), dataset)
 
     @classmethod
     def build_or_load(
@@ -105,48 +89,30 @@ class LatentCache:
             raise ValueError(f"the data set {dataset!r} is empty; there is nothing to encode")
         key = cls.cache_key(vae, dataset)
         path = Path(cache_dir) / f"latents-{key}.safetensors"
-        if path.is_file():
-            try:
-                cache = cls._load(path, len(dataset), key)
-                logger.info("loaded %d cached latents from %s", len(cache), path)
-                return cache
-            except (OSError, ValueError, KeyError, safetensors.SafetensorError) as err:
-                logger.warning("the latent cache %s cannot be used (%s); rebuilding it", path, err)
-        mean, std, item_indices, skipped = encode_posteriors(
-            vae, dataset, batch_size=batch_size, device=device, progress=progress
-        )
-        check_finite_tensor(mean, f"the VAE's posterior means (to be cached in {str(path)!r})")
-        cache = cls(mean, std, item_indices, key, path, skipped)
-        cache._save()
-        logger.info("cached the latents of %d images in %s", len(cache), path)
-        return cache
+
+        def build() -> LatentCache:
+            encoding = {"batch_size": batch_size, "device": device, "progress": progress}
+            mean, std, item_indices, skipped = encode_posteriors(vae, dataset, **encoding)
+            check_finite_tensor(mean, f"the VAE's posterior means (to be cached in {str(path)!r})")
+            cache = cls(mean, std, item_indices, key, path, skipped)
+            cache._save()
+            return cache
+
+        return load_or_build(path, lambda: cls._load(path, len(dataset), key), build, "latent")
 
     def _save(self) -> None:
-        tensors = {
-            "mean": self.mean.contiguous(),
-            "std": self.std.contiguous(),
-            "item_indices": self.item_indices.contiguous(),
-        }
-        metadata = {
-            "format": str(LATENT_CACHE_FORMAT_VERSION),
-            "key": self.key,
-            "num_images": str(len(self)),
-            "skipped": dumps_json(self.skipped),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(tensors, self.path, metadata)
+        tensors = {"mean": self.mean, "std": self.std, "item_indices": self.item_indices}
+        save_image_cache(self.path, tensors, version=LATENT_CACHE_FORMAT_VERSION, key=self.key, skipped=self.skipped)
 
     @classmethod
     def _load(cls, path: Path, num_images: int, key: str) -> LatentCache:
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            mean, std, item_indices = f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("item_indices")
-        if metadata.get("key") != key or metadata.get("format") != str(LATENT_CACHE_FORMAT_VERSION):
-            raise ValueError(f"its metadata {metadata} does not match key {key}")
+        names = ("mean", "std", "item_indices")
+        tensors, skipped = read_image_cache(path, names, version=LATENT_CACHE_FORMAT_VERSION, key=key)
+        mean, std = tensors["mean"], tensors["std"]
         if mean.ndim != 4 or mean.shape[0] != num_images or std.shape != mean.shape:
             raise ValueError(f"it holds {tuple(mean.shape)} latents for {num_images} images")
         check_finite_tensor(mean, "its tensor 'mean'")
-        return cls(mean, std, item_indices, key, path, json.loads(metadata.get("skipped", "[]")))
+        return cls(mean, std, tensors["item_indices"], key, path, skipped)
 
 
 @torch.no_grad()
@@ -155,18 +121,10 @@ def encode_posteriors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The posterior mean and std (N, C, h, w) fp16 of every item of `dataset`, the index of the item each row came
     from (N,), and the unreadable files met."""
-    from clipcond.data.folders import collate_image_text
-
     device = torch.device(device) if device is not None else vae.device
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    # A generator of its own: a DataLoader otherwise draws its base seed from the global RNG, so building a cache
-    # would change what a training run initialises next, depending on whether the cache existed.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_image_text, generator=torch.Generator()
-    )
-    means, stds, indices, skipped = [], [], [], []
-    for batch in tqdm(loader, desc="encoding latents", disable=not progress, dynamic_ncols=True):
-        pixels = batch["pixel_values"]  # (B, 3, H, W) uint8
+
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
             raise ValueError(
                 f"the data set gives {tuple(pixels.shape[-2:])} images, not divisible by the VAE's downsampling "
@@ -174,10 +132,9 @@ def encode_posteriors(
             )
         sample = (pixels.to(device).float() / 127.5 - 1.0).to(vae.dtype)
         posterior = vae.encode(sample).latent_dist
-        means.append(posterior.mean.to("cpu", torch.float16))
-        stds.append(posterior.std.to("cpu", torch.float16))
-        indices.append(batch["index"])
-        skipped += batch["skipped"]
-    if skipped:
-        logger.warning("%d unreadable image(s) replaced by the next readable one, e.g. %s", len(skipped), skipped[0])
-    return torch.cat(means), torch.cat(stds), torch.cat(indices), sorted(set(skipped))
+        return posterior.mean.to("cpu", torch.float16), posterior.std.to("cpu", torch.float16)
+
+    (mean, std), indices, skipped = encode_dataset(
+        dataset, encode, batch_size=batch_size, desc="encoding latents", progress=progress
+    )
+    return mean, std, indices, skipped

@@ -13,11 +13,11 @@ from conftest import TINY_CLIP_ARGS
 from PIL import Image
 
 from clipcond import cli
-from clipcond.conditioning import image_list_identity
 from clipcond.data.convert import main as convert_main
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.evaluation.clip import main as eval_clip
 from clipcond.evaluation.judged import load_reference_images
+from clipcond.image_cache import image_list_identity
 from clipcond.index import ImageIndex
 from clipcond.train.clip import main as train_clip
 
