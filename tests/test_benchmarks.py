@@ -151,3 +151,19 @@ def test_cache_memory_measures_each_phase_in_its_own_process(capsys, tmp_path):
     for phase in ("build", "lookup", "lookup_mmap"):
         assert case[phase]["peak_rss_mib"] >= case[phase]["rss_before_mib"] > 0
     assert list(tmp_path.iterdir()) == []  # the caches are removed
+
+
+def test_latent_quality_reads_the_latent_demo_and_judges_the_vae_gap(tmp_path, capsys):
+    """The plumbing on a --quick demo: per seed the VAE's judged gap (originals minus reconstructions, in points),
+    the latent and pixel decoders' figures, and the bars over seeds; no figure is checked."""
+    import latent_quality
+
+    assert latent_quality.main(["--demo-dir", str(tmp_path), "--seeds", "0", "--quick"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    run = report["per_seed"]["0"]
+    vae = run["vae"]["eval"]
+    gap = 100 * (vae["judged_originals"]["shape_accuracy"] - vae["judged_reconstructions"]["shape_accuracy"])
+    assert run["vae"]["judge_gap_points"]["shape_accuracy"] == round(gap, 2)
+    assert set(run["latent"]) == set(run["pixel"]) and "colour_accuracy_seen" in run["latent"]
+    worst = max(run["vae"]["judge_gap_points"].values())
+    assert report["over_seeds"]["vae_judge_gap_points"]["holds"] == (worst <= latent_quality.JUDGE_GAP_POINTS)
