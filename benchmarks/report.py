@@ -316,6 +316,25 @@ def clip_rows(report: dict) -> list[str]:
     return rows
 
 
+def clip_real_data_rows(report: dict) -> list[str]:
+    """clipcond's CLIP recipe beside plain transformers and open_clip loops on the Tux Paint stamps, per figure."""
+    summary, settings = report["summary"], report["settings"]
+    seeds = "/".join(str(s) for s in settings["seeds"])
+    recipe = " ".join(settings.get("clipcond_args") or []) or "defaults"
+    name = settings.get("results_name", "clip_real_data")
+    rows = []
+    for key, label in (("text_to_image_R@10", "text→image R@10"), ("zero_shot_top1", "zero-shot top-1 (16 topics)")):
+        what = (
+            f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']}), {label}: "
+            f"clipcond ({recipe}) vs transformers / open_clip loops"
+        )
+        others = " / ".join(_pct(summary[other][key]["mean"]) for other in ("transformers", "open_clip"))
+        figure = f"{_over_seeds(summary['clipcond'][key])} vs {others}"
+        holds = _mark(summary["clipcond_beats_both"][key])
+        rows.append(_row(what, figure, seeds, "beats both", holds, _source(name, report)))
+    return rows
+
+
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
@@ -323,6 +342,10 @@ QUALITY = {
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
+    "clip_real_data": (
+        "python benchmarks/clip_real_data.py --data-dir DIR --steps 200 --batch-size 64 --save-results",
+        clip_real_data_rows,
+    ),
 }
 
 
