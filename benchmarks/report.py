@@ -335,6 +335,40 @@ def clip_real_data_rows(report: dict) -> list[str]:
     return rows
 
 
+def latent_rows(report: dict) -> list[str]:
+    """The demo's latent path: the VAE's reconstructions (PSNR, the judge's gap) and the latent decoder's bars."""
+    summary, runs, source = report["over_seeds"], list(report["per_seed"].values()), _source("latent_quality", report)
+    seeds = "/".join(str(s) for s in report["seeds"])
+    psnr = " / ".join(f"{r['vae']['eval']['psnr']:.1f} dB" for r in runs)
+    gap = summary["vae_judge_gap_points"]
+    rows = [
+        _row(
+            "latent path: the `tiny` VAE's reconstructions of one-object test images, PSNR",
+            psnr,
+            seeds,
+            "reported",
+            "",
+            source,
+        ),
+        _row(
+            "latent path: the judge on reconstructions vs originals, worst gap (colour or shape)",
+            f"{gap['worst']:g} points",
+            seeds,
+            f"≤ {gap['bar']:g} points",
+            _mark(gap["holds"]),
+            source,
+        ),
+    ]
+    for name, label in (("colour_accuracy_seen", "colour"), ("shape_accuracy_seen", "shape")):
+        figure = f"{_over_seeds(summary[name])}; the same demo's pixel decoder (32 px) " + " / ".join(
+            _pct(r["pixel"][name]) for r in runs
+        )
+        what = f"latent path (64 px, 16x16x4 latents), seen prompts, {label}"
+        bar = f"≥ {_pct(summary[name]['bar'])}"
+        rows.append(_row(what, figure, seeds, bar, _mark(summary[name]["holds"]), source))
+    return rows
+
+
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
@@ -342,6 +376,7 @@ QUALITY = {
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
+    "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
     "clip_real_data": (
         "python benchmarks/clip_real_data.py --data-dir DIR --steps 200 --batch-size 64 --save-results",
         clip_real_data_rows,
