@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from clipcond.data.folders import collate_image_text
 from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
-from clipcond.models.vae import downsampling_factor, load_vae, vae_folder
+from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, vae_folder
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
 
@@ -145,12 +145,7 @@ def model_space(
     if args.vae is None:
         return PixelSpace(resolution)
     vae = load_vae(args.vae, flag="--vae")
-    factor = downsampling_factor(vae)
-    if resolution % factor:
-        raise ValueError(
-            f"the images are {resolution} px, not divisible by {factor}, the downsampling factor of `--vae` "
-            f"{args.vae!r}; choose a --resolution that is"
-        )
+    check_fits_resolution(vae, resolution, "--vae", args.vae)
     vae.requires_grad_(False).eval().to(accelerator.device)
     with accelerator.main_process_first():
         cache = LatentCache.build_or_load(

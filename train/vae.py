@@ -45,6 +45,7 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
 from clipcond.loss import RECONSTRUCTION_LOSSES, AutoencoderKLLoss
 from clipcond.models.vae import (
+    check_fits_resolution,
     create_vae,
     downsampling_factor,
     load_vae,
@@ -321,12 +322,7 @@ def build_vae(args: argparse.Namespace, resolution: int) -> AutoencoderKL:
     """The VAE of `--init-vae` or a fresh one of `--model`'s preset, for images of `resolution` px."""
     if args.init_vae is not None:
         vae = load_vae(args.init_vae, flag="--init-vae")
-        factor = downsampling_factor(vae)
-        if resolution % factor:
-            raise ValueError(
-                f"`--resolution` {resolution} is not divisible by {factor}, the downsampling factor of `--init-vae` "
-                f"{args.init_vae!r}"
-            )
+        check_fits_resolution(vae, resolution, "--init-vae", args.init_vae)
     else:
         vae = create_vae(vae_config(args.model, sample_size=resolution))
     if args.gradient_checkpointing:

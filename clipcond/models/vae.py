@@ -47,6 +47,17 @@ def downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def check_fits_resolution(vae: AutoencoderKL, resolution: int, flag: str, path: str | os.PathLike) -> None:
+    """A `ValueError` naming the resolution, `flag` and `path` when images of `resolution` px do not divide into
+    whole latent pixels of `vae`."""
+    factor = downsampling_factor(vae)
+    if resolution % factor:
+        raise ValueError(
+            f"`--resolution` {resolution} is not divisible by {factor}, the downsampling factor of `{flag}` "
+            f"{os.fspath(path)!r}; choose a --resolution that is"
+        )
+
+
 def load_vae(path: str | os.PathLike, flag: str = "--vae") -> AutoencoderKL:
     """A pretrained `AutoencoderKL` from a local folder: SD's `vae/` folder itself (`config.json` and
     `diffusion_pytorch_model.safetensors`), or a pipeline folder that holds one in `vae/`. Safetensors weights

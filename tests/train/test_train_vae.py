@@ -338,3 +338,12 @@ def test_help(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "clipcond train vae" in text and "--init-vae" in text and "--scaling-factor" in text
+
+
+def test_a_vae_that_does_not_divide_the_resolution_is_named():
+    from clipcond.models.vae import check_fits_resolution, create_vae, vae_config
+
+    vae = create_vae(vae_config("test", sample_size=16))  # downsamples x2
+    check_fits_resolution(vae, 16, "--vae", "runs/vae")
+    with pytest.raises(ValueError, match=r"`--resolution` 15 is not divisible by 2, .* `--vae` 'runs/vae'"):
+        check_fits_resolution(vae, 15, "--vae", "runs/vae")
