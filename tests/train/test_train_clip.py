@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import kill_at_step
 import pytest
 import torch
 from conftest import TINY_CLIP_ARGS
@@ -119,7 +120,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "5", "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [
         sys.executable,
-        str(Path(__file__).parent / "kill_at_step.py"),
+        kill_at_step.PATH,
+        "clipcond.train.clip",
+        "ClipStage",
         "--data",
         str(shapes_data),
         "--output-dir",

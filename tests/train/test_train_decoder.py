@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import kill_at_step
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -217,23 +218,7 @@ def test_no_ema_wider_cross_attention_epsilon(shapes_data, tiny_clip_run, tmp_pa
     assert (out / "validation" / "step-2.png").is_file()  # the pipeline samples through the projection
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-from clipcond.train import decoder
-
-kill_at, steps = int(os.environ["CLIPCOND_KILL_AT_STEP"]), 0
-after_step = decoder.DecoderStage.after_optimizer_step
-
-def after_step_then_maybe_die(self):
-    global steps
-    after_step(self)
-    steps += 1
-    if steps == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-decoder.DecoderStage.after_optimizer_step = after_step_then_maybe_die
-sys.exit(decoder.main(sys.argv[1:]))
-"""
+KILL = [kill_at_step.PATH, "clipcond.train.decoder", "DecoderStage"]  # runs the stage, SIGKILLed after a step
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data, tiny_clip_run, tmp_path):
@@ -241,7 +226,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
     validation at step 2 (EMA weights swapped in and out) must not have disturbed its training either."""
     killed, straight = tmp_path / "killed", decoder_run.out
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
-    cmd = [sys.executable, "-c", KILL_SCRIPT, *_argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS)]
+    cmd = [sys.executable, *KILL, *_argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "unet").exists()

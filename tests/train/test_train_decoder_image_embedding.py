@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import kill_at_step
 import numpy as np
 import pytest
 import torch
@@ -143,29 +144,13 @@ def test_ema_averages_the_tokens_with_the_unet(decoder_run):
     _assert_same(ema, _weights(checkpoint / "pretrained"))
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-from clipcond.train import decoder
-
-kill_at, steps = int(os.environ["CLIPCOND_KILL_AT_STEP"]), 0
-after_step = decoder.DecoderStage.after_optimizer_step
-
-def after_step_then_maybe_die(self):
-    global steps
-    after_step(self)
-    steps += 1
-    if steps == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-decoder.DecoderStage.after_optimizer_step = after_step_then_maybe_die
-sys.exit(decoder.main(sys.argv[1:]))
-"""
+KILL = [kill_at_step.PATH, "clipcond.train.decoder", "DecoderStage"]  # runs the stage, SIGKILLed after a step
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data, tiny_clip_run, tmp_path):
     killed, straight = tmp_path / "killed", decoder_run.out
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
-    cmd = [sys.executable, "-c", KILL_SCRIPT, *_argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS)]
+    cmd = [sys.executable, *KILL, *_argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "unet").exists()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import kill_at_step
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,23 +243,7 @@ def test_caption_dropout_feeds_the_empty_prompt(prior_run):
     assert (dropped | kept).all() and 16 <= dropped.sum() <= 48
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-from clipcond.train import prior
-
-kill_at, steps = int(os.environ["CLIPCOND_KILL_AT_STEP"]), 0
-after_step = prior.PriorStage.after_optimizer_step
-
-def after_step_then_maybe_die(self):
-    global steps
-    after_step(self)
-    steps += 1
-    if steps == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-prior.PriorStage.after_optimizer_step = after_step_then_maybe_die
-sys.exit(prior.main(sys.argv[1:]))
-"""
+KILL = [kill_at_step.PATH, "clipcond.train.prior", "PriorStage"]  # runs the stage, SIGKILLed after a step
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(prior_run, shapes_data, tiny_clip_run, tmp_path):
@@ -267,9 +252,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(prior_run, shapes_data, 
     killed, straight = tmp_path / "killed", prior_run.out
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
     argv = _argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS, "--cache-dir", str(straight / "cache"))
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT, *argv], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, *KILL, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "prior").exists()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-2"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kill_at_step
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -175,23 +176,7 @@ def test_the_autoencoder_fits_a_fixed_batch(shapes_data):
 
 # --------------------------------------------------------------------------------------------- resume
 
-KILL_SCRIPT = """
-import os, signal, sys
-from clipcond.train import vae
-
-kill_at, steps = int(os.environ["CLIPCOND_KILL_AT_STEP"]), 0
-after_step = vae.VaeStage.after_optimizer_step
-
-def after_step_then_maybe_die(self):
-    global steps
-    after_step(self)
-    steps += 1
-    if steps == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-vae.VaeStage.after_optimizer_step = after_step_then_maybe_die
-sys.exit(vae.main(sys.argv[1:]))
-"""
+KILL = [kill_at_step.PATH, "clipcond.train.vae", "VaeStage"]  # runs the stage, SIGKILLed after a step
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(vae_run, shapes_data, tmp_path):
@@ -199,7 +184,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(vae_run, shapes_data, tm
     validation and checkpoint exports (the factor measured each time) must not have disturbed its training."""
     killed = tmp_path / "killed"
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
-    cmd = [sys.executable, "-c", KILL_SCRIPT, *_argv(shapes_data, killed, *RESUME_ARGS)]
+    cmd = [sys.executable, *KILL, *_argv(shapes_data, killed, *RESUME_ARGS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "diffusion_pytorch_model.safetensors").exists()
