@@ -209,6 +209,15 @@ class _Record:
         return file.read(size)
 
 
+def _sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a tar member that belongs to a sample; None for anything else (a
+    folder, a link, a name without WebDataset's `KEY.EXT` form)."""
+    if not member.isfile():
+        return None
+    match = _KEY_AND_EXTENSION.match(member.name)
+    return None if match is None else (match.group(1), match.group(2).lower())
+
+
 def scan_shard(path: Path) -> list[_Record]:
     """The samples of a shard in tar order, from its headers only. Members are grouped by key, consecutively (as
     WebDataset groups them); groups without an image are left out."""
@@ -217,12 +226,10 @@ def scan_shard(path: Path) -> list[_Record]:
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                if not member.isfile():
+                named = _sample_member(member)
+                if named is None:
                     continue
-                match = _KEY_AND_EXTENSION.match(member.name)
-                if match is None:
-                    continue
-                key, extension = match.group(1), match.group(2).lower()
+                key, extension = named
                 if current is None or current.key != key:
                     current = _Record(path, key, {})
                     records.append(current)
@@ -278,12 +285,10 @@ def stream_shard(url: str) -> Iterator[_Record]:
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    named = _sample_member(member)
+                    if named is None:
                         continue
-                    match = _KEY_AND_EXTENSION.match(member.name)
-                    if match is None:
-                        continue
-                    key, extension = match.group(1), match.group(2).lower()
+                    key, extension = named
                     if current is None or current.key != key:
                         if current is not None and current.image_extension is not None:
                             yield current
