@@ -16,7 +16,7 @@ from clipcond.hub import local_files_only, looks_like_path, resolve_folder
 from clipcond.runs import check_finished
 
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
-SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "euler", "unipc")
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "dpm-sde", "euler", "euler-a", "unipc")
 
 # The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
 PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
@@ -135,9 +135,13 @@ def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str)
 
 def scheduler_name(scheduler) -> str:
     """The `--scheduler` name of a scheduler, or its class name when it is none of them."""
-    from clipcond.pipelines.text_to_image import SCHEDULERS
+    from clipcond.pipelines.text_to_image import SCHEDULER_OPTIONS, SCHEDULERS
 
-    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
+    def is_named(name: str) -> bool:
+        options = SCHEDULER_OPTIONS.get(name, {})
+        return type(scheduler) is SCHEDULERS[name] and all(scheduler.config.get(k) == v for k, v in options.items())
+
+    names = [name for name in SCHEDULERS if is_named(name)]
     return names[0] if names else type(scheduler).__name__
 
 

@@ -20,6 +20,7 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     ImagePipelineOutput,
     SchedulerMixin,
@@ -40,11 +41,16 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,  # ancestral: draws fresh noise at every step
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,  # DPM-Solver++ (Lu et al. 2022), multistep, order 2
+    "dpm-sde": DPMSolverMultistepScheduler,  # its SDE variant: adds fresh noise at every step, like DDPM
     "euler": EulerDiscreteScheduler,  # works on sigmas: needs init_noise_sigma and scale_model_input
+    "euler-a": EulerAncestralDiscreteScheduler,  # ancestral Euler (Karras et al. 2022's stochastic sampler)
     "unipc": UniPCMultistepScheduler,
 }
 # Options that pick the variant we mean by a name, on top of the saved noise schedule.
-_SCHEDULER_OPTIONS: dict[str, dict] = {"dpm": {"algorithm_type": "dpmsolver++"}}
+SCHEDULER_OPTIONS: dict[str, dict] = {
+    "dpm": {"algorithm_type": "dpmsolver++"},
+    "dpm-sde": {"algorithm_type": "sde-dpmsolver++"},
+}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -56,7 +62,7 @@ def scheduler_from_name(name: str, config) -> SchedulerMixin:
     """
     if name not in SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {name!r}")
-    return SCHEDULERS[name].from_config(config, **_SCHEDULER_OPTIONS.get(name, {}))
+    return SCHEDULERS[name].from_config(config, **SCHEDULER_OPTIONS.get(name, {}))
 
 
 def encoder_width(text_encoder: PreTrainedModel) -> int:

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProject
 
 from clipcond.conditioning import encode_prompts
 from clipcond.models.unet import create_unet, unet_config
+from clipcond.pipeline_loading import scheduler_name
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline, scheduler_from_name
 from clipcond.tokenizer import train_tokenizer
 
@@ -209,8 +210,9 @@ def test_every_scheduler_swaps_in(pipe, name):
     base = pipe.scheduler.config
     pipe.scheduler = scheduler_from_name(name, base)
     assert type(pipe.scheduler) is SCHEDULERS[name]
-    if name == "dpm":
-        assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    if name.startswith("dpm"):
+        assert pipe.scheduler.config.algorithm_type == {"dpm": "dpmsolver++", "dpm-sde": "sde-dpmsolver++"}[name]
+    assert scheduler_name(pipe.scheduler) == name
     first = run(pipe, ["a red circle", "a blue square"], seeds=(0, 1))
     assert first.shape == (2, SIZE, SIZE, 3) and np.isfinite(first).all()
     np.testing.assert_array_equal(first, run(pipe, ["a red circle", "a blue square"], seeds=(0, 1)))
@@ -225,11 +227,12 @@ def test_every_scheduler_swaps_in(pipe, name):
 def test_schedulers_differ(pipe):
     base = pipe.scheduler.config
     images = {}
-    for name in ("ddpm", "ddim", "euler"):
+    for name in ("ddpm", "ddim", "euler", "dpm", "dpm-sde"):
         pipe.scheduler = scheduler_from_name(name, base)
         images[name] = run(pipe, "a red circle", seeds=(0,))
     assert np.abs(images["ddpm"] - images["ddim"]).max() > 0.01
     assert np.abs(images["ddim"] - images["euler"]).max() > 0.01
+    assert np.abs(images["dpm"] - images["dpm-sde"]).max() > 0.01  # the SDE variant draws fresh noise per step
 
 
 def test_guidance_doubles_the_unet_batch_once_per_step(pipe, tokenizer):
@@ -314,7 +317,8 @@ def test_bad_inputs(pipe, kwargs, match):
 
 def test_unknown_scheduler():
     with pytest.raises(
-        ValueError, match=r"`scheduler` must be one of \['ddim', 'ddpm', 'dpm', 'euler', 'unipc'\], got 'heun'"
+        ValueError,
+        match=r"`scheduler` must be one of \['ddim', 'ddpm', 'dpm', 'dpm-sde', 'euler', 'euler-a', 'unipc'\], got 'heun'",
     ):
         scheduler_from_name("heun", DDPMScheduler().config)
 
