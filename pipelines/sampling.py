@@ -1,6 +1,7 @@
 """What the pipelines' sampling shares, written once: the sampling arguments of a call as one value (`Sampling`),
 the timesteps and which of them are guided, the initial noise, the denoising loop with classifier-free guidance,
-and the conversion of the denoised sample to the output type.
+and the conversion of the denoised sample to the output type (decoding a VAE's latents first, where a pipeline
+denoises them).
 
 Each pipeline keeps what is its own: the model it calls, what conditions it and the shape of its noise.
 """
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from clipcond.models.vae import downsampling_factor
 from clipcond.pipelines.inputs import check_guidance_interval, check_output_type, check_sampling_args, guided_steps
 
 
@@ -134,11 +136,31 @@ def denoise(
     return latents
 
 
-def to_output_type(image_processor: VaeImageProcessor, sample: torch.Tensor, output_type: str):
-    """Denoised pixels in [-1, 1] (B, 3, H, W) as `output_type`: "latent" as they are; "pil", "np" or "pt" in
-    [0, 1], clamped, converted in float32 (numpy has no bfloat16)."""
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Pixels per latent pixel along a side of `vae`'s images; 1 without a VAE (pixel space)."""
+    return 1 if vae is None else downsampling_factor(vae)
+
+
+def check_vae_fits(unet: ModelMixin | None, vae: AutoencoderKL | None) -> None:
+    """A `ValueError` when the UNet does not denoise latents of the VAE's width (neither given: nothing to check)."""
+    if unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"the UNet denoises {unet.config.in_channels} channels, but the VAE's latents have "
+            f"{vae.config.latent_channels}; train the UNet on this VAE's latents"
+        )
+
+
+def to_output_type(
+    image_processor: VaeImageProcessor, sample: torch.Tensor, output_type: str, vae: AutoencoderKL | None = None
+):
+    """The denoised sample (B, C, h, w) as `output_type`: "latent" as it is; "pil", "np" or "pt" in [0, 1], clamped,
+    converted in float32 (numpy has no bfloat16). Without a `vae` the sample is pixels in [-1, 1]; with one it is
+    the VAE's latents times `scaling_factor` (as latent diffusion trains on them, Rombach et al. 2022), which are
+    unscaled and decoded into pixels first, as Stable Diffusion does."""
     if output_type == "latent":
         return sample
+    if vae is not None:
+        sample = vae.decode(sample.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return image_processor.postprocess(sample.float(), output_type=output_type)
 
 

@@ -34,7 +34,16 @@ from clipcond.conditioning import TextEmbeddings, encode_prompts
 from clipcond.models.unet import check_encoder_fits
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE, check_latents, check_prompts
 from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
-from clipcond.pipelines.sampling import Sampling, denoise, image_output, initial_noise, set_timesteps, to_output_type
+from clipcond.pipelines.sampling import (
+    Sampling,
+    check_vae_fits,
+    denoise,
+    image_output,
+    initial_noise,
+    set_timesteps,
+    to_output_type,
+    vae_scale_factor,
+)
 
 # The schedulers that sample a UNet trained with DDPM's noise schedule, by their `--scheduler` names.
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -104,14 +113,10 @@ class TextToImagePipeline(DiffusionPipeline):
         super().__init__()
         if unet is not None and text_encoder is not None:
             check_encoder_fits(unet, encoder_width(text_encoder))
-        if unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(
-                f"the UNet denoises {unet.config.in_channels} channels, but the VAE's latents have "
-                f"{vae.config.latent_channels}; train the UNet on this VAE's latents"
-            )
+        check_vae_fits(unet, vae)
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         self.register_to_config(mask_text_padding=mask_text_padding)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
@@ -251,9 +256,6 @@ class TextToImagePipeline(DiffusionPipeline):
         )
 
         # 6. decode / postprocess
-        if self.vae is not None and output_type != "latent":
-            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-            latents = self.vae.decode(latents, return_dict=False)[0]
-        images = to_output_type(self.image_processor, latents, output_type)
+        images = to_output_type(self.image_processor, latents, output_type, vae=self.vae)
         self.maybe_free_model_hooks()
         return image_output(images, return_dict)

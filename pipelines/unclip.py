@@ -21,6 +21,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
     ImagePipelineOutput,
@@ -118,11 +119,11 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         scheduler: the decoder's scheduler.
         image_encoder: the frozen CLIP vision tower of the same CLIP (used by image interpolation; its
             `projection_dim` must be the prior's `embedding_dim`).
-        embedding_tokens, feature_extractor, image_noising_scheduler: as in `ImageVariationPipeline`.
+        embedding_tokens, feature_extractor, image_noising_scheduler, vae: as in `ImageVariationPipeline`.
     """
 
-    model_cpu_offload_seq = "text_encoder->prior->image_encoder->embedding_tokens->unet"
-    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler"]
+    model_cpu_offload_seq = "text_encoder->prior->image_encoder->embedding_tokens->unet->vae"
+    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler", "vae"]
 
     def __init__(
         self,
@@ -136,6 +137,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
         embedding_tokens: ImageEmbeddingTokens | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         image_noising_scheduler: DDPMScheduler | None = None,
+        vae: AutoencoderKL | None = None,
     ):
         super().__init__()
         if (
@@ -154,7 +156,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             prior=prior, prior_scheduler=prior_scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
         register_decoder_modules(
-            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler
+            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler, vae
         )
 
     @classmethod
@@ -207,6 +209,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             embedding_tokens=self.embedding_tokens,
             feature_extractor=self.feature_extractor,
             image_noising_scheduler=self.image_noising_scheduler,
+            vae=self.vae,
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
@@ -263,7 +266,7 @@ class UnCLIPTextToImagePipeline(DiffusionPipeline):
             generator: a torch generator, or one per image. Each image's generator draws the prior's noise, then
                 the decoder's (initial noise, embedding noise, sampler noise): with one per image, a batch equals
                 its images generated one at a time.
-            latents: the decoder's initial noise (num_images, 3, H, W).
+            latents: the decoder's initial noise (num_images, C, h, w), as `ImageVariationPipeline`.
             prior_latents: the prior's initial noise (num_images, D).
             noise_level: the decoder's embedding noise augmentation (decoders trained with it only).
             output_type: "pil", "np", "pt" or "latent", as `ImageVariationPipeline`.

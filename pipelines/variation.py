@@ -5,13 +5,15 @@ pixel statistics of its `feature_extractor`), and denoises pixels with a `UNet2D
 embedding through `class_labels` (`class_embed_type="projection"`) and, when the decoder has them, K tokens of
 cross-attention context (`ImageEmbeddingTokens`); Ramesh et al. 2022, sec. 2.1, in the layout of diffusers'
 `StableUnCLIPImg2ImgPipeline`. How an embedding becomes the UNet's inputs, and what the unconditional input is,
-lives in `clipcond.models.image_embedding`, which training uses too.
+lives in `clipcond.models.image_embedding`, which training uses too. With a `vae` (a decoder trained with
+`--vae`) the UNet denoises the VAE's latents instead of pixels and they are decoded at the end, as in
+`clipcond.pipelines.text_to_image` (`clipcond.pipelines.sampling.to_output_type`).
 
 It also decodes given embeddings (`image_embeds=`, e.g. from the prior: `clipcond.pipelines.unclip`) and
 interpolates between two images (`interpolate`). `save_pretrained` writes `unet/`, `scheduler/`,
 `image_encoder/`, `feature_extractor/`, `embedding_tokens/` (a clipcond model, recorded in `model_index.json` under
-its module `clipcond.models.image_embedding`, which importing this module imports) and, with noise augmentation,
-`image_noising_scheduler/`.
+its module `clipcond.models.image_embedding`, which importing this module imports), with noise augmentation
+`image_noising_scheduler/`, and in latent space `vae/`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -46,7 +55,16 @@ from clipcond.pipelines.interpolation import (
     interpolation_times,
     slerp,
 )
-from clipcond.pipelines.sampling import Sampling, denoise, image_output, initial_noise, set_timesteps, to_output_type
+from clipcond.pipelines.sampling import (
+    Sampling,
+    check_vae_fits,
+    denoise,
+    image_output,
+    initial_noise,
+    set_timesteps,
+    to_output_type,
+    vae_scale_factor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +151,13 @@ def register_decoder_modules(
     embedding_tokens: ImageEmbeddingTokens | None,
     feature_extractor: CLIPImageProcessor | None,
     image_noising_scheduler: DDPMScheduler | None,
+    vae: AutoencoderKL | None = None,
 ) -> None:
     """Check that the decoder's components fit one another, then register them on `pipe` under these names: the
     whole of `ImageVariationPipeline`, the decoder half of `clipcond.pipelines.unclip.UnCLIPTextToImagePipeline`."""
     if unet is not None and image_encoder is not None:
         check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
+    check_vae_fits(unet, vae)
     pipe.register_modules(
         unet=unet,
         scheduler=scheduler,
@@ -145,6 +165,7 @@ def register_decoder_modules(
         embedding_tokens=embedding_tokens,
         feature_extractor=feature_extractor,
         image_noising_scheduler=image_noising_scheduler,
+        vae=vae,
     )
 
 
@@ -161,10 +182,11 @@ class ImageVariationPipeline(DiffusionPipeline):
             (OpenAI's when None).
         image_noising_scheduler: the noise schedule of the embedding's noise augmentation, when the decoder was
             trained with it (`--noise-level`); it enables the `noise_level` argument.
+        vae: optional `AutoencoderKL`; when given the UNet denoises its latents (scaled by its `scaling_factor`).
     """
 
-    model_cpu_offload_seq = "image_encoder->embedding_tokens->unet"
-    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler"]
+    model_cpu_offload_seq = "image_encoder->embedding_tokens->unet->vae"
+    _optional_components = ["embedding_tokens", "feature_extractor", "image_noising_scheduler", "vae"]
 
     def __init__(
         self,
@@ -174,12 +196,14 @@ class ImageVariationPipeline(DiffusionPipeline):
         embedding_tokens: ImageEmbeddingTokens | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         image_noising_scheduler: DDPMScheduler | None = None,
+        vae: AutoencoderKL | None = None,
     ):
         super().__init__()
         register_decoder_modules(
-            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler
+            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler, vae
         )
-        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.vae_scale_factor = vae_scale_factor(vae)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
     def embedding_dim(self) -> int:
@@ -187,10 +211,15 @@ class ImageVariationPipeline(DiffusionPipeline):
         return self.image_encoder.config.projection_dim
 
     @property
-    def image_size(self) -> int:
-        """The side in pixels of the images the UNet makes."""
+    def sample_size(self) -> int:
+        """The side of what the UNet denoises: pixels, or with a VAE latent pixels."""
         size = self.unet.config.sample_size
         return size if isinstance(size, int) else size[0]
+
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images the pipeline makes."""
+        return self.sample_size * self.vae_scale_factor
 
     @property
     def max_noise_level(self) -> int:
@@ -244,7 +273,7 @@ class ImageVariationPipeline(DiffusionPipeline):
             raise ValueError(f"`noise_level` must be in [0, {self.max_noise_level}], got {noise_level}")
 
     def _noise_shape(self, num_images: int) -> tuple[int, int, int, int]:
-        return (num_images, self.unet.config.in_channels, self.image_size, self.image_size)
+        return (num_images, self.unet.config.in_channels, self.sample_size, self.sample_size)
 
     # ----------------------------------------------------------------------------------------------- sampling
 
@@ -276,11 +305,12 @@ class ImageVariationPipeline(DiffusionPipeline):
             generator: a torch generator, or one per image: with one per image, each image depends on its own
                 generator only, so a batch equals its images generated one at a time. Each image's generator draws
                 its initial noise, then (with noise augmentation) its embedding noise, then the sampler's noise.
-            latents: initial noise (num_images, 3, H, W), unscaled (drawn from `generator` when None).
+            latents: initial noise (num_images, C, h, w) of the UNet's sample shape (pixels, or the VAE's latents),
+                unscaled (drawn from `generator` when None).
             noise_level: noise augmentation of the embedding (Stable unCLIP's `noise_level`), in
                 [0, `max_noise_level`]; higher: more variety, less likeness. Only for decoders trained with it.
             output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]), "pt" (float (B, 3, H, W) in [0, 1]) or
-                "latent" (the denoised sample in [-1, 1] terms).
+                "latent" (the denoised sample: pixels in [-1, 1] terms, or the VAE's scaled latents).
             return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
             guidance_start, guidance_end: guidance applies on the sampling steps from `guidance_start` to
                 `guidance_end`, fractions of `num_inference_steps` counted from the noisiest step
@@ -339,8 +369,8 @@ class ImageVariationPipeline(DiffusionPipeline):
         # 6. denoising loop: one UNet batch of 2N on guided steps, of N on the others
         latents = denoise(self, self.unet, latents, sampling, guided, conditional, guided_inputs=guided_conditioning)
 
-        # 7. postprocess: [-1, 1] -> output_type
-        images = to_output_type(self.image_processor, latents, sampling.output_type)
+        # 7. decode / postprocess: [-1, 1] (or the VAE's latents) -> output_type
+        images = to_output_type(self.image_processor, latents, sampling.output_type, vae=self.vae)
         self.maybe_free_model_hooks()
         return images
 
@@ -372,7 +402,7 @@ class ImageVariationPipeline(DiffusionPipeline):
             image: two PIL images, or uint8 images (2, 3, H, W).
             image_embeds: two CLIP image embeddings (2, D) instead.
             generator: one torch generator (not a list).
-            latents: the initial noise of every frame (1, 3, H, W).
+            latents: the initial noise of every frame (1, C, h, w).
             Others as in `__call__`.
         """
         # 1.-3. check inputs, the endpoints' embeddings, the frames
@@ -385,7 +415,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         self, image, image_embeds, num_frames: int, sampling: Sampling, noise_level: int, return_dict: bool = True
     ) -> InterpolationOutput | tuple:
         """The stages of `interpolate` (shared with the unCLIP pipeline's), its arguments gathered in `sampling`;
-        `sampling.latents`: the initial noise of every frame (1, 3, H, W), or None."""
+        `sampling.latents`: the initial noise of every frame (1, C, h, w), or None."""
         # 1. check inputs (the latents, one draw for every frame, with the generator in `interpolate_embeddings`)
         self.check_inputs(image, image_embeds, replace(sampling, latents=None), 1, noise_level)
         count = image_embeds.shape[0] if image_embeds is not None else count_images(image)
@@ -407,7 +437,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         self, start: torch.Tensor, end: torch.Tensor, times: list[float], sampling: Sampling, noise_level: int = 0
     ):
         """Decode slerp(start, end, t) (D,) for each t in `times`, all frames from one draw of noise: the initial
-        noise `sampling.latents` (1, 3, H, W) or drawn from `sampling.generator`, then the embedding noise."""
+        noise `sampling.latents` (1, C, h, w) or drawn from `sampling.generator`, then the embedding noise."""
         generator = sampling.generator
         check_one_generator(generator)
         device = self._execution_device

@@ -1,5 +1,6 @@
 """UnCLIPTextToImagePipeline (prior + image-embedding decoder) on tiny seeded components (CPU, 2 steps): guidance per
-stage, determinism, batch = single, prompt interpolation, one-folder save/load, pairing runs by their CLIP."""
+stage, determinism, batch = single, prompt interpolation, one-folder save/load, a latent decoder, pairing runs by
+their CLIP."""
 
 import json
 import logging
@@ -16,6 +17,7 @@ from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.image_embedding import ImageEmbeddingTokens, decoder_condition
 from clipcond.models.prior import create_prior, prior_config, set_embedding_statistics
 from clipcond.models.unet import create_unet, unet_config
+from clipcond.models.vae import create_vae, vae_config
 from clipcond.pipelines import ImageVariationPipeline, PriorPipeline, UnCLIPTextToImagePipeline
 
 SIZE = 16
@@ -47,22 +49,25 @@ def make_prior_pipeline(text_encoder, tokenizer) -> PriorPipeline:
     return PriorPipeline(prior=prior, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def make_decoder(image_encoder) -> ImageVariationPipeline:
+def make_decoder(image_encoder, vae=None) -> ImageVariationPipeline:
+    """A decoder of SIZE px images: in pixel space, or with `vae` (one downsampling) on its latents."""
     dim = image_encoder.config.projection_dim
     torch.manual_seed(1)
-    unet = create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=dim, image_embedding_dim=dim))
+    space = {"sample_size": SIZE} if vae is None else {"sample_size": SIZE // 2, "in_channels": 4}
+    unet = create_unet(unet_config("test", **space, cross_attention_dim=dim, image_embedding_dim=dim))
     return ImageVariationPipeline(
         unet=unet.eval(),
         scheduler=DDPMScheduler(),
         image_encoder=image_encoder,
         embedding_tokens=ImageEmbeddingTokens(dim, 2, dim).eval(),
+        vae=vae,
     )
 
 
-def make_unclip(towers) -> UnCLIPTextToImagePipeline:
+def make_unclip(towers, vae=None) -> UnCLIPTextToImagePipeline:
     text_encoder, tokenizer, image_encoder = towers
     prior = make_prior_pipeline(text_encoder, tokenizer)
-    decoder = make_decoder(image_encoder)
+    decoder = make_decoder(image_encoder, vae)
     pipe = UnCLIPTextToImagePipeline(
         prior=prior.prior,
         prior_scheduler=prior.scheduler,
@@ -218,6 +223,24 @@ def test_one_folder_save_and_load(pipe, tmp_path):
     loaded = UnCLIPTextToImagePipeline.from_pretrained(tmp_path, local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(pipe, seeds=(3,)), run(loaded, seeds=(3,)))
+
+
+def test_a_latent_decoder_decodes_through_its_vae_after_the_prior(towers, tmp_path):
+    """The decoder stage of a latent decoder: its VAE's decodings at the VAE's resolution, kept by save/load."""
+    torch.manual_seed(0)
+    vae = create_vae(vae_config("test", sample_size=SIZE)).eval()
+    pipe = make_unclip(towers, vae)
+    assert pipe.decoder_pipeline.vae is vae
+    latents = run(pipe, seeds=(3,), output_type="latent")
+    assert latents.shape == (1, 4, SIZE // 2, SIZE // 2)
+    images = run(pipe, seeds=(3,))
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    np.testing.assert_allclose(images, (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pipe.save_pretrained(tmp_path)
+    loaded = UnCLIPTextToImagePipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(images, run(loaded, seeds=(3,)))
 
 
 # -------------------------------------------------------------------------------------------- pairing runs

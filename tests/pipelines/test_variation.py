@@ -1,5 +1,5 @@
 """ImageVariationPipeline (the unCLIP decoder) on tiny seeded components (CPU, 2 steps): the condition vector and its
-tokens, guidance, determinism, batch = single, interpolation, slerp, width checks, save/load."""
+tokens, guidance, determinism, batch = single, interpolation, slerp, width checks, latent space, save/load."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -25,6 +25,7 @@ from clipcond.models.image_embedding import (
     without_cross_attention,
 )
 from clipcond.models.unet import create_unet, unet_config
+from clipcond.models.vae import create_vae, set_scaling_factor, vae_config
 from clipcond.pipelines import ImageVariationPipeline, slerp
 from clipcond.pipelines.interpolation import interpolation_times
 
@@ -43,11 +44,13 @@ def vision(tiny_clip_run):
     return encoder, mean, std
 
 
-def make_decoder(encoder, num_tokens: int = TOKENS, noise: bool = False, scheduler=None) -> ImageVariationPipeline:
+def make_decoder(
+    encoder, num_tokens: int = TOKENS, noise: bool = False, scheduler=None, vae=None
+) -> ImageVariationPipeline:
+    """A decoder of SIZE px images: in pixel space, or with `vae` on its latents."""
     dim = encoder.config.projection_dim
-    config = unet_config(
-        "test", sample_size=SIZE, cross_attention_dim=WIDTH, image_embedding_dim=2 * dim if noise else dim
-    )
+    space = {"sample_size": SIZE} if vae is None else {"sample_size": SIZE // 2, "in_channels": 4}
+    config = unet_config("test", **space, cross_attention_dim=WIDTH, image_embedding_dim=2 * dim if noise else dim)
     if num_tokens == 0:
         config = without_cross_attention(config)
     torch.manual_seed(0)
@@ -59,9 +62,18 @@ def make_decoder(encoder, num_tokens: int = TOKENS, noise: bool = False, schedul
         image_encoder=encoder,
         embedding_tokens=tokens,
         image_noising_scheduler=make_noising_scheduler() if noise else None,
+        vae=vae,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def make_vae() -> AutoencoderKL:
+    """A `test`-preset VAE: one downsampling (SIZE px -> SIZE / 2 latents, 4 channels), a scaling factor of its own."""
+    torch.manual_seed(0)
+    vae = create_vae(vae_config("test", sample_size=SIZE)).eval()
+    set_scaling_factor(vae, 0.7)
+    return vae
 
 
 @pytest.fixture
@@ -372,6 +384,46 @@ def test_an_image_encoder_of_another_width_is_refused(pipe):
 def test_bad_inputs_are_named(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ latent space
+
+
+def test_a_latent_decoder_decodes_through_its_vae(vision, images, tmp_path):
+    """With a VAE the UNet denoises latents of its own sample size, and the images are their decodings at the VAE's
+    resolution (unscaled by `scaling_factor` first), by `__call__` and `interpolate` alike; save/load keeps it."""
+    vae = make_vae()
+    pipe = make_decoder(vision[0], vae=vae, scheduler=DDIMScheduler())  # no step noise: the initial noise decides
+    pixels, _ = images
+    assert (pipe.sample_size, pipe.image_size) == (SIZE // 2, SIZE)
+    latents = run(pipe, pixels[0], seeds=(3,), output_type="latent")
+    assert latents.shape == (1, 4, SIZE // 2, SIZE // 2)
+    varied = run(pipe, pixels[0], seeds=(3,))
+    with torch.no_grad():
+        decoded = vae.decode(latents / 0.7).sample
+    np.testing.assert_allclose(varied, (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    noise = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(varied, run(pipe, pixels[0], seeds=(9,), latents=noise))  # the noise's shape
+    frames = pipe.interpolate(pixels, num_frames=3, num_inference_steps=STEPS, generator=torch.Generator())
+    assert [frame.size for frame in frames.images] == [(SIZE, SIZE)] * 3
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    loaded = ImageVariationPipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, AutoencoderKL) and loaded.vae.config.scaling_factor == 0.7
+    np.testing.assert_array_equal(varied, run(loaded, pixels[0], seeds=(3,)))
+
+
+def test_a_vae_whose_latents_do_not_fit_is_refused(vision):
+    with pytest.raises(ValueError, match=r"the UNet denoises 3 channels, but the VAE's latents have 4"):
+        ImageVariationPipeline(
+            unet=create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=WIDTH, image_embedding_dim=32)),
+            scheduler=DDPMScheduler(),
+            image_encoder=vision[0],
+            embedding_tokens=ImageEmbeddingTokens(32, TOKENS, WIDTH),
+            vae=make_vae(),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ save/load
