@@ -24,7 +24,7 @@ What the UNet is conditioned on is the flow's plug-in (`clipcond.train.decoder_c
 `--conditioning image-embedding` (`clipcond.train.unclip_decoder`, the DALL-E 2 decoder: an
 `ImageVariationPipeline`). What the UNet denoises is another choice, orthogonal to it (`model_space`: pixels in
 [-1, 1], or a VAE's latents sampled from posteriors cached once, the pipeline then holding the VAE that decodes
-them; the image-embedding decoder is pixel-space only for now), and how it is initialised one step
+them, for either conditioning), and how it is initialised one step
 (`build_decoder`: a preset now, pretrained weights later), whatever the conditioning.
 """
 

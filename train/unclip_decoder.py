@@ -2,11 +2,12 @@
 
     clipcond train decoder --conditioning image-embedding --clip runs/clip --data shapes/ --output-dir runs/unclip
 
-A diffusers `UNet2DConditionModel` (the same presets as the text path, in pixel space) learns to draw an image from
-its CLIP image embedding (Ramesh et al. 2022, sec. 2.1, in the layout of Stable unCLIP): the embedding enters as
-`class_labels` (`class_embed_type="projection"`, added to the timestep embedding) and, with `--embedding-tokens K`
-(default 4, unCLIP's "four extra tokens of context"), as K cross-attention tokens made by an `ImageEmbeddingTokens`
-module trained jointly with the UNet. With K = 0 the UNet has no cross-attention (its cross-attention blocks become
+A diffusers `UNet2DConditionModel` (the same presets as the text path, in pixel space or with `--vae` in a VAE's
+latent space: `clipcond.train.model_space`) learns to draw an image from its CLIP image embedding (Ramesh et al.
+2022, sec. 2.1, in the layout of Stable unCLIP): the embedding enters as `class_labels`
+(`class_embed_type="projection"`, added to the timestep embedding) and, with `--embedding-tokens K` (default 4,
+unCLIP's "four extra tokens of context"), as K cross-attention tokens made by an `ImageEmbeddingTokens` module
+trained jointly with the UNet. With K = 0 the UNet has no cross-attention (its cross-attention blocks become
 self-attention blocks; `clipcond.models.image_embedding.without_cross_attention`) and reads no context.
 
 How an embedding becomes the UNet's inputs is `clipcond.models.image_embedding`, shared with the pipelines:
@@ -16,15 +17,16 @@ concatenated; sampling then picks `noise_level`), and replaced by the zero vecto
 `--caption-dropout` (the unconditional input of classifier-free guidance, which the pipeline feeds too).
 
 The frozen CLIP vision tower runs once over the training images, before training, into an `ImageEmbeddingCache`
-(`RUN/cache/` by default); training steps look rows up and never run the tower. Everything else (the objective, EMA,
-checkpoints, resume, validation grid, run record) is the one decoder flow of `clipcond.train.decoder`, to which
-`ImageEmbeddingPlugin` is the conditioning.
+(`RUN/cache/` by default); training steps look rows up and never run the tower. The embeddings come from the pixel
+images at the tower's resolution whatever the UNet denoises: in latent space only the targets are latents.
+Everything else (the objective, EMA, checkpoints, resume, validation grid, run record with its `model_space`) is the
+one decoder flow of `clipcond.train.decoder`, to which `ImageEmbeddingPlugin` is the conditioning.
 
 The run folder is a complete `ImageVariationPipeline` (`unet/` with the EMA weights, `scheduler/`,
 `image_encoder/` (the CLIP vision tower), `feature_extractor/` (its pixel statistics), `embedding_tokens/` with
-K > 0, `image_noising_scheduler/` with N > 0, `model_index.json`), plus `clipcond_run.json` (with
-`"conditioning": "image-embedding"` and the CLIP's content hash), `checkpoints/`, `validation/step-<N>.png` (rows:
-a fixed test image, then its variations) and `cache/`.
+K > 0, `image_noising_scheduler/` with N > 0, `vae/` with `--vae`, `model_index.json`), plus `clipcond_run.json`
+(with `"conditioning": "image-embedding"` and the CLIP's content hash), `checkpoints/`, `validation/step-<N>.png`
+(rows: a fixed test image, then its variations) and `cache/`.
 """
 
 from __future__ import annotations
@@ -162,11 +164,6 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             )
         if args.validation_sources < 1:
             raise ValueError(f"`--validation-sources` must be >= 1, got {args.validation_sources}")
-        if args.vae is not None:
-            raise ValueError(
-                f"`--vae` {args.vae!r} needs `--conditioning text`: the image-variation pipeline decodes pixels only "
-                "(the image-embedding decoder trains in pixel space)"
-            )
 
     def encode_training_data(
         self, accelerator: Accelerator, dataset, resolution: int, cache_dir
@@ -208,7 +205,6 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
         )
 
     def pipeline(self, model: UnCLIPDecoder, scheduler, vae=None):
-        assert vae is None, "check_args refuses --vae"
         from clipcond.pipelines.variation import ImageVariationPipeline
 
         return ImageVariationPipeline(
@@ -218,6 +214,7 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             embedding_tokens=model.embedding_tokens,
             feature_extractor=self.feature_extractor,
             image_noising_scheduler=self.noising_scheduler,
+            vae=vae,
         )
 
     def load_validation_inputs(self, resolution: int) -> None:

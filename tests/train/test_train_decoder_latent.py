@@ -1,5 +1,6 @@
-"""`clipcond train decoder --vae VAE` at test scale: latents cached once as posteriors, a sample drawn each step,
-the run folder a pipeline that decodes through the VAE, `clipcond generate` on it, resume after SIGKILL, errors."""
+"""`clipcond train decoder --vae VAE` at test scale, for text and image-embedding conditioning alike: latents cached
+once as posteriors, a sample drawn each step, the run folder a pipeline that decodes through the VAE, the sampling
+commands and `clipcond eval unclip` on it, resume after SIGKILL, errors."""
 
 import json
 import os
@@ -33,13 +34,34 @@ STEPS = 4
 FAST_ARGS = [
     *("--model", "test", "--resolution", str(RESOLUTION), "--train-batch-size", "4", "--lr-warmup-steps", "1"),
     *("--seed", "0", "--validation-inference-steps", "1", "--validation-images-per-prompt", "1"),
-    *("--validation-prompts", "a red circle", "a blue square"),
 ]
 RESUME_ARGS = ["--max-train-steps", str(STEPS), "--checkpointing-steps", "2", "--validation-steps", "2"]
+# What each --conditioning adds; its validation grid's (columns, rows): a prompt per row, or a source image and its
+# variation per row.
+CONDITIONINGS = {
+    "text": ["--validation-prompts", "a red circle", "a blue square"],
+    "image-embedding": ["--conditioning", "image-embedding", "--validation-sources", "2"],
+}
+VALIDATION_GRID = {"text": (1, 2), "image-embedding": (2, 2)}
 
 
-def _argv(clip, data, vae, out, *extra):
-    return ["--clip", str(clip), "--data", str(data), "--vae", str(vae), "--output-dir", str(out), *FAST_ARGS, *extra]
+def _argv(clip, data, vae, out, *extra, conditioning="text"):
+    return [
+        *("--clip", str(clip), "--data", str(data), "--vae", str(vae), "--output-dir", str(out)),
+        *FAST_ARGS,
+        *CONDITIONINGS[conditioning],
+        *extra,
+    ]
+
+
+def _trained_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights that training wrote into a pipeline folder: the UNet's, and the embedding tokens' if any."""
+    weights = {}
+    for component in ("unet", "embedding_tokens"):
+        file = folder / component / "diffusion_pytorch_model.safetensors"
+        if file.is_file():
+            weights.update({f"{component}.{k}": v for k, v in load_file(file).items()})
+    return weights
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +75,18 @@ def vae_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", params=list(CONDITIONINGS))
+def conditioning(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def latent_run(shapes_data, tiny_clip_run, vae_folder, tmp_path_factory):
+def latent_run(conditioning, shapes_data, tiny_clip_run, vae_folder, tmp_path_factory):
+    """One short run through the CLI per conditioning, counting the VAE encoder's passes over the data; also the
+    uninterrupted run of the resume test."""
     from clipcond.cli import main as cli_main
 
-    out = tmp_path_factory.mktemp("latent_decoder")
+    out = tmp_path_factory.mktemp(f"latent_decoder_{conditioning}")
     calls = {"n": 0}
     encode = latents_module.encode_posteriors
 
@@ -67,15 +96,19 @@ def latent_run(shapes_data, tiny_clip_run, vae_folder, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(latents_module, "encode_posteriors", count)
-        assert cli_main(["train", "decoder", *_argv(tiny_clip_run, shapes_data, vae_folder, out, *RESUME_ARGS)]) == 0
+        argv = _argv(tiny_clip_run, shapes_data, vae_folder, out, *RESUME_ARGS, conditioning=conditioning)
+        assert cli_main(["train", "decoder", *argv]) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     assert calls["n"] == 1
     return out
 
 
-def test_run_folder_is_a_latent_pipeline(latent_run, vae_folder):
+def test_run_folder_is_a_latent_pipeline(latent_run, conditioning, vae_folder):
     record = json.loads((latent_run / "clipcond_run.json").read_text())
+    model_index = json.loads((latent_run / "model_index.json").read_text())
+    pipeline = {"text": "TextToImagePipeline", "image-embedding": "ImageVariationPipeline"}[conditioning]
+    assert model_index["_class_name"] == pipeline and model_index["vae"] == ["diffusers", "AutoencoderKL"]
     space = record["model_space"]
     assert space["space"] == "latents" and space["sample_size"] == RESOLUTION // 2
     assert space["vae"]["scaling_factor"] == SCALING_FACTOR
@@ -88,25 +121,85 @@ def test_run_folder_is_a_latent_pipeline(latent_run, vae_folder):
     assert AutoencoderKL.from_pretrained(latent_run / "vae").config.scaling_factor == SCALING_FACTOR
     scheduler = json.loads((latent_run / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["clip_sample"] is False  # latents have no [-1, 1] bound
-    assert (latent_run / "validation" / f"step-{STEPS}.png").is_file()
+    columns, rows = VALIDATION_GRID[conditioning]  # grids of decoded images, not of 8 x 8 latents
+    assert image_size(latent_run / "validation" / f"step-{STEPS}.png") == (columns * RESOLUTION, rows * RESOLUTION)
 
 
-def test_generate_decodes_through_the_vae(latent_run, tmp_path):
+def test_sampling_commands_decode_through_the_vae(latent_run, conditioning, shapes_data, tmp_path):
+    """`clipcond generate` (text), `clipcond vary` and `clipcond interpolate --images` (image embeddings) draw
+    images at the decoder's resolution: pixels decoded from 8 x 8 latents, whatever the size of the sources (the
+    data's 32 px, the CLIP's input)."""
     from clipcond.generate import main as generate
+    from clipcond.interpolate import main as interpolate
+    from clipcond.vary import main as vary
 
-    out = tmp_path / "samples"
-    generate(["--model", str(latent_run), "--prompt", "a red circle", "--output-dir", str(out)]
-             + ["--num-inference-steps", "2", "--num-images", "2", "--seed", "0"])  # fmt: skip
-    images = sorted(out.glob("*.png"))
-    sizes = {Image_size(p) for p in images if p.name != "grid.png"}
-    assert sizes == {(RESOLUTION, RESOLUTION)}  # pixels, decoded from 8 x 8 latents
+    common = ["--model", str(latent_run), "--num-inference-steps", "2", "--seed", "0"]
+    if conditioning == "text":
+        runs = {"generate": (generate, ["--prompt", "a red circle", "--num-images", "2"])}
+    else:
+        sources = [str(p) for p in sorted((shapes_data / "test").glob("*.png"))[:2]]
+        assert image_size(Path(sources[0])) == (32, 32)
+        runs = {
+            "vary": (vary, [*sources, "--num-images", "2"]),
+            "interpolate": (interpolate, ["--images", *sources, "--steps", "3"]),
+        }
+    for name, (command, argv) in runs.items():
+        out = tmp_path / name
+        assert command([*common, *argv, "--output-dir", str(out)]) == 0
+        images = [p for p in out.glob("*.png") if p.name != "grid.png"]
+        assert len(images) >= 2 and {image_size(p) for p in images} == {(RESOLUTION, RESOLUTION)}, name
 
 
-def Image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
     with Image.open(path) as image:
         return image.size
+
+
+@pytest.mark.parametrize("conditioning", ["image-embedding"], indirect=True)
+def test_eval_unclip_runs_on_a_latent_decoder(latent_run, shapes_data, tiny_clip_run, tmp_path, monkeypatch, capsys):
+    """`clipcond eval unclip` and `clipcond generate --prior` pair the latent image-embedding decoder with a prior;
+    the images judged and written are what its VAE decodes."""
+    from clipcond.demo import QUICK_JUDGE
+    from clipcond.evaluation import judge as judge_module
+    from clipcond.evaluation import unclip
+    from clipcond.generate import main as generate
+    from clipcond.train.prior import main as train_prior
+
+    prior = tmp_path / "prior"
+    prior_argv = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(prior)]
+    prior_argv += ["--model", "test", "--train-batch-size", "8", "--max-train-steps", "1", "--validation-steps", "0"]
+    prior_argv += ["--checkpointing-steps", "0"]
+    assert train_prior(prior_argv) == 0
+    capsys.readouterr()  # the prior's summary line
+    samples = tmp_path / "samples"
+    generate(["--model", str(latent_run), "--prior", str(prior), "--prompt", "a red circle", "--num-images", "2"]
+             + ["--num-inference-steps", "1", "--prior-num-inference-steps", "1", "--output-dir", str(samples)])  # fmt: skip
+    sizes = {image_size(p) for p in samples.glob("*.png") if p.name != "grid.png"}
+    assert sizes == {(RESOLUTION, RESOLUTION)}
+    capsys.readouterr()
+    # a judge that only has to run, instead of training the command's default one here
+    config = judge_module.JudgeTrainingConfig(**QUICK_JUDGE)
+    quick_judge = judge_module.load_or_train_judge(32, cache_dir=tmp_path / "judge", config=config)
+    monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: quick_judge)
+    judged_sizes, score = set(), quick_judge.score
+
+    def recording_score(images, *args, **kwargs):
+        judged_sizes.add(tuple(images.shape[1:]))
+        return score(images, *args, **kwargs)
+
+    monkeypatch.setattr(quick_judge, "score", recording_score)
+    out = tmp_path / "eval"
+    argv = ["--decoder", str(latent_run), "--prior", str(prior), "--data", str(shapes_data), "--output-dir", str(out)]
+    argv += ["--sources-per-class", "1", "--variations-per-source", "1", "--images-per-prompt", "1"]
+    argv += ["--num-inference-steps", "1", "--prior-num-inference-steps", "1", "--prior-max-captions", "4"]
+    assert unclip.main([*argv, "--device", "cpu", "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["variations"]["num_images"] == 18 and metrics["text_to_image"]["num_images"] == 18
+    # the judge read the decoded images (and the 32 px sources), not 8 x 8 latents
+    assert judged_sizes == {(3, RESOLUTION, RESOLUTION), (3, 32, 32)}
+    assert 0 < metrics["variations"]["distance"]["to_source"]["pixels"] < 1
 
 
 def test_the_cache_holds_the_vae_posteriors(latent_run, shapes_data, vae_folder):
@@ -142,16 +235,19 @@ def test_a_step_draws_a_scaled_posterior_sample(latent_run, vae_folder, tmp_path
 KILL = [kill_at_step.PATH, "clipcond.train.decoder", "DecoderStage"]  # runs the stage, SIGKILLed after a step
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(latent_run, shapes_data, tiny_clip_run, vae_folder, tmp_path):
+def test_resume_after_sigkill_matches_uninterrupted_run(
+    latent_run, conditioning, shapes_data, tiny_clip_run, vae_folder, tmp_path
+):
     killed = tmp_path / "killed"
+    argv = _argv(tiny_clip_run, shapes_data, vae_folder, killed, *RESUME_ARGS, conditioning=conditioning)
     env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
-    cmd = [sys.executable, *KILL, *_argv(tiny_clip_run, shapes_data, vae_folder, killed, *RESUME_ARGS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *KILL, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    main(_argv(tiny_clip_run, shapes_data, vae_folder, killed, *RESUME_ARGS, "--resume-from-checkpoint", "latest"))
-    name = "diffusion_pytorch_model.safetensors"
-    a, b = load_file(killed / "unet" / name), load_file(latent_run / "unet" / name)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-2"]
+    main([*argv, "--resume-from-checkpoint", "latest"])
+    a, b = _trained_weights(killed), _trained_weights(latent_run)
     assert a.keys() == b.keys()
+    assert any(k.startswith("embedding_tokens.") for k in a) == (conditioning == "image-embedding")
     for key in a:  # stated tolerance: bit-identical on one CPU process
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
@@ -163,24 +259,17 @@ def test_bad_vae_is_named(shapes_data, tiny_clip_run, tmp_path):
         main(_argv(tiny_clip_run, shapes_data, tiny_clip_run, tmp_path / "o"))
 
 
-def test_image_embedding_decoder_refuses_vae(shapes_data, tiny_clip_run, vae_folder, tmp_path):
-    with pytest.raises(ValueError, match="`--vae` .* needs `--conditioning text`"):
-        main(_argv(tiny_clip_run, shapes_data, vae_folder, tmp_path / "o", "--conditioning", "image-embedding"))
-
-
-def test_resume_refuses_another_vae(latent_run, shapes_data, tiny_clip_run, tmp_path):
+def test_resume_refuses_another_vae(latent_run, conditioning, shapes_data, tiny_clip_run, tmp_path):
     """A checkpoint trained on one VAE's latents does not continue on another's, nor on pixels."""
     torch.manual_seed(1)
     other = create_vae(vae_config("test", sample_size=RESOLUTION))
     other.save_pretrained(tmp_path / "other")
     checkpoint = str(latent_run / "checkpoints" / "checkpoint-2")
+    resume = ["--resume-from-checkpoint", checkpoint]
     with pytest.raises(ValueError, match="trained on the latents of the VAE with content hash .* but `--vae` gives a"):
-        main(
-            _argv(
-                tiny_clip_run, shapes_data, tmp_path / "other", tmp_path / "o", "--resume-from-checkpoint", checkpoint
-            )
-        )
-    pixel_argv = [a for a in _argv(tiny_clip_run, shapes_data, "X", tmp_path / "p") if a not in ("--vae", "X")]
+        main(_argv(tiny_clip_run, shapes_data, tmp_path / "other", tmp_path / "o", *resume, conditioning=conditioning))
+    argv = _argv(tiny_clip_run, shapes_data, "X", tmp_path / "p", conditioning=conditioning)
+    pixel_argv = [a for a in argv if a not in ("--vae", "X")]
     with pytest.raises(ValueError, match=r"but `--vae` gives none \(pixels\)"):
         main([*pixel_argv, "--resume-from-checkpoint", checkpoint])
 
