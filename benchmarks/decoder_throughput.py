@@ -95,7 +95,9 @@ def _ema(unet, device):
     return make_ema(unet, add_ema_args(argparse.ArgumentParser()).parse_args([]), device)
 
 
-def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
+def clipcond_step(shared, precision: str, cache_dir: str, seed: int, latent_space=None):
+    """clipcond's training step on `shared`'s batch, in pixel space, or with `latent_space(device)` (a `LatentSpace`
+    over a cache of `len(shared.captions)` rows, and `shared.unet_spec` sized for its latents) in latent space."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
@@ -121,19 +123,25 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int):
     optimizer = make_optimizer(unet.parameters(), _decoder_optimizer_args(), accelerator)
     model, optimizer = accelerator.prepare(unet, optimizer)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
+    index = torch.arange(len(shared.captions))
+    if latent_space is None:
+        space = PixelSpace(shared.pixels.shape[-1])
+        batch = {"pixel_values": shared.pixels.to(device), "index": index}
+    else:
+        space = latent_space(device)
+        batch = {"latent_row": index, "index": index}
     stage = DecoderStage(
         accelerator,
         model,
         scheduler,
         TextConditioning(cache, rows, caption_dropout=0.1),
-        space=PixelSpace(shared.pixels.shape[-1]),
+        space=space,
         plugin=None,  # no validation or export here
         ema=ema,
         snr_gamma=None,
         validation=None,
         clip_hash="benchmark",
     )
-    batch = {"pixel_values": shared.pixels.to(device), "index": torch.arange(len(shared.captions))}
     generator = torch.Generator(device=device).manual_seed(seed)  # the stage's, as `train` makes it
     model.train()
 

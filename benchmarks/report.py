@@ -72,6 +72,27 @@ def throughput_table(name: str, report: dict) -> list[str]:
     return lines
 
 
+def latent_step_table(report: dict) -> list[str]:
+    lines = [
+        f"**Latent vs pixel decoder step** (samples/s of `clipcond train decoder`'s step, the same UNet widths on "
+        f"pixels or on the VAE's latents, median of alternating rounds in one process; {_machine(report)}; goal: "
+        f"{report.get('goal', '?')})",
+        "",
+        "| preset | precision | resolution | UNet input (pixels / latents) | batch | rounds | pixels | latents | "
+        "ratio (min-max) | caching once, per image, in pixel steps |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for _, r in sorted(report.get("cases", {}).items()):
+        low, high = r["ratio_min_max"]
+        size = r["sample_size"]
+        lines.append(
+            f"| {r['preset']} | {r['precision']} | {r['resolution']} | {size['pixels']}² × 3 / {size['latents']}² "
+            f"(`{r['vae']}` VAE) | {r['batch_size']} | {r['rounds']} | {r['pixels_samples_per_s']} | "
+            f"{r['latents_samples_per_s']} | {r['ratio']}x ({low}-{high}) | {r['cache_encode_in_pixel_steps_per_image']} |"
+        )
+    return [*lines, "", f"Last command: `{report.get('command', '')}`", ""]
+
+
 def memory_table(report: dict) -> list[str]:
     law = report["loss"]
     settings = report.get("settings", {})
@@ -404,13 +425,14 @@ def quality_block(results_dir: Path) -> list[str]:
 
 def speed_block(results_dir: Path) -> list[str]:
     out: list[str] = []
-    for name in (*THROUGHPUT, "loss_memory"):
+    for name in (*THROUGHPUT, "latent_step_cost", "loss_memory"):
         path = results_dir / f"{name}.json"
         if not path.is_file():
             out += [f"_{name}: no results yet (`python benchmarks/{name}.py --save-results`)_", ""]
             continue
         report = json.loads(path.read_text())
-        out += memory_table(report) if name == "loss_memory" else throughput_table(name, report)
+        tables = {"loss_memory": memory_table, "latent_step_cost": latent_step_table}
+        out += tables[name](report) if name in tables else throughput_table(name, report)
     return out[:-1] if out and out[-1] == "" else out
 
 

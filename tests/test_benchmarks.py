@@ -39,6 +39,18 @@ def test_decoder_throughput_builds_the_cache_on_the_training_device(capsys):
         assert case["params_M"]["clipcond"] == case["params_M"]["plain"]
 
 
+def test_latent_step_cost_times_one_unet_on_pixels_and_on_latents(capsys):
+    import latent_step_cost
+
+    argv = ["--presets", "test", "--precision", "fp32", "--batch-size", "2", "--steps", "1", "--warmup", "0"]
+    assert latent_step_cost.main([*argv, "--resolution", "16", "--vae", "test"]) == 0
+    case = json.loads(capsys.readouterr().out)["cases"]["test_fp32_default"]
+    assert case["sample_size"] == {"pixels": 16, "latents": 8}  # the `test` VAE halves the side
+    assert case["params_M"]["latents"] == pytest.approx(case["params_M"]["pixels"], abs=0.01)  # 4 vs 3 channels
+    assert case["pixels_samples_per_s"] > 0 and case["latents_samples_per_s"] > 0
+    assert case["cache_encode_seconds_per_image"] > 0
+
+
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
     figures = {"colour_accuracy_seen": colour, "shape_accuracy_seen": shape}
     figures |= {"colour_accuracy_heldout": 0.5, "shape_accuracy_heldout": 0.4}
