@@ -86,7 +86,7 @@ def latent_step_table(report: dict) -> list[str]:
         low, high = r["ratio_min_max"]
         size = r["sample_size"]
         lines.append(
-            f"| {r['preset']} | {r['precision']} | {r['resolution']} | {size['pixels']}² × 3 / {size['latents']}² "
+            f"| {r['preset']} | {r['precision']} | {r['resolution']} | {size['pixels']}² × 3 / {size['latents']}² latents "
             f"(`{r['vae']}` VAE) | {r['batch_size']} | {r['rounds']} | {r['pixels_samples_per_s']} | "
             f"{r['latents_samples_per_s']} | {r['ratio']}x ({low}-{high}) | {r['cache_encode_in_pixel_steps_per_image']} |"
         )
