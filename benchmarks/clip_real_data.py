@@ -45,7 +45,8 @@ from clipcond.data.tuxpaint import DATASET_NAME, DEFAULT_STAMPS, write_tuxpaint_
 from clipcond.evaluation.retrieval import retrieval_recall
 from clipcond.evaluation.stats import mean_interval
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES, build_zero_shot_classifier, zero_shot_predict
-from clipcond.models.clip import image_features, load_clip, normalize_pixels, text_features
+from clipcond.models.clip import image_features, load_clip, text_features
+from clipcond.models.clip_pixels import normalize_pixels
 from clipcond.models.open_clip_export import open_clip_model_cfg
 from clipcond.runs import RunRecord
 from clipcond.train.clip import TRAINING_DEFAULTS

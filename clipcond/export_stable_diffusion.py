@@ -64,8 +64,8 @@ def export_stable_diffusion(run: str | os.PathLike, out: str | os.PathLike) -> P
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from clipcond.conditioning import context_length
     from clipcond.pipelines.text_to_image import TextToImagePipeline
+    from clipcond.text_encoding import context_length
 
     run, out = Path(run), Path(out)
     class_name = pipeline_class_name(run, "RUN")  # before loading: another pipeline fails inside diffusers

@@ -2,8 +2,8 @@
 
 `PriorPipeline` samples the image embedding that a caption's image would have under the frozen CLIP, by denoising
 with a `PriorTransformer` trained to predict the (standardised) embedding directly (Ramesh et al. 2022, sec. 2.1).
-Prompts are encoded with `clipcond.conditioning.encode_prompts` and turned into the prior's inputs with
-`clipcond.models.prior.prior_text_inputs`, as in training, so the prior sees at inference what it was trained on.
+Prompts are encoded with `clipcond.text_encoding.encode_prompts` and turned into the prior's inputs with
+`clipcond.models.prior_text.prior_text_inputs`, as in training, so the prior sees at inference what it was trained on.
 The output is "the CLIP image embedding" of clipcond's DALL-E 2 path: L2-normalised, (B, D); an image-embedding
 decoder (`clipcond.pipelines.unclip`) turns it into pixels.
 
@@ -22,11 +22,11 @@ from diffusers import DiffusionPipeline, PriorTransformer, SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from clipcond.conditioning import context_length, encode_prompts
-from clipcond.models.prior import PriorTextInputs, check_prior_fits, prior_text_inputs
+from clipcond.models.prior_text import PriorTextInputs, check_prior_fits, prior_text_inputs
 from clipcond.pipelines.inputs import check_latents, check_prompts
 from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
 from clipcond.pipelines.sampling import Sampling, denoise, initial_noise, set_timesteps
+from clipcond.text_encoding import context_length, encode_prompts
 
 OUTPUT_TYPES = ("pt", "np")
 

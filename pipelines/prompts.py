@@ -13,7 +13,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # What a pipeline encodes texts into: a batch indexable by a tensor of rows, with a `cat` of batches
-# (`clipcond.conditioning.TextEmbeddings`, `clipcond.models.prior.PriorTextInputs`).
+# (`clipcond.text_encoding.TextEmbeddings`, `clipcond.models.prior_text.PriorTextInputs`).
 Encoded = TypeVar("Encoded")
 
 

@@ -2,8 +2,9 @@
 
 `TextToImagePipeline` is a diffusers `DiffusionPipeline`: `save_pretrained` writes one folder per component plus
 `model_index.json`, `from_pretrained` reads it back, and the scheduler is any fitting diffusers scheduler
-(`SCHEDULERS`, swapped with `scheduler_from_name`). Prompts are encoded with `clipcond.conditioning.encode_prompts`,
-the function the decoder training's embedding cache uses, so the UNet sees at inference the states it was trained on.
+(`SCHEDULERS`, swapped with `scheduler_from_name`). Prompts are encoded with
+`clipcond.text_encoding.encode_prompts`, the function the decoder training's embedding cache uses, so the UNet sees
+at inference the states it was trained on.
 
 The UNet denoises pixels in [-1, 1] at `unet.config.sample_size`; when a `vae` (diffusers `AutoencoderKL`) is
 registered, it denoises the VAE's latents instead and decodes them at the end, as Stable Diffusion does.
@@ -30,8 +31,6 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clipcond.conditioning import TextEmbeddings, encode_prompts
-from clipcond.models.unet import check_encoder_fits
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE, check_latents, check_prompts
 from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
 from clipcond.pipelines.sampling import (
@@ -44,6 +43,7 @@ from clipcond.pipelines.sampling import (
     to_output_type,
     vae_scale_factor,
 )
+from clipcond.text_encoding import TextEmbeddings, check_encoder_fits, encode_prompts
 
 # The schedulers that sample a UNet trained with DDPM's noise schedule, by their `--scheduler` names.
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {

@@ -36,9 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from clipcond.conditioning import context_length
 from clipcond.models.image_embedding import ImageEmbeddingTokens
-from clipcond.models.prior import check_prior_fits
+from clipcond.models.prior_text import check_prior_fits
 from clipcond.pipelines.inputs import (
     DEFAULT_GUIDANCE_START,
     DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
@@ -55,6 +54,7 @@ from clipcond.pipelines.prior import PriorPipeline
 from clipcond.pipelines.sampling import Sampling, image_output
 from clipcond.pipelines.variation import ImageVariationPipeline, check_image_embeds, register_decoder_modules
 from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
+from clipcond.text_encoding import context_length
 
 logger = logging.getLogger(__name__)
 

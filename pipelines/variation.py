@@ -39,7 +39,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from clipcond.finite import check_finite_tensor
-from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
+from clipcond.models.clip_pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from clipcond.models.image_embedding import (
     ImageEmbeddingTokens,
     check_decoder_fits,
@@ -235,7 +235,7 @@ class ImageVariationPipeline(DiffusionPipeline):
         """Image(s) -> their CLIP image embeddings (B, D), L2-normalised, float32.
 
         Pixels are normalised with the feature extractor's mean and std exactly as the training embedding cache
-        did (`clipcond.models.clip.normalize_pixels` on uint8 images at the encoder's resolution).
+        did (`clipcond.models.clip_pixels.normalize_pixels` on uint8 images at the encoder's resolution).
         """
         device = device or self._execution_device
         pixels = images_to_pixels(image, self.image_encoder.config.image_size).to(device)

@@ -6,12 +6,8 @@ import pytest
 import torch
 from transformers import CLIPTextModelWithProjection
 
-from clipcond.conditioning import (
-    TextEmbeddingCache,
-    encode_prompts,
-    encoder_fingerprint,
-    unique_captions,
-)
+from clipcond.conditioning import TextEmbeddingCache, encoder_fingerprint, unique_captions
+from clipcond.text_encoding import encode_prompts
 from clipcond.tokenizer import load_tokenizer
 
 CAPTIONS = ["a red circle", "a blue square at the top", "two green triangles", "a small yellow circle"]
@@ -113,8 +109,8 @@ def test_fingerprint_ignores_the_tokenizers_last_call(tiny_clip_run):
 
 
 def test_padding_columns_are_dropped_and_the_unet_output_is_unchanged(tiny_clip_run):
-    from clipcond.conditioning import TextEmbeddings
     from clipcond.models.unet import create_unet, unet_config
+    from clipcond.text_encoding import TextEmbeddings
 
     encoder, tokenizer, _ = _encoder(tiny_clip_run)
     text = encode_prompts(encoder, tokenizer, ["a red circle", "two green triangles left of a blue square", ""])
@@ -168,7 +164,7 @@ def test_a_batch_is_looked_up_through_its_longest_caption(tiny_clip_run, tmp_pat
 
 def test_attended_columns_round_up_for_compiled_models():
     """A compiled model meets a few shapes instead of one per caption length: the columns round up, to at most L."""
-    from clipcond.conditioning import attended_columns
+    from clipcond.text_encoding import attended_columns
 
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
     assert attended_columns(mask) == 5 and attended_columns(mask, 4) == 8 and attended_columns(mask, 8) == 8

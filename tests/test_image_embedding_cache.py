@@ -14,13 +14,8 @@ from transformers import CLIPModel, CLIPVisionModelWithProjection
 from clipcond import conditioning as conditioning_module
 from clipcond.conditioning import ImageEmbeddingCache, encoder_fingerprint, vision_fingerprint
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.models.clip import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    load_text_tower,
-    load_vision_tower,
-    normalize_pixels,
-)
+from clipcond.models.clip import load_text_tower, load_vision_tower
+from clipcond.models.clip_pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 
 
 @pytest.fixture(scope="module")

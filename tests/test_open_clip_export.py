@@ -76,7 +76,7 @@ def test_two_training_steps_end_in_an_open_clip_folder_and_checkpoints_stay_as_t
 
 def test_the_embeddings_are_the_same_on_real_images_and_captions(tiny_clip_run, shapes_data):
     from clipcond.data.folders import ImageCaptionDataset, collate_image_text
-    from clipcond.models.clip import normalize_pixels
+    from clipcond.models.clip_pixels import normalize_pixels
 
     run = load_clip(tiny_clip_run)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_run}")

@@ -7,19 +7,18 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, PriorTransformer
 from transformers import CLIPTextModelWithProjection
 
-from clipcond.conditioning import TextEmbeddings, encode_prompts
 from clipcond.models.clip import load_text_tower
 from clipcond.models.prior import (
-    PriorTextInputs,
     create_prior,
     embedding_statistics,
     prior_config,
     prior_presets,
-    prior_text_inputs,
     set_embedding_statistics,
     standardize,
 )
+from clipcond.models.prior_text import PriorTextInputs, prior_text_inputs
 from clipcond.pipelines.prior import PriorPipeline, PriorPipelineOutput
+from clipcond.text_encoding import TextEmbeddings, encode_prompts
 
 WIDTH, CONTEXT = 32, 32  # the `test` CLIP's projection width and context length
 PROMPTS = ["a red circle", "a small blue square on the left"]

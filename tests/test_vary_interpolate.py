@@ -10,7 +10,6 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from clipcond import cli
-from clipcond.conditioning import context_length
 from clipcond.interpolate import main as interpolate_main
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
@@ -18,6 +17,7 @@ from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import create_prior, prior_config, set_embedding_statistics
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.pipelines import ImageVariationPipeline, PriorPipeline, UnCLIPTextToImagePipeline
+from clipcond.text_encoding import context_length
 from clipcond.vary import main as vary_main
 
 pytestmark = pytest.mark.filterwarnings(

@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import CLIPModel
 
-from clipcond.conditioning import attended_columns
 from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.open import (
@@ -38,9 +37,11 @@ from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash, init_record
 from clipcond.loss import MAX_LOGIT_SCALE, create_loss
-from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for, normalize_pixels
+from clipcond.models.clip import ClipRun, clip_config, clip_presets, image_processor_for
+from clipcond.models.clip_pixels import normalize_pixels
 from clipcond.models.open_clip_export import export_open_clip
 from clipcond.models.pretrained_clip import PretrainedClip, load_pretrained_clip
+from clipcond.text_encoding import attended_columns
 from clipcond.tokenizer import load_tokenizer, train_tokenizer
 from clipcond.train.loop import (
     Stage,

@@ -37,12 +37,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from clipcond.conditioning import (
-    ImageEmbeddingCache,
-    TextEmbeddingCache,
-    context_length,
-    unique_captions,
-)
+from clipcond.conditioning import ImageEmbeddingCache, TextEmbeddingCache, unique_captions
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.open import dataset_options, open_image_text_dataset
 from clipcond.encoders.base import FrozenEncoder
@@ -50,16 +45,15 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import check_local_folder
 from clipcond.lineage import content_hash, init_record
 from clipcond.models.prior import (
-    PriorTextInputs,
-    check_prior_fits,
     create_prior,
     embedding_statistics,
     load_pretrained_prior,
     prior_config,
-    prior_text_inputs,
     set_embedding_statistics,
     standardize,
 )
+from clipcond.models.prior_text import PriorTextInputs, check_prior_fits, prior_text_inputs
+from clipcond.text_encoding import context_length
 from clipcond.train.diffusion import (
     DiffusionStage,
     ValidationSettings,

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 
-from clipcond.conditioning import TextEmbeddingCache, encode_prompts, unique_captions
+from clipcond.conditioning import TextEmbeddingCache, unique_captions
 from clipcond.encoders.base import check_compatibility
-from clipcond.models.unet import check_encoder_fits, unet_config
+from clipcond.models.unet import unet_config
+from clipcond.text_encoding import check_encoder_fits, encode_prompts
 from clipcond.train.decoder_conditioning import ConditioningPlugin, UNetInputs
 from clipcond.train.diffusion import cache_text_embeddings
 from clipcond.train.loop import draw_rows

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from clipcond.conditioning import TextEmbeddings, context_length, encode_prompts
 from clipcond.hub import local_files_only
 from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
+from clipcond.text_encoding import TextEmbeddings, context_length, encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class FrozenEncoder:
 
     def encode_text(self, prompts: list[str] | str, device=None) -> TextEmbeddings:
         """Per-token states (B, L, W), attention mask (B, L) and pooled embedding (B, D) or None, padded to the
-        full context (`clipcond.conditioning.encode_prompts`, the function the caches and pipelines use)."""
+        full context (`clipcond.text_encoding.encode_prompts`, the function the caches and pipelines use)."""
         if self.text_encoder is None:
             raise ValueError(f"the {self.kind} encoder {self.name!r} has no text encoder")
         return encode_prompts(self.text_encoder, self.tokenizer, prompts, device=device)
@@ -133,7 +133,7 @@ class FrozenEncoder:
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> ImageEmbeddings:
         """uint8 images (B, 3, H, W) at `image_size` -> projected embeddings (B, D) and patch tokens (B, N, W)."""
-        from clipcond.models.clip import normalize_pixels
+        from clipcond.models.clip_pixels import normalize_pixels
 
         if self.image_encoder is None:
             raise ValueError(f"the {self.kind} encoder {self.name!r} has no image encoder")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from clipcond.conditioning import ImageEmbeddingCache, embed_images, encode_prompts
+from clipcond.conditioning import ImageEmbeddingCache, embed_images
 from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
 from clipcond.evaluation.zero_shot import (
@@ -46,6 +46,7 @@ from clipcond.evaluation.zero_shot import (
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
+from clipcond.text_encoding import encode_prompts
 
 logger = logging.getLogger(__name__)
 

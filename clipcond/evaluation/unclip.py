@@ -385,7 +385,7 @@ def _prior_figures(context: _Context, prior: PriorSettings) -> dict:
     """The prior's image embeddings against the true ones of the split and the baselines (`evaluate_prior`), also
     written to prior.json."""
     from clipcond.evaluation.prior import evaluate_prior
-    from clipcond.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from clipcond.models.clip_pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     pipe = context.pipe
     extractor = pipe.feature_extractor  # the CLIP's pixel statistics; OpenAI's without one, as the pipeline does

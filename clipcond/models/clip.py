@@ -3,7 +3,7 @@
 The model class is transformers' own, so a run folder written with `save_pretrained` loads as `CLIPModel`,
 `CLIPTextModelWithProjection` or `CLIPVisionModelWithProjection` in any transformers code, and a pretrained
 transformers CLIP drops in here. What clipcond adds: presets as data (`presets/clip.json`), the image
-normalisation for uint8 batches, and feature functions that work across transformers versions.
+normalisation for uint8 batches (`clipcond.models.clip_pixels`), and feature functions that work across transformers versions.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from clipcond.hub import local_files_only, resolve_folder
+from clipcond.models.clip_pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
 from clipcond.runs import check_finished
 from clipcond.tokenizer import load_tokenizer
-from clipcond.transfer import constant
 
 PRESETS_FILE = PRESETS_DIR / "clip.json"
-# OpenAI's CLIP statistics (transformers.utils.constants); kept as the default for models trained here too.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_presets() -> dict[str, dict]:
@@ -88,15 +85,6 @@ def image_processor_for(config: CLIPConfig, mean=OPENAI_CLIP_MEAN, std=OPENAI_CL
         image_mean=list(mean),
         image_std=list(std),
     )
-
-
-def normalize_pixels(pixels: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) in [0, 255] -> float CLIP inputs, standardised per channel."""
-    if pixels.dtype != torch.uint8:
-        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
-    mean = constant(mean, pixels.device).view(1, 3, 1, 1)  # built once per device: no wait in a training step
-    std = constant(std, pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() / 255.0 - mean) / std
 
 
 def text_features(

@@ -66,17 +66,6 @@ def create_unet(config: dict) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config)
 
 
-def check_encoder_fits(unet: UNet2DConditionModel, encoder_width: int, what: str = "text encoder") -> None:
-    """Refuse an encoder whose per-token width the UNet cannot read, naming both numbers."""
-    expected = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
-    if encoder_width != expected:
-        raise ValueError(
-            f"the {what} produces {encoder_width}-wide token states, but this UNet reads {expected} "
-            f"(cross_attention_dim={unet.config.cross_attention_dim}, encoder_hid_dim={unet.config.encoder_hid_dim}); "
-            "train a new UNet on this encoder, or load the encoder it was trained with"
-        )
-
-
 # What a pretrained UNet must share with the one this run would build, and what each field is about.
 UNET_INTERFACE = {
     "sample_size": "the data's resolution (--resolution)",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from clipcond.conditioning import ImageEmbeddingCache, encode_prompts
+from clipcond.conditioning import ImageEmbeddingCache
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.evaluation.prior import (
     METRIC_KEYS,
@@ -20,6 +20,7 @@ from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES, build_zero_shot_cla
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.prior import create_prior, embedding_statistics, prior_config, set_embedding_statistics
 from clipcond.pipelines.prior import PriorPipeline, PriorPipelineOutput
+from clipcond.text_encoding import encode_prompts
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection
 
-from clipcond.conditioning import encode_prompts
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.pipeline_loading import scheduler_name
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline, scheduler_from_name
+from clipcond.text_encoding import encode_prompts
 from clipcond.tokenizer import train_tokenizer
 
 WIDTH = 32  # the text encoder's token-state width = the UNet's cross_attention_dim

@@ -11,7 +11,6 @@ import torch
 from diffusers import DDPMScheduler
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from clipcond.conditioning import context_length
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.image_embedding import ImageEmbeddingTokens, decoder_condition
@@ -19,6 +18,7 @@ from clipcond.models.prior import create_prior, prior_config, set_embedding_stat
 from clipcond.models.unet import create_unet, unet_config
 from clipcond.models.vae import create_vae, vae_config
 from clipcond.pipelines import ImageVariationPipeline, PriorPipeline, UnCLIPTextToImagePipeline
+from clipcond.text_encoding import context_length
 
 SIZE = 16
 STEPS = 2

@@ -14,7 +14,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from clipcond.models.clip import load_vision_tower, normalize_pixels
+from clipcond.models.clip import load_vision_tower
+from clipcond.models.clip_pixels import normalize_pixels
 from clipcond.models.image_embedding import (
     ImageEmbeddingTokens,
     decoder_condition,

@@ -65,7 +65,7 @@ def test_contrastive_model_fits_a_fixed_batch(tiny_clip_run):
     """The model + loss that training uses can drive the loss on one batch far below chance (ln 16)."""
     from clipcond.data.folders import ImageCaptionDataset, collate_image_text
     from clipcond.loss import ClipLoss
-    from clipcond.models.clip import normalize_pixels
+    from clipcond.models.clip_pixels import normalize_pixels
     from clipcond.train.clip import ContrastiveModel
 
     torch.manual_seed(0)

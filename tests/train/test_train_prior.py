@@ -19,7 +19,7 @@ from transformers import CLIPModel, CLIPTextModelWithProjection
 from clipcond import conditioning as conditioning_module
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.lineage import content_hash
-from clipcond.models.clip import normalize_pixels
+from clipcond.models.clip_pixels import normalize_pixels
 from clipcond.pipelines.prior import PriorPipeline
 from clipcond.train import diffusion, loop
 from clipcond.train import prior as prior_module
