@@ -46,9 +46,13 @@ def pipeline_class_name(model: str | os.PathLike, flag: str = "--model") -> str:
         )
     try:
         with open(index, encoding="utf-8") as f:
-            return json.load(f).get("_class_name", "")
+            class_name = json.load(f).get("_class_name", "")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"`{flag}` {model!r}: model_index.json is not a JSON object ({err})") from None
+    # A folder that ships its code names [entry module, class name] (`clipcond.pipeline_code`).
+    if isinstance(class_name, list) and len(class_name) == 2:
+        class_name = class_name[1]
+    return class_name if isinstance(class_name, str) else ""
 
 
 def load_pipeline(

@@ -26,6 +26,7 @@ from clipcond.models.prior_text import PriorTextInputs, check_prior_fits, prior_
 from clipcond.pipelines.inputs import check_latents, check_prompts
 from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
 from clipcond.pipelines.sampling import Sampling, denoise, initial_noise, set_timesteps
+from clipcond.pipelines.shipped_code import ShippedCodeMixin
 from clipcond.text_encoding import context_length, encode_prompts
 
 OUTPUT_TYPES = ("pt", "np")
@@ -42,7 +43,7 @@ class PriorPipelineOutput(BaseOutput):
     image_embeds: torch.Tensor | np.ndarray
 
 
-class PriorPipeline(DiffusionPipeline):
+class PriorPipeline(ShippedCodeMixin, DiffusionPipeline):
     r"""Text-to-image-embedding sampling with classifier-free guidance (the DALL-E 2 prior).
 
     Args:

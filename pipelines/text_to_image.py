@@ -43,6 +43,7 @@ from clipcond.pipelines.sampling import (
     to_output_type,
     vae_scale_factor,
 )
+from clipcond.pipelines.shipped_code import ShippedCodeMixin
 from clipcond.text_encoding import TextEmbeddings, check_encoder_fits, encode_prompts
 
 # The schedulers that sample a UNet trained with DDPM's noise schedule, by their `--scheduler` names.
@@ -83,7 +84,7 @@ def encoder_width(text_encoder: PreTrainedModel) -> int:
     return width
 
 
-class TextToImagePipeline(DiffusionPipeline):
+class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
     r"""Text-to-image sampling with classifier-free guidance, in pixel space or (with a `vae`) in latent space.
 
     Args:

@@ -52,6 +52,7 @@ from clipcond.pipelines.interpolation import (
 )
 from clipcond.pipelines.prior import PriorPipeline
 from clipcond.pipelines.sampling import Sampling, image_output
+from clipcond.pipelines.shipped_code import ShippedCodeMixin
 from clipcond.pipelines.variation import ImageVariationPipeline, check_image_embeds, register_decoder_modules
 from clipcond.runs import RUN_RECORD, RunRecord, check_same_encoder
 from clipcond.text_encoding import context_length
@@ -106,7 +107,7 @@ def check_same_clip(
     )
 
 
-class UnCLIPTextToImagePipeline(DiffusionPipeline):
+class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
     r"""Text-to-image through a prior: the prior samples a CLIP image embedding for the text, the decoder an
     image for the embedding.
 

@@ -65,6 +65,7 @@ from clipcond.pipelines.sampling import (
     to_output_type,
     vae_scale_factor,
 )
+from clipcond.pipelines.shipped_code import ShippedCodeMixin
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def register_decoder_modules(
     )
 
 
-class ImageVariationPipeline(DiffusionPipeline):
+class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
     r"""Images from CLIP image embeddings (unCLIP's decoder), with classifier-free guidance.
 
     Args:

@@ -2,7 +2,7 @@
 encoder's options and loading, the noise schedule's options and factory, the checks of the options they have in
 common, the sampler settings of validation, and `DiffusionStage`, the part of a `Stage` around the loss (an EMA of
 the weights, the CLIP's content hash kept in checkpoints and checked on resume, the export of a pipeline with the
-EMA weights).
+EMA weights and its code).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from clipcond.encoders.base import FrozenEncoder, load_encoder
 from clipcond.finite import finite_float
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_text_tower, load_vision_tower
+from clipcond.pipeline_code import ship_pipeline_code
 from clipcond.train.ema import check_ema_args, ema_state, ema_weights, load_ema_state
 from clipcond.train.loop import Stage
 
@@ -246,5 +247,9 @@ class DiffusionStage(Stage):
         load_ema_state(self.ema, state, self.accelerator.device)
 
     def export(self, path: Path):
+        """The pipeline with the EMA weights, saved with its code (`clipcond.pipeline_code`): stock diffusers loads
+        the folder without clipcond."""
         with ema_weights(self.ema, self.unwrapped) as model:
-            self.pipeline(model, self.noise_scheduler).save_pretrained(path, safe_serialization=True)
+            pipeline = self.pipeline(model, self.noise_scheduler)
+            pipeline.save_pretrained(path, safe_serialization=True)
+            ship_pipeline_code(pipeline, path)
