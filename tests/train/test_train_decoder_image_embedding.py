@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPVisionModelWithProjection
+from without_clipcond import assert_stock_diffusers_draws_the_same
 
 from clipcond.conditioning import ImageEmbeddingCache
 from clipcond.lineage import content_hash
@@ -115,6 +116,17 @@ def test_run_folder_is_an_image_variation_pipeline(decoder_run, tiny_clip_run):
     source = Image.open(sorted((Path(record["data"]["path"]) / "test").glob("*.png"))[0])
     images = pipe(source, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert images[0].size == (16, 16)
+
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_variation", "ImageVariationPipeline"]
+    assert index["embedding_tokens"] == ["modeling_embedding_tokens", "ImageEmbeddingTokens"]
+    assert (out / "variation.py").is_file() and (out / "embedding_tokens" / "image_embedding.py").is_file()
+
+
+def test_stock_diffusers_draws_the_runs_variations_without_clipcond(decoder_run, tmp_path):
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    call = {"image": images, "num_inference_steps": 2, "output_type": "np", "seed": 0}
+    assert_stock_diffusers_draws_the_same(decoder_run.out, ImageVariationPipeline, tmp_path, **call)
 
 
 def test_validation_grid_rows_are_sources_then_variations(decoder_run):
