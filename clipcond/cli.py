@@ -73,6 +73,10 @@ COMMANDS: dict = {
             "clipcond.export_stable_diffusion",
             "a latent text-to-image run as a stock diffusers StableDiffusionPipeline",
         ),
+        "diffusers": Command(
+            "clipcond.export_diffusers",
+            "an older decoder or prior run with its pipeline's code, for stock diffusers without clipcond",
+        ),
     },
 }
 

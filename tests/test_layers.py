@@ -31,6 +31,7 @@ COMMANDS = frozenset(
         "clipcond.build_index",
         "clipcond.cli",
         "clipcond.demo",
+        "clipcond.export_diffusers",
         "clipcond.export_open_clip",
         "clipcond.export_stable_diffusion",
         "clipcond.generate",

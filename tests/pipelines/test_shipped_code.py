@@ -15,6 +15,7 @@ from test_text_to_image import make_pipeline, tokenizer  # noqa: F401 (tokenizer
 from test_variation import make_decoder
 from without_clipcond import assert_stock_diffusers_draws_the_same
 
+from clipcond import export_diffusers
 from clipcond.models.clip import load_text_tower, load_vision_tower
 from clipcond.models.image_embedding import ImageEmbeddingTokens
 from clipcond.models.prior import create_prior, embedding_statistics, prior_config, set_embedding_statistics
@@ -142,3 +143,25 @@ def test_only_clipcond_pipelines_saved_first_ship(tokenizer, tmp_path):  # noqa:
     stock = DDPMScheduler()
     with pytest.raises(ValueError, match="`pipeline` must be one of clipcond's pipelines, got diffusers"):
         ship_pipeline_code(stock, tmp_path)
+
+
+def test_export_diffusers_ships_the_code_of_an_older_run(tokenizer, tmp_path):  # noqa: F811
+    """`clipcond export diffusers RUN OUT`: a run folder written before code shipped, saved again with its code."""
+    run = tmp_path / "old"
+    make_pipeline(tokenizer, scheduler=DDIMScheduler(timestep_spacing="trailing")).save_pretrained(run)
+    (run / "clipcond_run.json").write_text(json.dumps({"kind": "clipcond-decoder"}))
+    assert export_diffusers.main([str(run), str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "clipcond_run.json").read_text()) == {"kind": "clipcond-decoder"}
+    assert not list(run.glob("*.py"))  # RUN is left as it was
+    call = {"prompt": PROMPTS, "num_inference_steps": 2, "guidance_scale": 3.0, "output_type": "np", "seed": 0}
+    assert_stock_diffusers_draws_the_same(out, TextToImagePipeline, tmp_path, **call)
+
+    with pytest.raises(FileExistsError, match="`OUT` .*out' exists; pass a new folder"):
+        export_diffusers.main([str(run), str(out)])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="`RUN` .*other' holds StableDiffusionPipeline; expected one of"):
+        export_diffusers.main([str(other), str(tmp_path / "out2")])
+    assert not (tmp_path / "out2").exists()
