@@ -13,7 +13,8 @@ module and every clipcond module it imports, at the top or inside a function, tr
 under its last name (`clipcond.pipelines.sampling` -> `sampling.py`) with its `from clipcond.<...>.x import` lines
 made relative (`from .x import`), nothing else changed. An entry module, `pipeline_<module>.py`, imports every one of
 them (so diffusers copies them all) and re-exports the pipeline class. A component whose class is clipcond's (the
-unCLIP decoder's `ImageEmbeddingTokens`) gets the same in its folder, with the entry `modeling_<component>.py`.
+unCLIP decoder's `ImageEmbeddingTokens`, an open_clip tower) gets the same in its folder, with the entry
+`modeling_<component>.py`; model_index.json keeps its clipcond module under `_clipcond_components`.
 
 clipcond's own classes still load these folders as themselves (`clipcond.pipelines.shipped_code`).
 """
@@ -26,6 +27,7 @@ import json
 import os
 from pathlib import Path
 
+from clipcond.pipelines.shipped_code import SHIPPED_COMPONENTS
 from clipcond.storage import write_text_atomic
 
 PACKAGE = "clipcond"
@@ -143,6 +145,7 @@ def ship_pipeline_code(pipeline, folder: str | os.PathLike) -> None:
     entry = f"pipeline_{flat_name(cls.__module__)}"
     write_code(folder, cls, entry, "pipeline")
     index["_class_name"] = [entry, cls.__name__]
+    shipped_components = {}
     for name, component in pipeline.components.items():
         component_cls = type(component)
         if component is None or component_cls.__module__.split(".")[0] != PACKAGE:
@@ -150,4 +153,7 @@ def ship_pipeline_code(pipeline, folder: str | os.PathLike) -> None:
         component_entry = f"modeling_{name}"
         write_code(folder / name, component_cls, component_entry, f"`{name}` component's")
         index[name] = [component_entry, component_cls.__name__]
+        shipped_components[name] = [component_cls.__module__, component_cls.__name__]  # what clipcond loads
+    if shipped_components:
+        index[SHIPPED_COMPONENTS] = shipped_components
     write_text_atomic(index_file, json.dumps(index, indent=2, sort_keys=True) + "\n")

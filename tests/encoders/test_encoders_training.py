@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from without_clipcond import assert_stock_diffusers_draws_the_same
 
 from clipcond.encoders import check_lineage, load_encoder, load_text_to_image, recorded_lineage
 from clipcond.encoders.tiny import save_tiny_open_clip, save_tiny_t5, save_tiny_transformers_clip
@@ -57,7 +58,7 @@ def decoder_runs(specs, shapes_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["clipcond", "transformers", "open_clip", "t5"])
-def test_decoder_trains_on_each_adapter(kind, specs, shapes_data, decoder_runs):
+def test_decoder_trains_on_each_adapter(kind, specs, shapes_data, decoder_runs, tmp_path):
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     out = decoder_runs[kind]
@@ -78,6 +79,9 @@ def test_decoder_trains_on_each_adapter(kind, specs, shapes_data, decoder_runs):
     )
     assert images.images.shape == (1, 3, 16, 16)
     assert recorded_lineage(out) == encoder.lineage()
+    # stock diffusers without clipcond draws the same, the encoder's code shipped when it is clipcond's (open_clip)
+    call = {"prompt": ["a red circle"], "num_inference_steps": 2, "output_type": "np", "seed": 0}
+    assert_stock_diffusers_draws_the_same(out, TextToImagePipeline, tmp_path, **call)
 
 
 def test_cache_is_keyed_by_encoder(decoder_runs):

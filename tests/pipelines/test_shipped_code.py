@@ -66,6 +66,10 @@ def test_an_image_embedding_decoder_folder_loads_and_draws_the_same_without_clip
     # the clipcond component in diffusers' layout for custom components: its module in its own folder
     assert index["embedding_tokens"] == ["modeling_embedding_tokens", "ImageEmbeddingTokens"]
     assert (run / "embedding_tokens" / "image_embedding.py").is_file()
+    # and where clipcond finds it, out of diffusers' sight (it leaves out keys that start with `_`)
+    assert index["_clipcond_components"] == {
+        "embedding_tokens": ["clipcond.models.image_embedding", "ImageEmbeddingTokens"]
+    }
     assert pipeline_class_name(run) == "ImageVariationPipeline"
 
     loaded = ImageVariationPipeline.from_pretrained(run, local_files_only=True)
