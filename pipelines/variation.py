@@ -12,7 +12,8 @@ lives in `clipcond.models.image_embedding`, which training uses too. With a `vae
 It also decodes given embeddings (`image_embeds=`, e.g. from the prior: `clipcond.pipelines.unclip`) and
 interpolates between two images (`interpolate`). `save_pretrained` writes `unet/`, `scheduler/`,
 `image_encoder/`, `feature_extractor/`, `embedding_tokens/` (a clipcond model, recorded in `model_index.json` under
-its module `clipcond.models.image_embedding`, which importing this module imports), with noise augmentation
+its module `clipcond.models.image_embedding`, which importing this module imports; a run folder ships that module
+in `embedding_tokens/` with the pipeline's code, `clipcond.pipeline_code`), with noise augmentation
 `image_noising_scheduler/`, and in latent space `vae/`.
 """
 
