@@ -20,7 +20,7 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import local_files_only
 from clipcond.pipeline_loading import pipeline_class_name
 from clipcond.runs import RUN_RECORD
-from clipcond.storage import check_output_dir, writing
+from clipcond.storage import check_output_dir, new_folder
 
 # The pipelines of the runs that `clipcond train decoder` and `clipcond train prior` write, by their class names.
 EXPORTABLE = {
@@ -47,13 +47,11 @@ def export_diffusers(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise FileExistsError(f"`OUT` {str(out)!r} exists; pass a new folder")
     pipeline_class = getattr(importlib.import_module(EXPORTABLE[class_name]), class_name)
     pipe = pipeline_class.from_pretrained(run, local_files_only=local_files_only())
-    scratch = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    with writing(scratch, scratch=[scratch]):
+    with new_folder(out) as scratch:
         pipe.save_pretrained(scratch, safe_serialization=True)
         ship_pipeline_code(pipe, scratch)
         if (run / RUN_RECORD).is_file():
             shutil.copy2(run / RUN_RECORD, scratch / RUN_RECORD)
-        os.replace(scratch, out)
     return out
 
 

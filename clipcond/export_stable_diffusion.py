@@ -21,7 +21,7 @@ from pathlib import Path
 
 from clipcond.help_formatter import HelpFormatter
 from clipcond.pipeline_loading import pipeline_class_name
-from clipcond.storage import check_output_dir, writing
+from clipcond.storage import check_output_dir, new_folder
 
 
 def check_exportable(pipe, run: str | os.PathLike) -> None:
@@ -92,10 +92,8 @@ def export_stable_diffusion(run: str | os.PathLike, out: str | os.PathLike) -> P
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    scratch = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    with writing(scratch, scratch=[scratch]):
+    with new_folder(out) as scratch:
         stock.save_pretrained(scratch, safe_serialization=True)
-        os.replace(scratch, out)
     return out
 
 

@@ -98,6 +98,18 @@ def writing(
         raise
 
 
+@contextlib.contextmanager
+def new_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A scratch folder beside `path` for the block to write a new folder into, renamed to `path` when the block
+    ends and removed when it fails (`writing`): a reader never finds half a folder at `path`."""
+    path = Path(path)
+    scratch = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    with writing(scratch, scratch=[scratch]):
+        scratch.mkdir(parents=True)
+        yield scratch
+        os.replace(scratch, path)
+
+
 def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
     """Raise `DiskFullError` before writing `what` (about `needed` bytes) under `path` when there is not room."""
     free = free_bytes(path)

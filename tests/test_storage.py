@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipcond import storage
-from clipcond.storage import DiskFullError, save_tensors_atomic, write_json_atomic, writing
+from clipcond.storage import DiskFullError, new_folder, save_tensors_atomic, write_json_atomic, writing
 
 
 def test_write_json_atomic_refuses_non_finite_numbers_and_keeps_the_old_file(tmp_path):
@@ -37,6 +37,17 @@ def test_other_errors_pass_through_and_still_remove_the_scratch(tmp_path):
         scratch.mkdir()
         raise PermissionError("read-only")
     assert not scratch.exists()
+
+
+def test_a_new_folder_appears_whole_or_not_at_all(tmp_path):
+    with new_folder(tmp_path / "out") as scratch:
+        (scratch / "a.txt").write_text("a")
+        assert not (tmp_path / "out").exists()  # written beside it, renamed at the end
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
+    with pytest.raises(RuntimeError, match="half way"), new_folder(tmp_path / "failed") as scratch:
+        (scratch / "a.txt").write_text("a")
+        raise RuntimeError("half way")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_tensors_on_a_real_full_disk(small_filesystem):

@@ -78,3 +78,11 @@ def assert_stock_diffusers_draws_the_same(folder, clipcond_class, tmp_path, **ca
     stock = np.load(out)
     assert stock.shape == ours.shape
     np.testing.assert_allclose(stock, ours, rtol=0, atol=1e-5)
+
+
+def assert_ships_its_code(folder, entry: str, class_name: str, module_file: str) -> None:
+    """A run folder (or a checkpoint's pretrained/) names its shipped pipeline code in model_index.json: the entry
+    module `entry` and the class, both beside `module_file`, the pipeline's own module."""
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == [entry, class_name]
+    assert (folder / f"{entry}.py").is_file() and (folder / module_file).is_file()

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
-from without_clipcond import assert_stock_diffusers_draws_the_same
+from without_clipcond import assert_ships_its_code, assert_stock_diffusers_draws_the_same
 
 from clipcond import conditioning as conditioning_module
 from clipcond.lineage import content_hash
@@ -144,8 +144,9 @@ def test_run_folder_is_a_pipeline_with_lineage(decoder_run, tiny_clip_run, shape
 
     # every checkpoint is the same pipeline; the validation grid has a row per prompt, and went to tensorboard
     TextToImagePipeline.from_pretrained(out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained")
-    _assert_ships_its_code(out)
-    _assert_ships_its_code(out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained")
+    assert_ships_its_code(out, "pipeline_text_to_image", "TextToImagePipeline", "text_to_image.py")
+    pretrained = out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained"
+    assert_ships_its_code(pretrained, "pipeline_text_to_image", "TextToImagePipeline", "text_to_image.py")
     from PIL import Image
 
     for step in (2, STEPS):
@@ -159,13 +160,6 @@ def test_stock_diffusers_draws_the_runs_images_without_clipcond(decoder_run, tmp
 
     call = {"prompt": ["a red circle", "a blue square"], "num_inference_steps": 2, "output_type": "np", "seed": 0}
     assert_stock_diffusers_draws_the_same(decoder_run.out, TextToImagePipeline, tmp_path, **call)
-
-
-def _assert_ships_its_code(folder):
-    """A run folder (or a checkpoint's pretrained/) names its shipped pipeline code in model_index.json."""
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_text_to_image", "TextToImagePipeline"]
-    assert (folder / "pipeline_text_to_image.py").is_file() and (folder / "text_to_image.py").is_file()
 
 
 def test_text_encoder_is_frozen(decoder_run, tiny_clip_run):

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 from diffusers import DDPMScheduler, PriorTransformer
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTextModelWithProjection
-from without_clipcond import assert_stock_diffusers_draws_the_same
+from without_clipcond import assert_ships_its_code, assert_stock_diffusers_draws_the_same
 
 from clipcond import conditioning as conditioning_module
 from clipcond.data.folders import ImageCaptionDataset
@@ -133,21 +133,15 @@ def test_run_folder_is_a_prior_pipeline_with_lineage(prior_run, tiny_clip_run):
     embeds = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).image_embeds
     assert embeds.shape == (1, 32)
     PriorPipeline.from_pretrained(out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained")
-    _assert_ships_its_code(out)
-    _assert_ships_its_code(out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained")
+    assert_ships_its_code(out, "pipeline_prior", "PriorPipeline", "prior.py")
+    pretrained = out / "checkpoints" / f"checkpoint-{STEPS}" / "pretrained"
+    assert_ships_its_code(pretrained, "pipeline_prior", "PriorPipeline", "prior.py")
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
 def test_stock_diffusers_samples_the_runs_embeddings_without_clipcond(prior_run, tmp_path):
     call = {"prompt": ["a red circle", "a blue square"], "num_inference_steps": 3, "output_type": "pt", "seed": 0}
     assert_stock_diffusers_draws_the_same(prior_run.out, PriorPipeline, tmp_path, **call)
-
-
-def _assert_ships_its_code(folder):
-    """A run folder (or a checkpoint's pretrained/) names its shipped pipeline code in model_index.json."""
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_prior", "PriorPipeline"]
-    assert (folder / "pipeline_prior.py").is_file() and (folder / "prior.py").is_file()
 
 
 def test_standardisation_comes_from_the_training_images(prior_run, tiny_clip_run, shapes_data):
