@@ -15,13 +15,15 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
-from without_clipcond import run_without_clipcond
+from without_clipcond import assert_stock_diffusers_draws_the_same, run_without_clipcond
 
 from clipcond import latents as latents_module
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
 from clipcond.models.vae import create_vae, set_scaling_factor, vae_config
+from clipcond.pipeline_loading import pipeline_class_name
+from clipcond.pipelines import ImageVariationPipeline, TextToImagePipeline
 from clipcond.train.decoder import main
 from clipcond.train.model_space import LatentSpace
 
@@ -105,11 +107,21 @@ def latent_run(conditioning, shapes_data, tiny_clip_run, vae_folder, tmp_path_fa
     return out
 
 
+def test_stock_diffusers_draws_the_latent_run_without_clipcond(latent_run, conditioning, tmp_path):
+    if conditioning == "text":
+        call = {"prompt": ["a red circle"], "num_inference_steps": 2, "output_type": "np", "seed": 0}
+        assert_stock_diffusers_draws_the_same(latent_run, TextToImagePipeline, tmp_path, **call)
+    else:
+        image = torch.randint(0, 256, (1, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
+        call = {"image": image, "num_inference_steps": 2, "output_type": "np", "seed": 0}
+        assert_stock_diffusers_draws_the_same(latent_run, ImageVariationPipeline, tmp_path, **call)
+
+
 def test_run_folder_is_a_latent_pipeline(latent_run, conditioning, vae_folder):
     record = json.loads((latent_run / "clipcond_run.json").read_text())
     model_index = json.loads((latent_run / "model_index.json").read_text())
     pipeline = {"text": "TextToImagePipeline", "image-embedding": "ImageVariationPipeline"}[conditioning]
-    assert model_index["_class_name"] == pipeline and model_index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert pipeline_class_name(latent_run) == pipeline and model_index["vae"] == ["diffusers", "AutoencoderKL"]
     space = record["model_space"]
     assert space["space"] == "latents" and space["sample_size"] == RESOLUTION // 2
     assert space["vae"]["scaling_factor"] == SCALING_FACTOR
@@ -292,7 +304,6 @@ def test_a_trained_sd_style_run_exports_to_stock_stable_diffusion(shapes_data, t
     """`train decoder --vae --no-mask-text-padding`, then `clipcond export stable-diffusion`: stock diffusers, in a
     process without clipcond, draws what the run's own pipeline draws with the run's saved scheduler."""
     from clipcond import export_stable_diffusion
-    from clipcond.pipelines import TextToImagePipeline
 
     run = tmp_path / "run"
     argv = _argv(tiny_clip_run, shapes_data, vae_folder, run, "--max-train-steps", "2", "--validation-steps", "0")
