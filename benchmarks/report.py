@@ -294,6 +294,21 @@ def scheduler_rows(report: dict) -> list[str]:
     return [_row(what, cells, report.get("seed", "–"), "at most 3 below", held, _source("scheduler_steps", report))]
 
 
+def sampler_rows(report: dict) -> list[str]:
+    """Samplers side by side on one decoder: seen colour / shape and the share of one-object prompts drawn as
+    several objects, per sampler."""
+    cells = "; ".join(
+        f"{name}: {_pct(r['colour_accuracy_seen'])} / {_pct(r['shape_accuracy_seen'])}, "
+        f"several {_pct(r['outcomes_seen']['several'])}, blank {_pct(r['outcomes_seen']['blank'])}"
+        for name, r in report["samplers"].items()
+    )
+    what = (
+        f"Stable Diffusion path, samplers on one decoder, seen colour / shape ({report['images_per_prompt']} images "
+        f"per prompt, guidance {report['guidance_scale']:g}, judge v{report['judge']['version']})"
+    )
+    return [_row(what, cells, report.get("seed", "–"), "reported", "", _source("samplers", report))]
+
+
 def judge_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
     version, bar, checks = report["judge"]["version"], report["bar"], report["checks"]
@@ -395,6 +410,11 @@ QUALITY = {
     "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
     "search_quality": ("python benchmarks/search_quality.py --save-results", search_rows),
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
+    "samplers": (
+        "python benchmarks/scheduler_steps.py --model DIR/decoder --data DIR/data "
+        "--samplers dpm@20,dpm-sde@20,euler-a@25,ddpm@100 --results-name samplers --save-results",
+        sampler_rows,
+    ),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),

@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators")
     parser.add_argument("--output-dir", type=Path, help="also write each sampler's grids here (default: none)")
+    parser.add_argument(
+        "--results-name",
+        default="scheduler_steps",
+        help="with --save-results: benchmarks/results/<name>.json (another name for another comparison)",
+    )
     add_results_flag(parser)
     return parser.parse_args(argv)
 
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     from clipcond.data.shapes import class_names, load_dataset_info
     from clipcond.evaluation.generation import evaluate_generation, resolve_clip_path
     from clipcond.evaluation.judge import load_or_train_judge
+    from clipcond.evaluation.sampling import scale_key
     from clipcond.models.clip import load_clip
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
@@ -104,7 +110,11 @@ def run(args: argparse.Namespace) -> dict:
             seed=args.seed,
             output_dir=None if args.output_dir is None else args.output_dir / f"{name}_{steps}",
         )
-        results[key] = {k: metrics[k] for k in FIGURES} | {"seconds": round(time.perf_counter() - start, 1)}
+        outcomes = metrics["guidance"][scale_key(args.guidance_scale)]["outcomes"]["seen"]  # several, blank, ...
+        results[key] = {k: metrics[k] for k in FIGURES} | {
+            "outcomes_seen": outcomes,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         print(f"scheduler_steps: {key} {json.dumps(results[key])}", file=sys.stderr)
 
     result = {
@@ -113,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
         "images_per_prompt": args.images_per_prompt,
         "num_prompts": len(class_names(info)),
         "samplers": results,
+        "seed": args.seed,
+        "judge": {"version": judge.summary()["version"]},
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -129,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers' DPM-Solver under numpy 2: harmless, and it would repeat every step
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
     args = parse_args(argv)
-    result = run(args)
+    command = "python benchmarks/scheduler_steps.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command, **run(args)}
     text = json.dumps(result, indent=2)
     if args.save_results:
-        save_results("scheduler_steps", result)
+        save_results(args.results_name, result)
     print(text)
     return 0
 

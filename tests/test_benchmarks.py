@@ -51,6 +51,27 @@ def test_latent_step_cost_times_one_unet_on_pixels_and_on_latents(capsys):
     assert case["cache_encode_seconds_per_image"] > 0
 
 
+def test_scheduler_steps_compares_samplers_with_the_several_object_share(
+    pipeline_run, shapes_data, judge, monkeypatch, capsys
+):
+    import report
+    import scheduler_steps
+
+    from clipcond.evaluation import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--samplers", "dpm@2,dpm-sde@2"]
+    assert scheduler_steps.main([*argv, "--images-per-prompt", "1", "--guidance-scale", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["samplers"]) == ["dpm@2", "dpm-sde@2"] and result["judge"]["version"] == judge.info["version"]
+    assert result["command"].endswith("--guidance-scale 3") and result["seed"] == 0
+    for figures in result["samplers"].values():
+        assert sum(figures["outcomes_seen"].values()) == pytest.approx(1.0)
+        assert set(figures["outcomes_seen"]) == {"object", "blank", "several", "unrecognisable"}
+    (row,) = report.sampler_rows({**result, "commit": "0" * 40, "date": "2026-12-05"})
+    assert "dpm-sde@2: " in row and "several" in row and "`samplers.json` at 0000000" in row
+
+
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
     figures = {"colour_accuracy_seen": colour, "shape_accuracy_seen": shape}
     figures |= {"colour_accuracy_heldout": 0.5, "shape_accuracy_heldout": 0.4}
