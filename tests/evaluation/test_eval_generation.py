@@ -84,6 +84,10 @@ def test_frechet_distance_of_samples():
     features = torch.randn(10, 32)  # fewer samples than dimensions: singular covariances still work
     assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(features, features + 1) == pytest.approx(32.0, rel=1e-6)
+    # fewer images than dimensions: the distance from the samples is the one from the covariances
+    a, b = rng.normal(size=(7, 40)), rng.normal(size=(9, 40)) * 1.5 + 0.3
+    from_stats = frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(from_stats, rel=1e-6) and from_stats > 1.0
     with pytest.raises(ValueError, match="N >= 2"):
         frechet_distance(x[:1], y)
     with pytest.raises(ValueError, match="widths 3 and 2"):
