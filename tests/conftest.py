@@ -130,3 +130,13 @@ def pipeline_run(tiny_clip_run, tmp_path_factory):
     pipe.save_pretrained(path)
     (path / "clipcond_run.json").write_text(json.dumps({"clip": {"path": str(tiny_clip_run)}}))
     return path
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A random torchvision `inception_v3` state dict as safetensors (`tests/inception_weights.py`): what a user
+    gives `--inception-weights`, without the download."""
+    pytest.importorskip("torchvision")
+    from inception_weights import write_random_inception
+
+    return write_random_inception(tmp_path_factory.mktemp("inception") / "inception_v3.safetensors")

@@ -10,9 +10,10 @@ data's own captions as prompts, its own images as the reference, the run's CLIP 
   and the real images of the captions that prompted them, and, for scale, between as many real images of another
   split and the same reference (the distance a generator that drew real images would get at this sample size: FD is
   biased upwards for small samples);
+- the same two in Inception-v3's pool3 space (FID proper: `fd_inception`, `fd_inception_floor`) when the caller
+  gives Inception features (`clipcond.evaluation.inception`; the weights are a local file the user supplies);
 - a grid: each caption's real image beside what the model drew for it (`caption_grid`).
 
-Inception's FD (FID) is left out: it needs Inception-v3 weights, which are not shipped here.
 The judged colour and shape figures stay for the shapes data (`clipcond.evaluation.generation`).
 """
 
@@ -31,8 +32,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipcond.evaluation.frechet import frechet_distance
-from clipcond.evaluation.judged import check_counts, clip_image_features
+from clipcond.evaluation.frechet import FeatureFn, FrechetSpaces, with_inception_keys
+from clipcond.evaluation.judged import check_counts, clip_image_features, frechet_extractors
 from clipcond.evaluation.sampling import (
     GenerateFn,
     check_generator,
@@ -213,24 +214,34 @@ class _Fixed:
     """What does not depend on the guidance scale."""
 
     text_features: torch.Tensor  # (P, D) CLIP embeddings of the prompts
-    real_features: torch.Tensor  # (P, D) CLIP image features of the real images, the FD reference
+    frechet: FrechetSpaces  # the real images' features in each FD space, the FD reference
     clip_score_real: float  # the real images' CLIP score: the level of the data itself
     clip_score_100_real: float  # the same as `clip_score_100`
-    fd_floor: float | None  # the FD of the floor images to the reference
+    fd_floor: dict[str, float | None]  # "fd_<space>_floor": the FD of the floor images to the reference
+    inception: bool  # whether `fd_inception` is measured
 
 
 def _fixed_figures(
-    clip_run, prompts: list[str], real_images: torch.Tensor, floor_images: torch.Tensor | None, batch_size: int
+    clip_run,
+    prompts: list[str],
+    real_images: torch.Tensor,
+    floor_images: torch.Tensor | None,
+    batch_size: int,
+    inception: FeatureFn | None,
 ) -> _Fixed:
-    """The prompts' and the real images' features, the real images' CLIP score and the FD floor."""
+    """The prompts' and the real images' features, the real images' CLIP score and the FD floors."""
     text_features = clip_run.encode_text(prompts).cpu()  # (P, D)
     real_features = clip_image_features(clip_run, real_images, batch_size)  # (P, D)
     cosine_real = paired_cosine(real_features, text_features)
     clip_score_100_real = (CLIP_SCORE_WEIGHT * cosine_real.clamp(min=0.0)).mean().item()
-    fd_floor = None
+    extractors = frechet_extractors(clip_run, inception, batch_size)
+    frechet = FrechetSpaces(extractors, real_images, features={"clip": real_features})
+    fd_floor = dict.fromkeys(with_inception_keys(("fd_clip_floor",), inception is not None))
     if floor_images is not None:
-        fd_floor = frechet_distance(clip_image_features(clip_run, floor_images, batch_size), real_features)
-    return _Fixed(text_features, real_features, cosine_real.mean().item(), clip_score_100_real, fd_floor)
+        fd_floor.update(frechet.distances(floor_images, suffix="_floor"))
+    return _Fixed(
+        text_features, frechet, cosine_real.mean().item(), clip_score_100_real, fd_floor, inception is not None
+    )
 
 
 def _measure_scale(
@@ -257,11 +268,11 @@ def _measure_scale(
     figures = {
         "clip_score": scores.mean().item(),
         "clip_score_100": (CLIP_SCORE_WEIGHT * scores.clamp(min=0.0)).mean().item(),
-        "fd_clip": frechet_distance(features, fixed.real_features) if len(drawn) >= 2 else None,
+        **fixed.frechet.distances(drawn, features={"clip": features}),
         "num_images": len(drawn),
         "generation_seconds": round(seconds, 2),
     }
-    return figures, drawn, scores
+    return {key: figures[key] for key in with_inception_keys(CAPTIONED_KEYS, fixed.inception)}, drawn, scores
 
 
 def _measure_scales(
@@ -287,10 +298,10 @@ def _headline_figures(results: dict[str, dict], headline: float, fixed: _Fixed) 
         **results[scale_key(headline)],
         "clip_score_real": fixed.clip_score_real,
         "clip_score_100_real": fixed.clip_score_100_real,
-        "fd_clip_floor": fixed.fd_floor,
+        **fixed.fd_floor,
     }
     figures["guidance_scale"] = headline
-    return {key: figures[key] for key in CAPTIONED_HEADLINE_KEYS}
+    return {key: figures[key] for key in with_inception_keys(CAPTIONED_HEADLINE_KEYS, fixed.inception)}
 
 
 def evaluate_captioned(
@@ -300,6 +311,7 @@ def evaluate_captioned(
     real_images: torch.Tensor,
     clip_run,
     floor_images: torch.Tensor | None = None,
+    inception: FeatureFn | None = None,
     num_images_per_prompt: int = 1,
     guidance_scales: Sequence[float] = (1.0, DEFAULT_TEXT_GUIDANCE_SCALE),
     guidance_scale: float | None = None,
@@ -324,6 +336,9 @@ def evaluate_captioned(
         clip_run: the `ClipRun` whose space the figures are in (the one the decoder was trained on).
         floor_images: uint8 real images of another split (e.g. train), for `fd_clip_floor`, their FD to the
             reference; None: not measured.
+        inception: Inception-v3 pool3 features (`clipcond.evaluation.inception.load_inception`), for the FD in
+            Inception's space, FID proper: `fd_inception` beside `fd_clip` and `fd_inception_floor` beside
+            `fd_clip_floor`. None: not measured, and those keys are absent.
         num_images_per_prompt, guidance_scales, guidance_scale, num_inference_steps, scheduler, seed, batch_size,
             output_dir, extra_settings, progress: as in `evaluate_generation`.
 
@@ -339,7 +354,7 @@ def evaluate_captioned(
     counts = {"num_images_per_prompt": num_images_per_prompt, "batch_size": batch_size}
     is_pipeline = _check_inputs(pipe, prompts, real_images, clip_run, counts)
     # 2. the prompts' and the real images' features
-    fixed = _fixed_figures(clip_run, prompts, real_images, floor_images, batch_size)
+    fixed = _fixed_figures(clip_run, prompts, real_images, floor_images, batch_size, inception)
     # 3. generate and measure at every guidance scale
     generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
     with prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():

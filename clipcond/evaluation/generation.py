@@ -22,6 +22,9 @@ images, each from its own seeded generator, at each guidance scale, and reports:
   images and of the reference images (the single-object images of the test split), and `fd_clip_floor`, the same
   distance for as many fresh ground-truth renders of the same prompts: the value a perfect generator would get at
   this sample size, since FD is biased upwards for small samples.
+- with `--inception-weights FILE` (a local safetensors file; `clipcond.evaluation.inception`), on either data, the
+  same two distances in Inception-v3's pool3 space, FID proper: `fd_inception` and `fd_inception_floor` (absent
+  without the flag).
 
 It prints ONE JSON object: the headline figures at the default guidance scale at the top level (`HEADLINE_KEYS`),
 the same figures for every guidance scale under "guidance" ({"1.0": {...}, "3.0": {...}}), and "judge" and
@@ -63,7 +66,14 @@ from clipcond.device import DTYPES, resolve_device, resolve_dtype
 from clipcond.evaluation.arguments import add_judged_arguments, check_at_least, eval_parser
 from clipcond.evaluation.captioned import DEFAULT_MAX_PROMPTS, evaluate_captioned
 from clipcond.evaluation.diversity import diversity
-from clipcond.evaluation.frechet import frechet_distance, frechet_distance_from_stats  # noqa: F401 (public here)
+from clipcond.evaluation.frechet import (  # noqa: F401 (frechet_distance*: public here)
+    FeatureFn,
+    FrechetSpaces,
+    frechet_distance,
+    frechet_distance_from_stats,
+    with_inception_keys,
+)
+from clipcond.evaluation.inception import InceptionFeatures, check_inception_weights
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores, load_or_train_judge
 from clipcond.evaluation.judged import (
     GROUPS,
@@ -73,6 +83,7 @@ from clipcond.evaluation.judged import (
     check_scheduler,
     class_pairs,
     clip_image_features,
+    frechet_extractors,
     group_masks,
     judged_tile,
     load_clip_and_reference,
@@ -121,9 +132,20 @@ CLIP score under the trained CLIP, and a Fréchet distance on CLIP image feature
 image-caption data (e.g. `clipcond data tuxpaint`): prompt with up to --max-prompts distinct captions of --split and
 report CLIP score (the cosine, as on the shapes data; clip_score_100 is 100 x max(cos, 0)) beside the real images'
 own, and the Fréchet distance in the CLIP's image space to the real images of those captions, with a grid of each
-caption's real image beside what was drawn. Prints one JSON object and writes it, the grids and the images to
+caption's real image beside what was drawn. With --inception-weights FILE, on either data, also the Fréchet
+distance in Inception-v3's pool3 space (FID). Prints one JSON object and writes it, the grids and the images to
 --output-dir.
 """
+INCEPTION_HELP = (
+    "Inception-v3 weights, a local safetensors file, for fd_inception (FID: the Fréchet distance of pool3 features; "
+    "images resized to 299x299 bilinearly as pytorch-fid does, not bicubically as clean-fid) beside fd_clip, and "
+    "fd_inception_floor beside fd_clip_floor; without it those keys are absent. The file is a torchvision "
+    "inception_v3 state dict: convert a .pth you trust (torchvision's inception_v3_google-0cc3c7bd.pth) with "
+    "`safetensors.torch.save_file(torch.load(PTH, map_location='cpu', weights_only=True), FILE)`. torchvision's "
+    "ImageNet weights are not the TF weights of published FIDs: the figures compare runs measured with the same "
+    "file. pytorch-fid's pt_inception-2015-12-05-6726825d.pth, converted the same way, is recognised by its "
+    "1008-class classifier and gives pytorch-fid's features. Needs torchvision."
+)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -232,24 +254,29 @@ class _Fixed:
     """What does not depend on the guidance scale."""
 
     text_features: torch.Tensor | None  # (P, D) CLIP embeddings of the prompts
-    reference_features: torch.Tensor | None  # (N, D) CLIP image features of the reference images
-    fd_floor: float | None  # the FD of ground-truth renders to the reference
+    frechet: FrechetSpaces | None  # the reference images' features in each FD space (None: no FD)
+    fd_floor: dict[str, float | None]  # "fd_<space>_floor": the FD of ground-truth renders to the reference
     real_diversity: dict  # the diversity of real images of each class
+    inception: bool  # whether `fd_inception` is measured
 
 
-def _fixed_figures(plan: _Plan, judge: AttributeJudge, clip_run, reference_images: torch.Tensor | None) -> _Fixed:
+def _fixed_figures(
+    plan: _Plan, judge: AttributeJudge, clip_run, reference_images: torch.Tensor | None, inception: FeatureFn | None
+) -> _Fixed:
     """Prompt embeddings, reference features, the FD floor, and the diversity of real images of each class (renders
     drawn as the data set draws them, in the jobs' order)."""
-    fixed = _Fixed(None, None, None, {})
+    floor_keys = with_inception_keys(("fd_clip_floor",), inception is not None)
+    fixed = _Fixed(None, None, dict.fromkeys(floor_keys), {}, inception is not None)
     renders = ground_truth_renders(plan.pairs, plan.per_prompt, judge.resolution, plan.seed)
-    render_features = None
+    render_features = {}
     if clip_run is not None:
         fixed.text_features = clip_run.encode_text(plan.prompts).cpu()  # (P, D)
-        render_features = clip_image_features(clip_run, renders, plan.batch_size)
-        if reference_images is not None and len(plan.jobs) >= 2:  # FD needs >= 2 images to fit a covariance
-            fixed.reference_features = clip_image_features(clip_run, reference_images, plan.batch_size)
-            fixed.fd_floor = frechet_distance(render_features, fixed.reference_features)
-    fixed.real_diversity = diversity(renders, plan.rows, render_features)
+        render_features["clip"] = clip_image_features(clip_run, renders, plan.batch_size)
+    extractors = frechet_extractors(clip_run, inception, plan.batch_size)
+    if extractors and reference_images is not None and len(plan.jobs) >= 2:  # FD needs >= 2 images
+        fixed.frechet = FrechetSpaces(extractors, reference_images)
+        fixed.fd_floor.update(fixed.frechet.distances(renders, features=render_features, suffix="_floor"))
+    fixed.real_diversity = diversity(renders, plan.rows, render_features.get("clip"))
     return fixed
 
 
@@ -271,20 +298,22 @@ def _judge_scale(
     scores = judge.score(images, [plan.pairs[p][0] for p, _ in jobs], [plan.pairs[p][1] for p, _ in jobs])
 
     clip_score = image_features = None
-    figures_extra = {"clip_top1": None, "fd_clip": None}
+    keys = with_inception_keys(GROUP_KEYS, fixed.inception)
+    figures_extra = {"clip_top1": None, **dict.fromkeys(key for key in keys if key.startswith("fd_"))}
     if clip_run is not None:
         image_features = clip_image_features(clip_run, images, plan.batch_size)  # (N, D)
         similarity = image_features @ fixed.text_features.T  # (N, P) cosines
         clip_score = similarity[torch.arange(len(jobs)), image_class]
         figures_extra["clip_top1"] = (similarity.argmax(dim=1) == image_class).double().mean().item()
-        if fixed.reference_features is not None:
-            figures_extra["fd_clip"] = frechet_distance(image_features, fixed.reference_features)
+    if fixed.frechet is not None:
+        features = {} if image_features is None else {"clip": image_features}
+        figures_extra.update(fixed.frechet.distances(images, features=features))
 
     figures = accuracy_figures(scores.colour_correct, scores.shape_correct, groups)
     for group, mask in groups.items():
         figures[f"clip_score{group}"] = None if clip_score is None else mean_or_none(clip_score, mask)
     figures.update(figures_extra, num_images=len(jobs), generation_seconds=round(seconds, 2))
-    figures = {key: figures[key] for key in GROUP_KEYS}
+    figures = {key: figures[key] for key in keys}
     image_classes = [plan.names[p] for p, _ in jobs]
     figures["per_class"] = per_class_table(plan.names, plan.held, image_classes, scores, {"clip_score": clip_score})
     figures["diversity"] = {
@@ -308,11 +337,11 @@ def _judge_scales(generate: GenerateFn, plan: _Plan, judge: AttributeJudge, clip
     return results, images, scores
 
 
-def _headline_figures(results: dict[str, dict], headline: float, fd_floor: float | None) -> dict:
-    """The top level of the figures (`HEADLINE_KEYS`): those at the headline guidance scale, and the FD floor."""
-    top = results[scale_key(headline)]
-    metrics = {"guidance_scale": headline, **{key: top[key] for key in GROUP_KEYS[:-1]}, "fd_clip_floor": fd_floor}
-    return {key: metrics[key] for key in HEADLINE_KEYS}
+def _headline_figures(results: dict[str, dict], headline: float, fixed: _Fixed) -> dict:
+    """The top level of the figures (`HEADLINE_KEYS`, with Inception's when measured): those at the headline
+    guidance scale, and the FD floors."""
+    metrics = {"guidance_scale": headline, **results[scale_key(headline)], **fixed.fd_floor}
+    return {key: metrics[key] for key in with_inception_keys(HEADLINE_KEYS, fixed.inception)}
 
 
 def _slug(text: str) -> str:
@@ -333,6 +362,7 @@ def evaluate_generation(
     judge: AttributeJudge,
     clip_run=None,
     reference_images: torch.Tensor | None = None,
+    inception: FeatureFn | None = None,
     num_images_per_prompt: int = 8,
     guidance_scales: Sequence[float] = (1.0, DEFAULT_GUIDANCE_SCALE),
     guidance_scale: float | None = None,
@@ -358,6 +388,9 @@ def evaluate_generation(
         judge: the attribute judge (`load_or_train_judge(resolution)`).
         clip_run: a `ClipRun` for CLIP score and FD; None skips them (their figures are None).
         reference_images: uint8 (N, 3, H, W) real images for the Fréchet distance (None: no FD).
+        inception: Inception-v3 pool3 features (`clipcond.evaluation.inception.load_inception`), for the FD in
+            Inception's space, FID proper: `fd_inception` beside `fd_clip` and `fd_inception_floor` beside
+            `fd_clip_floor`. None: not measured, and those keys are absent.
         guidance_scales: the scales to evaluate, each >= 1 (1: no guidance). `guidance_scale` (default: the last
             of them) gives the headline figures and is added to the list if missing.
         scheduler: a `SCHEDULERS` name swapped into `pipe` for the evaluation (None: the pipeline's own); the
@@ -379,13 +412,13 @@ def evaluate_generation(
     plan = _plan(classes, held_out, judge, prompt_template, num_images_per_prompt, seed, batch_size, scales, headline)
     is_pipeline = check_generator(pipe, reference_images)
     # 2. what does not depend on the guidance scale
-    fixed = _fixed_figures(plan, judge, clip_run, reference_images)
+    fixed = _fixed_figures(plan, judge, clip_run, reference_images, inception)
     # 3. generate and judge at every guidance scale
     generate = pipeline_generate_fn(pipe, num_inference_steps) if is_pipeline else pipe
     with prepared_pipeline(pipe, scheduler) if is_pipeline else nullcontext():
         results, images, scores = _judge_scales(generate, plan, judge, clip_run, fixed, progress)
     # 4. assemble: the headline figures first, then every scale, the judge and the settings
-    metrics = {**_headline_figures(results, plan.headline, fixed.fd_floor), "guidance": results}
+    metrics = {**_headline_figures(results, plan.headline, fixed), "guidance": results}
     metrics["judge"] = judge.summary()
     metrics["settings"] = {
         **{"classes": plan.names, "held_out": plan.held, "prompt_template": prompt_template},
@@ -531,6 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "last of --guidance-scales when they do not include it)",
     )
     parser.add_argument("--guidance-scales", help="comma-separated scales to evaluate (default: 1,<--guidance-scale>)")
+    parser.add_argument("--inception-weights", metavar="FILE", help=INCEPTION_HELP)
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -583,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     check_scheduler(args.scheduler)
     scheduler = None if args.scheduler == "saved" else args.scheduler
+    inception_weights = None if args.inception_weights is None else check_inception_weights(args.inception_weights)
 
     from clipcond.lineage import check_evaluation_clip
     from clipcond.pipelines.text_to_image import TextToImagePipeline
@@ -602,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
         "progress": not args.no_progress,
     }
     settings = {"model": str(run), "data": str(args.data), "reference_split": args.split, "clip_mismatch": mismatch}
+    if inception_weights is not None:
+        common["inception"] = InceptionFeatures(inception_weights, device, batch_size=args.batch_size)
+        settings["inception"] = inception_weights.settings
 
     # 2. load the judge (shapes data), the CLIP, the reference images and the pipeline; 3. evaluate
     if not shapes:

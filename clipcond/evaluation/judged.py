@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipcond.data.shapes import is_shapes_data, load_dataset_info
+from clipcond.evaluation.frechet import FeatureFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.runs import RUN_RECORD, RunRecord
 
@@ -121,6 +123,18 @@ def clip_image_features(clip_run, images: torch.Tensor, batch_size: int) -> torc
         for start in range(0, images.shape[0], batch_size)
     ]
     return torch.cat(chunks)
+
+
+def frechet_extractors(clip_run, inception: FeatureFn | None, batch_size: int) -> dict[str, FeatureFn]:
+    """The feature spaces of an evaluation's Fréchet distances (`FrechetSpaces`): the run's CLIP image space
+    ("clip", `clip_image_features`) when there is a CLIP, and Inception-v3 pool3 ("inception",
+    `clipcond.evaluation.inception.InceptionFeatures`) when given."""
+    extractors: dict[str, FeatureFn] = {}
+    if clip_run is not None:
+        extractors["clip"] = partial(clip_image_features, clip_run, batch_size=batch_size)
+    if inception is not None:
+        extractors["inception"] = inception
+    return extractors
 
 
 # ---------------------------------------------------------------- classes and groups

@@ -12,6 +12,7 @@ from PIL import Image
 from clipcond import cli
 from clipcond.data.shapes import COLOURS, DEFAULT_HELD_OUT, ShapeObject, class_names, render_scene
 from clipcond.evaluation import generation
+from clipcond.evaluation.frechet import with_inception_keys
 from clipcond.evaluation.generation import (
     DEFAULT_GUIDANCE_SCALE,
     GROUP_KEYS,
@@ -266,6 +267,9 @@ def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, ju
         assert metrics[key] is not None, key
     assert len(list((out / "images" / "guidance_1.0").glob("*.png"))) == 18
     assert (out / f"grid_guidance_{DEFAULT}.png").is_file()
+    # without --inception-weights: no Inception figures, the keys absent
+    assert tuple(metrics)[: len(HEADLINE_KEYS) + 1] == (*HEADLINE_KEYS, "guidance")
+    assert "fd_inception" not in metrics["guidance"]["1.0"] and "inception" not in metrics["settings"]
 
     # --dtype bf16: the pipeline samples in bf16 (recorded), and the figures are computed as in fp32
     bf16_out = pipeline_run / "eval_bf16"
@@ -273,6 +277,28 @@ def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, ju
     bf16 = json.loads(capsys.readouterr().out)
     assert bf16["settings"]["dtype"] == "bf16" and list(bf16["guidance"]) == ["3.0"]
     assert all(bf16[key] is not None for key in HEADLINE_KEYS)
+
+
+def test_command_with_inception_weights(
+    pipeline_run, shapes_data, judge, inception_weights, monkeypatch, tmp_path, capsys
+):
+    """`--inception-weights` adds FID beside the CLIP-space FD, and its floor (ground-truth renders) beside
+    `fd_clip_floor`."""
+    monkeypatch.setattr(generation, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--num-inference-steps", "2"]
+    argv += ["--num-images-per-prompt", "1", "--guidance-scales", "3", "--device", "cpu", "--no-progress"]
+    argv += ["--batch-size", "18", "--output-dir", str(tmp_path / "eval")]
+    assert main([*argv, "--inception-weights", str(inception_weights)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    keys = with_inception_keys(HEADLINE_KEYS, True)
+    assert tuple(metrics)[: len(keys)] == keys and keys.index("fd_inception") == keys.index("fd_clip") + 1
+    assert keys[-2:] == ("fd_clip_floor", "fd_inception_floor")
+    assert tuple(metrics["guidance"]["3.0"])[: len(GROUP_KEYS) + 1] == with_inception_keys(GROUP_KEYS, True)
+    for key in ("fd_inception", "fd_inception_floor"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0.0, key
+    # an untrained UNet draws noise: further from the reference than ground-truth renders are
+    assert metrics["fd_inception"] > metrics["fd_inception_floor"]
+    assert metrics["settings"]["inception"]["blocks"] == "torchvision"
 
 
 def test_command_user_errors(pipeline_run, shapes_data, tmp_path, capsys):

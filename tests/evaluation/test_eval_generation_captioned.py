@@ -2,6 +2,7 @@
 grid of real beside drawn images, with the data's own captions as prompts."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from clipcond.evaluation.captioned import (
     load_caption_set,
     paired_cosine,
 )
+from clipcond.evaluation.frechet import with_inception_keys
 from clipcond.evaluation.generation import main
+from clipcond.evaluation.inception import load_inception
 from clipcond.models.clip import load_clip
 
 pytestmark = pytest.mark.filterwarnings(
@@ -77,11 +80,8 @@ def test_caption_set_takes_distinct_captions_in_a_seeded_order(imagefolder):
         load_caption_set(str(imagefolder), "val", 32)
 
 
-def test_a_generator_that_draws_the_real_images_scores_as_the_data(imagefolder, tiny_clip_run):
-    """Drawing each caption's own real image gives the real images' CLIP score and a Fréchet distance of 0; drawing
-    one grey image for every caption is far from them."""
-    run = load_clip(tiny_clip_run)
-    captions = load_caption_set(str(imagefolder), "test", run.image_size)
+def _copying_and_grey_generators(captions):
+    """Two `generate` callables: one draws each caption's own real image, the other one grey image for any."""
     real_of = dict(zip(captions.prompts, captions.images, strict=True))
 
     def copy_real(prompts, guidance_scale, generators):
@@ -90,6 +90,15 @@ def test_a_generator_that_draws_the_real_images_scores_as_the_data(imagefolder, 
     def grey(prompts, guidance_scale, generators):
         return torch.full((len(prompts), 3, 32, 32), 128, dtype=torch.uint8)
 
+    return copy_real, grey
+
+
+def test_a_generator_that_draws_the_real_images_scores_as_the_data(imagefolder, tiny_clip_run):
+    """Drawing each caption's own real image gives the real images' CLIP score and a Fréchet distance of 0; drawing
+    one grey image for every caption is far from them."""
+    run = load_clip(tiny_clip_run)
+    captions = load_caption_set(str(imagefolder), "test", run.image_size)
+    copy_real, grey = _copying_and_grey_generators(captions)
     options = {"prompts": captions.prompts, "real_images": captions.images, "clip_run": run, "guidance_scales": [1.0]}
     copied = evaluate_captioned(copy_real, **options)
     assert copied["clip_score"] == pytest.approx(copied["clip_score_real"], abs=1e-9)
@@ -122,6 +131,11 @@ def test_command_on_a_users_imagefolder(pipeline_run, tiny_clip_run, imagefolder
     assert metrics["settings"]["floor_split"] == "train" and metrics["settings"]["num_floor_images"] == 9
     assert metrics["settings"]["clip"] == str(tiny_clip_run)
     assert list(metrics["guidance"]) == ["1.0", "3.0"]
+    # without --inception-weights: no Inception figures, the keys absent
+    assert (
+        list(metrics) == [*CAPTIONED_HEADLINE_KEYS, "guidance", "settings"] and "inception" not in metrics["settings"]
+    )
+    assert list(metrics["guidance"]["3.0"]) == list(CAPTIONED_KEYS)
     for key in ("1.0", "3.0"):
         assert len(list((out / "images" / f"guidance_{key}").glob("prompt_*_0.png"))) == 9
         grid = Image.open(out / f"grid_guidance_{key}.png")
@@ -130,6 +144,38 @@ def test_command_on_a_users_imagefolder(pipeline_run, tiny_clip_run, imagefolder
     assert main([*argv, "--output-dir", str(tmp_path / "again")]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["fd_clip"] == metrics["fd_clip"] and again["clip_score"] == metrics["clip_score"]
+
+
+def test_inception_distance_of_the_real_images_is_zero(imagefolder, tiny_clip_run, inception_weights):
+    """With Inception features, a generator that draws the real images is at FID ~0 from them, one that draws grey
+    images far; the Inception figures sit beside the CLIP ones."""
+    run = load_clip(tiny_clip_run)
+    captions = load_caption_set(str(imagefolder), "test", run.image_size, max_prompts=4)
+    copy_real, grey = _copying_and_grey_generators(captions)
+    options = {"prompts": captions.prompts, "real_images": captions.images, "clip_run": run, "guidance_scales": [1.0]}
+    inception = load_inception(inception_weights)
+    copied = evaluate_captioned(copy_real, **options, inception=inception, floor_images=captions.images)
+    assert list(copied) == [*with_inception_keys(CAPTIONED_HEADLINE_KEYS, True), "guidance", "settings"]
+    assert list(copied["guidance"]["1.0"]) == list(with_inception_keys(CAPTIONED_KEYS, True))
+    assert copied["fd_inception"] == pytest.approx(0.0, abs=1e-3)
+    assert copied["fd_inception_floor"] == pytest.approx(0.0, abs=1e-3)  # the floor images are the reference here
+    flat = evaluate_captioned(grey, **options, inception=inception)
+    assert flat["fd_inception"] > 1.0 and flat["fd_inception_floor"] is None
+
+
+def test_command_with_inception_weights_reports_fid(pipeline_run, imagefolder, inception_weights, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", str(pipeline_run), "--data", str(imagefolder), "--num-inference-steps", "2", "--max-prompts"]
+    argv += ["4", "--device", "cpu", "--no-progress", "--guidance-scales", "3", "--output-dir", str(out)]
+    assert main([*argv, "--inception-weights", str(inception_weights)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert list(metrics) == [*with_inception_keys(CAPTIONED_HEADLINE_KEYS, True), "guidance", "settings"]
+    assert list(metrics["guidance"]["3.0"]) == list(with_inception_keys(CAPTIONED_KEYS, True))
+    for key in ("fd_inception", "fd_inception_floor", "fd_clip", "fd_clip_floor"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0.0, key
+    assert metrics["settings"]["inception"]["weights"] == str(inception_weights)
+    assert metrics["settings"]["inception"]["blocks"] == "torchvision"
 
 
 def test_command_on_tux_paint_stamps_measures_captions_not_shapes(pipeline_run, tmp_path, capsys):
