@@ -63,6 +63,9 @@ COMMANDS: dict = {
     "interpolate": Command(
         "clipcond.interpolate", "a row of images between two prompts (through a prior) or two images"
     ),
+    "probe": Command(
+        "clipcond.probe", "compositional probes: CLIP minimal pairs, generators' prompts judged, against chance"
+    ),
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
     "export": {

@@ -394,3 +394,72 @@ def image_grid(
                 line_x = x + (tile_w - _text_width(font, line)) // 2
                 draw.text((line_x, y + tile_h + padding // 2 + j * line_h), line, font=font, fill=text_colour)
     return grid
+
+
+def interval_bars_image(
+    labels: Sequence[str],
+    values: Sequence[float | None],
+    lows: Sequence[float | None],
+    highs: Sequence[float | None],
+    *,
+    chance: Sequence[float | None] | float | None = None,
+    title: str = "",
+    bar_width: int = 44,
+    height: int = 160,
+    font_size: int = 12,
+) -> Image.Image:
+    """A bar chart of proportions in [0, 1]: one bar per label with its interval as a whisker and, where `chance`
+    gives one (a number for all bars or one per bar), a dashed red line at chance across the bar's slot. A bar whose
+    value is None is left empty."""
+    n = len(labels)
+    if not (len(values) == len(lows) == len(highs) == n) or n == 0:
+        raise ValueError(
+            f"got {n} labels, {len(values)} values, {len(lows)} lows and {len(highs)} highs; give one each"
+        )
+    chances = list(chance) if isinstance(chance, (list, tuple)) else [chance] * n
+    if len(chances) != n:
+        raise ValueError(f"got {len(chances)} chance levels for {n} bars")
+    font = _font(font_size)
+    line_h = _line_height(font)
+    axis_w = _text_width(font, "1.0") + _GAP
+    slot = bar_width + 2 * _GAP
+    wrapped = [_wrap(str(label), font, slot, 3) for label in labels]
+    label_h = max(len(lines) for lines in wrapped) * line_h
+    title_h = line_h + _GAP if title else 0
+    width = 2 * _MARGIN + axis_w + n * slot
+    canvas = Image.new(
+        "RGB",
+        (max(width, 2 * _MARGIN + _text_width(font, title)), _MARGIN * 2 + title_h + height + _GAP + label_h),
+        _WHITE,
+    )
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((_MARGIN, _MARGIN), title, font=font, fill=_BLACK)
+    top = _MARGIN + title_h
+    x0 = _MARGIN + axis_w
+
+    def y_of(value: float) -> float:
+        return top + height * (1.0 - min(max(value, 0.0), 1.0))
+
+    for tick in (0.0, 0.5, 1.0):
+        y = y_of(tick)
+        draw.line((x0 - 3, y, x0 + n * slot, y), fill=(220, 220, 220))
+        draw.text((_MARGIN, y - line_h / 2), f"{tick:.1f}", font=font, fill=_BLACK)
+    draw.line((x0, top, x0, top + height), fill=_BLACK)
+    for i in range(n):
+        left = x0 + i * slot + _GAP
+        if values[i] is not None:
+            draw.rectangle((left, y_of(values[i]), left + bar_width, y_of(0.0)), fill=tuple(viridis(np.array(0.35))))
+        if lows[i] is not None and highs[i] is not None:
+            mid = left + bar_width / 2
+            draw.line((mid, y_of(lows[i]), mid, y_of(highs[i])), fill=_BLACK, width=2)
+            for end in (lows[i], highs[i]):
+                draw.line((mid - 6, y_of(end), mid + 6, y_of(end)), fill=_BLACK, width=2)
+        if chances[i] is not None:
+            y = y_of(chances[i])
+            for dash in range(int(left - _GAP), int(left + bar_width + _GAP), 6):
+                draw.line((dash, y, min(dash + 3, left + bar_width + _GAP), y), fill=(220, 30, 30), width=2)
+        for j, line in enumerate(wrapped[i]):
+            line_x = left + (bar_width - _text_width(font, line)) / 2
+            draw.text((line_x, top + height + _GAP + j * line_h), line, font=font, fill=_BLACK)
+    return canvas

@@ -1,0 +1,195 @@
+"""The report of `clipcond probe`: probes.json, probes.md (a table per probe), a bar chart per probe and a grid of
+example pairs. `clipcond demo`'s report renders the same tables (`markdown_tables`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from clipcond.evaluation.probes import GENERATOR_KINDS, PROBE_FIELD, MinimalPair, pair_images
+from clipcond.plots import image_grid, interval_bars_image
+from clipcond.storage import write_json_atomic, write_text_atomic
+
+GROUP_NAMES = {"seen": "seen", "heldout": "held-out", "all": "all"}
+GENERATOR_NAMES = {"stable_diffusion": "Stable Diffusion path", "dalle2": "DALL-E 2 path (prior + decoder)"}
+JSON_NAME = "probes.json"
+MARKDOWN_NAME = "probes.md"
+EXAMPLES_NAME = "examples.png"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _row(name: str, stat: dict, extra: str | None = None) -> str:
+    cells = [
+        name,
+        _pct(stat["accuracy"]),
+        f"[{_pct(stat['low'])}, {_pct(stat['high'])}]",
+        _pct(stat["chance"]),
+        str(stat["n"]),
+        stat.get("versus_chance") or "-",
+    ]
+    if extra is not None:
+        cells.append(extra)
+    return "| " + " | ".join(cells) + " |"
+
+
+_HEADER = "| {} | accuracy | 95% interval | chance | n | vs chance |{}\n|---|---|---|---|---|---|{}"
+
+
+def _header(first: str, extra: str | None = None) -> str:
+    return _HEADER.format(first, f" {extra} |" if extra else "", "---|" if extra else "")
+
+
+def _groups(figures: dict) -> list[str]:
+    return [g for g in ("seen", "heldout", "all") if g in figures]
+
+
+def clip_verdict(figures: dict) -> str:
+    """One sentence on where the binding and relation probes stand against chance (over all their pairs)."""
+    parts = []
+    for probe in ("binding", "relation"):
+        stat = (figures.get(probe) or {}).get("all")
+        if stat is not None:
+            where = {"at": "at chance (its interval holds 50%)", "above": "above chance", "below": "below chance"}
+            parts.append(f"{probe} {_pct(stat['accuracy'])}, {where[stat['versus_chance']]}")
+    return ("The plain CLIP recipe: " + "; ".join(parts) + ".") if parts else ""
+
+
+def markdown_tables(report: dict, heading: str = "##") -> str:
+    """The tables of a probe report (`clipcond probe`'s JSON) as markdown, under headings of level `heading`."""
+    lines: list[str] = []
+    clip = report.get("clip") or {}
+    if clip:
+        lines += [
+            f"{heading} CLIP zero-shot minimal pairs",
+            "",
+            "An image and two captions that differ in one field only; right when the image embedding is closer to "
+            "the right caption (chance 50%; a tie counts one half).",
+            "",
+        ]
+        verdict = clip_verdict(clip)
+        if verdict:
+            lines += [verdict, ""]
+        for probe, figures in clip.items():
+            example = (report.get("examples") or {}).get(probe)
+            lines.append(f"**{probe}**" + (f" ({example[0]!r} vs {example[1]!r})" if example else ""))
+            lines += ["", _header("group")]
+            lines += [_row(GROUP_NAMES[g], figures[g]) for g in _groups(figures)]
+            lines.append("")
+    reader = report.get("reader")
+    for key, generator in (report.get("generators") or {}).items():
+        lines += [
+            f"{heading} {GENERATOR_NAMES.get(key, key)}: prompts judged by the scene reader",
+            "",
+            "Chance: a prompt-blind generator (renders of other prompts of the same kind, read against the prompt). "
+            "Reader: the scene reader's accuracy on renders of the same prompts (the ceiling of every figure).",
+            "",
+        ]
+        for kind, fields in generator.items():
+            lines += [f"**{kind} prompts**", "", _header("field (group)", "reader on renders")]
+            for field_name, figures in fields.items():
+                reader_stat = ((reader or {}).get("accuracy", {}).get(kind, {}).get(field_name) or {}).get("all")
+                for g in _groups(figures):
+                    lines.append(
+                        _row(
+                            f"{field_name} ({GROUP_NAMES[g]})",
+                            figures[g],
+                            _pct(reader_stat and reader_stat["accuracy"]),
+                        )
+                    )
+            lines.append("")
+    captioner = report.get("captioner")
+    if captioner:
+        lines += [f"{heading} Captioner: fields read back from its captions", "", "Chance 50%.", ""]
+        for probe, figures in captioner.items():
+            lines += [f"**{probe}** ({PROBE_FIELD[probe]})", "", _header("group")]
+            lines += [_row(GROUP_NAMES[g], figures[g]) for g in _groups(figures)]
+            lines.append("")
+    for note in report.get("notes") or []:
+        lines.append(f"- {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _bars(title: str, named: Sequence[tuple[str, dict]]) -> object:
+    return interval_bars_image(
+        [name for name, _ in named],
+        [s["accuracy"] for _, s in named],
+        [s["low"] for _, s in named],
+        [s["high"] for _, s in named],
+        chance=[s["chance"] for _, s in named],
+        title=title,
+    )
+
+
+def write_figures(report: dict, output_dir: str | os.PathLike) -> list[Path]:
+    """A bar chart (accuracy, 95% interval, chance as a dashed line) per CLIP probe, per generator and for the
+    captioner; returns their paths."""
+    out = Path(output_dir)
+    paths = []
+    for probe, figures in (report.get("clip") or {}).items():
+        named = [(GROUP_NAMES[g], figures[g]) for g in _groups(figures)]
+        paths.append(out / f"clip_{probe}.png")
+        _bars(f"CLIP {probe}", named).save(paths[-1])
+    for key, generator in (report.get("generators") or {}).items():
+        named = [
+            (f"{kind} {field_name}", figures["all"])
+            for kind in GENERATOR_KINDS
+            for field_name, figures in (generator.get(kind) or {}).items()
+        ]
+        if named:
+            paths.append(out / f"generator_{key}.png")
+            _bars(GENERATOR_NAMES.get(key, key), named).save(paths[-1])
+    captioner = report.get("captioner")
+    if captioner:
+        paths.append(out / "captioner.png")
+        _bars("captioner", [(probe, figures["all"]) for probe, figures in captioner.items()]).save(paths[-1])
+    return paths
+
+
+def write_examples(
+    pairs_by_probe: dict[str, list[MinimalPair]],
+    outcomes: dict[str, torch.Tensor],
+    resolution: int,
+    path: str | os.PathLike,
+    per_probe: int = 4,
+) -> Path:
+    """A grid of the first pairs of each probe (a row per probe), each labelled with its two captions and whether the
+    CLIP chose the right one."""
+    images, labels = [], []
+    probes = [p for p in pairs_by_probe if pairs_by_probe[p]]
+    for probe in probes:
+        chosen = pairs_by_probe[probe][:per_probe]
+        tiles = pair_images(chosen, resolution)
+        for i, pair in enumerate(chosen):
+            images.append(_to_pil(tiles[i]))
+            verdict = {1.0: "CLIP right", 0.0: "CLIP wrong", 0.5: "tie"}.get(float(outcomes[probe][i]), "")
+            labels.append(f"{verdict}: {pair.right} / not: {pair.wrong}")
+    grid = image_grid(images, rows=len(probes), cols=per_probe, labels=labels, min_tile=128, max_label_lines=4)
+    grid.save(path)
+    return Path(path)
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def write_report(report: dict, output_dir: str | os.PathLike, title: str = "clipcond probe") -> list[Path]:
+    """probes.json, probes.md and the figures; returns the paths written."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / JSON_NAME, report)
+    figures = write_figures(report, out)
+    markdown = [f"# {title}", "", markdown_tables(report)]
+    if figures:
+        markdown += ["Figures: " + ", ".join(f"[{p.name}]({p.name})" for p in figures)]
+    if (out / EXAMPLES_NAME).is_file():
+        markdown += ["", f"![example pairs]({EXAMPLES_NAME})"]
+    write_text_atomic(out / MARKDOWN_NAME, "\n".join(markdown) + "\n")
+    return [out / JSON_NAME, out / MARKDOWN_NAME, *figures]
