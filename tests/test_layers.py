@@ -36,6 +36,7 @@ COMMANDS = frozenset(
         "clipcond.export_stable_diffusion",
         "clipcond.generate",
         "clipcond.interpolate",
+        "clipcond.probe",
         "clipcond.search",
         "clipcond.vary",
     }

@@ -88,3 +88,19 @@ def test_image_grid_errors():
         image_grid([images[0], np.zeros((8, 8, 3))], 1, 2)
     with pytest.raises(ValueError, match="empty"):
         image_grid([], 1, 1)
+
+
+def test_interval_bars_show_value_interval_and_chance():
+    from clipcond.plots import interval_bars_image
+
+    image = interval_bars_image(["a", "b"], [1.0, None], [0.8, None], [1.0, None], chance=0.5, height=100)
+    pixels = np.asarray(image)
+    red = np.argwhere((pixels == (220, 30, 30)).all(axis=-1))
+    assert len(red) and np.ptp(red[:, 0]) <= 1  # one dashed line, across both bars' slots
+    chance_row = red[0, 0]
+    bar = np.argwhere((pixels == tuple(viridis(np.array(0.35)))).all(axis=-1))
+    top, bottom = bar[:, 0].min(), bar[:, 0].max()
+    assert abs((bottom - top) - 100) <= 1 and abs(chance_row - (top + 50)) <= 1  # value 1.0: the full height
+    assert bar[:, 1].max() < red[:, 1].max()  # the empty bar "b" has its chance line but no bar
+    with pytest.raises(ValueError, match="2 labels, 1 values"):
+        interval_bars_image(["a", "b"], [0.5], [0.4], [0.6])

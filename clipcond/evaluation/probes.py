@@ -59,9 +59,12 @@ PROBE_FIELD = {"count": "count", "relation": "relation", "binding": "pairs", "po
 # The prompts the generators are judged on, and the fields judged for each kind.
 GENERATOR_KINDS: dict[str, tuple[str, ...]] = {
     "count": ("count",),
-    "relation": ("count", "binding", "relation"),
-    "binding": ("count", "binding"),
+    "relation": ("count", "objects", "binding", "relation"),
+    "binding": ("count", "objects", "binding"),
 }
+# Chance of a generator field (`judge_reading`): one or two objects; one of the two bindings of two colours to two
+# shapes; one of four relations. "objects" has none a priori: its chance is the prompt-blind baseline's accuracy.
+GENERATOR_CHANCE = {"count": 0.5, "binding": 0.5, "relation": 0.25}
 
 # Canonical wording (the data's captions use these words among others; `read_caption` reads all of them).
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
@@ -324,7 +327,7 @@ def pairs_from_metadata(
     return pairs
 
 
-def _render(scenes: Sequence[Scene], resolution: int) -> torch.Tensor:
+def render_scenes(scenes: Sequence[Scene], resolution: int) -> torch.Tensor:
     """uint8 (N, 3, resolution, resolution) renders of `scenes`."""
     arrays = [np.asarray(render_scene(scene, resolution), dtype=np.uint8) for scene in scenes]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -414,8 +417,8 @@ def run_pair_probes(
 
 @dataclass
 class ReadObject:
-    """One object the reader found: the judge's colour, shape and outcome, its centre (x, y, fractions of the side,
-    y down) and the larger side of its bounding box (fraction of the image side)."""
+    """One object the reader found: the judge's colour, shape and outcome, the centre of its bounding box (x, y,
+    fractions of the side, y down) and the larger side of its bounding box (fraction of the image side)."""
 
     colour: str
     shape: str
@@ -509,7 +512,8 @@ def read_scenes(images: torch.Tensor, judge: AttributeJudge) -> list[SceneReadin
             canvas[keep] = pixels[keep]
             crops.append(torch.from_numpy(canvas).permute(2, 0, 1))
             ys, xs = np.nonzero(mask)
-            centre = ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h)
+            # The bounding box's centre, as the data places objects (a triangle's centroid sits lower).
+            centre = ((xs.min() + xs.max() + 1) / (2 * w), (ys.min() + ys.max() + 1) / (2 * h))
             side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / max(h, w)
             owners.append(i)
             geometry.append((centre, float(side)))
@@ -529,22 +533,33 @@ def read_scenes(images: torch.Tensor, judge: AttributeJudge) -> list[SceneReadin
     return readings
 
 
-def judge_reading(expected: CaptionFields, reading: SceneReading) -> dict[str, bool]:
-    """Whether an image's reading matches what a prompt asks for: "count" (as many objects), "binding" (the objects
-    are exactly the prompt's colour-shape pairs, each on its own object), and for a prompt with a relation,
-    "relation" (the objects bound right and in that relation), for a prompt with a position or a size, "position"
-    and "size" of its one object."""
+def judge_reading(expected: CaptionFields, reading: SceneReading) -> dict[str, bool | None]:
+    """Whether an image's reading matches what a prompt asks for, field by field (None: not judged on this image):
+
+    - "count": as many objects as the prompt names;
+    - "objects": the objects are exactly the prompt's colour-shape pairs, each recognisable;
+    - "binding" (two different pairs): among images that show the prompt's two colours and two shapes on two
+      objects, whether each colour sits on its shape (the only other way is the swap: chance 1/2);
+    - "relation": among images whose objects are right, whether they stand in the prompt's relation (chance 1/4);
+    - "position", "size": of a prompt's one object.
+    """
     wanted = sorted(f"{c} {s}" for c, s in expected.objects)
     got = sorted(obj.pair or "?" for obj in reading.objects)
-    verdict = {"count": reading.count == expected.count, "binding": got == wanted}
+    verdict: dict[str, bool | None] = {"count": reading.count == expected.count, "objects": got == wanted}
+    if expected.count == 2 and len(set(wanted)) == 2:
+        recognised = reading.count == 2 and all(obj.pair for obj in reading.objects)
+        same_words = recognised and all(
+            sorted(getattr(obj, attribute) for obj in reading.objects) == sorted(w[k] for w in expected.objects)
+            for k, attribute in ((0, "colour"), (1, "shape"))
+        )
+        verdict["binding"] = verdict["objects"] if same_words else None
     if expected.relation is not None:
-        ok = verdict["binding"] and expected.count == 2
-        if ok:
+        verdict["relation"] = None
+        if verdict["objects"] and expected.count == 2:
             first = f"{expected.objects[0][0]} {expected.objects[0][1]}"
             a = next(obj for obj in reading.objects if obj.pair == first)
             b = next(obj for obj in reading.objects if obj is not a)
-            ok = relation_between(a, b) == expected.relation
-        verdict["relation"] = ok
+            verdict["relation"] = relation_between(a, b) == expected.relation
     one = reading.objects[0] if reading.count == 1 else None
     if expected.position is not None:
         verdict["position"] = one is not None and one.position == expected.position
@@ -560,7 +575,10 @@ def reader_scorer(judge: AttributeJudge) -> Scorer:
     def score(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         readings = read_scenes(images, judge)
         return torch.tensor(
-            [float(all(judge_reading(read_caption(c), r).values())) for c, r in zip(captions, readings)]
+            [
+                float(all(v is not False for v in judge_reading(read_caption(c), r).values()))
+                for c, r in zip(captions, readings)
+            ]
         )
 
     return score
@@ -591,7 +609,7 @@ def judge_prompts(
     prompts: Sequence[Prompt], images: torch.Tensor, judge: AttributeJudge, per_prompt: int = 1
 ) -> dict[str, torch.Tensor]:
     """Per judged field (`GENERATOR_KINDS`), (len(prompts) * per_prompt,) floats, 1 where image i matches prompt
-    i // per_prompt in that field, NaN where the field is not judged for that prompt's kind."""
+    i // per_prompt in that field, NaN where the field is not judged (for that prompt's kind, or on that image)."""
     readings = read_scenes(images, judge)
     fields = sorted({f for kind_fields in GENERATOR_KINDS.values() for f in kind_fields})
     out = {f: torch.full((len(readings),), float("nan")) for f in fields}
@@ -599,12 +617,14 @@ def judge_prompts(
         prompt = prompts[i // per_prompt]
         verdict = judge_reading(read_caption(prompt.text), reading)
         for f in GENERATOR_KINDS[prompt.kind]:
-            out[f][i] = float(verdict[f])
+            if verdict.get(f) is not None:
+                out[f][i] = float(verdict[f])
     return out
 
 
 def _field_figures(prompts, verdicts, per_prompt: int, chance: dict | None) -> dict:
-    """{kind: {field: group_figures}} from `judge_prompts` output."""
+    """{kind: {field: group_figures}} from `judge_prompts` output, over the images where each field was judged;
+    chance from `GENERATOR_CHANCE`, and for "objects" the accuracy in `chance` (the baseline's figures)."""
     figures: dict = {}
     heldout = [p.heldout for p in prompts for _ in range(per_prompt)]
     kinds = [p.kind for p in prompts for _ in range(per_prompt)]
@@ -614,8 +634,11 @@ def _field_figures(prompts, verdicts, per_prompt: int, chance: dict | None) -> d
             continue
         figures[kind] = {}
         for f in fields:
-            level = None if chance is None else chance[kind][f]["all"]["accuracy"]
-            figures[kind][f] = group_figures(verdicts[f][rows], [h for h, r in zip(heldout, rows) if r], level)
+            level = GENERATOR_CHANCE.get(f)
+            if f == "objects":
+                level = None if chance is None else chance[kind][f]["all"]["accuracy"]
+            judged = rows & ~verdicts[f].isnan()
+            figures[kind][f] = group_figures(verdicts[f][judged], [h for h, r in zip(heldout, judged) if r], level)
     return figures
 
 
@@ -625,7 +648,7 @@ def reader_figures(
     """The scene reader on renders of the prompts' own scenes (its accuracy, the ceiling of every generator figure),
     and the prompt-blind baseline: renders of other prompts of the same kind (a seeded shuffle), read against the
     prompt; the baseline's accuracy is the chance level of a generator that draws the right kind of scene."""
-    images = _render([p.scene for p in prompts], resolution)
+    images = render_scenes([p.scene for p in prompts], resolution)
     accuracy = _field_figures(prompts, judge_prompts(prompts, images, judge), 1, None)
     order = list(range(len(prompts)))
     rng = random.Random(f"clipcond-probe/{seed}/baseline")
@@ -662,12 +685,21 @@ def captioner_figures(caption: Captioner, pairs_by_probe: dict[str, list[Minimal
         if not pairs:
             continue
         captions = caption(pair_images(pairs, resolution))
-        key = PROBE_FIELD[probe]
         hits = torch.tensor(
-            [
-                float(read_caption(text).as_dict()[key] == read_caption(p.right).as_dict()[key])
-                for text, p in zip(captions, pairs)
-            ]
+            [float(states_field(probe, read_caption(text), read_caption(p.right))) for text, p in zip(captions, pairs)]
         )
         figures[probe] = group_figures(hits, [p.heldout for p in pairs], chance=0.5)
     return figures
+
+
+def states_field(probe: str, said: CaptionFields, truth: CaptionFields) -> bool:
+    """Whether a caption's fields state the probed field as `truth` does. A relation counts in either order of the
+    objects ("a blue square left of a red circle" states "a red circle right of a blue square")."""
+    if probe != "relation":
+        key = PROBE_FIELD[probe]
+        return said.as_dict()[key] == truth.as_dict()[key]
+    if said.relation is None:
+        return False
+    if said.pairs == truth.pairs:
+        return said.relation == truth.relation
+    return said.pairs == truth.pairs[::-1] and said.relation == OPPOSITE_RELATION[truth.relation]

@@ -1,0 +1,68 @@
+"""`clipcond probe` in-process on the session's tiny runs: the report round-trips, errors name the flag."""
+
+import json
+
+import pytest
+
+from clipcond.evaluation.judge import judge_cache_path, save_judge
+from clipcond.evaluation.probes import GENERATOR_KINDS, PROBES
+from clipcond.probe import main
+
+
+@pytest.fixture
+def judge_cache_dir(judge, tmp_path):
+    """The session's judge, cached where the command looks for a judge of the default settings (training one with
+    the default budget would take a minute)."""
+    folder = tmp_path / "judges"
+    save_judge(judge, judge_cache_path(32, cache_dir=folder))
+    return folder
+
+
+def test_probe_round_trips(tiny_clip_run, shapes_data, pipeline_run, judge_cache_dir, tmp_path, capsys):
+    out = tmp_path / "probe"
+    args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(out), "--num-pairs", "6"]
+    generator = ["--model", str(pipeline_run), "--num-prompts", "1", "--images-per-prompt", "1"]
+    generator += ["--num-inference-steps", "2", "--judge-cache-dir", str(judge_cache_dir)]
+    assert main([*args, *generator]) == 0
+    assert "The plain CLIP recipe: binding" in capsys.readouterr().out
+
+    report = json.loads((out / "probes.json").read_text())
+    assert set(report["clip"]) == set(PROBES)
+    for figures in report["clip"].values():
+        assert figures["all"]["n"] == 12 and figures["seen"]["n"] == figures["heldout"]["n"] == 6
+        assert figures["all"]["chance"] == 0.5 and 0.0 <= figures["all"]["accuracy"] <= 1.0
+    sd = report["generators"]["stable_diffusion"]
+    assert {kind: set(fields) for kind, fields in sd.items()} == {k: set(v) for k, v in GENERATOR_KINDS.items()}
+    assert sd["count"]["count"]["all"]["n"] == 2  # one prompt per group, one image each
+    assert report["reader"]["accuracy"]["binding"]["binding"]["all"]["accuracy"] == 1.0
+    for name in ("probes.md", "examples.png", "generator_stable_diffusion.png", *(f"clip_{p}.png" for p in PROBES)):
+        assert (out / name).is_file(), name
+    md = (out / "probes.md").read_text()
+    assert "| held-out |" in md and "Stable Diffusion path" in md and "reader on renders" in md
+
+    # the same pairs from the data's own images (metadata fields) instead of renders
+    meta = tmp_path / "meta"
+    assert main([*args[:-3], str(meta), "--num-pairs", "6", "--source", "metadata"]) == 0
+    from_metadata = json.loads((meta / "probes.json").read_text())
+    assert from_metadata["settings"]["source"] == "metadata" and "binding" in from_metadata["clip"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--num-pairs", "0"], "`--num-pairs` must be >= 1, got 0"),
+        (["--prior", "p"], "`--prior` 'p' needs `--decoder`"),
+        (["--model", "/nonexistent/decoder"], "`--model` '/nonexistent/decoder' does not exist"),
+        (["--source", "metadata", "--split", "nope"], "`--split` 'nope'"),
+    ],
+)
+def test_errors_name_the_flag(tiny_clip_run, shapes_data, tmp_path, extra, message):
+    args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(tmp_path / "o"), *extra]
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[")):
+        main(args)
+
+
+def test_probe_refuses_other_data(tiny_clip_run, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match="`--data` .* is not the built-in shapes data"):
+        main(["--clip", str(tiny_clip_run), "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")])
