@@ -94,6 +94,9 @@ LATENT_RESOLUTION = 64
 # Images per prompt and guidance scale that the evaluations judge, by recipe: a GPU draws 4x as many in seconds,
 # which narrows the accuracies' confidence intervals by half.
 EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}
+# Minimal pairs per probe and group (seen, held-out) of the demo's CLIP probes (`clipcond probe`): five probes of
+# 2 x 100 pairs embed in seconds; the generator probes sample images and are left to `clipcond probe --model`.
+PROBE_PAIRS, PROBE_PAIRS_QUICK = 100, 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,6 +393,27 @@ def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
     write_figures(extras, clip_dir / "eval", split="test")
     write_json_atomic(metrics_path, finite_or_null(metrics))  # last: its presence marks the stage complete
     return metrics
+
+
+def _stage_probe(args: argparse.Namespace, info: dict, clip_dir: Path, probe_dir: Path) -> dict:
+    """The CLIP's compositional minimal pairs (`clipcond probe` without the generators: seconds); the figures with
+    their markdown tables for the demo's report."""
+    from clipcond.evaluation.probe_report import JSON_NAME, clip_probes, markdown_tables, write_report
+    from clipcond.evaluation.probes import PROBES, build_pairs
+    from clipcond.models.clip import load_clip
+
+    if (probe_dir / JSON_NAME).is_file():
+        report = json.loads((probe_dir / JSON_NAME).read_text())
+        return {**report, "markdown": markdown_tables(report, heading="###")}
+    num_pairs = PROBE_PAIRS_QUICK if args.quick else PROBE_PAIRS
+    held_out = info.get("held_out") or []
+    pairs = {probe: build_pairs(probe, num_pairs, held_out=held_out, seed=args.seed) for probe in PROBES}
+    report = {
+        "settings": {"clip": str(clip_dir), "num_pairs": num_pairs, "seed": args.seed, "held_out": held_out},
+        **clip_probes(load_clip(clip_dir, progress=False), pairs, int(info["resolution"]), probe_dir),
+    }
+    write_report(report, probe_dir, title="clipcond probe (demo)")
+    return {**report, "markdown": markdown_tables(report, heading="###")}
 
 
 def _stage_decoder(
@@ -710,6 +734,8 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     clip_summary = times.run("clip", lambda: _stage_clip(args, data_dir, clip_dir), complete=done)
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
+    done = (out / "probe" / "probes.json").is_file()
+    probe = times.run("probe", lambda: _stage_probe(args, info, clip_dir, out / "probe"), complete=done)
     done = RunRecord.exists(decoder_dir)
     decoder = times.run(
         "decoder",
@@ -730,6 +756,7 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     return {
         "clip": clip_summary,
         "clip_eval": clip_eval,
+        "probe": probe,
         "decoder": decoder,
         "samples": samples,
         "generation": generation,

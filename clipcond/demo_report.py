@@ -240,6 +240,21 @@ def _clip_lines(report: dict) -> list[str]:
     ]
 
 
+def _probe_lines(report: dict) -> list[str]:
+    """The "Compositional probes" section: the CLIP's minimal pairs (`clipcond probe`), when the stage ran."""
+    probe = report.get("probe")
+    if not probe:
+        return []
+    return [
+        "## Compositional probes (CLIP)",
+        "",
+        "`clipcond probe` without the generators; `clipcond probe --model decoder` adds the decoder's prompts. "
+        "Figures and example pairs: [probe/probes.md](probe/probes.md).",
+        "",
+        probe["markdown"],  # `clipcond.evaluation.probe_report.markdown_tables`, rendered by the stage
+    ]
+
+
 def _decoder_lines(report: dict) -> list[str]:
     """The "Decoder (text-to-image)" section: its training, its judged figures by guidance scale, the samples."""
     decoder, generation, samples = report["decoder"], report["generation"], report["samples"]
@@ -344,7 +359,7 @@ def _timing_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     """report.md: the data, the CLIP, the decoder, with `--dalle2` the DALL-E 2 path, and the time by stage."""
-    sections = (_intro_lines, _clip_lines, _decoder_lines, _dalle2_lines, _latent_lines, _timing_lines)
+    sections = (_intro_lines, _clip_lines, _probe_lines, _decoder_lines, _dalle2_lines, _latent_lines, _timing_lines)
     return "\n".join(line for section in sections for line in section(report))
 
 

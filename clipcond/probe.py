@@ -18,7 +18,6 @@ import os
 import time
 from pathlib import Path
 
-from clipcond.data.open import add_allow_outside_paths
 from clipcond.finite import finite_float
 from clipcond.storage import check_output_dir
 
@@ -87,11 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the attribute judge is cached")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-clip-mismatch", action="store_true", help="pair a prior and decoder of other CLIPs")
-    add_allow_outside_paths(parser)
     args = parser.parse_args(argv)
     for name in ("num_pairs", "num_prompts", "images_per_prompt", "num_inference_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    for name in ("guidance_scale", "prior_guidance_scale"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1 (1: no guidance), got {getattr(args, name)}")
     if (args.prior is None) != (args.decoder is None):
         given, missing = ("--prior", "--decoder") if args.decoder is None else ("--decoder", "--prior")
         raise ValueError(f"`{given}` {getattr(args, given[2:])!r} needs `{missing}` too (the DALL-E 2 path is both)")
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipcond.device import resolve_device
     from clipcond.evaluation import probes
-    from clipcond.evaluation.probe_report import EXAMPLES_NAME, write_examples, write_report
+    from clipcond.evaluation.probe_report import clip_probes, clip_verdict, write_report
     from clipcond.evaluation.sampling import draw_prompts
     from clipcond.models.clip import load_clip
 
@@ -183,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(objects with colour, shape, size, position; relation)"
             )
     clip_run = load_clip(args.clip, device=device, progress=False, what="--clip")
-    clip_figures, outcomes = probes.run_pair_probes(probes.clip_scorer(clip_run), pairs, resolution)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_examples(pairs, outcomes, resolution, output_dir / EXAMPLES_NAME)
     report = {
         "settings": {
             "clip": str(args.clip),
@@ -196,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "held_out": held_out,
         },
-        "examples": {p: [ps[0].right, ps[0].wrong] for p, ps in pairs.items() if ps},
-        "clip": clip_figures,
+        **clip_probes(clip_run, pairs, resolution, output_dir),
         "notes": [
             "The captioner probe (`captioner_figures` in clipcond.evaluation.probes) takes a caption(images) "
             "callable; no captioner is wired to this command yet."
@@ -243,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     report["seconds"] = time.perf_counter() - start
     write_report(report, output_dir)
-    from clipcond.evaluation.probe_report import clip_verdict
-
-    print(clip_verdict(clip_figures) or "no binding or relation pairs")
+    print(clip_verdict(report["clip"]) or "no binding or relation pairs")
     print(f"wrote {output_dir / 'probes.md'} in {report['seconds']:.1f} s")
     return 0
 

@@ -32,7 +32,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert json.loads(printed[-2])["report"] == str(out / "report.md")
     assert str(out / "report.md") in printed[-1]
     assert report["quick"] is True
-    stages = {"startup", "data", "clip", "clip_eval", "decoder", "samples", "generation_eval"}  # startup: imports
+    stages = {"startup", "data", "clip", "clip_eval", "probe", "decoder", "samples", "generation_eval"}  # + imports
     assert set(report["seconds"]) == stages and set(report["timings"]) == stages
     assert all(t["wall"] >= 0 and t["cpu"] >= 0 for t in report["timings"].values())
     assert not report["timings"]["startup"]["reused"]  # a fresh demo counts its imports too
@@ -41,6 +41,11 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert report["decoder"]["steps"] == 4 and report["decoder"]["model"] == "test"
     assert report["clip"]["mixed_precision"] == "bf16" == report["decoder"]["mixed_precision"]  # the demo's default
     assert (out / "clip" / "eval" / "confusion_matrix.png").is_file()
+    # the CLIP's minimal-pair probes: their report folder and a section of the demo's report
+    probe = json.loads((out / "probe" / "probes.json").read_text())
+    assert set(probe["clip"]) == {"count", "relation", "binding", "position", "size"}
+    assert probe["clip"]["binding"]["all"]["n"] == 8 and report["probe"]["clip"] == probe["clip"]
+    assert "## Compositional probes (CLIP)" in (out / "report.md").read_text()
 
     # samples: every colour-shape prompt (held-out ones included), as `clipcond generate` writes them
     prompts = [f"a {name}" for name in class_names(json.loads((out / "data" / "dataset_info.json").read_text()))]

@@ -16,7 +16,7 @@ from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE as DEFAULT
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
-DEFAULT_STAGES = {"startup", "data", "clip", "clip_eval", "decoder", "samples", "generation_eval"}
+DEFAULT_STAGES = {"startup", "data", "clip", "clip_eval", "probe", "decoder", "samples", "generation_eval"}
 DALLE2_STAGES = {"prior", "unclip_decoder", "unclip_eval"}
 PATHS = {"stable_diffusion_text_to_image", "dalle2_text_to_image", "dalle2_variations"}
 

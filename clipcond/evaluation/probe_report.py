@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from clipcond.evaluation.probes import GENERATOR_KINDS, PROBE_FIELD, MinimalPair, pair_images
+from clipcond.evaluation.probes import (
+    GENERATOR_KINDS,
+    PROBE_FIELD,
+    MinimalPair,
+    clip_scorer,
+    pair_images,
+    run_pair_probes,
+)
 from clipcond.plots import image_grid, interval_bars_image
 from clipcond.storage import write_json_atomic, write_text_atomic
 
@@ -174,6 +181,16 @@ def write_examples(
     return Path(path)
 
 
+def clip_probes(clip_run, pairs_by_probe: dict[str, list[MinimalPair]], resolution: int, output_dir) -> dict:
+    """The CLIP's choices on the minimal pairs: {"examples": a pair of captions per probe, "clip": the figures per
+    probe (`run_pair_probes`)}, with the example grid written to OUTPUT_DIR/examples.png."""
+    figures, outcomes = run_pair_probes(clip_scorer(clip_run), pairs_by_probe, resolution)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_examples(pairs_by_probe, outcomes, resolution, Path(output_dir) / EXAMPLES_NAME)
+    examples = {probe: [pairs[0].right, pairs[0].wrong] for probe, pairs in pairs_by_probe.items() if pairs}
+    return {"examples": examples, "clip": figures}
+
+
 def _to_pil(image: torch.Tensor):
     from PIL import Image
 
@@ -181,10 +198,10 @@ def _to_pil(image: torch.Tensor):
 
 
 def write_report(report: dict, output_dir: str | os.PathLike, title: str = "clipcond probe") -> list[Path]:
-    """probes.json, probes.md and the figures; returns the paths written."""
+    """probes.json, probes.md and the figures; returns the paths written. probes.json is written last: its presence
+    marks a complete report."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / JSON_NAME, report)
     figures = write_figures(report, out)
     markdown = [f"# {title}", "", markdown_tables(report)]
     if figures:
@@ -192,4 +209,5 @@ def write_report(report: dict, output_dir: str | os.PathLike, title: str = "clip
     if (out / EXAMPLES_NAME).is_file():
         markdown += ["", f"![example pairs]({EXAMPLES_NAME})"]
     write_text_atomic(out / MARKDOWN_NAME, "\n".join(markdown) + "\n")
+    write_json_atomic(out / JSON_NAME, report)
     return [out / JSON_NAME, out / MARKDOWN_NAME, *figures]
