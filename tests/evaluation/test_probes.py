@@ -178,3 +178,17 @@ def test_generator_figures_tell_a_perfect_generator_from_a_blind_one(judge):
                 assert blank[kind][field]["all"]["accuracy"] == 0.0 and blank[kind][field]["all"]["n"] == 16
             else:  # binding and relation are judged only where the colours and shapes (or the objects) are right
                 assert blank[kind][field]["all"]["n"] == 0
+
+
+def test_a_caption_states_a_relation_in_either_order_and_metadata_rows_need_the_fields():
+    truth = probes.read_caption("a red circle right of a blue square")
+    assert probes.states_field("relation", probes.read_caption("a blue square to the left of a red circle"), truth)
+    assert not probes.states_field("relation", probes.read_caption("a blue square right of a red circle"), truth)
+    assert not probes.states_field("relation", probes.read_caption("a red circle and a blue square"), truth)
+    assert probes.states_field("binding", probes.read_caption("a blue square and a red circle"), truth)
+    row = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "position": "left"}], "relation": None}
+    assert probes.scene_from_record(row).kind == "single"
+    assert probes.scene_from_record({"text": "a red circle"}) is None
+    assert probes.scene_from_record({**row, "objects": [{"colour": "pink", "shape": "circle"}]}) is None
+    two = [row["objects"][0], {"colour": "blue", "shape": "square", "size": "small", "position": "right"}]
+    assert probes.scene_from_record({"objects": two, "relation": None}) is None  # two different objects, no relation
