@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from clipcond.evaluation.arguments import check_at_least
 from clipcond.finite import finite_float
 from clipcond.storage import check_output_dir
 
@@ -87,12 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-clip-mismatch", action="store_true", help="pair a prior and decoder of other CLIPs")
     args = parser.parse_args(argv)
-    for name in ("num_pairs", "num_prompts", "images_per_prompt", "num_inference_steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    for name in ("guidance_scale", "prior_guidance_scale"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1 (1: no guidance), got {getattr(args, name)}")
+    counts = ("num_pairs", "num_prompts", "images_per_prompt", "num_inference_steps", "prior_num_inference_steps")
+    check_at_least(args, 1, *counts, "batch_size")
+    check_at_least(args, 1, "prior_guidance_scale", note=" (1: no guidance)")
+    if args.guidance_scale is not None:
+        check_at_least(args, 1, "guidance_scale", note=" (1: no guidance)")
     if (args.prior is None) != (args.decoder is None):
         given, missing = ("--prior", "--decoder") if args.decoder is None else ("--decoder", "--prior")
         raise ValueError(f"`{given}` {getattr(args, given[2:])!r} needs `{missing}` too (the DALL-E 2 path is both)")
