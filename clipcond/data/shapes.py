@@ -93,21 +93,23 @@ MIN_RESOLUTION = 16
 
 # Caption vocabulary. Colour and shape words are always the canonical names; only these other words vary.
 _PREFIXES = ("", "", "", "a picture of ", "an image showing ", "a drawing of ", "a photo of ")
-_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-_POSITION_PHRASES = {
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+POSITION_PHRASES = {
     "left": ("on the left", "on the left side"),
     "right": ("on the right", "on the right side"),
     "top": ("at the top", "near the top"),
     "bottom": ("at the bottom", "near the bottom"),
     "centre": ("in the centre", "in the middle"),
 }
-_RELATION_PHRASES = {
+RELATION_PHRASES = {
     "left of": ("left of", "to the left of", "on the left of"),
     "right of": ("right of", "to the right of", "on the right of"),
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
 }
-_TWO_WORDS = ("two", "a pair of")
+TWO_WORDS = ("two", "a pair of")
+# How a count caption may end: where the two objects are, without naming a relation between them
+SIDE_BY_SIDE, ONE_ABOVE_THE_OTHER = "side by side", "one above the other"
 
 DATASET_NAME = "clipcond-shapes"  # dataset_info.json's "name": tells the shapes data from other data sets
 
@@ -220,15 +222,16 @@ def render_scene(objects: Sequence[ShapeObject] | Scene, resolution: int = 32) -
 # ---------------------------------------------------------------- captions
 
 
-def _article(next_word: str) -> str:
+def article(next_word: str) -> str:
+    """The indefinite article before `next_word`: "an" before a vowel, else "a"."""
     return "an" if next_word[0] in "aeiou" else "a"
 
 
 def _noun_phrase(obj: ShapeObject, rng: random.Random, with_size: bool) -> str:
     words = [obj.colour, obj.shape]
     if with_size:
-        words.insert(0, rng.choice(_SIZE_WORDS[obj.size]))
-    determiner = "one" if rng.random() < 0.15 else _article(words[0])
+        words.insert(0, rng.choice(SIZE_WORDS[obj.size]))
+    determiner = "one" if rng.random() < 0.15 else article(words[0])
     return " ".join([determiner, *words])
 
 
@@ -242,7 +245,7 @@ def caption_scene(scene: Scene, rng: random.Random) -> str:
     kind = scene.kind
     if kind == "single":
         (obj,) = scene.objects
-        where = rng.choice(_POSITION_PHRASES[obj.position])
+        where = rng.choice(POSITION_PHRASES[obj.position])
         template = rng.randrange(5)
         noun = _noun_phrase(obj, rng, with_size=template in (0, 2, 4))
         if template in (0, 1):
@@ -252,20 +255,20 @@ def caption_scene(scene: Scene, rng: random.Random) -> str:
         return f"{where}, {noun}"
     if kind == "relation":
         a, b = scene.objects
-        phrase = rng.choice(_RELATION_PHRASES[scene.relation])
+        phrase = rng.choice(RELATION_PHRASES[scene.relation])
         na = _noun_phrase(a, rng, with_size=rng.random() < 0.3)
         nb = _noun_phrase(b, rng, with_size=rng.random() < 0.3)
         return f"{prefix}{na} {phrase} {nb}"
     # count: two of the same colour and shape
     a, b = scene.objects
-    words = [rng.choice(_TWO_WORDS)]
+    words = [rng.choice(TWO_WORDS)]
     if a.size == b.size and rng.random() < 0.3:
-        words.append(rng.choice(_SIZE_WORDS[a.size]))
+        words.append(rng.choice(SIZE_WORDS[a.size]))
     words += [a.colour, a.shape + "s"]
     caption = prefix + " ".join(words)
     if rng.random() < 0.4:
         side_by_side = {a.position, b.position} == {"left", "right"}
-        caption += " side by side" if side_by_side else ", one above the other"
+        caption += f" {SIDE_BY_SIDE}" if side_by_side else f", {ONE_ABOVE_THE_OTHER}"
     return caption
 
 
