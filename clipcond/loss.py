@@ -15,7 +15,8 @@ Distributed training: when ``torch.distributed`` is initialised with a world siz
 features of all processes *with gradient* and computes the loss of its own rows against the global batch. The
 backward of the gather sums, on each process, the gradients that all processes computed for its rows, so after DDP
 averages the parameter gradients over processes, training matches one process on the global batch (the mean of the
-per-process losses equals the single-process loss). Every process must have the same local batch size.
+per-process losses equals the single-process loss). Every process must have the same local batch size; the hard
+negatives of `ClipLoss` (below) may number differently on each.
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ def all_gather_features(features: torch.Tensor, rank: int, world_size: int, with
     return torch.cat(chunks, dim=0)
 
 
+def all_gather_rows(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
+    """`all_gather_features` for ``(n_r, d)`` features whose row count ``n_r`` differs between processes: the
+    ``(sum_r n_r, d)`` rows of all processes, rank-major. Each process's rows are padded to the largest count for
+    the gather and the padding dropped after it (the counts are exchanged first: one small collective and a wait
+    for it on the host)."""
+    if world_size == 1:
+        return features
+    count = torch.tensor([features.shape[0]], device=features.device, dtype=torch.long)
+    counts = [torch.empty_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    if most == 0:  # every process agrees: nothing to gather
+        return features
+    padded = F.pad(features, (0, 0, 0, most - features.shape[0]))  # (most, d)
+    gathered = all_gather_features(padded, rank, world_size, with_grad)  # (world_size * most, d)
+    return torch.cat([gathered[r * most : r * most + n] for r, n in enumerate(counts)])
+
+
 def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
         raise ValueError(
@@ -105,6 +125,14 @@ class ClipLoss(nn.Module):
     """Symmetric InfoNCE loss of CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural
     Language Supervision", fig. 3): the mean of the image->text and text->image cross-entropies over the scaled
     cosine-similarity matrix, whose diagonal holds the matching pairs.
+
+    Hard negatives (NegCLIP: Yuksekgonul et al., "When and Why Vision-Language Models Behave like Bags-of-Words, and
+    What to Do About It?", ICLR 2023, sec. 4): ``forward``'s ``negative_features`` are ``h`` more texts that match
+    no image (captions with attributes or relations swapped, `clipcond.data.hard_negatives`). They join the columns
+    of the image->text logits, ``(b, b + h)``, so each image must score its caption above them as well; the
+    text->image term stays over the ``b`` real captions. In a multi-process run every process gathers all
+    processes' negatives, as it gathers the captions (with gradient when ``gather_with_grad``), and ``h`` may
+    differ between processes. Without negatives (None) the loss is the plain one, computed as before.
 
     Args:
         local_loss: in a multi-process run, each process scores only its own ``b`` images (texts) against the
@@ -136,25 +164,39 @@ class ClipLoss(nn.Module):
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
     def get_logits(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        scale: torch.Tensor,
+        negative_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled similarities of L2-normalised ``(b, d)`` features; ``scale`` is the multiplier (already exp'd).
+        """Scaled similarities of L2-normalised ``(b, d)`` features; ``scale`` is the multiplier (already exp'd);
+        ``negative_features``: L2-normalised ``(h, d)`` hard negatives or None.
 
         Returns ``(logits_per_image, logits_per_text)``: ``(b, b)`` each in one process; ``(b, B)`` each with
-        ``local_loss`` in a multi-process run (own rows against all columns); ``(B, B)`` each otherwise.
+        ``local_loss`` in a multi-process run (own rows against all columns); ``(B, B)`` each otherwise. With
+        negatives, ``logits_per_image`` has their ``H`` (all processes' ``h``) columns after the captions' ones.
         """
         rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
         if world_size == 1:
-            logits_per_image = scale * image_features @ text_features.T  # (b, b)
-            return logits_per_image, logits_per_image.T
+            if negative_features is None:
+                logits_per_image = scale * image_features @ text_features.T  # (b, b)
+                return logits_per_image, logits_per_image.T
+            columns = torch.cat([text_features, negative_features])  # (b + h, d)
+            logits_per_image = scale * image_features @ columns.T  # (b, b + h)
+            return logits_per_image, logits_per_image[:, : text_features.shape[0]].T
         all_image = all_gather_features(image_features, rank, world_size, self.gather_with_grad)  # (B, d)
         all_text = all_gather_features(text_features, rank, world_size, self.gather_with_grad)  # (B, d)
+        columns = all_text
+        if negative_features is not None:
+            all_negatives = all_gather_rows(negative_features, rank, world_size, self.gather_with_grad)  # (H, d)
+            columns = torch.cat([all_text, all_negatives])  # (B + H, d)
         if self.local_loss:
-            logits_per_image = scale * image_features @ all_text.T  # (b, B)
+            logits_per_image = scale * image_features @ columns.T  # (b, B + H)
             logits_per_text = scale * text_features @ all_image.T  # (b, B)
             return logits_per_image, logits_per_text
-        logits_per_image = scale * all_image @ all_text.T  # (B, B)
-        return logits_per_image, logits_per_image.T
+        logits_per_image = scale * all_image @ columns.T  # (B, B + H)
+        return logits_per_image, logits_per_image[:, : all_text.shape[0]].T
 
     def get_ground_truth(self, device: torch.device, num_rows: int, offset: int = 0) -> torch.Tensor:
         """Class index of each logits row: ``offset + arange(num_rows)`` (LongTensor), cached per device and size."""
@@ -169,19 +211,32 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
         output_dict: bool = False,
+        negative_features: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
 
         ``image_features``, ``text_features``: ``(b, d)`` projected embeddings, row ``i`` of one matching row ``i``
         of the other; they are L2-normalised here (already normalised inputs are fine). ``logit_scale``: log of the
         inverse temperature (a 0-dim parameter such as ``CLIPModel.logit_scale``, or a float).
+        ``negative_features``: ``(h, d)`` embeddings of hard-negative texts (``h`` may be 0), or None for none; in
+        a multi-process run pass a tensor (or None) on every process alike, as they gather together.
         """
         _check_features(image_features, text_features)
         image_features = F.normalize(image_features, dim=-1)
         text_features = F.normalize(text_features, dim=-1)
+        if negative_features is not None:
+            if negative_features.ndim != 2 or negative_features.shape[1] != text_features.shape[1]:
+                raise ValueError(
+                    f"negative_features must have shape (num_negatives, {text_features.shape[1]}) like the texts, "
+                    f"got {tuple(negative_features.shape)}"
+                )
+            negative_features = F.normalize(negative_features, dim=-1)
+            rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
+            if world_size == 1 and negative_features.shape[0] == 0:
+                negative_features = None  # no columns to add: the plain loss, computed as without negatives
         scale = _scale(logit_scale, self.max_logit_scale, image_features)
 
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, scale)
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, scale, negative_features)
         rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
         offset = rank * image_features.shape[0] if world_size > 1 and self.local_loss else 0
         labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from distributed_utils import run_in_processes
 
 from clipcond.loss import (
@@ -12,6 +13,7 @@ from clipcond.loss import (
     ClipLoss,
     SigLipLoss,
     all_gather_features,
+    all_gather_rows,
     create_loss,
 )
 
@@ -34,6 +36,15 @@ def _reference_clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: f
     sim = _scaled_cosines(image, text, logit_scale)  # sim[i][j]: image i, text j
     n = len(sim)
     image_to_text = sum(math.log(sum(math.exp(sim[i][j]) for j in range(n))) - sim[i][i] for i in range(n)) / n
+    text_to_image = sum(math.log(sum(math.exp(sim[i][j]) for i in range(n))) - sim[j][j] for j in range(n)) / n
+    return (image_to_text + text_to_image) / 2
+
+
+def _reference_negclip_loss(image, text, negatives, logit_scale: float) -> float:
+    """NegCLIP written out: image i's softmax runs over the n captions and the negatives; text j's over the images."""
+    sim = _scaled_cosines(image, torch.cat([text, negatives]), logit_scale)  # sim[i][j]: image i, text or negative j
+    n, columns = len(sim), len(sim[0])
+    image_to_text = sum(math.log(sum(math.exp(sim[i][j]) for j in range(columns))) - sim[i][i] for i in range(n)) / n
     text_to_image = sum(math.log(sum(math.exp(sim[i][j]) for i in range(n))) - sim[j][j] for j in range(n)) / n
     return (image_to_text + text_to_image) / 2
 
@@ -115,6 +126,51 @@ def test_logit_scale_clamped_at_ln_100(loss_name):
     assert below_grad != 0.0
 
 
+def test_clip_loss_without_negatives_is_the_plain_loss():
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+
+    def loss_and_grads(**negatives):
+        x, y = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+        loss = ClipLoss()(x, y, torch.tensor(1.5), **negatives)
+        loss.backward()
+        return loss.detach(), x.grad, y.grad
+
+    plain = loss_and_grads()
+    for negatives in ({"negative_features": None}, {"negative_features": torch.zeros(0, 8)}):
+        for got, expected in zip(loss_and_grads(**negatives), plain, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_clip_loss_with_negatives_matches_loops_and_trains_the_negatives():
+    g = torch.Generator().manual_seed(2)
+    image, text, negatives = (torch.randn(n, 8, generator=g) for n in (5, 5, 3))
+    x, y, z = (t.clone().requires_grad_(True) for t in (image, text, negatives))
+    loss = ClipLoss()(x, y, torch.tensor(1.2), negative_features=z)
+    assert loss.item() == pytest.approx(_reference_negclip_loss(image, text, negatives, 1.2), abs=1e-5)
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # the negatives' text features are trained
+    with pytest.raises(ValueError, match=r"negative_features must have shape \(num_negatives, 8\).*\(3, 4\)"):
+        ClipLoss()(image, text, 1.0, negative_features=torch.zeros(3, 4))
+
+
+def test_a_negative_equal_to_the_caption_raises_the_image_to_text_term_by_its_share():
+    """A negative that is a copy of caption 0 adds exp(s_i0) once more to every image i's softmax denominator Z_i
+    (image 0's positive score among them): the image->text term grows by sum_i log(1 + exp(s_i0) / Z_i) / b and the
+    text->image term not at all, so the loss grows by half of that. A negative opposite to the images adds less."""
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    loss = ClipLoss()
+    plain = loss(image, text, 2.0)
+    copy = loss(image, text, 2.0, negative_features=text[:1].clone())
+    logits = math.exp(2.0) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T  # (4, 4)
+    shares = logits[:, 0].exp() / logits.exp().sum(dim=1)  # (4,): exp(s_i0) / Z_i
+    assert (copy - plain).item() == pytest.approx(shares.log1p().mean().item() / 2, rel=1e-4)
+    assert copy > plain
+    far = loss(image, text, 2.0, negative_features=-image.sum(0, keepdim=True))
+    assert far - plain < copy - plain
+
+
 def test_clip_labels_cached_per_device_and_size():
     loss_fn = ClipLoss()
     labels = loss_fn.get_ground_truth(torch.device("cpu"), 4)
@@ -154,38 +210,51 @@ def test_create_loss_and_argument_errors():
 
 GLOBAL_BATCH, DIM, WORLD_SIZE = 8, 16, 2
 LOSS_CONFIGS = {
-    # name: (factory name, kwargs, logit_scale, logit_bias or None)
-    "clip": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None),
-    "clip_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None),
-    "clip_gather_without_grad": ("clip", {"gather_with_grad": False}, CLIP_LOGIT_SCALE_INIT, None),
-    "siglip": ("siglip", {}, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT),
+    # name: (factory name, kwargs, logit_scale, logit_bias or None, with hard negatives)
+    "clip": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None, False),
+    "clip_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, False),
+    "clip_gather_without_grad": ("clip", {"gather_with_grad": False}, CLIP_LOGIT_SCALE_INIT, None, False),
+    "siglip": ("siglip", {}, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, False),
+    "clip_negatives": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None, True),
+    "clip_negatives_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, True),
 }
+# The rows of the global batch that have a hard negative: 3 on rank 0, 1 on rank 1 (the counts differ)
+NEGATIVE_ROWS = [0, 1, 2, 5]
 
 
-def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     image = torch.randn(GLOBAL_BATCH, DIM, generator=g)
     text = image + 0.8 * torch.randn(GLOBAL_BATCH, DIM, generator=g)  # related pairs, so the loss is not trivial
-    return image, text
+    negatives = text[NEGATIVE_ROWS] + 0.5 * torch.randn(len(NEGATIVE_ROWS), DIM, generator=g)  # near their captions
+    return image, text, negatives
 
 
-def _loss_and_grads(config: str, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-    name, kwargs, scale_value, bias_value = LOSS_CONFIGS[config]
+def _loss_and_grads(
+    config: str, image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    name, kwargs, scale_value, bias_value, with_negatives = LOSS_CONFIGS[config]
     image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    negatives = negatives.clone().requires_grad_(True)
     logit_scale = torch.tensor(scale_value, requires_grad=True)
     bias = () if bias_value is None else (torch.tensor(bias_value, requires_grad=True),)
-    loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias)
+    extra = {"negative_features": negatives} if with_negatives else {}
+    loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias, **extra)
     loss.backward()
     out = {"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad, "scale_grad": logit_scale.grad}
     if bias:
         out["bias_grad"] = bias[0].grad
+    if with_negatives:
+        out["negative_grad"] = negatives.grad
     return out
 
 
 def _worker(rank: int, world_size: int) -> dict:
-    image, text = _global_batch()
-    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
-    results = {config: _loss_and_grads(config, image[rows], text[rows]) for config in LOSS_CONFIGS}
+    image, text, negatives = _global_batch()
+    local = GLOBAL_BATCH // world_size
+    rows = slice(rank * local, (rank + 1) * local)
+    own = [k for k, row in enumerate(NEGATIVE_ROWS) if rank * local <= row < (rank + 1) * local]
+    results = {config: _loss_and_grads(config, image[rows], text[rows], negatives[own]) for config in LOSS_CONFIGS}
 
     # all_gather's backward: rank r's loss is (r + 1) * sum_k (k + 1) * gathered_k, so the gradient on rank r's
     # input is (r + 1) * 3 if the backward sums the ranks' gradients, (r + 1) ** 2 if it kept only the local one.
@@ -194,6 +263,12 @@ def _worker(rank: int, world_size: int) -> dict:
         gathered = all_gather_features(x, rank, world_size, with_grad=with_grad).chunk(world_size)
         ((rank + 1) * sum((k + 1) * chunk.sum() for k, chunk in enumerate(gathered))).backward()
         results[f"all_gather_with_grad={with_grad}"] = {"value": torch.cat(gathered).detach(), "grad": x.grad}
+    # rows of different counts (rank r holds r + 1 rows of value r + 1; none when every process has none)
+    y = torch.full((rank + 1, 3), float(rank + 1), requires_grad=True)
+    gathered = all_gather_rows(y, rank, world_size)
+    (gathered * torch.arange(1, gathered.shape[0] + 1).unsqueeze(1)).sum().backward()
+    empty = all_gather_rows(torch.zeros(0, 3), rank, world_size)
+    results["all_gather_rows"] = {"value": gathered.detach(), "grad": y.grad, "empty": torch.tensor(empty.shape)}
     return results
 
 
@@ -210,7 +285,19 @@ def test_all_gather_backward_sums_gradients_over_ranks(two_process_results):
         torch.testing.assert_close(without_grad["grad"], torch.full((2, 3), float((rank + 1) ** 2)))
 
 
-@pytest.mark.parametrize("config", ["clip", "clip_global_logits", "siglip"])
+def test_all_gather_rows_takes_different_counts(two_process_results):
+    for rank, result in enumerate(two_process_results):
+        gathered = result["all_gather_rows"]
+        torch.testing.assert_close(gathered["value"], torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3]))
+        # each row's weight is its place 1..3 in the gathered rows; the backward sums the 2 processes' gradients
+        places = torch.arange(1.0, 2.0) if rank == 0 else torch.arange(2.0, 4.0)
+        torch.testing.assert_close(gathered["grad"], 2 * places.unsqueeze(1).expand(-1, 3))
+        assert gathered["empty"].tolist() == [0, 3]
+
+
+@pytest.mark.parametrize(
+    "config", ["clip", "clip_global_logits", "siglip", "clip_negatives", "clip_negatives_global_logits"]
+)
 def test_two_processes_match_one(two_process_results, config):
     reference = _loss_and_grads(config, *_global_batch())
     per_rank = [result[config] for result in two_process_results]
@@ -218,7 +305,9 @@ def test_two_processes_match_one(two_process_results, config):
     # (a) the mean of the per-process losses is the loss on the whole batch
     torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), reference["loss"], **tol)
     # (b) feature gradients, divided by the world size as DDP's gradient averaging does, are the global rows'
-    for key in ("image_grad", "text_grad"):
+    for key in (
+        ("image_grad", "text_grad", "negative_grad") if LOSS_CONFIGS[config][4] else ("image_grad", "text_grad")
+    ):
         torch.testing.assert_close(torch.cat([r[key] for r in per_rank]) / WORLD_SIZE, reference[key], **tol)
     # (c) each process has its own copy of logit_scale (and logit_bias): DDP averages their gradients
     for key in ("scale_grad", "bias_grad") if config == "siglip" else ("scale_grad",):
