@@ -24,6 +24,8 @@ from transformers import CLIPModel
 
 from clipcond.data.augment import grayscale_where
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
+from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
+from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
 from clipcond.data.open import (
     add_data_arguments,
     dataset_options,
@@ -123,6 +125,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss", default="clip", choices=["clip", "siglip"], help="symmetric InfoNCE or the sigmoid loss"
     )
     model.add_argument(
+        "--hard-negatives",
+        default="none",
+        metavar="KINDS",
+        help="NegCLIP's hard negatives (Yuksekgonul et al. 2023): for each image, one caption with a swap that no "
+        "longer describes it joins the batch as an extra negative text of the image->text loss; a comma list of "
+        f"{', '.join(HARD_NEGATIVE_KINDS)} (binding: colours or shapes of the two objects exchanged; left of <-> right "
+        "of, above <-> below, or the noun phrases exchanged; two <-> one; on the left <-> on the right), made from "
+        "the shapes data's metadata rows or from the caption's words; 'none' (default) for the plain recipe; "
+        "--loss clip only",
+    )
+    model.add_argument(
         "--attn-implementation",
         default=None,
         choices=ATTN_IMPLEMENTATIONS,
@@ -142,6 +155,13 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--image-cache-mb` must be >= 0, got {args.image_cache_mb}")
     if not 0.0 <= args.grayscale_prob <= 1.0:
         raise ValueError(f"`--grayscale-prob` must be in [0, 1], got {args.grayscale_prob}")
+    if isinstance(args.hard_negatives, str):  # a list already when checked a second time
+        args.hard_negatives = list(parse_kinds(args.hard_negatives, "--hard-negatives"))
+    if args.hard_negatives and args.loss != "clip":
+        raise ValueError(
+            f"`--hard-negatives` {','.join(args.hard_negatives)!r} needs `--loss clip` (NegCLIP's softmax over the "
+            f"texts), got `--loss {args.loss}`; drop one of them"
+        )
 
 
 class ContrastiveModel(nn.Module):
@@ -160,18 +180,25 @@ class ContrastiveModel(nn.Module):
 
 class CaptionTokens:
     """The collate function of CLIP training: `collate_image_text`'s batch plus its captions' `input_ids` and
-    `attention_mask` (B, context), padded to the context and truncated as the model reads them.
+    `attention_mask` (B, context), padded to the context and truncated as the model reads them; with
+    `hard_negatives`, also every hard-negative candidate of the batch's captions (`negatives`, a
+    `NegativeCandidates`) and their tokens (`negative_input_ids`, `negative_attention_mask`: (N, context)), from
+    which the stage picks one per caption with its generator.
 
     Captions are tokenised per batch, in the loader's workers, rather than all at once before training: the token
     table of a data set of many captions (2 x 8 bytes per position) never has to be held. Each caption is padded on
     its own to the context, so its tokens do not depend on the batch it is in: the same as tokenising up front.
     """
 
-    def __init__(self, tokenizer, context_length: int):
+    def __init__(self, tokenizer, context_length: int, hard_negatives: HardNegatives | None = None):
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.hard_negatives = hard_negatives
 
     def tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if not captions:
+            empty = torch.zeros(0, self.context_length, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
         out = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )
@@ -180,6 +207,14 @@ class CaptionTokens:
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate_image_text(samples)
         batch.update(self.tokens(batch["text"]))
+        if self.hard_negatives is not None:
+            negatives = self.hard_negatives.candidates(samples)
+            tokens = self.tokens(negatives.captions)
+            batch.update(
+                negatives=negatives,
+                negative_input_ids=tokens["input_ids"],
+                negative_attention_mask=tokens["attention_mask"],
+            )
         return batch
 
 
@@ -218,13 +253,32 @@ class ClipStage(Stage):
     def loss(self, batch, generator):
         device = self.accelerator.device
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, context), from `CaptionTokens`
+        num_captions = input_ids.shape[0]
+        negatives = batch.get("negatives")
+        if negatives is not None:
+            # NegCLIP: one hard negative per caption that has any, a kind and then a candidate drawn uniformly with
+            # two uniforms per sample of the global batch (`draw_rows`), so the pick is the same on any number of
+            # processes and after a resume. The chosen rows join the captions: the text tower runs on (B + H).
+            draws = draw_rows(
+                lambda n: torch.rand(n, 2, generator=generator, device=generator.device), num_captions, device
+            )
+            chosen = pick_negatives(negatives, draws)  # (H,) on the device
+            all_masks = torch.cat([attention_mask, batch["negative_attention_mask"]])  # (B + N, context), host
+            input_ids = torch.cat(
+                [to_device(input_ids, device), to_device(batch["negative_input_ids"], device)[chosen]]
+            )
+            attention_mask = torch.cat(
+                [to_device(attention_mask, device), to_device(batch["negative_attention_mask"], device)[chosen]]
+            )
+        else:
+            all_masks = attention_mask
         if self.right_padded:
             # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
             # the end token, so the text tower runs on (B, longest caption) instead of (B, context): about half
             # the text compute on the shapes captions (at most 17 of 32 tokens). For the same reason it needs no
             # padding mask: the causal one alone lets SDPA use its causal kernels, and transformers does not check
             # on the host whether the mask masks anything (a wait for the device every step on a GPU).
-            length = attended_columns(attention_mask, self.length_multiple)
+            length = attended_columns(all_masks, self.length_multiple)  # on the host (all candidates: an upper bound)
             input_ids, attention_mask = input_ids[:, :length], None
         pixels = to_device(batch["pixel_values"], device)  # (B, 3, H, W) uint8
         if self.grayscale_prob > 0:
@@ -240,9 +294,15 @@ class ClipStage(Stage):
             input_ids=to_device(input_ids, device), attention_mask=attention_mask, pixel_values=pixel_values
         )
         # The loss runs in fp32 whatever the autocast precision of the towers.
+        text_embeds, negative_embeds = text_embeds[:num_captions], text_embeds[num_captions:]  # (B, D), (H, D)
         features = (image_embeds.float(), text_embeds.float(), logit_scale.float())
-        loss = self.loss_fn(*features) if logit_bias is None else self.loss_fn(*features, logit_bias.float())
-        return loss, {"train/logit_scale": logit_scale.detach().exp()}  # a tensor: read when the loop logs
+        logs = {"train/logit_scale": logit_scale.detach().exp()}  # a tensor: read when the loop logs
+        if logit_bias is not None:
+            return self.loss_fn(*features, logit_bias.float()), logs
+        if negatives is None:
+            return self.loss_fn(*features), logs
+        logs["train/hard_negatives"] = negative_embeds.shape[0] / num_captions  # share of captions with one
+        return self.loss_fn(*features, negative_features=negative_embeds.float()), logs
 
     def after_optimizer_step(self):
         # CLIP paper, sec. 2.5: the temperature is clipped so that logits scale by at most 100. The loss clamps
@@ -336,17 +396,21 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         multiple,
         output_dir=output_dir,
     )
-    collate = CaptionTokens(tokenizer, clip.config.text_config.max_position_embeddings)
+    hard_negatives, coverage = hard_negative_captions(args, dataset)
+    collate = CaptionTokens(tokenizer, clip.config.text_config.max_position_embeddings, hard_negatives)
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate)
 
     # 7. Save the final model and the run record
     def record() -> dict:
         known_hash = None if pretrained is None else pretrained.content_hash
-        return {
+        sections = {
             "data": data_record(args, len(dataset)),
             "content_hash": content_hash(output_dir),
             **init_record(args.init_from, known_hash=known_hash),
         }
+        if hard_negatives is not None:
+            sections["hard_negatives"] = {"kinds": list(hard_negatives.kinds), **coverage}
+        return sections
 
     unwrapped = stage.unwrapped
     logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
@@ -356,6 +420,28 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         accelerator, args, stage, result, "clipcond-clip", record, logit_scale=logit_scale, logit_bias=logit_bias
     )
     return 0
+
+
+def hard_negative_captions(args: argparse.Namespace, dataset) -> tuple[HardNegatives | None, dict]:
+    """`--hard-negatives`' caption maker (None for none), reading the data set's metadata rows where it has them,
+    and the share of the training captions that get a negative (`HardNegatives.coverage`); warns when few do."""
+    if not args.hard_negatives:
+        return None, {}
+    records = getattr(dataset, "records", None)
+    maker = HardNegatives(args.hard_negatives, records)
+    coverage = maker.coverage(dataset.captions, records)
+    if coverage["share"] < LOW_SHARE:
+        logger.warning(
+            "`--hard-negatives` %s: only %.1f%% of the %d training captions checked have one (%s); the others train "
+            "as in the plain recipe. The kinds need two-object captions with known colour, shape or relation words",
+            ",".join(args.hard_negatives),
+            100 * coverage["share"],
+            coverage["captions_checked"],
+            ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in coverage["share_by_kind"].items()),
+        )
+    else:
+        logger.info("hard negatives for %.1f%% of the training captions", 100 * coverage["share"])
+    return maker, coverage
 
 
 def load_initial_clip(args: argparse.Namespace) -> PretrainedClip:

@@ -40,6 +40,7 @@ from clipcond.data.shapes import (
     TWO_WORDS,
     article,
 )
+from clipcond.transfer import to_device
 
 KINDS = ("swap-attributes", "swap-relations", "swap-count", "swap-position")
 OPPOSITE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -385,10 +386,9 @@ def pick_negatives(candidates: NegativeCandidates, draws: torch.Tensor) -> torch
     device of `draws`; no value goes to the host."""
     device = draws.device
     rows = (candidates.num_groups > 0).nonzero().squeeze(1)  # (H,) on the host: H is known without a sync
-    rows_on_device = rows.to(device, non_blocking=True)
-    num_groups = candidates.num_groups.to(device, non_blocking=True)[rows_on_device]  # (H,)
-    draws = draws[rows_on_device]  # (H, 2)
+    num_groups = to_device(candidates.num_groups[rows], device)  # (H,)
+    draws = draws[to_device(rows, device)]  # (H, 2)
     group = (draws[:, 0] * num_groups).long().clamp(max=num_groups - 1).unsqueeze(1)  # (H, 1)
-    start = candidates.group_start.to(device, non_blocking=True)[rows_on_device].gather(1, group).squeeze(1)
-    size = candidates.group_size.to(device, non_blocking=True)[rows_on_device].gather(1, group).squeeze(1)
+    start = to_device(candidates.group_start[rows], device).gather(1, group).squeeze(1)  # (H,)
+    size = to_device(candidates.group_size[rows], device).gather(1, group).squeeze(1)  # (H,)
     return start + (draws[:, 1] * size).long().clamp(max=size - 1)  # (H,)

@@ -16,6 +16,7 @@ from conftest import TINY_CLIP_ARGS
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_clip, text_features
 from clipcond.train.clip import main, parse_args
@@ -112,8 +113,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path):
-    common = ["--max-train-steps", "8", "--checkpointing-steps", "2", "--validation-steps", "0"]
+@pytest.mark.parametrize(
+    "recipe",
+    [[], ["--hard-negatives", "swap-attributes,swap-relations,swap-count"]],
+    ids=["plain", "hard_negatives"],
+)
+def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path, recipe):
+    """Also with hard negatives: their pick draws from the stage's generator, which the checkpoint keeps."""
+    common = ["--max-train-steps", "8", "--checkpointing-steps", "2", "--validation-steps", "0", *recipe]
     _run(shapes_data, tmp_path / "straight", *common)
 
     killed = tmp_path / "killed"
@@ -171,8 +178,8 @@ def test_captions_tokenised_per_batch_train_the_same_weights_as_tokens_made_up_f
     class UpFront(train_clip.CaptionTokens):
         """The earlier way: the token table of every caption, made once; a batch's rows gathered by index."""
 
-        def __init__(self, tokenizer, context_length):
-            super().__init__(tokenizer, context_length)
+        def __init__(self, tokenizer, context_length, hard_negatives=None):
+            super().__init__(tokenizer, context_length, hard_negatives)
             self.table = self.tokens(captions)
 
         def __call__(self, samples):
@@ -308,6 +315,61 @@ def test_siglip_loss_trains_and_saves(shapes_data, tmp_path, capsys):
     assert run.encode_text(["a red circle"]).shape == (1, 32)
 
 
+def test_hard_negatives_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
+    """The text tower sees the B captions and one negative for each caption that has one (every shapes caption has
+    a count swap); the run record names the kinds and the share of captions with a negative."""
+    from clipcond.train import clip as train_clip
+
+    seen = []
+    loss = train_clip.ClipStage.loss
+
+    def recording(self, batch, generator):
+        out = loss(self, batch, generator)
+        seen.append(out[1]["train/hard_negatives"])
+        return out
+
+    monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
+    kinds = "swap-attributes,swap-relations,swap-count"
+    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    _run(shapes_data, tmp_path / "negatives", *common, "--hard-negatives", kinds)
+    assert seen == [1.0, 1.0, 1.0]
+    record = json.loads((tmp_path / "negatives" / "clipcond_run.json").read_text())
+    assert record["args"]["hard_negatives"] == kinds.split(",")
+    section = record["hard_negatives"]
+    assert section["kinds"] == kinds.split(",") and section["share"] == 1.0
+    assert 0 < section["share_by_kind"]["swap-relations"] < 1  # the relation scenes only
+    monkeypatch.undo()
+    _run(shapes_data, tmp_path / "plain", *common)
+    plain = json.loads((tmp_path / "plain" / "clipcond_run.json").read_text())
+    assert "hard_negatives" not in plain and plain["args"]["hard_negatives"] == []
+    assert not torch.equal(
+        _weights(tmp_path / "plain")["logit_scale"], _weights(tmp_path / "negatives")["logit_scale"]
+    )
+
+
+def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
+    """On captions without two objects a binding swap finds nothing: the run trains as the plain recipe, says so once
+    and records the share."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(32):
+        Image.new("RGB", (32, 32), (10 * i, 100, 200)).save(data / f"{i}.png")
+        rows.append(
+            {"file_name": f"{i}.png", "text": f"a photo number {i}" if i else "a red circle above a blue square"}
+        )
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--max-train-steps", "1", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    with caplog.at_level("WARNING"):
+        _run(data, tmp_path / "run", *common, "--hard-negatives", "swap-attributes")
+    warnings = [r.getMessage() for r in caplog.records if "--hard-negatives" in r.getMessage()]
+    assert len(warnings) == 1 and "3.1% of the 32 training captions" in warnings[0]
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["hard_negatives"]["share"] == pytest.approx(1 / 32, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "extra, error, match",
     [
@@ -315,6 +377,16 @@ def test_siglip_loss_trains_and_saves(shapes_data, tmp_path, capsys):
         (["--train-batch-size", "0"], ValueError, "`--train-batch-size` must be >= 1, got 0"),
         (["--grayscale-prob", "1.5"], ValueError, r"`--grayscale-prob` must be in \[0, 1\], got 1.5"),
         (["--patch-size", "5"], ValueError, r"`image_size` \(32\) must be a multiple of `patch_size` \(5\)"),
+        (
+            ["--hard-negatives", "swap-attributes,swap-colours"],
+            ValueError,
+            r"`--hard-negatives` 'swap-attributes,swap-colours' names an unknown kind 'swap-colours'; choose from",
+        ),
+        (
+            ["--hard-negatives", "swap-count", "--loss", "siglip"],
+            ValueError,
+            r"`--hard-negatives` 'swap-count' needs `--loss clip`.*got `--loss siglip`",
+        ),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tmp_path, extra, error, match):
@@ -333,6 +405,8 @@ def test_help_names_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--resume-from-checkpoint", "--mixed-precision", "--gradient-accumulation-steps", "--loss"):
         assert option in text
+    flat = " ".join(text.split()).replace("- ", "-")  # argparse may wrap a line after a hyphen
+    assert "--hard-negatives KINDS" in flat and all(kind in flat for kind in HARD_NEGATIVE_KINDS)
 
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):

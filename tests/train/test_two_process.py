@@ -143,10 +143,15 @@ def _options(data: Path, out: Path, batch: int, steps: int = STEPS) -> list[str]
     ]
 
 
-def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe", [[], ["--hard-negatives", "swap-attributes,swap-relations"]], ids=["plain", "hard_negatives"]
+)
+def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, recipe):
+    """With hard negatives the two processes hold different numbers of them: they are gathered like the captions,
+    and each sample's pick comes from the shared generator (`draw_rows`), as in the 1-process run."""
     from clipcond.train.clip import main
 
-    model = TINY_CLIP_ARGS[:2]  # --model test
+    model = [*TINY_CLIP_ARGS[:2], *recipe]  # --model test
     _launch_two_processes(
         "clipcond.train.clip", [*_options(small_shapes, tmp_path / "two", 8), *model], tmp_path / "log2"
     )
