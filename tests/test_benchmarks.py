@@ -200,3 +200,24 @@ def test_latent_quality_reads_the_latent_demo_and_judges_the_vae_gap(tmp_path, c
     assert set(run["latent"]) == set(run["pixel"]) and "colour_accuracy_seen" in run["latent"]
     worst = max(run["vae"]["judge_gap_points"].values())
     assert report["over_seeds"]["vae_judge_gap_points"]["holds"] == (worst <= latent_quality.JUDGE_GAP_POINTS)
+
+
+def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_data, tmp_path, capsys):
+    import hard_negatives
+
+    argv = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(tmp_path)]
+    assert hard_negatives.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    plain, negatives = report["per_seed"]["plain"]["0"], report["per_seed"]["hard_negatives"]["0"]
+    assert plain["steps"] == negatives["steps"] == 4
+    assert plain["hard_negative_share"] is None and 0 < negatives["hard_negative_share"] < 1
+    record = json.loads((tmp_path / "hard_negatives-seed0" / "clipcond_run.json").read_text())
+    assert record["args"]["hard_negatives"] == ["swap-attributes", "swap-relations"]
+    difference = report["summary"]["difference"]["zero_shot_top1_seen"]["mean"]
+    assert difference == pytest.approx(
+        negatives["figures"]["zero_shot_top1_seen"] - plain["figures"]["zero_shot_top1_seen"]
+    )
+    assert report["probes_available"] == hard_negatives.probes_available()
+    if not report["probes_available"]:  # the probe figures and the target's verdict need `clipcond probe`
+        assert report["summary"]["target"]["holds"] is None
+        assert not any(key.startswith("probe_") for key in negatives["figures"])
