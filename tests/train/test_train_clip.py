@@ -330,7 +330,17 @@ def test_hard_negatives_train_and_are_recorded(shapes_data, tmp_path, monkeypatc
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
     kinds = "swap-attributes,swap-relations,swap-count"
-    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    # without grayscale views the two runs differ in the negatives alone (their draws feed nothing else)
+    common = [
+        "--max-train-steps",
+        "3",
+        "--validation-steps",
+        "0",
+        "--checkpointing-steps",
+        "0",
+        "--grayscale-prob",
+        "0",
+    ]
     _run(shapes_data, tmp_path / "negatives", *common, "--hard-negatives", kinds)
     assert seen == [1.0, 1.0, 1.0]
     record = json.loads((tmp_path / "negatives" / "clipcond_run.json").read_text())
