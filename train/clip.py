@@ -396,7 +396,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         multiple,
         output_dir=output_dir,
     )
-    hard_negatives, coverage = hard_negative_captions(args, dataset)
+    hard_negatives, coverage = hard_negative_captions(args, dataset, warn=accelerator.is_main_process)
     collate = CaptionTokens(tokenizer, clip.config.text_config.max_position_embeddings, hard_negatives)
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate)
 
@@ -422,14 +422,17 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     return 0
 
 
-def hard_negative_captions(args: argparse.Namespace, dataset) -> tuple[HardNegatives | None, dict]:
+def hard_negative_captions(args: argparse.Namespace, dataset, warn: bool = True) -> tuple[HardNegatives | None, dict]:
     """`--hard-negatives`' caption maker (None for none), reading the data set's metadata rows where it has them,
-    and the share of the training captions that get a negative (`HardNegatives.coverage`); warns when few do."""
+    and the share of the training captions that get a negative (`HardNegatives.coverage`); with `warn` (the main
+    process: once per run), says when few do."""
     if not args.hard_negatives:
         return None, {}
     records = getattr(dataset, "records", None)
     maker = HardNegatives(args.hard_negatives, records)
     coverage = maker.coverage(dataset.captions, records)
+    if not warn:
+        return maker, coverage
     if coverage["share"] < LOW_SHARE:
         logger.warning(
             "`--hard-negatives` %s: only %.1f%% of the %d training captions checked have one (%s); the others train "
