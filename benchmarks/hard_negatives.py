@@ -17,7 +17,8 @@ Prints one JSON object: per recipe and seed the figures, the training seconds an
 share; per recipe their mean with a 95% interval over the seeds; per figure the difference hard negatives - plain
 (mean and interval over the seeds, paired by seed); and `target`: whether the binding and relation probes gain at
 least 20 points and seen zero-shot top-1 loses at most 1 point. The generators conditioned on each CLIP are not
-trained here (a decoder per run is hours on a CPU); `clipcond probe --model ...` measures them on runs made apart.
+trained here (a decoder per run and seed is the demo's ten minutes of CPU); `clipcond probe --model ...` measures them
+on runs made apart.
 """
 
 from __future__ import annotations

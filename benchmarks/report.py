@@ -309,6 +309,48 @@ def sampler_rows(report: dict) -> list[str]:
     return [_row(what, cells, report.get("seed", "–"), "reported", "", _source("samplers", report))]
 
 
+HARD_NEGATIVE_FIGURES = {
+    "zero_shot_top1_seen": "zero-shot top-1, seen classes",
+    "zero_shot_top1_heldout": "zero-shot top-1, held-out classes",
+    "probe_binding_all": "binding probe, right colour on each shape vs swapped (chance 50%)",
+    "probe_relation_all": "relation probe, left/right/above/below vs the opposite (chance 50%)",
+    "probe_count_all": "count probe, one vs two (chance 50%)",
+    "probe_position_all": "position probe (chance 50%)",
+    "probe_size_all": "size probe (chance 50%)",
+}
+
+
+def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, str]:
+    """The bar of one figure of the hard-negative comparison and whether it holds (on the mean difference)."""
+    if key == "zero_shot_top1_seen":
+        return f"at most {100 * target['zero_shot_loss']:g} point below plain", _mark(
+            difference["mean"] >= -target["zero_shot_loss"]
+        )
+    if key.removeprefix("probe_").removesuffix("_all") in target["probes"]:
+        return f"≥ {100 * target['probe_gain']:g} points above plain", _mark(
+            difference["mean"] >= target["probe_gain"]
+        )
+    return "reported", ""
+
+
+def hard_negative_rows(report: dict) -> list[str]:
+    """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives`, over seeds (issue 20)."""
+    summary, settings = report["summary"], report["settings"]
+    seeds, source = "/".join(str(s) for s in settings["seeds"]), _source("hard_negatives", report)
+    rows = []
+    for key, label in HARD_NEGATIVE_FIGURES.items():
+        if key not in summary["plain"]:
+            continue
+        difference = summary["difference"][key]
+        figure = (
+            f"{_over_seeds(summary['plain'][key])} vs {_over_seeds(summary['hard_negatives'][key])}; difference "
+            f"{100 * difference['mean']:+.1f} points"
+        )
+        what = f"CLIP, plain recipe vs `--hard-negatives {settings['kinds']}` (equal steps): {label}"
+        rows.append(_row(what, figure, seeds, *_hard_negative_bar(key, summary["target"], difference), source))
+    return rows
+
+
 def judge_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
     version, bar, checks = report["judge"]["version"], report["bar"], report["checks"]
@@ -416,6 +458,10 @@ QUALITY = {
         sampler_rows,
     ),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
+    "hard_negatives": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
+        hard_negative_rows,
+    ),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
     "clip_real_data": (
