@@ -140,14 +140,9 @@ def _generator_fns(args, device) -> dict:
     return fns
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # 1. check the inputs before the slow imports and loads
-    _check_inputs(args)
-    check_output_dir(args.output_dir, "--output-dir")
-    from clipcond.data.shapes import is_shapes_data, load_dataset_info
+def _check_data(args: argparse.Namespace, info: dict | None) -> None:
+    from clipcond.data.shapes import is_shapes_data
 
-    info = load_dataset_info(args.data)
     if args.source == "render" and not is_shapes_data(info):
         raise ValueError(
             f"`--data` {args.data!r} is not the built-in shapes data (no clipcond-shapes dataset_info.json); "
@@ -158,42 +153,86 @@ def main(argv: list[str] | None = None) -> int:
             f"`--data` {args.data!r}: the generator probes need the built-in shapes data (its resolution)"
         )
 
-    from clipcond.device import resolve_device
+
+def _minimal_pairs(args: argparse.Namespace, held_out: list[str]) -> dict:
+    """{probe: its minimal pairs}, rendered by the shapes generator or read from `--split`'s metadata."""
     from clipcond.evaluation import probes
-    from clipcond.evaluation.probe_report import clip_probes, clip_verdict, write_report
+
+    if args.source == "render":
+        return {p: probes.build_pairs(p, args.num_pairs, held_out=held_out, seed=args.seed) for p in probes.PROBES}
+    split = Path(args.data) / args.split
+    pairs = {
+        p: probes.pairs_from_metadata(split, p, args.num_pairs, held_out=held_out, seed=args.seed)
+        for p in probes.PROBES
+    }
+    if not any(pairs.values()):
+        raise ValueError(
+            f"`--split` {args.split!r} of `--data` {args.data!r}: no metadata row carries the shapes fields "
+            "(objects with colour, shape, size, position; relation)"
+        )
+    return pairs
+
+
+def _generator_probes(args: argparse.Namespace, device, resolution: int, held_out: list[str]) -> dict:
+    """The report's generator sections: prompts of each kind drawn by each path given, read by the scene reader
+    beside the reader's own accuracy on renders of the same prompts."""
+    from tqdm.auto import tqdm
+
+    from clipcond.evaluation import probes
+    from clipcond.evaluation.judge import load_or_train_judge
     from clipcond.evaluation.sampling import draw_prompts
+
+    generators = _generator_fns(args, device)
+    judge = load_or_train_judge(resolution, cache_dir=args.judge_cache_dir, device=device)
+    prompts = probes.generator_prompts(args.num_prompts, held_out=held_out, seed=args.seed)
+    reader, baseline = probes.reader_figures(prompts, judge, resolution, seed=args.seed)
+    texts = [p.text for p in prompts]
+    figures = {}
+    for key, (generate, scale) in generators.items():
+        with tqdm(total=len(texts) * args.images_per_prompt, desc=f"probe {key}", unit="image") as bar:
+            images = draw_prompts(
+                generate, texts, args.images_per_prompt, scale, seed=args.seed, batch_size=args.batch_size, bar=bar
+            )
+        figures[key] = probes.generator_figures(prompts, images, judge, args.images_per_prompt, baseline)
+    settings = {
+        "model": args.model,
+        "prior": args.prior,
+        "decoder": args.decoder,
+        "num_prompts": args.num_prompts,
+        "images_per_prompt": args.images_per_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": {key: scale for key, (_, scale) in generators.items()},
+    }
+    reader_section = {"accuracy": reader, "baseline": baseline}
+    return {"reader": reader_section, "judge": judge.summary(), "generators": figures, "settings": settings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # 1. check the inputs before the slow imports and loads
+    _check_inputs(args)
+    check_output_dir(args.output_dir, "--output-dir")
+    from clipcond.data.shapes import load_dataset_info
+
+    info = load_dataset_info(args.data)
+    _check_data(args, info)
+
+    from clipcond.device import resolve_device
+    from clipcond.evaluation.probe_report import clip_probes, clip_verdict, write_report
     from clipcond.models.clip import load_clip
 
     start = time.perf_counter()
     device = resolve_device(args.device)
     held_out = list((info or {}).get("held_out") or [])
     resolution = int((info or {}).get("resolution") or 0)
+    output_dir = Path(args.output_dir)
 
     # 2. minimal pairs and the CLIP's choices
-    if args.source == "render":
-        pairs = {p: probes.build_pairs(p, args.num_pairs, held_out=held_out, seed=args.seed) for p in probes.PROBES}
-    else:
-        split = Path(args.data) / args.split
-        pairs = {
-            p: probes.pairs_from_metadata(split, p, args.num_pairs, held_out=held_out, seed=args.seed)
-            for p in probes.PROBES
-        }
-        if not any(pairs.values()):
-            raise ValueError(
-                f"`--split` {args.split!r} of `--data` {args.data!r}: no metadata row carries the shapes fields "
-                "(objects with colour, shape, size, position; relation)"
-            )
+    pairs = _minimal_pairs(args, held_out)
     clip_run = load_clip(args.clip, device=device, progress=False, what="--clip")
-    output_dir = Path(args.output_dir)
+    settings = {"clip": str(args.clip), "data": str(args.data), "source": args.source, "num_pairs": args.num_pairs}
     report = {
-        "settings": {
-            "clip": str(args.clip),
-            "data": str(args.data),
-            "source": args.source,
-            "num_pairs": args.num_pairs,
-            "seed": args.seed,
-            "held_out": held_out,
-        },
+        "settings": {**settings, "seed": args.seed, "held_out": held_out},
         **clip_probes(clip_run, pairs, resolution, output_dir),
         "notes": [
             "The captioner probe (`captioner_figures` in clipcond.evaluation.probes) takes a caption(images) "
@@ -201,43 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
 
-    # 3. the generators: prompts of each kind, drawn, read by the scene reader beside its accuracy on renders
-    generators = _generator_fns(args, device) if (args.model or args.prior) else {}
-    if generators:
-        from tqdm.auto import tqdm
+    # 3. the generators: prompts of each kind, drawn, read by the scene reader
+    if args.model or args.prior:
+        generator = _generator_probes(args, device, resolution, held_out)
+        report["settings"].update(generator.pop("settings"))
+        report.update(generator)
 
-        from clipcond.evaluation.judge import load_or_train_judge
-
-        judge = load_or_train_judge(resolution, cache_dir=args.judge_cache_dir, device=device)
-        prompts = probes.generator_prompts(args.num_prompts, held_out=held_out, seed=args.seed)
-        reader, baseline = probes.reader_figures(prompts, judge, resolution, seed=args.seed)
-        report["reader"] = {"accuracy": reader, "baseline": baseline}
-        report["judge"] = judge.summary()
-        report["generators"] = {}
-        for key, (generate, scale) in generators.items():
-            texts = [p.text for p in prompts]
-            with tqdm(total=len(texts) * args.images_per_prompt, desc=key, disable=True) as bar:
-                images = draw_prompts(
-                    generate,
-                    texts,
-                    args.images_per_prompt,
-                    scale,
-                    seed=args.seed,
-                    batch_size=args.batch_size,
-                    bar=bar,
-                )
-            report["generators"][key] = probes.generator_figures(
-                prompts, images, judge, args.images_per_prompt, baseline
-            )
-        report["settings"].update(
-            model=args.model,
-            prior=args.prior,
-            decoder=args.decoder,
-            num_prompts=args.num_prompts,
-            images_per_prompt=args.images_per_prompt,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale={key: scale for key, (_, scale) in generators.items()},
-        )
     report["seconds"] = time.perf_counter() - start
     write_report(report, output_dir)
     print(clip_verdict(report["clip"]) or "no binding or relation pairs")
