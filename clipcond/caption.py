@@ -1,0 +1,34 @@
+"""`clipcond caption`: captions of images, written by a captioner run (`clipcond train captioner`).
+
+clipcond caption --model runs/cap photo.png drawing.png
+clipcond caption --model runs/cap photo.png --do-sample --temperature 0.8 --num-samples 3 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from clipcond.captioning import add_captioner_args, check_captioner_args, describe_images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond caption",
+        description="Print a caption of each image (greedy, or sampled with --do-sample), one line per image: "
+        "IMAGE<TAB>CAPTION.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    add_captioner_args(parser)
+    args = parser.parse_args(argv)
+    check_captioner_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    describe_images(args, args.images)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
