@@ -217,12 +217,18 @@ class Captioner:
         return cls(vision_encoder, mean, std, projector, lm, tokenizer)
 
     def pixels(self, images) -> torch.Tensor:
-        """PIL images, or uint8 tensors (B, 3, H, W) -> uint8 (B, 3, S, S) at the vision tower's size."""
+        """PIL images, or uint8 tensors ((B, 3, S, S), or a list of (3, S, S)) at the vision tower's size -> uint8
+        (B, 3, S, S); PIL images are resized and centre-cropped to it."""
         from clipcond.data.folders import image_to_tensor, resize_image, to_rgb
 
         if isinstance(images, torch.Tensor):
             return images
-        return torch.stack([image_to_tensor(resize_image(to_rgb(im), self.image_size)) for im in images])
+        return torch.stack(
+            [
+                im if isinstance(im, torch.Tensor) else image_to_tensor(resize_image(to_rgb(im), self.image_size))
+                for im in images
+            ]
+        )
 
     @torch.no_grad()
     def image_tokens(self, images) -> tuple[torch.Tensor, torch.Tensor]:
