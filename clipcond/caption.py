@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from clipcond.captioning import add_captioner_args, check_captioner_args, describe_images
+from clipcond.data.questions import DESCRIBE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,6 +19,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "IMAGE<TAB>CAPTION.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    parser.add_argument(
+        "--detailed",
+        action="store_true",
+        help="ask for the detailed description instead of a caption (a captioner trained with the shapes data's "
+        "questions: every object's size, colour, shape and position)",
+    )
     add_captioner_args(parser)
     args = parser.parse_args(argv)
     check_captioner_args(args)
@@ -26,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    describe_images(args, args.images)
+    describe_images(args, args.images, DESCRIBE if args.detailed else None)
     return 0
 
 

@@ -10,14 +10,29 @@ questions it can answer unambiguously, each with a one-word answer:
     shape     "what shape is it?"                    circle | square | triangle one object, or two alike
               "what shape is the red one?"                                      two objects of different colours
     position  "where is the red circle?"             left | right | top | bottom | centre   each distinct object
+    describe  "describe the image in detail."        every image
+
+`describe` asks for the whole scene in one canonical sentence: every attribute, always in the same words ("a small
+red circle at the top", "a red circle left of a blue square", "two green triangles side by side"). The data's own
+captions vary their templates and name a single object's position only in some of them, so a caption can leave the
+position out; the description may not (LLaVA's "detailed description" instructions play this part).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-QUESTION_TYPES = ("count", "colour", "shape", "position")
+QUESTION_TYPES = ("count", "colour", "shape", "position", "describe")
 COUNT_WORDS = {1: "one", 2: "two"}
+DESCRIBE = "describe the image in detail."
+# the canonical phrase of each position and relation (`clipcond.data.shapes` has these among its synonyms)
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,22 @@ def questions_for(record: dict) -> list[Question]:
     for obj, pair in zip(objects, pairs, strict=True):
         if pairs.count(pair) == 1:  # two alike have two positions: no one answer
             questions.append(Question("position", f"where is the {pair}?", obj["position"]))
+    questions.append(Question("describe", DESCRIBE, describe(record)))
     return questions
+
+
+def describe(record: dict) -> str:
+    """The canonical description of a shapes metadata row: sizes, colours, shapes, and the position of one object,
+    the relation of two, or how two alike lie."""
+    objects = record["objects"]
+    if len(objects) == 1:
+        (o,) = objects
+        return f"{_noun(o['size'], o['colour'], o['shape'])} {POSITION_PHRASES[o['position']]}"
+    a, b = objects
+    if record.get("relation"):
+        return f"{_noun(a['colour'], a['shape'])} {record['relation']} {_noun(b['colour'], b['shape'])}"
+    side_by_side = {a["position"], b["position"]} == {"left", "right"}
+    return f"two {a['colour']} {a['shape']}s " + ("side by side" if side_by_side else "one above the other")
 
 
 def has_questions(records: list[dict]) -> bool:
@@ -58,3 +88,8 @@ def has_questions(records: list[dict]) -> bool:
 def question_texts(records: list[dict]) -> list[str]:
     """The distinct questions of the rows, sorted."""
     return sorted({q.question for r in records for q in questions_for(r)})
+
+
+def _noun(*words: str) -> str:
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])

@@ -4,7 +4,8 @@
 
 On the one-object images of the split, the greedy caption is parsed for its colour, shape, count and position words
 (`parse_caption`); a field is right when the caption names the true value and no other (a caption that names no
-position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
+position gets its position wrong). A captioner trained with questions is also asked to describe each image (the
+`describe` question, whose answers always name the position), and its descriptions are scored the same way. Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
 beside chance (one over the number of values), for the images of compositions seen in training and the held-out
 ones separately. A captioner trained with questions (`clipcond.data.questions`) is also asked every question of
 every image of the split; its answers are scored by exact match, per question type.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from clipcond.data.questions import QUESTION_TYPES, questions_for
+from clipcond.data.questions import DESCRIBE, QUESTION_TYPES, questions_for
 from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
 from clipcond.evaluation.stats import wilson_interval
@@ -84,44 +85,17 @@ def evaluate_captioner(
     if not singles:
         raise ValueError(f"the data set {dataset!r} has no one-object images to caption")
 
-    def pixels(indices: list[int]) -> torch.Tensor:
-        return torch.stack([dataset[i]["pixel_values"] for i in indices])
-
-    # 1. captions of the one-object images
-    hits = {group: defaultdict(int) for group in ("seen", "heldout")}
-    counts, examples, names_position = defaultdict(int), [], 0
-    for start in range(0, len(singles), batch_size):
-        chunk = singles[start : start + batch_size]
-        texts = captioner.generate(pixels(chunk), max_new_tokens=max_new_tokens)
-        for i, text in zip(chunk, texts, strict=True):
-            group = "heldout" if records[i].get("heldout") else "seen"
-            counts[group] += 1
-            scores = score_caption(text, records[i]["objects"][0], colours, shapes)
-            names_position += bool(parse_caption(text, colours, shapes)["position"])
-            for field, right in scores.items():
-                hits[group][field] += right
-            if len(examples) < 12:
-                examples.append({"file": records[i]["file_name"], "truth": records[i]["text"], "caption": text})
+    # 1. captions of the one-object images, and with questions their descriptions
     chance = {
         "colour": 1 / len(colours),
         "shape": 1 / len(shapes),
         "count": 1 / 2,
         "position": 1 / len(info["positions"]),
     }
-    caption = {}
-    for group in ("seen", "heldout", "all"):
-        n = sum(counts.values()) if group == "all" else counts[group]
-        caption[group] = {}
-        for field in CAPTION_FIELDS:
-            right = hits["seen"][field] + hits["heldout"][field] if group == "all" else hits[group][field]
-            caption[group][field] = _proportion(right, n)
-    result = {
-        "num_images": len(singles),
-        "caption": caption,
-        "chance": chance,
-        "names_position": names_position / len(singles),
-        "examples": examples,
-    }
+    result = {"num_images": len(singles), "chance": chance}
+    texts = {"caption": None, "description": DESCRIBE} if questions else {"caption": None}
+    for name, prompt in texts.items():
+        result[name] = _score_texts(captioner, dataset, singles, prompt, colours, shapes, batch_size, max_new_tokens)
 
     # 2. answers to every question of every image
     if questions:
@@ -130,7 +104,9 @@ def evaluate_captioner(
         for start in range(0, len(asked), batch_size):
             chunk = asked[start : start + batch_size]
             answers = captioner.generate(
-                pixels([i for i, _ in chunk]), [q.question for _, q in chunk], max_new_tokens=4
+                _pixels(dataset, [i for i, _ in chunk]),
+                [q.question for _, q in chunk],
+                max_new_tokens=max_new_tokens,
             )
             for (_, q), answer in zip(chunk, answers, strict=True):
                 total[q.kind] += 1
@@ -139,10 +115,43 @@ def evaluate_captioner(
     return result
 
 
+def _pixels(dataset, indices: list[int]) -> torch.Tensor:
+    return torch.stack([dataset[i]["pixel_values"] for i in indices])  # (B, 3, S, S) uint8
+
+
+def _score_texts(captioner, dataset, singles, prompt, colours, shapes, batch_size, max_new_tokens) -> dict:
+    """Per field, the share of one-object images whose text (a caption, or the answer to `prompt`) names the true
+    value and no other: for seen and held-out compositions and all; the share that names a position; examples."""
+    records = dataset.records
+    hits = {group: defaultdict(int) for group in ("seen", "heldout")}
+    counts, examples, names_position = defaultdict(int), [], 0
+    for start in range(0, len(singles), batch_size):
+        chunk = singles[start : start + batch_size]
+        texts = captioner.generate(_pixels(dataset, chunk), prompt, max_new_tokens=max_new_tokens)
+        for i, text in zip(chunk, texts, strict=True):
+            group = "heldout" if records[i].get("heldout") else "seen"
+            counts[group] += 1
+            for field, right in score_caption(text, records[i]["objects"][0], colours, shapes).items():
+                hits[group][field] += right
+            names_position += bool(parse_caption(text, colours, shapes)["position"])
+            if len(examples) < 12:
+                examples.append({"file": records[i]["file_name"], "truth": records[i]["text"], "text": text})
+    scores = {}
+    for group in ("seen", "heldout", "all"):
+        n = sum(counts.values()) if group == "all" else counts[group]
+        scores[group] = {}
+        for field in CAPTION_FIELDS:
+            right = hits["seen"][field] + hits["heldout"][field] if group == "all" else hits[group][field]
+            scores[group][field] = _proportion(right, n)
+    return {**scores, "names_position": names_position / len(singles), "examples": examples}
+
+
 def flat_figures(result: dict) -> dict[str, float]:
-    """The headline numbers as flat scalars (for training logs): caption accuracy per field over all one-object
-    images, and question accuracy per type."""
+    """The headline numbers as flat scalars (for training logs): caption (and description) accuracy per field over
+    all one-object images, and question accuracy per type."""
     figures = {f"caption_{f}": result["caption"]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
+    if "description" in result:
+        figures |= {f"description_{f}": result["description"]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
     for kind, value in result.get("questions", {}).items():
         figures[f"qa_{kind}"] = value["accuracy"]
     return figures
@@ -211,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "captioner.json", result)
     print(json.dumps({"num_images": result["num_images"], **flat_figures(result)}))
-    for group in ("seen", "heldout"):
-        figures = result["caption"][group]
-        line = ", ".join(f"{f} {_percent(figures[f])}" for f in CAPTION_FIELDS)
-        print(f"captions, {group} compositions ({figures['colour']['n']} images): {line}")
+    for name in ("caption", "description"):
+        for group in ("seen", "heldout") if name in result else ():
+            figures = result[name][group]
+            line = ", ".join(f"{f} {_percent(figures[f])}" for f in CAPTION_FIELDS)
+            print(f"{name}s, {group} compositions ({figures['colour']['n']} images): {line}")
     if "questions" in result:
         print("answers: " + ", ".join(f"{k} {_percent(v)}" for k, v in result["questions"].items()))
     return 0

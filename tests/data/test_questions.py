@@ -31,7 +31,14 @@ def test_answers_agree_with_the_metadata(shapes_data):
         if record["kind"] == "count":  # two alike: no position question has one answer
             assert "position" not in {q.kind for q in questions}
         if record["kind"] == "single":
-            assert [q.kind for q in questions] == ["count", "colour", "shape", "position"]
+            assert [q.kind for q in questions] == ["count", "colour", "shape", "position", "describe"]
+            o = objects[0]
+            assert questions[-1].answer.startswith(f"a {o['size']} {o['colour']} {o['shape']} ")
+            assert questions[-1].answer.endswith(o["position"])
+        if record["kind"] == "relation":
+            a, b = objects
+            description = f"{a['colour']} {a['shape']} {record['relation']} a"
+            assert description in questions[-1].answer and questions[-1].answer.endswith(f"{b['colour']} {b['shape']}")
     assert seen_kinds == set(QUESTION_TYPES)
     assert has_questions(records)
     assert "how many objects are there?" in question_texts(records)
