@@ -1,7 +1,8 @@
 """`clipcond caption`: captions of images, written by a captioner run (`clipcond train captioner`).
 
-clipcond caption --model runs/cap photo.png drawing.png
-clipcond caption --model runs/cap photo.png --do-sample --temperature 0.8 --num-samples 3 --seed 1
+    clipcond caption --model runs/cap photo.png drawing.png
+    clipcond caption --model runs/cap photo.png --do-sample --temperature 0.8 --num-samples 3 --seed 1
+    clipcond caption --model runs/cap photo.png --detailed      # "a small circle in red at the top"
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@ questions it can answer unambiguously, each with a one-word answer:
     describe  "describe the image in detail."        every image
 
 `describe` asks for the whole scene in one canonical sentence: every attribute, always in the same words ("a small
-red circle at the top", "a red circle left of a blue square", "two green triangles side by side"). The data's own
-captions vary their templates and name a single object's position only in some of them, so a caption can leave the
-position out; the description may not (LLaVA's "detailed description" instructions play this part).
+circle in red at the top", "a circle in red left of a square in blue", "two triangles in green side by side"). The
+data's own captions vary their templates and name a single object's position only in some of them, so a caption can
+leave the position out; the description may not (LLaVA's "detailed description" instructions play this part). It
+names the shape before the colour: held-out colour-shape pairs never occur together in the training text, so a
+language model that writes the colour first learns to follow "blue" with the shapes seen after it, whatever the image
+shows; written first, the shape is read off the image alone.
 """
 
 from __future__ import annotations
@@ -67,17 +70,17 @@ def questions_for(record: dict) -> list[Question]:
 
 
 def describe(record: dict) -> str:
-    """The canonical description of a shapes metadata row: sizes, colours, shapes, and the position of one object,
-    the relation of two, or how two alike lie."""
+    """The canonical description of a shapes metadata row: each object's shape before its colour (and the size of
+    one object), then its position, the relation of two, or how two alike lie."""
     objects = record["objects"]
     if len(objects) == 1:
         (o,) = objects
-        return f"{_noun(o['size'], o['colour'], o['shape'])} {POSITION_PHRASES[o['position']]}"
+        return f"{_noun(o['size'], o['shape'])} in {o['colour']} {POSITION_PHRASES[o['position']]}"
     a, b = objects
     if record.get("relation"):
-        return f"{_noun(a['colour'], a['shape'])} {record['relation']} {_noun(b['colour'], b['shape'])}"
+        return f"{_noun(a['shape'])} in {a['colour']} {record['relation']} {_noun(b['shape'])} in {b['colour']}"
     side_by_side = {a["position"], b["position"]} == {"left", "right"}
-    return f"two {a['colour']} {a['shape']}s " + ("side by side" if side_by_side else "one above the other")
+    return f"two {a['shape']}s in {a['colour']} " + ("side by side" if side_by_side else "one above the other")
 
 
 def has_questions(records: list[dict]) -> bool:

@@ -33,12 +33,16 @@ def test_answers_agree_with_the_metadata(shapes_data):
         if record["kind"] == "single":
             assert [q.kind for q in questions] == ["count", "colour", "shape", "position", "describe"]
             o = objects[0]
-            assert questions[-1].answer.startswith(f"a {o['size']} {o['colour']} {o['shape']} ")
+            assert questions[-1].answer.startswith(f"a {o['size']} {o['shape']} in {o['colour']} ")
             assert questions[-1].answer.endswith(o["position"])
         if record["kind"] == "relation":
             a, b = objects
-            description = f"{a['colour']} {a['shape']} {record['relation']} a"
-            assert description in questions[-1].answer and questions[-1].answer.endswith(f"{b['colour']} {b['shape']}")
+            description = f"{a['shape']} in {a['colour']} {record['relation']} a"
+            assert description in questions[-1].answer and questions[-1].answer.endswith(
+                f"{b['shape']} in {b['colour']}"
+            )
+        if record["kind"] == "count":
+            assert questions[-1].answer.startswith(f"two {objects[0]['shape']}s in {objects[0]['colour']} ")
     assert seen_kinds == set(QUESTION_TYPES)
     assert has_questions(records)
     assert "how many objects are there?" in question_texts(records)
