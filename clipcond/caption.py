@@ -1,4 +1,5 @@
-"""`clipcond caption`: captions of images, written by a captioner run (`clipcond train captioner`).
+"""`clipcond caption`: captions of images, written by a captioner run (`clipcond train captioner`), or with
+`--detailed` their detailed descriptions.
 
     clipcond caption --model runs/cap photo.png drawing.png
     clipcond caption --model runs/cap photo.png --do-sample --temperature 0.8 --num-samples 3 --seed 1
