@@ -8,7 +8,8 @@ A small decoder-only language model (transformers `LlamaForCausalLM` of a `--mod
 through a two-layer MLP projector (`clipcond.models.captioner`; Liu et al. 2023, LLaVA), and learns to write the
 data's captions. On the shapes data it also learns to answer questions generated from the metadata
 (`clipcond.data.questions`): each training example is a question with probability `--question-fraction`, drawn
-anew every step. The loss is the next-token cross-entropy on the caption or answer only.
+anew every step. The loss is the next-token cross-entropy on the caption or answer only; with `--word-dropout` the
+model's input hides some of those tokens (`drop_words`).
 
 LLaVA's two stages: `--stage full` (the default) trains the projector and the language model; `--stage projector`
 trains the projector alone on a frozen language model (LLaVA's feature-alignment pre-training), which therefore must
@@ -43,6 +44,7 @@ from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import check_local_folder
 from clipcond.lineage import content_hash, init_record
 from clipcond.models.captioner import (
+    IGNORE_INDEX,
     LM_FOLDER,
     PROJECTOR_FOLDER,
     Captioner,
@@ -79,6 +81,7 @@ from clipcond.vision_tokens import DEFAULT_SELECT_LAYER, VisionTokenCache
 logger = logging.getLogger(__name__)
 
 STAGES = ("full", "projector")
+WORD_DROPOUT = 0.2
 TEXT_CONTEXT = 64  # text positions the language model is built for, beyond the image tokens
 
 # CPU-sized training defaults for the `tiny` language model on the shapes data (README, "What it reaches on 2 CPU
@@ -132,6 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary of a tokenizer trained here")
     model.add_argument(
+        "--word-dropout",
+        type=finite_float,
+        default=WORD_DROPOUT,
+        help="probability of hiding each caption or answer token from the model's input (it still learns to write "
+        "it), so that it reads attributes off the image rather than guessing them from the words before",
+    )
+    model.add_argument(
         "--question-fraction",
         type=finite_float,
         default=0.5,
@@ -146,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_captioner_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or train nonsense, naming the option and the value."""
+    if not 0.0 <= args.word_dropout < 1.0:
+        raise ValueError(f"`--word-dropout` must be in [0, 1), got {args.word_dropout}")
     if not 0.0 <= args.question_fraction <= 1.0:
         raise ValueError(f"`--question-fraction` must be in [0, 1], got {args.question_fraction}")
     for name in ("encode_batch_size", "validation_max_images"):
@@ -174,6 +186,12 @@ class CaptionerData:
     caption_prompt: list[int]  # <bos>
     pad_token_id: int
 
+    @property
+    def width(self) -> int:
+        """The longest prompt + target of the data: the text batches are at most this wide."""
+        questions = (len(p) + len(t) for row in self.questions for p, t in row)
+        return max(max(len(self.caption_prompt) + len(t) for t in self.captions), max(questions, default=0))
+
     def text(self, index: list[int], ask: list[bool], pick: list[int]) -> dict[str, torch.Tensor]:
         """The text batch of rows `index`: row k a question (the `pick[k]`-th, modulo) where `ask[k]` and the row
         has questions, else its caption."""
@@ -197,6 +215,16 @@ def build_data(dataset: ImageCaptionDataset, cache: VisionTokenCache, tokenizer,
         asked.append([(prompt_ids(tokenizer, q.question), target_ids(tokenizer, q.answer)) for q in pairs])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return CaptionerData(cache, captions, asked, prompt_ids(tokenizer, None), pad)
+
+
+def drop_words(text: dict[str, torch.Tensor], drop: torch.Tensor, unknown_id: int) -> torch.Tensor:
+    """`text`'s input ids (B, T) with the target tokens where `drop` (B, T) is True replaced by `unknown_id`, as
+    inputs only: the labels keep them, so the model still learns to write every token, but cannot always read the
+    one before. Word dropout (Bowman et al. 2016, "Generating Sentences from a Continuous Space", sec. 3.2): the
+    model learns to rely on the image rather than on the text's own co-occurrences, which matter for compositions
+    never seen together ("red" never precedes "triangle" in the shapes data's training text)."""
+    targets = text["labels"] != IGNORE_INDEX
+    return torch.where(drop & targets, torch.full_like(text["input_ids"], unknown_id), text["input_ids"])
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -224,6 +252,10 @@ class CaptionerStage(Stage):
     question_fraction: float
     clip_hash: str  # content hash of the frozen CLIP (`clipcond.lineage.content_hash`)
     validation: CaptionerValidation | None
+    word_dropout: float = 0.0
+
+    def __post_init__(self):
+        self.width = self.data.width
 
     @property
     def unwrapped(self) -> CaptionerModel:
@@ -238,6 +270,10 @@ class CaptionerStage(Stage):
         ask = draw_rows(lambda m: torch.rand(m, **on_generator), n) < self.question_fraction
         pick = draw_rows(lambda m: torch.randint(0, 1 << 30, (m,), **on_generator), n)
         text = self.data.text(index.tolist(), ask.tolist(), pick.tolist())
+        if self.word_dropout > 0:
+            # drawn at the data's full width, so every batch (and process) takes as many numbers from the generator
+            drop = draw_rows(lambda m: torch.rand((m, self.width), **on_generator), n)[:, : text["input_ids"].shape[1]]
+            text["input_ids"] = drop_words(text, drop.cpu() < self.word_dropout, self.data.pad_token_id)
         patches, embeds = self.data.cache.lookup(index)
         loss = self.model(
             to_device(patches, device), to_device(embeds, device), **{k: to_device(v, device) for k, v in text.items()}
@@ -462,6 +498,7 @@ def train_captioner(accelerator: Accelerator, args: argparse.Namespace) -> int:
         question_fraction=args.question_fraction if questions else 0.0,
         clip_hash=clip_hash,
         validation=validation,
+        word_dropout=args.word_dropout,
     )
     result = train(accelerator, args, stage, prepared, dataset=IndexDataset(len(dataset)), collate_fn=collate_indices)
 

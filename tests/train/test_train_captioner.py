@@ -21,8 +21,8 @@ from clipcond.data.questions import DESCRIBE
 from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 from clipcond.evaluation import captioner as eval_captioner
 from clipcond.evaluation.captioner import evaluate_captioner, parse_caption, score_caption
-from clipcond.models.captioner import Captioner, VisionProjector
-from clipcond.train.captioner import main
+from clipcond.models.captioner import Captioner, VisionProjector, text_batch
+from clipcond.train.captioner import drop_words, main
 
 FAST_ARGS = ["--model", "test", "--train-batch-size", "16", "--lr-warmup-steps", "1", "--seed", "0"]
 STEPS = 4  # checkpoints and validation every 2 steps
@@ -70,9 +70,10 @@ def few_shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def learned_run(tiny_clip_run, few_shapes, tmp_path_factory):
-    """The `test` language model trained on `few_shapes` for a few hundred steps (seconds)."""
+    """The `test` language model trained on `few_shapes` for a few hundred steps (seconds); without word dropout,
+    which slows the fitting of so small a problem."""
     out = tmp_path_factory.mktemp("captioner_learned")
-    steps = ["--max-train-steps", "800", "--learning-rate", "3e-3", "--lr-warmup-steps", "10"]
+    steps = ["--max-train-steps", "800", "--learning-rate", "3e-3", "--lr-warmup-steps", "10", "--word-dropout", "0"]
     main(_argv(tiny_clip_run, few_shapes, out, *steps, "--checkpointing-steps", "0", "--validation-steps", "0"))
     _reset_accelerate()
     return out
@@ -257,6 +258,7 @@ def test_command_errors_name_the_argument(captioner_run, shapes_data, tmp_path, 
     [
         (["--stage", "projector"], ValueError, "`--stage projector` .* must be pretrained: pass --init-lm"),
         (["--question-fraction", "1.5"], ValueError, r"`--question-fraction` must be in \[0, 1\], got 1.5"),
+        (["--word-dropout", "1"], ValueError, r"`--word-dropout` must be in \[0, 1\), got 1.0"),
         (["--init-lm", "NOWHERE"], FileNotFoundError, "`--init-lm` folder .*NOWHERE.* does not exist"),
         (["--model", "huge"], ValueError, "`model` must be one of"),
     ],
@@ -265,3 +267,13 @@ def test_training_errors_name_the_argument(tiny_clip_run, shapes_data, tmp_path,
     extra = [str(tmp_path / e) if e == "NOWHERE" else e for e in extra]
     with pytest.raises(error, match=match):
         main(_argv(tiny_clip_run, shapes_data, tmp_path / "o", "--max-train-steps", "1", *extra))
+
+
+def test_word_dropout_hides_target_inputs_only():
+    text = text_batch([[1, 7, 8], [1]], [[5, 6, 0], [9, 0]], pad_token_id=2)
+    dropped = drop_words(text, torch.ones_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    targets = text["labels"] != -100
+    assert (dropped[targets] == 2).all()
+    assert torch.equal(dropped[~targets], text["input_ids"][~targets])  # <bos>, prompts and padding kept
+    kept = drop_words(text, torch.zeros_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    assert torch.equal(kept, text["input_ids"])
