@@ -277,3 +277,21 @@ def test_word_dropout_hides_target_inputs_only():
     assert torch.equal(dropped[~targets], text["input_ids"][~targets])  # <bos>, prompts and padding kept
     kept = drop_words(text, torch.zeros_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
     assert torch.equal(kept, text["input_ids"])
+
+
+def test_init_lm_takes_a_gpt2_model(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    """Any transformers causal LM: a GPT-2 (learned positions, no pad token) trains and captions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")
+    tokenizer.pad_token = None
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "from_gpt2"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--validation-steps", "0")
+    main([*argv, "--checkpointing-steps", "0", "--init-lm", str(tmp_path / "gpt2")])
+    captioner = Captioner.from_pretrained(out)
+    assert type(captioner.lm).__name__ == "GPT2LMHeadModel"
+    texts = captioner.generate(_train_singles(shapes_data)[0]["pixel_values"][None], max_new_tokens=4)
+    assert len(texts) == 1 and isinstance(texts[0], str)
