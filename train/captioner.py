@@ -192,9 +192,11 @@ class CaptionerData:
         questions = (len(p) + len(t) for row in self.questions for p, t in row)
         return max(max(len(self.caption_prompt) + len(t) for t in self.captions), max(questions, default=0))
 
-    def text(self, index: list[int], ask: list[bool], pick: list[int]) -> dict[str, torch.Tensor]:
-        """The text batch of rows `index`: row k a question (the `pick[k]`-th, modulo) where `ask[k]` and the row
-        has questions, else its caption."""
+    def text(
+        self, index: list[int], ask: list[bool], pick: list[int], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The text batch of rows `index`, on `device`: row k a question (the `pick[k]`-th, modulo) where `ask[k]`
+        and the row has questions, else its caption."""
         prompts, targets = [], []
         for i, a, p in zip(index, ask, pick, strict=True):
             if a and self.questions[i]:
@@ -203,7 +205,7 @@ class CaptionerData:
                 prompt, target = self.caption_prompt, self.captions[i]
             prompts.append(prompt)
             targets.append(target)
-        return text_batch(prompts, targets, self.pad_token_id)
+        return text_batch(prompts, targets, self.pad_token_id, device)
 
 
 def build_data(dataset: ImageCaptionDataset, cache: VisionTokenCache, tokenizer, questions: bool) -> CaptionerData:
@@ -269,15 +271,14 @@ class CaptionerStage(Stage):
         # which examples are questions, and which question: drawn anew each step from the stage's generator
         ask = draw_rows(lambda m: torch.rand(m, **on_generator), n) < self.question_fraction
         pick = draw_rows(lambda m: torch.randint(0, 1 << 30, (m,), **on_generator), n)
-        text = self.data.text(index.tolist(), ask.tolist(), pick.tolist())
+        text = self.data.text(index.tolist(), ask.tolist(), pick.tolist(), device)
         if self.word_dropout > 0:
             # drawn at the data's full width, so every batch (and process) takes as many numbers from the generator
-            drop = draw_rows(lambda m: torch.rand((m, self.width), **on_generator), n)[:, : text["input_ids"].shape[1]]
-            text["input_ids"] = drop_words(text, drop.cpu() < self.word_dropout, self.data.pad_token_id)
+            drop = draw_rows(lambda m: torch.rand((m, self.width), **on_generator), n, device)
+            drop = drop[:, : text["input_ids"].shape[1]] < self.word_dropout
+            text["input_ids"] = drop_words(text, drop, self.data.pad_token_id)
         patches, embeds = self.data.cache.lookup(index)
-        loss = self.model(
-            to_device(patches, device), to_device(embeds, device), **{k: to_device(v, device) for k, v in text.items()}
-        )
+        loss = self.model(to_device(patches, device), to_device(embeds, device), **text)
         return loss, {}
 
     def captioner(self) -> Captioner:

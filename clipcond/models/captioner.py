@@ -141,18 +141,20 @@ def target_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def text_batch(prompts: list[list[int]], targets: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (B, T) of prompt + target sequences; only the targets
-    are labelled."""
+def text_batch(
+    prompts: list[list[int]], targets: list[list[int]], pad_token_id: int, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (B, T) of prompt + target sequences, on `device`;
+    only the targets are labelled."""
     length = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
-    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    mask = torch.zeros_like(input_ids)
-    for row, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        input_ids[row, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[row, len(p) : len(p) + len(t)] = torch.tensor(t)
-        mask[row, : len(p) + len(t)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    input_ids, labels, mask = [], [], []
+    for p, t in zip(prompts, targets, strict=True):
+        pad = length - len(p) - len(t)
+        input_ids.append(p + t + [pad_token_id] * pad)
+        labels.append([IGNORE_INDEX] * len(p) + t + [IGNORE_INDEX] * pad)
+        mask.append([1] * (len(p) + len(t)) + [0] * pad)
+    columns = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {name: torch.tensor(rows, dtype=torch.long, device=device) for name, rows in columns.items()}
 
 
 # ------------------------------------------------------------------------------------------------ the captioner
