@@ -81,6 +81,8 @@ def test_only_the_targets_are_labelled(captioner):
         assert labels[len(p) : len(p) + len(t)].tolist() == t and t[-1] == tok.eos_token_id
         assert batch["attention_mask"][row].sum() == len(p) + len(t)
     assert prompts[0] == [tok.bos_token_id]
+    cut = target_ids(tok, "a red circle " * 20, max_tokens=5)
+    assert len(cut) == 5 and cut[:4] == target_ids(tok, "a red circle " * 20)[:4] and cut[-1] == tok.eos_token_id
 
 
 def test_loss_ignores_the_image_and_prompt_positions(captioner):

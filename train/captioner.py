@@ -209,10 +209,11 @@ class CaptionerData:
 
 
 def build_data(dataset: ImageCaptionDataset, cache: VisionTokenCache, tokenizer, questions: bool) -> CaptionerData:
-    """Tokenise every row's caption and (with `questions`) its questions once."""
+    """Tokenise every row's caption (cut to `TEXT_CONTEXT` tokens with <bos> and <eos>) and, with `questions`, its
+    questions once."""
     captions, asked = [], []
     for item in cache.item_indices.tolist():  # the item each row was read from
-        captions.append(target_ids(tokenizer, dataset.captions[item]))
+        captions.append(target_ids(tokenizer, dataset.captions[item], max_tokens=TEXT_CONTEXT - 1))
         pairs = questions_for(dataset.records[item]) if questions else []
         asked.append([(prompt_ids(tokenizer, q.question), target_ids(tokenizer, q.answer)) for q in pairs])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -136,9 +136,12 @@ def prompt_ids(tokenizer, question: str | None) -> list[int]:
     return ids
 
 
-def target_ids(tokenizer, text: str) -> list[int]:
-    """The tokens the model learns to write: the text, then <eos>."""
-    return tokenizer(text.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def target_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """The tokens the model learns to write: the text (its first `max_tokens` - 1 tokens), then <eos>."""
+    ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: max_tokens - 1]
+    return ids + [tokenizer.eos_token_id]
 
 
 def text_batch(

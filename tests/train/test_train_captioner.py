@@ -218,6 +218,11 @@ def test_eval_captioner_command(learned_run, shapes_data, tmp_path, capsys):
     assert "heldout compositions" in capsys.readouterr().out
 
 
+def test_eval_captioner_refuses_other_data(captioner_run, tmp_path):
+    with pytest.raises(ValueError, match="`--data` .* is not the shapes data"):
+        eval_captioner.main(["--model", str(captioner_run), "--data", str(tmp_path)])
+
+
 def test_score_caption_reads_the_fields():
     obj = {"colour": "red", "shape": "circle", "position": "top"}
     colours, shapes = ["red", "blue"], ["circle", "square"]
