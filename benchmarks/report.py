@@ -447,6 +447,35 @@ def latent_rows(report: dict) -> list[str]:
     return rows
 
 
+def captioner_rows(report: dict) -> list[str]:
+    """The captioner recipe: the one-object test images' captions and descriptions against the bars, the held-out
+    compositions, the answers, and the training time."""
+    seed, source, bars = report["seed"], _source("captioner_quality", report), report["bar"]
+    fields = list(bars)
+    bar = "≥ " + " / ".join(_pct(bars[f]) for f in fields)
+    rows = []
+    for text, label in (
+        ("caption", "greedy captions"),
+        ("description", "detailed descriptions (`caption --detailed`)"),
+    ):
+        figures = " / ".join(_pct(report[text]["all"][f]["accuracy"]) for f in fields)
+        failed = [f for f in fields if not report["holds"][text][f]]
+        holds = _mark(not failed) + (f" ({', '.join(failed)})" if failed else "")
+        what = f"captioner (`{report['model']}` LM), one-object test images, {label}: {' / '.join(fields)}"
+        rows.append(_row(what, figures, seed, bar, holds, source))
+        figures = " / ".join(_pct(report[text]["heldout"][f]["accuracy"]) for f in fields)
+        n = report[text]["heldout"][fields[0]]["n"]
+        rows.append(_row(f"the same, held-out compositions only ({n} images)", figures, seed, "reported", "", source))
+    answers = " / ".join(f"{kind} {_pct(v['accuracy'])}" for kind, v in report["questions"].items())
+    rows.append(
+        _row("captioner, answers to the test images' questions (exact match)", answers, seed, "reported", "", source)
+    )
+    wall, limit = report["train_wall_seconds_with_caches"], report["time_bar_seconds"]
+    what = f"captioner training, wall time ({report['steps']} steps of {report['train_batch_size']}, cache and validation included)"
+    rows.append(_row(what, f"{wall:.0f} s", seed, f"≤ {limit} s", _mark(wall <= limit), source))
+    return rows
+
+
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
@@ -467,6 +496,10 @@ QUALITY = {
     "clip_real_data": (
         "python benchmarks/clip_real_data.py --data-dir DIR --steps 200 --batch-size 64 --save-results",
         clip_real_data_rows,
+    ),
+    "captioner_quality": (
+        "python benchmarks/captioner_quality.py --clip DIR/clip --data DIR/data --save-results",
+        captioner_rows,
     ),
 }
 

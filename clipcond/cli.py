@@ -43,6 +43,9 @@ COMMANDS: dict = {
         "vae": Command(
             "clipcond.train.vae", "train a latent-diffusion autoencoder (diffusers AutoencoderKL) on images"
         ),
+        "captioner": Command(
+            "clipcond.train.captioner", "train a LLaVA-style captioner: a small language model on the frozen CLIP"
+        ),
     },
     "eval": {
         "clip": Command("clipcond.evaluation.clip", "zero-shot accuracy and retrieval recall of a CLIP run"),
@@ -57,6 +60,9 @@ COMMANDS: dict = {
             "clipcond.evaluation.unclip",
             "judge the DALL-E 2 path: variations, text-to-image through the prior, the prior's cosine",
         ),
+        "captioner": Command(
+            "clipcond.evaluation.captioner", "colour, shape, count, position words of a captioner's captions; answers"
+        ),
     },
     "generate": Command("clipcond.generate", "images from text prompts with a trained pipeline: PNGs, grid, records"),
     "vary": Command("clipcond.vary", "variations of images with an image-embedding (DALL-E 2) decoder"),
@@ -66,6 +72,8 @@ COMMANDS: dict = {
     "probe": Command(
         "clipcond.probe", "compositional probes: CLIP minimal pairs, generators' prompts judged, against chance"
     ),
+    "caption": Command("clipcond.caption", "captions of images with a captioner run (greedy or sampled)"),
+    "ask": Command("clipcond.ask", "a captioner's answer to a question about images"),
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
     "export": {

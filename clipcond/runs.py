@@ -27,7 +27,7 @@ from clipcond.storage import write_json_atomic
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "clipcond_run.json"  # in a run folder: arguments, data, model, summary; written last, when it is done
-KINDS = ("clipcond-clip", "clipcond-decoder", "clipcond-prior", "clipcond-vae")
+KINDS = ("clipcond-clip", "clipcond-decoder", "clipcond-prior", "clipcond-vae", "clipcond-captioner")
 
 
 @dataclass(frozen=True)

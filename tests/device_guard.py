@@ -120,17 +120,21 @@ def model_calls() -> list[tuple[object, str]]:
     """(owner, attribute) of every function through which clipcond runs a model on its device."""
     from clipcond import conditioning
     from clipcond.evaluation.judge import AttributeJudge
+    from clipcond.models.captioner import Captioner
     from clipcond.models.clip import ClipRun
     from clipcond.pipelines.prior import PriorPipeline
     from clipcond.pipelines.text_to_image import TextToImagePipeline
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
     from clipcond.pipelines.variation import ImageVariationPipeline
-    from clipcond.train import clip, decoder, prior, unclip_decoder  # noqa: F401  (defines the stages)
+    from clipcond.train import captioner, clip, decoder, prior, unclip_decoder  # noqa: F401  (defines the stages)
     from clipcond.train.loop import Stage
+    from clipcond.vision_tokens import VisionTokenCache
 
     calls: list[tuple[object, str]] = [
         (conditioning, "encode_prompts"),
         (conditioning, "embed_images"),
+        (VisionTokenCache, "build_or_load"),
+        (Captioner, "generate"),
         (ClipRun, "encode_text"),
         (ClipRun, "encode_images"),
         (AttributeJudge, "predict"),

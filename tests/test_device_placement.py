@@ -37,9 +37,10 @@ def test_the_guard_catches_indexing_with_an_implicit_index():
 
 def test_models_are_guarded(monkeypatch):
     names = guard_model_calls(monkeypatch)
-    for expected in ("ClipStage.loss", "DecoderStage.loss", "PriorStage.loss", "TextToImagePipeline.__call__"):
+    for expected in ("ClipStage.loss", "DecoderStage.loss", "PriorStage.loss", "CaptionerStage.loss"):
         assert expected in names
     assert "ImageVariationPipeline.interpolate" in names and "AttributeJudge.predict" in names
+    assert "TextToImagePipeline.__call__" in names and "Captioner.generate" in names
 
 
 def test_the_quick_demo_and_its_commands_name_every_device(tmp_path, monkeypatch):
@@ -79,6 +80,7 @@ DIFFUSION = ["--model", "test", "--validation-steps", "2", "--validation-inferen
         ("decoder", [*DIFFUSION, "--conditioning", "image-embedding", "--embedding-tokens", "0"]),
         ("decoder", [*DIFFUSION, "--conditioning", "image-embedding", "--noise-level", "100"]),
         ("prior", ["--model", "test", "--validation-steps", "2", "--validation-max-captions", "8"]),
+        ("captioner", ["--model", "test", "--validation-steps", "2", "--validation-max-images", "4"]),
     ],
 )
 def test_training_options_name_every_device(trainer, argv, shapes_data, tiny_clip_run, tmp_path, monkeypatch):

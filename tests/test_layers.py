@@ -28,7 +28,9 @@ PACKAGES = {"clipcond": ROOT / "clipcond", "clipcond.pipelines": ROOT / "pipelin
 COMMANDS = frozenset(
     {
         "clipcond.__main__",
+        "clipcond.ask",
         "clipcond.build_index",
+        "clipcond.caption",
         "clipcond.cli",
         "clipcond.demo",
         "clipcond.export_diffusers",

@@ -517,6 +517,29 @@ class ShardedEpochSampler(Sampler[list[int]]):
             yield order[start : start + self.batch_size].tolist()
 
 
+class IndexDataset(Dataset):
+    """Item i is i: for stages whose training data is cached by data set index (the prior's embeddings, the
+    captioner's image tokens), a step needs only the indices."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def collate_indices(indices: list[int]) -> dict:
+    """`IndexDataset`'s batches: `{"index": (B,) int64, "skipped": []}`."""
+    return {"index": torch.tensor(indices, dtype=torch.long), "skipped": []}
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def draw_rows(
     draw: Callable[[int], torch.Tensor], batch_size: int, device: torch.device | None = None
 ) -> torch.Tensor:

@@ -72,7 +72,9 @@ from clipcond.train.diffusion import (
 )
 from clipcond.train.ema import add_ema_args, ema_record, ema_weights, make_ema
 from clipcond.train.loop import (
+    IndexDataset,
     add_training_args,
+    collate_indices,
     data_record,
     draw_rows,
     finish_run,
@@ -81,6 +83,7 @@ from clipcond.train.loop import (
     prepare_training,
     run_stage,
     train,
+    trainable_parameters,
 )
 from clipcond.transfer import to_device
 
@@ -155,23 +158,6 @@ def check_prior_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the training data
-
-
-class _IndexDataset(torch.utils.data.Dataset):
-    """Item i is i: a training step needs only the data set indices, whose embeddings the caches hold."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-
-def _collate_indices(indices: list[int]) -> dict:
-    return {"index": torch.tensor(indices, dtype=torch.long), "skipped": []}
 
 
 @dataclass
@@ -366,10 +352,6 @@ def build_prior(
     return prior, data, init_folder
 
 
-def trainable_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def make_validation(args: argparse.Namespace, validation_set, caches: PriorCaches) -> PriorValidation | None:
     if validation_set is None:
         return None
@@ -461,9 +443,7 @@ def train_prior(accelerator: Accelerator, args: argparse.Namespace) -> int:
         validation=make_validation(args, validation_set, caches),
         clip_hash=encoder.content_hash,
     )
-    result = train(
-        accelerator, args, stage, prepared, dataset=_IndexDataset(len(dataset)), collate_fn=_collate_indices
-    )
+    result = train(accelerator, args, stage, prepared, dataset=IndexDataset(len(dataset)), collate_fn=collate_indices)
 
     # 8. Save the pipeline (EMA weights) and the run record
     record = {"dataset": dataset, "caches": caches, "prior": prior, "init_folder": init_folder}

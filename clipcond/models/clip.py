@@ -77,8 +77,9 @@ def clip_config(
 
 
 def image_processor_for(config: CLIPConfig, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> CLIPImageProcessor:
-    """The transformers image processor that matches `config`, saved beside the model so PIL users can call it."""
-    size = config.vision_config.image_size
+    """The transformers image processor that matches `config` (a CLIP config or a vision tower's), saved beside the
+    model so PIL users can call it."""
+    size = getattr(config, "vision_config", config).image_size
     return CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},

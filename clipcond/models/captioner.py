@@ -1,0 +1,322 @@
+"""A LLaVA-style captioner: a frozen CLIP image tower, a two-layer MLP projector, and a small decoder-only language
+model from transformers that reads the projected image tokens before the text.
+
+Liu et al. 2023, "Visual Instruction Tuning" (LLaVA) and "Improved Baselines with Visual Instruction Tuning"
+(LLaVA-1.5): the vision tower's penultimate-layer patch states (`clipcond.vision_tokens`) go through the projector
+(`mlp2x_gelu`: Linear, GELU, Linear) into the language model's embedding space and are prepended to the token
+embeddings (`inputs_embeds`); the model is trained with the next-token loss on the answer only (labels -100 on the
+image tokens and on the prompt). Here the pooled CLIP image embedding is one more image token, through its own MLP.
+
+The sequence the language model reads, for a caption and for a question:
+
+    [image tokens (P + 1)] <bos> caption <eos>
+    [image tokens (P + 1)] <bos> question: QUESTION answer: ANSWER <eos>
+
+A captioner folder (`Captioner.save_pretrained`):
+
+    lm/              the language model and its tokenizer: `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`
+    projector/       `VisionProjector` (config.json + safetensors)
+    vision_encoder/  the frozen CLIP image tower (`CLIPVisionModelWithProjection`) and its preprocessor_config.json
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+
+from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
+from clipcond.vision_tokens import DEFAULT_SELECT_LAYER, vision_tokens
+
+LM_FOLDER, PROJECTOR_FOLDER, VISION_FOLDER = "lm", "projector", "vision_encoder"
+IGNORE_INDEX = -100  # transformers' cross-entropy skips these labels
+
+
+def lm_presets() -> dict[str, dict]:
+    return read_presets(PRESETS_DIR / "lm.json")
+
+
+def lm_config(preset: str, *, tokenizer, max_position_embeddings: int):
+    """A `LlamaConfig` of the preset `preset` (or a JSON file of its fields) for `tokenizer`'s vocabulary and
+    special tokens."""
+    from transformers import LlamaConfig
+
+    fields = preset_fields(preset, lm_presets(), "language model", required=("hidden_size", "num_hidden_layers"))
+    return LlamaConfig(
+        **fields,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max_position_embeddings,
+    )
+
+
+def lm_hidden_size(lm) -> int:
+    """The width of a causal LM's token embeddings (whatever its config calls it)."""
+    return lm.get_input_embeddings().embedding_dim
+
+
+class VisionProjector(ModelMixin, ConfigMixin):
+    r"""CLIP patch tokens and the pooled embedding -> image tokens of the language model's width.
+
+    LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) on the patch tokens, and one of its own on the pooled embedding.
+
+    Args:
+        vision_width: W, the vision tower's hidden size (patch token width).
+        embed_dim: D, the CLIP projection width (the pooled image embedding).
+        hidden_size: H, the language model's embedding width.
+        select_layer: the vision tower's hidden layer the patch tokens come from (LLaVA's -2).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        vision_width: int = 128,
+        embed_dim: int = 128,
+        hidden_size: int = 128,
+        select_layer: int = DEFAULT_SELECT_LAYER,
+    ):
+        super().__init__()
+        self.patch = nn.Sequential(
+            nn.Linear(vision_width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.pooled = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, patch_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, P, W) patch tokens, (B, D) image embeddings -> (B, P + 1, H) image tokens, the pooled one last."""
+        pooled = self.pooled(image_embeds)[:, None]  # (B, 1, H)
+        return torch.cat([self.patch(patch_tokens), pooled], dim=1)
+
+
+class CaptionerModel(nn.Module):
+    """The trainable part, as one module for Accelerate: the projector and the language model."""
+
+    def __init__(self, projector: VisionProjector, lm):
+        super().__init__()
+        self.projector, self.lm = projector, lm
+
+    def inputs(self, patch_tokens, image_embeds, input_ids, attention_mask):
+        """The LM's `inputs_embeds` (B, V + T, H) and attention mask (B, V + T): image tokens, then the text."""
+        image = self.projector(patch_tokens, image_embeds)  # (B, V, H)
+        text = self.lm.get_input_embeddings()(input_ids)  # (B, T, H)
+        mask = torch.cat([attention_mask.new_ones(image.shape[:2]), attention_mask], dim=1)
+        return torch.cat([image.to(text.dtype), text], dim=1), mask
+
+    def forward(self, patch_tokens, image_embeds, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The mean next-token loss over the labelled text tokens."""
+        embeds, mask = self.inputs(patch_tokens, image_embeds, input_ids, attention_mask)
+        ignore = labels.new_full((labels.shape[0], embeds.shape[1] - labels.shape[1]), IGNORE_INDEX)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], 1)).loss
+
+
+# ------------------------------------------------------------------------------------------------ text layout
+
+
+def question_prompt(question: str) -> str:
+    """The text before the answer of a question (the caption task has none)."""
+    return f"question: {question.strip()} answer:"
+
+
+def start_token_id(tokenizer) -> int:
+    """The token every text starts with: the tokenizer's begin token, or its end token when it has none (GPT-2)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_ids(tokenizer, question: str | None) -> list[int]:
+    """<bos> (+ the question's prompt): what the model reads before it writes."""
+    ids = [start_token_id(tokenizer)]
+    if question is not None:
+        ids += tokenizer(question_prompt(question), add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def target_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """The tokens the model learns to write: the text (its first `max_tokens` - 1 tokens), then <eos>."""
+    ids = tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: max_tokens - 1]
+    return ids + [tokenizer.eos_token_id]
+
+
+def text_batch(
+    prompts: list[list[int]], targets: list[list[int]], pad_token_id: int, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (B, T) of prompt + target sequences, on `device`;
+    only the targets are labelled."""
+    length = max(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
+    input_ids, labels, mask = [], [], []
+    for p, t in zip(prompts, targets, strict=True):
+        pad = length - len(p) - len(t)
+        input_ids.append(p + t + [pad_token_id] * pad)
+        labels.append([IGNORE_INDEX] * len(p) + t + [IGNORE_INDEX] * pad)
+        mask.append([1] * (len(p) + len(t)) + [0] * pad)
+    columns = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {name: torch.tensor(rows, dtype=torch.long, device=device) for name, rows in columns.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the captioner
+
+
+@dataclass
+class Captioner:
+    """A trained captioner for inference: images (and a question) in, text out. Load with `from_pretrained`."""
+
+    vision_encoder: nn.Module  # CLIPVisionModelWithProjection, frozen
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    projector: VisionProjector
+    lm: nn.Module  # a transformers causal LM
+    tokenizer: object
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_encoder.config.image_size
+
+    def to(self, device=None) -> Captioner:
+        for model in (self.vision_encoder, self.projector, self.lm):
+            model.to(device)
+        return self
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from clipcond.models.clip import image_processor_for
+
+        path = Path(path)
+        self.lm.save_pretrained(path / LM_FOLDER)
+        self.tokenizer.save_pretrained(path / LM_FOLDER)
+        self.projector.save_pretrained(path / PROJECTOR_FOLDER)
+        self.vision_encoder.save_pretrained(path / VISION_FOLDER)
+        image_processor_for(self.vision_encoder.config, self.image_mean, self.image_std).save_pretrained(
+            path / VISION_FOLDER
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, what: str = "--model") -> Captioner:
+        """The captioner saved in the folder `path` (a captioner run, or one of its checkpoints' `pretrained/`)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from clipcond.models.clip import load_vision_tower
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"`{what}` folder {str(path)!r} does not exist; pass a captioner run folder")
+        missing = [name for name in (LM_FOLDER, PROJECTOR_FOLDER, VISION_FOLDER) if not (path / name).is_dir()]
+        if missing:
+            raise ValueError(
+                f"`{what}` {str(path)!r} is not a captioner folder (no {', '.join(missing)}/); pass the output of "
+                "`clipcond train captioner`"
+            )
+        vision_encoder, mean, std = load_vision_tower(path / VISION_FOLDER, what)
+        projector = VisionProjector.from_pretrained(path / PROJECTOR_FOLDER).eval()
+        lm = AutoModelForCausalLM.from_pretrained(path / LM_FOLDER).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path / LM_FOLDER)
+        return cls(vision_encoder, mean, std, projector, lm, tokenizer)
+
+    def pixels(self, images) -> torch.Tensor:
+        """PIL images, or uint8 tensors ((B, 3, S, S), or a list of (3, S, S)) at the vision tower's size -> uint8
+        (B, 3, S, S); PIL images are resized and centre-cropped to it."""
+        from clipcond.data.folders import image_to_tensor, resize_image, to_rgb
+
+        if isinstance(images, torch.Tensor):
+            return images
+        return torch.stack(
+            [
+                im if isinstance(im, torch.Tensor) else image_to_tensor(resize_image(to_rgb(im), self.image_size))
+                for im in images
+            ]
+        )
+
+    @torch.no_grad()
+    def image_tokens(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens (B, P, W), image embeddings (B, D)) of the images, on the model's device."""
+        from clipcond.models.clip_pixels import normalize_pixels
+
+        pixels = self.pixels(images).to(self.device)
+        pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+        return vision_tokens(self.vision_encoder, pixel_values, self.projector.config.select_layer)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images=None,
+        prompt: str | list[str | None] | None = None,
+        *,
+        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """The text the model writes for each image: a caption (`prompt` None) or the answer to the question `prompt`
+        (one for all images, or one per image). Greedy, or sampled at `temperature` from `generator` (on the
+        model's device); `image_tokens` (patch tokens, embeddings) stand in for `images` (e.g. from a cache)."""
+        # 1. check inputs
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 when sampling, got {temperature}")
+        patches, embeds = self.image_tokens(images) if image_tokens is None else image_tokens
+        batch_size = patches.shape[0]
+        prompts = prompt if isinstance(prompt, list) else [prompt] * batch_size
+        if len(prompts) != batch_size:
+            raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images")
+
+        # 2. the prefix: image tokens, then <bos> and the prompt, left-padded so that every row ends together
+        device = self.device
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+        text_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+        model = CaptionerModel(self.projector, self.lm)
+        embeds_in, mask = model.inputs(patches.to(device), embeds.to(device), input_ids, text_mask)
+        # the image tokens of a row follow its padding: move them behind it, so each row reads image, <bos>, prompt
+        order = torch.argsort(mask, dim=1, stable=True)  # padding (0) first, then the row's tokens in order
+        embeds_in = torch.gather(embeds_in, 1, order[..., None].expand_as(embeds_in))
+        mask = torch.gather(mask, 1, order)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+
+        # 3. decode, one token at a time, with the key-value cache
+        out = self.lm(
+            inputs_embeds=embeds_in, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        written = torch.empty((batch_size, 0), dtype=torch.long, device=device)
+        done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()  # (B, V)
+            if do_sample:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                token = logits.argmax(dim=-1)
+            token = torch.where(done, torch.full_like(token, self.tokenizer.eos_token_id), token)
+            written = torch.cat([written, token[:, None]], dim=1)
+            done |= token == self.tokenizer.eos_token_id
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.lm(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=out.cache,
+                use_cache=True,
+            )
+
+        # 4. the text up to the first <eos>
+        texts = []
+        for row in written.tolist():
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts

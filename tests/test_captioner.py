@@ -1,0 +1,139 @@
+"""The captioner's parts (`clipcond.models.captioner`) at test scale: the projector, the text layout and its labels,
+generation (greedy, seeded sampling, batched like one by one), and the saved folder, whose language model loads with
+stock transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from clipcond.data.folders import ImageCaptionDataset
+from clipcond.models.captioner import (
+    IGNORE_INDEX,
+    Captioner,
+    CaptionerModel,
+    VisionProjector,
+    lm_config,
+    prompt_ids,
+    target_ids,
+    text_batch,
+)
+from clipcond.models.clip import load_vision_tower
+from clipcond.tokenizer import train_tokenizer
+from clipcond.vision_tokens import VisionTokenCache, vision_tokens
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_clip_run, shapes_data):
+    torch.manual_seed(0)
+    vision, mean, std = load_vision_tower(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="train")
+    tokenizer = train_tokenizer(dataset.captions + ["question: what shape is it? answer:"], vocab_size=300)
+    lm = LlamaForCausalLM(lm_config("test", tokenizer=tokenizer, max_position_embeddings=64))
+    width, dim = vision.config.hidden_size, vision.config.projection_dim
+    projector = VisionProjector(vision_width=width, embed_dim=dim, hidden_size=lm.config.hidden_size)
+    return Captioner(vision, mean, std, projector.eval(), lm.eval(), tokenizer)
+
+
+def _images(shapes_data, n=3):
+    dataset = ImageCaptionDataset(shapes_data, split="test", resolution=32)
+    return torch.stack([dataset[i]["pixel_values"] for i in range(n)])  # (n, 3, 32, 32) uint8
+
+
+def test_projector_makes_one_token_per_patch_and_one_pooled():
+    projector = VisionProjector(vision_width=8, embed_dim=6, hidden_size=16)
+    tokens = projector(torch.randn(2, 5, 8), torch.randn(2, 6))
+    assert tokens.shape == (2, 6, 16)
+    assert [type(m).__name__ for m in projector.patch] == ["Linear", "GELU", "Linear"]  # LLaVA-1.5's mlp2x_gelu
+
+
+def test_vision_tokens_come_from_the_penultimate_layer_without_the_class_token(tiny_clip_run):
+    vision, _, _ = load_vision_tower(tiny_clip_run)
+    pixels = torch.randn(2, 3, 32, 32)
+    patches, embeds = vision_tokens(vision, pixels)
+    out = vision(pixel_values=pixels, output_hidden_states=True)
+    assert patches.shape == (2, (32 // 8) ** 2, vision.config.hidden_size)
+    torch.testing.assert_close(patches, out.hidden_states[-2][:, 1:])
+    torch.testing.assert_close(embeds, out.image_embeds)
+
+
+def test_vision_token_cache_holds_the_towers_tokens(tiny_clip_run, shapes_data, tmp_path):
+    vision, mean, std = load_vision_tower(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="test", resolution=32)
+    cache = VisionTokenCache.build_or_load(vision, dataset, tmp_path, image_mean=mean, image_std=std, progress=False)
+    again = VisionTokenCache.build_or_load(vision, dataset, tmp_path, image_mean=mean, image_std=std, progress=False)
+    assert len(list(tmp_path.iterdir())) == 1 and again.key == cache.key
+    from clipcond.models.clip_pixels import normalize_pixels
+
+    patches, embeds = vision_tokens(vision, normalize_pixels(_images(shapes_data, 2), mean, std))
+    got_patches, got_embeds = again.lookup(torch.tensor([0, 1]))
+    torch.testing.assert_close(got_patches, patches, atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(got_embeds, embeds, atol=2e-3, rtol=2e-3)
+
+
+def test_only_the_targets_are_labelled(captioner):
+    tok = captioner.tokenizer
+    prompts = [prompt_ids(tok, None), prompt_ids(tok, "what shape is it?")]
+    targets = [target_ids(tok, "a red circle"), target_ids(tok, "circle")]
+    batch = text_batch(prompts, targets, tok.pad_token_id)
+    for row, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        labels = batch["labels"][row]
+        assert (labels[: len(p)] == IGNORE_INDEX).all() and (labels[len(p) + len(t) :] == IGNORE_INDEX).all()
+        assert labels[len(p) : len(p) + len(t)].tolist() == t and t[-1] == tok.eos_token_id
+        assert batch["attention_mask"][row].sum() == len(p) + len(t)
+    assert prompts[0] == [tok.bos_token_id]
+    cut = target_ids(tok, "a red circle " * 20, max_tokens=5)
+    assert len(cut) == 5 and cut[:4] == target_ids(tok, "a red circle " * 20)[:4] and cut[-1] == tok.eos_token_id
+
+
+def test_loss_ignores_the_image_and_prompt_positions(captioner):
+    """The loss is the mean cross-entropy over the target tokens (the caption and <eos>) alone."""
+    tok, model = captioner.tokenizer, CaptionerModel(captioner.projector, captioner.lm)
+    batch = text_batch([prompt_ids(tok, None)], [target_ids(tok, "a red circle")], tok.pad_token_id)
+    patches, embeds = torch.randn(1, 16, 32), torch.randn(1, 32)
+    loss = model(patches, embeds, **batch)
+    inputs, mask = model.inputs(patches, embeds, batch["input_ids"], batch["attention_mask"])
+    # 17 image tokens (16 patches + the pooled one): position 16 + j predicts text token j
+    logits = captioner.lm(inputs_embeds=inputs, attention_mask=mask).logits[0, 16:-1]
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"][0], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_generate_greedy_is_deterministic_and_batched_like_single(captioner, shapes_data):
+    images = _images(shapes_data)
+    prompts = [None, "what shape is it?", "how many objects are there?"]  # prompts of different lengths
+    batched = captioner.generate(images, prompts, max_new_tokens=6)
+    single = [captioner.generate(images[i : i + 1], prompts[i], max_new_tokens=6)[0] for i in range(3)]
+    assert batched == single
+    assert captioner.generate(images, prompts, max_new_tokens=6) == batched
+
+
+def test_generate_sampled_follows_the_generator(captioner, shapes_data):
+    images = _images(shapes_data)
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return captioner.generate(images, do_sample=True, max_new_tokens=8, generator=generator)
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)  # an untrained model's distribution is near uniform over hundreds of tokens
+    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+        captioner.generate(images, do_sample=True, temperature=0.0)
+
+
+def test_saved_folder_round_trips_and_lm_loads_with_stock_transformers(captioner, shapes_data, tmp_path):
+    captioner.save_pretrained(tmp_path)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    ids = tokenizer("a red circle", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(lm(ids).logits, captioner.lm(ids).logits)
+    assert tokenizer("a red circle")["input_ids"] == captioner.tokenizer("a red circle")["input_ids"]
+    loaded = Captioner.from_pretrained(tmp_path)
+    images = _images(shapes_data)
+    assert loaded.generate(images, max_new_tokens=6) == captioner.generate(images, max_new_tokens=6)
+
+
+def test_from_pretrained_names_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="`--model` folder .*nowhere.* does not exist"):
+        Captioner.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="`--model` .* is not a captioner folder"):
+        Captioner.from_pretrained(tmp_path)

@@ -1,0 +1,302 @@
+"""`clipcond train captioner` at test scale: it learns, the run folder and its record, exact resume after SIGKILL,
+the projector-only stage, lineage, `clipcond caption` / `clipcond ask` / `clipcond eval captioner` in-process, and
+errors that name the argument."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import kill_at_step
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from clipcond import ask, caption
+from clipcond.data.folders import ImageCaptionDataset
+from clipcond.data.questions import DESCRIBE
+from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
+from clipcond.evaluation import captioner as eval_captioner
+from clipcond.evaluation.captioner import evaluate_captioner, parse_caption, score_caption
+from clipcond.models.captioner import Captioner, VisionProjector, text_batch
+from clipcond.train.captioner import drop_words, main
+
+FAST_ARGS = ["--model", "test", "--train-batch-size", "16", "--lr-warmup-steps", "1", "--seed", "0"]
+STEPS = 4  # checkpoints and validation every 2 steps
+RESUME_ARGS = ["--max-train-steps", str(STEPS), "--checkpointing-steps", "2", "--validation-steps", "2"]
+RESUME_ARGS += ["--validation-max-images", "4"]
+KILL = [kill_at_step.PATH, "clipcond.train.captioner", "CaptionerStage"]  # runs the stage, SIGKILLed after a step
+
+
+def _argv(clip, data, out, *extra):
+    return ["--clip", str(clip), "--data", str(data), "--output-dir", str(out), *FAST_ARGS, *extra]
+
+
+def _reset_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _weights(folder, part="lm"):
+    name = "model.safetensors" if part == "lm" else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / part / name)
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:  # bit-identical on one CPU process
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def captioner_run(tiny_clip_run, shapes_data, tmp_path_factory):
+    """4 steps with a checkpoint and validation every 2: the uninterrupted run the resume test compares with."""
+    out = tmp_path_factory.mktemp("captioner")
+    main(_argv(tiny_clip_run, shapes_data, out, *RESUME_ARGS))
+    _reset_accelerate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def few_shapes(tmp_path_factory):
+    """A tiny problem: 32 one-object training images."""
+    root = tmp_path_factory.mktemp("few_shapes")
+    write_shapes_dataset(root, num_images=50, num_test_images=18, resolution=32, seed=0, single_fraction=1.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def learned_run(tiny_clip_run, few_shapes, tmp_path_factory):
+    """The `test` language model trained on `few_shapes` for a few hundred steps (seconds); without word dropout,
+    which slows the fitting of so small a problem."""
+    out = tmp_path_factory.mktemp("captioner_learned")
+    steps = ["--max-train-steps", "800", "--learning-rate", "3e-3", "--lr-warmup-steps", "10", "--word-dropout", "0"]
+    main(_argv(tiny_clip_run, few_shapes, out, *steps, "--checkpointing-steps", "0", "--validation-steps", "0"))
+    _reset_accelerate()
+    return out
+
+
+def _train_singles(data):
+    return ImageCaptionDataset(data, split="train", resolution=32)
+
+
+def test_run_folder_and_record(captioner_run, tiny_clip_run):
+    record = json.loads((captioner_run / "clipcond_run.json").read_text())
+    assert record["kind"] == "clipcond-captioner"
+    assert record["clip"]["content_hash"] == __import__("clipcond.lineage").lineage.content_hash(tiny_clip_run)
+    assert record["tasks"]["questions"] and record["tasks"]["question_fraction"] == 0.5
+    assert record["lm"]["class"] == "LlamaForCausalLM" and record["stage"] == "full"
+    assert record["data"]["num_image_tokens"] == 17  # 16 patches of the 32 px / patch 8 CLIP + the pooled embedding
+    assert record["summary"]["steps"] == STEPS and "caption_colour" in record["summary"]
+    assert sorted(p.name for p in (captioner_run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    # the language model is a stock transformers folder
+    lm = AutoModelForCausalLM.from_pretrained(captioner_run / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")
+    assert isinstance(lm, LlamaForCausalLM) and lm.config.vocab_size == len(tokenizer)
+    assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+    assert VisionProjector.from_pretrained(captioner_run / "projector").config.vision_width == 32
+
+
+def test_the_captioner_learns(learned_run, few_shapes):
+    """Caption and answer accuracy on the tiny problem, far above the same captioner before training."""
+    dataset = _train_singles(few_shapes)
+    info = load_dataset_info(few_shapes)
+    trained = Captioner.from_pretrained(learned_run)
+    untrained = Captioner.from_pretrained(learned_run)
+    torch.manual_seed(0)
+    untrained.lm = LlamaForCausalLM(trained.lm.config).eval()
+    untrained.projector = VisionProjector.from_config(trained.projector.config).eval()
+    kwargs = {"info": info, "questions": True, "max_images": 64}
+    after = evaluate_captioner(trained, dataset, **kwargs)
+    before = evaluate_captioner(untrained, dataset, **kwargs)
+    for field in ("colour", "shape", "count"):
+        acc_after = after["caption"]["all"][field]["accuracy"]
+        acc_before = before["caption"]["all"][field]["accuracy"]
+        examples = after["caption"]["examples"]
+        assert acc_after >= acc_before + 0.5 and acc_after >= 0.75, (field, acc_before, acc_after, examples)
+    for kind in ("count", "colour", "shape", "position", "describe"):
+        acc_after, acc_before = after["questions"][kind]["accuracy"], before["questions"][kind]["accuracy"]
+        assert acc_after >= acc_before + 0.3, (kind, acc_before, acc_after)
+    assert after["questions"]["count"]["accuracy"] >= 0.75 and after["questions"]["colour"]["accuracy"] >= 0.75
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CLIPCOND_KILL_AT_STEP": "3"}
+    argv = _argv(tiny_clip_run, shapes_data, killed, *RESUME_ARGS)
+    proc = subprocess.run([sys.executable, *KILL, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (killed / "lm").exists()
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+    main([*argv, "--resume-from-checkpoint", "latest"])
+    record = json.loads((killed / "clipcond_run.json").read_text())
+    assert record["summary"]["resumed_from"].endswith("checkpoint-2")
+    _assert_same(_weights(killed, "lm"), _weights(captioner_run, "lm"))
+    _assert_same(_weights(killed, "projector"), _weights(captioner_run, "projector"))
+
+
+def test_projector_stage_keeps_the_language_model(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    out = tmp_path / "projector"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--validation-steps", "0")
+    main([*argv, "--checkpointing-steps", "0", "--stage", "projector", "--init-captioner", str(captioner_run)])
+    _assert_same(_weights(out, "lm"), _weights(captioner_run, "lm"))
+    before, after = _weights(captioner_run, "projector"), _weights(out, "projector")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((out / "clipcond_run.json").read_text())
+    assert record["stage"] == "projector" and record["lm"]["trained"] is False
+    assert record["lm"]["init_from"]["path"] == str(captioner_run)
+
+
+def test_init_lm_reads_a_pretrained_causal_lm(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    out = tmp_path / "from_lm"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--validation-steps", "0")
+    main([*argv, "--checkpointing-steps", "0", "--stage", "projector", "--init-lm", str(captioner_run / "lm")])
+    _assert_same(_weights(out, "lm"), _weights(captioner_run, "lm"))
+    assert (out / "lm" / "tokenizer.json").read_text() == (captioner_run / "lm" / "tokenizer.json").read_text()
+
+
+def test_another_clip_is_refused(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    """A copy of the CLIP with one byte changed has another content hash: a captioner trained on the first may not
+    start or resume on it."""
+    other = tmp_path / "other_clip"
+    shutil.copytree(tiny_clip_run, other, ignore=shutil.ignore_patterns("checkpoints"))
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")
+    argv = _argv(other, shapes_data, tmp_path / "o", "--max-train-steps", "2", "--init-captioner", str(captioner_run))
+    with pytest.raises(ValueError, match="was trained on another CLIP than `--clip`"):
+        main(argv)
+    _reset_accelerate()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(captioner_run, resumed)
+    argv = _argv(other, shapes_data, resumed, *RESUME_ARGS, "--max-train-steps", "6", "--resume-from-checkpoint")
+    with pytest.raises(ValueError, match="trained on the CLIP with content hash"):
+        main([*argv, "latest"])
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
+    dataset = _train_singles(few_shapes)
+    single = next(i for i, r in enumerate(dataset.records) if r["kind"] == "single")
+    image = str(dataset.image_paths[single])
+    assert caption.main(["--model", str(learned_run), image]) == 0
+    path, text = capsys.readouterr().out.strip().split("\t")
+    assert path == image
+    assert text == Captioner.from_pretrained(learned_run).generate([dataset[single]["pixel_values"]])[0]
+    assert parse_caption(
+        text, ["red", "green", "blue", "yellow", "purple", "orange"], ["circle", "square", "triangle"]
+    )
+
+    sampled = ["--model", str(learned_run), image, "--do-sample", "--num-samples", "3", "--seed", "1", "--json"]
+    caption.main(sampled)
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    caption.main(sampled)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == first
+    assert [r["sample"] for r in first] == [0, 1, 2]
+
+    assert ask.main(["--model", str(learned_run), image, "how many objects are there?"]) == 0
+    assert capsys.readouterr().out.strip().split("\t") == [image, "one"]
+
+    caption.main(["--model", str(learned_run), image, "--detailed"])
+    description = capsys.readouterr().out.strip().split("\t")[1]
+    assert (
+        description == Captioner.from_pretrained(learned_run).generate([dataset[single]["pixel_values"]], DESCRIBE)[0]
+    )
+
+
+def test_eval_captioner_command(learned_run, shapes_data, tmp_path, capsys):
+    eval_captioner.main(["--model", str(learned_run), "--data", str(shapes_data), "--output-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "captioner.json").read_text())
+    for name in ("caption", "description"):
+        assert {"seen", "heldout", "all", "names_position", "examples"} == set(result[name])
+        assert result[name]["heldout"]["colour"]["n"] + result[name]["seen"]["colour"]["n"] == 18
+    assert set(result["questions"]) == {"count", "colour", "shape", "position", "describe"}
+    assert "heldout compositions" in capsys.readouterr().out
+
+
+def test_eval_captioner_refuses_other_data(captioner_run, tmp_path):
+    with pytest.raises(ValueError, match="`--data` .* is not the shapes data"):
+        eval_captioner.main(["--model", str(captioner_run), "--data", str(tmp_path)])
+
+
+def test_score_caption_reads_the_fields():
+    obj = {"colour": "red", "shape": "circle", "position": "top"}
+    colours, shapes = ["red", "blue"], ["circle", "square"]
+    assert all(score_caption("a small red circle at the top", obj, colours, shapes).values())
+    scores = score_caption("two red circles", obj, colours, shapes)
+    assert scores == {"colour": True, "shape": True, "count": False, "position": False}
+    assert not score_caption("a red circle left of a blue square", obj, colours, shapes)["colour"]
+    assert score_caption("in the middle, one red circle", {**obj, "position": "centre"}, colours, shapes)["position"]
+
+
+@pytest.mark.parametrize(
+    "command, argv, error, match",
+    [
+        (caption, ["--model", "MISSING", "IMAGE"], FileNotFoundError, "`--model` folder .*MISSING.* does not exist"),
+        (caption, ["--model", "RUN", "README"], ValueError, "IMAGE .*README.* cannot be read as an image"),
+        (caption, ["--model", "RUN", "NOFILE"], FileNotFoundError, "IMAGE .*NOFILE.* does not exist"),
+        (caption, ["--model", "RUN", "IMAGE", "--num-samples", "2"], ValueError, "needs --do-sample"),
+        (ask, ["--model", "RUN", "IMAGE", "  "], ValueError, "QUESTION must not be empty"),
+        (ask, ["--model", "RUN", "IMAGE", "what?", "--max-new-tokens", "0"], ValueError, "`--max-new-tokens` must"),
+    ],
+)
+def test_command_errors_name_the_argument(captioner_run, shapes_data, tmp_path, command, argv, error, match):
+    readme = tmp_path / "README"
+    readme.write_text("not an image")
+    values = {
+        "MISSING": str(tmp_path / "MISSING"),
+        "RUN": str(captioner_run),
+        "IMAGE": str(shapes_data / "test" / "00000.png"),
+        "README": str(readme),
+        "NOFILE": str(tmp_path / "NOFILE.png"),
+    }
+    with pytest.raises(error, match=match):
+        command.main([values.get(a, a) for a in argv])
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        (["--stage", "projector"], ValueError, "`--stage projector` .* must be pretrained: pass --init-lm"),
+        (["--question-fraction", "1.5"], ValueError, r"`--question-fraction` must be in \[0, 1\], got 1.5"),
+        (["--word-dropout", "1"], ValueError, r"`--word-dropout` must be in \[0, 1\), got 1.0"),
+        (["--init-lm", "NOWHERE"], FileNotFoundError, "`--init-lm` folder .*NOWHERE.* does not exist"),
+        (["--model", "huge"], ValueError, "`model` must be one of"),
+    ],
+)
+def test_training_errors_name_the_argument(tiny_clip_run, shapes_data, tmp_path, extra, error, match):
+    extra = [str(tmp_path / e) if e == "NOWHERE" else e for e in extra]
+    with pytest.raises(error, match=match):
+        main(_argv(tiny_clip_run, shapes_data, tmp_path / "o", "--max-train-steps", "1", *extra))
+
+
+def test_word_dropout_hides_target_inputs_only():
+    text = text_batch([[1, 7, 8], [1]], [[5, 6, 0], [9, 0]], pad_token_id=2)
+    dropped = drop_words(text, torch.ones_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    targets = text["labels"] != -100
+    assert (dropped[targets] == 2).all()
+    assert torch.equal(dropped[~targets], text["input_ids"][~targets])  # <bos>, prompts and padding kept
+    kept = drop_words(text, torch.zeros_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    assert torch.equal(kept, text["input_ids"])
+
+
+def test_init_lm_takes_a_gpt2_model(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    """Any transformers causal LM: a GPT-2 (learned positions, no pad token) trains and captions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")
+    tokenizer.pad_token = None
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "from_gpt2"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--validation-steps", "0")
+    main([*argv, "--checkpointing-steps", "0", "--init-lm", str(tmp_path / "gpt2")])
+    captioner = Captioner.from_pretrained(out)
+    assert type(captioner.lm).__name__ == "GPT2LMHeadModel"
+    texts = captioner.generate(_train_singles(shapes_data)[0]["pixel_values"][None], max_new_tokens=4)
+    assert len(texts) == 1 and isinstance(texts[0], str)
