@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior", metavar="PRIOR", help="prior run (with --decoder): probe the DALL-E 2 path")
     parser.add_argument("--decoder", metavar="UNCLIP_DEC", help="image-embedding decoder run (with --prior)")
     parser.add_argument(
+        "--captioner",
+        metavar="CAP",
+        help="captioner run (`clipcond train captioner`): read each probe's field back from its greedy captions of "
+        "the pairs' images",
+    )
+    parser.add_argument(
         "--num-pairs",
         type=int,
         default=DEFAULT_NUM_PAIRS,
@@ -100,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
-    for flag, path in (("--clip", args.clip), ("--data", args.data), ("--model", args.model)):
+    given = (("--clip", args.clip), ("--data", args.data), ("--model", args.model), ("--captioner", args.captioner))
+    for flag, path in given:
         if path is not None and not os.path.isdir(path):
             raise FileNotFoundError(f"`{flag}` {path!r} does not exist")
     for flag, path in (("--model", args.model), ("--prior", args.prior), ("--decoder", args.decoder)):
@@ -173,6 +180,18 @@ def _minimal_pairs(args: argparse.Namespace, held_out: list[str]) -> dict:
     return pairs
 
 
+def _captioner_probes(path: str, device, pairs: dict, resolution: int) -> dict:
+    """Per probe, the share of the pairs' images whose greedy caption states the probed field as the right caption
+    does (`clipcond.evaluation.probes.captioner_figures`)."""
+    from clipcond.evaluation import probes
+    from clipcond.models.captioner import Captioner
+    from clipcond.runs import check_finished
+
+    check_finished(path, "`--captioner`")
+    captioner = Captioner.from_pretrained(path, what="--captioner").to(device)
+    return probes.captioner_figures(lambda images: captioner.generate(images), pairs, resolution)
+
+
 def _generator_probes(args: argparse.Namespace, device, resolution: int, held_out: list[str]) -> dict:
     """The report's generator sections: prompts of each kind drawn by each path given, read by the scene reader
     beside the reader's own accuracy on renders of the same prompts."""
@@ -234,11 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "settings": {**settings, "seed": args.seed, "held_out": held_out},
         **clip_probes(clip_run, pairs, resolution, output_dir),
-        "notes": [
-            "The captioner probe (`captioner_figures` in clipcond.evaluation.probes) takes a caption(images) "
-            "callable; no captioner is wired to this command yet."
-        ],
     }
+    if args.captioner:
+        report["captioner"] = _captioner_probes(args.captioner, device, pairs, resolution)
+        report["settings"]["captioner"] = str(args.captioner)
 
     # 3. the generators: prompts of each kind, drawn, read by the scene reader
     if args.model or args.prior:

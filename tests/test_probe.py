@@ -47,6 +47,28 @@ def test_probe_round_trips(tiny_clip_run, shapes_data, pipeline_run, judge_cache
     assert from_metadata["settings"]["source"] == "metadata" and "binding" in from_metadata["clip"]
 
 
+def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from clipcond.train.captioner import main as train_captioner
+
+    captioner = tmp_path / "captioner"
+    train = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(captioner)]
+    train += ["--model", "test", "--max-train-steps", "2", "--checkpointing-steps", "0", "--validation-steps", "0"]
+    assert train_captioner(train) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+    out = tmp_path / "probe"
+    args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(out), "--num-pairs", "4"]
+    assert main([*args, "--captioner", str(captioner)]) == 0
+    report = json.loads((out / "probes.json").read_text())
+    assert report["settings"]["captioner"] == str(captioner) and set(report["captioner"]) == set(PROBES)
+    for figures in report["captioner"].values():
+        assert figures["all"]["n"] == 8 and figures["all"]["chance"] == 0.5
+    assert (out / "captioner.png").is_file() and "aptioner" in (out / "probes.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
