@@ -72,6 +72,35 @@ def test_scheduler_steps_compares_samplers_with_the_several_object_share(
     assert "dpm-sde@2: " in row and "several" in row and "`samplers.json` at 0000000" in row
 
 
+def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, tmp_path, monkeypatch, capsys):
+    import hard_negatives
+    import hard_negatives_decoder
+
+    from clipcond.evaluation import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    runs = tmp_path / "runs"
+    smoke = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(runs)]
+    assert hard_negatives.main(smoke) == 0
+    capsys.readouterr()
+    argv = ["--runs-dir", str(runs), "--data-dir", str(shapes_data), "--num-prompts", "1", "--images-per-prompt", "1"]
+    decoder = ["--model", "test", "--max-train-steps", "2", "--train-batch-size", "4", "--lr-warmup-steps", "1"]
+    decoder += ["--checkpointing-steps", "0", "--validation-steps", "0"]
+    assert hard_negatives_decoder.main([*argv, "--decoder-args", *decoder]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for recipe in ("plain", "hard_negatives"):
+        run = report["per_seed"][recipe]["0"]
+        assert run["decoder"]["steps"] == 2 and set(run["generator"]) == {"count", "relation", "binding"}
+        record = json.loads((runs / f"decoder-{recipe}-seed0" / "clipcond_run.json").read_text())
+        assert record["clip"]["path"] == str(runs / f"{recipe}-seed0")  # each decoder on its own recipe's CLIP
+    gap = report["difference"]["count"]["count"]
+    plain, negatives = (
+        report["per_seed"][r]["0"]["generator"]["count"]["count"]["all"]["accuracy"]
+        for r in ("plain", "hard_negatives")
+    )
+    assert gap == pytest.approx(negatives - plain, abs=1e-4)
+
+
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
     figures = {"colour_accuracy_seen": colour, "shape_accuracy_seen": shape}
     figures |= {"colour_accuracy_heldout": 0.5, "shape_accuracy_heldout": 0.4}
