@@ -76,12 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="more `clipcond train clip` options, to measure another recipe (e.g. '--grayscale-prob 0')",
     )
-    parser.add_argument(
-        "--results-name",
-        default="clip_real_data",
-        help="with --save-results: benchmarks/results/<name>.json (another name for another recipe)",
-    )
-    add_results_flag(parser)
+    add_results_flag(parser, results_name="clip_real_data")
     return parser.parse_args(argv)
 
 

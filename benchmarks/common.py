@@ -7,10 +7,12 @@ each round gives one ratio, and the median of the ratios is robust to a round th
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -138,7 +140,9 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def add_results_flag(parser) -> None:
+def add_results_flag(parser, results_name: str | None = None) -> None:
+    """`--save-results`; with `results_name`, also `--results-name` (that default), so that another recipe or
+    comparison measured by the same script keeps a result file of its own."""
     parser.add_argument(
         "--save-results",
         "--write-results",
@@ -146,6 +150,22 @@ def add_results_flag(parser) -> None:
         action="store_true",
         help="also write the JSON to benchmarks/results/<name>.json",
     )
+    if results_name is not None:
+        parser.add_argument(
+            "--results-name",
+            type=checked_results_name,
+            default=results_name,
+            help=f"with --save-results: benchmarks/results/<name>.json (default {results_name})",
+        )
+
+
+def checked_results_name(text: str) -> str:
+    """A result file's name: lower-case letters, digits and underscores, so that it stays in benchmarks/results/."""
+    if not re.fullmatch(r"[a-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(
+            f"must be lower-case letters, digits and underscores (a file in benchmarks/results/), got {text!r}"
+        )
+    return text
 
 
 def add_case_args(

@@ -65,12 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="guidance weight")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image generators")
     parser.add_argument("--output-dir", type=Path, help="also write each sampler's grids here (default: none)")
-    parser.add_argument(
-        "--results-name",
-        default="scheduler_steps",
-        help="with --save-results: benchmarks/results/<name>.json (another name for another comparison)",
-    )
-    add_results_flag(parser)
+    add_results_flag(parser, results_name="scheduler_steps")
     return parser.parse_args(argv)
 
 

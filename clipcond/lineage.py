@@ -39,10 +39,21 @@ def content_hash(folder: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_size):
-                digest.update(chunk)
+        _update(digest, path, chunk_size)
     return digest.hexdigest()
+
+
+def file_hash(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of one file's bytes, as hex (what a figure measured with a weights file records of it)."""
+    digest = hashlib.sha256()
+    _update(digest, Path(path), chunk_size)
+    return digest.hexdigest()
+
+
+def _update(digest, path: Path, chunk_size: int) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
 
 
 def check_evaluation_clip(clip: str | os.PathLike, trained_on: str | None, *, what: str, allow: bool) -> bool:

@@ -51,6 +51,16 @@ def test_latent_step_cost_times_one_unet_on_pixels_and_on_latents(capsys):
     assert case["cache_encode_seconds_per_image"] > 0
 
 
+def test_results_name_stays_in_the_results_folder(capsys):
+    import scheduler_steps
+
+    with pytest.raises(SystemExit):
+        scheduler_steps.parse_args(["--model", "m", "--data", "d", "--results-name", "../elsewhere"])
+    assert "--results-name: must be lower-case letters" in capsys.readouterr().err
+    args = scheduler_steps.parse_args(["--model", "m", "--data", "d", "--results-name", "samplers"])
+    assert args.results_name == "samplers"
+
+
 def test_scheduler_steps_compares_samplers_with_the_several_object_share(
     pipeline_run, shapes_data, judge, monkeypatch, capsys
 ):

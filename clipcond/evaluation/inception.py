@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipcond.lineage import file_hash
+
 FLAG = "`--inception-weights`"
 INPUT_SIZE = 299
 FEATURE_DIM = 2048  # pool3
@@ -43,12 +45,14 @@ class InceptionWeights:
 
     path: Path
     kind: str  # one of KINDS: which blocks the network is built with
+    sha256: str  # of the file: two files at one path are told apart
 
     @property
     def settings(self) -> dict:
         """What an evaluation records of the features it measured `fd_inception` in."""
         return {
             "weights": str(self.path),
+            "sha256": self.sha256,
             "blocks": self.kind,
             "input": f"bilinear resize to {INPUT_SIZE} (as pytorch-fid), scaled to [-1, 1]",
         }
@@ -118,7 +122,7 @@ def check_inception_weights(path: str | os.PathLike) -> InceptionWeights:
             f"{what} does not fit torchvision's inception_v3: {len(wrong)} tensor(s) of the wrong shape and "
             f"{len(foreign)} unknown ({shown})"
         )
-    return InceptionWeights(path, kind)
+    return InceptionWeights(path, kind, file_hash(path))
 
 
 class InceptionFeatures:

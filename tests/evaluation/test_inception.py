@@ -2,7 +2,9 @@
 the features are batched and fp32, a set is at distance ~0 from itself, and pytorch-fid's weights are built with
 its blocks."""
 
+import hashlib
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from clipcond.evaluation.inception import (
     check_inception_weights,
     load_inception,
 )
+from clipcond.lineage import file_hash
 
 pytest.importorskip("torchvision")
 
@@ -33,6 +36,7 @@ def _images(n: int, seed: int, bright: bool = False) -> torch.Tensor:
 def test_features_are_pool3_batched_and_a_set_is_at_distance_zero_from_itself(inception_weights):
     features = load_inception(inception_weights, batch_size=2)
     assert features.weights.kind == "torchvision" and features.weights.settings["blocks"] == "torchvision"
+    assert features.weights.settings["sha256"] == hashlib.sha256(Path(features.weights.path).read_bytes()).hexdigest()
     images = _images(5, seed=0)
     pooled = features(images)
     assert pooled.shape == (5, FEATURE_DIM) and pooled.dtype == torch.float32 and torch.isfinite(pooled).all()
@@ -80,7 +84,7 @@ def test_wrong_files_are_refused_naming_the_flag_and_the_path(inception_weights,
     # torchvision's file carries the classifiers too; one without them is accepted
     no_classifier = lambda key, _: not key.startswith(("fc.", "AuxLogits."))  # noqa: E731
     bare = _subset(inception_weights, tmp_path / "bare.safetensors", no_classifier)
-    assert check_inception_weights(bare) == InceptionWeights(bare, "torchvision")
+    assert check_inception_weights(bare) == InceptionWeights(bare, "torchvision", file_hash(bare))
 
 
 def test_the_command_refuses_a_wrong_file_in_one_line_before_loading(pipeline_run, shapes_data, tmp_path, capsys):
@@ -109,7 +113,7 @@ def test_pytorch_fids_weights_are_built_with_its_pooling(tmp_path, monkeypatch):
     fid = load_inception(path)
     assert fid.weights.kind == "pytorch-fid"
     images = _images(2, seed=2)
-    as_torchvision = InceptionFeatures(InceptionWeights(path, "torchvision"))(images)
+    as_torchvision = InceptionFeatures(InceptionWeights(path, "torchvision", file_hash(path)))(images)
     assert not torch.allclose(fid(images), as_torchvision, rtol=1e-3, atol=1e-3)
 
     # pytorch-fid itself, where installed (not a dependency), given the same weights instead of its download

@@ -227,12 +227,13 @@ def test_every_scheduler_swaps_in(pipe, name):
 def test_schedulers_differ(pipe):
     base = pipe.scheduler.config
     images = {}
-    for name in ("ddpm", "ddim", "euler", "dpm", "dpm-sde"):
+    for name in ("ddpm", "ddim", "euler", "euler-a", "dpm", "dpm-sde"):
         pipe.scheduler = scheduler_from_name(name, base)
         images[name] = run(pipe, "a red circle", seeds=(0,))
     assert np.abs(images["ddpm"] - images["ddim"]).max() > 0.01
     assert np.abs(images["ddim"] - images["euler"]).max() > 0.01
     assert np.abs(images["dpm"] - images["dpm-sde"]).max() > 0.01  # the SDE variant draws fresh noise per step
+    assert not np.array_equal(images["euler"], images["euler-a"])  # so does ancestral Euler (once in 2 steps)
 
 
 def test_guidance_doubles_the_unet_batch_once_per_step(pipe, tokenizer):
