@@ -351,6 +351,27 @@ def hard_negative_rows(report: dict) -> list[str]:
     return rows
 
 
+def hard_negative_decoder_rows(report: dict) -> list[str]:
+    """The Stable Diffusion path on each recipe's CLIP: its two-object prompts read by the probe's scene reader."""
+    seeds = sorted(report["per_seed"]["plain"])
+    source = _source("hard_negatives_decoder", report)
+    rows = []
+    for kind, field, label in (
+        ("count", "count", '"two X" / "a X" prompts drawn with the right number of objects'),
+        ("relation", "relation", "relation prompts, relation right (among images whose objects are right)"),
+        ("binding", "binding", "binding prompts, colours on the right shapes (among images with both)"),
+        ("binding", "objects", "binding prompts, exactly the two prompted objects"),
+    ):
+        cells = []
+        for recipe in ("plain", "hard_negatives"):
+            figures = [report["per_seed"][recipe][s]["generator"][kind][field]["all"] for s in seeds]
+            cells.append(" / ".join(f"{_pct(f['accuracy'])} (n={f['n']})" for f in figures))
+        chance = report["per_seed"]["plain"][seeds[0]]["generator"][kind][field]["all"]["chance"]
+        what = f"Stable Diffusion path on the plain vs the hard-negative CLIP: {label}, chance {_pct(chance)}"
+        rows.append(_row(what, " vs ".join(cells), "/".join(seeds), "measured", "", source))
+    return rows
+
+
 def judge_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in report["seeds"])
     version, bar, checks = report["judge"]["version"], report["bar"], report["checks"]
@@ -490,6 +511,10 @@ QUALITY = {
     "hard_negatives": (
         "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
         hard_negative_rows,
+    ),
+    "hard_negatives_decoder": (
+        "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --save-results",
+        hard_negative_decoder_rows,
     ),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),

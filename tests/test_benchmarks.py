@@ -109,6 +109,10 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
         for r in ("plain", "hard_negatives")
     )
     assert gap == pytest.approx(negatives - plain, abs=1e-4)
+    import report as report_module
+
+    rows = report_module.hard_negative_decoder_rows(report)
+    assert len(rows) == 4 and all(" vs " in row and "(n=" in row for row in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
