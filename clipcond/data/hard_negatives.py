@@ -36,6 +36,7 @@ from clipcond.data.shapes import (
     POSITION_PHRASES,
     RELATION_PHRASES,
     SHAPES,
+    SIDE_BY_SIDE,
     SIZE_WORDS,
     TWO_WORDS,
     article,
@@ -225,7 +226,10 @@ def swap_relations(caption: str, relation: str | None = None) -> list[str]:
 
 def swap_count(caption: str, kind: str | None = None) -> list[str]:
     """Count negatives: "two red circles" -> "a red circle" (also "a pair of ..."), else the first "a red circle" ->
-    "two red circles". With the shapes data's scene `kind`, a count scene is made one object, any other two."""
+    "two red circles". With the shapes data's scene `kind`, a count scene is made one object, any other two.
+
+    A count caption's closing "side by side" or ", one above the other" goes with the second object: left on the one
+    object, it would give the negative away by its words alone ("a red circle side by side")."""
     text = _Caption(caption)
     if kind in (None, "count"):
         for two in TWO_WORDS:
@@ -233,7 +237,8 @@ def swap_count(caption: str, kind: str | None = None) -> list[str]:
             shape = None if at is None else _shape_after_attributes(text, at + len(two.split()))
             if shape is not None and _stem(text.words[shape], SHAPES)[1]:
                 after = text.words[at + len(two.split())]
-                return [text.replace([(at, len(two.split()), article(after)), (shape, 1, text.words[shape][:-1])])]
+                one = _without_count_tail(text, shape + 1)
+                return [one.replace([(at, len(two.split()), article(after)), (shape, 1, text.words[shape][:-1])])]
         if kind == "count":
             return []
     for at, word in enumerate(text.words):
@@ -241,6 +246,17 @@ def swap_count(caption: str, kind: str | None = None) -> list[str]:
         if shape is not None and not _stem(text.words[shape], SHAPES)[1]:
             return [text.replace([(at, 1, "two"), (shape, 1, text.words[shape] + "s")])]
     return []
+
+
+def _without_count_tail(caption: _Caption, start: int) -> _Caption:
+    """The caption without the first `SIDE_BY_SIDE` or `ONE_ABOVE_THE_OTHER` at or after word `start`, nor the
+    separator before it (", "); the words before it keep their indices."""
+    for phrase in (SIDE_BY_SIDE, ONE_ABOVE_THE_OTHER):
+        at = caption.find(phrase, start)
+        if at is not None:
+            end = at + len(phrase.split())
+            return _Caption("".join(caption.parts[: 2 * at] + caption.parts[2 * end :]))
+    return caption
 
 
 def _shape_after_attributes(caption: _Caption, start: int) -> int | None:

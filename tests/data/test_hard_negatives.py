@@ -49,8 +49,15 @@ def test_count_and_position_swaps():
     single = _row("single", [("red", "circle", "small", "top")])
     assert swap("a small red circle at the top", "swap-count", single) == ["two small red circles at the top"]
     assert swap("a small red circle at the top", "swap-position", single) == ["a small red circle at the bottom"]
-    assert swap("a pair of orange squares side by side", "swap-count") == ["an orange square side by side"]
     assert swap("two red circles", "swap-count") == ["a red circle"]
+    # one object is neither "side by side" nor "one above the other": the phrase goes, the rest stays
+    count = _row("count", [("red", "circle", "small", "left"), ("red", "circle", "small", "right")])
+    for record in (count, None):
+        assert swap("Two red circles side by side", "swap-count", record) == ["A red circle"]
+        assert swap("a photo of two red circles, one above the other.", "swap-count", record) == [
+            "a photo of a red circle."
+        ]
+    assert swap("a pair of orange squares side by side here", "swap-count") == ["an orange square here"]
     # "on the left of" is a relation, not a position; "in the centre" has no opposite
     assert swap("a red circle on the left of a blue square", "swap-position") is None
     assert swap("a red circle in the centre", "swap-position") is None
