@@ -146,6 +146,19 @@ def _flip_phrase(caption: _Caption, at: int, key: str, number: int, table, oppos
     return caption.replace([(at, len(old.split()), new_phrases[min(number, len(new_phrases) - 1)])])
 
 
+def _find_relation(
+    caption: _Caption, table: dict[str, Sequence[str]], start: int = 0, skip_count: bool = True
+) -> tuple[int, str, int] | None:
+    """The first relation phrase of `table` at or after word `start` (as `_phrase_at`); with `skip_count`, not the
+    "above" of a count caption's "one above the other", which names no relation."""
+    while (found := _phrase_at(caption, table, start)) is not None:
+        at, key, number = found
+        if not (skip_count and caption.find(ONE_ABOVE_THE_OTHER, max(at - 1, 0)) == at - 1):
+            return found
+        start = at + len(RELATION_PHRASES[key][number].split())
+    return None
+
+
 def _noun_phrase_before(caption: _Caption, end: int) -> int | None:
     """First word of the noun phrase that ends at word `end - 1` on a shape: back to its determiner, <= 4 words."""
     if end < 1 or not _stem(caption.words[end - 1], SHAPES)[0]:
@@ -173,7 +186,8 @@ def swap_attributes(caption: str, objects: Sequence[dict] | None = None) -> list
     """Binding negatives: the colours of the two objects exchanged, and their shapes exchanged.
 
     With the shapes data's `objects` (two dicts with "colour" and "shape"), the words exchanged are theirs, found
-    in order; otherwise the first two different colour words, and the first two different shape words."""
+    in order; otherwise the first two different colour words, and the first two different shape words, where the
+    exchange changes what the caption describes (`_rebinds`)."""
     text = _Caption(caption)
     out = []
     for field, vocabulary in (("colour", tuple(COLOURS)), ("shape", SHAPES)):
@@ -193,9 +207,42 @@ def swap_attributes(caption: str, objects: Sequence[dict] | None = None) -> list
             stems = [_stem(text.words[i], vocabulary)[0] for i in where]
             second = next((k for k in range(1, len(where)) if stems[k] != stems[0]), None)
             pair = (where[0], where[second]) if second is not None else (None, None)
+            if None not in pair and not _rebinds(text, *pair, field):
+                pair = (None, None)
         if None not in pair:
             out.append(text.exchange(*pair, vocabulary))
     return out
+
+
+def _rebinds(caption: _Caption, i: int, j: int, field: str) -> bool:
+    """Whether exchanging the `field` words i < j of a caption without metadata changes what it describes.
+
+    It does when a relation phrase between them orders the two objects ("a red circle left of a blue circle"), or
+    when the exchange changes the set of (colour, noun) pairs; without a relation, "a red circle and a blue circle"
+    -> "a blue circle and a red circle" only reorders the same objects and is no negative."""
+    found = _find_relation(caption, RELATION_PHRASES, i + 1)
+    if found is not None and found[0] < j:
+        return True
+    # the other attribute of each object: a colour's noun (the first word after it that is no colour or size), a
+    # shape's colour (among the attribute words just before it) and its plural "s", which stays where it is
+    if field == "colour":
+        return _noun_after(caption, i) != _noun_after(caption, j)
+    plural_i, plural_j = _stem(caption.words[i], SHAPES)[1], _stem(caption.words[j], SHAPES)[1]
+    return _colour_before(caption, i) != _colour_before(caption, j) or plural_i != plural_j
+
+
+def _noun_after(caption: _Caption, i: int) -> str | None:
+    words = caption.words[i + 1 :]
+    return next((w for w in words if w not in COLOURS and w not in _SIZES and w != "and"), None)
+
+
+def _colour_before(caption: _Caption, i: int) -> str | None:
+    for k in range(i - 1, max(i - 4, -1), -1):
+        if caption.words[k] in COLOURS:
+            return caption.words[k]
+        if caption.words[k] not in _SIZES:
+            return None
+    return None
 
 
 def swap_relations(caption: str, relation: str | None = None) -> list[str]:
@@ -205,16 +252,11 @@ def swap_relations(caption: str, relation: str | None = None) -> list[str]:
     relation phrase, except in "one above the other" (a count caption, which names no relation)."""
     text = _Caption(caption)
     table = RELATION_PHRASES if relation is None else {relation: RELATION_PHRASES[relation]}
-    start = 0
-    while (found := _phrase_at(text, table, start)) is not None:
-        at, key, number = found
-        length = len(RELATION_PHRASES[key][number].split())
-        inside_count = relation is None and text.find(ONE_ABOVE_THE_OTHER, max(at - 1, 0)) == at - 1
-        if not inside_count:
-            break
-        start = at + length
-    else:
+    found = _find_relation(text, table, skip_count=relation is None)
+    if found is None:
         return []
+    at, key, number = found
+    length = len(RELATION_PHRASES[key][number].split())
     out = [_flip_phrase(text, at, key, number, RELATION_PHRASES, OPPOSITE_RELATIONS)]
     before, after = _noun_phrase_before(text, at), _noun_phrase_after(text, at + length)
     if before is not None and after is not None:

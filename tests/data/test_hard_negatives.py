@@ -32,6 +32,19 @@ def test_binding_swap_keeps_the_words_and_exchanges_the_attributes():
     assert swap("a red circle above two red squares", "swap-attributes") == ["a red square above two red circles"]
 
 
+def test_binding_swap_without_metadata_needs_a_relation_or_new_pairs():
+    # two objects that share a shape (or a colour) and no relation: exchanging the others only reorders them
+    assert swap("a red circle and a blue circle", "swap-attributes") is None
+    assert swap("a red circle next to a red square", "swap-attributes") is None
+    # a relation orders the objects: the same exchange is a negative
+    assert swap("a red circle above a blue circle", "swap-attributes") == ["a blue circle above a red circle"]
+    # new (colour, noun) pairs are a negative with or without a relation; a plural stays where it was
+    assert swap("a red shirt and a blue car", "swap-attributes") == ["a blue shirt and a red car"]
+    assert swap("two red circles and a red square", "swap-attributes") == ["two red squares and a red circle"]
+    # a count's "one above the other" is no relation
+    assert swap("a red circle and a blue circle, one above the other", "swap-attributes") is None
+
+
 def test_relation_swap_flips_the_relation_or_exchanges_the_noun_phrases():
     caption = "a picture of a red circle to the left of a big blue square"
     assert swap(caption, "swap-relations", RELATION_ROW) == [
