@@ -143,7 +143,7 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     figures = {key: metrics[key] for key in METRIC_KEYS if not key.startswith("num_")}
     if probe:
         figures.update(probe_figures(run, data_dir, args.num_pairs, seed))
-    negatives = record.sections.get("hard_negatives") or {}
+    negatives = record.hard_negatives or {}
     return {
         "figures": {key: None if value is None else round(value, 4) for key, value in figures.items()},
         "train_seconds": record.summary["seconds"],

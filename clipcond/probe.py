@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["seconds"] = time.perf_counter() - start
     write_report(report, output_dir)
-    print(clip_verdict(report["clip"]) or "no binding or relation pairs")
+    print(clip_verdict(report["clip"], report["clip_recipe"]) or "no binding or relation pairs")
     print(f"wrote {output_dir / 'probes.md'} in {report['seconds']:.1f} s")
     return 0
 

@@ -127,6 +127,13 @@ class RunRecord:
         return self.sections.get("content_hash")
 
     @property
+    def hard_negatives(self) -> dict[str, Any] | None:
+        """A CLIP run's `--hard-negatives` section (`{"kinds", "share", "share_by_kind", ...}`); None for a CLIP
+        trained without them (the plain recipe)."""
+        section = self.sections.get("hard_negatives")
+        return section if isinstance(section, dict) else None
+
+    @property
     def lineage(self) -> Lineage | None:
         """The encoder the run was trained on; records from before the encoder interface give only
         `clip.content_hash` (a clipcond CLIP). None when the record names none."""

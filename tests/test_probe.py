@@ -47,6 +47,26 @@ def test_probe_round_trips(tiny_clip_run, shapes_data, pipeline_run, judge_cache
     assert from_metadata["settings"]["source"] == "metadata" and "binding" in from_metadata["clip"]
 
 
+def test_probe_names_the_clips_recipe(tiny_clip_run, shapes_data, tmp_path, capsys):
+    import shutil
+
+    from clipcond.runs import RunRecord
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_run, clip)
+    record = RunRecord.read(clip)
+    record.sections["hard_negatives"] = {"kinds": ["swap-attributes", "swap-count"], "share": 0.5}
+    record.write(clip)
+    out = tmp_path / "probe"
+    assert main(["--clip", str(clip), "--data", str(shapes_data), "--output-dir", str(out), "--num-pairs", "2"]) == 0
+    verdict = "The CLIP trained with --hard-negatives swap-attributes,swap-count: binding"
+    assert verdict in capsys.readouterr().out and verdict in (out / "probes.md").read_text()
+    assert json.loads((out / "probes.json").read_text())["clip_recipe"]["hard_negatives"] == [
+        "swap-attributes",
+        "swap-count",
+    ]
+
+
 def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 

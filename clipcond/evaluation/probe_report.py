@@ -56,15 +56,35 @@ def _groups(figures: dict) -> list[str]:
     return [g for g in ("seen", "heldout", "all") if g in figures]
 
 
-def clip_verdict(figures: dict) -> str:
-    """One sentence on where the binding and relation probes stand against chance (over all their pairs)."""
+def clip_recipe(clip_path: str | os.PathLike) -> dict:
+    """How the probed CLIP was trained, from its run record: {"run_record": whether it has one (a Hub or other
+    CLIPModel folder has none), "hard_negatives": the kinds of `--hard-negatives`, or None for the plain recipe}."""
+    from clipcond.runs import RunRecord
+
+    record = RunRecord.read_if_present(clip_path)
+    negatives = None if record is None else record.hard_negatives
+    return {"run_record": record is not None, "hard_negatives": None if negatives is None else negatives["kinds"]}
+
+
+def recipe_name(recipe: dict | None) -> str:
+    """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K", or "the CLIP" when unknown."""
+    if not recipe or not recipe.get("run_record"):
+        return "the CLIP"
+    kinds = recipe.get("hard_negatives")
+    return f"the CLIP trained with --hard-negatives {','.join(kinds)}" if kinds else "the plain CLIP recipe"
+
+
+def clip_verdict(figures: dict, recipe: dict | None = None) -> str:
+    """One sentence on where the binding and relation probes stand against chance (over all their pairs), naming the
+    CLIP's recipe (`clip_recipe`)."""
     parts = []
     for probe in ("binding", "relation"):
         stat = (figures.get(probe) or {}).get("all")
         if stat is not None:
             where = {"at": "at chance (its interval holds 50%)", "above": "above chance", "below": "below chance"}
             parts.append(f"{probe} {_pct(stat['accuracy'])}, {where[stat['versus_chance']]}")
-    return ("The plain CLIP recipe: " + "; ".join(parts) + ".") if parts else ""
+    name = recipe_name(recipe)
+    return (name[:1].upper() + name[1:] + ": " + "; ".join(parts) + ".") if parts else ""
 
 
 def markdown_tables(report: dict, heading: str = "##") -> str:
@@ -79,7 +99,7 @@ def markdown_tables(report: dict, heading: str = "##") -> str:
             "the right caption (chance 50%; a tie counts one half).",
             "",
         ]
-        verdict = clip_verdict(clip)
+        verdict = clip_verdict(clip, report.get("clip_recipe"))
         if verdict:
             lines += [verdict, ""]
         for probe, figures in clip.items():
@@ -183,12 +203,12 @@ def write_examples(
 
 def clip_probes(clip_run, pairs_by_probe: dict[str, list[MinimalPair]], resolution: int, output_dir) -> dict:
     """The CLIP's choices on the minimal pairs: {"examples": a pair of captions per probe, "clip": the figures per
-    probe (`run_pair_probes`)}, with the example grid written to OUTPUT_DIR/examples.png."""
+    probe (`run_pair_probes`), "clip_recipe": how it was trained (`clip_recipe`)}, with the example grid written to OUTPUT_DIR/examples.png."""
     figures, outcomes = run_pair_probes(clip_scorer(clip_run), pairs_by_probe, resolution)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     write_examples(pairs_by_probe, outcomes, resolution, Path(output_dir) / EXAMPLES_NAME)
     examples = {probe: [pairs[0].right, pairs[0].wrong] for probe, pairs in pairs_by_probe.items() if pairs}
-    return {"examples": examples, "clip": figures}
+    return {"examples": examples, "clip": figures, "clip_recipe": clip_recipe(clip_run.path)}
 
 
 def _to_pil(image: torch.Tensor):
