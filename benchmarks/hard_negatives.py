@@ -9,9 +9,8 @@ not a test).
 2. Per seed, two runs of `clipcond train clip` with every other option at its default (or the `--smoke` sizes):
    the plain recipe, and the same with `--hard-negatives KINDS`. Both take the same steps, batch and data order.
 3. Each run is evaluated by `clipcond eval clip` (zero-shot top-1 on seen and held-out compositions, retrieval)
-   and, where `clipcond probe` is installed (`clipcond.evaluation.probes`), by its CLIP minimal-pair probes (count,
-   relation, binding, position, size: the share of pairs where the image is closer to the right caption). Without
-   it the probe figures are absent and `probes_available` is false.
+   and by `clipcond probe`'s CLIP minimal-pair probes (count, relation, binding, position, size: the share of
+   pairs where the image is closer to the right caption).
 
 Prints one JSON object: per recipe and seed the figures, the training seconds and the run record's hard-negative
 share; per recipe their mean with a 95% interval over the seeds; per figure the difference hard negatives - plain
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import sys
 import tempfile
@@ -70,11 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_batch_size = args.train_batch_size or SMOKE["train_batch_size"]
         args.num_pairs = min(args.num_pairs, SMOKE["num_pairs"])
     return args
-
-
-def probes_available() -> bool:
-    """Whether `clipcond probe` (and its `clipcond.evaluation.probes`) is installed."""
-    return all(importlib.util.find_spec(name) is not None for name in ("clipcond.probe", "clipcond.evaluation.probes"))
 
 
 def ensure_shapes(data_dir: Path, smoke: bool) -> dict:
@@ -123,7 +116,7 @@ def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> dict[
     }
 
 
-def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str, probe: bool) -> dict:
+def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str) -> dict:
     """Train, evaluate (and probe) one run: its figures (proportions: `clipcond eval clip`'s zero-shot and recall,
     the probes' accuracies), training seconds and hard-negative share."""
     from clipcond.evaluation.clip import METRIC_KEYS
@@ -141,8 +134,7 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     record = RunRecord.read(run)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     figures = {key: metrics[key] for key in METRIC_KEYS if not key.startswith("num_")}
-    if probe:
-        figures.update(probe_figures(run, data_dir, args.num_pairs, seed))
+    figures.update(probe_figures(run, data_dir, args.num_pairs, seed))
     negatives = record.hard_negatives or {}
     return {
         "figures": {key: None if value is None else round(value, 4) for key, value in figures.items()},
@@ -187,9 +179,6 @@ def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    probe = probes_available()
-    if not probe:
-        print("clipcond.evaluation.probes is not installed: no probe figures", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="hard_negatives_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
         info = ensure_shapes(data_dir, args.smoke)
@@ -197,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
         for seed in args.seeds:
             for recipe in RECIPES:
-                per_seed[recipe][seed] = run_one(args, data_dir, work / f"{recipe}-seed{seed}", seed, recipe, probe)
+                per_seed[recipe][seed] = run_one(args, data_dir, work / f"{recipe}-seed{seed}", seed, recipe)
             print(json.dumps({"seed": seed, **{r: per_seed[r][seed] for r in RECIPES}}), file=sys.stderr, flush=True)
     report = {
         "benchmark": "hard_negatives",
         "command": "python benchmarks/hard_negatives.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
         "data": {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]},
-        "probes_available": probe,
         "machine": machine(),
         "per_seed": per_seed,
         "summary": summarise(per_seed),
