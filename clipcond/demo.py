@@ -395,25 +395,23 @@ def _stage_clip_eval(data_dir: Path, clip_dir: Path) -> dict:
     return metrics
 
 
-def _stage_probe(args: argparse.Namespace, info: dict, clip_dir: Path, probe_dir: Path) -> dict:
+def _stage_probe(
+    args: argparse.Namespace, data_dir: Path, clip_dir: Path, probe_dir: Path, current: dict | None
+) -> dict:
     """The CLIP's compositional minimal pairs (`clipcond probe` without the generators: seconds); the figures with
-    their markdown tables for the demo's report."""
-    from clipcond.evaluation.probe_report import JSON_NAME, clip_probes, markdown_tables, write_report
-    from clipcond.evaluation.probes import PROBES, build_pairs
-    from clipcond.models.clip import load_clip
+    their markdown tables for the demo's report. `current`: the report already in `probe_dir` when it is of this
+    CLIP (`current_clip_probes`; a CLIP stage that re-ran makes it stale), else None: the probes run."""
+    from clipcond.evaluation.probe_report import markdown_tables, run_clip_probes, write_report
 
-    if (probe_dir / JSON_NAME).is_file():
-        report = json.loads((probe_dir / JSON_NAME).read_text())
-        return {**report, "markdown": markdown_tables(report, heading="###")}
-    num_pairs = PROBE_PAIRS_QUICK if args.quick else PROBE_PAIRS
-    held_out = info.get("held_out") or []
-    pairs = {probe: build_pairs(probe, num_pairs, held_out=held_out, seed=args.seed) for probe in PROBES}
-    report = {
-        "settings": {"clip": str(clip_dir), "num_pairs": num_pairs, "seed": args.seed, "held_out": held_out},
-        **clip_probes(load_clip(clip_dir, progress=False), pairs, int(info["resolution"]), probe_dir),
-    }
-    write_report(report, probe_dir, title="clipcond probe (demo)")
+    report = current
+    if report is None:
+        report, _ = run_clip_probes(clip_dir, data_dir, probe_dir, _probe_pairs(args), args.seed)
+        write_report(report, probe_dir, title="clipcond probe (demo)")
     return {**report, "markdown": markdown_tables(report, heading="###")}
+
+
+def _probe_pairs(args: argparse.Namespace) -> int:
+    return PROBE_PAIRS_QUICK if args.quick else PROBE_PAIRS
 
 
 def _stage_decoder(
@@ -734,8 +732,12 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     clip_summary = times.run("clip", lambda: _stage_clip(args, data_dir, clip_dir), complete=done)
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
-    done = (out / "probe" / "probes.json").is_file()
-    probe = times.run("probe", lambda: _stage_probe(args, info, clip_dir, out / "probe"), complete=done)
+    from clipcond.evaluation.probe_report import current_clip_probes
+
+    current = current_clip_probes(out / "probe", clip_dir, _probe_pairs(args), args.seed)
+    probe = times.run(
+        "probe", lambda: _stage_probe(args, data_dir, clip_dir, out / "probe", current), complete=current is not None
+    )
     done = RunRecord.exists(decoder_dir)
     decoder = times.run(
         "decoder",

@@ -161,25 +161,6 @@ def _check_data(args: argparse.Namespace, info: dict | None) -> None:
         )
 
 
-def _minimal_pairs(args: argparse.Namespace, held_out: list[str]) -> dict:
-    """{probe: its minimal pairs}, rendered by the shapes generator or read from `--split`'s metadata."""
-    from clipcond.evaluation import probes
-
-    if args.source == "render":
-        return {p: probes.build_pairs(p, args.num_pairs, held_out=held_out, seed=args.seed) for p in probes.PROBES}
-    split = Path(args.data) / args.split
-    pairs = {
-        p: probes.pairs_from_metadata(split, p, args.num_pairs, held_out=held_out, seed=args.seed)
-        for p in probes.PROBES
-    }
-    if not any(pairs.values()):
-        raise ValueError(
-            f"`--split` {args.split!r} of `--data` {args.data!r}: no metadata row carries the shapes fields "
-            "(objects with colour, shape, size, position; relation)"
-        )
-    return pairs
-
-
 def _captioner_probes(path: str, device, pairs: dict, resolution: int) -> dict:
     """Per probe, the share of the pairs' images whose greedy caption states the probed field as the right caption
     does (`clipcond.evaluation.probes.captioner_figures`)."""
@@ -237,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_data(args, info)
 
     from clipcond.device import resolve_device
-    from clipcond.evaluation.probe_report import clip_probes, clip_verdict, write_report
-    from clipcond.models.clip import load_clip
+    from clipcond.evaluation.probe_report import clip_verdict, run_clip_probes, write_report
 
     start = time.perf_counter()
     device = resolve_device(args.device)
@@ -247,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
 
     # 2. minimal pairs and the CLIP's choices
-    pairs = _minimal_pairs(args, held_out)
-    clip_run = load_clip(args.clip, device=device, progress=False, what="--clip")
-    settings = {"clip": str(args.clip), "data": str(args.data), "source": args.source, "num_pairs": args.num_pairs}
-    report = {
-        "settings": {**settings, "seed": args.seed, "held_out": held_out},
-        **clip_probes(clip_run, pairs, resolution, output_dir),
-    }
+    report, pairs = run_clip_probes(
+        args.clip,
+        args.data,
+        output_dir,
+        args.num_pairs,
+        args.seed,
+        source=args.source,
+        split=args.split,
+        device=device,
+    )
     if args.captioner:
         report["captioner"] = _captioner_probes(args.captioner, device, pairs, resolution)
         report["settings"]["captioner"] = str(args.captioner)

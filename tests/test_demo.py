@@ -46,6 +46,8 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert set(probe["clip"]) == {"count", "relation", "binding", "position", "size"}
     assert probe["clip"]["binding"]["all"]["n"] == 8 and report["probe"]["clip"] == probe["clip"]
     assert "## Compositional probes (CLIP)" in (out / "report.md").read_text()
+    clip_record = json.loads((out / "clip" / "clipcond_run.json").read_text())
+    assert probe["settings"]["clip_content_hash"] == clip_record["content_hash"]  # checked before it is reused
 
     # samples: every colour-shape prompt (held-out ones included), as `clipcond generate` writes them
     prompts = [f"a {name}" for name in class_names(json.loads((out / "data" / "dataset_info.json").read_text()))]

@@ -67,6 +67,29 @@ def test_probe_names_the_clips_recipe(tiny_clip_run, shapes_data, tmp_path, caps
     ]
 
 
+def test_a_probe_report_is_current_only_for_its_clip(tiny_clip_run, shapes_data, tmp_path):
+    """What the demo reuses: a report of the same CLIP (content hash), pairs and seed; a CLIP retrained in the same
+    folder makes it stale."""
+    import shutil
+
+    from clipcond.evaluation.probe_report import current_clip_probes, run_clip_probes, write_report
+    from clipcond.runs import RunRecord
+
+    clip, out = tmp_path / "clip", tmp_path / "probe"
+    shutil.copytree(tiny_clip_run, clip)
+    assert current_clip_probes(out, clip, 2, 0) is None  # nothing written yet
+    report, pairs = run_clip_probes(clip, shapes_data, out, 2, 0)
+    assert report["settings"]["clip_content_hash"] == RunRecord.read(clip).content_hash
+    assert set(pairs) == set(report["clip"]) == set(PROBES)
+    write_report(report, out)
+    assert current_clip_probes(out, clip, 2, 0)["clip"] == report["clip"]
+    assert current_clip_probes(out, clip, 3, 0) is None and current_clip_probes(out, clip, 2, 1) is None
+    record = RunRecord.read(clip)
+    record.sections["content_hash"] = "0" * 64  # as if the CLIP stage had re-run into the folder
+    record.write(clip)
+    assert current_clip_probes(out, clip, 2, 0) is None
+
+
 def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 

@@ -3,6 +3,7 @@ example pairs. `clipcond demo`'s report renders the same tables (`markdown_table
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,6 +210,88 @@ def clip_probes(clip_run, pairs_by_probe: dict[str, list[MinimalPair]], resoluti
     write_examples(pairs_by_probe, outcomes, resolution, Path(output_dir) / EXAMPLES_NAME)
     examples = {probe: [pairs[0].right, pairs[0].wrong] for probe, pairs in pairs_by_probe.items() if pairs}
     return {"examples": examples, "clip": figures, "clip_recipe": clip_recipe(clip_run.path)}
+
+
+def clip_content_hash(clip_path: str | os.PathLike) -> str:
+    """The probed CLIP's content hash: its run record's, or hashed from its files where it has none."""
+    from clipcond.lineage import content_hash
+    from clipcond.runs import RunRecord
+
+    record = RunRecord.read_if_present(clip_path)
+    return (record is not None and record.content_hash) or content_hash(clip_path)
+
+
+def minimal_pairs(
+    data: str | os.PathLike,
+    num_pairs: int,
+    seed: int,
+    held_out: Sequence[str],
+    source: str = "render",
+    split: str = "test",
+) -> dict[str, list[MinimalPair]]:
+    """{probe: its minimal pairs}, rendered by the shapes generator (`source="render"`) or read from the metadata of
+    DATA/`split` (`source="metadata"`)."""
+    from clipcond.evaluation import probes
+
+    if source == "render":
+        return {p: probes.build_pairs(p, num_pairs, held_out=held_out, seed=seed) for p in probes.PROBES}
+    folder = Path(data) / split
+    pairs = {p: probes.pairs_from_metadata(folder, p, num_pairs, held_out=held_out, seed=seed) for p in probes.PROBES}
+    if not any(pairs.values()):
+        raise ValueError(
+            f"`--split` {split!r} of `--data` {str(data)!r}: no metadata row carries the shapes fields "
+            "(objects with colour, shape, size, position; relation)"
+        )
+    return pairs
+
+
+def run_clip_probes(
+    clip_run: str | os.PathLike,
+    data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    num_pairs: int,
+    seed: int,
+    *,
+    source: str = "render",
+    split: str = "test",
+    device=None,
+) -> tuple[dict, dict[str, list[MinimalPair]]]:
+    """The CLIP part of a probe report, shared by `clipcond probe` and `clipcond demo`: the minimal pairs of the
+    shapes data in `data` (`minimal_pairs`), the CLIP's choices (`clip_probes`, the example grid written to
+    `output_dir`) and the settings, with the CLIP's content hash (`current_clip_probes` compares it). Returns the
+    report (not written: the caller adds its sections, then `write_report`) and the pairs."""
+    from clipcond.data.shapes import load_dataset_info
+    from clipcond.models.clip import load_clip
+
+    info = load_dataset_info(data) or {}
+    held_out = list(info.get("held_out") or [])
+    resolution = int(info.get("resolution") or 0)
+    pairs = minimal_pairs(data, num_pairs, seed, held_out, source, split)
+    loaded = load_clip(clip_run, device=device or "cpu", progress=False, what="--clip")
+    settings = {
+        "clip": str(clip_run),
+        "clip_content_hash": clip_content_hash(clip_run),
+        "data": str(data),
+        "source": source,
+        "num_pairs": num_pairs,
+        "seed": seed,
+        "held_out": held_out,
+    }
+    return {"settings": settings, **clip_probes(loaded, pairs, resolution, output_dir)}, pairs
+
+
+def current_clip_probes(
+    output_dir: str | os.PathLike, clip_run: str | os.PathLike, num_pairs: int, seed: int
+) -> dict | None:
+    """The probe report in `output_dir` when it is of this CLIP (same content hash) with these pairs, else None: a
+    CLIP retrained in the same folder makes an earlier report stale."""
+    path = Path(output_dir) / JSON_NAME
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    settings = report.get("settings") or {}
+    wanted = {"clip_content_hash": clip_content_hash(clip_run), "num_pairs": num_pairs, "seed": seed}
+    return report if all(settings.get(key) == value for key, value in wanted.items()) else None
 
 
 def _to_pil(image: torch.Tensor):
