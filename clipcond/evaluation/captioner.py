@@ -4,11 +4,11 @@
 
 On the one-object images of the split, the greedy caption is parsed for its colour, shape, count and position words
 (`parse_caption`); a field is right when the caption names the true value and no other (a caption that names no
-position gets its position wrong). A captioner trained with questions is also asked to describe each image (the
-`describe` question, whose answers always name the position), and its descriptions are scored the same way. Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
+position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
 beside chance (one over the number of values), for the images of compositions seen in training and the held-out
-ones separately. A captioner trained with questions (`clipcond.data.questions`) is also asked every question of
-every image of the split; its answers are scored by exact match, per question type.
+ones separately. A captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image
+(the `describe` question, whose answers always name the position), and its descriptions are scored the same way;
+and it is asked every question of every image of the split, its answers scored by exact match, per question type.
 
 Writes `OUTPUT_DIR/captioner.json` (default `MODEL/eval/`) and prints a summary.
 """
@@ -30,7 +30,7 @@ from clipcond.evaluation.stats import wilson_interval
 from clipcond.storage import check_output_dir, write_json_atomic
 
 CAPTION_FIELDS = ("colour", "shape", "count", "position")
-# the caption words of each position (the shapes data's phrases, `clipcond.data.shapes._POSITION_PHRASES`)
+# the caption words of each position (the shapes data's phrases, `clipcond.data.shapes.POSITION_PHRASES`)
 POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "centre": "centre"}
 POSITION_WORDS |= {"middle": "centre", "center": "centre"}
 TWO_WORDS = ("two", "pair")

@@ -300,3 +300,12 @@ def test_init_lm_takes_a_gpt2_model(captioner_run, tiny_clip_run, shapes_data, t
     assert type(captioner.lm).__name__ == "GPT2LMHeadModel"
     texts = captioner.generate(_train_singles(shapes_data)[0]["pixel_values"][None], max_new_tokens=4)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_position_words_read_every_phrase_of_the_shapes_data():
+    """`POSITION_WORDS` follows `clipcond.data.shapes.POSITION_PHRASES` (the name its comment cites)."""
+    from clipcond.data.shapes import POSITION_PHRASES
+
+    for position, phrases in POSITION_PHRASES.items():
+        for phrase in phrases:
+            assert parse_caption(f"a red circle {phrase}", ["red"], ["circle"])["position"] == {position}, phrase
