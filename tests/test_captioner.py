@@ -137,3 +137,14 @@ def test_from_pretrained_names_the_argument(tmp_path):
         Captioner.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="`--model` .* is not a captioner folder"):
         Captioner.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("side", [16, 48])
+def test_tensor_images_of_another_side_are_resized_to_the_towers(captioner, shapes_data, side):
+    """A 32 px CLIP's captioner reads uint8 tensors of any side (`clipcond probe --captioner` passes the data's)."""
+    dataset = ImageCaptionDataset(shapes_data, split="test", resolution=side)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(2)])  # (2, 3, side, side) uint8
+    assert captioner.pixels(images).shape == (2, 3, 32, 32)
+    assert captioner.pixels(list(images)).shape == (2, 3, 32, 32)
+    assert len(captioner.generate(images, max_new_tokens=2)) == 2
+    assert captioner.pixels(_images(shapes_data)).equal(_images(shapes_data))  # at the tower's side: unchanged

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from clipcond.data.shapes import is_shapes_data, load_dataset_info
 from clipcond.evaluation.frechet import FeatureFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
+from clipcond.models.clip_pixels import resize_images
 from clipcond.runs import RUN_RECORD, RunRecord
 
 logger = logging.getLogger(__name__)
@@ -106,14 +106,6 @@ def draw_seeded(
         chunks.append(images.cpu())
         bar.update(len(batch))
     return torch.cat(chunks)
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size), antialiased; unchanged when already that size."""
-    if images.shape[-2:] == (size, size):
-        return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def clip_image_features(clip_run, images: torch.Tensor, batch_size: int) -> torch.Tensor:

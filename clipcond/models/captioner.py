@@ -222,15 +222,19 @@ class Captioner:
         return cls(vision_encoder, mean, std, projector, lm, tokenizer)
 
     def pixels(self, images) -> torch.Tensor:
-        """PIL images, or uint8 tensors ((B, 3, S, S), or a list of (3, S, S)) at the vision tower's size -> uint8
-        (B, 3, S, S); PIL images are resized and centre-cropped to it."""
+        """PIL images, or uint8 tensors ((B, 3, S, S), or a list of (3, S, S)) -> uint8 (B, 3, size, size) at the
+        vision tower's `image_size`: PIL images are resized and centre-cropped to it, tensors of another side
+        resized (`resize_images`, antialiased)."""
         from clipcond.data.folders import image_to_tensor, resize_image, to_rgb
+        from clipcond.models.clip_pixels import resize_images
 
         if isinstance(images, torch.Tensor):
-            return images
+            return resize_images(images, self.image_size)
         return torch.stack(
             [
-                im if isinstance(im, torch.Tensor) else image_to_tensor(resize_image(to_rgb(im), self.image_size))
+                resize_images(im[None], self.image_size)[0]
+                if isinstance(im, torch.Tensor)
+                else image_to_tensor(resize_image(to_rgb(im), self.image_size))
                 for im in images
             ]
         )

@@ -1,11 +1,12 @@
 """CLIP's pixel inputs: uint8 images standardised per channel, by default with OpenAI's CLIP statistics. The
 CLIPs trained here (`clipcond.models.clip`), the image-embedding caches and the image-embedding decoder's pipeline
-(`clipcond.pipelines.variation`) normalise images here.
+(`clipcond.pipelines.variation`) normalise images here; the CLIP probes and the captioner resize them here.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from clipcond.transfer import constant
 
@@ -21,3 +22,11 @@ def normalize_pixels(pixels: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLI
     mean = constant(mean, pixels.device).view(1, 3, 1, 1)  # built once per device: no wait in a training step
     std = constant(std, pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255.0 - mean) / std
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size), antialiased; unchanged when already that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
