@@ -370,6 +370,38 @@ def build_language_model(args: argparse.Namespace, texts: list[str], num_image_t
     return LlamaForCausalLM(config), tokenizer, None, None
 
 
+def build_captioner_model(args: argparse.Namespace, dataset, cache: VisionTokenCache, questions: bool):
+    """(CaptionerModel, tokenizer, CaptionerData, the folder the LM came from or None): the language model and its
+    tokenizer (`build_language_model`), the projector for the cached tokens' widths (new, or `--init-captioner`'s),
+    frozen LM under `--stage projector`, and the tokenised training examples."""
+    num_image_tokens = cache.patch_tokens.shape[1] + 1
+    lm, tokenizer, projector, init_folder = build_language_model(
+        args, tokenizer_texts(dataset, questions), num_image_tokens
+    )
+    vision_width, embed_dim = cache.patch_tokens.shape[2], cache.image_embeds.shape[1]
+    if projector is None:
+        projector = VisionProjector(vision_width=vision_width, embed_dim=embed_dim, hidden_size=lm_hidden_size(lm))
+    if (projector.config.vision_width, projector.config.embed_dim) != (vision_width, embed_dim):
+        raise ValueError(
+            f"`--init-captioner`'s projector reads {projector.config.vision_width}-wide patch tokens and "
+            f"{projector.config.embed_dim}-wide embeddings, but `--clip` gives {vision_width} and {embed_dim}"
+        )
+    if args.stage == "projector":
+        lm.requires_grad_(False)
+    model = CaptionerModel(projector, lm)
+    data = build_data(dataset, cache, tokenizer, questions)
+    logger.info(
+        "captioner: language model %s %.2f M parameters (%s), projector %.2f M; %d image tokens; questions: %s",
+        type(lm).__name__,
+        sum(p.numel() for p in lm.parameters()) / 1e6,
+        "trained" if args.stage == "full" else "frozen",
+        trainable_parameters(projector) / 1e6,
+        num_image_tokens,
+        questions,
+    )
+    return model, tokenizer, data, init_folder
+
+
 def check_init_captioner(args: argparse.Namespace, clip_hash: str) -> None:
     """`--init-captioner` must have been trained on `--clip`: its projector reads that tower's tokens."""
     if not args.init_captioner:
@@ -456,31 +488,7 @@ def train_captioner(accelerator: Accelerator, args: argparse.Namespace) -> int:
         )
 
     # 5. The language model and its tokenizer, the projector, the training examples
-    num_image_tokens = cache.patch_tokens.shape[1] + 1
-    lm, tokenizer, projector, init_folder = build_language_model(
-        args, tokenizer_texts(dataset, questions), num_image_tokens
-    )
-    vision_width, embed_dim = cache.patch_tokens.shape[2], cache.image_embeds.shape[1]
-    if projector is None:
-        projector = VisionProjector(vision_width=vision_width, embed_dim=embed_dim, hidden_size=lm_hidden_size(lm))
-    if (projector.config.vision_width, projector.config.embed_dim) != (vision_width, embed_dim):
-        raise ValueError(
-            f"`--init-captioner`'s projector reads {projector.config.vision_width}-wide patch tokens and "
-            f"{projector.config.embed_dim}-wide embeddings, but `--clip` gives {vision_width} and {embed_dim}"
-        )
-    if args.stage == "projector":
-        lm.requires_grad_(False)
-    model = CaptionerModel(projector, lm)
-    data = build_data(dataset, cache, tokenizer, questions)
-    logger.info(
-        "captioner: language model %s %.2f M parameters (%s), projector %.2f M; %d image tokens; questions: %s",
-        type(lm).__name__,
-        sum(p.numel() for p in lm.parameters()) / 1e6,
-        "trained" if args.stage == "full" else "frozen",
-        trainable_parameters(projector) / 1e6,
-        num_image_tokens,
-        questions,
-    )
+    model, tokenizer, data, init_folder = build_captioner_model(args, dataset, cache, questions)
 
     # 6. Optimizer (the trainable parameters only), schedule; prepare
     prepared = prepare_training(accelerator, args, model)
