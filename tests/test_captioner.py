@@ -2,9 +2,11 @@
 generation (greedy, seeded sampling, batched like one by one), and the saved folder, whose language model loads with
 stock transformers."""
 
+import dataclasses
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.models.captioner import (
@@ -105,6 +107,40 @@ def test_generate_greedy_is_deterministic_and_batched_like_single(captioner, sha
     single = [captioner.generate(images[i : i + 1], prompts[i], max_new_tokens=6)[0] for i in range(3)]
     assert batched == single
     assert captioner.generate(images, prompts, max_new_tokens=6) == batched
+
+
+def _uncached_greedy(captioner, images, prompt, steps):
+    """The greedy tokens of one image, each the argmax of a full forward over the image tokens and all the text so
+    far, without a key-value cache."""
+    tok, model = captioner.tokenizer, CaptionerModel(captioner.projector, captioner.lm)
+    patches, embeds = captioner.image_tokens(images)
+    ids = prompt_ids(tok, prompt)
+    written = []
+    for _ in range(steps):
+        input_ids = torch.tensor([ids + written])
+        inputs, mask = model.inputs(patches, embeds, input_ids, torch.ones_like(input_ids))
+        written.append(int(captioner.lm(inputs_embeds=inputs, attention_mask=mask).logits[0, -1].argmax()))
+        if written[-1] == tok.eos_token_id:
+            break
+    return written
+
+
+def test_generate_greedy_is_the_argmax_of_the_uncached_forward(captioner, shapes_data):
+    """The cached, left-padded decoding writes what step-by-step full forwards would (batched, with prompts of
+    different lengths)."""
+    torch.manual_seed(0)  # weights far from the near-zero init, so that positions and earlier tokens matter
+    config = LlamaConfig.from_dict({**captioner.lm.config.to_dict(), "initializer_range": 0.5})
+    captioner = dataclasses.replace(captioner, lm=LlamaForCausalLM(config).eval())
+    images = _images(shapes_data)
+    prompts = [None, "what shape is it?", "how many objects are there?"]
+    texts = captioner.generate(images, prompts, max_new_tokens=5)
+    tok = captioner.tokenizer
+    for i, prompt in enumerate(prompts):
+        tokens = _uncached_greedy(captioner, images[i : i + 1], prompt, 5)
+        assert len(tokens) == 5 or tokens[-1] == tok.eos_token_id
+        expected = tok.decode([t for t in tokens if t != tok.eos_token_id], skip_special_tokens=True).strip()
+        assert texts[i] == expected, (i, tokens)
+    assert len(set(texts)) > 1
 
 
 def test_generate_sampled_follows_the_generator(captioner, shapes_data):
