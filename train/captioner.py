@@ -220,14 +220,32 @@ def build_data(dataset: ImageCaptionDataset, cache: VisionTokenCache, tokenizer,
     return CaptionerData(cache, captions, asked, prompt_ids(tokenizer, None), pad)
 
 
-def drop_words(text: dict[str, torch.Tensor], drop: torch.Tensor, unknown_id: int) -> torch.Tensor:
-    """`text`'s input ids (B, T) with the target tokens where `drop` (B, T) is True replaced by `unknown_id`, as
-    inputs only: the labels keep them, so the model still learns to write every token, but cannot always read the
+def unknown_token_id(tokenizer) -> int | None:
+    """The id word dropout writes over a hidden token: the tokenizer's unknown token, or its padding token (the
+    tokenizers trained here have a dedicated one), where that is no end or begin token; None when neither is (a
+    GPT-2's unknown and padding tokens are its end-of-text, which a pretrained LM reads as the end of the text): then
+    the hidden tokens' embeddings are zeroed instead (`CaptionerModel.inputs`'s `dropped`)."""
+    special = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    for candidate in (tokenizer.unk_token_id, tokenizer.pad_token_id):
+        if candidate is not None and candidate not in special:
+            return candidate
+    return None
+
+
+def drop_words(text: dict[str, torch.Tensor], drop: torch.Tensor, unknown_id: int | None) -> dict[str, torch.Tensor]:
+    """`text` with its target tokens where `drop` (B, T) is True hidden from the model's input: their input ids
+    replaced by `unknown_id`, or, where that is None, marked in `dropped` (B, T) for the model to zero their
+    embeddings. The labels keep them, so the model still learns to write every token, but cannot always read the
     one before. Word dropout (Bowman et al. 2016, "Generating Sentences from a Continuous Space", sec. 3.2): the
     model learns to rely on the image rather than on the text's own co-occurrences, which matter for compositions
     never seen together ("red" never precedes "triangle" in the shapes data's training text)."""
-    targets = text["labels"] != IGNORE_INDEX
-    return torch.where(drop & targets, torch.full_like(text["input_ids"], unknown_id), text["input_ids"])
+    hidden = drop & (text["labels"] != IGNORE_INDEX)
+    if unknown_id is None:
+        return {**text, "dropped": hidden}
+    return {
+        **text,
+        "input_ids": torch.where(hidden, torch.full_like(text["input_ids"], unknown_id), text["input_ids"]),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -259,6 +277,7 @@ class CaptionerStage(Stage):
 
     def __post_init__(self):
         self.width = self.data.width
+        self.unknown_id = unknown_token_id(self.tokenizer)
 
     @property
     def unwrapped(self) -> CaptionerModel:
@@ -277,7 +296,7 @@ class CaptionerStage(Stage):
             # drawn at the data's full width, so every batch (and process) takes as many numbers from the generator
             drop = draw_rows(lambda m: torch.rand((m, self.width), **on_generator), n, device)
             drop = drop[:, : text["input_ids"].shape[1]] < self.word_dropout
-            text["input_ids"] = drop_words(text, drop, self.data.pad_token_id)
+            text = drop_words(text, drop, self.unknown_id)
         patches, embeds = self.data.cache.lookup(index)
         loss = self.model(to_device(patches, device), to_device(embeds, device), **text)
         return loss, {}
@@ -418,7 +437,7 @@ def check_init_captioner(args: argparse.Namespace, clip_hash: str) -> None:
     )
 
 
-def run_record(args, *, dataset, cache, model, init_folder, questions, clip_hash) -> dict:
+def run_record(args, *, dataset, cache, model, tokenizer, init_folder, questions, clip_hash) -> dict:
     """The captioner's sections of the run record (after the export: it hashes the saved model)."""
     output_dir = Path(args.output_dir)
     lm = model.lm
@@ -450,6 +469,18 @@ def run_record(args, *, dataset, cache, model, init_folder, questions, clip_hash
             "question_types": list(QUESTION_TYPES) if questions else [],
         },
         "stage": args.stage,
+        "word_dropout": word_dropout_record(args.word_dropout, tokenizer),
+    }
+
+
+def word_dropout_record(probability: float, tokenizer) -> dict:
+    """How word dropout hid the tokens it drew (`unknown_token_id`): as a token, or as a zero embedding."""
+    unknown = unknown_token_id(tokenizer)
+    return {
+        "probability": probability,
+        "hidden_as": "zero embedding" if unknown is None else "token",
+        "token": None if unknown is None else tokenizer.convert_ids_to_tokens(unknown),
+        "token_id": unknown,
     }
 
 
@@ -513,7 +544,13 @@ def train_captioner(accelerator: Accelerator, args: argparse.Namespace) -> int:
     result = train(accelerator, args, stage, prepared, dataset=IndexDataset(len(dataset)), collate_fn=collate_indices)
 
     # 8. Save the captioner and the run record
-    record = {"dataset": dataset, "cache": cache, "init_folder": init_folder, "questions": questions}
+    record = {
+        "dataset": dataset,
+        "cache": cache,
+        "init_folder": init_folder,
+        "questions": questions,
+        "tokenizer": tokenizer,
+    }
     finish_run(
         accelerator,
         args,

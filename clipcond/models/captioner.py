@@ -101,16 +101,19 @@ class CaptionerModel(nn.Module):
         super().__init__()
         self.projector, self.lm = projector, lm
 
-    def inputs(self, patch_tokens, image_embeds, input_ids, attention_mask):
-        """The LM's `inputs_embeds` (B, V + T, H) and attention mask (B, V + T): image tokens, then the text."""
+    def inputs(self, patch_tokens, image_embeds, input_ids, attention_mask, dropped=None):
+        """The LM's `inputs_embeds` (B, V + T, H) and attention mask (B, V + T): image tokens, then the text, whose
+        tokens where `dropped` (B, T) is True read as zero vectors (word dropout without an unknown token)."""
         image = self.projector(patch_tokens, image_embeds)  # (B, V, H)
         text = self.lm.get_input_embeddings()(input_ids)  # (B, T, H)
+        if dropped is not None:
+            text = text.masked_fill(dropped[..., None], 0.0)
         mask = torch.cat([attention_mask.new_ones(image.shape[:2]), attention_mask], dim=1)
         return torch.cat([image.to(text.dtype), text], dim=1), mask
 
-    def forward(self, patch_tokens, image_embeds, input_ids, attention_mask, labels) -> torch.Tensor:
+    def forward(self, patch_tokens, image_embeds, input_ids, attention_mask, labels, dropped=None) -> torch.Tensor:
         """The mean next-token loss over the labelled text tokens."""
-        embeds, mask = self.inputs(patch_tokens, image_embeds, input_ids, attention_mask)
+        embeds, mask = self.inputs(patch_tokens, image_embeds, input_ids, attention_mask, dropped)
         ignore = labels.new_full((labels.shape[0], embeds.shape[1] - labels.shape[1]), IGNORE_INDEX)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([ignore, labels], 1)).loss
 

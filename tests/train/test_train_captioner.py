@@ -21,8 +21,8 @@ from clipcond.data.questions import DESCRIBE
 from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 from clipcond.evaluation import captioner as eval_captioner
 from clipcond.evaluation.captioner import evaluate_captioner, parse_caption, score_caption
-from clipcond.models.captioner import Captioner, VisionProjector, text_batch
-from clipcond.train.captioner import drop_words, main
+from clipcond.models.captioner import Captioner, CaptionerModel, VisionProjector, text_batch
+from clipcond.train.captioner import drop_words, main, unknown_token_id
 
 FAST_ARGS = ["--model", "test", "--train-batch-size", "16", "--lr-warmup-steps", "1", "--seed", "0"]
 STEPS = 4  # checkpoints and validation every 2 steps
@@ -97,6 +97,8 @@ def test_run_folder_and_record(captioner_run, tiny_clip_run):
     tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")
     assert isinstance(lm, LlamaForCausalLM) and lm.config.vocab_size == len(tokenizer)
     assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+    dropout = {"probability": 0.2, "hidden_as": "token", "token": "<|pad|>", "token_id": tokenizer.pad_token_id}
+    assert record["word_dropout"] == dropout and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert VisionProjector.from_pretrained(captioner_run / "projector").config.vision_width == 32
 
 
@@ -276,12 +278,46 @@ def test_training_errors_name_the_argument(tiny_clip_run, shapes_data, tmp_path,
 
 def test_word_dropout_hides_target_inputs_only():
     text = text_batch([[1, 7, 8], [1]], [[5, 6, 0], [9, 0]], pad_token_id=2)
-    dropped = drop_words(text, torch.ones_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    dropped = drop_words(text, torch.ones_like(text["input_ids"], dtype=torch.bool), unknown_id=3)["input_ids"]
     targets = text["labels"] != -100
-    assert (dropped[targets] == 2).all()
+    assert (dropped[targets] == 3).all()
     assert torch.equal(dropped[~targets], text["input_ids"][~targets])  # <bos>, prompts and padding kept
-    kept = drop_words(text, torch.zeros_like(text["input_ids"], dtype=torch.bool), unknown_id=2)
+    kept = drop_words(text, torch.zeros_like(text["input_ids"], dtype=torch.bool), unknown_id=3)["input_ids"]
     assert torch.equal(kept, text["input_ids"])
+
+
+def test_word_dropout_never_writes_the_end_token(captioner_run):
+    """A GPT-2-like tokenizer (unknown and padding tokens both its end-of-text, as `--init-lm` sets the padding):
+    a hidden word must not read as the end of the text, so its embedding is zeroed; a scratch tokenizer's words
+    become its padding token, which is no end token; a tokenizer's own unknown token is used where it has one."""
+    tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")  # trained here: <|pad|> of its own
+    assert unknown_token_id(tokenizer) == tokenizer.pad_token_id != tokenizer.eos_token_id
+
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.unk_token = tokenizer.eos_token
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and unknown_token_id(tokenizer) is None
+    eos = tokenizer.eos_token_id
+    text = text_batch([[eos, 7, 8], [eos]], [[5, 6, eos], [9, eos]], pad_token_id=eos)
+    everything = torch.ones_like(text["input_ids"], dtype=torch.bool)
+    dropped = drop_words(text, everything, unknown_token_id(tokenizer))
+    assert torch.equal(dropped["input_ids"], text["input_ids"])  # no target becomes <eos>
+    assert torch.equal(dropped["dropped"], text["labels"] != -100)
+
+    # the model reads those positions as zero vectors
+    model = CaptionerModel(VisionProjector(vision_width=4, embed_dim=4, hidden_size=8), _tiny_gpt2(len(tokenizer)))
+    patches, embeds = torch.randn(2, 3, 4), torch.randn(2, 4)
+    inputs, _ = model.inputs(patches, embeds, text["input_ids"], text["attention_mask"], dropped["dropped"])
+    hidden = torch.cat([torch.zeros(2, 4, dtype=torch.bool), dropped["dropped"]], 1)
+    assert (inputs[hidden] == 0).all() and (inputs[~hidden] != 0).any(-1).all()
+
+    tokenizer.add_special_tokens({"unk_token": "<|unk|>"})
+    assert unknown_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|unk|>") != eos
+
+
+def _tiny_gpt2(vocab_size, n_positions=64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, n_positions=n_positions, vocab_size=vocab_size))
 
 
 def test_init_lm_takes_a_gpt2_model(captioner_run, tiny_clip_run, shapes_data, tmp_path):
@@ -298,6 +334,7 @@ def test_init_lm_takes_a_gpt2_model(captioner_run, tiny_clip_run, shapes_data, t
     main([*argv, "--checkpointing-steps", "0", "--init-lm", str(tmp_path / "gpt2")])
     captioner = Captioner.from_pretrained(out)
     assert type(captioner.lm).__name__ == "GPT2LMHeadModel"
+    assert json.loads((out / "clipcond_run.json").read_text())["word_dropout"]["hidden_as"] == "zero embedding"
     texts = captioner.generate(_train_singles(shapes_data)[0]["pixel_values"][None], max_new_tokens=4)
     assert len(texts) == 1 and isinstance(texts[0], str)
 
