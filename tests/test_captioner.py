@@ -184,3 +184,21 @@ def test_tensor_images_of_another_side_are_resized_to_the_towers(captioner, shap
     assert captioner.pixels(list(images)).shape == (2, 3, 32, 32)
     assert len(captioner.generate(images, max_new_tokens=2)) == 2
     assert captioner.pixels(_images(shapes_data)).equal(_images(shapes_data))  # at the tower's side: unchanged
+
+
+def test_generate_refuses_to_run_past_a_learned_position_table(captioner, shapes_data):
+    """A GPT-2 of 32 positions after 17 image tokens and <bos>: 15 new tokens reach its last position (the last one
+    written is never read back), 16 would index past the table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=len(captioner.tokenizer))
+    lm = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # a zero logit for <eos>, below the largest of the others: every row writes all its tokens
+        lm.get_output_embeddings().weight[captioner.tokenizer.eos_token_id] = 0
+    projector = VisionProjector.from_config({**captioner.projector.config, "hidden_size": 16}).eval()
+    gpt2 = dataclasses.replace(captioner, lm=lm, projector=projector)
+    images = _images(shapes_data, 2)
+    assert all(len(t.split()) > 0 for t in gpt2.generate(images, max_new_tokens=15))
+    with pytest.raises(ValueError, match=r"`max_new_tokens` 16 runs past the language model's 32 positions .* <= 15"):
+        gpt2.generate(images, max_new_tokens=16)

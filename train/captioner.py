@@ -52,6 +52,7 @@ from clipcond.models.captioner import (
     VisionProjector,
     lm_config,
     lm_hidden_size,
+    position_limit,
     prompt_ids,
     question_prompt,
     target_ids,
@@ -409,6 +410,7 @@ def build_captioner_model(args: argparse.Namespace, dataset, cache: VisionTokenC
         lm.requires_grad_(False)
     model = CaptionerModel(projector, lm)
     data = build_data(dataset, cache, tokenizer, questions)
+    check_positions(args, lm, num_image_tokens, data.width)
     logger.info(
         "captioner: language model %s %.2f M parameters (%s), projector %.2f M; %d image tokens; questions: %s",
         type(lm).__name__,
@@ -419,6 +421,21 @@ def build_captioner_model(args: argparse.Namespace, dataset, cache: VisionTokenC
         questions,
     )
     return model, tokenizer, data, init_folder
+
+
+def check_positions(args: argparse.Namespace, lm, num_image_tokens: int, text_width: int) -> None:
+    """The image tokens and the widest text must fit the language model's positions (`position_limit`): a learned
+    position table (GPT-2's `n_positions`) fails past it with an index error, on CUDA a device-side assert."""
+    limit = position_limit(lm)
+    if limit is None or num_image_tokens + text_width <= limit:
+        return
+    flag = "--init-lm" if args.init_lm else "--init-captioner" if args.init_captioner else "--model"
+    value = getattr(args, flag[2:].replace("-", "_"))
+    raise ValueError(
+        f"`{flag}` {value!r} reads at most {limit} positions, but the captioner's inputs take {num_image_tokens} image "
+        f"tokens + {text_width} text tokens = {num_image_tokens + text_width}: pass a language model with more "
+        "positions, or a CLIP with fewer patches"
+    )
 
 
 def check_init_captioner(args: argparse.Namespace, clip_hash: str) -> None:

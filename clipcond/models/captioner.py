@@ -57,6 +57,13 @@ def lm_config(preset: str, *, tokenizer, max_position_embeddings: int):
     )
 
 
+def position_limit(lm) -> int | None:
+    """The positions a causal LM reads at most (`max_position_embeddings`, GPT-2's `n_positions`), or None when its
+    config names no limit. A learned position table (GPT-2) fails with an index error past it; a rotary one (Llama)
+    runs on, beyond the positions it was trained at."""
+    return getattr(lm.config, "max_position_embeddings", None)
+
+
 def lm_hidden_size(lm) -> int:
     """The width of a causal LM's token embeddings (whatever its config calls it)."""
     return lm.get_input_embeddings().embedding_dim
@@ -251,6 +258,16 @@ class Captioner:
         pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
         return vision_tokens(self.vision_encoder, pixel_values, self.projector.config.select_layer)
 
+    def check_positions(self, prefix_length: int, max_new_tokens: int) -> None:
+        """Reject a `max_new_tokens` that would run past the language model's positions (`position_limit`) after a
+        prefix (image tokens, <bos>, prompt) of `prefix_length`: the last token written is never read back."""
+        limit = position_limit(self.lm)
+        if limit is not None and prefix_length + max_new_tokens - 1 > limit:
+            raise ValueError(
+                f"`max_new_tokens` {max_new_tokens} runs past the language model's {limit} positions after "
+                f"{prefix_length} image and prompt tokens: pass max_new_tokens <= {limit - prefix_length + 1}"
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -276,10 +293,11 @@ class Captioner:
         prompts = prompt if isinstance(prompt, list) else [prompt] * batch_size
         if len(prompts) != batch_size:
             raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images")
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        self.check_positions(patches.shape[1] + 1 + max(map(len, ids)), max_new_tokens)
 
         # 2. the prefix: image tokens, then <bos> and the prompt, left-padded so that every row ends together
         device = self.device
-        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
         width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
@@ -298,7 +316,7 @@ class Captioner:
         )
         written = torch.empty((batch_size, 0), dtype=torch.long, device=device)
         done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # (B, V)
             if do_sample:
                 probs = torch.softmax(logits / temperature, dim=-1)
@@ -308,7 +326,7 @@ class Captioner:
             token = torch.where(done, torch.full_like(token, self.tokenizer.eos_token_id), token)
             written = torch.cat([written, token[:, None]], dim=1)
             done |= token == self.tokenizer.eos_token_id
-            if done.all():
+            if done.all() or step == max_new_tokens - 1:  # the last token is written, never read back
                 break
             mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
             positions = positions[:, -1:] + 1

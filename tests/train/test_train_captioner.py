@@ -314,6 +314,18 @@ def test_word_dropout_never_writes_the_end_token(captioner_run):
     assert unknown_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|unk|>") != eos
 
 
+def test_init_lm_with_too_few_positions_is_refused(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    """17 image tokens and the captions do not fit a GPT-2 of 20 positions (its learned table would be indexed past
+    its end): the error names `--init-lm`, its limit and what the inputs take."""
+    tokenizer = AutoTokenizer.from_pretrained(captioner_run / "lm")
+    _tiny_gpt2(len(tokenizer), n_positions=20).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    argv = _argv(tiny_clip_run, shapes_data, tmp_path / "o", "--max-train-steps", "1", "--validation-steps", "0")
+    match = r"`--init-lm` .*gpt2.* reads at most 20 positions, .* 17 image tokens \+ \d+ text tokens"
+    with pytest.raises(ValueError, match=match):
+        main([*argv, "--init-lm", str(tmp_path / "gpt2")])
+
+
 def _tiny_gpt2(vocab_size, n_positions=64):
     from transformers import GPT2Config, GPT2LMHeadModel
 
