@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="captioner_quality_") as tmp:
         output_dir = args.output_dir or Path(tmp, "run")
         result = run(args.clip, args.data, output_dir, args.seed)
+    result = {
+        "command": "python benchmarks/captioner_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    } | result
     if args.save_results:
         save_results("captioner_quality", result)
     print(json.dumps(result, indent=2))
