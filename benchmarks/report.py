@@ -504,7 +504,8 @@ QUALITY = {
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "samplers": (
         "python benchmarks/scheduler_steps.py --model DIR/decoder --data DIR/data "
-        "--samplers dpm@20,dpm-sde@20,euler-a@25,ddpm@100 --results-name samplers --save-results",
+        "--samplers dpm@20,dpm-sde@20,euler-a@25 --images-per-prompt 24 --guidance-scale 3 --results-name samplers "
+        "--save-results",
         sampler_rows,
     ),
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
