@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clipcond.demo_layout import LATENT_RESOLUTION, DemoLayout
 from clipcond.demo_report import dalle2_table, summary_line, write_report
 from clipcond.device import resolve_device
 from clipcond.finite import finite_float, finite_or_null
@@ -90,7 +91,6 @@ RECIPES = {
     },
 }
 # The latent path's image size (`--latent`): the tiny VAE downsamples x4, so 64 px images are 16 x 16 latents.
-LATENT_RESOLUTION = 64
 # Images per prompt and guidance scale that the evaluations judge, by recipe: a GPU draws 4x as many in seconds,
 # which narrows the accuracies' confidence intervals by half.
 EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}
@@ -701,42 +701,43 @@ def run_demo(args: argparse.Namespace, began: float, began_cpu: float) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from clipcond.data.shapes import load_dataset_info
 
-    times = _StageTimes(out / "timings.json")
-    data_done = load_dataset_info(out / "data") is not None  # a demo folder that holds its data set continues a run
+    layout = DemoLayout(out)
+    times = _StageTimes(layout.timings)
+    data_done = load_dataset_info(layout.data) is not None  # a demo folder that holds its data set continues a run
     times.record("startup", began, began_cpu, complete=data_done)
     load_start = round(os.getloadavg()[0], 2)
 
     # 1. data
-    times.run("data", lambda: _stage_data(args, out / "data"), complete=data_done)
-    info = load_dataset_info(out / "data")
+    times.run("data", lambda: _stage_data(args, layout.data), complete=data_done)
+    info = load_dataset_info(layout.data)
     # 2.-5. CLIP, the decoder, its judged evaluation and samples; 6. with --dalle2 the DALL-E 2 path
-    report = _stable_diffusion_stages(args, info, out, times)
+    report = _stable_diffusion_stages(args, info, layout, times)
     if args.dalle2:
-        report.update(_dalle2_stages(args, info, out, times, report["generation"]))
+        report.update(_dalle2_stages(args, info, layout, times, report["generation"]))
     if args.latent:
-        report.update(_latent_stages(args, out, times))
+        report.update(_latent_stages(args, layout, times))
 
     # 7. report
     report = _report(args, info, report, times, load_start)
     write_report(out, report)
     print(summary_line(report, out))
-    print(f"clipcond demo: report in {out / 'report.md'} (samples in {out / 'samples'})")
+    print(f"clipcond demo: report in {layout.report_md} (samples in {layout.samples})")
     return 0
 
 
-def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, times: _StageTimes) -> dict:
+def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: DemoLayout, times: _StageTimes) -> dict:
     """CLIP pretraining and evaluation, the decoder on the frozen CLIP text encoder, its judged evaluation, and
     samples of every colour-shape prompt as `clipcond generate` writes them (the evaluation's first images)."""
-    data_dir, clip_dir, decoder_dir, samples_dir = out / "data", out / "clip", out / "decoder", out / "samples"
+    data_dir, clip_dir, decoder_dir, samples_dir = out.data, out.clip, out.decoder, out.samples
     done = RunRecord.exists(clip_dir)
     clip_summary = times.run("clip", lambda: _stage_clip(args, data_dir, clip_dir), complete=done)
     done = (clip_dir / "eval" / "metrics.json").is_file()
     clip_eval = times.run("clip_eval", lambda: _stage_clip_eval(data_dir, clip_dir), complete=done)
     from clipcond.evaluation.probe_report import current_clip_probes
 
-    current = current_clip_probes(out / "probe", clip_dir, _probe_pairs(args), args.seed)
+    current = current_clip_probes(out.probe, clip_dir, _probe_pairs(args), args.seed)
     probe = times.run(
-        "probe", lambda: _stage_probe(args, data_dir, clip_dir, out / "probe", current), complete=current is not None
+        "probe", lambda: _stage_probe(args, data_dir, clip_dir, out.probe, current), complete=current is not None
     )
     done = RunRecord.exists(decoder_dir)
     decoder = times.run(
@@ -747,7 +748,7 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     done = (decoder_dir / "eval_generation" / "metrics.json").is_file()
     generation = times.run(
         "generation_eval",
-        lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out / "judge"),
+        lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out.judge),
         complete=done,
     )
     samples = times.run(
@@ -765,11 +766,13 @@ def _stable_diffusion_stages(args: argparse.Namespace, info: dict, out: Path, ti
     }
 
 
-def _dalle2_stages(args: argparse.Namespace, info: dict, out: Path, times: _StageTimes, generation: dict) -> dict:
+def _dalle2_stages(
+    args: argparse.Namespace, info: dict, out: DemoLayout, times: _StageTimes, generation: dict
+) -> dict:
     """The prior, the image-embedding decoder, their judged evaluation, and the table beside the Stable Diffusion
     path's `generation` figures."""
-    data_dir, clip_dir = out / "data", out / "clip"
-    prior_dir, unclip_dir, unclip_eval_dir = out / "prior", out / "unclip_decoder", out / "unclip_eval"
+    data_dir, clip_dir = out.data, out.clip
+    prior_dir, unclip_dir, unclip_eval_dir = out.prior, out.unclip_decoder, out.unclip_eval
     dalle2 = {}
     done = RunRecord.exists(prior_dir)
     dalle2["prior"] = times.run("prior", lambda: _stage_prior(args, data_dir, clip_dir, prior_dir), complete=done)
@@ -787,14 +790,14 @@ def _dalle2_stages(args: argparse.Namespace, info: dict, out: Path, times: _Stag
     return dalle2
 
 
-def _latent_stages(args: argparse.Namespace, out: Path, times: _StageTimes) -> dict:
+def _latent_stages(args: argparse.Namespace, out: DemoLayout, times: _StageTimes) -> dict:
     """The latent path at `LATENT_RESOLUTION`: the shapes data drawn at that size (same seed), a VAE and its judged
     reconstructions, and a text-to-image decoder on the VAE's latents and the CLIP's text encoder, with Stable
     Diffusion's unmasked text states (so `clipcond export stable-diffusion` takes it), judged as the pixel one is."""
     from clipcond.data.shapes import load_dataset_info
 
-    data_dir, clip_dir = out / f"data_{LATENT_RESOLUTION}", out / "clip"
-    vae_dir, decoder_dir = out / "vae", out / "latent_decoder"
+    data_dir, clip_dir = out.latent_data, out.clip
+    vae_dir, decoder_dir = out.vae, out.latent_decoder
     done = load_dataset_info(data_dir) is not None
     times.run("latent_data", lambda: _stage_data(args, data_dir, LATENT_RESOLUTION), complete=done)
     info = load_dataset_info(data_dir)
@@ -802,7 +805,7 @@ def _latent_stages(args: argparse.Namespace, out: Path, times: _StageTimes) -> d
     latent["vae"] = times.run("vae", lambda: _stage_vae(args, data_dir, vae_dir), complete=RunRecord.exists(vae_dir))
     latent["vae_eval"] = times.run(
         "vae_eval",
-        lambda: _stage_vae_eval(args, info, data_dir, vae_dir, out / "judge"),
+        lambda: _stage_vae_eval(args, info, data_dir, vae_dir, out.judge),
         complete=(vae_dir / "eval" / "metrics.json").is_file(),
     )
     extra = ("--vae", str(vae_dir), "--no-mask-text-padding")
@@ -816,7 +819,7 @@ def _latent_stages(args: argparse.Namespace, out: Path, times: _StageTimes) -> d
     )
     latent["latent_generation"] = times.run(
         "latent_generation_eval",
-        lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out / "judge"),
+        lambda: _stage_generation_eval(args, info, data_dir, clip_dir, decoder_dir, out.judge),
         complete=(decoder_dir / "eval_generation" / "metrics.json").is_file(),
     )
     return latent

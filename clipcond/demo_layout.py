@@ -1,0 +1,72 @@
+"""The folders of a `clipcond demo` output folder, in one place: the demo writes them, and `clipcond serve --demo`
+and the notebooks read them.
+
+    OUT/data/              the shapes data set (imagefolder layout, dataset_info.json)
+    OUT/clip/              the CLIP run (`clipcond train clip`), its evaluation in clip/eval/
+    OUT/probe/             the compositional probes
+    OUT/decoder/           the text-to-image decoder (Stable Diffusion path), eval_generation/ inside
+    OUT/judge/             the shapes judge the evaluations share
+    OUT/samples/           samples of every colour-shape prompt, as `clipcond generate` writes them
+    OUT/prior/, OUT/unclip_decoder/, OUT/unclip_eval/      with --dalle2: the DALL-E 2 path
+    OUT/data_64/, OUT/vae/, OUT/latent_decoder/            with --latent: the latent path
+    OUT/index/             a search index of the test images (written by `clipcond serve --demo` when missing)
+    OUT/report.md, OUT/report.json, OUT/timings.json
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from clipcond.runs import RunRecord
+
+# The resolution of the latent path's data set (`clipcond demo --latent`).
+LATENT_RESOLUTION = 64
+
+
+class DemoLayout:
+    """The paths inside the demo output folder `root` (whether or not they exist yet)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.data = self.root / "data"
+        self.clip = self.root / "clip"
+        self.probe = self.root / "probe"
+        self.decoder = self.root / "decoder"
+        self.judge = self.root / "judge"
+        self.samples = self.root / "samples"
+        self.prior = self.root / "prior"
+        self.unclip_decoder = self.root / "unclip_decoder"
+        self.unclip_eval = self.root / "unclip_eval"
+        self.latent_data = self.root / f"data_{LATENT_RESOLUTION}"
+        self.vae = self.root / "vae"
+        self.latent_decoder = self.root / "latent_decoder"
+        self.captioner = self.root / "captioner"
+        self.index = self.root / "index"
+        self.report_md = self.root / "report.md"
+        self.report_json = self.root / "report.json"
+        self.timings = self.root / "timings.json"
+
+    # The run folders, by name, in the order a reader meets them.
+    RUNS = ("clip", "decoder", "prior", "unclip_decoder", "vae", "latent_decoder", "captioner")
+
+    def finished_runs(self) -> dict[str, Path]:
+        """The run folders that hold a finished run (a run record), by name."""
+        return {name: getattr(self, name) for name in self.RUNS if RunRecord.exists(getattr(self, name))}
+
+    def is_finished(self) -> bool:
+        """Whether the demo ran to its report (the last thing it writes)."""
+        return self.report_json.is_file()
+
+
+def find_demo(folder: str | os.PathLike, flag: str = "--demo") -> DemoLayout:
+    """The demo folder `folder`, checked: it exists and holds at least a finished CLIP run; errors name `flag`."""
+    layout = DemoLayout(folder)
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"`{flag}` {os.fspath(folder)!r} does not exist")
+    if not RunRecord.exists(layout.clip):
+        raise ValueError(
+            f"`{flag}` {os.fspath(folder)!r} holds no finished CLIP run (clip/clipcond_run.json); pass the output "
+            "folder of `clipcond demo` once its CLIP stage has finished"
+        )
+    return layout
