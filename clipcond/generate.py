@@ -8,7 +8,7 @@ generator seeded with `--seed + k`, so it comes out the same whatever the batch 
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
 The command is split so that other pipelines plug in: `clipcond.pipeline_loading.load_pipeline` builds the
-pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `generate_batches` calls it with the diffusers
+pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `clipcond.drawing.generate_batches` calls it with the diffusers
 argument names, and a `clipcond.image_files.ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each
 batch's files as soon as it is drawn.
 
@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Iterator, Sequence
 
+from clipcond.drawing import check_text_to_image, generate_batches
 from clipcond.finite import finite_float
-from clipcond.image_files import ImageWriter, image_record
-from clipcond.pipeline_loading import is_unclip, load_pipeline, pipeline_class_name, scheduler_name
+from clipcond.image_files import ImageWriter
+from clipcond.pipeline_loading import load_pipeline, pipeline_class_name
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.sampling_options import (
     add_prior_args,
@@ -105,81 +105,6 @@ def check_args(args: argparse.Namespace) -> None:
     if getattr(args, "noise_level", 0) < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
     check_guidance_interval_args(args)
-
-
-def check_text_to_image(class_name: str, args: argparse.Namespace) -> None:
-    """Refuse a pipeline class that cannot draw from text (an image-embedding decoder without a prior)."""
-    if class_name == "ImageVariationPipeline" and getattr(args, "prior", None) is None:
-        raise ValueError(
-            f"`--model` {os.fspath(args.model)!r} is an image-embedding decoder: to generate from text, pair it with "
-            "a prior (`--prior PRIOR_RUN`); for variations of images use `clipcond vary`"
-        )
-
-
-def prior_settings(pipe, args: argparse.Namespace) -> dict:
-    """The DALL-E 2 path's extra pipeline arguments (empty for other pipelines); they go into the records too."""
-    if not is_unclip(pipe):
-        return {}
-    return {
-        "prior_guidance_scale": args.prior_guidance_scale,
-        "prior_num_inference_steps": args.prior_num_inference_steps,
-        "noise_level": args.noise_level,
-        "guidance_start": args.guidance_start,
-        "guidance_end": args.guidance_end,
-    }
-
-
-def generate_batches(pipe, prompts: Sequence[str], args: argparse.Namespace) -> Iterator[tuple[list, list[dict]]]:
-    """`--num-images` images per prompt, in batches of `--batch-size`, each from its own generator (seed + index).
-
-    Yields each batch's PIL images and one record per image as soon as the batch is drawn, in order (all images of
-    the first prompt first), so that the caller can write them before the next batch.
-    """
-    import torch
-
-    check_text_to_image(type(pipe).__name__, args)
-    if args.guidance_scale is None:  # each path's measured default
-        from clipcond.pipelines.text_to_image import TextToImagePipeline
-
-        plain = isinstance(pipe, TextToImagePipeline)
-        args.guidance_scale = DEFAULT_TEXT_GUIDANCE_SCALE if plain else DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
-    settings = prior_settings(pipe, args)
-    extra = {**({"prior": os.fspath(args.prior)} if getattr(args, "prior", None) else {}), **settings}
-    per_image = [prompt for prompt in prompts for _ in range(args.num_images)]
-    jobs = [(prompt, args.seed + index) for index, prompt in enumerate(per_image)]  # image k: seed + k
-    scheduler = scheduler_name(pipe.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start : start + args.batch_size]
-        # CPU generators: the same seed gives the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
-        output = pipe(
-            prompt=[prompt for prompt, _ in batch],
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            generator=generators,
-            output_type="pil",
-            **settings,
-        )
-        records = [
-            {
-                **image_record(
-                    index,
-                    prompt,
-                    seed,
-                    negative_prompt=args.negative_prompt,
-                    num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    scheduler=scheduler,
-                    model=args.model,
-                    dtype=args.dtype,
-                ),
-                **extra,
-            }
-            for index, (prompt, seed) in enumerate(batch, start=start)
-        ]
-        yield output.images, records
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Iterator
 
-from clipcond.image_files import ImageWriter, decoder_record, read_images
+from clipcond.drawing import vary_batches
+from clipcond.image_files import ImageWriter, read_images
 from clipcond.pipeline_loading import (
     check_reads_images,
     decoder_of,
     load_pipeline,
     pipeline_class_name,
-    scheduler_name,
 )
 from clipcond.sampling_options import (
     add_guidance_interval_args,
@@ -31,7 +30,6 @@ from clipcond.sampling_options import (
     add_sampling_args,
     check_batch_args,
     check_guidance_interval_args,
-    decoder_settings,
     pipeline_options,
 )
 
@@ -64,30 +62,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.noise_level < 0:
         raise ValueError(f"`--noise-level` must be >= 0, got {args.noise_level}")
     check_guidance_interval_args(args)
-
-
-def vary_batches(pipe, sources: list, args: argparse.Namespace) -> Iterator[tuple[list, list[dict]]]:
-    """`--num-images` variations of each source image, in batches of `--batch-size`, each from its own generator
-    (seed + index). Yields each batch's PIL images and one record per image as soon as it is drawn, source by
-    source."""
-    import torch
-
-    per_image = [s for s in range(len(sources)) for _ in range(args.num_images)]
-    jobs = [(s, args.seed + index) for index, s in enumerate(per_image)]  # (source, seed); variation k: seed + k
-    scheduler = scheduler_name(pipe.scheduler)
-    settings = decoder_settings(args)
-    pipe.set_progress_bar_config(disable=True)
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start : start + args.batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
-        output = pipe(image=[sources[s] for s, _ in batch], generator=generators, output_type="pil", **settings)
-        records = [
-            decoder_record(
-                index, seed, settings, scheduler=scheduler, model=args.model, source=args.images[s], source_index=s
-            )
-            for index, (s, seed) in enumerate(batch, start=start)
-        ]
-        yield output.images, records
 
 
 def main(argv: list[str] | None = None) -> int:
