@@ -18,8 +18,8 @@ from dataclasses import asdict
 
 import torch
 
-from clipcond.device import resolve_device
 from clipcond.index import ImageIndex
+from clipcond.index_queries import embed_image_query, embed_text, load_index_clip
 from clipcond.storage import dumps_json
 
 
@@ -62,34 +62,10 @@ def check_args(args: argparse.Namespace) -> None:
 def embed_text_query(clip_run, text: str, templates: list[str] | None = None) -> torch.Tensor:
     """The unit-norm embedding (D,) of a text query; with `templates`, the normalised mean over the templates."""
     if not templates:
-        return clip_run.encode_text([text])[0].cpu()
+        return embed_text(clip_run, text)
     from clipcond.evaluation.zero_shot import build_zero_shot_classifier
 
     return build_zero_shot_classifier(clip_run.encode_text, [text], templates)[0].cpu()
-
-
-@torch.no_grad()
-def embed_image_query(clip_run, path: str | os.PathLike, what: str = "--image") -> torch.Tensor:
-    """The unit-norm embedding (D,) of an image file, decoded and resized as the index's images are."""
-    from clipcond.index import embed_image_files
-
-    embeddings, unreadable = embed_image_files(clip_run, [path])
-    if unreadable:
-        raise ValueError(f"`{what}` {os.fspath(path)!r} cannot be decoded as an image")
-    return embeddings[0]
-
-
-def load_index_clip(index: ImageIndex, model: str | None = None, device: str | None = None):
-    """The index's CLIP: `model` (or the run folder recorded in the index), after checking its content hash."""
-    from clipcond.lineage import content_hash
-    from clipcond.models.clip import load_clip
-
-    what, path = ("--model", model) if model is not None else ("the index's CLIP", index.clip_path)
-    if not os.path.isdir(path):
-        hint = "" if model is not None else "; pass the run folder with --model if it moved"
-        raise FileNotFoundError(f"{what} {path!r} does not exist{hint}")
-    index.check_model(content_hash(path), path, what=what)
-    return load_clip(path, device=resolve_device(device), progress=False)  # no bar in front of the results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 import clipcond.index as index_module
 from clipcond import cli
 from clipcond.index import ImageIndex, scan_images
+from clipcond.index_queries import embed_image_query
 from clipcond.models.clip import load_clip
-from clipcond.search import embed_image_query, embed_text_query
+from clipcond.search import embed_text_query
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "benchmarks" / "search_quality.py"
