@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from clipcond.image_files import decoder_record, image_record
-from clipcond.pipeline_loading import is_unclip, scheduler_name
+from clipcond.pipeline_loading import decoder_of, is_unclip, scheduler_name
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.sampling_options import decoder_settings
 
@@ -124,3 +124,51 @@ def vary_batches(
         if progress is not None:
             progress(start + len(batch), len(jobs))
         yield output.images, records
+
+
+def interpolation_row(
+    pipe, args: argparse.Namespace, sources: list | None = None
+) -> tuple[list, list[dict], list[str]]:
+    """The row of `args.steps` frames between `args.prompts` (through `pipe`'s prior) or the images `sources`
+    (named `args.images` in the records), all decoded from one noise seeded with `args.seed`: the frames, their
+    records (with t) and their grid labels."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    settings = decoder_settings(args)
+    common = {
+        "num_frames": args.steps,
+        "generator": torch.Generator("cpu").manual_seed(args.seed),
+        "output_type": "pil",
+        **settings,
+    }
+    if args.prompts:
+        output = pipe.interpolate(
+            prompt=list(args.prompts),
+            negative_prompt=args.negative_prompt,
+            prior_num_inference_steps=args.prior_num_inference_steps,
+            prior_guidance_scale=args.prior_guidance_scale,
+            **common,
+        )
+        ends = list(args.prompts)
+        prior = {
+            "prior": os.fspath(args.prior) if args.prior else None,
+            "negative_prompt": args.negative_prompt,
+            "prior_num_inference_steps": args.prior_num_inference_steps,
+            "prior_guidance_scale": args.prior_guidance_scale,
+        }
+    else:
+        output = decoder_of(pipe, args.model).interpolate(image=sources, **common)
+        ends, prior = list(args.images), {}
+    kind = "prompts" if args.prompts else "images"
+    scheduler = scheduler_name(pipe.scheduler)
+    records = [
+        {
+            **decoder_record(index, args.seed, settings, scheduler=scheduler, model=args.model, t=t, **{kind: ends}),
+            **prior,
+        }
+        for index, t in enumerate(output.t)
+    ]
+    labels = [f"t={t:.2f}" for t in output.t]
+    labels[0], labels[-1] = f"{ends[0]} (t=0)", f"{ends[1]} (t=1)"
+    return output.images, records, labels

@@ -18,21 +18,19 @@ import argparse
 import os
 import time
 
-from clipcond.image_files import ImageWriter, decoder_record, read_images
+from clipcond.drawing import interpolation_row
+from clipcond.image_files import ImageWriter, read_images
 from clipcond.pipeline_loading import (
     check_reads_images,
-    decoder_of,
     is_unclip,
     load_pipeline,
     pipeline_class_name,
-    scheduler_name,
 )
 from clipcond.sampling_options import (
     add_image_embedding_guidance_arg,
     add_prior_args,
     add_sampling_args,
     check_guidance_interval_args,
-    decoder_settings,
     pipeline_options,
 )
 from clipcond.storage import check_output_dir
@@ -81,8 +79,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     args = parse_args(argv)
     check_args(args)
     sources = read_images(args.images, "--images file") if args.images else None
@@ -96,48 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(args.model, **pipeline_options(args))
     assert not args.prompts or is_unclip(pipe), "a prior comes with --prior or the unCLIP folder"
-    pipe.set_progress_bar_config(disable=True)
-    settings = decoder_settings(args)
-    common = {
-        "num_frames": args.steps,
-        "generator": torch.Generator("cpu").manual_seed(args.seed),
-        "output_type": "pil",
-        **settings,
-    }
-    if args.prompts:
-        output = pipe.interpolate(
-            prompt=list(args.prompts),
-            negative_prompt=args.negative_prompt,
-            prior_num_inference_steps=args.prior_num_inference_steps,
-            prior_guidance_scale=args.prior_guidance_scale,
-            **common,
-        )
-        ends = list(args.prompts)
-        prior = {
-            "prior": os.fspath(args.prior) if args.prior else None,
-            "negative_prompt": args.negative_prompt,
-            "prior_num_inference_steps": args.prior_num_inference_steps,
-            "prior_guidance_scale": args.prior_guidance_scale,
-        }
-    else:
-        output = decoder_of(pipe, args.model).interpolate(image=sources, **common)
-        ends, prior = list(args.images), {}
-    kind = "prompts" if args.prompts else "images"
-    scheduler = scheduler_name(pipe.scheduler)
-    records = [
-        {
-            **decoder_record(index, args.seed, settings, scheduler=scheduler, model=args.model, t=t, **{kind: ends}),
-            **prior,
-        }
-        for index, t in enumerate(output.t)
-    ]
-    labels = [f"t={t:.2f}" for t in output.t]
-    labels[0], labels[-1] = f"{ends[0]} (t=0)", f"{ends[1]} (t=1)"
+    images, records, labels = interpolation_row(pipe, args, sources)
     writer = ImageWriter(args.output_dir)
-    writer.add(output.images, records)  # the row is one batch: its frames share their noise
+    writer.add(images, records)  # the row is one batch: its frames share their noise
     grid_path = writer.finish(grid_rows=1, labels=labels)
+    ends = records[0]["prompts" if args.prompts else "images"]
     print(
-        f"clipcond interpolate: {len(output.images)} frames between {ends[0]!r} and {ends[1]!r} in "
+        f"clipcond interpolate: {len(images)} frames between {ends[0]!r} and {ends[1]!r} in "
         f"{time.perf_counter() - start:.1f} s -> {args.output_dir} (grid: {grid_path})"
     )
     return 0
