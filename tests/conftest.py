@@ -1,5 +1,6 @@
 """Shared test set-up: offline, seeded, and `--runslow` for the long runs."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,8 +114,6 @@ def judge(judge_cache, judge_config):
 @pytest.fixture(scope="session")
 def pipeline_run(tiny_clip_run, tmp_path_factory):
     """A random `test`-preset UNet on the tiny CLIP's text encoder, saved as the decoder training saves a run."""
-    import json
-
     from diffusers import DDPMScheduler
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
@@ -130,6 +129,74 @@ def pipeline_run(tiny_clip_run, tmp_path_factory):
     pipe.save_pretrained(path)
     (path / "clipcond_run.json").write_text(json.dumps({"clip": {"path": str(tiny_clip_run)}}))
     return path
+
+
+def _save_run(pipe, folder, clip_run, kind):
+    from clipcond.lineage import content_hash
+
+    pipe.save_pretrained(folder)
+    record = {"kind": f"clipcond-{kind}", "clip": {"path": str(clip_run), "content_hash": content_hash(clip_run)}}
+    (folder / "clipcond_run.json").write_text(json.dumps(record))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def unclip_runs(tiny_clip_run, tmp_path_factory):
+    """A 16 px image-embedding decoder run, a prior run (pipeline folders with run records, as training leaves them) and the two saved as
+    one unCLIP pipeline folder."""
+    from diffusers import DDPMScheduler
+
+    from clipcond.models.clip import load_text_tower, load_vision_tower
+    from clipcond.models.image_embedding import ImageEmbeddingTokens
+    from clipcond.models.prior import create_prior, prior_config, set_embedding_statistics
+    from clipcond.models.unet import create_unet, unet_config
+    from clipcond.pipelines import ImageVariationPipeline, PriorPipeline, UnCLIPTextToImagePipeline
+    from clipcond.text_encoding import context_length
+
+    text_encoder, tokenizer = load_text_tower(tiny_clip_run)
+    image_encoder, mean, std = load_vision_tower(tiny_clip_run)
+    dim = image_encoder.config.projection_dim
+    torch.manual_seed(0)
+    unet = create_unet(unet_config("test", sample_size=16, cross_attention_dim=dim, image_embedding_dim=dim))
+    decoder = ImageVariationPipeline(
+        unet=unet,
+        scheduler=DDPMScheduler(),
+        image_encoder=image_encoder,
+        embedding_tokens=ImageEmbeddingTokens(dim, 2, dim),
+    )
+    config = prior_config("test", embedding_dim=dim, num_embeddings=context_length(text_encoder, tokenizer))
+    prior = create_prior(config)
+    set_embedding_statistics(prior, torch.zeros(dim), torch.ones(dim))
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=False)
+    prior_pipe = PriorPipeline(prior=prior, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+    root = tmp_path_factory.mktemp("unclip_runs")
+    folders = {
+        "decoder": _save_run(decoder, root / "decoder", tiny_clip_run, "decoder"),
+        "prior": _save_run(prior_pipe, root / "prior", tiny_clip_run, "prior"),
+    }
+    UnCLIPTextToImagePipeline.from_runs(folders["prior"], folders["decoder"]).save_pretrained(root / "unclip")
+    folders["unclip"] = root / "unclip"
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_clip_run, shapes_data):
+    """A random `test`-preset captioner (Llama LM, LLaVA projector) on the tiny CLIP's vision tower, untrained."""
+    from transformers import LlamaForCausalLM
+
+    from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.models.captioner import Captioner, VisionProjector, lm_config
+    from clipcond.models.clip import load_vision_tower
+    from clipcond.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    vision, mean, std = load_vision_tower(tiny_clip_run)
+    dataset = ImageCaptionDataset(shapes_data, split="train")
+    tokenizer = train_tokenizer(dataset.captions + ["question: what shape is it? answer:"], vocab_size=300)
+    lm = LlamaForCausalLM(lm_config("test", tokenizer=tokenizer, max_position_embeddings=64))
+    width, dim = vision.config.hidden_size, vision.config.projection_dim
+    projector = VisionProjector(vision_width=width, embed_dim=dim, hidden_size=lm.config.hidden_size)
+    return Captioner(vision, mean, std, projector.eval(), lm.eval(), tokenizer)
 
 
 @pytest.fixture(scope="session")

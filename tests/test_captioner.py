@@ -14,26 +14,17 @@ from clipcond.models.captioner import (
     Captioner,
     CaptionerModel,
     VisionProjector,
-    lm_config,
     prompt_ids,
     target_ids,
     text_batch,
 )
 from clipcond.models.clip import load_vision_tower
-from clipcond.tokenizer import train_tokenizer
 from clipcond.vision_tokens import VisionTokenCache, vision_tokens
 
 
 @pytest.fixture(scope="module")
-def captioner(tiny_clip_run, shapes_data):
-    torch.manual_seed(0)
-    vision, mean, std = load_vision_tower(tiny_clip_run)
-    dataset = ImageCaptionDataset(shapes_data, split="train")
-    tokenizer = train_tokenizer(dataset.captions + ["question: what shape is it? answer:"], vocab_size=300)
-    lm = LlamaForCausalLM(lm_config("test", tokenizer=tokenizer, max_position_embeddings=64))
-    width, dim = vision.config.hidden_size, vision.config.projection_dim
-    projector = VisionProjector(vision_width=width, embed_dim=dim, hidden_size=lm.config.hidden_size)
-    return Captioner(vision, mean, std, projector.eval(), lm.eval(), tokenizer)
+def captioner(tiny_captioner):
+    return tiny_captioner
 
 
 def _images(shapes_data, n=3):

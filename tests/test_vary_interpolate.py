@@ -5,19 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DDPMScheduler
 from PIL import Image
 
 from clipcond import cli
 from clipcond.interpolate import main as interpolate_main
-from clipcond.lineage import content_hash
-from clipcond.models.clip import load_text_tower, load_vision_tower
-from clipcond.models.image_embedding import ImageEmbeddingTokens
-from clipcond.models.prior import create_prior, prior_config, set_embedding_statistics
-from clipcond.models.unet import create_unet, unet_config
-from clipcond.pipelines import ImageVariationPipeline, PriorPipeline, UnCLIPTextToImagePipeline
-from clipcond.text_encoding import context_length
+from clipcond.pipelines import ImageVariationPipeline
 from clipcond.vary import main as vary_main
 
 pytestmark = pytest.mark.filterwarnings(
@@ -29,41 +21,9 @@ FAST = ["--num-inference-steps", "2", "--device", "cpu"]
 PRIOR_FAST = ["--prior-num-inference-steps", "2"]
 
 
-def _save_run(pipe, folder, clip_run, kind):
-    pipe.save_pretrained(folder)
-    record = {"kind": f"clipcond-{kind}", "clip": {"path": str(clip_run), "content_hash": content_hash(clip_run)}}
-    (folder / "clipcond_run.json").write_text(json.dumps(record))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_clip_run, tmp_path_factory):
-    """A decoder run, a prior run (pipeline folders with run records, as training leaves them) and the two saved as
-    one unCLIP pipeline folder."""
-    text_encoder, tokenizer = load_text_tower(tiny_clip_run)
-    image_encoder, mean, std = load_vision_tower(tiny_clip_run)
-    dim = image_encoder.config.projection_dim
-    torch.manual_seed(0)
-    unet = create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=dim, image_embedding_dim=dim))
-    decoder = ImageVariationPipeline(
-        unet=unet,
-        scheduler=DDPMScheduler(),
-        image_encoder=image_encoder,
-        embedding_tokens=ImageEmbeddingTokens(dim, 2, dim),
-    )
-    config = prior_config("test", embedding_dim=dim, num_embeddings=context_length(text_encoder, tokenizer))
-    prior = create_prior(config)
-    set_embedding_statistics(prior, torch.zeros(dim), torch.ones(dim))
-    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample", clip_sample=False)
-    prior_pipe = PriorPipeline(prior=prior, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
-    root = tmp_path_factory.mktemp("unclip_runs")
-    folders = {
-        "decoder": _save_run(decoder, root / "decoder", tiny_clip_run, "decoder"),
-        "prior": _save_run(prior_pipe, root / "prior", tiny_clip_run, "prior"),
-    }
-    UnCLIPTextToImagePipeline.from_runs(folders["prior"], folders["decoder"]).save_pretrained(root / "unclip")
-    folders["unclip"] = root / "unclip"
-    return folders
+def runs(unclip_runs):
+    return unclip_runs
 
 
 @pytest.fixture(scope="module")
