@@ -76,6 +76,7 @@ COMMANDS: dict = {
     "ask": Command("clipcond.ask", "a captioner's answer to a question about images"),
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),
+    "serve": Command("clipcond.serve", "a web page (Gradio) to generate, vary, search and caption with trained runs"),
     "export": {
         "open-clip": Command(
             "clipcond.export_open_clip", "write a CLIP run's weights for open_clip's `local-dir:` loader"

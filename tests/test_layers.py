@@ -40,6 +40,7 @@ COMMANDS = frozenset(
         "clipcond.interpolate",
         "clipcond.probe",
         "clipcond.search",
+        "clipcond.serve",
         "clipcond.vary",
     }
 )

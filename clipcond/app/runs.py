@@ -1,0 +1,180 @@
+"""The runs a `clipcond serve` page works with: which folder plays which part (`RunPaths`, from the flags or from a
+demo folder), and the models loaded from them once, kept on one device (`ServedRuns`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from clipcond.demo_layout import DemoLayout
+from clipcond.pipeline_loading import decoder_of, load_pipeline, pipeline_class_name
+from clipcond.runs import RunRecord, check_finished
+
+# How many of a demo's test images the Vary and Caption tabs offer to pick from.
+TEST_IMAGES = 36
+
+
+@dataclass
+class RunPaths:
+    """The folders of the runs served; None where a part is missing (its tab is not shown)."""
+
+    text_to_image: Path | None = None  # a TextToImagePipeline folder: the Stable Diffusion path
+    image_decoder: Path | None = None  # an ImageVariationPipeline or UnCLIPTextToImagePipeline folder
+    prior: Path | None = None  # a prior run, paired with `image_decoder` for text -> image (DALL-E 2)
+    clip: Path | None = None  # the CLIP of the search index (default: the one the index records)
+    index: Path | None = None  # a `clipcond index` folder
+    captioner: Path | None = None  # a `clipcond train captioner` run
+    demo: Path | None = None  # the demo folder these came from, if any (its report goes on the run panel)
+    test_images: Path | None = None  # a folder of images to pick from (a demo's test split)
+
+    def items(self) -> list[tuple[str, Path]]:
+        """(part, folder) of the runs given, in field order."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+    def items_dict(self) -> dict[str, Path]:
+        return dict(self.items())
+
+
+def paths_from_flags(
+    models: list[str], prior=None, clip=None, index=None, captioner=None, demo: DemoLayout | None = None
+) -> RunPaths:
+    """The parts of `--model` (one text-to-image decoder and/or one image-embedding decoder, told apart by their
+    pipeline class) and of the other flags, over those of `demo` if given; errors name the flag and the value."""
+    paths = paths_from_demo(demo) if demo is not None else RunPaths()
+    seen = set()
+    for model in models:
+        class_name = pipeline_class_name(model)
+        part = "text_to_image" if class_name == "TextToImagePipeline" else "image_decoder"
+        if class_name not in ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline"):
+            raise ValueError(
+                f"`--model` {model!r} holds a {class_name or 'pipeline of unknown class'}; pass a decoder run "
+                "(`clipcond train decoder`, text or image-embedding conditioning) or an unCLIP pipeline folder"
+            )
+        if part in seen:
+            raise ValueError(f"`--model` {model!r} is a second {class_name}; pass at most one decoder of each kind")
+        seen.add(part)
+        setattr(paths, part, Path(model))
+    for flag, value in (("prior", prior), ("clip", clip), ("index", index), ("captioner", captioner)):
+        if value is not None:
+            if not os.path.isdir(value):
+                raise FileNotFoundError(f"`--{flag}` {os.fspath(value)!r} does not exist")
+            setattr(paths, flag, Path(value))
+    if paths.prior is not None and paths.image_decoder is None:
+        raise ValueError(
+            f"`--prior` {os.fspath(paths.prior)!r} needs an image-embedding decoder to draw its embeddings: pass "
+            "`--model` the output folder of `clipcond train decoder --conditioning image-embedding`"
+        )
+    if not any((paths.text_to_image, paths.image_decoder, paths.index, paths.captioner)):
+        raise ValueError(
+            "nothing to serve: pass `--model DECODER`, `--index INDEX`, `--captioner CAP` or `--demo OUT`"
+        )
+    return paths
+
+
+def paths_from_demo(layout: DemoLayout) -> RunPaths:
+    """Every finished run of a `clipcond demo` folder, its test images, and its index if it has one."""
+    runs = layout.finished_runs()
+    return RunPaths(
+        text_to_image=runs.get("decoder"),
+        image_decoder=runs.get("unclip_decoder"),
+        prior=runs.get("prior") if "unclip_decoder" in runs else None,
+        clip=runs.get("clip"),
+        index=layout.index if layout.index.is_dir() else None,
+        captioner=runs.get("captioner"),
+        demo=layout.root,
+        test_images=layout.data / "test" if (layout.data / "test").is_dir() else None,
+    )
+
+
+class ServedRuns:
+    """The models of `paths`, loaded once on `device` in `dtype` (as `clipcond generate`'s `--device`, `--dtype`);
+    each request writes its images into a folder of its own under `output_dir`."""
+
+    def __init__(self, paths: RunPaths, *, output_dir: str | os.PathLike, device: str | None = None, dtype="fp32"):
+        from clipcond.device import resolve_device
+
+        self.paths, self.dtype = paths, dtype
+        self.device = resolve_device(device)
+        self.output_dir = Path(output_dir)
+        self._requests = itertools.count()
+        options = {"device": str(self.device), "dtype": dtype}
+        self.text_to_image = load_pipeline(paths.text_to_image, **options) if paths.text_to_image else None
+        self.unclip, self.variation = None, None
+        if paths.image_decoder is not None:
+            pipe = load_pipeline(paths.image_decoder, prior=paths.prior, **options)
+            self.unclip = pipe if type(pipe).__name__ == "UnCLIPTextToImagePipeline" else None
+            self.variation = decoder_of(pipe, paths.image_decoder)
+        self.clip_run, self.index = self._load_search()
+        self.captioner = self._load_captioner()
+        self.test_images = self._test_images()
+
+    def _load_search(self):
+        """The index and its CLIP: `paths.index` (checked against `paths.clip` if given), or, for a demo without
+        one, an index of its test images built in memory (nothing is written into the demo folder)."""
+        from clipcond.index import ImageIndex
+        from clipcond.index_queries import load_index_clip
+        from clipcond.models.clip import load_clip
+
+        if self.paths.index is not None:
+            index = ImageIndex.load(self.paths.index)
+            clip = None if self.paths.clip is None else os.fspath(self.paths.clip)
+            return load_index_clip(index, clip, str(self.device)), index
+        if self.paths.demo is not None and self.paths.clip is not None and self.paths.test_images is not None:
+            clip_run = load_clip(self.paths.clip, device=self.device, progress=False, what="the demo's CLIP")
+            return clip_run, ImageIndex.build(self.paths.test_images, clip_run, dtype="fp32")
+        return None, None
+
+    def _load_captioner(self):
+        if self.paths.captioner is None:
+            return None
+        from clipcond.models.captioner import Captioner
+
+        check_finished(self.paths.captioner, "`--captioner`")
+        return Captioner.from_pretrained(self.paths.captioner, what="--captioner").to(self.device)
+
+    def _test_images(self) -> list[tuple[str, Path]]:
+        """(label, file) of the first `TEST_IMAGES` test images: the caption where the data set has one."""
+        folder = self.paths.test_images
+        if folder is None:
+            return []
+        captions = {}
+        metadata = folder / "metadata.jsonl"
+        if metadata.is_file():
+            for line in metadata.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line) if line.strip() else {}
+                captions[row.get("file_name")] = row.get("text")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        return [(f"{p.name}: {captions.get(p.name) or ''}".rstrip(": "), p) for p in files[:TEST_IMAGES]]
+
+    def request_folder(self, kind: str) -> Path:
+        """A new folder for one request's files (`00003-generate`), under `output_dir`."""
+        folder = self.output_dir / f"{next(self._requests):05d}-{kind}"
+        while folder.exists():  # an output folder reused across restarts
+            folder = self.output_dir / f"{next(self._requests):05d}-{kind}"
+        return folder
+
+    @property
+    def tabs(self) -> list[str]:
+        """The tabs the runs allow, in page order."""
+        draws_text = self.text_to_image is not None or self.unclip is not None
+        tabs = {
+            "Generate": draws_text,
+            "Vary": self.variation is not None,
+            "Search": self.index is not None,
+            "Caption": self.captioner is not None,
+            "Compare": draws_text,
+        }
+        return [name for name, shown in tabs.items() if shown]
+
+    def records(self) -> dict[str, RunRecord]:
+        """The run record of each run served (its `clipcond_run.json`), by part."""
+        parts = ("text_to_image", "image_decoder", "prior", "clip", "captioner")
+        return {
+            part: RunRecord.read(folder)
+            for part, folder in self.paths.items()
+            if part in parts and RunRecord.exists(folder)
+        }
