@@ -33,6 +33,7 @@ MAX_GUIDANCE = 50.0
 MAX_UPLOAD_BYTES = 25 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 CAPTION_TOKENS = 32  # `clipcond caption`'s default --max-new-tokens
+MAX_NEW_TOKENS = 256
 SAVED_SCHEDULER = "saved"  # the scheduler choice that keeps the run's own
 STABLE_DIFFUSION, DALLE2 = "Stable Diffusion path", "DALL-E 2 path (prior)"
 
@@ -300,9 +301,16 @@ def search(runs: ServedRuns, text: str | None = None, image_path: str | None = N
 
 
 def caption(
-    runs: ServedRuns, image_path: str | None, question: str | None = None, do_sample=False, temperature=1.0, seed=0
+    runs: ServedRuns,
+    image_path: str | None,
+    question: str | None = None,
+    do_sample=False,
+    temperature=1.0,
+    seed=0,
+    max_new_tokens=CAPTION_TOKENS,
 ) -> str:
-    """The captioner's caption of the image, or its answer to `question` when one is asked."""
+    """The captioner's caption of the image, or its answer to `question` when one is asked (as `clipcond caption`
+    and `clipcond ask` write them)."""
     import torch
 
     if runs.captioner is None:
@@ -310,15 +318,19 @@ def caption(
     image = read_upload("image", image_path)
     if do_sample and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
         raise RequestError(f"`temperature` must be > 0, got {temperature!r}")
+    max_new_tokens = whole_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     generator = torch.Generator(device=runs.captioner.device).manual_seed(whole_number("seed", seed, 0, 2**31 - 1))
-    text = runs.captioner.generate(
-        [image],
-        (question or "").strip() or None,
-        max_new_tokens=CAPTION_TOKENS,
-        do_sample=bool(do_sample),
-        temperature=float(temperature or 1.0),
-        generator=generator,
-    )
+    try:
+        text = runs.captioner.generate(
+            [image],
+            (question or "").strip() or None,
+            max_new_tokens=max_new_tokens,
+            do_sample=bool(do_sample),
+            temperature=float(temperature or 1.0),
+            generator=generator,
+        )
+    except ValueError as err:  # more tokens than the language model has positions for
+        raise RequestError(str(err).replace("`max_new_tokens`", "`max new tokens`")) from None
     return text[0]
 
 

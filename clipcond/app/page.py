@@ -203,15 +203,16 @@ def _caption_tab(runs: ServedRuns) -> None:
                 sample = gr.Checkbox(False, label="sample")
                 temperature = gr.Number(1.0, label="temperature")
                 seed = gr.Number(0, precision=0, label="seed")
+            tokens = gr.Number(handlers.CAPTION_TOKENS, precision=0, label="max new tokens")
             button = gr.Button("Caption", variant="primary", elem_id="caption-button")
         with gr.Column(scale=1):
             text = gr.Textbox(label="the captioner says", elem_id="caption-text")
 
     @answered
-    def on_caption(upload, pick, question, sample, temperature, seed):
-        return handlers.caption(runs, upload or pick, question, sample, temperature, seed)
+    def on_caption(upload, pick, question, sample, temperature, seed, tokens):
+        return handlers.caption(runs, upload or pick, question, sample, temperature, seed, tokens)
 
-    button.click(on_caption, [upload, pick, question, sample, temperature, seed], text)
+    button.click(on_caption, [upload, pick, question, sample, temperature, seed, tokens], text)
 
 
 def _compare_tab(runs: ServedRuns) -> None:

@@ -1,0 +1,93 @@
+"""`clipcond serve` without a server: its flags, `--demo` on a demo folder, and the page's error messages."""
+
+import re
+import shutil
+import sys
+
+import pytest
+
+from clipcond import cli, serve
+from clipcond.app import handlers
+
+gr = pytest.importorskip("gradio", reason="`clipcond serve` needs the ui extra (gradio)")
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_clip_run, pipeline_run, shapes_data, tmp_path_factory):
+    """A demo folder as `clipcond demo` leaves it, with its CLIP, its decoder, its test images and its report."""
+    out = tmp_path_factory.mktemp("serve_demo")
+    shutil.copytree(tiny_clip_run, out / "clip")
+    shutil.copytree(pipeline_run, out / "decoder")
+    shutil.copytree(shapes_data / "test", out / "data" / "test")
+    (out / "report.md").write_text("# clipcond demo\n\nthe demo's own report\n")
+    (out / "report.json").write_text("{}")
+    return out
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def test_demo_folder_serves_its_runs_and_an_index_of_its_test_images(demo, tmp_path):
+    before = files_under(demo)
+    args = serve.parse_args(["--demo", str(demo), "--device", "cpu", "--output-dir", str(tmp_path)])
+    page, runs = serve.build(args)
+
+    assert isinstance(page, gr.Blocks)
+    assert runs.tabs == ["Generate", "Search", "Compare"]  # no image-embedding decoder, no captioner
+    assert len(runs.index) == len(list((demo / "data" / "test").glob("*.png")))
+    assert runs.test_images and runs.test_images[0][0].startswith("00000.png: ")  # labelled with its caption
+    assert handlers.search(runs, "a red circle", top_k=3)[0].path.startswith(str(demo / "data" / "test"))
+    assert "the demo's own report" in handlers.run_panel(runs)
+    assert set(serve.allowed_paths(runs)) == {str(tmp_path), str(demo / "data" / "test")}
+    assert files_under(demo) == before  # nothing written into the demo folder
+
+
+def test_flags_naming_runs_override_the_demos(demo, unclip_runs, tmp_path):
+    argv = ["--demo", str(demo), "--model", str(unclip_runs["decoder"]), "--prior", str(unclip_runs["prior"])]
+    _, runs = serve.build(serve.parse_args([*argv, "--device", "cpu", "--output-dir", str(tmp_path)]))
+    assert runs.tabs == ["Generate", "Vary", "Search", "Compare"]
+    assert handlers.text_paths(runs) == [handlers.STABLE_DIFFUSION, handlers.DALLE2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "nothing to serve"),
+        (["--demo", "{tmp}", "--port", "0"], "`--port` must be from 1 to 65535, got 0"),
+        (["--demo", "{tmp}"], "holds no finished CLIP run"),
+        (["--demo", "{tmp}/missing"], "`--demo` '.*missing' does not exist"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(["serve", *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("clipcond serve: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_without_gradio_the_command_says_what_to_install(demo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(ValueError, match=r'needs Gradio: pip install "clipcond\[ui\]"'):
+        serve.main(["--demo", str(demo)])
+
+
+def test_the_page_shows_errors_as_messages_not_tracebacks():
+    from clipcond.app.page import answered
+
+    @answered
+    def refuse():
+        raise handlers.RequestError("`steps` must be a whole number from 1 to 250, got 0")
+
+    @answered
+    def crash():
+        raise RuntimeError("out of memory\nwith details")
+
+    with pytest.raises(gr.Error) as err:
+        refuse()
+    assert err.value.message == "`steps` must be a whole number from 1 to 250, got 0"
+    with pytest.raises(gr.Error) as err:
+        crash()
+    assert err.value.message.startswith("the request failed (RuntimeError: out of memory")
+    assert "Traceback" not in err.value.message
