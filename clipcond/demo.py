@@ -47,14 +47,13 @@ from clipcond.device import resolve_device
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import local_files_only
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.runlock import run_folder_lock
 from clipcond.runs import RunRecord
 from clipcond.storage import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-# The sampler of the samples and the evaluation: DPM-Solver++ (2M), as `clipcond eval generation` uses it.
-SCHEDULER = "dpm"
 # The training stages' precision: bf16 autocast, faster than fp32 on CPUs with bf16 units (the README's speed table).
 TRAIN_PRECISION = "bf16"
 # The precision of the judged images and samples: bf16 draws them in about half the time of fp32 and was judged the
@@ -551,7 +550,7 @@ def _stage_generation_eval(
         guidance_scales=[1.0, args.guidance_scale],
         guidance_scale=args.guidance_scale,
         num_inference_steps=2 if args.quick else args.num_inference_steps,
-        scheduler=SCHEDULER,
+        scheduler=DEFAULT_SAMPLER,
         seed=args.seed,
         output_dir=out,
         extra_settings={
@@ -663,7 +662,7 @@ def _stage_unclip_eval(
     pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=local_files_only(), **dtype).to(
         device
     )
-    pipe.scheduler = scheduler_from_name(SCHEDULER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
+    pipe.scheduler = scheduler_from_name(DEFAULT_SAMPLER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
     quick = {"sources_per_class": 1, "variations_per_source": 1, "images_per_prompt": 1, "num_inference_steps": 2}
     budget = {
         "sources_per_class": args.variation_sources,

@@ -17,6 +17,9 @@ from clipcond.runs import check_finished
 
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "dpm-sde", "euler", "euler-a", "unipc")
+# The sampler the evaluations, the demo and the web page draw with unless told otherwise: DPM-Solver++ (2M), Lu et
+# al. 2022 (benchmarks/results/samplers.json compares it with the others). The commands keep a run's saved one.
+DEFAULT_SAMPLER = "dpm"
 
 # The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
 PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")

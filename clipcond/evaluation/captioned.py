@@ -45,6 +45,7 @@ from clipcond.evaluation.sampling import (
     scale_key,
 )
 from clipcond.finite import finite_or_null
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import image_grid
 from clipcond.storage import write_json_atomic
@@ -316,7 +317,7 @@ def evaluate_captioned(
     guidance_scales: Sequence[float] = (1.0, DEFAULT_TEXT_GUIDANCE_SCALE),
     guidance_scale: float | None = None,
     num_inference_steps: int = 25,
-    scheduler: str | None = "dpm",
+    scheduler: str | None = DEFAULT_SAMPLER,
     seed: int = 0,
     batch_size: int = 32,
     output_dir: str | os.PathLike | None = None,

@@ -104,7 +104,7 @@ from clipcond.evaluation.sampling import (
     scale_key,
 )
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.pipeline_loading import load_pretrained
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
@@ -367,7 +367,7 @@ def evaluate_generation(
     guidance_scales: Sequence[float] = (1.0, DEFAULT_GUIDANCE_SCALE),
     guidance_scale: float | None = None,
     num_inference_steps: int = 25,
-    scheduler: str | None = "dpm",
+    scheduler: str | None = DEFAULT_SAMPLER,
     seed: int = 0,
     batch_size: int = 32,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
@@ -555,7 +555,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"prompt of a class, with {{colour}} and {{shape}} (default {DEFAULT_PROMPT_TEMPLATE!r})",
     )
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--scheduler", default="dpm", help="sampler, a SCHEDULERS name or 'saved' (default dpm)")
+    parser.add_argument(
+        "--scheduler",
+        default=DEFAULT_SAMPLER,
+        help=f"sampler, a SCHEDULERS name or 'saved' (default {DEFAULT_SAMPLER})",
+    )
     parser.add_argument(
         "--guidance-scale",
         type=finite_float,
