@@ -75,9 +75,13 @@ def build(args: argparse.Namespace):
 
 
 def allowed_paths(runs) -> list[str]:
-    """The folders whose files the page may send: the requests' output, the test images, the indexed images."""
-    folders = [runs.output_dir, runs.paths.test_images, runs.index and runs.index.root]
-    return [os.fspath(folder) for folder in folders if folder is not None]
+    """The files and folders the page may send: the requests' output, the test images, the indexed images and the
+    demo report's figures (not the rest of a demo folder: its weights stay private)."""
+    from clipcond.app.handlers import demo_report
+
+    report = demo_report(runs)
+    paths = [runs.output_dir, runs.paths.test_images, runs.index and runs.index.root, *(report[1] if report else [])]
+    return list(dict.fromkeys(os.fspath(path) for path in paths if path is not None))
 
 
 def main(argv: list[str] | None = None) -> int:

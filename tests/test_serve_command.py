@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+from PIL import Image
 
 from clipcond import cli, serve
 from clipcond.app import handlers
@@ -19,7 +20,10 @@ def demo(tiny_clip_run, pipeline_run, shapes_data, tmp_path_factory):
     shutil.copytree(tiny_clip_run, out / "clip")
     shutil.copytree(pipeline_run, out / "decoder")
     shutil.copytree(shapes_data / "test", out / "data" / "test")
-    (out / "report.md").write_text("# clipcond demo\n\nthe demo's own report\n")
+    (out / "clip" / "eval").mkdir()
+    Image.new("RGB", (8, 8)).save(out / "clip" / "eval" / "confusion.png")
+    report = "# clipcond demo\n\nthe demo's own report\n\n![confusion matrix](clip/eval/confusion.png)\n"
+    (out / "report.md").write_text(report + "![missing](nowhere.png)\n")
     (out / "report.json").write_text("{}")
     return out
 
@@ -38,8 +42,13 @@ def test_demo_folder_serves_its_runs_and_an_index_of_its_test_images(demo, tmp_p
     assert len(runs.index) == len(list((demo / "data" / "test").glob("*.png")))
     assert runs.test_images and runs.test_images[0][0].startswith("00000.png: ")  # labelled with its caption
     assert handlers.search(runs, "a red circle", top_k=3)[0].path.startswith(str(demo / "data" / "test"))
-    assert "the demo's own report" in handlers.run_panel(runs)
-    assert set(serve.allowed_paths(runs)) == {str(tmp_path), str(demo / "data" / "test")}
+    panel = handlers.run_panel(runs)
+    assert "the demo's own report" in panel
+    figure = (demo / "clip" / "eval" / "confusion.png").resolve()
+    assert f"![confusion matrix](/gradio_api/file={figure})" in panel  # the report's figure, where the page serves it
+    assert "![missing](nowhere.png)" in panel  # a link to no file is left as it is
+    assert set(serve.allowed_paths(runs)) == {str(tmp_path), str(demo / "data" / "test"), str(figure)}
+    assert f"from the demo folder `{demo}`" in handlers.serving_line(runs)
     assert files_under(demo) == before  # nothing written into the demo folder
 
 

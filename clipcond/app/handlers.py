@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from clipcond.app.runs import ServedRuns
 from clipcond.drawing import generate_batches, interpolation_row, vary_batches
 from clipcond.image_files import ImageWriter, read_images
-from clipcond.pipeline_loading import SCHEDULER_NAMES
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_NAMES
 from clipcond.sampling_options import add_prior_args
 
 # Limits of one request: a page is shared, and one request holds the queue.
@@ -35,6 +36,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 CAPTION_TOKENS = 32  # `clipcond caption`'s default --max-new-tokens
 MAX_NEW_TOKENS = 256
 SAVED_SCHEDULER = "saved"  # the scheduler choice that keeps the run's own
+DEFAULT_SCHEDULER = DEFAULT_SAMPLER  # what the page draws with until told otherwise
 STABLE_DIFFUSION, DALLE2 = "Stable Diffusion path", "DALL-E 2 path (prior)"
 
 Progress = Callable[[int, int], None]
@@ -391,9 +393,9 @@ def run_panel(runs: ServedRuns) -> str:
     ]
     for part, record in runs.records().items():
         lineage = record.lineage
-        trained_on = f"{lineage.kind} `{(lineage.content_hash or '?')[:12]}`" if lineage else ""
+        trained_on = f"{lineage.kind} {_hash(lineage.content_hash)}" if lineage else ""
         lines.append(
-            f"| {part} | `{runs.paths.items_dict()[part]}` | {record.kind or '?'} | `{(record.content_hash or '')[:12]}` "
+            f"| {part} | `{runs.paths.items_dict()[part]}` | {record.kind or '?'} | {_hash(record.content_hash)} "
             f"| {trained_on} | {record.summary.get('steps', '')} | {_number(record.summary.get('final_loss'))} |"
         )
     if runs.index is not None:
@@ -402,9 +404,49 @@ def run_panel(runs: ServedRuns) -> str:
     lines.append(
         f"\nDevice: `{runs.device}`, weights in {runs.dtype}; each request's files under `{runs.output_dir}`."
     )
-    if runs.paths.demo is not None and (runs.paths.demo / "report.md").is_file():
-        lines += ["", "---", "", (runs.paths.demo / "report.md").read_text(encoding="utf-8")]
+    report = demo_report(runs)
+    if report is not None:
+        lines += ["", "---", "", report[0]]
     return "\n".join(lines)
+
+
+def serving_line(runs: ServedRuns) -> str:
+    """One line of Markdown: what the page serves (the Runs tab has the details)."""
+    parts = []
+    if runs.text_to_image is not None:
+        parts.append(f"the Stable Diffusion path (`{runs.paths.text_to_image}`)")
+    if runs.unclip is not None:
+        parts.append(f"the DALL-E 2 path (prior `{runs.paths.prior or runs.paths.image_decoder}`)")
+    if runs.variation is not None:
+        parts.append(f"variations (`{runs.paths.image_decoder}`)")
+    if runs.index is not None:
+        parts.append(f"search over {len(runs.index)} images")
+    if runs.captioner is not None:
+        parts.append(f"captions (`{runs.paths.captioner}`)")
+    origin = f" from the demo folder `{runs.paths.demo}`" if runs.paths.demo is not None else ""
+    return f"Serving {', '.join(parts)}{origin}; the Runs tab says which runs these are."
+
+
+def demo_report(runs: ServedRuns) -> tuple[str, list[Path]] | None:
+    """The demo folder's report.md with its figures linked where the page serves files, and those figures (the
+    only files of the demo folder besides its test images that the page may send); None without a report."""
+    if runs.paths.demo is None or not (runs.paths.demo / "report.md").is_file():
+        return None
+    figures = []
+
+    def served_link(match: re.Match) -> str:
+        figure = (runs.paths.demo / match.group(2)).resolve()
+        if not figure.is_file():
+            return match.group(0)
+        figures.append(figure)
+        return f"![{match.group(1)}](/gradio_api/file={figure})"
+
+    text = (runs.paths.demo / "report.md").read_text(encoding="utf-8")
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", served_link, text), figures
+
+
+def _hash(value: str | None) -> str:
+    return f"`{value[:12]}`" if value else ""
 
 
 def _number(value) -> str:

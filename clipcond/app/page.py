@@ -59,7 +59,7 @@ def build_page(runs: ServedRuns):
     import gradio as gr
 
     with gr.Blocks(title="clipcond") as page:
-        gr.Markdown(f"# clipcond\nServing: {', '.join(part for part, _ in runs.paths.items())}.")
+        gr.Markdown(f"# clipcond\n{handlers.serving_line(runs)}")
         tabs = runs.tabs
         if "Generate" in tabs:
             _generate_tab(runs)
@@ -100,7 +100,9 @@ def _generate_tab(runs: ServedRuns) -> None:
             with gr.Row():
                 scale = gr.Number(DEFAULT_GUIDANCE[paths[0]], label="guidance scale", elem_id="generate-guidance")
                 steps = gr.Number(25, precision=0, label="steps", elem_id="generate-steps")
-            scheduler = gr.Dropdown([handlers.SAVED_SCHEDULER, *SCHEDULER_NAMES], value="saved", label="scheduler")
+            scheduler = gr.Dropdown(
+                [handlers.SAVED_SCHEDULER, *SCHEDULER_NAMES], value=handlers.DEFAULT_SCHEDULER, label="scheduler"
+            )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
             images = gr.Gallery(label="images", columns=4, elem_id="generate-gallery", elem_classes="pixels")
