@@ -96,11 +96,16 @@ def test_each_request_writes_a_folder_of_its_own(served):
     assert first.folder != second.folder and first.folder.parent == second.folder.parent == served.output_dir
 
 
-def test_a_scheduler_lasts_one_request(served):
+def test_a_scheduler_lasts_one_request(served, shapes_data):
     saved = served.text_to_image.scheduler
     drawn = handlers.generate(served, STABLE_DIFFUSION, "a red circle", num_images=1, scheduler="ddim", **FAST)
     assert drawn.records[0]["scheduler"] == "ddim"
     assert served.text_to_image.scheduler is saved
+    saved = served.variation.scheduler
+    source = str(sorted((shapes_data / "test").glob("*.png"))[0])
+    assert handlers.vary(served, source, num_images=1, scheduler="euler", **FAST).records[0]["scheduler"] == "euler"
+    row = handlers.interpolate(served, image_a=source, image_b=source, frames=2, scheduler="unipc", **FAST)
+    assert row.records[0]["scheduler"] == "unipc" and served.variation.scheduler is saved
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,7 @@ def generate(
         args.prior = None  # the Stable Diffusion path's records name no prior
     prompt = prompt_text("prompt", prompt)
     writer = ImageWriter(runs.request_folder("generate"))
-    with _scheduler(pipe, scheduler_choice(scheduler)):
+    with _scheduler(pipe, scheduler_choice(scheduler)) as pipe:
         for images, records in generate_batches(pipe, [prompt], args, progress):
             writer.add(images, records)
     labels = [f"seed {r['seed']}" for r in writer.records]
@@ -201,6 +201,7 @@ def vary(
     num_images=4,
     guidance_scale=None,
     steps=25,
+    scheduler: str | None = None,
     progress: Progress | None = None,
 ) -> Drawn:
     """`num_images` variations of the image, as `clipcond vary IMAGE --seed SEED` draws them; the source first."""
@@ -217,8 +218,9 @@ def vary(
         guidance_scale=_image_guidance(guidance_scale),
     )
     writer = ImageWriter(runs.request_folder("vary"))
-    for images, records in vary_batches(runs.variation, [source], args, progress):
-        writer.add(images, records)
+    with _scheduler(runs.variation, scheduler_choice(scheduler)) as pipe:
+        for images, records in vary_batches(pipe, [source], args, progress):
+            writer.add(images, records)
     size = writer.images[0].size
     labels = ["source", *(f"seed {r['seed']}" for r in writer.records)]
     writer.finish(grid_rows=1, labels=labels, grid_images=[source.resize(size), *writer.images])
@@ -241,6 +243,7 @@ def interpolate(
     seed=0,
     guidance_scale=None,
     steps=25,
+    scheduler: str | None = None,
 ) -> Drawn:
     """A row between two prompts (through the prior) or, when both images are given, two images: as `clipcond
     interpolate` draws it."""
@@ -266,7 +269,8 @@ def interpolate(
         negative_prompt=None,
         **ends,
     )
-    images, records, labels = interpolation_row(runs.unclip if not use_images else runs.variation, args, sources)
+    with _scheduler(runs.variation if use_images else runs.unclip, scheduler_choice(scheduler)) as pipe:
+        images, records, labels = interpolation_row(pipe, args, sources)
     writer = ImageWriter(runs.request_folder("interpolate"))
     writer.add(images, records)
     writer.finish(grid_rows=1, labels=labels)

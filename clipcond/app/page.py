@@ -46,7 +46,8 @@ def answered(fn):
 
 
 def tracker(progress):
-    """A handler's `progress(done, total)` shown by Gradio's progress bar."""
+    """A handler's `progress(done, total)` shown by Gradio's progress bar (Gradio hands a `gr.Progress` to the event
+    functions that name one as a default argument, hence their `noqa: B008`)."""
     return lambda done, total: progress(done / total, desc=f"{done}/{total} images")
 
 
@@ -100,9 +101,7 @@ def _generate_tab(runs: ServedRuns) -> None:
             with gr.Row():
                 scale = gr.Number(DEFAULT_GUIDANCE[paths[0]], label="guidance scale", elem_id="generate-guidance")
                 steps = gr.Number(25, precision=0, label="steps", elem_id="generate-steps")
-            scheduler = gr.Dropdown(
-                [handlers.SAVED_SCHEDULER, *SCHEDULER_NAMES], value=handlers.DEFAULT_SCHEDULER, label="scheduler"
-            )
+            scheduler = _scheduler_choice()
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
             images = gr.Gallery(label="images", columns=4, elem_id="generate-gallery", elem_classes="pixels")
@@ -111,7 +110,7 @@ def _generate_tab(runs: ServedRuns) -> None:
     path.change(lambda p: DEFAULT_GUIDANCE[p], path, scale)
 
     @answered
-    def on_generate(path, prompt, negative, seed, count, scale, scheduler, steps, progress=gr.Progress()):  # noqa: B008 (Gradio reads the default)
+    def on_generate(path, prompt, negative, seed, count, scale, scheduler, steps, progress=gr.Progress()):  # noqa: B008
         drawn = handlers.generate(
             runs, path, prompt, negative, seed, count, scale, scheduler, steps, tracker(progress)
         )
@@ -120,6 +119,14 @@ def _generate_tab(runs: ServedRuns) -> None:
     inputs = [path, prompt, negative, seed, count, scale, scheduler, steps]
     button.click(on_generate, inputs, [images, files, records])
     prompt.submit(on_generate, inputs, [images, files, records])
+
+
+def _scheduler_choice():
+    """The sampler: DEFAULT_SAMPLER until changed; "saved" keeps the run's own."""
+    import gradio as gr
+
+    choices = [handlers.SAVED_SCHEDULER, *SCHEDULER_NAMES]
+    return gr.Dropdown(choices, value=handlers.DEFAULT_SCHEDULER, label="scheduler")
 
 
 def _image_input(runs: ServedRuns, label: str, elem_id: str):
@@ -145,6 +152,7 @@ def _vary_tab(runs: ServedRuns) -> None:
                 with gr.Row():
                     scale = gr.Number(DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, label="guidance scale")
                     steps = gr.Number(25, precision=0, label="steps")
+                scheduler = _scheduler_choice()
                 button = gr.Button("Vary", variant="primary", elem_id="vary-button")
             with gr.Column(scale=2):
                 images = gr.Gallery(label="source, then variations", columns=5, elem_classes="pixels")
@@ -162,16 +170,18 @@ def _vary_tab(runs: ServedRuns) -> None:
                 row = gr.Gallery(label="row", columns=8, elem_classes="pixels")
 
     @answered
-    def on_vary(upload, pick, seed, count, scale, steps, progress=gr.Progress()):  # noqa: B008 (Gradio reads the default)
-        drawn = handlers.vary(runs, upload or pick, seed, count, scale, steps, tracker(progress))
+    def on_vary(upload, pick, seed, count, scale, steps, scheduler, progress=gr.Progress()):  # noqa: B008
+        drawn = handlers.vary(runs, upload or pick, seed, count, scale, steps, scheduler, tracker(progress))
         return gallery(drawn), [str(f) for f in drawn.files]
 
     @answered
-    def on_interpolate(prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps):
-        return gallery(handlers.interpolate(runs, prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps))
+    def on_interpolate(prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps, scheduler):
+        row = handlers.interpolate(runs, prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps, scheduler)
+        return gallery(row)
 
-    button.click(on_vary, [upload, pick, seed, count, scale, steps], [images, files])
-    row_button.click(on_interpolate, [prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps], row)
+    button.click(on_vary, [upload, pick, seed, count, scale, steps, scheduler], [images, files])
+    inputs = [prompt_a, prompt_b, image_a, image_b, frames, seed, scale, steps, scheduler]
+    row_button.click(on_interpolate, inputs, row)
 
 
 def _search_tab(runs: ServedRuns) -> None:
@@ -238,7 +248,7 @@ def _compare_tab(runs: ServedRuns) -> None:
             records = gr.JSON(label="images.jsonl")
 
     @answered
-    def on_compare(path, prompt, seed, scales, schedulers, steps, progress=gr.Progress()):  # noqa: B008 (Gradio reads the default)
+    def on_compare(path, prompt, seed, scales, schedulers, steps, progress=gr.Progress()):  # noqa: B008
         return handlers.compare(runs, path, prompt, seed, scales, schedulers, steps, tracker(progress))
 
     button.click(on_compare, [path, prompt, seed, scales, schedulers, steps], [grid, records])
