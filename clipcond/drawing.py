@@ -62,7 +62,7 @@ def generate_batches(
     per_image = [prompt for prompt in prompts for _ in range(args.num_images)]
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(per_image)]  # image k: seed + k
     scheduler = scheduler_name(pipe.scheduler)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=progress is None)  # a caller that follows progress sees each step
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         # CPU generators: the same seed gives the same noise on any device.
@@ -110,7 +110,7 @@ def vary_batches(
     jobs = [(s, args.seed + index) for index, s in enumerate(per_image)]  # (source, seed); variation k: seed + k
     scheduler = scheduler_name(pipe.scheduler)
     settings = decoder_settings(args)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=progress is None)  # a caller that follows progress sees each step
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]

@@ -46,8 +46,8 @@ def answered(fn):
 
 
 def tracker(progress):
-    """A handler's `progress(done, total)` shown by Gradio's progress bar (Gradio hands a `gr.Progress` to the event
-    functions that name one as a default argument, hence their `noqa: B008`)."""
+    """A handler's `progress(done, total)` shown by Gradio's progress bar, beside the sampler's steps that it tracks
+    (Gradio hands a `gr.Progress` to the event functions that name one as a default argument: their `noqa: B008`)."""
     return lambda done, total: progress(done / total, desc=f"{done}/{total} images")
 
 
@@ -110,7 +110,9 @@ def _generate_tab(runs: ServedRuns) -> None:
     path.change(lambda p: DEFAULT_GUIDANCE[p], path, scale)
 
     @answered
-    def on_generate(path, prompt, negative, seed, count, scale, scheduler, steps, progress=gr.Progress()):  # noqa: B008
+    def on_generate(
+        path, prompt, negative, seed, count, scale, scheduler, steps, progress=gr.Progress(track_tqdm=True)
+    ):  # noqa: B008
         drawn = handlers.generate(
             runs, path, prompt, negative, seed, count, scale, scheduler, steps, tracker(progress)
         )
@@ -170,7 +172,7 @@ def _vary_tab(runs: ServedRuns) -> None:
                 row = gr.Gallery(label="row", columns=8, elem_classes="pixels")
 
     @answered
-    def on_vary(upload, pick, seed, count, scale, steps, scheduler, progress=gr.Progress()):  # noqa: B008
+    def on_vary(upload, pick, seed, count, scale, steps, scheduler, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         drawn = handlers.vary(runs, upload or pick, seed, count, scale, steps, scheduler, tracker(progress))
         return gallery(drawn), [str(f) for f in drawn.files]
 
@@ -248,7 +250,7 @@ def _compare_tab(runs: ServedRuns) -> None:
             records = gr.JSON(label="images.jsonl")
 
     @answered
-    def on_compare(path, prompt, seed, scales, schedulers, steps, progress=gr.Progress()):  # noqa: B008
+    def on_compare(path, prompt, seed, scales, schedulers, steps, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         return handlers.compare(runs, path, prompt, seed, scales, schedulers, steps, tracker(progress))
 
     button.click(on_compare, [path, prompt, seed, scales, schedulers, steps], [grid, records])
