@@ -1,5 +1,5 @@
 """The folders of a `clipcond demo` output folder, in one place: the demo writes them, and `clipcond serve --demo`
-and the notebooks read them.
+and the notebooks read them (`find_notebook_demo`).
 
     OUT/data/              the shapes data set (imagefolder layout, dataset_info.json)
     OUT/clip/              the CLIP run (`clipcond train clip`), its evaluation in clip/eval/
@@ -70,3 +70,20 @@ def find_demo(folder: str | os.PathLike, flag: str = "--demo") -> DemoLayout:
             "folder of `clipcond demo` once its CLIP stage has finished"
         )
     return layout
+
+
+# The folder a notebook looks for beside itself (its working directory) when CLIPCOND_NOTEBOOK_WORKDIR names none.
+NOTEBOOK_DEMO_FOLDER = "demo"
+
+
+def find_notebook_demo(workdir: str | os.PathLike | None, cwd: str | os.PathLike) -> DemoLayout | None:
+    """The finished demo folder a notebook shows instead of training, or None (the notebook trains).
+
+    `workdir` is CLIPCOND_NOTEBOOK_WORKDIR: when set, it is the only folder looked at, so a working folder of the
+    notebooks' own runs keeps working as one. Unset (None or ""), `cwd/demo` (`clipcond demo`'s default output
+    folder beside the notebook) is looked at. Either counts only when the demo ran to its report: an unfinished
+    demo folder is still being written.
+    """
+    folder = Path(workdir).expanduser() if workdir else Path(cwd) / NOTEBOOK_DEMO_FOLDER
+    layout = DemoLayout(folder)
+    return layout if layout.is_finished() else None
