@@ -15,6 +15,9 @@ import nbformat
 
 HERE = Path(__file__).resolve().parent
 
+# The tag of the cell whose picture the README shows (notebooks/_render_figures.py saves it).
+FIGURE = "readme-figure"
+
 # --------------------------------------------------------------------------------------- cells every notebook runs
 
 
@@ -27,6 +30,7 @@ from pathlib import Path
 {plots}import torch
 from IPython.display import display
 {pil}
+from clipcond.demo_layout import find_notebook_demo
 from clipcond.plots import image_grid
 
 # The optimizer steps of every model trained below. The default is a smoke test that runs in about a minute on
@@ -36,26 +40,46 @@ STEPS = int(os.environ.get("CLIPCOND_NOTEBOOK_STEPS", "10"))
 SMALL = STEPS < 100
 NUM_IMAGES = 1000 if SMALL else 20000
 
+# A finished `clipcond demo` folder (CLIPCOND_NOTEBOOK_WORKDIR, or ./demo beside the notebook) is shown instead of
+# training: its data set and its trained runs are used. It is only read, never written.
+DEMO = find_notebook_demo(os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR"), Path.cwd())
+DEMO_RUNS = DEMO.finished_runs() if DEMO is not None else {{}}  # run folders by name: clip, decoder, prior, ...
+
 # Everything is written under WORK: a temporary folder, removed by the last cell, unless CLIPCOND_NOTEBOOK_WORKDIR
-# names a folder to keep. Runs found complete there are reused, so the notebooks can share their data and CLIP.
-if os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR"):
+# names a folder to keep (and not a demo's). Runs found complete there are reused, so the notebooks can share their
+# data and CLIP.
+if os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR") and DEMO is None:
     _tmp = None
     WORK = Path(os.environ["CLIPCOND_NOTEBOOK_WORKDIR"]).expanduser()
     WORK.mkdir(parents=True, exist_ok=True)
 else:
     _tmp = tempfile.TemporaryDirectory(prefix="clipcond-notebook-")
     WORK = Path(_tmp.name)
-print(f"{{STEPS}} steps per model ({{'small' if SMALL else 'recipe'}} settings); working in {{WORK}}")
+{require}
+# Sampling follows the models shown: few steps and images for smoke-test models, more for a demo's trained ones.
+QUICK = SMALL and DEMO is None
+if DEMO is not None:
+    print(f"Demo folder {{DEMO.root}}: showing its data and runs ({{', '.join(DEMO_RUNS)}}), training none")
+else:
+    print(f"Training {{STEPS}} steps per model ({{'small' if SMALL else 'recipe'}} settings) in {{WORK}}; no demo folder")
+"""
+
+# Notebook 3 shows a demo only when it holds the DALL-E 2 runs.
+REQUIRE_DALLE2 = """
+if DEMO is not None and not {"prior", "unclip_decoder"} <= DEMO_RUNS.keys():
+    print(f"{DEMO.root} holds no DALL-E 2 runs (`clipcond demo --dalle2` trains them): training here instead.")
+    DEMO, DEMO_RUNS = None, {}
 """
 
 
-def setup(plots: bool = False, pil: bool = False) -> str:
+def setup(plots: bool = False, pil: bool = False, require: str = "") -> str:
     """The first code cell: imports (with matplotlib and numpy, or PIL, where the notebook uses them), the step
-    budget and the working folder."""
+    budget, the demo folder shown if there is one (`require` may turn it down) and the working folder."""
     return SETUP.format(
         math="import math\n" if plots else "",
         plots="import matplotlib.pyplot as plt\nimport numpy as np\n" if plots else "",
         pil="from PIL import Image\n" if pil else "",
+        require=require,
     )
 
 
@@ -85,7 +109,7 @@ def run_once(main, argv, output_dir):
 DATA = """
 from clipcond.data import shapes
 
-DATA = WORK / f"shapes-{NUM_IMAGES}"
+DATA = DEMO.data if DEMO is not None else WORK / f"shapes-{NUM_IMAGES}"
 if shapes.load_dataset_info(DATA) is None:
     shapes.main([str(DATA), "--num-images", str(NUM_IMAGES), "--overwrite"])  # `clipcond data shapes`
 info = shapes.load_dataset_info(DATA)
@@ -95,7 +119,7 @@ print("held-out colour-shape pairs (test split only):", ", ".join(info["held_out
 CLIP = """
 from clipcond.train import clip as train_clip
 
-CLIP = WORK / f"clip-{STEPS}"
+CLIP = DEMO_RUNS.get("clip", WORK / f"clip-{STEPS}")  # a finished run is reused, not trained again
 clip_argv = ["--data", DATA, "--max-train-steps", STEPS, "--validation-steps", 0, "--report-to", "tensorboard"]
 if SMALL:  # batches of 64 instead of the recipe's 256
     clip_argv += ["--train-batch-size", 64, "--lr-warmup-steps", max(1, STEPS // 10)]
@@ -114,7 +138,7 @@ if _tmp is not None:
 """
 
 
-def budget_note(number: str) -> str:
+def budget_note(number: str, demo: str = "`clipcond demo`") -> str:
     return f"""
 **Budget.** By default every model trains for `CLIPCOND_NOTEBOOK_STEPS=10` steps, with smaller data, models and
 batches, so the notebook runs top to bottom in about a minute on 2 CPU cores (CI executes it so). The pictures are
@@ -127,6 +151,15 @@ CLIPCOND_NOTEBOOK_STEPS=300 CLIPCOND_NOTEBOOK_WORKDIR=~/clipcond-notebooks jupyt
 From 100 steps on the recipes of `clipcond demo` are used (20,000 images, the `tiny` presets, their batch sizes):
 expect minutes per model on a laptop's CPU. With `CLIPCOND_NOTEBOOK_WORKDIR` the folders are kept, and every
 notebook reuses the data and runs that another one already trained at the same budget.
+
+**A demo folder.** When `CLIPCOND_NOTEBOOK_WORKDIR` names the finished output folder of {demo}, or a `demo/`
+folder of one lies beside the notebook, nothing is trained: the notebook uses the demo's data set and trained runs
+(it only reads them; what it writes goes to a temporary folder) and shows real pictures in about a minute. The
+first code cell prints which way it goes:
+
+```bash
+CLIPCOND_NOTEBOOK_WORKDIR=~/clipcond-demo jupyter lab notebooks/{number}
+```
 """
 
 
@@ -148,7 +181,8 @@ NB01 = [
         2. training (`clipcond train clip`) and its loss curve;
         3. zero-shot classification and retrieval (`clipcond eval clip`): the confusion matrix and an image-text
            similarity matrix;
-        4. a 2-D projection of image and text embeddings.
+        4. a 2-D projection of image and text embeddings;
+        5. search: the test images closest to a text query.
         """
         )
         + budget_note("01_pretrain_clip.ipynb"),
@@ -199,19 +233,25 @@ NB01 = [
         """
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        events = EventAccumulator(str(CLIP / "logs" / "clipcond"))
-        events.Reload()
+        LOGS = CLIP / "logs" / "clipcond"
         batch = clip_record.args["train_batch_size"]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
-        loss = events.Scalars("train/loss")
-        left.plot([e.step for e in loss], [e.value for e in loss], label="training loss")
-        left.axhline(math.log(batch), color="grey", linestyle="--", label=f"chance: ln {batch}")
-        left.set(xlabel="step", ylabel="InfoNCE loss", title="loss")
-        left.legend()
-        scale = events.Scalars("train/logit_scale")
-        right.plot([e.step for e in scale], [e.value for e in scale])
-        right.set(xlabel="step", ylabel="exp(logit scale)", title="learned temperature")
-        plt.show()
+        if LOGS.is_dir():
+            events = EventAccumulator(str(LOGS))
+            events.Reload()
+            fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+            loss = events.Scalars("train/loss")
+            left.plot([e.step for e in loss], [e.value for e in loss], label="training loss")
+            left.axhline(math.log(batch), color="grey", linestyle="--", label=f"chance: ln {batch}")
+            left.set(xlabel="step", ylabel="InfoNCE loss", title="loss")
+            left.legend()
+            scale = events.Scalars("train/logit_scale")
+            right.plot([e.step for e in scale], [e.value for e in scale])
+            right.set(xlabel="step", ylabel="exp(logit scale)", title="learned temperature")
+            plt.show()
+        else:  # `clipcond demo` trains its CLIP without `--report-to`
+            summary = clip_record.summary
+            print(f"{CLIP} logged no curve; {summary['steps']} steps, final loss {summary['final_loss']:.3f}", end=" ")
+            print(f"(chance: ln {batch} = {math.log(batch):.3f}), logit scale {summary['logit_scale']:.1f}")
         """,
     ),
     (
@@ -221,8 +261,8 @@ NB01 = [
 
         `clipcond eval clip` classifies every single-object test image among the 18 colour-shape classes by the
         class whose prompts ("a photo of a red circle.", ... averaged over templates) are closest, and ranks
-        images against captions (recall@k). It prints the metrics and writes the figures to `RUN/eval/`.
-        Accuracy is reported for seen and held-out compositions apart; chance is 1/18 = 5.6%.
+        images against captions (recall@k). It prints the metrics and writes the figures to `RUN/eval/`, here to
+        `--output-dir` in the working folder (a demo folder is only read). Accuracy is reported for seen and held-out compositions apart; chance is 1/18 = 5.6%.
         """,
     ),
     (
@@ -230,9 +270,12 @@ NB01 = [
         """
         from clipcond.evaluation import clip as eval_clip
 
-        eval_clip.main(["--model", str(CLIP), "--data", str(DATA), "--no-progress"])  # `clipcond eval clip`
-        display(Image.open(CLIP / "eval" / "confusion_matrix.png"))
+        CLIP_EVAL = WORK / f"{CLIP.name}-eval"
+        eval_argv = ["--model", str(CLIP), "--data", str(DATA), "--output-dir", str(CLIP_EVAL), "--no-progress"]
+        eval_clip.main(eval_argv)  # `clipcond eval clip`
+        display(Image.open(CLIP_EVAL / "confusion_matrix.png"))
         """,
+        FIGURE,
     ),
     (
         "md",
@@ -243,7 +286,7 @@ NB01 = [
         diagonal, and bright off-diagonal cells where captions describe the same scene.
         """,
     ),
-    ("code", 'display(Image.open(CLIP / "eval" / "similarity_matrix.png"))'),
+    ("code", 'display(Image.open(CLIP_EVAL / "similarity_matrix.png"))'),
     (
         "md",
         """
@@ -301,6 +344,37 @@ NB01 = [
         plt.show()
         """,
     ),
+    (
+        "md",
+        """
+        ## Search
+
+        `clipcond index` embeds every image under a folder once; `clipcond search` embeds a text query and ranks
+        the images by cosine. Here the index of the test images is built in memory (`ImageIndex.build`; `save`
+        would write it to disk), and each row shows a query's five best images with their cosine. "a blue square"
+        and "a purple triangle" are held-out compositions: the CLIP never saw them named together.
+        """,
+    ),
+    (
+        "code",
+        """
+        from clipcond.index import ImageIndex
+        from clipcond.search import embed_text_query
+
+        index = ImageIndex.build(DATA / "test", run)
+        held_out = {f"a {pair}" for pair in info["held_out"]}
+        QUERIES = ["a red circle", "a blue square", "a purple triangle", "a big yellow square on the left"]
+        QUERIES += ["two green triangles side by side"]
+        TOP_K = 5
+        found, labels = [], []
+        for query in QUERIES:
+            results = index.search(embed_text_query(run, query), top_k=TOP_K)
+            found += [Image.open(r.path) for r in results]
+            query += " (held out)" if query in held_out else ""
+            labels += [f"{query}: {r.score:.2f}" if r.rank == 1 else f"{r.score:.2f}" for r in results]
+        display(image_grid(found, rows=len(QUERIES), cols=TOP_K, labels=labels))
+        """,
+    ),
     ("md", CLEAN_UP_MD),
     ("code", CLEAN_UP),
 ]
@@ -322,14 +396,14 @@ NB02 = [
            prompt 10% of the time so that one model is both conditional and unconditional;
         3. generation with `TextToImagePipeline`, seen and held-out colour-shape prompts;
         4. classifier-free guidance: the same noise at several guidance scales;
-        5. schedulers: the same trained UNet sampled by five diffusers samplers.
+        5. schedulers: the same trained UNet sampled by several diffusers samplers.
         """
         )
         + budget_note("02_stable_diffusion_path.ipynb"),
     ),
     ("code", setup()),
     ("code", RUN_ONCE),
-    ("md", "## Data and CLIP\n\nAs in notebook 1 (reused from `CLIPCOND_NOTEBOOK_WORKDIR` when it is there)."),
+    ("md", "## Data and CLIP\n\nAs in notebook 1 (a demo's, or reused from `CLIPCOND_NOTEBOOK_WORKDIR`)."),
     ("code", DATA),
     ("code", CLIP),
     (
@@ -348,7 +422,7 @@ NB02 = [
         """
         from clipcond.train import decoder as train_decoder
 
-        DECODER = WORK / f"decoder-{STEPS}"
+        DECODER = DEMO_RUNS.get("decoder", WORK / f"decoder-{STEPS}")
         decoder_argv = ["--clip", CLIP, "--data", DATA, "--max-train-steps", STEPS, "--validation-steps", 0]
         if SMALL:  # the `test` UNet at 16 px on batches of 16, instead of `tiny` at the data's 32 px on 64
             decoder_argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16]
@@ -373,10 +447,10 @@ NB02 = [
 
         pipe = TextToImagePipeline.from_pretrained(DECODER, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        INFERENCE_STEPS = 10 if SMALL else 25
+        INFERENCE_STEPS = 10 if QUICK else 25
         PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "a purple triangle"]
         PROMPTS += ["an orange square"]
-        PER_PROMPT = 2 if SMALL else 4
+        PER_PROMPT = 2 if QUICK else 4
         held_out = {f"a {pair}" for pair in info["held_out"]}
 
 
@@ -398,6 +472,7 @@ NB02 = [
         labels = row_labels([p + (" (held out)" if p in held_out else "") for p in PROMPTS], PER_PROMPT)
         display(image_grid(images, rows=len(PROMPTS), cols=PER_PROMPT, labels=labels))
         """,
+    FIGURE,
     ),
     (
         "md",
@@ -413,8 +488,8 @@ NB02 = [
     (
         "code",
         """
-        SCALES = [1.0, 3.0, 8.0] if SMALL else [1.0, 2.0, 3.0, 5.0, 8.0]
-        COLUMNS = 3 if SMALL else 4
+        SCALES = [1.0, 3.0, 8.0] if QUICK else [1.0, 2.0, 3.0, 5.0, 8.0]
+        COLUMNS = 3 if QUICK else 4
         rows = []
         for w in SCALES:
             rows += pipe(
@@ -444,7 +519,7 @@ NB02 = [
         import time
 
         trained = pipe.scheduler
-        COLUMNS = 3 if SMALL else 4
+        COLUMNS = 3 if QUICK else 4
         rows, names = [], []
         for name in SCHEDULERS:
             pipe.scheduler = scheduler_from_name(name, trained.config)
@@ -492,11 +567,11 @@ NB03 = [
         This notebook trains both on the frozen CLIP and tries all four.
         """
         )
-        + budget_note("03_dalle2_path.ipynb"),
+        + budget_note("03_dalle2_path.ipynb", demo="`clipcond demo --dalle2`"),
     ),
-    ("code", setup(pil=True)),
+    ("code", setup(pil=True, require=REQUIRE_DALLE2)),
     ("code", RUN_ONCE),
-    ("md", "## Data and CLIP\n\nAs in notebook 1 (reused from `CLIPCOND_NOTEBOOK_WORKDIR` when it is there)."),
+    ("md", "## Data and CLIP\n\nAs in notebook 1 (a demo's, or reused from `CLIPCOND_NOTEBOOK_WORKDIR`)."),
     ("code", DATA),
     ("code", CLIP),
     (
@@ -523,11 +598,11 @@ NB03 = [
         if SMALL:
             common += ["--lr-warmup-steps", max(1, STEPS // 10)]
 
-        PRIOR = WORK / f"prior-{STEPS}"
+        PRIOR = DEMO_RUNS.get("prior", WORK / f"prior-{STEPS}")
         prior_argv = common + (["--train-batch-size", 64] if SMALL else [])  # the `tiny` prior either way
         prior_record = run_once(train_prior.main, prior_argv, PRIOR)  # `clipcond train prior`
 
-        UNCLIP = WORK / f"unclip-decoder-{STEPS}"
+        UNCLIP = DEMO_RUNS.get("unclip_decoder", WORK / f"unclip-decoder-{STEPS}")
         unclip_argv = common + ["--conditioning", "image-embedding"]
         if SMALL:  # the `test` UNet at 16 px on batches of 16, instead of `tiny` at the data's 32 px on 64
             unclip_argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16]
@@ -552,8 +627,9 @@ NB03 = [
         from clipcond.evaluation import prior as eval_prior
 
         eval_argv = ["--model", str(PRIOR), "--data", str(DATA), "--cache-dir", str(CACHE), "--no-progress"]
-        eval_argv += ["--max-captions", "64" if SMALL else "1000"]
-        if SMALL:
+        eval_argv += ["--output-dir", str(WORK / f"{PRIOR.name}-eval")]  # not RUN/eval: a demo is only read
+        eval_argv += ["--max-captions", "64" if QUICK else "512"]
+        if QUICK:
             eval_argv += ["--num-inference-steps", "10"]
         eval_prior.main(eval_argv);  # `clipcond eval prior`
         """,
@@ -575,9 +651,9 @@ NB03 = [
 
         unclip = UnCLIPTextToImagePipeline.from_runs(PRIOR, UNCLIP, local_files_only=True)
         unclip.set_progress_bar_config(disable=True)
-        INFERENCE_STEPS = 10 if SMALL else 25
+        INFERENCE_STEPS = 10 if QUICK else 25
         PROMPTS = ["a red circle", "a blue square", "a green triangle", "a purple triangle"]
-        PER_PROMPT = 2 if SMALL else 4
+        PER_PROMPT = 2 if QUICK else 4
         held_out = {f"a {pair}" for pair in info["held_out"]}
 
 
@@ -632,6 +708,7 @@ NB03 = [
             labels += [row["text"]] + [""] * PER_SOURCE
         display(image_grid(grid, rows=len(sources), cols=PER_SOURCE + 1, labels=labels))
         """,
+        FIGURE,
     ),
     (
         "md",
@@ -646,7 +723,7 @@ NB03 = [
     (
         "code",
         """
-        FRAMES = 5 if SMALL else 8
+        FRAMES = 5 if QUICK else 8
         between_images = variation.interpolate(
             image=sources[:2],
             num_frames=FRAMES,
@@ -684,17 +761,19 @@ NOTEBOOKS = {
 }
 
 
-def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
+def build(cells: list[tuple[str, ...]], prefix: str) -> nbformat.NotebookNode:
     """A notebook without outputs or execution counts; cell ids are stable (prefix + index), so rebuilds diff
-    only where a cell changed."""
+    only where a cell changed. A cell is (kind, source, *tags); FIGURE tags the README's figure."""
     nb = nbformat.v4.new_notebook()
     nb.metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
     }
-    for i, (kind, source) in enumerate(cells):
+    for i, (kind, source, *tags) in enumerate(cells):
         source = dedent(source).strip()
         cell = nbformat.v4.new_markdown_cell(source) if kind == "md" else nbformat.v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = tags
         cell.id = f"{prefix}-{i:02d}"
         nb.cells.append(cell)
     nbformat.validate(nb)

@@ -11,6 +11,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import nbformat
+from _build import FIGURE  # the tag of the cell whose picture the README shows
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,6 +40,13 @@ CELLS = [
 
         **Budget.** Every model trains for `CLIPCOND_NOTEBOOK_STEPS=10` steps by default, a smoke test of a minute or
         two on 2 CPU cores whose pictures are noise; `CLIPCOND_NOTEBOOK_STEPS=300` trains for real.
+
+        **A demo folder.** When `CLIPCOND_NOTEBOOK_WORKDIR` names the finished output folder of `clipcond demo`, or a
+        `demo/` folder of one lies beside the notebook, its data set and CLIP are used (`clipcond:` is the demo's
+        CLIP), and the decoder on our CLIP is the demo's, trained with its recipe; the decoders on the two other
+        encoders are still trained here, at the step budget, so they do not compare at equal training: the labels
+        say which is which. The demo folder is only read; what the notebook writes goes to a temporary folder.
+        `CLIPCOND_NOTEBOOK_WORKDIR=~/clipcond-demo jupyter lab notebooks/04_swap_encoders.ipynb`
         """,
     ),
     (
@@ -52,22 +60,33 @@ CELLS = [
         import torch
         from IPython.display import Markdown, display
 
+        from clipcond.demo_layout import find_notebook_demo
         from clipcond.plots import image_grid
 
         STEPS = int(os.environ.get("CLIPCOND_NOTEBOOK_STEPS", "10"))
         SMALL = STEPS < 100  # smaller data, models and batches for a smoke test
         NUM_IMAGES = 2000 if SMALL else 20000
 
+        # A finished `clipcond demo` folder (CLIPCOND_NOTEBOOK_WORKDIR, or ./demo beside the notebook): its data, CLIP
+        # and decoder are used instead of training them. It is only read, never written.
+        DEMO = find_notebook_demo(os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR"), Path.cwd())
+        DEMO_RUNS = DEMO.finished_runs() if DEMO is not None else {}  # run folders by name: clip, decoder, ...
+
         # Everything is written under WORK: a temporary folder, removed by the last cell, unless
-        # CLIPCOND_NOTEBOOK_WORKDIR names a folder to keep (runs found complete there are reused).
-        if os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR"):
+        # CLIPCOND_NOTEBOOK_WORKDIR names a folder to keep, not a demo's (runs found complete there are reused).
+        if os.environ.get("CLIPCOND_NOTEBOOK_WORKDIR") and DEMO is None:
             _tmp = None
             WORK = Path(os.environ["CLIPCOND_NOTEBOOK_WORKDIR"]).expanduser()
             WORK.mkdir(parents=True, exist_ok=True)
         else:
             _tmp = tempfile.TemporaryDirectory(prefix="clipcond-notebook-")
             WORK = Path(_tmp.name)
-        print(f"{STEPS} steps per model; working in {WORK}")
+        # Sampling follows the models shown: few steps and images for smoke-test models, more with a demo's decoder.
+        QUICK = SMALL and DEMO is None
+        if DEMO is not None:
+            print(f"Demo folder {DEMO.root}: its data, CLIP and decoder; the other decoders train {STEPS} steps here")
+        else:
+            print(f"Training {STEPS} steps per model in {WORK}; no demo folder")
         """,
     ),
     (
@@ -106,12 +125,12 @@ CELLS = [
         from clipcond.data.folders import ImageCaptionDataset
         from clipcond.train import clip as train_clip
 
-        DATA = WORK / f"shapes-{NUM_IMAGES}"
+        DATA = DEMO.data if DEMO is not None else WORK / f"shapes-{NUM_IMAGES}"
         if shapes.load_dataset_info(DATA) is None:
             shapes.main([str(DATA), "--num-images", str(NUM_IMAGES), "--overwrite"])  # `clipcond data shapes`
         CAPTIONS = ImageCaptionDataset(DATA, split="train").captions
 
-        CLIP = WORK / f"clip-{STEPS}"
+        CLIP = DEMO_RUNS.get("clip", WORK / f"clip-{STEPS}")  # a finished run is reused, not trained again
         clip_argv = ["--data", DATA, "--max-train-steps", STEPS, "--validation-steps", 0, "--report-to", "tensorboard"]
         if SMALL:
             clip_argv += ["--train-batch-size", 64, "--lr-warmup-steps", max(1, STEPS // 10)]
@@ -182,8 +201,12 @@ CELLS = [
             if SMALL:  # the test UNet at 16 px
                 argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16, "--lr-warmup-steps", 1]
             RUNS[name] = WORK / f"decoder-{name}-{STEPS}"
+            if name == "ours":  # a demo's decoder was trained on the demo's CLIP: our encoder
+                RUNS[name] = DEMO_RUNS.get("decoder", RUNS[name])
             record = run_once(train_decoder.main, argv, RUNS[name])
-            print(f"{name}: {record.summary['steps']} steps, final loss {record.summary['final_loss']}")
+            print(f"{name}: {RUNS[name]}, {record.summary['steps']} steps, final loss {record.summary['final_loss']}")
+        # Labels that say how long each decoder trained (a demo's decoder trained far longer than the others here).
+        TRAINED = {name: f"{name} ({RunRecord.read(run).summary['steps']} steps)" for name, run in RUNS.items()}
         """,
     ),
     (
@@ -192,7 +215,7 @@ CELLS = [
         ## Side by side
 
         The same prompts and the same noise (one generator per image) through each decoder: a row per prompt,
-        columns grouped by encoder.
+        columns grouped by encoder, labelled with the decoder's training steps.
         """,
     ),
     (
@@ -202,7 +225,7 @@ CELLS = [
 
         PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
         PER_PROMPT = 2
-        INFERENCE_STEPS = 5 if SMALL else 25
+        INFERENCE_STEPS = 5 if QUICK else 25
         PIPES = {name: TextToImagePipeline.from_pretrained(run, local_files_only=True) for name, run in RUNS.items()}
 
 
@@ -220,9 +243,10 @@ CELLS = [
         for p, prompt in enumerate(PROMPTS):
             for name in PIPES:
                 images += by_encoder[name][p * PER_PROMPT : (p + 1) * PER_PROMPT]
-                labels += [f"{name}: {prompt}"] * PER_PROMPT
+                labels += [f"{TRAINED[name]}: {prompt}"] * PER_PROMPT
         display(image_grid(images, rows=len(PROMPTS), cols=len(PIPES) * PER_PROMPT, labels=labels))
         """,
+        FIGURE,
     ),
     (
         "markdown",
@@ -231,7 +255,9 @@ CELLS = [
 
         An attribute judge (a small CNN trained on ground-truth renders, `clipcond.evaluation.judge`) names the
         colour and shape of each generated image; the table gives the shares it judges right, per encoder. At the
-        default budget these are near chance (1 in 6 colours, 1 in 3 shapes here); raise `CLIPCOND_NOTEBOOK_STEPS`.
+        default budget these are near chance (1 in 6 colours, 1 in 3 shapes here), or 0 where the images are noise
+        (the judge counts an unrecognisable image as wrong); raise `CLIPCOND_NOTEBOOK_STEPS`. With a demo folder the
+        decoder on our CLIP is the demo's, trained with its recipe: its row shows what a trained decoder scores.
         """,
     ),
     (
@@ -241,21 +267,25 @@ CELLS = [
 
         from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
 
-        resolution = PIPES["ours"].unet.config.sample_size
-        # A quicker judge for the smoke test; the default one (cached under ~/.cache/clipcond) otherwise.
-        judge_config = JudgeTrainingConfig(num_renders=384, epochs=2, num_eval_renders=90) if SMALL else None
-        judge = load_or_train_judge(resolution, config=judge_config)
+        # A quicker judge for the smoke test; the default one (cached under ~/.cache/clipcond) otherwise. One judge
+        # per resolution: a demo's decoder draws at the data's 32 px, the smoke-test decoders at 16.
+        judge_config = JudgeTrainingConfig(num_renders=384, epochs=2, num_eval_renders=90) if QUICK else None
+        judges = {}
         PAIRS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
-        PER_PAIR = 2 if SMALL else 16
+        PER_PAIR = 2 if QUICK else 8
 
         rows = ["| encoder | colour | shape | both |", "|---|---|---|---|"]
         for name, pipe in PIPES.items():
+            resolution = pipe.unet.config.sample_size
+            if resolution not in judges:
+                judges[resolution] = load_or_train_judge(resolution, config=judge_config)
+            judge = judges[resolution]
             pil = generate(pipe, [f"a {c} {s}" for c, s in PAIRS], PER_PAIR, seed=1000)
             pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil])  # uint8 (B, 3, H, W)
             colours = [c for c, _ in PAIRS for _ in range(PER_PAIR)]
             shapes_ = [s for _, s in PAIRS for _ in range(PER_PAIR)]
             acc = judge.score(pixels, colours, shapes_).accuracy()
-            rows.append(f"| {name} | {acc['colour_accuracy']:.2f} | {acc['shape_accuracy']:.2f} | {acc['both_accuracy']:.2f} |")
+            rows.append(f"| {TRAINED[name]} | {acc['colour_accuracy']:.2f} | {acc['shape_accuracy']:.2f} | {acc['both_accuracy']:.2f} |")
         display(Markdown("\\n".join(rows)))
         """,
     ),
@@ -297,9 +327,11 @@ def build() -> nbformat.NotebookNode:
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     notebook.metadata["language_info"] = {"name": "python"}
-    for i, (kind, source) in enumerate(CELLS):
+    for i, (kind, source, *tags) in enumerate(CELLS):
         source = dedent(source).strip("\n")
         cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = tags
         cell.id = f"nb04-{i:02d}"  # stable ids: a rebuild diffs only where a cell changed
         notebook.cells.append(cell)
     nbformat.validate(notebook)
