@@ -127,14 +127,14 @@ def vary_batches(
 
 
 def interpolation_row(
-    pipe, args: argparse.Namespace, sources: list | None = None
+    pipe, args: argparse.Namespace, sources: list | None = None, progress: Progress | None = None
 ) -> tuple[list, list[dict], list[str]]:
     """The row of `args.steps` frames between `args.prompts` (through `pipe`'s prior) or the images `sources`
     (named `args.images` in the records), all decoded from one noise seeded with `args.seed`: the frames, their
-    records (with t) and their grid labels."""
+    records (with t) and their grid labels; `progress` hears of the row when it is drawn."""
     import torch
 
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=progress is None)  # a caller that follows progress sees each step
     settings = decoder_settings(args)
     common = {
         "num_frames": args.steps,
@@ -171,4 +171,6 @@ def interpolation_row(
     ]
     labels = [f"t={t:.2f}" for t in output.t]
     labels[0], labels[-1] = f"{ends[0]} (t=0)", f"{ends[1]} (t=1)"
+    if progress is not None:
+        progress(len(records), len(records))
     return output.images, records, labels

@@ -18,6 +18,7 @@ import os
 import tempfile
 
 from clipcond.device import DTYPES
+from clipcond.storage import check_output_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"`--port` must be from 1 to 65535, got {args.port}")
-    if not (args.model or args.index or args.captioner or args.demo):
-        raise ValueError("nothing to serve: pass `--model DEC`, `--index INDEX`, `--captioner CAP` or `--demo OUT`")
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
 
 
 def build(args: argparse.Namespace):
@@ -77,7 +78,7 @@ def build(args: argparse.Namespace):
 def allowed_paths(runs) -> list[str]:
     """The files and folders the page may send: the requests' output, the test images, the indexed images and the
     demo report's figures (not the rest of a demo folder: its weights stay private)."""
-    from clipcond.app.handlers import demo_report
+    from clipcond.app.panel import demo_report
 
     report = demo_report(runs)
     paths = [runs.output_dir, runs.paths.test_images, runs.index and runs.index.root, *(report[1] if report else [])]
@@ -93,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError('`clipcond serve` needs Gradio: pip install "clipcond[ui]"') from None
     page, runs = build(args)
     print(f"clipcond serve: {', '.join(runs.tabs)} on http://{args.host}:{args.port} (files in {runs.output_dir})")
+    from clipcond.app.checks import MAX_UPLOAD_BYTES
     from clipcond.app.page import CSS
 
-    page.launch(server_name=args.host, server_port=args.port, allowed_paths=allowed_paths(runs), css=CSS, quiet=True)
+    page.launch(
+        server_name=args.host,
+        server_port=args.port,
+        allowed_paths=allowed_paths(runs),
+        max_file_size=MAX_UPLOAD_BYTES + 1,  # a bigger upload is cut off by Gradio; up to it, the handler says why
+        css=CSS,
+        quiet=True,
+    )
     return 0
 
 

@@ -3,12 +3,13 @@
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from clipcond import cli, serve
-from clipcond.app import handlers
+from clipcond.app import handlers, panel
 
 gr = pytest.importorskip("gradio", reason="`clipcond serve` needs the ui extra (gradio)")
 
@@ -23,7 +24,9 @@ def demo(tiny_clip_run, pipeline_run, shapes_data, tmp_path_factory):
     (out / "clip" / "eval").mkdir()
     Image.new("RGB", (8, 8)).save(out / "clip" / "eval" / "confusion.png")
     report = "# clipcond demo\n\nthe demo's own report\n\n![confusion matrix](clip/eval/confusion.png)\n"
-    (out / "report.md").write_text(report + "![missing](nowhere.png)\n")
+    (out.parent / "outside.png").write_bytes(b"private")  # beside the demo folder
+    unsafe = ["![missing](nowhere.png)", "![escape](../outside.png)", "![weights](decoder/model_index.json)"]
+    (out / "report.md").write_text(report + "\n".join(unsafe) + "\n")
     (out / "report.json").write_text("{}")
     return out
 
@@ -41,15 +44,30 @@ def test_demo_folder_serves_its_runs_and_an_index_of_its_test_images(demo, tmp_p
     assert runs.tabs == ["Generate", "Search", "Compare"]  # no image-embedding decoder, no captioner
     assert len(runs.index) == len(list((demo / "data" / "test").glob("*.png")))
     assert runs.test_images and runs.test_images[0][0].startswith("00000.png: ")  # labelled with its caption
-    assert handlers.search(runs, "a red circle", top_k=3)[0].path.startswith(str(demo / "data" / "test"))
-    panel = handlers.run_panel(runs)
-    assert "the demo's own report" in panel
+    assert handlers.search(runs, text="a red circle", top_k=3)[0].path.startswith(str(demo / "data" / "test"))
+    text = panel.run_panel(runs)
+    assert "the demo's own report" in text
     figure = (demo / "clip" / "eval" / "confusion.png").resolve()
-    assert f"![confusion matrix](/gradio_api/file={figure})" in panel  # the report's figure, where the page serves it
-    assert "![missing](nowhere.png)" in panel  # a link to no file is left as it is
+    assert f"![confusion matrix](/gradio_api/file={figure})" in text  # the report's figure, where the page serves it
+    for link in ("![missing](nowhere.png)", "![escape](../outside.png)", "![weights](decoder/model_index.json)"):
+        assert link in text  # no file, outside the demo folder, not an image: left as it is, and not served
     assert set(serve.allowed_paths(runs)) == {str(tmp_path), str(demo / "data" / "test"), str(figure)}
-    assert f"from the demo folder `{demo}`" in handlers.serving_line(runs)
+    assert f"from the demo folder `{demo}`" in panel.serving_line(runs)
     assert files_under(demo) == before  # nothing written into the demo folder
+
+
+def test_a_relative_demo_folder_serves_files_by_absolute_path(demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(demo.parent)
+    _, runs = serve.build(serve.parse_args(["--demo", demo.name, "--device", "cpu", "--output-dir", str(tmp_path)]))
+    found = handlers.search(runs, text="a red circle", top_k=3)
+    assert all(Path(f.path).is_absolute() and Path(f.path).is_file() for f in found)
+    drawn = handlers.generate(runs, path=handlers.STABLE_DIFFUSION, prompt="a red circle", num_images=1, steps=2)
+    assert drawn.records[0]["model"] == str(Path(demo.name) / "decoder")  # as `clipcond generate --model` records it
+
+
+def test_the_output_folder_may_not_be_the_demo_folder(demo, capsys):
+    assert cli.main(["serve", "--demo", str(demo), "--output-dir", str(demo / "out")]) != 0
+    assert "is, holds or lies in the demo folder" in capsys.readouterr().err
 
 
 def test_flags_naming_runs_override_the_demos(demo, unclip_runs, tmp_path):
@@ -57,6 +75,21 @@ def test_flags_naming_runs_override_the_demos(demo, unclip_runs, tmp_path):
     _, runs = serve.build(serve.parse_args([*argv, "--device", "cpu", "--output-dir", str(tmp_path)]))
     assert runs.tabs == ["Generate", "Vary", "Search", "Compare"]
     assert handlers.text_paths(runs) == [handlers.STABLE_DIFFUSION, handlers.DALLE2]
+
+
+def test_a_decoder_flag_replaces_the_demos_decoder_and_its_prior(demo, unclip_runs, tmp_path):
+    dalle2 = tmp_path / "dalle2_demo"
+    shutil.copytree(demo, dalle2)
+    shutil.copytree(unclip_runs["decoder"], dalle2 / "unclip_decoder")
+    shutil.copytree(unclip_runs["prior"], dalle2 / "prior")
+    _, runs = serve.build(
+        serve.parse_args(["--demo", str(dalle2), "--device", "cpu", "--output-dir", str(tmp_path / "a")])
+    )
+    assert runs.paths.prior == dalle2 / "prior" and runs.tabs == ["Generate", "Vary", "Search", "Compare"]
+    argv = ["--demo", str(dalle2), "--model", str(unclip_runs["unclip"]), "--device", "cpu"]
+    _, runs = serve.build(serve.parse_args([*argv, "--output-dir", str(tmp_path / "b")]))
+    assert runs.paths.prior is None  # the demo's prior went with the demo's decoder; the unCLIP folder has its own
+    assert runs.paths.image_decoder == unclip_runs["unclip"] and runs.unclip is not None
 
 
 @pytest.mark.parametrize(

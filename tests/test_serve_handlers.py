@@ -3,6 +3,9 @@ draws matches the commands (images and records), and bad input is refused with a
 
 import json
 import math
+import struct
+import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,9 @@ import pytest
 from PIL import Image
 
 from clipcond import cli
-from clipcond.app import handlers
-from clipcond.app.handlers import DALLE2, STABLE_DIFFUSION, RequestError
+from clipcond.app import handlers, panel
+from clipcond.app.checks import MAX_UPLOAD_BYTES, RequestError
+from clipcond.app.handlers import DALLE2, STABLE_DIFFUSION
 from clipcond.app.runs import RunPaths, ServedRuns, paths_from_flags
 from clipcond.lineage import content_hash
 
@@ -61,6 +65,20 @@ def broken_file(tmp_path):
     return path
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming `width` x `height` (8-bit RGB), with no pixel data after it."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+
+
+def sample_files(shapes_data, n=2) -> list[str]:
+    return [str(p) for p in sorted((shapes_data / "test").glob("*.png"))[:n]]
+
+
+def run_cli(*argv) -> None:
+    assert cli.main([*map(str, argv), "--num-inference-steps", "2", "--device", "cpu"]) == 0
+
+
 def test_tabs_follow_the_runs_served(served):
     assert served.tabs == ["Generate", "Vary", "Search", "Caption", "Compare"]
     assert handlers.text_paths(served) == [STABLE_DIFFUSION, DALLE2]
@@ -68,50 +86,84 @@ def test_tabs_follow_the_runs_served(served):
     assert only_search.tabs == ["Search"]
 
 
-@pytest.mark.parametrize("path", [STABLE_DIFFUSION, DALLE2])
-def test_generate_draws_what_clipcond_generate_draws(served, path, pipeline_run, unclip_runs, tmp_path):
+@pytest.mark.parametrize(
+    ("path", "scheduler"), [(STABLE_DIFFUSION, None), (STABLE_DIFFUSION, "dpm"), (DALLE2, None), (DALLE2, "dpm")]
+)
+def test_generate_draws_what_clipcond_generate_draws(served, path, scheduler, pipeline_run, unclip_runs, tmp_path):
     progress = []
     drawn = handlers.generate(
-        served, path, "  a red circle ", seed=3, num_images=2, progress=lambda *a: progress.append(a), **FAST
+        served,
+        path=path,
+        prompt="  a red circle ",
+        seed=3,
+        num_images=2,
+        scheduler=scheduler,
+        progress=lambda *a: progress.append(a),
+        **FAST,
     )
     model = pipeline_run if path == STABLE_DIFFUSION else unclip_runs["decoder"]
-    argv = ["generate", "--model", str(model), "--prompt", "a red circle", "--seed", "3", "--num-images", "2"]
-    argv += ["--num-inference-steps", "2", "--device", "cpu", "--output-dir", str(tmp_path)]
-    if path == DALLE2:
-        argv += ["--prior", str(unclip_runs["prior"])]
-    assert cli.main(argv) == 0
+    argv = ["generate", "--model", model, "--prompt", "a red circle", "--seed", 3, "--num-images", 2]
+    argv += ["--output-dir", tmp_path, *(["--scheduler", scheduler] if scheduler else [])]
+    run_cli(*argv, *(["--prior", unclip_runs["prior"]] if path == DALLE2 else []))
 
     assert drawn.records == read_records(tmp_path) == read_records(drawn.folder)
     assert [r["seed"] for r in drawn.records] == [3, 4] and progress == [(2, 2)]
     assert ("prior" in drawn.records[0]) == (path == DALLE2)
     for record, image in zip(drawn.records, drawn.images):
         np.testing.assert_array_equal(pixels(tmp_path / record["file_name"]), np.asarray(image))
-    assert all(f.is_file() for f in drawn.files) and drawn.files[-1].name == "images.jsonl"
-    assert (drawn.folder / "grid.png").is_file()
+    assert all(f.is_file() for f in drawn.files) and [f.name for f in drawn.files[-2:]] == ["images.jsonl", "grid.png"]
 
 
 def test_each_request_writes_a_folder_of_its_own(served):
-    first = handlers.generate(served, STABLE_DIFFUSION, "a red circle", num_images=1, **FAST)
-    second = handlers.generate(served, STABLE_DIFFUSION, "a red circle", num_images=1, **FAST)
+    first = handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=1, **FAST)
+    second = handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=1, **FAST)
     assert first.folder != second.folder and first.folder.parent == second.folder.parent == served.output_dir
 
 
 def test_a_scheduler_lasts_one_request(served, shapes_data):
-    saved = served.text_to_image.scheduler
-    drawn = handlers.generate(served, STABLE_DIFFUSION, "a red circle", num_images=1, scheduler="ddim", **FAST)
-    assert drawn.records[0]["scheduler"] == "ddim"
+    source = sample_files(shapes_data, 1)[0]
+    pipes = (served.text_to_image, served.unclip, served.variation)
+    saved = [pipe.scheduler for pipe in pipes]
+    for path in (STABLE_DIFFUSION, DALLE2):
+        drawn = handlers.generate(served, path=path, prompt="a red circle", num_images=1, scheduler="ddim", **FAST)
+        assert drawn.records[0]["scheduler"] == "ddim"
+    drawn = handlers.vary(served, image=source, num_images=1, scheduler="euler", **FAST)
+    assert drawn.records[0]["scheduler"] == "euler"
+    row = handlers.interpolate(served, images=(source, source), frames=2, scheduler="unipc", **FAST)
+    assert row.records[0]["scheduler"] == "unipc"
+    row = handlers.interpolate(served, prompts=("a", "b"), frames=2, scheduler="euler-a", **FAST)
+    assert row.records[0]["scheduler"] == "euler-a"
+    assert [pipe.scheduler for pipe in pipes] == saved  # the very objects
+
+
+def test_requests_from_two_threads_run_one_at_a_time(served):
+    """Gradio runs event functions in worker threads: two requests with different schedulers at once must each draw
+    with their own and leave the saved one behind."""
+    saved, results, errors = served.text_to_image.scheduler, {}, []
+
+    def request(name):
+        try:
+            drawn = handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=2,
+                                      scheduler=name, **FAST)  # fmt: skip
+            results[name] = [r["scheduler"] for r in drawn.records]
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in ("ddim", "euler", "unipc")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert results == {name: [name, name] for name in ("ddim", "euler", "unipc")}
     assert served.text_to_image.scheduler is saved
-    saved = served.variation.scheduler
-    source = str(sorted((shapes_data / "test").glob("*.png"))[0])
-    assert handlers.vary(served, source, num_images=1, scheduler="euler", **FAST).records[0]["scheduler"] == "euler"
-    row = handlers.interpolate(served, image_a=source, image_b=source, frames=2, scheduler="unipc", **FAST)
-    assert row.records[0]["scheduler"] == "unipc" and served.variation.scheduler is saved
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"prompt": "   "}, "`prompt` is empty"),
+        ({"prompt": None}, "`prompt` is empty"),
         ({"steps": 0}, "`steps` must be a whole number from 1 to 250, got 0"),
         ({"steps": 1000}, "`steps` must be a whole number from 1 to 250, got 1000"),
         ({"steps": 2.5}, "`steps` must be a whole number"),
@@ -131,102 +183,130 @@ def test_generate_refuses_bad_input_by_name(served, values, message):
 
 
 def test_vary_draws_what_clipcond_vary_draws(served, unclip_runs, shapes_data, tmp_path):
-    source = sorted((shapes_data / "test").glob("*.png"))[0]
-    drawn = handlers.vary(served, str(source), seed=1, num_images=2, **FAST)
-    argv = ["vary", str(source), "--model", str(unclip_runs["decoder"]), "--seed", "1", "--num-images", "2"]
-    assert cli.main([*argv, "--num-inference-steps", "2", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    source = Path(sample_files(shapes_data, 1)[0])
+    drawn = handlers.vary(served, image=str(source), seed=1, num_images=2, scheduler="dpm", **FAST)
+    argv = ["vary", source, "--model", unclip_runs["decoder"], "--seed", 1, "--num-images", 2, "--scheduler", "dpm"]
+    run_cli(*argv, "--output-dir", tmp_path)
 
     expected = read_records(tmp_path)
     assert [{**r, "source": None} for r in drawn.records] == [{**r, "source": None} for r in expected]
     assert drawn.records[0]["source"] == source.name  # an upload's own name, not its temporary path
-    assert len(drawn.images) == 3 and drawn.labels[0] == "source"  # the source first
-    for record, image in zip(expected, drawn.images[1:]):
+    assert len(drawn.images) == 2 and drawn.source.size == drawn.images[0].size  # the source, beside
+    for record, image in zip(expected, drawn.images):
         np.testing.assert_array_equal(pixels(tmp_path / record["file_name"]), np.asarray(image))
 
 
-def test_uploads_that_are_not_images_are_refused_by_name(served, broken_file, tmp_path):
+def test_interpolate_draws_what_clipcond_interpolate_draws(served, unclip_runs, shapes_data, tmp_path):
+    a, b = sample_files(shapes_data)
+    for ends, flag, values in (
+        (("a red circle", "a blue square"), "--prompts", {"prompts": ("a red circle", "a blue square")}),
+        ((a, b), "--images", {"images": (a, b)}),
+    ):
+        row = handlers.interpolate(served, frames=3, seed=5, **values, **FAST)
+        out = tmp_path / flag.strip("-")
+        argv = ["interpolate", "--model", unclip_runs["decoder"], flag, *ends, "--steps", 3, "--seed", 5]
+        run_cli(*argv, "--prior", unclip_runs["prior"], "--output-dir", out)
+        expected = read_records(out)
+        if flag == "--images":  # the page names files by their names
+            expected = [{**r, "images": [Path(a).name, Path(b).name]} for r in expected]
+        assert row.records == expected and [r["t"] for r in row.records] == [0.0, 0.5, 1.0]
+        for record, image in zip(expected, row.images):
+            np.testing.assert_array_equal(pixels(out / record["file_name"]), np.asarray(image))
+    with pytest.raises(RequestError, match="`second image`: upload an image"):
+        handlers.interpolate(served, images=(a, None), **FAST)
+    with pytest.raises(RequestError, match="`frames` must be a whole number from 2 to 16, got 1"):
+        handlers.interpolate(served, prompts=("a red circle", "a blue square"), frames=1, **FAST)
+    with pytest.raises(RequestError, match="`second prompt` is empty"):
+        handlers.interpolate(served, prompts=("a red circle", " "), **FAST)
+
+
+def test_uploads_that_are_not_images_are_refused_by_name(served, broken_file, shapes_data, tmp_path):
     with pytest.raises(RequestError, match=r"`image` 'broken.png' cannot be read as an image"):
-        handlers.vary(served, str(broken_file), **FAST)
+        handlers.vary(served, image=str(broken_file), **FAST)
     with pytest.raises(RequestError, match=r"`image`: upload an image"):
-        handlers.vary(served, None, **FAST)
+        handlers.vary(served, image=None, **FAST)
     huge = tmp_path / "huge.png"
     Image.new("RGB", (5000, 4000)).save(huge)
     with pytest.raises(RequestError, match=r"'huge.png' is 5000x4000 pixels; the limit is"):
-        handlers.vary(served, str(huge), **FAST)
+        handlers.vary(served, image=str(huge), **FAST)
+    bomb = tmp_path / "bomb.png"  # a header claiming 10^10 pixels: refused before anything is decoded
+    bomb.write_bytes(png_header(100_000, 100_000))
+    with pytest.raises(RequestError, match=r"'bomb.png' (is 100000x100000 pixels|cannot be read as an image)"):
+        handlers.vary(served, image=str(bomb), **FAST)
     heavy = tmp_path / "heavy.png"
-    heavy.write_bytes(b"\0" * (handlers.MAX_UPLOAD_BYTES + 1))
+    heavy.write_bytes(b"\0" * (MAX_UPLOAD_BYTES + 1))
     with pytest.raises(RequestError, match=r"'heavy.png' is 25.0 MiB; the limit is 25 MiB"):
-        handlers.vary(served, str(heavy), **FAST)
+        handlers.vary(served, image=str(heavy), **FAST)
+    truncated = tmp_path / "truncated.png"  # a good header, then the data cut short
+    truncated.write_bytes(Path(sample_files(shapes_data, 1)[0]).read_bytes()[:60])
+    with pytest.raises(RequestError) as err:
+        handlers.vary(served, image=str(truncated), **FAST)
+    assert "`image` 'truncated.png' cannot be read as an image" in str(err.value)
+    assert str(tmp_path) not in str(err.value)  # the server's path stays on the server
 
 
-def test_interpolate_rows_between_prompts_and_between_images(served, shapes_data):
-    row = handlers.interpolate(served, "a red circle", "a blue square", frames=3, **FAST)
-    assert len(row.images) == 3 and [r["t"] for r in row.records] == [0.0, 0.5, 1.0]
-    assert row.records[0]["prompts"] == ["a red circle", "a blue square"] and row.records[0]["prior"]
-    a, b = sorted((shapes_data / "test").glob("*.png"))[:2]
-    row = handlers.interpolate(served, image_a=str(a), image_b=str(b), frames=4, **FAST)
-    assert len(row.images) == 4 and row.records[0]["images"] == [a.name, b.name]
-    with pytest.raises(RequestError, match="`second image`: upload an image"):
-        handlers.interpolate(served, image_a=str(a), **FAST)
-    with pytest.raises(RequestError, match="`frames` must be a whole number from 2 to 16, got 1"):
-        handlers.interpolate(served, "a red circle", "a blue square", frames=1, **FAST)
-
-
-def test_search_by_text_and_by_image(served, shapes_data):
-    found = handlers.search(served, "a red circle", top_k=5)
+def test_search_by_text_or_by_image(served, shapes_data):
+    found = handlers.search(served, text="a red circle", top_k=5)
     assert len(found) == 5 and [f.rank for f in found] == [1, 2, 3, 4, 5]
     assert all(Path(f.path).is_file() for f in found)
     assert [f.score for f in found] == sorted((f.score for f in found), reverse=True)
-    query = sorted((shapes_data / "test").glob("*.png"))[4]
-    first = handlers.search(served, image_path=str(query), top_k=3)[0]
-    assert Path(first.path).name == query.name and first.score == pytest.approx(1.0, abs=1e-2)
-    assert first.label.startswith("#1  ") and query.name in first.label
+    query = sample_files(shapes_data, 5)[4]
+    first = handlers.search(served, image=query, top_k=3)[0]
+    assert Path(first.path).name == Path(query).name and first.score == pytest.approx(1.0, abs=1e-2)
+    assert first.label.startswith("#1  ") and Path(query).name in first.label
     with pytest.raises(RequestError, match="`query` is empty"):
-        handlers.search(served, "  ")
+        handlers.search(served, text="  ")
     with pytest.raises(RequestError, match="`top-k` must be a whole number from 1 to 50, got 0"):
-        handlers.search(served, "a red circle", top_k=0)
+        handlers.search(served, text="a red circle", top_k=0)
+    with pytest.raises(RequestError, match="give a text query or an image, not both"):
+        handlers.search(served, text="a red circle", image=query)
 
 
 def test_caption_answers_and_refuses_bad_input(served, shapes_data, broken_file):
-    image = str(sorted((shapes_data / "test").glob("*.png"))[0])
+    image = sample_files(shapes_data, 1)[0]
     pil = Image.open(image).convert("RGB")
     greedy = served.captioner.generate([pil], None, max_new_tokens=8)[0]
-    assert handlers.caption(served, image, max_new_tokens=8) == greedy  # what `clipcond caption` writes
+    assert handlers.caption(served, image=image, max_new_tokens=8) == greedy  # what `clipcond caption` writes
     question = "what shape is it?"
     answer = served.captioner.generate([pil], question, max_new_tokens=4)[0]
-    assert handlers.caption(served, image, f" {question} ", max_new_tokens=4) == answer  # what `clipcond ask` writes
+    assert handlers.caption(served, image=image, question=f" {question} ", max_new_tokens=4) == answer  # `ask`
     with pytest.raises(RequestError, match="`max new tokens` 32 runs past the language model's 64 positions"):
-        handlers.caption(served, image, question, max_new_tokens=32)
+        handlers.caption(served, image=image, question=question, max_new_tokens=32)
     with pytest.raises(RequestError, match="`temperature` must be > 0, got 0"):
-        handlers.caption(served, image, do_sample=True, temperature=0)
+        handlers.caption(served, image=image, do_sample=True, temperature=0)
     with pytest.raises(RequestError, match="'broken.png' cannot be read as an image"):
-        handlers.caption(served, str(broken_file))
+        handlers.caption(served, image=str(broken_file))
 
 
-def test_compare_draws_one_seed_across_settings(served):
-    grid, records = handlers.compare(
-        served, STABLE_DIFFUSION, "a red circle", seed=2, guidance_scales="1; 4", schedulers=["saved", "ddim"], **FAST
-    )
-    assert [(r["scheduler"], r["guidance_scale"], r["seed"]) for r in records] == [
-        ("ddpm", 1.0, 2),
-        ("ddpm", 4.0, 2),
-        ("ddim", 1.0, 2),
-        ("ddim", 4.0, 2),
-    ]
-    one = handlers.compare(served, STABLE_DIFFUSION, "a red circle", seed=2, guidance_scales="1", **FAST)[0]
+def test_compare_draws_one_seed_across_settings_in_one_folder(served, pipeline_run, tmp_path):
+    drawn = handlers.compare(served, path=STABLE_DIFFUSION, prompt="a red circle", seed=2, guidance_scales="1; 4",
+                             schedulers=["saved", "ddim"], **FAST)  # fmt: skip
+    assert [(r["scheduler"], r["guidance_scale"], r["seed"]) for r in drawn.records] == [
+        ("ddpm", 1.0, 2), ("ddpm", 4.0, 2), ("ddim", 1.0, 2), ("ddim", 4.0, 2)
+    ]  # fmt: skip
+    assert [r["file_name"] for r in drawn.records] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert read_records(drawn.folder) == drawn.records and all(f.is_file() for f in drawn.files)
+    assert drawn.labels[3] == "ddim, guidance 4"
+    argv = ["generate", "--model", pipeline_run, "--prompt", "a red circle", "--seed", 2, "--num-images", 1]
+    run_cli(*argv, "--scheduler", "ddim", "--guidance-scale", 4, "--output-dir", tmp_path)
+    assert read_records(tmp_path)[0] == {**drawn.records[3], "file_name": "00000.png"}
+    np.testing.assert_array_equal(pixels(tmp_path / "00000.png"), np.asarray(drawn.images[3]))
+    grid = Image.open(drawn.grid)
+    one = Image.open(handlers.compare(served, path=STABLE_DIFFUSION, prompt="a red circle", seed=2,
+                                      guidance_scales="1", **FAST).grid)  # fmt: skip
     assert grid.width > one.width and grid.height > one.height  # 2 x 2 tiles against 1
     with pytest.raises(RequestError, match="`guidance scales` must be numbers separated by commas"):
-        handlers.compare(served, STABLE_DIFFUSION, "a red circle", guidance_scales="1, lots", **FAST)
+        handlers.compare(served, path=STABLE_DIFFUSION, prompt="a red circle", guidance_scales="1, lots", **FAST)
     with pytest.raises(RequestError, match="the limit is 24"):
-        handlers.compare(served, STABLE_DIFFUSION, "a red circle", guidance_scales=",".join(["1"] * 25), **FAST)
+        handlers.compare(served, path=STABLE_DIFFUSION, prompt="x", guidance_scales=",".join(["1"] * 25), **FAST)
 
 
 def test_run_panel_names_each_run_and_its_lineage(served, tiny_clip_run):
-    panel = handlers.run_panel(served)
+    text = panel.run_panel(served)
     for part in ("text_to_image", "image_decoder", "prior", "captioner"):
-        assert f"| {part} | `{served.paths.items_dict()[part]}`" in panel
-    assert content_hash(tiny_clip_run)[:12] in panel  # the CLIP the decoders were trained on
-    assert f"{len(served.index)} images" in panel
+        assert f"| {part} | `{served.paths.items_dict()[part]}`" in text
+    assert content_hash(tiny_clip_run)[:12] in text  # the CLIP the decoders were trained on
+    assert f"{len(served.index)} images" in text
 
 
 def test_flags_that_cannot_be_served_are_refused(pipeline_run, unclip_runs, tmp_path):
@@ -238,3 +318,10 @@ def test_flags_that_cannot_be_served_are_refused(pipeline_run, unclip_runs, tmp_
         paths_from_flags([str(pipeline_run)], index=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nothing to serve"):
         paths_from_flags([])
+
+
+def test_an_output_folder_among_the_runs_is_refused(pipeline_run):
+    paths = paths_from_flags([str(pipeline_run)])
+    for folder in (pipeline_run, pipeline_run / "unet", pipeline_run.parent):
+        with pytest.raises(ValueError, match="`--output-dir` .* is, holds or lies in the text_to_image folder"):
+            ServedRuns(paths, output_dir=folder, device="cpu")

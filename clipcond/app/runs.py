@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def paths_from_flags(
             raise ValueError(f"`--model` {model!r} is a second {class_name}; pass at most one decoder of each kind")
         seen.add(part)
         setattr(paths, part, Path(model))
+        if part == "image_decoder":
+            paths.prior = None  # a demo's prior goes with the demo's decoder, not with this one
+    if index is not None:
+        paths.clip = None  # an index records its CLIP; a demo's CLIP is for the demo's in-memory index
     for flag, value in (("prior", prior), ("clip", clip), ("index", index), ("captioner", captioner)):
         if value is not None:
             if not os.path.isdir(value):
@@ -76,18 +81,33 @@ def paths_from_flags(
 
 
 def paths_from_demo(layout: DemoLayout) -> RunPaths:
-    """Every finished run of a `clipcond demo` folder, its test images, and its index if it has one."""
+    """Every finished run of a `clipcond demo` folder that the page uses (the pixel decoder, or the latent one when
+    the demo has no other), its test images (by absolute path: the page sends them), and its index if it has one."""
     runs = layout.finished_runs()
+    test_images = (layout.data / "test").resolve()
     return RunPaths(
-        text_to_image=runs.get("decoder"),
+        text_to_image=runs.get("decoder") or runs.get("latent_decoder"),
         image_decoder=runs.get("unclip_decoder"),
         prior=runs.get("prior") if "unclip_decoder" in runs else None,
         clip=runs.get("clip"),
         index=layout.index if layout.index.is_dir() else None,
         captioner=runs.get("captioner"),
         demo=layout.root,
-        test_images=layout.data / "test" if (layout.data / "test").is_dir() else None,
+        test_images=test_images if test_images.is_dir() else None,
     )
+
+
+def check_output_folder(output_dir: str | os.PathLike, paths: RunPaths) -> None:
+    """Refuse an output folder that is, holds or lies in a folder served: the page sends the files of its output
+    folder, so a run's weights (or a data set) must not be among them."""
+    out = Path(output_dir).resolve()
+    for part, folder in paths.items():
+        folder = Path(folder).resolve()
+        if out == folder or out.is_relative_to(folder) or folder.is_relative_to(out):
+            raise ValueError(
+                f"`--output-dir` {os.fspath(output_dir)!r} is, holds or lies in the {part} folder {str(folder)!r}: "
+                "the page sends the files of its output folder; pass a folder of its own"
+            )
 
 
 class ServedRuns:
@@ -97,8 +117,10 @@ class ServedRuns:
     def __init__(self, paths: RunPaths, *, output_dir: str | os.PathLike, device: str | None = None, dtype="fp32"):
         from clipcond.device import resolve_device
 
+        check_output_folder(output_dir, paths)
         self.paths, self.dtype = paths, dtype
         self.device = resolve_device(device)
+        self.lock = threading.Lock()  # held by every request that uses a model: one at a time
         self.output_dir = Path(output_dir)
         self._requests = itertools.count()
         options = {"device": str(self.device), "dtype": dtype}
@@ -122,7 +144,7 @@ class ServedRuns:
         if self.paths.index is not None:
             index = ImageIndex.load(self.paths.index)
             clip = None if self.paths.clip is None else os.fspath(self.paths.clip)
-            return load_index_clip(index, clip, str(self.device)), index
+            return load_index_clip(index, clip, str(self.device), flag="--clip"), index
         if self.paths.demo is not None and self.paths.clip is not None and self.paths.test_images is not None:
             clip_run = load_clip(self.paths.clip, device=self.device, progress=False, what="the demo's CLIP")
             return clip_run, ImageIndex.build(self.paths.test_images, clip_run, dtype="fp32")
