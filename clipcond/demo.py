@@ -89,7 +89,6 @@ RECIPES = {
         ],
     },
 }
-# The latent path's image size (`--latent`): the tiny VAE downsamples x4, so 64 px images are 16 x 16 latents.
 # Images per prompt and guidance scale that the evaluations judge, by recipe: a GPU draws 4x as many in seconds,
 # which narrows the accuracies' confidence intervals by half.
 EVAL_IMAGES_PER_PROMPT = {"cpu": 8, "gpu": 32, "quick": 1}

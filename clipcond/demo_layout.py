@@ -9,7 +9,7 @@ and the notebooks read them (`find_notebook_demo`).
     OUT/samples/           samples of every colour-shape prompt, as `clipcond generate` writes them
     OUT/prior/, OUT/unclip_decoder/, OUT/unclip_eval/      with --dalle2: the DALL-E 2 path
     OUT/data_64/, OUT/vae/, OUT/latent_decoder/            with --latent: the latent path
-    OUT/index/             a search index of the test images (written by `clipcond serve --demo` when missing)
+    OUT/index/             a search index, if a user wrote one there (`clipcond serve --demo` then uses it)
     OUT/report.md, OUT/report.json, OUT/timings.json
 """
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from clipcond.runs import RunRecord
 
-# The resolution of the latent path's data set (`clipcond demo --latent`).
+# The latent path's image size (`clipcond demo --latent`): the tiny VAE downsamples x4, so 64 px images are
+# 16 x 16 latents.
 LATENT_RESOLUTION = 64
 
 

@@ -8,9 +8,9 @@ generator seeded with `--seed + k`, so it comes out the same whatever the batch 
 `--prompt P --seed S --num-images 1` with its recorded prompt and seed regenerates it alone.
 
 The command is split so that other pipelines plug in: `clipcond.pipeline_loading.load_pipeline` builds the
-pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `clipcond.drawing.generate_batches` calls it with the diffusers
-argument names, and a `clipcond.image_files.ImageWriter` (shared with `clipcond vary` / `interpolate`) writes each
-batch's files as soon as it is drawn.
+pipeline (a text-to-image pipeline, or DALL-E 2's prior + decoder), `clipcond.drawing.generate_batches` calls it
+with the diffusers argument names (as `clipcond serve` does), and a `clipcond.image_files.ImageWriter` (shared with
+`clipcond vary` / `interpolate`) writes each batch's files as soon as it is drawn.
 
 Text-to-image through a prior (DALL-E 2): `--model` an image-embedding decoder run and `--prior` a prior run, or
 `--model` an `UnCLIPTextToImagePipeline` folder (saved with both), with the prior's own `--prior-guidance-scale` and
