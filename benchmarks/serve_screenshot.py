@@ -10,6 +10,7 @@ start the server and the browser are what tests/test_serve_browser.py drives the
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -28,15 +29,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(argv: list[str], port: int, log: Path, timeout: float = 120.0):
+def serving(argv: list[str], port: int, log: Path, timeout: float = 120.0, gradio_temp: Path | None = None):
     """`clipcond serve ARGV --port PORT` in a subprocess until the page answers (its output in `log`); yields the
-    URL and stops the server on the way out. A server that exits first fails with the end of its log."""
+    URL and stops the server on the way out. A server that exits first fails with the end of its log. Gradio's
+    telemetry is off (no network is assumed), and its copies of uploads and outputs go to `gradio_temp` if given.
+    The server starts in the log's folder, outside any source tree: `clipcond` is the installed package."""
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    if gradio_temp is not None:
+        env["GRADIO_TEMP_DIR"] = os.fspath(gradio_temp)
+    command = [sys.executable, "-m", "clipcond", "serve", *argv, "--port", str(port)]
     with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "clipcond", "serve", *argv, "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        server = subprocess.Popen(command, cwd=Path(log).parent, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
@@ -74,7 +77,8 @@ def missing_browser() -> str | None:
 
 
 def chromium(width: int = 1280, height: int = 900):
-    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver)."""
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver; root in a container needs
+    --no-sandbox, and /dev/shm may be tiny)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,39 +22,17 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test n
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-MISSING = [name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if path is None]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"no {' or '.join(MISSING)} on PATH: install Debian's `chromium` and `chromium-driver` (as .ci/run does)",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_screenshot import chromium, free_port, missing_browser, serving  # noqa: E402
 
-SERVER_START_S = 90  # imports and two pipelines on a busy 2-core machine
+from clipcond.pipeline_loading import DEFAULT_SAMPLER  # noqa: E402
+
+MISSING = missing_browser()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"{MISSING} (.ci/run installs them)")
+
 WAIT_S = 60  # a page action, a tiny 2-step request included
 STEPS, NUM_IMAGES, SEED = 2, 3, 7
 PROMPT = "a red circle"
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the OS picks it; the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_server(proc: subprocess.Popen, url: str, log: Path) -> None:
-    """Returns once `url` answers HTTP; fails with the server's output if it exits or stays silent."""
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"`clipcond serve` exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    pytest.fail(f"`clipcond serve` did not answer {url} in {SERVER_START_S} s:\n{log.read_text(errors='replace')}")
 
 
 @dataclass
@@ -70,38 +44,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(pipeline_run, unclip_runs, tmp_path_factory):
-    """A `clipcond serve` subprocess on both decoders and the prior, killed after."""
+    """A `clipcond serve` subprocess on both decoders and the prior, stopped after."""
     root = tmp_path_factory.mktemp("serve")
-    output_dir, temp_dir, log = root / "requests", root / "gradio", root / "server.log"
-    port = free_port()
-    argv = [sys.executable, "-m", "clipcond", "serve", "--model", str(pipeline_run)]
-    argv += ["--model", str(unclip_runs["decoder"]), "--prior", str(unclip_runs["prior"])]
-    argv += ["--port", str(port), "--output-dir", str(output_dir), "--device", "cpu", "--dtype", "fp32"]
-    # No telemetry (no network here), and Gradio's copies of uploads and outputs in the test's folder, not /tmp/gradio.
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(temp_dir)}
-    env["PYTHONUNBUFFERED"] = "1"  # its output in the log even when it is killed
-    # Started outside the source tree, so that `clipcond` is the installed package (with its mapped subpackages).
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_for_server(proc, url, log)
+    output_dir, temp_dir = root / "requests", root / "gradio"
+    argv = ["--model", str(pipeline_run), "--model", str(unclip_runs["decoder"]), "--prior", str(unclip_runs["prior"])]
+    argv += ["--output-dir", str(output_dir), "--device", "cpu", "--dtype", "fp32"]
+    with serving(argv, free_port(), root / "server.log", gradio_temp=temp_dir) as url:
         yield Server(url, output_dir, temp_dir)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def browser(server):
-    """Headless Chromium on the served page (root in a container needs --no-sandbox; /dev/shm may be tiny)."""
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(1400, 1000)
     try:
         yield driver
     finally:
@@ -164,7 +118,7 @@ def test_generate_matches_the_command(page, server, pipeline_run, tmp_path):
     def loaded(driver):
         images = driver.find_elements(By.CSS_SELECTOR, "#generate-gallery img")
         links = driver.find_elements(By.CSS_SELECTOR, "#generate-files a[download]")
-        done = len(images) >= NUM_IMAGES and len(links) == NUM_IMAGES + 1
+        done = len(images) >= NUM_IMAGES and len(links) == NUM_IMAGES + 2  # the PNGs, images.jsonl, grid.png
         return done and all(driver.execute_script("return arguments[0].complete", img) for img in images)
 
     WebDriverWait(page, WAIT_S).until(loaded)
@@ -173,10 +127,10 @@ def test_generate_matches_the_command(page, server, pipeline_run, tmp_path):
     sample_size = json.loads((pipeline_run / "unet" / "config.json").read_text())["sample_size"]
     assert sizes == [[sample_size, sample_size]] * NUM_IMAGES
 
-    # What the page offers to download: the PNGs, then images.jsonl.
+    # What the page offers to download: the PNGs, then images.jsonl and grid.png.
     anchors = page.find_elements(By.CSS_SELECTOR, "#generate-files a[download]")
     links = {a.get_attribute("download"): a.get_attribute("href") for a in anchors}
-    assert sorted(links) == [*(f"{k:05d}.png" for k in range(NUM_IMAGES)), "images.jsonl"]
+    assert sorted(links) == [*(f"{k:05d}.png" for k in range(NUM_IMAGES)), "grid.png", "images.jsonl"]
     downloaded = download(links["images.jsonl"])
     (folder,) = server.output_dir.glob("*-generate")  # the request's own folder
     assert (folder / "images.jsonl").read_bytes() == downloaded
@@ -184,7 +138,7 @@ def test_generate_matches_the_command(page, server, pipeline_run, tmp_path):
     command_dir = tmp_path / "command"
     argv = ["generate", "--model", str(pipeline_run), "--prompt", PROMPT, "--seed", str(SEED)]
     argv += ["--num-images", str(NUM_IMAGES), "--num-inference-steps", str(STEPS), "--output-dir", str(command_dir)]
-    assert main([*argv, "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert main([*argv, "--scheduler", DEFAULT_SAMPLER, "--device", "cpu", "--dtype", "fp32"]) == 0  # the page's
     assert records == read_jsonl((command_dir / "images.jsonl").read_bytes())
     assert [r["seed"] for r in records] == list(range(SEED, SEED + NUM_IMAGES))
     # The records panel shows them too: its label, then the JSON a token a line.
