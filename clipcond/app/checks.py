@@ -97,5 +97,6 @@ def read_upload(name: str, path: str | os.PathLike | None):
 
 
 def _without(err: Exception, path) -> str:
-    """An error's message with the server's path of the file left out."""
-    return str(err).replace(repr(os.fspath(path)), "the file").replace(os.fspath(path), "the file")
+    """An error's message with the server's path of the file replaced by its name (the server's folders are its
+    own business)."""
+    return str(err).replace(os.fspath(path), os.path.basename(path))

@@ -66,7 +66,8 @@ def shown(drawn: handlers.Drawn) -> tuple[list, list[str]]:
 
 def build_page(runs: ServedRuns):
     """The page (a `gradio.Blocks`, queued) for `runs`."""
-    with gr.Blocks(title="clipcond") as page:
+    # Gradio keeps a copy of every upload and output in its cache: files a day old go, checked every hour.
+    with gr.Blocks(title="clipcond", delete_cache=(3600, 86400)) as page:
         gr.Markdown(f"# clipcond\n{panel.serving_line(runs)}")
         tabs = runs.tabs
         for name, build in (
