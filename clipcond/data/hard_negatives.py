@@ -33,6 +33,8 @@ import torch
 from clipcond.data.shapes import (
     COLOURS,
     ONE_ABOVE_THE_OTHER,
+    OPPOSITE_POSITION,
+    OPPOSITE_RELATION,
     POSITION_PHRASES,
     RELATION_PHRASES,
     SHAPES,
@@ -44,8 +46,6 @@ from clipcond.data.shapes import (
 from clipcond.transfer import to_device
 
 KINDS = ("swap-attributes", "swap-relations", "swap-count", "swap-position")
-OPPOSITE_RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-OPPOSITE_POSITIONS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # "centre" has none
 DETERMINERS = ("a", "an", "one", "the")
 SHARE_SAMPLE = 2000  # captions checked by `coverage`, evenly spaced over the data set
 LOW_SHARE = 0.2  # below this share of captions with a candidate, training warns that negatives are few
@@ -257,7 +257,7 @@ def swap_relations(caption: str, relation: str | None = None) -> list[str]:
         return []
     at, key, number = found
     length = len(RELATION_PHRASES[key][number].split())
-    out = [_flip_phrase(text, at, key, number, RELATION_PHRASES, OPPOSITE_RELATIONS)]
+    out = [_flip_phrase(text, at, key, number, RELATION_PHRASES, OPPOSITE_RELATION)]
     before, after = _noun_phrase_before(text, at), _noun_phrase_after(text, at + length)
     if before is not None and after is not None:
         left = " ".join(text.words[before:at])
@@ -315,14 +315,14 @@ def swap_position(caption: str, position: str | None = None) -> list[str]:
     """Position negatives: "on the left" <-> "on the right", "at the top" <-> "at the bottom" (not "left of", a
     relation). With the shapes data's object `position`, only its phrases are looked for."""
     text = _Caption(caption)
-    keys = OPPOSITE_POSITIONS if position is None else [position] if position in OPPOSITE_POSITIONS else []
+    keys = OPPOSITE_POSITION if position is None else [position] if position in OPPOSITE_POSITION else []
     table = {key: POSITION_PHRASES[key] for key in keys}
     start = 0
     while (found := _phrase_at(text, table, start)) is not None:
         at, key, number = found
         end = at + len(POSITION_PHRASES[key][number].split())
         if end >= len(text.words) or text.words[end] != "of":
-            return [_flip_phrase(text, at, key, number, POSITION_PHRASES, OPPOSITE_POSITIONS)]
+            return [_flip_phrase(text, at, key, number, POSITION_PHRASES, OPPOSITE_POSITION)]
         start = end
     return []
 

@@ -25,17 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipcond.data.shapes import POSITION_PHRASE
+
 QUESTION_TYPES = ("count", "colour", "shape", "position", "describe")
 COUNT_WORDS = {1: "one", 2: "two"}
 DESCRIBE = "describe the image in detail."
-# the canonical phrase of each position and relation (`clipcond.data.shapes` has these among its synonyms)
-POSITION_PHRASES = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "centre": "in the centre",
-}
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ def describe(record: dict) -> str:
     objects = record["objects"]
     if len(objects) == 1:
         (o,) = objects
-        return f"{_noun(o['size'], o['shape'])} in {o['colour']} {POSITION_PHRASES[o['position']]}"
+        return f"{_noun(o['size'], o['shape'])} in {o['colour']} {POSITION_PHRASE[o['position']]}"
     a, b = objects
     if record.get("relation"):
         return f"{_noun(a['shape'])} in {a['colour']} {record['relation']} {_noun(b['shape'])} in {b['colour']}"

@@ -108,6 +108,11 @@ RELATION_PHRASES = {
     "below": ("below", "under", "beneath"),
 }
 TWO_WORDS = ("two", "a pair of")
+# The canonical phrase of each position, the first of its synonyms: how questions, descriptions and probes word it.
+POSITION_PHRASE = {position: phrases[0] for position, phrases in POSITION_PHRASES.items()}
+# The mirror image of each relation and position ("centre" has none): probes' wrong captions, hard negatives.
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OPPOSITE_POSITION = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 # How a count caption may end: where the two objects are, without naming a relation between them
 SIDE_BY_SIDE, ONE_ABOVE_THE_OTHER = "side by side", "one above the other"
 

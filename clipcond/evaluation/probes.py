@@ -41,6 +41,9 @@ from PIL import Image
 from clipcond.data.shapes import (
     BACKGROUND,
     COLOURS,
+    OPPOSITE_POSITION,
+    OPPOSITE_RELATION,
+    POSITION_PHRASE,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -67,9 +70,6 @@ GENERATOR_KINDS: dict[str, tuple[str, ...]] = {
 GENERATOR_CHANCE = {"count": 0.5, "binding": 0.5, "relation": 0.25}
 
 # Canonical wording (the data's captions use these words among others; `read_caption` reads all of them).
-POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
-OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-OPPOSITE_POSITION = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 OTHER_SIZE = {"small": "large", "large": "small"}
 
 _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
@@ -118,7 +118,7 @@ def describe(scene: Scene, probe: str, *, relation: str | None = None, count: in
         a, b = scene.objects
         return f"{_noun(a.colour, a.shape)} and {_noun(b.colour, b.shape)}"
     if probe == "position":
-        return f"{_noun(first.colour, first.shape)} {POSITION_PHRASES[first.position]}"
+        return f"{_noun(first.colour, first.shape)} {POSITION_PHRASE[first.position]}"
     if probe == "size":
         return _noun(first.colour, first.shape, size=first.size)
     raise ValueError(f"probe={probe!r} is not one of {', '.join(PROBES)}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipcond.data.shapes import DEFAULT_HELD_OUT, caption_scene, render_scene, sample_scene
+from clipcond.data.shapes import DEFAULT_HELD_OUT, POSITION_PHRASE, caption_scene, render_scene, sample_scene
 from clipcond.evaluation import probes
 
 EXPECTED_DIFFERENCE = {
@@ -146,7 +146,7 @@ def test_pairs_from_metadata_and_captioner(shapes_data, judge):
             objects = reading.objects
             if len(objects) == 1:
                 (o,) = objects
-                out.append(f"a {o.size} {o.pair} {probes.POSITION_PHRASES.get(o.position, 'in the centre')}")
+                out.append(f"a {o.size} {o.pair} {POSITION_PHRASE[o.position]}")
             elif objects[0].pair == objects[1].pair:
                 out.append(f"two {objects[0].pair}s")
             else:
