@@ -59,14 +59,17 @@ def describe_images(args: argparse.Namespace, paths: list[str], question: str | 
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     records = []
     for sample in range(args.num_samples):
-        texts = captioner.generate(
-            images,
-            question,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            generator=generator,
-        )
+        try:
+            texts = captioner.generate(
+                images,
+                question,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                generator=generator,
+            )
+        except ValueError as err:  # e.g. more tokens than the language model has positions: name the flag
+            raise ValueError(str(err).replace("`max_new_tokens`", "`--max-new-tokens`")) from None
         for path, text in zip(paths, texts, strict=True):
             record = {"image": path, "sample": sample, "text": text}
             if question is not None:

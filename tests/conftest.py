@@ -200,6 +200,15 @@ def tiny_captioner(tiny_clip_run, shapes_data):
 
 
 @pytest.fixture(scope="session")
+def captioner_run(tiny_captioner, tmp_path_factory):
+    """`tiny_captioner` saved as a captioner run folder (with a run record)."""
+    folder = tmp_path_factory.mktemp("captioner_run")
+    tiny_captioner.save_pretrained(folder)
+    (folder / "clipcond_run.json").write_text(json.dumps({"kind": "clipcond-captioner", "summary": {"steps": 0}}))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """A random torchvision `inception_v3` state dict as safetensors (`tests/inception_weights.py`): what a user
     gives `--inception-weights`, without the download."""

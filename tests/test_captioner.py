@@ -193,3 +193,12 @@ def test_generate_refuses_to_run_past_a_learned_position_table(captioner, shapes
     assert all(len(t.split()) > 0 for t in gpt2.generate(images, max_new_tokens=15))
     with pytest.raises(ValueError, match=r"`max_new_tokens` 16 runs past the language model's 32 positions .* <= 15"):
         gpt2.generate(images, max_new_tokens=16)
+
+
+def test_the_caption_command_names_its_flag_when_tokens_run_past_the_positions(captioner_run, shapes_data, capsys):
+    from clipcond import cli
+
+    image = str(sorted((shapes_data / "test").glob("*.png"))[0])
+    argv = ["ask", "--model", str(captioner_run), image, "what shape is it?", "--max-new-tokens", "100"]
+    assert cli.main(argv) != 0
+    assert "`--max-new-tokens` 100 runs past the language model's 64 positions" in capsys.readouterr().err

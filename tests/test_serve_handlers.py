@@ -27,14 +27,6 @@ FAST = {"steps": 2}
 
 
 @pytest.fixture(scope="module")
-def captioner_run(tiny_captioner, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("captioner_run")
-    tiny_captioner.save_pretrained(folder)
-    (folder / "clipcond_run.json").write_text(json.dumps({"kind": "clipcond-captioner", "summary": {"steps": 0}}))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def index(tiny_clip_run, shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve_index") / "index"
     argv = ["index", str(shapes_data / "test"), "--model", str(tiny_clip_run), "--output", str(out), "--no-progress"]
