@@ -202,3 +202,19 @@ def test_the_caption_command_names_its_flag_when_tokens_run_past_the_positions(c
     argv = ["ask", "--model", str(captioner_run), image, "what shape is it?", "--max-new-tokens", "100"]
     assert cli.main(argv) != 0
     assert "`--max-new-tokens` 100 runs past the language model's 64 positions" in capsys.readouterr().err
+
+
+def test_non_square_tensors_are_centre_cropped_not_squashed():
+    from clipcond.models.clip_pixels import resize_images
+
+    wide = torch.zeros(1, 3, 32, 64, dtype=torch.uint8)
+    wide[:, 2] = 255  # blue everywhere ...
+    wide[:, :, :, :8] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]  # ... but red at both ends
+    wide[:, :, :, 56:] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+    out = resize_images(wide, 16)
+    assert out.shape == (1, 3, 16, 16)
+    assert (out[0, 0] == 0).all() and (out[0, 2] == 255).all()  # the centre square: blue, no red squashed in
+    tall = wide.transpose(-1, -2)
+    assert torch.equal(resize_images(tall, 16), out.transpose(-1, -2))
+    square = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert resize_images(square, 16) is square

@@ -232,9 +232,9 @@ class Captioner:
         return cls(vision_encoder, mean, std, projector, lm, tokenizer)
 
     def pixels(self, images) -> torch.Tensor:
-        """PIL images, or uint8 tensors ((B, 3, S, S), or a list of (3, S, S)) -> uint8 (B, 3, size, size) at the
-        vision tower's `image_size`: PIL images are resized and centre-cropped to it, tensors of another side
-        resized (`resize_images`, antialiased)."""
+        """PIL images, or uint8 tensors ((B, 3, H, W), or a list of (3, H, W)) -> uint8 (B, 3, size, size) at the
+        vision tower's `image_size`: resized (antialiased) and centre-cropped to it, PIL images by
+        `resize_image`, tensors by `resize_images`."""
         from clipcond.data.folders import image_to_tensor, resize_image, to_rgb
         from clipcond.models.clip_pixels import resize_images
 

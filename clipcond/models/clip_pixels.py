@@ -25,8 +25,14 @@ def normalize_pixels(pixels: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLI
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size), antialiased; unchanged when already that size."""
-    if images.shape[-2:] == (size, size):
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size), antialiased: the shorter side resized to `size` and the centre
+    square kept, as `clipcond.data.folders.resize_image` does to PIL images (a non-square batch is not squashed);
+    unchanged when already that size."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
         return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    scale = size / min(height, width)
+    new = (max(size, round(height * scale)), max(size, round(width * scale)))
+    x = F.interpolate(images.float(), size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return x[..., top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
