@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="the `test` preset, 4 steps, 276 images: checks the wiring, no figure"
     )
-    add_results_flag(parser)
+    add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
     if args.smoke:
         args.model = args.model or SMOKE["model"]
@@ -117,7 +117,7 @@ def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> dict[
 
 
 def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str) -> dict:
-    """Train, evaluate (and probe) one run: its figures (proportions: `clipcond eval clip`'s zero-shot and recall,
+    """Train (unless `run` is finished), evaluate and probe one run: its figures (proportions: `clipcond eval clip`'s zero-shot and recall,
     the probes' accuracies), training seconds and hard-negative share."""
     from clipcond.evaluation.clip import METRIC_KEYS
     from clipcond.evaluation.clip import main as eval_main
@@ -127,8 +127,9 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the entry points' own JSON: stdout holds only ours
-        train_main(train_argv(args, data_dir, run, seed, recipe))
-        reset_accelerate_state()
+        if not RunRecord.exists(run):  # a finished run (of an earlier, interrupted benchmark) is reused
+            train_main(train_argv(args, data_dir, run, seed, recipe))
+            reset_accelerate_state()
         eval_main(["--model", str(run), "--data", str(data_dir), "--no-progress"])
     wall = time.perf_counter() - start
     record = RunRecord.read(run)
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.save_results:
-        save_results("hard_negatives_smoke" if args.smoke else "hard_negatives", report)
+        save_results("hard_negatives_smoke" if args.smoke else args.results_name, report)
     return 0
 
 

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decoder-args", nargs=argparse.REMAINDER, default=[], help="more `clipcond train decoder` options, last"
     )
-    add_results_flag(parser)
+    add_results_flag(parser, results_name="hard_negatives_decoder")
     return parser.parse_args(argv)
 
 
@@ -70,6 +70,21 @@ def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Name
         probe_main([*argv, "--seed", str(seed)])
     report = json.loads((out / "probes.json").read_text())
     return {"generator": report["generators"]["stable_diffusion"], "reader": report["reader"]["accuracy"]}
+
+
+def hard_negative_kinds(runs_dir: Path, seeds: list[int]) -> list[str] | None:
+    """The `--hard-negatives` kinds of the hard-negative CLIPs, as their run records say (None if unrecorded)."""
+    from clipcond.runs import RunRecord
+
+    kinds = {
+        tuple((RunRecord.read(runs_dir / f"hard_negatives-seed{s}").hard_negatives or {}).get("kinds") or ())
+        for s in seeds
+    }
+    if len(kinds) != 1:
+        raise ValueError(
+            f"`--runs-dir` {str(runs_dir)!r}: the seeds' hard-negative CLIPs differ in kinds {sorted(kinds)}"
+        )
+    return list(kinds.pop()) or None
 
 
 def differences(per_seed: dict[str, dict[int, dict]]) -> dict:
@@ -105,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "hard_negatives_decoder",
         "command": "python benchmarks/hard_negatives_decoder.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
+        "kinds": hard_negative_kinds(args.runs_dir, args.seeds),
         "machine": machine(),
         "per_seed": per_seed,
         "difference": differences(per_seed),
     }
     print(json.dumps(report, indent=2))
     if args.save_results:
-        save_results("hard_negatives_decoder", report)
+        save_results(args.results_name, report)
     return 0
 
 

@@ -333,10 +333,10 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
     return "reported", ""
 
 
-def hard_negative_rows(report: dict) -> list[str]:
+def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
     """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives`, over seeds (issue 20)."""
     summary, settings = report["summary"], report["settings"]
-    seeds, source = "/".join(str(s) for s in settings["seeds"]), _source("hard_negatives", report)
+    seeds, source = "/".join(str(s) for s in settings["seeds"]), _source(name, report)
     rows = []
     for key, label in HARD_NEGATIVE_FIGURES.items():
         if key not in summary["plain"]:
@@ -351,10 +351,11 @@ def hard_negative_rows(report: dict) -> list[str]:
     return rows
 
 
-def hard_negative_decoder_rows(report: dict) -> list[str]:
+def hard_negative_decoder_rows(report: dict, name: str = "hard_negatives_decoder") -> list[str]:
     """The Stable Diffusion path on each recipe's CLIP: its two-object prompts read by the probe's scene reader."""
     seeds = sorted(report["per_seed"]["plain"])
-    source = _source("hard_negatives_decoder", report)
+    source = _source(name, report)
+    kinds = f" (`--hard-negatives {','.join(report['kinds'])}`)" if report.get("kinds") else ""
     rows = []
     for kind, field, label in (
         ("count", "count", '"two X" / "a X" prompts drawn with the right number of objects'),
@@ -367,7 +368,7 @@ def hard_negative_decoder_rows(report: dict) -> list[str]:
             figures = [report["per_seed"][recipe][s]["generator"][kind][field]["all"] for s in seeds]
             cells.append(" / ".join(f"{_pct(f['accuracy'])} (n={f['n']})" for f in figures))
         chance = report["per_seed"]["plain"][seeds[0]]["generator"][kind][field]["all"]["chance"]
-        what = f"Stable Diffusion path on the plain vs the hard-negative CLIP: {label}, chance {_pct(chance)}"
+        what = f"Stable Diffusion path on the plain vs the hard-negative CLIP{kinds}: {label}, chance {_pct(chance)}"
         rows.append(_row(what, " vs ".join(cells), "/".join(seeds), "measured", "", source))
     return rows
 

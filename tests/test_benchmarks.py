@@ -92,6 +92,9 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     runs = tmp_path / "runs"
     smoke = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(runs)]
     assert hard_negatives.main(smoke) == 0
+    records = {run: (run / "clipcond_run.json").stat().st_mtime_ns for run in runs.glob("*-seed0")}
+    assert hard_negatives.main(smoke) == 0  # again: the finished runs are reused, not trained anew
+    assert {run: (run / "clipcond_run.json").stat().st_mtime_ns for run in records} == records
     capsys.readouterr()
     argv = ["--runs-dir", str(runs), "--data-dir", str(shapes_data), "--num-prompts", "1", "--images-per-prompt", "1"]
     decoder = ["--model", "test", "--max-train-steps", "2", "--train-batch-size", "4", "--lr-warmup-steps", "1"]
@@ -111,8 +114,11 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     assert gap == pytest.approx(negatives - plain, abs=1e-4)
     import report as report_module
 
-    rows = report_module.hard_negative_decoder_rows(report)
+    assert report["kinds"] == ["swap-attributes", "swap-relations"]  # the hard-negative CLIP's, from its record
+    rows = report_module.hard_negative_decoder_rows({**report, "commit": "0" * 40}, "hard_negatives_count_decoder")
     assert len(rows) == 4 and all(" vs " in row and "(n=" in row for row in rows)
+    assert all("--hard-negatives swap-attributes,swap-relations" in row for row in rows)
+    assert all("`hard_negatives_count_decoder.json` at 0000000" in row for row in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
