@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import re
 import sys
@@ -517,6 +518,16 @@ QUALITY = {
     "hard_negatives_decoder": (
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --save-results",
         hard_negative_decoder_rows,
+    ),
+    "hard_negatives_count": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0 --kinds swap-count --results-name "
+        "hard_negatives_count --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_count"),
+    ),
+    "hard_negatives_count_decoder": (
+        "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
+        "hard_negatives_count_decoder --save-results",
+        functools.partial(hard_negative_decoder_rows, name="hard_negatives_count_decoder"),
     ),
     "clip_quality": ("python benchmarks/clip_quality.py --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
