@@ -59,17 +59,15 @@ def describe_images(args: argparse.Namespace, paths: list[str], question: str | 
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     records = []
     for sample in range(args.num_samples):
-        try:
-            texts = captioner.generate(
-                images,
-                question,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
-                generator=generator,
-            )
-        except ValueError as err:  # e.g. more tokens than the language model has positions: name the flag
-            raise ValueError(str(err).replace("`max_new_tokens`", "`--max-new-tokens`")) from None
+        texts = captioner.generate(
+            images,
+            question,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            generator=generator,
+            max_new_tokens_name="--max-new-tokens",
+        )
         for path, text in zip(paths, texts, strict=True):
             record = {"image": path, "sample": sample, "text": text}
             if question is not None:

@@ -349,7 +349,8 @@ def caption(
                 do_sample=bool(do_sample),
                 temperature=float(temperature or 1.0),
                 generator=generator,
+                max_new_tokens_name="max new tokens",
             )
         except ValueError as err:  # more tokens than the language model has positions for
-            raise RequestError(str(err).replace("`max_new_tokens`", "`max new tokens`")) from None
+            raise RequestError(str(err)) from None
     return texts[0]

@@ -258,14 +258,15 @@ class Captioner:
         pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
         return vision_tokens(self.vision_encoder, pixel_values, self.projector.config.select_layer)
 
-    def check_positions(self, prefix_length: int, max_new_tokens: int) -> None:
+    def check_positions(self, prefix_length: int, max_new_tokens: int, what: str = "max_new_tokens") -> None:
         """Reject a `max_new_tokens` that would run past the language model's positions (`position_limit`) after a
-        prefix (image tokens, <bos>, prompt) of `prefix_length`: the last token written is never read back."""
+        prefix (image tokens, <bos>, prompt) of `prefix_length`: the last token written is never read back. The
+        error names the argument `what` (a command's flag, a page's field)."""
         limit = position_limit(self.lm)
         if limit is not None and prefix_length + max_new_tokens - 1 > limit:
             raise ValueError(
-                f"`max_new_tokens` {max_new_tokens} runs past the language model's {limit} positions after "
-                f"{prefix_length} image and prompt tokens: pass max_new_tokens <= {limit - prefix_length + 1}"
+                f"`{what}` {max_new_tokens} runs past the language model's {limit} positions after "
+                f"{prefix_length} image and prompt tokens: pass {what} <= {limit - prefix_length + 1}"
             )
 
     @torch.no_grad()
@@ -279,10 +280,12 @@ class Captioner:
         do_sample: bool = False,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        max_new_tokens_name: str = "max_new_tokens",
     ) -> list[str]:
         """The text the model writes for each image: a caption (`prompt` None) or the answer to the question `prompt`
         (one for all images, or one per image). Greedy, or sampled at `temperature` from `generator` (on the
-        model's device); `image_tokens` (patch tokens, embeddings) stand in for `images` (e.g. from a cache)."""
+        model's device); `image_tokens` (patch tokens, embeddings) stand in for `images` (e.g. from a cache).
+        `max_new_tokens_name`: how errors name `max_new_tokens` (a command passes its flag)."""
         # 1. check inputs
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
@@ -294,7 +297,7 @@ class Captioner:
         if len(prompts) != batch_size:
             raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images")
         ids = [prompt_ids(self.tokenizer, p) for p in prompts]
-        self.check_positions(patches.shape[1] + 1 + max(map(len, ids)), max_new_tokens)
+        self.check_positions(patches.shape[1] + 1 + max(map(len, ids)), max_new_tokens, max_new_tokens_name)
 
         # 2. the prefix: image tokens, then <bos> and the prompt, left-padded so that every row ends together
         device = self.device
