@@ -22,7 +22,7 @@ def run_panel(runs: ServedRuns) -> str:
         lineage = record.lineage
         trained_on = f"{lineage.kind} {_hash(lineage.content_hash)}" if lineage else ""
         lines.append(
-            f"| {part} | `{runs.paths.items_dict()[part]}` | {record.kind or '?'} | {_hash(record.content_hash)} "
+            f"| {part} | `{getattr(runs.paths, part)}` | {record.kind or '?'} | {_hash(record.content_hash)} "
             f"| {trained_on} | {record.summary.get('steps', '')} | {_number(record.summary.get('final_loss'))} |"
         )
     if runs.index is not None:

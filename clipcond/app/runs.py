@@ -5,7 +5,6 @@ demo folder), and the models loaded from them once, kept on one device (`ServedR
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 from dataclasses import dataclass, fields
@@ -35,9 +34,6 @@ class RunPaths:
     def items(self) -> list[tuple[str, Path]]:
         """(part, folder) of the runs given, in field order."""
         return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
-
-    def items_dict(self) -> dict[str, Path]:
-        return dict(self.items())
 
 
 def paths_from_flags(
@@ -159,18 +155,14 @@ class ServedRuns:
         return Captioner.from_pretrained(self.paths.captioner, what="--captioner").to(self.device)
 
     def _test_images(self) -> list[tuple[str, Path]]:
-        """(label, file) of the first `TEST_IMAGES` test images: the caption where the data set has one."""
-        folder = self.paths.test_images
-        if folder is None:
+        """("file: caption", file) of the first `TEST_IMAGES` images of the test split, as its metadata lists them."""
+        from clipcond.data.folders import ImageCaptionDataset
+
+        if self.paths.test_images is None:
             return []
-        captions = {}
-        metadata = folder / "metadata.jsonl"
-        if metadata.is_file():
-            for line in metadata.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line) if line.strip() else {}
-                captions[row.get("file_name")] = row.get("text")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-        return [(f"{p.name}: {captions.get(p.name) or ''}".rstrip(": "), p) for p in files[:TEST_IMAGES]]
+        split = ImageCaptionDataset(self.paths.test_images)
+        pairs = zip(split.image_paths[:TEST_IMAGES], split.captions, strict=False)
+        return [(f"{path.name}: {caption}", path) for path, caption in pairs]
 
     def request_folder(self, kind: str) -> Path:
         """A new folder for one request's files (`00003-generate`), under `output_dir`."""
