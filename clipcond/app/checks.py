@@ -82,18 +82,15 @@ def check_upload(name: str, path: str | os.PathLike | None) -> str:
 
 
 def read_upload(name: str, path: str | os.PathLike | None):
-    """An upload, checked (`check_upload`), decoded as an RGB PIL image; a file that breaks while decoding is
-    refused by name too."""
-    from PIL import Image
+    """An upload, checked (`check_upload`), decoded as an RGB PIL image by `clipcond.image_files.read_images`; a
+    file that breaks while decoding is refused by name too."""
+    from clipcond.image_files import read_images
 
-    from clipcond.data.folders import to_rgb
-
-    label = check_upload(name, path)
+    check_upload(name, path)
     try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except (OSError, ValueError) as err:
-        raise RequestError(f"`{name}` {label!r} cannot be read as an image ({_without(err, path)})") from None
+        return read_images([os.fspath(path)], what=f"`{name}`")[0]
+    except ValueError as err:
+        raise RequestError(_without(err, path)) from None
 
 
 def _without(err: Exception, path) -> str:
