@@ -1,18 +1,20 @@
 """Does the DALL-E 2 path draw what it is asked? (a benchmark, not a test)
 
-    python benchmarks/unclip_quality.py [--demo-dir DIR] [--write-results] [--quick]
+    python benchmarks/unclip_quality.py [--demo-dir DIR] [--seeds 0,1,2] [--write-results] [--quick]
 
-runs `clipcond demo --dalle2 --output-dir DIR` (every recipe at its defaults; a finished demo in DIR is reused, an
-interrupted one resumed, a finished default demo extended by the DALL-E 2 stages) and prints one JSON object: the
+runs `clipcond demo --dalle2 --seed N --output-dir DIR/seed-N` for each seed (every recipe at its defaults; a
+finished demo there is reused, an interrupted one resumed, a finished default demo extended by the DALL-E 2 stages)
+and prints one JSON object with, per seed and over the seeds (`clipcond.evaluation.stats.bar_holds`): the
 prior's cosine to the true CLIP image embeddings beside the text-embedding and random-image baselines, the judged
 colour / shape / both-correct accuracy of variations of one-object test images (against the source) and of
 text-to-image through the prior (against the prompt), beside the Stable Diffusion path's on the same prompts, for
 the seen and the held-out compositions; the demo's time by stage (wall and CPU seconds); and `meets_bar` against
-the bar (seen compositions):
+the bar (seen compositions; a bar holds when its mean over the seeds meets it and no seed's own 95% interval lies
+below it):
 
 - variations keep the source's colour in >= 90% and its shape in >= 80% of the images;
 - text-to-image through the prior reaches the prompted colour in >= 85% and shape in >= 70%;
-- the prior's cosine beats both baselines.
+- the prior's cosine beats both baselines, on every seed.
 
 `--write-results` also writes the object to benchmarks/results/unclip_quality.json. `--quick` runs the demo's
 `--quick` budgets (the plumbing only; the figures mean nothing). Progress and logs go to stderr.
@@ -29,7 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_results_flag, save_results
+from common import add_results_flag, parse_seeds, save_results
+from decoder_quality import check_reused_demo
 
 BAR = {
     "variations_colour_accuracy_seen": 0.90,
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "JSON object.",
     )
     parser.add_argument("--demo-dir", type=Path, help="demo folder, run or resumed there (default: a temp dir)")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated demo seeds (default 0)")
     parser.add_argument("--quick", action="store_true", help="the demo's tiny budgets: checks the plumbing only")
     add_results_flag(parser)
     return parser.parse_args(argv)
@@ -93,20 +97,23 @@ def meets_bar(variations: dict, text_to_image: dict, prior: dict) -> dict:
     return {**checks, "all": all(checks.values())}
 
 
-def run(demo_dir: Path, quick: bool = False) -> dict:
+def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
     import torch
 
     from clipcond.demo import main as demo_main
 
     with contextlib.redirect_stdout(sys.stderr):  # the demo's own lines; stdout holds only our JSON
-        demo_main(["--output-dir", str(demo_dir), "--dalle2", *(["--quick"] if quick else [])])
+        demo_main(["--output-dir", str(demo_dir), "--seed", str(seed), "--dalle2", *(["--quick"] if quick else [])])
     report = json.loads((demo_dir / "report.json").read_text())
+    check_reused_demo(report, demo_dir, seed)
     evaluation = report["unclip_eval"]
     variations, text_to_image, prior = evaluation["variations"], evaluation["text_to_image"], evaluation["prior"]
     generation = report["generation"]
     timings = report["timings"]
     result = {
+        "seed": seed,
         "quick": quick,
+        "num_judged_seen": _num_judged_seen(report),
         "prior": _pick(prior, COSINES),
         "variations": {
             **_pick(variations, ACCURACIES),
@@ -152,10 +159,54 @@ def run(demo_dir: Path, quick: bool = False) -> dict:
     return result
 
 
+def _num_judged_seen(report: dict) -> dict:
+    """Images judged per seen figure: variations (sources x variations per seen class) and text-to-image."""
+    settings = report["unclip_eval"]["settings"]
+    classes = report["generation"]["settings"]
+    seen = len([name for name in classes["classes"] if name not in classes["held_out"]])
+    return {
+        "variations": seen * settings["sources_per_class"] * settings["variations_per_source"],
+        "prior_text_to_image": seen * settings["images_per_prompt"],
+    }
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Every bar's figure over the seeds (`clipcond.evaluation.stats.bar_holds`); the prior's cosines as mean and
+    interval, and whether it beat both baselines on every seed."""
+    from clipcond.evaluation.stats import bar_holds, mean_interval
+
+    summary = {}
+    for part in ("variations", "prior_text_to_image"):
+        counts = {seed: r["num_judged_seen"][part] for seed, r in per_seed.items()}
+        for attribute in ("colour", "shape"):
+            name = f"{attribute}_accuracy_seen"
+            values = {seed: r[part][name] for seed, r in per_seed.items()}
+            summary[f"{part}_{name}"] = bar_holds(values, counts, BAR[f"{part}_{name}"])
+            summary[f"{part}_{attribute}_accuracy_heldout"] = mean_interval(
+                [r[part][f"{attribute}_accuracy_heldout"] for r in per_seed.values()], bounds=(0.0, 1.0)
+            )
+    for name in ("cosine_predicted", "cosine_text_baseline", "cosine_random_baseline"):
+        summary[f"prior_{name}"] = mean_interval([r["prior"][name] for r in per_seed.values()])
+    beats = [r["meets_bar_by_criterion"]["prior_cosine_beats_baselines"] for r in per_seed.values()]
+    summary["prior_cosine_beats_baselines"] = {"holds": all(beats), "per_seed": beats}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="unclip_quality_") as tmp:
-        result = run(args.demo_dir or Path(tmp, "demo"), quick=args.quick)
+        base = args.demo_dir or Path(tmp, "demo")
+        per_seed = {seed: run(base / f"seed-{seed}", seed, quick=args.quick) for seed in args.seeds}
+    summary = over_seeds(per_seed)
+    result = {
+        "benchmark": "unclip_quality",
+        "command": "python benchmarks/unclip_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "over_seeds": summary,
+        "meets_bar": all(entry["holds"] for name, entry in summary.items() if "holds" in entry),
+        "per_seed": {str(seed): r for seed, r in per_seed.items()},
+    }
     text = json.dumps(result, indent=2)
     if args.save_results:
         save_results("unclip_quality", result)

@@ -169,6 +169,40 @@ def test_decoder_quality_names_bad_seeds():
         decoder_quality.parse_args(["--seeds", ","])
 
 
+def _unclip_seed_run(variation_shape, cosines=(0.9, 0.87, 0.01)):
+    def accuracies(colour, shape):
+        return {f"{a}_accuracy_{g}": v for a, v in (("colour", colour), ("shape", shape)) for g in ("seen", "heldout")}
+
+    predicted, text, random_image = cosines
+    return {
+        "num_judged_seen": {"variations": 224, "prior_text_to_image": 112},
+        "variations": accuracies(0.95, variation_shape),
+        "prior_text_to_image": accuracies(0.9, 0.8),
+        "prior": {"cosine_predicted": predicted, "cosine_text_baseline": text, "cosine_random_baseline": random_image},
+        "meets_bar_by_criterion": {"prior_cosine_beats_baselines": predicted > max(text, random_image)},
+    }
+
+
+def test_unclip_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
+    import unclip_quality
+
+    good = unclip_quality.over_seeds({s: _unclip_seed_run(0.85) for s in range(3)})
+    assert all(good[k]["holds"] for k in good if "holds" in good[k])
+    assert good["variations_shape_accuracy_seen"]["mean"] == pytest.approx(0.85)
+    # a mean of 80.3% meets the variation shape bar, but 70% of 224 images lies clear below 80%
+    uneven = unclip_quality.over_seeds(
+        {0: _unclip_seed_run(0.86), 1: _unclip_seed_run(0.85), 2: _unclip_seed_run(0.7)}
+    )
+    entry = uneven["variations_shape_accuracy_seen"]
+    assert entry["mean"] >= 0.8 and not entry["holds"] and entry["seeds_missing"] == [2]
+    # the prior must beat both baselines on every seed
+    one_bad = {0: _unclip_seed_run(0.85), 1: _unclip_seed_run(0.85, cosines=(0.86, 0.87, 0.01))}
+    assert unclip_quality.over_seeds(one_bad)["prior_cosine_beats_baselines"] == {
+        "holds": False,
+        "per_seed": [True, False],
+    }
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -128,3 +128,21 @@ def test_dalle2_options_are_checked():
         parse_args(["--dalle2", "--variation-sources", "0"])
     with pytest.raises(ValueError, match="`--prior-steps` must be >= 1"):
         parse_args(["--dalle2", "--prior-steps", "0"])
+
+
+def test_unclip_quality_benchmark_reads_a_finished_demo(demo, monkeypatch):
+    """`benchmarks/unclip_quality.py` on a finished --dalle2 demo: every stage reused, the figures of the report,
+    and the judged image counts the bars over seeds weigh (quick: 14 seen classes, one image or variation each)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import unclip_quality
+
+    result = unclip_quality.run(demo, seed=0, quick=True)
+    report = json.loads((demo / "report.json").read_text())
+    assert set(result["reused_stages"]) >= DALLE2_STAGES
+    assert result["num_judged_seen"] == {"variations": 14, "prior_text_to_image": 14}
+    variations = report["unclip_eval"]["variations"]
+    assert result["variations"]["shape_accuracy_seen"] == variations["shape_accuracy_seen"]
+    summary = unclip_quality.over_seeds({0: result})
+    assert summary["variations_shape_accuracy_seen"]["mean"] == variations["shape_accuracy_seen"]
