@@ -182,6 +182,12 @@ def _held(holds: bool, judge_version: int | None) -> str:
     return _mark(holds)
 
 
+def _verdict(entry: dict) -> str:
+    """✓ / ✗ of a bar over seeds (`bar_holds`), with how many seeds lie below it beyond their interval."""
+    below = f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else ""
+    return _mark(entry["holds"]) + ("" if entry["holds"] else below)
+
+
 def decoder_rows(report: dict) -> list[str]:
     summary, runs = report["over_seeds"], list(report["per_seed"].values())
     seeds = "/".join(str(s) for s in report["seeds"])
@@ -192,10 +198,6 @@ def decoder_rows(report: dict) -> list[str]:
 
     def clip_per_seed(key: str) -> str:
         return " / ".join(_pct(r["clip"][key]) for r in runs)
-
-    def verdict(entry: dict) -> str:
-        below = f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else ""
-        return _mark(entry["holds"]) + ("" if entry["holds"] else below)
 
     def row(what: str, figure: str, bar: str = "reported", holds: str = "") -> str:
         return _row(what, figure, seeds, bar, holds, source)
@@ -217,7 +219,7 @@ def decoder_rows(report: dict) -> list[str]:
         entry = summary[key]
         what = f"Stable Diffusion path, seen prompts, {label} ({ipp} images per prompt, {sampler}, guidance "
         what += f"{first['guidance_scale']:g})"
-        rows.append(row(what, f"{_over_seeds(entry)}; {per_seed(key)}", f"≥ {_pct(entry['bar'])}", verdict(entry)))
+        rows.append(row(what, f"{_over_seeds(entry)}; {per_seed(key)}", f"≥ {_pct(entry['bar'])}", _verdict(entry)))
     rows.append(row("Stable Diffusion path, seen prompts drawn as several objects", several))
     diversity = " / ".join(
         f"{r['diversity']['clip']:.3f} ({r['diversity']['clip_real']:.3f})" for r in runs if r.get("diversity")
@@ -232,37 +234,43 @@ def decoder_rows(report: dict) -> list[str]:
         entry = summary[f"clip_{key}"]
         figure = f"{_over_seeds(entry)}; {clip_per_seed(key)}"
         what = f"the demo's CLIP, zero-shot top-1, {label} classes"
-        rows.append(row(what, figure, f"≥ {_pct(entry['bar'])}", verdict(entry)))
+        rows.append(row(what, figure, f"≥ {_pct(entry['bar'])}", _verdict(entry)))
     return rows
 
 
 def unclip_rows(report: dict) -> list[str]:
-    source = _source("unclip_quality", report)
-    seed = report.get("settings", {}).get("seed", "?")
-    version = report.get("judge", {}).get("version")
-    prior, bar = report["prior"], report["bar"]
-    cosines = (
-        f"{prior['cosine_predicted']:.3f} vs {prior['cosine_text_baseline']:.3f} / "
-        f"{prior['cosine_random_baseline']:.3f}"
+    """The DALL-E 2 path over seeds: the prior's cosine against its baselines, the judged accuracies of text-to-image
+    through the prior and of variations against their bars, and how far a variation lies from its source."""
+    summary, runs = report["over_seeds"], list(report["per_seed"].values())
+    seeds, source = "/".join(str(s) for s in report["seeds"]), _source("unclip_quality", report)
+    version = runs[0]["judge"].get("version")
+
+    def row(what: str, figure: str, bar: str = "reported", holds: str = "") -> str:
+        return _row(what, figure, seeds, bar, holds, source)
+
+    cosines = "; ".join(
+        f"seed {r['seed']}: {r['prior']['cosine_predicted']:.3f} vs {r['prior']['cosine_text_baseline']:.3f} / "
+        f"{r['prior']['cosine_random_baseline']:.3f}"
+        for r in runs
     )
-    beats = report["meets_bar_by_criterion"].get("prior_cosine_beats_baselines")
     what = "DALL-E 2 path: prior cosine to the true image embedding, vs text / random image"
-    rows = [_row(what, cosines, seed, "beats both", _mark(beats), source)]
+    rows = [row(what, cosines, "beats both on every seed", _mark(summary["prior_cosine_beats_baselines"]["holds"]))]
     for part, label in (("prior_text_to_image", "text-to-image through the prior"), ("variations", "variations")):
-        for colour_or_shape in ("colour", "shape"):
-            key = f"{part}_{colour_or_shape}_accuracy_seen"
-            value = report[part][f"{colour_or_shape}_accuracy_seen"]
-            what = f"DALL-E 2 path: {label}, seen, {colour_or_shape} (judge v{version or '?'})"
-            rows.append(
-                _row(what, _pct(value), seed, f"≥ {_pct(bar[key])}", _held(value >= bar[key], version), source)
-            )
-    distance = report["variations"].get("distance")
-    if distance:
-        to, other = distance["to_source"], distance.get("to_unrelated_sources") or distance["to_other_source"]
+        for attribute in ("colour", "shape"):
+            entry = summary[f"{part}_{attribute}_accuracy_seen"]
+            per_seed = " / ".join(_pct(r[part][f"{attribute}_accuracy_seen"]) for r in runs)
+            what = f"DALL-E 2 path: {label}, seen, {attribute} (judge v{version})"
+            rows.append(row(what, f"{_over_seeds(entry)}; {per_seed}", f"≥ {_pct(entry['bar'])}", _verdict(entry)))
+    distances = {r["seed"]: r["variations"].get("distance") for r in runs}
+    if all(distances.values()):
         what = "DALL-E 2 path: distance of a variation to its source (1 - CLIP cosine; RMS pixels), beside the "
         what += "sources of unrelated classes and a copy (0)"
-        figure = f"CLIP {to['clip']:.3f} vs {other['clip']:.3f}; pixels {to['pixels']:.3f} vs {other['pixels']:.3f}"
-        rows.append(_row(what, figure, seed, "reported", "", source))
+        figure = "; ".join(
+            f"seed {seed}: CLIP {d['to_source']['clip']:.3f} vs {d['to_unrelated_sources']['clip']:.3f}, pixels "
+            f"{d['to_source']['pixels']:.3f} vs {d['to_unrelated_sources']['pixels']:.3f}"
+            for seed, d in distances.items()
+        )
+        rows.append(row(what, figure))
     return rows
 
 
@@ -501,7 +509,7 @@ def captioner_rows(report: dict) -> list[str]:
 
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
-    "unclip_quality": ("python benchmarks/unclip_quality.py --save-results", unclip_rows),
+    "unclip_quality": ("python benchmarks/unclip_quality.py --seeds 0,1,2 --save-results", unclip_rows),
     "search_quality": ("python benchmarks/search_quality.py --save-results", search_rows),
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "samplers": (
