@@ -469,12 +469,12 @@ def latent_rows(report: dict) -> list[str]:
         ),
     ]
     for name, label in (("colour_accuracy_seen", "colour"), ("shape_accuracy_seen", "shape")):
-        figure = f"{_over_seeds(summary[name])}; the same demo's pixel decoder (32 px) " + " / ".join(
-            _pct(r["pixel"][name]) for r in runs
-        )
+        latent = " / ".join(_pct(r["latent"][name]) for r in runs)
+        pixel = " / ".join(_pct(r["pixel"][name]) for r in runs)
+        figure = f"{_over_seeds(summary[name])}; {latent}; the same demos' pixel decoder (32 px) {pixel}"
         what = f"latent path (64 px, 16x16x4 latents), seen prompts, {label}"
         bar = f"≥ {_pct(summary[name]['bar'])}"
-        rows.append(_row(what, figure, seeds, bar, _mark(summary[name]["holds"]), source))
+        rows.append(_row(what, figure, seeds, bar, _verdict(summary[name]), source))
     return rows
 
 
