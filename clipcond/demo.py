@@ -67,8 +67,8 @@ QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a jud
 # seconds (the decoder's judged shape accuracy was still climbing at the CPU recipe's step count). "quick" only
 # checks the plumbing. Later arguments win, so `--clip-steps` and the like still override a recipe's step count.
 RECIPES = {
-    # The latent decoder's step costs less than half the pixel decoder's, and twice the trainer's 1200 steps are
-    # what keep one object per "a X" prompt (docs/lab-notes.md, "the latent decoder at 2400 steps").
+    # The latent decoder's step costs less than half the pixel decoder's, so twice the trainer's 1200 steps take
+    # about the pixel decoder's time (docs/lab-notes.md, "the latent decoder at 2400 steps").
     "cpu": {
         "clip": [],
         "decoder": [],
