@@ -16,6 +16,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,14 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise ValueError(f"`--seeds` names no seed: {text!r}")
     return seeds
+
+
+def demos_by_seed(demo_dir: Path | None, seeds: list[int], run: Callable[[Path, int], dict], name: str) -> dict:
+    """{seed: `run(DIR/seed-N, N)`} for every seed: each seed's demo in its own folder under `demo_dir`, or under a
+    temporary folder (removed afterwards) when it is None; `name` prefixes that folder."""
+    with tempfile.TemporaryDirectory(prefix=f"{name}_") as tmp:
+        base = demo_dir or Path(tmp, "demo")
+        return {seed: run(base / f"seed-{seed}", seed) for seed in seeds}
 
 
 def add_results_flag(parser, results_name: str | None = None) -> None:

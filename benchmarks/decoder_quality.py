@@ -24,10 +24,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
-from common import add_results_flag, parse_seeds, save_results
+from common import add_results_flag, demos_by_seed, parse_seeds, save_results
 
 BAR = {"colour_accuracy_seen": 0.90, "shape_accuracy_seen": 0.75, "demo_wall_seconds": 900.0}
 CLIP_BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80}
@@ -184,9 +183,9 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="decoder_quality_") as tmp:
-        base = args.demo_dir or Path(tmp, "demo")
-        per_seed = {seed: run(base / f"seed-{seed}", args.images_per_prompt, seed) for seed in args.seeds}
+    per_seed = demos_by_seed(
+        args.demo_dir, args.seeds, lambda folder, seed: run(folder, args.images_per_prompt, seed), "decoder_quality"
+    )
     summary = over_seeds(per_seed)
     result = {
         "command": "python benchmarks/decoder_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),

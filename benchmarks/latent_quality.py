@@ -19,10 +19,9 @@ import argparse
 import contextlib
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from common import add_results_flag, machine, parse_seeds, save_results
+from common import add_results_flag, demos_by_seed, machine, parse_seeds, save_results
 from decoder_quality import BAR, check_reused_demo
 
 JUDGE_GAP_POINTS = 2.0  # the judge must read reconstructions within this many points of the originals
@@ -98,9 +97,9 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="latent_quality_") as tmp:
-        base = args.demo_dir or Path(tmp, "demo")
-        per_seed = {seed: run(base / f"seed-{seed}", seed, args.quick) for seed in args.seeds}
+    per_seed = demos_by_seed(
+        args.demo_dir, args.seeds, lambda folder, seed: run(folder, seed, args.quick), "latent_quality"
+    )
     summary = over_seeds(per_seed)
     result = {
         "benchmark": "latent_quality",

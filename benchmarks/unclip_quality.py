@@ -28,10 +28,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
-from common import add_results_flag, parse_seeds, save_results
+from common import add_results_flag, demos_by_seed, parse_seeds, save_results
 from decoder_quality import check_reused_demo
 
 BAR = {
@@ -194,9 +193,9 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="unclip_quality_") as tmp:
-        base = args.demo_dir or Path(tmp, "demo")
-        per_seed = {seed: run(base / f"seed-{seed}", seed, quick=args.quick) for seed in args.seeds}
+    per_seed = demos_by_seed(
+        args.demo_dir, args.seeds, lambda folder, seed: run(folder, seed, quick=args.quick), "unclip_quality"
+    )
     summary = over_seeds(per_seed)
     result = {
         "benchmark": "unclip_quality",
