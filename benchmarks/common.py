@@ -130,14 +130,18 @@ def save_results(name: str, report: dict, merge_cases: bool = False) -> Path:
     return path
 
 
+class SeedsError(ValueError, argparse.ArgumentTypeError):
+    """A bad `--seeds`: a ValueError for callers, and argparse prints its message when `parse_seeds` is a `type=`."""
+
+
 def parse_seeds(text: str) -> list[int]:
     """`--seeds` "0,1,2" -> [0, 1, 2]; an error naming the flag and the value otherwise."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"`--seeds` must be comma-separated integers such as 0,1,2; got {text!r}") from None
+        raise SeedsError(f"`--seeds` must be comma-separated integers such as 0,1,2; got {text!r}") from None
     if not seeds:
-        raise ValueError(f"`--seeds` names no seed: {text!r}")
+        raise SeedsError(f"`--seeds` names no seed: {text!r}")
     return seeds
 
 

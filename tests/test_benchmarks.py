@@ -203,6 +203,16 @@ def test_unclip_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
     }
 
 
+@pytest.mark.parametrize("name", ["latent_quality", "unclip_quality"])
+def test_seeds_as_an_argparse_type_name_the_expected_form(name, capsys):
+    module = __import__(name)
+    assert module.parse_args(["--seeds", "2,0"]).seeds == [2, 0]
+    with pytest.raises(SystemExit):
+        module.parse_args(["--seeds", "zero"])
+    err = capsys.readouterr().err
+    assert "argument --seeds: `--seeds` must be comma-separated integers such as 0,1,2; got 'zero'" in err
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
