@@ -62,10 +62,11 @@ SAMPLE_DTYPE = "bf16"
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
 # What each training stage runs beyond its trainer's own defaults, by recipe (`--recipe`). "cpu" is the trainers'
-# recipes as they are, sized for 2 CPU cores (the whole demo in 15 minutes), but for the latent decoder's steps. "gpu", the default where CUDA is, keeps
-# their learning rates and schedules but sees many more samples: larger batches and more steps, which a GPU takes in
-# seconds (the decoder's judged shape accuracy was still climbing at the CPU recipe's step count). "quick" only
-# checks the plumbing. Later arguments win, so `--clip-steps` and the like still override a recipe's step count.
+# recipes as they are, sized for 2 CPU cores (the whole demo in 15 minutes), but for the latent decoder's steps.
+# "gpu", the default where CUDA is, keeps their learning rates and schedules but sees many more samples: larger
+# batches and more steps, which a GPU takes in seconds (the decoder's judged shape accuracy was still climbing at the
+# CPU recipe's step count). "quick" only checks the plumbing. Later arguments win, so `--clip-steps` and the like
+# still override a recipe's step count.
 RECIPES = {
     # The latent decoder's step costs less than half the pixel decoder's, so twice the trainer's 1200 steps take
     # about the pixel decoder's time (docs/lab-notes.md, "the latent decoder at 2400 steps").
