@@ -78,7 +78,7 @@ GRID_COLUMNS = 8  # images per row of the validation grid (each row of originals
 TRAINING_DEFAULTS = {
     "train_batch_size": 16,
     "learning_rate": 5e-4,
-    "max_train_steps": 400,
+    "max_train_steps": 800,
     "lr_warmup_steps": 20,
     "weight_decay": 0.0,
     "checkpointing_steps": 100,
