@@ -1,9 +1,18 @@
 """A BPE tokenizer trained on a data set's captions, saved so that `AutoTokenizer.from_pretrained(run)` loads it.
 
 The layout follows OpenAI's CLIP tokenizer: lower-cased text, byte-level BPE (so no input is ever unknown),
-`<|startoftext|> ... <|endoftext|>` around every caption, fixed context length. The special tokens take the first
-ids, with the end token at 0: transformers' `CLIPTextTransformer` pools the hidden state at the first end token,
-except for configs whose `eos_token_id` is 2, which it treats as a legacy checkpoint (argmax of the ids).
+`<|startoftext|> ... <|endoftext|>` around every caption, fixed context length, padded with the end token. The
+special tokens take the first ids, with the end token at 0: transformers' `CLIPTextTransformer` pools the hidden
+state at the first end token, except for configs whose `eos_token_id` is 2, which it treats as a legacy checkpoint
+(argmax of the ids).
+
+The padding token matters only where the padding is read: a CLIP and a decoder that mask it never see it, but a
+decoder trained as Stable Diffusion's (unmasked, `--no-mask-text-padding`) cross-attends to every padding position.
+Padded with the end token, as Stable Diffusion v1's tokenizer is, each of those positions is an end token that has
+read the whole caption through the causal mask, so it carries what CLIP pools; a padding token of its own starts
+from an embedding that CLIP's training never updates (it is masked there), and a small UNet then loses the count
+word (docs/lab-notes.md, "the padding token"). `<|pad|>` stays in the vocabulary for language models that need a padding distinct from the end
+(the captioner's word dropout writes it over hidden words).
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ SPECIAL_TOKENS = [EOS_TOKEN, BOS_TOKEN, PAD_TOKEN]  # ids 0, 1, 2
 
 
 def train_tokenizer(
-    texts: Iterable[str], *, vocab_size: int = 1024, context_length: int = 32
+    texts: Iterable[str], *, vocab_size: int = 1024, context_length: int = 32, pad_token: str = EOS_TOKEN
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers fast tokenizer.
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers fast tokenizer that pads with
+    `pad_token` (the end token, as OpenAI's CLIP tokenizer; or `PAD_TOKEN`).
 
     `vocab_size` is an upper bound: on a small caption vocabulary the merges run out first, and `len(tokenizer)`
     is the size to build the text embedding with.
@@ -35,6 +45,8 @@ def train_tokenizer(
         raise ValueError(
             f"`vocab_size` must be at least {256 + len(SPECIAL_TOKENS)} (the byte alphabet), got {vocab_size}"
         )
+    if pad_token not in (EOS_TOKEN, PAD_TOKEN):
+        raise ValueError(f"`pad_token` must be {EOS_TOKEN!r} or {PAD_TOKEN!r}, got {pad_token!r}")
     if context_length < 3:
         raise ValueError(f"`context_length` must be >= 3 (start, one token, end), got {context_length}")
 
@@ -57,7 +69,7 @@ def train_tokenizer(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        pad_token=pad_token,
         model_max_length=context_length,
         padding_side="right",
     )

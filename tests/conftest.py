@@ -188,12 +188,14 @@ def tiny_captioner(tiny_clip_run, shapes_data):
     from clipcond.data.folders import ImageCaptionDataset
     from clipcond.models.captioner import Captioner, VisionProjector, lm_config
     from clipcond.models.clip import load_vision_tower
-    from clipcond.tokenizer import train_tokenizer
+    from clipcond.tokenizer import PAD_TOKEN, train_tokenizer
 
     torch.manual_seed(0)
     vision, mean, std = load_vision_tower(tiny_clip_run)
     dataset = ImageCaptionDataset(shapes_data, split="train")
-    tokenizer = train_tokenizer(dataset.captions + ["question: what shape is it? answer:"], vocab_size=300)
+    tokenizer = train_tokenizer(
+        dataset.captions + ["question: what shape is it? answer:"], vocab_size=300, pad_token=PAD_TOKEN
+    )
     lm = LlamaForCausalLM(lm_config("test", tokenizer=tokenizer, max_position_embeddings=64))
     width, dim = vision.config.hidden_size, vision.config.projection_dim
     projector = VisionProjector(vision_width=width, embed_dim=dim, hidden_size=lm.config.hidden_size)

@@ -383,9 +383,10 @@ def build_language_model(args: argparse.Namespace, texts: list[str], num_image_t
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return lm, tokenizer, None, Path(args.init_lm)
-    from clipcond.tokenizer import train_tokenizer
+    from clipcond.tokenizer import PAD_TOKEN, train_tokenizer
 
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, context_length=TEXT_CONTEXT)
+    # a padding token of its own: word dropout writes it over hidden words, which must not read as the end
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, context_length=TEXT_CONTEXT, pad_token=PAD_TOKEN)
     config = lm_config(args.model, tokenizer=tokenizer, max_position_embeddings=num_image_tokens + TEXT_CONTEXT)
     return LlamaForCausalLM(config), tokenizer, None, None
 
