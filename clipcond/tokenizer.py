@@ -11,8 +11,8 @@ decoder trained as Stable Diffusion's (unmasked, `--no-mask-text-padding`) cross
 Padded with the end token, as Stable Diffusion v1's tokenizer is, each of those positions is an end token that has
 read the whole caption through the causal mask, so it carries what CLIP pools; a padding token of its own starts
 from an embedding that CLIP's training never updates (it is masked there), and a small UNet then loses the count
-word (docs/lab-notes.md, "the padding token"). `<|pad|>` stays in the vocabulary for language models that need a padding distinct from the end
-(the captioner's word dropout writes it over hidden words).
+word (docs/lab-notes.md, "the padding token"). `<|pad|>` stays in the vocabulary for language models that need a
+padding distinct from the end (the captioner's word dropout writes it over hidden words).
 """
 
 from __future__ import annotations
