@@ -59,6 +59,8 @@ METRIC_KEYS = (
     "num_images",
     "num_classes",
     "num_zero_shot_images",
+    "num_zero_shot_images_seen",
+    "num_zero_shot_images_heldout",
     "num_unreadable_images",
 )
 SIMILARITY_ITEMS = 64  # images x captions shown in the similarity matrix
@@ -155,6 +157,7 @@ class _ZeroShot:
     heldout_classes: list[str]  # those among them that are held-out compositions
     confusion: torch.Tensor | None  # (C, C) counts, None without labelled images
     num_images: int  # the labelled images
+    group_sizes: dict  # labelled images of seen and of held-out classes (None without a held-out list)
 
 
 def _zero_shot(encode, dataset, image_features, labels: list[str], templates, held_out) -> _ZeroShot:
@@ -164,8 +167,9 @@ def _zero_shot(encode, dataset, image_features, labels: list[str], templates, he
     classnames = sorted({label for label in [*split_labels, *labels] if label})
     labelled = [i for i, label in enumerate(labels) if label]
     figures = dict.fromkeys(("top1", "balanced", "top1_seen", "top1_heldout"))
+    sizes = dict.fromkeys(("seen", "heldout"))
     if not labelled:
-        return _ZeroShot(figures, [], [], None, 0)
+        return _ZeroShot(figures, [], [], None, 0, sizes)
     classifier = build_zero_shot_classifier(encode, classnames, templates)  # (C, D)
     predictions = zero_shot_predict(image_features[labelled], classifier).cpu()
     class_index = {name: c for c, name in enumerate(classnames)}
@@ -173,8 +177,10 @@ def _zero_shot(encode, dataset, image_features, labels: list[str], templates, he
     groups = held_out_groups(classnames, held_out)
     figures.update(zero_shot_metrics(predictions, targets, len(classnames), groups))
     heldout_classes = [classnames[c] for c in groups["heldout"]] if groups else []
+    for name, classes in (groups or {}).items():  # how many images each group's figure reads: its interval
+        sizes[name] = int(torch.isin(targets, torch.tensor(classes, dtype=torch.long)).sum())
     confusion = confusion_matrix(predictions, targets, len(classnames))
-    return _ZeroShot(figures, classnames, heldout_classes, confusion, len(labelled))
+    return _ZeroShot(figures, classnames, heldout_classes, confusion, len(labelled), sizes)
 
 
 def evaluate_clip(
@@ -239,6 +245,8 @@ def evaluate_clip(
         num_images=len(texts),
         num_classes=len(zero_shot.classnames),
         num_zero_shot_images=zero_shot.num_images,
+        num_zero_shot_images_seen=zero_shot.group_sizes["seen"],
+        num_zero_shot_images_heldout=zero_shot.group_sizes["heldout"],
         num_unreadable_images=len(unreadable),
     )
     metrics = {key: metrics[key] for key in METRIC_KEYS}

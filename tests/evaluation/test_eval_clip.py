@@ -169,6 +169,8 @@ def test_evaluate_clip_known_answer():
     assert metrics["zero_shot_top1_seen"] == pytest.approx(1.0)
     assert metrics["zero_shot_top1_heldout"] == pytest.approx(1 / 2)
     assert (metrics["num_images"], metrics["num_classes"], metrics["num_zero_shot_images"]) == (7, 4, 6)
+    # each group's figure says how many images it reads: 4 of seen classes, 2 of the held-out "red triangle"
+    assert (metrics["num_zero_shot_images_seen"], metrics["num_zero_shot_images_heldout"]) == (4, 2)
     assert extras.classnames == NAMES and extras.heldout_classes == ["red triangle"]
     assert extras.confusion.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 1, 1]]
     assert extras.similarity.shape == (7, 7) and extras.similarity_captions[3] == "a Red  circle"
