@@ -426,7 +426,8 @@ def clip_rows(report: dict) -> list[str]:
         figure = f"{_over_seeds(entry)}; " + " / ".join(_pct(r[key]) for r in runs)
         rows.append(_row(what, figure, seeds, f"≥ {_pct(entry['bar'])}", _verdict(entry), source))
     time = summary["train_seconds"]
-    what = f"`clipcond train clip` recipe ({precision}), training time ({runs[0]['steps']} steps)"
+    where = f"{report['machine']['device']}, {report['machine']['torch_threads']} threads"
+    what = f"`clipcond train clip` recipe ({precision}), training time ({runs[0]['steps']} steps; {where})"
     figure = " / ".join(f"{r['train_seconds']:.0f} s" for r in runs)
     rows.append(_row(what, figure, seeds, f"≤ {time['bar']:.0f} s on every seed", _mark(time["holds"]), source))
     return rows
