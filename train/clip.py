@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import CLIPModel
 
-from clipcond.data.augment import grayscale_where
+from clipcond.data.augment import CROP_DRAWS, ImageAugment, grayscale_where, random_resized_crops
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
@@ -104,6 +104,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "gray_scale_prob): makes shape features that do not depend on colour, so unseen colour-shape pairs are "
         "recognised; 0 turns it off",
     )
+    data.add_argument(
+        "--random-crop-scale",
+        type=finite_float,
+        default=1.0,
+        metavar="S",
+        help="show each training image as a random crop of a share in [S, 1] of its area (aspect ratio 3/4 to 4/3), "
+        "resized back, as torchvision's RandomResizedCrop and open_clip's `scale`; for small real data sets (e.g. "
+        "0.5); 1 (default) turns it off, as the shapes data's positions need",
+    )
+    data.add_argument(
+        "--hflip-prob",
+        type=finite_float,
+        default=0.0,
+        help="probability that a training image is mirrored left to right, its caption unchanged; for data whose "
+        "captions name no left or right (default 0)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="CLIP preset (test, tiny, small, base) or a JSON config file")
@@ -155,6 +171,10 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--image-cache-mb` must be >= 0, got {args.image_cache_mb}")
     if not 0.0 <= args.grayscale_prob <= 1.0:
         raise ValueError(f"`--grayscale-prob` must be in [0, 1], got {args.grayscale_prob}")
+    if not 0.0 < args.random_crop_scale <= 1.0:
+        raise ValueError(f"`--random-crop-scale` must be in (0, 1], got {args.random_crop_scale}")
+    if not 0.0 <= args.hflip_prob <= 1.0:
+        raise ValueError(f"`--hflip-prob` must be in [0, 1], got {args.hflip_prob}")
     if isinstance(args.hard_negatives, str):  # a list already when checked a second time
         args.hard_negatives = list(parse_kinds(args.hard_negatives, "--hard-negatives"))
     if args.hard_negatives and args.loss != "clip":
@@ -227,7 +247,7 @@ class ClipStage(Stage):
         image_processor,
         loss_fn,
         validation=None,
-        grayscale_prob=0.0,
+        augment: ImageAugment | None = None,
         length_multiple: int = 1,
         output_dir: Path | None = None,
     ):
@@ -237,7 +257,7 @@ class ClipStage(Stage):
         self.image_processor = image_processor
         self.loss_fn = loss_fn
         self.validation = validation  # (dataset, held_out, max_images) or None
-        self.grayscale_prob = grayscale_prob
+        self.augment = augment or ImageAugment()  # none by default
         self.length_multiple = length_multiple  # 8 for a compiled model: a few shapes, not one per caption length
         self.output_dir = output_dir  # where the run's tokenizer ends up: named in open_clip_config.json
         # The final export adds open_clip's copy of the weights; checkpoints' pretrained/ folders stay transformers'
@@ -280,13 +300,7 @@ class ClipStage(Stage):
             # on the host whether the mask masks anything (a wait for the device every step on a GPU).
             length = attended_columns(all_masks, self.length_multiple)  # on the host (all candidates: an upper bound)
             input_ids, attention_mask = input_ids[:, :length], None
-        pixels = to_device(batch["pixel_values"], device)  # (B, 3, H, W) uint8
-        if self.grayscale_prob > 0:
-            # one uniform per sample of the global batch; this process keeps its rows (see `draw_rows`)
-            draws = draw_rows(
-                lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
-            )
-            pixels = grayscale_where(pixels, draws < self.grayscale_prob)
+        pixels = self.augmented(to_device(batch["pixel_values"], device), generator)  # (B, 3, H, W) uint8
         pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
         if attention_mask is not None:
             attention_mask = to_device(attention_mask, device)
@@ -303,6 +317,25 @@ class ClipStage(Stage):
             return self.loss_fn(*features), logs
         logs["train/hard_negatives"] = negative_embeds.shape[0] / num_captions  # share of captions with one
         return self.loss_fn(*features, negative_features=negative_embeds.float()), logs
+
+    def augmented(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """The batch's images (B, 3, H, W) uint8 with `self.augment` applied. The draws are rows of the global batch
+        (see `draw_rows`): grayscale one uniform per image, then crops and flips `CROP_DRAWS`, each only when on, so
+        a run without crops draws what it drew before they existed."""
+        augment, device = self.augment, pixels.device
+        if augment.grayscale_prob > 0:
+            draws = draw_rows(
+                lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
+            )
+            pixels = grayscale_where(pixels, draws < augment.grayscale_prob)
+        if augment.crops:
+            draws = draw_rows(
+                lambda n: torch.rand(n, CROP_DRAWS, generator=generator, device=generator.device),
+                pixels.shape[0],
+                device,
+            )
+            pixels = random_resized_crops(pixels, draws, augment.crop_scale, augment.hflip_prob)
+        return pixels
 
     def after_optimizer_step(self):
         # CLIP paper, sec. 2.5: the temperature is clipped so that logits scale by at most 100. The loss clamps
@@ -392,7 +425,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         image_processor,
         loss_fn,
         validation,
-        args.grayscale_prob,
+        ImageAugment(args.grayscale_prob, args.random_crop_scale, args.hflip_prob),
         multiple,
         output_dir=output_dir,
     )

@@ -1,11 +1,15 @@
-"""Random grayscale for CLIP pretraining: the luminance, which images are turned, and errors."""
+"""Augmentation for CLIP pretraining: grayscale (the luminance, which images are turned), random resized crops and
+flips (their geometry), and errors."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from clipcond.data.augment import grayscale_where, to_grayscale
+from clipcond.data.augment import CROP_DRAWS, CROP_RATIO, grayscale_where, random_resized_crops, to_grayscale
 
 
 def _images(n=4, size=8, seed=0):
@@ -49,3 +53,57 @@ def test_only_the_chosen_images_turn_gray():
 def test_bad_inputs_are_named(pixels, chosen, match):
     with pytest.raises(ValueError, match=match):
         grayscale_where(pixels, chosen)
+
+
+def _draws(n, seed=0):
+    return torch.rand(n, CROP_DRAWS, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_full_scale_crop_is_the_image_and_a_flip_its_mirror():
+    pixels, draws = _images(n=6, size=16), _draws(6)
+    assert torch.equal(random_resized_crops(pixels, draws, min_scale=1.0), pixels)
+    assert torch.equal(random_resized_crops(pixels, draws, min_scale=1.0, hflip_prob=1.0), pixels.flip(-1))
+    draws[:, 4] = torch.tensor([0.1, 0.9, 0.1, 0.9, 0.1, 0.9])  # the flip's uniform against the probability
+    half = random_resized_crops(pixels, draws, min_scale=1.0, hflip_prob=0.5)
+    assert torch.equal(half[0::2], pixels[0::2].flip(-1)) and torch.equal(half[1::2], pixels[1::2])
+
+
+def test_a_quarter_crop_at_the_top_left_is_that_quadrant_enlarged():
+    pixels = _images(n=2, size=16)
+    middle_ratio = -math.log(CROP_RATIO[0]) / (math.log(CROP_RATIO[1]) - math.log(CROP_RATIO[0]))  # ratio 1
+    draws = torch.tensor([[0.0, middle_ratio, 0.0, 0.0, 1.0]] * 2)  # area 1/4, square, left, top, no flip
+    out = random_resized_crops(pixels, draws, min_scale=0.25)
+    enlarged = F.interpolate(pixels[:, :, :8, :8].float(), scale_factor=2, mode="bilinear", align_corners=False)
+    # the last row and column blend in the quadrant's neighbours, which the quadrant alone does not have
+    assert (out[:, :, :15, :15].int() - enlarged.round()[:, :, :15, :15].int()).abs().max() <= 1
+    # its mirror image reads the same quadrant right to left
+    draws[:, 4] = 0.0
+    flipped = random_resized_crops(pixels, draws, min_scale=0.25, hflip_prob=1.0)
+    assert torch.equal(flipped, out.flip(-1))
+
+
+def test_crops_keep_at_least_the_smallest_share_of_the_image():
+    """A ramp across the image: a crop's values span its share of the width; width x height >= min_scale."""
+    size = 64
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
+    across = ramp.view(1, 1, 1, size).expand(32, 3, size, size).contiguous()
+    down = across.transpose(2, 3).contiguous()
+    draws = _draws(32, seed=1)
+    spans = [random_resized_crops(x, draws, min_scale=0.3).float() for x in (across, down)]
+    width = (spans[0][:, 0, 0, -1] - spans[0][:, 0, 0, 0]) / 255  # each crop's share of the width and height
+    height = (spans[1][:, 0, -1, 0] - spans[1][:, 0, 0, 0]) / 255
+    area = width * height
+    assert area.min() >= 0.3 - 0.05 and area.max() <= 1.0 and area.max() - area.min() > 0.3
+
+
+@pytest.mark.parametrize(
+    "pixels, draws, scale, match",
+    [
+        (_images().float(), _draws(4), 0.5, r"`pixels` must be uint8 \(B, 3, H, W\), got torch.float32"),
+        (_images(), _draws(3), 0.5, r"`draws` must have shape \(4, 5\), got \(3, 5\)"),
+        (_images(), _draws(4), 0.0, r"`min_scale` must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_bad_crop_inputs_are_named(pixels, draws, scale, match):
+    with pytest.raises(ValueError, match=match):
+        random_resized_crops(pixels, draws, scale)

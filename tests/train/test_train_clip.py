@@ -270,6 +270,21 @@ def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
     assert not torch.equal(half[name], colour[name]) and not torch.equal(half[name], always[name])
 
 
+def test_crops_and_flips_change_what_the_towers_see_and_only_when_asked(shapes_data, tmp_path):
+    """`--random-crop-scale` and `--hflip-prob` train on other pixels than plain training; at 1 and 0 they draw
+    nothing, so the run is the plain one bit for bit."""
+    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    _run(shapes_data, tmp_path / "plain", *common)
+    _run(shapes_data, tmp_path / "off", *common, "--random-crop-scale", "1", "--hflip-prob", "0")
+    _run(shapes_data, tmp_path / "crops", *common, "--random-crop-scale", "0.5", "--hflip-prob", "0.5")
+    plain, off, crops = (_weights(tmp_path / n) for n in ("plain", "off", "crops"))
+    name = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(plain[name], off[name])
+    assert (crops[name] - plain[name]).abs().max() > 1e-4
+    record = json.loads((tmp_path / "crops" / "clipcond_run.json").read_text())
+    assert (record["args"]["random_crop_scale"], record["args"]["hflip_prob"]) == (0.5, 0.5)
+
+
 def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):
     import shutil
 
@@ -386,6 +401,8 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
         (["--model", "huge"], ValueError, "`model` must be one of"),
         (["--train-batch-size", "0"], ValueError, "`--train-batch-size` must be >= 1, got 0"),
         (["--grayscale-prob", "1.5"], ValueError, r"`--grayscale-prob` must be in \[0, 1\], got 1.5"),
+        (["--random-crop-scale", "0"], ValueError, r"`--random-crop-scale` must be in \(0, 1\], got 0.0"),
+        (["--hflip-prob", "-0.5"], ValueError, r"`--hflip-prob` must be in \[0, 1\], got -0.5"),
         (["--patch-size", "5"], ValueError, r"`image_size` \(32\) must be a multiple of `patch_size` \(5\)"),
         (
             ["--hard-negatives", "swap-attributes,swap-colours"],
