@@ -153,6 +153,27 @@ def demos_by_seed(demo_dir: Path | None, seeds: list[int], run: Callable[[Path, 
         return {seed: run(base / f"seed-{seed}", seed) for seed in seeds}
 
 
+def demo_times(report: dict) -> dict:
+    """What a finished `clipcond demo` (its report.json) says of its time: each stage's wall and CPU seconds, their
+    sums, the stages reused from an earlier attempt (they keep that attempt's times: see `clipcond.demo.uninterrupted`),
+    and the machine this benchmark reads it on."""
+    timings = report["timings"]
+    return {
+        "timings": timings,
+        "demo_wall_seconds": round(sum(t["wall"] for t in timings.values()), 1),
+        "demo_cpu_seconds": round(sum(t["cpu"] for t in timings.values()), 1),
+        "reused_stages": [name for name, t in timings.items() if t.get("reused")],
+        "machine": {
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_at_demo_start": report["machine"]["load_average_start"],
+            "load_average_now": [round(x, 2) for x in os.getloadavg()],
+        },
+    }
+
+
 def add_results_flag(parser, results_name: str | None = None) -> None:
     """`--save-results`; with `results_name`, also `--results-name` (that default), so that another recipe or
     comparison measured by the same script keeps a result file of its own."""

@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
-from common import add_results_flag, demos_by_seed, parse_seeds, save_results
+from common import add_results_flag, demo_times, demos_by_seed, parse_seeds, save_results
 from decoder_quality import check_reused_demo
 
 BAR = {
@@ -97,7 +95,6 @@ def meets_bar(variations: dict, text_to_image: dict, prior: dict) -> dict:
 
 
 def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
-    import torch
 
     from clipcond.demo import main as demo_main
 
@@ -108,7 +105,6 @@ def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
     evaluation = report["unclip_eval"]
     variations, text_to_image, prior = evaluation["variations"], evaluation["text_to_image"], evaluation["prior"]
     generation = report["generation"]
-    timings = report["timings"]
     result = {
         "seed": seed,
         "quick": quick,
@@ -138,19 +134,7 @@ def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
         "judge": {k: v for k, v in text_to_image["judge"].items() if k != "path"},
         "prior_training": report["prior"],
         "unclip_decoder_training": report["unclip_decoder"],
-        "timings": timings,
-        "demo_wall_seconds": round(sum(t["wall"] for t in timings.values()), 1),
-        "demo_cpu_seconds": round(sum(t["cpu"] for t in timings.values()), 1),
-        # stages found complete keep the times of the run that made them (the demo's timings.json)
-        "reused_stages": [name for name, t in timings.items() if t.get("reused")],
-        "machine": {
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "load_average_at_demo_start": report["machine"]["load_average_start"],
-            "load_average_now": [round(x, 2) for x in os.getloadavg()],
-        },
+        **demo_times(report),
         "bar": BAR,
     }
     result["meets_bar_by_criterion"] = meets_bar(variations, text_to_image, prior)

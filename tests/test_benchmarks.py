@@ -159,6 +159,16 @@ def test_decoder_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
     assert not resumed["demo_wall_seconds"]["holds"]
 
 
+def test_decoder_quality_takes_the_clip_group_sizes_that_the_evaluation_counted():
+    import decoder_quality
+
+    counted = {"num_zero_shot_images": 1008, "num_zero_shot_images_seen": 790, "num_zero_shot_images_heldout": 218}
+    assert decoder_quality._clip_group_sizes(counted, 14, 18) == {"num_images_seen": 790, "num_images_heldout": 218}
+    # a demo evaluated before the evaluation counted them: the split is balanced over the 18 classes
+    older = {"num_zero_shot_images": 1008}
+    assert decoder_quality._clip_group_sizes(older, 14, 18) == {"num_images_seen": 784, "num_images_heldout": 224}
+
+
 def test_decoder_quality_names_bad_seeds():
     import decoder_quality
 
