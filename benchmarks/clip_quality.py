@@ -1,14 +1,17 @@
 """Quality of the default CLIP recipe on the built-in shapes data, over seeds, on this machine (a benchmark, not a
 test).
 
-    python benchmarks/clip_quality.py [--data-dir DIR] [--work-dir DIR] [--seeds 0,1,2] [--mixed-precision bf16]
-        [--save-results]
+    python benchmarks/clip_quality.py [--data-dir DIR] [--work-dir DIR] [--seeds 0,1,2] [--data-seed K]
+        [--mixed-precision bf16] [--save-results]
 
-does, for each training seed N, what a user would type, with every training option at its default:
+does, for each seed N, what a user would type, with every training option at its default:
 
-    clipcond data shapes DIR                        # 20,000 images, 32 px (reused when DIR holds it already)
-    clipcond train clip --data DIR --output-dir WORK/seed-N --seed N
-    clipcond eval clip --model WORK/seed-N --data DIR
+    clipcond data shapes DIR/seed-N --seed N        # 20,000 images, 32 px (reused when DIR holds it already)
+    clipcond train clip --data DIR/seed-N --output-dir WORK/seed-N --seed N
+    clipcond eval clip --model WORK/seed-N --data DIR/seed-N
+
+so that the spread covers the data's draw as well as the training's, as `clipcond demo --seed N` does; with
+`--data-seed K` every seed trains on the one data set DIR/seed-K instead.
 
 and prints one JSON object: per seed the evaluation metrics, the training time (the optimisation loop, validation and
 checkpoints included; building the model and caching the images not), seconds per step and the recipe (steps,
@@ -44,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--work-dir", type=Path, help="the runs go to WORK/seed-N, which must not hold a run (default: a temp dir)"
     )
     parser.add_argument(
-        "--seeds", type=parse_seeds, default=[0, 1, 2], help="training seeds, e.g. 0,1,2 (the data set is seed 0)"
+        "--seeds", type=parse_seeds, default=[0, 1, 2], help="seeds of the data sets and of the training, e.g. 0,1,2"
+    )
+    parser.add_argument(
+        "--data-seed", type=int, default=None, help="train every seed on this one data set (default: each its own)"
     )
     parser.add_argument(
         "--mixed-precision",
@@ -56,19 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def ensure_shapes(data_dir: Path) -> dict:
-    """The default shapes data set in `data_dir`: reused when complete, written otherwise."""
+def ensure_shapes(data_dir: Path, seed: int) -> dict:
+    """The default shapes data set of `seed` in `data_dir`: reused when complete, written otherwise."""
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
     info = load_dataset_info(data_dir) if data_dir.is_dir() else None
     if info is not None and (data_dir / "train").is_dir():
+        if info.get("seed") != seed:
+            raise ValueError(f"{data_dir} holds the shapes data of seed {info.get('seed')}, not {seed}")
         print(f"reusing the shapes data set in {data_dir}", file=sys.stderr)
         return info
-    print(f"writing the shapes data set to {data_dir}", file=sys.stderr)
-    return write_shapes_dataset(data_dir, num_images=20000)  # the defaults of `clipcond data shapes`
+    print(f"writing the shapes data set of seed {seed} to {data_dir}", file=sys.stderr)
+    return write_shapes_dataset(data_dir, num_images=20000, seed=seed)  # the defaults of `clipcond data shapes`
 
 
-def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no") -> dict:
+def run(data_dir: Path, output_dir: Path, seed: int, data_seed: int, mixed_precision: str = "no") -> dict:
     import torch
     from accelerate.state import AcceleratorState
 
@@ -78,7 +86,7 @@ def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no"
 
     if RunRecord.exists(output_dir):
         raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass an empty or new folder")
-    info = ensure_shapes(data_dir)
+    info = ensure_shapes(data_dir, data_seed)
 
     # 1. train with the defaults; the entry points' own JSON goes to stderr, so stdout holds only ours
     start = time.perf_counter()
@@ -108,6 +116,7 @@ def run(data_dir: Path, output_dir: Path, seed: int, mixed_precision: str = "no"
         "precision": precision,
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
+        "data_seed": data_seed,
         "data": {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]},
         "load_average": [round(x, 2) for x in os.getloadavg()],  # others' work on the machine inflates the times
     }
@@ -134,17 +143,20 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="clip_quality_") as tmp:
-        data_dir = args.data_dir or Path(tmp, "shapes")
+        data_root = args.data_dir or Path(tmp, "shapes")
         work = args.work_dir or Path(tmp)
         per_seed = {}
         for seed in args.seeds:
-            per_seed[seed] = run(data_dir, work / f"seed-{seed}", seed, args.mixed_precision)
+            data_seed = seed if args.data_seed is None else args.data_seed
+            data_dir = data_root / f"seed-{data_seed}"
+            per_seed[seed] = run(data_dir, work / f"seed-{seed}", seed, data_seed, args.mixed_precision)
             print(json.dumps({"seed": seed, **per_seed[seed]}), file=sys.stderr, flush=True)
     summary = over_seeds(per_seed)
     report = {
         "benchmark": "clip_quality",
         "command": "python benchmarks/clip_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": args.seeds,
+        "data_seed": args.data_seed,
         "mixed_precision": args.mixed_precision,
         "machine": machine(),
         "bar": BAR,

@@ -420,9 +420,10 @@ def clip_rows(report: dict) -> list[str]:
     seeds, source = "/".join(str(s) for s in report["seeds"]), _source("clip_quality", report)
     precision = {"no": "fp32"}.get(report["mixed_precision"], report["mixed_precision"])
     rows = []
+    data = "data and training seeds" if report.get("data_seed", 0) is None else "training seeds, one data set"
     for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
         entry = summary[key]
-        what = f"`clipcond train clip` recipe ({precision}), zero-shot top-1, {label} classes"
+        what = f"`clipcond train clip` recipe ({precision}, {data}), zero-shot top-1, {label} classes"
         figure = f"{_over_seeds(entry)}; " + " / ".join(_pct(r[key]) for r in runs)
         rows.append(_row(what, figure, seeds, f"≥ {_pct(entry['bar'])}", _verdict(entry), source))
     time = summary["train_seconds"]
