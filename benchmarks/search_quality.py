@@ -57,7 +57,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
     if args.clip is not None:
         return args.clip
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
-    from clipcond.demo import TRAIN_PRECISION
+    from clipcond.demo import default_train_precision
     from clipcond.runs import RunRecord
     from clipcond.train import clip as train_clip
     from clipcond.train.loop import reset_accelerate_state
@@ -67,7 +67,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
         write_shapes_dataset(data_dir, num_images=20000, seed=args.seed)  # the demo's defaults
     if not RunRecord.exists(output_dir):
         argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(args.seed)]
-        argv += ["--mixed-precision", TRAIN_PRECISION]  # as the demo trains it
+        argv += ["--mixed-precision", default_train_precision()]  # as the demo trains it
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only our JSON
             train_clip.main([*argv, "--resume-from-checkpoint", "latest", "--validation-steps", "0"])
         reset_accelerate_state()

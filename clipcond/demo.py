@@ -43,7 +43,7 @@ from pathlib import Path
 
 from clipcond.demo_layout import LATENT_RESOLUTION, DemoLayout
 from clipcond.demo_report import dalle2_table, summary_line, write_report
-from clipcond.device import resolve_device
+from clipcond.device import fast_bf16, resolve_device
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import local_files_only
@@ -54,11 +54,19 @@ from clipcond.storage import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-# The training stages' precision: bf16 autocast, faster than fp32 on CPUs with bf16 units (the README's speed table).
-TRAIN_PRECISION = "bf16"
-# The precision of the judged images and samples: bf16 draws them in about half the time of fp32 and was judged the
-# same (the comparison is in docs/lab-notes.md, beside the demo's times).
-SAMPLE_DTYPE = "bf16"
+
+def default_train_precision() -> str:
+    """The CLIP's and the decoders' training precision: bf16 autocast where bf16 is fast (`fast_bf16`: faster than
+    fp32 on CPUs with bf16 units, the README's speed table), fp32 elsewhere."""
+    return "bf16" if fast_bf16(resolve_device(None)) else "no"
+
+
+def default_sample_dtype() -> str:
+    """The precision of the judged images and samples: bf16 where it is fast, drawing them in about half the time of
+    fp32 and judged the same (docs/lab-notes.md, beside the demo's times); fp32 elsewhere."""
+    return "bf16" if fast_bf16(resolve_device(None)) else "fp32"
+
+
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
 # What each training stage runs beyond its trainer's own defaults, by recipe (`--recipe`). "cpu" is the trainers'
@@ -133,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.recipe = resolve_recipe(args.recipe, args.quick)
     if args.eval_images_per_prompt is None:
         args.eval_images_per_prompt = EVAL_IMAGES_PER_PROMPT[args.recipe]
+    args.sample_dtype = args.sample_dtype or default_sample_dtype()
     _check_args(args)
     return args
 
@@ -157,7 +166,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--mixed-precision",
         default=None,
         choices=["no", "bf16", "fp16"],
-        help="precision of the trainings (default: bf16 for the CLIP and the decoders, the prior's recipe for it)",
+        help="precision of the trainings (default: bf16 for the CLIP and the decoders where bf16 is fast: a GPU, or a "
+        "CPU with AVX512-BF16 or AMX; fp32 elsewhere; the prior's and the VAE's recipes for them)",
     )
 
 
@@ -186,10 +196,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, guidance_scale: flo
     )
     parser.add_argument(
         "--sample-dtype",
-        default=SAMPLE_DTYPE,
+        default=None,
         choices=dtypes,
         help="precision of the pipelines that draw the judged images and the samples (and, with --dalle2, the "
-        "prior's embeddings and the variations), as `clipcond generate --dtype` (fp16: CUDA only)",
+        "prior's embeddings and the variations), as `clipcond generate --dtype` (fp16: CUDA only; default: bf16 "
+        "where it is fast, as --mixed-precision, fp32 elsewhere)",
     )
 
 
@@ -382,7 +393,7 @@ def _stage_clip(args: argparse.Namespace, data_dir: Path, clip_dir: Path) -> dic
     from clipcond.train import clip as train_clip
 
     argv = ["--data", str(data_dir), "--output-dir", str(clip_dir), "--seed", str(args.seed)]
-    precision = args.mixed_precision or TRAIN_PRECISION
+    precision = args.mixed_precision or default_train_precision()
     record = _train_unless_done(args, "clip", train_clip, clip_dir, argv, steps=args.clip_steps, precision=precision)
     return _run_summary(record)
 
@@ -438,7 +449,7 @@ def _stage_decoder(
 
     argv = ["--clip", str(clip_dir), "--data", str(data_dir), "--output-dir", str(decoder_dir), *extra]
     argv += ["--seed", str(args.seed)]
-    precision = args.mixed_precision or TRAIN_PRECISION
+    precision = args.mixed_precision or default_train_precision()
     record = _train_unless_done(args, stage, train_decoder, decoder_dir, argv, steps=steps, precision=precision)
     return _run_summary(
         record,
@@ -635,7 +646,7 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
 
     argv = ["--conditioning", "image-embedding", "--clip", str(clip_dir), "--data", str(data_dir)]
     argv += ["--output-dir", str(unclip_dir), "--seed", str(args.seed)]
-    precision = args.mixed_precision or TRAIN_PRECISION
+    precision = args.mixed_precision or default_train_precision()
     record = _train_unless_done(
         args, "unclip_decoder", train_decoder, unclip_dir, argv, steps=args.unclip_decoder_steps, precision=precision
     )

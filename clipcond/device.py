@@ -19,6 +19,20 @@ def resolve_device(name: str | None):
     return device
 
 
+def fast_bf16(device) -> bool:
+    """Whether bf16 runs faster than fp32 on `device`: a CUDA device that supports it, or a CPU with bf16 units
+    (AVX512-BF16 or AMX), on which oneDNN's bf16 kernels run natively. Elsewhere bf16 is emulated, several times
+    slower than fp32 (docs/lab-notes.md, "bf16 on a CPU without bf16 units")."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)  # private in torch: absent means unknown, so no
+
+
 def resolve_dtype(name: str, device):
     import torch
 

@@ -107,10 +107,17 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert not patched["timings"]["samples"]["reused"] and not patched["uninterrupted"]
 
 
-def test_sample_dtype_option():
+def test_sample_dtype_option(monkeypatch):
+    from clipcond import demo
     from clipcond.demo import parse_args
 
-    assert parse_args([]).sample_dtype == "bf16" and parse_args(["--sample-dtype", "fp32"]).sample_dtype == "fp32"
+    # bf16 by default only where it is fast; fp32 (and fp32 training) where the CPU emulates it
+    for fast, dtype, precision in ((True, "bf16", "bf16"), (False, "fp32", "no")):
+        monkeypatch.setattr(demo, "fast_bf16", lambda device, fast=fast: fast)
+        assert parse_args([]).sample_dtype == dtype and demo.default_train_precision() == precision
+    assert parse_args(["--sample-dtype", "fp32"]).sample_dtype == "fp32"
+    monkeypatch.setattr(demo, "fast_bf16", lambda device: False)
+    assert parse_args(["--sample-dtype", "bf16"]).sample_dtype == "bf16"  # asked for: kept
     with pytest.raises(SystemExit):
         parse_args(["--sample-dtype", "fp64"])
     if not torch.cuda.is_available():
@@ -127,8 +134,9 @@ def test_recipe_follows_the_device(monkeypatch):
     cpu = parse_args([])
     assert (cpu.recipe, cpu.eval_images_per_prompt) == ("cpu", 8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     gpu = parse_args([])
-    assert (gpu.recipe, gpu.eval_images_per_prompt) == ("gpu", 32)
+    assert (gpu.recipe, gpu.eval_images_per_prompt, gpu.sample_dtype) == ("gpu", 32, "bf16")
     assert parse_args(["--recipe", "cpu"]).recipe == "cpu"
     assert parse_args(["--quick"]).recipe == "quick"
     assert parse_args(["--eval-images-per-prompt", "12"]).eval_images_per_prompt == 12
