@@ -6,7 +6,7 @@ test).
 
 does, for each seed N, what a user would type, with every training option at its default:
 
-    clipcond data shapes DIR/seed-N --seed N        # 20,000 images, 32 px (reused when DIR holds it already)
+    clipcond data shapes DIR/seed-N --seed N        # 20,000 images, 32 px (reused when DIR/seed-N holds it)
     clipcond train clip --data DIR/seed-N --output-dir WORK/seed-N --seed N
     clipcond eval clip --model WORK/seed-N --data DIR/seed-N
 
@@ -84,8 +84,6 @@ def run(data_dir: Path, output_dir: Path, seed: int, data_seed: int, mixed_preci
     from clipcond.runs import RunRecord
     from clipcond.train.clip import main as train_main
 
-    if RunRecord.exists(output_dir):
-        raise FileExistsError(f"--output-dir {output_dir} already holds a run; pass an empty or new folder")
     info = ensure_shapes(data_dir, data_seed)
 
     # 1. train with the defaults; the entry points' own JSON goes to stderr, so stdout holds only ours
@@ -123,6 +121,17 @@ def run(data_dir: Path, output_dir: Path, seed: int, data_seed: int, mixed_preci
     return result
 
 
+def check_work_dir(work: Path, seeds: list[int]) -> None:
+    """Before any training: every seed once, and no WORK/seed-N that already holds a run."""
+    from clipcond.runs import RunRecord
+
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"`--seeds` names a seed twice: {','.join(map(str, seeds))}")
+    taken = [str(work / f"seed-{seed}") for seed in seeds if RunRecord.exists(work / f"seed-{seed}")]
+    if taken:
+        raise FileExistsError(f"`--work-dir` {work} already holds runs in {', '.join(taken)}; pass a new folder")
+
+
 def over_seeds(per_seed: dict[int, dict]) -> dict:
     """Each zero-shot bar over the seeds (`bar_holds`, each seed's interval from its judged images), and the time
     bar, which every seed must meet."""
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clip_quality_") as tmp:
         data_root = args.data_dir or Path(tmp, "shapes")
         work = args.work_dir or Path(tmp)
+        check_work_dir(work, args.seeds)
         per_seed = {}
         for seed in args.seeds:
             data_seed = seed if args.data_seed is None else args.data_seed

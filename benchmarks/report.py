@@ -420,7 +420,8 @@ def clip_rows(report: dict) -> list[str]:
     seeds, source = "/".join(str(s) for s in report["seeds"]), _source("clip_quality", report)
     precision = {"no": "fp32"}.get(report["mixed_precision"], report["mixed_precision"])
     rows = []
-    data = "data and training seeds" if report.get("data_seed", 0) is None else "training seeds, one data set"
+    one_data_set = report.get("data_seed", 0) is not None  # results without the key trained on one data set
+    data = "training seeds, one data set" if one_data_set else "data and training seeds"
     for key, label in (("zero_shot_top1_seen", "seen"), ("zero_shot_top1_heldout", "held-out")):
         entry = summary[key]
         what = f"`clipcond train clip` recipe ({precision}, {data}), zero-shot top-1, {label} classes"

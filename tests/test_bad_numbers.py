@@ -73,6 +73,7 @@ def test_sampling_float_flags_refuse_non_finite_values(command, value, capsys):
         ("clip", "--learning-rate"),
         ("clip", "--grayscale-prob"),
         ("clip", "--random-crop-scale"),
+        ("clip", "--hflip-prob"),
         ("decoder", "--snr-gamma"),
         ("decoder", "--ema-decay"),
         ("prior", "--caption-dropout"),

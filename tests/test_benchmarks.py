@@ -238,6 +238,20 @@ def test_clip_quality_bars_hold_over_seeds_and_the_time_bar_on_every_seed():
     assert slow["train_seconds"] == {"max": 301.0, "bar": 300.0, "holds": False}
 
 
+def test_clip_quality_refuses_a_repeated_seed_and_a_used_work_dir_before_training(tmp_path):
+    import clip_quality
+
+    from clipcond.runs import RUN_RECORD
+
+    with pytest.raises(ValueError, match="`--seeds` names a seed twice: 0,1,0"):
+        clip_quality.check_work_dir(tmp_path, [0, 1, 0])
+    clip_quality.check_work_dir(tmp_path, [0, 1])  # nothing there yet
+    (tmp_path / "seed-1").mkdir()
+    (tmp_path / "seed-1" / RUN_RECORD).write_text("{}")
+    with pytest.raises(FileExistsError, match=r"`--work-dir` .* already holds runs in .*seed-1; pass a new folder"):
+        clip_quality.check_work_dir(tmp_path, [0, 1])
+
+
 @pytest.mark.parametrize("name", ["clip_quality", "latent_quality", "unclip_quality"])
 def test_seeds_as_an_argparse_type_name_the_expected_form(name, capsys):
     module = __import__(name)

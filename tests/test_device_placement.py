@@ -76,6 +76,7 @@ DIFFUSION = ["--model", "test", "--validation-steps", "2", "--validation-inferen
     "trainer, argv",
     [
         ("clip", ["--model", "test", "--loss", "siglip", "--grayscale-prob", "1", "--validation-steps", "2"]),
+        ("clip", ["--model", "test", "--random-crop-scale", "0.5", "--hflip-prob", "0.5", "--validation-steps", "2"]),
         ("decoder", [*DIFFUSION, "--prediction-type", "epsilon", "--snr-gamma", "0", "--cross-attention-dim", "48"]),
         ("decoder", [*DIFFUSION, "--conditioning", "image-embedding", "--embedding-tokens", "0"]),
         ("decoder", [*DIFFUSION, "--conditioning", "image-embedding", "--noise-level", "100"]),

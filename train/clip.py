@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         metavar="S",
         help="show each training image as a random crop of a share in [S, 1] of its area (aspect ratio 3/4 to 4/3), "
-        "resized back, as torchvision's RandomResizedCrop and open_clip's `scale`; for small real data sets (e.g. "
-        "0.5); 1 (default) turns it off, as the shapes data's positions need",
+        "resized back, as torchvision's RandomResizedCrop and open_clip's `scale` (e.g. 0.5 on real photos); 1 "
+        "(default) turns it off, as the shapes data's positions need",
     )
     data.add_argument(
         "--hflip-prob",

@@ -12,12 +12,13 @@ green circle on the seen pair of its colour.
 Random resized crops and horizontal flips, as torchvision's `RandomResizedCrop` (Szegedy et al. 2015; open_clip's
 `scale`) and `RandomHorizontalFlip`: each image is replaced by a crop of a random share of its area, in [S, 1], and
 aspect ratio (log-uniform in [3/4, 4/3]), at a random position, scaled back to its size, and mirrored with
-probability Q. On a few hundred real pairs they stop a CLIP from learning its training images by heart. They are
-off by default: the shapes data's captions name positions ("on the left"), which a flip reverses and a crop shifts.
+probability Q: the usual regulariser of image towers on small data, though on the Tux Paint stamps it did not pay
+at the budgets measured (docs/lab-notes.md, "random resized crops on the stamps"). They are off by default: the
+shapes data's captions name positions ("on the left"), which a flip reverses and a crop shifts.
 
 Works on the uint8 batches that training reads (B, 3, H, W), on any device; random draws come from the stage's seeded
-generator (one uniform per sample of the global batch, drawn as the diffusion stages draw their noise), so a resumed run
-augments exactly as an uninterrupted one, and N processes as one.
+generator (uniforms per sample of the global batch: one for grayscale, `CROP_DRAWS` for a crop, drawn as the diffusion
+stages draw their noise), so a resumed run augments exactly as an uninterrupted one, and N processes as one.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def random_resized_crops(
 ) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> each one's random crop, resized back to (H, W) (bilinear), and mirrored with
     probability `hflip_prob`. `draws` (B, `CROP_DRAWS`) are uniforms in [0, 1) that fix each image's crop: its share
-    of the area in [`min_scale`, 1], its log aspect ratio uniform in `CROP_RATIO` and then narrowed to the ratios
+    of the area in [`min_scale`, 1], its log aspect ratio uniform in `CROP_RATIO` and then clamped to the ratios
     at which that area fits in the image (torchvision draws again instead), its position, and the flip. So a share
     of 1 is the whole image, and `min_scale=1` without flips returns the images unchanged. One `grid_sample` for the
     whole batch, on the images' device."""
@@ -100,4 +101,5 @@ class ImageAugment:
 
     @property
     def crops(self) -> bool:
+        """Whether images are cropped or flipped: both are one `random_resized_crops` with its own draws."""
         return self.crop_scale < 1.0 or self.hflip_prob > 0.0

@@ -16,6 +16,7 @@ from conftest import TINY_CLIP_ARGS
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
+from clipcond.data.augment import CROP_DRAWS, ImageAugment
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_clip, text_features
@@ -270,19 +271,40 @@ def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
     assert not torch.equal(half[name], colour[name]) and not torch.equal(half[name], always[name])
 
 
-def test_crops_and_flips_change_what_the_towers_see_and_only_when_asked(shapes_data, tmp_path):
-    """`--random-crop-scale` and `--hflip-prob` train on other pixels than plain training; at 1 and 0 they draw
-    nothing, so the run is the plain one bit for bit."""
+def test_crops_and_flips_change_what_the_towers_see(shapes_data, tmp_path):
+    """`--random-crop-scale` and `--hflip-prob` train on other pixels than plain training."""
     common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
     _run(shapes_data, tmp_path / "plain", *common)
-    _run(shapes_data, tmp_path / "off", *common, "--random-crop-scale", "1", "--hflip-prob", "0")
     _run(shapes_data, tmp_path / "crops", *common, "--random-crop-scale", "0.5", "--hflip-prob", "0.5")
-    plain, off, crops = (_weights(tmp_path / n) for n in ("plain", "off", "crops"))
+    plain, crops = (_weights(tmp_path / n) for n in ("plain", "crops"))
     name = "vision_model.embeddings.patch_embedding.weight"
-    assert torch.equal(plain[name], off[name])
     assert (crops[name] - plain[name]).abs().max() > 1e-4
     record = json.loads((tmp_path / "crops" / "clipcond_run.json").read_text())
     assert (record["args"]["random_crop_scale"], record["args"]["hflip_prob"]) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    "augment, draws",
+    [
+        (ImageAugment(), []),
+        (ImageAugment(grayscale_prob=0.3), [()]),
+        (ImageAugment(grayscale_prob=0.3, hflip_prob=0.5), [(), (CROP_DRAWS,)]),
+        (ImageAugment(crop_scale=0.5), [(CROP_DRAWS,)]),
+    ],
+)
+def test_augmentation_draws_only_what_is_on(augment, draws):
+    """Each augmentation takes its uniforms from the stage's generator only when on, grayscale first: a run without
+    crops draws what it drew before they existed, so its seeds and resumes are unchanged."""
+    from types import SimpleNamespace
+
+    from clipcond.train.clip import ClipStage
+
+    pixels = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    used, expected = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    ClipStage.augmented(SimpleNamespace(augment=augment), pixels, used)
+    for shape in draws:
+        torch.rand(6, *shape, generator=expected)
+    assert torch.equal(used.get_state(), expected.get_state())
 
 
 def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):
