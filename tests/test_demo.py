@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipcond import cli
 from clipcond.data.shapes import class_names
-from clipcond.demo import main
+from clipcond.demo import default_sample_dtype, default_train_precision, main
 from clipcond.evaluation.generation import image_file, image_seed
 
 
@@ -39,7 +39,8 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     # the report's CLIP figures are the evaluation's, written once, and the markdown shows them
     assert report["clip_eval"] == json.loads((out / "clip" / "eval" / "metrics.json").read_text())
     assert report["decoder"]["steps"] == 4 and report["decoder"]["model"] == "test"
-    assert report["clip"]["mixed_precision"] == "bf16" == report["decoder"]["mixed_precision"]  # the demo's default
+    precision = default_train_precision()  # the demo's default: bf16 where it is fast, fp32 elsewhere
+    assert report["clip"]["mixed_precision"] == precision == report["decoder"]["mixed_precision"]
     assert (out / "clip" / "eval" / "confusion_matrix.png").is_file()
     # the CLIP's minimal-pair probes: their report folder and a section of the demo's report
     probe = json.loads((out / "probe" / "probes.json").read_text())
@@ -58,7 +59,7 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert (out / "samples" / "grid.png").is_file()
     # they are the evaluation's images at the default guidance, and `clipcond generate` redraws one from its record
     record = records[5]
-    assert record["dtype"] == "bf16" == report["generation"]["settings"]["dtype"]  # the demo samples in bf16
+    assert record["dtype"] == default_sample_dtype() == report["generation"]["settings"]["dtype"]  # the demo's dtype
     evaluated = image_file(out / "decoder" / "eval_generation", record["guidance_scale"], record["prompt"], 0)
     assert np.array_equal(pixels(out / "samples" / record["file_name"]), pixels(evaluated))
     argv = ["--model", record["model"], "--prompt", record["prompt"], "--seed", str(record["seed"])]
@@ -86,7 +87,8 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert md.startswith("# clipcond demo report")
     assert f"| {100 * report['clip_eval']['zero_shot_top1_seen']:.1f}% |" in md
     assert "![samples](samples/grid.png)" in md and "held-out" in md
-    assert "CLIP `test`, contrastive: 4 steps of batch 16" in md and "precision bf16" in md
+    shown = {"no": "fp32"}.get(precision, precision)
+    assert "CLIP `test`, contrastive: 4 steps of batch 16" in md and f"precision {shown}" in md
     assert "Recipe: quick (on cpu)" in md and report["recipe"] == "quick"
     ema = report["decoder"]["ema"]  # warm-up: 1 - 4^(-2/3) after the quick run's 4 steps, under the 0.999 bound
     assert ema["last_decay"] == pytest.approx(1 - 4 ** (-2 / 3), abs=1e-6) and ema["decay"] == 0.999

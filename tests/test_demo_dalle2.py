@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from clipcond.demo import QUICK_JUDGE, main, parse_args
+from clipcond.demo import QUICK_JUDGE, default_sample_dtype, main, parse_args
 from clipcond.evaluation import judge as judge_module
 from clipcond.evaluation import unclip
 from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE as DEFAULT_GUIDANCE_SCALE  # the unCLIP decoder's
@@ -55,7 +55,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     assert text_to_image["settings"]["prior_guidance_scale"] == 4.0
     assert (text_to_image["settings"]["guidance_start"], text_to_image["settings"]["guidance_end"]) == (0.4, 1.0)
     assert text_to_image["settings"]["scheduler"] == "dpm"
-    assert evaluation["settings"]["dtype"] == "bf16"  # the demo's --sample-dtype
+    assert evaluation["settings"]["dtype"] == default_sample_dtype()  # the demo's --sample-dtype
 
     # the one table: seen / held-out rows, colour and shape of each of the three ways to draw
     table = report["dalle2_table"]
