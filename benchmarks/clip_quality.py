@@ -69,7 +69,10 @@ def ensure_shapes(data_dir: Path, seed: int) -> dict:
     info = load_dataset_info(data_dir) if data_dir.is_dir() else None
     if info is not None and (data_dir / "train").is_dir():
         if info.get("seed") != seed:
-            raise ValueError(f"{data_dir} holds the shapes data of seed {info.get('seed')}, not {seed}")
+            raise ValueError(
+                f"`--data-dir` {data_dir.parent}: {data_dir} holds the shapes data of seed {info.get('seed')}, not "
+                f"{seed}; pass another `--data-dir` or move that folder"
+            )
         print(f"reusing the shapes data set in {data_dir}", file=sys.stderr)
         return info
     print(f"writing the shapes data set of seed {seed} to {data_dir}", file=sys.stderr)
