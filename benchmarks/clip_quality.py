@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, machine, parse_seeds, save_results
+from common import add_results_flag, ensure_shapes, machine, parse_seeds, save_results
 
 BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80, "train_seconds": 300.0}
 
@@ -60,23 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_results_flag(parser)
     return parser.parse_args(argv)
-
-
-def ensure_shapes(data_dir: Path, seed: int) -> dict:
-    """The default shapes data set of `seed` in `data_dir`: reused when complete, written otherwise."""
-    from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
-
-    info = load_dataset_info(data_dir) if data_dir.is_dir() else None
-    if info is not None and (data_dir / "train").is_dir():
-        if info.get("seed") != seed:
-            raise ValueError(
-                f"`--data-dir` {data_dir.parent}: {data_dir} holds the shapes data of seed {info.get('seed')}, not "
-                f"{seed}; pass another `--data-dir` or move that folder"
-            )
-        print(f"reusing the shapes data set in {data_dir}", file=sys.stderr)
-        return info
-    print(f"writing the shapes data set of seed {seed} to {data_dir}", file=sys.stderr)
-    return write_shapes_dataset(data_dir, num_images=20000, seed=seed)  # the defaults of `clipcond data shapes`
 
 
 def run(data_dir: Path, output_dir: Path, seed: int, data_seed: int, mixed_precision: str = "no") -> dict:

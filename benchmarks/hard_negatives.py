@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, machine, parse_seeds, save_results
+from common import add_results_flag, ensure_shapes, machine, parse_seeds, save_results
 
 from clipcond.evaluation.stats import mean_interval
 
@@ -68,18 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_batch_size = args.train_batch_size or SMOKE["train_batch_size"]
         args.num_pairs = min(args.num_pairs, SMOKE["num_pairs"])
     return args
-
-
-def ensure_shapes(data_dir: Path, smoke: bool) -> dict:
-    """The shapes data set in `data_dir`: reused when complete, written otherwise (the defaults, or small)."""
-    from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
-
-    info = load_dataset_info(data_dir) if data_dir.is_dir() else None
-    if info is not None and (data_dir / "train").is_dir():
-        return info
-    if smoke:
-        return write_shapes_dataset(data_dir, num_images=SMOKE["num_images"], num_test_images=36, resolution=32)
-    return write_shapes_dataset(data_dir, num_images=20000)  # the defaults of `clipcond data shapes`
 
 
 def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str) -> list[str]:
@@ -182,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hard_negatives_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
-        info = ensure_shapes(data_dir, args.smoke)
+        sizes = {"num_images": SMOKE["num_images"], "num_test_images": 36} if args.smoke else {}
+        info = ensure_shapes(data_dir, **sizes)
         work = args.work_dir or Path(tmp, "runs")
         per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
         for seed in args.seeds:

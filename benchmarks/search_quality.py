@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, save_results
+from common import add_results_flag, ensure_shapes, save_results
 
 BAR = {"mean_precision_at_5": 0.90}
 
@@ -56,15 +56,12 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
     """The CLIP to evaluate: `--clip`, or one trained as `clipcond demo` trains it (data written if absent)."""
     if args.clip is not None:
         return args.clip
-    from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
     from clipcond.demo import default_train_precision
     from clipcond.runs import RunRecord
     from clipcond.train import clip as train_clip
     from clipcond.train.loop import reset_accelerate_state
 
-    if load_dataset_info(data_dir) is None:
-        print(f"writing the shapes data set to {data_dir}", file=sys.stderr)
-        write_shapes_dataset(data_dir, num_images=20000, seed=args.seed)  # the demo's defaults
+    ensure_shapes(data_dir, args.seed, "--data")  # the demo's data
     if not RunRecord.exists(output_dir):
         argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(args.seed)]
         argv += ["--mixed-precision", default_train_precision()]  # as the demo trains it

@@ -252,14 +252,14 @@ def test_clip_quality_refuses_a_repeated_seed_and_a_used_work_dir_before_trainin
         clip_quality.check_work_dir(tmp_path, [0, 1])
 
 
-def test_clip_quality_refuses_a_data_set_of_another_seed(tmp_path):
-    import clip_quality
+def test_benchmark_data_of_another_seed_is_refused_not_overwritten(tmp_path):
+    import common
 
     data = tmp_path / "seed-1"
     (data / "train").mkdir(parents=True)
     (data / "dataset_info.json").write_text(json.dumps({"name": "clipcond-shapes", "seed": 0}))
     with pytest.raises(ValueError, match=r"`--data-dir` .*: .*seed-1 holds the shapes data of seed 0, not 1"):
-        clip_quality.ensure_shapes(data, 1)
+        common.ensure_shapes(data, 1)
     assert (data / "dataset_info.json").is_file()  # nothing overwritten
 
 
