@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=(
             "Compositional probes: a CLIP's zero-shot choice between minimal-pair captions (count, relation, "
             "binding, position, size; seen and held-out compositions), and what the generators draw for prompts of "
-            "each kind (count, relation, binding), read by a scene reader. Accuracy with a 95%% interval beside "
+            "each kind (count, relation, binding), read by a scene reader. Accuracy with a 95% interval beside "
             "chance. Writes OUT/probes.json, OUT/probes.md and a figure per probe."
         ),
     )

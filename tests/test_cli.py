@@ -28,7 +28,9 @@ def test_every_command_has_help(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*path, "--help"])
     assert exit_info.value.code == 0
-    assert f"clipcond {' '.join(path)}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"clipcond {' '.join(path)}" in text
+    assert "%%" not in text  # a description is not %-formatted by argparse: "%%" would show as typed
 
 
 def test_unknown_command_is_an_error(capsys):
