@@ -346,6 +346,8 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
     """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives`, over seeds (issue 20)."""
     summary, settings = report["summary"], report["settings"]
     seeds, source = "/".join(str(s) for s in settings["seeds"]), _source(name, report)
+    steps = sorted({run["steps"] for runs in report["per_seed"].values() for run in runs.values()})
+    equal_steps = f"equal steps, {steps[0]}" if len(steps) == 1 else "equal steps"
     rows = []
     for key, label in HARD_NEGATIVE_FIGURES.items():
         if key not in summary["plain"]:
@@ -355,7 +357,7 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
             f"{_over_seeds(summary['plain'][key])} vs {_over_seeds(summary['hard_negatives'][key])}; difference "
             f"{100 * difference['mean']:+.1f} points"
         )
-        what = f"CLIP, plain recipe vs `--hard-negatives {settings['kinds']}` (equal steps): {label}"
+        what = f"CLIP, plain recipe vs `--hard-negatives {settings['kinds']}` ({equal_steps}): {label}"
         rows.append(_row(what, figure, seeds, *_hard_negative_bar(key, summary["target"], difference), source))
     return rows
 
@@ -532,6 +534,11 @@ QUALITY = {
     "hard_negatives": (
         "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
         hard_negative_rows,
+    ),
+    "hard_negatives_1040": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0 --max-train-steps 1040 --results-name "
+        "hard_negatives_1040 --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_1040"),
     ),
     "hard_negatives_decoder": (
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --save-results",

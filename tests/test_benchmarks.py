@@ -380,4 +380,5 @@ def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_da
     rows = report_module.hard_negative_rows(report)
     binding = next(row for row in rows if "binding probe" in row)
     assert len(rows) == len(report_module.HARD_NEGATIVE_FIGURES) and "≥ 20 points above plain" in binding
+    assert "(equal steps, 4): binding probe" in binding  # the step count the comparison ran at
     assert binding.count("| ✓ |") + binding.count("| ✗ |") == 1
