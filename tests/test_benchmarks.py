@@ -382,3 +382,18 @@ def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_da
     assert len(rows) == len(report_module.HARD_NEGATIVE_FIGURES) and "≥ 20 points above plain" in binding
     assert "(equal steps, 4): binding probe" in binding  # the step count the comparison ran at
     assert binding.count("| ✓ |") + binding.count("| ✗ |") == 1
+
+
+def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
+    import relation_embeddings
+
+    from clipcond.evaluation.probes import build_pairs, clip_scorer, pair_images, pair_outcomes
+    from clipcond.models.clip import load_clip
+
+    assert relation_embeddings.main(["--data", str(shapes_data), "--num-pairs", "6", str(tiny_clip_run)]) == 0
+    figures = json.loads(capsys.readouterr().out)["runs"][str(tiny_clip_run)]
+    held_out = ("red triangle", "green circle", "blue square", "purple triangle")  # the fixture's (the defaults)
+    pairs = build_pairs("relation", 6, held_out=held_out, seed=0)
+    outcomes = pair_outcomes(clip_scorer(load_clip(tiny_clip_run, progress=False)), pairs, pair_images(pairs, 32))
+    assert figures["relation_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
+    assert figures["num_left_right_pairs"] == sum(p.scene.relation in ("left of", "right of") for p in pairs)
