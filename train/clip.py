@@ -80,22 +80,8 @@ TRAINING_DEFAULTS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="clipcond train clip",
-        description="Pretrain a CLIP (transformers CLIPModel) on image-caption pairs with a contrastive loss.",
-        formatter_class=HelpFormatter,
-    )
-    data = parser.add_argument_group("data")
-    add_data_arguments(data)
-    data.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
-    data.add_argument("--validation-max-images", type=int, default=1000, help="images used by each validation")
-    data.add_argument(
-        "--image-cache-mb",
-        type=int,
-        default=2048,
-        help="decode the images once and keep them in memory when they take at most this many MB (0: never)",
-    )
+def add_augment_arguments(data) -> None:
+    """The training images' views: grayscale, random resized crops, mirror images (all drawn per step)."""
     data.add_argument(
         "--grayscale-prob",
         type=finite_float,
@@ -120,6 +106,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="probability that a training image is mirrored left to right, its caption unchanged; for data whose "
         "captions name no left or right (default 0)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clipcond train clip",
+        description="Pretrain a CLIP (transformers CLIPModel) on image-caption pairs with a contrastive loss.",
+        formatter_class=HelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    add_data_arguments(data)
+    data.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    data.add_argument("--validation-max-images", type=int, default=1000, help="images used by each validation")
+    data.add_argument(
+        "--image-cache-mb",
+        type=int,
+        default=2048,
+        help="decode the images once and keep them in memory when they take at most this many MB (0: never)",
+    )
+    add_augment_arguments(data)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="CLIP preset (test, tiny, small, base) or a JSON config file")
