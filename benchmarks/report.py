@@ -535,10 +535,10 @@ QUALITY = {
         "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
         hard_negative_rows,
     ),
-    "hard_negatives_1040": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0 --max-train-steps 1040 --results-name "
-        "hard_negatives_1040 --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_1040"),
+    "hard_negatives_1560": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0 --max-train-steps 1560 --results-name "
+        "hard_negatives_1560 --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_1560"),
     ),
     "hard_negatives_decoder": (
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --save-results",
