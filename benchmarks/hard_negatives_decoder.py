@@ -6,10 +6,11 @@ test).
 
 RUNS is the `--work-dir` of `benchmarks/hard_negatives.py`, which holds the CLIPs `plain-seedN` and
 `hard_negatives-seedN` trained on DIR. For each seed and recipe this trains a text-to-image decoder on that CLIP
-with `clipcond train decoder`'s defaults (the demo's: `tiny` UNet, bf16; a finished decoder is reused, an
-interrupted one resumed) and runs `clipcond probe --model` on it: prompts of each kind (one vs two objects, a
-relation, a two-object binding) drawn and read by the probe's scene reader (`clipcond.evaluation.probes`), beside
-the reader's own accuracy on renders of the same prompts.
+with `clipcond train decoder`'s defaults (the demo's: `tiny` UNet, bf16 where the device has fast bf16 and fp32
+elsewhere, `clipcond.demo.default_train_precision`; a finished decoder is reused, an interrupted one resumed) and
+runs `clipcond probe --model` on it: prompts of each kind (one vs two objects, a relation, a two-object binding)
+drawn and read by the probe's scene reader (`clipcond.evaluation.probes`), beside the reader's own accuracy on
+renders of the same prompts.
 
 Prints one JSON object: per recipe and seed each field's accuracy with its 95% interval, n and chance; per field the
 difference hard negatives - plain (mean over seeds).
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_decoder(clip: Path, data_dir: Path, out: Path, seed: int, extra: list[str]) -> dict:
     """`clipcond train decoder` on `clip` (reused when finished): its run record's summary."""
+    from clipcond.demo import default_train_precision
     from clipcond.runs import RunRecord
     from clipcond.train.decoder import main as decoder_main
     from clipcond.train.loop import reset_accelerate_state
@@ -54,7 +56,7 @@ def train_decoder(clip: Path, data_dir: Path, out: Path, seed: int, extra: list[
     if not (out / "clipcond_run.json").is_file():
         argv = ["--clip", str(clip), "--data", str(data_dir), "--output-dir", str(out), "--seed", str(seed)]
         with contextlib.redirect_stdout(sys.stderr):
-            decoder_main([*argv, "--mixed-precision", "bf16", *extra])
+            decoder_main([*argv, "--mixed-precision", default_train_precision(), *extra])  # as the demo
         reset_accelerate_state()
     return RunRecord.read(out).summary
 
