@@ -70,7 +70,7 @@ def run(data_dir: Path, output_dir: Path, seed: int, data_seed: int, mixed_preci
     from clipcond.runs import RunRecord
     from clipcond.train.clip import main as train_main
 
-    info = ensure_shapes(data_dir, data_seed)
+    info = ensure_shapes(data_dir, seed=data_seed, flag="--data-dir")
 
     # 1. train with the defaults; the entry points' own JSON goes to stderr, so stdout holds only ours
     start = time.perf_counter()

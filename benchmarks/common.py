@@ -145,23 +145,25 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def ensure_shapes(data_dir: Path, seed: int = 0, flag: str = "--data-dir", **sizes) -> dict:
-    """The shapes data set of `seed` in `data_dir`: reused when complete, written otherwise with the defaults of
-    `clipcond data shapes` (20,000 images) or `sizes` (`write_shapes_dataset`'s keywords). A folder that holds the
-    data of another seed is an error naming `flag`, never overwritten."""
+def ensure_shapes(
+    data_dir: Path, *, seed: int, flag: str, num_images: int = 20000, num_test_images: int | None = None
+) -> dict:
+    """The shapes data set of `seed` in `data_dir`: reused when complete, written otherwise (the defaults of
+    `clipcond data shapes`: 20,000 images). A folder that holds the data of another seed is an error naming `flag`
+    (the option `data_dir` came from), never overwritten."""
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
     info = load_dataset_info(data_dir) if data_dir.is_dir() else None
     if info is not None and (data_dir / "train").is_dir():
         if info.get("seed") != seed:
             raise ValueError(
-                f"`{flag}` {data_dir.parent}: {data_dir} holds the shapes data of seed {info.get('seed')}, not "
-                f"{seed}; pass another `{flag}` or move that folder"
+                f"{data_dir} (from `{flag}`) holds the shapes data of seed {info.get('seed')}, not {seed}; pass "
+                f"another `{flag}` or move that folder"
             )
         print(f"reusing the shapes data set in {data_dir}", file=sys.stderr)
         return info
     print(f"writing the shapes data set of seed {seed} to {data_dir}", file=sys.stderr)
-    return write_shapes_dataset(data_dir, **{"num_images": 20000, **sizes}, seed=seed)
+    return write_shapes_dataset(data_dir, num_images=num_images, num_test_images=num_test_images, seed=seed)
 
 
 def demos_by_seed(demo_dir: Path | None, seeds: list[int], run: Callable[[Path, int], dict], name: str) -> dict:

@@ -5,7 +5,8 @@ not a test).
         [--max-train-steps N] [--work-dir RUNS] [--save-results]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
-1. The shapes data set in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it).
+1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
+   when DIR holds another seed's).
 2. Per seed, two runs of `clipcond train clip` with every other option at its default (or the `--smoke` sizes):
    the plain recipe, and the same with `--hard-negatives KINDS`. Both take the same steps, batch and data order.
 3. Each run is evaluated by `clipcond eval clip` (zero-shot top-1 on seen and held-out compositions, retrieval)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hard_negatives_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
         sizes = {"num_images": SMOKE["num_images"], "num_test_images": 36} if args.smoke else {}
-        info = ensure_shapes(data_dir, **sizes)
+        info = ensure_shapes(data_dir, seed=0, flag="--data-dir", **sizes)
         work = args.work_dir or Path(tmp, "runs")
         per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
         for seed in args.seeds:

@@ -10,9 +10,10 @@ query's), `hit_at_k` (whether any is), `contains_at_k` (the fraction that show t
 two-object image included), the same precision for the bare label without templates, means over seen and held-out
 compositions, the index's build time, and `meets_bar`: mean precision_at_5 >= 0.90.
 
-Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults, in bf16;
-minutes on a CPU), on `--data` (written with the demo's defaults when absent). `--write-results` also writes the
-object to benchmarks/results/search_quality.json. Progress and logs go to stderr.
+Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults, in the
+demo's precision for the device; minutes on a CPU), on `--data` (written with the demo's defaults when absent; one of
+another seed is an error). `--save-results` also writes the object to benchmarks/results/search_quality.json.
+Progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def ensure_clip(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> P
     from clipcond.train import clip as train_clip
     from clipcond.train.loop import reset_accelerate_state
 
-    ensure_shapes(data_dir, args.seed, "--data")  # the demo's data
+    ensure_shapes(data_dir, seed=args.seed, flag="--data")  # the demo's data
     if not RunRecord.exists(output_dir):
         argv = ["--data", str(data_dir), "--output-dir", str(output_dir), "--seed", str(args.seed)]
         argv += ["--mixed-precision", default_train_precision()]  # as the demo trains it

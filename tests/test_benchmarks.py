@@ -86,6 +86,7 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     import hard_negatives
     import hard_negatives_decoder
 
+    from clipcond.demo import default_train_precision
     from clipcond.evaluation import judge as judge_module
 
     monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
@@ -104,6 +105,7 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     for recipe in ("plain", "hard_negatives"):
         run = report["per_seed"][recipe]["0"]
         assert run["decoder"]["steps"] == 2 and set(run["generator"]) == {"count", "relation", "binding"}
+        assert run["decoder"]["mixed_precision"] == default_train_precision()  # the demo's, recorded
         record = json.loads((runs / f"decoder-{recipe}-seed0" / "clipcond_run.json").read_text())
         assert record["clip"]["path"] == str(runs / f"{recipe}-seed0")  # each decoder on its own recipe's CLIP
     gap = report["difference"]["count"]["count"]
@@ -258,8 +260,8 @@ def test_benchmark_data_of_another_seed_is_refused_not_overwritten(tmp_path):
     data = tmp_path / "seed-1"
     (data / "train").mkdir(parents=True)
     (data / "dataset_info.json").write_text(json.dumps({"name": "clipcond-shapes", "seed": 0}))
-    with pytest.raises(ValueError, match=r"`--data-dir` .*: .*seed-1 holds the shapes data of seed 0, not 1"):
-        common.ensure_shapes(data, 1)
+    with pytest.raises(ValueError, match=r"seed-1 \(from `--data-dir`\) holds the shapes data of seed 0, not 1"):
+        common.ensure_shapes(data, seed=1, flag="--data-dir")
     assert (data / "dataset_info.json").is_file()  # nothing overwritten
 
 
@@ -389,13 +391,32 @@ def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_da
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
     import relation_embeddings
 
+    from clipcond.data.shapes import load_dataset_info
     from clipcond.evaluation.probes import build_pairs, clip_scorer, pair_images, pair_outcomes
     from clipcond.models.clip import load_clip
 
     assert relation_embeddings.main(["--data", str(shapes_data), "--num-pairs", "6", str(tiny_clip_run)]) == 0
     figures = json.loads(capsys.readouterr().out)["runs"][str(tiny_clip_run)]
-    held_out = ("red triangle", "green circle", "blue square", "purple triangle")  # the fixture's (the defaults)
-    pairs = build_pairs("relation", 6, held_out=held_out, seed=0)
+    pairs = build_pairs("relation", 6, held_out=load_dataset_info(shapes_data)["held_out"], seed=0)
     outcomes = pair_outcomes(clip_scorer(load_clip(tiny_clip_run, progress=False)), pairs, pair_images(pairs, 32))
     assert figures["relation_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
     assert figures["num_left_right_pairs"] == sum(p.scene.relation in ("left of", "right of") for p in pairs)
+
+
+def test_relation_embeddings_captions_say_the_same_or_the_opposite():
+    import relation_embeddings
+
+    from clipcond.data.shapes import Scene, ShapeObject
+    from clipcond.evaluation.probes import MinimalPair
+
+    red, blue = ShapeObject("red", "circle", "small", "left"), ShapeObject("blue", "square", "large", "right")
+    scene = Scene((red, blue), "left of")
+    pair = MinimalPair(
+        "relation", scene, "a red circle left of a blue square", "a red circle right of a blue square", False
+    )
+    assert relation_embeddings.relation_captions([pair]) == {
+        "right": ["a red circle left of a blue square"],
+        "same_meaning": ["a blue square right of a red circle"],
+        "wrong": ["a red circle right of a blue square"],
+    }
+    assert relation_embeddings.side_captions([pair]) == (["a red circle on the left"], ["a red circle on the right"])
