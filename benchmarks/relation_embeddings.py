@@ -6,15 +6,17 @@ On the relation probe's minimal pairs (`clipcond probe`: "a red circle left of a
 right of a blue square", seen and held-out compositions of DIR's shapes data), per CLIP run (a run folder or a
 checkpoint's `pretrained/` folder):
 
-- `relation_probe`: the share of pairs whose image is closer to the right caption, a tie counting 1/2 (`clipcond
-  probe`'s figure);
+- `relation_probe`: the share of pairs whose image is closer to the right caption (`clipcond probe`'s figure);
 - text tower: the mean cosine of a caption with the one that says the same the other way round ("B right of A"),
-  and with the probe's wrong caption ("A right of B"). A tower that reads relations puts the first closer;
-  a bag of words puts both near 1;
+  and with the probe's wrong caption ("A right of B"). A tower that reads relations puts the first closer; one that
+  reads the nouns' order but not the relation word puts the wrong caption closer (a bag of words puts the two at
+  one cosine: they hold the same words);
 - image tower, on the left/right scenes: the mean cosine of an image with its mirror image (which shows the
   opposite relation), the share where the right caption prefers the image to its mirror (text -> image, chance 1/2),
   and the share where the image prefers "A on the left" to "A on the right" for the side its first object is on
   (the single-object position captions, read on a two-object image; chance 1/2).
+
+Every share counts a tie as 1/2, as the probe does.
 
 Prints one JSON object; `--save-results` also writes benchmarks/results/relation_embeddings.json (and its history).
 """
@@ -46,13 +48,18 @@ def _mean(values) -> float:
     return round(float(values.float().mean()), 4)
 
 
+def _wins(a, b):
+    """1 where `a` > `b`, 1/2 on a tie (`clipcond.evaluation.probes.pair_outcomes`' rule)."""
+    return (a > b).float() + 0.5 * (a == b).float()
+
+
 def relation_captions(pairs) -> dict[str, list[str]]:
     """Per pair: the right caption, the same relation said the other way round, and the probe's wrong caption."""
-    from clipcond.data.shapes import OPPOSITE_RELATION
+    from clipcond.data.shapes import OPPOSITE_RELATION, Scene
     from clipcond.evaluation.probes import describe
 
     def reversed_caption(scene):  # "B <opposite> A": the same scene, named from its second object
-        flipped = type(scene)(tuple(reversed(scene.objects)), OPPOSITE_RELATION[scene.relation])
+        flipped = Scene(tuple(reversed(scene.objects)), OPPOSITE_RELATION[scene.relation])
         return describe(flipped, "relation")
 
     return {
@@ -75,29 +82,32 @@ def side_captions(pairs) -> tuple[list[str], list[str]]:
 
 
 def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
+    from clipcond.evaluation.judged import clip_image_features
     from clipcond.evaluation.probes import pair_images
     from clipcond.models.clip import load_clip
 
     clip = load_clip(run_dir, progress=False, what="RUN")
     images = pair_images(pairs, resolution)
-    image = clip.encode_images(images)
+    image = clip_image_features(clip, images, batch_size=256)  # resized to the CLIP's side, as `clipcond probe`
     text = {name: clip.encode_text(captions) for name, captions in relation_captions(pairs).items()}
     score = {name: (image * t).sum(-1) for name, t in text.items()}
-    sideways = [i for i, p in enumerate(pairs) if p.scene.relation in ("left of", "right of")]
-    mirror = clip.encode_images(images[sideways].flip(-1))
-    own_side, other_side = (clip.encode_text(c) for c in side_captions([pairs[i] for i in sideways]))
-    return {
-        "relation_probe": _mean((score["right"] > score["wrong"]) + 0.5 * (score["right"] == score["wrong"])),
+    figures = {
+        "relation_probe": _mean(_wins(score["right"], score["wrong"])),
         "text_cos_same_meaning": _mean((text["right"] * text["same_meaning"]).sum(-1)),
         "text_cos_wrong": _mean((text["right"] * text["wrong"]).sum(-1)),
-        "num_left_right_pairs": len(sideways),
-        "image_cos_mirror": _mean((image[sideways] * mirror).sum(-1)),
-        "caption_prefers_image_to_mirror": _mean(
-            score["right"][sideways] > (mirror * text["right"][sideways]).sum(-1)
-        ),
-        "image_prefers_first_object_side": _mean(
-            (image[sideways] * own_side).sum(-1) > (image[sideways] * other_side).sum(-1)
-        ),
+    }
+    sideways = [i for i, p in enumerate(pairs) if p.scene.relation in ("left of", "right of")]
+    figures["num_left_right_pairs"] = len(sideways)
+    if not sideways:
+        return figures
+    mirror = clip_image_features(clip, images[sideways].flip(-1), batch_size=256)
+    own_side, other_side = (clip.encode_text(c) for c in side_captions([pairs[i] for i in sideways]))
+    image, right = image[sideways], text["right"][sideways]
+    return {
+        **figures,
+        "image_cos_mirror": _mean((image * mirror).sum(-1)),
+        "caption_prefers_image_to_mirror": _mean(_wins((image * right).sum(-1), (mirror * right).sum(-1))),
+        "image_prefers_first_object_side": _mean(_wins((image * own_side).sum(-1), (image * other_side).sum(-1))),
     }
 
 
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/relation_embeddings.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {"data": str(args.data), "num_pairs": args.num_pairs, "seed": args.seed},
         "machine": machine(),
-        "runs": {str(run): diagnose(run, pairs, info["resolution"]) for run in args.runs},
+        "runs": {str(run): diagnose(run, pairs, int(info.get("resolution") or 32)) for run in args.runs},
     }
     print(json.dumps(report, indent=2))
     if args.save_results:
