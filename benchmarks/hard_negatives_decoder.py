@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_decoder(clip: Path, data_dir: Path, out: Path, seed: int, extra: list[str]) -> dict:
-    """`clipcond train decoder` on `clip` (reused when finished): its run record's summary."""
+    """`clipcond train decoder` on `clip` (reused when finished): its run record's summary and training precision."""
     from clipcond.demo import default_train_precision
     from clipcond.runs import RunRecord
     from clipcond.train.decoder import main as decoder_main
@@ -58,7 +58,8 @@ def train_decoder(clip: Path, data_dir: Path, out: Path, seed: int, extra: list[
         with contextlib.redirect_stdout(sys.stderr):
             decoder_main([*argv, "--mixed-precision", default_train_precision(), *extra])  # as the demo
         reset_accelerate_state()
-    return RunRecord.read(out).summary
+    record = RunRecord.read(out)
+    return {**record.summary, "mixed_precision": record.args.get("mixed_precision")}
 
 
 def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Namespace, seed: int) -> dict:

@@ -347,7 +347,7 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
     summary, settings = report["summary"], report["settings"]
     seeds, source = "/".join(str(s) for s in settings["seeds"]), _source(name, report)
     steps = sorted({run["steps"] for runs in report["per_seed"].values() for run in runs.values()})
-    equal_steps = f"equal steps, {steps[0]}" if len(steps) == 1 else "equal steps"
+    equal_steps = f"equal steps, {steps[0]}" if len(steps) == 1 else f"steps {'/'.join(map(str, steps))}"
     rows = []
     for key, label in HARD_NEGATIVE_FIGURES.items():
         if key not in summary["plain"]:

@@ -80,7 +80,7 @@ TRAINING_DEFAULTS = {
 }
 
 
-def add_augment_arguments(data) -> None:
+def add_augment_arguments(data: argparse._ActionsContainer) -> None:
     """The training images' views: grayscale, random resized crops, mirror images (all drawn per step)."""
     data.add_argument(
         "--grayscale-prob",
