@@ -2,7 +2,7 @@
 not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--max-train-steps N] [--work-dir RUNS] [--save-results]
+        [--max-train-steps N] [--work-dir RUNS] [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
 1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="the `test` preset, 4 steps, 276 images: checks the wiring, no figure"
     )
+    parser.add_argument(
+        "--clip-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="more `clipcond train clip` options for both recipes, last (e.g. --checkpointing-steps 520 "
+        "--checkpoints-total-limit 3, to compare the recipes at earlier steps of one schedule)",
+    )
     add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -85,7 +92,7 @@ def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, r
         argv += ["--lr-warmup-steps", "1", "--validation-steps", "0", "--checkpointing-steps", "0"]
     if recipe == "hard_negatives":
         argv += ["--hard-negatives", args.kinds]
-    return argv
+    return [*argv, *args.clip_args]
 
 
 def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> dict[str, float]:

@@ -361,7 +361,9 @@ def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_da
     import hard_negatives
 
     argv = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(tmp_path)]
-    assert hard_negatives.main(argv) == 0
+    assert hard_negatives.main([*argv, "--clip-args", "--checkpointing-steps", "2"]) == 0
+    for recipe in ("plain", "hard_negatives"):  # the extra options reach both recipes' training, after the smoke's
+        assert (tmp_path / f"{recipe}-seed0" / "checkpoints" / "checkpoint-2" / "pretrained").is_dir()
     report = json.loads(capsys.readouterr().out)
     plain, negatives = report["per_seed"]["plain"]["0"], report["per_seed"]["hard_negatives"]["0"]
     assert plain["steps"] == negatives["steps"] == 4
