@@ -48,11 +48,6 @@ def _mean(values) -> float:
     return round(float(values.float().mean()), 4)
 
 
-def _wins(a, b):
-    """1 where `a` > `b`, 1/2 on a tie (`clipcond.evaluation.probes.pair_outcomes`' rule)."""
-    return (a > b).float() + 0.5 * (a == b).float()
-
-
 def relation_captions(pairs) -> dict[str, list[str]]:
     """Per pair: the right caption, the same relation said the other way round, and the probe's wrong caption."""
     from clipcond.data.shapes import OPPOSITE_RELATION, Scene
@@ -83,7 +78,7 @@ def side_captions(pairs) -> tuple[list[str], list[str]]:
 
 def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
     from clipcond.evaluation.judged import clip_image_features
-    from clipcond.evaluation.probes import pair_images
+    from clipcond.evaluation.probes import pair_images, preferred
     from clipcond.models.clip import load_clip
 
     clip = load_clip(run_dir, progress=False, what="RUN")
@@ -92,7 +87,7 @@ def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
     text = {name: clip.encode_text(captions) for name, captions in relation_captions(pairs).items()}
     score = {name: (image * t).sum(-1) for name, t in text.items()}
     figures = {
-        "relation_probe": _mean(_wins(score["right"], score["wrong"])),
+        "relation_probe": _mean(preferred(score["right"], score["wrong"])),
         "text_cos_same_meaning": _mean((text["right"] * text["same_meaning"]).sum(-1)),
         "text_cos_wrong": _mean((text["right"] * text["wrong"]).sum(-1)),
     }
@@ -106,8 +101,8 @@ def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
     return {
         **figures,
         "image_cos_mirror": _mean((image * mirror).sum(-1)),
-        "caption_prefers_image_to_mirror": _mean(_wins((image * right).sum(-1), (mirror * right).sum(-1))),
-        "image_prefers_first_object_side": _mean(_wins((image * own_side).sum(-1), (image * other_side).sum(-1))),
+        "caption_prefers_image_to_mirror": _mean(preferred((image * right).sum(-1), (mirror * right).sum(-1))),
+        "image_prefers_first_object_side": _mean(preferred((image * own_side).sum(-1), (image * other_side).sum(-1))),
     }
 
 

@@ -381,12 +381,16 @@ def clip_scorer(clip_run, batch_size: int = 256) -> Scorer:
     return score
 
 
+def preferred(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """1 where `first` scores above `second`, 0 where below, 1/2 on a tie (a coin flip's expectation, so a scorer
+    that cannot tell the two apart sits exactly at chance)."""
+    first, second = first.float(), second.float()
+    return (first > second).float() + 0.5 * (first == second).float()
+
+
 def pair_outcomes(score: Scorer, pairs: Sequence[MinimalPair], images: torch.Tensor) -> torch.Tensor:
-    """(N,) per pair: 1 when the image scores its right caption above the wrong one, 0 when below, 1/2 on a tie (a
-    coin flip's expectation, so a scorer that cannot tell the captions apart sits exactly at chance)."""
-    right = score(images, [p.right for p in pairs]).float()
-    wrong = score(images, [p.wrong for p in pairs]).float()
-    return (right > wrong).float() + 0.5 * (right == wrong).float()
+    """(N,) per pair: whether the image scores its right caption above the wrong one (`preferred`)."""
+    return preferred(score(images, [p.right for p in pairs]), score(images, [p.wrong for p in pairs]))
 
 
 def group_figures(outcomes: torch.Tensor, heldout: Sequence[bool], chance: float | None) -> dict:
