@@ -2,7 +2,7 @@
 not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--max-train-steps N] [--work-dir RUNS] [--save-results] [--clip-args ARGS...]
+        [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
 1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
@@ -36,6 +36,8 @@ from common import add_results_flag, ensure_shapes, machine, parse_seeds, save_r
 from clipcond.evaluation.stats import mean_interval
 
 RECIPES = ("plain", "hard_negatives")
+# what must agree for an earlier result's seeds to join a new one (`--seeds-from`)
+SAME_SETTINGS = ("kinds", "model", "max_train_steps", "train_batch_size", "num_pairs", "mixed_precision", "smoke")
 TARGET = {"probe_gain": 0.20, "probes": ("binding", "relation"), "zero_shot_loss": 0.01}
 SMOKE = {"model": "test", "max_train_steps": 4, "train_batch_size": 16, "num_images": 276, "num_pairs": 8}
 
@@ -67,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="more `clipcond train clip` options for both recipes, last (e.g. --checkpointing-steps 520 "
         "--checkpoints-total-limit 3, to compare the recipes at earlier steps of one schedule)",
+    )
+    parser.add_argument(
+        "--seeds-from",
+        type=Path,
+        help="an earlier result of this benchmark (a JSON file) with the same settings: its seeds that --seeds does "
+        "not run join this result's summary, their provenance recorded (e.g. two new seeds beside a committed one)",
     )
     add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
@@ -142,6 +150,31 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     }
 
 
+def earlier_seeds(path: Path, args: argparse.Namespace) -> tuple[dict[str, dict[int, dict]], dict]:
+    """The runs of `--seeds-from`'s result for the seeds that `--seeds` does not run, per recipe, and where they come
+    from (file, seeds, command, commit, date, machine). Refused, naming the setting, when the earlier result ran with
+    other settings (its options that predate a setting count as that setting's default)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`--seeds-from` {str(path)!r} cannot be read as a result: {err}") from None
+    if report.get("benchmark") != "hard_negatives":
+        raise ValueError(
+            f"`--seeds-from` {str(path)!r} is not a result of this benchmark: {report.get('benchmark')!r}"
+        )
+    defaults = vars(parse_args([]))
+    for key in (*SAME_SETTINGS, "clip_args"):
+        theirs, ours = report["settings"].get(key, defaults[key]), getattr(args, key)
+        if theirs != ours:
+            raise ValueError(f"`--seeds-from` {str(path)!r} ran with {key}={theirs!r}, this run with {ours!r}")
+    seeds = sorted(int(seed) for seed in report["per_seed"]["plain"] if int(seed) not in args.seeds)
+    if not seeds:
+        raise ValueError(f"`--seeds-from` {str(path)!r} holds no seed besides `--seeds` {args.seeds}")
+    runs = {recipe: {seed: report["per_seed"][recipe][str(seed)] for seed in seeds} for recipe in RECIPES}
+    provenance = ("command", "commit", "dirty", "date", "machine")
+    return runs, {"file": path.name, "seeds": seeds, **{key: report.get(key) for key in provenance}}
+
+
 def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
     """Per recipe the mean and interval of each figure; per figure the paired difference; the target's verdict."""
     seeds = sorted(per_seed["plain"])
@@ -182,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         info = ensure_shapes(data_dir, seed=0, flag="--data-dir", **sizes)
         work = args.work_dir or Path(tmp, "runs")
         per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
+        seeds_from = None
+        if args.seeds_from is not None:  # read before this run's results may overwrite the file
+            per_seed, seeds_from = earlier_seeds(args.seeds_from, args)
         for seed in args.seeds:
             for recipe in RECIPES:
                 per_seed[recipe][seed] = run_one(args, data_dir, work / f"{recipe}-seed{seed}", seed, recipe)
@@ -192,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
         "data": {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]},
         "machine": machine(),
-        "per_seed": per_seed,
+        "per_seed": {recipe: dict(sorted(runs.items())) for recipe, runs in per_seed.items()},
         "summary": summarise(per_seed),
     }
+    if seeds_from is not None:
+        report["seeds_from"] = seeds_from
     print(json.dumps(report, indent=2))
     if args.save_results:
         save_results("hard_negatives_smoke" if args.smoke else args.results_name, report)

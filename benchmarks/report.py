@@ -345,7 +345,11 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
 def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
     """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives`, over seeds (issue 20)."""
     summary, settings = report["summary"], report["settings"]
-    seeds, source = "/".join(str(s) for s in settings["seeds"]), _source(name, report)
+    seeds, source = "/".join(sorted(report["per_seed"]["plain"], key=int)), _source(name, report)
+    earlier = report.get("seeds_from")
+    if earlier:  # seeds taken from an earlier result (`--seeds-from`) name their own commit
+        which = "/".join(map(str, earlier["seeds"]))
+        source += f"; seed {which} from {_source(Path(earlier['file']).stem, earlier)}"
     steps = sorted({run["steps"] for runs in report["per_seed"].values() for run in runs.values()})
     equal_steps = f"equal steps, {steps[0]}" if len(steps) == 1 else f"steps {'/'.join(map(str, steps))}"
     rows = []

@@ -390,6 +390,30 @@ def test_hard_negatives_benchmark_compares_both_recipes_at_equal_steps(shapes_da
     assert binding.count("| ✓ |") + binding.count("| ✗ |") == 1
 
 
+def test_hard_negatives_seeds_from_an_earlier_result_join_with_their_commit(shapes_data, tmp_path, capsys):
+    import hard_negatives
+    import report as report_module
+
+    argv = ["--smoke", "--data-dir", str(shapes_data), "--work-dir", str(tmp_path / "runs")]
+    assert hard_negatives.main([*argv, "--seeds", "0"]) == 0
+    earlier = {**json.loads(capsys.readouterr().out), "commit": "a" * 40, "date": "2026-12-01T00:00:00Z"}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="num_pairs=8, this run with 4"):  # other settings: refused, nothing trained
+        hard_negatives.main([*argv, "--seeds", "1", "--seeds-from", str(path), "--num-pairs", "4"])
+    assert not (tmp_path / "runs" / "plain-seed1").exists()
+
+    assert hard_negatives.main([*argv, "--seeds", "1", "--seeds-from", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_seed"]["plain"]["0"] == earlier["per_seed"]["plain"]["0"]  # taken, not re-run
+    assert list(report["per_seed"]["hard_negatives"]) == ["0", "1"]
+    assert report["seeds_from"]["seeds"] == [0] and report["seeds_from"]["commit"] == "a" * 40
+    figures = [report["per_seed"]["plain"][s]["figures"]["zero_shot_top1_seen"] for s in ("0", "1")]
+    assert report["summary"]["plain"]["zero_shot_top1_seen"]["mean"] == pytest.approx(sum(figures) / 2)
+    row = report_module.hard_negative_rows({**report, "commit": "b" * 40})[0]
+    assert "| 0/1 |" in row and "at bbbbbbb" in row and "seed 0 from `earlier.json` at aaaaaaa, 2026-12-01" in row
+
+
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
     import relation_embeddings
 
