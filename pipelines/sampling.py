@@ -141,26 +141,46 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     return 1 if vae is None else downsampling_factor(vae)
 
 
-def check_vae_fits(unet: ModelMixin | None, vae: AutoencoderKL | None) -> None:
-    """A `ValueError` when the UNet does not denoise latents of the VAE's width (neither given: nothing to check)."""
-    if unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels:
-        raise ValueError(
-            f"the UNet denoises {unet.config.in_channels} channels, but the VAE's latents have "
-            f"{vae.config.latent_channels}; train the UNet on this VAE's latents"
+def check_vae_fits(unet: ModelMixin | None, vae: AutoencoderKL | None, space_to_depth: int = 1) -> None:
+    """A `ValueError` when the UNet does not denoise latents of the VAE's width, or without a VAE pixels as
+    `space_to_depth` blocks (3 F^2 channels); `space_to_depth` is for pixel space only."""
+    if space_to_depth < 1:
+        raise ValueError(f"`space_to_depth` must be >= 1, got {space_to_depth}")
+    if vae is not None and space_to_depth != 1:
+        raise ValueError(f"`space_to_depth` {space_to_depth} is for pixel space; a pipeline with a `vae` has none")
+    if unet is None:
+        return
+    channels = vae.config.latent_channels if vae is not None else 3 * space_to_depth**2
+    if unet.config.in_channels != channels:
+        what = (
+            "the VAE's latents have" if vae is not None else f"pixels as {space_to_depth}x{space_to_depth} blocks have"
         )
+        fix = (
+            "train the UNet on this VAE's latents"
+            if vae is not None
+            else "pass the space_to_depth it was trained with"
+        )
+        raise ValueError(f"the UNet denoises {unet.config.in_channels} channels, but {what} {channels}; {fix}")
 
 
 def to_output_type(
-    image_processor: VaeImageProcessor, sample: torch.Tensor, output_type: str, vae: AutoencoderKL | None = None
+    image_processor: VaeImageProcessor,
+    sample: torch.Tensor,
+    output_type: str,
+    vae: AutoencoderKL | None = None,
+    space_to_depth: int = 1,
 ):
     """The denoised sample (B, C, h, w) as `output_type`: "latent" as it is; "pil", "np" or "pt" in [0, 1], clamped,
-    converted in float32 (numpy has no bfloat16). Without a `vae` the sample is pixels in [-1, 1]; with one it is
-    the VAE's latents times `scaling_factor` (as latent diffusion trains on them, Rombach et al. 2022), which are
-    unscaled and decoded into pixels first, as Stable Diffusion does."""
+    converted in float32 (numpy has no bfloat16). Without a `vae` the sample is pixels in [-1, 1] (as F x F blocks,
+    (B, 3 F^2, H/F, W/F), when `space_to_depth` F > 1: rearranged back first); with one it is the VAE's latents times
+    `scaling_factor` (as latent diffusion trains on them, Rombach et al. 2022), which are unscaled and decoded into
+    pixels first, as Stable Diffusion does."""
     if output_type == "latent":
         return sample
     if vae is not None:
         sample = vae.decode(sample.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    elif space_to_depth > 1:
+        sample = torch.nn.functional.pixel_shuffle(sample, space_to_depth)
     return image_processor.postprocess(sample.float(), output_type=output_type)
 
 

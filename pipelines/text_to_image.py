@@ -6,8 +6,9 @@
 `clipcond.text_encoding.encode_prompts`, the function the decoder training's embedding cache uses, so the UNet sees
 at inference the states it was trained on.
 
-The UNet denoises pixels in [-1, 1] at `unet.config.sample_size`; when a `vae` (diffusers `AutoencoderKL`) is
-registered, it denoises the VAE's latents instead and decodes them at the end, as Stable Diffusion does.
+The UNet denoises pixels in [-1, 1] at `unet.config.sample_size` (with `space_to_depth` F > 1, the pixels as F x F
+blocks: (3 F^2, H/F, W/F), rearranged back at the end); when a `vae` (diffusers `AutoencoderKL`) is registered, it
+denoises the VAE's latents instead and decodes them at the end, as Stable Diffusion does.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         mask_text_padding: whether the text encoder and the UNet's cross-attention leave the prompt's padding out
             (the default); False for a UNet trained as Stable Diffusion's, on the unmasked states of every position
             (`clipcond train decoder --no-mask-text-padding`), which stock `StableDiffusionPipeline` can run.
+        space_to_depth: without a `vae`, the side F of the pixel blocks the UNet denoises (3 F^2 channels at
+            1/F of the image size; `clipcond train decoder --space-to-depth`); 1: the pixels as they are.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -110,14 +113,16 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         tokenizer: PreTrainedTokenizerBase,
         vae: AutoencoderKL | None = None,
         mask_text_padding: bool = True,
+        space_to_depth: int = 1,
     ):
         super().__init__()
         if unet is not None and text_encoder is not None:
             check_encoder_fits(unet, encoder_width(text_encoder))
-        check_vae_fits(unet, vae)
+        check_vae_fits(unet, vae, space_to_depth)
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
-        self.register_to_config(mask_text_padding=mask_text_padding)
-        self.vae_scale_factor = vae_scale_factor(vae)
+        self.register_to_config(mask_text_padding=mask_text_padding, space_to_depth=space_to_depth)
+        # pixels per pixel of what the UNet denoises, along a side: the VAE's factor, or the space-to-depth blocks'
+        self.vae_scale_factor = vae_scale_factor(vae) * space_to_depth
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
@@ -257,6 +262,8 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         )
 
         # 6. decode / postprocess
-        images = to_output_type(self.image_processor, latents, output_type, vae=self.vae)
+        images = to_output_type(
+            self.image_processor, latents, output_type, vae=self.vae, space_to_depth=self.config.space_to_depth
+        )
         self.maybe_free_model_hooks()
         return image_output(images, return_dict)

@@ -77,7 +77,7 @@ from clipcond.train.loop import (
     run_stage,
     train,
 )
-from clipcond.train.model_space import LatentSpace, PixelSpace, add_vae_args, model_space
+from clipcond.train.model_space import LatentSpace, PixelSpace, add_vae_args, check_space_args, model_space
 from clipcond.train.text_decoder import TextPlugin
 from clipcond.train.unclip_decoder import ImageEmbeddingPlugin
 
@@ -264,6 +264,11 @@ def check_decoder_args(args: argparse.Namespace) -> None:
             f"`--no-mask-text-padding` is about the captions' token states; it needs `--conditioning text`, got "
             f"{args.conditioning!r}"
         )
+    if args.space_to_depth != 1 and args.conditioning != "text":  # the image-embedding pipelines: pixels or latents
+        raise ValueError(
+            f"`--space-to-depth {args.space_to_depth}` needs `--conditioning text` (the image-embedding decoder "
+            f"denoises pixels or, with `--vae`, latents), got {args.conditioning!r}"
+        )
     if args.cross_attention_dim is not None and args.cross_attention_dim < 1:
         raise ValueError(f"`--cross-attention-dim` must be >= 1, got {args.cross_attention_dim}")
 
@@ -347,7 +352,7 @@ class DecoderStage(DiffusionStage):
         return diffusion_loss(prediction, target, timesteps, self.noise_scheduler, self.snr_gamma), {}
 
     def pipeline(self, model, scheduler):
-        return self.plugin.pipeline(model, scheduler, vae=self.space.vae)
+        return self.plugin.pipeline(model, scheduler, **self.space.pipeline_modules())
 
     def extra_state(self):
         state = super().extra_state()
@@ -530,6 +535,7 @@ def train_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 3. Data, at the decoder's resolution
     dataset, resolution = open_training_data(args)
+    check_space_args(args, resolution)  # before the encoder runs over the data
 
     # 4. The encoder's outputs for the training data, computed once (by the main process; the others then read the
     # file): the cache that each step's conditioning reads

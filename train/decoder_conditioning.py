@@ -100,9 +100,10 @@ class ConditioningPlugin:
         """The conditioning's widths, for the log."""
         raise NotImplementedError
 
-    def pipeline(self, model: torch.nn.Module, scheduler, vae=None):
-        """The diffusers pipeline of the trained `model` (unwrapped) with `scheduler`, and the `vae` that decodes
-        its samples when it denoises latents (`clipcond.train.model_space`): what the run folder holds."""
+    def pipeline(self, model: torch.nn.Module, scheduler, **space_modules):
+        """The diffusers pipeline of the trained `model` (unwrapped) with `scheduler`, and what turns its samples into
+        images (`space_modules`, from `clipcond.train.model_space`: the `vae` that decodes latents, or pixel space's
+        `space_to_depth`): what the run folder holds."""
         raise NotImplementedError
 
     def load_validation_inputs(self, resolution: int) -> None:

@@ -2,6 +2,12 @@
 pixels in [-1, 1] (`PixelSpace`, the default), or a VAE's latents (`LatentSpace`, `--vae VAE`: latent diffusion,
 Rombach et al. 2022).
 
+In pixel space `--space-to-depth F` hands the UNet each image rearranged into F x F blocks, (3 F^2, H/F, W/F)
+(torch's `pixel_unshuffle`; the pipeline's `pixel_shuffle` undoes it): the same pixels, nothing learnt or lost, while
+every feature map of the UNet is F times smaller along each side, so a step costs about what a step on (H/F, W/F)
+images costs. Simple diffusion (Hoogeboom et al. 2023, sec. 3.3) downsamples its input this way to avoid
+high-resolution feature maps; here it is the pixel path's answer to the latent path's cheaper steps, without a VAE.
+
 The latent path encodes the training images once into a `clipcond.latents.LatentCache` (the posterior's mean and
 std, in the run's cache folder), so a training step reads no image and runs no encoder: it draws a posterior sample
 mean + std * noise (the noise from the stage's generator, for the global batch: `draw_rows`) and scales it by the
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
@@ -39,6 +46,27 @@ def add_vae_args(model: argparse._ArgumentGroup) -> None:
         help="train on this AutoencoderKL's latents (latent diffusion): the output of `clipcond train vae`, or a "
         "folder in Stable Diffusion's vae/ layout; its posteriors are cached once (default: pixel space)",
     )
+    model.add_argument(
+        "--space-to-depth",
+        type=int,
+        default=1,
+        metavar="F",
+        help="pixel space: the UNet denoises each image as F x F blocks, (3 F^2, H/F, W/F), the same pixels at about "
+        "the cost of a UNet on H/F images; the pipeline rearranges its samples back (default 1: the pixels as they are)",
+    )
+
+
+def check_space_args(args: argparse.Namespace, resolution: int) -> None:
+    """Reject a `--space-to-depth` that the data or `--vae` cannot take, naming the option and the value."""
+    factor = args.space_to_depth
+    if factor < 1:
+        raise ValueError(f"`--space-to-depth` must be >= 1, got {factor}")
+    if factor > 1 and args.vae is not None:
+        raise ValueError(
+            f"`--space-to-depth {factor}` is for pixel space; with `--vae {args.vae}` the UNet denoises latents"
+        )
+    if resolution % factor:
+        raise ValueError(f"`--space-to-depth {factor}` must divide the image size {resolution}")
 
 
 def encode_images_to_model_space(
@@ -57,28 +85,34 @@ def encode_images_to_model_space(
 
 
 class PixelSpace:
-    """The UNet denoises the images' pixels in [-1, 1] at the data's resolution."""
+    """The UNet denoises the images' pixels in [-1, 1] at the data's resolution, or (`space_to_depth` F > 1) the
+    same pixels as F x F blocks: (3 F^2, H/F, W/F)."""
 
     kind = "pixels"
-    channels = 3
     vae = None
     content_hash = None  # of the VAE: none
     clip_sample = True  # predicted x0 are clipped to the data range at each sampling step
 
-    def __init__(self, resolution: int):
-        self.resolution = resolution
-        self.sample_size = resolution
+    def __init__(self, resolution: int, space_to_depth: int = 1):
+        self.resolution, self.space_to_depth = resolution, space_to_depth
+        self.channels = 3 * space_to_depth**2
+        self.sample_size = resolution // space_to_depth
 
     def training_data(self, dataset) -> tuple[torch.utils.data.Dataset, Callable]:
         """What the loop iterates and how it batches: the images themselves."""
         return dataset, collate_image_text
 
     def sample(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """The batch's clean samples (B, 3, H, W)."""
-        return encode_images_to_model_space(to_device(batch["pixel_values"], device))
+        """The batch's clean samples (B, 3 F^2, H/F, W/F); (B, 3, H, W) when F = 1."""
+        pixels = encode_images_to_model_space(to_device(batch["pixel_values"], device))
+        return F.pixel_unshuffle(pixels, self.space_to_depth) if self.space_to_depth > 1 else pixels
+
+    def pipeline_modules(self) -> dict:
+        """What the pipeline needs to turn the UNet's samples into images."""
+        return {"space_to_depth": self.space_to_depth} if self.space_to_depth > 1 else {}
 
     def record(self) -> dict:
-        return {"space": self.kind, "sample_size": self.sample_size}
+        return {"space": self.kind, "sample_size": self.sample_size, "space_to_depth": self.space_to_depth}
 
 
 class _LatentRows(torch.utils.data.Dataset):
@@ -122,6 +156,10 @@ class LatentSpace:
         noise = draw_rows(lambda n: torch.randn((n, *mean.shape[1:]), **on_generator), mean.shape[0], device)
         return (to_device(mean, device) + to_device(std, device) * noise) * self.scaling_factor
 
+    def pipeline_modules(self) -> dict:
+        """What the pipeline needs to turn the UNet's samples into images: the VAE that decodes them."""
+        return {"vae": self.vae}
+
     def record(self) -> dict:
         return {
             "space": self.kind,
@@ -143,7 +181,7 @@ def model_space(
     """Pixels, or with `--vae` its latents of `dataset` at `resolution` (cached by the main process first; the
     others then read its file)."""
     if args.vae is None:
-        return PixelSpace(resolution)
+        return PixelSpace(resolution, args.space_to_depth)
     vae = load_vae(args.vae, flag="--vae")
     check_fits_resolution(vae, resolution, "--vae", args.vae)
     vae.requires_grad_(False).eval().to(accelerator.device)

@@ -141,7 +141,7 @@ class TextPlugin(ConditioningPlugin):
     def describe(self, unet: UNet2DConditionModel) -> str:
         return f"cross-attention width {unet.config.cross_attention_dim} (text encoder: {self.width})"
 
-    def pipeline(self, model: torch.nn.Module, scheduler, vae=None):
+    def pipeline(self, model: torch.nn.Module, scheduler, **space_modules):
         from clipcond.pipelines.text_to_image import TextToImagePipeline
 
         return TextToImagePipeline(
@@ -150,7 +150,7 @@ class TextPlugin(ConditioningPlugin):
             text_encoder=self.encoder.text_encoder,
             tokenizer=self.encoder.tokenizer,
             mask_text_padding=self.args.mask_text_padding,
-            vae=vae,
+            **space_modules,
         )
 
     def validation_inputs(self) -> dict:

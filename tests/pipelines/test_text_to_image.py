@@ -368,6 +368,26 @@ def test_vae_whose_latents_do_not_fit_is_refused(tokenizer):
         )
 
 
+@pytest.mark.parametrize(
+    "unet_channels, space_to_depth, vae, match",
+    [
+        (3, 2, False, r"the UNet denoises 3 channels, but pixels as 2x2 blocks have 12; pass the space_to_depth"),
+        (12, 1, False, r"the UNet denoises 12 channels, but pixels as 1x1 blocks have 3"),
+        (4, 2, True, r"`space_to_depth` 2 is for pixel space; a pipeline with a `vae` has none"),
+    ],
+)
+def test_space_to_depth_that_does_not_fit_the_unet_is_refused(tokenizer, unet_channels, space_to_depth, vae, match):
+    with pytest.raises(ValueError, match=match):
+        TextToImagePipeline(
+            unet=make_unet(in_channels=unet_channels, sample_size=SIZE // 2),
+            scheduler=DDPMScheduler(),
+            text_encoder=make_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            vae=make_vae() if vae else None,
+            space_to_depth=space_to_depth,
+        )
+
+
 def test_text_encoder_from_a_clip_run(tiny_clip_run):
     text_encoder = CLIPTextModelWithProjection.from_pretrained(tiny_clip_run, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_clip_run, local_files_only=True)

@@ -274,6 +274,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
             ValueError,
             "`--no-mask-text-padding` .* needs `--conditioning text`, got 'image-embedding'",
         ),
+        (
+            {"--conditioning": "image-embedding", "--space-to-depth": "2"},
+            ValueError,
+            "`--space-to-depth 2` needs `--conditioning text`.*got 'image-embedding'",
+        ),
+        ({"--space-to-depth": "3"}, ValueError, "`--space-to-depth 3` must divide the image size 16"),
+        ({"--space-to-depth": "0"}, ValueError, "`--space-to-depth` must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tiny_clip_run, tmp_path, change, error, match):
@@ -573,6 +580,42 @@ def test_unmasked_text_padding_trains_on_every_position_and_is_saved(
     masks.clear()
     pipe(["a red circle"], num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     assert masks and all(mask is None for mask in masks)
+
+
+def test_space_to_depth_trains_on_pixel_blocks_and_samples_whole_images(shapes_data, tiny_clip_run, tmp_path):
+    """--space-to-depth 2: the UNet denoises (12, 8, 8) blocks of the 16 px images, the run record and the saved
+    pipeline say so, and the pipeline's images are its samples rearranged back to (3, 16, 16)."""
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
+
+    out = tmp_path / "run"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "0")
+    main([*argv, "--validation-steps", "0", "--space-to-depth", "2"])
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (12, 12, 8)
+    record = json.loads((out / "clipcond_run.json").read_text())
+    assert record["model_space"] == {"space": "pixels", "sample_size": 8, "space_to_depth": 2}
+
+    pipe = TextToImagePipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.config.space_to_depth == 2 and pipe.default_size == (16, 16)
+
+    def sample(output_type):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(["a red circle"], num_inference_steps=2, generator=generator, output_type=output_type).images
+
+    blocks, images = sample("latent"), sample("pt")
+    assert blocks.shape == (1, 12, 8, 8) and images.shape == (1, 3, 16, 16)
+    expected = (torch.nn.functional.pixel_shuffle(blocks.float(), 2) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected)
+
+
+def test_pixel_space_blocks_hold_the_same_pixels():
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    batch = {"pixel_values": pixels}
+    whole = PixelSpace(8).sample(batch, None, torch.device("cpu"))
+    blocks = PixelSpace(8, space_to_depth=2).sample(batch, None, torch.device("cpu"))
+    assert blocks.shape == (2, 12, 4, 4)
+    assert torch.equal(torch.nn.functional.pixel_shuffle(blocks, 2), whole)
+    assert torch.equal(blocks[:, 0::4, 0, 0], whole[:, :, 0, 0])  # channel c * 4 + 0: colour c of a block's top left
 
 
 def _text_tower(clip_run):
