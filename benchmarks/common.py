@@ -269,6 +269,6 @@ def run_cases(
         }
         print(name, json.dumps(report["cases"][name]), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
-    if args.save_results:
-        save_results(benchmark, report, merge_cases=True)
+    if args.save_results:  # `--results-name`, where the benchmark has one: another comparison, its own file
+        save_results(getattr(args, "results_name", benchmark), report, merge_cases=True)
     return 0

@@ -95,9 +95,10 @@ def _ema(unet, device):
     return make_ema(unet, add_ema_args(argparse.ArgumentParser()).parse_args([]), device)
 
 
-def clipcond_step(shared, precision: str, cache_dir: str, seed: int, latent_space=None):
-    """clipcond's training step on `shared`'s batch, in pixel space, or with `latent_space(device)` (a `LatentSpace`
-    over a cache of `len(shared.captions)` rows, and `shared.unet_spec` sized for its latents) in latent space."""
+def clipcond_step(shared, precision: str, cache_dir: str, seed: int, space=None):
+    """clipcond's training step on `shared`'s batch, in pixel space, or in the model space `space(device)` makes (a
+    `PixelSpace` of pixel blocks, or a `LatentSpace` over a cache of `len(shared.captions)` rows), with
+    `shared.unet_spec` sized for what it denoises."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
@@ -124,12 +125,11 @@ def clipcond_step(shared, precision: str, cache_dir: str, seed: int, latent_spac
     model, optimizer = accelerator.prepare(unet, optimizer)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     index = torch.arange(len(shared.captions))
-    if latent_space is None:
-        space = PixelSpace(shared.pixels.shape[-1])
-        batch = {"pixel_values": shared.pixels.to(device), "index": index}
-    else:
-        space = latent_space(device)
+    space = PixelSpace(shared.pixels.shape[-1]) if space is None else space(device)
+    if space.kind == "latents":
         batch = {"latent_row": index, "index": index}
+    else:
+        batch = {"pixel_values": shared.pixels.to(device), "index": index}
     stage = DecoderStage(
         accelerator,
         model,

@@ -1,7 +1,7 @@
 """What a training step of a latent decoder costs beside a pixel-space one of the same widths (a benchmark, not a test).
 
     python benchmarks/latent_step_cost.py [--presets tiny] [--precision fp32 bf16] [--resolution 64] [--vae tiny]
-        [--batch-size 32] [--steps 10] [--save-results]
+        [--batch-size 32] [--steps 10] [--space-to-depth F] [--save-results]
 
 Issue 19's target: at 64 px, the latent text-to-image decoder trains "at a lower cost per training step than a
 pixel-space UNet of the same widths". One process builds both contenders on the same device and precision and times
@@ -12,7 +12,10 @@ backward, AdamW, EMA):
 - pixels: the UNet preset on `--resolution` px RGB images (`PixelSpace`);
 - latents: the same preset (same `block_out_channels`, blocks and attention) on the `--vae` preset's latents of
   those images (64 px through the `tiny` VAE: 16 x 16 x 4), each step drawing a posterior sample from the cache
-  (`LatentSpace`), as `clipcond train decoder --vae` does.
+  (`LatentSpace`), as `clipcond train decoder --vae` does;
+- with `--space-to-depth F`, also blocks: the same preset on the images' pixels as F x F blocks (3 F^2 channels at
+  1/F of the size; `PixelSpace`), as `clipcond train decoder --space-to-depth F` trains, reported as `blocks_ratio`
+  (pixel-step time / block-step time).
 
 It prints one JSON object: per preset and precision the median samples/s of each, the median over rounds of
 pixel-step time / latent-step time (`ratio`, > 1: the latent step is cheaper), and the one-off cost the latent path
@@ -48,8 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(presets=["tiny"])
     parser.add_argument("--resolution", type=int, default=64, help="image size of both contenders (default 64)")
     parser.add_argument("--vae", default="tiny", help="VAE preset of the latent contender (default tiny)")
+    parser.add_argument(
+        "--space-to-depth",
+        type=int,
+        default=1,
+        metavar="F",
+        help="also time the UNet on the pixels as F x F blocks (default 1: not timed)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    add_results_flag(parser)
+    add_results_flag(parser, results_name="latent_step_cost")
     return parser.parse_args(argv)
 
 
@@ -90,6 +100,25 @@ def latent_setup(shared, vae_preset: str, folder: Path, seed: int):
     return latent, space, encode_seconds
 
 
+def blocks_setup(shared, factor: int):
+    """The blocks contender's shared inputs (its UNet sized for F x F pixel blocks) and a factory of its space."""
+    from clipcond.train.model_space import PixelSpace
+
+    resolution = shared.pixels.shape[-1]
+    blocks = copy.copy(shared)
+    blocks.unet_spec = {
+        **shared.unet_spec,
+        "sample_size": resolution // factor,
+        "in_channels": 3 * factor**2,
+        "out_channels": 3 * factor**2,
+    }
+
+    def space(device):
+        return PixelSpace(resolution, factor)
+
+    return blocks, space
+
+
 def run_case(preset: str, precision: str, attention: str, args: argparse.Namespace) -> dict:
     from clipcond.train.loop import reset_accelerate_state
 
@@ -99,9 +128,22 @@ def run_case(preset: str, precision: str, attention: str, args: argparse.Namespa
     with tempfile.TemporaryDirectory(prefix="clipcond-bench-") as tmp:
         latent, space, encode_seconds = latent_setup(shared, args.vae, Path(tmp) / "vae", args.seed)
         pixels, pixel_params, device = clipcond_step(shared, precision, tmp, args.seed)
-        latents, latent_params, _ = clipcond_step(latent, precision, tmp, args.seed, latent_space=space)
-        seconds = alternate({"latents": latents, "pixels": pixels}, rounds=args.steps, warmup=args.warmup)
+        latents, latent_params, _ = clipcond_step(latent, precision, tmp, args.seed, space=space)
+        steps = {"latents": latents, "pixels": pixels}
+        if args.space_to_depth > 1:
+            blocks, blocks_space = blocks_setup(shared, args.space_to_depth)
+            steps["blocks"], blocks_params, _ = clipcond_step(blocks, precision, tmp, args.seed, space=blocks_space)
+        seconds = alternate(steps, rounds=args.steps, warmup=args.warmup)
     result = ratio_summary(seconds, args.batch_size, ours="latents", theirs="pixels")
+    if args.space_to_depth > 1:
+        of_blocks = ratio_summary(seconds, args.batch_size, ours="blocks", theirs="pixels")
+        result["blocks"] = {
+            "space_to_depth": args.space_to_depth,
+            "sample_size": blocks.unet_spec["sample_size"],
+            "params_M": round(blocks_params / 1e6, 3),
+            "ratio": of_blocks["ratio"],
+            "ratio_min_max": of_blocks["ratio_min_max"],
+        }
     pixel_step_per_image = min(seconds["pixels"]) / args.batch_size
     result["cache_encode_seconds_per_image"] = round(encode_seconds, 5)
     result["cache_encode_in_pixel_steps_per_image"] = round(encode_seconds / pixel_step_per_image, 3)

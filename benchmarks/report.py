@@ -80,8 +80,9 @@ def latent_step_table(report: dict) -> list[str]:
         f"{report.get('goal', '?')})",
         "",
         "| preset | precision | resolution | UNet input (pixels / latents) | batch | rounds | pixels | latents | "
-        "ratio (min-max) | caching once, per image, in pixel steps |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        "ratio (min-max) | caching once, per image, in pixel steps | pixel blocks (`--space-to-depth`): samples/s, "
+        "ratio (min-max) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for _, r in sorted(report.get("cases", {}).items()):
         low, high = r["ratio_min_max"]
@@ -89,9 +90,20 @@ def latent_step_table(report: dict) -> list[str]:
         lines.append(
             f"| {r['preset']} | {r['precision']} | {r['resolution']} | {size['pixels']}² × 3 / {size['latents']}² latents "
             f"(`{r['vae']}` VAE) | {r['batch_size']} | {r['rounds']} | {r['pixels_samples_per_s']} | "
-            f"{r['latents_samples_per_s']} | {r['ratio']}x ({low}-{high}) | {r['cache_encode_in_pixel_steps_per_image']} |"
+            f"{r['latents_samples_per_s']} | {r['ratio']}x ({low}-{high}) | {r['cache_encode_in_pixel_steps_per_image']} | "
+            f"{_blocks_cell(r)} |"
         )
     return [*lines, "", f"Last command: `{report.get('command', '')}`", ""]
+
+
+def _blocks_cell(case: dict) -> str:
+    """The pixel-blocks contender of a latent step-cost case: F, its input, samples/s and ratio; "–" if not timed."""
+    blocks = case.get("blocks")
+    if not blocks:
+        return "–"
+    f, size = blocks["space_to_depth"], blocks["sample_size"]
+    low, high = blocks["ratio_min_max"]
+    return f"F={f}, {size}² × {3 * f * f}: {case['blocks_samples_per_s']}, {blocks['ratio']}x ({low}-{high})"
 
 
 def memory_table(report: dict) -> list[str]:
@@ -591,13 +603,18 @@ def quality_block(results_dir: Path) -> list[str]:
 
 def speed_block(results_dir: Path) -> list[str]:
     out: list[str] = []
-    for name in (*THROUGHPUT, "latent_step_cost", "loss_memory"):
+    # latent_step_cost_32px: the same benchmark at the demo's 32 px, where pixel blocks are the pixel path's option
+    for name in (*THROUGHPUT, "latent_step_cost", "latent_step_cost_32px", "loss_memory"):
         path = results_dir / f"{name}.json"
         if not path.is_file():
             out += [f"_{name}: no results yet (`python benchmarks/{name}.py --save-results`)_", ""]
             continue
         report = json.loads(path.read_text())
-        tables = {"loss_memory": memory_table, "latent_step_cost": latent_step_table}
+        tables = {
+            "loss_memory": memory_table,
+            "latent_step_cost": latent_step_table,
+            "latent_step_cost_32px": latent_step_table,
+        }
         out += tables[name](report) if name in tables else throughput_table(name, report)
     return out[:-1] if out and out[-1] == "" else out
 

@@ -49,6 +49,17 @@ def test_latent_step_cost_times_one_unet_on_pixels_and_on_latents(capsys):
     assert case["params_M"]["latents"] == pytest.approx(case["params_M"]["pixels"], abs=0.01)  # 4 vs 3 channels
     assert case["pixels_samples_per_s"] > 0 and case["latents_samples_per_s"] > 0
     assert case["cache_encode_seconds_per_image"] > 0
+    assert "blocks" not in case  # timed only when asked
+
+    assert latent_step_cost.main([*argv, "--resolution", "16", "--vae", "test", "--space-to-depth", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    blocks = report["cases"]["test_fp32_default"]["blocks"]
+    assert blocks["space_to_depth"] == 2 and blocks["sample_size"] == 8
+    assert blocks["params_M"] == pytest.approx(case["params_M"]["pixels"], abs=0.01)  # 12 vs 3 channels in and out
+    import report as report_module
+
+    row = report_module.latent_step_table(report)[4]
+    assert "F=2, 8² × 12: " in row and f"{blocks['ratio']}x" in row
 
 
 def test_results_name_stays_in_the_results_folder(capsys):
