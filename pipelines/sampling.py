@@ -9,6 +9,7 @@ Each pipeline keeps what is its own: the model it calls, what conditions it and 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
@@ -150,17 +151,25 @@ def check_vae_fits(unet: ModelMixin | None, vae: AutoencoderKL | None, space_to_
         raise ValueError(f"`space_to_depth` {space_to_depth} is for pixel space; a pipeline with a `vae` has none")
     if unet is None:
         return
-    channels = vae.config.latent_channels if vae is not None else 3 * space_to_depth**2
-    if unet.config.in_channels != channels:
-        what = (
-            "the VAE's latents have" if vae is not None else f"pixels as {space_to_depth}x{space_to_depth} blocks have"
+    channels = unet.config.in_channels
+    if vae is not None:
+        if channels != vae.config.latent_channels:
+            raise ValueError(
+                f"the UNet denoises {channels} channels, but the VAE's latents have {vae.config.latent_channels}; "
+                "train the UNet on this VAE's latents"
+            )
+        return
+    if channels != 3 * space_to_depth**2:
+        side = math.isqrt(channels // 3)
+        trained = (
+            f"it was trained on pixels as {side}x{side} blocks (`--space-to-depth {side}`)"
+            if side >= 1 and 3 * side**2 == channels
+            else "it denoises latents: give the pipeline the `vae` it was trained with"
         )
-        fix = (
-            "train the UNet on this VAE's latents"
-            if vae is not None
-            else "pass the space_to_depth it was trained with"
+        raise ValueError(
+            f"the UNet denoises {channels} channels, but pixels as {space_to_depth}x{space_to_depth} blocks have "
+            f"{3 * space_to_depth**2}; {trained}"
         )
-        raise ValueError(f"the UNet denoises {unet.config.in_channels} channels, but {what} {channels}; {fix}")
 
 
 def to_output_type(

@@ -141,8 +141,8 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         if self.vae is None:
             if (height, width) != self.default_size:
                 raise ValueError(
-                    f"`height` and `width` must be the UNet's sample size {self.default_size} in pixel space, "
-                    f"got {(height, width)}"
+                    f"`height` and `width` must be the image size the UNet was trained on, {self.default_size}, in "
+                    f"pixel space; got {(height, width)}"
                 )
         elif height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(
@@ -230,11 +230,13 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
             num_images_per_prompt: images per prompt; images come prompt by prompt (all of the first prompt's first).
             generator: a torch generator, or one per image: with one per image, each image depends on its own
                 generator only, so a batch equals its images generated one at a time.
-            latents: initial noise (num_images, C, h, w), unscaled (drawn from `generator` when None).
+            latents: initial noise (num_images, C, h, w) of what the UNet denoises (pixels, pixel blocks or latents),
+                unscaled (drawn from `generator` when None).
             output_type: "pil" (list of PIL images), "np" (float (B, H, W, 3) in [0, 1]), "pt" (float tensor
-                (B, 3, H, W) in [0, 1]) or "latent" (the denoised sample before decoding).
+                (B, 3, H, W) in [0, 1]) or "latent" (the denoised sample before decoding or rearranging blocks).
             return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
-            height, width: image size in pixels; in pixel space it must be the UNet's sample size (the default).
+            height, width: image size in pixels; in pixel space it must be the size the UNet was trained on (the
+                default).
             callback_on_step_end: called as `callback(pipeline, step, timestep, {"latents": latents})` after each
                 step; a "latents" entry in the dict it returns replaces the current latents.
         """

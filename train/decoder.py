@@ -24,7 +24,8 @@ What the UNet is conditioned on is the flow's plug-in (`clipcond.train.decoder_c
 `--conditioning image-embedding` (`clipcond.train.unclip_decoder`, the DALL-E 2 decoder: an
 `ImageVariationPipeline`). What the UNet denoises is another choice, orthogonal to it (`model_space`: pixels in
 [-1, 1], or a VAE's latents sampled from posteriors cached once, the pipeline then holding the VAE that decodes
-them, for either conditioning), and how it is initialised one step
+them, for either conditioning; or, for text conditioning, pixels as F x F blocks, `--space-to-depth F`), and how it
+is initialised one step
 (`build_decoder`: a preset now, pretrained weights later), whatever the conditioning.
 """
 
@@ -77,7 +78,14 @@ from clipcond.train.loop import (
     run_stage,
     train,
 )
-from clipcond.train.model_space import LatentSpace, PixelSpace, add_vae_args, check_space_args, model_space
+from clipcond.train.model_space import (
+    LatentSpace,
+    PixelSpace,
+    add_vae_args,
+    check_space_args,
+    check_space_fits,
+    model_space,
+)
 from clipcond.train.text_decoder import TextPlugin
 from clipcond.train.unclip_decoder import ImageEmbeddingPlugin
 
@@ -264,6 +272,7 @@ def check_decoder_args(args: argparse.Namespace) -> None:
             f"`--no-mask-text-padding` is about the captions' token states; it needs `--conditioning text`, got "
             f"{args.conditioning!r}"
         )
+    check_space_args(args)
     if args.space_to_depth != 1 and args.conditioning != "text":  # the image-embedding pipelines: pixels or latents
         raise ValueError(
             f"`--space-to-depth {args.space_to_depth}` needs `--conditioning text` (the image-embedding decoder "
@@ -358,6 +367,8 @@ class DecoderStage(DiffusionStage):
         state = super().extra_state()
         if self.space.content_hash is not None:
             state["vae_content_hash"] = self.space.content_hash
+        if getattr(self.space, "space_to_depth", 1) > 1:
+            state["space_to_depth"] = self.space.space_to_depth
         return state
 
     def load_extra_state(self, state):
@@ -368,6 +379,12 @@ class DecoderStage(DiffusionStage):
             raise ValueError(
                 f"the checkpoint was trained on {trained}, but `--vae` gives {given}; resume with the `--vae` it "
                 "was trained with, or start a new run"
+            )
+        saved, current = state.get("space_to_depth", 1), getattr(self.space, "space_to_depth", 1)
+        if saved != current:  # checked before the weights, whose shapes then differ
+            raise ValueError(
+                f"the checkpoint was trained with `--space-to-depth {saved}`, but this run has `--space-to-depth "
+                f"{current}`; resume with the value it was trained with, or start a new run"
             )
         super().load_extra_state(state)
 
@@ -535,7 +552,7 @@ def train_decoder(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 3. Data, at the decoder's resolution
     dataset, resolution = open_training_data(args)
-    check_space_args(args, resolution)  # before the encoder runs over the data
+    check_space_fits(args, resolution)  # before the encoder runs over the data
 
     # 4. The encoder's outputs for the training data, computed once (by the main process; the others then read the
     # file): the cache that each step's conditioning reads

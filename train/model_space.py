@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL
 from clipcond.data.folders import collate_image_text
 from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
+from clipcond.models.unet import unet_presets
 from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, vae_folder
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
@@ -56,8 +57,8 @@ def add_vae_args(model: argparse._ArgumentGroup) -> None:
     )
 
 
-def check_space_args(args: argparse.Namespace, resolution: int) -> None:
-    """Reject a `--space-to-depth` that the data or `--vae` cannot take, naming the option and the value."""
+def check_space_args(args: argparse.Namespace) -> None:
+    """Reject a `--space-to-depth` that is not a block side, or that comes with `--vae`, naming both."""
     factor = args.space_to_depth
     if factor < 1:
         raise ValueError(f"`--space-to-depth` must be >= 1, got {factor}")
@@ -65,8 +66,21 @@ def check_space_args(args: argparse.Namespace, resolution: int) -> None:
         raise ValueError(
             f"`--space-to-depth {factor}` is for pixel space; with `--vae {args.vae}` the UNet denoises latents"
         )
+
+
+def check_space_fits(args: argparse.Namespace, resolution: int) -> None:
+    """Reject a `--space-to-depth` whose blocks do not tile the images, or leave the `--model` preset's UNet too small
+    a sample to halve at each of its levels, naming the options and the sizes."""
+    factor = args.space_to_depth
     if resolution % factor:
         raise ValueError(f"`--space-to-depth {factor}` must divide the image size {resolution}")
+    levels = len(unet_presets().get(args.model, {}).get("block_out_channels", ()))
+    if factor > 1 and levels and (resolution // factor) % 2 ** (levels - 1):
+        side = resolution // factor
+        raise ValueError(
+            f"`--space-to-depth {factor}` leaves the UNet {side} x {side} samples, but a `--model {args.model}` UNet "
+            f"of {levels} levels needs a multiple of {2 ** (levels - 1)}; use a smaller factor"
+        )
 
 
 def encode_images_to_model_space(

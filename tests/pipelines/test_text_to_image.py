@@ -306,7 +306,10 @@ def test_callback_on_step_end(pipe):
         ({"num_images_per_prompt": 0}, r"`num_images_per_prompt` must be an integer >= 1, got 0"),
         ({"generator": generators(0, 1)}, r"`generator` is a list of 2 generators, but 1 images"),
         ({"latents": torch.zeros(1, 3, 8, 8)}, r"`latents` must have shape \(1, 3, 16, 16\), got \(1, 3, 8, 8\)"),
-        ({"height": 32}, r"`height` and `width` must be the UNet's sample size \(16, 16\).*got \(32, 16\)"),
+        (
+            {"height": 32},
+            r"`height` and `width` must be the image size the UNet was trained on, \(16, 16\).*got \(32, 16\)",
+        ),
         ({"output_type": "jpg"}, r"`output_type` must be one of .*got 'jpg'"),
     ],
 )
@@ -371,8 +374,19 @@ def test_vae_whose_latents_do_not_fit_is_refused(tokenizer):
 @pytest.mark.parametrize(
     "unet_channels, space_to_depth, vae, match",
     [
-        (3, 2, False, r"the UNet denoises 3 channels, but pixels as 2x2 blocks have 12; pass the space_to_depth"),
-        (12, 1, False, r"the UNet denoises 12 channels, but pixels as 1x1 blocks have 3"),
+        (
+            3,
+            2,
+            False,
+            r"denoises 3 channels, but pixels as 2x2 blocks have 12; .* as 1x1 blocks \(`--space-to-depth 1`",
+        ),
+        (
+            12,
+            1,
+            False,
+            r"denoises 12 channels, but pixels as 1x1 blocks have 3; .* as 2x2 blocks \(`--space-to-depth 2`",
+        ),
+        (4, 1, False, r"denoises 4 channels, .*; it denoises latents: give the pipeline the `vae` it was trained"),
         (4, 2, True, r"`space_to_depth` 2 is for pixel space; a pipeline with a `vae` has none"),
     ],
 )

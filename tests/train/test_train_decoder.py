@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 from without_clipcond import assert_ships_its_code, assert_stock_diffusers_draws_the_same
@@ -281,6 +282,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
         ),
         ({"--space-to-depth": "3"}, ValueError, "`--space-to-depth 3` must divide the image size 16"),
         ({"--space-to-depth": "0"}, ValueError, "`--space-to-depth` must be >= 1, got 0"),
+        ({"--space-to-depth": "2", "--vae": "vae-folder"}, ValueError, "is for pixel space; with `--vae vae-folder`"),
+        (
+            {"--space-to-depth": "16"},
+            ValueError,
+            "`--space-to-depth 16` leaves the UNet 1 x 1 samples, but a `--model",
+        ),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tiny_clip_run, tmp_path, change, error, match):
@@ -589,9 +596,11 @@ def test_space_to_depth_trains_on_pixel_blocks_and_samples_whole_images(shapes_d
 
     out = tmp_path / "run"
     argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "0")
-    main([*argv, "--validation-steps", "0", "--space-to-depth", "2"])
+    main([*argv, "--validation-steps", "2", "--space-to-depth", "2"])
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (12, 12, 8)
+    grid = Image.open(out / "validation" / "step-2.png")  # two prompts, an image each, at the data's 16 px
+    assert grid.size == (16, 32)
     record = json.loads((out / "clipcond_run.json").read_text())
     assert record["model_space"] == {"space": "pixels", "sample_size": 8, "space_to_depth": 2}
 
@@ -606,6 +615,20 @@ def test_space_to_depth_trains_on_pixel_blocks_and_samples_whole_images(shapes_d
     assert blocks.shape == (1, 12, 8, 8) and images.shape == (1, 3, 16, 16)
     expected = (torch.nn.functional.pixel_shuffle(blocks.float(), 2) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, expected)
+
+
+def test_resume_refuses_another_space_to_depth(shapes_data, tiny_clip_run, tmp_path):
+    """A checkpoint of pixel blocks resumed without the flag fails on the flag, not on the weights' shapes; with it,
+    the run resumes and finishes."""
+    argv = _argv(tiny_clip_run, shapes_data, tmp_path / "run", "--checkpointing-steps", "1", "--validation-steps", "0")
+    main([*argv, "--max-train-steps", "1", "--space-to-depth", "2"])
+    _reset_accelerate()
+    resume = [*argv, "--max-train-steps", "2", "--resume-from-checkpoint", "latest"]
+    with pytest.raises(ValueError, match="trained with `--space-to-depth 2`, but this run has `--space-to-depth 1`"):
+        main(resume)
+    _reset_accelerate()
+    main([*resume, "--space-to-depth", "2"])
+    assert json.loads((tmp_path / "run" / "clipcond_run.json").read_text())["summary"]["steps"] == 2
 
 
 def test_pixel_space_blocks_hold_the_same_pixels():
