@@ -163,16 +163,27 @@ def earlier_seeds(path: Path, args: argparse.Namespace) -> tuple[dict[str, dict[
             f"`--seeds-from` {str(path)!r} is not a result of this benchmark: {report.get('benchmark')!r}"
         )
     defaults = vars(parse_args([]))
-    for key in (*SAME_SETTINGS, "clip_args"):
+    for key in (*SAME_SETTINGS, "clip_args"):  # and the data, checked by `check_same_data` once it is made
         theirs, ours = report["settings"].get(key, defaults[key]), getattr(args, key)
         if theirs != ours:
             raise ValueError(f"`--seeds-from` {str(path)!r} ran with {key}={theirs!r}, this run with {ours!r}")
+    if report.get("seeds_from"):  # its own seeds would be credited to its commit: join the file they came from
+        raise ValueError(
+            f"`--seeds-from` {str(path)!r} joined seeds from {report['seeds_from']['file']!r} itself; pass a result "
+            "that ran all its seeds"
+        )
     seeds = sorted(int(seed) for seed in report["per_seed"]["plain"] if int(seed) not in args.seeds)
     if not seeds:
         raise ValueError(f"`--seeds-from` {str(path)!r} holds no seed besides `--seeds` {args.seeds}")
     runs = {recipe: {seed: report["per_seed"][recipe][str(seed)] for seed in seeds} for recipe in RECIPES}
-    provenance = ("command", "commit", "dirty", "date", "machine")
+    provenance = ("command", "commit", "dirty", "date", "machine", "data")
     return runs, {"file": path.name, "seeds": seeds, **{key: report.get(key) for key in provenance}}
+
+
+def check_same_data(seeds_from: dict | None, data: dict) -> None:
+    """Refuse to join seeds trained on other data (size or resolution) than this run's."""
+    if seeds_from is not None and seeds_from["data"] != data:
+        raise ValueError(f"`--seeds-from` {seeds_from['file']!r} trained on {seeds_from['data']}, this run on {data}")
 
 
 def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
@@ -209,15 +220,17 @@ def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
+    seeds_from = None
+    if args.seeds_from is not None:  # read first: refused before any work, and before its file may be overwritten
+        per_seed, seeds_from = earlier_seeds(args.seeds_from, args)
     with tempfile.TemporaryDirectory(prefix="hard_negatives_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
         sizes = {"num_images": SMOKE["num_images"], "num_test_images": 36} if args.smoke else {}
         info = ensure_shapes(data_dir, seed=0, flag="--data-dir", **sizes)
+        data = {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]}
+        check_same_data(seeds_from, data)
         work = args.work_dir or Path(tmp, "runs")
-        per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
-        seeds_from = None
-        if args.seeds_from is not None:  # read before this run's results may overwrite the file
-            per_seed, seeds_from = earlier_seeds(args.seeds_from, args)
         for seed in args.seeds:
             for recipe in RECIPES:
                 per_seed[recipe][seed] = run_one(args, data_dir, work / f"{recipe}-seed{seed}", seed, recipe)
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "hard_negatives",
         "command": "python benchmarks/hard_negatives.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
-        "data": {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]},
+        "data": data,
         "machine": machine(),
         "per_seed": {recipe: dict(sorted(runs.items())) for recipe, runs in per_seed.items()},
         "summary": summarise(per_seed),

@@ -14,8 +14,8 @@ backward, AdamW, EMA):
   those images (64 px through the `tiny` VAE: 16 x 16 x 4), each step drawing a posterior sample from the cache
   (`LatentSpace`), as `clipcond train decoder --vae` does;
 - with `--space-to-depth F`, also blocks: the same preset on the images' pixels as F x F blocks (3 F^2 channels at
-  1/F of the size; `PixelSpace`), as `clipcond train decoder --space-to-depth F` trains, reported as `blocks_ratio`
-  (pixel-step time / block-step time).
+  1/F of the size; `PixelSpace`), as `clipcond train decoder --space-to-depth F` trains, reported under `blocks`
+  (`ratio`: pixel-step time / block-step time).
 
 It prints one JSON object: per preset and precision the median samples/s of each, the median over rounds of
 pixel-step time / latent-step time (`ratio`, > 1: the latent step is cheaper), and the one-off cost the latent path
@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     add_results_flag(parser, results_name="latent_step_cost")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.space_to_depth < 1 or args.resolution % args.space_to_depth:
+        parser.error(
+            f"--space-to-depth must be >= 1 and divide --resolution {args.resolution}, got {args.space_to_depth}"
+        )
+    return args
 
 
 def latent_setup(shared, vae_preset: str, folder: Path, seed: int):

@@ -601,13 +601,23 @@ def quality_block(results_dir: Path) -> list[str]:
     return lines + ([""] + missing if missing else [])
 
 
+# the commands of speed results whose name is not their script's
+SPEED_COMMANDS = {
+    "latent_step_cost_32px": "python benchmarks/latent_step_cost.py --resolution 32 --space-to-depth 2 --precision fp32 "
+    "--results-name latent_step_cost_32px"
+}
+
+
 def speed_block(results_dir: Path) -> list[str]:
     out: list[str] = []
     # latent_step_cost_32px: the same benchmark at the demo's 32 px, where pixel blocks are the pixel path's option
     for name in (*THROUGHPUT, "latent_step_cost", "latent_step_cost_32px", "loss_memory"):
         path = results_dir / f"{name}.json"
         if not path.is_file():
-            out += [f"_{name}: no results yet (`python benchmarks/{name}.py --save-results`)_", ""]
+            out += [
+                f"_{name}: no results yet (`{SPEED_COMMANDS.get(name, f'python benchmarks/{name}.py')} --save-results`)_",
+                "",
+            ]
             continue
         report = json.loads(path.read_text())
         tables = {

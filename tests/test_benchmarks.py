@@ -412,6 +412,10 @@ def test_hard_negatives_seeds_from_an_earlier_result_join_with_their_commit(shap
     path.write_text(json.dumps(earlier))
     with pytest.raises(ValueError, match="num_pairs=8, this run with 4"):  # other settings: refused, nothing trained
         hard_negatives.main([*argv, "--seeds", "1", "--seeds-from", str(path), "--num-pairs", "4"])
+    other_data = tmp_path / "other-data.json"
+    other_data.write_text(json.dumps({**earlier, "data": {**earlier["data"], "num_train": 1}}))
+    with pytest.raises(ValueError, match="trained on .*'num_train': 1.*, this run on"):
+        hard_negatives.main([*argv, "--seeds", "1", "--seeds-from", str(other_data)])
     assert not (tmp_path / "runs" / "plain-seed1").exists()
 
     assert hard_negatives.main([*argv, "--seeds", "1", "--seeds-from", str(path)]) == 0
@@ -423,6 +427,10 @@ def test_hard_negatives_seeds_from_an_earlier_result_join_with_their_commit(shap
     assert report["summary"]["plain"]["zero_shot_top1_seen"]["mean"] == pytest.approx(sum(figures) / 2)
     row = report_module.hard_negative_rows({**report, "commit": "b" * 40})[0]
     assert "| 0/1 |" in row and "at bbbbbbb" in row and "seed 0 from `earlier.json` at aaaaaaa, 2026-12-01" in row
+    joined = tmp_path / "joined.json"
+    joined.write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="joined seeds from 'earlier.json' itself"):
+        hard_negatives.main([*argv, "--seeds", "2", "--seeds-from", str(joined)])
 
 
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
