@@ -103,8 +103,9 @@ def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, r
     return [*argv, *args.clip_args]
 
 
-def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> dict[str, float]:
-    """`clipcond probe`'s CLIP figures of a run: {"probe_<probe>_<group>": accuracy} (groups all, seen, heldout)."""
+def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> tuple[dict[str, float], dict[str, int]]:
+    """`clipcond probe`'s CLIP figures of a run: {"probe_<probe>_<group>": accuracy} (groups all, seen, heldout),
+    and the number of pairs behind each."""
     from clipcond.probe import main as probe_main
 
     out = run / "probes"
@@ -112,12 +113,13 @@ def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> dict[
     with contextlib.redirect_stdout(sys.stderr):
         probe_main([*argv, "--seed", str(seed)])
     clip = json.loads((out / "probes.json").read_text())["clip"]
-    return {
-        f"probe_{probe}_{group}": stat["accuracy"]
+    stats = {
+        f"probe_{probe}_{group}": stat
         for probe, groups in clip.items()
         for group, stat in groups.items()
         if isinstance(stat, dict) and stat.get("accuracy") is not None
     }
+    return {key: stat["accuracy"] for key, stat in stats.items()}, {key: stat["n"] for key, stat in stats.items()}
 
 
 def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str) -> dict:
@@ -139,10 +141,12 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     record = RunRecord.read(run)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     figures = {key: metrics[key] for key in METRIC_KEYS if not key.startswith("num_")}
-    figures.update(probe_figures(run, data_dir, args.num_pairs, seed))
+    probes, pairs = probe_figures(run, data_dir, args.num_pairs, seed)
+    figures.update(probes)
     negatives = record.hard_negatives or {}
     return {
         "figures": {key: None if value is None else round(value, 4) for key, value in figures.items()},
+        "pairs": pairs,
         "train_seconds": record.summary["seconds"],
         "wall_seconds": round(wall, 1),
         "steps": record.summary["steps"],
@@ -186,7 +190,36 @@ def check_same_data(seeds_from: dict | None, data: dict) -> None:
         raise ValueError(f"`--seeds-from` {seeds_from['file']!r} trained on {seeds_from['data']}, this run on {data}")
 
 
-def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
+def pairs_of(run: dict, key: str, num_pairs: int) -> int:
+    """The pairs behind a run's probe figure (runs saved before they were recorded: both groups of `--num-pairs`)."""
+    return run.get("pairs", {}).get(key, 2 * num_pairs)
+
+
+def probe_gains(per_seed: dict[str, dict[int, dict]], num_pairs: int) -> dict[str, dict]:
+    """Per target probe, whether its gain bar holds over the seeds (`gain_holds`: the mean gain meets it and no seed
+    misses it beyond the interval of its two runs' pairs)."""
+    from clipcond.evaluation.stats import gain_holds
+
+    verdicts = {}
+    for probe in TARGET["probes"]:
+        key = f"probe_{probe}_all"
+        runs = {recipe: per_seed[recipe] for recipe in RECIPES}
+        if any(run["figures"].get(key) is None for recipe_runs in runs.values() for run in recipe_runs.values()):
+            continue
+        ours = {seed: run["figures"][key] for seed, run in runs["hard_negatives"].items()}
+        theirs = {seed: runs["plain"][seed]["figures"][key] for seed in ours}
+        n = {
+            seed: (
+                pairs_of(runs["hard_negatives"][seed], key, num_pairs),
+                pairs_of(runs["plain"][seed], key, num_pairs),
+            )
+            for seed in ours
+        }
+        verdicts[probe] = gain_holds(ours, theirs, n, TARGET["probe_gain"])
+    return verdicts
+
+
+def summarise(per_seed: dict[str, dict[int, dict]], num_pairs: int) -> dict:
     """Per recipe the mean and interval of each figure; per figure the paired difference; the target's verdict."""
     seeds = sorted(per_seed["plain"])
     figures = {recipe: [per_seed[recipe][s]["figures"] for s in seeds] for recipe in RECIPES}
@@ -207,13 +240,15 @@ def summarise(per_seed: dict[str, dict[int, dict]]) -> dict:
     }
     gains = {p: summary["difference"].get(f"probe_{p}_all", {}).get("mean") for p in TARGET["probes"]}
     zero_shot = summary["difference"].get("zero_shot_top1_seen", {}).get("mean")
+    per_probe = probe_gains(per_seed, num_pairs)
     summary["target"] = {
         **TARGET,
         "probe_gains": gains,
+        "per_probe": per_probe,
         "zero_shot_seen_change": zero_shot,
         "holds": None
-        if None in gains.values() or zero_shot is None
-        else all(g >= TARGET["probe_gain"] for g in gains.values()) and zero_shot >= -TARGET["zero_shot_loss"],
+        if len(per_probe) < len(TARGET["probes"]) or zero_shot is None
+        else all(v["holds"] for v in per_probe.values()) and zero_shot >= -TARGET["zero_shot_loss"],
     }
     return summary
 
@@ -242,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": data,
         "machine": machine(),
         "per_seed": {recipe: dict(sorted(runs.items())) for recipe, runs in per_seed.items()},
-        "summary": summarise(per_seed),
+        "summary": summarise(per_seed, args.num_pairs),
     }
     if seeds_from is not None:
         report["seeds_from"] = seeds_from

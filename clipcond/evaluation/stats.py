@@ -61,3 +61,28 @@ def bar_holds(per_seed: Mapping[int, float], per_seed_n: Mapping[int, int], bar:
         if wilson_interval(value * per_seed_n[seed], per_seed_n[seed])[1] < bar
     ]
     return {**summary, "bar": bar, "holds": summary["mean"] >= bar and not misses, "seeds_missing": misses}
+
+
+def difference_interval(p1: float, n1: int, p2: float, n2: int) -> tuple[float, float]:
+    """95% interval (low, high) of p1 - p2, two independent proportions over n1 and n2 trials: Newcombe's hybrid score
+    interval (Newcombe 1998, method 10), built from each proportion's Wilson interval."""
+    low1, high1 = wilson_interval(p1 * n1, n1)
+    low2, high2 = wilson_interval(p2 * n2, n2)
+    d = p1 - p2
+    return d - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2), d + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
+
+
+def gain_holds(
+    ours: Mapping[int, float], theirs: Mapping[int, float], n: Mapping[int, tuple[int, int]], bar: float
+) -> dict:
+    """Whether a bar on the gain ours - theirs (two proportions per seed, paired by seed; `n[seed]`: their numbers of
+    trials) holds over seeds, by the rule of `bar_holds`: the mean gain meets it, and no seed's gain misses it by
+    more than its own 95% interval (`difference_interval`). Returns the mean gain and its t interval over the seeds,
+    the bar, the verdict, and the seeds that miss beyond their interval."""
+    gains = {seed: ours[seed] - theirs[seed] for seed in ours}
+    summary = mean_interval(gains.values())
+    misses = [
+        seed for seed in gains if difference_interval(ours[seed], n[seed][0], theirs[seed], n[seed][1])[1] < bar
+    ]
+    return {**summary, "bar": bar, "holds": summary["mean"] >= bar and not misses, "seeds_missing": misses}
+
