@@ -81,8 +81,5 @@ def gain_holds(
     the bar, the verdict, and the seeds that miss beyond their interval."""
     gains = {seed: ours[seed] - theirs[seed] for seed in ours}
     summary = mean_interval(gains.values())
-    misses = [
-        seed for seed in gains if difference_interval(ours[seed], n[seed][0], theirs[seed], n[seed][1])[1] < bar
-    ]
+    misses = [seed for seed in gains if difference_interval(ours[seed], n[seed][0], theirs[seed], n[seed][1])[1] < bar]
     return {**summary, "bar": bar, "holds": summary["mean"] >= bar and not misses, "seeds_missing": misses}
-

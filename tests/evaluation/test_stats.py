@@ -53,4 +53,3 @@ def test_gain_holds_only_when_the_mean_gain_meets_it_and_no_seed_misses_beyond_i
     assert lucky["mean"] > 0.20 and not lucky["holds"] and lucky["seeds_missing"] == [0]
     assert gain_holds({0: 0.99, 1: 0.9375, 2: 0.93}, plain, n, 0.20)["holds"]  # +16.5 of 400 pairs: within
     assert not gain_holds({0: 0.7, 1: 0.7, 2: 0.7}, plain, n, 0.20)["holds"]  # the mean misses
-
