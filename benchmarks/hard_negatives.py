@@ -203,18 +203,12 @@ def probe_gains(per_seed: dict[str, dict[int, dict]], num_pairs: int) -> dict[st
     verdicts = {}
     for probe in TARGET["probes"]:
         key = f"probe_{probe}_all"
-        runs = {recipe: per_seed[recipe] for recipe in RECIPES}
-        if any(run["figures"].get(key) is None for recipe_runs in runs.values() for run in recipe_runs.values()):
+        negatives, plain = per_seed["hard_negatives"], per_seed["plain"]
+        if any(run["figures"].get(key) is None for runs in (negatives, plain) for run in runs.values()):
             continue
-        ours = {seed: run["figures"][key] for seed, run in runs["hard_negatives"].items()}
-        theirs = {seed: runs["plain"][seed]["figures"][key] for seed in ours}
-        n = {
-            seed: (
-                pairs_of(runs["hard_negatives"][seed], key, num_pairs),
-                pairs_of(runs["plain"][seed], key, num_pairs),
-            )
-            for seed in ours
-        }
+        ours = {seed: run["figures"][key] for seed, run in negatives.items()}
+        theirs = {seed: plain[seed]["figures"][key] for seed in ours}
+        n = {seed: (pairs_of(negatives[seed], key, num_pairs), pairs_of(plain[seed], key, num_pairs)) for seed in ours}
         verdicts[probe] = gain_holds(ours, theirs, n, TARGET["probe_gain"])
     return verdicts
 

@@ -107,16 +107,19 @@ def latent_setup(shared, vae_preset: str, folder: Path, seed: int):
 
 def blocks_setup(shared, factor: int):
     """The blocks contender's shared inputs (its UNet sized for F x F pixel blocks) and a factory of its space."""
+    from clipcond.models.unet import unet_config
     from clipcond.train.model_space import PixelSpace
 
     resolution = shared.pixels.shape[-1]
     blocks = copy.copy(shared)
-    blocks.unet_spec = {
-        **shared.unet_spec,
-        "sample_size": resolution // factor,
-        "in_channels": 3 * factor**2,
-        "out_channels": 3 * factor**2,
-    }
+    spec = shared.unet_spec
+    blocks.unet_spec = unet_config(
+        shared.preset,
+        sample_size=resolution // factor,
+        cross_attention_dim=spec["cross_attention_dim"],
+        in_channels=3 * factor**2,
+        encoder_hid_dim=spec.get("encoder_hid_dim"),
+    )
 
     def space(device):
         return PixelSpace(resolution, factor)

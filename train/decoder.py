@@ -367,7 +367,7 @@ class DecoderStage(DiffusionStage):
         state = super().extra_state()
         if self.space.content_hash is not None:
             state["vae_content_hash"] = self.space.content_hash
-        if getattr(self.space, "space_to_depth", 1) > 1:
+        if self.space.space_to_depth > 1:
             state["space_to_depth"] = self.space.space_to_depth
         return state
 
@@ -380,7 +380,7 @@ class DecoderStage(DiffusionStage):
                 f"the checkpoint was trained on {trained}, but `--vae` gives {given}; resume with the `--vae` it "
                 "was trained with, or start a new run"
             )
-        saved, current = state.get("space_to_depth", 1), getattr(self.space, "space_to_depth", 1)
+        saved, current = state.get("space_to_depth", 1), self.space.space_to_depth
         if saved != current:  # checked before the weights, whose shapes then differ
             raise ValueError(
                 f"the checkpoint was trained with `--space-to-depth {saved}`, but this run has `--space-to-depth "

@@ -31,7 +31,8 @@ from diffusers import AutoencoderKL
 from clipcond.data.folders import collate_image_text
 from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
-from clipcond.models.unet import unet_presets
+from clipcond.models.presets import preset_fields
+from clipcond.models.unet import sample_size_multiple, unet_presets
 from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, vae_folder
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
@@ -74,12 +75,13 @@ def check_space_fits(args: argparse.Namespace, resolution: int) -> None:
     factor = args.space_to_depth
     if resolution % factor:
         raise ValueError(f"`--space-to-depth {factor}` must divide the image size {resolution}")
-    levels = len(unet_presets().get(args.model, {}).get("block_out_channels", ()))
-    if factor > 1 and levels and (resolution // factor) % 2 ** (levels - 1):
-        side = resolution // factor
+    if factor == 1:
+        return
+    side, multiple = resolution // factor, sample_size_multiple(preset_fields(args.model, unet_presets(), "UNet"))
+    if side % multiple:
         raise ValueError(
             f"`--space-to-depth {factor}` leaves the UNet {side} x {side} samples, but a `--model {args.model}` UNet "
-            f"of {levels} levels needs a multiple of {2 ** (levels - 1)}; use a smaller factor"
+            f"needs a multiple of {multiple}; use a smaller factor"
         )
 
 
@@ -152,6 +154,7 @@ class LatentSpace:
 
     kind = "latents"
     clip_sample = False
+    space_to_depth = 1  # pixel space's option: latents are denoised as they are
 
     def __init__(self, vae: AutoencoderKL, cache: LatentCache, resolution: int, vae_path: str):
         self.vae, self.cache, self.resolution, self.vae_path = vae, cache, resolution, vae_path

@@ -18,6 +18,11 @@ def unet_presets() -> dict[str, dict]:
     return read_presets(PRESETS_FILE)
 
 
+def sample_size_multiple(config: dict) -> int:
+    """What a UNet config's sample size must be a multiple of: each level after the first halves it."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def unet_config(
     preset: str,
     *,
@@ -42,10 +47,11 @@ def unet_config(
     if image_embedding_dim is not None and pooled_text_dim is not None:
         raise ValueError("give `image_embedding_dim` or `pooled_text_dim`, not both: the UNet has one class embedding")
     config = preset_fields(preset, unet_presets(), "UNet")
-    levels = len(config["block_out_channels"])
-    if sample_size % 2 ** (levels - 1):
+    if sample_size % sample_size_multiple(config):
+        levels = len(config["block_out_channels"])
         raise ValueError(
-            f"`resolution` ({sample_size}) must be divisible by {2 ** (levels - 1)} for a UNet with {levels} levels"
+            f"`resolution` ({sample_size}) must be divisible by {sample_size_multiple(config)} for a UNet with "
+            f"{levels} levels"
         )
     config.update(
         sample_size=sample_size,
