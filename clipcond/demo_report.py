@@ -255,6 +255,14 @@ def _probe_lines(report: dict) -> list[str]:
     ]
 
 
+def _pixel_space(space_to_depth: int) -> str:
+    """How the pixel decoder's UNet sees the images: as they are, or as `--space-to-depth` blocks."""
+    if space_to_depth == 1:
+        return "denoising the pixels"
+    side = space_to_depth
+    return f"denoising the pixels as {side}x{side} blocks ({3 * side**2} channels at 1/{side} of the side)"
+
+
 def _decoder_lines(report: dict) -> list[str]:
     """The "Decoder (text-to-image)" section: its training, its judged figures by guidance scale, the samples."""
     decoder, generation, samples = report["decoder"], report["generation"], report["samples"]
@@ -263,7 +271,7 @@ def _decoder_lines(report: dict) -> list[str]:
         "## Decoder (text-to-image)",
         "",
         f"UNet `{decoder['model']}` ({decoder['parameters'] / 1e6:.2f} M parameters) cross-attending to the frozen CLIP "
-        f"text encoder's token states: {decoder['steps']} steps of batch {decoder['train_batch_size']} "
+        f"text encoder's token states, {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of batch {decoder['train_batch_size']} "
         f"({decoder['samples_seen']} samples), learning rate {decoder['learning_rate']:g}, "
         f"{decoder['prediction_type']} on a {decoder['beta_schedule']} schedule, min-SNR gamma {decoder['snr_gamma']}, "
         f"caption dropout {decoder['caption_dropout']:g}, precision {_precision(decoder['mixed_precision'])}; "

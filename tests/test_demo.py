@@ -144,10 +144,10 @@ def test_recipe_follows_the_device(monkeypatch):
     assert parse_args(["--eval-images-per-prompt", "12"]).eval_images_per_prompt == 12
 
 
-@pytest.mark.parametrize("recipe", ["gpu", "quick"])
+@pytest.mark.parametrize("recipe", ["cpu", "gpu", "quick"])
 def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
     """Every stage of a recipe passes arguments its trainer accepts, and `--clip-steps` and the like still set the
-    step count after them."""
+    step count after them (after the cpu decoder's own step count too). The cpu decoder denoises pixel blocks."""
     from clipcond import demo
     from clipcond.train import clip, decoder, prior
 
@@ -177,6 +177,7 @@ def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
     assert seen["decoder"].max_train_steps == expected_steps
     if recipe == "gpu":
         assert seen["clip"].max_train_steps == int(demo.RECIPES["gpu"]["clip"][3])
+    assert seen["decoder"].space_to_depth == (2 if recipe == "cpu" else 1)
 
 
 def test_a_resumed_training_is_not_an_uninterrupted_demo():
