@@ -120,7 +120,8 @@ class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         scheduler: the decoder's scheduler.
         image_encoder: the frozen CLIP vision tower of the same CLIP (used by image interpolation; its
             `projection_dim` must be the prior's `embedding_dim`).
-        embedding_tokens, feature_extractor, image_noising_scheduler, vae: as in `ImageVariationPipeline`.
+        embedding_tokens, feature_extractor, image_noising_scheduler, vae, space_to_depth: as in
+            `ImageVariationPipeline`.
     """
 
     model_cpu_offload_seq = "text_encoder->prior->image_encoder->embedding_tokens->unet->vae"
@@ -139,6 +140,7 @@ class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         feature_extractor: CLIPImageProcessor | None = None,
         image_noising_scheduler: DDPMScheduler | None = None,
         vae: AutoencoderKL | None = None,
+        space_to_depth: int = 1,
     ):
         super().__init__()
         if (
@@ -157,7 +159,15 @@ class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
             prior=prior, prior_scheduler=prior_scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
         register_decoder_modules(
-            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler, vae
+            self,
+            unet,
+            scheduler,
+            image_encoder,
+            embedding_tokens,
+            feature_extractor,
+            image_noising_scheduler,
+            vae,
+            space_to_depth,
         )
 
     @classmethod
@@ -187,6 +197,7 @@ class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
             text_encoder=prior.text_encoder,
             tokenizer=prior.tokenizer,
             **decoder.components,
+            space_to_depth=decoder.config.space_to_depth,
         )
 
     # ------------------------------------------------------------------------------------------ the two stages
@@ -211,6 +222,7 @@ class UnCLIPTextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
             feature_extractor=self.feature_extractor,
             image_noising_scheduler=self.image_noising_scheduler,
             vae=self.vae,
+            space_to_depth=self.config.space_to_depth,
         )
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe

@@ -6,8 +6,9 @@ embedding through `class_labels` (`class_embed_type="projection"`) and, when the
 cross-attention context (`ImageEmbeddingTokens`); Ramesh et al. 2022, sec. 2.1, in the layout of diffusers'
 `StableUnCLIPImg2ImgPipeline`. How an embedding becomes the UNet's inputs, and what the unconditional input is,
 lives in `clipcond.models.image_embedding`, which training uses too. With a `vae` (a decoder trained with
-`--vae`) the UNet denoises the VAE's latents instead of pixels and they are decoded at the end, as in
-`clipcond.pipelines.text_to_image` (`clipcond.pipelines.sampling.to_output_type`).
+`--vae`) the UNet denoises the VAE's latents instead of pixels and they are decoded at the end; with
+`space_to_depth` F > 1 (`--space-to-depth F`) it denoises the pixels as F x F blocks, rearranged back at the end; both
+as in `clipcond.pipelines.text_to_image` (`clipcond.pipelines.sampling.to_output_type`).
 
 It also decodes given embeddings (`image_embeds=`, e.g. from the prior: `clipcond.pipelines.unclip`) and
 interpolates between two images (`interpolate`). `save_pretrained` writes `unet/`, `scheduler/`,
@@ -154,12 +155,14 @@ def register_decoder_modules(
     feature_extractor: CLIPImageProcessor | None,
     image_noising_scheduler: DDPMScheduler | None,
     vae: AutoencoderKL | None = None,
+    space_to_depth: int = 1,
 ) -> None:
-    """Check that the decoder's components fit one another, then register them on `pipe` under these names: the
-    whole of `ImageVariationPipeline`, the decoder half of `clipcond.pipelines.unclip.UnCLIPTextToImagePipeline`."""
+    """Check that the decoder's components fit one another, then register them on `pipe` under these names (and
+    `space_to_depth` in its config): the whole of `ImageVariationPipeline`, the decoder half of
+    `clipcond.pipelines.unclip.UnCLIPTextToImagePipeline`."""
     if unet is not None and image_encoder is not None:
         check_decoder_fits(unet, image_encoder.config.projection_dim, embedding_tokens, image_noising_scheduler)
-    check_vae_fits(unet, vae)
+    check_vae_fits(unet, vae, space_to_depth)
     pipe.register_modules(
         unet=unet,
         scheduler=scheduler,
@@ -169,6 +172,7 @@ def register_decoder_modules(
         image_noising_scheduler=image_noising_scheduler,
         vae=vae,
     )
+    pipe.register_to_config(space_to_depth=space_to_depth)
 
 
 class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
@@ -185,6 +189,8 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
         image_noising_scheduler: the noise schedule of the embedding's noise augmentation, when the decoder was
             trained with it (`--noise-level`); it enables the `noise_level` argument.
         vae: optional `AutoencoderKL`; when given the UNet denoises its latents (scaled by its `scaling_factor`).
+        space_to_depth: without a `vae`, the side F of the pixel blocks the UNet denoises (3 F^2 channels at 1/F of
+            the image size; `clipcond train decoder --space-to-depth`); 1: the pixels as they are.
     """
 
     model_cpu_offload_seq = "image_encoder->embedding_tokens->unet->vae"
@@ -199,12 +205,22 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
         feature_extractor: CLIPImageProcessor | None = None,
         image_noising_scheduler: DDPMScheduler | None = None,
         vae: AutoencoderKL | None = None,
+        space_to_depth: int = 1,
     ):
         super().__init__()
         register_decoder_modules(
-            self, unet, scheduler, image_encoder, embedding_tokens, feature_extractor, image_noising_scheduler, vae
+            self,
+            unet,
+            scheduler,
+            image_encoder,
+            embedding_tokens,
+            feature_extractor,
+            image_noising_scheduler,
+            vae,
+            space_to_depth,
         )
-        self.vae_scale_factor = vae_scale_factor(vae)
+        # pixels per pixel of what the UNet denoises, along a side: the VAE's factor, or the blocks' side
+        self.vae_scale_factor = vae_scale_factor(vae) * space_to_depth
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
@@ -214,7 +230,7 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
 
     @property
     def sample_size(self) -> int:
-        """The side of what the UNet denoises: pixels, or with a VAE latent pixels."""
+        """The side of what the UNet denoises: pixels, pixel blocks, or with a VAE latent pixels."""
         size = self.unet.config.sample_size
         return size if isinstance(size, int) else size[0]
 
@@ -312,7 +328,8 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
             noise_level: noise augmentation of the embedding (Stable unCLIP's `noise_level`), in
                 [0, `max_noise_level`]; higher: more variety, less likeness. Only for decoders trained with it.
             output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]), "pt" (float (B, 3, H, W) in [0, 1]) or
-                "latent" (the denoised sample: pixels in [-1, 1] terms, or the VAE's scaled latents).
+                "latent" (the denoised sample: pixels in [-1, 1] terms (as blocks with `space_to_depth`), or the VAE's
+                scaled latents).
             return_dict: return an `ImagePipelineOutput` rather than a tuple `(images,)`.
             guidance_start, guidance_end: guidance applies on the sampling steps from `guidance_start` to
                 `guidance_end`, fractions of `num_inference_steps` counted from the noisiest step
@@ -372,7 +389,13 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
         latents = denoise(self, self.unet, latents, sampling, guided, conditional, guided_inputs=guided_conditioning)
 
         # 7. decode / postprocess: [-1, 1] (or the VAE's latents) -> output_type
-        images = to_output_type(self.image_processor, latents, sampling.output_type, vae=self.vae)
+        images = to_output_type(
+            self.image_processor,
+            latents,
+            sampling.output_type,
+            vae=self.vae,
+            space_to_depth=self.config.space_to_depth,
+        )
         self.maybe_free_model_hooks()
         return images
 

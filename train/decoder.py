@@ -24,8 +24,7 @@ What the UNet is conditioned on is the flow's plug-in (`clipcond.train.decoder_c
 `--conditioning image-embedding` (`clipcond.train.unclip_decoder`, the DALL-E 2 decoder: an
 `ImageVariationPipeline`). What the UNet denoises is another choice, orthogonal to it (`model_space`: pixels in
 [-1, 1], or a VAE's latents sampled from posteriors cached once, the pipeline then holding the VAE that decodes
-them, for either conditioning; or, for text conditioning, pixels as F x F blocks, `--space-to-depth F`), and how it
-is initialised one step
+them, or pixels as F x F blocks, `--space-to-depth F`, for either conditioning), and how it is initialised one step
 (`build_decoder`: a preset now, pretrained weights later), whatever the conditioning.
 """
 
@@ -273,11 +272,6 @@ def check_decoder_args(args: argparse.Namespace) -> None:
             f"{args.conditioning!r}"
         )
     check_space_args(args)
-    if args.space_to_depth != 1 and args.conditioning != "text":  # the image-embedding pipelines: pixels or latents
-        raise ValueError(
-            f"`--space-to-depth {args.space_to_depth}` needs `--conditioning text` (the image-embedding decoder "
-            f"denoises pixels or, with `--vae`, latents), got {args.conditioning!r}"
-        )
     if args.cross_attention_dim is not None and args.cross_attention_dim < 1:
         raise ValueError(f"`--cross-attention-dim` must be >= 1, got {args.cross_attention_dim}")
 

@@ -204,7 +204,7 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             f"{self.args.noise_level}"
         )
 
-    def pipeline(self, model: UnCLIPDecoder, scheduler, vae=None):
+    def pipeline(self, model: UnCLIPDecoder, scheduler, **space_modules):
         from clipcond.pipelines.variation import ImageVariationPipeline
 
         return ImageVariationPipeline(
@@ -214,7 +214,7 @@ class ImageEmbeddingPlugin(ConditioningPlugin):
             embedding_tokens=model.embedding_tokens,
             feature_extractor=self.feature_extractor,
             image_noising_scheduler=self.noising_scheduler,
-            vae=vae,
+            **space_modules,
         )
 
     def load_validation_inputs(self, resolution: int) -> None:

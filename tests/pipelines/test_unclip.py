@@ -49,11 +49,14 @@ def make_prior_pipeline(text_encoder, tokenizer) -> PriorPipeline:
     return PriorPipeline(prior=prior, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
-def make_decoder(image_encoder, vae=None) -> ImageVariationPipeline:
-    """A decoder of SIZE px images: in pixel space, or with `vae` (one downsampling) on its latents."""
+def make_decoder(image_encoder, vae=None, space_to_depth: int = 1) -> ImageVariationPipeline:
+    """A decoder of SIZE px images: in pixel space (as `space_to_depth` blocks), or with `vae` (one downsampling) on
+    its latents."""
     dim = image_encoder.config.projection_dim
     torch.manual_seed(1)
-    space = {"sample_size": SIZE} if vae is None else {"sample_size": SIZE // 2, "in_channels": 4}
+    space = {"sample_size": SIZE // space_to_depth, "in_channels": 3 * space_to_depth**2}
+    if vae is not None:
+        space = {"sample_size": SIZE // 2, "in_channels": 4}
     unet = create_unet(unet_config("test", **space, cross_attention_dim=dim, image_embedding_dim=dim))
     return ImageVariationPipeline(
         unet=unet.eval(),
@@ -61,6 +64,7 @@ def make_decoder(image_encoder, vae=None) -> ImageVariationPipeline:
         image_encoder=image_encoder,
         embedding_tokens=ImageEmbeddingTokens(dim, 2, dim).eval(),
         vae=vae,
+        space_to_depth=space_to_depth,
     )
 
 
@@ -275,6 +279,26 @@ def test_from_runs_pairs_runs_of_one_clip(runs, pipe):
     paired.set_progress_bar_config(disable=True)
     assert set(paired.components) == set(pipe.components)
     assert run(paired, seeds=(0,)).shape == (1, SIZE, SIZE, 3)
+
+
+def test_from_runs_keeps_the_decoders_pixel_blocks(towers, runs, tmp_path):
+    """A decoder trained on 2x2 pixel blocks pairs with the prior into a pipeline whose samples are blocks and whose
+    images are those blocks rearranged back, kept by save/load."""
+    blocks = make_decoder(towers[2], space_to_depth=2)
+    blocks.save_pretrained(tmp_path / "blocks")
+    (tmp_path / "blocks" / "clipcond_run.json").write_text((runs["decoder"] / "clipcond_run.json").read_text())
+    paired = UnCLIPTextToImagePipeline.from_runs(runs["prior"], tmp_path / "blocks", local_files_only=True)
+    paired.set_progress_bar_config(disable=True)
+    assert paired.config.space_to_depth == paired.decoder_pipeline.config.space_to_depth == 2
+    samples = run(paired, seeds=(3,), output_type="latent")
+    assert samples.shape == (1, 12, SIZE // 2, SIZE // 2)
+    images = run(paired, seeds=(3,))
+    expected = (torch.nn.functional.pixel_shuffle(samples.float(), 2) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(images, expected.numpy(), atol=1e-6)
+    paired.save_pretrained(tmp_path / "paired")
+    loaded = UnCLIPTextToImagePipeline.from_pretrained(tmp_path / "paired", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(images, run(loaded, seeds=(3,)))
 
 
 def test_from_runs_refuses_another_clip_unless_told(runs, caplog):

@@ -429,6 +429,17 @@ def test_a_vae_whose_latents_do_not_fit_is_refused(vision):
         )
 
 
+def test_pixel_blocks_that_do_not_fit_the_unet_are_refused(vision):
+    with pytest.raises(ValueError, match=r"denoises 3 channels, but pixels as 2x2 blocks have 12; .* as 1x1 blocks"):
+        ImageVariationPipeline(
+            unet=create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=WIDTH, image_embedding_dim=32)),
+            scheduler=DDPMScheduler(),
+            image_encoder=vision[0],
+            embedding_tokens=ImageEmbeddingTokens(32, TOKENS, WIDTH),
+            space_to_depth=2,
+        )
+
+
 # ------------------------------------------------------------------------------------------------ save/load
 
 

@@ -275,11 +275,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
             ValueError,
             "`--no-mask-text-padding` .* needs `--conditioning text`, got 'image-embedding'",
         ),
-        (
-            {"--conditioning": "image-embedding", "--space-to-depth": "2"},
-            ValueError,
-            "`--space-to-depth 2` needs `--conditioning text`.*got 'image-embedding'",
-        ),
         ({"--space-to-depth": "3"}, ValueError, "`--space-to-depth 3` must divide the image size 16"),
         ({"--space-to-depth": "0"}, ValueError, "`--space-to-depth` must be >= 1, got 0"),
         ({"--space-to-depth": "2", "--vae": "vae-folder"}, ValueError, "is for pixel space; with `--vae vae-folder`"),

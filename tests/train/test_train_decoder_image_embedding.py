@@ -129,6 +129,36 @@ def test_stock_diffusers_draws_the_runs_variations_without_clipcond(decoder_run,
     assert_stock_diffusers_draws_the_same(decoder_run.out, ImageVariationPipeline, tmp_path, **call)
 
 
+def test_space_to_depth_trains_on_pixel_blocks_and_varies_whole_images(shapes_data, tiny_clip_run, tmp_path):
+    """--space-to-depth 2 with image-embedding conditioning: the UNet denoises (12, 8, 8) blocks of the 16 px images,
+    the run record and the saved pipeline say so, its images are its samples rearranged back, and stock diffusers
+    draws the same without clipcond."""
+    out = tmp_path / "run"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "2", "--checkpointing-steps", "0")
+    main([*argv, "--validation-steps", "2", "--space-to-depth", "2"])
+    _reset_accelerate()
+    unet_config = json.loads((out / "unet" / "config.json").read_text())
+    assert (unet_config["in_channels"], unet_config["out_channels"], unet_config["sample_size"]) == (12, 12, 8)
+    record = json.loads((out / "clipcond_run.json").read_text())
+    assert record["model_space"] == {"space": "pixels", "sample_size": 8, "space_to_depth": 2}
+    assert Image.open(out / "validation" / "step-2.png").size == ((1 + PER_SOURCE) * 16, SOURCES * 16)
+
+    pipe = ImageVariationPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.space_to_depth == 2 and pipe.image_size == 16
+    source = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def sample(output_type):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(source, num_inference_steps=2, generator=generator, output_type=output_type).images
+
+    blocks, images = sample("latent"), sample("pt")
+    assert blocks.shape == (1, 12, 8, 8) and images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(images, (torch.nn.functional.pixel_shuffle(blocks.float(), 2) / 2 + 0.5).clamp(0, 1))
+    call = {"image": source, "num_inference_steps": 2, "output_type": "np", "seed": 0}
+    assert_stock_diffusers_draws_the_same(out, ImageVariationPipeline, tmp_path, **call)
+
+
 def test_validation_grid_rows_are_sources_then_variations(decoder_run):
     for step in (2, 4):
         grid = Image.open(decoder_run.out / "validation" / f"step-{step}.png")
