@@ -70,21 +70,21 @@ def default_sample_dtype() -> str:
 QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a judge that only has to run
 
 # What each training stage runs beyond its trainer's own defaults, by recipe (`--recipe`). "cpu" is the trainers'
-# recipes as they are, sized for 2 CPU cores (the whole demo in 15 minutes), but for the two text decoders' steps.
+# recipes as they are, sized for 2 CPU cores (the whole demo in 15 minutes), but for the decoders' spaces and steps.
 # "gpu", the default where CUDA is, keeps their learning rates and schedules but sees many more samples: larger
 # batches and more steps, which a GPU takes in seconds (the decoder's judged shape accuracy was still climbing at the
 # CPU recipe's step count). "quick" only checks the plumbing. Later arguments win, so `--clip-steps` and the like
 # still override a recipe's step count.
 RECIPES = {
-    # The pixel decoder denoises 2 x 2 pixel blocks (`--space-to-depth 2`): the same images, at a quarter of the
-    # positions, so a step costs a fraction of a pixel step and twice the trainer's 1200 steps fit the
-    # pixel decoder's old time (docs/lab-notes.md, "pixel blocks, the pixel path's cheaper steps"). The latent
-    # decoder's step costs less than half a pixel step, hence its 2400 steps too ("the latent decoder at 2400 steps").
+    # The pixel decoders denoise 2 x 2 pixel blocks (`--space-to-depth 2`): the same images, at a quarter of the
+    # positions, so a step costs a fraction of a pixel step and 2400 steps fit the time of the trainer's pixel steps
+    # (docs/lab-notes.md, "pixel blocks, the pixel path's cheaper steps"). The latent decoder's step costs less than
+    # half a pixel step, hence its 2400 steps too ("the latent decoder at 2400 steps").
     "cpu": {
         "clip": [],
         "decoder": ["--space-to-depth", "2", "--max-train-steps", "2400"],
         "prior": [],
-        "unclip_decoder": [],
+        "unclip_decoder": ["--space-to-depth", "2", "--max-train-steps", "2400"],
         "vae": [],
         "latent_decoder": ["--max-train-steps", "2400"],
     },
@@ -661,6 +661,7 @@ def _stage_unclip_decoder(args: argparse.Namespace, data_dir: Path, clip_dir: Pa
         embedding_tokens=record.embedding_tokens,
         noise_level=record.max_noise_level,
         ema=record.ema,
+        space_to_depth=record.args.get("space_to_depth", 1),
     )
 
 

@@ -135,7 +135,7 @@ def _dalle2_lines(report: dict) -> list[str]:
         f"image embedding: {prior['steps']} steps of batch {prior['train_batch_size']}, learning rate "
         f"{prior['learning_rate']:g}, final loss {_num(prior['final_loss'], 4)}. Decoder UNet `{decoder['model']}` "
         f"({decoder['parameters'] / 1e6:.2f} M parameters) on the CLIP image embedding ({decoder['embedding_tokens']} "
-        f"context tokens): {decoder['steps']} steps of batch {decoder['train_batch_size']}, learning rate "
+        f"context tokens), {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of batch {decoder['train_batch_size']}, learning rate "
         f"{decoder['learning_rate']:g}, final loss {_num(decoder['final_loss'], 4)}.",
         "",
         f"The prior's image embeddings against the true ones of the first {cosine['num_captions']} test captions "

@@ -147,7 +147,7 @@ def test_recipe_follows_the_device(monkeypatch):
 @pytest.mark.parametrize("recipe", ["cpu", "gpu", "quick"])
 def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
     """Every stage of a recipe passes arguments its trainer accepts, and `--clip-steps` and the like still set the
-    step count after them (after the cpu decoder's own step count too). The cpu decoder denoises pixel blocks."""
+    step count after them (after the cpu decoders' own step counts too). The cpu decoders denoise pixel blocks."""
     from clipcond import demo
     from clipcond.train import clip, decoder, prior
 
@@ -177,7 +177,8 @@ def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
     assert seen["decoder"].max_train_steps == expected_steps
     if recipe == "gpu":
         assert seen["clip"].max_train_steps == int(demo.RECIPES["gpu"]["clip"][3])
-    assert seen["decoder"].space_to_depth == (2 if recipe == "cpu" else 1)
+    for stage in ("decoder", "unclip_decoder"):
+        assert seen[stage].space_to_depth == (2 if recipe == "cpu" else 1)
 
 
 def test_a_resumed_training_is_not_an_uninterrupted_demo():
