@@ -148,8 +148,8 @@ then noise. For meaningful ones, raise the budget before starting Jupyter, e.g.
 CLIPCOND_NOTEBOOK_STEPS=300 CLIPCOND_NOTEBOOK_WORKDIR=~/clipcond-notebooks jupyter lab notebooks/{number}
 ```
 
-From 100 steps on the recipes of `clipcond demo` are used (20,000 images, the `tiny` presets, their batch sizes):
-expect minutes per model on a laptop's CPU. With `CLIPCOND_NOTEBOOK_WORKDIR` the folders are kept, and every
+From 100 steps on the recipes of `clipcond demo` are used (20,000 images, the `tiny` presets, their batch sizes, the
+decoders' 2 x 2 pixel blocks) at the budget's step count: expect minutes per model on a laptop's CPU. With `CLIPCOND_NOTEBOOK_WORKDIR` the folders are kept, and every
 notebook reuses the data and runs that another one already trained at the same budget.
 
 **A demo folder.** When `CLIPCOND_NOTEBOOK_WORKDIR` names the finished output folder of {demo}, or a `demo/`
@@ -427,6 +427,8 @@ NB02 = [
         if SMALL:  # the `test` UNet at 16 px on batches of 16, instead of `tiny` at the data's 32 px on 64
             decoder_argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16]
             decoder_argv += ["--lr-warmup-steps", max(1, STEPS // 10)]
+        else:  # as the demo's: the pixels as 2 x 2 blocks
+            decoder_argv += ["--space-to-depth", 2]
         decoder_record = run_once(train_decoder.main, decoder_argv, DECODER)  # `clipcond train decoder`
         """,
     ),
@@ -606,6 +608,8 @@ NB03 = [
         unclip_argv = common + ["--conditioning", "image-embedding"]
         if SMALL:  # the `test` UNet at 16 px on batches of 16, instead of `tiny` at the data's 32 px on 64
             unclip_argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16]
+        else:  # as the demo's: the pixels as 2 x 2 blocks
+            unclip_argv += ["--space-to-depth", 2]
         # `clipcond train decoder --conditioning image-embedding`
         unclip_record = run_once(train_decoder.main, unclip_argv, UNCLIP)
         """,

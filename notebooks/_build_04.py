@@ -200,6 +200,8 @@ CELLS = [
             argv = ["--text-encoder", spec, "--data", DATA, "--max-train-steps", STEPS, "--validation-steps", 0]
             if SMALL:  # the test UNet at 16 px
                 argv += ["--model", "test", "--resolution", 16, "--train-batch-size", 16, "--lr-warmup-steps", 1]
+            else:  # as the demo's decoder: the pixels as 2 x 2 blocks
+                argv += ["--space-to-depth", 2]
             RUNS[name] = WORK / f"decoder-{name}-{STEPS}"
             if name == "ours":  # a demo's decoder was trained on the demo's CLIP: our encoder
                 RUNS[name] = DEMO_RUNS.get("decoder", RUNS[name])
@@ -268,7 +270,7 @@ CELLS = [
         from clipcond.evaluation.judge import JudgeTrainingConfig, load_or_train_judge
 
         # A quicker judge for the smoke test; the default one (cached under ~/.cache/clipcond) otherwise. One judge
-        # per resolution: a demo's decoder draws at the data's 32 px, the smoke-test decoders at 16.
+        # per image size: a demo's decoder draws at the data's 32 px, the smoke-test decoders at 16.
         judge_config = JudgeTrainingConfig(num_renders=384, epochs=2, num_eval_renders=90) if QUICK else None
         judges = {}
         PAIRS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
@@ -276,12 +278,12 @@ CELLS = [
 
         rows = ["| encoder | colour | shape | both |", "|---|---|---|---|"]
         for name, pipe in PIPES.items():
-            resolution = pipe.unet.config.sample_size
+            pil = generate(pipe, [f"a {c} {s}" for c, s in PAIRS], PER_PAIR, seed=1000)
+            pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil])  # uint8 (B, 3, H, W)
+            resolution = pixels.shape[-1]  # the images' size (a UNet on pixel blocks has a smaller sample size)
             if resolution not in judges:
                 judges[resolution] = load_or_train_judge(resolution, config=judge_config)
             judge = judges[resolution]
-            pil = generate(pipe, [f"a {c} {s}" for c, s in PAIRS], PER_PAIR, seed=1000)
-            pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil])  # uint8 (B, 3, H, W)
             colours = [c for c, _ in PAIRS for _ in range(PER_PAIR)]
             shapes_ = [s for _, s in PAIRS for _ in range(PER_PAIR)]
             acc = judge.score(pixels, colours, shapes_).accuracy()
