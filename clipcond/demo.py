@@ -77,9 +77,10 @@ QUICK_JUDGE = {"num_renders": 256, "epochs": 1, "num_eval_renders": 36}  # a jud
 # still override a recipe's step count.
 RECIPES = {
     # The pixel decoders denoise 2 x 2 pixel blocks (`--space-to-depth 2`): the same images, at a quarter of the
-    # positions, so a step costs a fraction of a pixel step and 2400 steps fit the time of the trainer's pixel steps
-    # (docs/lab-notes.md, "pixel blocks, the pixel path's cheaper steps"). The latent decoder's step costs less than
-    # half a pixel step, hence its 2400 steps too ("the latent decoder at 2400 steps").
+    # positions, so a step costs a fraction of a pixel step, and 2400 steps take less time than the text decoder's
+    # 1200 pixel steps did, a little more than the image-embedding decoder's 800 (docs/lab-notes.md, "pixel blocks,
+    # the pixel path's cheaper steps" and "the demo on pixel blocks"). The latent decoder's step costs less than half
+    # a pixel step, hence its 2400 steps too ("the latent decoder at 2400 steps").
     "cpu": {
         "clip": [],
         "decoder": ["--space-to-depth", "2", "--max-train-steps", "2400"],

@@ -323,8 +323,8 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
             generator: a torch generator, or one per image: with one per image, each image depends on its own
                 generator only, so a batch equals its images generated one at a time. Each image's generator draws
                 its initial noise, then (with noise augmentation) its embedding noise, then the sampler's noise.
-            latents: initial noise (num_images, C, h, w) of the UNet's sample shape (pixels, or the VAE's latents),
-                unscaled (drawn from `generator` when None).
+            latents: initial noise (num_images, C, h, w) of the UNet's sample shape (pixels, pixel blocks or the
+                VAE's latents), unscaled (drawn from `generator` when None).
             noise_level: noise augmentation of the embedding (Stable unCLIP's `noise_level`), in
                 [0, `max_noise_level`]; higher: more variety, less likeness. Only for decoders trained with it.
             output_type: "pil", "np" (float (B, H, W, 3) in [0, 1]), "pt" (float (B, 3, H, W) in [0, 1]) or

@@ -161,20 +161,25 @@ def test_recipe_arguments_reach_each_trainer(recipe, tmp_path, monkeypatch):
         return main
 
     trainers = {"clip": clip, "decoder": decoder, "prior": prior, "unclip_decoder": decoder}
-    args = demo.parse_args(["--decoder-steps", "7", *(["--quick"] if recipe == "quick" else ["--recipe", recipe])])
+    steps_flags = ["--decoder-steps", "7", "--unclip-decoder-steps", "5"]
+    args = demo.parse_args([*steps_flags, *(["--quick"] if recipe == "quick" else ["--recipe", recipe])])
     for stage, trainer in trainers.items():
         monkeypatch.setattr(trainer, "main", fake_main(stage, trainer.parse_args))
         base = ["--data", str(tmp_path), "--output-dir", str(tmp_path / stage)]
         if stage != "clip":
             base += ["--clip", str(tmp_path)]
-        steps = args.decoder_steps if stage == "decoder" else None
+        if stage == "unclip_decoder":  # as `_stage_unclip_decoder` passes it
+            base += ["--conditioning", "image-embedding"]
+        steps = {"decoder": args.decoder_steps, "unclip_decoder": args.unclip_decoder_steps}.get(stage)
         with pytest.raises(SystemExit):
             demo._train_unless_done(args, stage, trainer, tmp_path / stage, base, steps=steps, precision="bf16")
         extra = demo.RECIPES[recipe][stage]
         if "--train-batch-size" in extra:
             assert seen[stage].train_batch_size == int(extra[extra.index("--train-batch-size") + 1])
-    expected_steps = 4 if recipe == "quick" else 7  # --quick keeps its budget
-    assert seen["decoder"].max_train_steps == expected_steps
+    # --quick keeps its budget; otherwise the steps flags win over the recipe's own counts
+    assert seen["decoder"].max_train_steps == (4 if recipe == "quick" else 7)
+    assert seen["unclip_decoder"].max_train_steps == (4 if recipe == "quick" else 5)
+    assert seen["unclip_decoder"].conditioning == "image-embedding"
     if recipe == "gpu":
         assert seen["clip"].max_train_steps == int(demo.RECIPES["gpu"]["clip"][3])
     for stage in ("decoder", "unclip_decoder"):

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 from PIL import Image
@@ -46,11 +47,13 @@ def vision(tiny_clip_run):
 
 
 def make_decoder(
-    encoder, num_tokens: int = TOKENS, noise: bool = False, scheduler=None, vae=None
+    encoder, num_tokens: int = TOKENS, noise: bool = False, scheduler=None, vae=None, space_to_depth: int = 1
 ) -> ImageVariationPipeline:
-    """A decoder of SIZE px images: in pixel space, or with `vae` on its latents."""
+    """A decoder of SIZE px images: in pixel space (as `space_to_depth` blocks), or with `vae` on its latents."""
     dim = encoder.config.projection_dim
-    space = {"sample_size": SIZE} if vae is None else {"sample_size": SIZE // 2, "in_channels": 4}
+    space = {"sample_size": SIZE // space_to_depth, "in_channels": 3 * space_to_depth**2}
+    if vae is not None:
+        space = {"sample_size": SIZE // 2, "in_channels": 4}
     config = unet_config("test", **space, cross_attention_dim=WIDTH, image_embedding_dim=2 * dim if noise else dim)
     if num_tokens == 0:
         config = without_cross_attention(config)
@@ -64,6 +67,7 @@ def make_decoder(
         embedding_tokens=tokens,
         image_noising_scheduler=make_noising_scheduler() if noise else None,
         vae=vae,
+        space_to_depth=space_to_depth,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -427,6 +431,42 @@ def test_a_vae_whose_latents_do_not_fit_is_refused(vision):
             embedding_tokens=ImageEmbeddingTokens(32, TOKENS, WIDTH),
             vae=make_vae(),
         )
+
+
+def test_a_pixel_blocks_decoder_shuffles_its_samples_back(vision, images, tmp_path):
+    """With `space_to_depth` 2 the UNet denoises (12, SIZE/2, SIZE/2) blocks and the images are those blocks
+    rearranged back, by `__call__` and `interpolate` alike; initial noise of the pixels' shape is refused by name;
+    save/load keeps it."""
+    pipe = make_decoder(vision[0], scheduler=DDIMScheduler(), space_to_depth=2)  # no step noise
+    pixels, _ = images
+    assert (pipe.sample_size, pipe.image_size) == (SIZE // 2, SIZE)
+    blocks = run(pipe, pixels[0], seeds=(3,), output_type="latent")
+    assert blocks.shape == (1, 12, SIZE // 2, SIZE // 2)
+    varied = run(pipe, pixels[0], seeds=(3,))
+    expected = (F.pixel_shuffle(blocks.float(), 2) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(varied, expected.numpy(), atol=1e-6)
+    noise = torch.randn(1, 12, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(varied, run(pipe, pixels[0], seeds=(9,), latents=noise))
+    with pytest.raises(ValueError, match=r"`latents` must have shape \(1, 12, 8, 8\)"):
+        run(pipe, pixels[0], latents=torch.randn(1, 3, SIZE, SIZE))
+    frames = pipe.interpolate(pixels, num_frames=3, num_inference_steps=STEPS, generator=torch.Generator())
+    assert [frame.size for frame in frames.images] == [(SIZE, SIZE)] * 3
+
+    pipe.save_pretrained(tmp_path)
+    loaded = ImageVariationPipeline.from_pretrained(tmp_path, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.space_to_depth == 2
+    np.testing.assert_allclose(varied, run(loaded, pixels[0], seeds=(3,)), rtol=0, atol=2e-5)
+
+
+def test_a_folder_from_before_pixel_blocks_loads_as_pixels(vision, tmp_path):
+    """A decoder folder whose model_index.json has no `space_to_depth` (saved before the option) loads with 1."""
+    make_decoder(vision[0]).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index.pop("space_to_depth") == 1
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = ImageVariationPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.config.space_to_depth == 1 and loaded.image_size == SIZE
 
 
 def test_pixel_blocks_that_do_not_fit_the_unet_are_refused(vision):
