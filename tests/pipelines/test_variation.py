@@ -422,17 +422,6 @@ def test_a_latent_decoder_decodes_through_its_vae(vision, images, tmp_path):
     np.testing.assert_allclose(varied, run(loaded, pixels[0], seeds=(3,)), rtol=0, atol=2e-5)
 
 
-def test_a_vae_whose_latents_do_not_fit_is_refused(vision):
-    with pytest.raises(ValueError, match=r"the UNet denoises 3 channels, but the VAE's latents have 4"):
-        ImageVariationPipeline(
-            unet=create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=WIDTH, image_embedding_dim=32)),
-            scheduler=DDPMScheduler(),
-            image_encoder=vision[0],
-            embedding_tokens=ImageEmbeddingTokens(32, TOKENS, WIDTH),
-            vae=make_vae(),
-        )
-
-
 def test_a_pixel_blocks_decoder_shuffles_its_samples_back(vision, images, tmp_path):
     """With `space_to_depth` 2 the UNet denoises (12, SIZE/2, SIZE/2) blocks and the images are those blocks
     rearranged back, by `__call__` and `interpolate` alike; initial noise of the pixels' shape is refused by name;
@@ -469,14 +458,23 @@ def test_a_folder_from_before_pixel_blocks_loads_as_pixels(vision, tmp_path):
     assert loaded.config.space_to_depth == 1 and loaded.image_size == SIZE
 
 
-def test_pixel_blocks_that_do_not_fit_the_unet_are_refused(vision):
-    with pytest.raises(ValueError, match=r"denoises 3 channels, but pixels as 2x2 blocks have 12; .* as 1x1 blocks"):
+@pytest.mark.parametrize(
+    "space, match",
+    [
+        ({"vae": True}, r"the UNet denoises 3 channels, but the VAE's latents have 4"),
+        ({"space_to_depth": 2}, r"denoises 3 channels, but pixels as 2x2 blocks have 12; .* as 1x1 blocks"),
+    ],
+)
+def test_a_unet_that_does_not_fit_the_space_is_refused(vision, space, match):
+    """A pixel UNet (3 channels) beside a VAE's 4-channel latents, or beside 2x2 pixel blocks."""
+    space = {**space, "vae": make_vae()} if space.get("vae") else space
+    with pytest.raises(ValueError, match=match):
         ImageVariationPipeline(
             unet=create_unet(unet_config("test", sample_size=SIZE, cross_attention_dim=WIDTH, image_embedding_dim=32)),
             scheduler=DDPMScheduler(),
             image_encoder=vision[0],
             embedding_tokens=ImageEmbeddingTokens(32, TOKENS, WIDTH),
-            space_to_depth=2,
+            **space,
         )
 
 
