@@ -130,8 +130,9 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
 
 
 def check_reused_demo(report: dict, demo_dir: Path, seed: int) -> None:
-    """A finished demo in `demo_dir` is reused as it is: refuse one of another seed or of an older judge, whose
-    figures would be reported under this seed and this judge."""
+    """A finished demo in `demo_dir` is reused as it is: refuse one of another seed, of an older judge or with runs
+    of another recipe than today's, whose figures would be reported under this seed, judge and commit."""
+    from clipcond.demo import stale_runs
     from clipcond.evaluation.judge import JUDGE_VERSION
 
     made = report["generation"]["settings"].get("seed")
@@ -141,6 +142,9 @@ def check_reused_demo(report: dict, demo_dir: Path, seed: int) -> None:
             f"{demo_dir} holds a demo of seed {made} judged by judge v{judge}, not seed {seed} and judge "
             f"v{JUDGE_VERSION}; give another `--demo-dir`"
         )
+    stale = stale_runs(demo_dir, report.get("recipe", "cpu"))  # reports before `recipe` were of the cpu one
+    if stale:
+        raise ValueError(f"{demo_dir} holds runs of another recipe ({'; '.join(stale)}); give another `--demo-dir`")
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:

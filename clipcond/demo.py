@@ -337,6 +337,31 @@ class _StageTimes:
         write_json_atomic(self.path, {**self.previous, **self.timings})
 
 
+def _recipe_values(extra: list[str]) -> dict[str, str | bool]:
+    """A recipe's arguments as {dest: value}: "--flag VALUE" pairs, and True for a flag with no value."""
+    values, rest = {}, list(extra)
+    while rest:
+        flag = rest.pop(0)
+        values[flag.lstrip("-").replace("-", "_")] = rest.pop(0) if rest and not rest[0].startswith("--") else True
+    return values
+
+
+def stale_runs(out_dir: str | os.PathLike, recipe: str) -> list[str]:
+    """What the finished runs in the demo folder `out_dir` trained with that `RECIPES[recipe]` would not give them,
+    one line per argument: a demo reuses a finished run as it is, so a folder kept from an older recipe (or a run
+    given other steps) still reports that run. Empty when every finished run follows the recipe."""
+    layout, lines = DemoLayout(out_dir), []
+    for stage, extra in RECIPES[recipe].items():
+        if not RunRecord.exists(getattr(layout, stage)):
+            continue
+        trained = RunRecord.read(getattr(layout, stage)).args
+        for dest, wanted in _recipe_values(extra).items():
+            had = trained.get(dest)
+            if had is None or (had if isinstance(wanted, bool) else str(had)) != wanted:
+                lines.append(f"{stage}: trained with {dest}={had!r}, the {recipe!r} recipe gives {wanted!r}")
+    return lines
+
+
 def uninterrupted(report: dict) -> bool:
     """Whether a demo's stages all ran in one command and none of its trainings resumed from a checkpoint: only then
     do its stage times add up to the wall time of one uninterrupted run (a stage finished by an earlier, killed

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clipcond import cli
 from clipcond.data.shapes import class_names
-from clipcond.demo import default_sample_dtype, default_train_precision, main
+from clipcond.demo import default_sample_dtype, default_train_precision, main, stale_runs
 from clipcond.evaluation.generation import image_file, image_seed
 
 
@@ -95,6 +95,12 @@ def test_quick_demo_writes_report_and_reuses_stages(tmp_path, capsys):
     assert f"EMA (decay {ema['last_decay']:.4f} at the end, at most 0.9990)" in md
 
     assert report["uninterrupted"] and len({t["run"] for t in report["timings"].values()}) == 1
+    # its runs follow the quick recipe; the cpu recipe would have trained them otherwise, and says how
+    assert stale_runs(out, "quick") == []
+    stale = stale_runs(out, "cpu")
+    assert "decoder: trained with space_to_depth=1, the 'cpu' recipe gives '2'" in stale
+    assert "decoder: trained with max_train_steps=4, the 'cpu' recipe gives '2400'" in stale
+    assert not any(line.startswith("clip:") for line in stale)  # the cpu recipe adds nothing to the CLIP's
     stamps = {p: (out / p).stat().st_mtime_ns for p in ("clip/model.safetensors", "decoder/model_index.json")}
     stamps["samples/grid.png"] = (out / "samples" / "grid.png").stat().st_mtime_ns
     assert main(["--output-dir", str(out), "--quick"]) == 0  # finished stages are skipped, not redone
