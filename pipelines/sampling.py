@@ -137,9 +137,10 @@ def denoise(
     return latents
 
 
-def vae_scale_factor(vae: AutoencoderKL | None) -> int:
-    """Pixels per latent pixel along a side of `vae`'s images; 1 without a VAE (pixel space)."""
-    return 1 if vae is None else downsampling_factor(vae)
+def vae_scale_factor(vae: AutoencoderKL | None, space_to_depth: int = 1) -> int:
+    """Image pixels per pixel of what the UNet denoises, along a side: `vae`'s downsampling factor, or without a VAE
+    the side of the `space_to_depth` pixel blocks (1: the pixels as they are)."""
+    return space_to_depth if vae is None else downsampling_factor(vae)
 
 
 def check_vae_fits(unet: ModelMixin | None, vae: AutoencoderKL | None, space_to_depth: int = 1) -> None:

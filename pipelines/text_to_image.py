@@ -121,8 +121,7 @@ class TextToImagePipeline(ShippedCodeMixin, DiffusionPipeline):
         check_vae_fits(unet, vae, space_to_depth)
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         self.register_to_config(mask_text_padding=mask_text_padding, space_to_depth=space_to_depth)
-        # pixels per pixel of what the UNet denoises, along a side: the VAE's factor, or the space-to-depth blocks'
-        self.vae_scale_factor = vae_scale_factor(vae) * space_to_depth
+        self.vae_scale_factor = vae_scale_factor(vae, space_to_depth)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property

@@ -219,8 +219,7 @@ class ImageVariationPipeline(ShippedCodeMixin, DiffusionPipeline):
             vae,
             space_to_depth,
         )
-        # pixels per pixel of what the UNet denoises, along a side: the VAE's factor, or the blocks' side
-        self.vae_scale_factor = vae_scale_factor(vae) * space_to_depth
+        self.vae_scale_factor = vae_scale_factor(vae, space_to_depth)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property

@@ -47,11 +47,11 @@ def unet_config(
     if image_embedding_dim is not None and pooled_text_dim is not None:
         raise ValueError("give `image_embedding_dim` or `pooled_text_dim`, not both: the UNet has one class embedding")
     config = preset_fields(preset, unet_presets(), "UNet")
-    if sample_size % sample_size_multiple(config):
+    multiple = sample_size_multiple(config)
+    if sample_size % multiple:
         levels = len(config["block_out_channels"])
         raise ValueError(
-            f"`resolution` ({sample_size}) must be divisible by {sample_size_multiple(config)} for a UNet with "
-            f"{levels} levels"
+            f"`resolution` ({sample_size}) must be divisible by {multiple} for a UNet with {levels} levels"
         )
     config.update(
         sample_size=sample_size,
