@@ -135,7 +135,8 @@ def _dalle2_lines(report: dict) -> list[str]:
         f"image embedding: {prior['steps']} steps of batch {prior['train_batch_size']}, learning rate "
         f"{prior['learning_rate']:g}, final loss {_num(prior['final_loss'], 4)}. Decoder UNet `{decoder['model']}` "
         f"({decoder['parameters'] / 1e6:.2f} M parameters) on the CLIP image embedding ({decoder['embedding_tokens']} "
-        f"context tokens), {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of batch {decoder['train_batch_size']}, learning rate "
+        f"context tokens), {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of batch "
+        f"{decoder['train_batch_size']}, learning rate "
         f"{decoder['learning_rate']:g}, final loss {_num(decoder['final_loss'], 4)}.",
         "",
         f"The prior's image embeddings against the true ones of the first {cosine['num_captions']} test captions "
@@ -271,7 +272,8 @@ def _decoder_lines(report: dict) -> list[str]:
         "## Decoder (text-to-image)",
         "",
         f"UNet `{decoder['model']}` ({decoder['parameters'] / 1e6:.2f} M parameters) cross-attending to the frozen CLIP "
-        f"text encoder's token states, {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of batch {decoder['train_batch_size']} "
+        f"text encoder's token states, {_pixel_space(decoder.get('space_to_depth', 1))}: {decoder['steps']} steps of "
+        f"batch {decoder['train_batch_size']} "
         f"({decoder['samples_seen']} samples), learning rate {decoder['learning_rate']:g}, "
         f"{decoder['prediction_type']} on a {decoder['beta_schedule']} schedule, min-SNR gamma {decoder['snr_gamma']}, "
         f"caption dropout {decoder['caption_dropout']:g}, precision {_precision(decoder['mixed_precision'])}; "

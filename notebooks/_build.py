@@ -149,8 +149,9 @@ CLIPCOND_NOTEBOOK_STEPS=300 CLIPCOND_NOTEBOOK_WORKDIR=~/clipcond-notebooks jupyt
 ```
 
 From 100 steps on the recipes of `clipcond demo` are used (20,000 images, the `tiny` presets, their batch sizes, the
-decoders' 2 x 2 pixel blocks) at the budget's step count: expect minutes per model on a laptop's CPU. With `CLIPCOND_NOTEBOOK_WORKDIR` the folders are kept, and every
-notebook reuses the data and runs that another one already trained at the same budget.
+decoders' 2 x 2 pixel blocks) at the budget's step count: expect minutes per model on a laptop's CPU. With
+`CLIPCOND_NOTEBOOK_WORKDIR` the folders are kept, and every notebook reuses the data and runs that another one
+already trained at the same budget.
 
 **A demo folder.** When `CLIPCOND_NOTEBOOK_WORKDIR` names the finished output folder of {demo}, or a `demo/`
 folder of one lies beside the notebook, nothing is trained: the notebook uses the demo's data set and trained runs

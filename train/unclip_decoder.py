@@ -3,11 +3,11 @@
     clipcond train decoder --conditioning image-embedding --clip runs/clip --data shapes/ --output-dir runs/unclip
 
 A diffusers `UNet2DConditionModel` (the same presets as the text path, in pixel space, as pixel blocks with
-`--space-to-depth F`, or with `--vae` in a VAE's latent space: `clipcond.train.model_space`) learns to draw an image from its CLIP image embedding (Ramesh et al.
-2022, sec. 2.1, in the layout of Stable unCLIP): the embedding enters as `class_labels`
-(`class_embed_type="projection"`, added to the timestep embedding) and, with `--embedding-tokens K` (default 4,
-unCLIP's "four extra tokens of context"), as K cross-attention tokens made by an `ImageEmbeddingTokens` module
-trained jointly with the UNet. With K = 0 the UNet has no cross-attention (its cross-attention blocks become
+`--space-to-depth F`, or with `--vae` in a VAE's latent space: `clipcond.train.model_space`) learns to draw an image
+from its CLIP image embedding (Ramesh et al. 2022, sec. 2.1, in the layout of Stable unCLIP): the embedding enters as
+`class_labels` (`class_embed_type="projection"`, added to the timestep embedding) and, with `--embedding-tokens K`
+(default 4, unCLIP's "four extra tokens of context"), as K cross-attention tokens made by an
+`ImageEmbeddingTokens` module trained jointly with the UNet. With K = 0 the UNet has no cross-attention (its cross-attention blocks become
 self-attention blocks; `clipcond.models.image_embedding.without_cross_attention`) and reads no context.
 
 How an embedding becomes the UNet's inputs is `clipcond.models.image_embedding`, shared with the pipelines:
