@@ -14,6 +14,7 @@ anyone who reaches the port can use the models).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument(
-        "--output-dir", default=None, help="folder for each request's files (default: a new temporary folder)"
+        "--output-dir",
+        default=None,
+        help="folder for each request's files (default: a temporary folder, removed when the server stops)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
@@ -63,15 +66,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build(args: argparse.Namespace):
-    """The page and its runs for checked `args` (what `main` launches; tests build it without a server)."""
+    """The page and its runs for checked `args` with an `output_dir` (what `main` launches; tests build it without a
+    server)."""
     from clipcond.app.page import build_page
     from clipcond.app.runs import ServedRuns, paths_from_flags
     from clipcond.demo_layout import find_demo
 
     demo = find_demo(args.demo) if args.demo else None
     paths = paths_from_flags(args.model, args.prior, args.clip, args.index, args.captioner, demo=demo)
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="clipcond-serve-")
-    runs = ServedRuns(paths, output_dir=output_dir, device=args.device, dtype=args.dtype)
+    runs = ServedRuns(paths, output_dir=args.output_dir, device=args.device, dtype=args.dtype)
     return build_page(runs), runs
 
 
@@ -85,18 +88,13 @@ def allowed_paths(runs) -> list[str]:
     return list(dict.fromkeys(os.fspath(path) for path in paths if path is not None))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_args(args)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise ValueError('`clipcond serve` needs Gradio: pip install "clipcond[ui]"') from None
-    page, runs = build(args)
-    print(f"clipcond serve: {', '.join(runs.tabs)} on http://{args.host}:{args.port} (files in {runs.output_dir})")
+def launch(args: argparse.Namespace) -> None:
+    """Build the page for checked `args` and serve it until the server stops."""
     from clipcond.app.checks import MAX_UPLOAD_BYTES
     from clipcond.app.page import CSS
 
+    page, runs = build(args)
+    print(f"clipcond serve: {', '.join(runs.tabs)} on http://{args.host}:{args.port} (files in {runs.output_dir})")
     page.launch(
         server_name=args.host,
         server_port=args.port,
@@ -105,6 +103,19 @@ def main(argv: list[str] | None = None) -> int:
         css=CSS,
         quiet=True,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError('`clipcond serve` needs Gradio: pip install "clipcond[ui]"') from None
+    with contextlib.ExitStack() as stack:
+        if args.output_dir is None:  # the requests' files live as long as the server
+            args.output_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipcond-serve-"))
+        launch(args)
     return 0
 
 

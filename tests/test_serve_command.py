@@ -3,6 +3,7 @@
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,20 @@ def test_the_page_shows_errors_as_messages_not_tracebacks():
         crash()
     assert err.value.message.startswith("the request failed (RuntimeError: out of memory")
     assert "Traceback" not in err.value.message
+
+
+def test_without_output_dir_the_requests_files_go_with_the_server(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    served = []
+
+    def launch(page, **kwargs):  # stands in for the server: one request's file, then the server stops
+        (folder,) = (Path(p) for p in kwargs["allowed_paths"] if p.startswith(str(tmp_path / "tmp")))
+        (folder / "request" / "grid.png").parent.mkdir()
+        (folder / "request" / "grid.png").write_bytes(b"png")
+        served.append(folder)
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    assert serve.main(["--demo", str(demo), "--device", "cpu"]) == 0
+    assert served and served[0].name.startswith("clipcond-serve-")
+    assert not served[0].exists() and list((tmp_path / "tmp").iterdir()) == []
