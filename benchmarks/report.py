@@ -303,14 +303,20 @@ def search_rows(report: dict) -> list[str]:
 
 def scheduler_rows(report: dict) -> list[str]:
     diff = report["dpm@20_minus_ddpm@1000"]
+    intervals = report.get("dpm@20_minus_ddpm@1000_interval", {})  # results before 2026-12-06 have none
     version = report.get("judge", {}).get("version", 1)  # written before results named their judge: judge v1
-    cells = ", ".join(
-        f"{k.replace('_accuracy_seen', '')} {100 * v:+.1f}" for k, v in diff.items() if k.endswith("_seen")
+
+    def cell(key: str) -> str:
+        low_high = f" ({100 * intervals[key][0]:+.1f} to {100 * intervals[key][1]:+.1f})" if key in intervals else ""
+        return f"{key.replace('_accuracy_seen', '')} {100 * diff[key]:+.1f}{low_high}"
+
+    cells = ", ".join(cell(k) for k in diff if k.endswith("_seen"))
+    images = (
+        f"{report['seen_images_per_sampler']} seen images per sampler, {report.get('dtype', 'fp32')}"
+        if "seen_images_per_sampler" in report
+        else f"{report['images_per_prompt']} images per prompt"
     )
-    what = (
-        f"DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({report['images_per_prompt']} images per prompt, "
-        f"judge v{version})"
-    )
+    what = f"DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({images}, judge v{version})"
     held = _held(report["within_3_points"], version)
     return [_row(what, cells, report.get("seed", "–"), "at most 3 below", held, _source("scheduler_steps", report))]
 
