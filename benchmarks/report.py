@@ -287,6 +287,14 @@ def unclip_rows(report: dict) -> list[str]:
 
 
 def search_rows(report: dict) -> list[str]:
+    if "per_seed" in report:  # the demos' CLIPs, over seeds
+        entry, runs = report["over_seeds"]["mean_precision_at_5"], list(report["per_seed"].values())
+        figure = f"{_over_seeds(entry)}; " + " / ".join(_pct(r["mean_precision_at_k"]) for r in runs)
+        what = "text → image search with the demo's CLIP, mean top-5 precision"
+        seeds = "/".join(str(s) for s in report["seeds"])
+        return [
+            _row(what, figure, seeds, f"≥ {_pct(entry['bar'])}", _verdict(entry), _source("search_quality", report))
+        ]
     value, bar = report["mean_precision_at_k"], report["bar"]["mean_precision_at_5"]
     what = f"text → image search with the demo's CLIP, mean top-{report['top_k']} precision"
     return [
@@ -548,7 +556,7 @@ def captioner_rows(report: dict) -> list[str]:
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --seeds 0,1,2 --save-results", unclip_rows),
-    "search_quality": ("python benchmarks/search_quality.py --save-results", search_rows),
+    "search_quality": ("python benchmarks/search_quality.py --demo-dir DIR --seeds 0,1,2 --save-results", search_rows),
     "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
     "samplers": (
         "python benchmarks/scheduler_steps.py --model DIR/decoder --data DIR/data "

@@ -2,6 +2,7 @@
 
     python benchmarks/search_quality.py --clip RUN --data DIR     # an existing CLIP and data set
     python benchmarks/search_quality.py [--data DIR] [--output-dir RUN] [--seed N]   # trains the demo's CLIP first
+    python benchmarks/search_quality.py --demo-dir DIR --seeds 0,1,2   # the CLIPs of `decoder_quality.py`'s demos
 
 builds an index of the test split (`ImageIndex.build`, as `clipcond index DIR/test` does), queries it with every
 colour-shape label ("red circle", ...) embedded through the zero-shot templates (`clipcond search --ensemble`), and
@@ -12,7 +13,11 @@ compositions, the index's build time, and `meets_bar`: mean precision_at_5 >= 0.
 
 Without `--clip` it trains a CLIP as `clipcond demo` does (`clipcond train clip` with the recipe's defaults, in the
 demo's precision for the device; minutes on a CPU), on `--data` (written with the demo's defaults when absent; one of
-another seed is an error). `--save-results` also writes the object to benchmarks/results/search_quality.json.
+another seed is an error). With `--demo-dir DIR --seeds 0,1,2` it evaluates the CLIP of each demo that
+`python benchmarks/decoder_quality.py --demo-dir DIR --seeds 0,1,2` ran (`DIR/seed-N/clip` on `DIR/seed-N/data`)
+and prints the figures per seed and over the seeds: the bar holds by the README's rule
+(`clipcond.evaluation.stats.bar_holds`, each seed's precision counted over its labels' top-5 results).
+`--save-results` also writes the object to benchmarks/results/search_quality.json.
 Progress and logs go to stderr.
 """
 
@@ -27,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, ensure_shapes, save_results
+from common import add_results_flag, ensure_shapes, parse_seeds, save_results
 
 BAR = {"mean_precision_at_5": 0.90}
 
@@ -44,10 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embeddings (default fp16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and the training")
+    parser.add_argument(
+        "--demo-dir", type=Path, help="folder of `decoder_quality.py`'s demos: DIR/seed-N (needs --seeds)"
+    )
+    parser.add_argument("--seeds", type=parse_seeds, help="with --demo-dir: the demos' seeds (the README's: 0,1,2)")
     add_results_flag(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise ValueError(f"`--top-k` must be >= 1, got {args.top_k}")
+    if (args.demo_dir is None) != (args.seeds is None):
+        raise ValueError("`--demo-dir` and `--seeds` go together")
+    if args.demo_dir is not None and (args.clip or args.data or args.top_k != 5):
+        raise ValueError(
+            "`--demo-dir` takes each demo's CLIP and data, and the bar is on the top 5: drop `--clip`, "
+            "`--data` and `--top-k`"
+        )
     if args.clip is not None and args.data is None:
         raise ValueError("`--clip` needs `--data` (the data set it is evaluated on)")
     return args
@@ -162,14 +178,34 @@ def evaluate(clip_dir: Path, data_dir: Path, split: str, top_k: int, dtype: str)
     return result
 
 
+def over_demos(args: argparse.Namespace) -> dict:
+    """The CLIP of each seed's demo under `--demo-dir`, per seed and over the seeds (`bar_holds`)."""
+    from clipcond.evaluation.stats import bar_holds
+
+    per_seed = {}
+    for seed in args.seeds:
+        demo = args.demo_dir / f"seed-{seed}"
+        for part in ("clip", "data"):
+            if not (demo / part).is_dir():
+                raise FileNotFoundError(f"`--demo-dir` {str(args.demo_dir)!r} has no {part} folder for seed {seed}")
+        per_seed[seed] = evaluate(demo / "clip", demo / "data", args.split, args.top_k, args.dtype)
+    values = {seed: r["mean_precision_at_k"] for seed, r in per_seed.items()}
+    counts = {seed: r["num_labels"] * r["top_k"] for seed, r in per_seed.items()}
+    summary = {"mean_precision_at_5": bar_holds(values, counts, BAR["mean_precision_at_5"])}
+    return {"demo_dir": str(args.demo_dir), "seeds": args.seeds, "per_seed": per_seed, "over_seeds": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="search_quality_") as tmp:
-        data_dir = args.data or Path(tmp, "shapes")
-        clip_dir = ensure_clip(args, data_dir, args.output_dir or Path(tmp, "clip"))
-        if not os.path.isdir(data_dir / args.split):
-            raise FileNotFoundError(f"`--data` {str(data_dir)!r} has no split folder {args.split!r}")
-        result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
+        if args.demo_dir is not None:
+            result = over_demos(args)
+        else:
+            data_dir = args.data or Path(tmp, "shapes")
+            clip_dir = ensure_clip(args, data_dir, args.output_dir or Path(tmp, "clip"))
+            if not os.path.isdir(data_dir / args.split):
+                raise FileNotFoundError(f"`--data` {str(data_dir)!r} has no split folder {args.split!r}")
+            result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
     text = json.dumps(result, indent=2)
     print(text)
     if args.save_results:

@@ -360,6 +360,33 @@ def test_search_quality_benchmark_reports_per_label_figures(tiny_clip_run, shape
     assert result["meets_bar"] == (result["mean_precision_at_k"] >= 0.9)
 
 
+def test_search_quality_reads_each_demos_clip_and_holds_the_bar_over_seeds(
+    tiny_clip_run, shapes_data, tmp_path, capsys
+):
+    benchmark = _load_benchmark()
+    sys.path.insert(0, str(BENCHMARK.parent))
+    import report
+
+    for seed in (0, 1):  # two demos of decoder_quality.py's layout: DIR/seed-N/{clip,data}
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "clip").symlink_to(tiny_clip_run)
+        (tmp_path / f"seed-{seed}" / "data").symlink_to(shapes_data)
+    assert benchmark.main(["--demo-dir", str(tmp_path), "--seeds", "0,1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}
+    values = [r["mean_precision_at_k"] for r in result["per_seed"].values()]
+    entry = result["over_seeds"]["mean_precision_at_5"]
+    assert entry["mean"] == pytest.approx(sum(values) / 2) and entry["bar"] == 0.9
+    assert entry["holds"] == (entry["mean"] >= 0.9 and not entry["seeds_missing"])
+    (row,) = report.search_rows({**result, "commit": "0" * 40})
+    assert f"| 0/1 | ≥ 90.0% | {'✓' if entry['holds'] else '✗'}" in row
+    assert " / ".join(f"{100 * v:.1f}%" for v in values) in row
+    with pytest.raises(FileNotFoundError, match="no clip folder for seed 2"):
+        benchmark.main(["--demo-dir", str(tmp_path), "--seeds", "2"])
+    with pytest.raises(ValueError, match="`--demo-dir` and `--seeds` go together"):
+        benchmark.main(["--demo-dir", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_search_quality_meets_bar_with_the_demo_clip(tmp_path):
     """The issue's bar: label queries on the shapes test split have >= 90% of their top 5 with the label, with the
