@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(data_dir / args.split):
                 raise FileNotFoundError(f"`--data` {str(data_dir)!r} has no split folder {args.split!r}")
             result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
+    command = "python benchmarks/search_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command.strip(), **result}
     text = json.dumps(result, indent=2)
     print(text)
     if args.save_results:

@@ -374,6 +374,7 @@ def test_search_quality_reads_each_demos_clip_and_holds_the_bar_over_seeds(
     assert benchmark.main(["--demo-dir", str(tmp_path), "--seeds", "0,1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}
+    assert result["command"] == f"python benchmarks/search_quality.py --demo-dir {tmp_path} --seeds 0,1"
     values = [r["mean_precision_at_k"] for r in result["per_seed"].values()]
     entry = result["over_seeds"]["mean_precision_at_5"]
     assert entry["mean"] == pytest.approx(sum(values) / 2) and entry["bar"] == 0.9
