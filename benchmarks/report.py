@@ -310,23 +310,31 @@ def search_rows(report: dict) -> list[str]:
 
 
 def scheduler_rows(report: dict) -> list[str]:
-    diff = report["dpm@20_minus_ddpm@1000"]
-    intervals = report.get("dpm@20_minus_ddpm@1000_interval", {})  # results before 2026-12-06 have none
+    """Few-step samplers against DDPM's 1000 steps on one decoder: each one's seen gaps, with their intervals in the
+    results of `--seen-only` runs (2026-12-06 on), against the bar "at most 3 points below"."""
     version = report.get("judge", {}).get("version", 1)  # written before results named their judge: judge v1
+    source, seed = _source("scheduler_steps", report), report.get("seed", "–")
+    if "seen_images_per_sampler" not in report:  # older results: DPM-Solver++ 20 only, no interval
+        diff = report["dpm@20_minus_ddpm@1000"]
+        cells = ", ".join(f"{k.replace('_accuracy_seen', '')} {100 * v:+.1f}" for k, v in diff.items())
+        what = "DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points "
+        what += f"({report['images_per_prompt']} images per prompt, judge v{version})"
+        return [_row(what, cells, seed, "at most 3 below", _held(report["within_3_points"], version), source)]
+    from scheduler_steps import against_reference
 
-    def cell(key: str) -> str:
-        low_high = f" ({100 * intervals[key][0]:+.1f} to {100 * intervals[key][1]:+.1f})" if key in intervals else ""
-        return f"{key.replace('_accuracy_seen', '')} {100 * diff[key]:+.1f}{low_high}"
-
-    cells = ", ".join(cell(k) for k in diff if k.endswith("_seen"))
-    images = (
-        f"{report['seen_images_per_sampler']} seen images per sampler, {report.get('dtype', 'fp32')}"
-        if "seen_images_per_sampler" in report
-        else f"{report['images_per_prompt']} images per prompt"
-    )
-    what = f"DPM-Solver++ 20 steps minus DDPM 1000 steps, seen, points ({images}, judge v{version})"
-    held = _held(report["within_3_points"], version)
-    return [_row(what, cells, report.get("seed", "–"), "at most 3 below", held, _source("scheduler_steps", report))]
+    reference, n = report["reference"], report["seen_images_per_sampler"]
+    rows = []
+    for name, compared in against_reference(report["samplers"], n, reference).items():
+        gaps, intervals = compared["minus_reference"], compared["interval"]
+        cells = ", ".join(
+            f"{k.replace('_accuracy_seen', '')} {100 * gap:+.1f} ({100 * intervals[k][0]:+.1f} to "
+            f"{100 * intervals[k][1]:+.1f})"
+            for k, gap in gaps.items()
+        )
+        what = f"{name} minus {reference}, seen, points ({n} seen images per sampler, guidance "
+        what += f"{report['guidance_scale']:g}, {report['dtype']}, judge v{version})"
+        rows.append(_row(what, cells, seed, "at most 3 below", _held(compared["within_3_points"], version), source))
+    return rows
 
 
 def sampler_rows(report: dict) -> list[str]:

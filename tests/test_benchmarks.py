@@ -94,7 +94,7 @@ def test_scheduler_steps_compares_samplers_with_the_several_object_share(
     assert "dpm-sde@2: " in row and "several" in row and "`samplers.json` at 0000000" in row
 
 
-def test_scheduler_steps_gives_the_gap_an_interval_over_the_seen_images(
+def test_scheduler_steps_sets_every_sampler_against_the_reference_with_an_interval(
     pipeline_run, shapes_data, judge, monkeypatch, capsys
 ):
     import report
@@ -105,23 +105,29 @@ def test_scheduler_steps_gives_the_gap_an_interval_over_the_seen_images(
 
     monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
     monkeypatch.setattr(scheduler_steps, "REFERENCE", "ddpm@3")  # the 1000-step chain, shortened
-    argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--samplers", "ddpm@3,dpm@20"]
+    argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--samplers", "ddpm@3,dpm@2,dpm-sde@2"]
     assert scheduler_steps.main([*argv, "--images-per-prompt", "2", "--seen-only", "--dtype", "bf16"]) == 0
     result = json.loads(capsys.readouterr().out)
     info = load_dataset_info(shapes_data)
     seen = [c for c in class_names(info) if c not in info["held_out"]]
     assert result["num_prompts"] == len(seen) and result["seen_images_per_sampler"] == 2 * len(seen)
-    assert result["dtype"] == "bf16" and result["samplers"]["dpm@20"]["colour_accuracy_heldout"] is None
-    gaps, intervals = result["dpm@20_minus_ddpm@3"], result["dpm@20_minus_ddpm@3_interval"]
-    assert set(gaps) == set(intervals) == {"colour_accuracy_seen", "shape_accuracy_seen", "both_accuracy_seen"}
-    for key, gap in gaps.items():
-        low, high = intervals[key]
-        assert low <= gap <= high and high - low > 0.1  # 2 images a prompt resolve nothing like 3 points
-    renamed = {k.replace("ddpm@3", "ddpm@1000"): v for k, v in result.items()}
-    (row,) = report.scheduler_rows({**renamed, "commit": "0" * 40})
-    low, high = intervals["colour_accuracy_seen"]
-    assert f"colour {100 * gaps['colour_accuracy_seen']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})" in row
-    assert f"{2 * len(seen)} seen images per sampler, bf16" in row
+    assert result["dtype"] == "bf16" and result["samplers"]["dpm@2"]["colour_accuracy_heldout"] is None
+    assert result["reference"] == "ddpm@3" and list(result["against_reference"]) == ["dpm@2", "dpm-sde@2"]
+    rows = report.scheduler_rows({**result, "commit": "0" * 40})
+    for (name, compared), row in zip(result["against_reference"].items(), rows, strict=True):
+        gaps, intervals = compared["minus_reference"], compared["interval"]
+        assert set(gaps) == set(intervals) == {"colour_accuracy_seen", "shape_accuracy_seen", "both_accuracy_seen"}
+        for key, gap in gaps.items():
+            assert gap == pytest.approx(result["samplers"][name][key] - result["samplers"]["ddpm@3"][key], abs=1e-4)
+            low, high = intervals[key]
+            assert low <= gap <= high and high - low > 0.1  # 2 images a prompt resolve nothing like 3 points
+        assert compared["within_3_points"] == all(gap >= -0.03 for gap in gaps.values())
+        low, high = intervals["colour_accuracy_seen"]
+        cell = f"colour {100 * gaps['colour_accuracy_seen']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f})"
+        assert (
+            row.startswith(f"| {name} minus ddpm@3, seen, points ({2 * len(seen)} seen images per sampler")
+            and cell in row
+        )
 
 
 def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, tmp_path, monkeypatch, capsys):
