@@ -322,7 +322,7 @@ def scheduler_rows(report: dict) -> list[str]:
         return [_row(what, cells, seed, "at most 3 below", _held(report["within_3_points"], version), source)]
     from scheduler_steps import against_reference
 
-    reference, n = report["reference"], report["seen_images_per_sampler"]
+    reference, n = report.get("reference", "ddpm@1000"), report["seen_images_per_sampler"]  # named from 9acfc76 on
     rows = []
     for name, compared in against_reference(report["samplers"], n, reference).items():
         gaps, intervals = compared["minus_reference"], compared["interval"]
