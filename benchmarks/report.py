@@ -337,19 +337,24 @@ def scheduler_rows(report: dict) -> list[str]:
     return rows
 
 
-def sampler_rows(report: dict) -> list[str]:
-    """Samplers side by side on one decoder: seen colour / shape and the share of one-object prompts drawn as
-    several objects, per sampler."""
+def sampler_rows(report: dict, name: str = "samplers", decoder: str = "one decoder") -> list[str]:
+    """Samplers side by side on one decoder (result file `name`): seen colour / shape and the share of one-object
+    prompts drawn as several objects or blank, per sampler; the seeds column names the images' noise seed."""
     cells = "; ".join(
-        f"{name}: {_pct(r['colour_accuracy_seen'])} / {_pct(r['shape_accuracy_seen'])}, "
+        f"{sampler}: {_pct(r['colour_accuracy_seen'])} / {_pct(r['shape_accuracy_seen'])}, "
         f"several {_pct(r['outcomes_seen']['several'])}, blank {_pct(r['outcomes_seen']['blank'])}"
-        for name, r in report["samplers"].items()
+        for sampler, r in report["samplers"].items()
+    )
+    images = (
+        f"{report['seen_images_per_sampler']} seen images per sampler, {report['dtype']}"
+        if "seen_images_per_sampler" in report
+        else f"{report['images_per_prompt']} images per prompt"
     )
     what = (
-        f"Stable Diffusion path, samplers on one decoder, seen colour / shape ({report['images_per_prompt']} images "
-        f"per prompt, guidance {report['guidance_scale']:g}, judge v{report['judge']['version']})"
+        f"Stable Diffusion path, samplers on {decoder}, seen colour / shape ({images}, guidance "
+        f"{report['guidance_scale']:g}, judge v{report['judge']['version']})"
     )
-    return [_row(what, cells, report.get("seed", "–"), "reported", "", _source("samplers", report))]
+    return [_row(what, cells, report.get("seed", "–"), "reported", "", _source(name, report))]
 
 
 HARD_NEGATIVE_FIGURES = {
@@ -572,6 +577,17 @@ QUALITY = {
         "--save-results",
         sampler_rows,
     ),
+    **{
+        f"samplers_blocks_seed{seed}": (
+            f"python benchmarks/scheduler_steps.py --model DIR/seed-{seed}/decoder --data DIR/seed-{seed}/data "
+            "--samplers dpm@20,dpm-sde@20 --images-per-prompt 32 --guidance-scale 3 --seen-only --dtype bf16 "
+            f"--seed 1234 --results-name samplers_blocks_seed{seed} --save-results",
+            functools.partial(
+                sampler_rows, name=f"samplers_blocks_seed{seed}", decoder=f"the seed-{seed} demo's decoder"
+            ),
+        )
+        for seed in (1, 2)
+    },
     "judge_quality": ("python benchmarks/judge_quality.py --save-results", judge_rows),
     "hard_negatives": (
         "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
