@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, machine, save_results
+from common import add_results_flag, command_line, machine, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, CONTEXT = 768, 77  # CLIP ViT-L/14's text tower
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": "VmHWM (peak resident set) of a fresh subprocess per phase; page cache not counted",
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("save_results", "worker", "cache_dir")},
-        "command": "python benchmarks/cache_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("cache_memory", argv),
         "text_width": WIDTH,
         "context": CONTEXT,
         "bytes_per_caption": row_bytes(),

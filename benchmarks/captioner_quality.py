@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, machine, save_results
+from common import add_results_flag, command_line, machine, save_results
 
 BARS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8}
 TIME_BAR_SECONDS = 600
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="captioner_quality_") as tmp:
         output_dir = args.output_dir or Path(tmp, "run")
         result = run(args.clip, args.data, output_dir, args.seed)
-    result = {
-        "command": "python benchmarks/captioner_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    } | result
+    result = {"command": command_line("captioner_quality", argv)} | result
     if args.save_results:
         save_results("captioner_quality", result)
     print(json.dumps(result, indent=2))

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, ensure_shapes, machine, parse_seeds, save_results
+from common import add_results_flag, command_line, ensure_shapes, machine, parse_seeds, save_results
 
 BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80, "train_seconds": 300.0}
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = over_seeds(per_seed)
     report = {
         "benchmark": "clip_quality",
-        "command": "python benchmarks/clip_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("clip_quality", argv),
         "seeds": args.seeds,
         "data_seed": args.data_seed,
         "mixed_precision": args.mixed_precision,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import add_results_flag, machine, parse_seeds, save_results
+from common import add_results_flag, command_line, machine, parse_seeds, save_results
 
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.shapes import load_dataset_info
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"seed": seed, **{n: per_seed[n][seed] for n in CONTENDERS}}), file=sys.stderr, flush=True)
     report = {
         "benchmark": "clip_real_data",
-        "command": "python benchmarks/clip_real_data.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("clip_real_data", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
         "data": {"source": info.get("source"), "splits": info.get("splits"), "classes": info.get("classes")},
         "machine": machine(),

@@ -195,6 +195,12 @@ def demo_times(report: dict) -> dict:
     }
 
 
+def command_line(benchmark: str, argv: list[str] | None) -> str:
+    """The command that ran `benchmarks/<benchmark>.py` with `argv` (None: this process's own arguments), as result
+    files record it."""
+    return f"python benchmarks/{benchmark}.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def add_results_flag(parser, results_name: str | None = None) -> None:
     """`--save-results`; with `results_name`, also `--results-name` (that default), so that another recipe or
     comparison measured by the same script keeps a result file of its own."""
@@ -254,7 +260,7 @@ def run_cases(
         "goal": goal,
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
-        "command": f"python benchmarks/{benchmark}.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(benchmark, argv),
         "cases": {},
     }
     for preset, precision, attention in itertools.product(args.presets, args.precision, args.attention):

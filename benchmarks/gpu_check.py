@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import RESULTS_DIR, machine, provenance
+from common import RESULTS_DIR, command_line, machine, provenance
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
     )
     report = {
         "benchmark": "gpu_check",
-        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("gpu_check", argv),
         **provenance(),
         "machine": machine(),
         "peak_bf16_tflops": ctx.peak_tflops,

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, ensure_shapes, machine, parse_seeds, save_results
+from common import add_results_flag, command_line, ensure_shapes, machine, parse_seeds, save_results
 
 from clipcond.evaluation.stats import mean_interval
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"seed": seed, **{r: per_seed[r][seed] for r in RECIPES}}), file=sys.stderr, flush=True)
     report = {
         "benchmark": "hard_negatives",
-        "command": "python benchmarks/hard_negatives.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("hard_negatives", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
         "data": data,
         "machine": machine(),

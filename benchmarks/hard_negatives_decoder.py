@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import add_results_flag, machine, parse_seeds, save_results
+from common import add_results_flag, command_line, machine, parse_seeds, save_results
 
 RECIPES = ("plain", "hard_negatives")
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"seed": seed, "recipe": recipe, **per_seed[recipe][seed]}), file=sys.stderr, flush=True)
     report = {
         "benchmark": "hard_negatives_decoder",
-        "command": "python benchmarks/hard_negatives_decoder.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("hard_negatives_decoder", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
         "kinds": hard_negative_kinds(args.runs_dir, args.seeds),
         "machine": machine(),

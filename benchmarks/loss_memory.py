@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from common import add_results_flag, machine, save_results
+from common import add_results_flag, command_line, machine, save_results
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": "cuda max_memory_allocated" if device.type == "cuda" else "live tensor storage bytes (PeakMemory)",
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "save_results"},
-        "command": "python benchmarks/loss_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("loss_memory", argv),
         "loss": loss_law(world_sizes, args.local_batch, args.dim, device),
         "step": {},
     }

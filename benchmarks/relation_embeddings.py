@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from common import add_results_flag, machine, save_results
+from common import add_results_flag, command_line, machine, save_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = build_pairs("relation", args.num_pairs, held_out=info.get("held_out") or (), seed=args.seed)
     report = {
         "benchmark": "relation_embeddings",
-        "command": "python benchmarks/relation_embeddings.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("relation_embeddings", argv),
         "settings": {"data": str(args.data), "num_pairs": args.num_pairs, "seed": args.seed},
         "machine": machine(),
         "runs": {str(run): diagnose(run, pairs, int(info.get("resolution") or 32)) for run in args.runs},

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_results_flag, save_results
+from common import add_results_flag, command_line, save_results
 
 DEFAULT_SAMPLERS = "ddpm@1000,dpm@20,dpm@10,ddim@20,ddim@50,euler@20,euler@50,unipc@10,unipc@20"
 REFERENCE = "ddpm@1000"
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers' DPM-Solver under numpy 2: harmless, and it would repeat every step
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy keyword")
     args = parse_args(argv)
-    command = "python benchmarks/scheduler_steps.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("scheduler_steps", argv)
     result = {"command": command, **run(args)}
     text = json.dumps(result, indent=2)
     if args.save_results:

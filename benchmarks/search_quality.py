@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, ensure_shapes, parse_seeds, save_results
+from common import add_results_flag, command_line, ensure_shapes, parse_seeds, save_results
 
 BAR = {"mean_precision_at_5": 0.90}
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(data_dir / args.split):
                 raise FileNotFoundError(f"`--data` {str(data_dir)!r} has no split folder {args.split!r}")
             result = evaluate(clip_dir, data_dir, args.split, args.top_k, args.dtype)
-    command = "python benchmarks/search_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("search_quality", argv)
     result = {"command": command.strip(), **result}
     text = json.dumps(result, indent=2)
     print(text)
