@@ -17,9 +17,13 @@ from clipcond.runs import check_finished
 
 # The keys of `clipcond.pipelines.text_to_image.SCHEDULERS`, spelled out so that `--help` needs no diffusers import.
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "dpm-sde", "euler", "euler-a", "unipc")
-# The sampler the evaluations, the demo and the web page draw with unless told otherwise: DPM-Solver++ (2M), Lu et
-# al. 2022 (benchmarks/results/samplers.json compares it with the others). The commands keep a run's saved one.
-DEFAULT_SAMPLER = "dpm"
+# The sampler the evaluations, the demo, the decoders' validation images and the web page draw with unless told
+# otherwise: DPM-Solver++ (2M) in its SDE form (Lu et al. 2022), which adds fresh noise at every step, as DDPM does.
+# The noise lets later steps correct what earlier ones got wrong (Karras et al. 2022, section 4), which a decoder
+# trained for minutes needs: on the demo's decoders it draws fewer second objects than the deterministic solver
+# (docs/lab-notes.md, "a stochastic sampler"; benchmarks/results/scheduler_steps.json). The commands keep a run's
+# saved sampler.
+DEFAULT_SAMPLER = "dpm-sde"
 
 # The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
 PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")

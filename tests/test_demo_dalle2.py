@@ -11,6 +11,7 @@ from clipcond.demo import QUICK_JUDGE, default_sample_dtype, main, parse_args
 from clipcond.evaluation import judge as judge_module
 from clipcond.evaluation import unclip
 from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE as DEFAULT_GUIDANCE_SCALE  # the unCLIP decoder's
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which the samples are drawn with.
 pytestmark = pytest.mark.filterwarnings(
@@ -54,7 +55,7 @@ def test_dalle2_stages_extend_a_finished_demo(demo):
     assert text_to_image["num_images"] == 18 and list(text_to_image["guidance"]) == [str(DEFAULT_GUIDANCE_SCALE)]
     assert text_to_image["settings"]["prior_guidance_scale"] == 4.0
     assert (text_to_image["settings"]["guidance_start"], text_to_image["settings"]["guidance_end"]) == (0.4, 1.0)
-    assert text_to_image["settings"]["scheduler"] == "dpm"
+    assert text_to_image["settings"]["scheduler"] == DEFAULT_SAMPLER
     assert evaluation["settings"]["dtype"] == default_sample_dtype()  # the demo's --sample-dtype
 
     # the one table: seen / held-out rows, colour and shape of each of the three ways to draw

@@ -51,6 +51,7 @@ from clipcond.hub import check_local_folder
 from clipcond.lineage import content_hash, init_record
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import create_unet, load_pretrained_unet
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.train.decoder_conditioning import BatchConditioning, ConditioningPlugin
 from clipcond.train.diffusion import (
     DiffusionStage,
@@ -393,7 +394,7 @@ class DecoderStage(DiffusionStage):
         generators = [torch.Generator().manual_seed(v.seed + k) for k in range(num_images)]
         with ema_weights(self.ema, self.unwrapped) as model:
             model.eval()
-            pipe = self.pipeline(model, scheduler_from_name("dpm", self.noise_scheduler.config))
+            pipe = self.pipeline(model, scheduler_from_name(DEFAULT_SAMPLER, self.noise_scheduler.config))
             pipe.set_progress_bar_config(disable=True)
             images = pipe(
                 **self.plugin.validation_inputs(),

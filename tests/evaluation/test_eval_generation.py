@@ -23,6 +23,7 @@ from clipcond.evaluation.generation import (
     image_seed,
     main,
 )
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 
 CLASSES = class_names(None)  # the 18 colour-shape pairs
 HELD_OUT = list(DEFAULT_HELD_OUT)
@@ -260,7 +261,7 @@ def test_command_on_a_tiny_pipeline(pipeline_run, tiny_clip_run, shapes_data, ju
     out = pipeline_run / "eval_generation"
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert list(metrics["guidance"]) == ["1.0", DEFAULT] and metrics["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
-    assert metrics["num_images"] == 18 and metrics["settings"]["scheduler"] == "dpm"
+    assert metrics["num_images"] == 18 and metrics["settings"]["scheduler"] == DEFAULT_SAMPLER
     assert metrics["settings"]["dtype"] == "fp32"
     assert metrics["settings"]["clip"] == str(tiny_clip_run) and metrics["settings"]["model"] == str(pipeline_run)
     for key in HEADLINE_KEYS:
