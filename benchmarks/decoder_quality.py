@@ -72,6 +72,18 @@ def _clip_group_sizes(clip_eval: dict, num_seen: int, num_classes: int) -> dict:
     }
 
 
+def rejudge_argv(demo_dir: Path, generation: dict, images_per_prompt: int, out: Path) -> list[str]:
+    """`clipcond eval generation` drawing `images_per_prompt` images per prompt as the demo drew its own (steps,
+    guidance, sampler, precision and noise seed of its `generation` metrics): a larger sample of the same figures."""
+    settings = generation["settings"]
+    argv = ["--model", str(demo_dir / "decoder"), "--data", str(demo_dir / "data"), "--output-dir", str(out)]
+    argv += ["--num-images-per-prompt", str(images_per_prompt), "--no-progress"]
+    argv += ["--num-inference-steps", str(settings["num_inference_steps"])]
+    argv += ["--guidance-scales", f"1,{generation['guidance_scale']}"]
+    argv += ["--scheduler", settings["scheduler"], "--dtype", settings["dtype"], "--seed", str(settings["seed"])]
+    return argv
+
+
 def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
 
     from clipcond.demo import main as demo_main
@@ -86,12 +98,8 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
         from clipcond.evaluation.generation import main as eval_main
 
         out = demo_dir / "decoder" / "eval_benchmark"
-        argv = ["--model", str(demo_dir / "decoder"), "--data", str(demo_dir / "data"), "--output-dir", str(out)]
-        argv += ["--num-images-per-prompt", str(images_per_prompt), "--no-progress"]
-        argv += ["--num-inference-steps", str(generation["settings"]["num_inference_steps"])]
-        argv += ["--guidance-scales", f"1,{generation['guidance_scale']}"]
         with contextlib.redirect_stdout(sys.stderr):
-            eval_main(argv)
+            eval_main(rejudge_argv(demo_dir, generation, images_per_prompt, out))
         generation = json.loads((out / "metrics.json").read_text())
 
     default = generation["guidance"][str(float(generation["guidance_scale"]))]

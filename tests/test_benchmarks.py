@@ -209,6 +209,19 @@ def test_decoder_quality_bars_hold_over_seeds_only_without_a_seed_far_below():
     assert not resumed["demo_wall_seconds"]["holds"]
 
 
+def test_decoder_quality_judges_again_as_the_demo_drew(tmp_path):
+    import decoder_quality
+
+    from clipcond.evaluation.generation import parse_args
+
+    settings = {"num_inference_steps": 20, "scheduler": "dpm-sde", "dtype": "bf16", "seed": 7}
+    argv = decoder_quality.rejudge_argv(tmp_path, {"guidance_scale": 3.0, "settings": settings}, 32, tmp_path / "out")
+    args = parse_args(argv)
+    drawn = (args.num_inference_steps, args.scheduler, args.dtype, args.seed, args.num_images_per_prompt)
+    assert drawn == (20, "dpm-sde", "bf16", 7, 32) and args.guidance_scales == "1,3.0"
+    assert args.model == str(tmp_path / "decoder") and args.output_dir == str(tmp_path / "out")
+
+
 def test_decoder_quality_takes_the_clip_group_sizes_that_the_evaluation_counted():
     import decoder_quality
 
