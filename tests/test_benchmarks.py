@@ -518,3 +518,20 @@ def test_relation_embeddings_captions_say_the_same_or_the_opposite():
         "wrong": ["a red circle right of a blue square"],
     }
     assert relation_embeddings.side_captions([pair]) == (["a red circle on the left"], ["a red circle on the right"])
+
+
+def test_heldout_diagnosis_reads_a_clip_apart(tiny_clip_run, shapes_data, capsys):
+    import heldout_diagnosis
+
+    with pytest.raises(ValueError, match="pass `--clip` with `--data`"):
+        heldout_diagnosis.parse_args(["--clip", str(tiny_clip_run)])
+    assert heldout_diagnosis.main(["--clip", str(tiny_clip_run), "--data", str(shapes_data)]) == 0
+    figures = json.loads(capsys.readouterr().out)["figures"]
+    rows = [json.loads(line) for line in (shapes_data / "test" / "metadata.jsonl").read_text().splitlines()]
+    singles = [r for r in rows if r["kind"] == "single"]
+    heldout = sum(r["heldout"] for r in singles)
+    assert (figures["num_images_seen"], figures["num_images_heldout"]) == (len(singles) - heldout, heldout) != (0, 0)
+    for key in ("colour", "shape"):  # a centroid of the seen images is right on most of the images it averages
+        assert figures[f"image_{key}_centroid_seen"] > 1 / 3
+    shares = [v for k, v in figures.items() if not k.startswith("num_")]
+    assert all(0 <= v <= 1 for v in shares) and len(shares) == 10
