@@ -2,9 +2,10 @@
 
     clipcond eval captioner --model runs/cap --data shapes/
 
-On the one-object images of the split, the greedy caption is parsed for its colour, shape, count and position words
-(`parse_caption`); a field is right when the caption names the true value and no other (a caption that names no
-position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
+On the one-object images of the split, the greedy caption is read for its colour, shape, count and position words
+by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the colour
+before it and counts a plural as two); a field is right when the caption names the true value and no other ("a red
+circle and a blue circle" gets count and colour wrong; a caption that names no position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
 beside chance (one over the number of values), for the images of compositions seen in training and the held-out
 ones separately. A captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image
 (the `describe` question, whose answers always name the position), and its descriptions are scored the same way;
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,39 +26,25 @@ import torch
 from clipcond.data.questions import DESCRIBE, QUESTION_TYPES, questions_for
 from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
+from clipcond.evaluation.probes import read_caption
 from clipcond.evaluation.stats import wilson_interval
 from clipcond.storage import check_output_dir, write_json_atomic
 
 CAPTION_FIELDS = ("colour", "shape", "count", "position")
-# the caption words of each position (the shapes data's phrases, `clipcond.data.shapes.POSITION_PHRASES`)
-POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "centre": "centre"}
-POSITION_WORDS |= {"middle": "centre", "center": "centre"}
-TWO_WORDS = ("two", "pair")
 
 
-def parse_caption(text: str, colours, shapes) -> dict[str, set]:
-    """The values a caption names: colours, shapes (singular or plural), the count (1 or 2) and positions."""
-    words = re.findall(r"[a-z]+", text.lower())
-    named_shapes = {s for s in shapes if s in words or s + "s" in words}
-    plural = any(s + "s" in words for s in shapes)
-    count = set()
-    if any(w in words for w in TWO_WORDS) or plural:
-        count.add(2)
-    if named_shapes and not plural:
-        count.add(1)
-    return {
-        "colour": {c for c in colours if c in words},
-        "shape": named_shapes,
-        "count": count,
-        "position": {POSITION_WORDS[w] for w in words if w in POSITION_WORDS},
+def score_caption(text: str, obj: dict) -> dict[str, bool]:
+    """Per field: whether the caption of a one-object image (`obj`, its metadata row's object) names the object's
+    value and no other."""
+    said = read_caption(text)
+    named = {
+        "colour": {colour for colour, _ in said.objects},
+        "shape": {shape for _, shape in said.objects},
+        "count": said.count,
+        "position": set(said.positions),
     }
-
-
-def score_caption(text: str, obj: dict, colours, shapes) -> dict[str, bool]:
-    """Per field: whether the caption of a one-object image names the object's value and no other."""
-    named = parse_caption(text, colours, shapes)
-    truth = {"colour": obj["colour"], "shape": obj["shape"], "count": 1, "position": obj["position"]}
-    return {field: named[field] == {truth[field]} for field in CAPTION_FIELDS}
+    truth = {"colour": {obj["colour"]}, "shape": {obj["shape"]}, "count": 1, "position": {obj["position"]}}
+    return {field: named[field] == truth[field] for field in CAPTION_FIELDS}
 
 
 def _proportion(hits: int, n: int) -> dict:
@@ -79,7 +65,6 @@ def evaluate_captioner(
 ) -> dict:
     """The figures of the module docstring for `dataset` (an `ImageCaptionDataset` of the shapes data at the
     captioner's resolution, whose `records` hold the metadata) and the data set's `info` (dataset_info.json)."""
-    colours, shapes = list(info["colours"]), list(info["shapes"])
     records = dataset.records
     singles = [i for i, r in enumerate(records) if r.get("kind") == "single"][:max_images]
     if not singles:
@@ -87,15 +72,15 @@ def evaluate_captioner(
 
     # 1. captions of the one-object images, and with questions their descriptions
     chance = {
-        "colour": 1 / len(colours),
-        "shape": 1 / len(shapes),
+        "colour": 1 / len(info["colours"]),
+        "shape": 1 / len(info["shapes"]),
         "count": 1 / 2,
         "position": 1 / len(info["positions"]),
     }
     result = {"num_images": len(singles), "chance": chance}
     texts = {"caption": None, "description": DESCRIBE} if questions else {"caption": None}
     for name, prompt in texts.items():
-        result[name] = _score_texts(captioner, dataset, singles, prompt, colours, shapes, batch_size, max_new_tokens)
+        result[name] = _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens)
 
     # 2. answers to every question of every image
     if questions:
@@ -119,7 +104,7 @@ def _pixels(dataset, indices: list[int]) -> torch.Tensor:
     return torch.stack([dataset[i]["pixel_values"] for i in indices])  # (B, 3, S, S) uint8
 
 
-def _score_texts(captioner, dataset, singles, prompt, colours, shapes, batch_size, max_new_tokens) -> dict:
+def _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens) -> dict:
     """Per field, the share of one-object images whose text (a caption, or the answer to `prompt`) names the true
     value and no other: for seen and held-out compositions and all; the share that names a position; examples."""
     records = dataset.records
@@ -131,9 +116,9 @@ def _score_texts(captioner, dataset, singles, prompt, colours, shapes, batch_siz
         for i, text in zip(chunk, texts, strict=True):
             group = "heldout" if records[i].get("heldout") else "seen"
             counts[group] += 1
-            for field, right in score_caption(text, records[i]["objects"][0], colours, shapes).items():
+            for field, right in score_caption(text, records[i]["objects"][0]).items():
                 hits[group][field] += right
-            names_position += bool(parse_caption(text, colours, shapes)["position"])
+            names_position += bool(read_caption(text).positions)
             if len(examples) < 12:
                 examples.append({"file": records[i]["file_name"], "truth": records[i]["text"], "text": text})
     scores = {}

@@ -83,7 +83,6 @@ _POSITION_WORDS = {
     "middle": "centre",
 }
 _RELATION_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below"}
-_TWO_WORDS = {"two", "pair", "both"}
 
 # Scene reader: a pixel belongs to an object when a channel is this far from the background; a component smaller
 # than this share of the image is a speck (the smallest object of the data covers about 2.5% of it).
@@ -127,12 +126,15 @@ def describe(scene: Scene, probe: str, *, relation: str | None = None, count: in
 @dataclass(frozen=True)
 class CaptionFields:
     """What a caption (or a scene) says: the objects in the order named ("colour shape", or None for a word the
-    reader could not pair), and the relation, position and size words (None where it names none)."""
+    reader could not pair), and the relation, position and size words (None where it names none; the first where it
+    names several). `positions` keeps every position word, for a reader that asks whether a caption names one and no
+    other (`clipcond.evaluation.captioner.score_caption`)."""
 
     objects: tuple[tuple[str | None, str], ...] = ()
     relation: str | None = None
     position: str | None = None
     size: str | None = None
+    positions: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -164,8 +166,9 @@ def read_caption(text: str) -> CaptionFields:
     """
     words = re.findall(r"[a-z]+", text.lower())
     objects: list[tuple[str | None, str]] = []
+    positions: list[str] = []
     colour = None
-    relation = position = size = None
+    relation = size = None
     for i, word in enumerate(words):
         if word in COLOURS:
             colour = word
@@ -178,10 +181,11 @@ def read_caption(text: str) -> CaptionFields:
         elif word in _RELATION_WORDS:
             relation = relation or _RELATION_WORDS[word]
         elif word in _POSITION_WORDS:
-            position = position or _POSITION_WORDS[word]
+            positions.append(_POSITION_WORDS[word])
         elif word in _SIZE_WORDS:
             size = size or _SIZE_WORDS[word]
-    return CaptionFields(tuple(objects), relation, position, size)
+    position = positions[0] if positions else None
+    return CaptionFields(tuple(objects), relation, position, size, tuple(positions))
 
 
 def scene_fields(scene: Scene, probe: str) -> CaptionFields:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from clipcond.data.shapes import DEFAULT_HELD_OUT, POSITION_PHRASE, caption_scene, render_scene, sample_scene
+from clipcond.data.shapes import (
+    DEFAULT_HELD_OUT,
+    POSITION_PHRASE,
+    POSITION_PHRASES,
+    RELATION_PHRASES,
+    caption_scene,
+    render_scene,
+    sample_scene,
+)
 from clipcond.evaluation import probes
 
 EXPECTED_DIFFERENCE = {
@@ -69,6 +77,18 @@ def test_read_caption_reads_the_data_captions():
         "position": "centre",
         "size": "small",
     }
+
+
+def test_read_caption_reads_every_position_phrase_of_the_shapes_data():
+    """`_POSITION_WORDS` follows `clipcond.data.shapes.POSITION_PHRASES`; relation phrases are not positions."""
+    for position, phrases in POSITION_PHRASES.items():
+        for phrase in phrases:
+            fields = probes.read_caption(f"a red circle {phrase}")
+            assert fields.position == position and fields.positions == (position,), phrase
+    for relation, phrases in RELATION_PHRASES.items():
+        for phrase in phrases:
+            fields = probes.read_caption(f"a red circle {phrase} a blue square")
+            assert fields.relation == relation and fields.positions == (), phrase
 
 
 def test_scene_reader_is_right_on_renders(judge):
