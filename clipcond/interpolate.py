@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_args(
         parser,
         seed_help="seed of the noise every frame shares (default 0)",
-        scheduler_help="decoder sampler (default: the saved one)",
+        scheduler_help="decoder sampler",
         batch_size=False,
     )
     add_prior_args(parser)

@@ -21,9 +21,11 @@ SCHEDULER_NAMES = ("ddim", "ddpm", "dpm", "dpm-sde", "euler", "euler-a", "unipc"
 # otherwise: DPM-Solver++ (2M) in its SDE form (Lu et al. 2022), which adds fresh noise at every step, as DDPM does.
 # The noise lets later steps correct what earlier ones got wrong (Karras et al. 2022, section 4), which a decoder
 # trained for minutes needs: on the demo's decoders it draws fewer second objects than the deterministic solver
-# (docs/lab-notes.md, "a stochastic sampler"; benchmarks/results/scheduler_steps.json). The commands keep a run's
-# saved sampler.
+# (docs/lab-notes.md, "a stochastic sampler"; benchmarks/results/scheduler_steps.json).
 DEFAULT_SAMPLER = "dpm-sde"
+# The `--scheduler` choice that keeps the scheduler saved with a run (its training noise schedule, a DDPMScheduler).
+SAVED_SCHEDULER = "saved"
+SCHEDULER_CHOICES = (*SCHEDULER_NAMES, SAVED_SCHEDULER)
 
 # The pipelines `load_pipeline` reads, by the `_class_name` of their model_index.json.
 PIPELINE_CLASSES = ("TextToImagePipeline", "ImageVariationPipeline", "UnCLIPTextToImagePipeline")
@@ -142,6 +144,11 @@ def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str)
     if pipe.unet.dtype != torch_dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=torch_dtype)
     return pipe
+
+
+def chosen_scheduler(name: str | None) -> str | None:
+    """A `--scheduler` value as `load_pipeline` takes it: None (keep the run's own) for `SAVED_SCHEDULER`."""
+    return None if name == SAVED_SCHEDULER else name
 
 
 def scheduler_name(scheduler) -> str:

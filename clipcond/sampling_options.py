@@ -9,7 +9,7 @@ import argparse
 
 from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.pipeline_loading import SCHEDULER_NAMES
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_CHOICES, chosen_scheduler
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir
 
@@ -18,12 +18,18 @@ def add_sampling_args(
     parser: argparse.ArgumentParser,
     *,
     seed_help: str,
-    scheduler_help: str = "sampler (default: the one saved with the model)",
+    scheduler_help: str = "sampler",
     batch_size: bool = True,
 ) -> None:
     """`--scheduler`, `--seed`, `--batch-size` (unless `batch_size` is False), `--device`, `--dtype` and
     `--output-dir`, in this order: how and where `generate`, `vary` and `interpolate` draw."""
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help=scheduler_help)
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_CHOICES,
+        default=DEFAULT_SAMPLER,
+        help=f"{scheduler_help} (default {DEFAULT_SAMPLER}, as the evaluations and the web page; {SAVED_SCHEDULER!r}: "
+        "the one saved with the model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     if batch_size:
         parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
@@ -125,4 +131,7 @@ def check_guidance_interval_args(args: argparse.Namespace) -> None:
 def pipeline_options(args: argparse.Namespace) -> dict:
     """`clipcond.pipeline_loading.load_pipeline`'s keyword arguments from a command's flags (those it has)."""
     names = ("device", "dtype", "scheduler", "prior", "text_encoder", "allow_clip_mismatch", "allow_encoder_mismatch")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if "scheduler" in options:
+        options["scheduler"] = chosen_scheduler(options["scheduler"])
+    return options

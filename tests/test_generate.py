@@ -17,7 +17,7 @@ from clipcond import cli
 from clipcond.generate import main
 from clipcond.image_files import write_outputs
 from clipcond.models.unet import create_unet, unet_config
-from clipcond.pipeline_loading import SCHEDULER_NAMES
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_NAMES
 from clipcond.pipelines import SCHEDULERS, TextToImagePipeline
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.storage import DiskFullError
@@ -78,7 +78,7 @@ def test_writes_images_grid_and_records(pipeline_dir, tmp_path, capsys):
         "seed": 10,
         "num_inference_steps": 2,
         "guidance_scale": DEFAULT_TEXT_GUIDANCE_SCALE,  # a text-to-image decoder's default
-        "scheduler": "ddpm",
+        "scheduler": DEFAULT_SAMPLER,  # the evaluations' sampler, not the run's saved DDPM
         "model": str(pipeline_dir),
         "dtype": "fp32",
     }
@@ -116,6 +116,13 @@ def test_prompts_file_scheduler_and_negative_prompt(pipeline_dir, tmp_path):
     assert [r["prompt"] for r in records] == ["a red circle", "a blue square", "a green triangle"]
     assert {r["scheduler"] for r in records} == {"dpm"} and {r["negative_prompt"] for r in records} == {"a star"}
     assert len(list(out.glob("0*.png"))) == 3
+
+
+def test_saved_scheduler_keeps_the_runs_own(pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "1", "--output-dir", str(out)]
+    main([*argv, "--scheduler", SAVED_SCHEDULER, *FAST])
+    assert [r["scheduler"] for r in read_records(out)] == ["ddpm"]  # the DDPMScheduler the run was saved with
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipeline_dir, tmp_path, caplog):

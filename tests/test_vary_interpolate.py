@@ -9,6 +9,7 @@ from PIL import Image
 
 from clipcond import cli
 from clipcond.interpolate import main as interpolate_main
+from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.pipelines import ImageVariationPipeline
 from clipcond.vary import main as vary_main
 
@@ -62,7 +63,7 @@ def test_generate_through_the_prior(runs, tmp_path, capsys):
         "seed": 0,
         "num_inference_steps": 2,
         "guidance_scale": 5.0,
-        "scheduler": "ddpm",
+        "scheduler": DEFAULT_SAMPLER,
         "model": str(runs["decoder"]),
         "dtype": "fp32",
         "prior": str(runs["prior"]),

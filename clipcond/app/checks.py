@@ -7,13 +7,12 @@ from __future__ import annotations
 import math
 import os
 
-from clipcond.pipeline_loading import SCHEDULER_NAMES
+from clipcond.pipeline_loading import SAVED_SCHEDULER, SCHEDULER_NAMES
 
 MAX_GUIDANCE = 50.0
 MAX_UPLOAD_BYTES = 25 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-SAVED_SCHEDULER = "saved"  # the scheduler choice that keeps the run's own
 
 
 class RequestError(ValueError):

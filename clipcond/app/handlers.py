@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipcond.app.checks import (
-    SAVED_SCHEDULER,
     RequestError,
     check_upload,
     guidance,
@@ -31,6 +30,7 @@ from clipcond.app.checks import (
 from clipcond.app.runs import ServedRuns
 from clipcond.drawing import generate_batches, interpolation_row, vary_batches
 from clipcond.image_files import ImageWriter
+from clipcond.pipeline_loading import SAVED_SCHEDULER
 from clipcond.sampling_options import add_prior_args
 
 # Limits of one request: a page is shared, and one request holds the models.

@@ -15,9 +15,9 @@ import logging
 import gradio as gr
 
 from clipcond.app import handlers, panel
-from clipcond.app.checks import IMAGE_SUFFIXES, SAVED_SCHEDULER
+from clipcond.app.checks import IMAGE_SUFFIXES
 from clipcond.app.runs import ServedRuns
-from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_NAMES
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_NAMES
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
 
 logger = logging.getLogger(__name__)

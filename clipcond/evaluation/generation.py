@@ -104,7 +104,7 @@ from clipcond.evaluation.sampling import (
     scale_key,
 )
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.pipeline_loading import DEFAULT_SAMPLER, load_pretrained
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, chosen_scheduler, load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
@@ -558,7 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scheduler",
         default=DEFAULT_SAMPLER,
-        help=f"sampler, a SCHEDULERS name or 'saved' (default {DEFAULT_SAMPLER})",
+        help=f"sampler, a SCHEDULERS name or {SAVED_SCHEDULER!r} (default {DEFAULT_SAMPLER})",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_template(args.prompt_template)
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
     check_scheduler(args.scheduler)
-    scheduler = None if args.scheduler == "saved" else args.scheduler
+    scheduler = chosen_scheduler(args.scheduler)
     inception_weights = None if args.inception_weights is None else check_inception_weights(args.inception_weights)
 
     from clipcond.lineage import check_evaluation_clip

@@ -44,7 +44,7 @@ from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.evaluation.sampling import GenerateFn
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.hub import local_files_only
-from clipcond.pipeline_loading import DEFAULT_SAMPLER
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
@@ -584,7 +584,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-inference-steps", type=int, default=DEFAULT_INFERENCE_STEPS, help="the decoder's sampler steps"
     )
     parser.add_argument(
-        "--scheduler", default=DEFAULT_SAMPLER, help="the decoder's sampler, a SCHEDULERS name or 'saved'"
+        "--scheduler",
+        default=DEFAULT_SAMPLER,
+        help=f"the decoder's sampler, a SCHEDULERS name or {SAVED_SCHEDULER!r} (default {DEFAULT_SAMPLER})",
     )
     parser.add_argument(
         "--prior-guidance-scale", type=finite_float, default=DEFAULT_PRIOR_GUIDANCE_SCALE, help="the prior's guidance"
@@ -633,7 +635,7 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device, **dtype):
         local_files_only=local_files_only(),
         **dtype,
     ).to(device)
-    if args.scheduler != "saved":
+    if args.scheduler != SAVED_SCHEDULER:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     return pipe
 
