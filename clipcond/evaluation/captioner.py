@@ -4,9 +4,9 @@
 
 On the one-object images of the split, the greedy caption is read for its colour, shape, count and position words
 by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the colour
-before it and counts a plural as two); a field is right when the caption names the true value and no other ("a red
-circle and a blue circle" gets count and colour wrong; a caption that names no position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
-beside chance (one over the number of values), for the images of compositions seen in training and the held-out
+before it and counts a plural, or "two", as two objects); a field is right when the caption names the true value and
+no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no position gets its
+position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`), beside chance (one over the number of values), for the images of compositions seen in training and the held-out
 ones separately. A captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image
 (the `describe` question, whose answers always name the position), and its descriptions are scored the same way;
 and it is asked every question of every image of the split, its answers scored by exact match, per question type.
@@ -26,17 +26,16 @@ import torch
 from clipcond.data.questions import DESCRIBE, QUESTION_TYPES, questions_for
 from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
-from clipcond.evaluation.probes import read_caption
+from clipcond.evaluation.probes import CaptionFields, read_caption
 from clipcond.evaluation.stats import wilson_interval
 from clipcond.storage import check_output_dir, write_json_atomic
 
 CAPTION_FIELDS = ("colour", "shape", "count", "position")
 
 
-def score_caption(text: str, obj: dict) -> dict[str, bool]:
-    """Per field: whether the caption of a one-object image (`obj`, its metadata row's object) names the object's
-    value and no other."""
-    said = read_caption(text)
+def score_caption(said: CaptionFields, obj: dict) -> dict[str, bool]:
+    """Per field: whether a caption of a one-object image (`said`, as `read_caption` reads it; `obj`, the image's
+    metadata object) names the object's value and no other."""
     named = {
         "colour": {colour for colour, _ in said.objects},
         "shape": {shape for _, shape in said.objects},
@@ -116,9 +115,10 @@ def _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens
         for i, text in zip(chunk, texts, strict=True):
             group = "heldout" if records[i].get("heldout") else "seen"
             counts[group] += 1
-            for field, right in score_caption(text, records[i]["objects"][0]).items():
+            said = read_caption(text)
+            for field, right in score_caption(said, records[i]["objects"][0]).items():
                 hits[group][field] += right
-            names_position += bool(read_caption(text).positions)
+            names_position += bool(said.positions)
             if len(examples) < 12:
                 examples.append({"file": records[i]["file_name"], "truth": records[i]["text"], "text": text})
     scores = {}

@@ -83,6 +83,7 @@ _POSITION_WORDS = {
     "middle": "centre",
 }
 _RELATION_WORDS = {"above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below"}
+_TWO_WORDS = {"two", "pair", "both"}
 
 # Scene reader: a pixel belongs to an object when a channel is this far from the background; a component smaller
 # than this share of the image is a speck (the smallest object of the data covers about 2.5% of it).
@@ -126,15 +127,18 @@ def describe(scene: Scene, probe: str, *, relation: str | None = None, count: in
 @dataclass(frozen=True)
 class CaptionFields:
     """What a caption (or a scene) says: the objects in the order named ("colour shape", or None for a word the
-    reader could not pair), and the relation, position and size words (None where it names none; the first where it
-    names several). `positions` keeps every position word, for a reader that asks whether a caption names one and no
-    other (`clipcond.evaluation.captioner.score_caption`)."""
+    reader could not pair), the relation and size words (None where it names none; the first where it names
+    several), and every position word in order."""
 
     objects: tuple[tuple[str | None, str], ...] = ()
     relation: str | None = None
-    position: str | None = None
     size: str | None = None
     positions: tuple[str, ...] = ()
+
+    @property
+    def position(self) -> str | None:
+        """The first position named, or None."""
+        return self.positions[0] if self.positions else None
 
     @property
     def count(self) -> int:
@@ -161,21 +165,25 @@ def read_caption(text: str) -> CaptionFields:
     """Read the fields of a caption in the shapes vocabulary ("a small red circle at the top", "two blue squares",
     "a red circle to the left of a blue square", "a red circle and a blue square").
 
-    Each shape word makes an object with the nearest colour word before it; a plural shape word ("circles") makes
-    two. "left"/"right" followed by "of" is a relation, otherwise a position; so are "top", "bottom", "centre".
+    Each shape word makes an object with the nearest colour word before it; a plural shape word ("circles"), or one
+    after "two" / "pair" / "both", makes two. "left"/"right" followed by "of" is a relation, otherwise a position; so
+    are "top", "bottom", "centre".
     """
     words = re.findall(r"[a-z]+", text.lower())
     objects: list[tuple[str | None, str]] = []
     positions: list[str] = []
     colour = None
+    two = False  # a number word before the next shape word
     relation = size = None
     for i, word in enumerate(words):
         if word in COLOURS:
             colour = word
+        elif word in _TWO_WORDS:
+            two = True
         elif word in SHAPES or (word.endswith("s") and word[:-1] in SHAPES):
             plural = word not in SHAPES
-            objects += [(colour, word.rstrip("s") if plural else word)] * (2 if plural else 1)
-            colour = None
+            objects += [(colour, word.rstrip("s") if plural else word)] * (2 if plural or two else 1)
+            colour, two = None, False
         elif word in ("left", "right") and i + 1 < len(words) and words[i + 1] == "of":
             relation = relation or f"{word} of"
         elif word in _RELATION_WORDS:
@@ -184,8 +192,7 @@ def read_caption(text: str) -> CaptionFields:
             positions.append(_POSITION_WORDS[word])
         elif word in _SIZE_WORDS:
             size = size or _SIZE_WORDS[word]
-    position = positions[0] if positions else None
-    return CaptionFields(tuple(objects), relation, position, size, tuple(positions))
+    return CaptionFields(tuple(objects), relation, size, tuple(positions))
 
 
 def scene_fields(scene: Scene, probe: str) -> CaptionFields:

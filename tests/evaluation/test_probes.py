@@ -79,6 +79,13 @@ def test_read_caption_reads_the_data_captions():
     }
 
 
+def test_read_caption_counts_plurals_and_number_words():
+    assert probes.read_caption("two red circles").objects == (("red", "circle"), ("red", "circle"))
+    assert probes.read_caption("a pair of blue square").count == 2
+    assert probes.read_caption("a red circle and a blue circle").count == 2
+    assert probes.read_caption("one red circle").count == 1
+
+
 def test_read_caption_reads_every_position_phrase_of_the_shapes_data():
     """`_POSITION_WORDS` follows `clipcond.data.shapes.POSITION_PHRASES`; relation phrases are not positions."""
     for position, phrases in POSITION_PHRASES.items():
