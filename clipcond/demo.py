@@ -47,7 +47,7 @@ from clipcond.device import fast_bf16, resolve_device
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import local_files_only
-from clipcond.pipeline_loading import DEFAULT_SAMPLER
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, use_scheduler
 from clipcond.runlock import run_folder_lock
 from clipcond.runs import RunRecord
 from clipcond.storage import check_output_dir, write_json_atomic
@@ -702,7 +702,6 @@ def _stage_unclip_eval(
     from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.judged import load_clip_and_reference
     from clipcond.evaluation.unclip import evaluate_unclip
-    from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
     device = resolve_device(None)
@@ -712,7 +711,7 @@ def _stage_unclip_eval(
     pipe = UnCLIPTextToImagePipeline.from_runs(prior_dir, unclip_dir, local_files_only=local_files_only(), **dtype).to(
         device
     )
-    pipe.scheduler = scheduler_from_name(DEFAULT_SAMPLER, pipe.scheduler.config)  # the decoder's; the prior keeps DDPM
+    use_scheduler(pipe, DEFAULT_SAMPLER)  # the decoder's; the prior keeps DDPM
     quick = {"sources_per_class": 1, "variations_per_source": 1, "images_per_prompt": 1, "num_inference_steps": 2}
     budget = {
         "sources_per_class": args.variation_sources,

@@ -1,6 +1,7 @@
 """Loading a saved pipeline folder for the commands and evaluations that sample: which pipeline a folder holds
-(`pipeline_class_name`), loading it on a device in a dtype (`load_pipeline`, `load_pretrained`), and the `--scheduler`
-names (`SCHEDULER_NAMES`, `scheduler_name`); and one component of a pipeline folder to train from
+(`pipeline_class_name`), loading it on a device in a dtype (`load_pipeline`, `load_pretrained`), the samplers
+(`DEFAULT_SAMPLER`; the `--scheduler` names, `SCHEDULER_CHOICES`, `SAVED_SCHEDULER` for a run's own, `use_scheduler`,
+`scheduler_name`); and one component of a pipeline folder to train from
 (`load_pretrained_component`: `--init-unet`, `--init-prior`).
 
 The pipeline modules are imported inside the functions, so that a command's `--help` answers without diffusers.
@@ -79,7 +80,7 @@ def load_pipeline(
     given: a `TextToImagePipeline` (its encoder swapped for `text_encoder` if given), an `ImageVariationPipeline` (an
     image-embedding decoder run), or an `UnCLIPTextToImagePipeline` (a folder saved as one, or `model` a decoder run
     paired with `prior`). Errors name the command-line flags (`--model`, `--prior`, `--text-encoder`)."""
-    from clipcond.pipelines.text_to_image import TextToImagePipeline, scheduler_from_name
+    from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     model = pipeline_folder(model)
     prior = None if prior is None else pipeline_folder(prior, "--prior")
@@ -129,9 +130,7 @@ def load_pipeline(
     pipe = pipe.to(device)
     if pipe.unet.dtype != dtype:  # a diffusers that ignored the keyword
         pipe.to(dtype=dtype)
-    if scheduler is not None:
-        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
-    return pipe
+    return use_scheduler(pipe, scheduler)
 
 
 def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str):
@@ -149,6 +148,17 @@ def load_pretrained(pipeline_class, path: str | os.PathLike, device, dtype: str)
 def chosen_scheduler(name: str | None) -> str | None:
     """A `--scheduler` value as `load_pipeline` takes it: None (keep the run's own) for `SAVED_SCHEDULER`."""
     return None if name == SAVED_SCHEDULER else name
+
+
+def use_scheduler(pipe, name: str | None):
+    """`pipe` with the scheduler `name` (a `--scheduler` value; None or `SAVED_SCHEDULER`: its own) swapped in, on
+    the noise schedule of the one it has (`scheduler_from_name`)."""
+    name = chosen_scheduler(name)
+    if name is not None:
+        from clipcond.pipelines.text_to_image import scheduler_from_name
+
+        pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    return pipe
 
 
 def scheduler_name(scheduler) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from clipcond.evaluation.arguments import check_at_least
 from clipcond.finite import finite_float
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES
 from clipcond.storage import check_output_dir
 
 DEFAULT_NUM_PAIRS = 100
@@ -86,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance-scale", type=finite_float, default=None, help="decoder guidance (default: each path's default)"
     )
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_CHOICES,
+        default=DEFAULT_SAMPLER,
+        help=f"the decoders' sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
+    )
     parser.add_argument("--prior-guidance-scale", type=finite_float, default=4.0, help="prior guidance (default 4)")
     parser.add_argument("--prior-num-inference-steps", type=int, default=25, help="prior steps (default 25)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
@@ -122,14 +129,14 @@ def _generator_fns(args, device) -> dict:
     from clipcond.evaluation import unclip
     from clipcond.evaluation.sampling import pipeline_generate_fn
     from clipcond.hub import local_files_only
-    from clipcond.pipeline_loading import load_pretrained
+    from clipcond.pipeline_loading import load_pretrained, use_scheduler
     from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
 
     fns = {}
     if args.model is not None:
         from clipcond.pipelines.text_to_image import TextToImagePipeline
 
-        pipe = load_pretrained(TextToImagePipeline, args.model, device, "fp32")
+        pipe = use_scheduler(load_pretrained(TextToImagePipeline, args.model, device, "fp32"), args.scheduler)
         pipe.set_progress_bar_config(disable=True)
         scale = args.guidance_scale if args.guidance_scale is not None else DEFAULT_TEXT_GUIDANCE_SCALE
         fns["stable_diffusion"] = (pipeline_generate_fn(pipe, args.num_inference_steps), scale)
@@ -139,6 +146,7 @@ def _generator_fns(args, device) -> dict:
         pipe = UnCLIPTextToImagePipeline.from_runs(
             args.prior, args.decoder, allow_clip_mismatch=args.allow_clip_mismatch, local_files_only=local_files_only()
         ).to(device)
+        use_scheduler(pipe, args.scheduler)  # the decoder's; the prior keeps DDPM
         pipe.set_progress_bar_config(disable=True)
         scale = args.guidance_scale if args.guidance_scale is not None else DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
         sampling = unclip.DecoderSampling(guidance_scale=scale, num_inference_steps=args.num_inference_steps)
@@ -201,6 +209,7 @@ def _generator_probes(args: argparse.Namespace, device, resolution: int, held_ou
         "num_prompts": args.num_prompts,
         "images_per_prompt": args.images_per_prompt,
         "num_inference_steps": args.num_inference_steps,
+        "scheduler": args.scheduler,
         "guidance_scale": {key: scale for key, (_, scale) in generators.items()},
     }
     reader_section = {"accuracy": reader, "baseline": baseline}

@@ -163,7 +163,7 @@ def test_requests_from_two_threads_run_one_at_a_time(served):
         ({"num_images": 17}, "`images` must be a whole number from 1 to 16, got 17"),
         ({"seed": -1}, "`seed` must be a whole number"),
         ({"guidance_scale": math.nan}, "`guidance scale` must be a number from 0 to 50, got nan"),
-        ({"scheduler": "bogus"}, "`scheduler` must be 'saved' or one of"),
+        ({"scheduler": "bogus"}, "'unipc', 'saved'], got 'bogus'"),
         ({"path": "the moon"}, "`path` 'the moon' is not served here"),
     ],
 )

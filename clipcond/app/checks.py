@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 
-from clipcond.pipeline_loading import SAVED_SCHEDULER, SCHEDULER_NAMES
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, chosen_scheduler
 
 MAX_GUIDANCE = 50.0
 MAX_UPLOAD_BYTES = 25 * 2**20
@@ -51,12 +51,13 @@ def prompt_text(name: str, value: str | None) -> str:
 
 
 def scheduler_choice(value: str | None) -> str | None:
-    """None for the run's own scheduler, else a `--scheduler` name."""
-    if value in (None, "", SAVED_SCHEDULER):
-        return None
-    if value not in SCHEDULER_NAMES:
-        raise RequestError(f"`scheduler` must be {SAVED_SCHEDULER!r} or one of {list(SCHEDULER_NAMES)}, got {value!r}")
-    return value
+    """A page's scheduler field as `load_pipeline` takes it: unset is `DEFAULT_SAMPLER`, as on the command line;
+    None for the run's own (`SAVED_SCHEDULER`)."""
+    if value in (None, ""):
+        return DEFAULT_SAMPLER
+    if value not in SCHEDULER_CHOICES:
+        raise RequestError(f"`scheduler` must be one of {list(SCHEDULER_CHOICES)}, got {value!r}")
+    return chosen_scheduler(value)
 
 
 def check_upload(name: str, path: str | os.PathLike | None) -> str:

@@ -30,7 +30,7 @@ from clipcond.app.checks import (
 from clipcond.app.runs import ServedRuns
 from clipcond.drawing import generate_batches, interpolation_row, vary_batches
 from clipcond.image_files import ImageWriter
-from clipcond.pipeline_loading import SAVED_SCHEDULER
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, use_scheduler
 from clipcond.sampling_options import add_prior_args
 
 # Limits of one request: a page is shared, and one request holds the models.
@@ -83,11 +83,8 @@ def _request(runs: ServedRuns, **values) -> argparse.Namespace:
 @contextmanager
 def _scheduler(pipe, name: str | None):
     """`pipe` sampling with the scheduler `name` (None: its own) for the length of a request (under `runs.lock`)."""
-    from clipcond.pipelines.text_to_image import scheduler_from_name
-
     saved = pipe.scheduler
-    if name is not None:
-        pipe.scheduler = scheduler_from_name(name, saved.config)
+    use_scheduler(pipe, name)
     try:
         yield pipe
     finally:
@@ -127,7 +124,7 @@ def generate(
     seed=0,
     num_images=4,
     guidance_scale=None,
-    scheduler: str | None = None,
+    scheduler: str | None = DEFAULT_SAMPLER,
     steps=25,
     progress: Progress | None = None,
 ) -> Drawn:
@@ -159,14 +156,14 @@ def compare(
     prompt: str | None,
     seed=0,
     guidance_scales: str = "1, 3, 5",
-    schedulers: Sequence[str] = (SAVED_SCHEDULER,),
+    schedulers: Sequence[str] = (DEFAULT_SAMPLER,),
     steps=25,
     progress: Progress | None = None,
 ) -> Drawn:
     """One image of `prompt` with `seed` for every scheduler (grid rows) and guidance scale (columns), each what
     `clipcond generate --scheduler S --guidance-scale G --seed SEED --num-images 1` draws, in one request folder."""
     scales = numbers("guidance scales", guidance_scales)
-    names = [scheduler_choice(name) for name in (schedulers or [SAVED_SCHEDULER])]
+    names = [scheduler_choice(name) for name in (schedulers or [DEFAULT_SAMPLER])]
     cells = len(scales) * len(names)
     if cells > MAX_COMPARE_CELLS:
         raise RequestError(
@@ -215,7 +212,7 @@ def vary(
     num_images=4,
     guidance_scale=None,
     steps=25,
-    scheduler: str | None = None,
+    scheduler: str | None = DEFAULT_SAMPLER,
     progress: Progress | None = None,
 ) -> Drawn:
     """`num_images` variations of the image file `image`, as `clipcond vary IMAGE --seed SEED` draws them (the
@@ -247,7 +244,7 @@ def interpolate(
     seed=0,
     guidance_scale=None,
     steps=25,
-    scheduler: str | None = None,
+    scheduler: str | None = DEFAULT_SAMPLER,
     progress: Progress | None = None,
 ) -> Drawn:
     """A row of `frames` between two prompts (through the prior) or, when an image is given, two image files: as

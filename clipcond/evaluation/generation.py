@@ -80,7 +80,6 @@ from clipcond.evaluation.judged import (
     accuracy_figures,
     check_counts,
     check_palette,
-    check_scheduler,
     class_pairs,
     clip_image_features,
     frechet_extractors,
@@ -104,7 +103,7 @@ from clipcond.evaluation.sampling import (
     scale_key,
 )
 from clipcond.finite import finite_float, finite_or_null, is_finite_number
-from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, chosen_scheduler, load_pretrained
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, chosen_scheduler, load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
@@ -557,8 +556,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-inference-steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument(
         "--scheduler",
+        choices=SCHEDULER_CHOICES,
         default=DEFAULT_SAMPLER,
-        help=f"sampler, a SCHEDULERS name or {SAVED_SCHEDULER!r} (default {DEFAULT_SAMPLER})",
+        help=f"sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -619,7 +619,6 @@ def main(argv: list[str] | None = None) -> int:
     check_at_least(args, 2, "max_prompts", note=" (the Fréchet distance needs two images of distinct captions)")
     _check_template(args.prompt_template)
     clip_path, clip_hash = resolve_clip_path(run, args.clip)
-    check_scheduler(args.scheduler)
     scheduler = chosen_scheduler(args.scheduler)
     inception_weights = None if args.inception_weights is None else check_inception_weights(args.inception_weights)
 

@@ -26,7 +26,6 @@ from clipcond.data.shapes import is_shapes_data, load_dataset_info
 from clipcond.evaluation.frechet import FeatureFn
 from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.models.clip_pixels import resize_images
-from clipcond.pipeline_loading import SAVED_SCHEDULER
 from clipcond.runs import RUN_RECORD, RunRecord
 
 logger = logging.getLogger(__name__)
@@ -225,14 +224,6 @@ def judged_tile(image: torch.Tensor, scores: JudgeScores, i: int) -> Image.Image
 
 
 # ---------------------------------------------------------------- the commands' inputs
-
-
-def check_scheduler(name: str) -> None:
-    """Refuse a `--scheduler` that is neither a `SCHEDULERS` name nor 'saved'."""
-    from clipcond.pipelines.text_to_image import SCHEDULERS
-
-    if name != SAVED_SCHEDULER and name not in SCHEDULERS:
-        raise ValueError(f"`--scheduler` must be one of {sorted(SCHEDULERS)} or {SAVED_SCHEDULER!r}, got {name!r}")
 
 
 def shapes_info(data: str | os.PathLike, what: str = "`--data`") -> dict:

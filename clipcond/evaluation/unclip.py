@@ -44,7 +44,7 @@ from clipcond.evaluation.judge import AttributeJudge, JudgeScores
 from clipcond.evaluation.sampling import GenerateFn
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.hub import local_files_only
-from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, use_scheduler
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
@@ -585,8 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scheduler",
+        choices=SCHEDULER_CHOICES,
         default=DEFAULT_SAMPLER,
-        help=f"the decoder's sampler, a SCHEDULERS name or {SAVED_SCHEDULER!r} (default {DEFAULT_SAMPLER})",
+        help=f"the decoder's sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
     )
     parser.add_argument(
         "--prior-guidance-scale", type=finite_float, default=DEFAULT_PRIOR_GUIDANCE_SCALE, help="the prior's guidance"
@@ -625,7 +626,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load_pipeline(args: argparse.Namespace, device: torch.device, **dtype):
     """The prior and decoder runs as one `UnCLIPTextToImagePipeline` on `device` (refused when trained on different
     CLIPs, unless --allow-clip-mismatch), with the decoder's `--scheduler`."""
-    from clipcond.pipelines.text_to_image import scheduler_from_name
     from clipcond.pipelines.unclip import UnCLIPTextToImagePipeline
 
     pipe = UnCLIPTextToImagePipeline.from_runs(
@@ -635,9 +635,7 @@ def _load_pipeline(args: argparse.Namespace, device: torch.device, **dtype):
         local_files_only=local_files_only(),
         **dtype,
     ).to(device)
-    if args.scheduler != SAVED_SCHEDULER:
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    return pipe
+    return use_scheduler(pipe, args.scheduler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -652,7 +650,6 @@ def main(argv: list[str] | None = None) -> int:
     from clipcond.device import dtype_keyword, resolve_dtype
     from clipcond.evaluation.judge import load_or_train_judge
 
-    judged.check_scheduler(args.scheduler)
     clip_path, _ = judged.resolve_clip_path(Path(args.decoder), args.clip)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)  # fp16 needs CUDA: say so before the slow loads
