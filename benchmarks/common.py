@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -43,9 +44,8 @@ def machine() -> dict:
     }
 
 
-def provenance() -> dict:
-    """The commit a figure was measured at (and whether the tree had changes beside it), and when."""
-    root = Path(__file__).resolve().parents[1]
+def provenance(root: Path = REPO_ROOT) -> dict:
+    """The commit a figure was measured at (and whether the tree at `root` had changes beside it), and when."""
 
     def git(*argv: str) -> str | None:
         try:
@@ -54,7 +54,8 @@ def provenance() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # the result files that earlier benchmarks of the same session wrote are not a change to what is measured
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return {
         "commit": git("rev-parse", "HEAD") or os.environ.get("CLIPCOND_COMMIT"),  # a copy without .git: given
         "dirty": None if status is None else bool(status),

@@ -535,3 +535,24 @@ def test_heldout_diagnosis_reads_a_clip_apart(tiny_clip_run, shapes_data, capsys
         assert figures[f"image_{key}_centroid_seen"] > 1 / 3
     shares = [v for k, v in figures.items() if not k.startswith("num_")]
     assert all(0 <= v <= 1 for v in shares) and len(shares) == 10
+
+
+def test_provenance_counts_changes_to_the_code_not_to_the_results(tmp_path):
+    import subprocess
+
+    from common import provenance
+
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=tmp_path, check=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    assert provenance(tmp_path)["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"x": 1}\n')  # an earlier benchmark's result
+    assert provenance(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert provenance(tmp_path)["dirty"] is True
