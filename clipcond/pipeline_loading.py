@@ -76,10 +76,11 @@ def load_pipeline(
     allow_clip_mismatch: bool = False,
     allow_encoder_mismatch: bool = False,
 ):
-    """The pipeline in the folder `model` (and `prior`), on `device` in `dtype`, with `scheduler` swapped in if
-    given: a `TextToImagePipeline` (its encoder swapped for `text_encoder` if given), an `ImageVariationPipeline` (an
-    image-embedding decoder run), or an `UnCLIPTextToImagePipeline` (a folder saved as one, or `model` a decoder run
-    paired with `prior`). Errors name the command-line flags (`--model`, `--prior`, `--text-encoder`)."""
+    """The pipeline in the folder `model` (and `prior`), on `device` in `dtype`, with `scheduler` (a `--scheduler`
+    value) swapped in unless None or `SAVED_SCHEDULER`: a `TextToImagePipeline` (its encoder swapped for
+    `text_encoder` if given), an `ImageVariationPipeline` (an image-embedding decoder run), or an
+    `UnCLIPTextToImagePipeline` (a folder saved as one, or `model` a decoder run paired with `prior`). Errors name
+    the command-line flags (`--model`, `--prior`, `--text-encoder`)."""
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
     model = pipeline_folder(model)

@@ -9,7 +9,7 @@ import argparse
 
 from clipcond.device import DTYPES
 from clipcond.finite import finite_float
-from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_CHOICES, chosen_scheduler
+from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_CHOICES
 from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.storage import check_output_dir
 
@@ -131,7 +131,4 @@ def check_guidance_interval_args(args: argparse.Namespace) -> None:
 def pipeline_options(args: argparse.Namespace) -> dict:
     """`clipcond.pipeline_loading.load_pipeline`'s keyword arguments from a command's flags (those it has)."""
     names = ("device", "dtype", "scheduler", "prior", "text_encoder", "allow_clip_mismatch", "allow_encoder_mismatch")
-    options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if "scheduler" in options:
-        options["scheduler"] = chosen_scheduler(options["scheduler"])
-    return options
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

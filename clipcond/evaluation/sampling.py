@@ -15,7 +15,7 @@ import torch
 from clipcond.device import dtype_name
 from clipcond.evaluation.judged import call_pipeline, derived_seed, draw_seeded
 from clipcond.finite import is_finite_number
-from clipcond.pipeline_loading import scheduler_name
+from clipcond.pipeline_loading import scheduler_name, use_scheduler
 
 # generate(prompts, guidance_scale, generators) -> uint8 images (len(prompts), 3, H, W); generators[i] draws image i.
 GenerateFn = Callable[[list[str], float, list[torch.Generator]], torch.Tensor]
@@ -47,10 +47,7 @@ def prepared_pipeline(pipe, scheduler: str | None) -> Iterator[None]:
     """The pipeline with `scheduler` swapped in and its progress bar off; both restored afterwards."""
     previous_scheduler = pipe.scheduler
     previous_bar = dict(getattr(pipe, "_progress_bar_config", {}))
-    if scheduler is not None:
-        from clipcond.pipelines.text_to_image import scheduler_from_name
-
-        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler.config)
+    use_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     try:
         yield
