@@ -167,6 +167,19 @@ def ensure_shapes(
     return write_shapes_dataset(data_dir, num_images=num_images, num_test_images=num_test_images, seed=seed)
 
 
+def add_demo_args(parser) -> None:
+    """`--demo-dir DIR` with `--seeds`: a benchmark that reads the demos `decoder_quality.py` ran (DIR/seed-N)."""
+    parser.add_argument(
+        "--demo-dir", type=Path, help="folder of `decoder_quality.py`'s demos: DIR/seed-N (needs --seeds)"
+    )
+    parser.add_argument("--seeds", type=parse_seeds, help="with --demo-dir: the demos' seeds (the README's: 0,1,2)")
+
+
+def check_demo_args(args) -> None:
+    if (args.demo_dir is None) != (args.seeds is None):
+        raise ValueError("`--demo-dir` and `--seeds` go together")
+
+
 def demos_by_seed(demo_dir: Path | None, seeds: list[int], run: Callable[[Path, int], dict], name: str) -> dict:
     """{seed: `run(DIR/seed-N, N)`} for every seed: each seed's demo in its own folder under `demo_dir`, or under a
     temporary folder (removed afterwards) when it is None; `name` prefixes that folder."""

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import add_results_flag, command_line, parse_seeds, save_results
+from common import add_demo_args, add_results_flag, check_demo_args, command_line, save_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,14 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--clip", type=Path, help="CLIP run folder")
     parser.add_argument("--data", type=Path, help="its shapes data set root")
-    parser.add_argument("--demo-dir", type=Path, help="folder of `decoder_quality.py`'s demos: DIR/seed-N")
-    parser.add_argument("--seeds", type=parse_seeds, help="with --demo-dir: the demos' seeds")
+    add_demo_args(parser)
     add_results_flag(parser, "heldout_diagnosis")
     args = parser.parse_args(argv)
     if (args.demo_dir is None) == (args.clip is None) or (args.clip is None) != (args.data is None):
         raise ValueError("pass `--clip` with `--data`, or `--demo-dir` with `--seeds`")
-    if (args.demo_dir is None) != (args.seeds is None):
-        raise ValueError("`--demo-dir` and `--seeds` go together")
+    check_demo_args(args)
     return args
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, command_line, ensure_shapes, parse_seeds, save_results
+from common import add_demo_args, add_results_flag, check_demo_args, command_line, ensure_shapes, save_results
 
 BAR = {"mean_precision_at_5": 0.90}
 
@@ -49,16 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embeddings (default fp16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and the training")
-    parser.add_argument(
-        "--demo-dir", type=Path, help="folder of `decoder_quality.py`'s demos: DIR/seed-N (needs --seeds)"
-    )
-    parser.add_argument("--seeds", type=parse_seeds, help="with --demo-dir: the demos' seeds (the README's: 0,1,2)")
+    add_demo_args(parser)
     add_results_flag(parser)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         raise ValueError(f"`--top-k` must be >= 1, got {args.top_k}")
-    if (args.demo_dir is None) != (args.seeds is None):
-        raise ValueError("`--demo-dir` and `--seeds` go together")
+    check_demo_args(args)
     if args.demo_dir is not None and (args.clip or args.data or args.top_k != 5):
         raise ValueError(
             "`--demo-dir` takes each demo's CLIP and data, and the bar is on the top 5: drop `--clip`, "
