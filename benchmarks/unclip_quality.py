@@ -1,6 +1,7 @@
 """Does the DALL-E 2 path draw what it is asked? (a benchmark, not a test)
 
-    python benchmarks/unclip_quality.py [--demo-dir DIR] [--seeds 0,1,2] [--write-results] [--quick]
+    python benchmarks/unclip_quality.py [--demo-dir DIR] [--seeds 0,1,2] [--sources-per-class N] [--write-results]
+        [--quick]
 
 runs `clipcond demo --dalle2 --seed N --output-dir DIR/seed-N` for each seed (every recipe at its defaults; a
 finished demo there is reused, an interrupted one resumed, a finished default demo extended by the DALL-E 2 stages)
@@ -15,6 +16,12 @@ below it):
 - variations keep the source's colour in >= 90% and its shape in >= 80% of the images;
 - text-to-image through the prior reaches the prompted colour in >= 85% and shape in >= 70%;
 - the prior's cosine beats both baselines, on every seed.
+
+`--sources-per-class N` judges the variations again with N sources per class (the demo's 4 judge 224 seen variations,
+about +-4 points): `clipcond eval unclip` on the demo's prior and image-embedding decoder, into
+DIR/seed-N/unclip_decoder/eval_benchmark, at the demo's precision, noise seed and budgets and with the command's
+default sampling (guidance, its interval, the sampler), which is what a demo at this commit draws with: a demo made
+before a change of those defaults is judged as a fresh one would be, and the result records the demo's own.
 
 `--write-results` also writes the object to benchmarks/results/unclip_quality.json. `--quick` runs the demo's
 `--quick` budgets (the plumbing only; the figures mean nothing). Progress and logs go to stderr.
@@ -62,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--demo-dir", type=Path, help="demo folder, run or resumed there (default: a temp dir)")
     parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated demo seeds (default 0)")
+    parser.add_argument(
+        "--sources-per-class", type=int, default=None, help="judge again with N sources per class (default: reuse)"
+    )
     parser.add_argument("--quick", action="store_true", help="the demo's tiny budgets: checks the plumbing only")
     add_results_flag(parser)
     return parser.parse_args(argv)
@@ -94,7 +104,19 @@ def meets_bar(variations: dict, text_to_image: dict, prior: dict) -> dict:
     return {**checks, "all": all(checks.values())}
 
 
-def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
+def rejudge_argv(demo_dir: Path, evaluation: dict, sources_per_class: int, out: Path) -> list[str]:
+    """`clipcond eval unclip` on the demo's runs with `sources_per_class` sources per class, at the precision, noise
+    seed and budgets of the demo's `unclip_eval` and the command's default sampling (see the module's docstring)."""
+    settings = evaluation["settings"]
+    argv = ["--decoder", str(demo_dir / "unclip_decoder"), "--prior", str(demo_dir / "prior")]
+    argv += ["--data", str(demo_dir / "data"), "--output-dir", str(out), "--no-progress"]
+    argv += ["--sources-per-class", str(sources_per_class)]
+    for key in ("variations_per_source", "images_per_prompt", "num_inference_steps", "prior_max_captions", "seed"):
+        argv += ["--" + key.replace("_", "-"), str(settings[key])]
+    return argv + ["--dtype", settings["dtype"]]
+
+
+def run(demo_dir: Path, seed: int = 0, quick: bool = False, sources_per_class: int | None = None) -> dict:
 
     from clipcond.demo import main as demo_main
 
@@ -103,12 +125,19 @@ def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
     report = json.loads((demo_dir / "report.json").read_text())
     check_reused_demo(report, demo_dir, seed)
     evaluation = report["unclip_eval"]
+    if sources_per_class is not None:
+        from clipcond.evaluation.unclip import main as eval_main
+
+        out = demo_dir / "unclip_decoder" / "eval_benchmark"
+        with contextlib.redirect_stdout(sys.stderr):
+            eval_main(rejudge_argv(demo_dir, evaluation, sources_per_class, out))
+        evaluation = {**json.loads((out / "metrics.json").read_text()), "demo_settings": evaluation["settings"]}
     variations, text_to_image, prior = evaluation["variations"], evaluation["text_to_image"], evaluation["prior"]
     generation = report["generation"]
     result = {
         "seed": seed,
         "quick": quick,
-        "num_judged_seen": _num_judged_seen(report),
+        "num_judged_seen": _num_judged_seen(report["generation"]["settings"], evaluation["settings"]),
         "prior": _pick(prior, COSINES),
         "variations": {
             **_pick(variations, ACCURACIES),
@@ -129,8 +158,10 @@ def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
             **_pick(generation, ACCURACIES),
             **_pick(generation, ("clip_score", "clip_top1", "fd_clip", "fd_clip_floor")),
         },
-        "table": report["dalle2_table"],
         "settings": evaluation["settings"],
+        # judged again: the demo's table and settings are those of its own evaluation
+        **({"demo_settings": evaluation["demo_settings"]} if "demo_settings" in evaluation else {}),
+        **({} if "demo_settings" in evaluation else {"table": report["dalle2_table"]}),
         "judge": {k: v for k, v in text_to_image["judge"].items() if k != "path"},
         "prior_training": report["prior"],
         "unclip_decoder_training": report["unclip_decoder"],
@@ -142,10 +173,9 @@ def run(demo_dir: Path, seed: int = 0, quick: bool = False) -> dict:
     return result
 
 
-def _num_judged_seen(report: dict) -> dict:
-    """Images judged per seen figure: variations (sources x variations per seen class) and text-to-image."""
-    settings = report["unclip_eval"]["settings"]
-    classes = report["generation"]["settings"]
+def _num_judged_seen(classes: dict, settings: dict) -> dict:
+    """Images judged per seen figure: variations (sources x variations per seen class) and text-to-image; `classes`
+    the SD path's generation settings (its classes and held-out ones), `settings` the DALL-E 2 evaluation's."""
     seen = len([name for name in classes["classes"] if name not in classes["held_out"]])
     return {
         "variations": seen * settings["sources_per_class"] * settings["variations_per_source"],
@@ -178,7 +208,10 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     per_seed = demos_by_seed(
-        args.demo_dir, args.seeds, lambda folder, seed: run(folder, seed, quick=args.quick), "unclip_quality"
+        args.demo_dir,
+        args.seeds,
+        lambda folder, seed: run(folder, seed, args.quick, args.sources_per_class),
+        "unclip_quality",
     )
     summary = over_seeds(per_seed)
     result = {

@@ -222,6 +222,23 @@ def test_decoder_quality_judges_again_as_the_demo_drew(tmp_path):
     assert args.model == str(tmp_path / "decoder") and args.output_dir == str(tmp_path / "out")
 
 
+def test_unclip_quality_judges_again_at_the_demos_budgets_and_todays_sampling(tmp_path):
+    import unclip_quality
+
+    from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE, parse_args
+    from clipcond.pipeline_loading import DEFAULT_SAMPLER
+
+    settings = {"variations_per_source": 4, "images_per_prompt": 8, "num_inference_steps": 20, "seed": 7}
+    settings |= {"prior_max_captions": 512, "dtype": "bf16", "guidance_scale": 99.0, "guidance_start": 0.9}
+    args = parse_args(unclip_quality.rejudge_argv(tmp_path, {"settings": settings}, 8, tmp_path / "out"))
+    drawn = (args.sources_per_class, args.variations_per_source, args.images_per_prompt, args.num_inference_steps)
+    assert drawn == (8, 4, 8, 20) and (args.prior_max_captions, args.dtype, args.seed) == (512, "bf16", 7)
+    # the demo's own guidance is not repeated: the command's defaults are what a demo at this commit draws with
+    assert args.guidance_scale == DEFAULT_DECODER_GUIDANCE_SCALE and args.scheduler == DEFAULT_SAMPLER
+    assert (args.decoder, args.prior) == (str(tmp_path / "unclip_decoder"), str(tmp_path / "prior"))
+    assert args.data == str(tmp_path / "data") and args.output_dir == str(tmp_path / "out")
+
+
 def test_decoder_quality_takes_the_clip_group_sizes_that_the_evaluation_counted():
     import decoder_quality
 

@@ -147,3 +147,31 @@ def test_unclip_quality_benchmark_reads_a_finished_demo(demo, monkeypatch):
     assert result["variations"]["shape_accuracy_seen"] == variations["shape_accuracy_seen"]
     summary = unclip_quality.over_seeds({0: result})
     assert summary["variations_shape_accuracy_seen"]["mean"] == variations["shape_accuracy_seen"]
+
+
+def test_unclip_quality_benchmark_judges_a_finished_demo_again(demo, monkeypatch):
+    """`--sources-per-class N`: the figures and image counts are those of the new evaluation (here a stand-in that
+    writes the demo's metrics under N sources), and the result keeps the demo's own settings beside them."""
+    from pathlib import Path
+
+    import clipcond.evaluation.unclip as unclip_module
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import unclip_quality
+
+    evaluation = json.loads((demo / "report.json").read_text())["unclip_eval"]
+
+    def evaluate(argv):
+        args = unclip_module.parse_args(argv)
+        metrics = json.loads(json.dumps(evaluation))
+        metrics["settings"]["sources_per_class"] = args.sources_per_class
+        metrics["variations"]["colour_accuracy_seen"] = 0.5
+        Path(args.output_dir).mkdir(parents=True)
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics))
+        return 0
+
+    monkeypatch.setattr(unclip_module, "main", evaluate)
+    result = unclip_quality.run(demo, seed=0, quick=True, sources_per_class=3)
+    assert (demo / "unclip_decoder" / "eval_benchmark" / "metrics.json").is_file()
+    assert result["num_judged_seen"]["variations"] == 14 * 3 and result["variations"]["colour_accuracy_seen"] == 0.5
+    assert result["demo_settings"] == evaluation["settings"] and "table" not in result
