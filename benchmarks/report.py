@@ -194,10 +194,14 @@ def _held(holds: bool, judge_version: int | None) -> str:
     return _mark(holds)
 
 
+def _below(missing: list) -> str:
+    """The seeds that lie below a bar beyond their interval, named: " (below: seeds 0, 2)"."""
+    return f" (below: seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)})" if missing else ""
+
+
 def _verdict(entry: dict) -> str:
-    """✓ / ✗ of a bar over seeds (`bar_holds`), with how many seeds lie below it beyond their interval."""
-    below = f" (seeds below: {len(entry['seeds_missing'])})" if entry.get("seeds_missing") else ""
-    return _mark(entry["holds"]) + ("" if entry["holds"] else below)
+    """✓ / ✗ of a bar over seeds (`bar_holds`), naming the seeds that lie below it beyond their interval."""
+    return _mark(entry["holds"]) + ("" if entry["holds"] else _below(entry.get("seeds_missing")))
 
 
 def decoder_rows(report: dict) -> list[str]:
@@ -385,8 +389,7 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
         verdict = target.get("per_probe", {}).get(probe)
         if verdict is None:  # results before per-seed verdicts: on the mean alone
             return bar, _mark(difference["mean"] >= target["probe_gain"])
-        missing = verdict["seeds_missing"]
-        return bar, _mark(verdict["holds"]) + (f" (seeds below: {len(missing)})" if missing else "")
+        return bar, _mark(verdict["holds"]) + _below(verdict["seeds_missing"])
     return "reported", ""
 
 
