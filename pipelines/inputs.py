@@ -13,10 +13,11 @@ from clipcond.finite import is_finite_number
 DEFAULT_GUIDANCE_START = 0.4
 
 # Classifier-free guidance weights of the pipelines, commands and evaluations, by path: the text-to-image decoder's
-# (stronger guidance draws more second objects for one-object prompts; docs/lab-notes.md has the sweep) and the
-# image-embedding decoder's, guided from DEFAULT_GUIDANCE_START on.
+# (stronger guidance draws more second objects for one-object prompts) and the image-embedding decoder's, guided from
+# DEFAULT_GUIDANCE_START on (with the stochastic sampler, stronger guidance leaves more variations blank). Both sweeps
+# are in docs/lab-notes.md.
 DEFAULT_TEXT_GUIDANCE_SCALE = 3.0
-DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE = 5.0
+DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE = 3.0
 
 
 def _is_int(value) -> bool:

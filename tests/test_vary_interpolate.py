@@ -11,6 +11,7 @@ from clipcond import cli
 from clipcond.interpolate import main as interpolate_main
 from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.pipelines import ImageVariationPipeline
+from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
 from clipcond.vary import main as vary_main
 
 pytestmark = pytest.mark.filterwarnings(
@@ -62,7 +63,7 @@ def test_generate_through_the_prior(runs, tmp_path, capsys):
         "negative_prompt": None,
         "seed": 0,
         "num_inference_steps": 2,
-        "guidance_scale": 5.0,
+        "guidance_scale": DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
         "scheduler": DEFAULT_SAMPLER,
         "model": str(runs["decoder"]),
         "dtype": "fp32",
