@@ -2,6 +2,7 @@
 benchmark, not a test).
 
     python benchmarks/captioner_quality.py --clip CLIP_RUN --data DIR [--output-dir RUN] [--seed N] [--save-results]
+    python benchmarks/captioner_quality.py --demo-dir DIR --seeds 0,1,2 [--save-results]
 
 does what a user would type, with every training option at its default (the `tiny` language model):
 
@@ -12,6 +13,11 @@ and prints one JSON object: the evaluation (greedy captions and detailed descrip
 colour / shape / count / position, seen and held-out compositions; answers per question type), the training time
 (wall and CPU, the vision-token cache and validation included), the recipe and the machine, and the bars: colour,
 shape and count right in >= 90% of the one-object images, position >= 80%, training within 10 minutes.
+
+With `--demo-dir DIR --seeds` it trains one captioner per seed N on the CLIP and data of `decoder_quality.py`'s demo
+DIR/seed-N (training seed N, into a temporary folder) and reports each bar over the seeds
+(`clipcond.evaluation.stats.bar_holds`: the mean meets it and no seed's own interval lies below it) and the slowest
+training against the time bar, beside every seed's own result.
 `--save-results` also writes it to benchmarks/results/captioner_quality.json. Progress and logs go to stderr.
 """
 
@@ -26,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, command_line, machine, save_results
+from common import add_demo_args, add_results_flag, check_demo_args, command_line, machine, save_results
 
 BARS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8}
 TIME_BAR_SECONDS = 600
@@ -37,12 +43,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python benchmarks/captioner_quality.py",
         description="Train the default captioner recipe on a CLIP run, evaluate it, print one JSON object.",
     )
-    parser.add_argument("--clip", type=Path, required=True, help="CLIP run folder (`clipcond train clip`)")
-    parser.add_argument("--data", type=Path, required=True, help="the shapes data the CLIP was trained on")
+    parser.add_argument("--clip", type=Path, help="CLIP run folder (`clipcond train clip`)")
+    parser.add_argument("--data", type=Path, help="the shapes data the CLIP was trained on")
     parser.add_argument("--output-dir", type=Path, help="run folder, must not hold a run (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    add_demo_args(parser)
     add_results_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_demo_args(args)
+    if (args.demo_dir is None) == (args.clip is None or args.data is None):
+        parser.error("give --clip and --data, or --demo-dir and --seeds")
+    if args.demo_dir is not None and args.output_dir is not None:
+        parser.error("--output-dir is for one run; with --demo-dir each seed trains into a temporary folder")
+    return args
 
 
 def run(clip: Path, data: Path, output_dir: Path, seed: int) -> dict:
@@ -100,11 +113,39 @@ def run(clip: Path, data: Path, output_dir: Path, seed: int) -> dict:
     }
 
 
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Each bar of captions and descriptions over the seeds (`bar_holds`, weighed by each seed's one-object images),
+    and the slowest training against the time bar."""
+    from clipcond.evaluation.stats import bar_holds
+
+    summary = {}
+    for text in ("caption", "description"):
+        for field, bar in BARS.items():
+            values = {seed: r[text]["all"][field]["accuracy"] for seed, r in per_seed.items()}
+            counts = {seed: r[text]["all"][field]["n"] for seed, r in per_seed.items()}
+            summary[f"{text}_{field}"] = bar_holds(values, counts, bar)
+    slowest = max(r["train_wall_seconds_with_caches"] for r in per_seed.values())
+    summary["train_wall_seconds"] = {"max": slowest, "bar": TIME_BAR_SECONDS, "holds": slowest <= TIME_BAR_SECONDS}
+    return summary
+
+
+def run_seeds(demo_dir: Path, seeds: list[int]) -> dict:
+    """One captioner per demo seed (see the module's docstring), each in its own temporary folder."""
+    per_seed = {}
+    for seed in seeds:
+        demo = demo_dir / f"seed-{seed}"
+        with tempfile.TemporaryDirectory(prefix="captioner_quality_") as tmp:
+            per_seed[seed] = run(demo / "clip", demo / "data", Path(tmp, "run"), seed)
+    return {"seeds": seeds, "over_seeds": over_seeds(per_seed), "per_seed": {str(s): r for s, r in per_seed.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="captioner_quality_") as tmp:
-        output_dir = args.output_dir or Path(tmp, "run")
-        result = run(args.clip, args.data, output_dir, args.seed)
+    if args.demo_dir is not None:
+        result = run_seeds(args.demo_dir, args.seeds)
+    else:
+        with tempfile.TemporaryDirectory(prefix="captioner_quality_") as tmp:
+            result = run(args.clip, args.data, args.output_dir or Path(tmp, "run"), args.seed)
     result = {"command": command_line("captioner_quality", argv)} | result
     if args.save_results:
         save_results("captioner_quality", result)
