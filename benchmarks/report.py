@@ -275,12 +275,12 @@ def unclip_rows(report: dict) -> list[str]:
         for attribute in ("colour", "shape"):
             entry = summary[f"{part}_{attribute}_accuracy_seen"]
             per_seed = " / ".join(_pct(r[part][f"{attribute}_accuracy_seen"]) for r in runs)
-            what = f"DALL-E 2 path: {label}, seen, {attribute} (judge v{version}"
-            if part == "variations":
-                settings = runs[0]["settings"]
-                what += f"; {runs[0]['num_judged_seen'][part]} judged a seed, guidance {settings['guidance_scale']:g}"
-                what += f" from {settings['guidance_start']:g} of the steps"
-            what += ")"
+            settings = runs[0]["settings"]  # the decoder's guidance, in both parts
+            what = f"DALL-E 2 path: {label}, seen, {attribute} (judge v{version}; {runs[0]['num_judged_seen'][part]} "
+            what += (
+                f"judged a seed, decoder guidance {settings['guidance_scale']:g} from {settings['guidance_start']:g}"
+            )
+            what += " of the steps)"
             rows.append(row(what, f"{_over_seeds(entry)}; {per_seed}", f"≥ {_pct(entry['bar'])}", _verdict(entry)))
     distances = {r["seed"]: r["variations"].get("distance") for r in runs}
     if all(distances.values()):
