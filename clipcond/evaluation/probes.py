@@ -165,24 +165,31 @@ def read_caption(text: str) -> CaptionFields:
     """Read the fields of a caption in the shapes vocabulary ("a small red circle at the top", "two blue squares",
     "a red circle to the left of a blue square", "a red circle and a blue square").
 
-    Each shape word makes an object with the nearest colour word before it; a plural shape word ("circles"), or one
-    after "two" / "pair" / "both", makes two. "left"/"right" followed by "of" is a relation, otherwise a position; so
-    are "top", "bottom", "centre".
+    Each shape word makes an object with the nearest colour word before it, or, with none, the colour of an "in
+    COLOUR" right after it ("a small circle in red on the left": the captioner's detailed descriptions,
+    `clipcond.data.questions.describe`); a plural shape word ("circles"), or one after "two" / "pair" / "both", makes
+    two. "left"/"right" followed by "of" is a relation, otherwise a position; so are "top", "bottom", "centre".
     """
     words = re.findall(r"[a-z]+", text.lower())
     objects: list[tuple[str | None, str]] = []
     positions: list[str] = []
     colour = None
     two = False  # a number word before the next shape word
+    last: list[int] = []  # the objects that the last shape word made, while their colour is still open
     relation = size = None
     for i, word in enumerate(words):
-        if word in COLOURS:
+        if word in COLOURS and last and words[i - 1] == "in":
+            objects[last[0] :] = [(word, shape) for _, shape in objects[last[0] :]]
+            last = []
+        elif word in COLOURS:
             colour = word
         elif word in _TWO_WORDS:
             two = True
         elif word in SHAPES or (word.endswith("s") and word[:-1] in SHAPES):
             plural = word not in SHAPES
-            objects += [(colour, word.rstrip("s") if plural else word)] * (2 if plural or two else 1)
+            made = [(colour, word.rstrip("s") if plural else word)] * (2 if plural or two else 1)
+            last = [len(objects)] if colour is None else []
+            objects += made
             colour, two = None, False
         elif word in ("left", "right") and i + 1 < len(words) and words[i + 1] == "of":
             relation = relation or f"{word} of"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipcond.data.questions import describe as describe_record
 from clipcond.data.shapes import (
     DEFAULT_HELD_OUT,
     POSITION_PHRASE,
@@ -17,6 +18,7 @@ from clipcond.data.shapes import (
     sample_scene,
 )
 from clipcond.evaluation import probes
+from clipcond.evaluation.captioner import score_caption
 
 EXPECTED_DIFFERENCE = {
     "count": {"count"},
@@ -77,6 +79,23 @@ def test_read_caption_reads_the_data_captions():
         "position": "centre",
         "size": "small",
     }
+
+
+def test_read_caption_reads_the_captioners_detailed_descriptions():
+    """`describe` (the captioner's "describe the image in detail." answer) names each shape before its colour ("a
+    small circle in red on the left"): the reader pairs them as in the captions, for every kind of scene."""
+    rng = random.Random(1)
+    pairs = [f"{c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")]
+    for i in range(150):
+        scene = sample_scene(("single", "relation", "count")[i % 3], pairs, rng)
+        record = {"objects": [o.to_dict(32) for o in scene.objects], "relation": scene.relation}
+        fields = probes.read_caption(describe_record(record))
+        assert [f"{c} {s}" for c, s in fields.objects] == [obj.pair for obj in scene.objects], describe_record(record)
+        if scene.kind == "single":  # what `clipcond eval captioner` scores: a right description is right in all
+            assert all(score_caption(fields, record["objects"][0]).values())
+    # a colour after "in" belongs to a shape that has none; a colour before the shape keeps it
+    assert probes.read_caption("a red circle in blue").objects == (("red", "circle"),)
+    assert probes.read_caption("two squares in green side by side").objects == (("green", "square"),) * 2
 
 
 def test_read_caption_counts_plurals_and_number_words():
