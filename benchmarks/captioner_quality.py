@@ -51,10 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_results_flag(parser)
     args = parser.parse_args(argv)
     check_demo_args(args)
-    if (args.demo_dir is None) == (args.clip is None or args.data is None):
-        parser.error("give --clip and --data, or --demo-dir and --seeds")
-    if args.demo_dir is not None and args.output_dir is not None:
-        parser.error("--output-dir is for one run; with --demo-dir each seed trains into a temporary folder")
+    one_run = ("--clip", args.clip), ("--data", args.data), ("--output-dir", args.output_dir), ("--seed", args.seed)
+    if args.demo_dir is not None:
+        given = [flag for flag, value in one_run if value is not None and not (flag == "--seed" and value == 0)]
+        if given:
+            raise ValueError(f"`--demo-dir` takes each demo's CLIP and data and trains with its seed: drop {given}")
+    elif args.clip is None or args.data is None:
+        raise ValueError("give `--clip` and `--data`, or `--demo-dir` and `--seeds`")
     return args
 
 
@@ -114,8 +117,8 @@ def run(clip: Path, data: Path, output_dir: Path, seed: int) -> dict:
 
 
 def over_seeds(per_seed: dict[int, dict]) -> dict:
-    """Each bar of captions and descriptions over the seeds (`bar_holds`, weighed by each seed's one-object images),
-    and the slowest training against the time bar."""
+    """Each bar of captions and descriptions over the seeds (`bar_holds`: the mean of the seeds' figures; each seed's
+    one-object images give its own interval), and the slowest training against the time bar."""
     from clipcond.evaluation.stats import bar_holds
 
     summary = {}
@@ -131,6 +134,9 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 
 def run_seeds(demo_dir: Path, seeds: list[int]) -> dict:
     """One captioner per demo seed (see the module's docstring), each in its own temporary folder."""
+    for seed, part in ((seed, part) for seed in seeds for part in ("clip", "data")):  # before the first training
+        if not (demo_dir / f"seed-{seed}" / part).is_dir():
+            raise FileNotFoundError(f"`--demo-dir` {str(demo_dir)!r} has no {part} folder for seed {seed}")
     per_seed = {}
     for seed in seeds:
         demo = demo_dir / f"seed-{seed}"

@@ -12,8 +12,9 @@ whole demo within 15 minutes of wall time, counted only for a demo that ran as o
 the machine inflates the wall times; the CPU seconds say what the demo itself used).
 
 `--images-per-prompt N` judges N images per prompt again (`clipcond eval generation` on the demo's decoder, into
-DIR/decoder/eval_benchmark/) for tighter figures than the demo's own evaluation. `--write-results` also writes the
-object to benchmarks/results/decoder_quality.json. Progress and logs go to stderr.
+DIR/decoder/eval_benchmark/) for tighter figures than the demo's own evaluation, drawn as the demo drew its own (its
+steps, guidance, sampler, precision and noise seed). `--write-results` also writes the object to
+benchmarks/results/decoder_quality.json. Progress and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_results_flag(parser)
     args = parser.parse_args(argv)
     args.seeds = parse_seeds(args.seeds)
+    if args.images_per_prompt is not None and args.images_per_prompt < 1:
+        raise ValueError(f"`--images-per-prompt` must be >= 1, got {args.images_per_prompt}")
     return args
 
 

@@ -194,9 +194,16 @@ def _held(holds: bool, judge_version: int | None) -> str:
     return _mark(holds)
 
 
-def _below(missing: list) -> str:
-    """The seeds that lie below a bar beyond their interval, named: " (below: seeds 0, 2)"."""
-    return f" (below: seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)})" if missing else ""
+def _seeds_below(missing: list | None) -> str:
+    """The seeds that lie below a bar beyond their interval, named: "below: seeds 0, 2" ("" for none)."""
+    if not missing:
+        return ""
+    return f"below: seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)}"
+
+
+def _below(missing: list | None) -> str:
+    """`_seeds_below` in brackets after a verdict: " (below: seeds 0, 2)"."""
+    return f" ({_seeds_below(missing)})" if missing else ""
 
 
 def _verdict(entry: dict) -> str:
@@ -271,16 +278,26 @@ def unclip_rows(report: dict) -> list[str]:
     )
     what = "DALL-E 2 path: prior cosine to the true image embedding, vs text / random image"
     rows = [row(what, cosines, "beats both on every seed", _mark(summary["prior_cosine_beats_baselines"]["holds"]))]
+
+    def per_seed_or_one(values: list[str]) -> str:  # one value when the seeds agree, else each seed's
+        return values[0] if len(set(values)) == 1 else " / ".join(values)
+
+    def judged(part: str) -> str:
+        return per_seed_or_one([str(r["num_judged_seen"][part]) for r in runs]) + " judged a seed"
+
+    # the decoder's guidance, in both parts (demos evaluated at different commits may differ)
+    guidance = (
+        "decoder guidance "
+        + per_seed_or_one(
+            [f"{r['settings']['guidance_scale']:g} from {r['settings']['guidance_start']:g}" for r in runs]
+        )
+        + " of the steps"
+    )
     for part, label in (("prior_text_to_image", "text-to-image through the prior"), ("variations", "variations")):
         for attribute in ("colour", "shape"):
             entry = summary[f"{part}_{attribute}_accuracy_seen"]
             per_seed = " / ".join(_pct(r[part][f"{attribute}_accuracy_seen"]) for r in runs)
-            settings = runs[0]["settings"]  # the decoder's guidance, in both parts
-            what = f"DALL-E 2 path: {label}, seen, {attribute} (judge v{version}; {runs[0]['num_judged_seen'][part]} "
-            what += (
-                f"judged a seed, decoder guidance {settings['guidance_scale']:g} from {settings['guidance_start']:g}"
-            )
-            what += " of the steps)"
+            what = f"DALL-E 2 path: {label}, seen, {attribute} (judge v{version}; {judged(part)}, {guidance})"
             rows.append(row(what, f"{_over_seeds(entry)}; {per_seed}", f"≥ {_pct(entry['bar'])}", _verdict(entry)))
     distances = {r["seed"]: r["variations"].get("distance") for r in runs}
     if all(distances.values()):
@@ -560,20 +577,28 @@ def captioner_rows(report: dict) -> list[str]:
         if len(runs) == 1:
             return each[0]
         means = " / ".join(_pct(sum(r[text][group][f]["accuracy"] for r in runs) / len(runs)) for f in fields)
-        return f"**{means}**; " + "; ".join(f"seed {r['seed']}: {e}" for r, e in zip(runs, each, strict=True))
+        return f"**{means}** (means); " + "; ".join(f"seed {r['seed']}: {e}" for r, e in zip(runs, each, strict=True))
 
-    def holds(text: str, field: str) -> bool:
-        return summary[f"{text}_{field}"]["holds"] if summary else first["holds"][text][field]
+    def verdict(text: str) -> str:
+        """✓, or ✗ with the fields that miss (and, over seeds, the seeds below each beyond their interval)."""
+        if not summary:
+            failed = [f for f in fields if not first["holds"][text][f]]
+            return _mark(not failed) + (f" ({', '.join(failed)})" if failed else "")
+        entries = {f: summary[f"{text}_{f}"] for f in fields}
+        failed = [
+            ", ".join(filter(None, [f, _seeds_below(e["seeds_missing"])]))
+            for f, e in entries.items()
+            if not e["holds"]
+        ]
+        return _mark(not failed) + (f" ({'; '.join(failed)})" if failed else "")
 
     rows = []
     for text, label in (
         ("caption", "greedy captions"),
         ("description", "detailed descriptions (`caption --detailed`)"),
     ):
-        failed = [f for f in fields if not holds(text, f)]
-        verdict = _mark(not failed) + (f" ({', '.join(failed)})" if failed else "")
         what = f"captioner (`{first['model']}` LM), one-object test images, {label}: {' / '.join(fields)}"
-        rows.append(_row(what, figures(text, "all"), seeds, bar, verdict, source))
+        rows.append(_row(what, figures(text, "all"), seeds, bar, verdict(text), source))
         n = first[text]["heldout"][fields[0]]["n"]
         what = f"the same, held-out compositions only ({n} images a seed)"
         rows.append(_row(what, figures(text, "heldout"), seeds, "reported", "", source))
@@ -585,7 +610,7 @@ def captioner_rows(report: dict) -> list[str]:
     rows.append(
         _row("captioner, answers to the test images' questions (exact match)", answers, seeds, "reported", "", source)
     )
-    walls = [r["train_wall_seconds_with_caches"] for r in runs]
+    walls = [r["train_wall_seconds_with_caches"] for r in runs]  # over seeds, the slowest is the summary's "max"
     limit = first["time_bar_seconds"]
     what = f"captioner training, wall time ({first['steps']} steps of {first['train_batch_size']}, cache and "
     what += "validation included" + ("; the slowest seed" if len(runs) > 1 else "") + ")"

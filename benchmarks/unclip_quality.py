@@ -17,11 +17,15 @@ below it):
 - text-to-image through the prior reaches the prompted colour in >= 85% and shape in >= 70%;
 - the prior's cosine beats both baselines, on every seed.
 
-`--sources-per-class N` judges the variations again with N sources per class (the demo's 4 judge 224 seen variations,
-about +-4 points): `clipcond eval unclip` on the demo's prior and image-embedding decoder, into
-DIR/seed-N/unclip_decoder/eval_benchmark, at the demo's precision, noise seed and budgets and with the command's
-default sampling (guidance, its interval, the sampler), which is what a demo at this commit draws with: a demo made
-before a change of those defaults is judged as a fresh one would be, and the result records the demo's own.
+`--sources-per-class N` evaluates the demo's DALL-E 2 runs again, all three parts (the prior's cosine, text-to-image
+through the prior and variations), with N sources per class (the demo's 4 judge 224 seen variations, about +-4
+points): `clipcond eval unclip` on the demo's prior and image-embedding decoder, into
+DIR/seed-N/unclip_decoder/eval_benchmark, at the demo's precision, noise seed and budgets (steps of the decoder and
+the prior, images per prompt, captions of the cosine) and with the command's default sampling (the decoder's guidance,
+its interval, the sampler), which is what a demo at this commit draws with: a demo made before a change of those
+defaults is evaluated as a fresh one would be, and the result records the demo's own settings beside the new ones.
+(`decoder_quality.py --images-per-prompt` differs: it repeats the demo's own sampling.) Not with `--quick`, whose
+demo judges with a judge that means nothing.
 
 `--write-results` also writes the object to benchmarks/results/unclip_quality.json. `--quick` runs the demo's
 `--quick` budgets (the plumbing only; the figures mean nothing). Progress and logs go to stderr.
@@ -70,11 +74,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-dir", type=Path, help="demo folder, run or resumed there (default: a temp dir)")
     parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated demo seeds (default 0)")
     parser.add_argument(
-        "--sources-per-class", type=int, default=None, help="judge again with N sources per class (default: reuse)"
+        "--sources-per-class",
+        type=int,
+        default=None,
+        help="evaluate the demo's DALL-E 2 runs again, with N sources per class and today's default sampling "
+        "(default: read the demo's own evaluation)",
     )
     parser.add_argument("--quick", action="store_true", help="the demo's tiny budgets: checks the plumbing only")
     add_results_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sources_per_class is not None and args.sources_per_class < 1:
+        raise ValueError(f"`--sources-per-class` must be >= 1, got {args.sources_per_class}")
+    if args.sources_per_class is not None and args.quick:
+        raise ValueError(
+            "`--sources-per-class` evaluates with the full judge; a `--quick` demo's figures mean nothing"
+        )
+    return args
 
 
 def _pick(figures: dict, keys) -> dict:
@@ -111,12 +126,20 @@ def rejudge_argv(demo_dir: Path, evaluation: dict, sources_per_class: int, out: 
     argv = ["--decoder", str(demo_dir / "unclip_decoder"), "--prior", str(demo_dir / "prior")]
     argv += ["--data", str(demo_dir / "data"), "--output-dir", str(out), "--no-progress"]
     argv += ["--sources-per-class", str(sources_per_class)]
-    for key in ("variations_per_source", "images_per_prompt", "num_inference_steps", "prior_max_captions", "seed"):
+    budgets = (
+        "variations_per_source",
+        "images_per_prompt",
+        "num_inference_steps",
+        "prior_num_inference_steps",
+        "seed",
+    )
+    for key in budgets:
         argv += ["--" + key.replace("_", "-"), str(settings[key])]
+    argv += ["--prior-max-captions", str(settings["prior_max_captions"] or 0)]  # None: all, the command's 0
     return argv + ["--dtype", settings["dtype"]]
 
 
-def run(demo_dir: Path, seed: int = 0, quick: bool = False, sources_per_class: int | None = None) -> dict:
+def run(demo_dir: Path, seed: int = 0, *, quick: bool = False, sources_per_class: int | None = None) -> dict:
 
     from clipcond.demo import main as demo_main
 
@@ -177,6 +200,15 @@ def _num_judged_seen(classes: dict, settings: dict) -> dict:
     """Images judged per seen figure: variations (sources x variations per seen class) and text-to-image; `classes`
     the SD path's generation settings (its classes and held-out ones), `settings` the DALL-E 2 evaluation's."""
     seen = len([name for name in classes["classes"] if name not in classes["held_out"]])
+    if (
+        "source_items" in settings
+        and len(settings["source_items"]) != len(classes["classes"]) * settings["sources_per_class"]
+    ):
+        # a class with fewer one-object images than asked for: the counts below would overstate what was judged
+        raise ValueError(
+            f"{len(settings['source_items'])} sources were varied, not {settings['sources_per_class']} for each of "
+            f"{len(classes['classes'])} classes; ask for fewer sources per class"
+        )
     return {
         "variations": seen * settings["sources_per_class"] * settings["variations_per_source"],
         "prior_text_to_image": seen * settings["images_per_prompt"],
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = demos_by_seed(
         args.demo_dir,
         args.seeds,
-        lambda folder, seed: run(folder, seed, args.quick, args.sources_per_class),
+        lambda folder, seed: run(folder, seed, quick=args.quick, sources_per_class=args.sources_per_class),
         "unclip_quality",
     )
     summary = over_seeds(per_seed)

@@ -227,16 +227,35 @@ def test_unclip_quality_judges_again_at_the_demos_budgets_and_todays_sampling(tm
 
     from clipcond.evaluation.unclip import DEFAULT_DECODER_GUIDANCE_SCALE, parse_args
     from clipcond.pipeline_loading import DEFAULT_SAMPLER
+    from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START
 
     settings = {"variations_per_source": 4, "images_per_prompt": 8, "num_inference_steps": 20, "seed": 7}
-    settings |= {"prior_max_captions": 512, "dtype": "bf16", "guidance_scale": 99.0, "guidance_start": 0.9}
+    settings |= {"prior_num_inference_steps": 2, "prior_max_captions": 512, "dtype": "bf16"}
+    settings |= {"guidance_scale": 99.0, "guidance_start": 0.9}
     args = parse_args(unclip_quality.rejudge_argv(tmp_path, {"settings": settings}, 8, tmp_path / "out"))
     drawn = (args.sources_per_class, args.variations_per_source, args.images_per_prompt, args.num_inference_steps)
     assert drawn == (8, 4, 8, 20) and (args.prior_max_captions, args.dtype, args.seed) == (512, "bf16", 7)
+    assert args.prior_num_inference_steps == 2
     # the demo's own guidance is not repeated: the command's defaults are what a demo at this commit draws with
     assert args.guidance_scale == DEFAULT_DECODER_GUIDANCE_SCALE and args.scheduler == DEFAULT_SAMPLER
+    assert args.guidance_start == DEFAULT_GUIDANCE_START
+    every_caption = {**settings, "prior_max_captions": None}  # the evaluation records "all" as None
+    assert (
+        parse_args(unclip_quality.rejudge_argv(tmp_path, {"settings": every_caption}, 8, tmp_path)).prior_max_captions
+        == 0
+    )
     assert (args.decoder, args.prior) == (str(tmp_path / "unclip_decoder"), str(tmp_path / "prior"))
     assert args.data == str(tmp_path / "data") and args.output_dir == str(tmp_path / "out")
+    with pytest.raises(ValueError, match="`--sources-per-class` must be >= 1, got 0"):
+        unclip_quality.parse_args(["--sources-per-class", "0"])
+    with pytest.raises(ValueError, match="`--quick` demo"):
+        unclip_quality.parse_args(["--sources-per-class", "8", "--quick"])
+    # a class with fewer one-object images than asked for: the judged counts would be overstated
+    classes = {"classes": ["red circle", "red square", "green circle"], "held_out": ["green circle"]}
+    asked = {"sources_per_class": 2, "variations_per_source": 4, "images_per_prompt": 8}
+    assert unclip_quality._num_judged_seen(classes, {**asked, "source_items": list(range(6))})["variations"] == 16
+    with pytest.raises(ValueError, match="5 sources were varied, not 2 for each of 3 classes"):
+        unclip_quality._num_judged_seen(classes, {**asked, "source_items": list(range(5))})
 
 
 def test_decoder_quality_takes_the_clip_group_sizes_that_the_evaluation_counted():
@@ -313,13 +332,32 @@ def test_captioner_quality_bars_over_seeds_name_the_seed_below():
 
     rows = report.captioner_rows({"seeds": [0, 1, 2], "over_seeds": summary, "per_seed": runs})
     caption = next(row for row in rows if "greedy captions" in row)
-    assert "**92.3% / 95.0% / 95.0% / 30.0%**; seed 0: 95.0% / 95.0% / 95.0% / 30.0%;" in caption
-    assert "| 0/1/2 |" in caption and "✗ (colour, position)" in caption
+    assert "**92.3% / 95.0% / 95.0% / 30.0%** (means); seed 0: 95.0% / 95.0% / 95.0% / 30.0%;" in caption
+    assert "| 0/1/2 |" in caption and "✗ (colour, below: seed 2; position, below: seeds 0, 1, 2)" in caption
     assert "| 610 s (500 / 610 / 500 s) |" in rows[-1] and rows[-1].rstrip().endswith(
         "✗ | `captioner_quality.json` (commit not recorded) |"
     )
-    with pytest.raises(SystemExit):
-        captioner_quality.parse_args(["--demo-dir", "d", "--seeds", "0", "--output-dir", "o"])
+    with pytest.raises(ValueError, match=r"drop \['--clip', '--output-dir'\]"):
+        captioner_quality.parse_args(["--demo-dir", "d", "--seeds", "0", "--clip", "c", "--output-dir", "o"])
+    with pytest.raises(ValueError, match="give `--clip` and `--data`, or `--demo-dir` and `--seeds`"):
+        captioner_quality.parse_args(["--clip", "c"])
+    with pytest.raises(FileNotFoundError, match="has no clip folder for seed 1"):
+        captioner_quality.run_seeds(Path(__file__).parent, [1])  # found before any training
+
+
+def test_unclip_rows_name_the_decoder_guidance_and_the_images_judged():
+    import report
+    import unclip_quality
+
+    runs = {s: _unclip_seed_run(0.85) for s in range(3)}
+    for seed, run in runs.items():
+        run |= {"seed": seed, "judge": {"version": 2}, "settings": {"guidance_scale": 3.0, "guidance_start": 0.4}}
+    result = {"seeds": [0, 1, 2], "over_seeds": unclip_quality.over_seeds(runs), "per_seed": runs}
+    variations = next(row for row in report.unclip_rows(result) if "variations, seen, colour" in row)
+    assert "(judge v2; 224 judged a seed, decoder guidance 3 from 0.4 of the steps)" in variations
+    runs[2]["settings"]["guidance_scale"] = 5.0  # a demo evaluated before the default changed
+    variations = next(row for row in report.unclip_rows(result) if "variations, seen, colour" in row)
+    assert "decoder guidance 3 from 0.4 / 3 from 0.4 / 5 from 0.4 of the steps" in variations
 
 
 def test_unclip_quality_bars_hold_over_seeds_only_without_a_seed_far_below():

@@ -152,6 +152,7 @@ def test_unclip_quality_benchmark_reads_a_finished_demo(demo, monkeypatch):
 def test_unclip_quality_benchmark_judges_a_finished_demo_again(demo, monkeypatch):
     """`--sources-per-class N`: the figures and image counts are those of the new evaluation (here a stand-in that
     writes the demo's metrics under N sources), and the result keeps the demo's own settings beside them."""
+    import shutil
     from pathlib import Path
 
     import clipcond.evaluation.unclip as unclip_module
@@ -166,7 +167,7 @@ def test_unclip_quality_benchmark_judges_a_finished_demo_again(demo, monkeypatch
         metrics = json.loads(json.dumps(evaluation))
         metrics["settings"]["sources_per_class"] = args.sources_per_class
         metrics["variations"]["colour_accuracy_seen"] = 0.5
-        Path(args.output_dir).mkdir(parents=True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics))
         return 0
 
@@ -175,3 +176,4 @@ def test_unclip_quality_benchmark_judges_a_finished_demo_again(demo, monkeypatch
     assert (demo / "unclip_decoder" / "eval_benchmark" / "metrics.json").is_file()
     assert result["num_judged_seen"]["variations"] == 14 * 3 and result["variations"]["colour_accuracy_seen"] == 0.5
     assert result["demo_settings"] == evaluation["settings"] and "table" not in result
+    shutil.rmtree(demo / "unclip_decoder" / "eval_benchmark")  # the module's demo, as the other tests find it
