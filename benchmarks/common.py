@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,6 +179,13 @@ def add_demo_args(parser) -> None:
 def check_demo_args(args) -> None:
     if (args.demo_dir is None) != (args.seeds is None):
         raise ValueError("`--demo-dir` and `--seeds` go together")
+
+
+def emptied(folder: Path) -> Path:
+    """`folder`, a benchmark's own output folder inside a demo (e.g. DIR/decoder/eval_benchmark), removed if it
+    exists, so that no image or grid of an earlier run sits beside this run's metrics."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 def demos_by_seed(demo_dir: Path | None, seeds: list[int], run: Callable[[Path, int], dict], name: str) -> dict:

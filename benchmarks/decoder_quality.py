@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import add_results_flag, demo_times, demos_by_seed, parse_seeds, save_results
+from common import add_results_flag, demo_times, demos_by_seed, emptied, parse_seeds, save_results
 
 BAR = {"colour_accuracy_seen": 0.90, "shape_accuracy_seen": 0.75, "demo_wall_seconds": 900.0}
 CLIP_BAR = {"zero_shot_top1_seen": 0.95, "zero_shot_top1_heldout": 0.80}
@@ -100,7 +100,7 @@ def run(demo_dir: Path, images_per_prompt: int | None, seed: int = 0) -> dict:
     if images_per_prompt is not None:
         from clipcond.evaluation.generation import main as eval_main
 
-        out = demo_dir / "decoder" / "eval_benchmark"
+        out = emptied(demo_dir / "decoder" / "eval_benchmark")
         with contextlib.redirect_stdout(sys.stderr):
             eval_main(rejudge_argv(demo_dir, generation, images_per_prompt, out))
         generation = json.loads((out / "metrics.json").read_text())

@@ -39,7 +39,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import add_results_flag, demo_times, demos_by_seed, parse_seeds, save_results
+from common import add_results_flag, demo_times, demos_by_seed, emptied, parse_seeds, save_results
 from decoder_quality import check_reused_demo
 
 BAR = {
@@ -151,7 +151,7 @@ def run(demo_dir: Path, seed: int = 0, *, quick: bool = False, sources_per_class
     if sources_per_class is not None:
         from clipcond.evaluation.unclip import main as eval_main
 
-        out = demo_dir / "unclip_decoder" / "eval_benchmark"
+        out = emptied(demo_dir / "unclip_decoder" / "eval_benchmark")
         with contextlib.redirect_stdout(sys.stderr):
             eval_main(rejudge_argv(demo_dir, evaluation, sources_per_class, out))
         evaluation = {**json.loads((out / "metrics.json").read_text()), "demo_settings": evaluation["settings"]}

@@ -172,8 +172,11 @@ def test_unclip_quality_benchmark_judges_a_finished_demo_again(demo, monkeypatch
         return 0
 
     monkeypatch.setattr(unclip_module, "main", evaluate)
+    stale = demo / "unclip_decoder" / "eval_benchmark" / "grid_guidance_5.0.png"  # an earlier run's, unlike this one's
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
     result = unclip_quality.run(demo, seed=0, quick=True, sources_per_class=3)
-    assert (demo / "unclip_decoder" / "eval_benchmark" / "metrics.json").is_file()
+    assert (demo / "unclip_decoder" / "eval_benchmark" / "metrics.json").is_file() and not stale.exists()
     assert result["num_judged_seen"]["variations"] == 14 * 3 and result["variations"]["colour_accuracy_seen"] == 0.5
     assert result["demo_settings"] == evaluation["settings"] and "table" not in result
     shutil.rmtree(demo / "unclip_decoder" / "eval_benchmark")  # the module's demo, as the other tests find it
