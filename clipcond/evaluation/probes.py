@@ -175,21 +175,20 @@ def read_caption(text: str) -> CaptionFields:
     positions: list[str] = []
     colour = None
     two = False  # a number word before the next shape word
-    last: list[int] = []  # the objects that the last shape word made, while their colour is still open
+    uncoloured: int | None = None  # where the objects of the last shape word begin, while they have no colour
     relation = size = None
     for i, word in enumerate(words):
-        if word in COLOURS and last and words[i - 1] == "in":
-            objects[last[0] :] = [(word, shape) for _, shape in objects[last[0] :]]
-            last = []
+        if word in COLOURS and uncoloured is not None and words[i - 1] == "in":
+            objects[uncoloured:] = [(word, shape) for _, shape in objects[uncoloured:]]
+            uncoloured = None
         elif word in COLOURS:
             colour = word
         elif word in _TWO_WORDS:
             two = True
         elif word in SHAPES or (word.endswith("s") and word[:-1] in SHAPES):
             plural = word not in SHAPES
-            made = [(colour, word.rstrip("s") if plural else word)] * (2 if plural or two else 1)
-            last = [len(objects)] if colour is None else []
-            objects += made
+            uncoloured = len(objects) if colour is None else None
+            objects += [(colour, word.rstrip("s") if plural else word)] * (2 if plural or two else 1)
             colour, two = None, False
         elif word in ("left", "right") and i + 1 < len(words) and words[i + 1] == "of":
             relation = relation or f"{word} of"
