@@ -32,7 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_demo_args, add_results_flag, check_demo_args, command_line, machine, save_results
+from common import (
+    add_demo_args,
+    add_results_flag,
+    check_demo_args,
+    check_demo_parts,
+    command_line,
+    machine,
+    save_results,
+)
 
 BARS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8}
 TIME_BAR_SECONDS = 600
@@ -134,9 +142,7 @@ def over_seeds(per_seed: dict[int, dict]) -> dict:
 
 def run_seeds(demo_dir: Path, seeds: list[int]) -> dict:
     """One captioner per demo seed (see the module's docstring), each in its own temporary folder."""
-    for seed, part in ((seed, part) for seed in seeds for part in ("clip", "data")):  # before the first training
-        if not (demo_dir / f"seed-{seed}" / part).is_dir():
-            raise FileNotFoundError(f"`--demo-dir` {str(demo_dir)!r} has no {part} folder for seed {seed}")
+    check_demo_parts(demo_dir, seeds)  # before the first training
     per_seed = {}
     for seed in seeds:
         demo = demo_dir / f"seed-{seed}"

@@ -181,6 +181,14 @@ def check_demo_args(args) -> None:
         raise ValueError("`--demo-dir` and `--seeds` go together")
 
 
+def check_demo_parts(demo_dir: Path, seeds: list[int], parts: tuple[str, ...] = ("clip", "data")) -> None:
+    """Refuse, before any work, a `--demo-dir` that lacks one of `parts` for one of `seeds` (DIR/seed-N/PART)."""
+    for seed in seeds:
+        for part in parts:
+            if not (demo_dir / f"seed-{seed}" / part).is_dir():
+                raise FileNotFoundError(f"`--demo-dir` {str(demo_dir)!r} has no {part} folder for seed {seed}")
+
+
 def emptied(folder: Path) -> Path:
     """`folder`, a benchmark's own output folder inside a demo (e.g. DIR/decoder/eval_benchmark), removed if it
     exists, so that no image or grid of an earlier run sits beside this run's metrics."""

@@ -32,7 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_demo_args, add_results_flag, check_demo_args, command_line, ensure_shapes, save_results
+from common import (
+    add_demo_args,
+    add_results_flag,
+    check_demo_args,
+    check_demo_parts,
+    command_line,
+    ensure_shapes,
+    save_results,
+)
 
 BAR = {"mean_precision_at_5": 0.90}
 
@@ -178,12 +186,10 @@ def over_demos(args: argparse.Namespace) -> dict:
     """The CLIP of each seed's demo under `--demo-dir`, per seed and over the seeds (`bar_holds`)."""
     from clipcond.evaluation.stats import bar_holds
 
+    check_demo_parts(args.demo_dir, args.seeds)
     per_seed = {}
     for seed in args.seeds:
         demo = args.demo_dir / f"seed-{seed}"
-        for part in ("clip", "data"):
-            if not (demo / part).is_dir():
-                raise FileNotFoundError(f"`--demo-dir` {str(args.demo_dir)!r} has no {part} folder for seed {seed}")
         per_seed[seed] = evaluate(demo / "clip", demo / "data", args.split, args.top_k, args.dtype)
     values = {seed: r["mean_precision_at_k"] for seed, r in per_seed.items()}
     counts = {seed: r["num_labels"] * r["top_k"] for seed, r in per_seed.items()}

@@ -154,7 +154,7 @@ def run(demo_dir: Path, seed: int = 0, *, quick: bool = False, sources_per_class
         out = emptied(demo_dir / "unclip_decoder" / "eval_benchmark")
         with contextlib.redirect_stdout(sys.stderr):
             eval_main(rejudge_argv(demo_dir, evaluation, sources_per_class, out))
-        evaluation = {**json.loads((out / "metrics.json").read_text()), "demo_settings": evaluation["settings"]}
+        evaluation = json.loads((out / "metrics.json").read_text())
     variations, text_to_image, prior = evaluation["variations"], evaluation["text_to_image"], evaluation["prior"]
     generation = report["generation"]
     result = {
@@ -183,8 +183,11 @@ def run(demo_dir: Path, seed: int = 0, *, quick: bool = False, sources_per_class
         },
         "settings": evaluation["settings"],
         # judged again: the demo's table and settings are those of its own evaluation
-        **({"demo_settings": evaluation["demo_settings"]} if "demo_settings" in evaluation else {}),
-        **({} if "demo_settings" in evaluation else {"table": report["dalle2_table"]}),
+        **(
+            {"table": report["dalle2_table"]}
+            if sources_per_class is None
+            else {"demo_settings": report["unclip_eval"]["settings"]}
+        ),
         "judge": {k: v for k, v in text_to_image["judge"].items() if k != "path"},
         "prior_training": report["prior"],
         "unclip_decoder_training": report["unclip_decoder"],
