@@ -78,7 +78,7 @@ def test_contrastive_model_fits_a_fixed_batch(tiny_clip_run):
     tokens = run.tokenize(batch["text"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss_fn, losses = ClipLoss(), []
-    for _ in range(60):
+    for _ in range(120):
         image, text, scale, _ = model(pixel_values=normalize_pixels(batch["pixel_values"]), **tokens)
         loss = loss_fn(image, text, scale)
         loss.backward()
@@ -258,7 +258,17 @@ def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
     shutil.copytree(shapes_data, gray_data)
     for png in (gray_data / "train").glob("*.png"):
         Image.open(png).convert("L").convert("RGB").save(png)
-    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    # a learning rate of its own: the thresholds below are in weight units, which scale with it
+    common = [
+        "--max-train-steps",
+        "3",
+        "--validation-steps",
+        "0",
+        "--checkpointing-steps",
+        "0",
+        "--learning-rate",
+        "1e-3",
+    ]
     _run(shapes_data, tmp_path / "always", *common, "--grayscale-prob", "1")
     _run(gray_data, tmp_path / "copy", *common, "--grayscale-prob", "0")
     _run(shapes_data, tmp_path / "colour", *common, "--grayscale-prob", "0")
