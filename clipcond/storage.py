@@ -158,6 +158,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, dumps_json(obj, indent=2) + "\n")
 
 
+def remove_earlier_outputs(folder: str | os.PathLike, patterns: Iterable[str]) -> None:
+    """Remove what matches `patterns` (globs relative to `folder`, files or folders): the outputs that an earlier run
+    of the same command wrote into `folder` and this run need not overwrite (another guidance scale's grid, the images
+    beyond this run's count), so that none of them sits beside this run's results. Nothing else there is touched."""
+    for pattern in patterns:
+        for path in Path(folder).glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> None:
     """Refuse, before any work, an output folder that cannot be made or written: `path` an existing file, a file
     among its parents, or a nearest existing folder that this process may not write into. The ValueError names

@@ -106,7 +106,7 @@ from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, chosen_scheduler, load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
-from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, remove_earlier_outputs, write_json_atomic
 
 DEFAULT_PROMPT_TEMPLATE = "a {colour} {shape}"
 DEFAULT_GUIDANCE_SCALE = DEFAULT_TEXT_GUIDANCE_SCALE  # `clipcond generate`'s default for a text-to-image decoder
@@ -493,9 +493,12 @@ def write_outputs(
 ) -> list[Path]:
     """metrics.json; per guidance scale g: grid_guidance_<g>.png (a row per prompt, each image labelled with what
     the judge saw and framed green / orange / red for 2 / 1 / 0 attributes right), accuracy_guidance_<g>.png
-    (both-correct accuracy, colour x shape; the row labels name the held-out pairs) and images/guidance_<g>/<prompt>_<k>.png."""
+    (both-correct accuracy, colour x shape; the row labels name the held-out pairs) and images/guidance_<g>/<prompt>_<k>.png.
+    An earlier evaluation's grids, heatmaps and images in `output_dir` are removed first: it may have drawn other
+    guidance scales or more images per prompt, which would otherwise sit beside these metrics."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_earlier_outputs(output_dir, ("grid_guidance_*.png", "accuracy_guidance_*.png", "images/guidance_*"))
     paths = []
     for key, batch in images.items():
         paths.append(_write_grid(batch, scores[key], prompts, num_images_per_prompt, key, output_dir))

@@ -218,6 +218,24 @@ def test_json_keys_clip_figures_and_outputs(judge, tiny_clip_run, shapes_data, t
         assert image.size == (32, 32)
 
 
+def test_an_earlier_evaluation_leaves_no_outputs_beside_a_new_one(judge, tmp_path):
+    """Run again into the same folder with another guidance scale and fewer images: only this run's grids, heatmaps
+    and images remain, and files the evaluation did not write stay."""
+    out = tmp_path / "eval"
+    run(judge, fake_generator(), guidance_scales=[1.0, 5.0], guidance_scale=5.0, output_dir=out)
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "mine.png").write_bytes(b"not an evaluation's")
+    run(judge, fake_generator(), guidance_scales=[3.0], num_images_per_prompt=1, output_dir=out)
+
+    assert sorted(p.name for p in out.glob("*_guidance_*.png")) == [
+        "accuracy_guidance_3.0.png",
+        "grid_guidance_3.0.png",
+    ]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["guidance_3.0", "mine.png"]
+    assert len(list((out / "images" / "guidance_3.0").glob("*.png"))) == 18  # one image a prompt, not two
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
