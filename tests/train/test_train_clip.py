@@ -22,6 +22,9 @@ from clipcond.lineage import content_hash
 from clipcond.models.clip import load_clip, text_features
 from clipcond.train.clip import main, parse_args
 
+# a run that only has to start and take a few optimizer steps
+THREE_STEPS = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+
 
 def _run(data, out, *extra):
     return main(["--data", str(data), "--output-dir", str(out), *TINY_CLIP_ARGS, *extra])
@@ -161,7 +164,7 @@ def test_captions_tokenised_per_batch_train_the_same_weights_as_tokens_made_up_f
     from clipcond.data.folders import ImageCaptionDataset, collate_image_text
     from clipcond.train import clip as train_clip
 
-    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    common = THREE_STEPS
     made = []
 
     class Recording(train_clip.CaptionTokens):
@@ -259,16 +262,7 @@ def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
     for png in (gray_data / "train").glob("*.png"):
         Image.open(png).convert("L").convert("RGB").save(png)
     # a learning rate of its own: the thresholds below are in weight units, which scale with it
-    common = [
-        "--max-train-steps",
-        "3",
-        "--validation-steps",
-        "0",
-        "--checkpointing-steps",
-        "0",
-        "--learning-rate",
-        "1e-3",
-    ]
+    common = [*THREE_STEPS, "--learning-rate", "1e-3"]
     _run(shapes_data, tmp_path / "always", *common, "--grayscale-prob", "1")
     _run(gray_data, tmp_path / "copy", *common, "--grayscale-prob", "0")
     _run(shapes_data, tmp_path / "colour", *common, "--grayscale-prob", "0")
@@ -283,7 +277,7 @@ def test_grayscale_views_are_what_the_towers_see(shapes_data, tmp_path):
 
 def test_crops_and_flips_change_what_the_towers_see(shapes_data, tmp_path):
     """`--random-crop-scale` and `--hflip-prob` train on other pixels than plain training."""
-    common = ["--max-train-steps", "3", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    common = THREE_STEPS
     _run(shapes_data, tmp_path / "plain", *common)
     _run(shapes_data, tmp_path / "crops", *common, "--random-crop-scale", "0.5", "--hflip-prob", "0.5")
     plain, crops = (_weights(tmp_path / n) for n in ("plain", "crops"))
@@ -378,16 +372,7 @@ def test_hard_negatives_train_and_are_recorded(shapes_data, tmp_path, monkeypatc
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
     kinds = "swap-attributes,swap-relations,swap-count"
     # without grayscale views the two runs differ in the negatives alone (their draws feed nothing else)
-    common = [
-        "--max-train-steps",
-        "3",
-        "--validation-steps",
-        "0",
-        "--checkpointing-steps",
-        "0",
-        "--grayscale-prob",
-        "0",
-    ]
+    common = [*THREE_STEPS, "--grayscale-prob", "0"]
     _run(shapes_data, tmp_path / "negatives", *common, "--hard-negatives", kinds)
     assert seen == [1.0, 1.0, 1.0]
     record = json.loads((tmp_path / "negatives" / "clipcond_run.json").read_text())
