@@ -338,6 +338,8 @@ def search_rows(report: dict) -> list[str]:
 def scheduler_rows(report: dict) -> list[str]:
     """Few-step samplers against DDPM's 1000 steps on one decoder: each one's seen gaps, with their intervals in the
     results of `--seen-only` runs (2026-12-06 on), against the bar "at most 3 points below"."""
+    if "over_seeds" in report:
+        return scheduler_seed_rows(report)
     version = report.get("judge", {}).get("version", 1)  # written before results named their judge: judge v1
     source, seed = _source("scheduler_steps", report), report.get("seed", "–")
     if "seen_images_per_sampler" not in report:  # older results: DPM-Solver++ 20 only, no interval
@@ -360,6 +362,36 @@ def scheduler_rows(report: dict) -> list[str]:
         what = f"{name} minus {reference}, seen, points ({n} seen images per sampler, guidance "
         what += f"{report['guidance_scale']:g}, {report['dtype']}, judge v{version})"
         rows.append(_row(what, cells, seed, "at most 3 below", _held(compared["within_3_points"], version), source))
+    return rows
+
+
+def scheduler_seed_rows(report: dict) -> list[str]:
+    """Few-step samplers against DDPM's 1000 steps on the decoders of several demos: per seen figure the mean gap
+    over seeds, the pooled images' gap with its interval, and each seed's gap, against "at most 3 points below"."""
+    seeds = "/".join(str(s) for s in report["seeds"])
+    reference, runs = report["reference"], list(report["per_seed"].values())
+    rows = []
+    for name, compared in report["over_seeds"].items():
+        cells = []
+        for key, figure in compared["figures"].items():
+            pooled = figure["pooled"]
+            low, high = pooled["interval"]
+            per_seed = " / ".join(
+                f"{100 * (r['samplers'][name][key] - r['samplers'][reference][key]):+.1f}" for r in runs
+            )
+            cells.append(
+                f"{key.replace('_accuracy_seen', '')} {100 * figure['mean']:+.1f} (pooled {100 * low:+.1f} to "
+                f"{100 * high:+.1f}; {per_seed})"
+            )
+        n = runs[0]["seen_images_per_sampler"]
+        what = f"{name} minus {reference}, seen, points, mean over seeds ({n} seen images per sampler and seed, "
+        what += f"guidance {report['guidance_scale']:g}, {report['dtype']}, judge v{report['judge']['version']})"
+        holds = compared["within_3_points"]
+        missing = sorted({s for f in compared["figures"].values() for s in f["seeds_missing"]})
+        verdict = _mark(holds) + ("" if holds else _below(missing))
+        rows.append(
+            _row(what, "; ".join(cells), seeds, "at most 3 below", verdict, _source("scheduler_steps", report))
+        )
     return rows
 
 
@@ -623,7 +655,11 @@ QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --seeds 0,1,2 --save-results", unclip_rows),
     "search_quality": ("python benchmarks/search_quality.py --demo-dir DIR --seeds 0,1,2 --save-results", search_rows),
-    "scheduler_steps": ("python benchmarks/scheduler_steps.py --model DIR/decoder --save-results", scheduler_rows),
+    "scheduler_steps": (
+        "python benchmarks/scheduler_steps.py --demo-dir DIR --seeds 0,1,2 --samplers dpm-sde@20,dpm@20,ddpm@1000 "
+        "--images-per-prompt 16 --guidance-scale 3 --seen-only --dtype bf16 --save-results",
+        scheduler_rows,
+    ),
     "samplers": (
         "python benchmarks/scheduler_steps.py --model DIR/decoder --data DIR/data "
         "--samplers dpm@20,dpm-sde@20,euler-a@25 --images-per-prompt 24 --guidance-scale 3 --results-name samplers "

@@ -94,6 +94,68 @@ def test_scheduler_steps_compares_samplers_with_the_several_object_share(
     assert "dpm-sde@2: " in row and "several" in row and "`samplers.json` at 0000000" in row
 
 
+def test_scheduler_steps_over_seeds_pools_images_and_names_the_seed_below():
+    import scheduler_steps
+
+    def decoder(ours: float, theirs: float, n: int = 400) -> dict:
+        figures = dict.fromkeys(scheduler_steps.FIGURES[:3], ours)
+        return {
+            "seen_images_per_sampler": n,
+            "samplers": {"dpm@20": figures, "ddpm@1000": dict.fromkeys(figures, theirs)},
+        }
+
+    close = scheduler_steps.over_seeds({0: decoder(0.90, 0.91), 1: decoder(0.92, 0.94)}, "ddpm@1000")
+    figure = close["dpm@20"]["figures"]["shape_accuracy_seen"]
+    assert figure["mean"] == pytest.approx(-0.015) and figure["holds"] and close["dpm@20"]["within_3_points"]
+    low, high = figure["pooled"]["interval"]
+    pooled = figure["pooled"]
+    assert pooled["images"] == 800 and pooled["minus_reference"] == pytest.approx(-0.015)
+    assert low < pooled["minus_reference"] < high
+    assert high - low < 0.06  # 800 images a sampler resolve 3 points at these accuracies
+    # the mean meets the bar, but seed 1 lies 10 points below the reference, beyond its own interval
+    apart = scheduler_steps.over_seeds({0: decoder(0.98, 0.92), 1: decoder(0.84, 0.94)}, "ddpm@1000")
+    figure = apart["dpm@20"]["figures"]["colour_accuracy_seen"]
+    assert figure["mean"] == pytest.approx(-0.02) and figure["seeds_missing"] == [1]
+    assert not figure["holds"] and not apart["dpm@20"]["within_3_points"]
+
+
+def test_scheduler_steps_runs_each_demo_decoder_and_sets_them_against_the_reference(
+    pipeline_run, shapes_data, judge, monkeypatch, capsys, tmp_path
+):
+    import report
+    import scheduler_steps
+
+    from clipcond.evaluation import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
+    monkeypatch.setattr(scheduler_steps, "REFERENCE", "ddpm@3")  # the 1000-step chain, shortened
+    for seed in (0, 1):  # two demos that share one decoder: `decoder_quality.py`'s layout, DIR/seed-N
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "decoder").symlink_to(pipeline_run)
+        (tmp_path / f"seed-{seed}" / "data").symlink_to(shapes_data)
+    argv = ["--demo-dir", str(tmp_path), "--seeds", "0,1", "--samplers", "ddpm@3,dpm-sde@2", "--seen-only"]
+    with pytest.raises(ValueError, match="drop `--model` and `--data`"):
+        scheduler_steps.parse_args([*argv, "--model", str(pipeline_run)])
+    with pytest.raises(ValueError, match="or `--demo-dir` with `--seeds`"):
+        scheduler_steps.parse_args(["--samplers", "ddpm@3"])
+    with pytest.raises(FileNotFoundError, match="no decoder folder for seed 2"):
+        scheduler_steps.main([*argv[:2], "--seeds", "0,2", *argv[4:]])
+    assert scheduler_steps.main([*argv, "--images-per-prompt", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["seeds"] == [0, 1] and list(result["per_seed"]) == ["0", "1"] and result["reference"] == "ddpm@3"
+    runs = list(result["per_seed"].values())
+    n = runs[0]["seen_images_per_sampler"]
+    for key, figure in result["over_seeds"]["dpm-sde@2"]["figures"].items():
+        gaps = [r["samplers"]["dpm-sde@2"][key] - r["samplers"]["ddpm@3"][key] for r in runs]
+        assert figure["mean"] == pytest.approx(sum(gaps) / 2, abs=1e-6) and figure["pooled"]["images"] == 2 * n
+        low, high = figure["pooled"]["interval"]
+        assert low <= figure["pooled"]["minus_reference"] <= high
+    (row,) = report.scheduler_rows({**result, "commit": "0" * 40, "date": "2026-12-06"})
+    assert row.startswith(f"| dpm-sde@2 minus ddpm@3, seen, points, mean over seeds ({n} seen images per sampler")
+    assert "| 0/1 | at most 3 below |" in row and "`scheduler_steps.json` at 0000000" in row
+    assert ("✓" in row) == result["over_seeds"]["dpm-sde@2"]["within_3_points"]
+
+
 def test_scheduler_steps_sets_every_sampler_against_the_reference_with_an_interval(
     pipeline_run, shapes_data, judge, monkeypatch, capsys
 ):
