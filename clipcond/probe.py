@@ -29,6 +29,40 @@ DEFAULT_IMAGES_PER_PROMPT = 2
 DEFAULT_INFERENCE_STEPS = 20
 
 
+def _add_generator_args(parser: argparse.ArgumentParser) -> None:
+    """How the generators draw each probe's prompts: prompts, images, steps, guidance, sampler, batch."""
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=DEFAULT_NUM_PROMPTS,
+        help=f"generator prompts per kind and group (default {DEFAULT_NUM_PROMPTS})",
+    )
+    parser.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=DEFAULT_IMAGES_PER_PROMPT,
+        help=f"images per generator prompt (default {DEFAULT_IMAGES_PER_PROMPT})",
+    )
+    parser.add_argument(
+        "--num-inference-steps",
+        type=int,
+        default=DEFAULT_INFERENCE_STEPS,
+        help=f"decoder denoising steps (default {DEFAULT_INFERENCE_STEPS})",
+    )
+    parser.add_argument(
+        "--guidance-scale", type=finite_float, default=None, help="decoder guidance (default: each path's default)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_CHOICES,
+        default=DEFAULT_SAMPLER,
+        help=f"the decoders' sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
+    )
+    parser.add_argument("--prior-guidance-scale", type=finite_float, default=4.0, help="prior guidance (default 4)")
+    parser.add_argument("--prior-num-inference-steps", type=int, default=25, help="prior steps (default 25)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clipcond probe",
@@ -66,36 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="render pairs with the shapes generator (default), or read them from --split's metadata.jsonl",
     )
     parser.add_argument("--split", default="test", help="the split of --source metadata (default test)")
-    parser.add_argument(
-        "--num-prompts",
-        type=int,
-        default=DEFAULT_NUM_PROMPTS,
-        help=f"generator prompts per kind and group (default {DEFAULT_NUM_PROMPTS})",
-    )
-    parser.add_argument(
-        "--images-per-prompt",
-        type=int,
-        default=DEFAULT_IMAGES_PER_PROMPT,
-        help=f"images per generator prompt (default {DEFAULT_IMAGES_PER_PROMPT})",
-    )
-    parser.add_argument(
-        "--num-inference-steps",
-        type=int,
-        default=DEFAULT_INFERENCE_STEPS,
-        help=f"decoder denoising steps (default {DEFAULT_INFERENCE_STEPS})",
-    )
-    parser.add_argument(
-        "--guidance-scale", type=finite_float, default=None, help="decoder guidance (default: each path's default)"
-    )
-    parser.add_argument(
-        "--scheduler",
-        choices=SCHEDULER_CHOICES,
-        default=DEFAULT_SAMPLER,
-        help=f"the decoders' sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
-    )
-    parser.add_argument("--prior-guidance-scale", type=finite_float, default=4.0, help="prior guidance (default 4)")
-    parser.add_argument("--prior-num-inference-steps", type=int, default=25, help="prior steps (default 25)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
+    _add_generator_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the pairs, prompts and images (default 0)")
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the attribute judge is cached")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
