@@ -20,7 +20,10 @@ equal steps, batch and model sizes, on Tux Paint's clip-art stamps (a benchmark,
    (`clipcond.evaluation.zero_shot`), the same code for all three.
 
 Prints one JSON object: per contender and seed the figures and the training seconds, their mean with a 95% interval
-over seeds, and whether clipcond's mean beats both baselines' on text->image R@10 and zero-shot top-1.
+over seeds, and whether clipcond's mean beats both baselines' on text->image R@10 and zero-shot top-1. Beside the
+data it says how often the training captions name the labels (`label_words`): a label no caption names is a word
+that contrastive training on these captions cannot teach, and zero-shot over such labels stays near chance for any
+model trained here from scratch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -85,6 +89,22 @@ def ensure_data(data_dir: Path, stamps: Path) -> dict:
     if info is not None and info.get("name") == DATASET_NAME:
         return info
     return write_tuxpaint_dataset(stamps, data_dir, resolution=64, test_fraction=0.2, seed=0)
+
+
+def label_words(captions: list[str], labels: list[str]) -> dict:
+    """How often `captions` name the labels: per label, the captions that hold it (or its singular, "animals" ->
+    "animal") as a word, in any case; the share of captions that name their own label; and uniform chance."""
+    words = [set(re.findall(r"[a-z]+", caption.lower())) for caption in captions]
+
+    def names(said: set[str], label: str) -> bool:
+        return label.lower() in said or label.lower().removesuffix("s") in said
+
+    classes = sorted(set(labels))
+    return {
+        "captions_naming": {c: sum(names(said, c) for said in words) for c in classes},
+        "own_label_named": round(sum(map(names, words, labels)) / len(captions), 4),
+        "uniform_chance": round(1 / len(classes), 4),
+    }
 
 
 def load_split(data_dir: Path, split: str) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -270,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "clip_real_data",
         "command": command_line("clip_real_data", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
-        "data": {"source": info.get("source"), "splits": info.get("splits"), "classes": info.get("classes")},
+        "data": {
+            "source": info.get("source"),
+            "splits": info.get("splits"),
+            "classes": info.get("classes"),
+            "label_words": label_words(*train[1:]),
+        },
         "machine": machine(),
         "per_seed": per_seed,
         "summary": summarise(per_seed),

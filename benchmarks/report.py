@@ -548,7 +548,12 @@ def clip_real_data_rows(report: dict) -> list[str]:
     recipe = " ".join(settings.get("clipcond_args") or []) or "defaults"
     name = settings.get("results_name", "clip_real_data")
     rows = []
-    for key, label in (("text_to_image_R@10", "text→image R@10"), ("zero_shot_top1", "zero-shot top-1 (16 topics)")):
+    topics = f"zero-shot top-1 ({len(report['data']['classes'])} topics"
+    words = report["data"].get("label_words")  # recorded from 2026-12-06 (late) on
+    if words is not None:
+        topics += f", named by {_pct(words['own_label_named'])} of the training captions; uniform chance "
+        topics += _pct(words["uniform_chance"])
+    for key, label in (("text_to_image_R@10", "text→image R@10"), ("zero_shot_top1", topics + ")")):
         what = (
             f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']}), {label}: "
             f"clipcond ({recipe}) vs transformers / open_clip loops"

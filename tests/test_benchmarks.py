@@ -551,6 +551,22 @@ def test_clip_real_data_trains_three_contenders_of_one_size_on_the_stamps(tmp_pa
     for f in figures.values():
         assert 0 <= f["text_to_image_R@10"] <= 1 and 0 <= f["zero_shot_top1"] <= 1
     assert set(report["summary"]["clipcond_beats_both"]) == {"text_to_image_R@10", "zero_shot_top1"}
+    words = report["data"]["label_words"]  # every caption names its own topic: "A food stamp number 2."
+    assert words["own_label_named"] == 1.0 and words["uniform_chance"] == round(1 / 3, 4)
+    assert sum(words["captions_naming"].values()) == report["data"]["splits"]["train"]["num_images"]
+    import report as report_module
+
+    zero_shot = report_module.clip_real_data_rows(report)[1]
+    assert "zero-shot top-1 (3 topics, named by 100.0% of the training captions; uniform chance 33.3%)" in zero_shot
+
+
+def test_clip_real_data_counts_the_captions_that_name_each_label():
+    import clip_real_data
+
+    captions = ["A duck.", "Two ANIMALS on a hill.", "An animal stamp", "Food for a dog"]
+    words = clip_real_data.label_words(captions, ["animals", "animals", "food", "food"])
+    assert words["captions_naming"] == {"animals": 2, "food": 1}  # the singular counts; "A duck." names none
+    assert words["own_label_named"] == 0.5 and words["uniform_chance"] == 0.5
 
 
 def test_cache_memory_measures_each_phase_in_its_own_process(capsys, tmp_path):
