@@ -28,14 +28,15 @@ def caption_ids(captions: Sequence[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval_recall(
+def retrieval_hits(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     captions: Sequence[str],
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
-) -> dict[str, float]:
-    """Recall@k both ways for N paired images and texts, whose features are compared by cosine.
+) -> dict[str, torch.Tensor]:
+    """Per query, whether it is a hit at k, both ways, for N paired images and texts compared by cosine: the
+    figures of `retrieval_recall` before they are averaged, so that a caller can average them over a subset.
 
     Args:
         image_features: (N, D); normalised here, so raw projections work too.
@@ -45,7 +46,7 @@ def retrieval_recall(
         chunk_size: queries scored at a time, so memory stays at chunk_size x N similarities (10k x 10k is fine).
 
     Returns:
-        `{"image_to_text_R@k": float, ..., "text_to_image_R@k": float, ...}` with values in [0, 1].
+        `{"image_to_text_R@k": (N,) bool, ..., "text_to_image_R@k": (N,) bool, ...}`, on the CPU.
     """
     n = image_features.shape[0]
     if image_features.ndim != 2 or text_features.ndim != 2:
@@ -74,21 +75,34 @@ def retrieval_recall(
     metrics = {}
     for direction, queries, keys in (("image_to_text", images, texts), ("text_to_image", texts, images)):
         hits = _hits_at_k(queries, keys, ids, ks, chunk_size)
-        metrics.update({f"{direction}_R@{k}": hits[k] / n for k in ks})
+        metrics.update({f"{direction}_R@{k}": hits[k] for k in ks})
     return metrics
+
+
+def retrieval_recall(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    captions: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@k both ways for N paired images and texts, whose features are compared by cosine (the arguments and
+    errors of `retrieval_hits`): `{"image_to_text_R@k": float, ..., "text_to_image_R@k": float, ...}` in [0, 1]."""
+    hits = retrieval_hits(image_features, text_features, captions, ks, chunk_size)
+    return {key: int(hit.sum()) / len(hit) for key, hit in hits.items()}
 
 
 def _hits_at_k(
     queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, ks: list[int], chunk_size: int
-) -> dict[int, int]:
-    """How many queries have a key of their own caption id among their k most similar keys, for each k."""
+) -> dict[int, torch.Tensor]:
+    """Per query (N,) on the CPU, whether a key of its own caption id is among its k most similar keys, per k."""
     n = queries.shape[0]
     k_max = min(max(ks), n)
-    hits = dict.fromkeys(ks, 0)
+    hits = {k: [] for k in ks}
     for start in range(0, n, chunk_size):
         similarity = queries[start : start + chunk_size] @ keys.T  # (b, N)
         top = similarity.topk(k_max, dim=-1).indices  # (b, k_max), most similar first
         match = ids[top] == ids[start : start + chunk_size, None]  # (b, k_max)
         for k in ks:
-            hits[k] += int(match[:, : min(k, k_max)].any(dim=-1).sum())
-    return hits
+            hits[k].append(match[:, : min(k, k_max)].any(dim=-1).cpu())
+    return {k: torch.cat(chunks) for k, chunks in hits.items()}

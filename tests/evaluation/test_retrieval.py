@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clipcond.evaluation.retrieval import caption_ids, normalize_caption, retrieval_recall
+from clipcond.evaluation.retrieval import caption_ids, normalize_caption, retrieval_hits, retrieval_recall
 
 
 def test_known_answer_distinct_captions_is_asymmetric():
@@ -15,6 +15,20 @@ def test_known_answer_distinct_captions_is_asymmetric():
         "text_to_image_R@1": 1.0,
         "text_to_image_R@2": 1.0,
     }
+
+
+def test_hits_say_which_queries_are_right():
+    images = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    hits = retrieval_hits(images, texts, ["a red circle", "a blue square"], ks=(1, 2))
+    assert hits["image_to_text_R@1"].tolist() == [True, False]  # image 1's nearest text is text 0
+    assert hits["text_to_image_R@1"].tolist() == [True, True] and hits["image_to_text_R@2"].tolist() == [True, True]
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    y = x + torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    captions = [f"caption {i % 30}" for i in range(40)]  # duplicates among them
+    hits, recall = retrieval_hits(x, y, captions, chunk_size=7), retrieval_recall(x, y, captions, chunk_size=7)
+    assert {key: hit.float().mean().item() for key, hit in hits.items()} == pytest.approx(recall)
+    assert all(hit.shape == (40,) and hit.dtype == torch.bool for hit in hits.values())
 
 
 def test_duplicate_captions_count_as_matches():
