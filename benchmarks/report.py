@@ -562,7 +562,27 @@ def clip_real_data_rows(report: dict) -> list[str]:
         figure = f"{_over_seeds(summary['clipcond'][key])} vs {others}"
         holds = _mark(summary["clipcond_beats_both"][key])
         rows.append(_row(what, figure, seeds, "beats both", holds, _source(name, report)))
+    if "text_to_image_R@10_new_words" in summary["clipcond"]:  # recorded from 2026-12-06 (late) on
+        rows.append(_known_words_row(report, seeds, recipe, _source(name, report)))
     return rows
+
+
+def _known_words_row(report: dict, seeds: str, recipe: str, source: str) -> str:
+    """Text->image R@10 of each contender on the test captions whose words all occur in training captions, and on
+    the others (a word no training caption has)."""
+    summary, settings, data = report["summary"], report["settings"], report["data"]
+    known, total = data["test_captions_with_known_words"], data["splits"]["test"]["num_images"]
+    what = (
+        f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']}), text→image "
+        f"R@10 on the {known} test captions whose every word is in a training caption / the {total - known} with "
+        f"a new word: clipcond ({recipe}) vs transformers / open_clip loops"
+    )
+    figure = " vs ".join(
+        f"{_pct(summary[c]['text_to_image_R@10_known_words']['mean'])} / "
+        f"{_pct(summary[c]['text_to_image_R@10_new_words']['mean'])}"
+        for c in ("clipcond", "transformers", "open_clip")
+    )
+    return _row(what, figure, seeds, "reported", "", source)
 
 
 def latent_rows(report: dict) -> list[str]:

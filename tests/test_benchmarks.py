@@ -569,6 +569,46 @@ def test_clip_real_data_counts_the_captions_that_name_each_label():
     assert words["own_label_named"] == 0.5 and words["uniform_chance"] == 0.5
 
 
+def test_clip_real_data_splits_retrieval_by_the_words_training_taught():
+    import clip_real_data
+    import report
+
+    known = clip_real_data.known_words(["A duck.", "An ostrich!", "a DUCK"], ["A duck swims.", "an owl"])
+    assert known.tolist() == [True, False, True]  # "ostrich" is in no training caption
+
+    import torch
+
+    # 12 pairs; texts 0-5 lie on their own image, texts 6-11 opposite it, so their own image ranks last of 12
+    e, captions = torch.eye(12), [f"caption {i}" for i in range(12)]
+    rows = {caption: e[i] if i < 6 else -e[i] for i, caption in enumerate(captions)}
+    encode_text = lambda texts: torch.stack([rows.get(text, torch.ones(12)) for text in texts])  # noqa: E731
+    embedder = clip_real_data.Embedder(torch.nn.Linear(1, 1), encode_text, lambda pixels: e[: len(pixels)])
+    test, known = (torch.zeros(12, 3, 4, 4), captions, ["x"] * 12), torch.arange(12) < 6
+    figures = clip_real_data.evaluate(embedder, test, known)
+    assert figures["text_to_image_R@10"] == 0.5
+    assert figures["text_to_image_R@10_known_words"] == 1.0 and figures["text_to_image_R@10_new_words"] == 0.0
+    assert "text_to_image_R@10_new_words" not in clip_real_data.evaluate(embedder, test, torch.ones(12, dtype=bool))
+
+    def summary(known: float, new: float) -> dict:
+        figures = {"text_to_image_R@10": 0.3, "zero_shot_top1": 0.1}
+        figures |= {"text_to_image_R@10_known_words": known, "text_to_image_R@10_new_words": new}
+        return {key: {"mean": value, "low": None} for key, value in figures.items()}
+
+    result = {
+        "settings": {"seeds": [0, 1, 2], "steps": 200, "batch_size": 64},
+        "data": {"classes": ["birds"], "splits": {"test": {"num_images": 192}}, "test_captions_with_known_words": 93},
+        "summary": {
+            "clipcond": summary(0.4, 0.1),
+            "transformers": summary(0.45, 0.12),
+            "open_clip": summary(0.38, 0.09),
+            "clipcond_beats_both": {"text_to_image_R@10": False, "zero_shot_top1": True},
+        },
+    }
+    row = report.clip_real_data_rows(result)[2]
+    assert "R@10 on the 93 test captions whose every word is in a training caption / the 99 with a new word" in row
+    assert "| 40.0% / 10.0% vs 45.0% / 12.0% vs 38.0% / 9.0% | 0/1/2 | reported |" in row
+
+
 def test_cache_memory_measures_each_phase_in_its_own_process(capsys, tmp_path):
     import cache_memory
 
