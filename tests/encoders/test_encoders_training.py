@@ -52,17 +52,34 @@ def _train(spec, data, out, *extra, module="decoder"):
     return json.loads((out / "clipcond_run.json").read_text())
 
 
+class DecoderRuns:
+    """Each adapter's decoder run folder, trained when a test first asks for it: no test depends on another having
+    trained it (pytest-xdist may run a module's tests in different processes)."""
+
+    def __init__(self, specs: dict, data, tmp_path_factory):
+        self.specs, self.data, self.factory, self.folders = specs, data, tmp_path_factory, {}
+
+    def __getitem__(self, kind: str):
+        if kind not in self.folders:
+            out = self.factory.mktemp(f"decoder_{kind}")
+            _train(self.specs[kind], self.data, out)
+            self.folders[kind] = out
+        return self.folders[kind]
+
+    def record(self, kind: str) -> dict:
+        return json.loads((self[kind] / "clipcond_run.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def decoder_runs(specs, shapes_data, tmp_path_factory):
-    return {kind: tmp_path_factory.mktemp(f"decoder_{kind}") for kind in specs}
+    return DecoderRuns(specs, shapes_data, tmp_path_factory)
 
 
 @pytest.mark.parametrize("kind", ["clipcond", "transformers", "open_clip", "t5"])
-def test_decoder_trains_on_each_adapter(kind, specs, shapes_data, decoder_runs, tmp_path):
+def test_decoder_trains_on_each_adapter(kind, specs, decoder_runs, tmp_path):
     from clipcond.pipelines.text_to_image import TextToImagePipeline
 
-    out = decoder_runs[kind]
-    record = _train(specs[kind], shapes_data, out)
+    out, record = decoder_runs[kind], decoder_runs.record(kind)
     encoder = load_encoder(specs[kind])
     assert record["encoder"] == encoder.lineage() and record["encoder"]["kind"] == kind
     assert record["clip"]["content_hash"] == encoder.content_hash
@@ -84,13 +101,10 @@ def test_decoder_trains_on_each_adapter(kind, specs, shapes_data, decoder_runs, 
     assert_stock_diffusers_draws_the_same(out, TextToImagePipeline, tmp_path, **call)
 
 
-def test_cache_is_keyed_by_encoder(decoder_runs):
+def test_cache_is_keyed_by_encoder(specs, decoder_runs):
     """Each encoder's caption embeddings live in a cache file of their own."""
-    keys = set()
-    for out in decoder_runs.values():
-        record = json.loads((out / "clipcond_run.json").read_text())
-        keys.add(record["conditioning"]["cache_key"])
-    assert len(keys) == len(decoder_runs)
+    keys = {decoder_runs.record(kind)["conditioning"]["cache_key"] for kind in specs}
+    assert len(keys) == len(specs)
 
 
 def test_lineage_refusal_and_override(specs, decoder_runs, caplog):
