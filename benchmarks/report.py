@@ -372,17 +372,15 @@ def scheduler_seed_rows(report: dict) -> list[str]:
     reference, runs = report["reference"], list(report["per_seed"].values())
     rows = []
     for name, compared in report["over_seeds"].items():
-        cells = []
+        cells: dict[str, list[str]] = {}  # one cell per distinct text, naming every figure that reads it
         for key, figure in compared["figures"].items():
-            pooled = figure["pooled"]
-            low, high = pooled["interval"]
+            low, high = figure["pooled"]["interval"]
             per_seed = " / ".join(
                 f"{100 * (r['samplers'][name][key] - r['samplers'][reference][key]):+.1f}" for r in runs
             )
-            cells.append(
-                f"{key.replace('_accuracy_seen', '')} {100 * figure['mean']:+.1f} (pooled {100 * low:+.1f} to "
-                f"{100 * high:+.1f}; {per_seed})"
-            )
+            text = f"{100 * figure['mean']:+.1f} (pooled {100 * low:+.1f} to {100 * high:+.1f}; {per_seed})"
+            cells.setdefault(text, []).append(key.replace("_accuracy_seen", ""))
+        cells = [f"{' = '.join(keys)} {text}" for text, keys in cells.items()]
         n = runs[0]["seen_images_per_sampler"]
         what = f"{name} minus {reference}, seen, points, mean over seeds ({n} seen images per sampler and seed, "
         what += f"guidance {report['guidance_scale']:g}, {report['dtype']}, judge v{report['judge']['version']})"

@@ -95,6 +95,7 @@ def test_scheduler_steps_compares_samplers_with_the_several_object_share(
 
 
 def test_scheduler_steps_over_seeds_pools_images_and_names_the_seed_below():
+    import report
     import scheduler_steps
 
     def decoder(ours: float, theirs: float, n: int = 400) -> dict:
@@ -117,6 +118,13 @@ def test_scheduler_steps_over_seeds_pools_images_and_names_the_seed_below():
     figure = apart["dpm@20"]["figures"]["colour_accuracy_seen"]
     assert figure["mean"] == pytest.approx(-0.02) and figure["seeds_missing"] == [1]
     assert not figure["holds"] and not apart["dpm@20"]["within_3_points"]
+    # the README row: figures that read alike share one cell
+    runs = {0: decoder(0.90, 0.91), 1: decoder(0.92, 0.94)}
+    runs[1]["samplers"]["dpm@20"]["colour_accuracy_seen"] = 0.93
+    result = {"seeds": [0, 1], "reference": "ddpm@1000", "per_seed": runs, "guidance_scale": 3.0, "dtype": "bf16"}
+    result |= {"judge": {"version": 2}, "over_seeds": scheduler_steps.over_seeds(runs, "ddpm@1000")}
+    (row,) = report.scheduler_rows(result)
+    assert "| colour -1.0 (pooled " in row and "; -1.0 / -1.0); shape = both -1.5 (pooled " in row
 
 
 def test_scheduler_steps_runs_each_demo_decoder_and_sets_them_against_the_reference(
