@@ -10,7 +10,12 @@ import argparse
 from clipcond.device import DTYPES
 from clipcond.finite import finite_float
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_CHOICES
-from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.pipelines.inputs import (
+    DEFAULT_GUIDANCE_START,
+    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    DEFAULT_PRIOR_GUIDANCE_SCALE,
+    DEFAULT_PRIOR_INFERENCE_STEPS,
+)
 from clipcond.storage import check_output_dir
 
 
@@ -82,11 +87,14 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
     unclip.add_argument(
         "--prior-guidance-scale",
         type=finite_float,
-        default=4.0,
-        help="the prior's classifier-free guidance (default 4.0)",
+        default=DEFAULT_PRIOR_GUIDANCE_SCALE,
+        help=f"the prior's classifier-free guidance (default {DEFAULT_PRIOR_GUIDANCE_SCALE})",
     )
     unclip.add_argument(
-        "--prior-num-inference-steps", type=int, default=25, help="the prior's denoising steps (default 25)"
+        "--prior-num-inference-steps",
+        type=int,
+        default=DEFAULT_PRIOR_INFERENCE_STEPS,
+        help=f"the prior's denoising steps (default {DEFAULT_PRIOR_INFERENCE_STEPS})",
     )
     unclip.add_argument(
         "--noise-level",

@@ -19,6 +19,11 @@ DEFAULT_GUIDANCE_START = 0.4
 DEFAULT_TEXT_GUIDANCE_SCALE = 3.0
 DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE = 3.0
 
+# The prior's classifier-free guidance weight and denoising steps, wherever a prior samples (its pipeline, the
+# DALL-E 2 pipelines, the commands and the evaluations).
+DEFAULT_PRIOR_GUIDANCE_SCALE = 4.0
+DEFAULT_PRIOR_INFERENCE_STEPS = 25
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a step count

@@ -23,7 +23,12 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 from clipcond.models.prior_text import PriorTextInputs, check_prior_fits, prior_text_inputs
-from clipcond.pipelines.inputs import check_latents, check_prompts
+from clipcond.pipelines.inputs import (
+    DEFAULT_PRIOR_GUIDANCE_SCALE,
+    DEFAULT_PRIOR_INFERENCE_STEPS,
+    check_latents,
+    check_prompts,
+)
 from clipcond.pipelines.prompts import encode_each_text_once, encode_for_guidance, prompt_list
 from clipcond.pipelines.sampling import Sampling, denoise, initial_noise, set_timesteps
 from clipcond.pipelines.shipped_code import ShippedCodeMixin
@@ -92,8 +97,8 @@ class PriorPipeline(ShippedCodeMixin, DiffusionPipeline):
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
+        guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,

@@ -44,14 +44,13 @@ from clipcond.evaluation.zero_shot import (
     zero_shot_predict,
 )
 from clipcond.finite import finite_float, finite_or_null
+from clipcond.pipelines.inputs import DEFAULT_PRIOR_GUIDANCE_SCALE, DEFAULT_PRIOR_INFERENCE_STEPS
 from clipcond.runs import RUN_RECORD, RunRecord
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
 from clipcond.text_encoding import encode_prompts
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GUIDANCE_SCALE = 4.0
-DEFAULT_INFERENCE_STEPS = 25
 # The stable interface of the printed JSON, in the order printed.
 METRIC_KEYS = (
     "cosine_predicted",
@@ -106,8 +105,8 @@ def predict_image_embeddings(
     pipe,
     captions: list[str],
     *,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
+    num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
@@ -144,8 +143,8 @@ def evaluate_prior(
     vision_model=None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    num_inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    guidance_scale: float = DEFAULT_PRIOR_GUIDANCE_SCALE,
+    num_inference_steps: int = DEFAULT_PRIOR_INFERENCE_STEPS,
     max_captions: int | None = None,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     held_out: Sequence[str] | None = None,
@@ -285,14 +284,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--guidance-scale",
         type=finite_float,
-        default=DEFAULT_GUIDANCE_SCALE,
-        help=f"classifier-free guidance weight (default {DEFAULT_GUIDANCE_SCALE})",
+        default=DEFAULT_PRIOR_GUIDANCE_SCALE,
+        help=f"classifier-free guidance weight (default {DEFAULT_PRIOR_GUIDANCE_SCALE})",
     )
     parser.add_argument(
         "--num-inference-steps",
         type=int,
-        default=DEFAULT_INFERENCE_STEPS,
-        help=f"denoising steps (default {DEFAULT_INFERENCE_STEPS})",
+        default=DEFAULT_PRIOR_INFERENCE_STEPS,
+        help=f"denoising steps (default {DEFAULT_PRIOR_INFERENCE_STEPS})",
     )
     parser.add_argument("--max-captions", type=int, metavar="N", help="evaluate the first N items only")
     parser.add_argument("--seed", type=int, default=0, help="item i is sampled with seed + i (default 0)")

@@ -45,7 +45,12 @@ from clipcond.evaluation.sampling import GenerateFn
 from clipcond.finite import finite_float, finite_or_null
 from clipcond.hub import local_files_only
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, use_scheduler
-from clipcond.pipelines.inputs import DEFAULT_GUIDANCE_START, DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE
+from clipcond.pipelines.inputs import (
+    DEFAULT_GUIDANCE_START,
+    DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE,
+    DEFAULT_PRIOR_GUIDANCE_SCALE,
+    DEFAULT_PRIOR_INFERENCE_STEPS,
+)
 from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
 from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
@@ -62,8 +67,6 @@ VaryFn = Callable[[torch.Tensor, list[torch.Generator]], torch.Tensor]
 DEFAULT_SOURCES_PER_CLASS = 4
 DEFAULT_VARIATIONS_PER_SOURCE = 4
 DEFAULT_INFERENCE_STEPS = 20  # DPM-Solver++ steps of the decoder, as `clipcond demo` samples
-DEFAULT_PRIOR_GUIDANCE_SCALE = 4.0  # `clipcond eval prior`'s and the unCLIP pipeline's default
-DEFAULT_PRIOR_INFERENCE_STEPS = 25
 DEFAULT_PRIOR_MAX_CAPTIONS = 512  # the split's first items: enough for the prior's cosines, seconds on a CPU
 
 
