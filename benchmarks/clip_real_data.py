@@ -46,7 +46,7 @@ from common import add_results_flag, command_line, machine, parse_seeds, save_re
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.shapes import load_dataset_info
 from clipcond.data.tuxpaint import DATASET_NAME, DEFAULT_STAMPS, write_tuxpaint_dataset
-from clipcond.evaluation.retrieval import retrieval_hits
+from clipcond.evaluation.retrieval import recall, retrieval_hits
 from clipcond.evaluation.stats import mean_interval
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES, build_zero_shot_classifier, zero_shot_predict
 from clipcond.models.clip import image_features, load_clip, text_features
@@ -262,10 +262,10 @@ def evaluate(embedder: Embedder, test, known: torch.Tensor) -> dict:
     pixels, captions, labels = test
     images, texts = embedder.encode_images(pixels), embedder.encode_text(captions)
     hits = retrieval_hits(images, texts, captions)
-    figures = {key: hit.float().mean().item() for key, hit in hits.items()}
+    figures = {key: recall(hit) for key, hit in hits.items()}
     for name, subset in (("known_words", known), ("new_words", ~known)):
         if subset.any():  # a data set whose test captions are all of one kind has no figure for the other
-            figures[f"text_to_image_R@10_{name}"] = hits["text_to_image_R@10"][subset].float().mean().item()
+            figures[f"text_to_image_R@10_{name}"] = recall(hits["text_to_image_R@10"][subset])
     classes = sorted(set(labels))
     classifier = build_zero_shot_classifier(embedder.encode_text, classes, DEFAULT_TEMPLATES)
     predicted = zero_shot_predict(F.normalize(images.float(), dim=-1), classifier)

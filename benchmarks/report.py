@@ -452,6 +452,7 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
         which = "/".join(map(str, earlier["seeds"]))
         source += f"; seed {which} from {_source(Path(earlier['file']).stem, earlier)}"
     steps = sorted({run["steps"] for runs in report["per_seed"].values() for run in runs.values()})
+    num_seeds = len(report["per_seed"]["plain"])
     equal_steps = f"equal steps, {steps[0]}" if len(steps) == 1 else f"steps {'/'.join(map(str, steps))}"
     rows = []
     for key, label in HARD_NEGATIVE_FIGURES.items():
@@ -464,8 +465,8 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
         )
         what = f"CLIP, plain recipe vs `--hard-negatives {settings['kinds']}` ({equal_steps}): {label}"
         bar, holds = _hard_negative_bar(key, summary["target"], difference)
-        if holds and seeds.count("/") + 1 < MIN_SEEDS:  # a bar counts over three seeds (README, above the table)
-            holds = f"not judged: {seeds.count('/') + 1} seed (read {holds})"
+        if holds and num_seeds < MIN_SEEDS:  # a bar counts over three seeds (README, above the table)
+            holds = f"not judged: {num_seeds} seed (read {holds})"
         rows.append(_row(what, figure, seeds, bar, holds, source))
     return rows
 
@@ -551,35 +552,31 @@ def clip_real_data_rows(report: dict) -> list[str]:
     seeds = "/".join(str(s) for s in settings["seeds"])
     recipe = " ".join(settings.get("clipcond_args") or []) or "defaults"
     name = settings.get("results_name", "clip_real_data")
-    rows = []
+    rows, data_set = [], f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']})"
     topics = f"zero-shot top-1 ({len(report['data']['classes'])} topics"
     words = report["data"].get("label_words")  # recorded from 2026-12-06 (late) on
     if words is not None:
         topics += f", named by {_pct(words['own_label_named'])} of the training captions; uniform chance "
         topics += _pct(words["uniform_chance"])
     for key, label in (("text_to_image_R@10", "text→image R@10"), ("zero_shot_top1", topics + ")")):
-        what = (
-            f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']}), {label}: "
-            f"clipcond ({recipe}) vs transformers / open_clip loops"
-        )
+        what = f"{data_set}, {label}: clipcond ({recipe}) vs transformers / open_clip loops"
         others = " / ".join(_pct(summary[other][key]["mean"]) for other in ("transformers", "open_clip"))
         figure = f"{_over_seeds(summary['clipcond'][key])} vs {others}"
         holds = _mark(summary["clipcond_beats_both"][key])
         rows.append(_row(what, figure, seeds, "beats both", holds, _source(name, report)))
     if "text_to_image_R@10_new_words" in summary["clipcond"]:  # recorded from 2026-12-06 (late) on
-        rows.append(_known_words_row(report, seeds, recipe, _source(name, report)))
+        rows.append(_known_words_row(report, f"{data_set}, text→image R@10", seeds, recipe, _source(name, report)))
     return rows
 
 
-def _known_words_row(report: dict, seeds: str, recipe: str, source: str) -> str:
-    """Text->image R@10 of each contender on the test captions whose words all occur in training captions, and on
-    the others (a word no training caption has)."""
-    summary, settings, data = report["summary"], report["settings"], report["data"]
+def _known_words_row(report: dict, what: str, seeds: str, recipe: str, source: str) -> str:
+    """Text->image R@10 (`what` names it) of each contender on the test captions whose words all occur in training
+    captions, and on the others (a word no training caption has)."""
+    summary, data = report["summary"], report["data"]
     known, total = data["test_captions_with_known_words"], data["splits"]["test"]["num_images"]
-    what = (
-        f"CLIP on real data (Tux Paint stamps, {settings['steps']} steps of {settings['batch_size']}), text→image "
-        f"R@10 on the {known} test captions whose every word is in a training caption / the {total - known} with "
-        f"a new word: clipcond ({recipe}) vs transformers / open_clip loops"
+    what += (
+        f" on the {known} test captions whose every word is in a training caption / the {total - known} with a new "
+        f"word: clipcond ({recipe}) vs transformers / open_clip loops"
     )
     figure = " vs ".join(
         f"{_pct(summary[c]['text_to_image_R@10_known_words']['mean'])} / "

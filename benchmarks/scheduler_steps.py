@@ -187,18 +187,17 @@ def over_seeds(per_seed: dict[int, dict], reference: str) -> dict:
     its 95% interval (`pooled`); `within_3_points` when every figure's gap holds."""
     from clipcond.evaluation.stats import difference_interval, gain_holds
 
-    runs = per_seed.values()
-    names = [name for name in next(iter(runs))["samplers"] if name != reference]
+    images = {seed: r["seen_images_per_sampler"] for seed, r in per_seed.items()}  # per sampler, on each decoder
+    n, total = {seed: (count, count) for seed, count in images.items()}, sum(images.values())
+    names = [name for name in next(iter(per_seed.values()))["samplers"] if name != reference]
     compared = {}
     for name in names:
         figures = {}
         for key in FIGURES[:3]:  # seen compositions
             ours = {seed: r["samplers"][name][key] for seed, r in per_seed.items()}
             theirs = {seed: r["samplers"][reference][key] for seed, r in per_seed.items()}
-            n = {seed: (r["seen_images_per_sampler"],) * 2 for seed, r in per_seed.items()}
-            total = sum(r["seen_images_per_sampler"] for r in runs)
             pooled_ours, pooled_theirs = (
-                sum(values[seed] * n[seed][0] for seed in values) / total for values in (ours, theirs)
+                sum(values[seed] * images[seed] for seed in values) / total for values in (ours, theirs)
             )
             low, high = difference_interval(pooled_ours, total, pooled_theirs, total)
             pooled = {

@@ -89,7 +89,12 @@ def retrieval_recall(
     """Recall@k both ways for N paired images and texts, whose features are compared by cosine (the arguments and
     errors of `retrieval_hits`): `{"image_to_text_R@k": float, ..., "text_to_image_R@k": float, ...}` in [0, 1]."""
     hits = retrieval_hits(image_features, text_features, captions, ks, chunk_size)
-    return {key: int(hit.sum()) / len(hit) for key, hit in hits.items()}
+    return {key: recall(hit) for key, hit in hits.items()}
+
+
+def recall(hits: torch.Tensor) -> float:
+    """The share of queries that are hits: one entry of `retrieval_hits`, or a subset of it."""
+    return int(hits.sum()) / len(hits)
 
 
 def _hits_at_k(
