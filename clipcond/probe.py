@@ -21,7 +21,7 @@ from pathlib import Path
 from clipcond.evaluation.arguments import check_at_least
 from clipcond.finite import finite_float
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES
-from clipcond.pipelines.inputs import DEFAULT_PRIOR_GUIDANCE_SCALE, DEFAULT_PRIOR_INFERENCE_STEPS
+from clipcond.sampling_options import add_prior_sampling_args
 from clipcond.storage import check_output_dir
 
 DEFAULT_NUM_PAIRS = 100
@@ -59,18 +59,7 @@ def _add_generator_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SAMPLER,
         help=f"the decoders' sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
     )
-    parser.add_argument(
-        "--prior-guidance-scale",
-        type=finite_float,
-        default=DEFAULT_PRIOR_GUIDANCE_SCALE,
-        help=f"prior guidance (default {DEFAULT_PRIOR_GUIDANCE_SCALE:g})",
-    )
-    parser.add_argument(
-        "--prior-num-inference-steps",
-        type=int,
-        default=DEFAULT_PRIOR_INFERENCE_STEPS,
-        help=f"prior steps (default {DEFAULT_PRIOR_INFERENCE_STEPS})",
-    )
+    add_prior_sampling_args(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
 
 

@@ -76,6 +76,23 @@ def decoder_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def add_prior_sampling_args(parser) -> None:
+    """How a prior samples: `--prior-guidance-scale` and `--prior-num-inference-steps` (a parser or an argument
+    group)."""
+    parser.add_argument(
+        "--prior-guidance-scale",
+        type=finite_float,
+        default=DEFAULT_PRIOR_GUIDANCE_SCALE,
+        help=f"the prior's classifier-free guidance (default {DEFAULT_PRIOR_GUIDANCE_SCALE})",
+    )
+    parser.add_argument(
+        "--prior-num-inference-steps",
+        type=int,
+        default=DEFAULT_PRIOR_INFERENCE_STEPS,
+        help=f"the prior's denoising steps (default {DEFAULT_PRIOR_INFERENCE_STEPS})",
+    )
+
+
 def add_prior_args(parser: argparse.ArgumentParser) -> None:
     """The options of the DALL-E 2 path (a prior before an image-embedding decoder): `generate`, `interpolate`."""
     unclip = parser.add_argument_group("DALL-E 2: text -> prior -> CLIP image embedding -> decoder")
@@ -84,18 +101,7 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="prior run folder (`clipcond train prior`), when --model is an image-embedding decoder run",
     )
-    unclip.add_argument(
-        "--prior-guidance-scale",
-        type=finite_float,
-        default=DEFAULT_PRIOR_GUIDANCE_SCALE,
-        help=f"the prior's classifier-free guidance (default {DEFAULT_PRIOR_GUIDANCE_SCALE})",
-    )
-    unclip.add_argument(
-        "--prior-num-inference-steps",
-        type=int,
-        default=DEFAULT_PRIOR_INFERENCE_STEPS,
-        help=f"the prior's denoising steps (default {DEFAULT_PRIOR_INFERENCE_STEPS})",
-    )
+    add_prior_sampling_args(unclip)
     unclip.add_argument(
         "--noise-level",
         type=int,
