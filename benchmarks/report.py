@@ -651,10 +651,14 @@ def captioner_rows(report: dict) -> list[str]:
         return _mark(not failed) + (f" ({'; '.join(failed)})" if failed else "")
 
     rows = []
-    for text, label in (
-        ("caption", "greedy captions"),
-        ("description", "detailed descriptions (`caption --detailed`)"),
-    ):
+    texts = {
+        "caption": "greedy captions",
+        "best_of": f"the best of {first.get('best_of_candidates')} candidates (`clipcond caption`'s default)",
+        "description": "detailed descriptions (`caption --detailed`)",
+    }
+    for text, label in texts.items():
+        if text not in first:  # results written before the best-of captions
+            continue
         what = f"captioner (`{first['model']}` LM), one-object test images, {label}: {' / '.join(fields)}"
         rows.append(_row(what, figures(text, "all"), seeds, bar, verdict(text), source))
         n = first[text]["heldout"][fields[0]]["n"]

@@ -13,8 +13,9 @@ import sys
 from clipcond.finite import finite_float
 
 
-def add_captioner_args(parser: argparse.ArgumentParser) -> None:
-    """`--model`, the decoding options, `--seed`, `--device` and `--json`."""
+def add_captioner_args(parser: argparse.ArgumentParser, best_of: int = 1) -> None:
+    """`--model`, the decoding options (`--best-of` defaults to `best_of` without `--do-sample`), `--seed`, `--device`
+    and `--json`."""
     parser.add_argument(
         "--model", required=True, metavar="CAP", help="captioner run folder (clipcond train captioner)"
     )
@@ -22,7 +23,21 @@ def add_captioner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--do-sample", action="store_true", help="sample each token at --temperature instead of taking the likeliest"
     )
-    parser.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default 1)")
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"write N candidates per image (the greedy text and N - 1 sampled at --temperature) and keep the one "
+        f"with the highest log-probability per token (default {best_of}; 1 is greedy decoding; with --do-sample 1)",
+    )
+    parser.set_defaults(best_of_without_sampling=best_of)
+    parser.add_argument(
+        "--temperature",
+        type=finite_float,
+        default=1.0,
+        help="sampling temperature, of --do-sample and --best-of (default 1)",
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="texts per image with --do-sample (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -30,10 +45,17 @@ def add_captioner_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_captioner_args(args: argparse.Namespace) -> None:
-    for name in ("max_new_tokens", "num_samples"):
+    """Reject bad values, naming the flag; resolve `--best-of`'s default."""
+    if args.best_of is None:
+        args.best_of = 1 if args.do_sample else args.best_of_without_sampling
+    elif args.do_sample and args.best_of > 1:
+        raise ValueError(
+            f"`--best-of {args.best_of}` keeps one text of several, `--do-sample` prints each sample: drop one of them"
+        )
+    for name in ("max_new_tokens", "num_samples", "best_of"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
-    if args.do_sample and not args.temperature > 0:
+    if (args.do_sample or args.best_of > 1) and not args.temperature > 0:
         raise ValueError(f"`--temperature` must be > 0, got {args.temperature}")
     if args.num_samples > 1 and not args.do_sample:
         raise ValueError(f"`--num-samples {args.num_samples}` needs --do-sample (greedy decoding gives one text)")
@@ -58,16 +80,17 @@ def describe_images(args: argparse.Namespace, paths: list[str], question: str | 
     captioner = Captioner.from_pretrained(args.model).to(resolve_device(args.device))
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     records = []
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "generator": generator,
+        "max_new_tokens_name": "--max-new-tokens",
+    }
     for sample in range(args.num_samples):
-        texts = captioner.generate(
-            images,
-            question,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            generator=generator,
-            max_new_tokens_name="--max-new-tokens",
-        )
+        if args.best_of > 1:
+            texts = captioner.generate_best_of(images, question, best_of=args.best_of, **options)
+        else:
+            texts = captioner.generate(images, question, do_sample=args.do_sample, **options)
         for path, text in zip(paths, texts, strict=True):
             record = {"image": path, "sample": sample, "text": text}
             if question is not None:

@@ -364,15 +364,21 @@ def _unclip_seed_run(variation_shape, cosines=(0.9, 0.87, 0.01)):
 
 def _captioner_seed_run(seed, colour, wall=500.0, n=1008):
     """A captioner_quality result of one seed: captions right in `colour` of the images for colour, 95% for shape
-    and count, 30% for position (greedy captions seldom name it); descriptions right in 95% for every field."""
+    and count, 30% for position (greedy captions seldom name it); the best of 8 right in 95% but 90% for position;
+    descriptions right in 95% for every field."""
     import captioner_quality
 
     def fields(values):
         return {f: {"accuracy": v, "n": n} for f, v in zip(captioner_quality.BARS, values, strict=True)}
 
-    groups = {"caption": fields([colour, 0.95, 0.95, 0.3]), "description": fields([0.95] * 4)}
+    groups = {
+        "caption": fields([colour, 0.95, 0.95, 0.3]),
+        "best_of": fields([0.95, 0.95, 0.95, 0.9]),
+        "description": fields([0.95] * 4),
+    }
     return {
         **{text: {"all": f, "heldout": f} for text, f in groups.items()},
+        "best_of_candidates": 8,
         "questions": {"count": {"accuracy": 1.0}},
         "bar": captioner_quality.BARS,
         "time_bar_seconds": captioner_quality.TIME_BAR_SECONDS,
@@ -404,6 +410,8 @@ def test_captioner_quality_bars_over_seeds_name_the_seed_below():
     caption = next(row for row in rows if "greedy captions" in row)
     assert "**92.3% / 95.0% / 95.0% / 30.0%** (means); seed 0: 95.0% / 95.0% / 95.0% / 30.0%;" in caption
     assert "| 0/1/2 |" in caption and "✗ (colour, below: seed 2; position, below: seeds 0, 1, 2)" in caption
+    best_of = next(row for row in rows if "the best of 8 candidates (`clipcond caption`'s default)" in row)
+    assert "**95.0% / 95.0% / 95.0% / 90.0%** (means)" in best_of and "| ✓ |" in best_of
     assert "| 610 s (500 / 610 / 500 s) |" in rows[-1] and rows[-1].rstrip().endswith(
         "✗ | `captioner_quality.json` (commit not recorded) |"
     )

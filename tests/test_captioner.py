@@ -147,6 +147,44 @@ def test_generate_sampled_follows_the_generator(captioner, shapes_data):
         captioner.generate(images, do_sample=True, temperature=0.0)
 
 
+def test_log_likelihood_is_the_training_loss_summed_over_the_text(captioner, shapes_data):
+    """Per row, the summed log-probability of the text and its <eos> is minus the training loss (a mean over the
+    same tokens) times their number, with prompts and texts of different lengths in one batch."""
+    images = _images(shapes_data)
+    texts, prompts = ["a red circle", "two", "a small blue square at the top"], [None, "how many?", None]
+    total, count = captioner.log_likelihood(texts, images, prompts)
+    patches, embeds = captioner.image_tokens(images)
+    model = CaptionerModel(captioner.projector, captioner.lm)
+    for i, (text, prompt) in enumerate(zip(texts, prompts, strict=True)):
+        target = target_ids(captioner.tokenizer, text)
+        batch = text_batch([prompt_ids(captioner.tokenizer, prompt)], [target], captioner.tokenizer.pad_token_id)
+        loss = model(patches[i : i + 1], embeds[i : i + 1], **batch)
+        assert count[i] == len(target)
+        torch.testing.assert_close(total[i], -loss * len(target))
+    with pytest.raises(ValueError, match="`texts` has 2 entries for 3 images"):
+        captioner.log_likelihood(texts[:2], images)
+
+
+def test_best_of_keeps_the_candidate_likeliest_per_token(captioner, shapes_data):
+    """The greedy text and `best_of` - 1 samples from the generator; per image the one of highest log-probability
+    per token; `best_of=1` is greedy decoding."""
+    torch.manual_seed(0)  # weights far from the near-zero init, so that candidates differ in length and likelihood
+    config = LlamaConfig.from_dict({**captioner.lm.config.to_dict(), "initializer_range": 0.5})
+    captioner = dataclasses.replace(captioner, lm=LlamaForCausalLM(config).eval())
+    images = _images(shapes_data, 4)
+    best = captioner.generate_best_of(images, best_of=4, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+
+    generator = torch.Generator().manual_seed(3)
+    candidates = [captioner.generate(images, max_new_tokens=6)]
+    candidates += [captioner.generate(images, do_sample=True, max_new_tokens=6, generator=generator) for _ in "abc"]
+    per_token = torch.stack([torch.div(*captioner.log_likelihood(texts, images)) for texts in candidates])
+    assert best == [candidates[k][row] for row, k in enumerate(per_token.argmax(dim=0).tolist())]
+    assert any(best[row] != candidates[0][row] for row in range(4))  # a sample beat the greedy text somewhere
+    assert captioner.generate_best_of(images, best_of=1, max_new_tokens=6) == candidates[0]
+    with pytest.raises(ValueError, match="`best_of` must be >= 1, got 0"):
+        captioner.generate_best_of(images, best_of=0)
+
+
 def test_saved_folder_round_trips_and_lm_loads_with_stock_transformers(captioner, shapes_data, tmp_path):
     captioner.save_pretrained(tmp_path)
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")

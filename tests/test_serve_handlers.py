@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipcond import cli
@@ -18,6 +19,7 @@ from clipcond.app.checks import MAX_UPLOAD_BYTES, RequestError
 from clipcond.app.handlers import DALLE2, STABLE_DIFFUSION
 from clipcond.app.runs import RunPaths, ServedRuns, paths_from_flags
 from clipcond.lineage import content_hash
+from clipcond.models.captioner import CAPTION_BEST_OF
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -257,8 +259,9 @@ def test_search_by_text_or_by_image(served, shapes_data):
 def test_caption_answers_and_refuses_bad_input(served, shapes_data, broken_file):
     image = sample_files(shapes_data, 1)[0]
     pil = Image.open(image).convert("RGB")
-    greedy = served.captioner.generate([pil], None, max_new_tokens=8)[0]
-    assert handlers.caption(served, image=image, max_new_tokens=8) == greedy  # what `clipcond caption` writes
+    generator = torch.Generator().manual_seed(0)
+    best = served.captioner.generate_best_of([pil], best_of=CAPTION_BEST_OF, max_new_tokens=8, generator=generator)
+    assert handlers.caption(served, image=image, max_new_tokens=8) == best[0]  # what `clipcond caption` writes
     question = "what shape is it?"
     answer = served.captioner.generate([pil], question, max_new_tokens=4)[0]
     assert handlers.caption(served, image=image, question=f" {question} ", max_new_tokens=4) == answer  # `ask`

@@ -324,10 +324,13 @@ def caption(
     max_new_tokens=CAPTION_TOKENS,
 ) -> str:
     """The captioner's caption of the image file, or its answer to `question` when one is asked (as `clipcond
-    caption` and `clipcond ask` write them)."""
+    caption` and `clipcond ask` write them by default: a caption is the best of `CAPTION_BEST_OF` candidates unless
+    sampled, an answer greedy)."""
     import math
 
     import torch
+
+    from clipcond.models.captioner import CAPTION_BEST_OF
 
     if runs.captioner is None:
         raise RequestError("no captioner is served: start with `--captioner CAP`")
@@ -339,15 +342,17 @@ def caption(
     with runs.lock:
         generator = torch.Generator(device=runs.captioner.device).manual_seed(seed)
         try:
-            texts = runs.captioner.generate(
-                [pil],
-                (question or "").strip() or None,
-                max_new_tokens=max_new_tokens,
-                do_sample=bool(do_sample),
-                temperature=float(temperature or 1.0),
-                generator=generator,
-                max_new_tokens_name="max new tokens",
-            )
+            prompt = (question or "").strip() or None
+            options = {
+                "max_new_tokens": max_new_tokens,
+                "temperature": float(temperature or 1.0),
+                "generator": generator,
+                "max_new_tokens_name": "max new tokens",
+            }
+            if prompt is None and not do_sample:
+                texts = runs.captioner.generate_best_of([pil], best_of=CAPTION_BEST_OF, **options)
+            else:
+                texts = runs.captioner.generate([pil], prompt, do_sample=bool(do_sample), **options)
         except ValueError as err:  # more tokens than the language model has positions for
             raise RequestError(str(err)) from None
     return texts[0]

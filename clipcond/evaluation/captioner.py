@@ -2,9 +2,10 @@
 
     clipcond eval captioner --model runs/cap --data shapes/
 
-On the one-object images of the split, the greedy caption is read for its colour, shape, count and position words
-by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the colour
-before it and counts a plural, or "two", as two objects); a field is right when the caption names the true value and
+On the one-object images of the split, the greedy caption (and the best of `--best-of` candidates, the caption
+`clipcond caption` writes by default: `Captioner.generate_best_of`) is read for its colour, shape, count and position
+words by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the
+colour before it and counts a plural, or "two", as two objects); a field is right when the caption names the true value and
 no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no position gets its
 position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`), beside chance (one
 over the number of values), for the images of compositions seen in training and the held-out ones separately. A
@@ -29,6 +30,7 @@ from clipcond.device import resolve_device
 from clipcond.evaluation.arguments import add_output_arguments, check_at_least, eval_parser
 from clipcond.evaluation.probes import CaptionFields, read_caption
 from clipcond.evaluation.stats import wilson_interval
+from clipcond.models.captioner import CAPTION_BEST_OF
 from clipcond.storage import check_output_dir, write_json_atomic
 
 CAPTION_FIELDS = ("colour", "shape", "count", "position")
@@ -62,9 +64,12 @@ def evaluate_captioner(
     max_images: int | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 32,
+    best_of: int = CAPTION_BEST_OF,
 ) -> dict:
     """The figures of the module docstring for `dataset` (an `ImageCaptionDataset` of the shapes data at the
-    captioner's resolution, whose `records` hold the metadata) and the data set's `info` (dataset_info.json)."""
+    captioner's resolution, whose `records` hold the metadata) and the data set's `info` (dataset_info.json);
+    `best_of` > 1 also scores the best of that many candidates per image (`Captioner.generate_best_of`, sampled from
+    a generator of seed 0)."""
     records = dataset.records
     singles = [i for i, r in enumerate(records) if r.get("kind") == "single"][:max_images]
     if not singles:
@@ -78,9 +83,18 @@ def evaluate_captioner(
         "position": 1 / len(info["positions"]),
     }
     result = {"num_images": len(singles), "chance": chance}
-    texts = {"caption": None, "description": DESCRIBE} if questions else {"caption": None}
-    for name, prompt in texts.items():
-        result[name] = _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens)
+    generator = torch.Generator(device=captioner.device).manual_seed(0)
+    writers = {"caption": lambda pixels: captioner.generate(pixels, max_new_tokens=max_new_tokens)}
+    if best_of > 1:
+        writers["best_of"] = lambda pixels: captioner.generate_best_of(
+            pixels, best_of=best_of, max_new_tokens=max_new_tokens, generator=generator
+        )
+    if questions:
+        writers["description"] = lambda pixels: captioner.generate(pixels, DESCRIBE, max_new_tokens=max_new_tokens)
+    for name, write in writers.items():
+        result[name] = _score_texts(write, dataset, singles, batch_size)
+    if best_of > 1:
+        result["best_of"]["candidates"] = best_of
 
     # 2. answers to every question of every image
     if questions:
@@ -104,15 +118,16 @@ def _pixels(dataset, indices: list[int]) -> torch.Tensor:
     return torch.stack([dataset[i]["pixel_values"] for i in indices])  # (B, 3, S, S) uint8
 
 
-def _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens) -> dict:
-    """Per field, the share of one-object images whose text (a caption, or the answer to `prompt`) names the true
-    value and no other: for seen and held-out compositions and all; the share that names a position; examples."""
+def _score_texts(write, dataset, singles, batch_size) -> dict:
+    """Per field, the share of one-object images whose text (`write(pixels)` of a batch: captions, or answers)
+    names the true value and no other: for seen and held-out compositions and all; the share that names a position;
+    examples."""
     records = dataset.records
     hits = {group: defaultdict(int) for group in ("seen", "heldout")}
     counts, examples, names_position = defaultdict(int), [], 0
     for start in range(0, len(singles), batch_size):
         chunk = singles[start : start + batch_size]
-        texts = captioner.generate(_pixels(dataset, chunk), prompt, max_new_tokens=max_new_tokens)
+        texts = write(_pixels(dataset, chunk))
         for i, text in zip(chunk, texts, strict=True):
             group = "heldout" if records[i].get("heldout") else "seen"
             counts[group] += 1
@@ -135,9 +150,10 @@ def _score_texts(captioner, dataset, singles, prompt, batch_size, max_new_tokens
 def flat_figures(result: dict) -> dict[str, float]:
     """The headline numbers as flat scalars (for training logs): caption (and description) accuracy per field over
     all one-object images, and question accuracy per type."""
-    figures = {f"caption_{f}": result["caption"]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
-    if "description" in result:
-        figures |= {f"description_{f}": result["description"]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
+    figures = {}
+    for text in ("caption", "best_of", "description"):
+        if text in result:
+            figures |= {f"{text}_{f}": result[text]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
     for kind, value in result.get("questions", {}).items():
         figures[f"qa_{kind}"] = value["accuracy"]
     return figures
@@ -158,9 +174,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=None, help="first N images of the split (default all)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per generation call (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest caption in tokens (default 32)")
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=CAPTION_BEST_OF,
+        metavar="N",
+        help="also score the captions `clipcond caption --best-of N` writes, the best of N candidates per image "
+        f"(default {CAPTION_BEST_OF}, its default; 1 skips them)",
+    )
     add_output_arguments(parser, output_dir="where captioner.json goes (default MODEL/eval)")
     args = parser.parse_args(argv)
-    check_at_least(args, 1, "batch_size", "max_new_tokens")
+    check_at_least(args, 1, "batch_size", "max_new_tokens", "best_of")
     if args.max_images is not None:
         check_at_least(args, 1, "max_images")
     return args
@@ -201,16 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        best_of=args.best_of,
     )
     result = {"model": str(args.model), "data": str(args.data), "split": args.split, **result}
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "captioner.json", result)
     print(json.dumps({"num_images": result["num_images"], **flat_figures(result)}))
-    for name in ("caption", "description"):
+    labels = {"caption": "greedy captions", "best_of": f"best of {args.best_of}", "description": "descriptions"}
+    for name, label in labels.items():
         for group in ("seen", "heldout") if name in result else ():
             figures = result[name][group]
             line = ", ".join(f"{f} {_percent(figures[f])}" for f in CAPTION_FIELDS)
-            print(f"{name}s, {group} compositions ({figures['colour']['n']} images): {line}")
+            print(f"{label}, {group} compositions ({figures['colour']['n']} images): {line}")
     if "questions" in result:
         print("answers: " + ", ".join(f"{k} {_percent(v)}" for k, v in result["questions"].items()))
     return 0

@@ -35,6 +35,7 @@ from clipcond.vision_tokens import DEFAULT_SELECT_LAYER, vision_tokens
 
 LM_FOLDER, PROJECTOR_FOLDER, VISION_FOLDER = "lm", "projector", "vision_encoder"
 IGNORE_INDEX = -100  # transformers' cross-entropy skips these labels
+CAPTION_BEST_OF = 8  # candidates per image of a caption (`Captioner.generate_best_of`), unless the user asks otherwise
 
 
 def lm_presets() -> dict[str, dict]:
@@ -348,3 +349,81 @@ class Captioner:
                 row = row[: row.index(self.tokenizer.eos_token_id)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        texts: list[str],
+        images=None,
+        prompt: str | list[str | None] | None = None,
+        *,
+        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How likely the model finds each text for its image (one text per image, after `prompt` as in `generate`):
+        the summed log-probability of the text's tokens and its <eos> (B,), and the number of those tokens (B,)."""
+        patches, embeds = self.image_tokens(images) if image_tokens is None else image_tokens
+        if len(texts) != patches.shape[0]:
+            raise ValueError(f"`texts` has {len(texts)} entries for {patches.shape[0]} images")
+        prompts = prompt if isinstance(prompt, list) else [prompt] * len(texts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch = text_batch(
+            [prompt_ids(self.tokenizer, p) for p in prompts],
+            [target_ids(self.tokenizer, t) for t in texts],
+            pad,
+            self.device,
+        )
+        model = CaptionerModel(self.projector, self.lm)
+        embeds_in, mask = model.inputs(
+            patches.to(self.device), embeds.to(self.device), batch["input_ids"], batch["attention_mask"]
+        )
+        logits = self.lm(inputs_embeds=embeds_in, attention_mask=mask).logits.float()
+        logits = logits[:, patches.shape[1] : -1]  # (B, T, V): the last image token predicts the first text token
+        labels = batch["labels"]
+        labelled = labels != IGNORE_INDEX
+        token_log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (token_log_probs * labelled).sum(dim=1), labelled.sum(dim=1)
+
+    @torch.no_grad()
+    def generate_best_of(
+        self,
+        images=None,
+        prompt: str | list[str | None] | None = None,
+        *,
+        best_of: int,
+        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        max_new_tokens_name: str = "max_new_tokens",
+    ) -> list[str]:
+        """Of `best_of` candidate texts per image (the greedy one, and `best_of` - 1 sampled at `temperature` from
+        `generator`), the one whose tokens the model finds likeliest on average: the highest log-probability per
+        token, as the `best_of` option of OpenAI's completions ranks them.
+
+        The greedy text maximises no sequence score, and the likeliest whole text is the shortest one: each word
+        more multiplies in a probability below one, so a caption that names every field loses to one that stops
+        early (the length bias of beam search; Wu et al. 2016, "Google's Neural Machine Translation System", and
+        Murray & Chiang 2018, "Correcting Length Bias in Neural Machine Translation", normalise by length for
+        it). `best_of=1` is greedy decoding."""
+        if best_of < 1:
+            raise ValueError(f"`best_of` must be >= 1, got {best_of}")
+        tokens = self.image_tokens(images) if image_tokens is None else image_tokens
+        options = {
+            "image_tokens": tokens,
+            "max_new_tokens": max_new_tokens,
+            "max_new_tokens_name": max_new_tokens_name,
+        }
+        candidates = [self.generate(prompt=prompt, **options)]
+        for _ in range(best_of - 1):
+            sampled = self.generate(
+                prompt=prompt, do_sample=True, temperature=temperature, generator=generator, **options
+            )
+            candidates.append(sampled)
+        if best_of == 1:
+            return candidates[0]
+        per_token = []
+        for texts in candidates:
+            total, count = self.log_likelihood(texts, prompt=prompt, image_tokens=tokens)
+            per_token.append(total / count)
+        best = torch.stack(per_token).argmax(dim=0).tolist()  # the first of equals: the greedy text on a tie
+        return [candidates[k][row] for row, k in enumerate(best)]

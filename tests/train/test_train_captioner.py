@@ -22,7 +22,7 @@ from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 from clipcond.evaluation import captioner as eval_captioner
 from clipcond.evaluation.captioner import evaluate_captioner, score_caption
 from clipcond.evaluation.probes import read_caption
-from clipcond.models.captioner import Captioner, CaptionerModel, VisionProjector, text_batch
+from clipcond.models.captioner import CAPTION_BEST_OF, Captioner, CaptionerModel, VisionProjector, text_batch
 from clipcond.train.captioner import drop_words, main, unknown_token_id
 
 FAST_ARGS = ["--model", "test", "--train-batch-size", "16", "--lr-warmup-steps", "1", "--seed", "0"]
@@ -186,11 +186,23 @@ def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
     dataset = _train_singles(few_shapes)
     single = next(i for i, r in enumerate(dataset.records) if r["kind"] == "single")
     image = str(dataset.image_paths[single])
+    pixels = [dataset[single]["pixel_values"]]
+    captioner = Captioner.from_pretrained(learned_run)
     assert caption.main(["--model", str(learned_run), image]) == 0
     path, text = capsys.readouterr().out.strip().split("\t")
-    assert path == image
-    assert text == Captioner.from_pretrained(learned_run).generate([dataset[single]["pixel_values"]])[0]
+    assert path == image  # the default: the best of CAPTION_BEST_OF, drawn from a generator of seed 0 (`--seed`)
+    best = captioner.generate_best_of(pixels, best_of=CAPTION_BEST_OF, generator=torch.Generator().manual_seed(0))
+    assert text == best[0]
     assert read_caption(text).objects  # names a shape: a caption, not noise
+    caption.main(["--model", str(learned_run), image, "--best-of", "1"])
+    assert capsys.readouterr().out.strip().split("\t")[1] == captioner.generate(pixels)[0]
+    for flags, message in (
+        (["--best-of", "3", "--do-sample"], "`--best-of 3` keeps one text of several, `--do-sample` prints each"),
+        (["--best-of", "0"], "`--best-of` must be >= 1, got 0"),
+        (["--temperature", "0"], "`--temperature` must be > 0, got 0.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            caption.main(["--model", str(learned_run), image, *flags])
 
     sampled = ["--model", str(learned_run), image, "--do-sample", "--num-samples", "3", "--seed", "1", "--json"]
     caption.main(sampled)
@@ -212,11 +224,16 @@ def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
 def test_eval_captioner_command(learned_run, shapes_data, tmp_path, capsys):
     eval_captioner.main(["--model", str(learned_run), "--data", str(shapes_data), "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "captioner.json").read_text())
-    for name in ("caption", "description"):
-        assert {"seen", "heldout", "all", "names_position", "examples"} == set(result[name])
+    for name in ("caption", "best_of", "description"):
+        assert {"seen", "heldout", "all", "names_position", "examples"} <= set(result[name])
         assert result[name]["heldout"]["colour"]["n"] + result[name]["seen"]["colour"]["n"] == 18
+    assert result["best_of"]["candidates"] == CAPTION_BEST_OF
     assert set(result["questions"]) == {"count", "colour", "shape", "position", "describe"}
-    assert "heldout compositions" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "greedy captions, heldout compositions" in out and f"best of {CAPTION_BEST_OF}, seen compositions" in out
+    argv = ["--model", str(learned_run), "--data", str(shapes_data), "--output-dir", str(tmp_path / "greedy")]
+    eval_captioner.main([*argv, "--best-of", "1"])
+    assert "best_of" not in json.loads((tmp_path / "greedy" / "captioner.json").read_text())
 
 
 def test_eval_captioner_refuses_other_data(captioner_run, tmp_path):
