@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_captioner_args(parser, best_of=CAPTION_BEST_OF)
     args = parser.parse_args(argv)
+    if args.detailed:  # a description names every field already: greedy, as `eval captioner` scores it
+        args.best_of_without_sampling = 1
     check_captioner_args(args)
     return args
 

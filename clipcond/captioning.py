@@ -56,9 +56,12 @@ def check_captioner_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     if (args.do_sample or args.best_of > 1) and not args.temperature > 0:
-        raise ValueError(f"`--temperature` must be > 0, got {args.temperature}")
+        raise ValueError(
+            f"`--temperature` must be > 0 (--do-sample and the candidates of --best-of sample at it), "
+            f"got {args.temperature}"
+        )
     if args.num_samples > 1 and not args.do_sample:
-        raise ValueError(f"`--num-samples {args.num_samples}` needs --do-sample (greedy decoding gives one text)")
+        raise ValueError(f"`--num-samples {args.num_samples}` needs --do-sample (without it each image gets one text)")
 
 
 def describe_images(args: argparse.Namespace, paths: list[str], question: str | None = None) -> list[dict]:

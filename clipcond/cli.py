@@ -72,7 +72,9 @@ COMMANDS: dict = {
     "probe": Command(
         "clipcond.probe", "compositional probes: CLIP minimal pairs, generators' prompts judged, against chance"
     ),
-    "caption": Command("clipcond.caption", "captions of images with a captioner run (greedy or sampled)"),
+    "caption": Command(
+        "clipcond.caption", "captions of images with a captioner run (the best of 8 candidates, or sampled)"
+    ),
     "ask": Command("clipcond.ask", "a captioner's answer to a question about images"),
     "index": Command("clipcond.build_index", "embed a folder of images with a CLIP into a search index (incremental)"),
     "search": Command("clipcond.search", "top-k images of an index for a text query or an image"),

@@ -119,9 +119,7 @@ def _uncached_greedy(captioner, images, prompt, steps):
 def test_generate_greedy_is_the_argmax_of_the_uncached_forward(captioner, shapes_data):
     """The cached, left-padded decoding writes what step-by-step full forwards would (batched, with prompts of
     different lengths)."""
-    torch.manual_seed(0)  # weights far from the near-zero init, so that positions and earlier tokens matter
-    config = LlamaConfig.from_dict({**captioner.lm.config.to_dict(), "initializer_range": 0.5})
-    captioner = dataclasses.replace(captioner, lm=LlamaForCausalLM(config).eval())
+    captioner = _spread_out(captioner)
     images = _images(shapes_data)
     prompts = [None, "what shape is it?", "how many objects are there?"]
     texts = captioner.generate(images, prompts, max_new_tokens=5)
@@ -147,42 +145,52 @@ def test_generate_sampled_follows_the_generator(captioner, shapes_data):
         captioner.generate(images, do_sample=True, temperature=0.0)
 
 
-def test_log_likelihood_is_the_training_loss_summed_over_the_text(captioner, shapes_data):
-    """Per row, the summed log-probability of the text and its <eos> is minus the training loss (a mean over the
-    same tokens) times their number, with prompts and texts of different lengths in one batch."""
-    images = _images(shapes_data)
-    texts, prompts = ["a red circle", "two", "a small blue square at the top"], [None, "how many?", None]
-    total, count = captioner.log_likelihood(texts, images, prompts)
-    patches, embeds = captioner.image_tokens(images)
+def _spread_out(captioner):
+    """The captioner with a language model of weights far from the near-zero init, so that positions, images and
+    earlier tokens matter."""
+    torch.manual_seed(0)
+    config = LlamaConfig.from_dict({**captioner.lm.config.to_dict(), "initializer_range": 0.5})
+    return dataclasses.replace(captioner, lm=LlamaForCausalLM(config).eval())
+
+
+def test_generate_scored_is_the_mean_log_probability_of_the_uncached_forward(captioner, shapes_data):
+    """Per image, the mean log-probability of the tokens written up to and with <eos> (or of all of them when cut
+    off), each read off a full forward over the image and all the text before it."""
+    captioner = _spread_out(captioner)
+    images, tok = _images(shapes_data), captioner.tokenizer
+    texts, scores = captioner.generate_scored(images, max_new_tokens=5)
     model = CaptionerModel(captioner.projector, captioner.lm)
-    for i, (text, prompt) in enumerate(zip(texts, prompts, strict=True)):
-        target = target_ids(captioner.tokenizer, text)
-        batch = text_batch([prompt_ids(captioner.tokenizer, prompt)], [target], captioner.tokenizer.pad_token_id)
-        loss = model(patches[i : i + 1], embeds[i : i + 1], **batch)
-        assert count[i] == len(target)
-        torch.testing.assert_close(total[i], -loss * len(target))
-    with pytest.raises(ValueError, match="`texts` has 2 entries for 3 images"):
-        captioner.log_likelihood(texts[:2], images)
+    patches, embeds = captioner.image_tokens(images)
+    for i in range(3):
+        tokens = _uncached_greedy(captioner, images[i : i + 1], None, 5)
+        input_ids = torch.tensor([prompt_ids(tok, None) + tokens])
+        inputs, mask = model.inputs(patches[i : i + 1], embeds[i : i + 1], input_ids, torch.ones_like(input_ids))
+        logits = captioner.lm(inputs_embeds=inputs, attention_mask=mask).logits[0, -len(tokens) - 1 : -1]
+        expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens)[:, None]).mean()
+        torch.testing.assert_close(scores[i], expected, atol=1e-4, rtol=1e-4)
+    assert texts == captioner.generate(images, max_new_tokens=5)
 
 
 def test_best_of_keeps_the_candidate_likeliest_per_token(captioner, shapes_data):
     """The greedy text and `best_of` - 1 samples from the generator; per image the one of highest log-probability
     per token; `best_of=1` is greedy decoding."""
-    torch.manual_seed(0)  # weights far from the near-zero init, so that candidates differ in length and likelihood
-    config = LlamaConfig.from_dict({**captioner.lm.config.to_dict(), "initializer_range": 0.5})
-    captioner = dataclasses.replace(captioner, lm=LlamaForCausalLM(config).eval())
+    captioner = _spread_out(captioner)
     images = _images(shapes_data, 4)
-    best = captioner.generate_best_of(images, best_of=4, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+    options = {"max_new_tokens": 6, "temperature": 0.7}
+    best = captioner.generate_best_of(images, best_of=8, generator=torch.Generator().manual_seed(0), **options)
 
-    generator = torch.Generator().manual_seed(3)
-    candidates = [captioner.generate(images, max_new_tokens=6)]
-    candidates += [captioner.generate(images, do_sample=True, max_new_tokens=6, generator=generator) for _ in "abc"]
-    per_token = torch.stack([torch.div(*captioner.log_likelihood(texts, images)) for texts in candidates])
-    assert best == [candidates[k][row] for row, k in enumerate(per_token.argmax(dim=0).tolist())]
-    assert any(best[row] != candidates[0][row] for row in range(4))  # a sample beat the greedy text somewhere
-    assert captioner.generate_best_of(images, best_of=1, max_new_tokens=6) == candidates[0]
+    generator = torch.Generator().manual_seed(0)
+    candidates = [captioner.generate_scored(images, max_new_tokens=6)]
+    for _ in range(7):
+        candidates.append(captioner.generate_scored(images, do_sample=True, generator=generator, **options))
+    scores = torch.stack([per_token for _, per_token in candidates])
+    assert best == [candidates[k][0][row] for row, k in enumerate(scores.argmax(dim=0).tolist())]
+    assert any(best[row] != candidates[0][0][row] for row in range(4))  # a sample beat the greedy text somewhere
+    assert captioner.generate_best_of(images, best_of=1, max_new_tokens=6) == candidates[0][0]
     with pytest.raises(ValueError, match="`best_of` must be >= 1, got 0"):
         captioner.generate_best_of(images, best_of=0)
+    with pytest.raises(ValueError, match="`temperature` must be > 0 to sample the candidates, got 0"):
+        captioner.generate_best_of(images, best_of=2, temperature=0)
 
 
 def test_saved_folder_round_trips_and_lm_loads_with_stock_transformers(captioner, shapes_data, tmp_path):

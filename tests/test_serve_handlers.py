@@ -269,6 +269,9 @@ def test_caption_answers_and_refuses_bad_input(served, shapes_data, broken_file)
         handlers.caption(served, image=image, question=question, max_new_tokens=32)
     with pytest.raises(RequestError, match="`temperature` must be > 0, got 0"):
         handlers.caption(served, image=image, do_sample=True, temperature=0)
+    with pytest.raises(RequestError, match="`temperature` must be > 0, got 0"):  # the candidates are sampled at it
+        handlers.caption(served, image=image, temperature=0)
+    assert handlers.caption(served, image=image, question=question, temperature=0, max_new_tokens=4) == answer
     with pytest.raises(RequestError, match="'broken.png' cannot be read as an image"):
         handlers.caption(served, image=str(broken_file))
 

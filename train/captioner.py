@@ -314,8 +314,8 @@ class CaptionerStage(Stage):
         v = self.validation
         self.unwrapped.eval()
         result = evaluate_captioner(
-            self.captioner(), v.dataset, info=v.info, questions=v.questions, max_images=v.max_images, best_of=1
-        )  # the greedy captions only: the best of several costs as many generations again
+            self.captioner(), v.dataset, info=v.info, questions=v.questions, max_images=v.max_images
+        )
         return flat_figures(result)
 
     def extra_state(self):

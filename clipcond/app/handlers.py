@@ -334,7 +334,8 @@ def caption(
 
     if runs.captioner is None:
         raise RequestError("no captioner is served: start with `--captioner CAP`")
-    if do_sample and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
+    best_of = 1 if do_sample or (question or "").strip() else CAPTION_BEST_OF  # as the commands' defaults
+    if (do_sample or best_of > 1) and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
         raise RequestError(f"`temperature` must be > 0, got {temperature!r}")
     max_new_tokens = whole_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     seed = whole_number("seed", seed, 0, MAX_SEED)
@@ -345,12 +346,12 @@ def caption(
             prompt = (question or "").strip() or None
             options = {
                 "max_new_tokens": max_new_tokens,
-                "temperature": float(temperature or 1.0),
+                "temperature": float(temperature),
                 "generator": generator,
                 "max_new_tokens_name": "max new tokens",
             }
-            if prompt is None and not do_sample:
-                texts = runs.captioner.generate_best_of([pil], best_of=CAPTION_BEST_OF, **options)
+            if best_of > 1:
+                texts = runs.captioner.generate_best_of([pil], best_of=best_of, **options)
             else:
                 texts = runs.captioner.generate([pil], prompt, do_sample=bool(do_sample), **options)
         except ValueError as err:  # more tokens than the language model has positions for

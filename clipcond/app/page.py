@@ -17,6 +17,7 @@ import gradio as gr
 from clipcond.app import handlers, panel
 from clipcond.app.checks import IMAGE_SUFFIXES
 from clipcond.app.runs import ServedRuns
+from clipcond.models.captioner import CAPTION_BEST_OF
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SAVED_SCHEDULER, SCHEDULER_NAMES
 from clipcond.pipelines.inputs import DEFAULT_IMAGE_EMBEDDING_GUIDANCE_SCALE, DEFAULT_TEXT_GUIDANCE_SCALE
 
@@ -226,6 +227,11 @@ def _caption_tab(runs: ServedRuns) -> None:
         with gr.Column(scale=1):
             upload, pick = _image_input(runs, "image", "caption-upload")
             question = gr.Textbox(label="question (empty: a caption)", placeholder="how many objects are there?")
+            gr.Markdown(
+                f"A caption is the likeliest per token of {CAPTION_BEST_OF} candidates (the greedy one and samples at "
+                "the temperature, from the seed), as `clipcond caption` writes it; *sample* shows one sample instead. "
+                "An answer is greedy."
+            )
             with gr.Row():
                 sample = gr.Checkbox(False, label="sample")
                 temperature = gr.Number(1.0, label="temperature")

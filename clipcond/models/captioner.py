@@ -287,6 +287,33 @@ class Captioner:
         (one for all images, or one per image). Greedy, or sampled at `temperature` from `generator` (on the
         model's device); `image_tokens` (patch tokens, embeddings) stand in for `images` (e.g. from a cache).
         `max_new_tokens_name`: how errors name `max_new_tokens` (a command passes its flag)."""
+        texts, _ = self.generate_scored(
+            images,
+            prompt,
+            image_tokens=image_tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            generator=generator,
+            max_new_tokens_name=max_new_tokens_name,
+        )
+        return texts
+
+    @torch.no_grad()
+    def generate_scored(
+        self,
+        images=None,
+        prompt: str | list[str | None] | None = None,
+        *,
+        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        max_new_tokens_name: str = "max_new_tokens",
+    ) -> tuple[list[str], torch.Tensor]:
+        """`generate`'s texts, and how likely the model finds each (B,): the mean log-probability of the tokens it
+        wrote, the end token included, under its own distribution (untempered, whatever `temperature` sampled)."""
         # 1. check inputs
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
@@ -300,8 +327,23 @@ class Captioner:
         ids = [prompt_ids(self.tokenizer, p) for p in prompts]
         self.check_positions(patches.shape[1] + 1 + max(map(len, ids)), max_new_tokens, max_new_tokens_name)
 
-        # 2. the prefix: image tokens, then <bos> and the prompt, left-padded so that every row ends together
-        device = self.device
+        # 2. decode, then the text up to the first <eos>
+        written, log_probs = self._decode(patches, embeds, ids, max_new_tokens, do_sample, temperature, generator)
+        eos, texts = self.tokenizer.eos_token_id, []
+        for row in written.tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        # the tokens up to and with the first <eos> (all of them when the text was cut off at max_new_tokens)
+        counted = (written == eos).long().cumsum(dim=1) - (written == eos).long() == 0
+        per_token = (log_probs * counted).sum(dim=1) / counted.sum(dim=1)
+        return texts, per_token
+
+    def _decode(self, patches, embeds, ids, max_new_tokens, do_sample, temperature, generator):
+        """The tokens written after each row's image tokens and prompt `ids` (B, L <= max_new_tokens), <eos> once a
+        row has ended, and each one's log-probability under the model (B, L)."""
+        # the prefix: image tokens, then <bos> and the prompt, left-padded so that every row ends together
+        device, batch_size = self.device, patches.shape[0]
         width = max(map(len, ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
@@ -314,11 +356,11 @@ class Captioner:
         mask = torch.gather(mask, 1, order)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
 
-        # 3. decode, one token at a time, with the key-value cache
+        # one token at a time, with the key-value cache
         out = self.lm(
             inputs_embeds=embeds_in, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        written = torch.empty((batch_size, 0), dtype=torch.long, device=device)
+        written, log_probs = [], []
         done = torch.zeros(batch_size, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()  # (B, V)
@@ -328,7 +370,8 @@ class Captioner:
             else:
                 token = logits.argmax(dim=-1)
             token = torch.where(done, torch.full_like(token, self.tokenizer.eos_token_id), token)
-            written = torch.cat([written, token[:, None]], dim=1)
+            written.append(token)
+            log_probs.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0])
             done |= token == self.tokenizer.eos_token_id
             if done.all() or step == max_new_tokens - 1:  # the last token is written, never read back
                 break
@@ -341,47 +384,7 @@ class Captioner:
                 cache=out.cache,
                 use_cache=True,
             )
-
-        # 4. the text up to the first <eos>
-        texts = []
-        for row in written.tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
-
-    @torch.no_grad()
-    def log_likelihood(
-        self,
-        texts: list[str],
-        images=None,
-        prompt: str | list[str | None] | None = None,
-        *,
-        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """How likely the model finds each text for its image (one text per image, after `prompt` as in `generate`):
-        the summed log-probability of the text's tokens and its <eos> (B,), and the number of those tokens (B,)."""
-        patches, embeds = self.image_tokens(images) if image_tokens is None else image_tokens
-        if len(texts) != patches.shape[0]:
-            raise ValueError(f"`texts` has {len(texts)} entries for {patches.shape[0]} images")
-        prompts = prompt if isinstance(prompt, list) else [prompt] * len(texts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batch = text_batch(
-            [prompt_ids(self.tokenizer, p) for p in prompts],
-            [target_ids(self.tokenizer, t) for t in texts],
-            pad,
-            self.device,
-        )
-        model = CaptionerModel(self.projector, self.lm)
-        embeds_in, mask = model.inputs(
-            patches.to(self.device), embeds.to(self.device), batch["input_ids"], batch["attention_mask"]
-        )
-        logits = self.lm(inputs_embeds=embeds_in, attention_mask=mask).logits.float()
-        logits = logits[:, patches.shape[1] : -1]  # (B, T, V): the last image token predicts the first text token
-        labels = batch["labels"]
-        labelled = labels != IGNORE_INDEX
-        token_log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        return (token_log_probs * labelled).sum(dim=1), labelled.sum(dim=1)
+        return torch.stack(written, dim=1), torch.stack(log_probs, dim=1)
 
     @torch.no_grad()
     def generate_best_of(
@@ -397,8 +400,8 @@ class Captioner:
         max_new_tokens_name: str = "max_new_tokens",
     ) -> list[str]:
         """Of `best_of` candidate texts per image (the greedy one, and `best_of` - 1 sampled at `temperature` from
-        `generator`), the one whose tokens the model finds likeliest on average: the highest log-probability per
-        token, as the `best_of` option of OpenAI's completions ranks them.
+        `generator`), the one whose tokens the model finds likeliest on average (`generate_scored`): the highest
+        log-probability per token, as the `best_of` option of OpenAI's completions ranks them.
 
         The greedy text maximises no sequence score, and the likeliest whole text is the shortest one: each word
         more multiplies in a probability below one, so a caption that names every field loses to one that stops
@@ -407,23 +410,18 @@ class Captioner:
         it). `best_of=1` is greedy decoding."""
         if best_of < 1:
             raise ValueError(f"`best_of` must be >= 1, got {best_of}")
+        if best_of > 1 and not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0 to sample the candidates, got {temperature}")
         tokens = self.image_tokens(images) if image_tokens is None else image_tokens
         options = {
             "image_tokens": tokens,
             "max_new_tokens": max_new_tokens,
             "max_new_tokens_name": max_new_tokens_name,
         }
-        candidates = [self.generate(prompt=prompt, **options)]
+        candidates = [self.generate_scored(prompt=prompt, **options)]
         for _ in range(best_of - 1):
-            sampled = self.generate(
-                prompt=prompt, do_sample=True, temperature=temperature, generator=generator, **options
-            )
-            candidates.append(sampled)
-        if best_of == 1:
-            return candidates[0]
-        per_token = []
-        for texts in candidates:
-            total, count = self.log_likelihood(texts, prompt=prompt, image_tokens=tokens)
-            per_token.append(total / count)
-        best = torch.stack(per_token).argmax(dim=0).tolist()  # the first of equals: the greedy text on a tie
-        return [candidates[k][row] for row, k in enumerate(best)]
+            sampled = {"do_sample": True, "temperature": temperature, "generator": generator}
+            candidates.append(self.generate_scored(prompt=prompt, **sampled, **options))
+        scores = torch.stack([per_token for _, per_token in candidates])  # (best_of, B)
+        best = scores.argmax(dim=0).tolist()  # the first of equals: the greedy text on a tie
+        return [candidates[k][0][row] for row, k in enumerate(best)]

@@ -182,15 +182,21 @@ def test_another_clip_is_refused(captioner_run, tiny_clip_run, shapes_data, tmp_
 # ------------------------------------------------------------------------------------------------ commands
 
 
-def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
+def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys, monkeypatch):
     dataset = _train_singles(few_shapes)
     single = next(i for i, r in enumerate(dataset.records) if r["kind"] == "single")
     image = str(dataset.image_paths[single])
     pixels = [dataset[single]["pixel_values"]]
     captioner = Captioner.from_pretrained(learned_run)
+    asked = []
+    best_of = Captioner.generate_best_of
+    monkeypatch.setattr(
+        Captioner, "generate_best_of", lambda self, *a, **kw: asked.append(kw) or best_of(self, *a, **kw)
+    )
     assert caption.main(["--model", str(learned_run), image]) == 0
     path, text = capsys.readouterr().out.strip().split("\t")
     assert path == image  # the default: the best of CAPTION_BEST_OF, drawn from a generator of seed 0 (`--seed`)
+    assert [kw["best_of"] for kw in asked] == [CAPTION_BEST_OF]
     best = captioner.generate_best_of(pixels, best_of=CAPTION_BEST_OF, generator=torch.Generator().manual_seed(0))
     assert text == best[0]
     assert read_caption(text).objects  # names a shape: a caption, not noise
@@ -199,7 +205,7 @@ def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
     for flags, message in (
         (["--best-of", "3", "--do-sample"], "`--best-of 3` keeps one text of several, `--do-sample` prints each"),
         (["--best-of", "0"], "`--best-of` must be >= 1, got 0"),
-        (["--temperature", "0"], "`--temperature` must be > 0, got 0.0"),
+        (["--temperature", "0"], r"`--temperature` must be > 0 \(--do-sample and the candidates of --best-of"),
     ):
         with pytest.raises(ValueError, match=message):
             caption.main(["--model", str(learned_run), image, *flags])
@@ -214,7 +220,9 @@ def test_caption_and_ask_round_trip(learned_run, few_shapes, capsys):
     assert ask.main(["--model", str(learned_run), image, "how many objects are there?"]) == 0
     assert capsys.readouterr().out.strip().split("\t") == [image, "one"]
 
+    asked.clear()
     caption.main(["--model", str(learned_run), image, "--detailed"])
+    assert asked == []  # descriptions are greedy, as `eval captioner` scores them
     description = capsys.readouterr().out.strip().split("\t")[1]
     assert (
         description == Captioner.from_pretrained(learned_run).generate([dataset[single]["pixel_values"]], DESCRIBE)[0]
