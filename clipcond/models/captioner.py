@@ -270,34 +270,10 @@ class Captioner:
                 f"{prefix_length} image and prompt tokens: pass {what} <= {limit - prefix_length + 1}"
             )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        images=None,
-        prompt: str | list[str | None] | None = None,
-        *,
-        image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-        max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        max_new_tokens_name: str = "max_new_tokens",
-    ) -> list[str]:
+    def generate(self, images=None, prompt: str | list[str | None] | None = None, **options) -> list[str]:
         """The text the model writes for each image: a caption (`prompt` None) or the answer to the question `prompt`
-        (one for all images, or one per image). Greedy, or sampled at `temperature` from `generator` (on the
-        model's device); `image_tokens` (patch tokens, embeddings) stand in for `images` (e.g. from a cache).
-        `max_new_tokens_name`: how errors name `max_new_tokens` (a command passes its flag)."""
-        texts, _ = self.generate_scored(
-            images,
-            prompt,
-            image_tokens=image_tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            generator=generator,
-            max_new_tokens_name=max_new_tokens_name,
-        )
-        return texts
+        (one for all images, or one per image); `options` as `generate_scored`'s."""
+        return self.generate_scored(images, prompt, **options)[0]
 
     @torch.no_grad()
     def generate_scored(
@@ -312,8 +288,14 @@ class Captioner:
         generator: torch.Generator | None = None,
         max_new_tokens_name: str = "max_new_tokens",
     ) -> tuple[list[str], torch.Tensor]:
-        """`generate`'s texts, and how likely the model finds each (B,): the mean log-probability of the tokens it
-        wrote, the end token included, under its own distribution (untempered, whatever `temperature` sampled)."""
+        """The text the model writes for each image (a caption, `prompt` None, or the answer to the question
+        `prompt`, one for all images or one per image), and how likely the model finds each (B,): the mean
+        log-probability of the tokens it wrote, the end token included, under its own distribution (untempered,
+        whatever `temperature` sampled).
+
+        Greedy, or sampled at `temperature` from `generator` (on the model's device); `image_tokens` (patch tokens,
+        embeddings) stand in for `images` (e.g. from a cache). `max_new_tokens_name`: how errors name
+        `max_new_tokens` (a command passes its flag)."""
         # 1. check inputs
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
