@@ -43,11 +43,10 @@ from common import (
     save_results,
 )
 
+from clipcond.evaluation.captioner import TEXTS  # greedy captions, the best of several, detailed descriptions
+
 BARS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "position": 0.8}
 TIME_BAR_SECONDS = 600
-# what `clipcond eval captioner` scores: greedy captions, the best of several (`clipcond caption`'s default), and the
-# detailed descriptions (`clipcond caption --detailed`)
-TEXTS = ("caption", "best_of", "description")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -334,7 +334,8 @@ def caption(
 
     if runs.captioner is None:
         raise RequestError("no captioner is served: start with `--captioner CAP`")
-    best_of = 1 if do_sample or (question or "").strip() else CAPTION_BEST_OF  # as the commands' defaults
+    prompt = (question or "").strip() or None
+    best_of = 1 if do_sample or prompt is not None else CAPTION_BEST_OF  # as the commands' defaults
     if (do_sample or best_of > 1) and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
         raise RequestError(f"`temperature` must be > 0, got {temperature!r}")
     max_new_tokens = whole_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
@@ -343,7 +344,6 @@ def caption(
     with runs.lock:
         generator = torch.Generator(device=runs.captioner.device).manual_seed(seed)
         try:
-            prompt = (question or "").strip() or None
             options = {
                 "max_new_tokens": max_new_tokens,
                 "temperature": float(temperature),

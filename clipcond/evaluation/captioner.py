@@ -5,9 +5,9 @@
 On the one-object images of the split, the greedy caption (and the best of `--best-of` candidates, the caption
 `clipcond caption` writes by default: `Captioner.generate_best_of`) is read for its colour, shape, count and position
 words by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the
-colour before it and counts a plural, or "two", as two objects); a field is right when the caption names the true value and
-no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no position gets its
-position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`), beside chance (one
+colour before it and counts a plural, or "two", as two objects); a field is right when the caption names the true
+value and no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no position
+gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`), beside chance (one
 over the number of values), for the images of compositions seen in training and the held-out ones separately. A
 captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image (the `describe`
 question, whose answers always name the position), and its descriptions are scored the same way; and it is asked
@@ -34,6 +34,8 @@ from clipcond.models.captioner import CAPTION_BEST_OF
 from clipcond.storage import check_output_dir, write_json_atomic
 
 CAPTION_FIELDS = ("colour", "shape", "count", "position")
+# the texts scored, as `captioner.json` names them: greedy captions, the best of several, detailed descriptions
+TEXTS = ("caption", "best_of", "description")
 
 
 def score_caption(said: CaptionFields, obj: dict) -> dict[str, bool]:
@@ -151,7 +153,7 @@ def flat_figures(result: dict) -> dict[str, float]:
     """The headline numbers as flat scalars (for training logs): caption (and description) accuracy per field over
     all one-object images, and question accuracy per type."""
     figures = {}
-    for text in ("caption", "best_of", "description"):
+    for text in TEXTS:
         if text in result:
             figures |= {f"{text}_{f}": result[text]["all"][f]["accuracy"] for f in CAPTION_FIELDS}
     for kind, value in result.get("questions", {}).items():

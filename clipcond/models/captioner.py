@@ -317,7 +317,8 @@ class Captioner:
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         # the tokens up to and with the first <eos> (all of them when the text was cut off at max_new_tokens)
-        counted = (written == eos).long().cumsum(dim=1) - (written == eos).long() == 0
+        is_eos = (written == eos).long()
+        counted = is_eos.cumsum(dim=1) - is_eos == 0
         per_token = (log_probs * counted).sum(dim=1) / counted.sum(dim=1)
         return texts, per_token
 
@@ -400,9 +401,9 @@ class Captioner:
             "max_new_tokens": max_new_tokens,
             "max_new_tokens_name": max_new_tokens_name,
         }
+        sampled = {"do_sample": True, "temperature": temperature, "generator": generator}
         candidates = [self.generate_scored(prompt=prompt, **options)]
         for _ in range(best_of - 1):
-            sampled = {"do_sample": True, "temperature": temperature, "generator": generator}
             candidates.append(self.generate_scored(prompt=prompt, **sampled, **options))
         scores = torch.stack([per_token for _, per_token in candidates])  # (best_of, B)
         best = scores.argmax(dim=0).tolist()  # the first of equals: the greedy text on a tie
