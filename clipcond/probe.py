@@ -7,8 +7,10 @@
 CLIP zero-shot: count, relation, binding, position and size pairs (`clipcond.evaluation.probes`), on renders of the
 shapes generator (seen and held-out compositions) or, with `--source metadata`, on the images of a split whose
 metadata.jsonl carries the shapes fields. With `--model` (a text-to-image decoder: the Stable Diffusion path) and/or
-`--prior` + `--decoder` (the DALL-E 2 path), prompts of each kind are drawn and read by the scene reader. Writes
-OUT/probes.json, OUT/probes.md, a bar chart per probe and OUT/examples.png.
+`--prior` + `--decoder` (the DALL-E 2 path), prompts of each kind are drawn and read by the scene reader. With
+`--captioner`, each probe's field is read back from the captioner's captions of the pairs' images (the captions
+`clipcond caption` writes, the best of several candidates). Writes OUT/probes.json, OUT/probes.md, a bar chart per
+probe and OUT/examples.png.
 """
 
 from __future__ import annotations
@@ -84,8 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--captioner",
         metavar="CAP",
-        help="captioner run (`clipcond train captioner`): read each probe's field back from its greedy captions of "
-        "the pairs' images",
+        help="captioner run (`clipcond train captioner`): read each probe's field back from its captions of the "
+        "pairs' images",
+    )
+    parser.add_argument(
+        "--captioner-best-of",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the captions read with --captioner: the best of N candidates per image, as `clipcond caption "
+        "--best-of N` writes them, sampled from a generator of --seed (default: `clipcond caption`'s; 1: greedy)",
     )
     parser.add_argument(
         "--num-pairs",
@@ -108,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     counts = ("num_pairs", "num_prompts", "images_per_prompt", "num_inference_steps", "prior_num_inference_steps")
     check_at_least(args, 1, *counts, "batch_size")
+    if args.captioner_best_of is not None:
+        check_at_least(args, 1, "captioner_best_of", note=" (1: greedy decoding)")
+        if args.captioner is None:
+            raise ValueError(
+                f"`--captioner-best-of` {args.captioner_best_of} needs `--captioner` (the captions it picks)"
+            )
     check_at_least(args, 1, "prior_guidance_scale", note=" (1: no guidance)")
     if args.guidance_scale is not None:
         check_at_least(args, 1, "guidance_scale", note=" (1: no guidance)")
@@ -174,16 +190,26 @@ def _check_data(args: argparse.Namespace, info: dict | None) -> None:
         )
 
 
-def _captioner_probes(path: str, device, pairs: dict, resolution: int) -> dict:
-    """Per probe, the share of the pairs' images whose greedy caption states the probed field as the right caption
-    does (`clipcond.evaluation.probes.captioner_figures`)."""
+def _captioner_probes(
+    path: str, device, pairs: dict, resolution: int, best_of: int | None, seed: int
+) -> tuple[dict, int]:
+    """Per probe, the share of the pairs' images whose caption (the best of `best_of` candidates, `clipcond
+    caption`'s default when None) states the probed field as the right caption does
+    (`clipcond.evaluation.probes.captioner_figures`); and the candidates per caption."""
+    import torch
+
     from clipcond.evaluation import probes
-    from clipcond.models.captioner import Captioner
+    from clipcond.models.captioner import CAPTION_BEST_OF, Captioner
     from clipcond.runs import check_finished
 
     check_finished(path, "`--captioner`")
     captioner = Captioner.from_pretrained(path, what="--captioner").to(device)
-    return probes.captioner_figures(lambda images: captioner.generate(images), pairs, resolution)
+    best_of = CAPTION_BEST_OF if best_of is None else best_of
+    generator = torch.Generator(device=captioner.device).manual_seed(seed)
+    figures = probes.captioner_figures(
+        lambda images: captioner.generate_best_of(images, best_of=best_of, generator=generator), pairs, resolution
+    )
+    return figures, best_of
 
 
 def _generator_probes(args: argparse.Namespace, device, resolution: int, held_out: list[str]) -> dict:
@@ -252,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
     )
     if args.captioner:
-        report["captioner"] = _captioner_probes(args.captioner, device, pairs, resolution)
-        report["settings"]["captioner"] = str(args.captioner)
+        report["captioner"], best_of = _captioner_probes(
+            args.captioner, device, pairs, resolution, args.captioner_best_of, args.seed
+        )
+        report["settings"].update(captioner=str(args.captioner), captioner_best_of=best_of)
 
     # 3. the generators: prompts of each kind, drawn, read by the scene reader
     if args.model or args.prior:

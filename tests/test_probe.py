@@ -1,6 +1,7 @@
 """`clipcond probe` in-process on the session's tiny runs: the report round-trips, errors name the flag."""
 
 import json
+import re
 
 import pytest
 
@@ -90,9 +91,10 @@ def test_a_probe_report_is_current_only_for_its_clip(tiny_clip_run, shapes_data,
     assert current_clip_probes(out, clip, 2, 0) is None
 
 
-def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path):
+def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState, GradientState
 
+    from clipcond.models.captioner import CAPTION_BEST_OF, Captioner
     from clipcond.train.captioner import main as train_captioner
 
     captioner = tmp_path / "captioner"
@@ -102,20 +104,45 @@ def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
-    out = tmp_path / "probe"
-    args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(out), "--num-pairs", "4"]
-    assert main([*args, "--captioner", str(captioner)]) == 0
-    report = json.loads((out / "probes.json").read_text())
-    assert report["settings"]["captioner"] == str(captioner) and set(report["captioner"]) == set(PROBES)
-    for figures in report["captioner"].values():
-        assert figures["all"]["n"] == 8 and figures["all"]["chance"] == 0.5
-    assert (out / "captioner.png").is_file() and "aptioner" in (out / "probes.md").read_text()
+    asked = []
+    best_of = Captioner.generate_best_of
+
+    def spy(self, images, *args, **kwargs):
+        asked.append(kwargs["best_of"])
+        return best_of(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "generate_best_of", spy)
+    args = [
+        "--clip",
+        str(tiny_clip_run),
+        "--data",
+        str(shapes_data),
+        "--num-pairs",
+        "4",
+        "--captioner",
+        str(captioner),
+    ]
+    for out, extra, candidates in (("default", [], CAPTION_BEST_OF), ("greedy", ["--captioner-best-of", "1"], 1)):
+        asked.clear()
+        assert main([*args, "--output-dir", str(tmp_path / out), *extra]) == 0
+        assert asked and set(asked) == {candidates}  # the captions `clipcond caption --best-of N` writes
+        report = json.loads((tmp_path / out / "probes.json").read_text())
+        assert report["settings"]["captioner"] == str(captioner) and set(report["captioner"]) == set(PROBES)
+        assert report["settings"]["captioner_best_of"] == candidates
+        for figures in report["captioner"].values():
+            assert figures["all"]["n"] == 8 and figures["all"]["chance"] == 0.5
+        assert (tmp_path / out / "captioner.png").is_file()
+    md = (tmp_path / "default" / "probes.md").read_text()
+    assert f"captions, each the best of {CAPTION_BEST_OF} candidates" in md
+    assert "read back from its greedy captions" in (tmp_path / "greedy" / "probes.md").read_text()
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--num-pairs", "0"], "`--num-pairs` must be >= 1, got 0"),
+        (["--captioner-best-of", "0"], "`--captioner-best-of` must be >= 1 (1: greedy decoding), got 0"),
+        (["--captioner-best-of", "4"], "`--captioner-best-of` 4 needs `--captioner`"),
         (["--prior", "p"], "`--prior` 'p' needs `--decoder`"),
         (["--model", "/nonexistent/decoder"], "`--model` '/nonexistent/decoder' does not exist"),
         (["--source", "metadata", "--split", "nope"], "`--split` 'nope'"),
@@ -123,7 +150,7 @@ def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path)
 )
 def test_errors_name_the_flag(tiny_clip_run, shapes_data, tmp_path, extra, message):
     args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--output-dir", str(tmp_path / "o"), *extra]
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[")):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         main(args)
 
 

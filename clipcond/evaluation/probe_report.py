@@ -133,7 +133,9 @@ def markdown_tables(report: dict, heading: str = "##") -> str:
             lines.append("")
     captioner = report.get("captioner")
     if captioner:
-        lines += [f"{heading} Captioner: fields read back from its captions", "", "Chance 50%.", ""]
+        best_of = (report.get("settings") or {}).get("captioner_best_of") or 1
+        which = "greedy captions" if best_of == 1 else f"captions, each the best of {best_of} candidates"
+        lines += [f"{heading} Captioner: fields read back from its {which}", "", "Chance 50%.", ""]
         for probe, figures in captioner.items():
             lines += [f"**{probe}** ({PROBE_FIELD[probe]})", "", _header("group")]
             lines += [_row(GROUP_NAMES[g], figures[g]) for g in _groups(figures)]
