@@ -8,9 +8,9 @@ CLIP zero-shot: count, relation, binding, position and size pairs (`clipcond.eva
 shapes generator (seen and held-out compositions) or, with `--source metadata`, on the images of a split whose
 metadata.jsonl carries the shapes fields. With `--model` (a text-to-image decoder: the Stable Diffusion path) and/or
 `--prior` + `--decoder` (the DALL-E 2 path), prompts of each kind are drawn and read by the scene reader. With
-`--captioner`, each probe's field is read back from the captioner's captions of the pairs' images (the captions
-`clipcond caption` writes, the best of several candidates). Writes OUT/probes.json, OUT/probes.md, a bar chart per
-probe and OUT/examples.png.
+`--captioner`, each probe's field is read back from the captioner's captions of the pairs' images, written as
+`clipcond caption` writes them (the best of several candidates, sampled from one generator over the probes).
+Writes OUT/probes.json, OUT/probes.md, a bar chart per probe and OUT/examples.png.
 """
 
 from __future__ import annotations
@@ -111,7 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--split", default="test", help="the split of --source metadata (default test)")
     _add_generator_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pairs, prompts and images (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the pairs, prompts, images and the captioner's candidates (default 0)",
+    )
     parser.add_argument("--judge-cache-dir", metavar="DIR", help="where the attribute judge is cached")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--allow-clip-mismatch", action="store_true", help="pair a prior and decoder of other CLIPs")

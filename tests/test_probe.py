@@ -108,24 +108,18 @@ def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path,
     best_of = Captioner.generate_best_of
 
     def spy(self, images, *args, **kwargs):
-        asked.append(kwargs["best_of"])
+        asked.append((kwargs["best_of"], kwargs["generator"].initial_seed()))
         return best_of(self, images, *args, **kwargs)
 
     monkeypatch.setattr(Captioner, "generate_best_of", spy)
-    args = [
-        "--clip",
-        str(tiny_clip_run),
-        "--data",
-        str(shapes_data),
-        "--num-pairs",
-        "4",
-        "--captioner",
-        str(captioner),
-    ]
-    for out, extra, candidates in (("default", [], CAPTION_BEST_OF), ("greedy", ["--captioner-best-of", "1"], 1)):
+    args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--num-pairs", "4"]
+    args += ["--captioner", str(captioner)]
+    runs = (("default", [], CAPTION_BEST_OF, 0), ("greedy", ["--captioner-best-of", "1", "--seed", "1"], 1, 1))
+    for out, extra, candidates, seed in runs:
         asked.clear()
         assert main([*args, "--output-dir", str(tmp_path / out), *extra]) == 0
-        assert asked and set(asked) == {candidates}  # the captions `clipcond caption --best-of N` writes
+        # the captions `clipcond caption --best-of N` writes, sampled from a generator of --seed
+        assert asked and set(asked) == {(candidates, seed)}
         report = json.loads((tmp_path / out / "probes.json").read_text())
         assert report["settings"]["captioner"] == str(captioner) and set(report["captioner"]) == set(PROBES)
         assert report["settings"]["captioner_best_of"] == candidates
@@ -135,6 +129,17 @@ def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path,
     md = (tmp_path / "default" / "probes.md").read_text()
     assert f"captions, each the best of {CAPTION_BEST_OF} candidates" in md
     assert "read back from its greedy captions" in (tmp_path / "greedy" / "probes.md").read_text()
+
+
+def test_a_report_without_the_candidates_read_greedy_captions():
+    """Reports written before `--captioner-best-of` read greedy captions, and say so."""
+    from clipcond.evaluation.probe_report import markdown_tables
+
+    figures = {"all": {"accuracy": 0.5, "low": 0.3, "high": 0.7, "chance": 0.5, "n": 8}}
+    report = {"settings": {"captioner": "cap"}, "captioner": {"count": figures}}
+    assert "fields read back from its greedy captions" in markdown_tables(report)
+    report["settings"]["captioner_best_of"] = 3
+    assert "fields read back from its captions, each the best of 3 candidates" in markdown_tables(report)
 
 
 @pytest.mark.parametrize(
