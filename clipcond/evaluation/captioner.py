@@ -3,15 +3,15 @@
     clipcond eval captioner --model runs/cap --data shapes/
 
 On the one-object images of the split, the greedy caption (and the best of `--best-of` candidates, the caption
-`clipcond caption` writes by default: `Captioner.generate_best_of`) is read for its colour, shape, count and position
-words by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with the
-colour before it and counts a plural, or "two", as two objects); a field is right when the caption names the true
-value and no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no position
-gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`), beside chance (one
-over the number of values), for the images of compositions seen in training and the held-out ones separately. A
-captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image (the `describe`
-question, whose answers always name the position), and its descriptions are scored the same way; and it is asked
-every question of every image of the split, its answers scored by exact match, per question type.
+`clipcond caption` writes by default: `Captioner.generate_best_of`) is read for its colour, shape, count and
+position words by the probes' caption reader (`clipcond.evaluation.probes.read_caption`, which pairs each shape with
+the colour before it and counts a plural, or "two", as two objects); a field is right when the caption names the
+true value and no other ("a red circle and a blue circle" gets count and colour wrong; a caption that names no
+position gets its position wrong). Accuracy per field with its 95% Wilson interval (`clipcond.evaluation.stats`),
+beside chance (one over the number of values), for the images of compositions seen in training and the held-out ones
+separately. A captioner trained with questions (`clipcond.data.questions`) is also asked to describe each image (the
+`describe` question, whose answers always name the position), and its descriptions are scored the same way; and it
+is asked every question of every image of the split, its answers scored by exact match, per question type.
 
 Writes `OUTPUT_DIR/captioner.json` (default `MODEL/eval/`) and prints a summary.
 """
