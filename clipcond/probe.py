@@ -195,26 +195,22 @@ def _check_data(args: argparse.Namespace, info: dict | None) -> None:
         )
 
 
-def _captioner_probes(
-    path: str, device, pairs: dict, resolution: int, best_of: int | None, seed: int
-) -> tuple[dict, int]:
-    """Per probe, the share of the pairs' images whose caption (the best of `best_of` candidates, `clipcond
-    caption`'s default when None) states the probed field as the right caption does
-    (`clipcond.evaluation.probes.captioner_figures`); and the candidates per caption."""
+def _captioner_probes(path: str, device, pairs: dict, resolution: int, best_of: int, seed: int) -> dict:
+    """Per probe, the share of the pairs' images whose caption, the best of `best_of` candidates sampled from a
+    generator of `seed`, states the probed field as the right caption does
+    (`clipcond.evaluation.probes.captioner_figures`)."""
     import torch
 
     from clipcond.evaluation import probes
-    from clipcond.models.captioner import CAPTION_BEST_OF, Captioner
+    from clipcond.models.captioner import Captioner
     from clipcond.runs import check_finished
 
     check_finished(path, "`--captioner`")
     captioner = Captioner.from_pretrained(path, what="--captioner").to(device)
-    best_of = CAPTION_BEST_OF if best_of is None else best_of
     generator = torch.Generator(device=captioner.device).manual_seed(seed)
-    figures = probes.captioner_figures(
+    return probes.captioner_figures(
         lambda images: captioner.generate_best_of(images, best_of=best_of, generator=generator), pairs, resolution
     )
-    return figures, best_of
 
 
 def _generator_probes(args: argparse.Namespace, device, resolution: int, held_out: list[str]) -> dict:
@@ -283,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
     )
     if args.captioner:
-        report["captioner"], best_of = _captioner_probes(
-            args.captioner, device, pairs, resolution, args.captioner_best_of, args.seed
-        )
+        from clipcond.models.captioner import CAPTION_BEST_OF  # here, not at parsing: `--help` needs no diffusers
+
+        best_of = CAPTION_BEST_OF if args.captioner_best_of is None else args.captioner_best_of
+        report["captioner"] = _captioner_probes(args.captioner, device, pairs, resolution, best_of, args.seed)
         report["settings"].update(captioner=str(args.captioner), captioner_best_of=best_of)
 
     # 3. the generators: prompts of each kind, drawn, read by the scene reader
