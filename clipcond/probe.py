@@ -62,7 +62,9 @@ def _add_generator_args(parser: argparse.ArgumentParser) -> None:
         help=f"the decoders' sampler (default {DEFAULT_SAMPLER}; 'saved': the run's own)",
     )
     add_prior_sampling_args(parser)
-    parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="images per pipeline or captioner call (default 32)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,21 +197,24 @@ def _check_data(args: argparse.Namespace, info: dict | None) -> None:
         )
 
 
-def _captioner_probes(path: str, device, pairs: dict, resolution: int, best_of: int, seed: int) -> dict:
-    """Per probe, the share of the pairs' images whose caption, the best of `best_of` candidates sampled from a
-    generator of `seed`, states the probed field as the right caption does
-    (`clipcond.evaluation.probes.captioner_figures`)."""
+def _captioner_probes(args: argparse.Namespace, device, pairs: dict, resolution: int, best_of: int) -> dict:
+    """Per probe, the share of the pairs' images whose caption by `--captioner`, the best of `best_of` candidates
+    sampled from a generator of `--seed`, `--batch-size` images at a time, states the probed field as the right
+    caption does (`clipcond.evaluation.probes.captioner_figures`)."""
     import torch
 
     from clipcond.evaluation import probes
     from clipcond.models.captioner import Captioner
     from clipcond.runs import check_finished
 
-    check_finished(path, "`--captioner`")
-    captioner = Captioner.from_pretrained(path, what="--captioner").to(device)
-    generator = torch.Generator(device=captioner.device).manual_seed(seed)
+    check_finished(args.captioner, "`--captioner`")
+    captioner = Captioner.from_pretrained(args.captioner, what="--captioner").to(device)
+    generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     return probes.captioner_figures(
-        lambda images: captioner.generate_best_of(images, best_of=best_of, generator=generator), pairs, resolution
+        lambda images: captioner.generate_best_of(images, best_of=best_of, generator=generator),
+        pairs,
+        resolution,
+        batch_size=args.batch_size,
     )
 
 
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         from clipcond.models.captioner import CAPTION_BEST_OF  # here, not at parsing: `--help` needs no diffusers
 
         best_of = CAPTION_BEST_OF if args.captioner_best_of is None else args.captioner_best_of
-        report["captioner"] = _captioner_probes(args.captioner, device, pairs, resolution, best_of, args.seed)
+        report["captioner"] = _captioner_probes(args, device, pairs, resolution, best_of)
         report["settings"].update(captioner=str(args.captioner), captioner_best_of=best_of)
 
     # 3. the generators: prompts of each kind, drawn, read by the scene reader

@@ -104,22 +104,26 @@ def test_probe_reads_a_captioners_captions(tiny_clip_run, shapes_data, tmp_path,
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
-    asked = []
+    asked, sizes = [], []
     best_of = Captioner.generate_best_of
 
     def spy(self, images, *args, **kwargs):
         asked.append((kwargs["best_of"], kwargs["generator"].initial_seed()))
+        sizes.append(len(images))
         return best_of(self, images, *args, **kwargs)
 
     monkeypatch.setattr(Captioner, "generate_best_of", spy)
     args = ["--clip", str(tiny_clip_run), "--data", str(shapes_data), "--num-pairs", "4"]
     args += ["--captioner", str(captioner)]
-    runs = (("default", [], CAPTION_BEST_OF, 0), ("greedy", ["--captioner-best-of", "1", "--seed", "1"], 1, 1))
-    for out, extra, candidates, seed in runs:
+    greedy = ["--captioner-best-of", "1", "--seed", "1", "--batch-size", "3"]
+    runs = (("default", [], CAPTION_BEST_OF, 0, [8]), ("greedy", greedy, 1, 1, [3, 3, 2]))
+    for out, extra, candidates, seed, batches in runs:
         asked.clear()
+        sizes.clear()
         assert main([*args, "--output-dir", str(tmp_path / out), *extra]) == 0
-        # the captions `clipcond caption --best-of N` writes, sampled from a generator of --seed
+        # the captions `clipcond caption --best-of N` writes, sampled from a generator of --seed, in --batch-size calls
         assert asked and set(asked) == {(candidates, seed)}
+        assert sizes == batches * len(PROBES)
         report = json.loads((tmp_path / out / "probes.json").read_text())
         assert report["settings"]["captioner"] == str(captioner) and set(report["captioner"]) == set(PROBES)
         assert report["settings"]["captioner_best_of"] == candidates

@@ -698,14 +698,24 @@ def generator_figures(
 Captioner = Callable[[torch.Tensor], list[str]]
 
 
-def captioner_figures(caption: Captioner, pairs_by_probe: dict[str, list[MinimalPair]], resolution: int) -> dict:
+def captioner_figures(
+    caption: Captioner, pairs_by_probe: dict[str, list[MinimalPair]], resolution: int, batch_size: int = 64
+) -> dict:
     """A captioner's captions of the probes' images, read back with `read_caption`: per probe, the share whose
-    probed field matches the image's (chance: 1/2, a guess between the pair's two values)."""
+    probed field matches the image's (chance: 1/2, a guess between the pair's two values). `caption` sees at most
+    `batch_size` images a call, so its memory does not grow with the number of pairs."""
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     figures = {}
     for probe, pairs in pairs_by_probe.items():
         if not pairs:
             continue
-        captions = caption(pair_images(pairs, resolution))
+        images = pair_images(pairs, resolution)
+        captions = [
+            text for start in range(0, len(pairs), batch_size) for text in caption(images[start : start + batch_size])
+        ]
+        if len(captions) != len(pairs):
+            raise ValueError(f"`caption` returned {len(captions)} captions for {len(pairs)} {probe} images")
         hits = torch.tensor(
             [float(states_field(probe, read_caption(text), read_caption(p.right))) for text, p in zip(captions, pairs)]
         )

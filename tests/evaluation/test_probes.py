@@ -205,6 +205,17 @@ def test_pairs_from_metadata_and_captioner(shapes_data, judge):
         assert good[probe]["all"]["accuracy"] == 1.0, probe
     assert fixed["relation"]["all"]["accuracy"] == 0.0 and fixed["binding"]["all"]["accuracy"] == 0.0
 
+    # in calls of at most `batch_size` images, with the figures of one call
+    sizes = []
+    batched = probes.captioner_figures(
+        lambda images: sizes.append(len(images)) or reading_captioner(images), pairs, 32, 3
+    )
+    assert batched == good and sizes and max(sizes) == 3
+    with pytest.raises(ValueError, match=f"returned 1 captions for {len(pairs['count'])} count images"):
+        probes.captioner_figures(lambda images: ["a red circle"], {"count": pairs["count"]}, 32)
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1, got 0"):
+        probes.captioner_figures(reading_captioner, pairs, 32, 0)
+
 
 def test_generator_figures_tell_a_perfect_generator_from_a_blind_one(judge):
     prompts = probes.generator_prompts(4, held_out=DEFAULT_HELD_OUT, seed=0)
