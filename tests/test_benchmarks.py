@@ -170,13 +170,19 @@ def test_scheduler_steps_sets_every_sampler_against_the_reference_with_an_interv
     import report
     import scheduler_steps
 
+    from clipcond import pipeline_loading
     from clipcond.data.shapes import class_names, load_dataset_info
     from clipcond.evaluation import judge as judge_module
 
     monkeypatch.setattr(judge_module, "load_or_train_judge", lambda resolution, **kwargs: judge)
     monkeypatch.setattr(scheduler_steps, "REFERENCE", "ddpm@3")  # the 1000-step chain, shortened
+    # `--dtype` reaches the pipeline's loader; the pipeline draws in fp32 all the same, since bf16 is emulated, and slow,
+    # on a CPU without bf16 units
+    load, asked = pipeline_loading.load_pretrained, []
+    monkeypatch.setattr(pipeline_loading, "load_pretrained", lambda *a: asked.append(a[-1]) or load(*a[:-1], "fp32"))
     argv = ["--model", str(pipeline_run), "--data", str(shapes_data), "--samplers", "ddpm@3,dpm@2,dpm-sde@2"]
     assert scheduler_steps.main([*argv, "--images-per-prompt", "2", "--seen-only", "--dtype", "bf16"]) == 0
+    assert asked == ["bf16"]
     result = json.loads(capsys.readouterr().out)
     info = load_dataset_info(shapes_data)
     seen = [c for c in class_names(info) if c not in info["held_out"]]
