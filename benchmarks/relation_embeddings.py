@@ -6,7 +6,9 @@ On the relation probe's minimal pairs (`clipcond probe`: "a red circle left of a
 right of a blue square", seen and held-out compositions of DIR's shapes data), per CLIP run (a run folder or a
 checkpoint's `pretrained/` folder):
 
-- `relation_probe`: the share of pairs whose image is closer to the right caption (`clipcond probe`'s figure);
+- `relation_probe`: the share of pairs whose image is closer to the right caption (`clipcond probe`'s figure), and
+  `binding_probe`, the same for the binding probe's pairs of the same seed (colours swapped between two shapes), so
+  that both probes of the hard-negative bar can be read at one run's checkpoints;
 - text tower: the mean cosine of a caption with the one that says the same the other way round ("B right of A"),
   and with the probe's wrong caption ("A right of B"). A tower that reads relations puts the first closer; one that
   reads the nouns' order but not the relation word puts the wrong caption closer (a bag of words puts the two at
@@ -75,9 +77,9 @@ def side_captions(pairs) -> tuple[list[str], list[str]]:
     return [at(o, o.position) for o in firsts], [at(o, OPPOSITE_POSITION[o.position]) for o in firsts]
 
 
-def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
+def diagnose(run_dir: Path, pairs, resolution: int, binding_pairs) -> dict:
     from clipcond.evaluation.judged import clip_image_features
-    from clipcond.evaluation.probes import pair_images, preferred
+    from clipcond.evaluation.probes import clip_scorer, pair_images, pair_outcomes, preferred
     from clipcond.models.clip import load_clip
 
     clip = load_clip(run_dir, progress=False, what="RUN")
@@ -87,6 +89,9 @@ def diagnose(run_dir: Path, pairs, resolution: int) -> dict:
     score = {name: (image * t).sum(-1) for name, t in text.items()}
     figures = {
         "relation_probe": _mean(preferred(score["right"], score["wrong"])),
+        "binding_probe": _mean(
+            pair_outcomes(clip_scorer(clip), binding_pairs, pair_images(binding_pairs, resolution))
+        ),
         "text_cos_same_meaning": _mean((text["right"] * text["same_meaning"]).sum(-1)),
         "text_cos_wrong": _mean((text["right"] * text["wrong"]).sum(-1)),
     }
@@ -113,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     info = load_dataset_info(args.data)
     if info is None:
         raise ValueError(f"`--data` {str(args.data)!r} holds no shapes data set (no dataset_info.json)")
-    pairs = build_pairs("relation", args.num_pairs, held_out=info.get("held_out") or (), seed=args.seed)
+    pairs, binding_pairs = (
+        build_pairs(probe, args.num_pairs, held_out=info.get("held_out") or (), seed=args.seed)
+        for probe in ("relation", "binding")
+    )
+    resolution = int(info.get("resolution") or 32)
     report = {
         "benchmark": "relation_embeddings",
         "command": command_line("relation_embeddings", argv),
         "settings": {"data": str(args.data), "num_pairs": args.num_pairs, "seed": args.seed},
         "machine": machine(),
-        "runs": {str(run): diagnose(run, pairs, int(info.get("resolution") or 32)) for run in args.runs},
+        "runs": {str(run): diagnose(run, pairs, resolution, binding_pairs) for run in args.runs},
     }
     print(json.dumps(report, indent=2))
     if args.save_results:

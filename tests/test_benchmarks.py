@@ -740,10 +740,16 @@ def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_
 
     assert relation_embeddings.main(["--data", str(shapes_data), "--num-pairs", "6", str(tiny_clip_run)]) == 0
     figures = json.loads(capsys.readouterr().out)["runs"][str(tiny_clip_run)]
-    pairs = build_pairs("relation", 6, held_out=load_dataset_info(shapes_data)["held_out"], seed=0)
-    outcomes = pair_outcomes(clip_scorer(load_clip(tiny_clip_run, progress=False)), pairs, pair_images(pairs, 32))
-    assert figures["relation_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
-    assert figures["num_left_right_pairs"] == sum(p.scene.relation in ("left of", "right of") for p in pairs)
+    score = clip_scorer(load_clip(tiny_clip_run, progress=False))
+    pairs = {
+        p: build_pairs(p, 6, held_out=load_dataset_info(shapes_data)["held_out"], seed=0)
+        for p in ("relation", "binding")
+    }
+    for probe in ("relation", "binding"):
+        outcomes = pair_outcomes(score, pairs[probe], pair_images(pairs[probe], 32))
+        assert figures[f"{probe}_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
+    sideways = [p for p in pairs["relation"] if p.scene.relation in ("left of", "right of")]
+    assert figures["num_left_right_pairs"] == len(sideways)
 
 
 def test_relation_embeddings_captions_say_the_same_or_the_opposite():
