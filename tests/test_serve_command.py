@@ -52,7 +52,9 @@ def test_demo_folder_serves_its_runs_and_an_index_of_its_test_images(demo, tmp_p
     assert f"![confusion matrix](/gradio_api/file={figure})" in text  # the report's figure, where the page serves it
     for link in ("![missing](nowhere.png)", "![escape](../outside.png)", "![weights](decoder/model_index.json)"):
         assert link in text  # no file, outside the demo folder, not an image: left as it is, and not served
-    assert set(serve.allowed_paths(runs)) == {str(tmp_path), str(demo / "data" / "test"), str(figure)}
+    # the output folder, and file by file the test images (indexed in memory) and the report's figure
+    test_images = {str(path) for path in (demo / "data" / "test").glob("*.png")}
+    assert set(serve.allowed_paths(runs)) == {str(tmp_path), *test_images, str(figure)}
     assert f"from the demo folder `{demo}`" in panel.serving_line(runs)
     assert files_under(demo) == before  # nothing written into the demo folder
 

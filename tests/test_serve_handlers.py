@@ -272,6 +272,8 @@ def test_caption_answers_and_refuses_bad_input(served, shapes_data, broken_file)
     with pytest.raises(RequestError, match="`temperature` must be > 0, got 0"):  # the candidates are sampled at it
         handlers.caption(served, image=image, temperature=0)
     assert handlers.caption(served, image=image, question=question, temperature=0, max_new_tokens=4) == answer
+    # an emptied temperature field: no matter to greedy decoding
+    assert handlers.caption(served, image=image, question=question, temperature=None, max_new_tokens=4) == answer
     with pytest.raises(RequestError, match="'broken.png' cannot be read as an image"):
         handlers.caption(served, image=str(broken_file))
 
@@ -316,6 +318,8 @@ def test_flags_that_cannot_be_served_are_refused(pipeline_run, unclip_runs, tmp_
         paths_from_flags([str(pipeline_run)], index=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nothing to serve"):
         paths_from_flags([])
+    with pytest.raises(ValueError, match=r"`--clip` '.*' is the CLIP of an index that moved: pass it with `--index"):
+        paths_from_flags([str(pipeline_run)], clip=pipeline_run)
 
 
 def test_an_output_folder_among_the_runs_is_refused(pipeline_run):
@@ -323,3 +327,39 @@ def test_an_output_folder_among_the_runs_is_refused(pipeline_run):
     for folder in (pipeline_run, pipeline_run / "unet", pipeline_run.parent):
         with pytest.raises(ValueError, match="`--output-dir` .* is, holds or lies in the text_to_image folder"):
             ServedRuns(paths, output_dir=folder, device="cpu")
+
+
+def test_an_output_folder_holding_other_files_is_refused(pipeline_run, tmp_path):
+    """The page sends every file of its output folder: one that holds a user's files (a home folder) is refused; one
+    that holds only an earlier server's request folders is reused."""
+    paths = paths_from_flags([str(pipeline_run)])
+    (tmp_path / "home" / ".ssh").mkdir(parents=True)
+    (tmp_path / "home" / ".ssh" / "id_rsa").write_text("secret")
+    with pytest.raises(ValueError, match=r"`--output-dir` '.*home' holds '.ssh', which is not a request folder"):
+        ServedRuns(paths, output_dir=tmp_path / "home", device="cpu")
+    (tmp_path / "earlier" / "00000-generate").mkdir(parents=True)
+    runs = ServedRuns(paths, output_dir=tmp_path / "earlier", device="cpu")
+    assert runs.request_folder("generate").name == "00001-generate"
+
+
+def test_the_page_sends_the_indexed_images_not_what_lies_beside_them(tiny_clip_run, shapes_data, tmp_path):
+    from clipcond import serve
+    from clipcond.index import ImageIndex
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sample_files(shapes_data, 3):
+        (photos / Path(path).name).write_bytes(Path(path).read_bytes())
+    (photos / "notes.html").write_text("<script>private</script>")
+    assert cli.main(["index", str(photos), "--model", str(tiny_clip_run), "--output", str(tmp_path / "idx")]) == 0
+    runs = ServedRuns(RunPaths(index=tmp_path / "idx"), output_dir=tmp_path / "out", device="cpu")
+    allowed = [Path(path) for path in serve.allowed_paths(runs)]
+    assert sorted(allowed) == sorted(
+        [tmp_path / "out", *(photos / Path(p).name for p in sample_files(shapes_data, 3))]
+    )
+    assert not any((photos / "notes.html").is_relative_to(path) for path in allowed)
+
+    # an index whose images are all gone serves no image, and the page still builds
+    ImageIndex.empty(photos, runs.clip_run).save(tmp_path / "empty")
+    empty = ServedRuns(RunPaths(index=tmp_path / "empty"), output_dir=tmp_path / "out", device="cpu")
+    assert len(empty.index) == 0 and serve.allowed_paths(empty) == [str(tmp_path / "out")]

@@ -336,7 +336,8 @@ def caption(
         raise RequestError("no captioner is served: start with `--captioner CAP`")
     prompt = (question or "").strip() or None
     best_of = 1 if do_sample or prompt is not None else CAPTION_BEST_OF  # as the commands' defaults
-    if (do_sample or best_of > 1) and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
+    samples = bool(do_sample) or best_of > 1
+    if samples and not (temperature is not None and math.isfinite(temperature) and temperature > 0):
         raise RequestError(f"`temperature` must be > 0, got {temperature!r}")
     max_new_tokens = whole_number("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     seed = whole_number("seed", seed, 0, MAX_SEED)
@@ -346,14 +347,14 @@ def caption(
         try:
             options = {
                 "max_new_tokens": max_new_tokens,
-                "temperature": float(temperature),
+                "temperature": float(temperature) if samples else 1.0,  # greedy decoding reads no temperature
                 "generator": generator,
                 "max_new_tokens_name": "max new tokens",
             }
             if best_of > 1:
                 texts = runs.captioner.generate_best_of([pil], best_of=best_of, **options)
             else:
-                texts = runs.captioner.generate([pil], prompt, do_sample=bool(do_sample), **options)
+                texts = runs.captioner.generate([pil], prompt, do_sample=samples, **options)
         except ValueError as err:  # more tokens than the language model has positions for
             raise RequestError(str(err)) from None
     return texts[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +17,7 @@ from clipcond.runs import RunRecord, check_finished
 
 # How many of a demo's test images the Vary and Caption tabs offer to pick from.
 TEST_IMAGES = 36
+REQUEST_FOLDER = re.compile(r"\d{5}-[a-z]+")  # one request's files: `00003-generate`
 
 
 @dataclass
@@ -64,6 +66,11 @@ def paths_from_flags(
             if not os.path.isdir(value):
                 raise FileNotFoundError(f"`--{flag}` {os.fspath(value)!r} does not exist")
             setattr(paths, flag, Path(value))
+    if clip is not None and index is None and demo is None:
+        raise ValueError(
+            f"`--clip` {os.fspath(clip)!r} is the CLIP of an index that moved: pass it with `--index INDEX` (or "
+            "`--demo OUT`, whose test images it then indexes)"
+        )
     if paths.prior is not None and paths.image_decoder is None:
         raise ValueError(
             f"`--prior` {os.fspath(paths.prior)!r} needs an image-embedding decoder to draw its embeddings: pass "
@@ -94,8 +101,9 @@ def paths_from_demo(layout: DemoLayout) -> RunPaths:
 
 
 def check_output_folder(output_dir: str | os.PathLike, paths: RunPaths) -> None:
-    """Refuse an output folder that is, holds or lies in a folder served: the page sends the files of its output
-    folder, so a run's weights (or a data set) must not be among them."""
+    """Refuse an output folder that is, holds or lies in a folder served, or that holds anything but the request
+    folders of an earlier server (`ServedRuns.request_folder`): the page sends every file of its output folder, so a
+    run's weights, a data set or a user's own files must not be among them."""
     out = Path(output_dir).resolve()
     for part, folder in paths.items():
         folder = Path(folder).resolve()
@@ -104,6 +112,16 @@ def check_output_folder(output_dir: str | os.PathLike, paths: RunPaths) -> None:
                 f"`--output-dir` {os.fspath(output_dir)!r} is, holds or lies in the {part} folder {str(folder)!r}: "
                 "the page sends the files of its output folder; pass a folder of its own"
             )
+    others = (
+        sorted(entry.name for entry in out.iterdir() if not REQUEST_FOLDER.fullmatch(entry.name))
+        if out.is_dir()
+        else []
+    )
+    if others:
+        raise ValueError(
+            f"`--output-dir` {os.fspath(output_dir)!r} holds {others[0]!r}, which is not a request folder of "
+            "`clipcond serve`: the page sends every file of its output folder; pass an empty or a new folder"
+        )
 
 
 class ServedRuns:
@@ -165,7 +183,7 @@ class ServedRuns:
         return [(f"{path.name}: {caption}", path) for path, caption in pairs]
 
     def request_folder(self, kind: str) -> Path:
-        """A new folder for one request's files (`00003-generate`), under `output_dir`."""
+        """A new folder for one request's files (`00003-generate`, matching `REQUEST_FOLDER`), under `output_dir`."""
         folder = self.output_dir / f"{next(self._requests):05d}-{kind}"
         while folder.exists():  # an output folder reused across restarts
             folder = self.output_dir / f"{next(self._requests):05d}-{kind}"
