@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
 from clipcond.models.presets import preset_fields
 from clipcond.models.unet import sample_size_multiple, unet_presets
-from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, vae_folder
+from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, load_vae_config, vae_folder
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
 
@@ -70,18 +71,25 @@ def check_space_args(args: argparse.Namespace) -> None:
 
 
 def check_space_fits(args: argparse.Namespace, resolution: int) -> None:
-    """Reject a `--space-to-depth` whose blocks do not tile the images, or leave the `--model` preset's UNet too small
-    a sample to halve at each of its levels, naming the options and the sizes."""
+    """Reject a `--space-to-depth` whose blocks do not tile the images, a `--vae` whose latents do not, or either
+    leaving the `--model` preset's UNet too small a sample to halve at each of its levels, naming the options and the
+    sizes. Reads the VAE's config only: before anything is encoded."""
     factor = args.space_to_depth
     if resolution % factor:
         raise ValueError(f"`--space-to-depth {factor}` must divide the image size {resolution}")
-    if factor == 1:
+    if args.vae is not None:
+        config = load_vae_config(args.vae)
+        check_fits_resolution(config, resolution, "--vae", args.vae)
+        side, option, fix = resolution // downsampling_factor(config), f"`--vae {args.vae}`", "another --resolution"
+    elif factor > 1:
+        side, option, fix = resolution // factor, f"`--space-to-depth {factor}`", "a smaller factor"
+    else:
         return
-    side, multiple = resolution // factor, sample_size_multiple(preset_fields(args.model, unet_presets(), "UNet"))
+    multiple = sample_size_multiple(preset_fields(args.model, unet_presets(), "UNet"))
     if side % multiple:
         raise ValueError(
-            f"`--space-to-depth {factor}` leaves the UNet {side} x {side} samples, but a `--model {args.model}` UNet "
-            f"needs a multiple of {multiple}; use a smaller factor"
+            f"{option} leaves the UNet {side} x {side} samples of `--resolution {resolution}` images, but a "
+            f"`--model {args.model}` UNet needs a multiple of {multiple}; use {fix}"
         )
 
 
@@ -144,9 +152,12 @@ class _LatentRows(torch.utils.data.Dataset):
         return row, int(self.item_indices[row])
 
 
-def _collate_latent_rows(items: list[tuple[int, int]]) -> dict:
+def _collate_latent_rows(items: list[tuple[int, int]], skipped: tuple[str, ...] = ()) -> dict:
+    """A batch of cache rows. `skipped`: the image files the cache could not read when it was built (the next
+    readable image stands in for each), reported with every batch so that the loop counts them against
+    `--max-skipped-fraction` as it counts the files the pixel path meets."""
     rows, indices = zip(*items, strict=True)
-    return {"latent_row": torch.tensor(rows), "index": torch.tensor(indices), "skipped": []}
+    return {"latent_row": torch.tensor(rows), "index": torch.tensor(indices), "skipped": list(skipped)}
 
 
 class LatentSpace:
@@ -164,7 +175,7 @@ class LatentSpace:
 
     def training_data(self, dataset) -> tuple[torch.utils.data.Dataset, Callable]:
         """What the loop iterates and how it batches: cache rows (the conditioning reads their items' indices)."""
-        return _LatentRows(self.cache.item_indices), _collate_latent_rows
+        return _LatentRows(self.cache.item_indices), partial(_collate_latent_rows, skipped=tuple(self.cache.skipped))
 
     def sample(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Posterior samples of the batch's latents, scaled: (B, C, h, w)."""

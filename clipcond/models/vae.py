@@ -42,14 +42,15 @@ def create_vae(config: dict) -> AutoencoderKL:
     return AutoencoderKL(**config)
 
 
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent pixel along a side."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def downsampling_factor(vae: AutoencoderKL | dict) -> int:
+    """Pixels per latent pixel along a side, of a VAE or of its config (`load_vae_config`)."""
+    config = vae.config if isinstance(vae, AutoencoderKL) else vae
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def check_fits_resolution(vae: AutoencoderKL, resolution: int, flag: str, path: str | os.PathLike) -> None:
+def check_fits_resolution(vae: AutoencoderKL | dict, resolution: int, flag: str, path: str | os.PathLike) -> None:
     """A `ValueError` naming the resolution, `flag` and `path` when images of `resolution` px do not divide into
-    whole latent pixels of `vae`."""
+    whole latent pixels of `vae` (a VAE or its config)."""
     factor = downsampling_factor(vae)
     if resolution % factor:
         raise ValueError(
@@ -63,6 +64,11 @@ def load_vae(path: str | os.PathLike, flag: str = "--vae") -> AutoencoderKL:
     `diffusion_pytorch_model.safetensors`), or a pipeline folder that holds one in `vae/`. Safetensors weights
     only (a pickle file can run code when loaded). Errors name `flag` and the path."""
     return AutoencoderKL.from_pretrained(vae_folder(path, flag), use_safetensors=True, local_files_only=True)
+
+
+def load_vae_config(path: str | os.PathLike, flag: str = "--vae") -> dict:
+    """The config of the `AutoencoderKL` that `path` names, checked as `load_vae` checks it, without its weights."""
+    return json.loads((vae_folder(path, flag) / "config.json").read_text())
 
 
 def vae_folder(path: str | os.PathLike, flag: str = "--vae") -> Path:

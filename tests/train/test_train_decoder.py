@@ -281,7 +281,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(decoder_run, shapes_data
         (
             {"--space-to-depth": "16"},
             ValueError,
-            "`--space-to-depth 16` leaves the UNet 1 x 1 samples, but a `--model",
+            "`--space-to-depth 16` leaves the UNet 1 x 1 samples of `--resolution 16` images, but a `--model",
         ),
     ],
 )

@@ -4,6 +4,7 @@ commands and `clipcond eval unclip` on it, resume after SIGKILL, errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -265,11 +266,43 @@ def test_resume_after_sigkill_matches_uninterrupted_run(
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_unreadable_images_count_against_the_limit(shapes_data, tiny_clip_run, vae_folder, tmp_path, capsys):
+    """The latent cache stands the next readable image in for an unreadable one; the run counts those files as the
+    pixel path counts the ones it meets, and stops past `--max-skipped-fraction`."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data)
+    for name in ("00003.png", "00010.png"):
+        (data / "train" / name).write_bytes(b"not a png")
+    fast = ["--max-train-steps", "1", "--validation-steps", "0", "--checkpointing-steps", "0"]
+    assert main(_argv(tiny_clip_run, data, vae_folder, tmp_path / "run", *fast)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped_files"] == 2
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match=r"2 of the 240 training images could not be read \(0.8%\).*00003.png"):
+        main(_argv(tiny_clip_run, data, vae_folder, tmp_path / "strict", *fast, "--max-skipped-fraction", "0.005"))
+
+
 def test_bad_vae_is_named(shapes_data, tiny_clip_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="`--vae` folder '.*nowhere' does not exist"):
         main(_argv(tiny_clip_run, shapes_data, tmp_path / "nowhere", tmp_path / "o"))
     with pytest.raises(ValueError, match="`--vae` '.*' is not an AutoencoderKL folder: its config.json names "):
         main(_argv(tiny_clip_run, shapes_data, tiny_clip_run, tmp_path / "o"))
+
+
+@pytest.mark.parametrize(
+    ("resolution", "message"),
+    [
+        ("17", r"`--resolution` 17 is not divisible by 2, the downsampling factor of `--vae`"),
+        ("18", r"`--vae .*` leaves the UNet 9 x 9 samples of `--resolution 18` images, but a `--model test` UNet "),
+    ],
+)
+def test_latents_that_do_not_fit_the_unet_are_refused_before_encoding(
+    shapes_data, tiny_clip_run, vae_folder, tmp_path, resolution, message
+):
+    with pytest.raises(ValueError, match=message):
+        main(_argv(tiny_clip_run, shapes_data, vae_folder, tmp_path / "o", "--resolution", resolution))
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing encoded: no text or latent cache
 
 
 def test_resume_refuses_another_vae(latent_run, conditioning, shapes_data, tiny_clip_run, tmp_path):
