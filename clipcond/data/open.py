@@ -99,20 +99,11 @@ def is_streamed(dataset) -> bool:
 
 
 def items_at(dataset, indices: Sequence[int]) -> list[dict]:
-    """The items at `indices` of a map-style or streamed data set (the latter in one pass, in shard order)."""
+    """The items at `indices` of a map-style or streamed data set (the latter in shard order, decoding only those)."""
     if not is_streamed(dataset):
         return [dataset[i] for i in indices]
-    wanted = {int(i): None for i in indices}
-    remaining = set(wanted)
-    for position, item in enumerate(dataset.in_order()):
-        if position in remaining:
-            wanted[position] = item
-            remaining.discard(position)
-            if not remaining:
-                break
-    if remaining:
-        raise IndexError(f"indices {sorted(remaining)[:5]} out of range for a data set of {len(dataset)} items")
-    return [wanted[int(i)] for i in indices]
+    found = dataset.items_at(indices)
+    return [found[int(i)] for i in indices]
 
 
 def open_at_resolution(

@@ -578,6 +578,38 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
         records = (r for shard in self.shards[worker_id::num_workers] for r in self._records(shard))
         yield from self._samples(records, skip=0, limit=None)
 
+    def items_at(self, positions: Sequence[int]) -> dict[int, dict]:
+        """The items at `positions` of `in_order()`, decoding only their images: reading a local shard's headers
+        costs no image I/O, so a few items spread over a large data set do not decode all of it. An unreadable
+        image's place goes to the next readable one, as in the stream (past the last readable one, the stream itself
+        is read to its end)."""
+        wanted = sorted({int(p) for p in positions})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self):
+            raise IndexError(f"positions {wanted[:5]} out of range for a data set of {len(self)} items")
+        found, pending, skipped, ahead = {}, [], [], iter(wanted)
+        target = next(ahead, None)
+        records = (r for shard in self.shards for r in self._records(shard))
+        with _ShardFiles() as files:
+            for position, record in enumerate(records):
+                if target is None and not pending:
+                    break
+                if position == target:
+                    pending.append(position)
+                    target = next(ahead, None)
+                if not pending:
+                    continue  # no image to decode here
+                sample = self._decode(record, None if record.data is not None else files.get(record.shard))
+                if sample is None:
+                    skipped.append(f"{record.shard}:{record.key}.{record.image_extension}")
+                    continue
+                for i, waiting in enumerate(pending):
+                    found[waiting] = {**sample, "skipped": skipped if i == 0 else []}
+                pending, skipped = [], []
+        if pending:  # unreadable to the end: the stream gives these places its last readable sample
+            last = set(pending)
+            found.update((p, item) for p, item in enumerate(self.in_order()) if p in last)
+        return found
+
     def _samples(self, records: Iterator[_Record], skip: int, limit: int | None) -> Iterator[dict]:
         """Decode records into items, after skipping `skip` of them undecoded, up to `limit` items. An unreadable
         image's place goes to the next readable sample (the last one at the end of the stream)."""

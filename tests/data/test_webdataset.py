@@ -166,7 +166,28 @@ def test_unreadable_images_are_replaced_by_the_next_readable_one(shapes_data, tm
     assert [s["index"] for s in items] == [folder[i]["index"] for i in range(12)]  # 0 1 2 3 5 5 6 ...
     assert items[4]["skipped"] and items[4]["skipped"][0].endswith("000004.png") and not items[5]["skipped"]
     assert "skipping unreadable image" in caplog.text
-    assert items_at(streamed, [4, 11])[1]["index"] == 11
+    picked = items_at(streamed, [4, 11])
+    assert [p["index"] for p in picked] == [5, 11] and picked[0]["skipped"] == items[4]["skipped"]
+    # the last image unreadable: its place gets the last readable sample, as in the stream
+    (source / rows[11]["file_name"]).write_bytes(b"not an image")
+    convert_main([str(source), "--split", "train", "--shard-size", "6", "--output-dir", str(tmp_path / "t")])
+    streamed = ShardedImageCaptionDataset(tmp_path / "t")
+    assert items_at(streamed, [11])[0]["index"] == list(streamed)[11]["index"] == 10
+
+
+def test_items_at_decodes_only_the_items_asked_for(shards, monkeypatch):
+    streamed = ShardedImageCaptionDataset(_pattern(shards))
+    everything = list(streamed.in_order())
+    decoded, decode = [], ShardedImageCaptionDataset._decode
+    monkeypatch.setattr(
+        ShardedImageCaptionDataset, "_decode", lambda self, *args: decoded.append(args[0].key) or decode(self, *args)
+    )
+    picked = items_at(streamed, [239, 0, 117, 117])
+    assert [p["index"] for p in picked] == [everything[i]["index"] for i in (239, 0, 117, 117)]
+    assert torch.equal(picked[0]["pixel_values"], everything[239]["pixel_values"])
+    assert len(decoded) == 3  # not the 240 of a pass over the stream
+    with pytest.raises(IndexError, match=r"positions \[240\] out of range for a data set of 240 items"):
+        items_at(streamed, [240])
 
 
 @pytest.mark.parametrize("piped", [False, True], ids=["local", "pipe"])
