@@ -21,6 +21,7 @@ import torch
 from clipcond.conditioning import model_fingerprint
 from clipcond.finite import check_finite_tensor
 from clipcond.image_cache import encode_dataset, image_cache_key, load_or_build, read_image_cache, save_image_cache
+from clipcond.models.vae import downsampling_factor, to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def encode_posteriors(
     """The posterior mean and std (N, C, h, w) fp16 of every item of `dataset`, the index of the item each row came
     from (N,), and the unreadable files met."""
     device = torch.device(device) if device is not None else vae.device
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(vae)
 
     def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if pixels.shape[-1] % factor or pixels.shape[-2] % factor:
@@ -130,7 +131,7 @@ def encode_posteriors(
                 f"the data set gives {tuple(pixels.shape[-2:])} images, not divisible by the VAE's downsampling "
                 f"factor {factor}; choose a resolution that is"
             )
-        sample = (pixels.to(device).float() / 127.5 - 1.0).to(vae.dtype)
+        sample = to_model_range(pixels.to(device)).to(vae.dtype)
         posterior = vae.encode(sample).latent_dist
         return posterior.mean.to("cpu", torch.float16), posterior.std.to("cpu", torch.float16)
 

@@ -34,7 +34,14 @@ from clipcond.latents import LatentCache
 from clipcond.lineage import content_hash
 from clipcond.models.presets import preset_fields
 from clipcond.models.unet import sample_size_multiple, unet_presets
-from clipcond.models.vae import check_fits_resolution, downsampling_factor, load_vae, load_vae_config, vae_folder
+from clipcond.models.vae import (
+    check_fits_resolution,
+    downsampling_factor,
+    load_vae,
+    load_vae_config,
+    to_model_range,
+    vae_folder,
+)
 from clipcond.train.loop import draw_rows
 from clipcond.transfer import to_device
 
@@ -93,21 +100,6 @@ def check_space_fits(args: argparse.Namespace, resolution: int) -> None:
         )
 
 
-def encode_images_to_model_space(
-    pixels: torch.Tensor, vae=None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) -> what the UNet denoises: pixels in [-1, 1], or with a VAE (diffusers
-    `AutoencoderKL`) its sampled latents (B, C, H/f, W/f) times `scaling_factor`, as the pipeline decodes them."""
-    if pixels.dtype != torch.uint8:
-        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
-    sample = pixels.float() / 127.5 - 1.0
-    if vae is None:
-        return sample
-    with torch.no_grad():
-        latents = vae.encode(sample.to(vae.dtype)).latent_dist.sample(generator)
-    return latents.float() * vae.config.scaling_factor
-
-
 class PixelSpace:
     """The UNet denoises the images' pixels in [-1, 1] at the data's resolution, or (`space_to_depth` F > 1) the
     same pixels as F x F blocks: (3 F^2, H/F, W/F)."""
@@ -128,7 +120,7 @@ class PixelSpace:
 
     def sample(self, batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """The batch's clean samples (B, 3 F^2, H/F, W/F); (B, 3, H, W) when F = 1."""
-        pixels = encode_images_to_model_space(to_device(batch["pixel_values"], device))
+        pixels = to_model_range(to_device(batch["pixel_values"], device))
         return F.pixel_unshuffle(pixels, self.space_to_depth) if self.space_to_depth > 1 else pixels
 
     def pipeline_modules(self) -> dict:

@@ -51,6 +51,7 @@ from clipcond.models.vae import (
     load_vae,
     measure_scaling_factor,
     set_scaling_factor,
+    to_model_range,
     vae_config,
 )
 from clipcond.plots import image_grid
@@ -188,11 +189,6 @@ class AutoencoderTraining(nn.Module):
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)  # reparameterised sample
         return self.vae.decode(latents).sample, posterior.mean, posterior.logvar
-
-
-def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float in [-1, 1], the VAE's input range."""
-    return pixels.float() / 127.5 - 1.0
 
 
 # -------------------------------------------------------------------------------------------------- the stage

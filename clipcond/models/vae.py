@@ -42,6 +42,13 @@ def create_vae(config: dict) -> AutoencoderKL:
     return AutoencoderKL(**config)
 
 
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float in [-1, 1]: what the VAE encodes, and what a pixel-space UNet denoises."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"`pixels` must be uint8 in [0, 255], got {pixels.dtype}")
+    return pixels.float() / 127.5 - 1.0
+
+
 def downsampling_factor(vae: AutoencoderKL | dict) -> int:
     """Pixels per latent pixel along a side, of a VAE or of its config (`load_vae_config`)."""
     config = vae.config if isinstance(vae, AutoencoderKL) else vae

@@ -14,7 +14,7 @@ import kill_at_step
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
@@ -22,6 +22,7 @@ from without_clipcond import assert_ships_its_code, assert_stock_diffusers_draws
 
 from clipcond import conditioning as conditioning_module
 from clipcond.lineage import content_hash
+from clipcond.models.vae import to_model_range
 from clipcond.train import decoder, diffusion, loop
 from clipcond.train.decoder import (
     DecoderStage,
@@ -31,7 +32,7 @@ from clipcond.train.decoder import (
     min_snr_weights,
 )
 from clipcond.train.decoder_conditioning import UNetInputs
-from clipcond.train.model_space import PixelSpace, encode_images_to_model_space
+from clipcond.train.model_space import PixelSpace
 from clipcond.train.text_decoder import TextConditioning
 
 # The numpy-2 `__array__` copy DeprecationWarning of diffusers' DPM-Solver, which validation samples with.
@@ -445,26 +446,12 @@ def test_resume_refuses_another_clip():
         stage.load_extra_state({"clip_content_hash": "0123456789abcdef"})
 
 
-def test_images_to_model_space_pixels_and_latents():
+def test_images_to_model_range():
     pixels = torch.tensor([0, 255, 0, 255], dtype=torch.uint8).view(1, 1, 2, 2).expand(2, 3, 2, 2)
-    torch.testing.assert_close(encode_images_to_model_space(pixels), pixels.float() / 127.5 - 1)
-    assert encode_images_to_model_space(pixels).min() == -1 and encode_images_to_model_space(pixels).max() == 1
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=8,
-    )
-    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    latents = encode_images_to_model_space(images, vae, torch.Generator().manual_seed(0))
-    assert latents.shape == (2, 4, 4, 4)
-    with torch.no_grad():
-        expected = vae.encode(images.float() / 127.5 - 1).latent_dist.sample(torch.Generator().manual_seed(0))
-    torch.testing.assert_close(latents, expected * vae.config.scaling_factor)
+    torch.testing.assert_close(to_model_range(pixels), pixels.float() / 127.5 - 1)
+    assert to_model_range(pixels).min() == -1 and to_model_range(pixels).max() == 1
+    with pytest.raises(ValueError, match="`pixels` must be uint8 in \\[0, 255\\], got torch.float32"):
+        to_model_range(pixels.float())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.loss import AutoencoderKLLoss
-from clipcond.models.vae import create_vae, load_vae, vae_config
+from clipcond.models.vae import create_vae, load_vae, to_model_range, vae_config
 from clipcond.train.vae import (
     GRID_COLUMNS,
     AutoencoderTraining,
@@ -26,7 +26,6 @@ from clipcond.train.vae import (
     main,
     reconstruct,
     reconstruction_metrics,
-    to_model_range,
 )
 
 STEPS = 4  # checkpoints and validation every 2 steps
