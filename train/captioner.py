@@ -36,7 +36,7 @@ import torch
 from accelerate import Accelerator
 
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import add_data_arguments, dataset_options
+from clipcond.data.open import add_data_arguments, add_validation_split_argument, dataset_options, validation_split
 from clipcond.data.questions import QUESTION_TYPES, has_questions, question_texts, questions_for
 from clipcond.data.shapes import is_shapes_data, load_dataset_info
 from clipcond.finite import finite_float
@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of training examples that are questions about the image, on the shapes data (0: captions only)",
     )
     val = parser.add_argument_group("validation (`clipcond eval captioner` on the first images of a split)")
-    val.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    add_validation_split_argument(val)
     val.add_argument("--validation-max-images", type=int, default=64, help="images per validation")
     add_training_args(parser, **TRAINING_DEFAULTS)
     return parse_training_args(parser, argv, check_captioner_args)
@@ -342,15 +342,14 @@ class CaptionerStage(Stage):
 
 def open_data(args: argparse.Namespace, resolution: int) -> tuple[ImageCaptionDataset, ImageCaptionDataset | None]:
     """The training split at the vision tower's resolution, and the validation split (None when validation is off,
-    the split does not exist, or the data is not the shapes data, whose metadata validation scores against)."""
+    the default split is missing (`validation_split`), or the data is not the shapes data, whose metadata
+    validation scores against)."""
     options = {**dataset_options(args), "resolution": resolution}
     dataset = ImageCaptionDataset(args.data, split=args.split, **options)
-    if not args.validation_steps or args.validation_split == "none" or not is_shapes_data(dataset.info):
+    split = validation_split(args) if args.validation_steps and is_shapes_data(dataset.info) else None
+    if split is None:
         return dataset, None
-    if not Path(args.data, args.validation_split).is_dir():
-        logger.info("no split %r in %s: no validation", args.validation_split, args.data)
-        return dataset, None
-    return dataset, ImageCaptionDataset(args.data, split=args.validation_split, **options)
+    return dataset, ImageCaptionDataset(args.data, split=split, **options)
 
 
 def tokenizer_texts(dataset: ImageCaptionDataset, questions: bool) -> list[str]:

@@ -28,10 +28,12 @@ from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
 from clipcond.data.open import (
     add_data_arguments,
+    add_validation_split_argument,
     dataset_options,
     is_streamed,
     native_resolution,
     open_image_text_dataset,
+    validation_split,
 )
 from clipcond.evaluation.clip import evaluate_clip
 from clipcond.evaluation.zero_shot import DEFAULT_TEMPLATES
@@ -117,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data = parser.add_argument_group("data")
     add_data_arguments(data)
-    data.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    add_validation_split_argument(data)
     data.add_argument("--validation-max-images", type=int, default=1000, help="images used by each validation")
     data.add_argument(
         "--image-cache-mb",
@@ -538,13 +540,11 @@ def open_clip_data(
     resolution = resolution or native_resolution(dataset)
     if not is_streamed(dataset):  # streamed shards are decoded as they come
         _cache_images(dataset, resolution, args.image_cache_mb)
-    validation = None
-    if args.validation_split != "none" and Path(args.data, args.validation_split).is_dir():
-        val_set = ImageCaptionDataset(args.data, split=args.validation_split, resolution=resolution, **dataset_kwargs)
+    validation, split = None, validation_split(args)
+    if split is not None:
+        val_set = ImageCaptionDataset(args.data, split=split, resolution=resolution, **dataset_kwargs)
         held_out = (val_set.info or {}).get("held_out")
         validation = (val_set, held_out, args.validation_max_images)
-    elif args.validation_split != "none":
-        logger.info("no %r split in %s; validation is off", args.validation_split, args.data)
     return dataset, resolution, validation
 
 

@@ -39,7 +39,12 @@ from accelerate import Accelerator
 
 from clipcond.conditioning import ImageEmbeddingCache, TextEmbeddingCache, unique_captions
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.open import dataset_options, open_image_text_dataset
+from clipcond.data.open import (
+    add_validation_split_argument,
+    dataset_options,
+    open_image_text_dataset,
+    validation_split,
+)
 from clipcond.encoders.base import FrozenEncoder
 from clipcond.help_formatter import HelpFormatter
 from clipcond.hub import check_local_folder
@@ -141,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_caption_dropout_arg(diffusion)
     add_ema_args(parser, "prior weights")
     val = parser.add_argument_group("validation (`clipcond eval prior` on the first captions of a split)")
-    val.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    add_validation_split_argument(val)
     val.add_argument("--validation-max-captions", type=int, default=128, help="captions (items) per validation")
     add_sampler_args(val, steps=25, steps_help="DDPM sampling steps", guidance_scale=4.0)
     add_training_args(parser, **TRAINING_DEFAULTS)
@@ -271,15 +276,13 @@ def open_prior_data(
     args: argparse.Namespace, resolution: int
 ) -> tuple[torch.utils.data.Dataset, ImageCaptionDataset | None]:
     """The training split at the image encoder's `resolution`, and the validation split (None when validation is
-    off or the split does not exist)."""
+    off, or the default split is missing: `validation_split`)."""
     dataset_kwargs = {**dataset_options(args), "resolution": resolution}
     dataset = open_image_text_dataset(args.data, split=args.split, **dataset_kwargs)
-    if not args.validation_steps or args.validation_split == "none":
+    split = validation_split(args) if args.validation_steps else None
+    if split is None:
         return dataset, None
-    if not Path(args.data, args.validation_split).is_dir():
-        logger.info("no split %r in %s: no validation", args.validation_split, args.data)
-        return dataset, None
-    return dataset, ImageCaptionDataset(args.data, split=args.validation_split, **dataset_kwargs)
+    return dataset, ImageCaptionDataset(args.data, split=split, **dataset_kwargs)
 
 
 @dataclass

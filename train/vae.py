@@ -39,7 +39,14 @@ from PIL import Image
 from torch import nn
 
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
-from clipcond.data.open import add_data_arguments, dataset_options, items_at, open_at_resolution
+from clipcond.data.open import (
+    add_data_arguments,
+    add_validation_split_argument,
+    dataset_options,
+    items_at,
+    open_at_resolution,
+    validation_split,
+)
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
 from clipcond.lineage import content_hash
@@ -142,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scaling-factor-images", type=int, default=512, help="training images the scaling factor is measured on"
     )
     val = parser.add_argument_group("validation (reconstructions of held-out images: grid and PSNR)")
-    val.add_argument("--validation-split", default="test", help="split of --data to validate on ('none' to skip)")
+    add_validation_split_argument(val)
     val.add_argument("--validation-max-images", type=int, default=32, help="images reconstructed per validation")
     add_training_args(parser, **TRAINING_DEFAULTS)
     return parse_training_args(parser, argv, check_vae_args)
@@ -349,19 +356,15 @@ def evenly_spaced_pixels(dataset, count: int) -> torch.Tensor:
 
 
 def make_validation(args: argparse.Namespace, resolution: int, output_dir: Path) -> VaeValidation | None:
-    """The first `--validation-max-images` images of `--validation-split` (None when validation is off or the data
-    has no such split)."""
-    if not args.validation_steps or args.validation_split == "none":
+    """The first `--validation-max-images` images of `--validation-split` (None when validation is off, or the
+    default split is missing: `validation_split`)."""
+    split = validation_split(args) if args.validation_steps else None
+    if split is None:
         return None
-    if not Path(args.data, args.validation_split).is_dir():
-        logger.info("no split %r in %s: no validation", args.validation_split, args.data)
-        return None
-    dataset = ImageCaptionDataset(
-        args.data, split=args.validation_split, resolution=resolution, **dataset_options(args)
-    )
+    dataset = ImageCaptionDataset(args.data, split=split, resolution=resolution, **dataset_options(args))
     count = min(args.validation_max_images, len(dataset))
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(count)])
-    return VaeValidation(pixels=pixels, split=args.validation_split, out_dir=output_dir / "validation")
+    return VaeValidation(pixels=pixels, split=split, out_dir=output_dir / "validation")
 
 
 def run_record(args: argparse.Namespace, *, dataset, resolution: int, vae: AutoencoderKL, stage: VaeStage) -> dict:

@@ -1,11 +1,13 @@
 """One entry for the training commands' `--data`: a folder or CSV (map-style `ImageCaptionDataset`) or WebDataset
 shards (streamed `ShardedImageCaptionDataset`). Both yield the same items and have `captions`, `info`,
 `resolution` and `len()`; `clipcond.train.loop.train` handles either. Also the data arguments the commands share
-(`add_data_arguments`, `add_allow_outside_paths`) and the data set options they give (`dataset_options`)."""
+(`add_data_arguments`, `add_allow_outside_paths`, `add_validation_split_argument`), the data set options they give
+(`dataset_options`) and the split they validate on (`validation_split`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import torch
 
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.webdataset import ShardedImageCaptionDataset, is_shard_source
+
+logger = logging.getLogger(__name__)
 
 DATA_HELP = (
     "an imagefolder root (with train/ and test/), a split folder or a CSV file; or WebDataset tar shards from "
@@ -46,6 +50,39 @@ def add_data_arguments(group: argparse.ArgumentParser | argparse._ArgumentGroup)
     group.add_argument("--caption-column", default="text", help="caption column of the metadata or CSV")
     group.add_argument("--image-column", default=None, help="image column (default: file_name, or path for CSVs)")
     add_allow_outside_paths(group)
+
+
+VALIDATION_SPLIT = "test"  # the default of --validation-split: skipped where the data has no such split
+
+
+def add_validation_split_argument(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--validation-split`, read through `validation_split`."""
+    group.add_argument(
+        "--validation-split",
+        default=VALIDATION_SPLIT,
+        help=f"split of --data to validate on ('none' to skip; the default skips too where --data has no "
+        f"{VALIDATION_SPLIT}/ split)",
+    )
+
+
+def validation_split(args: argparse.Namespace) -> str | None:
+    """The split of `--data` to validate on, or None: `--validation-split none`, shards (which have no splits), or
+    the default split where the data has none. A split the user named that the data lacks is an error naming the
+    flag, the value and the folders that are there."""
+    split = args.validation_split
+    if split == "none":
+        return None
+    if Path(args.data, split).is_dir():
+        return split
+    if split != VALIDATION_SPLIT and not is_shard_source(args.data):
+        root = Path(args.data)
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise ValueError(
+            f"`--validation-split` {split!r} is not a folder of `--data` {str(args.data)!r} (its folders: "
+            f"{', '.join(folders) or 'none'}); name one of them, or 'none'"
+        )
+    logger.info("no split %r in %s: no validation", split, args.data)
+    return None
 
 
 def dataset_options(args: argparse.Namespace) -> dict:

@@ -72,6 +72,35 @@ def test_missing_split_lists_available(shapes_root):
         ImageCaptionDataset(shapes_root, split="val")
 
 
+def test_the_validation_split_named_or_defaulted(shapes_root, tmp_path, caplog):
+    """`--validation-split`: a split of --data; the default skips validation where the data has no such split; a
+    split the user named that is not there is an error naming the flag, the value and the folders there."""
+    from argparse import Namespace
+
+    from clipcond.data.open import validation_split
+
+    assert validation_split(Namespace(data=str(shapes_root), validation_split="test")) == "test"
+    assert validation_split(Namespace(data=str(shapes_root), validation_split="none")) is None
+    (tmp_path / "train").mkdir()
+    with caplog.at_level(logging.INFO):
+        assert validation_split(Namespace(data=str(tmp_path), validation_split="test")) is None
+    assert "no split 'test'" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"`--validation-split` 'tset' is not a folder of `--data` '.*' \(its folders: "
+    ):
+        validation_split(Namespace(data=str(shapes_root), validation_split="tset"))
+    shards = str(tmp_path / "{000000..000001}.tar")  # shards have no splits: validation is off, as by default
+    assert validation_split(Namespace(data=shards, validation_split="val")) is None
+
+
+def test_a_trainer_refuses_a_validation_split_that_is_not_there(shapes_root, tmp_path):
+    from clipcond.train.vae import main
+
+    argv = ["--data", str(shapes_root), "--output-dir", str(tmp_path / "vae"), "--model", "test"]
+    with pytest.raises(ValueError, match=r"`--validation-split` 'tset' is not a folder .*its folders: test, train\)"):
+        main([*argv, "--resolution", "16", "--max-train-steps", "1", "--validation-split", "tset"])
+
+
 def test_csv_file_relative_and_absolute_paths(tmp_path):
     (tmp_path / "imgs").mkdir()
     _save(tmp_path / "imgs" / "a.png", size=(40, 20))
