@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--detailed",
         action="store_true",
         help="ask for the detailed description instead of a caption (a captioner trained with the shapes data's "
-        "questions: every object's size, colour, shape and position)",
+        "questions: every object's size, colour, shape and position); greedy unless --best-of or --do-sample says "
+        "otherwise, as a description names every field already",
     )
     add_captioner_args(parser, best_of=CAPTION_BEST_OF)
     args = parser.parse_args(argv)

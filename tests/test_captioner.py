@@ -239,6 +239,11 @@ def test_generate_refuses_to_run_past_a_learned_position_table(captioner, shapes
     assert all(len(t.split()) > 0 for t in gpt2.generate(images, max_new_tokens=15))
     with pytest.raises(ValueError, match=r"`max_new_tokens` 16 runs past the language model's 32 positions .* <= 15"):
         gpt2.generate(images, max_new_tokens=16)
+    # a question that fills the positions itself: its length is the trouble, not max_new_tokens
+    with pytest.raises(
+        ValueError, match=r"the image and prompt tokens \(\d+\) fill the language model's 32 positions"
+    ):
+        gpt2.generate(images, "what shape is it? " * 10, max_new_tokens=1)
 
 
 def test_the_caption_command_names_its_flag_when_tokens_run_past_the_positions(captioner_run, shapes_data, capsys):

@@ -366,12 +366,15 @@ def build_language_model(args: argparse.Namespace, texts: list[str], num_image_t
     (with its projector), `--init-lm`, or `--model`'s preset at random with a tokenizer trained on `texts`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    # Trained in fp32 whatever the saved weights' dtype (mixed precision is autocast's): AdamW's small updates round
+    # away in bf16 weights, and transformers may load a model in the dtype it was saved in.
     if args.init_captioner:
         pretrained = Captioner.from_pretrained(args.init_captioner, "--init-captioner")
-        return pretrained.lm, pretrained.tokenizer, pretrained.projector, Path(args.init_captioner) / LM_FOLDER
+        lm, projector = pretrained.lm.float(), pretrained.projector.float()
+        return lm, pretrained.tokenizer, projector, Path(args.init_captioner) / LM_FOLDER
     if args.init_lm:
         try:
-            lm = AutoModelForCausalLM.from_pretrained(args.init_lm)
+            lm = AutoModelForCausalLM.from_pretrained(args.init_lm, torch_dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(args.init_lm)
         except (OSError, ValueError) as err:
             raise ValueError(

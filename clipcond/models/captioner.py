@@ -264,6 +264,11 @@ class Captioner:
         prefix (image tokens, <bos>, prompt) of `prefix_length`: the last token written is never read back. The
         error names the argument `what` (a command's flag, a page's field)."""
         limit = position_limit(self.lm)
+        if limit is not None and prefix_length > limit:  # no room for a single token, whatever `what` says
+            raise ValueError(
+                f"the image and prompt tokens ({prefix_length}) fill the language model's {limit} positions: "
+                "shorten the question"
+            )
         if limit is not None and prefix_length + max_new_tokens - 1 > limit:
             raise ValueError(
                 f"`{what}` {max_new_tokens} runs past the language model's {limit} positions after "

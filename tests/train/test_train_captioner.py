@@ -162,6 +162,23 @@ def test_init_lm_reads_a_pretrained_causal_lm(captioner_run, tiny_clip_run, shap
     assert (out / "lm" / "tokenizer.json").read_text() == (captioner_run / "lm" / "tokenizer.json").read_text()
 
 
+def test_a_half_precision_lm_trains_in_fp32(captioner_run, tiny_clip_run, shapes_data, tmp_path):
+    """An LM saved in bf16 (as most published ones are) is loaded in fp32 for training: AdamW's updates would round
+    away in bf16 weights. The run saves fp32 weights."""
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "bf16_lm"
+    AutoModelForCausalLM.from_pretrained(captioner_run / "lm").to(torch.bfloat16).save_pretrained(half)
+    shutil.copy(captioner_run / "lm" / "tokenizer.json", half)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (captioner_run / "lm" / name).is_file():
+            shutil.copy(captioner_run / "lm" / name, half)
+    out = tmp_path / "from_bf16"
+    argv = _argv(tiny_clip_run, shapes_data, out, "--max-train-steps", "1", "--validation-steps", "0")
+    main([*argv, "--checkpointing-steps", "0", "--stage", "projector", "--init-lm", str(half)])
+    assert {w.dtype for w in _weights(out, "lm").values()} == {torch.float32}
+
+
 def test_another_clip_is_refused(captioner_run, tiny_clip_run, shapes_data, tmp_path):
     """A copy of the CLIP with one byte changed has another content hash: a captioner trained on the first may not
     start or resume on it."""
