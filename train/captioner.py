@@ -260,6 +260,18 @@ class CaptionerValidation:
     max_images: int
 
 
+def token_weighted(loss: torch.Tensor, labels: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """`loss`, this process's mean over the labelled tokens of its `labels` (B, T), weighted so that the mean over
+    processes (DDP averages their gradients) is the mean over every labelled token of the global batch, as one
+    process holding the whole batch computes it: a caption (about 8 tokens) and an answer (1-2) weigh by their
+    tokens wherever they fall. On one process the loss is returned as it is. (The micro-steps of an accumulated step
+    weigh equally, on any number of processes.)"""
+    if accelerator.num_processes == 1:
+        return loss
+    tokens = (labels != IGNORE_INDEX).sum().float()
+    return loss * tokens * accelerator.num_processes / accelerator.reduce(tokens, reduction="sum")
+
+
 @dataclass(eq=False)
 class CaptionerStage(Stage):
     """The next-token loss on captions and answers, validation by `clipcond eval captioner`'s figures, and the
@@ -300,7 +312,7 @@ class CaptionerStage(Stage):
             text = drop_words(text, drop, self.unknown_id)
         patches, embeds = self.data.cache.lookup(index)
         loss = self.model(to_device(patches, device), to_device(embeds, device), **text)
-        return loss, {}
+        return token_weighted(loss, text["labels"], self.accelerator), {}
 
     def captioner(self) -> Captioner:
         model = self.unwrapped

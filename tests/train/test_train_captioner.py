@@ -162,6 +162,30 @@ def test_init_lm_reads_a_pretrained_causal_lm(captioner_run, tiny_clip_run, shap
     assert (out / "lm" / "tokenizer.json").read_text() == (captioner_run / "lm" / "tokenizer.json").read_text()
 
 
+def test_two_processes_weigh_each_labelled_token_alike():
+    """DDP averages the processes' losses: `token_weighted` makes that average the mean over the global batch's
+    labelled tokens (a process holding a caption of 8 tokens and one holding an answer of 2 weigh 8:2, not 1:1),
+    and leaves one process's loss as it is."""
+    from types import SimpleNamespace
+
+    from clipcond.models.captioner import IGNORE_INDEX
+    from clipcond.train.captioner import token_weighted
+
+    labels = [torch.full((1, 10), IGNORE_INDEX), torch.full((1, 10), IGNORE_INDEX)]
+    labels[0][0, :8], labels[1][0, :2] = 1, 1
+    means = [torch.tensor(2.0), torch.tensor(7.0)]
+    total = sum((row != IGNORE_INDEX).sum().float() for row in labels)
+
+    def reduce(tensor, reduction):
+        assert reduction == "sum"
+        return total
+
+    two = SimpleNamespace(num_processes=2, reduce=reduce)
+    weighted = [token_weighted(mean, row, two) for mean, row in zip(means, labels, strict=True)]
+    assert (weighted[0] + weighted[1]).item() / 2 == pytest.approx((8 * 2.0 + 2 * 7.0) / 10)
+    assert token_weighted(means[0], labels[0], SimpleNamespace(num_processes=1)) is means[0]
+
+
 def test_a_half_precision_lm_trains_in_fp32(captioner_run, tiny_clip_run, shapes_data, tmp_path):
     """An LM saved in bf16 (as most published ones are) is loaded in fp32 for training: AdamW's updates would round
     away in bf16 weights. The run saves fp32 weights."""

@@ -1,4 +1,5 @@
-"""Both training stages under `accelerate launch` on 2 CPU processes (gloo) against 1 process of the same global batch.
+"""The CLIP, decoder and captioner stages under `accelerate launch` on 2 CPU processes (gloo) against 1 process of the
+same global batch.
 
 On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts one process unless an MPI hostfile is
 configured, so the tests launch the way the README documents for CPUs: `ACCELERATE_USE_CPU=true accelerate launch
@@ -181,6 +182,25 @@ def test_decoder_on_two_processes_matches_one(small_shapes, tiny_clip_run, tmp_p
     _check_single_checkpoint(tmp_path / "two", DECODER_STEPS, 16)
     weights = Path("unet", "diffusion_pytorch_model.safetensors")
     _assert_same_weights(tmp_path / "two" / weights, tmp_path / "one" / weights)
+
+
+def test_captioner_on_two_processes_matches_one(small_shapes, tiny_clip_run, tmp_path, monkeypatch):
+    """Questions drawn for the global batch (`draw_rows`), the vision-token cache built once, and the loss weighted by
+    each process's labelled tokens (`token_weighted`): the weights of one process of the whole batch."""
+    from clipcond.train.captioner import main
+
+    extra = ["--clip", str(tiny_clip_run), "--model", "test"]
+    two, one = (
+        _options(small_shapes, tmp_path / "two", 8, DECODER_STEPS),
+        _options(small_shapes, tmp_path / "one", 16, DECODER_STEPS),
+    )
+    _launch_two_processes("clipcond.train.captioner", [*two, *extra], tmp_path / "log2")
+    _run_one_process(main, [*one, *extra], tmp_path / "log1", monkeypatch)
+
+    _check_sharding(tmp_path / "log2", tmp_path / "log1", num_samples=None)
+    _check_single_checkpoint(tmp_path / "two", DECODER_STEPS, 16)
+    for weights in (Path("lm", "model.safetensors"), Path("projector", "diffusion_pytorch_model.safetensors")):
+        _assert_same_weights(tmp_path / "two" / weights, tmp_path / "one" / weights)
 
 
 def test_two_processes_into_a_held_folder_stop_together(small_shapes, tmp_path):
