@@ -79,14 +79,13 @@ def build(args: argparse.Namespace):
 
 
 def allowed_paths(runs) -> list[str]:
-    """The files and folders the page may send: the requests' output folder, and file by file the test images, the
-    indexed images and the demo report's figures (not the folders they lie in: a demo's weights, or whatever else
-    lies beside the indexed images, stay private)."""
+    """The files and folders the page may send: the requests' output folder (search hits are copied there), and
+    file by file the test images and the demo report's figures (not the folders they lie in: a demo's weights, or
+    whatever else lies beside the indexed images, stay private)."""
     from clipcond.app.panel import demo_report
 
     report = demo_report(runs)
-    indexed = [] if runs.index is None else [runs.index.root / path for path in runs.index.paths]
-    paths = [runs.output_dir, *(path for _, path in runs.test_images), *indexed, *(report[1] if report else [])]
+    paths = [runs.output_dir, *(path for _, path in runs.test_images), *(report[1] if report else [])]
     return list(dict.fromkeys(os.fspath(path) for path in paths))
 
 

@@ -45,15 +45,15 @@ def test_demo_folder_serves_its_runs_and_an_index_of_its_test_images(demo, tmp_p
     assert runs.tabs == ["Generate", "Search", "Compare"]  # no image-embedding decoder, no captioner
     assert len(runs.index) == len(list((demo / "data" / "test").glob("*.png")))
     assert runs.test_images and runs.test_images[0][0].startswith("00000.png: ")  # labelled with its caption
-    assert handlers.search(runs, text="a red circle", top_k=3)[0].path.startswith(str(demo / "data" / "test"))
+    assert handlers.search(runs, text="a red circle", top_k=3)[0].source.startswith(str(demo / "data" / "test"))
     text = panel.run_panel(runs)
     assert "the demo's own report" in text
     figure = (demo / "clip" / "eval" / "confusion.png").resolve()
     assert f"![confusion matrix](/gradio_api/file={figure})" in text  # the report's figure, where the page serves it
     for link in ("![missing](nowhere.png)", "![escape](../outside.png)", "![weights](decoder/model_index.json)"):
         assert link in text  # no file, outside the demo folder, not an image: left as it is, and not served
-    # the output folder, and file by file the test images (indexed in memory) and the report's figure
-    test_images = {str(path) for path in (demo / "data" / "test").glob("*.png")}
+    # the output folder (search hits are copied there), and file by file the test images and the report's figure
+    test_images = {str(path) for _, path in runs.test_images}
     assert set(serve.allowed_paths(runs)) == {str(tmp_path), *test_images, str(figure)}
     assert f"from the demo folder `{demo}`" in panel.serving_line(runs)
     assert files_under(demo) == before  # nothing written into the demo folder
@@ -63,7 +63,7 @@ def test_a_relative_demo_folder_serves_files_by_absolute_path(demo, tmp_path, mo
     monkeypatch.chdir(demo.parent)
     _, runs = serve.build(serve.parse_args(["--demo", demo.name, "--device", "cpu", "--output-dir", str(tmp_path)]))
     found = handlers.search(runs, text="a red circle", top_k=3)
-    assert all(Path(f.path).is_absolute() and Path(f.path).is_file() for f in found)
+    assert all(Path(f.source).is_absolute() and Path(f.path).is_file() for f in found)
     drawn = handlers.generate(runs, path=handlers.STABLE_DIFFUSION, prompt="a red circle", num_images=1, steps=2)
     assert drawn.records[0]["model"] == str(Path(demo.name) / "decoder")  # as `clipcond generate --model` records it
 

@@ -242,11 +242,17 @@ def test_uploads_that_are_not_images_are_refused_by_name(served, broken_file, sh
 def test_search_by_text_or_by_image(served, shapes_data):
     found = handlers.search(served, text="a red circle", top_k=5)
     assert len(found) == 5 and [f.rank for f in found] == [1, 2, 3, 4, 5]
-    assert all(Path(f.path).is_file() for f in found)
     assert [f.score for f in found] == sorted((f.score for f in found), reverse=True)
+    # the page sends copies of the hits from a request folder of their own, not the indexed files
+    (folder,) = {Path(f.path).parent for f in found}
+    assert folder.parent == served.output_dir and folder.name.endswith("-search")
+    for f in found:
+        assert (
+            Path(f.path).read_bytes() == Path(f.source).read_bytes() and Path(f.source).parent == shapes_data / "test"
+        )
     query = sample_files(shapes_data, 5)[4]
     first = handlers.search(served, image=query, top_k=3)[0]
-    assert Path(first.path).name == Path(query).name and first.score == pytest.approx(1.0, abs=1e-2)
+    assert Path(first.source).name == Path(query).name and first.score == pytest.approx(1.0, abs=1e-2)
     assert first.label.startswith("#1  ") and Path(query).name in first.label
     with pytest.raises(RequestError, match="`query` is empty"):
         handlers.search(served, text="  ")
@@ -337,12 +343,17 @@ def test_an_output_folder_holding_other_files_is_refused(pipeline_run, tmp_path)
     (tmp_path / "home" / ".ssh" / "id_rsa").write_text("secret")
     with pytest.raises(ValueError, match=r"`--output-dir` '.*home' holds '.ssh', which is not a request folder"):
         ServedRuns(paths, output_dir=tmp_path / "home", device="cpu")
+    (tmp_path / "file" / "00000-generate").parent.mkdir()
+    (tmp_path / "file" / "00000-generate").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"holds '00000-generate', which is not a request folder"):
+        ServedRuns(paths, output_dir=tmp_path / "file", device="cpu")
     (tmp_path / "earlier" / "00000-generate").mkdir(parents=True)
+    (tmp_path / "earlier" / "100000-search").mkdir()  # past 99999 the number takes a sixth digit
     runs = ServedRuns(paths, output_dir=tmp_path / "earlier", device="cpu")
     assert runs.request_folder("generate").name == "00001-generate"
 
 
-def test_the_page_sends_the_indexed_images_not_what_lies_beside_them(tiny_clip_run, shapes_data, tmp_path):
+def test_the_page_sends_copies_of_the_hits_not_the_index_folder(tiny_clip_run, shapes_data, tmp_path):
     from clipcond import serve
     from clipcond.index import ImageIndex
 
@@ -353,11 +364,10 @@ def test_the_page_sends_the_indexed_images_not_what_lies_beside_them(tiny_clip_r
     (photos / "notes.html").write_text("<script>private</script>")
     assert cli.main(["index", str(photos), "--model", str(tiny_clip_run), "--output", str(tmp_path / "idx")]) == 0
     runs = ServedRuns(RunPaths(index=tmp_path / "idx"), output_dir=tmp_path / "out", device="cpu")
-    allowed = [Path(path) for path in serve.allowed_paths(runs)]
-    assert sorted(allowed) == sorted(
-        [tmp_path / "out", *(photos / Path(p).name for p in sample_files(shapes_data, 3))]
-    )
-    assert not any((photos / "notes.html").is_relative_to(path) for path in allowed)
+    assert serve.allowed_paths(runs) == [str(tmp_path / "out")]  # the hits are copied there (see the search test)
+    found = handlers.search(runs, text="a red circle", top_k=3)
+    assert sorted(Path(f.source).name for f in found) == sorted(Path(p).name for p in sample_files(shapes_data, 3))
+    assert all(Path(f.path).is_relative_to(tmp_path / "out") for f in found)
 
     # an index whose images are all gone serves no image, and the page still builds
     ImageIndex.empty(photos, runs.clip_run).save(tmp_path / "empty")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -279,20 +280,23 @@ def interpolate(
 
 @dataclass
 class Found:
-    """One search result: the image file, its rank and cosine similarity to the query."""
+    """One search result: the copy of the image file that the page sends (`path`, in the request's folder), the
+    indexed file it copies (`source`), its rank and cosine similarity to the query."""
 
     path: str
+    source: str
     rank: int
     score: float
 
     @property
     def label(self) -> str:
-        return f"#{self.rank}  {self.score:.3f}  {os.path.basename(self.path)}"
+        return f"#{self.rank}  {self.score:.3f}  {os.path.basename(self.source)}"
 
 
 def search(runs: ServedRuns, *, text: str | None = None, image: str | None = None, top_k=8) -> list[Found]:
     """The `top_k` images of the index closest to the text or to the image file (one of the two, as `clipcond
-    search`)."""
+    search`), copied into a request folder of their own: the page sends its output folder, not the index's image
+    folders (a long list of allowed files would cost the server a path check per indexed file and request)."""
     from clipcond.index_queries import embed_image_query, embed_text
 
     if runs.index is None:
@@ -310,7 +314,14 @@ def search(runs: ServedRuns, *, text: str | None = None, image: str | None = Non
         else:
             query = embed_text(runs.clip_run, prompt_text("query", text))
         results = runs.index.search(query, top_k=top_k)
-    return [Found(os.fspath(r.path), r.rank, r.score) for r in results]
+    folder = runs.request_folder("search")
+    folder.mkdir(parents=True)
+    found = []
+    for r in results:
+        copy = folder / f"{r.rank:02d}-{os.path.basename(r.path)}"  # ranked: two folders' "a.png" stay apart
+        shutil.copyfile(r.path, copy)
+        found.append(Found(os.fspath(copy), os.fspath(r.path), r.rank, r.score))
+    return found
 
 
 def caption(

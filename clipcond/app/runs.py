@@ -17,7 +17,7 @@ from clipcond.runs import RunRecord, check_finished
 
 # How many of a demo's test images the Vary and Caption tabs offer to pick from.
 TEST_IMAGES = 36
-REQUEST_FOLDER = re.compile(r"\d{5}-[a-z]+")  # one request's files: `00003-generate`
+REQUEST_FOLDER = re.compile(r"\d{5,}-[a-z]+")  # one request's files: `00003-generate`
 
 
 @dataclass
@@ -112,11 +112,8 @@ def check_output_folder(output_dir: str | os.PathLike, paths: RunPaths) -> None:
                 f"`--output-dir` {os.fspath(output_dir)!r} is, holds or lies in the {part} folder {str(folder)!r}: "
                 "the page sends the files of its output folder; pass a folder of its own"
             )
-    others = (
-        sorted(entry.name for entry in out.iterdir() if not REQUEST_FOLDER.fullmatch(entry.name))
-        if out.is_dir()
-        else []
-    )
+    entries = list(out.iterdir()) if out.is_dir() else []
+    others = sorted(e.name for e in entries if not (e.is_dir() and REQUEST_FOLDER.fullmatch(e.name)))
     if others:
         raise ValueError(
             f"`--output-dir` {os.fspath(output_dir)!r} holds {others[0]!r}, which is not a request folder of "
