@@ -58,3 +58,12 @@ def dtype_keyword() -> str:
     from packaging.version import Version
 
     return "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
+
+
+def transformers_dtype_keyword() -> str:
+    """transformers 5 names from_pretrained's `torch_dtype` `dtype` and warns on the old name, which the 4.x releases
+    this package allows read: pass the name this version expects."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("5.0.0") else "torch_dtype"

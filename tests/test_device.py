@@ -30,3 +30,14 @@ def test_other_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert fast_bf16(torch.device("cuda")) is False
     assert fast_bf16(torch.device("meta")) is False
+
+
+def test_transformers_dtype_keyword_follows_the_version(monkeypatch):
+    """transformers 5 reads `dtype` (and warns on `torch_dtype`); the 4.x releases allowed read `torch_dtype`."""
+    import transformers
+
+    from clipcond.device import transformers_dtype_keyword
+
+    for version, keyword in (("4.46.0", "torch_dtype"), ("5.0.0", "dtype"), ("5.25.0", "dtype")):
+        monkeypatch.setattr(transformers, "__version__", version)
+        assert transformers_dtype_keyword() == keyword

@@ -378,6 +378,8 @@ def build_language_model(args: argparse.Namespace, texts: list[str], num_image_t
     (with its projector), `--init-lm`, or `--model`'s preset at random with a tokenizer trained on `texts`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from clipcond.device import transformers_dtype_keyword
+
     # Trained in fp32 whatever the saved weights' dtype (mixed precision is autocast's): AdamW's small updates round
     # away in bf16 weights, and transformers may load a model in the dtype it was saved in.
     if args.init_captioner:
@@ -386,7 +388,7 @@ def build_language_model(args: argparse.Namespace, texts: list[str], num_image_t
         return lm, pretrained.tokenizer, projector, Path(args.init_captioner) / LM_FOLDER
     if args.init_lm:
         try:
-            lm = AutoModelForCausalLM.from_pretrained(args.init_lm, torch_dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(args.init_lm, **{transformers_dtype_keyword(): torch.float32})
             tokenizer = AutoTokenizer.from_pretrained(args.init_lm)
         except (OSError, ValueError) as err:
             raise ValueError(

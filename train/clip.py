@@ -538,9 +538,10 @@ def open_clip_data(
     dataset_kwargs = dataset_options(args)
     dataset = open_image_text_dataset(args.data, split=args.split, resolution=resolution, **dataset_kwargs)
     resolution = resolution or native_resolution(dataset)
+    split = validation_split(args)  # a missing split named by the user fails before the images are decoded
     if not is_streamed(dataset):  # streamed shards are decoded as they come
         _cache_images(dataset, resolution, args.image_cache_mb)
-    validation, split = None, validation_split(args)
+    validation = None
     if split is not None:
         val_set = ImageCaptionDataset(args.data, split=split, resolution=resolution, **dataset_kwargs)
         held_out = (val_set.info or {}).get("held_out")

@@ -92,6 +92,8 @@ def check_space_fits(args: argparse.Namespace, resolution: int) -> None:
         side, option, fix = resolution // factor, f"`--space-to-depth {factor}`", "a smaller factor"
     else:
         return
+    if getattr(args, "init_unet", None):
+        return  # the pretrained UNet's own levels apply, checked when it is loaded
     multiple = sample_size_multiple(preset_fields(args.model, unet_presets(), "UNet"))
     if side % multiple:
         raise ValueError(

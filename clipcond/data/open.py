@@ -66,15 +66,22 @@ def add_validation_split_argument(group: argparse.ArgumentParser | argparse._Arg
 
 
 def validation_split(args: argparse.Namespace) -> str | None:
-    """The split of `--data` to validate on, or None: `--validation-split none`, shards (which have no splits), or
-    the default split where the data has none. A split the user named that the data lacks is an error naming the
-    flag, the value and the folders that are there."""
+    """The split of `--data` to validate on, or None: `--validation-split none`, or the default split where the
+    data has none (shards have no splits). A split the user named that the data lacks, or named for shards, is an
+    error naming the flag, the value and the folders that are there. (The default cannot be told from a `test` the
+    user named: both skip quietly where it is missing.)"""
     split = args.validation_split
     if split == "none":
         return None
-    if Path(args.data, split).is_dir():
+    shards = is_shard_source(args.data)
+    if not shards and Path(args.data, split).is_dir():
         return split
-    if split != VALIDATION_SPLIT and not is_shard_source(args.data):
+    if split != VALIDATION_SPLIT and shards:
+        raise ValueError(
+            f"`--validation-split` {split!r}: `--data` {str(args.data)!r} is WebDataset shards, which have no splits; "
+            "validate on a folder's split, or pass 'none'"
+        )
+    if split != VALIDATION_SPLIT:
         root = Path(args.data)
         folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise ValueError(

@@ -584,8 +584,9 @@ class ShardedImageCaptionDataset(torch.utils.data.IterableDataset):
         image's place goes to the next readable one, as in the stream (past the last readable one, the stream itself
         is read to its end)."""
         wanted = sorted({int(p) for p in positions})
-        if wanted and not 0 <= wanted[0] <= wanted[-1] < len(self):
-            raise IndexError(f"positions {wanted[:5]} out of range for a data set of {len(self)} items")
+        outside = [p for p in wanted if not 0 <= p < len(self)]
+        if outside:
+            raise IndexError(f"positions {outside[:5]} out of range for a data set of {len(self)} items")
         found, pending, skipped, ahead = {}, [], [], iter(wanted)
         target = next(ahead, None)
         records = (r for shard in self.shards for r in self._records(shard))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
+from clipcond.device import transformers_dtype_keyword
 from clipcond.hub import local_files_only, resolve_folder
 from clipcond.models.clip_pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
 from clipcond.models.presets import PRESETS_DIR, preset_fields, read_presets
@@ -163,7 +164,9 @@ def load_clip(
             f"`{what}` {path!r} holds no config.json; expected a CLIPModel saved with `save_pretrained`"
         )
     with contextlib.nullcontext() if progress else _no_loading_bar(), load_report(what, path):
-        model = CLIPModel.from_pretrained(path, local_files_only=local_files_only(), torch_dtype=dtype)
+        model = CLIPModel.from_pretrained(
+            path, local_files_only=local_files_only(), **{transformers_dtype_keyword(): dtype}
+        )
     model = model.to(device).eval()
     tokenizer = load_tokenizer(path)
     mean, std = pixel_statistics(path, what)

@@ -49,13 +49,14 @@ def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-def downsampling_factor(vae: AutoencoderKL | dict) -> int:
-    """Pixels per latent pixel along a side, of a VAE or of its config (`load_vae_config`)."""
-    config = vae.config if isinstance(vae, AutoencoderKL) else vae
+def downsampling_factor(vae) -> int:
+    """Pixels per latent pixel along a side, of a VAE (any diffusers autoencoder with `block_out_channels`) or of
+    its config (`load_vae_config`)."""
+    config = vae if isinstance(vae, dict) else vae.config
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def check_fits_resolution(vae: AutoencoderKL | dict, resolution: int, flag: str, path: str | os.PathLike) -> None:
+def check_fits_resolution(vae, resolution: int, flag: str, path: str | os.PathLike) -> None:
     """A `ValueError` naming the resolution, `flag` and `path` when images of `resolution` px do not divide into
     whole latent pixels of `vae` (a VAE or its config)."""
     factor = downsampling_factor(vae)

@@ -89,8 +89,10 @@ def test_the_validation_split_named_or_defaulted(shapes_root, tmp_path, caplog):
         ValueError, match=r"`--validation-split` 'tset' is not a folder of `--data` '.*' \(its folders: "
     ):
         validation_split(Namespace(data=str(shapes_root), validation_split="tset"))
-    shards = str(tmp_path / "{000000..000001}.tar")  # shards have no splits: validation is off, as by default
-    assert validation_split(Namespace(data=shards, validation_split="val")) is None
+    shards = str(tmp_path / "{000000..000001}.tar")  # shards have no splits: off by default, a named one refused
+    assert validation_split(Namespace(data=shards, validation_split="test")) is None
+    with pytest.raises(ValueError, match=r"`--validation-split` 'val': `--data` .* is WebDataset shards"):
+        validation_split(Namespace(data=shards, validation_split="val"))
 
 
 def test_a_trainer_refuses_a_validation_split_that_is_not_there(shapes_root, tmp_path):

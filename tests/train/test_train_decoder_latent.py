@@ -290,6 +290,18 @@ def test_bad_vae_is_named(shapes_data, tiny_clip_run, tmp_path):
         main(_argv(tiny_clip_run, shapes_data, tiny_clip_run, tmp_path / "o"))
 
 
+def test_the_preset_levels_do_not_judge_a_pretrained_unet(vae_folder):
+    """With `--init-unet` the UNet's own levels apply (checked when it loads), not the `--model` preset's."""
+    from argparse import Namespace
+
+    from clipcond.train.model_space import check_space_fits
+
+    args = Namespace(vae=str(vae_folder), space_to_depth=1, model="test", init_unet=None)
+    with pytest.raises(ValueError, match="leaves the UNet 9 x 9 samples"):
+        check_space_fits(args, 18)
+    check_space_fits(Namespace(**{**vars(args), "init_unet": "a-unet-folder"}), 18)
+
+
 @pytest.mark.parametrize(
     ("resolution", "message"),
     [

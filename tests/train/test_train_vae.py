@@ -331,3 +331,13 @@ def test_a_vae_that_does_not_divide_the_resolution_is_named():
     check_fits_resolution(vae, 16, "--vae", "runs/vae")
     with pytest.raises(ValueError, match=r"`--resolution` 15 is not divisible by 2, .* `--vae` 'runs/vae'"):
         check_fits_resolution(vae, 15, "--vae", "runs/vae")
+
+
+def test_downsampling_factor_of_a_vae_or_its_config():
+    """Any autoencoder with `block_out_channels` in its config (AutoencoderKL, VQModel, ...), or the config alone."""
+    from types import SimpleNamespace
+
+    from clipcond.models.vae import downsampling_factor
+
+    assert downsampling_factor({"block_out_channels": [8, 16, 32]}) == 4
+    assert downsampling_factor(SimpleNamespace(config={"block_out_channels": [8, 16]})) == 2
