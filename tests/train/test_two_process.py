@@ -165,23 +165,32 @@ def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, 
     assert record["summary"]["steps"] == STEPS and record["summary"]["samples_seen"] == 96
 
 
+def _check_stage_matches_one_process(module, main, data, extra, weights, tmp_path, monkeypatch) -> None:
+    """`module` (a diffusion-style stage, DECODER_STEPS steps) on 2 processes of 8 against 1 process of 16: the same
+    global batches, one checkpoint, and the same `weights` files (paths in the run folder)."""
+    two, one = (
+        _options(data, tmp_path / "two", 8, DECODER_STEPS),
+        _options(data, tmp_path / "one", 16, DECODER_STEPS),
+    )
+    _launch_two_processes(module, [*two, *extra], tmp_path / "log2")
+    _run_one_process(main, [*one, *extra], tmp_path / "log1", monkeypatch)
+
+    _check_sharding(tmp_path / "log2", tmp_path / "log1", num_samples=None)
+    _check_single_checkpoint(tmp_path / "two", DECODER_STEPS, 16)
+    for path in weights:
+        _assert_same_weights(tmp_path / "two" / path, tmp_path / "one" / path)
+
+
 def test_decoder_on_two_processes_matches_one(small_shapes, tiny_clip_run, tmp_path, monkeypatch):
     from clipcond.train.decoder import main
 
     # caption dropout and EMA on: the dropout draws, the noise and the timesteps must follow the global batch;
     # 16 px images keep the UNet's steps short
     extra = ["--clip", str(tiny_clip_run), "--model", "test", "--caption-dropout", "0.25", "--resolution", "16"]
-    two, one = (
-        _options(small_shapes, tmp_path / "two", 8, DECODER_STEPS),
-        _options(small_shapes, tmp_path / "one", 16, DECODER_STEPS),
+    weights = [Path("unet", "diffusion_pytorch_model.safetensors")]
+    _check_stage_matches_one_process(
+        "clipcond.train.decoder", main, small_shapes, extra, weights, tmp_path, monkeypatch
     )
-    _launch_two_processes("clipcond.train.decoder", [*two, *extra], tmp_path / "log2")
-    _run_one_process(main, [*one, *extra], tmp_path / "log1", monkeypatch)
-
-    _check_sharding(tmp_path / "log2", tmp_path / "log1", num_samples=None)
-    _check_single_checkpoint(tmp_path / "two", DECODER_STEPS, 16)
-    weights = Path("unet", "diffusion_pytorch_model.safetensors")
-    _assert_same_weights(tmp_path / "two" / weights, tmp_path / "one" / weights)
 
 
 def test_captioner_on_two_processes_matches_one(small_shapes, tiny_clip_run, tmp_path, monkeypatch):
@@ -190,17 +199,10 @@ def test_captioner_on_two_processes_matches_one(small_shapes, tiny_clip_run, tmp
     from clipcond.train.captioner import main
 
     extra = ["--clip", str(tiny_clip_run), "--model", "test"]
-    two, one = (
-        _options(small_shapes, tmp_path / "two", 8, DECODER_STEPS),
-        _options(small_shapes, tmp_path / "one", 16, DECODER_STEPS),
+    weights = [Path("lm", "model.safetensors"), Path("projector", "diffusion_pytorch_model.safetensors")]
+    _check_stage_matches_one_process(
+        "clipcond.train.captioner", main, small_shapes, extra, weights, tmp_path, monkeypatch
     )
-    _launch_two_processes("clipcond.train.captioner", [*two, *extra], tmp_path / "log2")
-    _run_one_process(main, [*one, *extra], tmp_path / "log1", monkeypatch)
-
-    _check_sharding(tmp_path / "log2", tmp_path / "log1", num_samples=None)
-    _check_single_checkpoint(tmp_path / "two", DECODER_STEPS, 16)
-    for weights in (Path("lm", "model.safetensors"), Path("projector", "diffusion_pytorch_model.safetensors")):
-        _assert_same_weights(tmp_path / "two" / weights, tmp_path / "one" / weights)
 
 
 def test_two_processes_into_a_held_folder_stop_together(small_shapes, tmp_path):
