@@ -15,8 +15,8 @@ Distributed training: when ``torch.distributed`` is initialised with a world siz
 features of all processes *with gradient* and computes the loss of its own rows against the global batch. The
 backward of the gather sums, on each process, the gradients that all processes computed for its rows, so after DDP
 averages the parameter gradients over processes, training matches one process on the global batch (the mean of the
-per-process losses equals the single-process loss). Every process must have the same local batch size; the hard
-negatives of `ClipLoss` (below) may number differently on each.
+per-process losses equals the single-process loss). Every process must have the same local batch size, unless
+`ClipLoss` is told that they differ (``uneven``); its hard negatives may number differently on each.
 """
 
 from __future__ import annotations
@@ -86,17 +86,26 @@ def all_gather_features(features: torch.Tensor, rank: int, world_size: int, with
     return torch.cat(chunks, dim=0)
 
 
-def all_gather_rows(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
-    """`all_gather_features` for ``(n_r, d)`` features whose row count ``n_r`` differs between processes: the
-    ``(sum_r n_r, d)`` rows of all processes, rank-major. Each process's rows are padded to the largest count for
-    the gather and the padding dropped after it (the counts are exchanged first: one small collective and a wait
-    for it on the host)."""
+def gather_counts(num_rows: int, device: torch.device, world_size: int) -> list[int]:
+    """The row count of every process, rank-major (one small collective and a wait for it on the host)."""
     if world_size == 1:
-        return features
-    count = torch.tensor([features.shape[0]], device=features.device, dtype=torch.long)
+        return [num_rows]
+    count = torch.tensor([num_rows], device=device, dtype=torch.long)
     counts = [torch.empty_like(count) for _ in range(world_size)]
     dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
+    return [int(c) for c in counts]
+
+
+def all_gather_rows(
+    features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True, counts: list[int] | None = None
+) -> torch.Tensor:
+    """`all_gather_features` for ``(n_r, d)`` features whose row count ``n_r`` differs between processes: the
+    ``(sum_r n_r, d)`` rows of all processes, rank-major. Each process's rows are padded to the largest count for
+    the gather and the padding dropped after it; the counts are exchanged first (`gather_counts`) unless given."""
+    if world_size == 1:
+        return features
+    if counts is None:
+        counts = gather_counts(features.shape[0], features.device, world_size)
     most = max(counts)
     if most == 0:  # every process agrees: nothing to gather
         return features
@@ -169,9 +178,11 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         scale: torch.Tensor,
         negative_features: torch.Tensor | None = None,
+        counts: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled similarities of L2-normalised ``(b, d)`` features; ``scale`` is the multiplier (already exp'd);
-        ``negative_features``: L2-normalised ``(h, d)`` hard negatives or None.
+        ``negative_features``: L2-normalised ``(h, d)`` hard negatives or None; ``counts``: every process's ``b``
+        where they differ (`gather_counts`), None where all are equal.
 
         Returns ``(logits_per_image, logits_per_text)``: ``(b, b)`` each in one process; ``(b, B)`` each with
         ``local_loss`` in a multi-process run (own rows against all columns); ``(B, B)`` each otherwise. With
@@ -185,8 +196,12 @@ class ClipLoss(nn.Module):
             columns = torch.cat([text_features, negative_features])  # (b + h, d)
             logits_per_image = scale * image_features @ columns.T  # (b, b + h)
             return logits_per_image, logits_per_image[:, : text_features.shape[0]].T
-        all_image = all_gather_features(image_features, rank, world_size, self.gather_with_grad)  # (B, d)
-        all_text = all_gather_features(text_features, rank, world_size, self.gather_with_grad)  # (B, d)
+        if counts is None:
+            all_image = all_gather_features(image_features, rank, world_size, self.gather_with_grad)  # (B, d)
+            all_text = all_gather_features(text_features, rank, world_size, self.gather_with_grad)  # (B, d)
+        else:
+            all_image = all_gather_rows(image_features, rank, world_size, self.gather_with_grad, counts)  # (B, d)
+            all_text = all_gather_rows(text_features, rank, world_size, self.gather_with_grad, counts)  # (B, d)
         columns = all_text
         if negative_features is not None:
             all_negatives = all_gather_rows(negative_features, rank, world_size, self.gather_with_grad)  # (H, d)
@@ -212,6 +227,7 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor | float,
         output_dict: bool = False,
         negative_features: torch.Tensor | None = None,
+        uneven: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
 
@@ -220,6 +236,10 @@ class ClipLoss(nn.Module):
         inverse temperature (a 0-dim parameter such as ``CLIPModel.logit_scale``, or a float).
         ``negative_features``: ``(h, d)`` embeddings of hard-negative texts (``h`` may be 0), or None for none; in
         a multi-process run pass a tensor (or None) on every process alike, as they gather together.
+        ``uneven``: the processes may hold different numbers of pairs ``b`` (counterfactual pairs join some
+        batches): they exchange their counts, and each row's loss weighs ``1 / B`` of the global batch's ``B``
+        pairs, so that the mean over processes is still the loss of one process on the global batch. Pass it on
+        every process alike.
         """
         _check_features(image_features, text_features)
         image_features = F.normalize(image_features, dim=-1)
@@ -236,11 +256,24 @@ class ClipLoss(nn.Module):
                 negative_features = None  # no columns to add: the plain loss, computed as without negatives
         scale = _scale(logit_scale, self.max_logit_scale, image_features)
 
-        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, scale, negative_features)
         rank, world_size = resolve_rank_and_world_size(self.rank, self.world_size)
-        offset = rank * image_features.shape[0] if world_size > 1 and self.local_loss else 0
-        labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        num_rows = image_features.shape[0]
+        counts = gather_counts(num_rows, image_features.device, world_size) if uneven and world_size > 1 else None
+        logits_per_image, logits_per_text = self.get_logits(
+            image_features, text_features, scale, negative_features, counts
+        )
+        if counts is None:
+            offset = rank * num_rows if world_size > 1 and self.local_loss else 0
+            labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)
+            loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        else:
+            offset = sum(counts[:rank]) if self.local_loss else 0
+            labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)
+            # each process's share of the mean over the B rows; DDP's mean over processes multiplies it back
+            rows_per_process = sum(counts) / world_size if self.local_loss else sum(counts)
+            summed = F.cross_entropy(logits_per_image, labels, reduction="sum")
+            summed = summed + F.cross_entropy(logits_per_text, labels, reduction="sum")
+            loss = summed / (2 * rows_per_process)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

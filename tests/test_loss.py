@@ -220,6 +220,9 @@ LOSS_CONFIGS = {
 }
 # The rows of the global batch that have a hard negative: 3 on rank 0, 1 on rank 1 (the counts differ)
 NEGATIVE_ROWS = [0, 1, 2, 5]
+# `uneven=True`: rank 0 holds the first UNEVEN_SPLIT pairs, rank 1 the others (counterfactual pairs join some batches)
+UNEVEN_SPLIT = 3
+UNEVEN_CONFIGS = ("clip", "clip_global_logits", "clip_negatives")
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,7 +234,7 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _loss_and_grads(
-    config: str, image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor
+    config: str, image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor, uneven: bool = False
 ) -> dict[str, torch.Tensor]:
     name, kwargs, scale_value, bias_value, with_negatives = LOSS_CONFIGS[config]
     image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
@@ -239,6 +242,8 @@ def _loss_and_grads(
     logit_scale = torch.tensor(scale_value, requires_grad=True)
     bias = () if bias_value is None else (torch.tensor(bias_value, requires_grad=True),)
     extra = {"negative_features": negatives} if with_negatives else {}
+    if uneven:
+        extra["uneven"] = True
     loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias, **extra)
     loss.backward()
     out = {"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad, "scale_grad": logit_scale.grad}
@@ -255,6 +260,10 @@ def _worker(rank: int, world_size: int) -> dict:
     rows = slice(rank * local, (rank + 1) * local)
     own = [k for k, row in enumerate(NEGATIVE_ROWS) if rank * local <= row < (rank + 1) * local]
     results = {config: _loss_and_grads(config, image[rows], text[rows], negatives[own]) for config in LOSS_CONFIGS}
+    rows = slice(0, UNEVEN_SPLIT) if rank == 0 else slice(UNEVEN_SPLIT, GLOBAL_BATCH)
+    own = [k for k, row in enumerate(NEGATIVE_ROWS) if (row < UNEVEN_SPLIT) == (rank == 0)]
+    for config in UNEVEN_CONFIGS:
+        results[f"{config}_uneven"] = _loss_and_grads(config, image[rows], text[rows], negatives[own], uneven=True)
 
     # all_gather's backward: rank r's loss is (r + 1) * sum_k (k + 1) * gathered_k, so the gradient on rank r's
     # input is (r + 1) * 3 if the backward sums the ranks' gradients, (r + 1) ** 2 if it kept only the local one.
@@ -296,11 +305,22 @@ def test_all_gather_rows_takes_different_counts(two_process_results):
 
 
 @pytest.mark.parametrize(
-    "config", ["clip", "clip_global_logits", "siglip", "clip_negatives", "clip_negatives_global_logits"]
+    "config",
+    [
+        "clip",
+        "clip_global_logits",
+        "siglip",
+        "clip_negatives",
+        "clip_negatives_global_logits",
+        *(f"{config}_uneven" for config in UNEVEN_CONFIGS),
+    ],
 )
 def test_two_processes_match_one(two_process_results, config):
-    reference = _loss_and_grads(config, *_global_batch())
+    """Also when the processes hold 3 and 5 pairs (`uneven`): each row weighs 1/8 of the global batch, not 1/3 or
+    1/5 of its own."""
     per_rank = [result[config] for result in two_process_results]
+    config = config.removesuffix("_uneven")
+    reference = _loss_and_grads(config, *_global_batch())
     tol = {"atol": 1e-5, "rtol": 1e-5}
     # (a) the mean of the per-process losses is the loss on the whole batch
     torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), reference["loss"], **tol)
