@@ -54,16 +54,17 @@ _WORD = re.compile(r"([A-Za-z]+)")  # re.split with a group keeps the separators
 _SIZES = {word for words in SIZE_WORDS.values() for word in words}
 
 
-def parse_kinds(text: str | None, flag: str = "--hard-negatives") -> tuple[str, ...]:
-    """The kinds of a comma list ("swap-attributes,swap-relations"); "" or "none" (or None) for none."""
+def parse_kinds(text: str | None, flag: str = "--hard-negatives", choices: Sequence[str] = KINDS) -> tuple[str, ...]:
+    """The kinds of a comma list ("swap-attributes,swap-relations") among `choices`; "" or "none" (or None) for
+    none."""
     if text is None or text.strip().lower() in ("", "none"):
         return ()
     kinds: list[str] = []
     for item in text.split(","):
         kind = item.strip().lower()
-        if kind not in KINDS:
+        if kind not in choices:
             raise ValueError(
-                f"`{flag}` {text!r} names an unknown kind {item.strip()!r}; choose from {', '.join(KINDS)}"
+                f"`{flag}` {text!r} names an unknown kind {item.strip()!r}; choose from {', '.join(choices)}"
             )
         if kind not in kinds:
             kinds.append(kind)
@@ -182,15 +183,18 @@ def _noun_phrase_after(caption: _Caption, start: int) -> int | None:
 # --------------------------------------------------------------------------------------------------- the kinds
 
 
-def swap_attributes(caption: str, objects: Sequence[dict] | None = None) -> list[str]:
-    """Binding negatives: the colours of the two objects exchanged, and their shapes exchanged.
+def swap_attributes(
+    caption: str, objects: Sequence[dict] | None = None, fields: Sequence[str] = ("colour", "shape")
+) -> list[str]:
+    """Binding negatives: the colours of the two objects exchanged, and their shapes exchanged (each of `fields`).
 
     With the shapes data's `objects` (two dicts with "colour" and "shape"), the words exchanged are theirs, found
     in order; otherwise the first two different colour words, and the first two different shape words, where the
     exchange changes what the caption describes (`_rebinds`)."""
     text = _Caption(caption)
     out = []
-    for field, vocabulary in (("colour", tuple(COLOURS)), ("shape", SHAPES)):
+    vocabularies = {"colour": tuple(COLOURS), "shape": SHAPES}
+    for field, vocabulary in ((field, vocabularies[field]) for field in fields):
         where = _positions(text, vocabulary)
         if objects is not None:
             first = next((i for i in where if _stem(text.words[i], vocabulary)[0] == objects[0][field]), None)
@@ -334,7 +338,7 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
     true negatives of its scene. Every negative differs from the caption."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
-    scene = record.get("kind") if _is_scene(record) else None
+    scene = record.get("kind") if is_scene(record) else None
     if scene is None:
         found = {
             "swap-attributes": lambda: swap_attributes(caption),
@@ -356,7 +360,7 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
     return found or None
 
 
-def _is_scene(record: dict | None) -> bool:
+def is_scene(record: dict | None) -> bool:
     return (
         isinstance(record, dict)
         and record.get("kind") in ("single", "relation", "count")
