@@ -23,6 +23,9 @@ from torch import nn
 from transformers import CLIPModel
 
 from clipcond.data.augment import CROP_DRAWS, ImageAugment, grayscale_where, random_resized_crops
+from clipcond.data.counterfactual import KINDS as PAIR_KINDS
+from clipcond.data.counterfactual import LOW_SHARE as LOW_PAIR_SHARE
+from clipcond.data.counterfactual import CounterfactualPairs, parse_pair_kinds
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
@@ -160,6 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loss clip only",
     )
     model.add_argument(
+        "--counterfactual-pairs",
+        default="none",
+        metavar="KINDS",
+        help="TripletCLIP's counterfactual pairs (Patel et al. 2024): for each image of the shapes data that has one, "
+        "its twin with an attribute changed in the pixels and in the caption alike joins the batch as a pair of its "
+        f"own, a hard negative of the original in both directions of the loss; a comma list of {', '.join(PAIR_KINDS)} "
+        "(the two objects' colours exchanged; no twin that would show a held-out composition); the twin and its "
+        "original are shown in colour. 'none' (default) for the plain recipe; --loss clip only",
+    )
+    model.add_argument(
         "--attn-implementation",
         default=None,
         choices=ATTN_IMPLEMENTATIONS,
@@ -185,6 +198,13 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--hflip-prob` must be in [0, 1], got {args.hflip_prob}")
     if isinstance(args.hard_negatives, str):  # a list already when checked a second time
         args.hard_negatives = list(parse_kinds(args.hard_negatives, "--hard-negatives"))
+    if isinstance(args.counterfactual_pairs, str):
+        args.counterfactual_pairs = list(parse_pair_kinds(args.counterfactual_pairs))
+    if args.counterfactual_pairs and args.loss != "clip":
+        raise ValueError(
+            f"`--counterfactual-pairs` {','.join(args.counterfactual_pairs)!r} needs `--loss clip`, got "
+            f"`--loss {args.loss}`; drop one of them"
+        )
     if args.hard_negatives and args.loss != "clip":
         raise ValueError(
             f"`--hard-negatives` {','.join(args.hard_negatives)!r} needs `--loss clip` (NegCLIP's softmax over the "
@@ -211,17 +231,25 @@ class CaptionTokens:
     `attention_mask` (B, context), padded to the context and truncated as the model reads them; with
     `hard_negatives`, also every hard-negative candidate of the batch's captions (`negatives`, a
     `NegativeCandidates`) and their tokens (`negative_input_ids`, `negative_attention_mask`: (N, context)), from
-    which the stage picks one per caption with its generator.
+    which the stage picks one per caption with its generator; with `counterfactual`, the twins of the batch's
+    images (`CounterfactualPairs.twins`) and their captions' tokens (`twin_input_ids`, `twin_attention_mask`).
 
     Captions are tokenised per batch, in the loader's workers, rather than all at once before training: the token
     table of a data set of many captions (2 x 8 bytes per position) never has to be held. Each caption is padded on
     its own to the context, so its tokens do not depend on the batch it is in: the same as tokenising up front.
     """
 
-    def __init__(self, tokenizer, context_length: int, hard_negatives: HardNegatives | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        context_length: int,
+        hard_negatives: HardNegatives | None = None,
+        counterfactual: CounterfactualPairs | None = None,
+    ):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.hard_negatives = hard_negatives
+        self.counterfactual = counterfactual
 
     def tokens(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if not captions:
@@ -243,6 +271,10 @@ class CaptionTokens:
                 negative_input_ids=tokens["input_ids"],
                 negative_attention_mask=tokens["attention_mask"],
             )
+        if self.counterfactual is not None:
+            twins = self.counterfactual.twins(samples)
+            tokens = self.tokens(twins["twin_text"])
+            batch.update(twins, twin_input_ids=tokens["input_ids"], twin_attention_mask=tokens["attention_mask"])
         return batch
 
 
@@ -280,68 +312,93 @@ class ClipStage(Stage):
 
     def loss(self, batch, generator):
         device = self.accelerator.device
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, context), from `CaptionTokens`
-        num_captions = input_ids.shape[0]
-        negatives = batch.get("negatives")
-        if negatives is not None:
-            # NegCLIP: one hard negative per caption that has any, a kind and then a candidate drawn uniformly with
-            # two uniforms per sample of the global batch (`draw_rows`), so the pick is the same on any number of
-            # processes and after a resume. The chosen rows join the captions: the text tower runs on (B + H).
-            draws = draw_rows(
-                lambda n: torch.rand(n, 2, generator=generator, device=generator.device), num_captions, device
-            )
-            chosen = pick_negatives(negatives, draws)  # (H,) on the device
-            all_masks = torch.cat([attention_mask, batch["negative_attention_mask"]])  # (B + N, context), host
-            input_ids = torch.cat(
-                [to_device(input_ids, device), to_device(batch["negative_input_ids"], device)[chosen]]
-            )
-            attention_mask = torch.cat(
-                [to_device(attention_mask, device), to_device(batch["negative_attention_mask"], device)[chosen]]
-            )
-        else:
-            all_masks = attention_mask
-        if self.right_padded:
-            # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
-            # the end token, so the text tower runs on (B, longest caption) instead of (B, context): about half
-            # the text compute on the shapes captions (at most 17 of 32 tokens). For the same reason it needs no
-            # padding mask: the causal one alone lets SDPA use its causal kernels, and transformers does not check
-            # on the host whether the mask masks anything (a wait for the device every step on a GPU).
-            length = attended_columns(all_masks, self.length_multiple)  # on the host (all candidates: an upper bound)
-            input_ids, attention_mask = input_ids[:, :length], None
-        pixels = self.augmented(to_device(batch["pixel_values"], device), generator)  # (B, 3, H, W) uint8
+        twin_source = batch.get("twin_source")  # (C,) rows of the twins' originals, with --counterfactual-pairs
+        num_pairs = batch["input_ids"].shape[0] + (0 if twin_source is None else twin_source.shape[0])
+        input_ids, attention_mask = self.text_rows(batch, generator)  # (B + C + H, length)
+        twins = (
+            None
+            if twin_source is None
+            else (to_device(batch["twin_pixel_values"], device), to_device(twin_source, device))
+        )
+        pixels = self.augmented(to_device(batch["pixel_values"], device), generator, twins)  # (B + C, 3, H, W) uint8
         pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
-        if attention_mask is not None:
-            attention_mask = to_device(attention_mask, device)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
-            input_ids=to_device(input_ids, device), attention_mask=attention_mask, pixel_values=pixel_values
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values
         )
         # The loss runs in fp32 whatever the autocast precision of the towers.
-        text_embeds, negative_embeds = text_embeds[:num_captions], text_embeds[num_captions:]  # (B, D), (H, D)
+        text_embeds, negative_embeds = text_embeds[:num_pairs], text_embeds[num_pairs:]  # (B + C, D), (H, D)
         features = (image_embeds.float(), text_embeds.float(), logit_scale.float())
         logs = {"train/logit_scale": logit_scale.detach().exp()}  # a tensor: read when the loop logs
         if logit_bias is not None:
             return self.loss_fn(*features, logit_bias.float()), logs
-        if negatives is None:
-            return self.loss_fn(*features), logs
-        logs["train/hard_negatives"] = negative_embeds.shape[0] / num_captions  # share of captions with one
-        return self.loss_fn(*features, negative_features=negative_embeds.float()), logs
+        options = {}
+        if twin_source is not None:
+            options["uneven"] = True  # C differs between batches and processes
+            logs["train/counterfactual_pairs"] = twin_source.shape[0] / batch["input_ids"].shape[0]
+        if "negatives" in batch:
+            options["negative_features"] = negative_embeds.float()
+            logs["train/hard_negatives"] = negative_embeds.shape[0] / batch["input_ids"].shape[0]
+        return self.loss_fn(*features, **options), logs
 
-    def augmented(self, pixels: torch.Tensor, generator) -> torch.Tensor:
+    def text_rows(self, batch, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token rows that the text tower reads, on the device: the B captions (from `CaptionTokens`), the C
+        captions of their twins (with --counterfactual-pairs), then one hard negative for each caption that has any
+        (H, with --hard-negatives); and their attention mask, None where right padding makes it unneeded."""
+        device = self.accelerator.device
+        ids, masks = [batch["input_ids"]], [batch["attention_mask"]]  # (B, context) each, on the host
+        if "twin_input_ids" in batch:
+            ids.append(batch["twin_input_ids"])
+            masks.append(batch["twin_attention_mask"])
+        all_masks = torch.cat(masks)  # on the host: with every hard-negative candidate, an upper bound of the length
+        input_ids = torch.cat([to_device(t, device) for t in ids])
+        attention_mask = torch.cat([to_device(t, device) for t in masks])
+        negatives = batch.get("negatives")
+        if negatives is not None:
+            # NegCLIP: one hard negative per caption that has any, a kind and then a candidate drawn uniformly with
+            # two uniforms per sample of the global batch (`draw_rows`), so the pick is the same on any number of
+            # processes and after a resume.
+            draws = draw_rows(
+                lambda n: torch.rand(n, 2, generator=generator, device=generator.device), ids[0].shape[0], device
+            )
+            chosen = pick_negatives(negatives, draws)  # (H,) on the device
+            input_ids = torch.cat([input_ids, to_device(batch["negative_input_ids"], device)[chosen]])
+            attention_mask = torch.cat([attention_mask, to_device(batch["negative_attention_mask"], device)[chosen]])
+            all_masks = torch.cat([all_masks, batch["negative_attention_mask"]])
+        if self.right_padded:
+            # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
+            # the end token, so the text tower runs on (rows, longest caption) instead of (rows, context): about
+            # half the text compute on the shapes captions (at most 17 of 32 tokens). For the same reason it needs
+            # no padding mask: the causal one alone lets SDPA use its causal kernels, and transformers does not
+            # check on the host whether the mask masks anything (a wait for the device every step on a GPU).
+            return input_ids[:, : attended_columns(all_masks, self.length_multiple)], None
+        return input_ids, attention_mask
+
+    def augmented(self, pixels: torch.Tensor, generator, twins: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The batch's images (B, 3, H, W) uint8 with `self.augment` applied. The draws are rows of the global batch
         (see `draw_rows`): grayscale one uniform per image, then crops and flips `CROP_DRAWS`, each only when on, so
-        a run without crops draws what it drew before they existed."""
+        a run without crops draws what it drew before they existed.
+
+        `twins`: their (C, 3, H, W) images and the (C,) rows of their originals (--counterfactual-pairs), appended
+        after the batch, each cropped and flipped as its original. A twin differs from its original in colour
+        alone, so both are shown in colour: the originals' grayscale draws are drawn and then not used."""
         augment, device = self.augment, pixels.device
         if augment.grayscale_prob > 0:
             draws = draw_rows(
                 lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
             )
-            pixels = grayscale_where(pixels, draws < augment.grayscale_prob)
+            gray = draws < augment.grayscale_prob
+            if twins is not None:
+                gray = gray.index_fill(0, twins[1], False)
+            pixels = grayscale_where(pixels, gray)
+        num_images = pixels.shape[0]
+        if twins is not None:
+            pixels = torch.cat([pixels, twins[0]])
         if augment.crops:
             draws = draw_rows(
-                lambda n: torch.rand(n, CROP_DRAWS, generator=generator, device=generator.device),
-                pixels.shape[0],
-                device,
+                lambda n: torch.rand(n, CROP_DRAWS, generator=generator, device=generator.device), num_images, device
             )
+            if twins is not None:
+                draws = torch.cat([draws, draws[twins[1]]])
             pixels = random_resized_crops(pixels, draws, augment.crop_scale, augment.hflip_prob)
         return pixels
 
@@ -438,7 +495,9 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         output_dir=output_dir,
     )
     hard_negatives, coverage = hard_negative_captions(args, dataset, warn=accelerator.is_main_process)
-    collate = CaptionTokens(tokenizer, clip.config.text_config.max_position_embeddings, hard_negatives)
+    counterfactual, pair_coverage = counterfactual_pairs(args, dataset, warn=accelerator.is_main_process)
+    context = clip.config.text_config.max_position_embeddings
+    collate = CaptionTokens(tokenizer, context, hard_negatives, counterfactual)
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate)
 
     # 7. Save the final model and the run record
@@ -451,6 +510,8 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         }
         if hard_negatives is not None:
             sections["hard_negatives"] = {"kinds": list(hard_negatives.kinds), **coverage}
+        if counterfactual is not None:
+            sections["counterfactual_pairs"] = {"kinds": list(counterfactual.kinds), **pair_coverage}
         return sections
 
     unwrapped = stage.unwrapped
@@ -485,6 +546,31 @@ def hard_negative_captions(args: argparse.Namespace, dataset, warn: bool = True)
         )
     else:
         logger.info("hard negatives for %.1f%% of the training captions", 100 * coverage["share"])
+    return maker, coverage
+
+
+def counterfactual_pairs(
+    args: argparse.Namespace, dataset, warn: bool = True
+) -> tuple[CounterfactualPairs | None, dict]:
+    """`--counterfactual-pairs`' twin maker (None for none) and the share of the training captions whose metadata
+    gives a twin (`CounterfactualPairs.coverage`); an error for data that is not the shapes data, a warning (with
+    `warn`) when few captions have a twin."""
+    if not args.counterfactual_pairs:
+        return None, {}
+    maker = CounterfactualPairs(
+        args.counterfactual_pairs, getattr(dataset, "records", None), getattr(dataset, "info", None)
+    )
+    coverage = maker.coverage(dataset.captions)
+    if warn and coverage["share"] < LOW_PAIR_SHARE:
+        logger.warning(
+            "`--counterfactual-pairs` %s: only %.1f%% of the %d training captions checked have a twin (two-object "
+            "scenes of two colours); the others train as in the plain recipe",
+            ",".join(args.counterfactual_pairs),
+            100 * coverage["share"],
+            coverage["captions_checked"],
+        )
+    elif warn:
+        logger.info("counterfactual twins for %.1f%% of the training captions", 100 * coverage["share"])
     return maker, coverage
 
 

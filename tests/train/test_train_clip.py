@@ -119,11 +119,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "recipe",
-    [[], ["--hard-negatives", "swap-attributes,swap-relations,swap-count"]],
-    ids=["plain", "hard_negatives"],
+    [[], ["--hard-negatives", "swap-attributes,swap-relations,swap-count", "--counterfactual-pairs", "swap-colours"]],
+    ids=["plain", "hard_negatives_and_twins"],
 )
 def test_resume_after_sigkill_matches_uninterrupted_run(shapes_data, tmp_path, recipe):
-    """Also with hard negatives: their pick draws from the stage's generator, which the checkpoint keeps."""
+    """Also with hard negatives and twins: the negatives' pick draws from the stage's generator, which the checkpoint
+    keeps."""
     common = ["--max-train-steps", "8", "--checkpointing-steps", "2", "--validation-steps", "0", *recipe]
     _run(shapes_data, tmp_path / "straight", *common)
 
@@ -182,8 +183,8 @@ def test_captions_tokenised_per_batch_train_the_same_weights_as_tokens_made_up_f
     class UpFront(train_clip.CaptionTokens):
         """The earlier way: the token table of every caption, made once; a batch's rows gathered by index."""
 
-        def __init__(self, tokenizer, context_length, hard_negatives=None):
-            super().__init__(tokenizer, context_length, hard_negatives)
+        def __init__(self, tokenizer, context_length, *makers):
+            super().__init__(tokenizer, context_length, *makers)
             self.table = self.tokens(captions)
 
         def __call__(self, samples):
@@ -311,6 +312,69 @@ def test_augmentation_draws_only_what_is_on(augment, draws):
     assert torch.equal(used.get_state(), expected.get_state())
 
 
+def test_twins_are_shown_in_colour_with_their_originals_crop():
+    """A twin and its original differ in colour alone: both skip the grayscale view (whose draws are still taken,
+    as without twins), and the twin is cropped and flipped as its original."""
+    from clipcond.train.clip import ClipStage
+
+    pixels = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    twins = (pixels[[1, 4]].flip(1), torch.tensor([1, 4]))  # the channels reversed: other colours, same layout
+    stage = SimpleNamespace(augment=ImageAugment(grayscale_prob=1.0, crop_scale=0.5, hflip_prob=0.5))
+    used, expected = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    out = ClipStage.augmented(stage, pixels, used, twins)
+    torch.rand(6, generator=expected), torch.rand(6, CROP_DRAWS, generator=expected)
+    assert torch.equal(used.get_state(), expected.get_state())  # the draws of a batch of 6
+    assert out.shape == (8, 3, 8, 8)
+    in_colour = [bool((image[0] != image[1]).any() or (image[1] != image[2]).any()) for image in out]
+    assert in_colour == [False, True, False, False, True, False, True, True]
+    # a crop moves pixels alike in every channel: the twins' crops are their originals'
+    assert torch.equal(out[6], out[1].flip(0)) and torch.equal(out[7], out[4].flip(0))
+    assert not torch.equal(out[1], pixels[1])  # cropped
+
+
+def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
+    """The towers see the B pairs and the twins of the two-colour scenes; the run record names the kind and the
+    share of captions with a twin."""
+    from clipcond.train import clip as train_clip
+
+    seen = []
+    loss = train_clip.ClipStage.loss
+
+    def recording(self, batch, generator):
+        out = loss(self, batch, generator)
+        seen.append((out[1]["train/counterfactual_pairs"], batch["twin_source"].shape[0]))
+        return out
+
+    monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
+    _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", "swap-colours")
+    assert len(seen) == 3 and sum(count for _, count in seen) > 0
+    assert all(share == count / 16 for share, count in seen)
+    record = json.loads((tmp_path / "twins" / "clipcond_run.json").read_text())
+    assert record["args"]["counterfactual_pairs"] == ["swap-colours"]
+    assert (
+        record["counterfactual_pairs"]["kinds"] == ["swap-colours"] and 0 < record["counterfactual_pairs"]["share"] < 1
+    )
+    monkeypatch.undo()
+    _run(shapes_data, tmp_path / "plain", *THREE_STEPS)
+    plain = json.loads((tmp_path / "plain" / "clipcond_run.json").read_text())
+    assert "counterfactual_pairs" not in plain and plain["args"]["counterfactual_pairs"] == []
+    name = "vision_model.embeddings.patch_embedding.weight"
+    assert (_weights(tmp_path / "plain")[name] - _weights(tmp_path / "twins")[name]).abs().max() > 1e-5
+
+
+def test_twins_need_the_shapes_data(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (10 * i, 100, 200)).save(data / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": "a red circle left of a blue square"} for i in range(4)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
+        _run(data, tmp_path / "run", *THREE_STEPS, "--counterfactual-pairs", "swap-colours")
+
+
 def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):
     import shutil
 
@@ -431,6 +495,16 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
             ValueError,
             r"`--hard-negatives` 'swap-count' needs `--loss clip`.*got `--loss siglip`",
         ),
+        (
+            ["--counterfactual-pairs", "swap-colours", "--loss", "siglip"],
+            ValueError,
+            r"`--counterfactual-pairs` 'swap-colours' needs `--loss clip`, got `--loss siglip`",
+        ),
+        (
+            ["--counterfactual-pairs", "swap-shapes"],
+            ValueError,
+            r"`--counterfactual-pairs` 'swap-shapes' names an unknown kind 'swap-shapes'; choose from swap-colours",
+        ),
     ],
 )
 def test_bad_arguments_are_named(shapes_data, tmp_path, extra, error, match):
@@ -451,6 +525,7 @@ def test_help_names_the_options(capsys):
         assert option in text
     flat = " ".join(text.split()).replace("- ", "-")  # argparse may wrap a line after a hyphen
     assert "--hard-negatives KINDS" in flat and all(kind in flat for kind in HARD_NEGATIVE_KINDS)
+    assert "--counterfactual-pairs KINDS" in flat and "swap-colours" in flat
 
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):

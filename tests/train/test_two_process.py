@@ -145,11 +145,14 @@ def _options(data: Path, out: Path, batch: int, steps: int = STEPS) -> list[str]
 
 
 @pytest.mark.parametrize(
-    "recipe", [[], ["--hard-negatives", "swap-attributes,swap-relations"]], ids=["plain", "hard_negatives"]
+    "recipe",
+    [[], ["--hard-negatives", "swap-attributes,swap-relations", "--counterfactual-pairs", "swap-colours"]],
+    ids=["plain", "hard_negatives_and_twins"],
 )
 def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, recipe):
-    """With hard negatives the two processes hold different numbers of them: they are gathered like the captions,
-    and each sample's pick comes from the shared generator (`draw_rows`), as in the 1-process run."""
+    """With hard negatives and twins the two processes hold different numbers of each: the negatives are gathered
+    like the captions, and each sample's pick comes from the shared generator (`draw_rows`), as in the 1-process
+    run; the twins make the batches uneven, each pair weighing alike (`ClipLoss`'s `uneven`)."""
     from clipcond.train.clip import main
 
     model = [*TINY_CLIP_ARGS[:2], *recipe]  # --model test
