@@ -1,20 +1,22 @@
-"""Hard negatives in CLIP pretraining (NegCLIP) beside the plain recipe, at equal steps, over seeds (a benchmark,
-not a test).
+"""Hard negatives in CLIP pretraining (NegCLIP) or counterfactual pairs (TripletCLIP) beside the plain recipe, at
+equal steps, over seeds (a benchmark, not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
+        [--counterfactual-pairs swap-colours] [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
 1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
    when DIR holds another seed's).
 2. Per seed, two runs of `clipcond train clip` with every other option at its default (or the `--smoke` sizes):
-   the plain recipe, and the same with `--hard-negatives KINDS`. Both take the same steps, batch and data order.
+   the plain recipe, and the same with `--hard-negatives KINDS` and `--counterfactual-pairs KINDS` (the recipe
+   keyed "hard_negatives" in the output; `--kinds none` for twins alone). Both take the same steps, batch and data
+   order.
 3. Each run is evaluated by `clipcond eval clip` (zero-shot top-1 on seen and held-out compositions, retrieval)
    and by `clipcond probe`'s CLIP minimal-pair probes (count, relation, binding, position, size: the share of
    pairs where the image is closer to the right caption).
 
 Prints one JSON object: per recipe and seed the figures, the training seconds and the run record's hard-negative
-share; per recipe their mean with a 95% interval over the seeds; per figure the difference hard negatives - plain
+share (and twin share); per recipe their mean with a 95% interval over the seeds; per figure the difference hard negatives - plain
 (mean and interval over the seeds, paired by seed); and `target`: whether the binding and relation probes gain at
 least 20 points and seen zero-shot top-1 loses at most 1 point. The generators conditioned on each CLIP are not
 trained here (a decoder per run and seed is the demo's ten minutes of CPU); `clipcond probe --model ...` measures them
@@ -37,7 +39,7 @@ from clipcond.evaluation.stats import mean_interval
 
 RECIPES = ("plain", "hard_negatives")
 # what must agree for an earlier result's seeds to join a new one (`--seeds-from`)
-SAME_SETTINGS = ("kinds", "model", "max_train_steps", "train_batch_size", "num_pairs", "mixed_precision", "smoke")
+SAME_SETTINGS = ("kinds", "counterfactual_pairs", "model", "max_train_steps", "train_batch_size", "num_pairs", "mixed_precision", "smoke")
 TARGET = {"probe_gain": 0.20, "probes": ("binding", "relation"), "zero_shot_loss": 0.01}
 SMOKE = {"model": "test", "max_train_steps": 4, "train_batch_size": 16, "num_images": 276, "num_pairs": 8}
 
@@ -53,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kinds",
         default="swap-attributes,swap-relations",
-        help="the hard-negative run's --hard-negatives (default swap-attributes,swap-relations)",
+        help="the hard-negative run's --hard-negatives (default swap-attributes,swap-relations; none for none)",
+    )
+    parser.add_argument(
+        "--counterfactual-pairs",
+        default="none",
+        help="the hard-negative run's --counterfactual-pairs (default none; swap-colours for twins)",
     )
     parser.add_argument("--model", default=None, help="CLIP preset (default: the recipe's; `test` with --smoke)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="steps of every run (default: the recipe's)")
@@ -99,7 +106,7 @@ def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, r
     if args.smoke:
         argv += ["--lr-warmup-steps", "1", "--validation-steps", "0", "--checkpointing-steps", "0"]
     if recipe == "hard_negatives":
-        argv += ["--hard-negatives", args.kinds]
+        argv += ["--hard-negatives", args.kinds, "--counterfactual-pairs", args.counterfactual_pairs]
     return [*argv, *args.clip_args]
 
 
@@ -144,6 +151,7 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     probes, pairs = probe_figures(run, data_dir, args.num_pairs, seed)
     figures.update(probes)
     negatives = record.hard_negatives or {}
+    twins = record.sections.get("counterfactual_pairs") or {}
     return {
         "figures": {key: None if value is None else round(value, 4) for key, value in figures.items()},
         "pairs": pairs,
@@ -151,6 +159,7 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
         "wall_seconds": round(wall, 1),
         "steps": record.summary["steps"],
         "hard_negative_share": negatives.get("share"),
+        "twin_share": twins.get("share"),
     }
 
 
