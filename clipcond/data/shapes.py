@@ -207,17 +207,27 @@ def render_scene(objects: Sequence[ShapeObject] | Scene, resolution: int = 32) -
     """
     if isinstance(objects, Scene):
         objects = objects.objects
+    return render_boxes([(COLOURS[obj.colour], obj.shape, obj.box()) for obj in objects], resolution)
+
+
+def render_boxes(
+    objects: Sequence[tuple[Sequence[int], str, Sequence[float]]],
+    resolution: int = 32,
+    background: Sequence[int] = BACKGROUND,
+) -> Image.Image:
+    """`render_scene` for objects given as (RGB fill, shape, bounding square in fractions of the side): what a
+    metadata row's objects draw (their "bbox" divided by the resolution)."""
     if resolution < MIN_RESOLUTION:
         raise ValueError(f"resolution={resolution} is too small; use at least {MIN_RESOLUTION}")
     side = resolution * SUPERSAMPLE
-    image = Image.new("RGB", (side, side), BACKGROUND)
+    image = Image.new("RGB", (side, side), tuple(background))
     draw = ImageDraw.Draw(image)
-    for obj in objects:
-        x0, y0, x1, y1 = (round(v * side) for v in obj.box())
-        fill = COLOURS[obj.colour]
-        if obj.shape == "circle":
+    for fill, shape, box in objects:
+        x0, y0, x1, y1 = (round(v * side) for v in box)
+        fill = tuple(fill)
+        if shape == "circle":
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif obj.shape == "square":
+        elif shape == "square":
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
         else:  # triangle
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
