@@ -169,8 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="TripletCLIP's counterfactual pairs (Patel et al. 2024): for each image of the shapes data that has one, "
         "its twin with an attribute changed in the pixels and in the caption alike joins the batch as a pair of its "
         f"own, a hard negative of the original in both directions of the loss; a comma list of {', '.join(PAIR_KINDS)} "
-        "(the two objects' colours exchanged; no twin that would show a held-out composition); the twin and its "
-        "original are shown in colour. 'none' (default) for the plain recipe; --loss clip only",
+        "(the two objects' colours exchanged in the pixels; their shapes exchanged, the scene redrawn from its "
+        "metadata; no twin that would show a held-out composition); the twins and their originals are shown in "
+        "colour. 'none' (default) for the plain recipe; --loss clip only",
     )
     model.add_argument(
         "--attn-implementation",

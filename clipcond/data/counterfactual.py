@@ -8,14 +8,19 @@ left of a blue square", while nothing asks the image tower to tell the two scene
 adds the negative caption's own image, so that each of the two pairs is a hard negative of the other in both
 directions of the loss. Here the twin is exact rather than generated: the shapes renderer draws flat colours on a
 flat background (`clipcond.data.shapes.render_scene`), so exchanging the two objects' colours in the pixels draws
-the scene the swapped caption describes.
+the scene the swapped caption describes, and the metadata row's bounding boxes redraw a scene with other shapes.
 
 Kinds (`KINDS`, the values of `clipcond train clip --counterfactual-pairs`):
 
 - ``swap-colours``: a two-object scene of two colours with the colours exchanged, in the image (`swap_colours`)
   and in the caption (`hard_negatives.swap_attributes`), "a red circle left of a blue square" -> "a blue circle
-  left of a red square". A twin that would show a held-out composition (`dataset_info.json`'s "held_out") is not
-  made: held-out pairs never appear in training.
+  left of a red square";
+- ``swap-shapes``: the two objects' shapes exchanged, each drawn in the other's bounding box (`render_boxes`), "a
+  red circle left of a blue square" -> "a red square left of a blue circle"; made where the metadata row redraws the
+  original image (`REDRAW_TOLERANCE`), not for an image resampled from another resolution.
+
+Both show the same two colour-shape pairs, bound the other way, in two layouts. A twin that would show a held-out
+composition (`dataset_info.json`'s "held_out") is not made: held-out pairs never appear in training.
 """
 
 from __future__ import annotations
@@ -24,20 +29,22 @@ from collections.abc import Sequence
 
 import torch
 
-from clipcond.data.hard_negatives import SHARE_SAMPLE, is_scene, parse_kinds, swap_attributes
-from clipcond.data.shapes import is_shapes_data
+from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes
+from clipcond.data.shapes import is_shapes_data, render_boxes
 
-KINDS = ("swap-colours",)
+KINDS = ("swap-colours", "swap-shapes")
+FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each kind exchanges
 # A pixel farther than this (RGB distance, 0-255 scale) from every blend of the background with one of the two
 # colours is unexplained; a twin is made only where at most UNEXPLAINED_SHARE of the pixels are (resampling from
 # another resolution leaves a few such pixels at the edges, a photo or another palette many).
 TOLERANCE = 24.0
 UNEXPLAINED_SHARE = 0.02
 LOW_SHARE = 0.05  # below this share of captions with a twin, training warns that twins are few
+REDRAW_TOLERANCE = 1.0  # mean absolute difference (0-255) between an image and its redrawing from metadata
 
 
 def parse_pair_kinds(text: str | None) -> tuple[str, ...]:
-    """The kinds of `--counterfactual-pairs` ("swap-colours"); "" or "none" (or None) for none."""
+    """The kinds of `--counterfactual-pairs` ("swap-colours,swap-shapes"); "" or "none" (or None) for none."""
     return parse_kinds(text, "--counterfactual-pairs", KINDS)
 
 
@@ -70,6 +77,28 @@ def swap_colours(
     return torch.where(background_pixel, p, swapped).round().clamp(0, 255).to(torch.uint8)
 
 
+def redraw_swapped_shapes(pixels: torch.Tensor, objects: Sequence[dict], info: dict) -> torch.Tensor | None:
+    """The (3, H, W) uint8 image of a two-object metadata row with the objects' shapes exchanged, each in the
+    other's bounding box; None when the row's objects (colour, shape, "bbox" at the data's resolution) do not redraw
+    `pixels` itself to within `REDRAW_TOLERANCE`."""
+    if any("bbox" not in obj or obj.get("colour") not in info["colours"] for obj in objects):
+        return None
+    size, native = pixels.shape[-1], info["resolution"]
+
+    def draw(shapes: Sequence[str]) -> torch.Tensor:
+        boxes = [
+            (info["colours"][obj["colour"]], shape, [v / native for v in obj["bbox"]])
+            for obj, shape in zip(objects, shapes, strict=True)
+        ]
+        image = render_boxes(boxes, size, info["background"])
+        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+    shapes = [obj["shape"] for obj in objects]
+    if (draw(shapes).float() - pixels.float()).abs().mean() > REDRAW_TOLERANCE:
+        return None
+    return draw(shapes[::-1]).to(pixels.device)
+
+
 class CounterfactualPairs:
     """Makes the twins of a batch's images (`twins`) from the shapes data's metadata rows and palette.
 
@@ -87,38 +116,51 @@ class CounterfactualPairs:
             )
         self.kinds = tuple(kinds)
         self.records = records
-        self.colours = {name: tuple(rgb) for name, rgb in info["colours"].items()}
-        self.background = tuple(info["background"])
+        self.info = info
         self.held_out = set(info.get("held_out") or ())
 
-    def twin_caption(self, caption: str, record: dict | None) -> tuple[str, str, str] | None:
-        """(twin caption, colour a, colour b) for a two-object scene of two colours whose exchange shows no
-        held-out composition; None otherwise."""
+    def twin_caption(self, caption: str, record: dict | None, kind: str) -> str | None:
+        """The caption of a two-object scene with the two objects' colours (or shapes, by `kind`) exchanged; None
+        when they are the same, or when the twin would show a held-out composition."""
         if not is_scene(record) or record["kind"] != "relation":
             return None
         first, second = record["objects"]
-        a, b = first["colour"], second["colour"]
-        if a == b or a not in self.colours or b not in self.colours:
+        field = FIELDS[kind]
+        if first[field] == second[field]:
             return None
-        if f"{b} {first['shape']}" in self.held_out or f"{a} {second['shape']}" in self.held_out:
+        # either exchange shows the same two pairs: the first colour on the second shape, and the other way round
+        if (
+            f"{second['colour']} {first['shape']}" in self.held_out
+            or f"{first['colour']} {second['shape']}" in self.held_out
+        ):
             return None
-        swapped = swap_attributes(caption, record["objects"], fields=("colour",))
-        return (swapped[0], a, b) if swapped and swapped[0] != caption else None
+        swapped = swap_attributes(caption, record["objects"], fields=(field,))
+        return swapped[0] if swapped and swapped[0] != caption else None
+
+    def twin_image(self, pixels: torch.Tensor, record: dict, kind: str) -> torch.Tensor | None:
+        """The twin's image of `kind`, or None where the image is no drawing of its metadata row."""
+        first, second = record["objects"]
+        if kind == "swap-shapes":
+            return redraw_swapped_shapes(pixels, record["objects"], self.info)
+        colours = self.info["colours"]
+        if first["colour"] not in colours or second["colour"] not in colours:
+            return None
+        return swap_colours(pixels, colours[first["colour"]], colours[second["colour"]], self.info["background"])
 
     def twins(self, samples: Sequence[dict]) -> dict:
-        """The twins of a batch of data set items (each with "pixel_values", "text", "index"): `twin_pixel_values`
-        (C, 3, H, W) uint8, `twin_text` (C captions), `twin_source` (C,) int64, the row of each twin's original."""
+        """The twins of a batch of data set items (each with "pixel_values", "text", "index"), per sample in the
+        order of `kinds`: `twin_pixel_values` (C, 3, H, W) uint8, `twin_text` (C captions), `twin_source` (C,)
+        int64, the row of each twin's original."""
         pixels, texts, sources = [], [], []
         for row, sample in enumerate(samples):
-            found = self.twin_caption(sample["text"], self.records[sample["index"]])
-            if found is None:
-                continue
-            caption, a, b = found
-            image = swap_colours(sample["pixel_values"], self.colours[a], self.colours[b], self.background)
-            if image is not None:
-                pixels.append(image)
-                texts.append(caption)
-                sources.append(row)
+            record = self.records[sample["index"]]
+            for kind in self.kinds:
+                caption = self.twin_caption(sample["text"], record, kind)
+                image = None if caption is None else self.twin_image(sample["pixel_values"], record, kind)
+                if image is not None:
+                    pixels.append(image)
+                    texts.append(caption)
+                    sources.append(row)
         shape = tuple(samples[0]["pixel_values"].shape) if samples else (3, 0, 0)
         return {
             "twin_pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, *shape, dtype=torch.uint8),
@@ -127,9 +169,10 @@ class CounterfactualPairs:
         }
 
     def coverage(self, captions: Sequence[str]) -> dict:
-        """The share of captions (up to `SHARE_SAMPLE`, evenly spaced) whose metadata gives a twin, before its image
-        is checked: {"share", "captions_checked"}."""
-        n = len(captions)
-        picked = sorted({i * n // SHARE_SAMPLE for i in range(SHARE_SAMPLE)}) if n > SHARE_SAMPLE else range(n)
-        found = sum(self.twin_caption(captions[i], self.records[i]) is not None for i in picked)
-        return {"share": round(found / max(len(picked), 1), 4), "captions_checked": len(picked)}
+        """The share of captions whose metadata gives a twin of any kind and of each, before their images are
+        checked (`share_of_captions`)."""
+        return share_of_captions(
+            len(captions),
+            self.kinds,
+            lambda i, kind: self.twin_caption(captions[i], self.records[i], kind) is not None,
+        )

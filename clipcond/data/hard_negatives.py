@@ -25,7 +25,7 @@ case of the first letter; a caption with nothing to swap has no candidate (`swap
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -421,23 +421,31 @@ class HardNegatives:
         return NegativeCandidates(captions, start, size, count)
 
     def coverage(self, captions: Sequence[str], records: Sequence[dict] | None = None) -> dict:
-        """The share of captions with a negative of any kind, and of each kind, over up to `SHARE_SAMPLE` of them
-        evenly spaced: {"share", "share_by_kind", "captions_checked"}."""
-        n = len(captions)
-        picked = sorted({i * n // SHARE_SAMPLE for i in range(SHARE_SAMPLE)}) if n > SHARE_SAMPLE else range(n)
-        any_kind, by_kind = 0, dict.fromkeys(self.kinds, 0)
-        for i in picked:
-            record = records[i] if records is not None else None
-            found = [kind for kind in self.kinds if swap(captions[i], kind, record)]
-            any_kind += bool(found)
-            for kind in found:
-                by_kind[kind] += 1
-        checked = max(len(picked), 1)
-        return {
-            "share": round(any_kind / checked, 4),
-            "share_by_kind": {kind: round(c / checked, 4) for kind, c in by_kind.items()},
-            "captions_checked": len(picked),
-        }
+        """The share of captions with a negative of any kind, and of each kind (`share_of_captions`)."""
+
+        def found(i: int, kind: str) -> bool:
+            return bool(swap(captions[i], kind, records[i] if records is not None else None))
+
+        return share_of_captions(len(captions), self.kinds, found)
+
+
+def share_of_captions(num_captions: int, kinds: Sequence[str], found: Callable[[int, str], bool]) -> dict:
+    """The share of a data set's captions that `found(index, kind)` says have something of any of `kinds`, and of
+    each kind, over up to `SHARE_SAMPLE` of them evenly spaced: {"share", "share_by_kind", "captions_checked"}."""
+    n = num_captions
+    picked = sorted({i * n // SHARE_SAMPLE for i in range(SHARE_SAMPLE)}) if n > SHARE_SAMPLE else range(n)
+    any_kind, by_kind = 0, dict.fromkeys(kinds, 0)
+    for i in picked:
+        kinds_found = [kind for kind in kinds if found(i, kind)]
+        any_kind += bool(kinds_found)
+        for kind in kinds_found:
+            by_kind[kind] += 1
+    checked = max(len(picked), 1)
+    return {
+        "share": round(any_kind / checked, 4),
+        "share_by_kind": {kind: round(c / checked, 4) for kind, c in by_kind.items()},
+        "captions_checked": len(picked),
+    }
 
 
 def pick_negatives(candidates: NegativeCandidates, draws: torch.Tensor) -> torch.Tensor:

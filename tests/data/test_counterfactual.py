@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipcond.data.counterfactual import CounterfactualPairs, parse_pair_kinds, swap_colours
+from clipcond.data.counterfactual import CounterfactualPairs, parse_pair_kinds, redraw_swapped_shapes, swap_colours
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.shapes import BACKGROUND, COLOURS, ShapeObject, render_scene
+from clipcond.data.shapes import BACKGROUND, COLOURS, SHAPES, ShapeObject, render_scene
 
 
 def _pixels(objects, resolution=32) -> torch.Tensor:
@@ -56,44 +56,78 @@ def _record(colours, shapes=("circle", "square"), relation="left of"):
 INFO = {"name": "clipcond-shapes", "colours": COLOURS, "background": list(BACKGROUND), "held_out": ["blue circle"]}
 
 
-def test_twin_captions_differ_in_the_colour_words_alone():
-    pairs = CounterfactualPairs(["swap-colours"], [], INFO)
+def test_twin_captions_differ_in_the_swapped_words_alone():
+    pairs = CounterfactualPairs(["swap-colours", "swap-shapes"], [], INFO)
     caption = "An orange circle to the left of a red square."
-    assert pairs.twin_caption(caption, _record(("orange", "red"))) == (
-        "A red circle to the left of an orange square.",
-        "orange",
-        "red",
-    )
-    # a twin showing a held-out composition ("blue circle") is never made; nor one of a scene of one colour
-    assert pairs.twin_caption("a red circle left of a blue square", _record(("red", "blue"))) is None
-    assert pairs.twin_caption("a red circle left of a red square", _record(("red", "red"))) is None
+    record = _record(("orange", "red"))
+    assert pairs.twin_caption(caption, record, "swap-colours") == "A red circle to the left of an orange square."
+    assert pairs.twin_caption(caption, record, "swap-shapes") == "An orange square to the left of a red circle."
+    # a twin showing a held-out composition ("blue circle") is never made, of either kind
+    for kind in ("swap-colours", "swap-shapes"):
+        assert pairs.twin_caption("a red circle left of a blue square", _record(("red", "blue")), kind) is None
+    # nothing to exchange: one colour, one shape, one object, no metadata
+    assert pairs.twin_caption("a red circle left of a red square", _record(("red", "red")), "swap-colours") is None
+    same_shape = _record(("red", "green"), ("square", "square"))
+    assert pairs.twin_caption("a red square left of a green square", same_shape, "swap-shapes") is None
     single = {"kind": "single", "objects": [{"colour": "red", "shape": "circle"}], "relation": None}
-    assert pairs.twin_caption("a red circle", single) is None
-    assert pairs.twin_caption("a red circle left of a blue square", None) is None
+    assert pairs.twin_caption("a red circle", single, "swap-colours") is None
+    assert pairs.twin_caption("a red circle left of a blue square", None, "swap-shapes") is None
+
+
+def test_the_shape_twin_is_the_render_of_the_swapped_scene():
+    """Each object's shape drawn in the other's box, from the metadata row alone; nothing where the row does not
+    redraw the image (another image, or the image resampled to another size)."""
+    info = {**INFO, "resolution": 32}
+    for shape_a, shape_b in ((a, b) for a in SHAPES for b in SHAPES if a != b):
+        first = ShapeObject("red", shape_a, "small", "left", dx=0.013, dy=-0.021, scale=1.07)
+        second = ShapeObject("green", shape_b, "large", "right", dx=-0.017, dy=0.009, scale=0.93)
+        objects = [first.to_dict(32), second.to_dict(32)]
+        twin = redraw_swapped_shapes(_pixels([first, second]), objects, info)
+        expected = _pixels(
+            [
+                ShapeObject("red", shape_b, "small", "left", dx=0.013, dy=-0.021, scale=1.07),
+                ShapeObject("green", shape_a, "large", "right", dx=-0.017, dy=0.009, scale=0.93),
+            ]
+        )
+        assert twin is not None and torch.equal(twin, expected), (shape_a, shape_b)
+    other = _pixels([ShapeObject("red", "circle", "small", "right"), second])
+    assert redraw_swapped_shapes(other, objects, info) is None
+    resized = torch.nn.functional.interpolate(_pixels([first, second])[None].float(), size=48, mode="bilinear")
+    assert redraw_swapped_shapes(resized[0].round().to(torch.uint8), objects, info) is None
 
 
 def test_twins_of_a_batch_and_their_share(shapes_data):
     data = ImageCaptionDataset(shapes_data, split="train", resolution=32)
     info = {**data.info, "held_out": []}
-    pairs = CounterfactualPairs(["swap-colours"], data.records, info)
+    kinds = ["swap-colours", "swap-shapes"]
+    pairs = CounterfactualPairs(kinds, data.records, info)
     samples = [data[i] for i in range(48)]
     twins = pairs.twins(samples)
-    expected = [i for i, s in enumerate(samples) if pairs.twin_caption(s["text"], data.records[s["index"]])]
-    assert twins["twin_source"].tolist() == expected and expected  # every scene with a twin caption gets its image
+    # every scene with a twin caption gets its image, by sample and then by kind
+    expected = [
+        (i, kind)
+        for i, s in enumerate(samples)
+        for kind in kinds
+        if pairs.twin_caption(s["text"], data.records[s["index"]], kind)
+    ]
+    assert twins["twin_source"].tolist() == [i for i, _ in expected] and {k for _, k in expected} == set(kinds)
     assert twins["twin_pixel_values"].shape == (len(expected), 3, 32, 32)
-    for k, row in enumerate(expected):
+    for k, (row, kind) in enumerate(expected):
         original, twin_text = samples[row]["text"], twins["twin_text"][k]
         assert twin_text != original and len(twin_text.split()) == len(original.split())
         changed = [w for w, v in zip(original.split(), twin_text.split(), strict=True) if w != v]
-        assert all(w.lower().strip(".,") in (*COLOURS, "a", "an") for w in changed), (original, twin_text)
+        words = COLOURS if kind == "swap-colours" else SHAPES
+        assert all(w.lower().strip(".,") in (*words, "a", "an") for w in changed), (original, twin_text)
+        assert not torch.equal(twins["twin_pixel_values"][k], samples[row]["pixel_values"])
+    coverage = pairs.coverage(data.captions)
     relation_share = sum(r["kind"] == "relation" for r in data.records) / len(data)
-    assert 0 < pairs.coverage(data.captions)["share"] <= relation_share
+    assert 0 < coverage["share_by_kind"]["swap-shapes"] < coverage["share"] <= relation_share
     assert pairs.twins([])["twin_pixel_values"].shape[0] == 0
 
 
 def test_other_data_and_kinds_are_refused(shapes_data):
-    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` 'swap-shapes' names an unknown kind"):
-        parse_pair_kinds("swap-shapes")
+    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` 'swap-sizes' names an unknown kind"):
+        parse_pair_kinds("swap-sizes")
     assert parse_pair_kinds("none") == () and parse_pair_kinds("swap-colours") == ("swap-colours",)
     with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
         CounterfactualPairs(["swap-colours"], [], {"name": "my-photos"})

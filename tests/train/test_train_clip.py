@@ -318,22 +318,23 @@ def test_twins_are_shown_in_colour_with_their_originals_crop():
     from clipcond.train.clip import ClipStage
 
     pixels = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    twins = (pixels[[1, 4]].flip(1), torch.tensor([1, 4]))  # the channels reversed: other colours, same layout
+    twins = (pixels[[1, 4, 4]].flip(1), torch.tensor([1, 4, 4]))  # channels reversed: other colours, same layout
     stage = SimpleNamespace(augment=ImageAugment(grayscale_prob=1.0, crop_scale=0.5, hflip_prob=0.5))
     used, expected = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     out = ClipStage.augmented(stage, pixels, used, twins)
     torch.rand(6, generator=expected), torch.rand(6, CROP_DRAWS, generator=expected)
     assert torch.equal(used.get_state(), expected.get_state())  # the draws of a batch of 6
-    assert out.shape == (8, 3, 8, 8)
+    assert out.shape == (9, 3, 8, 8)
     in_colour = [bool((image[0] != image[1]).any() or (image[1] != image[2]).any()) for image in out]
-    assert in_colour == [False, True, False, False, True, False, True, True]
-    # a crop moves pixels alike in every channel: the twins' crops are their originals'
+    assert in_colour == [False, True, False, False, True, False, True, True, True]
+    # a crop moves pixels alike in every channel: the twins' crops are their originals' (row 4 has two twins)
     assert torch.equal(out[6], out[1].flip(0)) and torch.equal(out[7], out[4].flip(0))
+    assert torch.equal(out[8], out[7])
     assert not torch.equal(out[1], pixels[1])  # cropped
 
 
 def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
-    """The towers see the B pairs and the twins of the two-colour scenes; the run record names the kind and the
+    """The towers see the B pairs and the twins of the two-object scenes; the run record names the kinds and the
     share of captions with a twin."""
     from clipcond.train import clip as train_clip
 
@@ -346,14 +347,14 @@ def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
-    _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", "swap-colours")
+    _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", "swap-colours,swap-shapes")
     assert len(seen) == 3 and sum(count for _, count in seen) > 0
     assert all(share == count / 16 for share, count in seen)
     record = json.loads((tmp_path / "twins" / "clipcond_run.json").read_text())
-    assert record["args"]["counterfactual_pairs"] == ["swap-colours"]
-    assert (
-        record["counterfactual_pairs"]["kinds"] == ["swap-colours"] and 0 < record["counterfactual_pairs"]["share"] < 1
-    )
+    assert record["args"]["counterfactual_pairs"] == ["swap-colours", "swap-shapes"]
+    section = record["counterfactual_pairs"]
+    assert section["kinds"] == ["swap-colours", "swap-shapes"] and 0 < section["share"] < 1
+    assert 0 < section["share_by_kind"]["swap-shapes"] < section["share"]
     monkeypatch.undo()
     _run(shapes_data, tmp_path / "plain", *THREE_STEPS)
     plain = json.loads((tmp_path / "plain" / "clipcond_run.json").read_text())
@@ -501,9 +502,9 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
             r"`--counterfactual-pairs` 'swap-colours' needs `--loss clip`, got `--loss siglip`",
         ),
         (
-            ["--counterfactual-pairs", "swap-shapes"],
+            ["--counterfactual-pairs", "swap-colours,swap-sizes"],
             ValueError,
-            r"`--counterfactual-pairs` 'swap-shapes' names an unknown kind 'swap-shapes'; choose from swap-colours",
+            r"`--counterfactual-pairs` 'swap-colours,swap-sizes' names an unknown kind 'swap-sizes'; choose from swap-",
         ),
     ],
 )
@@ -525,7 +526,7 @@ def test_help_names_the_options(capsys):
         assert option in text
     flat = " ".join(text.split()).replace("- ", "-")  # argparse may wrap a line after a hyphen
     assert "--hard-negatives KINDS" in flat and all(kind in flat for kind in HARD_NEGATIVE_KINDS)
-    assert "--counterfactual-pairs KINDS" in flat and "swap-colours" in flat
+    assert "--counterfactual-pairs KINDS" in flat and all(kind in flat for kind in ("swap-colours", "swap-shapes"))
 
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):
