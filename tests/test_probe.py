@@ -62,10 +62,24 @@ def test_probe_names_the_clips_recipe(tiny_clip_run, shapes_data, tmp_path, caps
     assert main(["--clip", str(clip), "--data", str(shapes_data), "--output-dir", str(out), "--num-pairs", "2"]) == 0
     verdict = "The CLIP trained with --hard-negatives swap-attributes,swap-count: binding"
     assert verdict in capsys.readouterr().out and verdict in (out / "probes.md").read_text()
-    assert json.loads((out / "probes.json").read_text())["clip_recipe"]["hard_negatives"] == [
-        "swap-attributes",
-        "swap-count",
+    recipe = json.loads((out / "probes.json").read_text())["clip_recipe"]
+    assert recipe["hard_negatives"] == ["swap-attributes", "swap-count"] and recipe["counterfactual_pairs"] is None
+    # twins alone: named as such, not as the plain recipe
+    del record.sections["hard_negatives"]
+    record.sections["counterfactual_pairs"] = {"kinds": ["swap-colours"], "share": 0.17}
+    record.write(clip)
+    argv = [
+        "--clip",
+        str(clip),
+        "--data",
+        str(shapes_data),
+        "--output-dir",
+        str(tmp_path / "twins"),
+        "--num-pairs",
+        "2",
     ]
+    assert main(argv) == 0
+    assert "The CLIP trained with --counterfactual-pairs swap-colours: binding" in capsys.readouterr().out
 
 
 def test_a_probe_report_is_current_only_for_its_clip(tiny_clip_run, shapes_data, tmp_path):

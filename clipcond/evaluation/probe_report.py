@@ -59,20 +59,29 @@ def _groups(figures: dict) -> list[str]:
 
 def clip_recipe(clip_path: str | os.PathLike) -> dict:
     """How the probed CLIP was trained, from its run record: {"run_record": whether it has one (a Hub or other
-    CLIPModel folder has none), "hard_negatives": the kinds of `--hard-negatives`, or None for the plain recipe}."""
+    CLIPModel folder has none), "hard_negatives" and "counterfactual_pairs": the kinds of `--hard-negatives` and
+    of `--counterfactual-pairs`, each None when not used (both None: the plain recipe)}."""
     from clipcond.runs import RunRecord
 
     record = RunRecord.read_if_present(clip_path)
-    negatives = None if record is None else record.hard_negatives
-    return {"run_record": record is not None, "hard_negatives": None if negatives is None else negatives["kinds"]}
+    recipe = {"run_record": record is not None}
+    for name in ("hard_negatives", "counterfactual_pairs"):
+        section = None if record is None else record.sections.get(name)
+        recipe[name] = section["kinds"] if isinstance(section, dict) else None
+    return recipe
 
 
 def recipe_name(recipe: dict | None) -> str:
-    """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K", or "the CLIP" when unknown."""
+    """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K [and --counterfactual-pairs P]", or "the
+    CLIP" when unknown."""
     if not recipe or not recipe.get("run_record"):
         return "the CLIP"
-    kinds = recipe.get("hard_negatives")
-    return f"the CLIP trained with --hard-negatives {','.join(kinds)}" if kinds else "the plain CLIP recipe"
+    options = [
+        f"--{name.replace('_', '-')} {','.join(recipe[name])}"
+        for name in ("hard_negatives", "counterfactual_pairs")
+        if recipe.get(name)
+    ]
+    return f"the CLIP trained with {' and '.join(options)}" if options else "the plain CLIP recipe"
 
 
 def clip_verdict(figures: dict, recipe: dict | None = None) -> str:
