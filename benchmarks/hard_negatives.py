@@ -39,7 +39,16 @@ from clipcond.evaluation.stats import mean_interval
 
 RECIPES = ("plain", "hard_negatives")
 # what must agree for an earlier result's seeds to join a new one (`--seeds-from`)
-SAME_SETTINGS = ("kinds", "counterfactual_pairs", "model", "max_train_steps", "train_batch_size", "num_pairs", "mixed_precision", "smoke")
+SAME_SETTINGS = (
+    "kinds",
+    "counterfactual_pairs",
+    "model",
+    "max_train_steps",
+    "train_batch_size",
+    "num_pairs",
+    "mixed_precision",
+    "smoke",
+)
 TARGET = {"probe_gain": 0.20, "probes": ("binding", "relation"), "zero_shot_loss": 0.01}
 SMOKE = {"model": "test", "max_train_steps": 4, "train_batch_size": 16, "num_images": 276, "num_pairs": 8}
 
@@ -139,9 +148,10 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     from clipcond.train.loop import reset_accelerate_state
 
     start = time.perf_counter()
+    argv = train_argv(args, data_dir, run, seed, recipe)
     with contextlib.redirect_stdout(sys.stderr):  # the entry points' own JSON: stdout holds only ours
-        if not RunRecord.exists(run):  # a finished run (of an earlier, interrupted benchmark) is reused
-            train_main(train_argv(args, data_dir, run, seed, recipe))
+        if not finished_run_of(run, argv):  # a finished run of the same options (an interrupted benchmark's) is reused
+            train_main(argv)
             reset_accelerate_state()
         eval_main(["--model", str(run), "--data", str(data_dir), "--no-progress"])
     wall = time.perf_counter() - start
@@ -161,6 +171,26 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
         "hard_negative_share": negatives.get("share"),
         "twin_share": twins.get("share"),
     }
+
+
+def finished_run_of(run: Path, argv: list[str]) -> bool:
+    """Whether `run` holds a finished `clipcond train clip` run of `argv`'s options (to be reused, wherever it was
+    trained: a copy of another work folder's run counts); an error when it holds one trained with other options,
+    naming the first that differs."""
+    from clipcond.runs import RunRecord
+    from clipcond.train.clip import parse_args as train_parse_args
+
+    if not RunRecord.exists(run):
+        return False
+    expected = json.loads(json.dumps(vars(train_parse_args(argv)), default=str))
+    trained = RunRecord.read(run).args
+    for key, value in expected.items():
+        if key != "output_dir" and trained.get(key, "(absent)") != value:
+            raise ValueError(
+                f"{run} holds a finished run trained with {key}={trained.get(key, '(absent)')!r}, not {value!r}; "
+                "remove it or pass another --work-dir"
+            )
+    return True
 
 
 def earlier_seeds(path: Path, args: argparse.Namespace) -> tuple[dict[str, dict[int, dict]], dict]:

@@ -443,8 +443,23 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
     return "reported", ""
 
 
+def treated_recipe(settings: dict) -> str:
+    """The options of `benchmarks/hard_negatives.py`'s treated run: "`--hard-negatives K`", "`--counterfactual-pairs
+    P`" or both (results before the latter have none)."""
+    options = [
+        f"`{flag} {value}`"
+        for flag, value in (
+            ("--hard-negatives", settings.get("kinds")),
+            ("--counterfactual-pairs", settings.get("counterfactual_pairs")),
+        )
+        if value and value != "none"
+    ]
+    return " + ".join(options)
+
+
 def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
-    """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives`, over seeds (issue 20)."""
+    """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives` and/or
+    `--counterfactual-pairs`, over seeds (issue 20)."""
     summary, settings = report["summary"], report["settings"]
     seeds, source = "/".join(sorted(report["per_seed"]["plain"], key=int)), _source(name, report)
     earlier = report.get("seeds_from")
@@ -463,7 +478,7 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
             f"{_over_seeds(summary['plain'][key])} vs {_over_seeds(summary['hard_negatives'][key])}; difference "
             f"{100 * difference['mean']:+.1f} points"
         )
-        what = f"CLIP, plain recipe vs `--hard-negatives {settings['kinds']}` ({equal_steps}): {label}"
+        what = f"CLIP, plain recipe vs {treated_recipe(settings)} ({equal_steps}): {label}"
         bar, holds = _hard_negative_bar(key, summary["target"], difference)
         if holds and num_seeds < MIN_SEEDS:  # a bar counts over three seeds (README, above the table)
             holds = f"not judged: {num_seeds} seed (read {holds})"
@@ -730,6 +745,11 @@ QUALITY = {
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
         "hard_negatives_count_decoder --save-results",
         functools.partial(hard_negative_decoder_rows, name="hard_negatives_count_decoder"),
+    ),
+    "hard_negatives_twins": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
+        "swap-colours --results-name hard_negatives_twins --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_twins"),
     ),
     "clip_quality": ("python benchmarks/clip_quality.py --seeds 0,1,2 --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),

@@ -731,6 +731,28 @@ def test_hard_negatives_seeds_from_an_earlier_result_join_with_their_commit(shap
         hard_negatives.main([*argv, "--seeds", "2", "--seeds-from", str(joined)])
 
 
+def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_data, tmp_path):
+    """An interrupted benchmark's finished runs are reused (also copied from another work folder), but a run folder
+    trained with other options is refused, naming the option: it would stand for a recipe it is not."""
+    import hard_negatives
+
+    from clipcond.runs import RunRecord
+    from clipcond.train.clip import parse_args as train_parse_args
+
+    args = hard_negatives.parse_args(["--smoke", "--counterfactual-pairs", "swap-colours"])
+    run = tmp_path / "runs" / "hard_negatives-seed0"
+    argv = hard_negatives.train_argv(args, shapes_data, run, 0, "hard_negatives")
+    assert hard_negatives.finished_run_of(run, argv) is False  # nothing there: train
+    run.mkdir(parents=True)
+    elsewhere = hard_negatives.train_argv(args, shapes_data, tmp_path / "other" / run.name, 0, "hard_negatives")
+    trained = json.loads(json.dumps(vars(train_parse_args(elsewhere)), default=str))
+    RunRecord("clip", trained, {}, {"steps": 4}).write(run)
+    assert hard_negatives.finished_run_of(run, argv) is True
+    RunRecord("clip", {**trained, "counterfactual_pairs": []}, {}, {"steps": 4}).write(run)
+    with pytest.raises(ValueError, match=r"trained with counterfactual_pairs=\[\], not \['swap-colours'\]"):
+        hard_negatives.finished_run_of(run, argv)
+
+
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
     import relation_embeddings
 
