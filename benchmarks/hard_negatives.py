@@ -2,7 +2,8 @@
 equal steps, over seeds (a benchmark, not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--counterfactual-pairs swap-colours] [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
+        [--counterfactual-pairs swap-colours] [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json]
+        [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
 1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
@@ -16,11 +17,11 @@ equal steps, over seeds (a benchmark, not a test).
    pairs where the image is closer to the right caption).
 
 Prints one JSON object: per recipe and seed the figures, the training seconds and the run record's hard-negative
-share (and twin share); per recipe their mean with a 95% interval over the seeds; per figure the difference hard negatives - plain
-(mean and interval over the seeds, paired by seed); and `target`: whether the binding and relation probes gain at
-least 20 points and seen zero-shot top-1 loses at most 1 point. The generators conditioned on each CLIP are not
-trained here (a decoder per run and seed is the demo's ten minutes of CPU); `clipcond probe --model ...` measures them
-on runs made apart.
+and twin shares; per recipe their mean with a 95% interval over the seeds; per figure the difference of the treated
+recipe ("hard_negatives") and the plain one (mean and interval over the seeds, paired by seed); and `target`:
+whether the binding and relation probes gain at least 20 points and seen zero-shot top-1 loses at most 1 point. The
+generators conditioned on each CLIP are not trained here (a decoder per run and seed is the demo's ten minutes of
+CPU); `clipcond probe --model ...` measures them on runs made apart.
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ def probe_figures(run: Path, data_dir: Path, num_pairs: int, seed: int) -> tuple
 
 
 def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, recipe: str) -> dict:
-    """Train (unless `run` is finished), evaluate and probe one run: its figures (proportions: `clipcond eval clip`'s zero-shot and recall,
-    the probes' accuracies), training seconds and hard-negative share."""
+    """Train (unless `run` holds it finished: `finished_run_of`), evaluate and probe one run: its figures
+    (proportions: `clipcond eval clip`'s zero-shot and recall, the probes' accuracies), training seconds and
+    hard-negative and twin shares."""
     from clipcond.evaluation.clip import METRIC_KEYS
     from clipcond.evaluation.clip import main as eval_main
     from clipcond.runs import RunRecord
@@ -161,7 +163,7 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     probes, pairs = probe_figures(run, data_dir, args.num_pairs, seed)
     figures.update(probes)
     negatives = record.hard_negatives or {}
-    twins = record.sections.get("counterfactual_pairs") or {}
+    twins = record.counterfactual_pairs or {}
     return {
         "figures": {key: None if value is None else round(value, 4) for key, value in figures.items()},
         "pairs": pairs,
@@ -185,7 +187,8 @@ def finished_run_of(run: Path, argv: list[str]) -> bool:
     expected = json.loads(json.dumps(vars(train_parse_args(argv)), default=str))
     trained = RunRecord.read(run).args
     for key, value in expected.items():
-        if key != "output_dir" and trained.get(key, "(absent)") != value:
+        # None: an option left to a per-device default, which the record holds resolved
+        if key != "output_dir" and value is not None and trained.get(key, "(absent)") != value:
             raise ValueError(
                 f"{run} holds a finished run trained with {key}={trained.get(key, '(absent)')!r}, not {value!r}; "
                 "remove it or pass another --work-dir"

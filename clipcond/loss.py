@@ -146,7 +146,8 @@ class ClipLoss(nn.Module):
     Args:
         local_loss: in a multi-process run, each process scores only its own ``b`` images (texts) against the
             ``B = world_size * b`` gathered texts (images): logits ``(b, B)``, memory ``b * B``, labels offset by
-            ``rank * b``. With False every process computes the full ``(B, B)`` loss (same value on every process).
+            ``rank * b`` (with ``uneven``: ``B`` the sum of the processes' ``b``, the offset that of the earlier
+            processes). With False every process computes the full ``(B, B)`` loss (same value on every process).
         gather_with_grad: gather the other processes' features with gradient (exact gradients). False gathers
             them as constants: less communication in the backward, but only the local rows get gradient, so the
             gradients no longer match single-process training.
@@ -268,7 +269,8 @@ class ClipLoss(nn.Module):
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         else:
             offset = sum(counts[:rank]) if self.local_loss else 0
-            labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0], offset)
+            # not cached: with uneven batches the (rows, offset) key changes from step to step
+            labels = torch.arange(offset, offset + logits_per_image.shape[0], device=image_features.device)
             # each process's share of the mean over the B rows; DDP's mean over processes multiplies it back
             rows_per_process = sum(counts) / world_size if self.local_loss else sum(counts)
             summed = F.cross_entropy(logits_per_image, labels, reduction="sum")

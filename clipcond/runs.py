@@ -134,6 +134,13 @@ class RunRecord:
         return section if isinstance(section, dict) else None
 
     @property
+    def counterfactual_pairs(self) -> dict[str, Any] | None:
+        """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "share", "share_by_kind", ...}`); None for a
+        CLIP trained without twins."""
+        section = self.sections.get("counterfactual_pairs")
+        return section if isinstance(section, dict) else None
+
+    @property
     def lineage(self) -> Lineage | None:
         """The encoder the run was trained on; records from before the encoder interface give only
         `clip.content_hash` (a clipcond CLIP). None when the record names none."""

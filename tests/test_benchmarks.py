@@ -746,6 +746,7 @@ def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_da
     run.mkdir(parents=True)
     elsewhere = hard_negatives.train_argv(args, shapes_data, tmp_path / "other" / run.name, 0, "hard_negatives")
     trained = json.loads(json.dumps(vars(train_parse_args(elsewhere)), default=str))
+    trained.update(dataloader_num_workers=0, logging_steps=1)  # per-device defaults: the record holds them resolved
     RunRecord("clip", trained, {}, {"steps": 4}).write(run)
     assert hard_negatives.finished_run_of(run, argv) is True
     RunRecord("clip", {**trained, "counterfactual_pairs": []}, {}, {"steps": 4}).write(run)

@@ -25,7 +25,7 @@ from transformers import CLIPModel
 from clipcond.data.augment import CROP_DRAWS, ImageAugment, grayscale_where, random_resized_crops
 from clipcond.data.counterfactual import KINDS as PAIR_KINDS
 from clipcond.data.counterfactual import LOW_SHARE as LOW_PAIR_SHARE
-from clipcond.data.counterfactual import CounterfactualPairs, parse_pair_kinds
+from clipcond.data.counterfactual import CounterfactualPairs, check_pair_data, parse_pair_kinds
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
@@ -168,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KINDS",
         help="TripletCLIP's counterfactual pairs (Patel et al. 2024): for each image of the shapes data that has one, "
         "its twin with an attribute changed in the pixels and in the caption alike joins the batch as a pair of its "
-        f"own, a hard negative of the original in both directions of the loss; a comma list of {', '.join(PAIR_KINDS)} "
+        "own, a hard negative of the original in both directions of the loss; a comma list of "
+        f"{', '.join(PAIR_KINDS)} "
         "(the two objects' colours exchanged in the pixels; their shapes exchanged, the scene redrawn from its "
         "metadata; no twin that would show a held-out composition); the twins and their originals are shown in "
         "colour. 'none' (default) for the plain recipe; --loss clip only",
@@ -206,6 +207,8 @@ def check_clip_args(args: argparse.Namespace) -> None:
             f"`--counterfactual-pairs` {','.join(args.counterfactual_pairs)!r} needs `--loss clip`, got "
             f"`--loss {args.loss}`; drop one of them"
         )
+    if args.counterfactual_pairs:
+        check_pair_data(args.counterfactual_pairs, args.data)
     if args.hard_negatives and args.loss != "clip":
         raise ValueError(
             f"`--hard-negatives` {','.join(args.hard_negatives)!r} needs `--loss clip` (NegCLIP's softmax over the "
@@ -264,18 +267,21 @@ class CaptionTokens:
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate_image_text(samples)
         batch.update(self.tokens(batch["text"]))
+        twin_captions: list[list[str]] = [[] for _ in samples]
+        if self.counterfactual is not None:
+            twins = self.counterfactual.twins(samples)
+            tokens = self.tokens(twins["twin_text"])
+            batch.update(twins, twin_input_ids=tokens["input_ids"], twin_attention_mask=tokens["attention_mask"])
+            for row, caption in zip(twins["twin_source"].tolist(), twins["twin_text"], strict=True):
+                twin_captions[row].append(caption)
         if self.hard_negatives is not None:
-            negatives = self.hard_negatives.candidates(samples)
+            negatives = self.hard_negatives.candidates(samples, twin_captions)
             tokens = self.tokens(negatives.captions)
             batch.update(
                 negatives=negatives,
                 negative_input_ids=tokens["input_ids"],
                 negative_attention_mask=tokens["attention_mask"],
             )
-        if self.counterfactual is not None:
-            twins = self.counterfactual.twins(samples)
-            tokens = self.tokens(twins["twin_text"])
-            batch.update(twins, twin_input_ids=tokens["input_ids"], twin_attention_mask=tokens["attention_mask"])
         return batch
 
 
@@ -352,7 +358,7 @@ class ClipStage(Stage):
             masks.append(batch["twin_attention_mask"])
         all_masks = torch.cat(masks)  # on the host: with every hard-negative candidate, an upper bound of the length
         input_ids = torch.cat([to_device(t, device) for t in ids])
-        attention_mask = torch.cat([to_device(t, device) for t in masks])
+        attention_mask = None if self.right_padded else torch.cat([to_device(t, device) for t in masks])
         negatives = batch.get("negatives")
         if negatives is not None:
             # NegCLIP: one hard negative per caption that has any, a kind and then a candidate drawn uniformly with
@@ -363,8 +369,10 @@ class ClipStage(Stage):
             )
             chosen = pick_negatives(negatives, draws)  # (H,) on the device
             input_ids = torch.cat([input_ids, to_device(batch["negative_input_ids"], device)[chosen]])
-            attention_mask = torch.cat([attention_mask, to_device(batch["negative_attention_mask"], device)[chosen]])
             all_masks = torch.cat([all_masks, batch["negative_attention_mask"]])
+            if attention_mask is not None:
+                negative_mask = to_device(batch["negative_attention_mask"], device)[chosen]
+                attention_mask = torch.cat([attention_mask, negative_mask])
         if self.right_padded:
             # Exact: under the causal mask no real token attends to the trailing padding, and pooling happens at
             # the end token, so the text tower runs on (rows, longest caption) instead of (rows, context): about
@@ -375,7 +383,8 @@ class ClipStage(Stage):
         return input_ids, attention_mask
 
     def augmented(self, pixels: torch.Tensor, generator, twins: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """The batch's images (B, 3, H, W) uint8 with `self.augment` applied. The draws are rows of the global batch
+        """The batch's images (B, 3, H, W) uint8 with `self.augment` applied, and after them the C twins' (when given):
+        (B + C, 3, H, W). The draws are rows of the global batch
         (see `draw_rows`): grayscale one uniform per image, then crops and flips `CROP_DRAWS`, each only when on, so
         a run without crops draws what it drew before they existed.
 

@@ -25,12 +25,14 @@ composition (`dataset_info.json`'s "held_out") is not made: held-out pairs never
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes
-from clipcond.data.shapes import is_shapes_data, render_boxes
+from clipcond.data.shapes import is_shapes_data, load_dataset_info, render_boxes
 
 KINDS = ("swap-colours", "swap-shapes")
 FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each kind exchanges
@@ -46,6 +48,19 @@ REDRAW_TOLERANCE = 1.0  # mean absolute difference (0-255) between an image and 
 def parse_pair_kinds(text: str | None) -> tuple[str, ...]:
     """The kinds of `--counterfactual-pairs` ("swap-colours,swap-shapes"); "" or "none" (or None) for none."""
     return parse_kinds(text, "--counterfactual-pairs", KINDS)
+
+
+def check_pair_data(kinds: Sequence[str], data: str | os.PathLike) -> None:
+    """Refuse `--counterfactual-pairs` for a `--data` that is not the shapes data (read from its dataset_info.json
+    alone: before any image is decoded)."""
+    info = load_dataset_info(data) if Path(data).is_dir() else None
+    if not is_shapes_data(info) or not {"colours", "background", "resolution"} <= set(info):
+        raise ValueError(
+            f"`--counterfactual-pairs` {','.join(kinds)} draws twins of the shapes data's images from their metadata "
+            f"rows and palette, but `--data` {str(data)!r} holds no shapes data set (its dataset_info.json, with "
+            "colours, background and resolution, is missing or another data set's); make one with `clipcond data "
+            "shapes`, or drop the option"
+        )
 
 
 def swap_colours(
@@ -108,7 +123,7 @@ class CounterfactualPairs:
     def __init__(self, kinds: Sequence[str], records: Sequence[dict] | None, info: dict | None):
         if not kinds or any(kind not in KINDS for kind in kinds):
             raise ValueError(f"kinds={list(kinds)!r} must be one or more of {', '.join(KINDS)}")
-        if records is None or not is_shapes_data(info):
+        if records is None or not is_shapes_data(info) or not {"colours", "background", "resolution"} <= set(info):
             raise ValueError(
                 f"`--counterfactual-pairs` {','.join(kinds)} draws twins of the shapes data's images from their "
                 "metadata rows and its palette (dataset_info.json); this data set is no folder of the shapes data "

@@ -405,8 +405,10 @@ class HardNegatives:
         groups = (swap(caption, kind, record) for kind in self.kinds)
         return [group for group in groups if group]
 
-    def candidates(self, samples: Sequence[dict]) -> NegativeCandidates:
-        """The candidates of a batch of data set items (each with "text" and "index")."""
+    def candidates(self, samples: Sequence[dict], positives: Sequence[Sequence[str]] = ()) -> NegativeCandidates:
+        """The candidates of a batch of data set items (each with "text" and "index"). `positives[b]`: captions of
+        other images of the batch made from sample b (its counterfactual twins'), which are no candidates: as
+        negative columns of every image they would be a copy of a twin's own caption."""
         captions: list[str] = []
         start = torch.zeros(len(samples), len(self.kinds), dtype=torch.long)
         size = torch.zeros(len(samples), len(self.kinds), dtype=torch.long)
@@ -414,6 +416,8 @@ class HardNegatives:
         for b, sample in enumerate(samples):
             record = self.records[sample["index"]] if self.records is not None and "index" in sample else None
             groups = self.for_caption(sample["text"], record)
+            if b < len(positives) and positives[b]:
+                groups = [kept for group in groups if (kept := [c for c in group if c not in positives[b]])]
             count[b] = len(groups)
             for g, group in enumerate(groups):
                 start[b, g], size[b, g] = len(captions), len(group)

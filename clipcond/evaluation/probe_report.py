@@ -64,11 +64,13 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
     from clipcond.runs import RunRecord
 
     record = RunRecord.read_if_present(clip_path)
-    recipe = {"run_record": record is not None}
-    for name in ("hard_negatives", "counterfactual_pairs"):
-        section = None if record is None else record.sections.get(name)
-        recipe[name] = section["kinds"] if isinstance(section, dict) else None
-    return recipe
+    negatives = None if record is None else record.hard_negatives
+    twins = None if record is None else record.counterfactual_pairs
+    return {
+        "run_record": record is not None,
+        "hard_negatives": None if negatives is None else negatives["kinds"],
+        "counterfactual_pairs": None if twins is None else twins["kinds"],
+    }
 
 
 def recipe_name(recipe: dict | None) -> str:

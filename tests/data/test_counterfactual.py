@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from clipcond.data.counterfactual import CounterfactualPairs, parse_pair_kinds, redraw_swapped_shapes, swap_colours
+from clipcond.data.counterfactual import (
+    CounterfactualPairs,
+    check_pair_data,
+    parse_pair_kinds,
+    redraw_swapped_shapes,
+    swap_colours,
+)
 from clipcond.data.folders import ImageCaptionDataset
 from clipcond.data.shapes import BACKGROUND, COLOURS, SHAPES, ShapeObject, render_scene
 
@@ -53,7 +59,13 @@ def _record(colours, shapes=("circle", "square"), relation="left of"):
     return {"kind": "relation", "objects": objects, "relation": relation}
 
 
-INFO = {"name": "clipcond-shapes", "colours": COLOURS, "background": list(BACKGROUND), "held_out": ["blue circle"]}
+INFO = {
+    "name": "clipcond-shapes",
+    "colours": COLOURS,
+    "background": list(BACKGROUND),
+    "resolution": 32,
+    "held_out": ["blue circle"],
+}
 
 
 def test_twin_captions_differ_in_the_swapped_words_alone():
@@ -77,7 +89,7 @@ def test_twin_captions_differ_in_the_swapped_words_alone():
 def test_the_shape_twin_is_the_render_of_the_swapped_scene():
     """Each object's shape drawn in the other's box, from the metadata row alone; nothing where the row does not
     redraw the image (another image, or the image resampled to another size)."""
-    info = {**INFO, "resolution": 32}
+    info = INFO
     for shape_a, shape_b in ((a, b) for a in SHAPES for b in SHAPES if a != b):
         first = ShapeObject("red", shape_a, "small", "left", dx=0.013, dy=-0.021, scale=1.07)
         second = ShapeObject("green", shape_b, "large", "right", dx=-0.017, dy=0.009, scale=0.93)
@@ -125,7 +137,11 @@ def test_twins_of_a_batch_and_their_share(shapes_data):
     assert pairs.twins([])["twin_pixel_values"].shape[0] == 0
 
 
-def test_other_data_and_kinds_are_refused(shapes_data):
+def test_other_data_and_kinds_are_refused(shapes_data, tmp_path):
+    check_pair_data(["swap-colours"], shapes_data)  # the shapes data: accepted
+    for other in (tmp_path, tmp_path / "missing.csv"):
+        with pytest.raises(ValueError, match=rf"`--data` {str(other)!r} holds no shapes data set"):
+            check_pair_data(["swap-colours"], other)
     with pytest.raises(ValueError, match=r"`--counterfactual-pairs` 'swap-sizes' names an unknown kind"):
         parse_pair_kinds("swap-sizes")
     assert parse_pair_kinds("none") == () and parse_pair_kinds("swap-colours") == ("swap-colours",)

@@ -363,6 +363,37 @@ def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
     assert (_weights(tmp_path / "plain")[name] - _weights(tmp_path / "twins")[name]).abs().max() > 1e-5
 
 
+def test_a_twins_caption_is_never_a_hard_negative(shapes_data):
+    """Hard negatives are columns of every image, the twins' too: a candidate equal to a twin's caption would ask the
+    twin to score its own caption below itself. Such candidates are dropped, the others kept."""
+    from clipcond.data.counterfactual import CounterfactualPairs
+    from clipcond.data.folders import ImageCaptionDataset
+    from clipcond.data.hard_negatives import HardNegatives
+    from clipcond.tokenizer import train_tokenizer
+    from clipcond.train.clip import CaptionTokens
+
+    data = ImageCaptionDataset(shapes_data, split="train", resolution=32)
+    samples = [data[i] for i in range(64)]
+    negatives = HardNegatives(["swap-attributes", "swap-count"], data.records)
+    twins = CounterfactualPairs(["swap-colours", "swap-shapes"], data.records, {**data.info, "held_out": []})
+    tokenizer = train_tokenizer(data.captions, vocab_size=300, context_length=32)
+    batch = CaptionTokens(tokenizer, 32, negatives, twins)(samples)
+
+    def candidates_of(found, b: int) -> list[str]:
+        groups = range(int(found.num_groups[b]))
+        spans = [(int(found.group_start[b, g]), int(found.group_size[b, g])) for g in groups]
+        return [caption for start, size in spans for caption in found.captions[start : start + size]]
+
+    alone = negatives.candidates(samples)
+    dropped = 0
+    for row, caption in zip(batch["twin_source"].tolist(), batch["twin_text"], strict=True):
+        assert caption not in candidates_of(batch["negatives"], row)
+        dropped += caption in candidates_of(alone, row)
+        kept = [c for c in candidates_of(alone, row) if c not in batch["twin_text"]]
+        assert set(kept) <= set(candidates_of(batch["negatives"], row))  # the count swap, the other exchange
+    assert dropped > 0
+
+
 def test_twins_need_the_shapes_data(tmp_path):
     from PIL import Image
 
@@ -372,8 +403,11 @@ def test_twins_need_the_shapes_data(tmp_path):
         Image.new("RGB", (32, 32), (10 * i, 100, 200)).save(data / f"{i}.png")
     rows = [{"file_name": f"{i}.png", "text": "a red circle left of a blue square"} for i in range(4)]
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
+    with pytest.raises(
+        ValueError, match=r"`--counterfactual-pairs` swap-colours .* but `--data` '.*data' holds no shapes"
+    ):
         _run(data, tmp_path / "run", *THREE_STEPS, "--counterfactual-pairs", "swap-colours")
+    assert not (tmp_path / "run").exists()  # refused with the arguments, before anything was made
 
 
 def test_unreadable_images_are_skipped_and_counted(shapes_data, tmp_path, capsys):

@@ -146,7 +146,13 @@ def _options(data: Path, out: Path, batch: int, steps: int = STEPS) -> list[str]
 
 @pytest.mark.parametrize(
     "recipe",
-    [[], ["--hard-negatives", "swap-attributes,swap-relations", "--counterfactual-pairs", "swap-colours"]],
+    [
+        [],
+        [
+            *("--hard-negatives", "swap-attributes,swap-relations", "--counterfactual-pairs", "swap-colours"),
+            *("--random-crop-scale", "0.5", "--hflip-prob", "0.5"),  # each twin takes its original's crop draws
+        ],
+    ],
     ids=["plain", "hard_negatives_and_twins"],
 )
 def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, recipe):
@@ -164,6 +170,21 @@ def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, 
     _check_sharding(tmp_path / "log2", tmp_path / "log1", num_samples=96)
     _check_single_checkpoint(tmp_path / "two", STEPS, 16)
     _assert_same_weights(tmp_path / "two" / "model.safetensors", tmp_path / "one" / "model.safetensors")
+    if "--counterfactual-pairs" in recipe:  # the twins made the processes' batches uneven on some step
+        from clipcond.data.counterfactual import CounterfactualPairs
+        from clipcond.data.folders import ImageCaptionDataset
+
+        data = ImageCaptionDataset(small_shapes, split="train")
+        pairs = CounterfactualPairs(["swap-colours"], data.records, data.info)
+        logs = _read_sample_log(tmp_path / "log2")
+        twins = [
+            [
+                sum(pairs.twin_caption(data.captions[i], data.records[i], "swap-colours") is not None for i in batch)
+                for batch in logs[rank]
+            ]
+            for rank in (0, 1)
+        ]
+        assert any(count0 != count1 for count0, count1 in zip(*twins, strict=True))
     record = json.loads((tmp_path / "two" / "clipcond_run.json").read_text())
     assert record["summary"]["steps"] == STEPS and record["summary"]["samples_seen"] == 96
 
