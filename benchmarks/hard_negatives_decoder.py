@@ -75,17 +75,16 @@ def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Name
     return {"generator": report["generators"]["stable_diffusion"], "reader": report["reader"]["accuracy"]}
 
 
-def hard_negative_kinds(runs_dir: Path, seeds: list[int]) -> list[str] | None:
-    """The `--hard-negatives` kinds of the hard-negative CLIPs, as their run records say (None if unrecorded)."""
+def treated_kinds(runs_dir: Path, seeds: list[int], section: str) -> list[str] | None:
+    """The kinds of the treated CLIPs' `section` ("hard_negatives" or "counterfactual_pairs"), as their run records
+    say (None if unrecorded: not used)."""
     from clipcond.runs import RunRecord
 
-    kinds = {
-        tuple((RunRecord.read(runs_dir / f"hard_negatives-seed{s}").hard_negatives or {}).get("kinds") or ())
-        for s in seeds
-    }
+    records = [RunRecord.read(runs_dir / f"hard_negatives-seed{s}") for s in seeds]
+    kinds = {tuple((getattr(record, section) or {}).get("kinds") or ()) for record in records}
     if len(kinds) != 1:
         raise ValueError(
-            f"`--runs-dir` {str(runs_dir)!r}: the seeds' hard-negative CLIPs differ in kinds {sorted(kinds)}"
+            f"`--runs-dir` {str(runs_dir)!r}: the seeds' treated CLIPs differ in {section} {sorted(kinds)}"
         )
     return list(kinds.pop()) or None
 
@@ -123,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "hard_negatives_decoder",
         "command": command_line("hard_negatives_decoder", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
-        "kinds": hard_negative_kinds(args.runs_dir, args.seeds),
+        "kinds": treated_kinds(args.runs_dir, args.seeds, "hard_negatives"),
+        "counterfactual_pairs": treated_kinds(args.runs_dir, args.seeds, "counterfactual_pairs"),
         "machine": machine(),
         "per_seed": per_seed,
         "difference": differences(per_seed),

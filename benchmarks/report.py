@@ -490,7 +490,13 @@ def hard_negative_decoder_rows(report: dict, name: str = "hard_negatives_decoder
     """The Stable Diffusion path on each recipe's CLIP: its two-object prompts read by the probe's scene reader."""
     seeds = sorted(report["per_seed"]["plain"])
     source = _source(name, report)
-    kinds = f" (`--hard-negatives {','.join(report['kinds'])}`)" if report.get("kinds") else ""
+    options = treated_recipe(
+        {
+            "kinds": ",".join(report.get("kinds") or ()),
+            "counterfactual_pairs": ",".join(report.get("counterfactual_pairs") or ()),
+        }
+    )
+    kinds = f" ({options})" if options else ""
     rows = []
     for kind, field, label in (
         ("count", "count", '"two X" / "a X" prompts drawn with the right number of objects'),

@@ -241,10 +241,14 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     import report as report_module
 
     assert report["kinds"] == ["swap-attributes", "swap-relations"]  # the hard-negative CLIP's, from its record
+    assert report["counterfactual_pairs"] is None
     rows = report_module.hard_negative_decoder_rows({**report, "commit": "0" * 40}, "hard_negatives_count_decoder")
     assert len(rows) == 4 and all(" vs " in row and "(n=" in row for row in rows)
     assert all("--hard-negatives swap-attributes,swap-relations" in row for row in rows)
     assert all("`hard_negatives_count_decoder.json` at 0000000" in row for row in rows)
+    twins = {**report, "kinds": None, "counterfactual_pairs": ["swap-colours"], "commit": "0" * 40}
+    rows = report_module.hard_negative_decoder_rows(twins, "hard_negatives_count_decoder")
+    assert all("CLIP (`--counterfactual-pairs swap-colours`):" in row for row in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
