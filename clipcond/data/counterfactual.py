@@ -50,11 +50,16 @@ def parse_pair_kinds(text: str | None) -> tuple[str, ...]:
     return parse_kinds(text, "--counterfactual-pairs", KINDS)
 
 
+def has_palette(info: dict | None) -> bool:
+    """Whether a dataset_info is the shapes data's, with what twins are drawn from: colours, background, resolution."""
+    return is_shapes_data(info) and all(key in info for key in ("colours", "background", "resolution"))
+
+
 def check_pair_data(kinds: Sequence[str], data: str | os.PathLike) -> None:
     """Refuse `--counterfactual-pairs` for a `--data` that is not the shapes data (read from its dataset_info.json
     alone: before any image is decoded)."""
     info = load_dataset_info(data) if Path(data).is_dir() else None
-    if not is_shapes_data(info) or not {"colours", "background", "resolution"} <= set(info):
+    if not has_palette(info):
         raise ValueError(
             f"`--counterfactual-pairs` {','.join(kinds)} draws twins of the shapes data's images from their metadata "
             f"rows and palette, but `--data` {str(data)!r} holds no shapes data set (its dataset_info.json, with "
@@ -123,7 +128,7 @@ class CounterfactualPairs:
     def __init__(self, kinds: Sequence[str], records: Sequence[dict] | None, info: dict | None):
         if not kinds or any(kind not in KINDS for kind in kinds):
             raise ValueError(f"kinds={list(kinds)!r} must be one or more of {', '.join(KINDS)}")
-        if records is None or not is_shapes_data(info) or not {"colours", "background", "resolution"} <= set(info):
+        if records is None or not has_palette(info):
             raise ValueError(
                 f"`--counterfactual-pairs` {','.join(kinds)} draws twins of the shapes data's images from their "
                 "metadata rows and its palette (dataset_info.json); this data set is no folder of the shapes data "
