@@ -152,7 +152,8 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
     start = time.perf_counter()
     argv = train_argv(args, data_dir, run, seed, recipe)
     with contextlib.redirect_stdout(sys.stderr):  # the entry points' own JSON: stdout holds only ours
-        if not finished_run_of(run, argv):  # a finished run of the same options (an interrupted benchmark's) is reused
+        reused = finished_run_of(run, argv)  # a finished run of the same options (an interrupted benchmark's)
+        if not reused:
             train_main(argv)
             reset_accelerate_state()
         eval_main(["--model", str(run), "--data", str(data_dir), "--no-progress"])
@@ -172,26 +173,32 @@ def run_one(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, reci
         "steps": record.summary["steps"],
         "hard_negative_share": negatives.get("share"),
         "twin_share": twins.get("share"),
+        "reused": reused,  # trained before this benchmark: its record says when (`date` of clipcond_run.json)
     }
 
 
 def finished_run_of(run: Path, argv: list[str]) -> bool:
     """Whether `run` holds a finished `clipcond train clip` run of `argv`'s options (to be reused, wherever it was
-    trained: a copy of another work folder's run counts); an error when it holds one trained with other options,
-    naming the first that differs."""
+    trained: a copy of another work folder's run counts; an option newer than the run counts as its default); an
+    error when it holds one trained with other options, naming the first that differs."""
     from clipcond.runs import RunRecord
     from clipcond.train.clip import parse_args as train_parse_args
 
     if not RunRecord.exists(run):
         return False
-    expected = json.loads(json.dumps(vars(train_parse_args(argv)), default=str))
+
+    def options(argv: list[str]) -> dict:
+        return json.loads(json.dumps(vars(train_parse_args(argv)), default=str))
+
+    expected, defaults = options(argv), options(argv[:4])  # argv[:4]: --data, --output-dir
     trained = RunRecord.read(run).args
     for key, value in expected.items():
+        had = trained.get(key, defaults[key])
         # None: an option left to a per-device default, which the record holds resolved
-        if key != "output_dir" and value is not None and trained.get(key, "(absent)") != value:
+        if key != "output_dir" and value is not None and had != value:
             raise ValueError(
-                f"{run} holds a finished run trained with {key}={trained.get(key, '(absent)')!r}, not {value!r}; "
-                "remove it or pass another --work-dir"
+                f"{run} holds a finished run trained with {key}={had!r}, not {value!r}; remove it or pass another "
+                "--work-dir"
             )
     return True
 

@@ -217,10 +217,11 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     runs = tmp_path / "runs"
     smoke = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(runs)]
     assert hard_negatives.main(smoke) == 0
+    assert json.loads(capsys.readouterr().out)["per_seed"]["plain"]["0"]["reused"] is False
     records = {run: (run / "clipcond_run.json").stat().st_mtime_ns for run in runs.glob("*-seed0")}
     assert hard_negatives.main(smoke) == 0  # again: the finished runs are reused, not trained anew
     assert {run: (run / "clipcond_run.json").stat().st_mtime_ns for run in records} == records
-    capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["per_seed"]["plain"]["0"]["reused"] is True
     argv = ["--runs-dir", str(runs), "--data-dir", str(shapes_data), "--num-prompts", "1", "--images-per-prompt", "1"]
     decoder = ["--model", "test", "--max-train-steps", "2", "--train-batch-size", "4", "--lr-warmup-steps", "1"]
     decoder += ["--checkpointing-steps", "0", "--validation-steps", "0"]
@@ -755,6 +756,14 @@ def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_da
     assert hard_negatives.finished_run_of(run, argv) is True
     RunRecord("clip", {**trained, "counterfactual_pairs": []}, {}, {"steps": 4}).write(run)
     with pytest.raises(ValueError, match=r"trained with counterfactual_pairs=\[\], not \['swap-colours'\]"):
+        hard_negatives.finished_run_of(run, argv)
+    # a run older than an option trained with its default: a plain run from before twins is a plain run
+    plain = hard_negatives.train_argv(args, shapes_data, run, 0, "plain")
+    older = json.loads(json.dumps(vars(train_parse_args(plain)), default=str))
+    del older["counterfactual_pairs"]
+    RunRecord("clip", older, {}, {"steps": 4}).write(run)
+    assert hard_negatives.finished_run_of(run, plain) is True
+    with pytest.raises(ValueError, match=r"trained with hard_negatives=\[\], not \['swap-attributes'"):
         hard_negatives.finished_run_of(run, argv)
 
 

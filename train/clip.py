@@ -384,22 +384,20 @@ class ClipStage(Stage):
 
     def augmented(self, pixels: torch.Tensor, generator, twins: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The batch's images (B, 3, H, W) uint8 with `self.augment` applied, and after them the C twins' (when given):
-        (B + C, 3, H, W). The draws are rows of the global batch
-        (see `draw_rows`): grayscale one uniform per image, then crops and flips `CROP_DRAWS`, each only when on, so
-        a run without crops draws what it drew before they existed.
+        (B + C, 3, H, W). The draws are rows of the global batch (see `draw_rows`): grayscale one uniform per image,
+        then crops and flips `CROP_DRAWS`, each only when on, so a run without crops draws what it drew before they
+        existed.
 
         `twins`: their (C, 3, H, W) images and the (C,) rows of their originals (--counterfactual-pairs), appended
-        after the batch, each cropped and flipped as its original. A twin differs from its original in colour
-        alone, so both are shown in colour: the originals' grayscale draws are drawn and then not used."""
+        after the batch. The originals are shown as without twins; each twin is cropped and flipped as its
+        original, and always in colour: its colours or shapes are what it is there for (docs/lab-notes.md,
+        "counterfactual pairs over three seeds")."""
         augment, device = self.augment, pixels.device
         if augment.grayscale_prob > 0:
             draws = draw_rows(
                 lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
             )
-            gray = draws < augment.grayscale_prob
-            if twins is not None:
-                gray = gray.index_fill(0, twins[1], False)
-            pixels = grayscale_where(pixels, gray)
+            pixels = grayscale_where(pixels, draws < augment.grayscale_prob)
         num_images = pixels.shape[0]
         if twins is not None:
             pixels = torch.cat([pixels, twins[0]])

@@ -313,8 +313,8 @@ def test_augmentation_draws_only_what_is_on(augment, draws):
 
 
 def test_twins_are_shown_in_colour_with_their_originals_crop():
-    """A twin and its original differ in colour alone: both skip the grayscale view (whose draws are still taken,
-    as without twins), and the twin is cropped and flipped as its original."""
+    """The originals are shown as without twins; a twin is cropped and flipped as its original, but never shown in
+    grayscale (its colours are what it is there for), and draws nothing of its own."""
     from clipcond.train.clip import ClipStage
 
     pixels = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -326,11 +326,15 @@ def test_twins_are_shown_in_colour_with_their_originals_crop():
     assert torch.equal(used.get_state(), expected.get_state())  # the draws of a batch of 6
     assert out.shape == (9, 3, 8, 8)
     in_colour = [bool((image[0] != image[1]).any() or (image[1] != image[2]).any()) for image in out]
-    assert in_colour == [False, True, False, False, True, False, True, True, True]
+    assert in_colour == [False] * 6 + [True] * 3
+    assert torch.equal(out[:6], ClipStage.augmented(stage, pixels, torch.Generator().manual_seed(1)))
     # a crop moves pixels alike in every channel: the twins' crops are their originals' (row 4 has two twins)
-    assert torch.equal(out[6], out[1].flip(0)) and torch.equal(out[7], out[4].flip(0))
-    assert torch.equal(out[8], out[7])
-    assert not torch.equal(out[1], pixels[1])  # cropped
+    colour = SimpleNamespace(augment=ImageAugment(crop_scale=0.5, hflip_prob=0.5))
+    generator = torch.Generator().manual_seed(1)
+    torch.rand(6, generator=generator)  # the grayscale draws, first
+    cropped = ClipStage.augmented(colour, pixels, generator)
+    assert torch.equal(out[6], cropped[1].flip(0)) and torch.equal(out[7], cropped[4].flip(0))
+    assert torch.equal(out[8], out[7]) and not torch.equal(cropped[1], pixels[1])
 
 
 def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
