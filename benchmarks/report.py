@@ -757,6 +757,11 @@ QUALITY = {
         "swap-colours --results-name hard_negatives_twins --save-results",
         functools.partial(hard_negative_rows, name="hard_negatives_twins"),
     ),
+    "hard_negatives_twins_shapes": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
+        "swap-colours,swap-shapes --results-name hard_negatives_twins_shapes --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_twins_shapes"),
+    ),
     "clip_quality": ("python benchmarks/clip_quality.py --seeds 0,1,2 --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
     "clip_real_data": (
