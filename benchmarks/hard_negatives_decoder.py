@@ -47,13 +47,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_decoder(clip: Path, data_dir: Path, out: Path, seed: int, extra: list[str]) -> dict:
-    """`clipcond train decoder` on `clip` (reused when finished): its run record's summary and training precision."""
+    """`clipcond train decoder` on `clip` (reused when finished on this very CLIP: the content hash its record
+    holds; refused when trained on another): its run record's summary and training precision."""
     from clipcond.demo import default_train_precision
     from clipcond.runs import RunRecord
     from clipcond.train.decoder import main as decoder_main
     from clipcond.train.loop import reset_accelerate_state
 
-    if not (out / "clipcond_run.json").is_file():
+    if RunRecord.exists(out):
+        trained_on, clip_hash = RunRecord.read(out).clip_hash, RunRecord.read(clip).content_hash
+        if trained_on != clip_hash:
+            raise ValueError(
+                f"{out} holds a decoder trained on a CLIP of content hash {trained_on}, not on {clip} ({clip_hash}); "
+                "remove it or pass another --runs-dir"
+            )
+    else:
         argv = ["--clip", str(clip), "--data", str(data_dir), "--output-dir", str(out), "--seed", str(seed)]
         with contextlib.redirect_stdout(sys.stderr):
             decoder_main([*argv, "--mixed-precision", default_train_precision(), *extra])  # as the demo

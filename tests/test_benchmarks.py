@@ -247,6 +247,13 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     assert len(rows) == 4 and all(" vs " in row and "(n=" in row for row in rows)
     assert all("--hard-negatives swap-attributes,swap-relations" in row for row in rows)
     assert all("`hard_negatives_count_decoder.json` at 0000000" in row for row in rows)
+    # a finished decoder is reused only on the CLIP it was trained on (a copy elsewhere counts: the content hash)
+    decoder_run = runs / "decoder-plain-seed0"
+    stamp = (decoder_run / "clipcond_run.json").stat().st_mtime_ns
+    hard_negatives_decoder.train_decoder(runs / "plain-seed0", shapes_data, decoder_run, 0, [])
+    assert (decoder_run / "clipcond_run.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"decoder-plain-seed0 holds a decoder trained on a CLIP of content hash"):
+        hard_negatives_decoder.train_decoder(runs / "hard_negatives-seed0", shapes_data, decoder_run, 0, [])
     twins = {**report, "kinds": None, "counterfactual_pairs": ["swap-colours"], "commit": "0" * 40}
     rows = report_module.hard_negative_decoder_rows(twins, "hard_negatives_count_decoder")
     assert all("CLIP (`--counterfactual-pairs swap-colours`):" in row for row in rows)
