@@ -762,6 +762,11 @@ QUALITY = {
         "swap-colours,swap-shapes --results-name hard_negatives_twins_shapes --save-results",
         functools.partial(hard_negative_rows, name="hard_negatives_twins_shapes"),
     ),
+    "hard_negatives_twins_decoder": (
+        "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
+        "hard_negatives_twins_decoder --save-results",
+        functools.partial(hard_negative_decoder_rows, name="hard_negatives_twins_decoder"),
+    ),
     "clip_quality": ("python benchmarks/clip_quality.py --seeds 0,1,2 --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
     "clip_real_data": (
