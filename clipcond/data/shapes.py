@@ -331,10 +331,13 @@ def _jittered(colour: str, shape: str, size: str, position: str, rng: random.Ran
     return ShapeObject(colour, shape, size, position, dx=(x0 + x1) / 2 - ax, dy=(y0 + y1) / 2 - ay, scale=obj.scale)
 
 
+def boxes_apart(a: Sequence[float], b: Sequence[float], gap: float = MARGIN) -> bool:
+    """Whether two boxes (x0, y0, x1, y1) are at least `gap` apart along x or along y."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
 def _apart(a: ShapeObject, b: ShapeObject) -> bool:
-    ax0, ay0, ax1, ay1 = a.box()
-    bx0, by0, bx1, by1 = b.box()
-    return ax1 + MARGIN <= bx0 or bx1 + MARGIN <= ax0 or ay1 + MARGIN <= by0 or by1 + MARGIN <= ay0
+    return boxes_apart(a.box(), b.box())
 
 
 def _two_objects(pair_a: str, pair_b: str, pos_a: str, pos_b: str, sizes: tuple[str, str], rng: random.Random):

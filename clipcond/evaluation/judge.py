@@ -58,6 +58,7 @@ from clipcond.data.shapes import (
     SIZES,
     SUPERSAMPLE,
     ShapeObject,
+    boxes_apart,
     render_scene,
 )
 from clipcond.finite import finite_or_null
@@ -179,12 +180,8 @@ def _several_objects(rng: random.Random, count: int) -> list[ShapeObject]:
             colour, shape = same or (rng.choice(colours), rng.choice(shapes))
             objects.append(_random_object(rng, colour, shape, (rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85))))
         boxes = [obj.box() for obj in objects]
-        if all(_apart(a, b, gap=0.04) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
+        if all(boxes_apart(a, b, gap=0.04) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
             return objects
-
-
-def _apart(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
-    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
 def _draw_unknown_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, ...], fill, rng: random.Random):
