@@ -171,8 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "own, a hard negative of the original in both directions of the loss; a comma list of "
         f"{', '.join(PAIR_KINDS)} "
         "(the two objects' colours exchanged in the pixels; their shapes exchanged, the scene redrawn from its "
-        "metadata; no twin that would show a held-out composition); the twins and their originals are shown in "
-        "colour. 'none' (default) for the plain recipe; --loss clip only",
+        "metadata; their places exchanged and the relation reversed, redrawn alike; no twin that would show a "
+        "held-out composition); twins are shown in colour, their originals as without twins. 'none' (default) for "
+        "the plain recipe; --loss clip only",
     )
     model.add_argument(
         "--attn-implementation",

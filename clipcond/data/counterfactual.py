@@ -8,7 +8,8 @@ left of a blue square", while nothing asks the image tower to tell the two scene
 adds the negative caption's own image, so that each of the two pairs is a hard negative of the other in both
 directions of the loss. Here the twin is exact rather than generated: the shapes renderer draws flat colours on a
 flat background (`clipcond.data.shapes.render_scene`), so exchanging the two objects' colours in the pixels draws
-the scene the swapped caption describes, and the metadata row's bounding boxes redraw a scene with other shapes.
+the scene the swapped caption describes, and the metadata row's bounding boxes redraw a scene with other shapes or
+with the two objects in each other's places.
 
 Kinds (`KINDS`, the values of `clipcond train clip --counterfactual-pairs`):
 
@@ -17,10 +18,14 @@ Kinds (`KINDS`, the values of `clipcond train clip --counterfactual-pairs`):
   left of a red square";
 - ``swap-shapes``: the two objects' shapes exchanged, each drawn in the other's bounding box (`render_boxes`), "a
   red circle left of a blue square" -> "a red square left of a blue circle"; made where the metadata row redraws the
-  original image (`REDRAW_TOLERANCE`), not for an image resampled from another resolution.
+  original image (`REDRAW_TOLERANCE`), not for an image resampled from another resolution;
+- ``swap-relations``: the two objects in each other's places, each keeping its colour, shape and size
+  (`exchange_places`), and the caption's relation the opposite (`hard_negatives.swap_relations`), "a red circle
+  left of a blue square" -> "a red circle right of a blue square"; made where the row redraws the image, as above.
 
-Both show the same two colour-shape pairs, bound the other way, in two layouts. A twin that would show a held-out
-composition (`dataset_info.json`'s "held_out") is not made: held-out pairs never appear in training.
+The first two show the same two colour-shape pairs, bound the other way, in two layouts: a twin that would show a
+held-out composition (`dataset_info.json`'s "held_out") is not made, since held-out pairs never appear in training.
+The third shows the original's own pairs, in the other order.
 """
 
 from __future__ import annotations
@@ -31,11 +36,19 @@ from pathlib import Path
 
 import torch
 
-from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes
-from clipcond.data.shapes import is_shapes_data, load_dataset_info, render_boxes
+from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes, swap_relations
+from clipcond.data.shapes import (
+    MARGIN,
+    POSITIONS,
+    RELATIONS,
+    boxes_apart,
+    is_shapes_data,
+    load_dataset_info,
+    render_boxes,
+)
 
-KINDS = ("swap-colours", "swap-shapes")
-FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each kind exchanges
+KINDS = ("swap-colours", "swap-shapes", "swap-relations")
+FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each attribute kind exchanges
 # A pixel farther than this (RGB distance, 0-255 scale) from every blend of the background with one of the two
 # colours is unexplained; a twin is made only where at most UNEXPLAINED_SHARE of the pixels are (resampling from
 # another resolution leaves a few such pixels at the edges, a photo or another palette many).
@@ -97,26 +110,76 @@ def swap_colours(
     return torch.where(background_pixel, p, swapped).round().clamp(0, 255).to(torch.uint8)
 
 
+def _draw_row(
+    objects: Sequence[dict],
+    info: dict,
+    size: int,
+    shapes: Sequence[str] | None = None,
+    boxes: Sequence[Sequence[float]] | None = None,
+) -> torch.Tensor:
+    """The (3, size, size) uint8 drawing of a metadata row's objects in their colours, with `shapes` and `boxes`
+    (fractions of the side) in place of the row's own where given."""
+    shapes = shapes or [obj["shape"] for obj in objects]
+    boxes = boxes or [_box(obj, info) for obj in objects]
+    drawn = zip((info["colours"][obj["colour"]] for obj in objects), shapes, boxes, strict=True)
+    image = render_boxes(list(drawn), size, info["background"])
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+
+
+def _box(obj: dict, info: dict) -> list[float]:
+    """A metadata row object's bounding box in fractions of the side (its "bbox" is at the data's resolution)."""
+    return [v / info["resolution"] for v in obj["bbox"]]
+
+
+def _redraws(pixels: torch.Tensor, objects: Sequence[dict], info: dict) -> bool:
+    """Whether a metadata row's objects (colour, shape, "bbox") draw `pixels` itself, to within `REDRAW_TOLERANCE`."""
+    if any("bbox" not in obj or obj.get("colour") not in info["colours"] for obj in objects):
+        return False
+    return (_draw_row(objects, info, pixels.shape[-1]).float() - pixels.float()).abs().mean() <= REDRAW_TOLERANCE
+
+
 def redraw_swapped_shapes(pixels: torch.Tensor, objects: Sequence[dict], info: dict) -> torch.Tensor | None:
     """The (3, H, W) uint8 image of a two-object metadata row with the objects' shapes exchanged, each in the
-    other's bounding box; None when the row's objects (colour, shape, "bbox" at the data's resolution) do not redraw
-    `pixels` itself to within `REDRAW_TOLERANCE`."""
-    if any("bbox" not in obj or obj.get("colour") not in info["colours"] for obj in objects):
+    other's bounding box; None when the row does not redraw `pixels` (`_redraws`)."""
+    if not _redraws(pixels, objects, info):
         return None
-    size, native = pixels.shape[-1], info["resolution"]
+    shapes = [obj["shape"] for obj in objects][::-1]
+    return _draw_row(objects, info, pixels.shape[-1], shapes=shapes).to(pixels.device)
 
-    def draw(shapes: Sequence[str]) -> torch.Tensor:
-        boxes = [
-            (info["colours"][obj["colour"]], shape, [v / native for v in obj["bbox"]])
-            for obj, shape in zip(objects, shapes, strict=True)
-        ]
-        image = render_boxes(boxes, size, info["background"])
-        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
-    shapes = [obj["shape"] for obj in objects]
-    if (draw(shapes).float() - pixels.float()).abs().mean() > REDRAW_TOLERANCE:
+def _centre(box: Sequence[float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def exchange_places(
+    first: Sequence[float], second: Sequence[float], relation: str
+) -> tuple[list[float], list[float]] | None:
+    """Two boxes (x0, y0, x1, y1, fractions of the side) of a scene "first `relation` second" with their centres
+    exchanged, each keeping its size and kept `MARGIN` inside the border as the generator keeps it
+    (`ShapeObject.box`); None unless the two are then `MARGIN` apart and in the opposite relation."""
+
+    def moved(box: Sequence[float], centre: tuple[float, float]) -> list[float]:
+        halves = ((box[2] - box[0]) / 2, (box[3] - box[1]) / 2)
+        cx, cy = (min(max(c, half + MARGIN), 1 - half - MARGIN) for c, half in zip(centre, halves, strict=True))
+        return [cx - halves[0], cy - halves[1], cx + halves[0], cy + halves[1]]
+
+    a, b = moved(first, _centre(second)), moved(second, _centre(first))
+    # the relation's direction from its anchors: "left of" is (-0.5, 0), the first object's anchor minus the second's
+    direction = [p - q for p, q in zip(*(POSITIONS[anchor] for anchor in RELATIONS[relation]), strict=True)]
+    along = sum(d * (p - q) for d, p, q in zip(direction, _centre(a), _centre(b), strict=True))
+    return (a, b) if along < 0 and boxes_apart(a, b) else None
+
+
+def redraw_swapped_places(
+    pixels: torch.Tensor, objects: Sequence[dict], relation: str, info: dict
+) -> torch.Tensor | None:
+    """The (3, H, W) uint8 image of a two-object metadata row "objects[0] `relation` objects[1]" with the objects in
+    each other's places (`exchange_places`); None when the row does not redraw `pixels` (`_redraws`) or the
+    exchange does not give the opposite relation."""
+    if not _redraws(pixels, objects, info):
         return None
-    return draw(shapes[::-1]).to(pixels.device)
+    boxes = exchange_places(*(_box(obj, info) for obj in objects), relation)
+    return None if boxes is None else _draw_row(objects, info, pixels.shape[-1], boxes=boxes).to(pixels.device)
 
 
 class CounterfactualPairs:
@@ -140,10 +203,13 @@ class CounterfactualPairs:
         self.held_out = set(info.get("held_out") or ())
 
     def twin_caption(self, caption: str, record: dict | None, kind: str) -> str | None:
-        """The caption of a two-object scene with the two objects' colours (or shapes, by `kind`) exchanged; None
-        when they are the same, or when the twin would show a held-out composition."""
+        """The caption of a two-object scene with the two objects' colours (or shapes, or relation, by `kind`)
+        exchanged; None when they are the same, or when the twin would show a held-out composition."""
         if not is_scene(record) or record["kind"] != "relation":
             return None
+        if kind == "swap-relations":
+            swapped = swap_relations(caption, record["relation"]) if record.get("relation") in RELATIONS else []
+            return swapped[0] if swapped else None
         first, second = record["objects"]
         field = FIELDS[kind]
         if first[field] == second[field]:
@@ -162,6 +228,8 @@ class CounterfactualPairs:
         first, second = record["objects"]
         if kind == "swap-shapes":
             return redraw_swapped_shapes(pixels, record["objects"], self.info)
+        if kind == "swap-relations":
+            return redraw_swapped_places(pixels, record["objects"], record["relation"], self.info)
         colours = self.info["colours"]
         if first["colour"] not in colours or second["colour"] not in colours:
             return None

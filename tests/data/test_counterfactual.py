@@ -1,22 +1,38 @@
 """Counterfactual pairs: the twin image is the render of the swapped scene, its caption differs from the original in
-the colour words alone, and no twin is made where it would be wrong (held-out compositions, one colour, no
-palette)."""
+the swapped words alone, and no twin is made where it would be wrong (held-out compositions, one colour, no
+palette, objects that would touch)."""
 
 import itertools
+import random
 
 import numpy as np
 import pytest
 import torch
 
 from clipcond.data.counterfactual import (
+    REDRAW_TOLERANCE,
     CounterfactualPairs,
     check_pair_data,
+    exchange_places,
     parse_pair_kinds,
+    redraw_swapped_places,
     redraw_swapped_shapes,
     swap_colours,
 )
 from clipcond.data.folders import ImageCaptionDataset
-from clipcond.data.shapes import BACKGROUND, COLOURS, SHAPES, ShapeObject, render_scene
+from clipcond.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    MARGIN,
+    OPPOSITE_RELATION,
+    RELATION_PHRASES,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    boxes_apart,
+    render_scene,
+    sample_scene,
+)
 
 
 def _pixels(objects, resolution=32) -> torch.Tensor:
@@ -59,6 +75,7 @@ def _record(colours, shapes=("circle", "square"), relation="left of"):
     return {"kind": "relation", "objects": objects, "relation": relation}
 
 
+RELATION_WORDS = {word for phrases in RELATION_PHRASES.values() for phrase in phrases for word in phrase.split()}
 INFO = {
     "name": "clipcond-shapes",
     "colours": COLOURS,
@@ -86,6 +103,59 @@ def test_twin_captions_differ_in_the_swapped_words_alone():
     assert pairs.twin_caption("a red circle left of a blue square", None, "swap-shapes") is None
 
 
+def test_relation_twin_captions_name_the_opposite_relation():
+    pairs = CounterfactualPairs(["swap-relations"], [], INFO)
+    cases = {
+        ("An orange circle to the left of a red square.", "left of"): "An orange circle to the right of a red square.",
+        ("a red square beneath a green circle", "below"): "a red square over a green circle",
+        # its pairs are the original's: a twin of a scene of a held-out pair's neighbours is made
+        ("a red circle above a blue square", "above"): "a red circle below a blue square",
+    }
+    for (caption, relation), expected in cases.items():
+        assert pairs.twin_caption(caption, _record(("red", "blue"), relation=relation), "swap-relations") == expected
+    count = {"kind": "count", "objects": _record(("red", "red"))["objects"], "relation": None}
+    assert pairs.twin_caption("two red circles, one above the other", count, "swap-relations") is None
+
+
+def _with_centre(obj: ShapeObject, other: ShapeObject) -> ShapeObject:
+    """`obj` at `other`'s place: `other`'s anchor and offset, `obj`'s colour, shape and size."""
+    return ShapeObject(obj.colour, obj.shape, obj.size, other.position, dx=other.dx, dy=other.dy, scale=obj.scale)
+
+
+def test_the_relation_twin_is_the_render_of_the_exchanged_scene():
+    """Generated relation scenes of every relation and size: the twin is the renderer's drawing of the two objects in
+    each other's places, which is a scene of the opposite relation, the objects apart and inside the border."""
+    rng = random.Random(0)
+    made = 0
+    for _ in range(60):
+        scene = sample_scene("relation", [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES], rng)
+        first, second = scene.objects
+        objects = [first.to_dict(32), second.to_dict(32)]
+        twin = redraw_swapped_places(_pixels(scene), objects, scene.relation, INFO)
+        exchanged = Scene(
+            (_with_centre(first, second), _with_centre(second, first)), OPPOSITE_RELATION[scene.relation]
+        )
+        # a larger object moved in from the border may come within MARGIN of the other: then no twin
+        assert (twin is not None) == boxes_apart(*(obj.box() for obj in exchanged.objects)), scene
+        if twin is not None:  # to within the rows' boxes rounded to 0.01 px, as a row redraws its own image
+            assert (twin.float() - _pixels(exchanged).float()).abs().mean() <= REDRAW_TOLERANCE, scene
+            made += 1
+    assert made >= 55
+    other = _pixels([ShapeObject("red", "circle", "small", "right"), second])
+    assert redraw_swapped_places(other, objects, scene.relation, INFO) is None
+
+
+def test_places_are_exchanged_inside_the_border_or_not_at_all():
+    small_at_the_edge, large = [0.78, 0.40, 0.97, 0.59], [0.05, 0.30, 0.45, 0.70]  # "large left of small"
+    a, b = exchange_places(large, small_at_the_edge, "left of")
+    assert a[2] == pytest.approx(1 - MARGIN) and a[2] - a[0] == pytest.approx(0.40)  # moved in, size kept
+    assert b[2] - b[0] == pytest.approx(0.19) and (b[0] + b[2]) / 2 == pytest.approx(0.25)
+    assert (a[0] + a[2]) / 2 > (b[0] + b[2]) / 2  # the large one is now right of the small one
+    touching = [0.40, 0.30, 0.60, 0.50]
+    assert exchange_places([0.20, 0.30, 0.41, 0.51], touching, "left of") is None
+    assert exchange_places([0.10, 0.40, 0.30, 0.60], [0.60, 0.40, 0.80, 0.60], "above") is None  # side by side
+
+
 def test_the_shape_twin_is_the_render_of_the_swapped_scene():
     """Each object's shape drawn in the other's box, from the metadata row alone; nothing where the row does not
     redraw the image (another image, or the image resampled to another size)."""
@@ -111,7 +181,7 @@ def test_the_shape_twin_is_the_render_of_the_swapped_scene():
 def test_twins_of_a_batch_and_their_share(shapes_data):
     data = ImageCaptionDataset(shapes_data, split="train", resolution=32)
     info = {**data.info, "held_out": []}
-    kinds = ["swap-colours", "swap-shapes"]
+    kinds = ["swap-colours", "swap-shapes", "swap-relations"]
     pairs = CounterfactualPairs(kinds, data.records, info)
     samples = [data[i] for i in range(48)]
     twins = pairs.twins(samples)
@@ -128,12 +198,13 @@ def test_twins_of_a_batch_and_their_share(shapes_data):
         original, twin_text = samples[row]["text"], twins["twin_text"][k]
         assert twin_text != original and len(twin_text.split()) == len(original.split())
         changed = [w for w, v in zip(original.split(), twin_text.split(), strict=True) if w != v]
-        words = COLOURS if kind == "swap-colours" else SHAPES
+        words = {"swap-colours": COLOURS, "swap-shapes": SHAPES, "swap-relations": RELATION_WORDS}[kind]
         assert all(w.lower().strip(".,") in (*words, "a", "an") for w in changed), (original, twin_text)
         assert not torch.equal(twins["twin_pixel_values"][k], samples[row]["pixel_values"])
     coverage = pairs.coverage(data.captions)
     relation_share = sum(r["kind"] == "relation" for r in data.records) / len(data)
     assert 0 < coverage["share_by_kind"]["swap-shapes"] < coverage["share"] <= relation_share
+    assert coverage["share_by_kind"]["swap-relations"] == coverage["share"]  # every relation scene has one
     assert pairs.twins([])["twin_pixel_values"].shape[0] == 0
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from clipcond.data.augment import CROP_DRAWS, ImageAugment
+from clipcond.data.counterfactual import KINDS as PAIR_KINDS
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.lineage import content_hash
 from clipcond.models.clip import load_clip, text_features
@@ -351,14 +352,14 @@ def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
-    _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", "swap-colours,swap-shapes")
+    _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", ",".join(PAIR_KINDS))
     assert len(seen) == 3 and sum(count for _, count in seen) > 0
     assert all(share == count / 16 for share, count in seen)
     record = json.loads((tmp_path / "twins" / "clipcond_run.json").read_text())
-    assert record["args"]["counterfactual_pairs"] == ["swap-colours", "swap-shapes"]
+    assert record["args"]["counterfactual_pairs"] == list(PAIR_KINDS)
     section = record["counterfactual_pairs"]
-    assert section["kinds"] == ["swap-colours", "swap-shapes"] and 0 < section["share"] < 1
-    assert 0 < section["share_by_kind"]["swap-shapes"] < section["share"]
+    assert section["kinds"] == list(PAIR_KINDS) and 0 < section["share"] < 1
+    assert all(0 < section["share_by_kind"][kind] <= section["share"] for kind in PAIR_KINDS)
     monkeypatch.undo()
     _run(shapes_data, tmp_path / "plain", *THREE_STEPS)
     plain = json.loads((tmp_path / "plain" / "clipcond_run.json").read_text())
@@ -564,7 +565,7 @@ def test_help_names_the_options(capsys):
         assert option in text
     flat = " ".join(text.split()).replace("- ", "-")  # argparse may wrap a line after a hyphen
     assert "--hard-negatives KINDS" in flat and all(kind in flat for kind in HARD_NEGATIVE_KINDS)
-    assert "--counterfactual-pairs KINDS" in flat and all(kind in flat for kind in ("swap-colours", "swap-shapes"))
+    assert "--counterfactual-pairs KINDS" in flat and all(kind in flat for kind in PAIR_KINDS)
 
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):
