@@ -461,6 +461,9 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
 
     # 3. Data
     dataset, resolution, validation = open_clip_data(args, pretrained.image_size if pretrained else None)
+    # the data's hard negatives and twins (here: data they cannot use fails before a tokenizer is trained)
+    hard_negatives, coverage = hard_negative_captions(args, dataset, warn=accelerator.is_main_process)
+    counterfactual, pair_coverage = counterfactual_pairs(args, dataset, warn=accelerator.is_main_process)
 
     # 4. Tokenizer and model
     if pretrained is not None:
@@ -503,8 +506,6 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         multiple,
         output_dir=output_dir,
     )
-    hard_negatives, coverage = hard_negative_captions(args, dataset, warn=accelerator.is_main_process)
-    counterfactual, pair_coverage = counterfactual_pairs(args, dataset, warn=accelerator.is_main_process)
     context = clip.config.text_config.max_position_embeddings
     collate = CaptionTokens(tokenizer, context, hard_negatives, counterfactual)
     result = train(accelerator, args, stage, prepared, dataset=dataset, collate_fn=collate)
@@ -573,7 +574,7 @@ def counterfactual_pairs(
     if warn and coverage["share"] < LOW_PAIR_SHARE:
         logger.warning(
             "`--counterfactual-pairs` %s: only %.1f%% of the %d training captions checked have a twin (two-object "
-            "scenes of two colours); the others train as in the plain recipe",
+            "scenes with something of the kinds to exchange); the others train as in the plain recipe",
             ",".join(args.counterfactual_pairs),
             100 * coverage["share"],
             coverage["captions_checked"],
