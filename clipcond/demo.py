@@ -50,7 +50,7 @@ from clipcond.hub import local_files_only
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, use_scheduler
 from clipcond.runlock import run_folder_lock
 from clipcond.runs import RunRecord
-from clipcond.storage import check_output_dir, write_json_atomic
+from clipcond.storage import check_output_dir, save_image_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -652,7 +652,7 @@ def _stage_vae_eval(args: argparse.Namespace, info: dict, data_dir: Path, vae_di
         "judged_reconstructions": judge.score(as_uint8, colours, shapes).accuracy(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    reconstruction_grid(originals[:18], reconstructions[:18]).save(out / "reconstructions.png")
+    save_image_atomic(reconstruction_grid(originals[:18], reconstructions[:18]), out / "reconstructions.png")
     write_json_atomic(out / "metrics.json", finite_or_null(metrics))
     return metrics
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipcond.storage import dumps_json, writing
+from clipcond.storage import dumps_json, save_image_atomic, writing
 
 
 def read_images(paths: list[str], what: str = "IMAGE") -> list:
@@ -92,9 +92,7 @@ class ImageWriter:
         if len(images) != len(records):
             raise ValueError(f"got {len(images)} images but {len(records)} records")
         for image, record in zip(images, records):
-            path = self.output_dir / record["file_name"]
-            with writing(path, scratch=[path]):
-                image.save(path, format="PNG")
+            save_image_atomic(image, self.output_dir / record["file_name"])
         lines = "".join(dumps_json(record) + "\n" for record in records)
         size = self.records_path.stat().st_size
         try:
@@ -114,9 +112,7 @@ class ImageWriter:
         grid_path = self.output_dir / "grid.png"
         tiles = list(self.images if grid_images is None else grid_images)
         cols = math.ceil(len(tiles) / grid_rows)
-        with writing(grid_path, scratch=[grid_path]):
-            image_grid(tiles, rows=grid_rows, cols=cols, labels=labels).save(grid_path, format="PNG")
-        return grid_path
+        return save_image_atomic(image_grid(tiles, rows=grid_rows, cols=cols, labels=labels), grid_path)
 
 
 def write_outputs(

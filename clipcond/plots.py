@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clipcond.storage import save_image_atomic
+
 # matplotlib's viridis sampled at 9 evenly spaced points; interpolated linearly in between (dark blue -> yellow).
 _VIRIDIS = np.array(
     [
@@ -327,8 +329,7 @@ def heatmap_png(
     path = Path(path)
     image = heatmap_image(matrix, row_labels, col_labels, title, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+    return save_image_atomic(image, path)
 
 
 def image_grid(

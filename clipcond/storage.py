@@ -122,12 +122,17 @@ def check_free_space(path: str | os.PathLike, needed: int, what: str) -> None:
         )
 
 
+def _scratch_file(path: Path) -> Path:
+    """The scratch file beside `path` that an atomic write fills before renaming it into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """`safetensors.torch.save_file` through a scratch file renamed into place, so a reader never meets a part."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _scratch_file(path)
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     with writing(path, needed=needed, scratch=[tmp]):
         save_file(tensors, tmp, metadata=metadata)
@@ -143,7 +148,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` through a scratch file renamed into place: a reader sees the old file or the
     new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _scratch_file(path)
     data = text.encode("utf-8")
     with writing(path, needed=len(data), scratch=[tmp]):
         with open(tmp, "wb") as f:
@@ -156,6 +161,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as strict JSON to `path`, atomically (`write_text_atomic`)."""
     write_text_atomic(path, dumps_json(obj, indent=2) + "\n")
+
+
+def save_image_atomic(image: Any, path: str | os.PathLike, format: str = "PNG") -> Path:
+    """Save a PIL image to `path` (in `format`) through a scratch file renamed into place: a run killed while it
+    writes leaves the earlier image, or none, never a part. Returns the path."""
+    path = Path(path)
+    tmp = _scratch_file(path)
+    with writing(path, scratch=[tmp]):
+        image.save(tmp, format=format)
+        os.replace(tmp, path)
+    return path
 
 
 def remove_earlier_outputs(folder: str | os.PathLike, patterns: Iterable[str]) -> None:

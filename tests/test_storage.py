@@ -3,12 +3,21 @@
 import errno
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from clipcond import storage
-from clipcond.storage import DiskFullError, new_folder, save_tensors_atomic, write_json_atomic, writing
+from clipcond.storage import (
+    DiskFullError,
+    new_folder,
+    save_image_atomic,
+    save_tensors_atomic,
+    write_json_atomic,
+    writing,
+)
 
 
 def test_write_json_atomic_refuses_non_finite_numbers_and_keeps_the_old_file(tmp_path):
@@ -37,6 +46,24 @@ def test_other_errors_pass_through_and_still_remove_the_scratch(tmp_path):
         scratch.mkdir()
         raise PermissionError("read-only")
     assert not scratch.exists()
+
+
+def test_an_image_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that dies half way (here an interrupt after half a file) leaves the earlier image as it was."""
+    path = save_image_atomic(Image.new("RGB", (4, 4), "red"), tmp_path / "step-10.png")
+
+    def half_then_interrupted(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", half_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_image_atomic(Image.new("RGB", (4, 4), "blue"), path)
+    monkeypatch.undo()
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-10.png"]  # no scratch file left beside it
+    save_image_atomic(Image.new("RGB", (4, 4), "blue"), path)
+    assert Image.open(path).getpixel((0, 0)) == (0, 0, 255)
 
 
 def test_a_new_folder_appears_whole_or_not_at_all(tmp_path):

@@ -52,6 +52,7 @@ from clipcond.lineage import content_hash, init_record
 from clipcond.models.attention import enable_xformers_if_possible
 from clipcond.models.unet import create_unet, load_pretrained_unet
 from clipcond.pipeline_loading import DEFAULT_SAMPLER
+from clipcond.storage import save_image_atomic
 from clipcond.train.decoder_conditioning import BatchConditioning, ConditioningPlugin
 from clipcond.train.diffusion import (
     DiffusionStage,
@@ -406,7 +407,7 @@ class DecoderStage(DiffusionStage):
         rows, columns = self.plugin.validation_grid(images.float().cpu(), per_condition)
         v.out_dir.mkdir(parents=True, exist_ok=True)
         path = v.out_dir / f"step-{step}.png"
-        image_grid(rows, columns=columns).save(path)
+        save_image_atomic(image_grid(rows, columns=columns), path)
         if v.log_images:
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
             writer.add_images("validation", rows, step, dataformats="NCHW")

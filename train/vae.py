@@ -62,7 +62,7 @@ from clipcond.models.vae import (
     vae_config,
 )
 from clipcond.plots import image_grid
-from clipcond.storage import write_json_atomic
+from clipcond.storage import save_image_atomic, write_json_atomic
 from clipcond.train.loop import (
     Stage,
     add_training_args,
@@ -255,7 +255,7 @@ class VaeStage(Stage):
         reconstructions = reconstruct(vae, v.pixels, batch_size=self.scaling.batch_size)
         metrics = reconstruction_metrics(v.pixels, reconstructions)
         v.out_dir.mkdir(parents=True, exist_ok=True)
-        reconstruction_grid(v.pixels, reconstructions).save(v.out_dir / f"step-{step}.png")
+        save_image_atomic(reconstruction_grid(v.pixels, reconstructions), v.out_dir / f"step-{step}.png")
         write_json_atomic(v.out_dir / f"step-{step}.json", {"step": step, "split": v.split, **metrics})
         return {k: value for k, value in metrics.items() if isinstance(value, float)}
 

@@ -48,7 +48,7 @@ from clipcond.finite import finite_or_null
 from clipcond.pipeline_loading import DEFAULT_SAMPLER
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import image_grid
-from clipcond.storage import write_json_atomic
+from clipcond.storage import save_image_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -401,8 +401,10 @@ def write_captioned_outputs(
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(drawn):
             p, k = divmod(i, num_images_per_prompt)
-            Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(folder / f"prompt_{p:04d}_{k}.png")
+            save_image_atomic(
+                Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB"), folder / f"prompt_{p:04d}_{k}.png"
+            )
         grid = caption_grid(prompts, real_images, drawn, scores[key])
-        grid.save(output_dir / f"grid_guidance_{key}.png", format="PNG")
+        save_image_atomic(grid, output_dir / f"grid_guidance_{key}.png")
     write_json_atomic(output_dir / "prompts.json", prompts)
     write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))

@@ -106,7 +106,13 @@ from clipcond.finite import finite_float, finite_or_null, is_finite_number
 from clipcond.pipeline_loading import DEFAULT_SAMPLER, SCHEDULER_CHOICES, chosen_scheduler, load_pretrained
 from clipcond.pipelines.inputs import DEFAULT_TEXT_GUIDANCE_SCALE
 from clipcond.plots import heatmap_png, image_grid
-from clipcond.storage import check_output_dir, dumps_json, remove_earlier_outputs, write_json_atomic
+from clipcond.storage import (
+    check_output_dir,
+    dumps_json,
+    remove_earlier_outputs,
+    save_image_atomic,
+    write_json_atomic,
+)
 
 DEFAULT_PROMPT_TEMPLATE = "a {colour} {shape}"
 DEFAULT_GUIDANCE_SCALE = DEFAULT_TEXT_GUIDANCE_SCALE  # `clipcond generate`'s default for a text-to-image decoder
@@ -449,11 +455,9 @@ def _write_grid(images: torch.Tensor, scores: JudgeScores, prompts: list[str], p
         tiles.append(judged_tile(image, scores, i))
         path = image_file(out, float(key), prompt, i % per_prompt)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB").save(path, format="PNG")
+        save_image_atomic(Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB"), path)
     grid = image_grid(tiles, rows=len(prompts), cols=per_prompt, labels=labels, max_label_lines=3)
-    path = out / f"grid_guidance_{key}.png"
-    grid.save(path, format="PNG")
-    return path
+    return save_image_atomic(grid, out / f"grid_guidance_{key}.png")
 
 
 def _write_heatmap(metrics: dict, key: str, out: Path) -> Path:

@@ -19,7 +19,7 @@ from clipcond.evaluation.probes import (
     run_pair_probes,
 )
 from clipcond.plots import image_grid, interval_bars_image
-from clipcond.storage import write_json_atomic, write_text_atomic
+from clipcond.storage import save_image_atomic, write_json_atomic, write_text_atomic
 
 GROUP_NAMES = {"seen": "seen", "heldout": "held-out", "all": "all"}
 GENERATOR_NAMES = {"stable_diffusion": "Stable Diffusion path", "dalle2": "DALL-E 2 path (prior + decoder)"}
@@ -175,7 +175,7 @@ def write_figures(report: dict, output_dir: str | os.PathLike) -> list[Path]:
     for probe, figures in (report.get("clip") or {}).items():
         named = [(GROUP_NAMES[g], figures[g]) for g in _groups(figures)]
         paths.append(out / f"clip_{probe}.png")
-        _bars(f"CLIP {probe}", named).save(paths[-1])
+        save_image_atomic(_bars(f"CLIP {probe}", named), paths[-1])
     for key, generator in (report.get("generators") or {}).items():
         named = [
             (f"{kind} {field_name}", figures["all"])
@@ -184,11 +184,12 @@ def write_figures(report: dict, output_dir: str | os.PathLike) -> list[Path]:
         ]
         if named:
             paths.append(out / f"generator_{key}.png")
-            _bars(GENERATOR_NAMES.get(key, key), named).save(paths[-1])
+            save_image_atomic(_bars(GENERATOR_NAMES.get(key, key), named), paths[-1])
     captioner = report.get("captioner")
     if captioner:
         paths.append(out / "captioner.png")
-        _bars("captioner", [(probe, figures["all"]) for probe, figures in captioner.items()]).save(paths[-1])
+        bars = _bars("captioner", [(probe, figures["all"]) for probe, figures in captioner.items()])
+        save_image_atomic(bars, paths[-1])
     return paths
 
 
@@ -211,8 +212,7 @@ def write_examples(
             verdict = {1.0: "CLIP right", 0.0: "CLIP wrong", 0.5: "tie"}.get(float(outcomes[probe][i]), "")
             labels.append(f"{verdict}: {pair.right} / not: {pair.wrong}")
     grid = image_grid(images, rows=len(probes), cols=per_probe, labels=labels, min_tile=128, max_label_lines=4)
-    grid.save(path)
-    return Path(path)
+    return save_image_atomic(grid, path)
 
 
 def clip_probes(clip_run, pairs_by_probe: dict[str, list[MinimalPair]], resolution: int, output_dir) -> dict:

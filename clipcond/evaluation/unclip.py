@@ -53,7 +53,7 @@ from clipcond.pipelines.inputs import (
 )
 from clipcond.plots import image_grid
 from clipcond.sampling_options import add_guidance_interval_args, check_guidance_interval_args
-from clipcond.storage import check_output_dir, dumps_json, write_json_atomic
+from clipcond.storage import check_output_dir, dumps_json, save_image_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def _write_variations(
             tiles.append(judged.judged_tile(images[i], scores, i))
             labels.append(seen[i])
     grid = image_grid(tiles, rows=len(source_classes), cols=per_source + 1, labels=labels, max_label_lines=2)
-    grid.save(output_dir / "grid.png", format="PNG")
+    save_image_atomic(grid, output_dir / "grid.png")
     write_json_atomic(output_dir / "metrics.json", finite_or_null(metrics))
 
 
