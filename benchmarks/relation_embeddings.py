@@ -20,7 +20,8 @@ checkpoint's `pretrained/` folder):
 
 Every share counts a tie as 1/2, as the probe does.
 
-Prints one JSON object; `--save-results` also writes benchmarks/results/relation_embeddings.json (and its history).
+Prints one JSON object; `--save-results` also writes benchmarks/results/relation_embeddings.json (or
+`--results-name`'s, for another set of runs) and its history.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True, help="the shapes data root the runs were trained on")
     parser.add_argument("--num-pairs", type=int, default=200, help="relation pairs per group (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="the pairs' seed, as `clipcond probe --seed`")
-    add_results_flag(parser)
+    add_results_flag(parser, "relation_embeddings")
     return parser.parse_args(argv)
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.save_results:
-        save_results("relation_embeddings", report)
+        save_results(args.results_name, report)
     return 0
 
 

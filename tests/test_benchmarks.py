@@ -774,7 +774,10 @@ def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_da
         hard_negatives.finished_run_of(run, argv)
 
 
-def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_run, shapes_data, capsys):
+def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(
+    tiny_clip_run, shapes_data, capsys, monkeypatch, tmp_path
+):
+    import common
     import relation_embeddings
 
     from clipcond.data.shapes import load_dataset_info
@@ -793,6 +796,14 @@ def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(tiny_clip_
         assert figures[f"{probe}_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
     sideways = [p for p in pairs["relation"] if p.scene.relation in ("left of", "right of")]
     assert figures["num_left_right_pairs"] == len(sideways)
+    # another set of runs keeps a result file of its own
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    argv = ["--data", str(shapes_data), "--num-pairs", "2", str(tiny_clip_run), "--save-results"]
+    assert relation_embeddings.main([*argv, "--results-name", "relation_embeddings_twins"]) == 0
+    saved = json.loads((tmp_path / "relation_embeddings_twins.json").read_text())
+    assert list(saved["runs"]) == [str(tiny_clip_run)] and saved["settings"]["num_pairs"] == 2
+    assert (tmp_path / "history" / "relation_embeddings_twins.jsonl").is_file()
+    assert not (tmp_path / "relation_embeddings.json").exists()
 
 
 def test_relation_embeddings_captions_say_the_same_or_the_opposite():
