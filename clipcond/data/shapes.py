@@ -331,6 +331,14 @@ def _jittered(colour: str, shape: str, size: str, position: str, rng: random.Ran
     return ShapeObject(colour, shape, size, position, dx=(x0 + x1) / 2 - ax, dy=(y0 + y1) / 2 - ay, scale=obj.scale)
 
 
+def relation_of(centre_a: Sequence[float], centre_b: Sequence[float]) -> str:
+    """The relation "a <relation> b" of two centres (x, y; y down), along the axis on which they are further apart."""
+    dx, dy = centre_b[0] - centre_a[0], centre_b[1] - centre_a[1]
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
 def boxes_apart(a: Sequence[float], b: Sequence[float], gap: float = MARGIN) -> bool:
     """Whether two boxes (x0, y0, x1, y1) are at least `gap` apart along x or along y."""
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]

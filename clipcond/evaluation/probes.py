@@ -49,6 +49,7 @@ from clipcond.data.shapes import (
     SIZES,
     Scene,
     ShapeObject,
+    relation_of,
     render_scene,
     sample_scene,
 )
@@ -472,11 +473,8 @@ class SceneReading:
 
 
 def relation_between(a: ReadObject, b: ReadObject) -> str:
-    """The relation "a <relation> b" along the axis on which the centres are further apart."""
-    dx, dy = b.centre[0] - a.centre[0], b.centre[1] - a.centre[1]
-    if abs(dx) >= abs(dy):
-        return "left of" if dx > 0 else "right of"
-    return "above" if dy > 0 else "below"
+    """The relation "a <relation> b" along the axis on which the centres are further apart (`relation_of`)."""
+    return relation_of(a.centre, b.centre)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
