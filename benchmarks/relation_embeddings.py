@@ -1,6 +1,7 @@
 """Where a CLIP's relation probe fails: its text tower, its image tower, or both (a benchmark, not a test).
 
     python benchmarks/relation_embeddings.py --data DIR RUN [RUN ...] [--num-pairs 200] [--seed 0] [--save-results]
+        [--results-name relation_embeddings]
 
 On the relation probe's minimal pairs (`clipcond probe`: "a red circle left of a blue square" against "a red circle
 right of a blue square", seen and held-out compositions of DIR's shapes data), per CLIP run (a run folder or a

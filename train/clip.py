@@ -167,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         metavar="KINDS",
         help="TripletCLIP's counterfactual pairs (Patel et al. 2024): for each image of the shapes data that has one, "
-        "its twin with an attribute changed in the pixels and in the caption alike joins the batch as a pair of its "
+        "its twin with one thing changed in the pixels and in the caption alike joins the batch as a pair of its "
         "own, a hard negative of the original in both directions of the loss; a comma list of "
         f"{', '.join(PAIR_KINDS)} "
         "(the two objects' colours exchanged in the pixels; their shapes exchanged, the scene redrawn from its "
@@ -271,10 +271,13 @@ class CaptionTokens:
         twin_captions: list[list[str]] = [[] for _ in samples]
         if self.counterfactual is not None:
             twins = self.counterfactual.twins(samples)
+            paraphrases = twins.pop("twin_paraphrases")  # true of a twin as its own caption is: no negatives either
             tokens = self.tokens(twins["twin_text"])
             batch.update(twins, twin_input_ids=tokens["input_ids"], twin_attention_mask=tokens["attention_mask"])
-            for row, caption in zip(twins["twin_source"].tolist(), twins["twin_text"], strict=True):
-                twin_captions[row].append(caption)
+            for row, caption, others in zip(
+                twins["twin_source"].tolist(), twins["twin_text"], paraphrases, strict=True
+            ):
+                twin_captions[row] += [caption, *others]
         if self.hard_negatives is not None:
             negatives = self.hard_negatives.candidates(samples, twin_captions)
             tokens = self.tokens(negatives.captions)
@@ -391,8 +394,8 @@ class ClipStage(Stage):
 
         `twins`: their (C, 3, H, W) images and the (C,) rows of their originals (--counterfactual-pairs), appended
         after the batch. The originals are shown as without twins; each twin is cropped and flipped as its
-        original, and always in colour: its colours or shapes are what it is there for (docs/lab-notes.md,
-        "counterfactual pairs over three seeds")."""
+        original, and always in colour: a colour or shape twin's colours or shapes are what it is there for
+        (docs/lab-notes.md, "counterfactual pairs over three seeds"), and relation twins follow the same rule."""
         augment, device = self.augment, pixels.device
         if augment.grayscale_prob > 0:
             draws = draw_rows(

@@ -1,5 +1,6 @@
 """Counterfactual image-caption pairs for CLIP pretraining: for an image of the shapes data, its twin with one
-attribute changed in the pixels and in the caption alike, added to the batch as a pair of its own.
+thing changed in the pixels and in the caption alike (the objects' colours, shapes or places), added to the batch as
+a pair of its own.
 
 NegCLIP's hard negatives (`clipcond.data.hard_negatives`) give each image a wrong caption to score below its own,
 but no image to go with it: the text tower learns that "a blue circle left of a red square" is not "a red circle
@@ -21,7 +22,10 @@ Kinds (`KINDS`, the values of `clipcond train clip --counterfactual-pairs`):
   original image (`REDRAW_TOLERANCE`), not for an image resampled from another resolution;
 - ``swap-relations``: the two objects in each other's places, each keeping its colour, shape and size
   (`exchange_places`), and the caption's relation the opposite (`hard_negatives.swap_relations`), "a red circle
-  left of a blue square" -> "a red circle right of a blue square"; made where the row redraws the image, as above.
+  left of a blue square" -> "a red circle right of a blue square"; made where the row redraws the image, as above,
+  and the two objects can exchange places (not where one moved in from the border would touch the other). The
+  original's caption with its noun phrases exchanged ("a blue square left of a red circle") describes the twin too:
+  `twin_captions` names both, so that training keeps either out of the hard negatives.
 
 The first two show the same two colour-shape pairs, bound the other way, in two layouts: a twin that would show a
 held-out composition (`dataset_info.json`'s "held_out") is not made, since held-out pairs never appear in training.
@@ -39,11 +43,11 @@ import torch
 from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes, swap_relations
 from clipcond.data.shapes import (
     MARGIN,
-    POSITIONS,
-    RELATIONS,
+    OPPOSITE_RELATION,
     boxes_apart,
     is_shapes_data,
     load_dataset_info,
+    relation_of,
     render_boxes,
 )
 
@@ -156,7 +160,8 @@ def exchange_places(
 ) -> tuple[list[float], list[float]] | None:
     """Two boxes (x0, y0, x1, y1, fractions of the side) of a scene "first `relation` second" with their centres
     exchanged, each keeping its size and kept `MARGIN` inside the border as the generator keeps it
-    (`ShapeObject.box`); None unless the two are then `MARGIN` apart and in the opposite relation."""
+    (`ShapeObject.box`); None unless the two are then `MARGIN` apart and in the opposite relation (`relation_of`,
+    as the probes read a relation)."""
 
     def moved(box: Sequence[float], centre: tuple[float, float]) -> list[float]:
         halves = ((box[2] - box[0]) / 2, (box[3] - box[1]) / 2)
@@ -164,10 +169,8 @@ def exchange_places(
         return [cx - halves[0], cy - halves[1], cx + halves[0], cy + halves[1]]
 
     a, b = moved(first, _centre(second)), moved(second, _centre(first))
-    # the relation's direction from its anchors: "left of" is (-0.5, 0), the first object's anchor minus the second's
-    direction = [p - q for p, q in zip(*(POSITIONS[anchor] for anchor in RELATIONS[relation]), strict=True)]
-    along = sum(d * (p - q) for d, p, q in zip(direction, _centre(a), _centre(b), strict=True))
-    return (a, b) if along < 0 and boxes_apart(a, b) else None
+    opposite = relation_of(_centre(a), _centre(b)) == OPPOSITE_RELATION[relation]
+    return (a, b) if opposite and boxes_apart(a, b) else None
 
 
 def redraw_swapped_places(
@@ -202,34 +205,47 @@ class CounterfactualPairs:
         self.info = info
         self.held_out = set(info.get("held_out") or ())
 
-    def twin_caption(self, caption: str, record: dict | None, kind: str) -> str | None:
-        """The caption of a two-object scene with the two objects' colours (or shapes, or relation, by `kind`)
-        exchanged; None when they are the same, or when the twin would show a held-out composition."""
+    def twin_captions(self, caption: str, record: dict | None, kind: str) -> list[str]:
+        """The captions true of the twin of `kind` of a two-object scene, its own first: the caption with the two
+        objects' colours (or shapes) exchanged, or with the opposite relation and then the noun phrases exchanged
+        around the original relation. [] where there is no twin: nothing to exchange (one colour, one shape, no
+        relation phrase found), a twin that would show a held-out composition, objects that cannot exchange
+        places."""
         if not is_scene(record) or record["kind"] != "relation":
-            return None
+            return []
         if kind == "swap-relations":
-            swapped = swap_relations(caption, record["relation"]) if record.get("relation") in RELATIONS else []
-            return swapped[0] if swapped else None
+            return swap_relations(caption, record["relation"]) if self._exchanged(record) is not None else []
         first, second = record["objects"]
         field = FIELDS[kind]
         if first[field] == second[field]:
-            return None
+            return []
         # either exchange shows the same two pairs: the first colour on the second shape, and the other way round
         if (
             f"{second['colour']} {first['shape']}" in self.held_out
             or f"{first['colour']} {second['shape']}" in self.held_out
         ):
-            return None
+            return []
         swapped = swap_attributes(caption, record["objects"], fields=(field,))
-        return swapped[0] if swapped and swapped[0] != caption else None
+        return swapped[:1] if swapped and swapped[0] != caption else []
+
+    def twin_caption(self, caption: str, record: dict | None, kind: str) -> str | None:
+        """The twin's own caption (`twin_captions`' first), or None."""
+        captions = self.twin_captions(caption, record, kind)
+        return captions[0] if captions else None
+
+    def _exchanged(self, record: dict) -> tuple[list[float], list[float]] | None:
+        """A relation scene's boxes with the objects in each other's places (`exchange_places`), from its row."""
+        if any("bbox" not in obj for obj in record["objects"]):
+            return None
+        return exchange_places(*(_box(obj, self.info) for obj in record["objects"]), record["relation"])
 
     def twin_image(self, pixels: torch.Tensor, record: dict, kind: str) -> torch.Tensor | None:
         """The twin's image of `kind`, or None where the image is no drawing of its metadata row."""
-        first, second = record["objects"]
         if kind == "swap-shapes":
             return redraw_swapped_shapes(pixels, record["objects"], self.info)
         if kind == "swap-relations":
             return redraw_swapped_places(pixels, record["objects"], record["relation"], self.info)
+        first, second = record["objects"]
         colours = self.info["colours"]
         if first["colour"] not in colours or second["colour"] not in colours:
             return None
@@ -238,22 +254,25 @@ class CounterfactualPairs:
     def twins(self, samples: Sequence[dict]) -> dict:
         """The twins of a batch of data set items (each with "pixel_values", "text", "index"), per sample in the
         order of `kinds`: `twin_pixel_values` (C, 3, H, W) uint8, `twin_text` (C captions), `twin_source` (C,)
-        int64, the row of each twin's original."""
-        pixels, texts, sources = [], [], []
+        int64, the row of each twin's original, and `twin_paraphrases` (C lists), the other captions true of each
+        twin (`twin_captions`)."""
+        pixels, texts, sources, paraphrases = [], [], [], []
         for row, sample in enumerate(samples):
             record = self.records[sample["index"]]
             for kind in self.kinds:
-                caption = self.twin_caption(sample["text"], record, kind)
-                image = None if caption is None else self.twin_image(sample["pixel_values"], record, kind)
+                captions = self.twin_captions(sample["text"], record, kind)
+                image = self.twin_image(sample["pixel_values"], record, kind) if captions else None
                 if image is not None:
                     pixels.append(image)
-                    texts.append(caption)
+                    texts.append(captions[0])
+                    paraphrases.append(captions[1:])
                     sources.append(row)
         shape = tuple(samples[0]["pixel_values"].shape) if samples else (3, 0, 0)
         return {
             "twin_pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, *shape, dtype=torch.uint8),
             "twin_text": texts,
             "twin_source": torch.tensor(sources, dtype=torch.long),
+            "twin_paraphrases": paraphrases,
         }
 
     def coverage(self, captions: Sequence[str]) -> dict:

@@ -341,20 +341,24 @@ def test_twins_are_shown_in_colour_with_their_originals_crop():
 def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
     """The towers see the B pairs and the twins of the two-object scenes; the run record names the kinds and the
     share of captions with a twin."""
+    from clipcond.data.hard_negatives import swap_relations
     from clipcond.train import clip as train_clip
 
-    seen = []
+    seen, relation_twins = [], []
     loss = train_clip.ClipStage.loss
 
     def recording(self, batch, generator):
         out = loss(self, batch, generator)
         seen.append((out[1]["train/counterfactual_pairs"], batch["twin_source"].shape[0]))
+        sources = [batch["text"][row] for row in batch["twin_source"].tolist()]
+        relation_twins.extend(t in swap_relations(s)[:1] for t, s in zip(batch["twin_text"], sources, strict=True))
         return out
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording)
     _run(shapes_data, tmp_path / "twins", *THREE_STEPS, "--counterfactual-pairs", ",".join(PAIR_KINDS))
     assert len(seen) == 3 and sum(count for _, count in seen) > 0
     assert all(share == count / 16 for share, count in seen)
+    assert 0 < sum(relation_twins) < len(relation_twins)  # relation twins beside the others
     record = json.loads((tmp_path / "twins" / "clipcond_run.json").read_text())
     assert record["args"]["counterfactual_pairs"] == list(PAIR_KINDS)
     section = record["counterfactual_pairs"]
@@ -368,9 +372,25 @@ def test_twins_train_and_are_recorded(shapes_data, tmp_path, monkeypatch):
     assert (_weights(tmp_path / "plain")[name] - _weights(tmp_path / "twins")[name]).abs().max() > 1e-5
 
 
+def test_data_without_twins_fails_before_a_tokenizer_is_trained(shapes_data, tmp_path, monkeypatch):
+    """The twin maker is built from the data alone, before the tokenizer and the model: its error comes first."""
+    from clipcond.train import clip as train_clip
+
+    def refuse(*args):
+        raise ValueError("this data set has no metadata rows")
+
+    trained = []
+    monkeypatch.setattr(train_clip, "CounterfactualPairs", refuse)
+    monkeypatch.setattr(train_clip, "train_clip_tokenizer", lambda *args: trained.append(args))
+    with pytest.raises(ValueError, match="no metadata rows"):
+        _run(shapes_data, tmp_path / "run", *THREE_STEPS, "--counterfactual-pairs", "swap-colours")
+    assert trained == []
+
+
 def test_a_twins_caption_is_never_a_hard_negative(shapes_data):
-    """Hard negatives are columns of every image, the twins' too: a candidate equal to a twin's caption would ask the
-    twin to score its own caption below itself. Such candidates are dropped, the others kept."""
+    """Hard negatives are columns of every image, the twins' too: a candidate equal to a twin's caption, or to another
+    caption true of the twin (a relation twin's: the original's noun phrases exchanged), would ask the twin to score
+    a caption of itself below itself. Such candidates are dropped, the others kept."""
     from clipcond.data.counterfactual import CounterfactualPairs
     from clipcond.data.folders import ImageCaptionDataset
     from clipcond.data.hard_negatives import HardNegatives
@@ -379,8 +399,8 @@ def test_a_twins_caption_is_never_a_hard_negative(shapes_data):
 
     data = ImageCaptionDataset(shapes_data, split="train", resolution=32)
     samples = [data[i] for i in range(64)]
-    negatives = HardNegatives(["swap-attributes", "swap-count"], data.records)
-    twins = CounterfactualPairs(["swap-colours", "swap-shapes"], data.records, {**data.info, "held_out": []})
+    negatives = HardNegatives(["swap-attributes", "swap-relations", "swap-count"], data.records)
+    twins = CounterfactualPairs(list(PAIR_KINDS), data.records, {**data.info, "held_out": []})
     tokenizer = train_tokenizer(data.captions, vocab_size=300, context_length=32)
     batch = CaptionTokens(tokenizer, 32, negatives, twins)(samples)
 
@@ -390,13 +410,17 @@ def test_a_twins_caption_is_never_a_hard_negative(shapes_data):
         return [caption for start, size in spans for caption in found.captions[start : start + size]]
 
     alone = negatives.candidates(samples)
-    dropped = 0
-    for row, caption in zip(batch["twin_source"].tolist(), batch["twin_text"], strict=True):
-        assert caption not in candidates_of(batch["negatives"], row)
-        dropped += caption in candidates_of(alone, row)
-        kept = [c for c in candidates_of(alone, row) if c not in batch["twin_text"]]
+    made = twins.twins(samples)
+    true_of_twins = [[c, *others] for c, others in zip(made["twin_text"], made["twin_paraphrases"], strict=True)]
+    assert made["twin_text"] == batch["twin_text"] and any(len(true) == 2 for true in true_of_twins)
+    dropped = {"own captions": 0, "paraphrases": 0}
+    for row, true in zip(batch["twin_source"].tolist(), true_of_twins, strict=True):
+        assert not set(true) & set(candidates_of(batch["negatives"], row))
+        dropped["own captions"] += true[0] in candidates_of(alone, row)
+        dropped["paraphrases"] += len(set(true[1:]) & set(candidates_of(alone, row)))
+        kept = [c for c in candidates_of(alone, row) if c not in sum(true_of_twins, [])]
         assert set(kept) <= set(candidates_of(batch["negatives"], row))  # the count swap, the other exchange
-    assert dropped > 0
+    assert dropped["own captions"] > 0 and dropped["paraphrases"] > 0, dropped
 
 
 def test_twins_need_the_shapes_data(tmp_path):
@@ -565,7 +589,8 @@ def test_help_names_the_options(capsys):
         assert option in text
     flat = " ".join(text.split()).replace("- ", "-")  # argparse may wrap a line after a hyphen
     assert "--hard-negatives KINDS" in flat and all(kind in flat for kind in HARD_NEGATIVE_KINDS)
-    assert "--counterfactual-pairs KINDS" in flat and all(kind in flat for kind in PAIR_KINDS)
+    pairs_help = flat[flat.rindex("--counterfactual-pairs KINDS") :][:900]  # "swap-relations" is a negative kind too
+    assert all(kind in pairs_help for kind in PAIR_KINDS)
 
 
 def test_bf16_on_cpu_trains_with_eager_attention_and_saves_the_default(tmp_path):
