@@ -71,6 +71,17 @@ def _remove(paths: Iterable[str | os.PathLike]) -> None:
                 p.unlink()
 
 
+def _named_file(error: BaseException, path: str | os.PathLike, scratch: list) -> str | os.PathLike:
+    """The file a failed write names: the very file where the error names one, but `path` for a scratch file (or one
+    in a scratch folder), which the user never sees."""
+    named = getattr(error, "filename", None)
+    if named is None:
+        return path
+    absolute = Path(named).absolute()
+    hidden = {Path(p).absolute() for p in scratch}
+    return path if absolute in hidden or hidden & set(absolute.parents) else named
+
+
 @contextlib.contextmanager
 def writing(
     path: str | os.PathLike, *, needed: int | None = None, scratch: Iterable[str | os.PathLike] = ()
@@ -88,7 +99,7 @@ def writing(
         _remove(scratch)
         if isinstance(error, Exception) and _is_disk_full(error, free, needed):
             need = f"{_mb(needed)} needed, " if needed else ""
-            file = getattr(error, "filename", None) or path  # the very file, where the error names it
+            file = _named_file(error, path, scratch)
             raise DiskFullError(
                 errno.ENOSPC,
                 f"no space left on device while writing {file} ({need}{_mb(free)} free); free some space and run "

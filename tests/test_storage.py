@@ -66,6 +66,17 @@ def test_an_image_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert Image.open(path).getpixel((0, 0)) == (0, 0, 255)
 
 
+def test_a_full_disk_names_the_image_not_its_scratch_file(tmp_path, monkeypatch):
+    def no_space(self, fp, *args, **kwargs):  # as the OS reports it: naming the file being written, the scratch
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    path = tmp_path / "grid.png"
+    with pytest.raises(DiskFullError, match=rf"while writing {path} \(") as raised:
+        save_image_atomic(Image.new("RGB", (4, 4)), path)
+    assert raised.value.filename == str(path) and list(tmp_path.iterdir()) == []
+
+
 def test_a_new_folder_appears_whole_or_not_at_all(tmp_path):
     with new_folder(tmp_path / "out") as scratch:
         (scratch / "a.txt").write_text("a")
