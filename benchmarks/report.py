@@ -762,6 +762,11 @@ QUALITY = {
         "swap-colours,swap-shapes --results-name hard_negatives_twins_shapes --save-results",
         functools.partial(hard_negative_rows, name="hard_negatives_twins_shapes"),
     ),
+    "hard_negatives_twins_relations": (
+        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
+        "swap-colours,swap-relations --results-name hard_negatives_twins_relations --save-results",
+        functools.partial(hard_negative_rows, name="hard_negatives_twins_relations"),
+    ),
     "hard_negatives_twins_decoder": (
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
         "hard_negatives_twins_decoder --save-results",
