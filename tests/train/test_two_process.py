@@ -149,7 +149,8 @@ def _options(data: Path, out: Path, batch: int, steps: int = STEPS) -> list[str]
     [
         [],
         [
-            *("--hard-negatives", "swap-attributes,swap-relations", "--counterfactual-pairs", "swap-colours"),
+            *("--hard-negatives", "swap-attributes,swap-relations"),
+            *("--counterfactual-pairs", "swap-colours,swap-relations"),  # relation twins take grayscale draws too
             *("--random-crop-scale", "0.5", "--hflip-prob", "0.5"),  # each twin takes its original's crop draws
         ],
     ],
@@ -175,11 +176,12 @@ def test_clip_on_two_processes_matches_one(small_shapes, tmp_path, monkeypatch, 
         from clipcond.data.folders import ImageCaptionDataset
 
         data = ImageCaptionDataset(small_shapes, split="train")
-        pairs = CounterfactualPairs(["swap-colours"], data.records, data.info)
+        kinds = ["swap-colours", "swap-relations"]
+        pairs = CounterfactualPairs(kinds, data.records, data.info)
         logs = _read_sample_log(tmp_path / "log2")
         twins = [
             [
-                sum(pairs.twin_caption(data.captions[i], data.records[i], "swap-colours") is not None for i in batch)
+                sum(pairs.twin_caption(data.captions[i], data.records[i], k) is not None for i in batch for k in kinds)
                 for batch in logs[rank]
             ]
             for rank in (0, 1)
