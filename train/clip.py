@@ -329,7 +329,7 @@ class ClipStage(Stage):
         twins = (
             None
             if twin_source is None
-            else tuple(to_device(batch[key], device) for key in ("twin_pixel_values", "twin_source", "twin_in_colour"))
+            else (to_device(batch["twin_pixel_values"], device), to_device(twin_source, device))
         )
         pixels = self.augmented(to_device(batch["pixel_values"], device), generator, twins)  # (B + C, 3, H, W) uint8
         pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
@@ -386,31 +386,26 @@ class ClipStage(Stage):
             return input_ids[:, : attended_columns(all_masks, self.length_multiple)], None
         return input_ids, attention_mask
 
-    def augmented(self, pixels: torch.Tensor, generator, twins: tuple[torch.Tensor, ...] | None = None):
+    def augmented(self, pixels: torch.Tensor, generator, twins: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The batch's images (B, 3, H, W) uint8 with `self.augment` applied, and after them the C twins' (when given):
         (B + C, 3, H, W). The draws are rows of the global batch (see `draw_rows`): grayscale one uniform per image,
         then crops and flips `CROP_DRAWS`, each only when on, so a run without crops draws what it drew before they
         existed.
 
-        `twins`: their (C, 3, H, W) images, the (C,) rows of their originals and whether each is always shown in
-        colour (--counterfactual-pairs: `CounterfactualPairs.twins`), appended after the batch, drawing nothing of
-        their own. The originals are shown as without twins; each twin is cropped and flipped as its original, and a
-        colour or shape twin always in colour, its colours being what it is there for (docs/lab-notes.md,
-        "counterfactual pairs over three seeds"); a relation twin takes its original's view, grayscale too."""
+        `twins`: their (C, 3, H, W) images and the (C,) rows of their originals (--counterfactual-pairs), appended
+        after the batch. The originals are shown as without twins; each twin is cropped and flipped as its
+        original, and always in colour: a colour or shape twin's colours or shapes are what it is there for
+        (docs/lab-notes.md, "counterfactual pairs over three seeds"); relation twins too, since showing them in their
+        originals' grayscale views was measured worse ("relation twins over three seeds")."""
         augment, device = self.augment, pixels.device
-        gray = None
         if augment.grayscale_prob > 0:
             draws = draw_rows(
                 lambda n: torch.rand(n, generator=generator, device=generator.device), pixels.shape[0], device
             )
-            gray = draws < augment.grayscale_prob
-            pixels = grayscale_where(pixels, gray)
+            pixels = grayscale_where(pixels, draws < augment.grayscale_prob)
         num_images = pixels.shape[0]
         if twins is not None:
-            twin_pixels, sources, in_colour = twins
-            if gray is not None:
-                twin_pixels = grayscale_where(twin_pixels, gray[sources] & ~in_colour)
-            pixels = torch.cat([pixels, twin_pixels])
+            pixels = torch.cat([pixels, twins[0]])
         if augment.crops:
             draws = draw_rows(
                 lambda n: torch.rand(n, CROP_DRAWS, generator=generator, device=generator.device), num_images, device

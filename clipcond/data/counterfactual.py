@@ -254,10 +254,9 @@ class CounterfactualPairs:
     def twins(self, samples: Sequence[dict]) -> dict:
         """The twins of a batch of data set items (each with "pixel_values", "text", "index"), per sample in the
         order of `kinds`: `twin_pixel_values` (C, 3, H, W) uint8, `twin_text` (C captions), `twin_source` (C,)
-        int64, the row of each twin's original, `twin_in_colour` (C,) bool, whether the twin is to be shown in
-        colour whatever its original's view (a colour or shape twin: its colours are what it is there for; a relation
-        twin is not), and `twin_paraphrases` (C lists), the other captions true of each twin (`twin_captions`)."""
-        pixels, texts, sources, paraphrases, in_colour = [], [], [], [], []
+        int64, the row of each twin's original, and `twin_paraphrases` (C lists), the other captions true of each
+        twin (`twin_captions`)."""
+        pixels, texts, sources, paraphrases = [], [], [], []
         for row, sample in enumerate(samples):
             record = self.records[sample["index"]]
             for kind in self.kinds:
@@ -268,13 +267,11 @@ class CounterfactualPairs:
                     texts.append(captions[0])
                     paraphrases.append(captions[1:])
                     sources.append(row)
-                    in_colour.append(kind in FIELDS)
         shape = tuple(samples[0]["pixel_values"].shape) if samples else (3, 0, 0)
         return {
             "twin_pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, *shape, dtype=torch.uint8),
             "twin_text": texts,
             "twin_source": torch.tensor(sources, dtype=torch.long),
-            "twin_in_colour": torch.tensor(in_colour, dtype=torch.bool),
             "twin_paraphrases": paraphrases,
         }
 
