@@ -702,6 +702,17 @@ def captioner_rows(report: dict) -> list[str]:
     return rows
 
 
+# the Stable Diffusion path trained on a hard-negative benchmark's CLIP runs (`hard_negatives_decoder.py`)
+DECODER_ON_RUNS = "hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0"
+
+
+def _named_result(name: str, script_and_options: str, rows) -> tuple[str, functools.partial]:
+    """A `QUALITY` entry of a result file that a script writes under `--results-name NAME`: its command (the script
+    in benchmarks/ with its options) and its rows (`rows(report, name=NAME)`)."""
+    command = f"python benchmarks/{script_and_options} --results-name {name} --save-results"
+    return command, functools.partial(rows, name=name)
+
+
 QUALITY = {
     "decoder_quality": ("python benchmarks/decoder_quality.py --seeds 0,1,2 --save-results", decoder_rows),
     "unclip_quality": ("python benchmarks/unclip_quality.py --seeds 0,1,2 --save-results", unclip_rows),
@@ -733,44 +744,35 @@ QUALITY = {
         "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --save-results",
         hard_negative_rows,
     ),
-    "hard_negatives_1560": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --max-train-steps 1560 --results-name "
-        "hard_negatives_1560 --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_1560"),
+    "hard_negatives_1560": _named_result(
+        "hard_negatives_1560",
+        "hard_negatives.py --data-dir DIR --seeds 0,1,2 --max-train-steps 1560",
+        hard_negative_rows,
     ),
     "hard_negatives_decoder": (
         "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --save-results",
         hard_negative_decoder_rows,
     ),
-    "hard_negatives_count": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0 --kinds swap-count --results-name "
-        "hard_negatives_count --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_count"),
+    "hard_negatives_count": _named_result(
+        "hard_negatives_count", "hard_negatives.py --data-dir DIR --seeds 0 --kinds swap-count", hard_negative_rows
     ),
-    "hard_negatives_count_decoder": (
-        "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
-        "hard_negatives_count_decoder --save-results",
-        functools.partial(hard_negative_decoder_rows, name="hard_negatives_count_decoder"),
+    "hard_negatives_count_decoder": _named_result(
+        "hard_negatives_count_decoder", DECODER_ON_RUNS, hard_negative_decoder_rows
     ),
-    "hard_negatives_twins": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
-        "swap-colours --results-name hard_negatives_twins --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_twins"),
-    ),
-    "hard_negatives_twins_shapes": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
-        "swap-colours,swap-shapes --results-name hard_negatives_twins_shapes --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_twins_shapes"),
-    ),
-    "hard_negatives_twins_relations": (
-        "python benchmarks/hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs "
-        "swap-colours,swap-relations --results-name hard_negatives_twins_relations --save-results",
-        functools.partial(hard_negative_rows, name="hard_negatives_twins_relations"),
-    ),
-    "hard_negatives_twins_decoder": (
-        "python benchmarks/hard_negatives_decoder.py --runs-dir RUNS --data-dir DIR --seeds 0 --results-name "
-        "hard_negatives_twins_decoder --save-results",
-        functools.partial(hard_negative_decoder_rows, name="hard_negatives_twins_decoder"),
+    **{
+        f"hard_negatives_twins{suffix}": _named_result(
+            f"hard_negatives_twins{suffix}",
+            f"hard_negatives.py --data-dir DIR --seeds 0,1,2 --kinds none --counterfactual-pairs {kinds}",
+            hard_negative_rows,
+        )
+        for suffix, kinds in (
+            ("", "swap-colours"),
+            ("_shapes", "swap-colours,swap-shapes"),
+            ("_relations", "swap-colours,swap-relations"),
+        )
+    },
+    "hard_negatives_twins_decoder": _named_result(
+        "hard_negatives_twins_decoder", DECODER_ON_RUNS, hard_negative_decoder_rows
     ),
     "clip_quality": ("python benchmarks/clip_quality.py --seeds 0,1,2 --save-results", clip_rows),
     "latent_quality": ("python benchmarks/latent_quality.py --seeds 0 --save-results", latent_rows),
