@@ -114,6 +114,37 @@ def test_each_request_writes_a_folder_of_its_own(served):
     assert first.folder != second.folder and first.folder.parent == second.folder.parent == served.output_dir
 
 
+def test_a_failed_request_leaves_no_folder(served, shapes_data, monkeypatch):
+    """The page lists the output folder: a request that fails after its first images (or its first copied hit)
+    takes its folder with it, and the error reaches the page."""
+
+    def one_batch_then_fail(pipe, prompts, args, progress=None):
+        yield from list(real_batches(pipe, prompts, args))[:1]
+        raise RuntimeError("the device ran out of memory")
+
+    real_batches = handlers.generate_batches
+    before = set(served.output_dir.iterdir())
+    monkeypatch.setattr(handlers, "generate_batches", one_batch_then_fail)
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=1, **FAST)
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        handlers.compare(served, path=STABLE_DIFFUSION, prompt="a red circle", guidance_scales="1, 2", **FAST)
+
+    def copy_once_then_fail(source, target):
+        if any(Path(target).parent.iterdir()):
+            raise OSError(28, "No space left on device")
+        real_copy(source, target)
+
+    real_copy = handlers.shutil.copyfile
+    monkeypatch.setattr(handlers.shutil, "copyfile", copy_once_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        handlers.search(served, text="a red circle", top_k=3)
+    assert set(served.output_dir.iterdir()) == before
+    monkeypatch.undo()
+    drawn = handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=1, **FAST)
+    assert set(served.output_dir.iterdir()) == before | {drawn.folder}
+
+
 def test_a_scheduler_lasts_one_request(served, shapes_data):
     source = sample_files(shapes_data, 1)[0]
     pipes = (served.text_to_image, served.unclip, served.variation)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,19 @@ def _request(runs: ServedRuns, **values) -> argparse.Namespace:
 
 
 @contextmanager
+def _request_folder(runs: ServedRuns, kind: str) -> Iterator[Path]:
+    """A new folder for one request's files (`ServedRuns.request_folder`), removed with what it holds if the request
+    fails: the page lists the output folder, where a failed request would leave an empty or half-written one."""
+    folder = runs.request_folder(kind)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def _scheduler(pipe, name: str | None):
     """`pipe` sampling with the scheduler `name` (None: its own) for the length of a request (under `runs.lock`)."""
     saved = pipe.scheduler
@@ -141,12 +154,13 @@ def generate(
     )
     prompt = prompt_text("prompt", prompt)
     name = scheduler_choice(scheduler)
-    writer = ImageWriter(runs.request_folder("generate"))
-    with runs.lock, _scheduler(pipe, name):
-        for images, records in generate_batches(pipe, [prompt], args, progress):
-            writer.add(images, records)
-    labels = [f"seed {r['seed']}" for r in writer.records]
-    writer.finish(grid_rows=1, labels=labels)
+    with _request_folder(runs, "generate") as folder:
+        writer = ImageWriter(folder)
+        with runs.lock, _scheduler(pipe, name):
+            for images, records in generate_batches(pipe, [prompt], args, progress):
+                writer.add(images, records)
+        labels = [f"seed {r['seed']}" for r in writer.records]
+        writer.finish(grid_rows=1, labels=labels)
     return Drawn(writer.images, writer.records, writer.output_dir, labels)
 
 
@@ -173,19 +187,27 @@ def compare(
         )
     pipe, args = _text_request(runs, path, negative_prompt=None, num_images=1, **_sampling(seed=seed, steps=steps))
     prompt = prompt_text("prompt", prompt)
-    writer, labels = ImageWriter(runs.request_folder("compare")), []
-    with runs.lock:
-        for name in names:
-            for scale in scales:
-                args.guidance_scale = scale
-                with _scheduler(pipe, name):
-                    [(images, records)] = list(generate_batches(pipe, [prompt], args))
-                writer.add(images, [{**records[0], "file_name": f"{len(writer.records):05d}.png"}])
-                labels.append(f"{writer.records[-1]['scheduler']}, guidance {scale:g}")
-                if progress is not None:
-                    progress(len(writer.records), cells)
-    writer.finish(grid_rows=len(names), labels=labels)
+    with _request_folder(runs, "compare") as folder:
+        writer = ImageWriter(folder)
+        with runs.lock:
+            labels = _draw_cells(pipe, args, prompt, names, scales, writer, progress)
+        writer.finish(grid_rows=len(names), labels=labels)
     return Drawn(writer.images, writer.records, writer.output_dir, labels)
+
+
+def _draw_cells(pipe, args, prompt: str, names, scales, writer: ImageWriter, progress: Progress | None) -> list[str]:
+    """`compare`'s images, scheduler by scheduler and guidance scale by scale, added to `writer`; their labels."""
+    labels = []
+    for name in names:
+        for scale in scales:
+            args.guidance_scale = scale
+            with _scheduler(pipe, name):
+                [(images, records)] = list(generate_batches(pipe, [prompt], args))
+            writer.add(images, [{**records[0], "file_name": f"{len(writer.records):05d}.png"}])
+            labels.append(f"{writer.records[-1]['scheduler']}, guidance {scale:g}")
+            if progress is not None:
+                progress(len(writer.records), len(names) * len(scales))
+    return labels
 
 
 # ------------------------------------------------------------------------------------- image-embedding decoder
@@ -225,14 +247,14 @@ def vary(
     name = scheduler_choice(scheduler)
     source = read_upload("image", image)
     args.images = [os.path.basename(image)]
-    writer = ImageWriter(runs.request_folder("vary"))
-    with runs.lock, _scheduler(runs.variation, name):
-        for images, records in vary_batches(runs.variation, [source], args, progress):
-            writer.add(images, records)
-    size = writer.images[0].size
-    labels = [f"seed {r['seed']}" for r in writer.records]
-    source = source.resize(size)
-    writer.finish(grid_rows=1, labels=["source", *labels], grid_images=[source, *writer.images])
+    with _request_folder(runs, "vary") as folder:
+        writer = ImageWriter(folder)
+        with runs.lock, _scheduler(runs.variation, name):
+            for images, records in vary_batches(runs.variation, [source], args, progress):
+                writer.add(images, records)
+        labels = [f"seed {r['seed']}" for r in writer.records]
+        source = source.resize(writer.images[0].size)
+        writer.finish(grid_rows=1, labels=["source", *labels], grid_images=[source, *writer.images])
     return Drawn(writer.images, writer.records, writer.output_dir, labels, source=source)
 
 
@@ -267,11 +289,12 @@ def interpolate(
             raise RequestError("a row between prompts needs a prior (`--prior`); give two images instead")
         sources, pipe = None, runs.unclip
         args.prompts = [prompt_text("first prompt", prompts[0]), prompt_text("second prompt", prompts[1])]
-    writer = ImageWriter(runs.request_folder("interpolate"))
     with runs.lock, _scheduler(pipe, name):
         row, records, labels = interpolation_row(pipe, args, sources, progress)
-    writer.add(row, records)
-    writer.finish(grid_rows=1, labels=labels)
+    with _request_folder(runs, "interpolate") as folder:
+        writer = ImageWriter(folder)
+        writer.add(row, records)
+        writer.finish(grid_rows=1, labels=labels)
     return Drawn(row, records, writer.output_dir, labels)
 
 
@@ -314,13 +337,12 @@ def search(runs: ServedRuns, *, text: str | None = None, image: str | None = Non
         else:
             query = embed_text(runs.clip_run, prompt_text("query", text))
         results = runs.index.search(query, top_k=top_k)
-    folder = runs.request_folder("search")
-    folder.mkdir(parents=True)
     found = []
-    for r in results:
-        copy = folder / f"{r.rank:02d}-{os.path.basename(r.path)}"  # ranked: two folders' "a.png" stay apart
-        shutil.copyfile(r.path, copy)
-        found.append(Found(os.fspath(copy), os.fspath(r.path), r.rank, r.score))
+    with _request_folder(runs, "search") as folder:
+        for r in results:
+            copy = folder / f"{r.rank:02d}-{os.path.basename(r.path)}"  # ranked: two folders' "a.png" stay apart
+            shutil.copyfile(r.path, copy)
+            found.append(Found(os.fspath(copy), os.fspath(r.path), r.rank, r.score))
     return found
 
 
