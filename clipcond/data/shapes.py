@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from clipcond.data.writer import DATASET_INFO, prepare_dataset_dir, write_metadata
 from clipcond.finite import finite_float
-from clipcond.storage import check_output_dir, write_json_atomic
+from clipcond.storage import check_output_dir, save_image_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -453,7 +453,7 @@ def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], r
         scene = sample_scene(kind, pairs, rng, pair=pair)
         text = caption_scene(scene, rng)
         file_name = f"{index:0{width}d}.png"
-        render_scene(scene, resolution).save(split_dir / file_name, format="PNG")
+        save_image_atomic(render_scene(scene, resolution), split_dir / file_name)
         heldout = any(obj.pair in held_out for obj in scene.objects)
         counts[kind] += 1
         counts["heldout"] += heldout

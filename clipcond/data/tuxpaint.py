@@ -35,7 +35,7 @@ from clipcond.data.folders import UNREADABLE_IMAGE_ERRORS
 from clipcond.data.writer import DATASET_INFO, SPLITS, prepare_dataset_dir, write_metadata
 from clipcond.finite import finite_float
 from clipcond.help_formatter import HelpFormatter
-from clipcond.storage import check_output_dir, write_json_atomic
+from clipcond.storage import check_output_dir, save_image_atomic, write_json_atomic
 
 DEFAULT_STAMPS = Path("/usr/share/tuxpaint/stamps")  # where Debian's tuxpaint-stamps-* packages install them
 DATASET_NAME = "tuxpaint-stamps"
@@ -134,7 +134,7 @@ def write_split(split_dir: Path, stamps: list[Stamp], resolution: int, unreadabl
             unreadable.append(f"{stamp.relative}: {type(error).__name__}: {error}")
             continue
         file_name = f"{len(records):05d}.png"
-        image.save(split_dir / file_name, format="PNG")
+        save_image_atomic(image, split_dir / file_name)
         records.append({"file_name": file_name, "text": stamp.caption, "label": stamp.label, "stamp": stamp.relative})
     write_metadata(split_dir, records)
     return len(records)

@@ -1,3 +1,4 @@
+import errno
 import json
 import random
 import re
@@ -264,3 +265,23 @@ def test_cli_main(tmp_path, capsys):
     assert "clipcond data shapes: error:" in capsys.readouterr().err
     assert shapes.main([*argv, "--overwrite"]) == 0
     assert shapes.parse_args([str(out)]).held_out == ",".join(DEFAULT_HELD_OUT)
+
+
+def test_a_full_disk_names_the_image_and_leaves_no_complete_looking_data_set(tmp_path, capsys, monkeypatch):
+    def no_space(self, fp, *args, **kwargs):
+        if Path(fp).name.startswith(".00002.png."):  # written to a scratch file, renamed into place when whole
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, fp, *args, **kwargs)
+
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    out = tmp_path / "data"
+    argv = ["data", "shapes", str(out), "--num-images", "40", "--num-test-images", "18", "--resolution", "16"]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"no space left on device while writing {out / 'train' / '00002.png'} (" in error
+    assert not (out / "dataset_info.json").exists() and load_dataset_info(out) is None
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["00000.png", "00001.png"]  # no half image
+    monkeypatch.undo()
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert len(_records(out, "train")) == 22
