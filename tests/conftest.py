@@ -1,7 +1,9 @@
 """Shared test set-up: offline, seeded, and `--runslow` for the long runs."""
 
+import errno
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,6 +59,26 @@ def small_filesystem(tmp_path):
         pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
     yield mount_point
     subprocess.run(["umount", "--lazy", str(mount_point)], check=False)  # memory maps may still hold files
+
+
+@pytest.fixture
+def full_disk_at_image(monkeypatch):
+    """`fill(name)`: from then on, writing the image file `name` fails as on a full disk (ENOSPC). Images are written
+    to a scratch file `.NAME.*` renamed into place when whole (`clipcond.storage.save_image_atomic`); the error
+    comes while writing it. `monkeypatch.undo()` frees the disk."""
+    from PIL import Image
+
+    original = Image.Image.save
+
+    def fill(name: str) -> None:
+        def no_space(self, fp, *args, **kwargs):
+            if Path(fp).name.startswith(f".{name}."):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", no_space)
+
+    return fill
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import errno
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,14 +242,8 @@ def test_an_unusable_output_dir_is_refused_before_drawing(pipeline_dir, tmp_path
     assert calls == [] and taken.read_text() == "a file"
 
 
-def test_a_full_disk_names_the_file(pipeline_dir, tmp_path, capsys, monkeypatch):
-    def no_space(self, fp, *args, **kwargs):
-        if Path(fp).name.startswith(".00002.png."):  # written to a scratch file, renamed into place when whole
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, fp, *args, **kwargs)
-
-    original = Image.Image.save
-    monkeypatch.setattr(Image.Image, "save", no_space)
+def test_a_full_disk_names_the_file(pipeline_dir, tmp_path, capsys, full_disk_at_image):
+    full_disk_at_image("00002.png")
     out = tmp_path / "out"
     args = ["--model", str(pipeline_dir), "--prompt", "a red circle", "--num-images", "3", "--batch-size", "2"]
     with pytest.raises(DiskFullError, match=rf"no space left on device while writing {out / '00002.png'} \("):

@@ -1,4 +1,3 @@
-import errno
 import json
 import random
 import re
@@ -267,14 +266,10 @@ def test_cli_main(tmp_path, capsys):
     assert shapes.parse_args([str(out)]).held_out == ",".join(DEFAULT_HELD_OUT)
 
 
-def test_a_full_disk_names_the_image_and_leaves_no_complete_looking_data_set(tmp_path, capsys, monkeypatch):
-    def no_space(self, fp, *args, **kwargs):
-        if Path(fp).name.startswith(".00002.png."):  # written to a scratch file, renamed into place when whole
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, fp, *args, **kwargs)
-
-    original = Image.Image.save
-    monkeypatch.setattr(Image.Image, "save", no_space)
+def test_a_full_disk_names_the_image_and_leaves_no_complete_looking_data_set(
+    tmp_path, capsys, monkeypatch, full_disk_at_image
+):
+    full_disk_at_image("00002.png")
     out = tmp_path / "data"
     argv = ["data", "shapes", str(out), "--num-images", "40", "--num-test-images", "18", "--resolution", "16"]
     assert cli.main(argv) == 2
