@@ -2,16 +2,16 @@
 equal steps, over seeds (a benchmark, not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--counterfactual-pairs swap-colours] [--max-train-steps N] [--work-dir RUNS] [--seeds-from RESULT.json]
-        [--save-results] [--clip-args ARGS...]
+        [--counterfactual-pairs swap-colours] [--counterfactual-weight W] [--max-train-steps N] [--work-dir RUNS]
+        [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
 1. The shapes data set of seed 0 in DIR (`clipcond data shapes`, 20,000 images; reused when DIR holds it, an error
    when DIR holds another seed's).
 2. Per seed, two runs of `clipcond train clip` with every other option at its default (or the `--smoke` sizes):
-   the plain recipe, and the same with `--hard-negatives KINDS` and `--counterfactual-pairs KINDS` (the recipe
-   keyed "hard_negatives" in the output; `--kinds none` for twins alone). Both take the same steps, batch and data
-   order.
+   the plain recipe, and the same with `--hard-negatives KINDS` and `--counterfactual-pairs KINDS` (and
+   `--counterfactual-weight W` when given; the recipe keyed "hard_negatives" in the output; `--kinds none` for twins
+   alone). Both take the same steps, batch and data order.
 3. Each run is evaluated by `clipcond eval clip` (zero-shot top-1 on seen and held-out compositions, retrieval)
    and by `clipcond probe`'s CLIP minimal-pair probes (count, relation, binding, position, size: the share of
    pairs where the image is closer to the right caption).
@@ -43,6 +43,7 @@ RECIPES = ("plain", "hard_negatives")
 SAME_SETTINGS = (
     "kinds",
     "counterfactual_pairs",
+    "counterfactual_weight",
     "model",
     "max_train_steps",
     "train_batch_size",
@@ -71,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--counterfactual-pairs",
         default="none",
         help="the hard-negative run's --counterfactual-pairs (default none; swap-colours for twins)",
+    )
+    parser.add_argument(
+        "--counterfactual-weight",
+        type=float,
+        default=0.0,
+        help="the hard-negative run's --counterfactual-weight (default 0: none)",
     )
     parser.add_argument("--model", default=None, help="CLIP preset (default: the recipe's; `test` with --smoke)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="steps of every run (default: the recipe's)")
@@ -117,6 +124,8 @@ def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, r
         argv += ["--lr-warmup-steps", "1", "--validation-steps", "0", "--checkpointing-steps", "0"]
     if recipe == "hard_negatives":
         argv += ["--hard-negatives", args.kinds, "--counterfactual-pairs", args.counterfactual_pairs]
+        if args.counterfactual_weight:  # only when given: the runs of earlier results keep their command lines
+            argv += ["--counterfactual-weight", str(args.counterfactual_weight)]
     return [*argv, *args.clip_args]
 
 

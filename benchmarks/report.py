@@ -451,8 +451,9 @@ def treated_recipe(settings: dict) -> str:
         for flag, value in (
             ("--hard-negatives", settings.get("kinds")),
             ("--counterfactual-pairs", settings.get("counterfactual_pairs")),
+            ("--counterfactual-weight", f"{settings.get('counterfactual_weight') or 0:g}"),
         )
-        if value and value != "none"
+        if value and value not in ("none", "0")
     ]
     return " + ".join(options)
 

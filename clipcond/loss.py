@@ -143,6 +143,14 @@ class ClipLoss(nn.Module):
     processes' negatives, as it gathers the captions (with gradient when ``gather_with_grad``), and ``h`` may
     differ between processes. Without negatives (None) the loss is the plain one, computed as before.
 
+    Pair term (``pair_weight`` > 0): ``forward``'s ``pairs`` name rows that are hard negatives of each other in both
+    modalities, an image and its counterfactual twin with their captions (`clipcond.data.counterfactual`). Each
+    such pair also adds the mean of four two-way cross-entropies, each image against its caption and the other's,
+    each caption against its image and the other's, times ``pair_weight``: a loss of its own over the pair, as the
+    hard-negative terms that FSC-CLIP (Oh et al. 2024, arXiv:2410.05210) adds beside the batch's, so that the
+    distinction the twin makes is not one column among the batch's many. It weighs like one row of the batch's
+    loss at weight 1, and needs no gather: both rows of a pair are on the same process.
+
     Args:
         local_loss: in a multi-process run, each process scores only its own ``b`` images (texts) against the
             ``B = world_size * b`` gathered texts (images): logits ``(b, B)``, memory ``b * B``, labels offset by
@@ -153,6 +161,7 @@ class ClipLoss(nn.Module):
             gradients no longer match single-process training.
         rank, world_size: taken from ``torch.distributed`` at each call when None; 0 and 1 without a process group.
         max_logit_scale: clamp of ``logit_scale`` before ``exp`` (None: no clamp).
+        pair_weight: weight of the pair term (0: none, ``pairs`` ignored).
 
     Reference implementation: open_clip ``loss.py`` (Ilharco et al.), whose steps this follows.
     """
@@ -164,8 +173,12 @@ class ClipLoss(nn.Module):
         rank: int | None = None,
         world_size: int | None = None,
         max_logit_scale: float | None = MAX_LOGIT_SCALE,
+        pair_weight: float = 0.0,
     ):
         super().__init__()
+        if not pair_weight >= 0:
+            raise ValueError(f"`pair_weight` must be >= 0, got {pair_weight}")
+        self.pair_weight = pair_weight
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.rank = rank
@@ -214,6 +227,22 @@ class ClipLoss(nn.Module):
         logits_per_image = scale * all_image @ columns.T  # (B, B + H)
         return logits_per_image, logits_per_image[:, : all_text.shape[0]].T
 
+    @staticmethod
+    def pair_losses(
+        image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, pairs: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``(p,)`` pair terms of L2-normalised ``(b, d)`` features for ``pairs`` ``(p, 2)`` of local rows: the
+        mean of the four two-way cross-entropies, ``-log softmax`` over two logits being ``softplus(other - own)``."""
+        a, b = pairs.unbind(1)
+
+        def sim(images, texts):
+            return scale * (image_features[images] * text_features[texts]).sum(-1)
+
+        aa, ab, ba, bb = sim(a, a), sim(a, b), sim(b, a), sim(b, b)
+        images_pick_captions = F.softplus(ab - aa) + F.softplus(ba - bb)
+        captions_pick_images = F.softplus(ba - aa) + F.softplus(ab - bb)
+        return (images_pick_captions + captions_pick_images) / 4
+
     def get_ground_truth(self, device: torch.device, num_rows: int, offset: int = 0) -> torch.Tensor:
         """Class index of each logits row: ``offset + arange(num_rows)`` (LongTensor), cached per device and size."""
         key = (device, num_rows, offset)
@@ -229,6 +258,7 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
         negative_features: torch.Tensor | None = None,
         uneven: bool = False,
+        pairs: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
 
@@ -241,6 +271,8 @@ class ClipLoss(nn.Module):
         batches): they exchange their counts, and each row's loss weighs ``1 / B`` of the global batch's ``B``
         pairs, so that the mean over processes is still the loss of one process on the global batch. Pass it on
         every process alike.
+        ``pairs``: ``(p, 2)`` long, local rows that are each other's hard negatives (the pair term; ``p`` may be 0
+        and differ between processes), or None.
         """
         _check_features(image_features, text_features)
         image_features = F.normalize(image_features, dim=-1)
@@ -276,6 +308,11 @@ class ClipLoss(nn.Module):
             summed = F.cross_entropy(logits_per_image, labels, reduction="sum")
             summed = summed + F.cross_entropy(logits_per_text, labels, reduction="sum")
             loss = summed / (2 * rows_per_process)
+        if pairs is not None and self.pair_weight > 0:
+            # each pair weighs as one row of the global batch: its share per process as the rows' (see `uneven`)
+            rows = num_rows if counts is None else sum(counts) / world_size
+            pair_sum = self.pair_losses(image_features, text_features, scale, pairs).sum()
+            loss = loss + self.pair_weight * pair_sum / rows
         return {"contrastive_loss": loss} if output_dict else loss
 
 

@@ -774,6 +774,29 @@ def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_da
         hard_negatives.finished_run_of(run, argv)
 
 
+def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tmp_path):
+    import hard_negatives
+    import report as report_module
+
+    args = hard_negatives.parse_args(["--kinds", "none", "--counterfactual-pairs", "swap-colours"])
+    weighted = hard_negatives.parse_args(
+        ["--kinds", "none", "--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "4"]
+    )
+    treated = hard_negatives.train_argv(weighted, shapes_data, tmp_path, 0, "hard_negatives")
+    assert treated[treated.index("--counterfactual-weight") + 1] == "4.0"
+    for unweighted in (
+        hard_negatives.train_argv(weighted, shapes_data, tmp_path, 0, "plain"),
+        hard_negatives.train_argv(args, shapes_data, tmp_path, 0, "hard_negatives"),  # earlier results' commands
+    ):
+        assert "--counterfactual-weight" not in unweighted
+    assert report_module.treated_recipe(vars(weighted)) == (
+        "`--counterfactual-pairs swap-colours` + `--counterfactual-weight 4`"
+    )
+    older = {"kinds": "none", "counterfactual_pairs": "swap-colours"}  # results from before the weight
+    assert report_module.treated_recipe(older) == report_module.treated_recipe(vars(args))
+    assert report_module.treated_recipe(older) == "`--counterfactual-pairs swap-colours`"
+
+
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(
     tiny_clip_run, shapes_data, capsys, monkeypatch, tmp_path
 ):

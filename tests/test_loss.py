@@ -171,6 +171,62 @@ def test_a_negative_equal_to_the_caption_raises_the_image_to_text_term_by_its_sh
     assert far - plain < copy - plain
 
 
+def _reference_pair_terms(image, text, pairs, logit_scale: float) -> list[float]:
+    """Each pair (a, b) written out: image a picks caption a over b, image b caption b over a, caption a picks image a
+    over b, caption b image b over a; the mean of the four two-way cross-entropies."""
+    sim = _scaled_cosines(image, text, logit_scale)  # sim[i][j]: image i, text j
+
+    def pick(own, other):
+        return math.log(math.exp(own) + math.exp(other)) - own
+
+    return [
+        (
+            pick(sim[a][a], sim[a][b])
+            + pick(sim[b][b], sim[b][a])
+            + pick(sim[a][a], sim[b][a])
+            + pick(sim[b][b], sim[a][b])
+        )
+        / 4
+        for a, b in pairs
+    ]
+
+
+def test_the_pair_term_adds_each_pairs_two_way_losses_as_rows_of_the_batch():
+    g = torch.Generator().manual_seed(4)
+    image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    pairs = torch.tensor([[0, 4], [2, 5], [1, 3]])
+    plain = ClipLoss()(image, text, 1.3)
+    weighted = ClipLoss(pair_weight=2.5)(image, text, 1.3, pairs=pairs)
+    terms = _reference_pair_terms(image, text, pairs.tolist(), 1.3)
+    assert (weighted - plain).item() == pytest.approx(2.5 * sum(terms) / 6, rel=1e-5)
+    # weight 0 (the default) ignores the pairs; no pairs (or none this batch) add nothing
+    for loss in (ClipLoss()(image, text, 1.3, pairs=pairs), ClipLoss(pair_weight=2.5)(image, text, 1.3)):
+        assert loss.item() == plain.item()
+    empty = ClipLoss(pair_weight=2.5)(image, text, 1.3, pairs=torch.zeros(0, 2, dtype=torch.long))
+    assert empty.item() == pytest.approx(plain.item(), abs=1e-7)
+    with pytest.raises(ValueError, match="`pair_weight` must be >= 0, got -1"):
+        ClipLoss(pair_weight=-1)
+
+
+def test_a_pair_alike_in_pixels_and_words_costs_log_2_and_different_images_train_captions_apart():
+    """Twins that neither tower tells apart: each of the four choices is a coin toss (log 2). Where the images differ
+    but the captions do not (the text tower does not read the change yet), the gradient moves the captions apart."""
+    g = torch.Generator().manual_seed(5)
+    image, text = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    image[1], text[1] = image[0], text[0]
+    pairs = torch.tensor([[0, 1]])
+    extra = ClipLoss(pair_weight=1.0)(image, text, 2.0, pairs=pairs) - ClipLoss()(image, text, 2.0)
+    assert extra.item() == pytest.approx(math.log(2) / 4, rel=1e-5)
+
+    image[1] = torch.randn(8, generator=g)
+    y = text.clone().requires_grad_(True)
+    ClipLoss(pair_weight=1.0).pair_losses(
+        F.normalize(image, dim=-1), F.normalize(y, dim=-1), 2.0, pairs
+    ).sum().backward()
+    step = y.detach() - 2.0 * y.grad
+    assert F.cosine_similarity(step[0], step[1], dim=0) < 1 - 1e-4
+
+
 def test_clip_labels_cached_per_device_and_size():
     loss_fn = ClipLoss()
     labels = loss_fn.get_ground_truth(torch.device("cpu"), 4)
@@ -217,12 +273,16 @@ LOSS_CONFIGS = {
     "siglip": ("siglip", {}, SIGLIP_LOGIT_SCALE_INIT, SIGLIP_LOGIT_BIAS_INIT, False),
     "clip_negatives": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None, True),
     "clip_negatives_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, True),
+    "clip_pairs": ("clip", {"pair_weight": 2.0}, CLIP_LOGIT_SCALE_INIT, None, True),
+    "clip_pairs_global_logits": ("clip", {"pair_weight": 2.0, "local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, True),
 }
+# Pairs of rows that are each other's twins (the pair term), each within one process's rows, even split or uneven
+PAIRS = [(0, 1), (2, 0), (5, 7)]
 # The rows of the global batch that have a hard negative: 3 on rank 0, 1 on rank 1 (the counts differ)
 NEGATIVE_ROWS = [0, 1, 2, 5]
 # `uneven=True`: rank 0 holds the first UNEVEN_SPLIT pairs, rank 1 the others (counterfactual pairs join some batches)
 UNEVEN_SPLIT = 3
-UNEVEN_CONFIGS = ("clip", "clip_global_logits", "clip_negatives")
+UNEVEN_CONFIGS = ("clip", "clip_global_logits", "clip_negatives", "clip_pairs", "clip_pairs_global_logits")
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,8 +293,18 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, text, negatives
 
 
+def _own_pairs(rows: range) -> torch.Tensor:
+    """The pairs of `PAIRS` within `rows` of the global batch, as local rows."""
+    return torch.tensor([[a - rows.start, b - rows.start] for a, b in PAIRS if a in rows], dtype=torch.long)
+
+
 def _loss_and_grads(
-    config: str, image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor, uneven: bool = False
+    config: str,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    negatives: torch.Tensor,
+    uneven: bool = False,
+    rows: range = range(GLOBAL_BATCH),
 ) -> dict[str, torch.Tensor]:
     name, kwargs, scale_value, bias_value, with_negatives = LOSS_CONFIGS[config]
     image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
@@ -244,6 +314,8 @@ def _loss_and_grads(
     extra = {"negative_features": negatives} if with_negatives else {}
     if uneven:
         extra["uneven"] = True
+    if kwargs.get("pair_weight"):
+        extra["pairs"] = _own_pairs(rows)
     loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias, **extra)
     loss.backward()
     out = {"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad, "scale_grad": logit_scale.grad}
@@ -257,13 +329,19 @@ def _loss_and_grads(
 def _worker(rank: int, world_size: int) -> dict:
     image, text, negatives = _global_batch()
     local = GLOBAL_BATCH // world_size
-    rows = slice(rank * local, (rank + 1) * local)
-    own = [k for k, row in enumerate(NEGATIVE_ROWS) if rank * local <= row < (rank + 1) * local]
-    results = {config: _loss_and_grads(config, image[rows], text[rows], negatives[own]) for config in LOSS_CONFIGS}
-    rows = slice(0, UNEVEN_SPLIT) if rank == 0 else slice(UNEVEN_SPLIT, GLOBAL_BATCH)
-    own = [k for k, row in enumerate(NEGATIVE_ROWS) if (row < UNEVEN_SPLIT) == (rank == 0)]
+    rows = range(rank * local, (rank + 1) * local)
+    own = [k for k, row in enumerate(NEGATIVE_ROWS) if row in rows]
+    results = {
+        config: _loss_and_grads(
+            config, image[rows.start : rows.stop], text[rows.start : rows.stop], negatives[own], rows=rows
+        )
+        for config in LOSS_CONFIGS
+    }
+    rows = range(0, UNEVEN_SPLIT) if rank == 0 else range(UNEVEN_SPLIT, GLOBAL_BATCH)
+    own = [k for k, row in enumerate(NEGATIVE_ROWS) if row in rows]
     for config in UNEVEN_CONFIGS:
-        results[f"{config}_uneven"] = _loss_and_grads(config, image[rows], text[rows], negatives[own], uneven=True)
+        local_rows = (image[rows.start : rows.stop], text[rows.start : rows.stop], negatives[own])
+        results[f"{config}_uneven"] = _loss_and_grads(config, *local_rows, uneven=True, rows=rows)
 
     # all_gather's backward: rank r's loss is (r + 1) * sum_k (k + 1) * gathered_k, so the gradient on rank r's
     # input is (r + 1) * 3 if the backward sums the ranks' gradients, (r + 1) ** 2 if it kept only the local one.
@@ -312,6 +390,8 @@ def test_all_gather_rows_takes_different_counts(two_process_results):
         "siglip",
         "clip_negatives",
         "clip_negatives_global_logits",
+        "clip_pairs",
+        "clip_pairs_global_logits",
         *(f"{config}_uneven" for config in UNEVEN_CONFIGS),
     ],
 )

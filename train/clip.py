@@ -176,6 +176,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the plain recipe; --loss clip only",
     )
     model.add_argument(
+        "--counterfactual-weight",
+        type=finite_float,
+        default=0.0,
+        metavar="W",
+        help="with --counterfactual-pairs, weight of a loss of each original and its twin alone: each image picks "
+        "its caption over the other's and each caption its image, two-way (`clipcond.loss.ClipLoss`'s pair term); "
+        "at 1 a pair weighs as one row of the batch's loss; 0 (default) adds none",
+    )
+    model.add_argument(
         "--attn-implementation",
         default=None,
         choices=ATTN_IMPLEMENTATIONS,
@@ -185,6 +194,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     add_training_args(parser, **TRAINING_DEFAULTS)
     return parse_training_args(parser, argv, check_clip_args)
+
+
+def check_pair_args(args: argparse.Namespace) -> None:
+    """`--counterfactual-pairs` (parsed into a list) and `--counterfactual-weight`, against the loss and the data."""
+    if isinstance(args.counterfactual_pairs, str):
+        args.counterfactual_pairs = list(parse_pair_kinds(args.counterfactual_pairs))
+    if args.counterfactual_pairs and args.loss != "clip":
+        raise ValueError(
+            f"`--counterfactual-pairs` {','.join(args.counterfactual_pairs)!r} needs `--loss clip`, got "
+            f"`--loss {args.loss}`; drop one of them"
+        )
+    if not args.counterfactual_weight >= 0:
+        raise ValueError(f"`--counterfactual-weight` must be >= 0, got {args.counterfactual_weight}")
+    if args.counterfactual_weight > 0 and not args.counterfactual_pairs:
+        raise ValueError(
+            f"`--counterfactual-weight` {args.counterfactual_weight} weighs the twins of `--counterfactual-pairs`, "
+            "which is 'none'; name the kinds of twins or drop the weight"
+        )
+    if args.counterfactual_pairs:
+        check_pair_data(args.counterfactual_pairs, args.data)
 
 
 def check_clip_args(args: argparse.Namespace) -> None:
@@ -201,15 +230,7 @@ def check_clip_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--hflip-prob` must be in [0, 1], got {args.hflip_prob}")
     if isinstance(args.hard_negatives, str):  # a list already when checked a second time
         args.hard_negatives = list(parse_kinds(args.hard_negatives, "--hard-negatives"))
-    if isinstance(args.counterfactual_pairs, str):
-        args.counterfactual_pairs = list(parse_pair_kinds(args.counterfactual_pairs))
-    if args.counterfactual_pairs and args.loss != "clip":
-        raise ValueError(
-            f"`--counterfactual-pairs` {','.join(args.counterfactual_pairs)!r} needs `--loss clip`, got "
-            f"`--loss {args.loss}`; drop one of them"
-        )
-    if args.counterfactual_pairs:
-        check_pair_data(args.counterfactual_pairs, args.data)
+    check_pair_args(args)
     if args.hard_negatives and args.loss != "clip":
         raise ValueError(
             f"`--hard-negatives` {','.join(args.hard_negatives)!r} needs `--loss clip` (NegCLIP's softmax over the "
@@ -345,6 +366,8 @@ class ClipStage(Stage):
         options = {}
         if twin_source is not None:
             options["uneven"] = True  # C differs between batches and processes
+            twin_rows = torch.arange(batch["input_ids"].shape[0], num_pairs, device=device)
+            options["pairs"] = torch.stack([to_device(twin_source, device), twin_rows], dim=1)  # (C, 2)
             logs["train/counterfactual_pairs"] = twin_source.shape[0] / batch["input_ids"].shape[0]
         if "negatives" in batch:
             options["negative_features"] = negative_embeds.float()
@@ -492,7 +515,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
     if args.loss == "siglip" and pretrained is None:
         with torch.no_grad():  # SigLIP starts at a temperature of 10 (Zhai et al. 2023, sec. 3.2)
             clip.logit_scale.fill_(math.log(10.0))
-    loss_fn = create_loss(args.loss)
+    loss_fn = create_loss(args.loss, **({"pair_weight": args.counterfactual_weight} if args.loss == "clip" else {}))
 
     # 5. Optimizer, schedule; prepare
     prepared = prepare_training(accelerator, args, model)

@@ -319,6 +319,42 @@ def test_augmentation_draws_only_what_is_on(augment, draws):
     assert torch.equal(used.get_state(), expected.get_state())
 
 
+def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path, monkeypatch):
+    """`--counterfactual-weight W`: the loss gets the weight and, each step, the rows of every twin and its original
+    (the twins come after the batch's B rows, in the order of `twin_source`)."""
+    from clipcond import loss as loss_module
+    from clipcond.train import clip as train_clip
+
+    sources, calls = [], []
+    stage_loss, forward = train_clip.ClipStage.loss, loss_module.ClipLoss.forward
+
+    def recording_stage(self, batch, generator):
+        sources.append(batch["twin_source"])
+        return stage_loss(self, batch, generator)
+
+    def recording_loss(self, image, text, scale, **options):
+        calls.append((self.pair_weight, image.shape[0], options["pairs"]))
+        return forward(self, image, text, scale, **options)
+
+    monkeypatch.setattr(train_clip.ClipStage, "loss", recording_stage)
+    monkeypatch.setattr(loss_module.ClipLoss, "forward", recording_loss)
+    _run(
+        shapes_data,
+        tmp_path / "run",
+        *THREE_STEPS,
+        "--counterfactual-pairs",
+        "swap-colours",
+        "--counterfactual-weight",
+        "2",
+    )
+    assert len(calls) == 3 and sum(len(source) for source in sources) > 0
+    for source, (weight, rows, pairs) in zip(sources, calls, strict=True):
+        assert weight == 2.0 and rows == 16 + len(source)
+        assert pairs.tolist() == [[row, 16 + k] for k, row in enumerate(source.tolist())]
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["args"]["counterfactual_weight"] == 2.0
+
+
 def test_twins_are_shown_in_colour_with_their_originals_crop():
     """The originals are shown as without twins; a twin is cropped and flipped as its original, but never shown in
     grayscale (its colours are what it is there for), and draws nothing of its own."""
@@ -574,6 +610,16 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
             ["--counterfactual-pairs", "swap-colours,swap-sizes"],
             ValueError,
             r"`--counterfactual-pairs` 'swap-colours,swap-sizes' names an unknown kind 'swap-sizes'; choose from swap-",
+        ),
+        (
+            ["--counterfactual-weight", "2"],
+            ValueError,
+            r"`--counterfactual-weight` 2.0 weighs the twins of `--counterfactual-pairs`, which is 'none'",
+        ),
+        (
+            ["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"],
+            ValueError,
+            r"`--counterfactual-weight` must be >= 0, got -1.0",
         ),
     ],
 )
