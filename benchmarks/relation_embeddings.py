@@ -9,7 +9,10 @@ checkpoint's `pretrained/` folder):
 
 - `relation_probe`: the share of pairs whose image is closer to the right caption (`clipcond probe`'s figure), and
   `binding_probe`, the same for the binding probe's pairs of the same seed (colours swapped between two shapes), so
-  that both probes of the hard-negative bar can be read at one run's checkpoints;
+  that both probes of the hard-negative bar can be read at one run's checkpoints; and
+  `binding_probe_relation_wording`, the binding pairs said as the training captions say two objects ("A left of B"
+  against the colours swapped, where the probe says "A and B"): a position-bearing caption can be told from its
+  swap by where each colour is, without reading which colour is on which shape;
 - text tower: the mean cosine of a caption with the one that says the same the other way round ("B right of A"),
   and with the probe's wrong caption ("A right of B"). A tower that reads relations puts the first closer; one that
   reads the nouns' order but not the relation word puts the wrong caption closer (a bag of words puts the two at
@@ -67,6 +70,18 @@ def relation_captions(pairs) -> dict[str, list[str]]:
     }
 
 
+def relation_wording(binding_pairs) -> list:
+    """The binding pairs with "A and B" said "A <the scene's relation> B", right and wrong caption alike."""
+    from dataclasses import replace
+
+    def said(caption, relation):
+        return caption.replace(" and ", f" {relation} ", 1)  # the nouns hold no "and"
+
+    return [
+        replace(p, right=said(p.right, p.scene.relation), wrong=said(p.wrong, p.scene.relation)) for p in binding_pairs
+    ]
+
+
 def side_captions(pairs) -> tuple[list[str], list[str]]:
     """Per left/right pair: "A on <its side>" and "A on <the other side>", A the first object."""
     from clipcond.data.shapes import OPPOSITE_POSITION, Scene, ShapeObject
@@ -89,10 +104,12 @@ def diagnose(run_dir: Path, pairs, resolution: int, binding_pairs) -> dict:
     image = clip_image_features(clip, images, batch_size=256)  # resized to the CLIP's side, as `clipcond probe`
     text = {name: clip.encode_text(captions) for name, captions in relation_captions(pairs).items()}
     score = {name: (image * t).sum(-1) for name, t in text.items()}
+    binding_images = pair_images(binding_pairs, resolution)
     figures = {
         "relation_probe": _mean(preferred(score["right"], score["wrong"])),
-        "binding_probe": _mean(
-            pair_outcomes(clip_scorer(clip), binding_pairs, pair_images(binding_pairs, resolution))
+        "binding_probe": _mean(pair_outcomes(clip_scorer(clip), binding_pairs, binding_images)),
+        "binding_probe_relation_wording": _mean(
+            pair_outcomes(clip_scorer(clip), relation_wording(binding_pairs), binding_images)
         ),
         "text_cos_same_meaning": _mean((text["right"] * text["same_meaning"]).sum(-1)),
         "text_cos_wrong": _mean((text["right"] * text["wrong"]).sum(-1)),

@@ -804,7 +804,7 @@ def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(
     import relation_embeddings
 
     from clipcond.data.shapes import load_dataset_info
-    from clipcond.evaluation.probes import build_pairs, clip_scorer, pair_images, pair_outcomes
+    from clipcond.evaluation.probes import build_pairs, clip_scorer, describe, pair_images, pair_outcomes
     from clipcond.models.clip import load_clip
 
     assert relation_embeddings.main(["--data", str(shapes_data), "--num-pairs", "6", str(tiny_clip_run)]) == 0
@@ -817,6 +817,11 @@ def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(
     for probe in ("relation", "binding"):
         outcomes = pair_outcomes(score, pairs[probe], pair_images(pairs[probe], 32))
         assert figures[f"{probe}_probe"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
+    worded = relation_embeddings.relation_wording(pairs["binding"])
+    assert [p.right for p in worded] == [describe(p.scene, "relation") for p in pairs["binding"]]
+    assert all(p.wrong.count(p.scene.relation) == 1 and p.wrong != p.right for p in worded)
+    outcomes = pair_outcomes(score, worded, pair_images(worded, 32))
+    assert figures["binding_probe_relation_wording"] == pytest.approx(outcomes.mean().item(), abs=1e-4)
     sideways = [p for p in pairs["relation"] if p.scene.relation in ("left of", "right of")]
     assert figures["num_left_right_pairs"] == len(sideways)
     # another set of runs keeps a result file of its own
