@@ -770,6 +770,7 @@ QUALITY = {
             ("", "swap-colours"),
             ("_shapes", "swap-colours,swap-shapes"),
             ("_relations", "swap-colours,swap-relations"),
+            ("_weighted", "swap-colours,swap-relations --counterfactual-weight 8"),
         )
     },
     "hard_negatives_twins_decoder": _named_result(
