@@ -102,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
+    if args.counterfactual_weight < 0 or (args.counterfactual_weight and args.counterfactual_pairs == "none"):
+        parser.error(
+            f"--counterfactual-weight {args.counterfactual_weight:g} needs twins (--counterfactual-pairs) and must be "
+            ">= 0"
+        )
     if args.smoke:
         args.model = args.model or SMOKE["model"]
         args.max_train_steps = args.max_train_steps or SMOKE["max_train_steps"]

@@ -83,18 +83,19 @@ def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Name
     return {"generator": report["generators"]["stable_diffusion"], "reader": report["reader"]["accuracy"]}
 
 
-def treated_kinds(runs_dir: Path, seeds: list[int], section: str) -> list[str] | None:
-    """The kinds of the treated CLIPs' `section` ("hard_negatives" or "counterfactual_pairs"), as their run records
-    say (None if unrecorded: not used)."""
+def treated_setting(runs_dir: Path, seeds: list[int], section: str, field: str = "kinds"):
+    """One setting of the treated CLIPs, as their run records' `section` ("hard_negatives" or "counterfactual_pairs")
+    say it: its `field` ("kinds", or the twins' "weight"), the same for every seed; None if unrecorded (not used, or
+    from before the field)."""
     from clipcond.runs import RunRecord
 
     records = [RunRecord.read(runs_dir / f"hard_negatives-seed{s}") for s in seeds]
-    kinds = {tuple((getattr(record, section) or {}).get("kinds") or ()) for record in records}
-    if len(kinds) != 1:
+    values = {json.dumps((getattr(record, section) or {}).get(field)) for record in records}
+    if len(values) != 1:
         raise ValueError(
-            f"`--runs-dir` {str(runs_dir)!r}: the seeds' treated CLIPs differ in {section} {sorted(kinds)}"
+            f"`--runs-dir` {str(runs_dir)!r}: the seeds' treated CLIPs differ in {section} {field} {sorted(values)}"
         )
-    return list(kinds.pop()) or None
+    return json.loads(values.pop())
 
 
 def differences(per_seed: dict[str, dict[int, dict]]) -> dict:
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "hard_negatives_decoder",
         "command": command_line("hard_negatives_decoder", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
-        "kinds": treated_kinds(args.runs_dir, args.seeds, "hard_negatives"),
-        "counterfactual_pairs": treated_kinds(args.runs_dir, args.seeds, "counterfactual_pairs"),
+        "kinds": treated_setting(args.runs_dir, args.seeds, "hard_negatives") or None,
+        "counterfactual_pairs": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs") or None,
+        "counterfactual_weight": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs", "weight"),
         "machine": machine(),
         "per_seed": per_seed,
         "difference": differences(per_seed),

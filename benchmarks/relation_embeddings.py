@@ -71,14 +71,20 @@ def relation_captions(pairs) -> dict[str, list[str]]:
 
 
 def relation_wording(binding_pairs) -> list:
-    """The binding pairs with "A and B" said "A <the scene's relation> B", right and wrong caption alike."""
+    """The binding pairs said as the relation probe says a scene, "A <relation> B", against the same with the two
+    objects' colours exchanged."""
     from dataclasses import replace
 
-    def said(caption, relation):
-        return caption.replace(" and ", f" {relation} ", 1)  # the nouns hold no "and"
+    from clipcond.data.shapes import Scene
+    from clipcond.evaluation.probes import describe
+
+    def swapped(scene):
+        a, b = scene.objects
+        return Scene((replace(a, colour=b.colour), replace(b, colour=a.colour)), scene.relation)
 
     return [
-        replace(p, right=said(p.right, p.scene.relation), wrong=said(p.wrong, p.scene.relation)) for p in binding_pairs
+        replace(p, right=describe(p.scene, "relation"), wrong=describe(swapped(p.scene), "relation"))
+        for p in binding_pairs
     ]
 
 

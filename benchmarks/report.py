@@ -445,7 +445,7 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
 
 def treated_recipe(settings: dict) -> str:
     """The options of `benchmarks/hard_negatives.py`'s treated run: "`--hard-negatives K`", "`--counterfactual-pairs
-    P`" or both (results before the latter have none)."""
+    P`" and "`--counterfactual-weight W`", those it used (results from before an option have none of it)."""
     options = [
         f"`{flag} {value}`"
         for flag, value in (
@@ -495,6 +495,7 @@ def hard_negative_decoder_rows(report: dict, name: str = "hard_negatives_decoder
         {
             "kinds": ",".join(report.get("kinds") or ()),
             "counterfactual_pairs": ",".join(report.get("counterfactual_pairs") or ()),
+            "counterfactual_weight": report.get("counterfactual_weight"),
         }
     )
     kinds = f" ({options})" if options else ""

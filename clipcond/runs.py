@@ -135,8 +135,9 @@ class RunRecord:
 
     @property
     def counterfactual_pairs(self) -> dict[str, Any] | None:
-        """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "share", "share_by_kind", ...}`); None for a
-        CLIP trained without twins."""
+        """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "weight", "share", "share_by_kind", ...}`,
+        "weight" the `--counterfactual-weight`, absent from runs before it: 0); None for a CLIP trained without
+        twins."""
         section = self.sections.get("counterfactual_pairs")
         return section if isinstance(section, dict) else None
 

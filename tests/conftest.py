@@ -72,7 +72,7 @@ def full_disk_at_image(monkeypatch):
 
     def fill(name: str) -> None:
         def no_space(self, fp, *args, **kwargs):
-            if Path(fp).name.startswith(f".{name}."):
+            if isinstance(fp, (str, os.PathLike)) and Path(fp).name.startswith(f".{name}."):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return original(self, fp, *args, **kwargs)
 

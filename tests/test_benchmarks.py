@@ -257,6 +257,10 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     twins = {**report, "kinds": None, "counterfactual_pairs": ["swap-colours"], "commit": "0" * 40}
     rows = report_module.hard_negative_decoder_rows(twins, "hard_negatives_count_decoder")
     assert all("CLIP (`--counterfactual-pairs swap-colours`):" in row for row in rows)
+    assert report["counterfactual_weight"] is None  # no twins, no weight
+    weighted = {**twins, "counterfactual_weight": 8.0}
+    rows = report_module.hard_negative_decoder_rows(weighted, "hard_negatives_count_decoder")
+    assert all("CLIP (`--counterfactual-pairs swap-colours` + `--counterfactual-weight 8`):" in row for row in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
@@ -792,6 +796,12 @@ def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tm
     assert report_module.treated_recipe(vars(weighted)) == (
         "`--counterfactual-pairs swap-colours` + `--counterfactual-weight 4`"
     )
+    for refused in (
+        ["--counterfactual-weight", "4"],
+        ["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"],
+    ):
+        with pytest.raises(SystemExit):  # before any run trains
+            hard_negatives.parse_args(refused)
     older = {"kinds": "none", "counterfactual_pairs": "swap-colours"}  # results from before the weight
     assert report_module.treated_recipe(older) == report_module.treated_recipe(vars(args))
     assert report_module.treated_recipe(older) == "`--counterfactual-pairs swap-colours`"

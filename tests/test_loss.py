@@ -223,8 +223,10 @@ def test_a_pair_alike_in_pixels_and_words_costs_log_2_and_different_images_train
     ClipLoss(pair_weight=1.0).pair_losses(
         F.normalize(image, dim=-1), F.normalize(y, dim=-1), 2.0, pairs
     ).sum().backward()
-    step = y.detach() - 2.0 * y.grad
+    step = F.normalize(y.detach() - 2.0 * y.grad, dim=-1)
     assert F.cosine_similarity(step[0], step[1], dim=0) < 1 - 1e-4
+    sim = F.normalize(image[:2], dim=-1) @ step[:2].T  # (image, caption) of the pair after the step
+    assert sim[0, 0] > sim[0, 1] and sim[1, 1] > sim[1, 0]  # each image now prefers its own caption
 
 
 def test_clip_labels_cached_per_device_and_size():

@@ -80,6 +80,13 @@ def test_probe_names_the_clips_recipe(tiny_clip_run, shapes_data, tmp_path, caps
     ]
     assert main(argv) == 0
     assert "The CLIP trained with --counterfactual-pairs swap-colours: binding" in capsys.readouterr().out
+    # weighted twins: the weight named too
+    record.sections["counterfactual_pairs"]["weight"] = 8.0
+    record.write(clip)
+    assert main([*argv[:5], str(tmp_path / "weighted"), *argv[6:]]) == 0
+    out = capsys.readouterr().out
+    assert "The CLIP trained with --counterfactual-pairs swap-colours --counterfactual-weight 8: binding" in out
+    assert json.loads((tmp_path / "weighted" / "probes.json").read_text())["clip_recipe"]["counterfactual_weight"] == 8
 
 
 def test_a_probe_report_is_current_only_for_its_clip(tiny_clip_run, shapes_data, tmp_path):

@@ -115,20 +115,34 @@ def test_each_request_writes_a_folder_of_its_own(served):
 
 
 def test_a_failed_request_leaves_no_folder(served, shapes_data, monkeypatch):
-    """The page lists the output folder: a request that fails after its first images (or its first copied hit)
-    takes its folder with it, and the error reaches the page."""
-
-    def one_batch_then_fail(pipe, prompts, args, progress=None):
-        yield from list(real_batches(pipe, prompts, args))[:1]
-        raise RuntimeError("the device ran out of memory")
-
-    real_batches = handlers.generate_batches
+    """The page lists the output folder: a request that fails after it wrote its first image (or copied its first
+    hit) takes its folder with it, and the error reaches the page."""
     before = set(served.output_dir.iterdir())
-    monkeypatch.setattr(handlers, "generate_batches", one_batch_then_fail)
+    written_at_failure = []
+
+    def new_images():
+        return [p for folder in set(served.output_dir.iterdir()) - before for p in folder.glob("*.png")]
+
+    def first_image_only(real):
+        def batches(pipe, inputs, args, progress=None):
+            for images, records in real(pipe, inputs, args):
+                for image, record in zip(images, records, strict=True):
+                    if new_images():  # one image is written: the next one fails
+                        written_at_failure.append(len(new_images()))
+                        raise RuntimeError("the device ran out of memory")
+                    yield [image], [record]
+
+        return batches
+
+    monkeypatch.setattr(handlers, "generate_batches", first_image_only(handlers.generate_batches))
+    monkeypatch.setattr(handlers, "vary_batches", first_image_only(handlers.vary_batches))
     with pytest.raises(RuntimeError, match="ran out of memory"):
-        handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=1, **FAST)
+        handlers.generate(served, path=STABLE_DIFFUSION, prompt="a red circle", num_images=2, **FAST)
     with pytest.raises(RuntimeError, match="ran out of memory"):
         handlers.compare(served, path=STABLE_DIFFUSION, prompt="a red circle", guidance_scales="1, 2", **FAST)
+    with pytest.raises(RuntimeError, match="ran out of memory"):
+        handlers.vary(served, image=sample_files(shapes_data, 1)[0], num_images=2, **FAST)
+    assert written_at_failure == [1, 1, 1]
 
     def copy_once_then_fail(source, target):
         if any(Path(target).parent.iterdir()):

@@ -347,11 +347,9 @@ class ClipStage(Stage):
         twin_source = batch.get("twin_source")  # (C,) rows of the twins' originals, with --counterfactual-pairs
         num_pairs = batch["input_ids"].shape[0] + (0 if twin_source is None else twin_source.shape[0])
         input_ids, attention_mask = self.text_rows(batch, generator)  # (B + C + H, length)
-        twins = (
-            None
-            if twin_source is None
-            else (to_device(batch["twin_pixel_values"], device), to_device(twin_source, device))
-        )
+        if twin_source is not None:
+            twin_source = to_device(twin_source, device)
+        twins = None if twin_source is None else (to_device(batch["twin_pixel_values"], device), twin_source)
         pixels = self.augmented(to_device(batch["pixel_values"], device), generator, twins)  # (B + C, 3, H, W) uint8
         pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
@@ -367,7 +365,7 @@ class ClipStage(Stage):
         if twin_source is not None:
             options["uneven"] = True  # C differs between batches and processes
             twin_rows = torch.arange(batch["input_ids"].shape[0], num_pairs, device=device)
-            options["pairs"] = torch.stack([to_device(twin_source, device), twin_rows], dim=1)  # (C, 2)
+            options["pairs"] = torch.stack([twin_source, twin_rows], dim=1)  # (C, 2)
             logs["train/counterfactual_pairs"] = twin_source.shape[0] / batch["input_ids"].shape[0]
         if "negatives" in batch:
             options["negative_features"] = negative_embeds.float()
@@ -548,7 +546,8 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         if hard_negatives is not None:
             sections["hard_negatives"] = {"kinds": list(hard_negatives.kinds), **coverage}
         if counterfactual is not None:
-            sections["counterfactual_pairs"] = {"kinds": list(counterfactual.kinds), **pair_coverage}
+            twins = {"kinds": list(counterfactual.kinds), "weight": args.counterfactual_weight}
+            sections["counterfactual_pairs"] = {**twins, **pair_coverage}
         return sections
 
     unwrapped = stage.unwrapped

@@ -60,7 +60,8 @@ def _groups(figures: dict) -> list[str]:
 def clip_recipe(clip_path: str | os.PathLike) -> dict:
     """How the probed CLIP was trained, from its run record: {"run_record": whether it has one (a Hub or other
     CLIPModel folder has none), "hard_negatives" and "counterfactual_pairs": the kinds of `--hard-negatives` and
-    of `--counterfactual-pairs`, each None when not used (both None: the plain recipe)}."""
+    of `--counterfactual-pairs`, each None when not used (both None: the plain recipe), "counterfactual_weight":
+    the twins' `--counterfactual-weight` (0 for twins from before it, None without twins)}."""
     from clipcond.runs import RunRecord
 
     record = RunRecord.read_if_present(clip_path)
@@ -70,12 +71,13 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
         "run_record": record is not None,
         "hard_negatives": None if negatives is None else negatives["kinds"],
         "counterfactual_pairs": None if twins is None else twins["kinds"],
+        "counterfactual_weight": None if twins is None else twins.get("weight", 0.0),
     }
 
 
 def recipe_name(recipe: dict | None) -> str:
-    """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K [and --counterfactual-pairs P]", or "the
-    CLIP" when unknown."""
+    """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K [and --counterfactual-pairs P
+    [--counterfactual-weight W]]", or "the CLIP" when unknown."""
     if not recipe or not recipe.get("run_record"):
         return "the CLIP"
     options = [
@@ -83,6 +85,8 @@ def recipe_name(recipe: dict | None) -> str:
         for name in ("hard_negatives", "counterfactual_pairs")
         if recipe.get(name)
     ]
+    if recipe.get("counterfactual_weight"):
+        options[-1] += f" --counterfactual-weight {recipe['counterfactual_weight']:g}"
     return f"the CLIP trained with {' and '.join(options)}" if options else "the plain CLIP recipe"
 
 

@@ -114,3 +114,16 @@ def test_shapes_evaluations_refuse_the_stamps_by_name(stamps, tmp_path):
     _convert(stamps, tmp_path / "out")
     with pytest.raises(ValueError, match="holds the data set 'tuxpaint-stamps'.*clipcond data shapes"):
         shapes_info(tmp_path / "out")
+
+
+def test_a_full_disk_names_the_image_and_writes_no_dataset_info(stamps, tmp_path, capsys, full_disk_at_image):
+    from clipcond import cli
+
+    full_disk_at_image("00001.png")
+    out = tmp_path / "out"
+    argv = ["data", "tuxpaint", str(out), "--stamps", str(stamps), "--resolution", "16"]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"no space left on device while writing {out / 'train' / '00001.png'} (" in error
+    assert not (out / "dataset_info.json").exists()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["00000.png"]  # no half image

@@ -352,7 +352,7 @@ def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path,
         assert weight == 2.0 and rows == 16 + len(source)
         assert pairs.tolist() == [[row, 16 + k] for k, row in enumerate(source.tolist())]
     record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
-    assert record["args"]["counterfactual_weight"] == 2.0
+    assert record["args"]["counterfactual_weight"] == record["counterfactual_pairs"]["weight"] == 2.0
 
 
 def test_twins_are_shown_in_colour_with_their_originals_crop():
