@@ -136,10 +136,12 @@ class RunRecord:
     @property
     def counterfactual_pairs(self) -> dict[str, Any] | None:
         """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "weight", "share", "share_by_kind", ...}`,
-        "weight" the `--counterfactual-weight`, absent from runs before it: 0); None for a CLIP trained without
-        twins."""
+        "weight" the `--counterfactual-weight`: from the arguments where the section predates it, 0 where they do
+        too); None for a CLIP trained without twins."""
         section = self.sections.get("counterfactual_pairs")
-        return section if isinstance(section, dict) else None
+        if not isinstance(section, dict):
+            return None
+        return {"weight": self.args.get("counterfactual_weight", 0.0), **section}
 
     @property
     def lineage(self) -> Lineage | None:

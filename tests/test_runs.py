@@ -115,3 +115,14 @@ def test_what_a_trainer_wrote_reads_back_through_the_type(tiny_clip_run, tmp_pat
     assert record.args["max_train_steps"] == 4 and "data" in record.sections and "content_hash" in record.sections
     record.write(tmp_path)
     assert (tmp_path / RUN_RECORD).read_text() == (tiny_clip_run / RUN_RECORD).read_text()
+
+
+def test_the_twins_weight_is_read_from_the_arguments_of_runs_before_the_section_held_it():
+    twins = {"kinds": ["swap-colours"], "share": 0.17}
+    assert (
+        RunRecord("clip", {}, {"counterfactual_pairs": {**twins, "weight": 8.0}}).counterfactual_pairs["weight"] == 8
+    )
+    older = RunRecord("clip", {"counterfactual_weight": 4.0}, {"counterfactual_pairs": twins})
+    assert older.counterfactual_pairs == {**twins, "weight": 4.0}
+    assert RunRecord("clip", {}, {"counterfactual_pairs": twins}).counterfactual_pairs["weight"] == 0.0
+    assert RunRecord("clip", {"counterfactual_weight": 4.0}, {}).counterfactual_pairs is None

@@ -71,7 +71,7 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
         "run_record": record is not None,
         "hard_negatives": None if negatives is None else negatives["kinds"],
         "counterfactual_pairs": None if twins is None else twins["kinds"],
-        "counterfactual_weight": None if twins is None else twins.get("weight", 0.0),
+        "counterfactual_weight": None if twins is None else twins["weight"],
     }
 
 
