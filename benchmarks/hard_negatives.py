@@ -102,10 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
-    if args.counterfactual_weight < 0 or (args.counterfactual_weight and args.counterfactual_pairs == "none"):
+    if args.counterfactual_weight < 0:
+        parser.error(f"--counterfactual-weight must be >= 0, got {args.counterfactual_weight:g}")
+    if args.counterfactual_weight and args.counterfactual_pairs == "none":
         parser.error(
-            f"--counterfactual-weight {args.counterfactual_weight:g} needs twins (--counterfactual-pairs) and must be "
-            ">= 0"
+            f"--counterfactual-weight {args.counterfactual_weight:g} weighs twins: pass --counterfactual-pairs"
         )
     if args.smoke:
         args.model = args.model or SMOKE["model"]

@@ -778,7 +778,7 @@ def test_hard_negatives_reuses_only_a_finished_run_of_the_same_options(shapes_da
         hard_negatives.finished_run_of(run, argv)
 
 
-def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tmp_path):
+def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tmp_path, capsys):
     import hard_negatives
     import report as report_module
 
@@ -796,12 +796,13 @@ def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tm
     assert report_module.treated_recipe(vars(weighted)) == (
         "`--counterfactual-pairs swap-colours` + `--counterfactual-weight 4`"
     )
-    for refused in (
-        ["--counterfactual-weight", "4"],
-        ["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"],
+    for refused, message in (
+        (["--counterfactual-weight", "4"], "--counterfactual-weight 4 weighs twins: pass --counterfactual-pairs"),
+        (["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"], "must be >= 0, got -1"),
     ):
         with pytest.raises(SystemExit):  # before any run trains
             hard_negatives.parse_args(refused)
+        assert message in capsys.readouterr().err
     older = {"kinds": "none", "counterfactual_pairs": "swap-colours"}  # results from before the weight
     assert report_module.treated_recipe(older) == report_module.treated_recipe(vars(args))
     assert report_module.treated_recipe(older) == "`--counterfactual-pairs swap-colours`"
