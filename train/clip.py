@@ -347,9 +347,10 @@ class ClipStage(Stage):
         twin_source = batch.get("twin_source")  # (C,) rows of the twins' originals, with --counterfactual-pairs
         num_pairs = batch["input_ids"].shape[0] + (0 if twin_source is None else twin_source.shape[0])
         input_ids, attention_mask = self.text_rows(batch, generator)  # (B + C + H, length)
+        twins = None
         if twin_source is not None:
             twin_source = to_device(twin_source, device)
-        twins = None if twin_source is None else (to_device(batch["twin_pixel_values"], device), twin_source)
+            twins = (to_device(batch["twin_pixel_values"], device), twin_source)
         pixels = self.augmented(to_device(batch["pixel_values"], device), generator, twins)  # (B + C, 3, H, W) uint8
         pixel_values = normalize_pixels(pixels, self.image_processor.image_mean, self.image_processor.image_std)
         image_embeds, text_embeds, logit_scale, logit_bias = self.model(
