@@ -148,24 +148,35 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def ensure_shapes(
-    data_dir: Path, *, seed: int, flag: str, num_images: int = 20000, num_test_images: int | None = None
+    data_dir: Path,
+    *,
+    seed: int,
+    flag: str,
+    num_images: int = 20000,
+    num_test_images: int | None = None,
+    unplaced_share: float = 0.0,
 ) -> dict:
-    """The shapes data set of `seed` in `data_dir`: reused when complete, written otherwise (the defaults of
-    `clipcond data shapes`: 20,000 images). A folder that holds the data of another seed is an error naming `flag`
+    """The shapes data set of `seed` (and `unplaced_share`) in `data_dir`: reused when complete, written otherwise
+    (the defaults of `clipcond data shapes`: 20,000 images). A folder that holds other data is an error naming `flag`
     (the option `data_dir` came from), never overwritten."""
     from clipcond.data.shapes import load_dataset_info, write_shapes_dataset
 
     info = load_dataset_info(data_dir) if data_dir.is_dir() else None
     if info is not None and (data_dir / "train").is_dir():
-        if info.get("seed") != seed:
-            raise ValueError(
-                f"{data_dir} (from `{flag}`) holds the shapes data of seed {info.get('seed')}, not {seed}; pass "
-                f"another `{flag}` or move that folder"
-            )
+        # data written before "unplaced_share" existed has none: 0
+        for key, wanted, default in (("seed", seed, None), ("unplaced_share", unplaced_share, 0.0)):
+            held = info.get(key, default)
+            if held != wanted:
+                raise ValueError(
+                    f"{data_dir} (from `{flag}`) holds the shapes data of {key} {held}, not {wanted}; pass "
+                    f"another `{flag}` or move that folder"
+                )
         print(f"reusing the shapes data set in {data_dir}", file=sys.stderr)
         return info
     print(f"writing the shapes data set of seed {seed} to {data_dir}", file=sys.stderr)
-    return write_shapes_dataset(data_dir, num_images=num_images, num_test_images=num_test_images, seed=seed)
+    return write_shapes_dataset(
+        data_dir, num_images=num_images, num_test_images=num_test_images, seed=seed, unplaced_share=unplaced_share
+    )
 
 
 def add_demo_args(parser) -> None:

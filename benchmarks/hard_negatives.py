@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="the hard-negative run's --counterfactual-weight (default 0: none)",
     )
+    parser.add_argument(
+        "--unplaced-share",
+        type=float,
+        default=0.0,
+        help="writing --data-dir: the share of relation scenes captioned without their places, 'a red circle and a "
+        "blue square' (`clipcond data shapes --unplaced-share`; default 0); reusing it: the share it must hold",
+    )
     parser.add_argument("--model", default=None, help="CLIP preset (default: the recipe's; `test` with --smoke)")
     parser.add_argument("--max-train-steps", type=int, default=None, help="steps of every run (default: the recipe's)")
     parser.add_argument("--train-batch-size", type=int, default=None, help="batch (default: the recipe's)")
@@ -249,7 +256,7 @@ def earlier_seeds(path: Path, args: argparse.Namespace) -> tuple[dict[str, dict[
 
 
 def check_same_data(seeds_from: dict | None, data: dict) -> None:
-    """Refuse to join seeds trained on other data (size or resolution) than this run's."""
+    """Refuse to join seeds trained on other data (size, resolution, unplaced share) than this run's."""
     if seeds_from is not None and seeds_from["data"] != data:
         raise ValueError(f"`--seeds-from` {seeds_from['file']!r} trained on {seeds_from['data']}, this run on {data}")
 
@@ -320,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hard_negatives_") as tmp:
         data_dir = args.data_dir or Path(tmp, "shapes")
         sizes = {"num_images": SMOKE["num_images"], "num_test_images": 36} if args.smoke else {}
-        info = ensure_shapes(data_dir, seed=0, flag="--data-dir", **sizes)
+        info = ensure_shapes(data_dir, seed=0, flag="--data-dir", unplaced_share=args.unplaced_share, **sizes)
         data = {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]}
+        if args.unplaced_share:  # named only where set: earlier results, without it, stay the same data
+            data["unplaced_share"] = args.unplaced_share
         check_same_data(seeds_from, data)
         work = args.work_dir or Path(tmp, "runs")
         for seed in args.seeds:

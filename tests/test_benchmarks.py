@@ -519,15 +519,23 @@ def test_clip_quality_refuses_a_repeated_seed_and_a_used_work_dir_before_trainin
         clip_quality.check_work_dir(tmp_path, [0, 1])
 
 
-def test_benchmark_data_of_another_seed_is_refused_not_overwritten(tmp_path):
+@pytest.mark.parametrize(
+    "info, wanted, match",
+    [
+        ({"seed": 0}, {"seed": 1}, "seed 0, not 1"),
+        ({"seed": 1}, {"seed": 1, "unplaced_share": 0.5}, "unplaced_share 0.0, not 0.5"),  # written before the key
+        ({"seed": 1, "unplaced_share": 0.5}, {"seed": 1}, "unplaced_share 0.5, not 0.0"),
+    ],
+)
+def test_benchmark_data_of_other_arguments_is_refused_not_overwritten(tmp_path, info, wanted, match):
     import common
 
     data = tmp_path / "seed-1"
     (data / "train").mkdir(parents=True)
-    (data / "dataset_info.json").write_text(json.dumps({"name": "clipcond-shapes", "seed": 0}))
-    with pytest.raises(ValueError, match=r"seed-1 \(from `--data-dir`\) holds the shapes data of seed 0, not 1"):
-        common.ensure_shapes(data, seed=1, flag="--data-dir")
-    assert (data / "dataset_info.json").is_file()  # nothing overwritten
+    (data / "dataset_info.json").write_text(json.dumps({"name": "clipcond-shapes", **info}))
+    with pytest.raises(ValueError, match=r"seed-1 \(from `--data-dir`\) holds the shapes data of " + match):
+        common.ensure_shapes(data, flag="--data-dir", **wanted)
+    assert json.loads((data / "dataset_info.json").read_text())["seed"] == info["seed"]  # nothing overwritten
 
 
 @pytest.mark.parametrize("name", ["clip_quality", "latent_quality", "unclip_quality"])

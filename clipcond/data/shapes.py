@@ -5,7 +5,8 @@ Every image is one or two objects on a flat light background. An object is a col
 images of the same description differ. Three kinds of scene:
 
 - single:   one object, "a small red circle at the top"; its `label` is "red circle";
-- relation: two objects of different colour/shape, "a red circle left of a blue square";
+- relation: two objects of different colour/shape, "a red circle left of a blue square" (or, for a share
+  `unplaced_share` of them, "a red circle and a blue square": both named, their places not);
 - count:    two objects of the same colour and shape, "two green triangles".
 
 Captions come from varied templates, but always name the colour and shape of every object with the canonical words
@@ -108,6 +109,9 @@ RELATION_PHRASES = {
     "below": ("below", "under", "beneath"),
 }
 TWO_WORDS = ("two", "a pair of")
+# An unplaced relation caption joins its two noun phrases with this instead of a relation phrase. Which object is
+# named first says nothing of its place: a relation scene's first object is left or right (above or below) alike.
+UNPLACED_PHRASE = "and"
 # The canonical phrase of each position, the first of its synonyms: how questions, descriptions and probes word it.
 POSITION_PHRASE = {position: phrases[0] for position, phrases in POSITION_PHRASES.items()}
 # The mirror image of each relation and position ("centre" has none): probes' wrong captions, hard negatives.
@@ -250,11 +254,13 @@ def _noun_phrase(obj: ShapeObject, rng: random.Random, with_size: bool) -> str:
     return " ".join([determiner, *words])
 
 
-def caption_scene(scene: Scene, rng: random.Random) -> str:
+def caption_scene(scene: Scene, rng: random.Random, unplaced_share: float = 0.0) -> str:
     """A caption for a scene, drawn from varied templates with `rng` (a `random.Random`).
 
     Always names each object's colour and shape with the canonical words, e.g. "a small red circle at the top",
     "an image showing a blue square to the left of a big yellow circle", "two green triangles side by side".
+    With probability `unplaced_share` a relation scene's relation phrase becomes "and" ("a blue square and a big
+    yellow circle"), the rest of its caption unchanged; at 0, no draw is made, so captions are as they were.
     """
     prefix = rng.choice(_PREFIXES)
     kind = scene.kind
@@ -273,6 +279,8 @@ def caption_scene(scene: Scene, rng: random.Random) -> str:
         phrase = rng.choice(RELATION_PHRASES[scene.relation])
         na = _noun_phrase(a, rng, with_size=rng.random() < 0.3)
         nb = _noun_phrase(b, rng, with_size=rng.random() < 0.3)
+        if unplaced_share and rng.random() < unplaced_share:
+            phrase = UNPLACED_PHRASE
         return f"{prefix}{na} {phrase} {nb}"
     # count: two of the same colour and shape
     a, b = scene.objects
@@ -407,12 +415,15 @@ def _split_plan(
 # ---------------------------------------------------------------- writer
 
 
-def _check_args(num_images, resolution, test_fraction, num_test_images, single_fraction, held_out) -> int:
+def _check_args(
+    num_images, resolution, test_fraction, num_test_images, single_fraction, held_out, unplaced_share
+) -> int:
     """Validate the writer's arguments; returns the number of test images."""
     if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise ValueError(f"resolution={resolution!r} must be an int >= {MIN_RESOLUTION} (e.g. 32 or 64)")
-    if not 0.0 <= single_fraction <= 1.0:
-        raise ValueError(f"single_fraction={single_fraction} must lie in [0, 1]")
+    for name, share in (("single_fraction", single_fraction), ("unplaced_share", unplaced_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name}={share} must lie in [0, 1]")
     n_pairs = len(COLOURS) * len(SHAPES)
     if num_test_images is None:
         if not 0.0 < test_fraction < 1.0:
@@ -443,7 +454,9 @@ def _check_args(num_images, resolution, test_fraction, num_test_images, single_f
     return num_test
 
 
-def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], resolution: int, seed: int) -> dict:
+def _write_split(
+    split_dir: Path, split: str, plan, pairs, held_out: set[str], resolution: int, seed: int, unplaced_share: float
+) -> dict:
     split_dir.mkdir()
     width = max(5, len(str(len(plan) - 1)))
     counts = {"num_images": len(plan), "single": 0, "relation": 0, "count": 0, "heldout": 0}
@@ -451,7 +464,7 @@ def _write_split(split_dir: Path, split: str, plan, pairs, held_out: set[str], r
     for index, (kind, pair) in enumerate(plan):
         rng = random.Random(f"clipcond-shapes/{seed}/{split}/{index}")
         scene = sample_scene(kind, pairs, rng, pair=pair)
-        text = caption_scene(scene, rng)
+        text = caption_scene(scene, rng, unplaced_share)
         file_name = f"{index:0{width}d}.png"
         save_image_atomic(render_scene(scene, resolution), split_dir / file_name)
         heldout = any(obj.pair in held_out for obj in scene.objects)
@@ -482,6 +495,7 @@ def write_shapes_dataset(
     num_test_images: int | None = None,
     single_fraction: float = 0.5,
     held_out: str | Iterable[str] | None = DEFAULT_HELD_OUT,
+    unplaced_share: float = 0.0,
     overwrite: bool = False,
 ) -> dict:
     """Write the shapes data set to `out_dir` (imagefolder layout) and return its dataset_info.
@@ -493,6 +507,8 @@ def write_shapes_dataset(
         single_fraction: share of single-object images (train; the test split holds about the same share, balanced
             over all colour-shape pairs); the rest are two-object scenes, `COUNT_FRACTION` of them counts.
         held_out: colour-shape pairs kept out of training ("red triangle, blue square" or a list); None or "" for none.
+        unplaced_share: share of relation scenes captioned without their relation, "a red circle and a blue square"
+            (both splits); the images, and every other caption, are those of the same arguments at 0.
         overwrite: replace `out_dir/train`, `out_dir/test` and `dataset_info.json` when `out_dir` is not empty.
 
     Raises:
@@ -500,7 +516,9 @@ def write_shapes_dataset(
         ValueError: an argument out of range (the message names it).
     """
     held = parse_held_out(held_out)
-    num_test = _check_args(num_images, resolution, test_fraction, num_test_images, single_fraction, held)
+    num_test = _check_args(
+        num_images, resolution, test_fraction, num_test_images, single_fraction, held, unplaced_share
+    )
     out = Path(out_dir)
     prepare_dataset_dir(out, overwrite)
 
@@ -509,7 +527,7 @@ def write_shapes_dataset(
     splits = {}
     for split, n, pairs in (("train", num_images - num_test, seen), ("test", num_test, all_pairs)):
         plan = _split_plan(split, n, pairs, single_fraction, seed)
-        splits[split] = _write_split(out / split, split, plan, pairs, set(held), resolution, seed)
+        splits[split] = _write_split(out / split, split, plan, pairs, set(held), resolution, seed, unplaced_share)
 
     info = {
         "name": DATASET_NAME,
@@ -525,6 +543,7 @@ def write_shapes_dataset(
         "held_out": list(held),
         "classes": all_pairs,
         "single_fraction": single_fraction,
+        "unplaced_share": unplaced_share,
         "splits": splits,
     }
     # Written last: its presence marks a complete data set.
@@ -602,6 +621,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_HELD_OUT),
         help=f"comma-separated colour-shape pairs kept out of training; '' for none (default {','.join(DEFAULT_HELD_OUT)!r})",
     )
+    parser.add_argument(
+        "--unplaced-share",
+        type=finite_float,
+        default=0.0,
+        help="share of two-object relation scenes captioned without their places, 'a red circle and a blue square' "
+        "(default 0: every one says where, 'a red circle left of a blue square')",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing data set in OUT")
     return parser.parse_args(argv)
 
@@ -619,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         num_test_images=args.num_test_images,
         single_fraction=args.single_fraction,
         held_out=args.held_out,
+        unplaced_share=args.unplaced_share,
         overwrite=args.overwrite,
     )
     seconds = time.perf_counter() - start

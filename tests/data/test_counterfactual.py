@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from clipcond.data import hard_negatives
 from clipcond.data.counterfactual import (
+    KINDS,
     REDRAW_TOLERANCE,
     CounterfactualPairs,
     check_pair_data,
@@ -106,6 +108,23 @@ def test_twin_captions_differ_in_the_swapped_words_alone():
     single = {"kind": "single", "objects": [{"colour": "red", "shape": "circle"}], "relation": None}
     assert pairs.twin_caption("a red circle", single, "swap-colours") is None
     assert pairs.twin_caption("a red circle left of a blue square", None, "swap-shapes") is None
+
+
+def test_an_unplaced_caption_has_binding_twins_and_no_relation_twin():
+    """ "A and B" (`clipcond data shapes --unplaced-share`) says nothing of places: its colour and shape twins name
+    the exchanged attributes, while the scene with the objects exchanged fits the caption as well (no twin, no
+    relation negative)."""
+    pairs = CounterfactualPairs(list(KINDS), [], INFO)
+    caption = "a red circle and an orange square"
+    record = _placed(("red", "orange"), ("circle", "square"), "right of")
+    assert pairs.twin_caption(caption, record, "swap-colours") == "an orange circle and a red square"
+    assert pairs.twin_caption(caption, record, "swap-shapes") == "a red square and an orange circle"
+    assert pairs.twin_captions(caption, record, "swap-relations") == []
+    assert hard_negatives.swap(caption, "swap-relations", record) is None
+    assert hard_negatives.swap(caption, "swap-attributes", record) == [
+        "an orange circle and a red square",
+        "a red square and an orange circle",
+    ]
 
 
 def _placed(colours, shapes, relation, sizes=("small", "small")):

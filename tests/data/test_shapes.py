@@ -201,6 +201,32 @@ def test_deterministic_for_a_seed(dataset, tmp_path):
     assert other["train/00000.png"] != (root / "train" / "00000.png").read_bytes()
 
 
+def test_unplaced_captions_drop_only_the_relation(dataset, tmp_path):
+    """`--unplaced-share`: a share of the relation captions say "A and B" where they said "A left of B"; the
+    images, every other caption and the metadata are those of the same arguments without it."""
+    root, _ = dataset
+    out = tmp_path / "unplaced"
+    argv = [str(out), "--num-images", "150", "--num-test-images", str(2 * N_PAIRS + 6), "--unplaced-share", "0.5"]
+    assert shapes.main(argv) == 0
+    assert load_dataset_info(out)["unplaced_share"] == 0.5 and load_dataset_info(root)["unplaced_share"] == 0.0
+    before, after = _tree_bytes(root), _tree_bytes(out)
+    assert {k: v for k, v in after.items() if k.endswith(".png")} == {
+        k: v for k, v in before.items() if k.endswith(".png")
+    }
+    unplaced = placed = 0
+    for split in ("train", "test"):
+        for old, new in zip(_records(root, split), _records(out, split), strict=True):
+            assert {**new, "text": None} == {**old, "text": None}
+            if new["text"] == old["text"]:
+                placed += old["kind"] == "relation"
+                continue
+            assert old["kind"] == "relation"
+            phrase = next(p for p in shapes.RELATION_PHRASES[old["relation"]][::-1] if f" {p} " in old["text"])
+            assert new["text"] == old["text"].replace(f" {phrase} ", " and ", 1)
+            unplaced += 1
+    assert unplaced > 10 and placed > 10  # about half of each split's relation scenes
+
+
 def test_resolution_64_and_custom_held_out(tmp_path):
     info = write_shapes_dataset(
         tmp_path, num_images=60, num_test_images=N_PAIRS, resolution=64, seed=2, held_out="Yellow Square, red circle"
@@ -233,6 +259,7 @@ def test_refuses_non_empty_output(tmp_path):
         ({"num_test_images": 5}, "at least 18"),
         ({"resolution": 8}, "resolution=8"),
         ({"single_fraction": 1.5}, "single_fraction=1.5"),
+        ({"unplaced_share": -0.1}, "unplaced_share=-0.1 must lie in"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
