@@ -458,6 +458,12 @@ def treated_recipe(settings: dict) -> str:
     return " + ".join(options)
 
 
+def data_note(data: dict) -> str:
+    """How a hard-negative result's data differs from `clipcond data shapes`' defaults ("" where it does not)."""
+    share = data.get("unplaced_share")
+    return f"; data: {share:.0%} of relation captions unplaced, 'A and B'" if share else ""
+
+
 def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
     """The CLIP's zero-shot and minimal-pair probes, plain recipe vs `--hard-negatives` and/or
     `--counterfactual-pairs`, over seeds (issue 20)."""
@@ -479,7 +485,7 @@ def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:
             f"{_over_seeds(summary['plain'][key])} vs {_over_seeds(summary['hard_negatives'][key])}; difference "
             f"{100 * difference['mean']:+.1f} points"
         )
-        what = f"CLIP, plain recipe vs {treated_recipe(settings)} ({equal_steps}): {label}"
+        what = f"CLIP, plain recipe vs {treated_recipe(settings)} ({equal_steps}{data_note(report['data'])}): {label}"
         bar, holds = _hard_negative_bar(key, summary["target"], difference)
         if holds and num_seeds < MIN_SEEDS:  # a bar counts over three seeds (README, above the table)
             holds = f"not judged: {num_seeds} seed (read {holds})"
@@ -774,6 +780,12 @@ QUALITY = {
             ("_weighted", "swap-colours,swap-relations --counterfactual-weight 8"),
         )
     },
+    "hard_negatives_unplaced": _named_result(
+        "hard_negatives_unplaced",
+        "hard_negatives.py --data-dir DIR --unplaced-share 0.5 --seeds 0,1,2 --kinds none --counterfactual-pairs "
+        "swap-colours,swap-relations --counterfactual-weight 8",
+        hard_negative_rows,
+    ),
     "hard_negatives_twins_decoder": _named_result(
         "hard_negatives_twins_decoder", DECODER_ON_RUNS, hard_negative_decoder_rows
     ),

@@ -549,6 +549,7 @@ def test_seeds_as_an_argparse_type_name_the_expected_form(name, capsys):
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = README.parent / "benchmarks" / "results"
 
 
 def test_readme_figure_tables_are_what_report_renders(capsys):
@@ -814,6 +815,21 @@ def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tm
     older = {"kinds": "none", "counterfactual_pairs": "swap-colours"}  # results from before the weight
     assert report_module.treated_recipe(older) == report_module.treated_recipe(vars(args))
     assert report_module.treated_recipe(older) == "`--counterfactual-pairs swap-colours`"
+
+
+def test_hard_negatives_on_unplaced_data_checks_and_names_it(shapes_data, tmp_path):
+    import hard_negatives
+    import report as report_module
+
+    argv = ["--smoke", "--seeds", "0", "--data-dir", str(shapes_data), "--work-dir", str(tmp_path / "runs")]
+    with pytest.raises(ValueError, match="holds the shapes data of unplaced_share 0.0, not 0.5; pass another"):
+        hard_negatives.main([*argv, "--unplaced-share", "0.5"])  # before any run trains
+    assert not (tmp_path / "runs").exists()
+    report = json.loads((RESULTS / "hard_negatives_twins_weighted.json").read_text())
+    unplaced = {**report, "data": {**report["data"], "unplaced_share": 0.5}}
+    for row in report_module.hard_negative_rows(unplaced):
+        assert "(equal steps, 520; data: 50% of relation captions unplaced, 'A and B'): " in row
+    assert not any("unplaced" in row for row in report_module.hard_negative_rows(report))
 
 
 def test_relation_embeddings_reads_the_probe_figure_of_clipcond_probe(
