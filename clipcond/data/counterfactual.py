@@ -40,7 +40,15 @@ from pathlib import Path
 
 import torch
 
-from clipcond.data.hard_negatives import is_scene, parse_kinds, share_of_captions, swap_attributes, swap_relations
+from clipcond.data.hard_negatives import (
+    binds_apart,
+    is_scene,
+    is_unplaced,
+    parse_kinds,
+    share_of_captions,
+    swap_attributes,
+    swap_relations,
+)
 from clipcond.data.shapes import (
     MARGIN,
     OPPOSITE_RELATION,
@@ -53,6 +61,7 @@ from clipcond.data.shapes import (
 
 KINDS = ("swap-colours", "swap-shapes", "swap-relations")
 FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each attribute kind exchanges
+OTHER_FIELD = {"colour": "shape", "shape": "colour"}
 # A pixel farther than this (RGB distance, 0-255 scale) from every blend of the background with one of the two
 # colours is unexplained; a twin is made only where at most UNEXPLAINED_SHARE of the pixels are (resampling from
 # another resolution leaves a few such pixels at the edges, a photo or another palette many).
@@ -208,9 +217,11 @@ class CounterfactualPairs:
     def twin_captions(self, caption: str, record: dict | None, kind: str) -> list[str]:
         """The captions true of the twin of `kind` of a two-object scene, its own first: the caption with the two
         objects' colours (or shapes) exchanged, or with the opposite relation and then the noun phrases exchanged
-        around the original relation. [] where there is no twin: nothing to exchange (one colour, one shape, no
-        relation phrase found), a twin that would show a held-out composition, objects that cannot exchange
-        places."""
+        around the original relation. An unplaced caption ("a red circle and a blue square", no relation named)
+        has no relation twin, and its attribute twin is also named by the other attribute exchanged ("a blue circle
+        and a red square" = "a red square and a blue circle"). [] where there is no twin: nothing to exchange (one
+        colour, one shape, no relation phrase found; in an unplaced caption, one colour or one shape), a twin that
+        would show a held-out composition, objects that cannot exchange places."""
         if not is_scene(record) or record["kind"] != "relation":
             return []
         if kind == "swap-relations":
@@ -226,7 +237,23 @@ class CounterfactualPairs:
         ):
             return []
         swapped = swap_attributes(caption, record["objects"], fields=(field,))
-        return swapped[:1] if swapped and swapped[0] != caption else []
+        if not swapped or swapped[0] == caption:
+            return []
+        if not is_unplaced(caption, record):
+            return swapped[:1]
+        if not binds_apart(record["objects"]):
+            return []
+        # "A and B" holds no place: the other attribute exchanged names the twin's two objects as well
+        return swapped[:1] + swap_attributes(caption, record["objects"], fields=(OTHER_FIELD[field],))[:1]
+
+    def kinds_of(self, caption: str, record: dict | None) -> tuple[str, ...]:
+        """The kinds whose twins a sample gets: all, except that an unplaced caption ("A and B") gets one attribute
+        twin, its colour twin where both are chosen, since its shape twin would be another drawing of the same
+        caption (`twin_captions`), the other's copy in the batch."""
+        attributes = "swap-colours" in self.kinds and is_scene(record) and record["kind"] == "relation"
+        if attributes and is_unplaced(caption, record):
+            return tuple(kind for kind in self.kinds if kind != "swap-shapes")
+        return self.kinds
 
     def twin_caption(self, caption: str, record: dict | None, kind: str) -> str | None:
         """The twin's own caption (`twin_captions`' first), or None."""
@@ -259,7 +286,7 @@ class CounterfactualPairs:
         pixels, texts, sources, paraphrases = [], [], [], []
         for row, sample in enumerate(samples):
             record = self.records[sample["index"]]
-            for kind in self.kinds:
+            for kind in self.kinds_of(sample["text"], record):
                 captions = self.twin_captions(sample["text"], record, kind)
                 image = self.twin_image(sample["pixel_values"], record, kind) if captions else None
                 if image is not None:
@@ -281,5 +308,8 @@ class CounterfactualPairs:
         return share_of_captions(
             len(captions),
             self.kinds,
-            lambda i, kind: self.twin_caption(captions[i], self.records[i], kind) is not None,
+            lambda i, kind: (
+                kind in self.kinds_of(captions[i], self.records[i])
+                and self.twin_caption(captions[i], self.records[i], kind) is not None
+            ),
         )

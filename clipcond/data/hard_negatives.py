@@ -350,6 +350,8 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
         objects = record["objects"]
         if kind == "swap-attributes":
             found = swap_attributes(caption, objects) if scene == "relation" else []
+            if found and is_unplaced(caption, record):
+                found = found[:1] if binds_apart(objects) else []
         elif kind == "swap-relations":
             found = swap_relations(caption, record.get("relation")) if scene == "relation" else []
         elif kind == "swap-count":
@@ -358,6 +360,20 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
             found = swap_position(caption, objects[0].get("position")) if scene == "single" else []
     found = [negative for i, negative in enumerate(found) if negative != caption and negative not in found[:i]]
     return found or None
+
+
+def is_unplaced(caption: str, record: dict) -> bool:
+    """Whether the caption of a relation scene's row names no relation: "a red circle and a blue square"
+    (`clipcond data shapes --unplaced-share`), true of the scene with its two objects in either place."""
+    relation = record["relation"]
+    return _find_relation(_Caption(caption), {relation: RELATION_PHRASES[relation]}, skip_count=False) is None
+
+
+def binds_apart(objects: Sequence[dict]) -> bool:
+    """Whether exchanging the colours of two objects that no place tells apart names other objects: only when their
+    shapes differ too ("a red circle and a blue circle" names the same two objects either way). Then exchanging
+    their shapes names the same two objects as exchanging their colours."""
+    return all(objects[0][field] != objects[1][field] for field in ("colour", "shape"))
 
 
 def is_scene(record: dict | None) -> bool:

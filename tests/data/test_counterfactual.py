@@ -110,21 +110,36 @@ def test_twin_captions_differ_in_the_swapped_words_alone():
     assert pairs.twin_caption("a red circle left of a blue square", None, "swap-shapes") is None
 
 
-def test_an_unplaced_caption_has_binding_twins_and_no_relation_twin():
-    """ "A and B" (`clipcond data shapes --unplaced-share`) says nothing of places: its colour and shape twins name
-    the exchanged attributes, while the scene with the objects exchanged fits the caption as well (no twin, no
-    relation negative)."""
+def test_an_unplaced_caption_has_one_binding_twin_and_no_relation_twin():
+    """ "A and B" (`clipcond data shapes --unplaced-share`) says nothing of places: the scene with the objects
+    exchanged fits it (no relation twin nor negative), exchanging colours names the same objects as exchanging
+    shapes (one twin, the other exchange its paraphrase, one negative), and of two objects that share a shape,
+    exchanging colours names the same objects again (no twin, no negative)."""
     pairs = CounterfactualPairs(list(KINDS), [], INFO)
     caption = "a red circle and an orange square"
     record = _placed(("red", "orange"), ("circle", "square"), "right of")
-    assert pairs.twin_caption(caption, record, "swap-colours") == "an orange circle and a red square"
-    assert pairs.twin_caption(caption, record, "swap-shapes") == "a red square and an orange circle"
+    colour_twin = ["an orange circle and a red square", "a red square and an orange circle"]
+    assert pairs.twin_captions(caption, record, "swap-colours") == colour_twin
+    assert pairs.twin_captions(caption, record, "swap-shapes") == colour_twin[::-1]
     assert pairs.twin_captions(caption, record, "swap-relations") == []
+    assert pairs.kinds_of(caption, record) == ("swap-colours", "swap-relations")
+    assert pairs.kinds_of("a red circle right of an orange square", record) == KINDS  # placed: every kind
     assert hard_negatives.swap(caption, "swap-relations", record) is None
-    assert hard_negatives.swap(caption, "swap-attributes", record) == [
-        "an orange circle and a red square",
-        "a red square and an orange circle",
+    assert hard_negatives.swap(caption, "swap-attributes", record) == colour_twin[:1]
+    same_shape = _placed(("red", "orange"), ("circle", "circle"), "above")
+    for kind in ("swap-colours", "swap-shapes"):
+        assert pairs.twin_captions("a red circle and an orange circle", same_shape, kind) == []
+    assert hard_negatives.swap("a red circle and an orange circle", "swap-attributes", same_shape) is None
+    assert hard_negatives.swap("a red circle above an orange circle", "swap-attributes", same_shape) == [
+        "an orange circle above a red circle"
     ]
+    # a batch of that one scene: its colour twin alone, and no hard negative that names the twin's objects
+    objects = [ShapeObject("red", "circle", "small", "right"), ShapeObject("orange", "square", "small", "left")]
+    sample = {"pixel_values": _pixels(objects), "text": caption, "index": 0}
+    twins = CounterfactualPairs(list(KINDS), [record], INFO).twins([sample])
+    assert twins["twin_text"] == colour_twin[:1] and twins["twin_paraphrases"] == [colour_twin[1:]]
+    negatives = hard_negatives.HardNegatives(["swap-attributes"], [record]).candidates([sample], [colour_twin])
+    assert negatives.captions == [] and negatives.num_groups.tolist() == [0]
 
 
 def _placed(colours, shapes, relation, sizes=("small", "small")):
