@@ -37,6 +37,7 @@ from pathlib import Path
 from common import add_results_flag, command_line, ensure_shapes, machine, parse_seeds, save_results
 
 from clipcond.evaluation.stats import mean_interval
+from clipcond.finite import finite_float
 
 RECIPES = ("plain", "hard_negatives")
 # what must agree for an earlier result's seeds to join a new one (`--seeds-from`)
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--unplaced-share",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="writing --data-dir: the share of relation scenes captioned without their places, 'a red circle and a "
         "blue square' (`clipcond data shapes --unplaced-share`; default 0); reusing it: the share it must hold",
@@ -109,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_results_flag(parser, results_name="hard_negatives")
     args = parser.parse_args(argv)
+    if not 0 <= args.unplaced_share <= 1:
+        parser.error(f"--unplaced-share must lie in [0, 1], got {args.unplaced_share:g}")
     if args.counterfactual_weight < 0:
         parser.error(f"--counterfactual-weight must be >= 0, got {args.counterfactual_weight:g}")
     if args.counterfactual_weight and args.counterfactual_pairs == "none":

@@ -461,7 +461,7 @@ def treated_recipe(settings: dict) -> str:
 def data_note(data: dict) -> str:
     """How a hard-negative result's data differs from `clipcond data shapes`' defaults ("" where it does not)."""
     share = data.get("unplaced_share")
-    return f"; data: {share:.0%} of relation captions unplaced, 'A and B'" if share else ""
+    return f"; data: {100 * share:g}% of relation captions unplaced, 'A and B'" if share else ""
 
 
 def hard_negative_rows(report: dict, name: str = "hard_negatives") -> list[str]:

@@ -543,7 +543,7 @@ def write_shapes_dataset(
         "held_out": list(held),
         "classes": all_pairs,
         "single_fraction": single_fraction,
-        "unplaced_share": unplaced_share,
+        **({"unplaced_share": unplaced_share} if unplaced_share else {}),  # absent: 0, as before the option
         "splits": splits,
     }
     # Written last: its presence marks a complete data set.
