@@ -41,13 +41,15 @@ from pathlib import Path
 import torch
 
 from clipcond.data.hard_negatives import (
-    binds_apart,
+    OTHER_FIELD,
     is_scene,
     is_unplaced,
     parse_kinds,
     share_of_captions,
     swap_attributes,
     swap_relations,
+    told_apart_by_size,
+    unplaced_swaps,
 )
 from clipcond.data.shapes import (
     MARGIN,
@@ -61,7 +63,6 @@ from clipcond.data.shapes import (
 
 KINDS = ("swap-colours", "swap-shapes", "swap-relations")
 FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each attribute kind exchanges
-OTHER_FIELD = {"colour": "shape", "shape": "colour"}
 # A pixel farther than this (RGB distance, 0-255 scale) from every blend of the background with one of the two
 # colours is unexplained; a twin is made only where at most UNEXPLAINED_SHARE of the pixels are (resampling from
 # another resolution leaves a few such pixels at the edges, a photo or another palette many).
@@ -236,22 +237,22 @@ class CounterfactualPairs:
             or f"{first['colour']} {second['shape']}" in self.held_out
         ):
             return []
-        swapped = swap_attributes(caption, record["objects"], fields=(field,))
-        if not swapped or swapped[0] == caption:
-            return []
+        objects = record["objects"]
         if not is_unplaced(caption, record):
+            swapped = swap_attributes(caption, objects, fields=(field,))
+            return swapped[:1] if swapped and swapped[0] != caption else []
+        swapped = unplaced_swaps(caption, objects, fields=(field,))
+        if not swapped or told_apart_by_size(caption, objects):
             return swapped[:1]
-        if not binds_apart(record["objects"]):
-            return []
-        # "A and B" holds no place: the other attribute exchanged names the twin's two objects as well
-        return swapped[:1] + swap_attributes(caption, record["objects"], fields=(OTHER_FIELD[field],))[:1]
+        # only colours and shapes tell the objects apart: the other attribute exchanged names the same two objects
+        return swapped[:1] + swap_attributes(caption, objects, fields=(OTHER_FIELD[field],))[:1]
 
     def kinds_of(self, caption: str, record: dict | None) -> tuple[str, ...]:
-        """The kinds whose twins a sample gets: all, except that an unplaced caption ("A and B") gets one attribute
-        twin, its colour twin where both are chosen, since its shape twin would be another drawing of the same
-        caption (`twin_captions`), the other's copy in the batch."""
+        """The kinds whose twins a sample gets: all, except that an unplaced caption ("A and B") whose objects only
+        colours and shapes tell apart gets one attribute twin, its colour twin where both are chosen: its shape twin
+        would be another drawing of the same caption (`twin_captions`), the other's copy in the batch."""
         attributes = "swap-colours" in self.kinds and is_scene(record) and record["kind"] == "relation"
-        if attributes and is_unplaced(caption, record):
+        if attributes and is_unplaced(caption, record) and not told_apart_by_size(caption, record["objects"]):
             return tuple(kind for kind in self.kinds if kind != "swap-shapes")
         return self.kinds
 

@@ -351,7 +351,7 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
         if kind == "swap-attributes":
             found = swap_attributes(caption, objects) if scene == "relation" else []
             if found and is_unplaced(caption, record):
-                found = found[:1] if binds_apart(objects) else []
+                found = unplaced_swaps(caption, objects)
         elif kind == "swap-relations":
             found = swap_relations(caption, record.get("relation")) if scene == "relation" else []
         elif kind == "swap-count":
@@ -369,11 +369,28 @@ def is_unplaced(caption: str, record: dict) -> bool:
     return _find_relation(_Caption(caption), {relation: RELATION_PHRASES[relation]}, skip_count=False) is None
 
 
-def binds_apart(objects: Sequence[dict]) -> bool:
-    """Whether exchanging the colours of two objects that no place tells apart names other objects: only when their
-    shapes differ too ("a red circle and a blue circle" names the same two objects either way). Then exchanging
-    their shapes names the same two objects as exchanging their colours."""
-    return all(objects[0][field] != objects[1][field] for field in ("colour", "shape"))
+OTHER_FIELD = {"colour": "shape", "shape": "colour"}
+
+
+def told_apart_by_size(caption: str, objects: Sequence[dict]) -> bool:
+    """Whether a caption's two objects differ in size and it names a size ("a big red circle and a blue circle")."""
+    return objects[0].get("size") != objects[1].get("size") and any(w in _SIZES for w in _Caption(caption).words)
+
+
+def unplaced_swaps(caption: str, objects: Sequence[dict], fields: Sequence[str] = ("colour", "shape")) -> list[str]:
+    """The exchanges of `fields` in an unplaced caption ("A and B", no place named) that name other objects than it.
+
+    Exchanging two objects' colours names other objects only where something besides the colours tells the two
+    apart: their shapes, or a size the caption names ("a red circle and a blue circle" names the same two objects
+    either way). Where only colours and shapes tell them apart, exchanging the colours names what exchanging the
+    shapes names ("a blue circle and a red square" = "a red square and a blue circle"): the first is kept."""
+    by_size = told_apart_by_size(caption, objects)
+    found = []
+    for field in fields:
+        other = OTHER_FIELD[field]
+        if objects[0][field] != objects[1][field] and (objects[0][other] != objects[1][other] or by_size):
+            found += swap_attributes(caption, objects, fields=(field,))
+    return found if by_size else found[:1]
 
 
 def is_scene(record: dict | None) -> bool:

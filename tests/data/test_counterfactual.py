@@ -114,7 +114,8 @@ def test_an_unplaced_caption_has_one_binding_twin_and_no_relation_twin():
     """ "A and B" (`clipcond data shapes --unplaced-share`) says nothing of places: the scene with the objects
     exchanged fits it (no relation twin nor negative), exchanging colours names the same objects as exchanging
     shapes (one twin, the other exchange its paraphrase, one negative), and of two objects that share a shape,
-    exchanging colours names the same objects again (no twin, no negative)."""
+    exchanging colours names the same objects again (no twin, no negative). A size the caption names tells the
+    two objects apart as a place would (every exchange its own twin and negative)."""
     pairs = CounterfactualPairs(list(KINDS), [], INFO)
     caption = "a red circle and an orange square"
     record = _placed(("red", "orange"), ("circle", "square"), "right of")
@@ -140,6 +141,27 @@ def test_an_unplaced_caption_has_one_binding_twin_and_no_relation_twin():
     assert twins["twin_text"] == colour_twin[:1] and twins["twin_paraphrases"] == [colour_twin[1:]]
     negatives = hard_negatives.HardNegatives(["swap-attributes"], [record]).candidates([sample], [colour_twin])
     assert negatives.captions == [] and negatives.num_groups.tolist() == [0]
+
+    sized = _placed(("red", "orange"), ("circle", "square"), "right of", sizes=("large", "small"))
+    big = "a big red circle and an orange square"
+    assert pairs.twin_captions(big, sized, "swap-colours") == ["a big orange circle and a red square"]
+    assert pairs.twin_captions(big, sized, "swap-shapes") == ["a big red square and an orange circle"]
+    assert pairs.kinds_of(big, sized) == KINDS
+    assert hard_negatives.swap(big, "swap-attributes", sized) == [
+        "a big orange circle and a red square",
+        "a big red square and an orange circle",
+    ]
+    assert pairs.twin_captions(caption, sized, "swap-colours") == colour_twin  # no size named: as before
+    sized_same_shape = {
+        **same_shape,
+        "objects": [{**same_shape["objects"][0], "size": "large"}, same_shape["objects"][1]],
+    }
+    assert pairs.twin_captions("a big red circle and an orange circle", sized_same_shape, "swap-colours") == [
+        "a big orange circle and a red circle"
+    ]
+    # the share of captions with a twin counts an unplaced caption's shape twin only where it is made
+    coverage = CounterfactualPairs(list(KINDS), [record, sized], INFO).coverage([caption, big])
+    assert coverage["share_by_kind"] == {"swap-colours": 1.0, "swap-shapes": 0.5, "swap-relations": 0.0}
 
 
 def _placed(colours, shapes, relation, sizes=("small", "small")):
