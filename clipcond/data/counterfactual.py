@@ -219,10 +219,11 @@ class CounterfactualPairs:
         """The captions true of the twin of `kind` of a two-object scene, its own first: the caption with the two
         objects' colours (or shapes) exchanged, or with the opposite relation and then the noun phrases exchanged
         around the original relation. An unplaced caption ("a red circle and a blue square", no relation named)
-        has no relation twin, and its attribute twin is also named by the other attribute exchanged ("a blue circle
-        and a red square" = "a red square and a blue circle"). [] where there is no twin: nothing to exchange (one
-        colour, one shape, no relation phrase found; in an unplaced caption, one colour or one shape), a twin that
-        would show a held-out composition, objects that cannot exchange places."""
+        has no relation twin, and where no size it names tells its objects apart, its attribute twin is also named
+        by the other attribute exchanged ("a blue circle and a red square" = "a red square and a blue circle"). []
+        where there is no twin: nothing to exchange (one colour, one shape, no relation phrase found; in an
+        unplaced caption, nothing but the exchanged attribute tells the objects apart), a twin that would show a
+        held-out composition, objects that cannot exchange places."""
         if not is_scene(record) or record["kind"] != "relation":
             return []
         if kind == "swap-relations":

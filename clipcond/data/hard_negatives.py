@@ -52,6 +52,7 @@ LOW_SHARE = 0.2  # below this share of captions with a candidate, training warns
 
 _WORD = re.compile(r"([A-Za-z]+)")  # re.split with a group keeps the separators: words at the odd positions
 _SIZES = {word for words in SIZE_WORDS.values() for word in words}
+OTHER_FIELD = {"colour": "shape", "shape": "colour"}  # the attribute that stays when the other is exchanged
 
 
 def parse_kinds(text: str | None, flag: str = "--hard-negatives", choices: Sequence[str] = KINDS) -> tuple[str, ...]:
@@ -367,9 +368,6 @@ def is_unplaced(caption: str, record: dict) -> bool:
     (`clipcond data shapes --unplaced-share`), true of the scene with its two objects in either place."""
     relation = record["relation"]
     return _find_relation(_Caption(caption), {relation: RELATION_PHRASES[relation]}, skip_count=False) is None
-
-
-OTHER_FIELD = {"colour": "shape", "shape": "colour"}
 
 
 def told_apart_by_size(caption: str, objects: Sequence[dict]) -> bool:
