@@ -350,9 +350,10 @@ def swap(caption: str, kind: str, record: dict | None = None) -> list[str] | Non
     else:
         objects = record["objects"]
         if kind == "swap-attributes":
-            found = swap_attributes(caption, objects) if scene == "relation" else []
-            if found and is_unplaced(caption, record):
-                found = unplaced_swaps(caption, objects)
+            if scene != "relation":
+                found = []
+            else:
+                found = (unplaced_swaps if is_unplaced(caption, record) else swap_attributes)(caption, objects)
         elif kind == "swap-relations":
             found = swap_relations(caption, record.get("relation")) if scene == "relation" else []
         elif kind == "swap-count":
