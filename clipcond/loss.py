@@ -122,6 +122,15 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -
         )
 
 
+def _check_pair_weights(pair_weights: torch.Tensor, pairs: torch.Tensor) -> None:
+    """A shape check only: the values (>= 0, the caller's) would cost a device-to-host copy per step."""
+    if pair_weights.shape != pairs.shape[:1]:
+        raise ValueError(
+            f"pair_weights must have shape (num_pairs,) = {tuple(pairs.shape[:1])} like pairs' rows, got "
+            f"{tuple(pair_weights.shape)}"
+        )
+
+
 def _scale(logit_scale: torch.Tensor | float, max_logit_scale: float | None, like: torch.Tensor) -> torch.Tensor:
     """exp(min(logit_scale, max_logit_scale)): the multiplier of the cosine similarities."""
     logit_scale = torch.as_tensor(logit_scale, device=like.device)
@@ -149,7 +158,9 @@ class ClipLoss(nn.Module):
     each caption against its image and the other's, times ``pair_weight``: a loss of its own over the pair, as the
     hard-negative terms that FSC-CLIP (Oh et al. 2024, arXiv:2410.05210) adds beside the batch's, so that the
     distinction the twin makes is not one column among the batch's many. It weighs like one row of the batch's
-    loss at weight 1, and needs no gather: both rows of a pair are on the same process.
+    loss at weight 1, and needs no gather: both rows of a pair are on the same process. ``forward``'s
+    ``pair_weights`` weigh each pair on its own in place of ``pair_weight`` (twins of several kinds, each at its
+    weight: `clipcond train clip --counterfactual-kind-weights`).
 
     Args:
         local_loss: in a multi-process run, each process scores only its own ``b`` images (texts) against the
@@ -161,7 +172,7 @@ class ClipLoss(nn.Module):
             gradients no longer match single-process training.
         rank, world_size: taken from ``torch.distributed`` at each call when None; 0 and 1 without a process group.
         max_logit_scale: clamp of ``logit_scale`` before ``exp`` (None: no clamp).
-        pair_weight: weight of the pair term (0: none, ``pairs`` ignored).
+        pair_weight: weight of the pair term (0: none, ``pairs`` ignored unless ``forward`` gets ``pair_weights``).
 
     Reference implementation: open_clip ``loss.py`` (Ilharco et al.), whose steps this follows.
     """
@@ -259,6 +270,7 @@ class ClipLoss(nn.Module):
         negative_features: torch.Tensor | None = None,
         uneven: bool = False,
         pairs: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Loss of a batch of pairs: a scalar, or ``{"contrastive_loss": scalar}`` with ``output_dict``.
 
@@ -272,7 +284,8 @@ class ClipLoss(nn.Module):
         pairs, so that the mean over processes is still the loss of one process on the global batch. Pass it on
         every process alike.
         ``pairs``: ``(p, 2)`` long, local rows that are each other's hard negatives (the pair term; ``p`` may be 0
-        and differ between processes), or None.
+        and differ between processes), or None. ``pair_weights``: ``(p,)`` weight of each pair's term, in place of
+        ``pair_weight`` (None: ``pair_weight`` for every pair).
         """
         _check_features(image_features, text_features)
         image_features = F.normalize(image_features, dim=-1)
@@ -308,11 +321,15 @@ class ClipLoss(nn.Module):
             summed = F.cross_entropy(logits_per_image, labels, reduction="sum")
             summed = summed + F.cross_entropy(logits_per_text, labels, reduction="sum")
             loss = summed / (2 * rows_per_process)
-        if pairs is not None and self.pair_weight > 0:
+        if pairs is not None and (self.pair_weight > 0 or pair_weights is not None):
             # each pair weighs as one row of the global batch: its share per process as the rows' (see `uneven`)
             rows = num_rows if counts is None else sum(counts) / world_size
-            pair_sum = self.pair_losses(image_features, text_features, scale, pairs).sum()
-            loss = loss + self.pair_weight * pair_sum / rows
+            pair_losses = self.pair_losses(image_features, text_features, scale, pairs)  # (p,)
+            if pair_weights is None:
+                loss = loss + self.pair_weight * pair_losses.sum() / rows
+            else:
+                _check_pair_weights(pair_weights, pairs)
+                loss = loss + (pair_weights.to(pair_losses.dtype) * pair_losses).sum() / rows
         return {"contrastive_loss": loss} if output_dict else loss
 
 

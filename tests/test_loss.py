@@ -208,6 +208,22 @@ def test_the_pair_term_adds_each_pairs_two_way_losses_as_rows_of_the_batch():
         ClipLoss(pair_weight=-1)
 
 
+def test_pair_weights_weigh_each_pair_on_its_own_in_place_of_pair_weight():
+    g = torch.Generator().manual_seed(6)
+    image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    pairs = torch.tensor([[0, 4], [2, 5], [1, 3]])
+    plain = ClipLoss()(image, text, 1.3)
+    terms = _reference_pair_terms(image, text, pairs.tolist(), 1.3)
+    weights = torch.tensor([16.0, 0.0, 4.0])
+    for pair_weight in (0.0, 8.0):  # replaced, and the term on even where the loss's own weight is 0
+        loss = ClipLoss(pair_weight=pair_weight)(image, text, 1.3, pairs=pairs, pair_weights=weights)
+        assert (loss - plain).item() == pytest.approx((16 * terms[0] + 4 * terms[2]) / 6, rel=1e-5)
+    same = ClipLoss()(image, text, 1.3, pairs=pairs, pair_weights=torch.full((3,), 2.5))
+    assert same.item() == pytest.approx(ClipLoss(pair_weight=2.5)(image, text, 1.3, pairs=pairs).item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"pair_weights must have shape \(num_pairs,\) = \(3,\).*got \(2,\)"):
+        ClipLoss()(image, text, 1.3, pairs=pairs, pair_weights=weights[:2])
+
+
 def test_a_pair_alike_in_pixels_and_words_costs_log_2_and_different_images_train_captions_apart():
     """Twins that neither tower tells apart: each of the four choices is a coin toss (log 2). Where the images differ
     but the captions do not (the text tower does not read the change yet), the gradient moves the captions apart."""
