@@ -137,7 +137,8 @@ class RunRecord:
     def counterfactual_pairs(self) -> dict[str, Any] | None:
         """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "weight", "share", "share_by_kind", ...}`,
         "weight" the `--counterfactual-weight`: from the arguments where the section predates it, 0 where they do
-        too); None for a CLIP trained without twins."""
+        too; "kind_weights" the `--counterfactual-kind-weights` dict, where given); None for a CLIP trained without
+        twins."""
         section = self.sections.get("counterfactual_pairs")
         if not isinstance(section, dict):
             return None

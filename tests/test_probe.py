@@ -87,6 +87,16 @@ def test_probe_names_the_clips_recipe(tiny_clip_run, shapes_data, tmp_path, caps
     out = capsys.readouterr().out
     assert "The CLIP trained with --counterfactual-pairs swap-colours --counterfactual-weight 8: binding" in out
     assert json.loads((tmp_path / "weighted" / "probes.json").read_text())["clip_recipe"]["counterfactual_weight"] == 8
+    # and the weights per kind, where given
+    record.sections["counterfactual_pairs"]["kind_weights"] = {"swap-colours": 16.0}
+    record.write(clip)
+    assert main([*argv[:5], str(tmp_path / "by_kind"), *argv[6:]]) == 0
+    named = (
+        "--counterfactual-pairs swap-colours --counterfactual-weight 8 --counterfactual-kind-weights swap-colours=16"
+    )
+    assert f"The CLIP trained with {named}: binding" in capsys.readouterr().out
+    recipe = json.loads((tmp_path / "by_kind" / "probes.json").read_text())["clip_recipe"]
+    assert recipe["counterfactual_kind_weights"] == {"swap-colours": 16}
 
 
 def test_a_probe_report_is_current_only_for_its_clip(tiny_clip_run, shapes_data, tmp_path):

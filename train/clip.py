@@ -25,7 +25,7 @@ from transformers import CLIPModel
 from clipcond.data.augment import CROP_DRAWS, ImageAugment, grayscale_where, random_resized_crops
 from clipcond.data.counterfactual import KINDS as PAIR_KINDS
 from clipcond.data.counterfactual import LOW_SHARE as LOW_PAIR_SHARE
-from clipcond.data.counterfactual import CounterfactualPairs, check_pair_data, parse_pair_kinds
+from clipcond.data.counterfactual import CounterfactualPairs, check_pair_data, parse_kind_weights, parse_pair_kinds
 from clipcond.data.folders import ImageCaptionDataset, collate_image_text
 from clipcond.data.hard_negatives import KINDS as HARD_NEGATIVE_KINDS
 from clipcond.data.hard_negatives import LOW_SHARE, HardNegatives, parse_kinds, pick_negatives
@@ -185,6 +185,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "at 1 a pair weighs as one row of the batch's loss; 0 (default) adds none",
     )
     model.add_argument(
+        "--counterfactual-kind-weights",
+        default="none",
+        metavar="KIND=W,...",
+        help="with --counterfactual-pairs, the pair-term weight of the twins of the named kinds in place of "
+        "--counterfactual-weight, e.g. swap-relations=16 (relation twins at 16, the others at --counterfactual-weight)"
+        "; 'none' (default): every twin at --counterfactual-weight",
+    )
+    model.add_argument(
         "--attn-implementation",
         default=None,
         choices=ATTN_IMPLEMENTATIONS,
@@ -197,9 +205,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_pair_args(args: argparse.Namespace) -> None:
-    """`--counterfactual-pairs` (parsed into a list) and `--counterfactual-weight`, against the loss and the data."""
+    """`--counterfactual-pairs` (parsed into a list), `--counterfactual-weight` and `--counterfactual-kind-weights`
+    (parsed into a dict), against the loss and the data."""
     if isinstance(args.counterfactual_pairs, str):
         args.counterfactual_pairs = list(parse_pair_kinds(args.counterfactual_pairs))
+    if isinstance(args.counterfactual_kind_weights, str):
+        args.counterfactual_kind_weights = parse_kind_weights(
+            args.counterfactual_kind_weights, args.counterfactual_pairs
+        )
     if args.counterfactual_pairs and args.loss != "clip":
         raise ValueError(
             f"`--counterfactual-pairs` {','.join(args.counterfactual_pairs)!r} needs `--loss clip`, got "
@@ -322,6 +335,7 @@ class ClipStage(Stage):
         augment: ImageAugment | None = None,
         length_multiple: int = 1,
         output_dir: Path | None = None,
+        twin_weights: list[float] | None = None,
     ):
         self.accelerator = accelerator
         self.model = model
@@ -337,6 +351,8 @@ class ClipStage(Stage):
         self.export_open_clip = False
         # Padding is on the right, so a batch can drop the columns past its longest caption (see `loss`).
         self.right_padded = tokenizer.padding_side == "right"
+        # the pair-term weight of each kind of twin (`twin_weights`), None where all weigh `loss_fn.pair_weight`
+        self.twin_weights = None if twin_weights is None else torch.tensor(twin_weights, device=accelerator.device)
 
     @property
     def unwrapped(self) -> ContrastiveModel:
@@ -367,6 +383,8 @@ class ClipStage(Stage):
             options["uneven"] = True  # C differs between batches and processes
             twin_rows = torch.arange(batch["input_ids"].shape[0], num_pairs, device=device)
             options["pairs"] = torch.stack([twin_source, twin_rows], dim=1)  # (C, 2)
+            if self.twin_weights is not None:
+                options["pair_weights"] = self.twin_weights[to_device(batch["twin_kind"], device)]  # (C,)
             logs["train/counterfactual_pairs"] = twin_source.shape[0] / batch["input_ids"].shape[0]
         if "negatives" in batch:
             options["negative_features"] = negative_embeds.float()
@@ -531,6 +549,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         ImageAugment(args.grayscale_prob, args.random_crop_scale, args.hflip_prob),
         multiple,
         output_dir=output_dir,
+        twin_weights=twin_weights(args),
     )
     context = clip.config.text_config.max_position_embeddings
     collate = CaptionTokens(tokenizer, context, hard_negatives, counterfactual)
@@ -548,6 +567,8 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
             sections["hard_negatives"] = {"kinds": list(hard_negatives.kinds), **coverage}
         if counterfactual is not None:
             twins = {"kinds": list(counterfactual.kinds), "weight": args.counterfactual_weight}
+            if args.counterfactual_kind_weights:
+                twins["kind_weights"] = args.counterfactual_kind_weights
             sections["counterfactual_pairs"] = {**twins, **pair_coverage}
         return sections
 
@@ -609,6 +630,16 @@ def counterfactual_pairs(
     elif warn:
         logger.info("counterfactual twins for %.1f%% of the training captions", 100 * coverage["share"])
     return maker, coverage
+
+
+def twin_weights(args: argparse.Namespace) -> list[float] | None:
+    """The pair-term weight of each kind of `--counterfactual-pairs`, in its order: `--counterfactual-kind-weights`'
+    where it names the kind, `--counterfactual-weight` elsewhere; None without kind weights (all at the latter)."""
+    if not args.counterfactual_kind_weights:
+        return None
+    return [
+        args.counterfactual_kind_weights.get(kind, args.counterfactual_weight) for kind in args.counterfactual_pairs
+    ]
 
 
 def load_initial_clip(args: argparse.Namespace) -> PretrainedClip:

@@ -34,6 +34,7 @@ The third shows the original's own pairs, in the other order.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ from clipcond.data.shapes import (
     relation_of,
     render_boxes,
 )
+from clipcond.finite import finite_float
 
 KINDS = ("swap-colours", "swap-shapes", "swap-relations")
 FIELDS = {"swap-colours": "colour", "swap-shapes": "shape"}  # the metadata field each attribute kind exchanges
@@ -75,6 +77,38 @@ REDRAW_TOLERANCE = 1.0  # mean absolute difference (0-255) between an image and 
 def parse_pair_kinds(text: str | None) -> tuple[str, ...]:
     """The kinds of `--counterfactual-pairs` ("swap-colours,swap-shapes"); "" or "none" (or None) for none."""
     return parse_kinds(text, "--counterfactual-pairs", KINDS)
+
+
+def parse_kind_weights(text: str | None, kinds: Sequence[str]) -> dict[str, float]:
+    """`--counterfactual-kind-weights` ("swap-relations=16,swap-colours=4"): the pair-term weight of the twins of each
+    named kind, one of `kinds` (those of `--counterfactual-pairs`); "" or "none" (or None) for none."""
+    flag = "--counterfactual-kind-weights"
+    if text is None or text.strip().lower() in ("", "none"):
+        return {}
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        kind, sep, value = (part.strip() for part in item.partition("="))
+        kind = kind.lower()
+        if not sep or kind not in kinds:
+            raise ValueError(
+                f"`{flag}` {text!r}: {item.strip()!r} must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` "
+                f"{','.join(kinds) or 'none'}"
+            )
+        try:
+            weight = finite_float(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"`{flag}` {text!r}: the weight of {kind} {err}") from None
+        if weight < 0:
+            raise ValueError(f"`{flag}` {text!r}: the weight of {kind} must be >= 0, got {value!r}")
+        if kind in weights:
+            raise ValueError(f"`{flag}` {text!r} names {kind} twice")
+        weights[kind] = weight
+    return weights
+
+
+def format_kind_weights(weights: dict[str, float] | None) -> str:
+    """`--counterfactual-kind-weights`' text of `parse_kind_weights`' dict ("swap-relations=16"); "none" for none."""
+    return ",".join(f"{kind}={weight:g}" for kind, weight in weights.items()) if weights else "none"
 
 
 def has_palette(info: dict | None) -> bool:
@@ -283,9 +317,9 @@ class CounterfactualPairs:
     def twins(self, samples: Sequence[dict]) -> dict:
         """The twins of a batch of data set items (each with "pixel_values", "text", "index"), per sample in the
         order of `kinds`: `twin_pixel_values` (C, 3, H, W) uint8, `twin_text` (C captions), `twin_source` (C,)
-        int64, the row of each twin's original, and `twin_paraphrases` (C lists), the other captions true of each
-        twin (`twin_captions`)."""
-        pixels, texts, sources, paraphrases = [], [], [], []
+        int64, the row of each twin's original, `twin_kind` (C,) int64, the index of its kind in `kinds`, and
+        `twin_paraphrases` (C lists), the other captions true of each twin (`twin_captions`)."""
+        pixels, texts, sources, kinds, paraphrases = [], [], [], [], []
         for row, sample in enumerate(samples):
             record = self.records[sample["index"]]
             for kind in self.kinds_of(sample["text"], record):
@@ -296,11 +330,13 @@ class CounterfactualPairs:
                     texts.append(captions[0])
                     paraphrases.append(captions[1:])
                     sources.append(row)
+                    kinds.append(self.kinds.index(kind))
         shape = tuple(samples[0]["pixel_values"].shape) if samples else (3, 0, 0)
         return {
             "twin_pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, *shape, dtype=torch.uint8),
             "twin_text": texts,
             "twin_source": torch.tensor(sources, dtype=torch.long),
+            "twin_kind": torch.tensor(kinds, dtype=torch.long),
             "twin_paraphrases": paraphrases,
         }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from clipcond.data.counterfactual import format_kind_weights
 from clipcond.evaluation.probes import (
     GENERATOR_KINDS,
     PROBE_FIELD,
@@ -61,7 +62,8 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
     """How the probed CLIP was trained, from its run record: {"run_record": whether it has one (a Hub or other
     CLIPModel folder has none), "hard_negatives" and "counterfactual_pairs": the kinds of `--hard-negatives` and
     of `--counterfactual-pairs`, each None when not used (both None: the plain recipe), "counterfactual_weight":
-    the twins' `--counterfactual-weight` (0 for twins from before it, None without twins)}."""
+    the twins' `--counterfactual-weight` (0 for twins from before it, None without twins), and
+    "counterfactual_kind_weights": their `--counterfactual-kind-weights` ({kind: weight}; None where not given)}."""
     from clipcond.runs import RunRecord
 
     record = RunRecord.read_if_present(clip_path)
@@ -72,12 +74,13 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
         "hard_negatives": None if negatives is None else negatives["kinds"],
         "counterfactual_pairs": None if twins is None else twins["kinds"],
         "counterfactual_weight": None if twins is None else twins["weight"],
+        "counterfactual_kind_weights": None if twins is None else twins.get("kind_weights") or None,
     }
 
 
 def recipe_name(recipe: dict | None) -> str:
     """ "the plain CLIP recipe", "the CLIP trained with --hard-negatives K [and --counterfactual-pairs P
-    [--counterfactual-weight W]]", or "the CLIP" when unknown."""
+    [--counterfactual-weight W] [--counterfactual-kind-weights KIND=W]]", or "the CLIP" when unknown."""
     if not recipe or not recipe.get("run_record"):
         return "the CLIP"
     options = [
@@ -87,6 +90,8 @@ def recipe_name(recipe: dict | None) -> str:
     ]
     if recipe.get("counterfactual_weight"):
         options[-1] += f" --counterfactual-weight {recipe['counterfactual_weight']:g}"
+    if recipe.get("counterfactual_kind_weights"):
+        options[-1] += f" --counterfactual-kind-weights {format_kind_weights(recipe['counterfactual_kind_weights'])}"
     return f"the CLIP trained with {' and '.join(options)}" if options else "the plain CLIP recipe"
 
 

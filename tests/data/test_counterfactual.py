@@ -16,6 +16,7 @@ from clipcond.data.counterfactual import (
     CounterfactualPairs,
     check_pair_data,
     exchange_places,
+    parse_kind_weights,
     parse_pair_kinds,
     redraw_swapped_places,
     redraw_swapped_shapes,
@@ -307,6 +308,7 @@ def test_twins_of_a_batch_and_their_share(shapes_data):
         if pairs.twin_caption(s["text"], data.records[s["index"]], kind)
     ]
     assert twins["twin_source"].tolist() == [i for i, _ in expected] and {k for _, k in expected} == set(kinds)
+    assert twins["twin_kind"].tolist() == [kinds.index(kind) for _, kind in expected]
     assert twins["twin_pixel_values"].shape == (len(expected), 3, 32, 32)
     for k, (row, kind) in enumerate(expected):
         original, twin_text = samples[row]["text"], twins["twin_text"][k]
@@ -330,6 +332,25 @@ def test_other_data_and_kinds_are_refused(shapes_data, tmp_path):
     with pytest.raises(ValueError, match=r"`--counterfactual-pairs` 'swap-sizes' names an unknown kind"):
         parse_pair_kinds("swap-sizes")
     assert parse_pair_kinds("none") == () and parse_pair_kinds("swap-colours") == ("swap-colours",)
+
+
+def test_kind_weights_name_kinds_of_the_twins_and_weights_of_zero_or_more():
+    kinds = ("swap-colours", "swap-relations")
+    assert parse_kind_weights("Swap-Relations = 16, swap-colours=0", kinds) == {
+        "swap-relations": 16,
+        "swap-colours": 0,
+    }
+    assert parse_kind_weights("none", kinds) == parse_kind_weights(None, kinds) == {}
+    for text, match in (
+        ("swap-shapes=2", r"'swap-shapes=2' must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` swap-col"),
+        ("swap-colours", r"'swap-colours' must read KIND=WEIGHT"),
+        ("swap-colours=-1", r"the weight of swap-colours must be >= 0, got '-1'"),
+        ("swap-colours=nan", r"the weight of swap-colours must be a finite number, got 'nan'"),
+        ("swap-colours=two", r"the weight of swap-colours must be a number, got 'two'"),
+        ("swap-colours=1,swap-colours=2", r"names swap-colours twice"),
+    ):
+        with pytest.raises(ValueError, match=rf"`--counterfactual-kind-weights` '{text}'.*{match}"):
+            parse_kind_weights(text, kinds)
     with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
         CounterfactualPairs(["swap-colours"], [], {"name": "my-photos"})
     with pytest.raises(ValueError, match="no folder of the shapes data"):

@@ -355,6 +355,35 @@ def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path,
     assert record["args"]["counterfactual_weight"] == record["counterfactual_pairs"]["weight"] == 2.0
 
 
+def test_kind_weights_weigh_each_twin_by_its_kind(shapes_data, tmp_path, monkeypatch):
+    """`--counterfactual-kind-weights swap-relations=16`: relation twins' pairs at 16, the colour twins' at
+    `--counterfactual-weight`; the record names both."""
+    from clipcond import loss as loss_module
+    from clipcond.train import clip as train_clip
+
+    kinds, weights = [], []
+    stage_loss, forward = train_clip.ClipStage.loss, loss_module.ClipLoss.forward
+
+    def recording_stage(self, batch, generator):
+        kinds.append(batch["twin_kind"])
+        return stage_loss(self, batch, generator)
+
+    def recording_loss(self, image, text, scale, **options):
+        weights.append(options["pair_weights"].cpu())
+        return forward(self, image, text, scale, **options)
+
+    monkeypatch.setattr(train_clip.ClipStage, "loss", recording_stage)
+    monkeypatch.setattr(loss_module.ClipLoss, "forward", recording_loss)
+    twins = ["--counterfactual-pairs", "swap-colours,swap-relations", "--counterfactual-weight", "2"]
+    _run(shapes_data, tmp_path / "run", *THREE_STEPS, *twins, "--counterfactual-kind-weights", "swap-relations=16")
+    kinds, weights = torch.cat(kinds), torch.cat(weights)
+    assert set(kinds.tolist()) == {0, 1}  # both kinds met, in the order of --counterfactual-pairs
+    assert weights.tolist() == [16.0 if kind == 1 else 2.0 for kind in kinds.tolist()]
+    record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
+    assert record["counterfactual_pairs"]["weight"] == 2.0
+    assert record["counterfactual_pairs"]["kind_weights"] == {"swap-relations": 16.0}
+
+
 def test_twins_are_shown_in_colour_with_their_originals_crop():
     """The originals are shown as without twins; a twin is cropped and flipped as its original, but never shown in
     grayscale (its colours are what it is there for), and draws nothing of its own."""
@@ -620,6 +649,22 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
             ["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"],
             ValueError,
             r"`--counterfactual-weight` must be >= 0, got -1.0",
+        ),
+        (
+            ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-relations=4"],
+            ValueError,
+            r"`--counterfactual-kind-weights` 'swap-relations=4': 'swap-relations=4' must read KIND=WEIGHT with KIND "
+            r"one of `--counterfactual-pairs` swap-colours",
+        ),
+        (
+            ["--counterfactual-kind-weights", "swap-colours=4"],
+            ValueError,
+            r"KIND one of `--counterfactual-pairs` none",
+        ),
+        (
+            ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-colours=inf"],
+            ValueError,
+            r"the weight of swap-colours must be a finite number, got 'inf'",
         ),
     ],
 )
