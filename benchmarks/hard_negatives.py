@@ -2,7 +2,8 @@
 equal steps, over seeds (a benchmark, not a test).
 
     python benchmarks/hard_negatives.py --data-dir DIR [--seeds 0,1,2] [--kinds swap-attributes,swap-relations]
-        [--counterfactual-pairs swap-colours] [--counterfactual-weight W] [--max-train-steps N] [--work-dir RUNS]
+        [--counterfactual-pairs swap-colours] [--counterfactual-weight W] [--counterfactual-kind-weights KIND=W]
+        [--max-train-steps N] [--work-dir RUNS]
         [--seeds-from RESULT.json] [--save-results] [--clip-args ARGS...]
     python benchmarks/hard_negatives.py --smoke          # the `test` preset, a few steps: checks the wiring only
 
@@ -10,8 +11,8 @@ equal steps, over seeds (a benchmark, not a test).
    when DIR holds another seed's).
 2. Per seed, two runs of `clipcond train clip` with every other option at its default (or the `--smoke` sizes):
    the plain recipe, and the same with `--hard-negatives KINDS` and `--counterfactual-pairs KINDS` (and
-   `--counterfactual-weight W` when given; the recipe keyed "hard_negatives" in the output; `--kinds none` for twins
-   alone). Both take the same steps, batch and data order.
+   `--counterfactual-weight W` and `--counterfactual-kind-weights` when given; the recipe keyed "hard_negatives" in
+   the output; `--kinds none` for twins alone). Both take the same steps, batch and data order.
 3. Each run is evaluated by `clipcond eval clip` (zero-shot top-1 on seen and held-out compositions, retrieval)
    and by `clipcond probe`'s CLIP minimal-pair probes (count, relation, binding, position, size: the share of
    pairs where the image is closer to the right caption).
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from common import add_results_flag, command_line, ensure_shapes, machine, parse_seeds, save_results
 
+from clipcond.data.counterfactual import format_kind_weights, parse_kind_weights, parse_pair_kinds
 from clipcond.evaluation.stats import mean_interval
 from clipcond.finite import finite_float
 
@@ -45,6 +47,7 @@ SAME_SETTINGS = (
     "kinds",
     "counterfactual_pairs",
     "counterfactual_weight",
+    "counterfactual_kind_weights",
     "model",
     "max_train_steps",
     "train_batch_size",
@@ -79,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="the hard-negative run's --counterfactual-weight (default 0: none)",
+    )
+    parser.add_argument(
+        "--counterfactual-kind-weights",
+        default="none",
+        metavar="KIND=W,...",
+        help="the hard-negative run's --counterfactual-kind-weights (default none: every twin at "
+        "--counterfactual-weight)",
     )
     parser.add_argument(
         "--unplaced-share",
@@ -118,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--counterfactual-weight {args.counterfactual_weight:g} weighs twins: pass --counterfactual-pairs"
         )
+    try:  # written back as `clipcond train clip` reads it: results compare it as text
+        weights = parse_kind_weights(args.counterfactual_kind_weights, parse_pair_kinds(args.counterfactual_pairs))
+    except ValueError as err:
+        parser.error(str(err))
+    args.counterfactual_kind_weights = format_kind_weights(weights)
     if args.smoke:
         args.model = args.model or SMOKE["model"]
         args.max_train_steps = args.max_train_steps or SMOKE["max_train_steps"]
@@ -142,6 +157,8 @@ def train_argv(args: argparse.Namespace, data_dir: Path, run: Path, seed: int, r
         argv += ["--hard-negatives", args.kinds, "--counterfactual-pairs", args.counterfactual_pairs]
         if args.counterfactual_weight:  # only when given: the runs of earlier results keep their command lines
             argv += ["--counterfactual-weight", str(args.counterfactual_weight)]
+        if args.counterfactual_kind_weights != "none":  # as the weight: earlier runs keep their command lines
+            argv += ["--counterfactual-kind-weights", args.counterfactual_kind_weights]
     return [*argv, *args.clip_args]
 
 

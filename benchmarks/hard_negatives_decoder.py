@@ -85,7 +85,7 @@ def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Name
 
 def treated_setting(runs_dir: Path, seeds: list[int], section: str, field: str = "kinds"):
     """One setting of the treated CLIPs, as their run records' `section` ("hard_negatives" or "counterfactual_pairs")
-    say it: its `field` ("kinds", or the twins' "weight"), the same for every seed; None if unrecorded (not used, or
+    say it: its `field` ("kinds", or the twins' "weight" or "kind_weights"), the same for every seed; None if unrecorded (not used, or
     from before the field)."""
     from clipcond.runs import RunRecord
 
@@ -114,6 +114,8 @@ def differences(per_seed: dict[str, dict[int, dict]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from clipcond.data.counterfactual import format_kind_weights
+
     args = parse_args(argv)
     per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
     for seed in args.seeds:
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         "kinds": treated_setting(args.runs_dir, args.seeds, "hard_negatives") or None,
         "counterfactual_pairs": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs") or None,
         "counterfactual_weight": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs", "weight"),
+        "counterfactual_kind_weights": format_kind_weights(
+            treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs", "kind_weights")
+        ),
         "machine": machine(),
         "per_seed": per_seed,
         "difference": differences(per_seed),

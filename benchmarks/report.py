@@ -445,13 +445,15 @@ def _hard_negative_bar(key: str, target: dict, difference: dict) -> tuple[str, s
 
 def treated_recipe(settings: dict) -> str:
     """The options of `benchmarks/hard_negatives.py`'s treated run: "`--hard-negatives K`", "`--counterfactual-pairs
-    P`" and "`--counterfactual-weight W`", those it used (results from before an option have none of it)."""
+    P`", "`--counterfactual-weight W`" and "`--counterfactual-kind-weights KIND=W`", those it used (results from before
+    an option have none of it)."""
     options = [
         f"`{flag} {value}`"
         for flag, value in (
             ("--hard-negatives", settings.get("kinds")),
             ("--counterfactual-pairs", settings.get("counterfactual_pairs")),
             ("--counterfactual-weight", f"{settings.get('counterfactual_weight') or 0:g}"),
+            ("--counterfactual-kind-weights", settings.get("counterfactual_kind_weights")),
         )
         if value and value not in ("none", "0")
     ]
@@ -502,6 +504,7 @@ def hard_negative_decoder_rows(report: dict, name: str = "hard_negatives_decoder
             "kinds": ",".join(report.get("kinds") or ()),
             "counterfactual_pairs": ",".join(report.get("counterfactual_pairs") or ()),
             "counterfactual_weight": report.get("counterfactual_weight"),
+            "counterfactual_kind_weights": report.get("counterfactual_kind_weights"),
         }
     )
     kinds = f" ({options})" if options else ""

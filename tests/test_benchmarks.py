@@ -261,6 +261,10 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     weighted = {**twins, "counterfactual_weight": 8.0}
     rows = report_module.hard_negative_decoder_rows(weighted, "hard_negatives_count_decoder")
     assert all("CLIP (`--counterfactual-pairs swap-colours` + `--counterfactual-weight 8`):" in row for row in rows)
+    assert report["counterfactual_kind_weights"] == "none"  # from the treated CLIPs' records, as the flag reads
+    by_kind = {**weighted, "counterfactual_kind_weights": "swap-colours=2"}
+    rows = report_module.hard_negative_decoder_rows(by_kind, "hard_negatives_count_decoder")
+    assert all("`--counterfactual-weight 8` + `--counterfactual-kind-weights swap-colours=2`):" in row for row in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
@@ -805,7 +809,29 @@ def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tm
     assert report_module.treated_recipe(vars(weighted)) == (
         "`--counterfactual-pairs swap-colours` + `--counterfactual-weight 4`"
     )
+    # weights per kind: on the treated run alone, written as train clip reads them, named in the report
+    twins = [
+        "--kinds",
+        "none",
+        "--counterfactual-pairs",
+        "swap-colours,swap-relations",
+        "--counterfactual-weight",
+        "4",
+    ]
+    by_kind = hard_negatives.parse_args([*twins, "--counterfactual-kind-weights", " Swap-Relations=16.0"])
+    treated = hard_negatives.train_argv(by_kind, shapes_data, tmp_path, 0, "hard_negatives")
+    assert treated[treated.index("--counterfactual-kind-weights") + 1] == "swap-relations=16"
+    assert "--counterfactual-kind-weights" not in hard_negatives.train_argv(by_kind, shapes_data, tmp_path, 0, "plain")
+    assert "--counterfactual-kind-weights" not in hard_negatives.train_argv(weighted, shapes_data, tmp_path, 0, "x")
+    assert report_module.treated_recipe(vars(by_kind)) == (
+        "`--counterfactual-pairs swap-colours,swap-relations` + `--counterfactual-weight 4` + "
+        "`--counterfactual-kind-weights swap-relations=16`"
+    )
     for refused, message in (
+        (
+            ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-relations=16"],
+            "'swap-relations=16' must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` swap-colours",
+        ),
         (["--counterfactual-weight", "4"], "--counterfactual-weight 4 weighs twins: pass --counterfactual-pairs"),
         (["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"], "must be >= 0, got -1"),
         (["--unplaced-share", "1.5"], "--unplaced-share must lie in [0, 1], got 1.5"),
