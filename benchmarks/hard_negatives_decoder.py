@@ -85,8 +85,8 @@ def probe_decoder(clip: Path, decoder: Path, data_dir: Path, args: argparse.Name
 
 def treated_setting(runs_dir: Path, seeds: list[int], section: str, field: str = "kinds"):
     """One setting of the treated CLIPs, as their run records' `section` ("hard_negatives" or "counterfactual_pairs")
-    say it: its `field` ("kinds", or the twins' "weight" or "kind_weights"), the same for every seed; None if unrecorded (not used, or
-    from before the field)."""
+    say it: its `field` ("kinds", or the twins' "weight" or "kind_weights"), the same for every seed; None if
+    unrecorded (not used, or from before the field)."""
     from clipcond.runs import RunRecord
 
     records = [RunRecord.read(runs_dir / f"hard_negatives-seed{s}") for s in seeds]

@@ -329,7 +329,7 @@ class ClipLoss(nn.Module):
                 loss = loss + self.pair_weight * pair_losses.sum() / rows
             else:
                 _check_pair_weights(pair_weights, pairs)
-                loss = loss + (pair_weights.to(pair_losses.dtype) * pair_losses).sum() / rows
+                loss = loss + (pair_weights.to(pair_losses) * pair_losses).sum() / rows
         return {"contrastive_loss": loss} if output_dict else loss
 
 

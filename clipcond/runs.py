@@ -137,12 +137,16 @@ class RunRecord:
     def counterfactual_pairs(self) -> dict[str, Any] | None:
         """A CLIP run's `--counterfactual-pairs` section (`{"kinds", "weight", "share", "share_by_kind", ...}`,
         "weight" the `--counterfactual-weight`: from the arguments where the section predates it, 0 where they do
-        too; "kind_weights" the `--counterfactual-kind-weights` dict, where given); None for a CLIP trained without
-        twins."""
+        too; "kind_weights" the `--counterfactual-kind-weights` dict, {} where none were given, from the arguments
+        as the weight); None for a CLIP trained without twins."""
         section = self.sections.get("counterfactual_pairs")
         if not isinstance(section, dict):
             return None
-        return {"weight": self.args.get("counterfactual_weight", 0.0), **section}
+        defaults = {
+            "weight": self.args.get("counterfactual_weight", 0.0),
+            "kind_weights": self.args.get("counterfactual_kind_weights") or {},
+        }
+        return {**defaults, **section}
 
     @property
     def lineage(self) -> Lineage | None:

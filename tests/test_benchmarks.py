@@ -830,7 +830,7 @@ def test_hard_negatives_weighs_the_twins_of_the_treated_run_only(shapes_data, tm
     for refused, message in (
         (
             ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-relations=16"],
-            "'swap-relations=16' must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` swap-colours",
+            "names 'swap-relations', which `--counterfactual-pairs` swap-colours does not make",
         ),
         (["--counterfactual-weight", "4"], "--counterfactual-weight 4 weighs twins: pass --counterfactual-pairs"),
         (["--counterfactual-pairs", "swap-colours", "--counterfactual-weight", "-1"], "must be >= 0, got -1"),

@@ -293,14 +293,23 @@ LOSS_CONFIGS = {
     "clip_negatives_global_logits": ("clip", {"local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, True),
     "clip_pairs": ("clip", {"pair_weight": 2.0}, CLIP_LOGIT_SCALE_INIT, None, True),
     "clip_pairs_global_logits": ("clip", {"pair_weight": 2.0, "local_loss": False}, CLIP_LOGIT_SCALE_INIT, None, True),
+    "clip_pair_weights": ("clip", {}, CLIP_LOGIT_SCALE_INIT, None, True),  # `PAIR_WEIGHTS` per pair
 }
 # Pairs of rows that are each other's twins (the pair term), each within one process's rows, even split or uneven
 PAIRS = [(0, 1), (2, 0), (5, 7)]
+PAIR_WEIGHTS = [4.0, 0.0, 1.5]  # each pair's own weight, in "clip_pair_weights"
 # The rows of the global batch that have a hard negative: 3 on rank 0, 1 on rank 1 (the counts differ)
 NEGATIVE_ROWS = [0, 1, 2, 5]
 # `uneven=True`: rank 0 holds the first UNEVEN_SPLIT pairs, rank 1 the others (counterfactual pairs join some batches)
 UNEVEN_SPLIT = 3
-UNEVEN_CONFIGS = ("clip", "clip_global_logits", "clip_negatives", "clip_pairs", "clip_pairs_global_logits")
+UNEVEN_CONFIGS = (
+    "clip",
+    "clip_global_logits",
+    "clip_negatives",
+    "clip_pairs",
+    "clip_pairs_global_logits",
+    "clip_pair_weights",
+)
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -311,9 +320,11 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, text, negatives
 
 
-def _own_pairs(rows: range) -> torch.Tensor:
-    """The pairs of `PAIRS` within `rows` of the global batch, as local rows."""
-    return torch.tensor([[a - rows.start, b - rows.start] for a, b in PAIRS if a in rows], dtype=torch.long)
+def _own_pairs(rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs of `PAIRS` within `rows` of the global batch, as local rows, and their `PAIR_WEIGHTS`."""
+    own = [k for k, (a, _) in enumerate(PAIRS) if a in rows]
+    pairs = torch.tensor([[a - rows.start, b - rows.start] for a, b in (PAIRS[k] for k in own)], dtype=torch.long)
+    return pairs.reshape(-1, 2), torch.tensor([PAIR_WEIGHTS[k] for k in own])
 
 
 def _loss_and_grads(
@@ -332,8 +343,11 @@ def _loss_and_grads(
     extra = {"negative_features": negatives} if with_negatives else {}
     if uneven:
         extra["uneven"] = True
+    pairs, weights = _own_pairs(rows)
     if kwargs.get("pair_weight"):
-        extra["pairs"] = _own_pairs(rows)
+        extra["pairs"] = pairs
+    elif config == "clip_pair_weights":
+        extra.update(pairs=pairs, pair_weights=weights)
     loss = create_loss(name, **kwargs)(image, text, logit_scale, *bias, **extra)
     loss.backward()
     out = {"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad, "scale_grad": logit_scale.grad}
@@ -410,6 +424,7 @@ def test_all_gather_rows_takes_different_counts(two_process_results):
         "clip_negatives_global_logits",
         "clip_pairs",
         "clip_pairs_global_logits",
+        "clip_pair_weights",
         *(f"{config}_uneven" for config in UNEVEN_CONFIGS),
     ],
 )

@@ -123,6 +123,10 @@ def test_the_twins_weight_is_read_from_the_arguments_of_runs_before_the_section_
         RunRecord("clip", {}, {"counterfactual_pairs": {**twins, "weight": 8.0}}).counterfactual_pairs["weight"] == 8
     )
     older = RunRecord("clip", {"counterfactual_weight": 4.0}, {"counterfactual_pairs": twins})
-    assert older.counterfactual_pairs == {**twins, "weight": 4.0}
+    assert older.counterfactual_pairs == {**twins, "weight": 4.0, "kind_weights": {}}  # weights per kind: none then
+    by_kind = {**twins, "kind_weights": {"swap-colours": 16.0}}
+    assert RunRecord("clip", {}, {"counterfactual_pairs": by_kind}).counterfactual_pairs["kind_weights"] == {
+        "swap-colours": 16.0
+    }
     assert RunRecord("clip", {}, {"counterfactual_pairs": twins}).counterfactual_pairs["weight"] == 0.0
     assert RunRecord("clip", {"counterfactual_weight": 4.0}, {}).counterfactual_pairs is None

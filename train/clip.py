@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -549,7 +550,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         ImageAugment(args.grayscale_prob, args.random_crop_scale, args.hflip_prob),
         multiple,
         output_dir=output_dir,
-        twin_weights=twin_weights(args),
+        twin_weights=None if counterfactual is None else twin_weights(counterfactual.kinds, args),
     )
     context = clip.config.text_config.max_position_embeddings
     collate = CaptionTokens(tokenizer, context, hard_negatives, counterfactual)
@@ -632,14 +633,13 @@ def counterfactual_pairs(
     return maker, coverage
 
 
-def twin_weights(args: argparse.Namespace) -> list[float] | None:
-    """The pair-term weight of each kind of `--counterfactual-pairs`, in its order: `--counterfactual-kind-weights`'
-    where it names the kind, `--counterfactual-weight` elsewhere; None without kind weights (all at the latter)."""
+def twin_weights(kinds: Sequence[str], args: argparse.Namespace) -> list[float] | None:
+    """The pair-term weight of each of the twin maker's `kinds`, in their order (that of `twin_kind`):
+    `--counterfactual-kind-weights`' where it names the kind, `--counterfactual-weight` elsewhere; None without kind
+    weights (all at the latter)."""
     if not args.counterfactual_kind_weights:
         return None
-    return [
-        args.counterfactual_kind_weights.get(kind, args.counterfactual_weight) for kind in args.counterfactual_pairs
-    ]
+    return [args.counterfactual_kind_weights.get(kind, args.counterfactual_weight) for kind in kinds]
 
 
 def load_initial_clip(args: argparse.Namespace) -> PretrainedClip:

@@ -81,18 +81,23 @@ def parse_pair_kinds(text: str | None) -> tuple[str, ...]:
 
 def parse_kind_weights(text: str | None, kinds: Sequence[str]) -> dict[str, float]:
     """`--counterfactual-kind-weights` ("swap-relations=16,swap-colours=4"): the pair-term weight of the twins of each
-    named kind, one of `kinds` (those of `--counterfactual-pairs`); "" or "none" (or None) for none."""
+    named kind, one of `kinds` (those of `--counterfactual-pairs`), in the order of `KINDS`; "" or "none" (or None)
+    for none."""
     flag = "--counterfactual-kind-weights"
     if text is None or text.strip().lower() in ("", "none"):
         return {}
+    if not kinds:
+        raise ValueError(f"`{flag}` {text!r} weighs twins, but `--counterfactual-pairs` is 'none'; name their kinds")
     weights: dict[str, float] = {}
     for item in text.split(","):
         kind, sep, value = (part.strip() for part in item.partition("="))
         kind = kind.lower()
-        if not sep or kind not in kinds:
+        if not sep:
+            raise ValueError(f"`{flag}` {text!r}: {item.strip()!r} must read KIND=WEIGHT, e.g. swap-relations=16")
+        if kind not in kinds:
             raise ValueError(
-                f"`{flag}` {text!r}: {item.strip()!r} must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` "
-                f"{','.join(kinds) or 'none'}"
+                f"`{flag}` {text!r} names {kind!r}, which `--counterfactual-pairs` {','.join(kinds)} does not make; "
+                "add it there or weigh one of those kinds"
             )
         try:
             weight = finite_float(value)
@@ -102,13 +107,21 @@ def parse_kind_weights(text: str | None, kinds: Sequence[str]) -> dict[str, floa
             raise ValueError(f"`{flag}` {text!r}: the weight of {kind} must be >= 0, got {value!r}")
         if kind in weights:
             raise ValueError(f"`{flag}` {text!r} names {kind} twice")
-        weights[kind] = weight
-    return weights
+        weights[kind] = weight + 0.0  # -0 -> 0
+    return {kind: weights[kind] for kind in KINDS if kind in weights}
 
 
 def format_kind_weights(weights: dict[str, float] | None) -> str:
-    """`--counterfactual-kind-weights`' text of `parse_kind_weights`' dict ("swap-relations=16"); "none" for none."""
-    return ",".join(f"{kind}={weight:g}" for kind, weight in weights.items()) if weights else "none"
+    """`--counterfactual-kind-weights`' text of `parse_kind_weights`' dict ("swap-relations=16"), which parses back to
+    the same weights; "none" for none."""
+    if not weights:
+        return "none"
+
+    def text(weight: float) -> str:
+        short = f"{weight:g}"
+        return short if float(short) == weight else repr(weight)
+
+    return ",".join(f"{kind}={text(weight)}" for kind, weight in weights.items())
 
 
 def has_palette(info: dict | None) -> bool:

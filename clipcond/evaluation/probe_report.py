@@ -74,7 +74,7 @@ def clip_recipe(clip_path: str | os.PathLike) -> dict:
         "hard_negatives": None if negatives is None else negatives["kinds"],
         "counterfactual_pairs": None if twins is None else twins["kinds"],
         "counterfactual_weight": None if twins is None else twins["weight"],
-        "counterfactual_kind_weights": None if twins is None else twins.get("kind_weights") or None,
+        "counterfactual_kind_weights": None if twins is None else twins["kind_weights"] or None,
     }
 
 

@@ -16,6 +16,7 @@ from clipcond.data.counterfactual import (
     CounterfactualPairs,
     check_pair_data,
     exchange_places,
+    format_kind_weights,
     parse_kind_weights,
     parse_pair_kinds,
     redraw_swapped_places,
@@ -332,6 +333,10 @@ def test_other_data_and_kinds_are_refused(shapes_data, tmp_path):
     with pytest.raises(ValueError, match=r"`--counterfactual-pairs` 'swap-sizes' names an unknown kind"):
         parse_pair_kinds("swap-sizes")
     assert parse_pair_kinds("none") == () and parse_pair_kinds("swap-colours") == ("swap-colours",)
+    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
+        CounterfactualPairs(["swap-colours"], [], {"name": "my-photos"})
+    with pytest.raises(ValueError, match="no folder of the shapes data"):
+        CounterfactualPairs(["swap-colours"], None, INFO)
 
 
 def test_kind_weights_name_kinds_of_the_twins_and_weights_of_zero_or_more():
@@ -342,8 +347,8 @@ def test_kind_weights_name_kinds_of_the_twins_and_weights_of_zero_or_more():
     }
     assert parse_kind_weights("none", kinds) == parse_kind_weights(None, kinds) == {}
     for text, match in (
-        ("swap-shapes=2", r"'swap-shapes=2' must read KIND=WEIGHT with KIND one of `--counterfactual-pairs` swap-col"),
-        ("swap-colours", r"'swap-colours' must read KIND=WEIGHT"),
+        ("swap-shapes=2", r"names 'swap-shapes', which `--counterfactual-pairs` swap-colours,swap-relations does not"),
+        ("swap-colours", r"'swap-colours' must read KIND=WEIGHT, e.g. swap-relations=16"),
         ("swap-colours=-1", r"the weight of swap-colours must be >= 0, got '-1'"),
         ("swap-colours=nan", r"the weight of swap-colours must be a finite number, got 'nan'"),
         ("swap-colours=two", r"the weight of swap-colours must be a number, got 'two'"),
@@ -351,7 +356,10 @@ def test_kind_weights_name_kinds_of_the_twins_and_weights_of_zero_or_more():
     ):
         with pytest.raises(ValueError, match=rf"`--counterfactual-kind-weights` '{text}'.*{match}"):
             parse_kind_weights(text, kinds)
-    with pytest.raises(ValueError, match=r"`--counterfactual-pairs` swap-colours .* no folder of the shapes data"):
-        CounterfactualPairs(["swap-colours"], [], {"name": "my-photos"})
-    with pytest.raises(ValueError, match="no folder of the shapes data"):
-        CounterfactualPairs(["swap-colours"], None, INFO)
+    with pytest.raises(ValueError, match=r"'swap-colours=1' weighs twins, but `--counterfactual-pairs` is 'none'"):
+        parse_kind_weights("swap-colours=1", ())
+    # written back as parsed, in the order of KINDS (what results compare), whatever the digits
+    weights = parse_kind_weights("swap-relations=0.1234567, swap-colours=1234567.5,swap-shapes=-0", KINDS)
+    assert list(weights) == list(KINDS) and weights["swap-shapes"] == 0.0
+    assert parse_kind_weights(format_kind_weights(weights), KINDS) == weights
+    assert format_kind_weights({"swap-relations": 16.0}) == "swap-relations=16" and format_kind_weights({}) == "none"

@@ -374,11 +374,11 @@ def test_kind_weights_weigh_each_twin_by_its_kind(shapes_data, tmp_path, monkeyp
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording_stage)
     monkeypatch.setattr(loss_module.ClipLoss, "forward", recording_loss)
-    twins = ["--counterfactual-pairs", "swap-colours,swap-relations", "--counterfactual-weight", "2"]
+    twins = ["--counterfactual-pairs", "swap-relations,swap-colours", "--counterfactual-weight", "2"]
     _run(shapes_data, tmp_path / "run", *THREE_STEPS, *twins, "--counterfactual-kind-weights", "swap-relations=16")
     kinds, weights = torch.cat(kinds), torch.cat(weights)
-    assert set(kinds.tolist()) == {0, 1}  # both kinds met, in the order of --counterfactual-pairs
-    assert weights.tolist() == [16.0 if kind == 1 else 2.0 for kind in kinds.tolist()]
+    assert set(kinds.tolist()) == {0, 1}  # both kinds met, in the order of --counterfactual-pairs (not of KINDS)
+    assert weights.tolist() == [16.0 if kind == 0 else 2.0 for kind in kinds.tolist()]
     record = json.loads((tmp_path / "run" / "clipcond_run.json").read_text())
     assert record["counterfactual_pairs"]["weight"] == 2.0
     assert record["counterfactual_pairs"]["kind_weights"] == {"swap-relations": 16.0}
@@ -653,13 +653,13 @@ def test_hard_negatives_warn_when_few_captions_have_one(tmp_path, caplog):
         (
             ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-relations=4"],
             ValueError,
-            r"`--counterfactual-kind-weights` 'swap-relations=4': 'swap-relations=4' must read KIND=WEIGHT with KIND "
-            r"one of `--counterfactual-pairs` swap-colours",
+            r"`--counterfactual-kind-weights` 'swap-relations=4' names 'swap-relations', which `--counterfactual-pairs` "
+            r"swap-colours does not make; add it there",
         ),
         (
             ["--counterfactual-kind-weights", "swap-colours=4"],
             ValueError,
-            r"KIND one of `--counterfactual-pairs` none",
+            r"`--counterfactual-kind-weights` 'swap-colours=4' weighs twins, but `--counterfactual-pairs` is 'none'",
         ),
         (
             ["--counterfactual-pairs", "swap-colours", "--counterfactual-kind-weights", "swap-colours=inf"],
