@@ -179,6 +179,15 @@ def ensure_shapes(
     )
 
 
+def shapes_data_summary(info: dict) -> dict:
+    """What a result names of the shapes data it trained on (`dataset_info.json`'s `info`): training images,
+    resolution, and the unplaced share only where set, so that results from before it name the same data alike."""
+    data = {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]}
+    if info.get("unplaced_share"):
+        data["unplaced_share"] = info["unplaced_share"]
+    return data
+
+
 def add_demo_args(parser) -> None:
     """`--demo-dir DIR` with `--seeds`: a benchmark that reads the demos `decoder_quality.py` ran (DIR/seed-N)."""
     parser.add_argument(

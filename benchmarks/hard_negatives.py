@@ -35,7 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_results_flag, command_line, ensure_shapes, machine, parse_seeds, save_results
+from common import (
+    add_results_flag,
+    command_line,
+    ensure_shapes,
+    machine,
+    parse_seeds,
+    save_results,
+    shapes_data_summary,
+)
 
 from clipcond.data.counterfactual import format_kind_weights, parse_kind_weights, parse_pair_kinds
 from clipcond.evaluation.stats import mean_interval
@@ -348,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.data_dir or Path(tmp, "shapes")
         sizes = {"num_images": SMOKE["num_images"], "num_test_images": 36} if args.smoke else {}
         info = ensure_shapes(data_dir, seed=0, flag="--data-dir", unplaced_share=args.unplaced_share, **sizes)
-        data = {"num_train": info["splits"]["train"]["num_images"], "resolution": info["resolution"]}
-        if args.unplaced_share:  # named only where set: earlier results, without it, stay the same data
-            data["unplaced_share"] = args.unplaced_share
+        data = shapes_data_summary(info)
         check_same_data(seeds_from, data)
         work = args.work_dir or Path(tmp, "runs")
         for seed in args.seeds:

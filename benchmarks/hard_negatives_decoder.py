@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import add_results_flag, command_line, machine, parse_seeds, save_results
+from common import add_results_flag, command_line, machine, parse_seeds, save_results, shapes_data_summary
 
 RECIPES = ("plain", "hard_negatives")
 
@@ -115,8 +115,12 @@ def differences(per_seed: dict[str, dict[int, dict]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from clipcond.data.counterfactual import format_kind_weights
+    from clipcond.data.shapes import load_dataset_info
 
     args = parse_args(argv)
+    info = load_dataset_info(args.data_dir)
+    if info is None:
+        raise FileNotFoundError(f"`--data-dir` {str(args.data_dir)!r} holds no shapes data set (no dataset_info.json)")
     per_seed: dict[str, dict[int, dict]] = {recipe: {} for recipe in RECIPES}
     for seed in args.seeds:
         for recipe in RECIPES:
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "hard_negatives_decoder",
         "command": command_line("hard_negatives_decoder", argv),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "save_results"},
+        "data": shapes_data_summary(info),
         "kinds": treated_setting(args.runs_dir, args.seeds, "hard_negatives") or None,
         "counterfactual_pairs": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs") or None,
         "counterfactual_weight": treated_setting(args.runs_dir, args.seeds, "counterfactual_pairs", "weight"),

@@ -507,7 +507,8 @@ def hard_negative_decoder_rows(report: dict, name: str = "hard_negatives_decoder
             "counterfactual_kind_weights": report.get("counterfactual_kind_weights"),
         }
     )
-    kinds = f" ({options})" if options else ""
+    details = (options + data_note(report.get("data", {}))).removeprefix("; ")  # results before "data": none
+    kinds = f" ({details})" if details else ""
     rows = []
     for kind, field, label in (
         ("count", "count", '"two X" / "a X" prompts drawn with the right number of objects'),

@@ -206,6 +206,13 @@ def test_scheduler_steps_sets_every_sampler_against_the_reference_with_an_interv
         )
 
 
+def test_hard_negatives_decoder_needs_the_shapes_data(tmp_path):
+    import hard_negatives_decoder
+
+    with pytest.raises(FileNotFoundError, match=r"`--data-dir` '.*nowhere' holds no shapes data set"):
+        hard_negatives_decoder.main(["--runs-dir", str(tmp_path), "--data-dir", str(tmp_path / "nowhere")])
+
+
 def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, tmp_path, monkeypatch, capsys):
     import hard_negatives
     import hard_negatives_decoder
@@ -265,6 +272,10 @@ def test_hard_negatives_decoder_probes_a_decoder_per_recipe(shapes_data, judge, 
     by_kind = {**weighted, "counterfactual_kind_weights": "swap-colours=2"}
     rows = report_module.hard_negative_decoder_rows(by_kind, "hard_negatives_count_decoder")
     assert all("`--counterfactual-weight 8` + `--counterfactual-kind-weights swap-colours=2`):" in row for row in rows)
+    assert report["data"] == {"num_train": 240, "resolution": 32}  # the default data: no share named
+    unplaced = {**weighted, "data": {**report["data"], "unplaced_share": 0.5}}
+    rows = report_module.hard_negative_decoder_rows(unplaced, "hard_negatives_count_decoder")
+    assert all("`--counterfactual-weight 8`; data: 50% of relation captions unplaced, 'A and B'):" in r for r in rows)
 
 
 def _seed_run(colour, shape, heldout_clip, wall, uninterrupted=True):
