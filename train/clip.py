@@ -163,7 +163,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the shapes data's metadata rows or from the caption's words; 'none' (default) for the plain recipe; "
         "--loss clip only",
     )
+    add_pair_args(model)
     model.add_argument(
+        "--attn-implementation",
+        default=None,
+        choices=ATTN_IMPLEMENTATIONS,
+        help="transformers' attention for both towers while training (default: sdpa; eager in bf16 on a CPU, see "
+        "configure_clip_for_training); flash_attention_2/3 need the flash-attn package; not saved with the model",
+    )
+
+    add_training_args(parser, **TRAINING_DEFAULTS)
+    return parse_training_args(parser, argv, check_clip_args)
+
+
+def add_pair_args(group) -> None:
+    """`--counterfactual-pairs`, `--counterfactual-weight` and `--counterfactual-kind-weights` (TripletCLIP's twins)."""
+    group.add_argument(
         "--counterfactual-pairs",
         default="none",
         metavar="KINDS",
@@ -176,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "held-out composition); twins are shown in colour, their originals as without twins. 'none' (default) for "
         "the plain recipe; --loss clip only",
     )
-    model.add_argument(
+    group.add_argument(
         "--counterfactual-weight",
         type=finite_float,
         default=0.0,
@@ -185,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its caption over the other's and each caption its image, two-way (`clipcond.loss.ClipLoss`'s pair term); "
         "at 1 a pair weighs as one row of the batch's loss; 0 (default) adds none",
     )
-    model.add_argument(
+    group.add_argument(
         "--counterfactual-kind-weights",
         default="none",
         metavar="KIND=W,...",
@@ -193,16 +208,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--counterfactual-weight, e.g. swap-relations=16 (relation twins at 16, the others at --counterfactual-weight)"
         "; 'none' (default): every twin at --counterfactual-weight",
     )
-    model.add_argument(
-        "--attn-implementation",
-        default=None,
-        choices=ATTN_IMPLEMENTATIONS,
-        help="transformers' attention for both towers while training (default: sdpa; eager in bf16 on a CPU, see "
-        "configure_clip_for_training); flash_attention_2/3 need the flash-attn package; not saved with the model",
-    )
-
-    add_training_args(parser, **TRAINING_DEFAULTS)
-    return parse_training_args(parser, argv, check_clip_args)
 
 
 def check_pair_args(args: argparse.Namespace) -> None:
@@ -564,14 +569,7 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
             "content_hash": content_hash(output_dir),
             **init_record(args.init_from, known_hash=known_hash),
         }
-        if hard_negatives is not None:
-            sections["hard_negatives"] = {"kinds": list(hard_negatives.kinds), **coverage}
-        if counterfactual is not None:
-            twins = {"kinds": list(counterfactual.kinds), "weight": args.counterfactual_weight}
-            if args.counterfactual_kind_weights:
-                twins["kind_weights"] = args.counterfactual_kind_weights
-            sections["counterfactual_pairs"] = {**twins, **pair_coverage}
-        return sections
+        return {**sections, **negative_sections(args, (hard_negatives, coverage), (counterfactual, pair_coverage))}
 
     unwrapped = stage.unwrapped
     logit_bias = round(unwrapped.logit_bias.item(), 4) if unwrapped.logit_bias is not None else None
@@ -581,6 +579,24 @@ def train_clip(accelerator: Accelerator, args: argparse.Namespace) -> int:
         accelerator, args, stage, result, "clipcond-clip", record, logit_scale=logit_scale, logit_bias=logit_bias
     )
     return 0
+
+
+def negative_sections(
+    args: argparse.Namespace,
+    negatives: tuple[HardNegatives | None, dict],
+    twins: tuple[CounterfactualPairs | None, dict],
+) -> dict:
+    """The run record's "hard_negatives" and "counterfactual_pairs" sections, each where used: kinds, options and
+    the coverage (`hard_negative_captions`, `counterfactual_pairs`)."""
+    sections = {}
+    if negatives[0] is not None:
+        sections["hard_negatives"] = {"kinds": list(negatives[0].kinds), **negatives[1]}
+    if twins[0] is not None:
+        options = {"kinds": list(twins[0].kinds), "weight": args.counterfactual_weight}
+        if args.counterfactual_kind_weights:
+            options["kind_weights"] = args.counterfactual_kind_weights
+        sections["counterfactual_pairs"] = {**options, **twins[1]}
+    return sections
 
 
 def hard_negative_captions(args: argparse.Namespace, dataset, warn: bool = True) -> tuple[HardNegatives | None, dict]:
