@@ -319,25 +319,34 @@ def test_augmentation_draws_only_what_is_on(augment, draws):
     assert torch.equal(used.get_state(), expected.get_state())
 
 
-def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path, monkeypatch):
-    """`--counterfactual-weight W`: the loss gets the weight and, each step, the rows of every twin and its original
-    (the twins come after the batch's B rows, in the order of `twin_source`)."""
+def _record_twin_steps(monkeypatch, batch_key: str, from_loss) -> tuple[list, list]:
+    """Lists that fill, at each training step, with the stage's `batch[batch_key]` and with `from_loss(loss_fn,
+    image_features, options)` of the ClipLoss call it makes."""
     from clipcond import loss as loss_module
     from clipcond.train import clip as train_clip
 
-    sources, calls = [], []
+    from_batches, from_losses = [], []
     stage_loss, forward = train_clip.ClipStage.loss, loss_module.ClipLoss.forward
 
     def recording_stage(self, batch, generator):
-        sources.append(batch["twin_source"])
+        from_batches.append(batch[batch_key])
         return stage_loss(self, batch, generator)
 
     def recording_loss(self, image, text, scale, **options):
-        calls.append((self.pair_weight, image.shape[0], options["pairs"]))
+        from_losses.append(from_loss(self, image, options))
         return forward(self, image, text, scale, **options)
 
     monkeypatch.setattr(train_clip.ClipStage, "loss", recording_stage)
     monkeypatch.setattr(loss_module.ClipLoss, "forward", recording_loss)
+    return from_batches, from_losses
+
+
+def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path, monkeypatch):
+    """`--counterfactual-weight W`: the loss gets the weight and, each step, the rows of every twin and its original
+    (the twins come after the batch's B rows, in the order of `twin_source`)."""
+    sources, calls = _record_twin_steps(
+        monkeypatch, "twin_source", lambda loss, image, options: (loss.pair_weight, image.shape[0], options["pairs"])
+    )
     _run(
         shapes_data,
         tmp_path / "run",
@@ -358,22 +367,9 @@ def test_the_pair_term_weighs_each_twin_with_its_original(shapes_data, tmp_path,
 def test_kind_weights_weigh_each_twin_by_its_kind(shapes_data, tmp_path, monkeypatch):
     """`--counterfactual-kind-weights swap-relations=16`: relation twins' pairs at 16, the colour twins' at
     `--counterfactual-weight`; the record names both."""
-    from clipcond import loss as loss_module
-    from clipcond.train import clip as train_clip
-
-    kinds, weights = [], []
-    stage_loss, forward = train_clip.ClipStage.loss, loss_module.ClipLoss.forward
-
-    def recording_stage(self, batch, generator):
-        kinds.append(batch["twin_kind"])
-        return stage_loss(self, batch, generator)
-
-    def recording_loss(self, image, text, scale, **options):
-        weights.append(options["pair_weights"].cpu())
-        return forward(self, image, text, scale, **options)
-
-    monkeypatch.setattr(train_clip.ClipStage, "loss", recording_stage)
-    monkeypatch.setattr(loss_module.ClipLoss, "forward", recording_loss)
+    kinds, weights = _record_twin_steps(
+        monkeypatch, "twin_kind", lambda loss, image, options: options["pair_weights"].cpu()
+    )
     twins = ["--counterfactual-pairs", "swap-relations,swap-colours", "--counterfactual-weight", "2"]
     _run(shapes_data, tmp_path / "run", *THREE_STEPS, *twins, "--counterfactual-kind-weights", "swap-relations=16")
     kinds, weights = torch.cat(kinds), torch.cat(weights)
